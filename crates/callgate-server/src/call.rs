@@ -1,0 +1,687 @@
+//! One call = one owning task: the WebSocket, the protocol session, the record and the agent
+//! handle all belong to the task running [`serve`].
+//!
+//! The task runs one `select!` over: the socket, the agent's commands, the agent task's end,
+//! operator commands, the session deadline, the progress tick and shutdown. After each input
+//! it drains the session's outputs before awaiting anything else (the proto drive invariant).
+//! Only this task writes to the socket, and every write has a timeout.
+
+use std::future::pending;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use callgate_agent::queue::{self, EventSender, Pushed, SendError};
+use callgate_agent::{AgentCommand, AgentEvent, AgentIo, COMMAND_QUEUE, CallInfo};
+use callgate_proto::detect::{self, Start};
+use callgate_proto::{
+    AudioFormat, CallEvent, Close, CloseCode, Command, Disconnect, EndReason, Error as ProtoError,
+    Frame, Output, Protocol, callbridge, inbound,
+};
+use callgate_store::{CallId, NewCall, UnixMillis};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tracing::{Instrument, debug, error, info, warn};
+
+use crate::Shared;
+use crate::live::Operator;
+use crate::pii::Pii;
+use crate::record::Record;
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// How long a closing connection is read after our close frame, so the peer gets the close
+/// (dropping a socket with unread data makes the kernel send a reset that can destroy it).
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// How long an ended call waits for its agent task before aborting it.
+const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
+/// How long a control event (DTMF, end of call) may wait for room in the agent's queue.
+const AGENT_CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one accepted connection: upgrade, first message, then the call.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let span = tracing::debug_span!("conn", %peer);
+    async move {
+        let _ = stream.set_nodelay(true);
+        let Some((mut ws, forced)) = upgrade(&shared, stream).await else {
+            return;
+        };
+        let Some(start) = first_message(&shared, &mut ws, forced).await else {
+            return;
+        };
+        run_call(shared, ws, start, peer).await;
+    }
+    .instrument(span)
+    .await
+}
+
+/// Refuses a connection because the call limit is reached: upgrade, then close 1013.
+pub(crate) async fn refuse(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
+    shared
+        .metrics
+        .connections_refused
+        .get_or_create(&[("reason", "call_limit")])
+        .inc();
+    if let Some((mut ws, _)) = upgrade(&shared, stream).await {
+        let reason = format!(
+            "call limit reached ({} live calls)",
+            shared.config.max_calls
+        );
+        close(
+            &mut ws,
+            Close::new(CloseCode::TRY_AGAIN_LATER, reason),
+            shared.config.write_timeout,
+        )
+        .await;
+    }
+}
+
+async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Protocol>)> {
+    let mut path = String::new();
+    let callback = |req: &Request, resp: Response| {
+        path = req.uri().path().to_owned();
+        Ok(resp)
+    };
+    let accept =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
+    let result = timeout(shared.config.handshake_timeout, accept).await;
+    match result {
+        Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path))),
+        Ok(Err(error)) => {
+            debug!(%error, "WebSocket upgrade failed.");
+            refused(shared, "websocket_handshake");
+            None
+        }
+        Err(_) => {
+            debug!("WebSocket upgrade timed out.");
+            refused(shared, "websocket_handshake");
+            None
+        }
+    }
+}
+
+fn refused(shared: &Shared, reason: &'static str) {
+    shared
+        .metrics
+        .connections_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+}
+
+/// Waits for the start message. On a bad one, closes with its code and reason.
+async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -> Option<Start> {
+    let limit = shared.config.handshake_timeout;
+    let deadline = Instant::now() + limit;
+    let result = loop {
+        match timeout_at(deadline, ws.next()).await {
+            Err(_) => {
+                break Err(ProtoError::HandshakeTimeout {
+                    ms: limit.as_millis() as u64,
+                });
+            }
+            Ok(None) => return None,
+            Ok(Some(Ok(Message::Text(text)))) => break detect::first_message(&text, forced),
+            Ok(Some(Ok(Message::Binary(_)))) => break Err(ProtoError::BinaryBeforeStart),
+            Ok(Some(Ok(Message::Close(_)))) => {
+                let _ = timeout(shared.config.write_timeout, ws.close(None)).await;
+                return None;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(error))) => match fatal_read_error(&error) {
+                Some(e) => break Err(e),
+                None => {
+                    debug!(%error, "Connection lost before the start message.");
+                    return None;
+                }
+            },
+        }
+    };
+    match result {
+        Ok(start) => Some(start),
+        Err(error) => {
+            shared
+                .metrics
+                .protocol_errors
+                .get_or_create(&[("kind", error.kind())])
+                .inc();
+            debug!(%error, code = error.close_code().0, "Refusing connection: bad start.");
+            close(
+                ws,
+                Close::new(error.close_code(), error.to_string()),
+                shared.config.write_timeout,
+            )
+            .await;
+            None
+        }
+    }
+}
+
+/// A read error that is the peer's protocol fault (we answer it with a close code), as opposed
+/// to the connection simply going away.
+fn fatal_read_error(error: &WsError) -> Option<ProtoError> {
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { max_size, .. }) => {
+            Some(ProtoError::MessageTooBig { max: *max_size })
+        }
+        WsError::Utf8(_) => Some(ProtoError::InvalidJson {
+            detail: "text message is not valid UTF-8".into(),
+        }),
+        _ => None,
+    }
+}
+
+/// Sends a close frame (bounded by `write_timeout`), then reads until the peer's close or EOF
+/// for at most [`CLOSE_LINGER`].
+async fn close(ws: &mut Ws, close: Close, write_timeout: Duration) {
+    let frame = CloseFrame {
+        code: WsCloseCode::from(close.code.0),
+        reason: close.reason.into(),
+    };
+    if timeout(write_timeout, ws.close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = timeout(CLOSE_LINGER, async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+}
+
+/// The protocol session of a call, whichever protocol it speaks.
+enum Session {
+    CallBridge(callbridge::Session),
+    Inbound(inbound::Session),
+}
+
+macro_rules! both {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Session::CallBridge($s) => $e,
+            Session::Inbound($s) => $e,
+        }
+    };
+}
+
+impl Session {
+    fn handle_text(&mut self, now: std::time::Instant, text: &str) {
+        both!(self, s => s.handle_text(now, text))
+    }
+    fn handle_binary(&mut self, now: std::time::Instant, data: Bytes) {
+        both!(self, s => s.handle_binary(now, data))
+    }
+    fn handle_peer_close(&mut self, now: std::time::Instant, how: Disconnect) {
+        both!(self, s => s.handle_peer_close(now, how))
+    }
+    fn handle_violation(&mut self, now: std::time::Instant, error: ProtoError) {
+        both!(self, s => s.handle_violation(now, error))
+    }
+    fn handle_command(&mut self, now: std::time::Instant, c: Command) -> Result<(), ProtoError> {
+        both!(self, s => s.handle_command(now, c))
+    }
+    fn handle_timeout(&mut self, now: std::time::Instant) {
+        both!(self, s => s.handle_timeout(now))
+    }
+    fn handle_shutdown(&mut self, now: std::time::Instant) {
+        both!(self, s => s.handle_shutdown(now))
+    }
+    fn poll_timeout(&self) -> Option<std::time::Instant> {
+        both!(self, s => s.poll_timeout())
+    }
+    fn poll_output(&mut self) -> Option<Output<CallEvent>> {
+        both!(self, s => s.poll_output())
+    }
+    fn is_closed(&self) -> bool {
+        both!(self, s => s.is_closed())
+    }
+}
+
+/// What woke the call task.
+enum Input {
+    Shutdown,
+    Socket(Option<Result<Message, WsError>>),
+    Agent(Option<AgentCommand>),
+    AgentDone(Result<Result<(), callgate_agent::Error>, tokio::task::JoinError>),
+    Operator(Operator),
+    Timeout,
+    Progress,
+}
+
+/// Describes a new call: its record, the agent's view of it, and its session.
+fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, Session) {
+    let now = std::time::Instant::now();
+    let (caller, callee, external_id, call_config, input, output, session) = match start {
+        Start::CallBridge(s) => {
+            let cc = &s.call_config;
+            (
+                cc.caller.clone(),
+                cc.callee.clone(),
+                cc.cdr_id.clone(),
+                serde_json::to_string(cc).ok(),
+                s.audio_format.phone_output,
+                s.audio_format.phone_input,
+                Session::CallBridge(callbridge::Session::new(now, s)),
+            )
+        }
+        Start::Inbound(call) => {
+            let format: AudioFormat = shared.config.inbound_audio_format;
+            let config = inbound::Config {
+                cdr_timeout: shared.config.cdr_timeout,
+            };
+            (
+                call.caller_id.clone(),
+                call.did_number.clone(),
+                call.session_id.clone(),
+                None,
+                format,
+                format,
+                Session::Inbound(inbound::Session::new(now, call, config)),
+            )
+        }
+    };
+    let protocol = match session {
+        Session::CallBridge(_) => Protocol::CallBridge,
+        Session::Inbound(_) => Protocol::Inbound,
+    };
+    let record = NewCall {
+        id: id.clone(),
+        protocol: protocol.as_str().to_owned(),
+        caller: caller.clone(),
+        callee: callee.clone(),
+        external_id: external_id.clone(),
+        call_config,
+        phone_output_audio_format: input.as_str().to_owned(),
+        phone_input_audio_format: output.as_str().to_owned(),
+        started_at: UnixMillis::now(),
+    };
+    let info = CallInfo {
+        call_id: id.to_string(),
+        protocol,
+        caller,
+        callee,
+        external_id,
+        input_format: input,
+        output_format: output,
+    };
+    (record, info, session)
+}
+
+async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAddr) {
+    let id = CallId::new();
+    let protocol = start.protocol();
+    let (new_call, info, session) = describe(&shared, &id, start);
+    let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
+    async move {
+        let reveal = shared.config.log_pii;
+        info!(
+            caller = %Pii::new(&info.caller, reveal),
+            callee = %Pii::new(&info.callee, reveal),
+            external_id = %info.external_id,
+            "Call started."
+        );
+        // A call exists only once its record does: refuse it if the store cannot take it.
+        if let Err(error) = shared.store.insert_call(new_call).await {
+            shared.metrics.store_errors.inc();
+            error!(%error, "Could not insert the call record; refusing the call.");
+            close(
+                &mut ws,
+                Close::new(CloseCode::INTERNAL, "call record store unavailable"),
+                shared.config.write_timeout,
+            )
+            .await;
+            return;
+        }
+        let record = Record::new(
+            id.clone(),
+            protocol,
+            shared.store.clone(),
+            shared.metrics.clone(),
+            shared.cancel.clone(),
+        );
+        let operator = shared.live.register(id.clone());
+        let (events_tx, events_rx) = queue::channel(queue::DEFAULT_CAPACITY);
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let agent = shared.tasks.spawn(
+            shared
+                .agent
+                .start(AgentIo::new(info, events_rx, commands_tx))
+                .in_current_span(),
+        );
+        let mut call = Call {
+            shared: shared.clone(),
+            session,
+            record,
+            agent_events: Some(events_tx),
+            ended: None,
+            socket_open: true,
+        };
+        call.run(&mut ws, commands_rx, agent, operator).await;
+        shared.live.remove(&id);
+    }
+    .instrument(span)
+    .await
+}
+
+/// The state the call task owns besides the socket and channels.
+struct Call {
+    shared: Arc<Shared>,
+    session: Session,
+    record: Record,
+    /// Events toward the agent; dropped when the call ends, which ends the agent.
+    agent_events: Option<EventSender>,
+    /// Why the call ended, once it has.
+    ended: Option<EndReason>,
+    /// Whether the socket may still yield messages.
+    socket_open: bool,
+}
+
+impl Call {
+    async fn run(
+        &mut self,
+        ws: &mut Ws,
+        mut commands: mpsc::Receiver<AgentCommand>,
+        agent: JoinHandle<Result<(), callgate_agent::Error>>,
+        mut operator: mpsc::Receiver<Operator>,
+    ) {
+        let interval = self.shared.config.progress_interval;
+        let mut progress = tokio::time::interval_at(Instant::now() + interval, interval);
+        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut agent = Some(agent);
+        let mut commands_open = true;
+        let mut shutting_down = false;
+        let cancel = self.shared.cancel.clone();
+        let mut closed_by_us = false;
+
+        while !self.session.is_closed() {
+            let deadline = self.session.poll_timeout().map(Instant::from_std);
+            let input = tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if !shutting_down => Input::Shutdown,
+                r = join(&mut agent) => Input::AgentDone(r),
+                m = ws.next(), if self.socket_open => Input::Socket(m),
+                c = commands.recv(), if commands_open => Input::Agent(c),
+                Some(o) = operator.recv() => Input::Operator(o),
+                _ = sleep_opt(deadline) => Input::Timeout,
+                _ = progress.tick() => Input::Progress,
+            };
+            let now = std::time::Instant::now();
+            match input {
+                Input::Shutdown => {
+                    shutting_down = true;
+                    self.session.handle_shutdown(now);
+                }
+                Input::AgentDone(result) => {
+                    agent = None;
+                    self.agent_done(now, result);
+                }
+                Input::Socket(message) => self.socket_input(now, message),
+                Input::Agent(Some(command)) => {
+                    self.agent_command(now, command);
+                    // Take what else the agent queued, bounded so one call cannot starve others.
+                    for _ in 0..16 {
+                        match commands.try_recv() {
+                            Ok(command) => self.agent_command(now, command),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Input::Agent(None) => commands_open = false,
+                Input::Operator(op) => {
+                    let result = self.session.handle_command(now, op.command);
+                    let _ = op.reply.send(result);
+                }
+                Input::Timeout => self.session.handle_timeout(now),
+                Input::Progress => self.record.progress(),
+            }
+            if self.drain(ws).await {
+                closed_by_us = true;
+            }
+        }
+
+        if !closed_by_us && self.socket_open {
+            // The peer closed: let tungstenite send its close reply.
+            let _ = timeout(self.shared.config.write_timeout, ws.close(None)).await;
+        }
+        drop(self.agent_events.take());
+        if let Some(mut handle) = agent
+            && timeout(AGENT_EXIT_WAIT, &mut handle).await.is_err() {
+                warn!("Agent did not stop after the call ended; aborting it.");
+                handle.abort();
+            }
+        if self.ended.is_none() {
+            // Every session path emits Ended before it closes; this is the safety net.
+            error!("Call closed without an end reason.");
+            self.record.end(EndReason::InternalError).await;
+        }
+        self.record.flush_events().await;
+    }
+
+    fn socket_input(&mut self, now: std::time::Instant, message: Option<Result<Message, WsError>>) {
+        match message {
+            Some(Ok(Message::Binary(data))) => self.session.handle_binary(now, data),
+            Some(Ok(Message::Text(text))) => self.session.handle_text(now, &text),
+            Some(Ok(Message::Close(_))) => {
+                self.socket_open = false;
+                self.session.handle_peer_close(now, Disconnect::Closed);
+            }
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
+                self.socket_open = false;
+                match fatal_read_error(&error) {
+                    Some(e) => self.session.handle_violation(now, e),
+                    None => {
+                        debug!(%error, "Connection lost.");
+                        self.session.handle_peer_close(now, Disconnect::Dropped);
+                    }
+                }
+            }
+            None => {
+                self.socket_open = false;
+                self.session.handle_peer_close(now, Disconnect::Dropped);
+            }
+        }
+    }
+
+    fn agent_command(&mut self, now: std::time::Instant, command: AgentCommand) {
+        let command = match command {
+            AgentCommand::Answer => Command::Answer,
+            AgentCommand::Audio(data) => Command::Audio(data),
+            AgentCommand::Dtmf { digit, duration } => Command::Dtmf { digit, duration },
+            AgentCommand::Hangup => Command::Hangup(EndReason::AgentHangup),
+        };
+        let is_audio = matches!(command, Command::Audio(_));
+        if let Err(error) = self.session.handle_command(now, command) {
+            // Audio racing the end of the call is normal; anything else is worth a record.
+            if !(is_audio && self.ended.is_some()) {
+                debug!(%error, "Agent command refused.");
+                self.record.event(
+                    "agent_command_refused",
+                    serde_json::json!({ "message": error.to_string() }),
+                );
+            }
+        }
+    }
+
+    fn agent_done(
+        &mut self,
+        now: std::time::Instant,
+        result: Result<Result<(), callgate_agent::Error>, tokio::task::JoinError>,
+    ) {
+        let reason = match result {
+            Ok(Ok(())) => EndReason::AgentHangup,
+            Ok(Err(error)) => {
+                warn!(%error, "Agent failed.");
+                self.record.event(
+                    "agent_failed",
+                    serde_json::json!({ "message": error.to_string() }),
+                );
+                EndReason::AgentFailed
+            }
+            Err(error) => {
+                error!(%error, "Agent task panicked.");
+                self.record.event(
+                    "agent_failed",
+                    serde_json::json!({ "message": "agent task panicked" }),
+                );
+                EndReason::AgentFailed
+            }
+        };
+        if self.ended.is_none() {
+            let _ = self.session.handle_command(now, Command::Hangup(reason));
+        }
+    }
+
+    /// Carries out the session's outputs. Returns true if it sent a close frame.
+    async fn drain(&mut self, ws: &mut Ws) -> bool {
+        let write_timeout = self.shared.config.write_timeout;
+        while let Some(output) = self.session.poll_output() {
+            match output {
+                Output::Send(frame) => {
+                    let message = match frame {
+                        Frame::Binary(data) => {
+                            self.record.audio_out(data.len());
+                            Message::Binary(data)
+                        }
+                        Frame::Text(text) => Message::Text(text.into()),
+                    };
+                    let failure = match timeout(write_timeout, ws.send(message)).await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(error)) => {
+                            debug!(%error, "Write failed.");
+                            Some(Disconnect::Dropped)
+                        }
+                        Err(_) => {
+                            debug!("Write timed out.");
+                            Some(Disconnect::SendTimeout)
+                        }
+                    };
+                    if let Some(how) = failure {
+                        self.socket_open = false;
+                        self.session
+                            .handle_peer_close(std::time::Instant::now(), how);
+                    }
+                }
+                Output::Close(frame) => {
+                    if self.socket_open {
+                        close(ws, frame, write_timeout).await;
+                        self.socket_open = false;
+                    }
+                    return true;
+                }
+                Output::Event(event) => self.call_event(event).await,
+            }
+        }
+        self.record.offer_events();
+        false
+    }
+
+    async fn call_event(&mut self, event: CallEvent) {
+        match event {
+            CallEvent::Audio(data) => {
+                self.record.audio_in(data.len());
+                if let Some(tx) = &self.agent_events
+                    && tx.push_audio(data) == Pushed::DroppedOldest {
+                        self.shared.metrics.agent_audio_dropped.inc();
+                    }
+            }
+            CallEvent::Answered => self.record.answered(),
+            CallEvent::Dtmf(digit) => {
+                self.record.dtmf(digit.as_char());
+                self.record
+                    .event("dtmf", serde_json::json!({ "digit": digit.to_string() }));
+                self.to_agent(AgentEvent::Dtmf(digit)).await;
+            }
+            CallEvent::Ended(reason) => {
+                self.ended = Some(reason);
+                info!(end_reason = %reason, "Call ended.");
+                self.record.end(reason).await;
+                self.to_agent(AgentEvent::Ended(reason)).await;
+                // Closing the queue ends the agent once it has read everything.
+                drop(self.agent_events.take());
+            }
+            CallEvent::Cdr(report) => {
+                if let Some(problem) = &report.problem {
+                    self.record.event(
+                        "cdr_invalid",
+                        serde_json::json!({ "message": problem.to_string() }),
+                    );
+                }
+                self.record.event("cdr_received", serde_json::json!({}));
+                self.record.cdr(report.raw).await;
+            }
+            CallEvent::CdrMissing => {
+                self.record.event("cdr_missing", serde_json::json!({}));
+            }
+            CallEvent::Unknown(text) => {
+                debug!("Unknown message kept in the call's events.");
+                self.record
+                    .event("unknown_message", serde_json::json!({ "text": text }));
+            }
+            CallEvent::Violation(error) => {
+                self.shared
+                    .metrics
+                    .protocol_errors
+                    .get_or_create(&[("kind", error.kind())])
+                    .inc();
+                debug!(%error, "Protocol error in a live call.");
+                self.record.event(
+                    "protocol_error",
+                    serde_json::json!({ "kind": error.kind(), "message": error.to_string() }),
+                );
+            }
+        }
+    }
+
+    /// Sends a control event to the agent. If the agent does not take it in time, the call
+    /// ends: an agent that cannot hear DTMF or hangups cannot handle a call.
+    async fn to_agent(&mut self, event: AgentEvent) {
+        let Some(tx) = &self.agent_events else {
+            return;
+        };
+        match tx.send_control(event, AGENT_CONTROL_TIMEOUT).await {
+            Ok(()) | Err(SendError::Closed) => {}
+            Err(SendError::Timeout) => {
+                warn!("Agent stopped taking events; ending the call.");
+                self.record.event(
+                    "agent_failed",
+                    serde_json::json!({ "message": "agent stopped taking events" }),
+                );
+                if self.ended.is_none() {
+                    let _ = self.session.handle_command(
+                        std::time::Instant::now(),
+                        Command::Hangup(EndReason::AgentFailed),
+                    );
+                }
+            }
+        }
+    }
+}
+
+async fn join(
+    handle: &mut Option<JoinHandle<Result<(), callgate_agent::Error>>>,
+) -> Result<Result<(), callgate_agent::Error>, tokio::task::JoinError> {
+    match handle {
+        Some(h) => h.await,
+        None => pending().await,
+    }
+}
+
+async fn sleep_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => sleep_until(d).await,
+        None => pending().await,
+    }
+}

@@ -1,0 +1,101 @@
+//! The server's validated configuration: plain data, built once before anything binds.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use callgate_proto::AudioFormat;
+
+/// Everything the server needs to run. Built and validated by the binary (flags, environment,
+/// TOML file) or by tests; see `README.md` for each setting's flag, variable and default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where phone systems connect (both protocols).
+    pub listen: SocketAddr,
+    /// Where the admin HTTP API listens.
+    pub admin_listen: SocketAddr,
+    /// The agent that handles every call.
+    pub agent: String,
+    /// Where the database (and later recordings) live.
+    pub data_dir: PathBuf,
+    /// How many calls may be live at once; more are refused with 1013.
+    pub max_calls: usize,
+    /// How long a new connection has to complete the WebSocket upgrade and send its first
+    /// message.
+    pub handshake_timeout: Duration,
+    /// How long to wait for the inbound CDR after a call ends.
+    pub cdr_timeout: Duration,
+    /// The largest WebSocket message accepted; larger ones close the call with 1009.
+    pub max_message_size: usize,
+    /// How long one write to a phone may take before the call is dropped as `send_timeout`.
+    pub write_timeout: Duration,
+    /// How long shutdown waits for live calls to finish.
+    pub shutdown_grace: Duration,
+    /// Audio format of inbound-protocol calls (the protocol does not say).
+    pub inbound_audio_format: AudioFormat,
+    /// How often a live call writes its counters to the store.
+    pub progress_interval: Duration,
+    /// Log phone numbers in clear (default: redacted).
+    pub log_pii: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 4143)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 4144)),
+            agent: "echo".into(),
+            data_dir: PathBuf::from("./data"),
+            max_calls: 1000,
+            handshake_timeout: Duration::from_secs(5),
+            cdr_timeout: Duration::from_secs(10),
+            max_message_size: 1024 * 1024,
+            write_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(15),
+            inbound_audio_format: AudioFormat::Pcm8000,
+            progress_interval: Duration::from_secs(5),
+            log_pii: false,
+        }
+    }
+}
+
+/// A setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting {key}: {problem}")]
+pub struct ConfigError {
+    /// The setting's name as in the TOML file (`max_calls`).
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl Config {
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, problem: &str| {
+            Err(ConfigError {
+                key,
+                problem: problem.to_owned(),
+            })
+        };
+        if self.max_calls == 0 {
+            return bad("max_calls", "must be at least 1");
+        }
+        if self.max_message_size < 1024 {
+            return bad("max_message_size", "must be at least 1024 bytes");
+        }
+        for (key, value) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("write_timeout", self.write_timeout),
+            ("progress_interval", self.progress_interval),
+        ] {
+            if value.is_zero() {
+                return bad(key, "must be longer than zero");
+            }
+        }
+        if let Err(e) = callgate_agent::by_name(&self.agent) {
+            return bad("agent", &e.to_string());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! The callgate server: answers phone calls arriving over WebSocket and serves the admin API.
+//!
+//! # Layout
+//! - [`Server`]: binds both listeners ([`Server::bind`]) and runs until shutdown
+//!   ([`Server::run`]). The binary and the tests call the same two functions.
+//! - `call`: one owning task per call (socket, protocol session, record, agent handle).
+//! - `record`: the call record accumulator and its drop guard.
+//! - `admin`: the admin HTTP API (axum).
+//! - [`metrics`]: the Prometheus registry.
+//! - [`tasks`]: the only place that spawns tasks; everything is tracked.
+//! - [`config`]: the validated configuration.
+//!
+//! # Shutdown (same order every time)
+//! The shutdown future resolves → stop accepting calls (the admin API keeps serving and
+//! `/healthz` says `draining`) → cancel every call (inbound calls get `hangup` and a bounded
+//! CDR wait, CallBridge calls are closed with 1001, records end as `server_shutdown`) → wait
+//! for the call tasks under `shutdown_grace` → close the store writer last → stop the admin API.
+
+mod admin;
+mod call;
+pub mod config;
+mod live;
+pub mod metrics;
+mod pii;
+mod record;
+pub mod tasks;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use callgate_agent::AgentFactory;
+use callgate_store::{SqliteStore, Store, StoreHandle, UnixMillis};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::{Config, ConfigError};
+pub use metrics::Metrics;
+pub use tasks::Tasks;
+
+/// How long a store operation may take before the caller gives up.
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
+/// WebSocket read buffer per connection. tungstenite's 128 KiB default costs ~130 kB and
+/// ~1.6x CPU per connection (`../shared/DEPENDENCIES.md`); audio frames are a few hundred bytes.
+pub const WS_READ_BUFFER: usize = 4096;
+/// Connections being refused (call limit) at once; more are dropped without a WebSocket.
+const MAX_REFUSING: usize = 64;
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The configuration cannot work.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] callgate_store::Error),
+    /// A listener could not bind.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Whether the error is the operator's configuration (exit code 64) rather than the
+    /// environment.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            Self::Config(_) | Self::Store(callgate_store::Error::Open { .. })
+        )
+    }
+}
+
+/// What every call task and admin handler shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) store: StoreHandle,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) agent: Arc<dyn AgentFactory>,
+    pub(crate) tasks: Tasks,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) live: live::LiveCalls,
+    pub(crate) draining: AtomicBool,
+    pub(crate) ws_config: WebSocketConfig,
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    shared: Arc<Shared>,
+    calls: TcpListener,
+    admin: TcpListener,
+}
+
+impl Server {
+    /// Validates the configuration, opens the store (closing records a crash left open as
+    /// `interrupted`), then binds both listeners.
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        config.validate()?;
+        let agent = callgate_agent::by_name(&config.agent).map_err(|e| ConfigError {
+            key: "agent",
+            problem: e.to_string(),
+        })?;
+        let mut store = SqliteStore::open(&config.data_dir)?;
+        let interrupted = store.end_interrupted(UnixMillis::now())?;
+        if interrupted > 0 {
+            warn!(
+                interrupted,
+                "Closed call records left open by an unclean stop as interrupted."
+            );
+        }
+        let store = StoreHandle::start(store, STORE_TIMEOUT)?;
+        let calls = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| Error::Bind {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(0)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_message_size));
+        let shared = Arc::new(Shared {
+            config,
+            store,
+            metrics: Arc::new(Metrics::new()),
+            agent,
+            tasks: Tasks::new(),
+            cancel: CancellationToken::new(),
+            live: live::LiveCalls::default(),
+            draining: AtomicBool::new(false),
+            ws_config,
+        });
+        Ok(Self {
+            shared,
+            calls,
+            admin,
+        })
+    }
+
+    /// Where phone systems connect.
+    pub fn call_addr(&self) -> SocketAddr {
+        self.calls.local_addr().unwrap_or(self.shared.config.listen)
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .unwrap_or(self.shared.config.admin_listen)
+    }
+
+    /// The metrics registry.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Serves calls and the admin API until `shutdown` resolves, then shuts down in order.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let Self {
+            shared,
+            calls,
+            admin,
+        } = self;
+        info!(
+            calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
+            agent = %shared.config.agent,
+            "Server listening."
+        );
+        let admin_stop = CancellationToken::new();
+        let admin_tasks = Tasks::new();
+        let admin_server = axum::serve(admin, admin::router(shared.clone()))
+            .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
+        let admin_handle = admin_tasks.spawn(async move {
+            if let Err(error) = admin_server.await {
+                warn!(%error, "Admin API stopped with an error.");
+            }
+        });
+
+        accept(&shared, calls, shutdown).await;
+
+        shared.draining.store(true, Ordering::Relaxed);
+        info!(
+            live_calls = shared.live.len(),
+            "Stopped accepting calls; ending live calls."
+        );
+        shared.cancel.cancel();
+        shared.tasks.close();
+        let grace = shared.config.shutdown_grace;
+        if tokio::time::timeout(grace, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = shared.tasks.len(),
+                ?grace,
+                "Shutdown grace period ran out; remaining call records will be closed as interrupted at the next start."
+            );
+        }
+        shared.store.close().await;
+        admin_stop.cancel();
+        let _ = admin_handle.await;
+        info!("Server stopped.");
+        Ok(())
+    }
+}
+
+/// Accepts calls until `shutdown` resolves. Each call holds a permit of the call limit; a
+/// connection over the limit is upgraded and closed with 1013.
+async fn accept(shared: &Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_calls));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => conn,
+            Err(error) => {
+                // Typically EMFILE: back off instead of spinning.
+                warn!(%error, "Accept failed.");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if let Ok(permit) = limit.clone().try_acquire_owned() {
+            shared
+                .tasks
+                .spawn(call::serve(shared.clone(), stream, peer, permit));
+        } else if let Ok(permit) = refusing.clone().try_acquire_owned() {
+            shared
+                .tasks
+                .spawn(call::refuse(shared.clone(), stream, permit));
+        } else {
+            shared
+                .metrics
+                .connections_refused
+                .get_or_create(&[("reason", "call_limit")])
+                .inc();
+        }
+    }
+}
+
+/// Binds and runs a server until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    Server::bind(config).await?.run(shutdown).await
+}

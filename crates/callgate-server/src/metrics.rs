@@ -1,0 +1,110 @@
+//! Prometheus metrics, in a registry passed around explicitly (tests read it directly).
+//!
+//! Names follow `callgate_<noun>_<unit>[_total]`; labels are bounded sets of static strings
+//! (protocol, end reason, direction, error kind), never IDs or numbers. Audio counters are
+//! added from each call's in-memory counters when it flushes, never per frame.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+type Labels1 = [(&'static str, &'static str); 1];
+type Labels2 = [(&'static str, &'static str); 2];
+
+/// Every metric the server exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Calls live now.
+    pub calls_live: Gauge,
+    /// Calls started, by protocol.
+    pub calls_started: Family<Labels1, Counter>,
+    /// Calls ended, by protocol and end reason.
+    pub calls_ended: Family<Labels2, Counter>,
+    /// Connections refused before a call started, by reason (`call_limit`, `websocket_handshake`).
+    pub connections_refused: Family<Labels1, Counter>,
+    /// Protocol errors, by kind.
+    pub protocol_errors: Family<Labels1, Counter>,
+    /// Audio bytes, by direction (`in` from the phone, `out` to it).
+    pub audio_bytes: Family<Labels1, Counter>,
+    /// Audio messages, by direction.
+    pub audio_frames: Family<Labels1, Counter>,
+    /// Caller audio frames dropped because the agent fell behind.
+    pub agent_audio_dropped: Counter,
+    /// Call durations (start to end), in seconds.
+    pub call_duration: Histogram,
+    /// Store operations that failed or timed out.
+    pub store_errors: Counter,
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("callgate");
+        let m = Self {
+            calls_live: Gauge::default(),
+            calls_started: Family::default(),
+            calls_ended: Family::default(),
+            connections_refused: Family::default(),
+            protocol_errors: Family::default(),
+            audio_bytes: Family::default(),
+            audio_frames: Family::default(),
+            agent_audio_dropped: Counter::default(),
+            call_duration: Histogram::new(
+                [
+                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                ],
+            ),
+            store_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("calls_live", "Calls live now", m.calls_live.clone());
+        registry.register("calls_started", "Calls started", m.calls_started.clone());
+        registry.register("calls_ended", "Calls ended", m.calls_ended.clone());
+        registry.register(
+            "connections_refused",
+            "Connections refused before a call started",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "Protocol errors by kind",
+            m.protocol_errors.clone(),
+        );
+        registry.register("audio_bytes", "Audio bytes", m.audio_bytes.clone());
+        registry.register("audio_frames", "Audio messages", m.audio_frames.clone());
+        registry.register(
+            "agent_audio_dropped_frames",
+            "Caller audio frames dropped because the agent fell behind",
+            m.agent_audio_dropped.clone(),
+        );
+        registry.register(
+            "call_duration_seconds",
+            "Call duration from start to end",
+            m.call_duration.clone(),
+        );
+        registry.register(
+            "store_errors",
+            "Store operations that failed or timed out",
+            m.store_errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

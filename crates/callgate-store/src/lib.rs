@@ -1,0 +1,91 @@
+//! Call records: what callgate keeps of every call, and where.
+//!
+//! # Layout
+//! - [`record`]: the values: [`NewCall`], [`Ended`], [`CallRecord`], [`EventRecord`]...
+//! - [`Store`]: the synchronous storage trait a backend implements.
+//! - [`sqlite`]: the embedded default backend (WAL, schema migrations).
+//! - [`writer`]: [`StoreHandle`], the async front: one writer thread owns the backend behind a
+//!   bounded channel and commits whatever is queued in one transaction.
+//!
+//! # Invariants
+//! A record is inserted when the call starts and ended exactly once; a record whose `ended_at`
+//! is still null when the store opens was left by a crash and is ended with `interrupted`.
+//! This crate depends on no other callgate crate: codes (protocol, end reason) are strings here.
+
+pub mod record;
+pub mod sqlite;
+pub mod writer;
+
+pub use record::{CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent, UnixMillis};
+pub use sqlite::SqliteStore;
+pub use writer::StoreHandle;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// The data directory or database file could not be prepared.
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        /// The path that failed.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database was written by a newer callgate.
+    #[error("database schema version {found} is newer than this callgate supports ({supported})")]
+    SchemaTooNew {
+        /// Version found in the file.
+        found: i64,
+        /// Newest version known here.
+        supported: i64,
+    },
+    /// The transaction holding this operation failed to commit.
+    #[error("commit failed: {detail}")]
+    Commit {
+        /// What the database said.
+        detail: String,
+    },
+    /// The writer thread is gone (the store was closed or it failed).
+    #[error("the store writer is not running")]
+    Closed,
+    /// The writer did not accept or answer in time.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+}
+
+/// Storage for call records. Methods are synchronous: a backend runs on the writer thread.
+pub trait Store: Send + 'static {
+    /// Runs the queued operations of one batch in one transaction.
+    fn transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error>
+    where
+        Self: Sized;
+    /// Inserts the record of a call that just started.
+    fn insert_call(&mut self, call: &NewCall) -> Result<(), Error>;
+    /// Notes when the call was answered.
+    fn mark_answered(&mut self, id: &CallId, at: UnixMillis) -> Result<(), Error>;
+    /// Writes the running audio counters and DTMF of a live call.
+    fn update_progress(
+        &mut self,
+        id: &CallId,
+        counters: &Counters,
+        dtmf: &str,
+    ) -> Result<(), Error>;
+    /// Ends the record (once; a second end is ignored).
+    fn end_call(&mut self, id: &CallId, ended: &Ended) -> Result<(), Error>;
+    /// Stores the phone system's CDR, verbatim.
+    fn set_cdr(&mut self, id: &CallId, raw: &str) -> Result<(), Error>;
+    /// Appends to the call's event log, in order.
+    fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error>;
+    /// Ends every record left open (by a crash) with end reason `interrupted`.
+    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
+    /// The newest calls first, at most `limit`.
+    fn list_calls(&mut self, limit: u32) -> Result<Vec<CallRecord>, Error>;
+    /// One call.
+    fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, Error>;
+    /// One call's event log, or `None` if the call does not exist.
+    fn events(&mut self, id: &CallId) -> Result<Option<Vec<EventRecord>>, Error>;
+}

@@ -1,0 +1,240 @@
+//! The values of a call record.
+
+use std::fmt;
+
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// A call's ID: a UUIDv7, so IDs sort by creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct CallId(String);
+
+impl CallId {
+    /// A fresh ID.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// An ID as given (from a URL); it may name no call.
+    pub fn from_string(id: String) -> Self {
+        Self(id)
+    }
+
+    /// The ID's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for CallId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for CallId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Wall-clock time in milliseconds since the Unix epoch, UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnixMillis(pub i64);
+
+impl UnixMillis {
+    /// The current wall-clock time.
+    pub fn now() -> Self {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Self(i64::try_from(ms).unwrap_or(i64::MAX))
+    }
+
+    /// RFC 3339 with milliseconds, UTC (`2026-11-21T10:49:53.123Z`).
+    pub fn to_rfc3339(self) -> String {
+        let nanos = i128::from(self.0) * 1_000_000;
+        OffsetDateTime::from_unix_timestamp_nanos(nanos)
+            .ok()
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_else(|| self.0.to_string())
+    }
+}
+
+impl Serialize for UnixMillis {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_rfc3339())
+    }
+}
+
+/// Audio counters of a call (audio payload only, never signalling).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Audio bytes received from the phone side.
+    pub bytes_in: u64,
+    /// Audio bytes sent to the phone side.
+    pub bytes_out: u64,
+    /// Audio messages received.
+    pub frames_in: u64,
+    /// Audio messages sent.
+    pub frames_out: u64,
+}
+
+/// A call that just started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCall {
+    /// Our ID.
+    pub id: CallId,
+    /// `callbridge` or `inbound`.
+    pub protocol: String,
+    /// Calling number.
+    pub caller: String,
+    /// Called number.
+    pub callee: String,
+    /// The phone system's ID (CallBridge cdrId, inbound sessionId).
+    pub external_id: String,
+    /// CallBridge's call_config as a JSON object of its fields; `None` for inbound.
+    pub call_config: Option<String>,
+    /// Format of the audio the phone side sends.
+    pub phone_output_audio_format: String,
+    /// Format of the audio the phone side receives.
+    pub phone_input_audio_format: String,
+    /// When the call started.
+    pub started_at: UnixMillis,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// When.
+    pub at: UnixMillis,
+    /// A stable end-reason code (`docs/specs/end-reasons.md`).
+    pub reason: String,
+    /// `peer`, `agent`, `operator` or `server`.
+    pub hangup_by: String,
+    /// Final audio counters.
+    pub counters: Counters,
+    /// Digits received, in order.
+    pub dtmf: String,
+}
+
+/// One entry to append to a call's event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    /// When it happened.
+    pub at: UnixMillis,
+    /// A stable snake_case kind (`dtmf`, `unknown_message`, `protocol_error`...).
+    pub kind: String,
+    /// Details, a JSON object.
+    pub detail: String,
+}
+
+/// A call record as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallRecord {
+    /// Our ID.
+    pub id: CallId,
+    /// `callbridge` or `inbound`.
+    pub protocol: String,
+    /// Calling number.
+    pub caller: String,
+    /// Called number.
+    pub callee: String,
+    /// cdrId (CallBridge) or sessionId (inbound).
+    pub external_id: String,
+    /// CallBridge's call_config fields (`siteId`, `cdrId`...), or null for inbound.
+    pub call_config: Option<Box<RawValue>>,
+    /// The call's audio formats.
+    pub audio_format: AudioFormats,
+    /// When the call started.
+    pub started_at: UnixMillis,
+    /// When it was answered.
+    pub answered_at: Option<UnixMillis>,
+    /// When it ended; null while live.
+    pub ended_at: Option<UnixMillis>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+    /// Who ended it.
+    pub hangup_by: Option<String>,
+    /// Audio bytes received.
+    pub bytes_in: u64,
+    /// Audio bytes sent.
+    pub bytes_out: u64,
+    /// Audio messages received.
+    pub frames_in: u64,
+    /// Audio messages sent.
+    pub frames_out: u64,
+    /// Digits received, in order.
+    pub dtmf: String,
+    /// The phone system's CDR as sent, or null.
+    pub cdr: Option<Box<RawValue>>,
+}
+
+impl PartialEq for CallRecord {
+    fn eq(&self, other: &Self) -> bool {
+        let raw = |v: &Option<Box<RawValue>>| v.as_ref().map(|r| r.get().to_owned());
+        self.id == other.id
+            && self.protocol == other.protocol
+            && self.caller == other.caller
+            && self.callee == other.callee
+            && self.external_id == other.external_id
+            && raw(&self.call_config) == raw(&other.call_config)
+            && self.audio_format == other.audio_format
+            && self.started_at == other.started_at
+            && self.answered_at == other.answered_at
+            && self.ended_at == other.ended_at
+            && self.end_reason == other.end_reason
+            && self.hangup_by == other.hangup_by
+            && self.bytes_in == other.bytes_in
+            && self.bytes_out == other.bytes_out
+            && self.frames_in == other.frames_in
+            && self.frames_out == other.frames_out
+            && self.dtmf == other.dtmf
+            && raw(&self.cdr) == raw(&other.cdr)
+    }
+}
+
+/// The two audio formats, named as CallBridge names them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AudioFormats {
+    /// What the phone side sends.
+    pub phone_output_audio_format: String,
+    /// What the phone side receives.
+    pub phone_input_audio_format: String,
+}
+
+/// One entry of a call's event log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventRecord {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// When it happened.
+    pub at: UnixMillis,
+    /// The kind.
+    pub kind: String,
+    /// Details.
+    pub detail: serde_json::Value,
+}
+
+/// Turns stored JSON text back into a raw value; a damaged row reads as null rather than failing
+/// the whole listing.
+pub(crate) fn raw_json(text: String) -> Option<Box<RawValue>> {
+    RawValue::from_string(text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_render_as_rfc3339() {
+        assert_eq!(UnixMillis(0).to_rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            UnixMillis(1_795_000_000_123).to_rfc3339(),
+            "2026-11-18T08:26:40.123Z"
+        );
+    }
+}

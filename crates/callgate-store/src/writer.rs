@@ -1,0 +1,258 @@
+//! The async front of the store: one writer thread owns the backend.
+//!
+//! Callers send operations over a bounded channel ([`WRITER_QUEUE`] entries). The thread takes
+//! whatever is queued (up to [`BATCH`] operations) and runs it in one transaction, so a burst
+//! of call starts costs one commit, not one each.
+//!
+//! Channel policy, by operation:
+//! - start, end, CDR and events: awaited, with a timeout; the caller learns of a failure.
+//! - progress (periodic counters): `try_send`; dropped when the queue is full, since the next
+//!   progress or the end supersedes it.
+//! - [`StoreHandle::end_now`], for drop guards that cannot await: `try_send`; if the queue is
+//!   full the record stays open and is ended as `interrupted` at the next start (logged).
+
+use std::thread;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent, Store, UnixMillis,
+};
+
+/// How many operations may wait for the writer.
+pub const WRITER_QUEUE: usize = 4096;
+/// The most operations committed in one transaction.
+pub const BATCH: usize = 512;
+
+type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+enum Op {
+    Insert(NewCall, Reply<()>),
+    Answered(CallId, UnixMillis),
+    Progress(CallId, Counters, String),
+    End(CallId, Ended, Option<Reply<()>>),
+    Cdr(CallId, String, Reply<()>),
+    Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
+    List(u32, Reply<Vec<CallRecord>>),
+    Call(CallId, Reply<Option<CallRecord>>),
+    CallEvents(CallId, Reply<Option<Vec<EventRecord>>>),
+    Close(oneshot::Sender<()>),
+}
+
+/// A cloneable handle to the store writer.
+#[derive(Debug, Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Op>,
+    timeout: Duration,
+}
+
+impl StoreHandle {
+    /// Starts the writer thread, which owns `store` until [`StoreHandle::close`].
+    /// `timeout` bounds every awaited operation.
+    pub fn start(store: impl Store, timeout: Duration) -> Result<Self, Error> {
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        thread::Builder::new()
+            .name("callgate-store".into())
+            .spawn(move || writer(store, rx))
+            .map_err(|source| Error::Open {
+                path: "store writer thread".into(),
+                source,
+            })?;
+        Ok(Self { tx, timeout })
+    }
+
+    /// Inserts the record of a call that just started, and waits for the commit.
+    pub async fn insert_call(&self, call: NewCall) -> Result<(), Error> {
+        self.ask(|r| Op::Insert(call, r)).await
+    }
+
+    /// Notes the answer time (not awaited: a record without it is still a record).
+    pub fn mark_answered(&self, id: CallId, at: UnixMillis) {
+        self.offer(Op::Answered(id, at));
+    }
+
+    /// Writes running counters; skipped if the writer is backed up.
+    pub fn update_progress(&self, id: CallId, counters: Counters, dtmf: String) {
+        self.offer(Op::Progress(id, counters, dtmf));
+    }
+
+    /// Ends the record and waits for the commit.
+    pub async fn end_call(&self, id: CallId, ended: Ended) -> Result<(), Error> {
+        self.ask(|r| Op::End(id, ended, Some(r))).await
+    }
+
+    /// Ends the record without waiting, for drop guards. Returns false if it could not be
+    /// queued (the record will be ended as `interrupted` at the next start).
+    pub fn end_now(&self, id: CallId, ended: Ended) -> bool {
+        self.tx.try_send(Op::End(id, ended, None)).is_ok()
+    }
+
+    /// Stores the CDR verbatim and waits for the commit.
+    pub async fn set_cdr(&self, id: CallId, raw: String) -> Result<(), Error> {
+        self.ask(|r| Op::Cdr(id, raw, r)).await
+    }
+
+    /// Appends events and waits for the commit.
+    pub async fn append_events(&self, id: CallId, events: Vec<NewEvent>) -> Result<(), Error> {
+        self.ask(|r| Op::Events(id, events, Some(r))).await
+    }
+
+    /// Appends events without waiting; gives them back if the writer is backed up, so the
+    /// caller can keep them and try again (events are never dropped).
+    pub fn try_append_events(
+        &self,
+        id: CallId,
+        events: Vec<NewEvent>,
+    ) -> Result<(), Vec<NewEvent>> {
+        match self.tx.try_send(Op::Events(id, events, None)) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Op::Events(_, events, _)))
+            | Err(mpsc::error::TrySendError::Closed(Op::Events(_, events, _))) => Err(events),
+            Err(_) => Err(Vec::new()),
+        }
+    }
+
+    /// The newest calls first.
+    pub async fn list_calls(&self, limit: u32) -> Result<Vec<CallRecord>, Error> {
+        self.ask(|r| Op::List(limit, r)).await
+    }
+
+    /// One call.
+    pub async fn call(&self, id: CallId) -> Result<Option<CallRecord>, Error> {
+        self.ask(|r| Op::Call(id, r)).await
+    }
+
+    /// One call's event log.
+    pub async fn events(&self, id: CallId) -> Result<Option<Vec<EventRecord>>, Error> {
+        self.ask(|r| Op::CallEvents(id, r)).await
+    }
+
+    /// Commits everything queued before this call, then stops the writer.
+    pub async fn close(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Op::Close(tx)).await.is_ok() {
+            // The writer answers after its last commit; if it is gone, there is nothing to wait for.
+            let _ = rx.await;
+        }
+    }
+
+    async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        let work = async {
+            self.tx.send(op(tx)).await.map_err(|_| Error::Closed)?;
+            rx.await.map_err(|_| Error::Closed)?
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| Error::Timeout(self.timeout))?
+    }
+
+    fn offer(&self, op: Op) {
+        if let Err(e) = self.tx.try_send(op) {
+            tracing::warn!(
+                full = matches!(e, mpsc::error::TrySendError::Full(_)),
+                "Store queue refused a progress update."
+            );
+        }
+    }
+}
+
+/// Results of one batch, sent only after the commit.
+type Done = Box<dyn FnOnce(Option<&str>) + Send>;
+
+fn reply<T: Send + 'static>(tx: Reply<T>, result: Result<T, Error>) -> Done {
+    Box::new(move |commit_error: Option<&str>| {
+        let result = match commit_error {
+            Some(e) => Err(Error::Commit {
+                detail: e.to_owned(),
+            }),
+            None => result,
+        };
+        // The asker may have timed out and gone; nothing to do then.
+        let _ = tx.send(result);
+    })
+}
+
+fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(op) = rx.blocking_recv() {
+        batch.push(op);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut done: Vec<Done> = Vec::with_capacity(batch.len());
+        let mut close = None;
+        let ops = std::mem::take(&mut batch);
+        let result = store.transaction(|s| {
+            for op in ops {
+                match op {
+                    Op::Close(tx) => close = Some(tx),
+                    op => done.push(apply(s, op)),
+                }
+            }
+            Ok(())
+        });
+        let commit_error = result.err().map(|e| e.to_string());
+        if let Some(e) = &commit_error {
+            tracing::error!(error = %e, "Store commit failed.");
+        }
+        for d in done {
+            d(commit_error.as_deref());
+        }
+        if let Some(tx) = close {
+            let _ = tx.send(());
+            return;
+        }
+    }
+}
+
+fn apply(store: &mut impl Store, op: Op) -> Done {
+    let log = |what: &str, r: Result<(), Error>| {
+        if let Err(error) = r {
+            tracing::error!(%error, what, "Store write failed.");
+        }
+    };
+    match op {
+        Op::Insert(call, tx) => reply(tx, store.insert_call(&call)),
+        Op::Answered(id, at) => {
+            log("answered", store.mark_answered(&id, at));
+            Box::new(|_| {})
+        }
+        Op::Progress(id, counters, dtmf) => {
+            log("progress", store.update_progress(&id, &counters, &dtmf));
+            Box::new(|_| {})
+        }
+        Op::End(id, ended, tx) => {
+            let r = store.end_call(&id, &ended);
+            match tx {
+                Some(tx) => reply(tx, r),
+                None => {
+                    log("end", r);
+                    Box::new(|_| {})
+                }
+            }
+        }
+        Op::Cdr(id, raw, tx) => reply(tx, store.set_cdr(&id, &raw)),
+        Op::Events(id, events, tx) => {
+            let r = store.append_events(&id, &events);
+            match tx {
+                Some(tx) => reply(tx, r),
+                None => {
+                    log("events", r);
+                    Box::new(|_| {})
+                }
+            }
+        }
+        Op::List(limit, tx) => reply(tx, store.list_calls(limit)),
+        Op::Call(id, tx) => reply(tx, store.call(&id)),
+        Op::CallEvents(id, tx) => reply(tx, store.events(&id)),
+        Op::Close(tx) => {
+            let _ = tx.send(());
+            Box::new(|_| {})
+        }
+    }
+}
