@@ -134,9 +134,9 @@ impl EventSender {
                             .items
                             .iter()
                             .position(|e| matches!(e, AgentEvent::Audio(_)))
-                        {
-                            state.items.remove(i);
-                        }
+                    {
+                        state.items.remove(i);
+                    }
                     if state.items.len() < state.capacity {
                         state.items.push_back(event);
                         drop(state);

@@ -364,11 +364,12 @@ impl Session {
     /// Time passed: gives up on the CDR when its wait is over.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let State::AwaitingCdr { deadline, close } = &self.state
-            && now >= *deadline {
-                let close = close.clone();
-                self.event(CallEvent::CdrMissing);
-                self.close(close);
-            }
+            && now >= *deadline
+        {
+            let close = close.clone();
+            self.event(CallEvent::CdrMissing);
+            self.close(close);
+        }
     }
 
     /// The server is shutting down: hang up, wait (bounded) for the CDR, close with 1001.

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
-use callgate_store::CallId;
+use callgate_store::{CallId, CallRecord};
+use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -131,7 +132,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 async fn list_calls(
     State(shared): State<Arc<Shared>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallList>, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     let limit = match query.get("limit") {
@@ -152,7 +153,13 @@ async fn list_calls(
         .list_calls(limit)
         .await
         .map_err(ApiError::store)?;
-    Ok(Json(json!({ "calls": calls })))
+    // Serialised directly (not through serde_json::Value) so the CDR stays byte-exact.
+    Ok(Json(CallList { calls }))
+}
+
+#[derive(Serialize)]
+struct CallList {
+    calls: Vec<CallRecord>,
 }
 
 fn no_call(id: &str) -> ApiError {
@@ -166,14 +173,14 @@ fn no_call(id: &str) -> ApiError {
 async fn call(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<CallRecord>, ApiError> {
     let record = shared
         .store
         .call(CallId::from_string(id.clone()))
         .await
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
-    Ok(Json(json!(record)))
+    Ok(Json(record))
 }
 
 async fn events(

@@ -93,6 +93,10 @@ pub(crate) async fn refuse(shared: Arc<Shared>, stream: TcpStream, _permit: Owne
 
 async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Protocol>)> {
     let mut path = String::new();
+    #[allow(
+        clippy::result_large_err,
+        reason = "the callback's signature is tungstenite's"
+    )]
     let callback = |req: &Request, resp: Response| {
         path = req.uri().path().to_owned();
         Ok(resp)
@@ -138,7 +142,7 @@ async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -
             Ok(Some(Ok(Message::Text(text)))) => break detect::first_message(&text, forced),
             Ok(Some(Ok(Message::Binary(_)))) => break Err(ProtoError::BinaryBeforeStart),
             Ok(Some(Ok(Message::Close(_)))) => {
-                let _ = timeout(shared.config.write_timeout, ws.close(None)).await;
+                let _ = timeout(shared.config.write_timeout, SinkExt::close(ws)).await;
                 return None;
             }
             Ok(Some(Ok(_))) => continue,
@@ -451,16 +455,19 @@ impl Call {
             }
         }
 
-        if !closed_by_us && self.socket_open {
-            // The peer closed: let tungstenite send its close reply.
-            let _ = timeout(self.shared.config.write_timeout, ws.close(None)).await;
+        if !closed_by_us {
+            // The peer closed (or vanished): flush tungstenite's close reply if it can be sent.
+            // `SinkExt::close` flushes the queued reply; the inherent `close` would try to send
+            // a second close frame and fail.
+            let _ = timeout(self.shared.config.write_timeout, SinkExt::close(ws)).await;
         }
         drop(self.agent_events.take());
         if let Some(mut handle) = agent
-            && timeout(AGENT_EXIT_WAIT, &mut handle).await.is_err() {
-                warn!("Agent did not stop after the call ended; aborting it.");
-                handle.abort();
-            }
+            && timeout(AGENT_EXIT_WAIT, &mut handle).await.is_err()
+        {
+            warn!("Agent did not stop after the call ended; aborting it.");
+            handle.abort();
+        }
         if self.ended.is_none() {
             // Every session path emits Ended before it closes; this is the safety net.
             error!("Call closed without an end reason.");
@@ -593,22 +600,23 @@ impl Call {
             CallEvent::Audio(data) => {
                 self.record.audio_in(data.len());
                 if let Some(tx) = &self.agent_events
-                    && tx.push_audio(data) == Pushed::DroppedOldest {
-                        self.shared.metrics.agent_audio_dropped.inc();
-                    }
+                    && tx.push_audio(data) == Pushed::DroppedOldest
+                {
+                    self.shared.metrics.agent_audio_dropped.inc();
+                }
             }
             CallEvent::Answered => self.record.answered(),
             CallEvent::Dtmf(digit) => {
                 self.record.dtmf(digit.as_char());
                 self.record
                     .event("dtmf", serde_json::json!({ "digit": digit.to_string() }));
-                self.to_agent(AgentEvent::Dtmf(digit)).await;
+                self.notify_agent(AgentEvent::Dtmf(digit)).await;
             }
             CallEvent::Ended(reason) => {
                 self.ended = Some(reason);
                 info!(end_reason = %reason, "Call ended.");
                 self.record.end(reason).await;
-                self.to_agent(AgentEvent::Ended(reason)).await;
+                self.notify_agent(AgentEvent::Ended(reason)).await;
                 // Closing the queue ends the agent once it has read everything.
                 drop(self.agent_events.take());
             }
@@ -647,7 +655,7 @@ impl Call {
 
     /// Sends a control event to the agent. If the agent does not take it in time, the call
     /// ends: an agent that cannot hear DTMF or hangups cannot handle a call.
-    async fn to_agent(&mut self, event: AgentEvent) {
+    async fn notify_agent(&mut self, event: AgentEvent) {
         let Some(tx) = &self.agent_events else {
             return;
         };

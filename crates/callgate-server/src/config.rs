@@ -70,8 +70,18 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Checks values that parse but cannot work.
+    /// Checks values that parse but cannot work, including that the agent exists.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_limits()?;
+        callgate_agent::by_name(&self.agent).map_err(|e| ConfigError {
+            key: "agent",
+            problem: e.to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// Checks the numeric settings.
+    pub fn validate_limits(&self) -> Result<(), ConfigError> {
         let bad = |key, problem: &str| {
             Err(ConfigError {
                 key,
@@ -92,9 +102,6 @@ impl Config {
             if value.is_zero() {
                 return bad(key, "must be longer than zero");
             }
-        }
-        if let Err(e) = callgate_agent::by_name(&self.agent) {
-            return bad("agent", &e.to_string());
         }
         Ok(())
     }

@@ -111,6 +111,16 @@ impl Server {
             key: "agent",
             problem: e.to_string(),
         })?;
+        Self::bind_with_agent(config, agent).await
+    }
+
+    /// Like [`Server::bind`], with an agent of the embedder's own instead of a built-in one
+    /// (`config.agent` is then only a label).
+    pub async fn bind_with_agent(
+        config: Config,
+        agent: Arc<dyn AgentFactory>,
+    ) -> Result<Self, Error> {
+        config.validate_limits()?;
         let mut store = SqliteStore::open(&config.data_dir)?;
         let interrupted = store.end_interrupted(UnixMillis::now())?;
         if interrupted > 0 {

@@ -53,11 +53,9 @@ impl Metrics {
             audio_bytes: Family::default(),
             audio_frames: Family::default(),
             agent_audio_dropped: Counter::default(),
-            call_duration: Histogram::new(
-                [
-                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-                ],
-            ),
+            call_duration: Histogram::new([
+                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+            ]),
             store_errors: Counter::default(),
             registry: Registry::default(),
         };

@@ -1,1 +1,243 @@
-//! placeholder
+//! Test helpers (not published): a server on 127.0.0.1:0 with its own data dir, a raw
+//! WebSocket phone for driving either protocol byte by byte, a small HTTP client for the admin
+//! API, and audio generators.
+//!
+//! Tests synchronise on what the server sends (messages, closes, records), never on sleeps.
+
+pub mod audio;
+pub mod http;
+pub mod phone;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use callgate_server::{Config, Server, Tasks};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use phone::{Phone, Received};
+
+/// A data directory removed when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory under the system temp dir.
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir = std::env::temp_dir().join(format!(
+            "callgate-test-{tag}-{}-{}-{nanos}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create a temp dir");
+        Self(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A server running in this process.
+pub struct TestServer {
+    /// Where phones connect.
+    pub call_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The server's metrics registry.
+    pub metrics: Arc<callgate_server::Metrics>,
+    /// The configuration it runs with.
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    handle: JoinHandle<Result<(), callgate_server::Error>>,
+    _dir: Option<TempDir>,
+}
+
+/// A configuration for tests: loopback, port 0, a fresh data dir, short timeouts.
+pub fn test_config(dir: &Path) -> Config {
+    Config {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        admin_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        data_dir: dir.to_path_buf(),
+        handshake_timeout: Duration::from_secs(5),
+        cdr_timeout: Duration::from_secs(2),
+        shutdown_grace: Duration::from_secs(10),
+        ..Config::default()
+    }
+}
+
+/// Starts a server with [`test_config`] changed by `tweak`.
+pub async fn spawn_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let dir = TempDir::new("server");
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let server = Server::bind(config.clone()).await.expect("server binds");
+    start(server, config, Some(dir))
+}
+
+/// Starts a server with a custom agent.
+pub async fn spawn_server_with_agent(
+    agent: Arc<dyn callgate_agent::AgentFactory>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
+    let dir = TempDir::new("server");
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let server = Server::bind_with_agent(config.clone(), agent)
+        .await
+        .expect("server binds");
+    start(server, config, Some(dir))
+}
+
+fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
+    let (stop, stopped) = oneshot::channel::<()>();
+    let call_addr = server.call_addr();
+    let admin_addr = server.admin_addr();
+    let metrics = server.metrics();
+    let handle = Tasks::new().spawn(server.run(async move {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        call_addr,
+        admin_addr,
+        metrics,
+        config,
+        stop: Some(stop),
+        handle,
+        _dir: dir,
+    }
+}
+
+impl TestServer {
+    /// `ws://` URL of the call listener with this path.
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{path}", self.call_addr)
+    }
+
+    /// Connects a phone to `path`.
+    pub async fn phone(&self, path: &str) -> Phone {
+        Phone::connect(&self.url(path)).await
+    }
+
+    /// `GET` on the admin API: status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let (status, body) = http::request(self.admin_addr, "GET", path, None).await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+
+    /// `POST` on the admin API with a JSON body: status and JSON body.
+    pub async fn post(&self, path: &str, body: &str) -> (u16, Value) {
+        let (status, body) = http::request(self.admin_addr, "POST", path, Some(body)).await;
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
+    }
+
+    /// The metrics text.
+    pub async fn metrics_text(&self) -> String {
+        http::request(self.admin_addr, "GET", "/metrics", None)
+            .await
+            .1
+    }
+
+    /// The newest call records.
+    pub async fn calls(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/calls?limit=1000").await;
+        assert_eq!(status, 200, "{body}");
+        body["calls"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// The record of the call with this external ID, once it has ended.
+    pub async fn ended_call(&self, external_id: &str) -> Value {
+        for _ in 0..500 {
+            if let Some(c) = self
+                .calls()
+                .await
+                .into_iter()
+                .find(|c| c["external_id"] == external_id && !c["ended_at"].is_null())
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("call {external_id} did not end");
+    }
+
+    /// The record of the call with this external ID.
+    pub async fn call(&self, external_id: &str) -> Value {
+        for _ in 0..500 {
+            if let Some(c) = self
+                .calls()
+                .await
+                .into_iter()
+                .find(|c| c["external_id"] == external_id)
+            {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no call {external_id}");
+    }
+
+    /// Triggers shutdown and waits for the server to stop.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let result = (&mut self.handle).await.expect("server task");
+        result.expect("server ran");
+    }
+
+    /// Triggers shutdown without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits for a shutdown begun with [`TestServer::begin_shutdown`].
+    pub async fn stopped(mut self) {
+        let result = (&mut self.handle).await.expect("server task");
+        result.expect("server ran");
+    }
+}
+
+/// The realistic CallBridge start message from `callbridge.md`, with this cdrId.
+pub fn callbridge_start(cdr_id: &str) -> String {
+    format!(
+        r#"{{"call_config":{{"siteId":"921004322052","caller":"01012341234","callee":"07012345678","cdrId":"{cdr_id}","callActionId":"1.758187055878E9","ivrIp":"192.168.150.103:29034","agentId":"agent-main","agentType":"voice"}},"audio_format":{{"phone_output_audio_format":"PCM_8000","phone_input_audio_format":"PCM_8000"}}}}"#
+    )
+}
+
+/// An inbound `incoming_call` with this sessionId.
+pub fn incoming_call(session_id: &str) -> String {
+    format!(
+        r#"{{"event":"incoming_call","callerId":"01099998888","didNumber":"0212345678","sessionId":"{session_id}"}}"#
+    )
+}
+
+/// A CDR as the gateway documentation shows it: numeric cause code, fractional duration.
+pub fn cdr(session_id: &str) -> String {
+    format!(
+        r#"{{"event":"cdr","sessionId":"{session_id}","destination":"0212345678","startTime":"2026-11-21T10:00:00Z","answerTime":"2026-11-21T10:00:01Z","endTime":"2026-11-21T10:00:04.50Z","duration":4.50,"billableSeconds":3,"disposition":"ANSWERED","hangupBy":"caller","hangupCauseCode":16,"hangupCauseText":"Normal Clearing"}}"#
+    )
+}
