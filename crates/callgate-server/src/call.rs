@@ -485,16 +485,15 @@ impl Call {
                 self.session.handle_peer_close(now, Disconnect::Closed);
             }
             Some(Ok(_)) => {}
-            Some(Err(error)) => {
-                self.socket_open = false;
-                match fatal_read_error(&error) {
-                    Some(e) => self.session.handle_violation(now, e),
-                    None => {
-                        debug!(%error, "Connection lost.");
-                        self.session.handle_peer_close(now, Disconnect::Dropped);
-                    }
+            Some(Err(error)) => match fatal_read_error(&error) {
+                // The socket can still carry our close frame with the reason.
+                Some(e) => self.session.handle_violation(now, e),
+                None => {
+                    debug!(%error, "Connection lost.");
+                    self.socket_open = false;
+                    self.session.handle_peer_close(now, Disconnect::Dropped);
                 }
-            }
+            },
             None => {
                 self.socket_open = false;
                 self.session.handle_peer_close(now, Disconnect::Dropped);
@@ -582,6 +581,8 @@ impl Call {
                     }
                 }
                 Output::Close(frame) => {
+                    // The record is complete before the phone sees the close.
+                    self.record.flush_events().await;
                     if self.socket_open {
                         close(ws, frame, write_timeout).await;
                         self.socket_open = false;
