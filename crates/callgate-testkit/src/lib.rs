@@ -65,7 +65,7 @@ pub struct TestServer {
     pub config: Config,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
-    _dir: Option<TempDir>,
+    dir: Option<TempDir>,
 }
 
 /// A configuration for tests: loopback, port 0, a fresh data dir, short timeouts.
@@ -84,6 +84,14 @@ pub fn test_config(dir: &Path) -> Config {
 /// Starts a server with [`test_config`] changed by `tweak`.
 pub async fn spawn_server(tweak: impl FnOnce(&mut Config)) -> TestServer {
     let dir = TempDir::new("server");
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let server = Server::bind(config.clone()).await.expect("server binds");
+    start(server, config, Some(dir))
+}
+
+/// Starts a server on an existing data directory (to check what a previous run left).
+pub async fn spawn_server_in(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
     let mut config = test_config(dir.path());
     tweak(&mut config);
     let server = Server::bind(config.clone()).await.expect("server binds");
@@ -119,7 +127,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         config,
         stop: Some(stop),
         handle,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -214,10 +222,12 @@ impl TestServer {
         }
     }
 
-    /// Waits for a shutdown begun with [`TestServer::begin_shutdown`].
-    pub async fn stopped(mut self) {
+    /// Waits for a shutdown begun with [`TestServer::begin_shutdown`]; hands back the data
+    /// dir so a test can start another server on it.
+    pub async fn stopped(mut self) -> TempDir {
         let result = (&mut self.handle).await.expect("server task");
         result.expect("server ran");
+        self.dir.take().expect("the server owns its data dir")
     }
 }
 

@@ -1,0 +1,149 @@
+//! The admin API: records, operator actions on live calls, errors as JSON, metrics.
+
+use callgate_testkit::{callbridge_start, cdr, incoming_call, spawn_server, Received};
+use serde_json::json;
+
+#[tokio::test]
+async fn operator_dtmf_and_hangup_reach_an_inbound_call() {
+    let server = spawn_server(|_| {}).await;
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("op")).await;
+    assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
+    let live = server.call("op").await;
+    assert!(live["ended_at"].is_null());
+    let id = live["id"].as_str().unwrap().to_owned();
+
+    let (status, body) = server
+        .post(&format!("/api/calls/{id}/dtmf"), r#"{"digit":"7","duration":150}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        phone.recv().await.json(),
+        json!({"event": "dtmf", "digit": "7", "duration": 150})
+    );
+    let (status, _) = server
+        .post(&format!("/api/calls/{id}/dtmf"), r#"{"digit":"0"}"#)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        phone.recv().await.json(),
+        json!({"event": "dtmf", "digit": "0", "duration": 200})
+    );
+
+    for (body, code, message) in [
+        (r#"{"digit":"A"}"#, "invalid_digit", "invalid DTMF digit \"A\" (allowed: 0-9 * #)"),
+        (r#"{"digit":"12"}"#, "invalid_digit", "invalid DTMF digit \"12\" (allowed: 0-9 * #)"),
+        (r#"{"digit":"1","duration":0}"#, "invalid_duration", "invalid DTMF duration 0 (must be a whole number of ms, 1..=1000)"),
+        (r#"{"digit":"1","duration":1001}"#, "invalid_duration", "invalid DTMF duration 1001 (must be a whole number of ms, 1..=1000)"),
+        (r#"{"duration":100}"#, "missing_field", "missing digit"),
+    ] {
+        let (status, err) = server.post(&format!("/api/calls/{id}/dtmf"), body).await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(err, json!({"error": message, "code": code}));
+    }
+    let (status, err) = server.post(&format!("/api/calls/{id}/dtmf"), "{nope").await;
+    assert_eq!(status, 400);
+    assert_eq!(err["code"], "bad_json");
+
+    let (status, body) = server.post(&format!("/api/calls/{id}/hangup"), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(phone.recv().await.json(), json!({"event": "hangup"}));
+    phone.text(cdr("op")).await;
+    assert_eq!(phone.closed().await.0, 1000);
+    let record = server.ended_call("op").await;
+    assert_eq!(record["end_reason"], "operator_hangup");
+    assert_eq!(record["hangup_by"], "operator");
+    assert!(record["cdr"].is_object());
+
+    let (status, err) = server.post(&format!("/api/calls/{id}/hangup"), "").await;
+    assert_eq!(status, 409);
+    assert_eq!(err["code"], "call_not_live");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn callbridge_has_no_dtmf_and_operator_hangup_closes_1000() {
+    let server = spawn_server(|_| {}).await;
+    let mut phone = server.phone("/").await;
+    phone.text(callbridge_start("cb-op")).await;
+    phone.recv().await;
+    let id = server.call("cb-op").await["id"].as_str().unwrap().to_owned();
+    let (status, err) = server
+        .post(&format!("/api/calls/{id}/dtmf"), r#"{"digit":"1"}"#)
+        .await;
+    assert_eq!(status, 409);
+    assert_eq!(
+        err,
+        json!({"error": "DTMF is not supported by the callbridge protocol", "code": "unsupported"})
+    );
+    let (status, _) = server.post(&format!("/api/calls/{id}/hangup"), "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        phone.closed().await,
+        (1000, "call ended by operator".to_owned())
+    );
+    assert_eq!(server.ended_call("cb-op").await["end_reason"], "operator_hangup");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn errors_are_json_with_the_right_status() {
+    let server = spawn_server(|_| {}).await;
+    let (status, err) = server.get("/api/calls/nope").await;
+    assert_eq!(status, 404);
+    assert_eq!(err, json!({"error": "no call with id \"nope\"", "code": "call_not_found"}));
+    let (status, err) = server.get("/api/calls/nope/events").await;
+    assert_eq!(status, 404);
+    assert_eq!(err["code"], "call_not_found");
+    let (status, err) = server.post("/api/calls/nope/hangup", "").await;
+    assert_eq!(status, 404);
+    assert_eq!(err["code"], "call_not_found");
+    for bad in ["0", "1001", "-1", "ten"] {
+        let (status, err) = server.get(&format!("/api/calls?limit={bad}")).await;
+        assert_eq!(status, 400);
+        assert_eq!(err["code"], "bad_limit");
+    }
+    let (status, err) = server.get("/no/such/thing").await;
+    assert_eq!(status, 404);
+    assert_eq!(err["code"], "not_found");
+    let (status, err) = server.post("/healthz", "").await;
+    assert_eq!(status, 405);
+    assert_eq!(err["code"], "method_not_allowed");
+    let (status, health) = server.get("/healthz").await;
+    assert_eq!(status, 200);
+    assert_eq!(health, json!({"status": "ok", "live_calls": 0}));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn list_is_newest_first_and_limited_and_metrics_count_calls() {
+    let server = spawn_server(|_| {}).await;
+    for n in 0..3 {
+        let mut phone = server.phone("/").await;
+        phone.text(incoming_call(&format!("list-{n}"))).await;
+        phone.recv().await;
+        phone.binary(vec![1u8; 320]).await;
+        assert!(matches!(phone.recv().await, Received::Binary(_)));
+        phone.text(r#"{"event":"hangup"}"#).await;
+        phone.text(cdr(&format!("list-{n}"))).await;
+        phone.closed().await;
+    }
+    let calls = server.calls().await;
+    let ids: Vec<&str> = calls.iter().map(|c| c["external_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["list-2", "list-1", "list-0"]);
+    let (_, two) = server.get("/api/calls?limit=2").await;
+    assert_eq!(two["calls"].as_array().unwrap().len(), 2);
+
+    let metrics = server.metrics_text().await;
+    for line in [
+        r#"callgate_calls_started_total{protocol="inbound"} 3"#,
+        r#"callgate_calls_ended_total{protocol="inbound",end_reason="peer_hangup"} 3"#,
+        r#"callgate_audio_bytes_total{direction="in"} 960"#,
+        r#"callgate_audio_frames_total{direction="out"} 3"#,
+        "callgate_calls_live 0",
+        "callgate_call_duration_seconds_count 3",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    server.shutdown().await;
+}
