@@ -1,6 +1,6 @@
 //! The admin API: records, operator actions on live calls, errors as JSON, metrics.
 
-use callgate_testkit::{callbridge_start, cdr, incoming_call, spawn_server, Received};
+use callgate_testkit::{Received, callbridge_start, cdr, incoming_call, spawn_server};
 use serde_json::json;
 
 #[tokio::test]
@@ -14,7 +14,10 @@ async fn operator_dtmf_and_hangup_reach_an_inbound_call() {
     let id = live["id"].as_str().unwrap().to_owned();
 
     let (status, body) = server
-        .post(&format!("/api/calls/{id}/dtmf"), r#"{"digit":"7","duration":150}"#)
+        .post(
+            &format!("/api/calls/{id}/dtmf"),
+            r#"{"digit":"7","duration":150}"#,
+        )
         .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -31,10 +34,26 @@ async fn operator_dtmf_and_hangup_reach_an_inbound_call() {
     );
 
     for (body, code, message) in [
-        (r#"{"digit":"A"}"#, "invalid_digit", "invalid DTMF digit \"A\" (allowed: 0-9 * #)"),
-        (r#"{"digit":"12"}"#, "invalid_digit", "invalid DTMF digit \"12\" (allowed: 0-9 * #)"),
-        (r#"{"digit":"1","duration":0}"#, "invalid_duration", "invalid DTMF duration 0 (must be a whole number of ms, 1..=1000)"),
-        (r#"{"digit":"1","duration":1001}"#, "invalid_duration", "invalid DTMF duration 1001 (must be a whole number of ms, 1..=1000)"),
+        (
+            r#"{"digit":"A"}"#,
+            "invalid_digit",
+            "invalid DTMF digit \"A\" (allowed: 0-9 * #)",
+        ),
+        (
+            r#"{"digit":"12"}"#,
+            "invalid_digit",
+            "invalid DTMF digit \"12\" (allowed: 0-9 * #)",
+        ),
+        (
+            r#"{"digit":"1","duration":0}"#,
+            "invalid_duration",
+            "invalid DTMF duration 0 (must be a whole number of ms, 1..=1000)",
+        ),
+        (
+            r#"{"digit":"1","duration":1001}"#,
+            "invalid_duration",
+            "invalid DTMF duration 1001 (must be a whole number of ms, 1..=1000)",
+        ),
         (r#"{"duration":100}"#, "missing_field", "missing digit"),
     ] {
         let (status, err) = server.post(&format!("/api/calls/{id}/dtmf"), body).await;
@@ -67,7 +86,10 @@ async fn callbridge_has_no_dtmf_and_operator_hangup_closes_1000() {
     let mut phone = server.phone("/").await;
     phone.text(callbridge_start("cb-op")).await;
     phone.recv().await;
-    let id = server.call("cb-op").await["id"].as_str().unwrap().to_owned();
+    let id = server.call("cb-op").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let (status, err) = server
         .post(&format!("/api/calls/{id}/dtmf"), r#"{"digit":"1"}"#)
         .await;
@@ -82,7 +104,10 @@ async fn callbridge_has_no_dtmf_and_operator_hangup_closes_1000() {
         phone.closed().await,
         (1000, "call ended by operator".to_owned())
     );
-    assert_eq!(server.ended_call("cb-op").await["end_reason"], "operator_hangup");
+    assert_eq!(
+        server.ended_call("cb-op").await["end_reason"],
+        "operator_hangup"
+    );
     server.shutdown().await;
 }
 
@@ -91,7 +116,10 @@ async fn errors_are_json_with_the_right_status() {
     let server = spawn_server(|_| {}).await;
     let (status, err) = server.get("/api/calls/nope").await;
     assert_eq!(status, 404);
-    assert_eq!(err, json!({"error": "no call with id \"nope\"", "code": "call_not_found"}));
+    assert_eq!(
+        err,
+        json!({"error": "no call with id \"nope\"", "code": "call_not_found"})
+    );
     let (status, err) = server.get("/api/calls/nope/events").await;
     assert_eq!(status, 404);
     assert_eq!(err["code"], "call_not_found");
@@ -129,7 +157,10 @@ async fn list_is_newest_first_and_limited_and_metrics_count_calls() {
         phone.closed().await;
     }
     let calls = server.calls().await;
-    let ids: Vec<&str> = calls.iter().map(|c| c["external_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = calls
+        .iter()
+        .map(|c| c["external_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["list-2", "list-1", "list-0"]);
     let (_, two) = server.get("/api/calls?limit=2").await;
     assert_eq!(two["calls"].as_array().unwrap().len(), 2);

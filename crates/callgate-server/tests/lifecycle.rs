@@ -5,7 +5,7 @@ use std::sync::Arc;
 use callgate_agent::{AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun};
 use callgate_testkit::audio::{frames, speechlike_pcm16};
 use callgate_testkit::{
-    callbridge_start, cdr, incoming_call, spawn_server, spawn_server_with_agent, Received,
+    Received, callbridge_start, cdr, incoming_call, spawn_server, spawn_server_with_agent,
 };
 use serde_json::json;
 
@@ -76,10 +76,7 @@ async fn shutdown_hangs_up_inbound_closes_callbridge_and_finalizes_records() {
     let admin = server.admin_addr;
 
     server.begin_shutdown();
-    assert_eq!(
-        cb.closed().await,
-        (1001, "server shutting down".to_owned())
-    );
+    assert_eq!(cb.closed().await, (1001, "server shutting down".to_owned()));
     assert_eq!(inbound.recv_json().await, json!({"event": "hangup"}));
     assert_eq!(silent.recv_json().await, json!({"event": "hangup"}));
     // The admin API still serves while draining.
@@ -157,7 +154,10 @@ async fn an_agent_that_panics_or_fails_ends_the_call_as_agent_failed() {
         assert_eq!(inbound.recv_json().await, json!({"event": "hangup"}));
         inbound.text(cdr("faulty-in")).await;
         assert_eq!(inbound.closed().await.0, 1011);
-        assert_eq!(server.ended_call("faulty-in").await["end_reason"], "agent_failed");
+        assert_eq!(
+            server.ended_call("faulty-in").await["end_reason"],
+            "agent_failed"
+        );
         // Other calls are unaffected: the server still answers.
         let mut next = server.phone("/").await;
         next.text(incoming_call("after")).await;

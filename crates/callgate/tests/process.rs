@@ -1,0 +1,226 @@
+//! The real binary: bad configuration exits 64 before binding; a `kill -9` during live calls
+//! leaves records that the next start closes as `interrupted`; SIGTERM shuts down cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use callgate_testkit::{Phone, Received, TempDir, callbridge_start, http, incoming_call};
+
+const BIN: &str = env!("CARGO_BIN_EXE_callgate");
+
+/// A running `callgate serve` and the addresses it printed.
+struct Proc {
+    child: Child,
+    calls: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn serve(data: &TempDir) -> Proc {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start callgate");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server printed its addresses");
+        if line.contains("Server listening.") {
+            let field = |name: &str| -> SocketAddr {
+                let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
+                line[start..]
+                    .split_whitespace()
+                    .next()
+                    .expect("value")
+                    .parse()
+                    .expect("address")
+            };
+            return Proc {
+                calls: field("calls"),
+                admin: field("admin"),
+                child,
+            };
+        }
+    }
+}
+
+async fn calls(admin: SocketAddr) -> Vec<serde_json::Value> {
+    let (status, body) = http::request(admin, "GET", "/api/calls", None).await;
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    v["calls"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
+    let data = TempDir::new("crash");
+    let mut first = serve(&data);
+    let mut phones = Vec::new();
+    for n in 0..3 {
+        let mut phone = Phone::connect(&format!("ws://{}/", first.calls)).await;
+        if n == 0 {
+            phone.text(callbridge_start("crash-0")).await;
+        } else {
+            phone.text(incoming_call(&format!("crash-{n}"))).await;
+        }
+        phone.recv().await;
+        phone.binary(vec![3u8; 320]).await;
+        assert!(matches!(phone.recv().await, Received::Binary(_)));
+        phones.push(phone);
+    }
+    let live = calls(first.admin).await;
+    assert_eq!(live.len(), 3);
+    assert!(live.iter().all(|c| c["ended_at"].is_null()));
+
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    for phone in &mut phones {
+        assert_eq!(
+            phone.closed().await.0,
+            1006,
+            "the connection died with the process"
+        );
+    }
+
+    let mut second = serve(&data);
+    let records = calls(second.admin).await;
+    assert_eq!(records.len(), 3);
+    for c in &records {
+        assert_eq!(c["end_reason"], "interrupted", "{c}");
+        assert_eq!(c["hangup_by"], "server");
+        assert!(c["ended_at"].is_string());
+    }
+    // The restarted server takes calls again.
+    let mut phone = Phone::connect(&format!("ws://{}/", second.calls)).await;
+    phone.text(incoming_call("after-crash")).await;
+    assert_eq!(phone.recv().await.json()["event"], "answer");
+
+    // SIGTERM: a clean stop with exit code 0, and the live call ends as server_shutdown.
+    let pid = second.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    assert_eq!(phone.recv_json().await["event"], "hangup");
+    phone.text(callgate_testkit::cdr("after-crash")).await;
+    assert_eq!(phone.closed().await.0, 1001);
+    let exit = second.child.wait().expect("exit status");
+    assert_eq!(exit.code(), Some(0));
+    let third = serve(&data);
+    let records = calls(third.admin).await;
+    let after = records
+        .iter()
+        .find(|c| c["external_id"] == "after-crash")
+        .expect("record");
+    assert_eq!(after["end_reason"], "server_shutdown");
+    let mut third = third;
+    third.child.kill().expect("SIGKILL");
+    third.child.wait().expect("reaped");
+}
+
+fn exit_code(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run callgate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_problem() {
+    let dir = TempDir::new("config");
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmax_cals = 5\n").expect("write");
+    let file = file.to_str().expect("utf-8 path");
+    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+        (
+            vec!["serve", "--listen", "nowhere"],
+            vec![],
+            "invalid listen \"nowhere\"",
+        ),
+        (
+            vec!["serve", "--agent", "parrot"],
+            vec![],
+            "unknown agent \"parrot\"",
+        ),
+        (
+            vec!["serve", "--config", file],
+            vec![],
+            "unknown field `max_cals`",
+        ),
+        (
+            vec!["serve", "--config", "/no/such.toml"],
+            vec![],
+            "cannot read config file",
+        ),
+        (
+            vec!["serve"],
+            vec![("CALLGATE_CDR_TIMEOUT", "soon")],
+            "invalid cdr_timeout \"soon\"",
+        ),
+        (
+            vec!["serve"],
+            vec![("CALLGATE_MAX_CALLS", "0")],
+            "invalid setting max_calls",
+        ),
+        (
+            vec!["serve"],
+            vec![("CALLGATE_INBOUND_AUDIO_FORMAT", "MP3")],
+            "invalid inbound_audio_format \"MP3\"",
+        ),
+        (
+            vec!["serve", "--no-such-flag"],
+            vec![],
+            "unexpected argument",
+        ),
+    ];
+    for (args, env, message) in cases {
+        let (code, stderr) = exit_code(&args, &env);
+        assert_eq!(code, Some(64), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(message), "{args:?} {env:?}: {stderr}");
+    }
+}
+
+#[test]
+fn flags_beat_environment_which_beats_the_file() {
+    // The file's bad max_calls is overridden by the flag, so the only failure left is the bad
+    // agent from the environment, which beats the file's good one.
+    let dir = TempDir::new("precedence");
+    let file = dir.path().join("ok.toml");
+    std::fs::write(&file, "agent = \"echo\"\nmax_calls = 0\n").expect("write");
+    let file = file.to_str().expect("utf-8 path");
+    let (code, stderr) = exit_code(
+        &["serve", "--config", file, "--max-calls", "5"],
+        &[("CALLGATE_AGENT", "parrot")],
+    );
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("unknown agent \"parrot\""), "{stderr}");
+    let (code, stderr) = exit_code(&["serve", "--config", file], &[]);
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("invalid setting max_calls"), "{stderr}");
+}
