@@ -220,6 +220,9 @@ impl Session {
 
     /// A fatal problem found below the session (e.g. a message over the size limit).
     pub fn handle_violation(&mut self, now: Instant, error: Error) {
+        if self.state == State::Closed {
+            return;
+        }
         let close = Close::new(error.close_code(), error.to_string());
         self.out
             .push_back(Output::Event(CallEvent::Violation(error)));
@@ -299,7 +302,10 @@ impl Session {
 #[derive(Debug)]
 pub struct Phone {
     answered: bool,
-    closed: bool,
+    /// We closed (or sent the CDR): nothing more is sent.
+    done_sending: bool,
+    /// The connection ended and that was reported.
+    gone: bool,
     out: VecDeque<Output<PhoneEvent>>,
 }
 
@@ -310,7 +316,8 @@ impl Phone {
         out.push_back(Output::Send(Frame::Text(start.to_json())));
         Self {
             answered: false,
-            closed: false,
+            done_sending: false,
+            gone: false,
             out,
         }
     }
@@ -337,23 +344,24 @@ impl Phone {
 
     /// The server closed or the connection dropped.
     pub fn handle_peer_close(&mut self, how: Disconnect) {
-        if !self.closed {
-            self.closed = true;
+        if !self.gone {
+            self.gone = true;
+            self.done_sending = true;
             self.out.push_back(Output::Event(PhoneEvent::Closed(how)));
         }
     }
 
     /// Sends caller audio.
     pub fn send_audio(&mut self, data: Bytes) {
-        if !self.closed {
+        if !self.done_sending {
             self.out.push_back(Output::Send(Frame::Binary(data)));
         }
     }
 
     /// The caller hangs up: CallBridge closes the connection with 1000.
     pub fn hangup(&mut self) {
-        if !self.closed {
-            self.closed = true;
+        if !self.done_sending {
+            self.done_sending = true;
             self.out.push_back(Output::Close(Close::new(
                 CloseCode::NORMAL,
                 "caller hung up",

@@ -120,12 +120,13 @@ impl Cdr {
         })
     }
 
-    /// The message as JSON (phone side). A cause code made only of digits is sent as a number,
-    /// as the gateway's documentation shows it.
+    /// The message as JSON (phone side). A cause code that is a canonical integer (`16`, not
+    /// `016`) is sent as a number, as the gateway's documentation shows it.
     pub fn to_json(&self) -> String {
-        let code = if !self.hangup_cause_code.is_empty()
-            && self.hangup_cause_code.bytes().all(|b| b.is_ascii_digit())
-        {
+        let c = self.hangup_cause_code.as_bytes();
+        let canonical_integer =
+            !c.is_empty() && c.iter().all(u8::is_ascii_digit) && (c.len() == 1 || c[0] != b'0');
+        let code = if canonical_integer {
             self.hangup_cause_code.clone()
         } else {
             json::quote(&self.hangup_cause_code)
@@ -436,7 +437,10 @@ impl Session {
 #[derive(Debug)]
 pub struct Phone {
     answered: bool,
-    closed: bool,
+    /// We closed (or sent the CDR): nothing more is sent.
+    done_sending: bool,
+    /// The connection ended and that was reported.
+    gone: bool,
     out: VecDeque<Output<PhoneEvent>>,
 }
 
@@ -447,7 +451,8 @@ impl Phone {
         out.push_back(Output::Send(Frame::Text(call.to_json())));
         Self {
             answered: false,
-            closed: false,
+            done_sending: false,
+            gone: false,
             out,
         }
     }
@@ -481,22 +486,23 @@ impl Phone {
 
     /// The server closed or the connection dropped.
     pub fn handle_peer_close(&mut self, how: Disconnect) {
-        if !self.closed {
-            self.closed = true;
+        if !self.gone {
+            self.gone = true;
+            self.done_sending = true;
             self.out.push_back(Output::Event(PhoneEvent::Closed(how)));
         }
     }
 
     /// Sends caller audio.
     pub fn send_audio(&mut self, data: Bytes) {
-        if !self.closed {
+        if !self.done_sending {
             self.out.push_back(Output::Send(Frame::Binary(data)));
         }
     }
 
     /// The caller pressed a key.
     pub fn send_dtmf(&mut self, digit: Digit) {
-        if !self.closed {
+        if !self.done_sending {
             self.out.push_back(Output::Send(Frame::Text(format!(
                 r#"{{"event":"dtmf","digit":"{digit}"}}"#
             ))));
@@ -505,7 +511,7 @@ impl Phone {
 
     /// The caller hangs up (the connection stays open for the CDR).
     pub fn hangup(&mut self) {
-        if !self.closed {
+        if !self.done_sending {
             self.out.push_back(Output::Send(Frame::Text(
                 r#"{"event":"hangup"}"#.to_owned(),
             )));
@@ -514,7 +520,7 @@ impl Phone {
 
     /// Sends the CDR, then closes the connection as the gateway does.
     pub fn send_cdr(&mut self, cdr: &Cdr) {
-        if !self.closed {
+        if !self.done_sending {
             self.out.push_back(Output::Send(Frame::Text(cdr.to_json())));
             self.close();
         }
@@ -522,8 +528,8 @@ impl Phone {
 
     /// Closes the connection with 1000.
     pub fn close(&mut self) {
-        if !self.closed {
-            self.closed = true;
+        if !self.done_sending {
+            self.done_sending = true;
             self.out
                 .push_back(Output::Close(Close::new(CloseCode::NORMAL, "call ended")));
         }

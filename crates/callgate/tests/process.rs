@@ -18,6 +18,18 @@ struct Proc {
     admin: SocketAddr,
 }
 
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Never leave a server behind, whatever the test did.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[allow(
+    clippy::zombie_processes,
+    reason = "Proc's Drop kills and reaps the child on every path"
+)]
 fn serve(data: &TempDir) -> Proc {
     let mut child = Command::new(BIN)
         .args([
@@ -134,9 +146,7 @@ async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
         .find(|c| c["external_id"] == "after-crash")
         .expect("record");
     assert_eq!(after["end_reason"], "server_shutdown");
-    let mut third = third;
-    third.child.kill().expect("SIGKILL");
-    third.child.wait().expect("reaped");
+    drop(third);
 }
 
 fn exit_code(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
@@ -157,7 +167,8 @@ fn bad_configuration_exits_64_naming_the_problem() {
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmax_cals = 5\n").expect("write");
     let file = file.to_str().expect("utf-8 path");
-    let cases: Vec<(Vec<&str>, Vec<(&str, &str)>, &str)> = vec![
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         (
             vec!["serve", "--listen", "nowhere"],
             vec![],
