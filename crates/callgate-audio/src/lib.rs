@@ -1,0 +1,44 @@
+//! Audio for callgate: the formats calls carry, conversion between them, and WAV files.
+//!
+//! # Layout
+//! - [`g711`]: mu-law and A-law, table-based.
+//! - [`pcm`]: 16-bit little-endian PCM bytes ↔ samples, and decoding/encoding any
+//!   [`AudioFormat`] to and from 16-bit samples.
+//! - [`resample`]: a streaming band-limited resampler (windowed sinc, via rubato) whose output
+//!   is delay-compensated, so N input samples always become N × ratio output samples.
+//! - [`convert`]: [`Converter`], format to format, stateful across frames.
+//! - [`wav`]: reading any PCM WAV to mono samples, and writing WAV files.
+//!
+//! Samples are `i16` everywhere at the edges; the resampler works in `f32` inside.
+
+pub mod convert;
+pub mod g711;
+pub mod pcm;
+pub mod resample;
+pub mod wav;
+
+pub use callgate_proto::AudioFormat;
+pub use convert::Converter;
+pub use resample::Resampler;
+
+/// An audio failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The resampler could not be built for this pair of rates.
+    #[error("cannot resample from {from} Hz to {to} Hz: {detail}")]
+    Resampler {
+        /// Input rate.
+        from: u32,
+        /// Output rate.
+        to: u32,
+        /// What rubato said.
+        detail: String,
+    },
+    /// A WAV file could not be read or written.
+    #[error("WAV file: {0}")]
+    Wav(#[from] hound::Error),
+    /// A WAV file in a sample format we do not read.
+    #[error("unsupported WAV sample format: {0}")]
+    UnsupportedWav(String),
+}
