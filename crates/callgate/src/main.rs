@@ -2,6 +2,7 @@
 //! Kept thin: everything else lives in the library crates.
 
 mod settings;
+mod tools;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -27,6 +28,10 @@ struct Cli {
 enum Commands {
     /// Run the server.
     Serve(settings::ServeArgs),
+    /// Place one call as a phone system would (CallBridge or inbound), with a timeline.
+    Sim(Box<tools::SimArgs>),
+    /// Place many concurrent calls and measure round trip, loss and CPU exactly.
+    Load(tools::LoadArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +46,22 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Commands::Serve(args) => serve(args),
+        Commands::Sim(args) => match tools::sim(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("callgate sim: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Commands::Load(args) => match tools::load(args) {
+            Ok(true) => ExitCode::SUCCESS,
+            // The run completed, but some calls failed or frames were lost.
+            Ok(false) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("callgate load: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
