@@ -27,11 +27,11 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     /// Run the server.
-    Serve(settings::ServeArgs),
+    Serve(Box<settings::ServeArgs>),
     /// Place one call as a phone system would (CallBridge or inbound), with a timeline.
     Sim(Box<tools::SimArgs>),
     /// Place many concurrent calls and measure round trip, loss and CPU exactly.
-    Load(tools::LoadArgs),
+    Load(Box<tools::LoadArgs>),
 }
 
 fn main() -> ExitCode {
@@ -45,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Commands::Serve(args) => serve(args),
+        Commands::Serve(args) => serve(*args),
         Commands::Sim(args) => match tools::sim(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Commands::Load(args) => match tools::load(args) {
+        Commands::Load(args) => match tools::load(*args) {
             Ok(true) => ExitCode::SUCCESS,
             // The run completed, but some calls failed or frames were lost.
             Ok(false) => ExitCode::from(2),
