@@ -45,6 +45,8 @@ type Ws = WebSocketStream<TcpStream>;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent task before aborting it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
+/// How long the call stops reading the socket while the agent works off a backlog.
+const AGENT_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
 /// How long a control event (DTMF, end of call) may wait for room in the agent's queue.
 const AGENT_CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -411,8 +413,9 @@ impl Call {
 
         while !self.session.is_closed() {
             let deadline = self.session.poll_timeout().map(Instant::from_std);
+            // Not biased: a phone's burst must not starve the agent's output (or the reverse),
+            // so the branches are polled in random order.
             let input = tokio::select! {
-                biased;
                 _ = cancel.cancelled(), if !shutting_down => Input::Shutdown,
                 r = join(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
@@ -600,10 +603,16 @@ impl Call {
         match event {
             CallEvent::Audio(data) => {
                 self.record.audio_in(data.len());
-                if let Some(tx) = &self.agent_events
-                    && tx.push_audio(data) == Pushed::DroppedOldest
-                {
-                    self.shared.metrics.agent_audio_dropped.inc();
+                if let Some(tx) = &self.agent_events {
+                    match tx.push_audio(data) {
+                        Pushed::DroppedOldest => {
+                            self.shared.metrics.agent_audio_dropped.inc();
+                        }
+                        // A burst from the phone: stop reading until the agent catches up
+                        // (at most one frame time), instead of dropping its audio.
+                        Pushed::Backlogged => tx.wait_for_room(AGENT_BACKLOG_PAUSE).await,
+                        Pushed::Queued | Pushed::Closed => {}
+                    }
                 }
             }
             CallEvent::Answered => self.record.answered(),

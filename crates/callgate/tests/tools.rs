@@ -1,0 +1,315 @@
+//! `callgate sim` and `callgate load` against the real server.
+
+use std::process::Command;
+use std::time::Duration;
+
+use callgate_audio::wav;
+use callgate_phone::load::{self, LoadOptions, Mix};
+use callgate_phone::sim::{self, SimOptions, Source, Timeline};
+use callgate_proto::{AudioFormat, Digit, Protocol};
+use callgate_testkit::{TempDir, spawn_server};
+
+fn opts(server: &callgate_testkit::TestServer, id: &str) -> SimOptions {
+    SimOptions {
+        url: server.url("/"),
+        call_id: id.into(),
+        ..SimOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn sim_plays_a_tone_with_dtmf_records_the_echo_and_sends_a_consistent_cdr() {
+    let server = spawn_server(|_| {}).await;
+    let dir = TempDir::new("sim");
+    let recording = dir.path().join("heard.wav");
+    let mut timeline = Vec::new();
+    let summary = sim::run(
+        &SimOptions {
+            source: Source::Tone {
+                hz: 440.0,
+                duration: Duration::from_secs(2),
+            },
+            dtmf: vec![
+                (Digit::D4, Duration::from_millis(500)),
+                (Digit::Pound, Duration::from_secs(1)),
+            ],
+            record: Some(recording.clone()),
+            ..opts(&server, "sim-tone")
+        },
+        |e| timeline.push(e.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.frames_sent, 100);
+    assert_eq!(summary.frames_received, 100);
+    assert_eq!(summary.audio_received_ms, 2000);
+    assert_eq!(
+        summary.rtt.unwrap().samples,
+        100,
+        "every frame echoed and matched"
+    );
+    assert_eq!(summary.ended_by, "caller");
+    assert_eq!(summary.close_code, 1000);
+    let kinds: Vec<&str> = timeline
+        .iter()
+        .map(|e| match e {
+            Timeline::Connected { .. } => "connected",
+            Timeline::Answered { .. } => "answered",
+            Timeline::AudioStarted { .. } => "audio",
+            Timeline::DtmfSent { .. } => "dtmf",
+            Timeline::CallerHangup { .. } => "hangup",
+            Timeline::CdrSent { .. } => "cdr",
+            Timeline::Closed { .. } => "closed",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "connected",
+            "answered",
+            "audio",
+            "dtmf",
+            "dtmf",
+            "hangup",
+            "cdr",
+            "closed"
+        ]
+    );
+
+    // The recording holds the echoed tone on the call's time axis.
+    let heard = wav::read_mono(&recording).unwrap();
+    assert_eq!(heard.rate, 8000);
+    let expected = sim::prepare_audio(
+        &Source::Tone {
+            hz: 440.0,
+            duration: Duration::from_secs(2),
+        },
+        AudioFormat::Pcm8000,
+    )
+    .unwrap();
+    let mut sent = Vec::new();
+    for f in &expected {
+        callgate_audio::pcm::le_bytes_to_samples(f, &mut sent);
+    }
+    let start = heard.samples.len() - sent.len();
+    assert!(
+        heard.samples[start..] == sent[..],
+        "the echo is recorded intact"
+    );
+    assert!(
+        heard.samples[..start].iter().all(|&s| s == 0),
+        "before the audio: silence"
+    );
+
+    let record = server.ended_call("sim-tone").await;
+    assert_eq!(record["dtmf"], "4#");
+    assert_eq!(record["end_reason"], "peer_hangup");
+    assert_eq!(record["cdr"]["sessionId"], "sim-tone");
+    assert_eq!(record["cdr"]["disposition"], "ANSWERED");
+    assert_eq!(record["cdr"]["hangupCauseCode"], 16);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sim_converts_any_wav_to_the_call_format() {
+    let server = spawn_server(|c| c.inbound_audio_format = AudioFormat::Ulaw8000).await;
+    let dir = TempDir::new("wav");
+    let path = dir.path().join("in.wav");
+    // 1.5 s of 44.1 kHz stereo 24-bit.
+    let spec = hound::WavSpec {
+        channels: 2,
+        sample_rate: 44100,
+        bits_per_sample: 24,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(&path, spec).unwrap();
+    for i in 0..(44100 * 3 / 2) {
+        let v =
+            ((i as f64 * 2.0 * std::f64::consts::PI * 500.0 / 44100.0).sin() * 4_000_000.0) as i32;
+        w.write_sample(v).unwrap();
+        w.write_sample(v).unwrap();
+    }
+    w.finalize().unwrap();
+    let summary = sim::run(
+        &SimOptions {
+            source: Source::Wav(path),
+            send_format: AudioFormat::Ulaw8000,
+            receive_format: AudioFormat::Ulaw8000,
+            ..opts(&server, "sim-wav")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.frames_sent, 75);
+    assert_eq!(summary.bytes_sent, 12000, "1.5 s of 8 kHz mu-law");
+    assert_eq!(summary.bytes_received, 12000);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sim_misbehaves_on_purpose() {
+    let server = spawn_server(|c| {
+        c.max_message_size = 64 * 1024;
+        c.cdr_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let garbage = sim::run(
+        &SimOptions {
+            garbage_first: true,
+            ..opts(&server, "g")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(garbage.close_code, 1007);
+    assert!(garbage.close_reason.starts_with("invalid JSON"));
+
+    let oversize = sim::run(
+        &SimOptions {
+            oversize: true,
+            source: Source::Tone {
+                hz: 300.0,
+                duration: Duration::from_millis(200),
+            },
+            protocol: Protocol::CallBridge,
+            ..opts(&server, "o")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(oversize.close_code, 1009);
+    assert_eq!(server.ended_call("o").await["end_reason"], "protocol_error");
+
+    let no_cdr = sim::run(
+        &SimOptions {
+            no_cdr: true,
+            hangup_at: Some(Duration::from_millis(100)),
+            ..opts(&server, "n")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        no_cdr.close_code, 1000,
+        "the server gives up on the CDR and closes"
+    );
+    let id = server.ended_call("n").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, events) = server.get(&format!("/api/calls/{id}/events")).await;
+    assert!(
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "cdr_missing")
+    );
+
+    let dropped = sim::run(
+        &SimOptions {
+            drop_at: Some(Duration::from_millis(300)),
+            source: Source::Tone {
+                hz: 300.0,
+                duration: Duration::from_secs(2),
+            },
+            ..opts(&server, "d")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(dropped.ended_by, "dropped");
+    assert_eq!(
+        server.ended_call("d").await["end_reason"],
+        "peer_disconnected"
+    );
+
+    let burst = sim::run(
+        &SimOptions {
+            burst: true,
+            source: Source::Tone {
+                hz: 300.0,
+                duration: Duration::from_secs(3),
+            },
+            ..opts(&server, "b")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(burst.frames_sent, 150);
+    assert_eq!(
+        burst.frames_received, 150,
+        "3 s of audio at once is still echoed"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_runs_100_calls_for_3_seconds_with_no_loss() {
+    let server = spawn_server(|_| {}).await;
+    let report = load::run(
+        &LoadOptions {
+            url: server.url("/"),
+            calls: 100,
+            ramp: 200.0,
+            duration: Duration::from_secs(3),
+            mix: Mix::Mixed,
+            server_pid: Some(std::process::id()),
+            ..LoadOptions::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.calls_ok, 100, "{:?}", report.calls_failed);
+    assert_eq!(report.frames.sent, 100 * 150);
+    assert_eq!(report.frames.received, 100 * 150);
+    assert_eq!(report.frames.lost, 0);
+    assert_eq!(report.frames.corrupt, 0);
+    assert_eq!(report.frames.reordered, 0);
+    assert_eq!(report.rtt_ms.samples, 15_000);
+    assert!(report.server.is_some());
+    assert_eq!(server.calls().await.len(), 100);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_cli_prints_json_for_machines() {
+    let server = spawn_server(|_| {}).await;
+    let url = server.url("/");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_callgate"))
+            .args([
+                "sim",
+                "--url",
+                &url,
+                "--protocol",
+                "callbridge",
+                "--id",
+                "cli-1",
+            ])
+            .args(["--tone", "350", "--tone-duration", "0.5s", "--json"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["summary"]["frames_sent"], 25);
+    assert_eq!(v["summary"]["frames_received"], 25);
+    assert_eq!(v["summary"]["protocol"], "callbridge");
+    assert_eq!(v["timeline"][0]["event"], "connected");
+    server.shutdown().await;
+}
