@@ -2,9 +2,7 @@
 //!
 //! Policy when full (STYLE.md §5):
 //! - **audio**: never waits. The oldest queued audio frame is dropped and counted: for a live
-//!   call, fresh audio matters more than complete audio. Before it comes to that, a queue half
-//!   full reports [`Pushed::Backlogged`] and the call pauses reading the socket for up to one
-//!   frame time ([`EventSender::wait_for_room`]), so bursts are absorbed, not dropped.
+//!   call, fresh audio matters more than complete audio.
 //! - **control** (DTMF, end of call): never dropped. It first takes the place of the oldest
 //!   queued audio frame; only a queue full of control events makes it wait, and the caller
 //!   bounds that wait with a timeout.
@@ -84,9 +82,6 @@ pub struct EventSender {
 pub enum Pushed {
     /// Queued with room to spare.
     Queued,
-    /// Queued, and the queue is at least half full: the sender should yield so the agent
-    /// can catch up before anything has to be dropped.
-    Backlogged,
     /// Queued, and the oldest audio frame was dropped to make room.
     DroppedOldest,
     /// The agent is gone; nothing was queued.
@@ -116,31 +111,9 @@ impl EventSender {
             }
         }
         state.items.push_back(AgentEvent::Audio(data));
-        if result == Pushed::Queued && state.items.len() * 2 >= state.capacity {
-            result = Pushed::Backlogged;
-        }
         drop(state);
         self.shared.readable.notify_one();
         result
-    }
-
-    /// Waits until the queue is less than half full, at most `max`. The call uses it after a
-    /// [`Pushed::Backlogged`], so a burst from the phone is absorbed by pausing the socket
-    /// (TCP flow control) rather than by dropping audio; an agent that is really stuck still
-    /// meets the drop-oldest policy once `max` passes.
-    pub async fn wait_for_room(&self, max: Duration) {
-        let wait = async {
-            loop {
-                {
-                    let state = self.shared.lock();
-                    if !state.receiver_alive || state.items.len() * 2 < state.capacity {
-                        return;
-                    }
-                }
-                self.shared.writable.notified().await;
-            }
-        };
-        let _ = tokio::time::timeout(max, wait).await;
     }
 
     /// Queues a control event, waiting at most `timeout` for room (see the module policy).
@@ -245,9 +218,8 @@ mod tests {
     #[tokio::test]
     async fn audio_drops_oldest_and_control_is_kept() {
         let (tx, mut rx) = channel(3);
-        assert_eq!(tx.push_audio(Bytes::from(vec![0])), Pushed::Queued);
-        for n in 1..3 {
-            assert_eq!(tx.push_audio(Bytes::from(vec![n])), Pushed::Backlogged);
+        for n in 0..3 {
+            assert_eq!(tx.push_audio(Bytes::from(vec![n])), Pushed::Queued);
         }
         assert_eq!(tx.push_audio(Bytes::from(vec![3])), Pushed::DroppedOldest);
         let dtmf = AgentEvent::Dtmf(Digit::D5);

@@ -6,24 +6,27 @@
 //! it drains the session's outputs before awaiting anything else (the proto drive invariant).
 //! Only this task writes to the socket, and every write has a timeout.
 
+use std::any::Any;
 use std::future::pending;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use callgate_agent::queue::{self, EventSender, Pushed, SendError};
-use callgate_agent::{AgentCommand, AgentEvent, AgentIo, COMMAND_QUEUE, CallInfo};
+use callgate_agent::{AgentCommand, AgentEvent, AgentIo, AgentRun, COMMAND_QUEUE, CallInfo};
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
     AudioFormat, CallEvent, Close, CloseCode, Command, Disconnect, EndReason, Error as ProtoError,
     Frame, Output, Protocol, callbridge, inbound,
 };
 use callgate_store::{CallId, NewCall, UnixMillis};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::future::CatchUnwind;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -45,10 +48,10 @@ type Ws = WebSocketStream<TcpStream>;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent task before aborting it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
-/// How long the call stops reading the socket while the agent works off a backlog.
-const AGENT_BACKLOG_PAUSE: Duration = Duration::from_millis(20);
-/// How long a control event (DTMF, end of call) may wait for room in the agent's queue.
-const AGENT_CONTROL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a control event (DTMF, end of call) may wait for room in the agent's queue. Zero:
+/// the agent is polled by the call task, so it cannot make room while the call waits; a queue
+/// full of unread control events means the agent is stuck.
+const AGENT_CONTROL_TIMEOUT: Duration = Duration::ZERO;
 
 /// Serves one accepted connection: upgrade, first message, then the call.
 pub(crate) async fn serve(
@@ -260,7 +263,7 @@ enum Input {
     Shutdown,
     Socket(Option<Result<Message, WsError>>),
     Agent(Option<AgentCommand>),
-    AgentDone(Result<Result<(), callgate_agent::Error>, tokio::task::JoinError>),
+    AgentDone(AgentOutcome),
     Operator(Operator),
     Timeout,
     Progress,
@@ -360,11 +363,14 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
         let operator = shared.live.register(id.clone());
         let (events_tx, events_rx) = queue::channel(queue::DEFAULT_CAPACITY);
         let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-        let agent = shared.tasks.spawn(
-            shared
-                .agent
-                .start(AgentIo::new(info, events_rx, commands_tx))
-                .in_current_span(),
+        // The agent's future is owned and polled by this task (see `Call::run`).
+        let agent: AgentFuture = Box::pin(
+            AssertUnwindSafe(
+                shared
+                    .agent
+                    .start(AgentIo::new(info, events_rx, commands_tx)),
+            )
+            .catch_unwind(),
         );
         let mut call = Call {
             shared: shared.clone(),
@@ -399,7 +405,7 @@ impl Call {
         &mut self,
         ws: &mut Ws,
         mut commands: mpsc::Receiver<AgentCommand>,
-        agent: JoinHandle<Result<(), callgate_agent::Error>>,
+        agent: AgentFuture,
         mut operator: mpsc::Receiver<Operator>,
     ) {
         let interval = self.shared.config.progress_interval;
@@ -409,6 +415,9 @@ impl Call {
         let mut commands_open = true;
         let mut shutting_down = false;
         let cancel = self.shared.cancel.clone();
+        // Created once: re-creating it every turn would register a waiter every turn.
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         let mut closed_by_us = false;
 
         while !self.session.is_closed() {
@@ -416,8 +425,8 @@ impl Call {
             // Not biased: a phone's burst must not starve the agent's output (or the reverse),
             // so the branches are polled in random order.
             let input = tokio::select! {
-                _ = cancel.cancelled(), if !shutting_down => Input::Shutdown,
-                r = join(&mut agent) => Input::AgentDone(r),
+                _ = &mut cancelled, if !shutting_down => Input::Shutdown,
+                r = poll_agent(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
                 c = commands.recv(), if commands_open => Input::Agent(c),
                 Some(o) = operator.recv() => Input::Operator(o),
@@ -465,11 +474,12 @@ impl Call {
             let _ = timeout(self.shared.config.write_timeout, SinkExt::close(ws)).await;
         }
         drop(self.agent_events.take());
-        if let Some(mut handle) = agent
-            && timeout(AGENT_EXIT_WAIT, &mut handle).await.is_err()
+        // The agent sees its queue close and returns; give it a moment, then drop it (which
+        // cancels it wherever it is).
+        if let Some(mut agent) = agent
+            && timeout(AGENT_EXIT_WAIT, &mut agent).await.is_err()
         {
-            warn!("Agent did not stop after the call ended; aborting it.");
-            handle.abort();
+            warn!("Agent did not stop after the call ended; cancelling it.");
         }
         if self.ended.is_none() {
             // Every session path emits Ended before it closes; this is the safety net.
@@ -524,11 +534,7 @@ impl Call {
         }
     }
 
-    fn agent_done(
-        &mut self,
-        now: std::time::Instant,
-        result: Result<Result<(), callgate_agent::Error>, tokio::task::JoinError>,
-    ) {
+    fn agent_done(&mut self, now: std::time::Instant, result: AgentOutcome) {
         let reason = match result {
             Ok(Ok(())) => EndReason::AgentHangup,
             Ok(Err(error)) => {
@@ -539,11 +545,16 @@ impl Call {
                 );
                 EndReason::AgentFailed
             }
-            Err(error) => {
-                error!(%error, "Agent task panicked.");
+            Err(panic) => {
+                let error = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_owned());
+                error!(%error, "Agent panicked.");
                 self.record.event(
                     "agent_failed",
-                    serde_json::json!({ "message": "agent task panicked" }),
+                    serde_json::json!({ "message": format!("agent panicked: {error}") }),
                 );
                 EndReason::AgentFailed
             }
@@ -603,16 +614,10 @@ impl Call {
         match event {
             CallEvent::Audio(data) => {
                 self.record.audio_in(data.len());
-                if let Some(tx) = &self.agent_events {
-                    match tx.push_audio(data) {
-                        Pushed::DroppedOldest => {
-                            self.shared.metrics.agent_audio_dropped.inc();
-                        }
-                        // A burst from the phone: stop reading until the agent catches up
-                        // (at most one frame time), instead of dropping its audio.
-                        Pushed::Backlogged => tx.wait_for_room(AGENT_BACKLOG_PAUSE).await,
-                        Pushed::Queued | Pushed::Closed => {}
-                    }
+                if let Some(tx) = &self.agent_events
+                    && tx.push_audio(data) == Pushed::DroppedOldest
+                {
+                    self.shared.metrics.agent_audio_dropped.inc();
                 }
             }
             CallEvent::Answered => self.record.answered(),
@@ -688,11 +693,15 @@ impl Call {
     }
 }
 
-async fn join(
-    handle: &mut Option<JoinHandle<Result<(), callgate_agent::Error>>>,
-) -> Result<Result<(), callgate_agent::Error>, tokio::task::JoinError> {
-    match handle {
-        Some(h) => h.await,
+/// How a call's agent ended: its own result, or the payload of its panic.
+type AgentOutcome = Result<Result<(), callgate_agent::Error>, Box<dyn Any + Send>>;
+
+/// A call's agent, polled by the call task, with panics caught.
+type AgentFuture = Pin<Box<CatchUnwind<AssertUnwindSafe<AgentRun>>>>;
+
+async fn poll_agent(agent: &mut Option<AgentFuture>) -> AgentOutcome {
+    match agent {
+        Some(a) => a.await,
         None => pending().await,
     }
 }

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Summarises a bench/run.sh run into bench/RESULTS.md.
+
+  report.py --sustained FILE CALLS   exit 0 if that load run sustained CALLS calls
+  report.py --write DIR RESULTS.md   write the summary of the run in DIR
+"""
+import glob
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+SERVERS = ["callgate", "floor", "node", "python"]
+P99_LIMIT_MS = 20.0
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def sustained(r, calls):
+    return (
+        r is not None
+        and r["calls_ok"] == calls
+        and r["frames"]["lost"] == 0
+        and r["frames"]["corrupt"] == 0
+        and r["rtt_ms"]["p99"] <= P99_LIMIT_MS
+        and not r["sender"]["fell_behind"]
+    )
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(open("/proc/meminfo").readline().split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} cores ({model}){mem}, Linux {platform.release()}"
+
+
+def versions():
+    out = {}
+    for name, cmd in {
+        "rustc": ["rustc", "--version"],
+        "node": ["node", "--version"],
+        "python": [sys.executable, "--version"],
+    }.items():
+        try:
+            out[name] = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            out[name] = "?"
+    return out
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def write(run_dir, target):
+    fixed = {}
+    for path in glob.glob(os.path.join(run_dir, "fixed-*.json")):
+        _, calls, name, _round = os.path.basename(path)[:-5].split("-")
+        fixed.setdefault((int(calls), name), []).append(load(path))
+    sizes = sorted({c for c, _ in fixed})
+    lines = []
+    stamp = os.path.basename(run_dir.rstrip("/"))
+    v = versions()
+    lines += [
+        "# Benchmark results",
+        "",
+        f"Run `{stamp}` on {machine()}; {v['rustc']}, Node {v['node']}, {v['python']}.",
+        "Produced by `bench/run.sh` (raw JSON in `bench/results/" + stamp + "/`).",
+        "",
+        "## Method",
+        "",
+        "- Every server speaks the inbound flow (`incoming_call` → `answer`, echo audio, `hangup`",
+        "  + `cdr` → close) and echoes 20 ms PCM_8000 frames (320 bytes) sent in real time by",
+        "  `callgate load`, which stamps each frame so round-trip time, loss, corruption and",
+        "  reordering are exact per frame.",
+        "- The server is pinned to CPU 0 (`taskset -c 0`), the load generator to CPU 1. Servers",
+        "  alternate within each round and the order rotates between rounds.",
+        "- **CPU µs per echoed frame** = server CPU time (from `/proc/PID/stat`) over the run ÷",
+        "  frames echoed: the stable figure on a shared machine. Ratios are against the floor",
+        "  measured in the same run. RSS per call = (peak RSS − RSS before the first call) ÷",
+        "  most concurrent calls.",
+        "- Servers: **callgate** `serve --agent echo` (records in SQLite, protocol detection,",
+        "  metrics, agent task per call); **floor**: a bare tokio-tungstenite echo loop with the",
+        "  same 4 KiB read buffer (`bench/peers/floor`); **node**: a typical `ws` server",
+        "  (`bench/peers/node`); **python**: a typical `websockets` server (`bench/peers/python`).",
+        "- Values are medians over rounds. A run where the generator fell behind (>1% frames",
+        "  sent late, or its core saturated) is marked †: it measured the generator.",
+        "",
+        "## Fixed sizes",
+        "",
+        "| calls | server | CPU µs/frame | × floor | server CPU | p50 ms | p99 ms | max ms | lost | RSS/call | calls ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for calls in sizes:
+        floor = median(
+            [r["server"]["cpu_us_per_frame"] for r in fixed.get((calls, "floor"), []) if r and r.get("server")]
+        )
+        for name in SERVERS:
+            runs = [r for r in fixed.get((calls, name), []) if r]
+            if not runs:
+                continue
+            cpu = median([r["server"]["cpu_us_per_frame"] for r in runs if r.get("server")])
+            share = median([r["server"]["cpu_share"] * 100 for r in runs if r.get("server")])
+            p50 = median([r["rtt_ms"]["p50"] for r in runs])
+            p99 = median([r["rtt_ms"]["p99"] for r in runs])
+            mx = median([r["rtt_ms"]["max"] for r in runs])
+            lost = sum(r["frames"]["lost"] + r["frames"]["corrupt"] for r in runs)
+            rss = median([r["server"]["rss_per_call_bytes"] / 1024 for r in runs if r.get("server")])
+            ok = min(r["calls_ok"] for r in runs)
+            behind = " †" if any(r["sender"]["fell_behind"] for r in runs) else ""
+            ratio = f"{cpu / floor:.2f}" if cpu and floor else "—"
+            lines.append(
+                f"| {calls} | {name}{behind} | {fmt(cpu, '.1f')} | {ratio} | {fmt(share, '.0f')}% | "
+                f"{fmt(p50, '.2f')} | {fmt(p99, '.2f')} | {fmt(mx, '.1f')} | {lost} | "
+                f"{fmt(rss, '.1f')} kB | {ok}/{calls} |"
+            )
+    lines += ["", "## Capacity", "", f"Largest call count sustained for 10 s at p99 ≤ {P99_LIMIT_MS:.0f} ms with zero loss (steps tried in order; the first failure ends the search).", "",
+              "| server | sustained | first failure |", "| --- | --- | --- |"]
+    for name in SERVERS:
+        runs = []
+        for path in glob.glob(os.path.join(run_dir, f"capacity-*-{name}.json")):
+            calls = int(os.path.basename(path).split("-")[1])
+            runs.append((calls, load(path)))
+        runs.sort()
+        best, failure = None, None
+        for calls, r in runs:
+            if sustained(r, calls):
+                best = calls
+            else:
+                why = "no result" if r is None else (
+                    f"p99 {r['rtt_ms']['p99']:.1f} ms, {r['frames']['lost']} lost, "
+                    f"{r['calls_ok']}/{calls} calls ok" + (", generator fell behind" if r["sender"]["fell_behind"] else "")
+                )
+                failure = f"{calls}: {why}"
+                break
+        if runs:
+            lines.append(f"| {name} | {best if best else '< ' + str(runs[0][0])} | {failure or 'none up to ' + str(runs[-1][0])} |")
+    lines.append("")
+    with open(target, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main():
+    if sys.argv[1] == "--sustained":
+        r = load(sys.argv[2])
+        sys.exit(0 if sustained(r, int(sys.argv[3])) else 1)
+    if sys.argv[1] == "--write":
+        write(sys.argv[2], sys.argv[3])
+        return
+    sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
