@@ -56,7 +56,8 @@ impl Shared {
 pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            items: VecDeque::with_capacity(capacity.max(1)),
+            // Grows on demand: most agents keep up, so most calls never need the capacity.
+            items: VecDeque::new(),
             capacity: capacity.max(1),
             sender_alive: true,
             receiver_alive: true,

@@ -7,11 +7,12 @@
 //! Only this task writes to the socket, and every write has a timeout.
 
 use std::any::Any;
-use std::future::pending;
+use std::future::{Future, pending, poll_fn};
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,7 +47,10 @@ type Ws = WebSocketStream<TcpStream>;
 /// How long a closing connection is read after our close frame, so the peer gets the close
 /// (dropping a socket with unread data makes the kernel send a reset that can destroy it).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// How long an ended call waits for its agent task before aborting it.
+/// The most agent commands carried out per turn, so one chatty agent cannot starve its own
+/// socket or other calls.
+const AGENT_COMMANDS_PER_TURN: usize = 16;
+/// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
 /// How long a control event (DTMF, end of call) may wait for room in the agent's queue. Zero:
 /// the agent is polled by the call task, so it cannot make room while the call waits; a queue
@@ -444,16 +448,8 @@ impl Call {
                     self.agent_done(now, result);
                 }
                 Input::Socket(message) => self.socket_input(now, message),
-                Input::Agent(Some(command)) => {
-                    self.agent_command(now, command);
-                    // Take what else the agent queued, bounded so one call cannot starve others.
-                    for _ in 0..16 {
-                        match commands.try_recv() {
-                            Ok(command) => self.agent_command(now, command),
-                            Err(_) => break,
-                        }
-                    }
-                }
+                // More of what the agent queued is taken right below, bounded per turn.
+                Input::Agent(Some(command)) => self.agent_command(now, command),
                 Input::Agent(None) => commands_open = false,
                 Input::Operator(op) => {
                     let result = self.session.handle_command(now, op.command);
@@ -464,6 +460,30 @@ impl Call {
             }
             if self.drain(ws).await {
                 closed_by_us = true;
+            }
+            // Let the agent react to what this turn queued for it, and carry out its commands,
+            // in this same turn: an echo costs one trip through the select, not two.
+            if !self.session.is_closed() {
+                if let Some(a) = agent.as_mut()
+                    && let Poll::Ready(outcome) =
+                        poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await
+                {
+                    agent = None;
+                    self.agent_done(now, outcome);
+                }
+                let mut took = false;
+                for _ in 0..AGENT_COMMANDS_PER_TURN {
+                    match commands.try_recv() {
+                        Ok(command) => {
+                            self.agent_command(now, command);
+                            took = true;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if (took || agent.is_none()) && self.drain(ws).await {
+                    closed_by_us = true;
+                }
             }
         }
 
