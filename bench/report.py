@@ -159,6 +159,35 @@ def write(run_dir, target):
                 break
         if runs:
             lines.append(f"| {name} | {best if best else '< ' + str(runs[0][0])} | {failure or 'none up to ' + str(runs[-1][0])} |")
+    playout = []
+    for path in glob.glob(os.path.join(run_dir, "playout-*-callgate.json")):
+        calls = int(os.path.basename(path).split("-")[1])
+        playout.append((calls, load(path)))
+    if playout:
+        lines += [
+            "",
+            "## Playout pacing",
+            "",
+            "callgate `serve --agent tone` (every call plays a steady tone through its playout clock) on",
+            "CPU 0; `callgate load --mode playout` on CPU 1 stays silent and times each frame's arrival",
+            "against an ideal 20 ms grid anchored at the call's earliest frame. This includes the",
+            "generator's own scheduling delay, so it is an upper bound on the server's pacing jitter.",
+            "",
+            "| calls | frames | jitter p50 ms | p90 | p99 | p99.9 | max | longest gap ms | server CPU | generator fell behind | calls ok |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for calls, r in sorted(playout):
+            if r is None or not r.get("playout_jitter_ms"):
+                lines.append(f"| {calls} | no result | | | | | | | | | |")
+                continue
+            j = r["playout_jitter_ms"]
+            server = r.get("server") or {}
+            lines.append(
+                f"| {calls} | {j['samples']} | {j['p50']:.2f} | {j['p90']:.2f} | {j['p99']:.2f} | "
+                f"{j['p999']:.2f} | {j['max']:.1f} | {r.get('longest_gap_ms') or 0:.1f} | "
+                f"{server.get('cpu_share', 0) * 100:.0f}% | {'yes' if r['sender']['fell_behind'] else 'no'} | "
+                f"{r['calls_ok']}/{calls} |"
+            )
     lines.append("")
     with open(target, "w") as f:
         f.write("\n".join(lines))

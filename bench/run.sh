@@ -8,12 +8,16 @@
 # Raw results go to bench/results/<stamp>/, the summary to bench/RESULTS.md.
 #
 # Knobs (environment): BENCH_SIZES ("100 500 1000"), BENCH_ROUNDS (2), BENCH_DURATION (20s),
-# BENCH_CAPACITY ("250 500 1000 1500 2000 3000"), BENCH_SERVERS ("callgate floor node python").
+# BENCH_CAPACITY ("250 500 1000 1500 2000 3000"), BENCH_SERVERS ("callgate floor node python"),
+# BENCH_PLAYOUT ("100 500 1000": callgate --agent tone, load --mode playout),
+# BENCH_SECTIONS ("fixed capacity playout"), BENCH_OUT (a results dir to add to).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-OUT=bench/results/$STAMP
+OUT=${BENCH_OUT:-bench/results/$STAMP}
+SECTIONS=${BENCH_SECTIONS:-"fixed capacity playout"}
+PLAYOUT=${BENCH_PLAYOUT:-"100 500 1000"}
 SIZES=${BENCH_SIZES:-"100 500 1000"}
 ROUNDS=${BENCH_ROUNDS:-2}
 DURATION=${BENCH_DURATION:-20s}
@@ -38,10 +42,12 @@ LOAD="$ROOT/target/release/callgate"
 start_server() { # name -> sets PID
   local name=$1
   case $name in
-    callgate)
+    callgate|callgate-tone)
       rm -rf "$WORK/data"
+      local agent=echo
+      [ "$name" = callgate-tone ] && agent=tone
       taskset -c 0 "$ROOT/target/release/callgate" serve --listen "127.0.0.1:$PORT" \
-        --admin-listen "127.0.0.1:$((PORT + 1))" --data-dir "$WORK/data" \
+        --admin-listen "127.0.0.1:$((PORT + 1))" --data-dir "$WORK/data" --agent "$agent" \
         --max-calls 20000 --log warn 2>"$WORK/server.log" &
       ;;
     floor) taskset -c 0 "$ROOT/target/bench-floor/release/callgate-bench-floor" "127.0.0.1:$PORT" & ;;
@@ -63,14 +69,15 @@ stop_server() {
   PORT=$((PORT + 2)) # a fresh port each time: no TIME_WAIT surprises
 }
 
-run_load() { # name calls duration out
-  local name=$1 calls=$2 duration=$3 out=$4
+run_load() { # name calls duration out [mode]
+  local name=$1 calls=$2 duration=$3 out=$4 mode=${5:-echo}
   start_server "$name"
   taskset -c 1 "$LOAD" load --url "ws://127.0.0.1:$PORT/" --calls "$calls" --ramp 500 \
-    --duration "$duration" --server-pid "$PID" --json >"$out" 2>/dev/null || true
+    --duration "$duration" --server-pid "$PID" --mode "$mode" --json >"$out" 2>/dev/null || true
   stop_server
 }
 
+if [[ " $SECTIONS " == *" fixed "* ]]; then
 echo "==> fixed sizes: $SIZES calls, $ROUNDS rounds, $DURATION each"
 for round in $(seq "$ROUNDS"); do
   # Rotate the order every round so no server always runs first.
@@ -83,6 +90,9 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
+fi
+
+if [[ " $SECTIONS " == *" capacity "* ]]; then
 echo "==> capacity: largest call count at p99 <= 20 ms with zero loss (10 s runs)"
 for name in $SERVERS; do
   for calls in $CAPACITY; do
@@ -92,6 +102,16 @@ for name in $SERVERS; do
     if ! python3 bench/report.py --sustained "$out" "$calls"; then break; fi
   done
 done
+
+fi
+
+if [[ " $SECTIONS " == *" playout "* ]]; then
+echo "==> playout pacing: callgate --agent tone, load --mode playout, $DURATION each"
+for calls in $PLAYOUT; do
+  echo "    callgate-tone x $calls"
+  run_load callgate-tone "$calls" "$DURATION" "$OUT/playout-$calls-callgate.json" playout
+done
+fi
 
 python3 bench/report.py --write "$OUT" bench/RESULTS.md
 echo "==> wrote bench/RESULTS.md (raw results in $OUT)"

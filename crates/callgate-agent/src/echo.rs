@@ -13,14 +13,14 @@ impl Agent for Echo {
             return Ok(());
         }
         while let Some(event) = io.recv().await {
-            match event {
-                AgentEvent::Audio(data) => {
-                    if io.send(AgentCommand::Audio(data)).await.is_err() {
-                        break;
-                    }
-                }
-                AgentEvent::Dtmf(_) => {}
+            let data = match event {
+                AgentEvent::Audio(data) => data,
                 AgentEvent::Ended(_) => break,
+                // Keys, speech and playout reports change nothing for an echo.
+                _ => continue,
+            };
+            if io.send(AgentCommand::Audio(data)).await.is_err() {
+                break;
             }
         }
         Ok(())

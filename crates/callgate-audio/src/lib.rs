@@ -8,13 +8,21 @@
 //!   is delay-compensated, so N input samples always become N × ratio output samples.
 //! - [`convert`]: [`Converter`], format to format, stateful across frames.
 //! - [`wav`]: reading any PCM WAV to mono samples, and writing WAV files.
+//! - [`playout`]: the playout clock: one 20 ms frame every 20 ms, clear, marks, played ms.
+//! - [`vad`]: voice activity (earshot) with hysteresis, for barge-in.
+//! - [`dtmf`]: in-band DTMF: a tone generator and a Goertzel detector.
+//! - [`record`]: the stereo call recording (caller left, agent right), streamed to disk.
 //!
 //! Samples are `i16` everywhere at the edges; the resampler works in `f32` inside.
 
 pub mod convert;
+pub mod dtmf;
 pub mod g711;
 pub mod pcm;
+pub mod playout;
+pub mod record;
 pub mod resample;
+pub mod vad;
 pub mod wav;
 
 pub use callgate_proto::AudioFormat;

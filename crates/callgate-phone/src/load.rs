@@ -31,6 +31,16 @@ pub const GRACE: Duration = Duration::from_secs(20);
 /// How long a call waits for the echoes of its last frames.
 pub const DRAIN: Duration = Duration::from_secs(2);
 
+/// What each call measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Stream stamped frames and measure their echo (the server runs `--agent echo`).
+    Echo,
+    /// Stay silent and measure how evenly the server's audio arrives (the server plays, e.g.
+    /// `--agent tone`): each frame's arrival against an ideal 20 ms grid.
+    Playout,
+}
+
 /// Which protocol the calls speak.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mix {
@@ -61,6 +71,8 @@ pub struct LoadOptions {
     pub server_pid: Option<u32>,
     /// Time allowed to connect and be answered.
     pub answer_timeout: Duration,
+    /// What each call measures.
+    pub mode: Mode,
 }
 
 impl Default for LoadOptions {
@@ -74,6 +86,7 @@ impl Default for LoadOptions {
             format: AudioFormat::Pcm8000,
             server_pid: None,
             answer_timeout: Duration::from_secs(10),
+            mode: Mode::Echo,
         }
     }
 }
@@ -202,8 +215,13 @@ pub struct Report {
     pub connect_ms: Percentiles,
     /// Dial to answer, ms.
     pub answer_ms: Percentiles,
-    /// Round trip of every echoed frame, ms.
+    /// Round trip of every echoed frame, ms (echo mode).
     pub rtt_ms: Percentiles,
+    /// Playout mode: how far each received frame arrived from an ideal 20 ms grid anchored at
+    /// the call's earliest-arriving frame, ms.
+    pub playout_jitter_ms: Option<Percentiles>,
+    /// Playout mode: the longest silence between two received frames, ms.
+    pub longest_gap_ms: Option<f64>,
     /// Frame accounting.
     pub frames: Frames,
     /// The generator's own health.
@@ -271,6 +289,8 @@ struct CallResult {
     connect_us: Option<u32>,
     answer_us: Option<u32>,
     rtts: Vec<u32>,
+    jitter: Vec<u32>,
+    longest_gap: Duration,
     frames: Frames,
     late: u64,
     max_late: Duration,
@@ -380,12 +400,15 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
         connect_ms: Percentiles::default(),
         answer_ms: Percentiles::default(),
         rtt_ms: Percentiles::default(),
+        playout_jitter_ms: None,
+        longest_gap_ms: None,
         frames: Frames::default(),
         sender: Sender::default(),
         server: None,
         wall_s: wall.as_secs_f64(),
     };
     let (mut connect, mut answer, mut rtts) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut jitter, mut longest_gap) = (Vec::new(), Duration::ZERO);
     let mut max_late = Duration::ZERO;
     for r in results {
         match r.failure {
@@ -395,6 +418,8 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
         connect.extend(r.connect_us);
         answer.extend(r.answer_us);
         rtts.extend(r.rtts);
+        jitter.extend(r.jitter);
+        longest_gap = longest_gap.max(r.longest_gap);
         report.frames.sent += r.frames.sent;
         report.frames.received += r.frames.received;
         report.frames.lost += r.frames.lost;
@@ -406,6 +431,10 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
     report.connect_ms = Percentiles::of_micros(connect);
     report.answer_ms = Percentiles::of_micros(answer);
     report.rtt_ms = Percentiles::of_micros(rtts);
+    if opts.mode == Mode::Playout {
+        report.playout_jitter_ms = Some(Percentiles::of_micros(jitter));
+        report.longest_gap_ms = Some(longest_gap.as_secs_f64() * 1000.0);
+    }
     report.sender.late_share = if report.frames.sent > 0 {
         report.sender.late_frames as f64 / report.frames.sent as f64
     } else {
@@ -528,7 +557,10 @@ async fn stream(
     }
     r.answer_us = Some(micros(dial.elapsed()));
     live.up.fetch_add(1, Ordering::Relaxed);
-    let result = echo_loop(r, phone, ws, idx, opts, live, t_run).await;
+    let result = match opts.mode {
+        Mode::Echo => echo_loop(r, phone, ws, idx, opts, live, t_run).await,
+        Mode::Playout => listen_loop(r, phone, ws, opts, live).await,
+    };
     live.up.fetch_sub(1, Ordering::Relaxed);
     result?;
     // Hang up like the caller would, then wait (bounded) for the server to close.
@@ -621,6 +653,63 @@ async fn echo_loop(
         .frames
         .sent
         .saturating_sub(r.frames.received + r.frames.corrupt);
+    Ok(())
+}
+
+/// Playout mode: receives the server's audio for the call's duration, recording each
+/// frame's arrival against the ideal grid.
+async fn listen_loop(
+    r: &mut CallResult,
+    phone: &mut Phone,
+    ws: &mut Ws,
+    opts: &LoadOptions,
+    live: &Live,
+) -> Result<(), String> {
+    let end = Instant::now() + opts.duration;
+    let frame_bytes = opts.format.frame_bytes_20ms() as f64;
+    // (arrival, audio position in ms) of every frame.
+    let mut arrivals: Vec<(Instant, f64)> = Vec::new();
+    let mut position_ms = 0.0;
+    loop {
+        tokio::select! {
+            message = ws.next() => match message {
+                Some(Ok(Message::Binary(b))) => {
+                    arrivals.push((Instant::now(), position_ms));
+                    position_ms += b.len() as f64 / frame_bytes * 20.0;
+                    r.frames.received += 1;
+                    live.echoed.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Ok(m)) => {
+                    if let Some((code, _)) = conn::close_of(&m) {
+                        return Err(format!("closed_{code}_mid_call"));
+                    }
+                    phone.handle(m);
+                    conn::drain(phone, ws).await.map_err(|_| "send_failed".to_owned())?;
+                }
+                Some(Err(_)) | None => return Err("dropped_mid_call".into()),
+            },
+            _ = sleep_until(end) => break,
+        }
+    }
+    let Some(&(first, _)) = arrivals.first() else {
+        return Err("no_audio".into());
+    };
+    // Offset of each frame from the grid; the earliest-arriving frame defines the grid.
+    let offsets: Vec<f64> = arrivals
+        .iter()
+        .map(|(at, pos)| at.duration_since(first).as_secs_f64() * 1000.0 - pos)
+        .collect();
+    let base = offsets.iter().copied().fold(f64::MAX, f64::min);
+    r.jitter = offsets
+        .iter()
+        .map(|o| ((o - base) * 1000.0).round() as u32)
+        .collect();
+    for pair in arrivals.windows(2) {
+        r.longest_gap = r.longest_gap.max(pair[1].0 - pair[0].0);
+    }
+    for &us in &r.jitter {
+        live.record(us);
+    }
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::Shared;
-use crate::live::Operator;
+use crate::live::{Operator, Reply, Request as CallRequest};
 
 /// Default number of records `GET /api/calls` returns.
 pub(crate) const DEFAULT_LIMIT: u32 = 50;
@@ -29,6 +29,8 @@ pub(crate) const DEFAULT_LIMIT: u32 = 50;
 pub(crate) const MAX_LIMIT: u32 = 1000;
 /// The longest an admin request may take.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest WAV `POST /api/calls/{id}/play` takes (about 17 minutes of 16 kHz mono).
+pub(crate) const MAX_PLAY_BYTES: usize = 32 * 1024 * 1024;
 /// DTMF tone length when the request gives none.
 pub(crate) const DEFAULT_DTMF_MS: u64 = 200;
 
@@ -41,6 +43,12 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/calls/{id}/events", get(events))
         .route("/api/calls/{id}/hangup", post(hangup))
         .route("/api/calls/{id}/dtmf", post(dtmf))
+        .route(
+            "/api/calls/{id}/play",
+            post(play).layer(DefaultBodyLimit::max(MAX_PLAY_BYTES)),
+        )
+        .route("/api/calls/{id}/clear", post(clear))
+        .route("/api/calls/{id}/recording", get(recording))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_timeout))
@@ -196,8 +204,8 @@ async fn events(
     Ok(Json(json!({ "id": id, "events": events })))
 }
 
-/// Sends a command to a live call's task and waits for the session's verdict.
-async fn act(shared: &Shared, id: &str, command: Command) -> Result<(), ApiError> {
+/// Sends a request to a live call's task and waits for its answer.
+async fn act(shared: &Shared, id: &str, request: CallRequest) -> Result<Reply, ApiError> {
     let call_id = CallId::from_string(id.to_owned());
     let Some(tx) = shared.live.get(&call_id) else {
         let exists = shared
@@ -224,11 +232,11 @@ async fn act(shared: &Shared, id: &str, command: Command) -> Result<(), ApiError
         )
     };
     let (reply, verdict) = oneshot::channel();
-    tx.send(Operator { command, reply })
+    tx.send(Operator { request, reply })
         .await
         .map_err(|_| gone())?;
     match verdict.await.map_err(|_| gone())? {
-        Ok(()) => Ok(()),
+        Ok(reply) => Ok(reply),
         Err(e @ ProtoError::Unsupported { .. }) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "unsupported",
@@ -246,7 +254,12 @@ async fn hangup(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    act(&shared, &id, Command::Hangup(EndReason::OperatorHangup)).await?;
+    act(
+        &shared,
+        &id,
+        CallRequest::Command(Command::Hangup(EndReason::OperatorHangup)),
+    )
+    .await?;
     Ok(Json(json!({ "id": id, "status": "hangup_sent" })))
 }
 
@@ -288,11 +301,98 @@ async fn dtmf(
             ),
         )
     })?;
-    act(&shared, &id, Command::Dtmf { digit, duration }).await?;
+    act(
+        &shared,
+        &id,
+        CallRequest::Command(Command::Dtmf { digit, duration }),
+    )
+    .await?;
     Ok(Json(json!({
         "id": id,
         "digit": digit.to_string(),
         "duration": duration.as_millis(),
         "status": "dtmf_sent",
     })))
+}
+
+async fn play(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let audio = hound::WavReader::new(std::io::Cursor::new(body))
+        .map_err(callgate_audio::Error::from)
+        .and_then(callgate_audio::wav::read_mono_from)
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "bad_wav",
+                format!("body is not a PCM WAV file: {e}"),
+            )
+        })?;
+    if audio.samples.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "empty_wav",
+            "the WAV file has no audio",
+        ));
+    }
+    let request = CallRequest::Play {
+        samples: audio.samples,
+        rate: audio.rate,
+    };
+    match act(&shared, &id, request).await? {
+        Reply::Queued { ms } => Ok(Json(json!({ "id": id, "queued_ms": ms }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn clear(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match act(&shared, &id, CallRequest::Clear).await? {
+        Reply::Cleared {
+            dropped_ms,
+            played_ms,
+        } => Ok(Json(json!({
+            "id": id,
+            "dropped_ms": dropped_ms,
+            "played_ms": played_ms,
+        }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+fn unexpected(reply: Reply) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        format!("unexpected answer from the call: {reply:?}"),
+    )
+}
+
+async fn recording(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let record = shared
+        .store
+        .call(CallId::from_string(id.clone()))
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(|| no_call(&id))?;
+    let not_recorded = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_recording",
+            format!("call {id:?} has no recording"),
+        )
+    };
+    if !record.recording {
+        return Err(not_recorded());
+    }
+    let path = crate::media::recording_path(&shared.config.data_dir.join("recordings"), &id);
+    let data = tokio::fs::read(&path).await.map_err(|_| not_recorded())?;
+    Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
 }

@@ -17,11 +17,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use callgate_agent::queue::{self, EventSender, Pushed, SendError};
-use callgate_agent::{AgentCommand, AgentEvent, AgentIo, AgentRun, COMMAND_QUEUE, CallInfo};
+use callgate_agent::{AgentCommand, AgentEvent, AgentRun, CallInfo, ClearWatch, Commands};
+use callgate_audio::playout::PlayoutEvent;
+use callgate_audio::vad::VadEvent;
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
-    AudioFormat, CallEvent, Close, CloseCode, Command, Disconnect, EndReason, Error as ProtoError,
-    Frame, Output, Protocol, callbridge, inbound,
+    AudioFormat, CallEvent, Close, CloseCode, Command, Digit, Disconnect, EndReason,
+    Error as ProtoError, Frame, Output, Protocol, callbridge, inbound,
 };
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
@@ -31,14 +33,15 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::Shared;
-use crate::live::Operator;
+use crate::live::{Operator, Reply, Request};
+use crate::media::{Media, MediaEvent};
 use crate::pii::Pii;
 use crate::record::Record;
 
@@ -106,7 +109,7 @@ async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Proto
         clippy::result_large_err,
         reason = "the callback's signature is tungstenite's"
     )]
-    let callback = |req: &Request, resp: Response| {
+    let callback = |req: &Upgrade, resp: Response| {
         path = req.uri().path().to_owned();
         Ok(resp)
     };
@@ -267,6 +270,7 @@ enum Input {
     Shutdown,
     Socket(Option<Result<Message, WsError>>),
     Agent(Option<AgentCommand>),
+    AgentClear,
     AgentDone(AgentOutcome),
     Operator(Operator),
     Timeout,
@@ -319,6 +323,8 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
         phone_output_audio_format: input.as_str().to_owned(),
         phone_input_audio_format: output.as_str().to_owned(),
         started_at: UnixMillis::now(),
+        // Set once the call's audio (and so its recorder) exists.
+        recording: false,
     };
     let info = CallInfo {
         call_id: id.to_string(),
@@ -335,7 +341,12 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
 async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAddr) {
     let id = CallId::new();
     let protocol = start.protocol();
-    let (new_call, info, session) = describe(&shared, &id, start);
+    let (mut new_call, mut info, session) = describe(&shared, &id, start);
+    let (phone_in, phone_out) = (info.input_format, info.output_format);
+    if let Some(format) = shared.agent.audio_format() {
+        info.input_format = format;
+        info.output_format = format;
+    }
     let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
     async move {
         let reveal = shared.config.log_pii;
@@ -345,6 +356,28 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             external_id = %info.external_id,
             "Call started."
         );
+        let media = Media::new(
+            &shared.media,
+            id.as_str(),
+            phone_in,
+            phone_out,
+            shared.agent.audio_format(),
+            std::time::Instant::now(),
+        );
+        let media = match media {
+            Ok(media) => media,
+            Err(error) => {
+                error!(%error, "Could not set up the call's audio; refusing the call.");
+                close(
+                    &mut ws,
+                    Close::new(CloseCode::INTERNAL, "call audio setup failed"),
+                    shared.config.write_timeout,
+                )
+                .await;
+                return;
+            }
+        };
+        new_call.recording = media.is_recorded();
         // A call exists only once its record does: refuse it if the store cannot take it.
         if let Err(error) = shared.store.insert_call(new_call).await {
             shared.metrics.store_errors.inc();
@@ -365,26 +398,23 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             shared.cancel.clone(),
         );
         let operator = shared.live.register(id.clone());
-        let (events_tx, events_rx) = queue::channel(queue::DEFAULT_CAPACITY);
-        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY);
         // The agent's future is owned and polled by this task (see `Call::run`).
-        let agent: AgentFuture = Box::pin(
-            AssertUnwindSafe(
-                shared
-                    .agent
-                    .start(AgentIo::new(info, events_rx, commands_tx)),
-            )
-            .catch_unwind(),
-        );
+        let agent: AgentFuture = Box::pin(AssertUnwindSafe(shared.agent.start(io)).catch_unwind());
         let mut call = Call {
             shared: shared.clone(),
             session,
             record,
-            agent_events: Some(events_tx),
+            media,
+            agent_events: Some(side.events),
             ended: None,
             socket_open: true,
+            hangup_after_playout: false,
+            media_events: Vec::new(),
+            discard_agent_audio: false,
         };
-        call.run(&mut ws, commands_rx, agent, operator).await;
+        call.run(&mut ws, side.commands, side.clears, agent, operator)
+            .await;
         shared.live.remove(&id);
     }
     .instrument(span)
@@ -402,13 +432,23 @@ struct Call {
     ended: Option<EndReason>,
     /// Whether the socket may still yield messages.
     socket_open: bool,
+    /// The call's audio: conversion, playout, VAD, DTMF detection, recording.
+    media: Media,
+    /// The agent hung up with audio still queued: hang up once it has played.
+    hangup_after_playout: bool,
+    /// Scratch space for what the caller's audio revealed.
+    media_events: Vec<MediaEvent>,
+    /// The playout was cleared by the call itself (barge-in, operator): audio the agent sent
+    /// before that must not play.
+    discard_agent_audio: bool,
 }
 
 impl Call {
     async fn run(
         &mut self,
         ws: &mut Ws,
-        mut commands: mpsc::Receiver<AgentCommand>,
+        mut commands: Commands,
+        mut clears: ClearWatch,
         agent: AgentFuture,
         mut operator: mpsc::Receiver<Operator>,
     ) {
@@ -425,14 +465,18 @@ impl Call {
         let mut closed_by_us = false;
 
         while !self.session.is_closed() {
-            let deadline = self.session.poll_timeout().map(Instant::from_std);
+            let deadline = earliest(self.session.poll_timeout(), self.media.poll_timeout())
+                .map(Instant::from_std);
+            // Audio from the agent is taken only while the playout has room: its backpressure.
+            let take_commands = commands_open && self.media.has_room();
             // Not biased: a phone's burst must not starve the agent's output (or the reverse),
             // so the branches are polled in random order.
             let input = tokio::select! {
                 _ = &mut cancelled, if !shutting_down => Input::Shutdown,
                 r = poll_agent(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
-                c = commands.recv(), if commands_open => Input::Agent(c),
+                c = commands.recv(), if take_commands => Input::Agent(c),
+                _ = clears.requested() => Input::AgentClear,
                 Some(o) = operator.recv() => Input::Operator(o),
                 _ = sleep_opt(deadline) => Input::Timeout,
                 _ = progress.tick() => Input::Progress,
@@ -451,15 +495,34 @@ impl Call {
                 // More of what the agent queued is taken right below, bounded per turn.
                 Input::Agent(Some(command)) => self.agent_command(now, command),
                 Input::Agent(None) => commands_open = false,
+                Input::AgentClear => {
+                    let c = self.media.clear();
+                    self.notify_agent(AgentEvent::Cleared {
+                        played_ms: c.played_ms,
+                        dropped_ms: c.dropped_ms,
+                    })
+                    .await;
+                }
                 Input::Operator(op) => {
-                    let result = self.session.handle_command(now, op.command);
-                    let _ = op.reply.send(result);
+                    let reply = self.operator(now, op.request);
+                    let _ = op.reply.send(reply);
                 }
                 Input::Timeout => self.session.handle_timeout(now),
-                Input::Progress => self.record.progress(),
+                Input::Progress => {
+                    self.record.progress();
+                    self.media.sync();
+                    self.shared
+                        .metrics
+                        .playout_queue_depth
+                        .observe(self.media.queued_ms() as f64 / 1000.0);
+                }
             }
+            self.run_playout(now).await;
             if self.drain(ws).await {
                 closed_by_us = true;
+            }
+            if std::mem::take(&mut self.discard_agent_audio) {
+                commands.discard_queued_audio();
             }
             // Let the agent react to what this turn queued for it, and carry out its commands,
             // in this same turn: an echo costs one trip through the select, not two.
@@ -473,13 +536,19 @@ impl Call {
                 }
                 let mut took = false;
                 for _ in 0..AGENT_COMMANDS_PER_TURN {
+                    if !self.media.has_room() {
+                        break;
+                    }
                     match commands.try_recv() {
-                        Ok(command) => {
+                        Some(command) => {
                             self.agent_command(now, command);
                             took = true;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
+                }
+                if took {
+                    self.run_playout(now).await;
                 }
                 if (took || agent.is_none()) && self.drain(ws).await {
                     closed_by_us = true;
@@ -501,6 +570,7 @@ impl Call {
         {
             warn!("Agent did not stop after the call ended; cancelling it.");
         }
+        self.media.finish();
         if self.ended.is_none() {
             // Every session path emits Ended before it closes; this is the safety net.
             error!("Call closed without an end reason.");
@@ -535,28 +605,38 @@ impl Call {
     }
 
     fn agent_command(&mut self, now: std::time::Instant, command: AgentCommand) {
+        if self.ended.is_some() || self.hangup_after_playout {
+            // The call is over (or about to be): nothing more is played.
+            return;
+        }
         let command = match command {
             AgentCommand::Answer => Command::Answer,
-            AgentCommand::Audio(data) => Command::Audio(data),
+            // Audio goes through the playout clock, which sends it frame by frame.
+            AgentCommand::Audio(data) => return self.media.agent_audio(now, data),
+            AgentCommand::DtmfTone { digit, duration } => {
+                return self.media.agent_tone(now, digit, duration);
+            }
+            AgentCommand::Mark(id) => return self.media.mark(id),
             AgentCommand::Dtmf { digit, duration } => Command::Dtmf { digit, duration },
+            AgentCommand::Hangup if self.media.is_playing() => {
+                self.hangup_after_playout = true;
+                return;
+            }
             AgentCommand::Hangup => Command::Hangup(EndReason::AgentHangup),
         };
-        let is_audio = matches!(command, Command::Audio(_));
         if let Err(error) = self.session.handle_command(now, command) {
-            // Audio racing the end of the call is normal; anything else is worth a record.
-            if !(is_audio && self.ended.is_some()) {
-                debug!(%error, "Agent command refused.");
-                self.record.event(
-                    "agent_command_refused",
-                    serde_json::json!({ "message": error.to_string() }),
-                );
-            }
+            debug!(%error, "Agent command refused.");
+            self.record.event(
+                "agent_command_refused",
+                serde_json::json!({ "message": error.to_string() }),
+            );
         }
     }
 
     fn agent_done(&mut self, now: std::time::Instant, result: AgentOutcome) {
         let reason = match result {
-            Ok(Ok(())) => EndReason::AgentHangup,
+            // A normal end is a hangup: what the agent queued last (a goodbye) still plays.
+            Ok(Ok(())) => return self.agent_command(now, AgentCommand::Hangup),
             Ok(Err(error)) => {
                 warn!(%error, "Agent failed.");
                 self.record.event(
@@ -634,22 +714,25 @@ impl Call {
         match event {
             CallEvent::Audio(data) => {
                 self.record.audio_in(data.len());
+                let mut events = std::mem::take(&mut self.media_events);
+                let for_agent = self.media.caller_audio(&data, &mut events);
                 if let Some(tx) = &self.agent_events
-                    && tx.push_audio(data) == Pushed::DroppedOldest
+                    && tx.push_audio(for_agent) == Pushed::DroppedOldest
                 {
                     self.shared.metrics.agent_audio_dropped.inc();
                 }
+                for event in events.drain(..) {
+                    self.media_event(event).await;
+                }
+                self.media_events = events;
             }
             CallEvent::Answered => self.record.answered(),
-            CallEvent::Dtmf(digit) => {
-                self.record.dtmf(digit.as_char());
-                self.record
-                    .event("dtmf", serde_json::json!({ "digit": digit.to_string() }));
-                self.notify_agent(AgentEvent::Dtmf(digit)).await;
-            }
+            CallEvent::Dtmf(digit) => self.dtmf(digit, "protocol").await,
             CallEvent::Ended(reason) => {
                 self.ended = Some(reason);
                 info!(end_reason = %reason, "Call ended.");
+                // Nothing more is heard or played: the recording is complete now.
+                self.media.finish();
                 self.record.end(reason).await;
                 self.notify_agent(AgentEvent::Ended(reason)).await;
                 // Closing the queue ends the agent once it has read everything.
@@ -688,6 +771,133 @@ impl Call {
         }
     }
 
+    /// A key from the caller, by protocol message or in-band tone.
+    async fn dtmf(&mut self, digit: Digit, source: &'static str) {
+        self.shared
+            .metrics
+            .dtmf
+            .get_or_create(&[("source", source)])
+            .inc();
+        self.record.dtmf(digit.as_char());
+        self.record.event(
+            "dtmf",
+            serde_json::json!({ "digit": digit.to_string(), "source": source }),
+        );
+        self.notify_agent(AgentEvent::Dtmf(digit)).await;
+    }
+
+    /// What the caller's audio revealed.
+    async fn media_event(&mut self, event: MediaEvent) {
+        match event {
+            MediaEvent::Speech(VadEvent::SpeechStarted { at_ms }) => {
+                self.record
+                    .event("speech_started", serde_json::json!({ "at_ms": at_ms }));
+                self.notify_agent(AgentEvent::SpeechStarted { at_ms }).await;
+            }
+            MediaEvent::Speech(VadEvent::SpeechStopped { at_ms }) => {
+                self.record
+                    .event("speech_stopped", serde_json::json!({ "at_ms": at_ms }));
+                self.notify_agent(AgentEvent::SpeechStopped { at_ms }).await;
+            }
+            MediaEvent::BargeIn(c) => {
+                self.shared.metrics.barge_ins.inc();
+                self.hangup_after_playout = false;
+                self.discard_agent_audio = true;
+                self.record.event(
+                    "barge_in",
+                    serde_json::json!({ "played_ms": c.played_ms, "dropped_ms": c.dropped_ms }),
+                );
+                self.notify_agent(AgentEvent::BargeIn {
+                    played_ms: c.played_ms,
+                    dropped_ms: c.dropped_ms,
+                })
+                .await;
+            }
+            MediaEvent::InbandDtmf(digit) => self.dtmf(digit, "inband").await,
+        }
+    }
+
+    /// Sends what the playout clock says is due, and reacts to marks and underruns.
+    async fn run_playout(&mut self, now: std::time::Instant) {
+        while let Some(event) = self.media.poll(now) {
+            match event {
+                PlayoutEvent::Frame {
+                    data,
+                    late,
+                    silence,
+                } => {
+                    if !silence {
+                        self.shared
+                            .metrics
+                            .playout_jitter
+                            .observe(late.as_secs_f64());
+                    }
+                    // Refused only when the call is not answered yet or is over: dropped.
+                    let _ = self.session.handle_command(now, Command::Audio(data));
+                }
+                PlayoutEvent::Underrun => {
+                    self.shared.metrics.playout_underruns.inc();
+                }
+                PlayoutEvent::Mark(id) => {
+                    let played_ms = self.media.played_ms();
+                    self.notify_agent(AgentEvent::Mark { id, played_ms }).await;
+                }
+            }
+        }
+        if self.hangup_after_playout && !self.media.is_playing() && self.ended.is_none() {
+            self.hangup_after_playout = false;
+            let _ = self
+                .session
+                .handle_command(now, Command::Hangup(EndReason::AgentHangup));
+        }
+    }
+
+    /// An operator's request.
+    fn operator(&mut self, now: std::time::Instant, request: Request) -> Result<Reply, ProtoError> {
+        match request {
+            Request::Command(c) => self.session.handle_command(now, c).map(|()| Reply::Done),
+            Request::Play { .. } | Request::Clear if self.ended.is_some() => {
+                Err(ProtoError::InvalidState {
+                    operation: "playing audio",
+                    state: "over",
+                })
+            }
+            Request::Play { samples, rate } => match self.media.operator_play(&samples, rate) {
+                Ok(ms) => {
+                    self.record
+                        .event("operator_play", serde_json::json!({ "ms": ms }));
+                    Ok(Reply::Queued { ms })
+                }
+                Err(error) => {
+                    warn!(%error, "Operator audio could not be converted.");
+                    Err(ProtoError::Unsupported {
+                        operation: "audio at this sample rate",
+                        protocol: self.protocol(),
+                    })
+                }
+            },
+            Request::Clear => {
+                let c = self.media.clear();
+                self.discard_agent_audio = true;
+                self.record.event(
+                    "operator_clear",
+                    serde_json::json!({ "played_ms": c.played_ms, "dropped_ms": c.dropped_ms }),
+                );
+                Ok(Reply::Cleared {
+                    dropped_ms: c.dropped_ms,
+                    played_ms: c.played_ms,
+                })
+            }
+        }
+    }
+
+    fn protocol(&self) -> Protocol {
+        match self.session {
+            Session::CallBridge(_) => Protocol::CallBridge,
+            Session::Inbound(_) => Protocol::Inbound,
+        }
+    }
+
     /// Sends a control event to the agent. If the agent does not take it in time, the call
     /// ends: an agent that cannot hear DTMF or hangups cannot handle a call.
     async fn notify_agent(&mut self, event: AgentEvent) {
@@ -723,6 +933,16 @@ async fn poll_agent(agent: &mut Option<AgentFuture>) -> AgentOutcome {
     match agent {
         Some(a) => a.await,
         None => pending().await,
+    }
+}
+
+fn earliest(
+    a: Option<std::time::Instant>,
+    b: Option<std::time::Instant>,
+) -> Option<std::time::Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use callgate_audio::playout::Underrun;
+use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
 
 /// Everything the server needs to run. Built and validated by the binary (flags, environment,
@@ -37,6 +39,18 @@ pub struct Config {
     pub progress_interval: Duration,
     /// Log phone numbers in clear (default: redacted).
     pub log_pii: bool,
+    /// How much audio may be queued ahead for the caller (the playout lead).
+    pub playout_lead: Duration,
+    /// What the playout sends when it runs dry: nothing (default) or silence.
+    pub playout_underrun: Underrun,
+    /// Voice activity detection on the caller's audio (`None`: off).
+    pub vad: Option<VadConfig>,
+    /// Clear the agent's audio when the caller starts speaking over it (needs `vad`).
+    pub barge_in: bool,
+    /// Detect DTMF tones in the caller's audio.
+    pub inband_dtmf: bool,
+    /// Record every call to a stereo WAV in `data_dir/recordings`.
+    pub record: bool,
 }
 
 impl Default for Config {
@@ -55,6 +69,12 @@ impl Default for Config {
             inbound_audio_format: AudioFormat::Pcm8000,
             progress_interval: Duration::from_secs(5),
             log_pii: false,
+            playout_lead: Duration::from_secs(2),
+            playout_underrun: Underrun::Nothing,
+            vad: None,
+            barge_in: true,
+            inband_dtmf: false,
+            record: false,
         }
     }
 }
@@ -91,6 +111,11 @@ impl Config {
         if self.max_calls == 0 {
             return bad("max_calls", "must be at least 1");
         }
+        if let Some(v) = &self.vad
+            && !(0.0..=1.0).contains(&v.threshold)
+        {
+            return bad("vad_threshold", "must be between 0 and 1");
+        }
         if self.max_message_size < 1024 {
             return bad("max_message_size", "must be at least 1024 bytes");
         }
@@ -98,6 +123,7 @@ impl Config {
             ("handshake_timeout", self.handshake_timeout),
             ("write_timeout", self.write_timeout),
             ("progress_interval", self.progress_interval),
+            ("playout_lead", self.playout_lead),
         ] {
             if value.is_zero() {
                 return bad(key, "must be longer than zero");

@@ -20,6 +20,7 @@ mod admin;
 mod call;
 pub mod config;
 mod live;
+mod media;
 pub mod metrics;
 mod pii;
 mod record;
@@ -93,6 +94,7 @@ pub(crate) struct Shared {
     pub(crate) live: live::LiveCalls,
     pub(crate) draining: AtomicBool,
     pub(crate) ws_config: WebSocketConfig,
+    pub(crate) media: media::MediaConfig,
 }
 
 /// A bound, not yet running server.
@@ -147,7 +149,16 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
+        let media = media::MediaConfig {
+            lead: config.playout_lead,
+            underrun: config.playout_underrun,
+            vad: config.vad,
+            barge_in: config.barge_in,
+            inband_dtmf: config.inband_dtmf,
+            record_dir: config.record.then(|| config.data_dir.join("recordings")),
+        };
         let shared = Arc::new(Shared {
+            media,
             config,
             store,
             metrics: Arc::new(Metrics::new()),

@@ -11,11 +11,33 @@ use tokio::sync::{mpsc, oneshot};
 /// request timeout; operators act rarely, so a full channel means the call task is stuck.
 pub(crate) const OPERATOR_QUEUE: usize = 8;
 
-/// A command from an operator, with the session's verdict sent back.
+/// What an operator asks of a live call.
+#[derive(Debug)]
+pub(crate) enum Request {
+    /// A protocol command (hangup, DTMF).
+    Command(Command),
+    /// Play mono audio at this rate to the caller, through the playout.
+    Play { samples: Vec<i16>, rate: u32 },
+    /// Drop whatever the caller has not heard yet.
+    Clear,
+}
+
+/// The call's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// Done.
+    Done,
+    /// Queued this much audio, ms.
+    Queued { ms: u64 },
+    /// Cleared.
+    Cleared { dropped_ms: u64, played_ms: u64 },
+}
+
+/// A request from an operator, with the call's verdict sent back.
 #[derive(Debug)]
 pub(crate) struct Operator {
-    pub(crate) command: Command,
-    pub(crate) reply: oneshot::Sender<Result<(), Error>>,
+    pub(crate) request: Request,
+    pub(crate) reply: oneshot::Sender<Result<Reply, Error>>,
 }
 
 /// Live calls by ID.

@@ -38,6 +38,16 @@ pub struct Metrics {
     pub call_duration: Histogram,
     /// Store operations that failed or timed out.
     pub store_errors: Counter,
+    /// Pacing jitter: how late each frame left relative to its playout deadline, seconds.
+    pub playout_jitter: Histogram,
+    /// Playout deadlines that found nothing queued.
+    pub playout_underruns: Counter,
+    /// Audio queued for the caller, seconds, sampled per call every progress interval.
+    pub playout_queue_depth: Histogram,
+    /// Times the caller's speech cleared the agent's audio.
+    pub barge_ins: Counter,
+    /// DTMF keys received, by source (`protocol`, `inband`).
+    pub dtmf: Family<Labels1, Counter>,
 }
 
 impl Metrics {
@@ -57,6 +67,11 @@ impl Metrics {
                 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
             ]),
             store_errors: Counter::default(),
+            playout_jitter: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]),
+            playout_underruns: Counter::default(),
+            playout_queue_depth: Histogram::new([0.02, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
+            barge_ins: Counter::default(),
+            dtmf: Family::default(),
             registry: Registry::default(),
         };
         registry.register("calls_live", "Calls live now", m.calls_live.clone());
@@ -89,6 +104,27 @@ impl Metrics {
             "Store operations that failed or timed out",
             m.store_errors.clone(),
         );
+        registry.register(
+            "playout_jitter_seconds",
+            "How late each frame left relative to its playout deadline",
+            m.playout_jitter.clone(),
+        );
+        registry.register(
+            "playout_underruns",
+            "Playout deadlines that found nothing queued",
+            m.playout_underruns.clone(),
+        );
+        registry.register(
+            "playout_queue_depth_seconds",
+            "Audio queued for the caller, sampled per call",
+            m.playout_queue_depth.clone(),
+        );
+        registry.register(
+            "barge_ins",
+            "Times the caller's speech cleared the agent's audio",
+            m.barge_ins.clone(),
+        );
+        registry.register("dtmf", "DTMF keys received", m.dtmf.clone());
         Self { registry, ..m }
     }
 

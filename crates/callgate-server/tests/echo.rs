@@ -7,7 +7,7 @@ use callgate_testkit::audio::{frames, speechlike_pcm16};
 use callgate_testkit::{Received, callbridge_start, cdr, incoming_call, spawn_server};
 use serde_json::json;
 
-const RECORD_FIELDS: [&str; 18] = [
+const RECORD_FIELDS: [&str; 19] = [
     "id",
     "protocol",
     "caller",
@@ -26,6 +26,7 @@ const RECORD_FIELDS: [&str; 18] = [
     "frames_out",
     "dtmf",
     "cdr",
+    "recording",
 ];
 
 fn assert_fields(record: &serde_json::Value) {

@@ -104,6 +104,8 @@ pub struct NewCall {
     pub phone_input_audio_format: String,
     /// When the call started.
     pub started_at: UnixMillis,
+    /// Whether the call is being recorded.
+    pub recording: bool,
 }
 
 /// How a call ended.
@@ -171,6 +173,8 @@ pub struct CallRecord {
     pub dtmf: String,
     /// The phone system's CDR as sent, or null.
     pub cdr: Option<Box<RawValue>>,
+    /// Whether a recording exists (`GET /api/calls/{id}/recording`).
+    pub recording: bool,
 }
 
 impl PartialEq for CallRecord {
@@ -194,6 +198,7 @@ impl PartialEq for CallRecord {
             && self.frames_out == other.frames_out
             && self.dtmf == other.dtmf
             && raw(&self.cdr) == raw(&other.cdr)
+            && self.recording == other.recording
     }
 }
 

@@ -14,7 +14,8 @@ use crate::{
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
 /// Never edit one that has shipped: append a new one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE calls (
     id          TEXT PRIMARY KEY,
     protocol    TEXT NOT NULL,
@@ -46,7 +47,11 @@ CREATE TABLE call_events (
     detail  TEXT NOT NULL,
     PRIMARY KEY (call_id, seq)
 ) WITHOUT ROWID;
-"#];
+"#,
+    r#"
+ALTER TABLE calls ADD COLUMN recording INTEGER NOT NULL DEFAULT 0;
+"#,
+];
 
 /// Call records in one SQLite database.
 #[derive(Debug)]
@@ -103,7 +108,7 @@ impl SqliteStore {
 
 const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
      phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
-     end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr";
+     end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording";
 
 fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
     let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
@@ -132,6 +137,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
         frames_out: count(16)?,
         dtmf: row.get(17)?,
         cdr: row.get::<_, Option<String>>(18)?.and_then(raw_json),
+        recording: row.get::<_, i64>(19)? != 0,
     })
 }
 
@@ -162,8 +168,8 @@ impl Store for SqliteStore {
         self.conn
             .prepare_cached(
                 "INSERT INTO calls (id, protocol, caller, callee, external_id, call_config, \
-                 phone_output_audio_format, phone_input_audio_format, started_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 phone_output_audio_format, phone_input_audio_format, started_at, recording) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 c.id.as_str(),
@@ -175,6 +181,7 @@ impl Store for SqliteStore {
                 c.phone_output_audio_format,
                 c.phone_input_audio_format,
                 c.started_at.0,
+                c.recording,
             ])?;
         Ok(())
     }

@@ -62,6 +62,7 @@ fn new_call(i: u8, t: i64) -> NewCall {
         phone_output_audio_format: "PCM_8000".into(),
         phone_input_audio_format: "PCM_8000".into(),
         started_at: UnixMillis(t),
+        recording: i.is_multiple_of(2),
     }
 }
 

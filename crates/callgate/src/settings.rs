@@ -9,6 +9,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use callgate_audio::playout::Underrun;
+use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
 use callgate_server::Config;
 use serde::Deserialize;
@@ -62,6 +64,33 @@ pub(crate) struct ServeArgs {
     /// Log filter, e.g. `info` or `info,callgate_server=debug` [default: info]
     #[arg(long, env = "CALLGATE_LOG", value_name = "FILTER")]
     log: Option<String>,
+    /// Audio queued ahead for the caller at most (agents wait beyond it) [default: 2s]
+    #[arg(long, env = "CALLGATE_PLAYOUT_LEAD", value_name = "DURATION")]
+    playout_lead: Option<String>,
+    /// When the playout runs dry: nothing or silence [default: nothing]
+    #[arg(long, env = "CALLGATE_PLAYOUT_UNDERRUN", value_name = "POLICY")]
+    playout_underrun: Option<String>,
+    /// Voice activity detection on caller audio (speech events, barge-in) [default: false]
+    #[arg(long, env = "CALLGATE_VAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    vad: Option<String>,
+    /// VAD score (0..1) that counts as speech [default: 0.5]
+    #[arg(long, env = "CALLGATE_VAD_THRESHOLD", value_name = "SCORE")]
+    vad_threshold: Option<String>,
+    /// Speech this long before it counts as started [default: 64ms]
+    #[arg(long, env = "CALLGATE_VAD_START", value_name = "DURATION")]
+    vad_start: Option<String>,
+    /// Silence this long before speech counts as stopped [default: 400ms]
+    #[arg(long, env = "CALLGATE_VAD_STOP", value_name = "DURATION")]
+    vad_stop: Option<String>,
+    /// Clear the agent's audio when the caller speaks over it (with --vad) [default: true]
+    #[arg(long, env = "CALLGATE_BARGE_IN", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    barge_in: Option<String>,
+    /// Detect DTMF tones in caller audio [default: false]
+    #[arg(long, env = "CALLGATE_INBAND_DTMF", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    inband_dtmf: Option<String>,
+    /// Record every call to DIR/recordings/ID.wav (stereo: caller left, agent right) [default: false]
+    #[arg(long, env = "CALLGATE_RECORD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    record: Option<String>,
 }
 
 /// The TOML file: the same settings, snake_case, unknown keys refused.
@@ -82,6 +111,15 @@ struct FileConfig {
     progress_interval: Option<String>,
     log_pii: Option<bool>,
     log: Option<String>,
+    playout_lead: Option<String>,
+    playout_underrun: Option<String>,
+    vad: Option<bool>,
+    vad_threshold: Option<f64>,
+    vad_start: Option<String>,
+    vad_stop: Option<String>,
+    barge_in: Option<bool>,
+    inband_dtmf: Option<bool>,
+    record: Option<bool>,
 }
 
 /// Everything `serve` needs, validated.
@@ -103,6 +141,14 @@ where
     value
         .parse::<T>()
         .map_err(|e| anyhow!("invalid {key} {value:?}: {e}"))
+}
+
+fn boolean(key: &str, value: &str) -> anyhow::Result<bool> {
+    match value {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(anyhow!("invalid {key} {value:?}: expected true or false")),
+    }
 }
 
 fn duration(key: &str, value: &str) -> anyhow::Result<Duration> {
@@ -164,12 +210,57 @@ impl Settings {
         if let Some(v) = pick(args.progress_interval, file.progress_interval) {
             c.progress_interval = duration("progress_interval", &v)?;
         }
-        if let Some(v) = pick(args.log_pii, file.log_pii.map(|b| b.to_string())) {
-            c.log_pii = match v.as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => return Err(anyhow!("invalid log_pii {v:?}: expected true or false")),
+        let flag = |v: Option<String>, f: Option<bool>| pick(v, f.map(|b| b.to_string()));
+        if let Some(v) = flag(args.log_pii, file.log_pii) {
+            c.log_pii = boolean("log_pii", &v)?;
+        }
+        if let Some(v) = pick(args.playout_lead, file.playout_lead) {
+            c.playout_lead = duration("playout_lead", &v)?;
+        }
+        if let Some(v) = pick(args.playout_underrun, file.playout_underrun) {
+            c.playout_underrun = match v.as_str() {
+                "nothing" => Underrun::Nothing,
+                "silence" => Underrun::Silence,
+                _ => {
+                    return Err(anyhow!(
+                        "invalid playout_underrun {v:?}: expected nothing or silence"
+                    ));
+                }
             };
+        }
+        let vad_on = match flag(args.vad, file.vad) {
+            Some(v) => boolean("vad", &v)?,
+            None => false,
+        };
+        let mut vad = VadConfig::default();
+        if let Some(v) = pick(
+            args.vad_threshold,
+            file.vad_threshold.map(|n| n.to_string()),
+        ) {
+            vad.threshold = parse("vad_threshold", &v)?;
+        }
+        let frames = |key: &str, d: Duration| -> anyhow::Result<u32> {
+            let n = (d.as_millis() / 16) as u32;
+            if n == 0 {
+                return Err(anyhow!("invalid {key}: must be at least 16ms"));
+            }
+            Ok(n)
+        };
+        if let Some(v) = pick(args.vad_start, file.vad_start) {
+            vad.start_frames = frames("vad_start", duration("vad_start", &v)?)?;
+        }
+        if let Some(v) = pick(args.vad_stop, file.vad_stop) {
+            vad.stop_frames = frames("vad_stop", duration("vad_stop", &v)?)?;
+        }
+        c.vad = vad_on.then_some(vad);
+        if let Some(v) = flag(args.barge_in, file.barge_in) {
+            c.barge_in = boolean("barge_in", &v)?;
+        }
+        if let Some(v) = flag(args.inband_dtmf, file.inband_dtmf) {
+            c.inband_dtmf = boolean("inband_dtmf", &v)?;
+        }
+        if let Some(v) = flag(args.record, file.record) {
+            c.record = boolean("record", &v)?;
         }
         let log = pick(args.log, file.log).unwrap_or_else(|| "info".to_owned());
         let log_filter = parse::<Targets>("log", &log)?;

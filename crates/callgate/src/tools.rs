@@ -299,6 +299,10 @@ pub(crate) struct LoadArgs {
     /// Time allowed to connect and be answered
     #[arg(long, default_value = "10s", value_name = "TIME")]
     answer_timeout: String,
+    /// echo: stream stamped frames and time their echo (server --agent echo); playout: stay
+    /// silent and measure how evenly the server's audio arrives (server --agent tone)
+    #[arg(long, default_value = "echo")]
+    mode: String,
     /// Print the report as JSON
     #[arg(long)]
     json: bool,
@@ -319,6 +323,11 @@ pub(crate) fn load(args: LoadArgs) -> anyhow::Result<bool> {
         format: format(&args.format)?,
         server_pid: args.server_pid,
         answer_timeout: parse_time(&args.answer_timeout)?,
+        mode: match args.mode.as_str() {
+            "echo" => load::Mode::Echo,
+            "playout" => load::Mode::Playout,
+            other => bail!("invalid mode {other:?}: echo or playout"),
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -370,7 +379,14 @@ fn print_report(r: &load::Report) {
     );
     row("connect", &r.connect_ms);
     row("answer", &r.answer_ms);
-    row("round trip", &r.rtt_ms);
+    if let Some(j) = &r.playout_jitter_ms {
+        row("pacing", j);
+        if let Some(gap) = r.longest_gap_ms {
+            println!("longest gap  {gap:.1} ms between two frames");
+        }
+    } else {
+        row("round trip", &r.rtt_ms);
+    }
     let f = &r.frames;
     println!(
         "frames       {} sent, {} echoed, {} lost, {} corrupt, {} reordered",

@@ -280,6 +280,37 @@ async fn load_runs_100_calls_for_3_seconds_with_no_loss() {
     server.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_measures_playout_pacing_against_the_tone_agent() {
+    let server = spawn_server(|c| c.agent = "tone".into()).await;
+    let report = load::run(
+        &LoadOptions {
+            url: server.url("/"),
+            calls: 20,
+            duration: Duration::from_secs(2),
+            mix: Mix::Mixed,
+            mode: load::Mode::Playout,
+            ..LoadOptions::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.calls_ok, 20, "{:?}", report.calls_failed);
+    let jitter = report
+        .playout_jitter_ms
+        .expect("playout mode reports pacing");
+    // 2 s of 20 ms frames per call, give or take the frame in flight at each end.
+    assert!(jitter.samples >= 20 * 98, "{} frames", jitter.samples);
+    assert!(report.longest_gap_ms.is_some());
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics.contains("callgate_playout_jitter_seconds_count"),
+        "{metrics}"
+    );
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn the_cli_prints_json_for_machines() {
     let server = spawn_server(|_| {}).await;

@@ -1,0 +1,408 @@
+//! The playout clock: what the caller hears, sent one 20 ms frame every 20 ms.
+//!
+//! Neither phone protocol acknowledges playback, so whatever we send is played as it arrives.
+//! The playout clock owns that: it queues outbound audio (bounded by a *lead*), sends exactly
+//! one frame per 20 ms on absolute deadlines (no drift from sleeping), and therefore always
+//! knows, to the millisecond, how much the caller has heard. That makes `clear` (barge-in)
+//! exact: dropping the queue drops everything the caller has not heard yet.
+//!
+//! Sans-IO: [`Playout::push`] queues audio, [`Playout::poll`] returns what is due at `now`,
+//! [`Playout::poll_timeout`] the next deadline. The owner sends each [`PlayoutEvent::Frame`].
+//!
+//! # Timing
+//! - Idle (nothing queued): the next push is due at once, and anchors the clock there.
+//! - Each frame moves the next deadline by the frame's own duration (a short last frame
+//!   moves it less), counted from the previous deadline, not from when it was sent.
+//! - If a deadline passes with nothing queued (an underrun), [`Underrun::Nothing`] goes idle
+//!   (the next push is sent at once: the echo agent's case), and [`Underrun::Silence`] sends a
+//!   silent frame and keeps the clock (a continuous stream).
+//! - If the owner wakes more than [`MAX_CATCH_UP`] late, the clock re-anchors at `now` rather
+//!   than bursting the backlog.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callgate_proto::AudioFormat;
+
+/// The frame duration.
+pub const FRAME: Duration = Duration::from_millis(20);
+/// The most a late owner catches up by sending frames back to back.
+pub const MAX_CATCH_UP: Duration = Duration::from_millis(100);
+
+/// What to do when a deadline passes with nothing queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Underrun {
+    /// Send nothing and go idle: the next audio is sent as soon as it comes.
+    #[default]
+    Nothing,
+    /// Send a frame of silence and keep the clock running.
+    Silence,
+}
+
+/// What the playout produced.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlayoutEvent {
+    /// Send this frame now.
+    Frame {
+        /// The audio, in the call's format.
+        data: Bytes,
+        /// How late it goes out relative to its deadline (pacing jitter).
+        late: Duration,
+        /// Whether it is generated silence (underrun policy), not queued audio.
+        silence: bool,
+    },
+    /// Everything queued before this mark has been sent.
+    Mark(u64),
+    /// A deadline passed with nothing queued.
+    Underrun,
+}
+
+/// The result of [`Playout::clear`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleared {
+    /// Audio dropped from the queue, ms.
+    pub dropped_ms: u64,
+    /// Audio of the current utterance the caller had heard, ms.
+    pub played_ms: u64,
+}
+
+/// The playout clock of one call.
+#[derive(Debug)]
+pub struct Playout {
+    format: AudioFormat,
+    frame_bytes: usize,
+    /// Bytes per millisecond of audio.
+    bytes_per_ms: usize,
+    /// The most audio queued ahead, in bytes.
+    lead_bytes: usize,
+    underrun: Underrun,
+    queue: VecDeque<Bytes>,
+    queued: usize,
+    /// Marks, by the total-pushed byte position they wait for.
+    marks: VecDeque<(u64, u64)>,
+    pushed_total: u64,
+    sent_total: u64,
+    /// Bytes of the current utterance sent (reset by `clear` and when going idle).
+    utterance_sent: u64,
+    next_deadline: Option<Instant>,
+    underruns: u64,
+}
+
+impl Playout {
+    /// A playout for audio in `format`, queueing at most `lead` ahead.
+    pub fn new(format: AudioFormat, lead: Duration, underrun: Underrun) -> Self {
+        let frame_bytes = format.frame_bytes_20ms();
+        let bytes_per_ms = frame_bytes / 20;
+        Self {
+            format,
+            frame_bytes,
+            bytes_per_ms,
+            lead_bytes: (lead.as_millis() as usize).max(20) * bytes_per_ms,
+            underrun,
+            queue: VecDeque::new(),
+            queued: 0,
+            marks: VecDeque::new(),
+            pushed_total: 0,
+            sent_total: 0,
+            utterance_sent: 0,
+            next_deadline: None,
+            underruns: 0,
+        }
+    }
+
+    /// Whether more audio may be queued (producers wait while this is false).
+    pub fn has_room(&self) -> bool {
+        self.queued < self.lead_bytes
+    }
+
+    /// Audio queued and not yet sent, ms.
+    pub fn queued_ms(&self) -> u64 {
+        (self.queued / self.bytes_per_ms) as u64
+    }
+
+    /// Audio sent since the call started, ms (what the caller has heard).
+    pub fn played_ms(&self) -> u64 {
+        self.sent_total / self.bytes_per_ms as u64
+    }
+
+    /// Audio of the current utterance sent, ms.
+    pub fn utterance_played_ms(&self) -> u64 {
+        self.utterance_sent / self.bytes_per_ms as u64
+    }
+
+    /// Whether audio is queued or a frame is in flight on the clock.
+    pub fn is_playing(&self) -> bool {
+        self.queued > 0
+    }
+
+    /// Deadlines that passed with nothing queued.
+    pub fn underruns(&self) -> u64 {
+        self.underruns
+    }
+
+    /// Queues audio in the call's format. Always accepted: callers check [`Playout::has_room`]
+    /// before taking more from a producer, so the queue exceeds the lead by one chunk at most.
+    pub fn push(&mut self, now: Instant, data: Bytes) {
+        if data.is_empty() {
+            return;
+        }
+        if self.next_deadline.is_none() {
+            self.next_deadline = Some(now);
+        }
+        self.pushed_total += data.len() as u64;
+        self.queued += data.len();
+        self.queue.push_back(data);
+    }
+
+    /// Places a mark after everything queued so far; [`PlayoutEvent::Mark`] comes out once it
+    /// has all been sent (at the next poll if nothing is queued).
+    pub fn mark(&mut self, id: u64) {
+        self.marks.push_back((self.pushed_total, id));
+    }
+
+    /// Drops everything queued now. Marks still pending are reported at the next poll (their
+    /// audio will never play).
+    pub fn clear(&mut self) -> Cleared {
+        let cleared = Cleared {
+            dropped_ms: self.queued_ms(),
+            played_ms: self.utterance_played_ms(),
+        };
+        self.queue.clear();
+        self.pushed_total -= self.queued as u64;
+        self.queued = 0;
+        for mark in &mut self.marks {
+            mark.0 = mark.0.min(self.pushed_total);
+        }
+        self.utterance_sent = 0;
+        if self.underrun == Underrun::Nothing {
+            self.next_deadline = None;
+        }
+        cleared
+    }
+
+    /// The next deadline, if any. Marks never need one: a mark becomes due only through
+    /// `mark`, `clear` or a sent frame, and the owner polls after each of those anyway (drive
+    /// invariant: after every input, poll until `None`).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.next_deadline
+    }
+
+    /// What is due at `now`. Call until it returns `None`.
+    pub fn poll(&mut self, now: Instant) -> Option<PlayoutEvent> {
+        if let Some(&(at, id)) = self.marks.front()
+            && at <= self.sent_total
+        {
+            self.marks.pop_front();
+            return Some(PlayoutEvent::Mark(id));
+        }
+        let deadline = self.next_deadline?;
+        if now < deadline {
+            return None;
+        }
+        let deadline = if now.duration_since(deadline) > MAX_CATCH_UP {
+            now
+        } else {
+            deadline
+        };
+        if self.queued == 0 {
+            self.underruns += 1;
+            match self.underrun {
+                Underrun::Nothing => {
+                    self.next_deadline = None;
+                    self.utterance_sent = 0;
+                }
+                Underrun::Silence => {
+                    self.next_deadline = Some(deadline + FRAME);
+                    let silence = Bytes::from(silence(self.format, self.frame_bytes));
+                    // The underrun is reported through the silent frame.
+                    return Some(PlayoutEvent::Frame {
+                        data: silence,
+                        late: now.duration_since(deadline),
+                        silence: true,
+                    });
+                }
+            }
+            return Some(PlayoutEvent::Underrun);
+        }
+        let data = self.take_frame();
+        // Integer nanoseconds: a long stream accumulates no rounding.
+        let nanos = data.len() as u64 * 1_000_000 / self.bytes_per_ms as u64;
+        self.next_deadline = Some(deadline + Duration::from_nanos(nanos));
+        self.sent_total += data.len() as u64;
+        self.utterance_sent += data.len() as u64;
+        Some(PlayoutEvent::Frame {
+            data,
+            late: now.duration_since(deadline),
+            silence: false,
+        })
+    }
+
+    /// Up to one frame's worth of bytes from the front of the queue (zero-copy when a queued
+    /// chunk is exactly a frame or less).
+    fn take_frame(&mut self) -> Bytes {
+        let Some(front) = self.queue.front_mut() else {
+            return Bytes::new();
+        };
+        let data = if front.len() <= self.frame_bytes {
+            self.queue.pop_front().unwrap_or_default()
+        } else {
+            front.split_to(self.frame_bytes)
+        };
+        self.queued -= data.len();
+        data
+    }
+}
+
+/// A frame of silence in `format`.
+pub fn silence(format: AudioFormat, bytes: usize) -> Vec<u8> {
+    match format {
+        // G.711 encodes zero as 0xFF (mu-law) and 0xD5 (A-law).
+        AudioFormat::Ulaw8000 => vec![0xFF; bytes],
+        AudioFormat::Alaw8000 => vec![0xD5; bytes],
+        _ => vec![0; bytes],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(p: &mut Playout, now: Instant) -> Vec<PlayoutEvent> {
+        std::iter::from_fn(|| p.poll(now)).collect()
+    }
+
+    #[test]
+    fn sends_one_frame_per_20ms_on_absolute_deadlines() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        p.push(t0, Bytes::from(vec![1u8; 320 * 3 + 100]));
+        assert_eq!(p.queued_ms(), 66);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // The first frame is due at once.
+        let e = frames(&mut p, t0);
+        assert!(
+            matches!(&e[..], [PlayoutEvent::Frame { data, late, .. }] if data.len() == 320 && late.is_zero())
+        );
+        assert_eq!(p.poll_timeout(), Some(at(20)));
+        // A late wake-up (23 ms) reports 3 ms of lateness but keeps the 40 ms deadline.
+        let e = frames(&mut p, at(23));
+        assert!(
+            matches!(&e[..], [PlayoutEvent::Frame { late, .. }] if *late == Duration::from_millis(3))
+        );
+        assert_eq!(p.poll_timeout(), Some(at(40)));
+        assert!(frames(&mut p, at(39)).is_empty());
+        frames(&mut p, at(40));
+        // The short last frame (100 bytes = 6.25 ms) moves the clock by its own duration.
+        let e = frames(&mut p, at(60));
+        assert!(matches!(&e[..], [PlayoutEvent::Frame { data, .. }] if data.len() == 100));
+        assert_eq!(
+            p.poll_timeout(),
+            Some(at(60) + Duration::from_micros(6_250))
+        );
+        assert_eq!(p.played_ms(), 1060 / 16);
+        // Nothing queued at the deadline: an underrun, then idle.
+        assert_eq!(frames(&mut p, at(80)), vec![PlayoutEvent::Underrun]);
+        assert_eq!(p.poll_timeout(), None);
+        assert_eq!(p.underruns(), 1);
+        // The next push goes out at once and re-anchors.
+        p.push(at(95), Bytes::from(vec![2u8; 320]));
+        assert_eq!(frames(&mut p, at(95)).len(), 1);
+    }
+
+    #[test]
+    fn clear_drops_what_was_not_heard_and_reports_what_was() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        p.push(t0, Bytes::from(vec![0u8; 320 * 50]));
+        p.mark(7);
+        for ms in [0u64, 20, 40] {
+            frames(&mut p, t0 + Duration::from_millis(ms));
+        }
+        assert_eq!(p.queued_ms(), 940);
+        let c = p.clear();
+        assert_eq!(
+            c,
+            Cleared {
+                dropped_ms: 940,
+                played_ms: 60
+            }
+        );
+        assert!(!p.is_playing());
+        // The mark's audio will never play: it is released at once.
+        assert_eq!(
+            frames(&mut p, t0 + Duration::from_millis(41)),
+            vec![PlayoutEvent::Mark(7)]
+        );
+        assert_eq!(p.played_ms(), 60);
+    }
+
+    #[test]
+    fn marks_follow_the_audio_and_lead_bounds_the_queue() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(
+            AudioFormat::Ulaw8000,
+            Duration::from_millis(100),
+            Underrun::Nothing,
+        );
+        p.push(t0, Bytes::from(vec![0u8; 160]));
+        p.mark(1);
+        p.push(t0, Bytes::from(vec![0u8; 160 * 4]));
+        assert!(!p.has_room());
+        p.mark(2);
+        let e = frames(&mut p, t0);
+        assert!(matches!(
+            &e[..],
+            [PlayoutEvent::Frame { .. }, PlayoutEvent::Mark(1)]
+        ));
+        for ms in [20u64, 40, 60] {
+            assert_eq!(frames(&mut p, t0 + Duration::from_millis(ms)).len(), 1);
+        }
+        let e = frames(&mut p, t0 + Duration::from_millis(80));
+        assert!(matches!(
+            &e[..],
+            [PlayoutEvent::Frame { .. }, PlayoutEvent::Mark(2)]
+        ));
+        assert!(p.has_room());
+    }
+
+    #[test]
+    fn silence_policy_keeps_the_clock() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(
+            AudioFormat::Ulaw8000,
+            Duration::from_secs(1),
+            Underrun::Silence,
+        );
+        p.push(t0, Bytes::from(vec![1u8; 160]));
+        frames(&mut p, t0);
+        let e = frames(&mut p, t0 + Duration::from_millis(20));
+        assert!(
+            matches!(&e[..], [PlayoutEvent::Frame { data, silence: true, .. }] if data.iter().all(|&b| b == 0xFF))
+        );
+        assert_eq!(p.poll_timeout(), Some(t0 + Duration::from_millis(40)));
+    }
+
+    #[test]
+    fn a_long_stall_re_anchors_instead_of_bursting() {
+        let t0 = Instant::now();
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        p.push(t0, Bytes::from(vec![0u8; 320 * 20]));
+        frames(&mut p, t0);
+        let late = t0 + Duration::from_millis(500);
+        assert_eq!(frames(&mut p, late).len(), 1);
+        assert_eq!(p.poll_timeout(), Some(late + FRAME));
+    }
+}

@@ -1,0 +1,323 @@
+//! The audio side of one call, owned by the call task: conversion at the edges (the agent
+//! works in its own format), the playout clock every outbound frame goes through, voice
+//! activity and barge-in, in-band DTMF detection, and the recording.
+//!
+//! Nothing here touches a socket: the call task feeds caller audio and agent commands in, and
+//! sends the frames [`Media::poll`] says are due.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use callgate_audio::playout::{Cleared, Playout, PlayoutEvent, Underrun};
+use callgate_audio::record::Recorder;
+use callgate_audio::vad::{Vad, VadConfig, VadEvent};
+use callgate_audio::{AudioFormat, Converter, Resampler, dtmf, pcm};
+use callgate_proto::{Digit, DtmfDuration};
+
+/// What the call configures for every call's audio.
+#[derive(Debug, Clone)]
+pub(crate) struct MediaConfig {
+    pub(crate) lead: Duration,
+    pub(crate) underrun: Underrun,
+    pub(crate) vad: Option<VadConfig>,
+    pub(crate) barge_in: bool,
+    pub(crate) inband_dtmf: bool,
+    /// Where recordings go; `None`: not recording.
+    pub(crate) record_dir: Option<PathBuf>,
+}
+
+/// Something the caller's audio revealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MediaEvent {
+    /// Speech started or stopped.
+    Speech(VadEvent),
+    /// The caller spoke over the agent: the playout was cleared.
+    BargeIn(Cleared),
+    /// An in-band DTMF key.
+    InbandDtmf(Digit),
+}
+
+/// The audio side of one call.
+pub(crate) struct Media {
+    started: Instant,
+    /// What the phone sends (the caller's voice).
+    phone_in: AudioFormat,
+    /// What the phone plays.
+    phone_out: AudioFormat,
+    from_phone: Option<Converter>,
+    to_phone: Option<Converter>,
+    playout: Playout,
+    /// Operator audio (in `phone_out`) waiting for room in the playout.
+    operator: VecDeque<Bytes>,
+    vad: Option<Vad>,
+    barge_in: bool,
+    dtmf: Option<dtmf::Detector>,
+    recorder: Option<Recorder>,
+    /// Agent audio to the recording's rate, when the two directions differ.
+    agent_to_record: Option<Resampler>,
+    samples: Vec<i16>,
+    scratch: Vec<i16>,
+    digits: Vec<Digit>,
+    /// Path of the recording, if the call is recorded.
+    recording: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Media {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Media")
+            .field("phone_in", &self.phone_in)
+            .field("phone_out", &self.phone_out)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The file a call's recording is written to.
+pub(crate) fn recording_path(dir: &std::path::Path, call_id: &str) -> PathBuf {
+    dir.join(format!("{call_id}.wav"))
+}
+
+impl Media {
+    /// The audio side of a call whose phone sends `phone_in` and plays `phone_out`, for an
+    /// agent working in `agent_format` (`None`: the phone's formats, untouched).
+    pub(crate) fn new(
+        config: &MediaConfig,
+        call_id: &str,
+        phone_in: AudioFormat,
+        phone_out: AudioFormat,
+        agent_format: Option<AudioFormat>,
+        now: Instant,
+    ) -> Result<Self, callgate_audio::Error> {
+        let converter = |from: AudioFormat, to: AudioFormat| -> Result<_, callgate_audio::Error> {
+            Ok(if from == to {
+                None
+            } else {
+                Some(Converter::new(from, to)?)
+            })
+        };
+        let (from_phone, to_phone) = match agent_format {
+            Some(agent) => (converter(phone_in, agent)?, converter(agent, phone_out)?),
+            None => (None, None),
+        };
+        let rate = phone_in.sample_rate();
+        let recording = config
+            .record_dir
+            .as_deref()
+            .map(|dir| recording_path(dir, call_id));
+        let recorder = match &recording {
+            Some(path) => Some(Recorder::create(path, rate)?),
+            None => None,
+        };
+        let agent_to_record = if recorder.is_some() && phone_out.sample_rate() != rate {
+            Some(Resampler::new(phone_out.sample_rate(), rate)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            started: now,
+            phone_in,
+            phone_out,
+            from_phone,
+            to_phone,
+            playout: Playout::new(phone_out, config.lead, config.underrun),
+            operator: VecDeque::new(),
+            vad: match config.vad {
+                Some(c) => Some(Vad::new(rate, c)?),
+                None => None,
+            },
+            barge_in: config.barge_in,
+            dtmf: config.inband_dtmf.then(|| dtmf::Detector::new(rate)),
+            recorder,
+            agent_to_record,
+            samples: Vec::new(),
+            scratch: Vec::new(),
+            digits: Vec::new(),
+            recording,
+        })
+    }
+
+    /// Whether this call is recorded.
+    pub(crate) fn is_recorded(&self) -> bool {
+        self.recording.is_some()
+    }
+
+    /// Whether the agent may send more audio now (its backpressure): the playout has room and
+    /// no operator announcement is waiting to play.
+    pub(crate) fn has_room(&self) -> bool {
+        self.playout.has_room() && self.operator.is_empty()
+    }
+
+    /// Whether audio is queued for the caller.
+    pub(crate) fn is_playing(&self) -> bool {
+        self.playout.is_playing() || !self.operator.is_empty()
+    }
+
+    /// Audio sent to the caller since the call started, ms.
+    pub(crate) fn played_ms(&self) -> u64 {
+        self.playout.played_ms()
+    }
+
+    /// Audio queued for the caller, ms.
+    pub(crate) fn queued_ms(&self) -> u64 {
+        self.playout.queued_ms()
+            + self
+                .operator
+                .iter()
+                .map(|b| self.ms_of(b.len()))
+                .sum::<u64>()
+    }
+
+    /// Caller audio as received: recorded and analysed; returns what the agent gets (in its
+    /// format) and appends what the audio revealed to `events`.
+    pub(crate) fn caller_audio(&mut self, data: &Bytes, events: &mut Vec<MediaEvent>) -> Bytes {
+        let analyse = self.vad.is_some() || self.dtmf.is_some() || self.recorder.is_some();
+        if analyse {
+            self.samples.clear();
+            pcm::decode(self.phone_in, data, &mut self.samples);
+            if let Some(r) = &mut self.recorder
+                && let Err(error) = r.caller(&self.samples)
+            {
+                tracing::warn!(%error, "Recording failed; the call goes on unrecorded.");
+                self.recorder = None;
+            }
+            if let Some(vad) = &mut self.vad
+                && let Some(event) = vad.process(&self.samples)
+            {
+                events.push(MediaEvent::Speech(event));
+                if self.barge_in
+                    && matches!(event, VadEvent::SpeechStarted { .. })
+                    && self.is_playing()
+                {
+                    events.push(MediaEvent::BargeIn(self.clear()));
+                }
+            }
+            if let Some(d) = &mut self.dtmf {
+                self.digits.clear();
+                d.process(&self.samples, &mut self.digits);
+                events.extend(self.digits.iter().map(|&k| MediaEvent::InbandDtmf(k)));
+            }
+        }
+        match &mut self.from_phone {
+            Some(c) => c.convert(data),
+            None => data.clone(),
+        }
+    }
+
+    /// Agent audio (in the agent's format) for the caller.
+    pub(crate) fn agent_audio(&mut self, now: Instant, data: Bytes) {
+        let data = match &mut self.to_phone {
+            Some(c) => c.convert(&data),
+            None => data,
+        };
+        self.playout.push(now, data);
+    }
+
+    /// An in-band DTMF tone for the caller.
+    pub(crate) fn agent_tone(&mut self, now: Instant, digit: Digit, duration: DtmfDuration) {
+        let rate = self.phone_out.sample_rate();
+        let tone = dtmf::tone(digit, u32::from(duration.as_millis()), rate, 0.25);
+        self.playout.push(now, pcm::encode(self.phone_out, &tone));
+    }
+
+    /// A mark after the audio queued so far.
+    pub(crate) fn mark(&mut self, id: u64) {
+        self.playout.mark(id);
+    }
+
+    /// Drops everything the caller has not heard, operator audio included.
+    pub(crate) fn clear(&mut self) -> Cleared {
+        let waiting: u64 = self.operator.iter().map(|b| self.ms_of(b.len())).sum();
+        self.operator.clear();
+        let mut cleared = self.playout.clear();
+        cleared.dropped_ms += waiting;
+        cleared
+    }
+
+    /// Queues an operator announcement (mono samples at `rate`); returns its duration, ms.
+    pub(crate) fn operator_play(
+        &mut self,
+        samples: &[i16],
+        rate: u32,
+    ) -> Result<u64, callgate_audio::Error> {
+        let mut resampler = Resampler::new(rate, self.phone_out.sample_rate())?;
+        self.scratch.clear();
+        resampler.process(samples, &mut self.scratch);
+        resampler.flush(&mut self.scratch);
+        let encoded = pcm::encode(self.phone_out, &self.scratch);
+        let ms = self.ms_of(encoded.len());
+        // Fed to the playout as it has room, one second at a time.
+        let step = self.phone_out.frame_bytes_20ms() * 50;
+        let mut rest = encoded;
+        while !rest.is_empty() {
+            let n = step.min(rest.len());
+            self.operator.push_back(rest.split_to(n));
+        }
+        Ok(ms)
+    }
+
+    /// The next time [`Media::poll`] has something.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.playout.poll_timeout()
+    }
+
+    /// What is due at `now`: frames to send, marks, underruns.
+    pub(crate) fn poll(&mut self, now: Instant) -> Option<PlayoutEvent> {
+        while self.playout.has_room()
+            && let Some(chunk) = self.operator.pop_front()
+        {
+            self.playout.push(now, chunk);
+        }
+        let event = self.playout.poll(now)?;
+        if let PlayoutEvent::Frame { data, late, .. } = &event
+            && self.recorder.is_some()
+        {
+            let deadline = now.checked_sub(*late).unwrap_or(now);
+            self.record_agent(deadline, data);
+        }
+        Some(event)
+    }
+
+    fn record_agent(&mut self, at: Instant, data: &Bytes) {
+        self.samples.clear();
+        pcm::decode(self.phone_out, data, &mut self.samples);
+        let samples = match &mut self.agent_to_record {
+            Some(r) => {
+                self.scratch.clear();
+                r.process(&self.samples, &mut self.scratch);
+                &self.scratch
+            }
+            None => &self.samples,
+        };
+        let rate = f64::from(self.phone_in.sample_rate());
+        let index = (at.saturating_duration_since(self.started).as_secs_f64() * rate) as u64;
+        if let Some(r) = &mut self.recorder
+            && let Err(error) = r.agent(index, samples)
+        {
+            tracing::warn!(%error, "Recording failed; the call goes on unrecorded.");
+            self.recorder = None;
+        }
+    }
+
+    /// Makes the recording valid on disk as it stands (periodic, so a crash loses little).
+    pub(crate) fn sync(&mut self) {
+        if let Some(r) = &mut self.recorder
+            && let Err(error) = r.sync()
+        {
+            tracing::warn!(%error, "Recording sync failed.");
+        }
+    }
+
+    /// Closes the recording.
+    pub(crate) fn finish(&mut self) {
+        if let Some(r) = self.recorder.take()
+            && let Err(error) = r.finish()
+        {
+            tracing::warn!(%error, "Recording could not be finished.");
+        }
+    }
+
+    fn ms_of(&self, bytes: usize) -> u64 {
+        (bytes / (self.phone_out.frame_bytes_20ms() / 20)) as u64
+    }
+}
