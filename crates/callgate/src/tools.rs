@@ -75,7 +75,7 @@ pub(crate) struct SimArgs {
     /// Called number
     #[arg(long, default_value = "07012345678")]
     callee: String,
-    /// The call's ID (CallBridge cdrId, inbound sessionId) [default: sim-<time>]
+    /// The call's ID (CallBridge cdrId, inbound sessionId) [default: sim-MILLIS, from the clock]
     #[arg(long)]
     id: Option<String>,
     /// CallBridge siteId
