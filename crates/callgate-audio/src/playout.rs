@@ -10,14 +10,20 @@
 //! [`Playout::poll_timeout`] the next deadline. The owner sends each [`PlayoutEvent::Frame`].
 //!
 //! # Timing
-//! - Idle (nothing queued): the next push is due at once, and anchors the clock there.
-//! - Each frame moves the next deadline by the frame's own duration (a short last frame
-//!   moves it less), counted from the previous deadline, not from when it was sent.
-//! - If a deadline passes with nothing queued (an underrun), [`Underrun::Nothing`] goes idle
-//!   (the next push is sent at once: the echo agent's case), and [`Underrun::Silence`] sends a
-//!   silent frame and keeps the clock (a continuous stream).
-//! - If the owner wakes more than [`MAX_CATCH_UP`] late, the clock re-anchors at `now` rather
+//! - Frames have slots 20 ms apart on an absolute grid (each frame moves the grid by its own
+//!   duration: a short last frame moves it less). A frame may leave up to one frame *before*
+//!   its slot: audio that arrives at real-time pace (the echo agent, streaming speech) is
+//!   never held back by jitter, a burst is sent one frame ahead and then one frame per 20 ms,
+//!   and at most one frame is ever in flight beyond the caller's slot.
+//! - Idle (never played, or after a gap), the next push goes out at once and anchors the grid.
+//! - An underrun (the grid reached a slot with nothing queued) is noticed at the next push,
+//!   without a timer: [`Underrun::Nothing`] re-anchors there (the caller heard a gap);
+//!   [`Underrun::Silence`] keeps the grid and fills each empty slot with a silent frame (a
+//!   continuous stream; that needs the timer).
+//! - If the owner wakes more than [`MAX_CATCH_UP`] late, the grid re-anchors at `now` rather
 //!   than bursting the backlog.
+//! - Pacing jitter ([`PlayoutEvent::Frame::late`]) is how long after it could leave (the later
+//!   of its earliest time and its data being queued) a frame actually left.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -54,8 +60,6 @@ pub enum PlayoutEvent {
     },
     /// Everything queued before this mark has been sent.
     Mark(u64),
-    /// A deadline passed with nothing queued.
-    Underrun,
 }
 
 /// The result of [`Playout::clear`].
@@ -83,9 +87,12 @@ pub struct Playout {
     marks: VecDeque<(u64, u64)>,
     pushed_total: u64,
     sent_total: u64,
-    /// Bytes of the current utterance sent (reset by `clear` and when going idle).
+    /// Bytes of the current utterance sent (reset by `clear` and after a gap).
     utterance_sent: u64,
-    next_deadline: Option<Instant>,
+    /// The earliest the next frame may leave (one frame before its slot); `None`: idle.
+    next_at: Option<Instant>,
+    /// When the data at the head of the queue was queued (for jitter).
+    ready_at: Option<Instant>,
     underruns: u64,
 }
 
@@ -106,7 +113,8 @@ impl Playout {
             pushed_total: 0,
             sent_total: 0,
             utterance_sent: 0,
-            next_deadline: None,
+            next_at: None,
+            ready_at: None,
             underruns: 0,
         }
     }
@@ -136,7 +144,7 @@ impl Playout {
         self.queued > 0
     }
 
-    /// Deadlines that passed with nothing queued.
+    /// Gaps: slots the grid reached with nothing queued (the caller heard silence).
     pub fn underruns(&self) -> u64 {
         self.underruns
     }
@@ -147,8 +155,20 @@ impl Playout {
         if data.is_empty() {
             return;
         }
-        if self.next_deadline.is_none() {
-            self.next_deadline = Some(now);
+        if self.queued == 0 {
+            self.ready_at = Some(now);
+            let slack = now.checked_sub(FRAME).unwrap_or(now);
+            match self.next_at {
+                None => self.next_at = Some(slack),
+                // A whole slot after the last frame passed with nothing to play: a gap.
+                // (Audio later than its slot by less than a frame is jitter, not a gap.)
+                Some(at) if self.underrun == Underrun::Nothing && now > at + 2 * FRAME => {
+                    self.underruns += 1;
+                    self.utterance_sent = 0;
+                    self.next_at = Some(slack);
+                }
+                Some(_) => {}
+            }
         }
         self.pushed_total += data.len() as u64;
         self.queued += data.len();
@@ -175,8 +195,9 @@ impl Playout {
             mark.0 = mark.0.min(self.pushed_total);
         }
         self.utterance_sent = 0;
+        self.ready_at = None;
         if self.underrun == Underrun::Nothing {
-            self.next_deadline = None;
+            self.next_at = None;
         }
         cleared
     }
@@ -185,7 +206,12 @@ impl Playout {
     /// `mark`, `clear` or a sent frame, and the owner polls after each of those anyway (drive
     /// invariant: after every input, poll until `None`).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.next_deadline
+        match self.underrun {
+            _ if self.queued > 0 => self.next_at,
+            Underrun::Silence => self.next_at,
+            // Nothing queued and nothing to send: no timer (a gap is noticed at the next push).
+            Underrun::Nothing => None,
+        }
     }
 
     /// What is due at `now`. Call until it returns `None`.
@@ -196,44 +222,42 @@ impl Playout {
             self.marks.pop_front();
             return Some(PlayoutEvent::Mark(id));
         }
-        let deadline = self.next_deadline?;
-        if now < deadline {
+        let at = self.next_at?;
+        if now < at {
             return None;
         }
-        let deadline = if now.duration_since(deadline) > MAX_CATCH_UP {
+        let at = if now.duration_since(at) > MAX_CATCH_UP {
             now
         } else {
-            deadline
+            at
         };
         if self.queued == 0 {
-            self.underruns += 1;
-            match self.underrun {
-                Underrun::Nothing => {
-                    self.next_deadline = None;
-                    self.utterance_sent = 0;
-                }
-                Underrun::Silence => {
-                    self.next_deadline = Some(deadline + FRAME);
-                    let silence = Bytes::from(silence(self.format, self.frame_bytes));
-                    // The underrun is reported through the silent frame.
-                    return Some(PlayoutEvent::Frame {
-                        data: silence,
-                        late: now.duration_since(deadline),
-                        silence: true,
-                    });
-                }
+            if self.underrun == Underrun::Nothing {
+                return None;
             }
-            return Some(PlayoutEvent::Underrun);
+            // A continuous stream: the empty slot is filled with silence.
+            self.underruns += 1;
+            self.next_at = Some(at + FRAME);
+            return Some(PlayoutEvent::Frame {
+                data: Bytes::from(silence(self.format, self.frame_bytes)),
+                late: now.duration_since(at),
+                silence: true,
+            });
         }
+        let ready = self.ready_at.map_or(at, |r| r.max(at));
         let data = self.take_frame();
         // Integer nanoseconds: a long stream accumulates no rounding.
         let nanos = data.len() as u64 * 1_000_000 / self.bytes_per_ms as u64;
-        self.next_deadline = Some(deadline + Duration::from_nanos(nanos));
+        self.next_at = Some(at + Duration::from_nanos(nanos));
         self.sent_total += data.len() as u64;
         self.utterance_sent += data.len() as u64;
+        if self.queued > 0 {
+            // The rest of the queue has been ready all along.
+            self.ready_at = Some(at.min(now));
+        }
         Some(PlayoutEvent::Frame {
             data,
-            late: now.duration_since(deadline),
+            late: now.saturating_duration_since(ready),
             silence: false,
         })
     }
@@ -272,9 +296,20 @@ mod tests {
         std::iter::from_fn(|| p.poll(now)).collect()
     }
 
+    fn sizes(events: &[PlayoutEvent]) -> Vec<usize> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                PlayoutEvent::Frame { data, .. } => Some(data.len()),
+                PlayoutEvent::Mark(_) => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn sends_one_frame_per_20ms_on_absolute_deadlines() {
-        let t0 = Instant::now();
+    fn a_burst_goes_one_frame_ahead_then_one_frame_per_20ms() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let at = |ms| t0 + Duration::from_millis(ms);
         let mut p = Playout::new(
             AudioFormat::Pcm8000,
             Duration::from_secs(2),
@@ -282,41 +317,53 @@ mod tests {
         );
         p.push(t0, Bytes::from(vec![1u8; 320 * 3 + 100]));
         assert_eq!(p.queued_ms(), 66);
-        let at = |ms| t0 + Duration::from_millis(ms);
-        // The first frame is due at once.
-        let e = frames(&mut p, t0);
-        assert!(
-            matches!(&e[..], [PlayoutEvent::Frame { data, late, .. }] if data.len() == 320 && late.is_zero())
-        );
+        // Two frames at once (the one-frame slack), then the grid.
+        assert_eq!(sizes(&frames(&mut p, t0)), [320, 320]);
         assert_eq!(p.poll_timeout(), Some(at(20)));
-        // A late wake-up (23 ms) reports 3 ms of lateness but keeps the 40 ms deadline.
+        // A late wake-up (23 ms) reports 3 ms of jitter and keeps the grid.
         let e = frames(&mut p, at(23));
         assert!(
             matches!(&e[..], [PlayoutEvent::Frame { late, .. }] if *late == Duration::from_millis(3))
         );
         assert_eq!(p.poll_timeout(), Some(at(40)));
         assert!(frames(&mut p, at(39)).is_empty());
-        frames(&mut p, at(40));
-        // The short last frame (100 bytes = 6.25 ms) moves the clock by its own duration.
-        let e = frames(&mut p, at(60));
-        assert!(matches!(&e[..], [PlayoutEvent::Frame { data, .. }] if data.len() == 100));
-        assert_eq!(
-            p.poll_timeout(),
-            Some(at(60) + Duration::from_micros(6_250))
-        );
+        // The short last frame (100 bytes = 6.25 ms) moves the grid by its own duration.
+        assert_eq!(sizes(&frames(&mut p, at(40))), [100]);
         assert_eq!(p.played_ms(), 1060 / 16);
-        // Nothing queued at the deadline: an underrun, then idle.
-        assert_eq!(frames(&mut p, at(80)), vec![PlayoutEvent::Underrun]);
+        // Nothing queued: no timer at all.
         assert_eq!(p.poll_timeout(), None);
-        assert_eq!(p.underruns(), 1);
-        // The next push goes out at once and re-anchors.
+        assert_eq!(p.underruns(), 0);
+        // Audio after a gap goes out at once, counts the gap, and re-anchors.
         p.push(at(95), Bytes::from(vec![2u8; 320]));
-        assert_eq!(frames(&mut p, at(95)).len(), 1);
+        assert_eq!(sizes(&frames(&mut p, at(95))), [320]);
+        assert_eq!(p.underruns(), 1);
+    }
+
+    #[test]
+    fn audio_at_real_time_pace_is_never_held_back() {
+        // Echo: one frame arrives every 20 ms, with a few ms of jitter either way.
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        for (k, jitter) in [0i64, 3, -4, 2, -1, 4, -3, 0].iter().enumerate() {
+            let arrival = t0 + Duration::from_millis((20 * k as i64 + 5 + jitter) as u64);
+            p.push(arrival, Bytes::from(vec![k as u8; 320]));
+            let e = frames(&mut p, arrival);
+            assert!(
+                matches!(&e[..], [PlayoutEvent::Frame { late, .. }] if late.is_zero()),
+                "frame {k} went out on arrival"
+            );
+            assert_eq!(p.poll_timeout(), None);
+        }
+        assert_eq!(p.underruns(), 0);
     }
 
     #[test]
     fn clear_drops_what_was_not_heard_and_reports_what_was() {
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(1);
         let mut p = Playout::new(
             AudioFormat::Pcm8000,
             Duration::from_secs(2),
@@ -327,13 +374,14 @@ mod tests {
         for ms in [0u64, 20, 40] {
             frames(&mut p, t0 + Duration::from_millis(ms));
         }
-        assert_eq!(p.queued_ms(), 940);
+        // 0 ms: two frames (slack); 20 and 40 ms: one each.
+        assert_eq!(p.queued_ms(), 920);
         let c = p.clear();
         assert_eq!(
             c,
             Cleared {
-                dropped_ms: 940,
-                played_ms: 60
+                dropped_ms: 920,
+                played_ms: 80
             }
         );
         assert!(!p.is_playing());
@@ -342,12 +390,16 @@ mod tests {
             frames(&mut p, t0 + Duration::from_millis(41)),
             vec![PlayoutEvent::Mark(7)]
         );
-        assert_eq!(p.played_ms(), 60);
+        assert_eq!(p.played_ms(), 80);
+        // After a clear the next audio goes out at once.
+        let now = t0 + Duration::from_millis(45);
+        p.push(now, Bytes::from(vec![1u8; 320]));
+        assert_eq!(sizes(&frames(&mut p, now)), [320]);
     }
 
     #[test]
     fn marks_follow_the_audio_and_lead_bounds_the_queue() {
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(1);
         let mut p = Playout::new(
             AudioFormat::Ulaw8000,
             Duration::from_millis(100),
@@ -361,39 +413,47 @@ mod tests {
         let e = frames(&mut p, t0);
         assert!(matches!(
             &e[..],
-            [PlayoutEvent::Frame { .. }, PlayoutEvent::Mark(1)]
+            [
+                PlayoutEvent::Frame { .. },
+                PlayoutEvent::Mark(1),
+                PlayoutEvent::Frame { .. }
+            ]
         ));
-        for ms in [20u64, 40, 60] {
+        assert!(p.has_room());
+        for ms in [20u64, 40] {
             assert_eq!(frames(&mut p, t0 + Duration::from_millis(ms)).len(), 1);
         }
-        let e = frames(&mut p, t0 + Duration::from_millis(80));
+        let e = frames(&mut p, t0 + Duration::from_millis(60));
         assert!(matches!(
             &e[..],
             [PlayoutEvent::Frame { .. }, PlayoutEvent::Mark(2)]
         ));
-        assert!(p.has_room());
     }
 
     #[test]
     fn silence_policy_keeps_the_clock() {
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(1);
         let mut p = Playout::new(
             AudioFormat::Ulaw8000,
             Duration::from_secs(1),
             Underrun::Silence,
         );
         p.push(t0, Bytes::from(vec![1u8; 160]));
-        frames(&mut p, t0);
-        let e = frames(&mut p, t0 + Duration::from_millis(20));
-        assert!(
-            matches!(&e[..], [PlayoutEvent::Frame { data, silence: true, .. }] if data.iter().all(|&b| b == 0xFF))
-        );
-        assert_eq!(p.poll_timeout(), Some(t0 + Duration::from_millis(40)));
+        // The audio, then (one frame ahead, like any frame) silence for the empty next slot.
+        let e = frames(&mut p, t0);
+        assert!(matches!(&e[..], [
+            PlayoutEvent::Frame { silence: false, .. },
+            PlayoutEvent::Frame { data, silence: true, .. },
+        ] if data.iter().all(|&b| b == 0xFF)));
+        // The grid goes on: one silent frame per 20 ms.
+        assert_eq!(p.poll_timeout(), Some(t0 + FRAME));
+        assert_eq!(frames(&mut p, t0 + FRAME).len(), 1);
+        assert_eq!(p.underruns(), 2);
     }
 
     #[test]
     fn a_long_stall_re_anchors_instead_of_bursting() {
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(1);
         let mut p = Playout::new(
             AudioFormat::Pcm8000,
             Duration::from_secs(2),

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::Shared;
-use crate::live::{Operator, Reply, Request as CallRequest};
+use crate::live::{Operator, Refused, Reply, Request as CallRequest};
 
 /// Default number of records `GET /api/calls` returns.
 pub(crate) const DEFAULT_LIMIT: u32 = 50;
@@ -232,9 +232,15 @@ async fn act(shared: &Shared, id: &str, request: CallRequest) -> Result<Reply, A
         )
     };
     let (reply, verdict) = oneshot::channel();
-    tx.send(Operator { request, reply })
-        .await
-        .map_err(|_| gone())?;
+    tx.post(Operator { request, reply })
+        .map_err(|refused| match refused {
+            Refused::Full => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "call_busy",
+                format!("call {id:?} has too many operator requests waiting"),
+            ),
+            Refused::Closed => gone(),
+        })?;
     match verdict.await.map_err(|_| gone())? {
         Ok(reply) => Ok(reply),
         Err(e @ ProtoError::Unsupported { .. }) => Err(ApiError::new(

@@ -29,7 +29,7 @@ use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
@@ -40,7 +40,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug, error, info, warn};
 
 use crate::Shared;
-use crate::live::{Operator, Reply, Request};
+use crate::live::{Mailbox, Reply, Request};
 use crate::media::{Media, MediaEvent};
 use crate::pii::Pii;
 use crate::record::Record;
@@ -272,7 +272,7 @@ enum Input {
     Agent(Option<AgentCommand>),
     AgentClear,
     AgentDone(AgentOutcome),
-    Operator(Operator),
+    Operator,
     Timeout,
     Progress,
 }
@@ -450,7 +450,7 @@ impl Call {
         mut commands: Commands,
         mut clears: ClearWatch,
         agent: AgentFuture,
-        mut operator: mpsc::Receiver<Operator>,
+        operator: Arc<Mailbox>,
     ) {
         let interval = self.shared.config.progress_interval;
         let mut progress = tokio::time::interval_at(Instant::now() + interval, interval);
@@ -462,6 +462,9 @@ impl Call {
         // Created once: re-creating it every turn would register a waiter every turn.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
+        // Likewise for the operator mailbox.
+        let posted = operator.notified();
+        tokio::pin!(posted);
         let mut closed_by_us = false;
 
         while !self.session.is_closed() {
@@ -477,7 +480,7 @@ impl Call {
                 m = ws.next(), if self.socket_open => Input::Socket(m),
                 c = commands.recv(), if take_commands => Input::Agent(c),
                 _ = clears.requested() => Input::AgentClear,
-                Some(o) = operator.recv() => Input::Operator(o),
+                _ = &mut posted => Input::Operator,
                 _ = sleep_opt(deadline) => Input::Timeout,
                 _ = progress.tick() => Input::Progress,
             };
@@ -503,14 +506,18 @@ impl Call {
                     })
                     .await;
                 }
-                Input::Operator(op) => {
-                    let reply = self.operator(now, op.request);
-                    let _ = op.reply.send(reply);
+                Input::Operator => {
+                    posted.set(operator.notified());
+                    while let Some(op) = operator.try_recv() {
+                        let reply = self.operator(now, op.request);
+                        let _ = op.reply.send(reply);
+                    }
                 }
                 Input::Timeout => self.session.handle_timeout(now),
                 Input::Progress => {
                     self.record.progress();
                     self.media.sync();
+                    self.report_underruns();
                     self.shared
                         .metrics
                         .playout_queue_depth
@@ -556,6 +563,8 @@ impl Call {
             }
         }
 
+        // From here on no operator request can be carried out: refuse them at once.
+        operator.close();
         if !closed_by_us {
             // The peer closed (or vanished): flush tungstenite's close reply if it can be sent.
             // `SinkExt::close` flushes the queued reply; the inherent `close` would try to send
@@ -733,6 +742,7 @@ impl Call {
                 info!(end_reason = %reason, "Call ended.");
                 // Nothing more is heard or played: the recording is complete now.
                 self.media.finish();
+                self.report_underruns();
                 self.record.end(reason).await;
                 self.notify_agent(AgentEvent::Ended(reason)).await;
                 // Closing the queue ends the agent once it has read everything.
@@ -835,9 +845,6 @@ impl Call {
                     // Refused only when the call is not answered yet or is over: dropped.
                     let _ = self.session.handle_command(now, Command::Audio(data));
                 }
-                PlayoutEvent::Underrun => {
-                    self.shared.metrics.playout_underruns.inc();
-                }
                 PlayoutEvent::Mark(id) => {
                     let played_ms = self.media.played_ms();
                     self.notify_agent(AgentEvent::Mark { id, played_ms }).await;
@@ -849,6 +856,13 @@ impl Call {
             let _ = self
                 .session
                 .handle_command(now, Command::Hangup(EndReason::AgentHangup));
+        }
+    }
+
+    fn report_underruns(&mut self) {
+        let n = self.media.take_underruns();
+        if n > 0 {
+            self.shared.metrics.playout_underruns.inc_by(n);
         }
     }
 

@@ -62,6 +62,8 @@ pub(crate) struct Media {
     digits: Vec<Digit>,
     /// Path of the recording, if the call is recorded.
     recording: Option<PathBuf>,
+    /// Underruns already reported to the metrics.
+    underruns_reported: u64,
 }
 
 impl std::fmt::Debug for Media {
@@ -134,6 +136,7 @@ impl Media {
             scratch: Vec::new(),
             digits: Vec::new(),
             recording,
+            underruns_reported: 0,
         })
     }
 
@@ -156,6 +159,14 @@ impl Media {
     /// Audio sent to the caller since the call started, ms.
     pub(crate) fn played_ms(&self) -> u64 {
         self.playout.played_ms()
+    }
+
+    /// Underruns since the last call of this (for the metrics).
+    pub(crate) fn take_underruns(&mut self) -> u64 {
+        let total = self.playout.underruns();
+        let new = total - self.underruns_reported;
+        self.underruns_reported = total;
+        new
     }
 
     /// Audio queued for the caller, ms.
