@@ -246,21 +246,23 @@ pub struct Commands {
 #[derive(Debug)]
 pub struct ClearWatch {
     clear: Arc<ClearSignal>,
-    /// Requests acted on.
-    seen: u64,
+    /// Requests acted on (a `Cell`: `take` runs while a `notified` future borrows the watch).
+    seen: std::cell::Cell<u64>,
 }
 
 impl ClearWatch {
-    /// Resolves when the agent asked for a clear the call has not acted on. Cancel-safe.
-    pub async fn requested(&mut self) {
-        loop {
-            let requests = self.clear.requests.load(Ordering::Acquire);
-            if requests > self.seen {
-                self.seen = requests;
-                return;
-            }
-            self.clear.notify.notified().await;
-        }
+    /// Resolves when the agent may have asked for a clear. The call keeps one pinned across
+    /// turns (one waiter registration, not one per turn) and then checks [`ClearWatch::take`].
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.clear.notify.notified()
+    }
+
+    /// Whether the agent asked for a clear the call has not acted on (and marks it acted on).
+    pub fn take(&self) -> bool {
+        let requests = self.clear.requests.load(Ordering::Acquire);
+        let new = requests > self.seen.get();
+        self.seen.set(requests);
+        new
     }
 }
 
@@ -329,7 +331,10 @@ pub fn wire(call: CallInfo, event_capacity: usize) -> (AgentIo, CallSide) {
                 rx: commands_rx,
                 clear: clear.clone(),
             },
-            clears: ClearWatch { clear, seen: 0 },
+            clears: ClearWatch {
+                clear,
+                seen: std::cell::Cell::new(0),
+            },
         },
     )
 }
@@ -401,7 +406,9 @@ mod tests {
         io.send(AgentCommand::Mark(1)).await.unwrap();
         io.clear();
         io.send(b.clone()).await.unwrap();
-        side.clears.requested().await;
+        side.clears.notified().await;
+        assert!(side.clears.take());
+        assert!(!side.clears.take());
         assert_eq!(side.commands.try_recv(), Some(AgentCommand::Mark(1)));
         assert_eq!(side.commands.try_recv(), Some(b));
         assert_eq!(side.commands.try_recv(), None);

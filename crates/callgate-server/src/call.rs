@@ -70,13 +70,15 @@ pub(crate) async fn serve(
     let span = tracing::debug_span!("conn", %peer);
     async move {
         let _ = stream.set_nodelay(true);
-        let Some((mut ws, forced)) = upgrade(&shared, stream).await else {
+        // Setup futures are boxed: they are large and finish before the call, so they must not
+        // size the task's allocation for the whole call.
+        let Some((mut ws, forced)) = Box::pin(upgrade(&shared, stream)).await else {
             return;
         };
-        let Some(start) = first_message(&shared, &mut ws, forced).await else {
+        let Some(start) = Box::pin(first_message(&shared, &mut ws, forced)).await else {
             return;
         };
-        run_call(shared, ws, start, peer).await;
+        Box::pin(run_call(shared, ws, start, peer)).await;
     }
     .instrument(span)
     .await
@@ -348,7 +350,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
         info.output_format = format;
     }
     let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
-    async move {
+    let call = async move {
         let reveal = shared.config.log_pii;
         info!(
             caller = %Pii::new(&info.caller, reveal),
@@ -363,7 +365,10 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             phone_out,
             shared.agent.audio_format(),
             std::time::Instant::now(),
-        );
+        )
+        .map(Box::new);
+        // Boxed, like the call below: the task's state machine keeps a slot for every value
+        // it ever held across an await, so large values live on the heap, once.
         let media = match media {
             Ok(media) => media,
             Err(error) => {
@@ -379,7 +384,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
         };
         new_call.recording = media.is_recorded();
         // A call exists only once its record does: refuse it if the store cannot take it.
-        if let Err(error) = shared.store.insert_call(new_call).await {
+        if let Err(error) = Box::pin(shared.store.insert_call(new_call)).await {
             shared.metrics.store_errors.inc();
             error!(%error, "Could not insert the call record; refusing the call.");
             close(
@@ -401,7 +406,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
         let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY);
         // The agent's future is owned and polled by this task (see `Call::run`).
         let agent: AgentFuture = Box::pin(AssertUnwindSafe(shared.agent.start(io)).catch_unwind());
-        let mut call = Call {
+        let mut call = Box::new(Call {
             shared: shared.clone(),
             session,
             record,
@@ -412,13 +417,13 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             hangup_after_playout: false,
             media_events: Vec::new(),
             discard_agent_audio: false,
-        };
+        });
         call.run(&mut ws, side.commands, side.clears, agent, operator)
             .await;
         shared.live.remove(&id);
-    }
-    .instrument(span)
-    .await
+    };
+    // Boxed: the call's state lives in one heap allocation, not nested in this one.
+    Box::pin(call.instrument(span)).await
 }
 
 /// The state the call task owns besides the socket and channels.
@@ -433,7 +438,7 @@ struct Call {
     /// Whether the socket may still yield messages.
     socket_open: bool,
     /// The call's audio: conversion, playout, VAD, DTMF detection, recording.
-    media: Media,
+    media: Box<Media>,
     /// The agent hung up with audio still queued: hang up once it has played.
     hangup_after_playout: bool,
     /// Scratch space for what the caller's audio revealed.
@@ -448,7 +453,7 @@ impl Call {
         &mut self,
         ws: &mut Ws,
         mut commands: Commands,
-        mut clears: ClearWatch,
+        clears: ClearWatch,
         agent: AgentFuture,
         operator: Arc<Mailbox>,
     ) {
@@ -462,9 +467,11 @@ impl Call {
         // Created once: re-creating it every turn would register a waiter every turn.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
-        // Likewise for the operator mailbox.
+        // Likewise for the operator mailbox and the agent's clear requests.
         let posted = operator.notified();
         tokio::pin!(posted);
+        let clear_signal = clears.notified();
+        tokio::pin!(clear_signal);
         let mut closed_by_us = false;
 
         while !self.session.is_closed() {
@@ -479,7 +486,7 @@ impl Call {
                 r = poll_agent(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
                 c = commands.recv(), if take_commands => Input::Agent(c),
-                _ = clears.requested() => Input::AgentClear,
+                _ = &mut clear_signal => Input::AgentClear,
                 _ = &mut posted => Input::Operator,
                 _ = sleep_opt(deadline) => Input::Timeout,
                 _ = progress.tick() => Input::Progress,
@@ -499,12 +506,15 @@ impl Call {
                 Input::Agent(Some(command)) => self.agent_command(now, command),
                 Input::Agent(None) => commands_open = false,
                 Input::AgentClear => {
-                    let c = self.media.clear();
-                    self.notify_agent(AgentEvent::Cleared {
-                        played_ms: c.played_ms,
-                        dropped_ms: c.dropped_ms,
-                    })
-                    .await;
+                    clear_signal.set(clears.notified());
+                    if clears.take() {
+                        let c = self.media.clear();
+                        self.notify_agent(AgentEvent::Cleared {
+                            played_ms: c.played_ms,
+                            dropped_ms: c.dropped_ms,
+                        })
+                        .await;
+                    }
                 }
                 Input::Operator => {
                     posted.set(operator.notified());
@@ -569,7 +579,11 @@ impl Call {
             // The peer closed (or vanished): flush tungstenite's close reply if it can be sent.
             // `SinkExt::close` flushes the queued reply; the inherent `close` would try to send
             // a second close frame and fail.
-            let _ = timeout(self.shared.config.write_timeout, SinkExt::close(ws)).await;
+            let _ = Box::pin(timeout(
+                self.shared.config.write_timeout,
+                SinkExt::close(ws),
+            ))
+            .await;
         }
         drop(self.agent_events.take());
         // The agent sees its queue close and returns; give it a moment, then drop it (which
@@ -583,9 +597,9 @@ impl Call {
         if self.ended.is_none() {
             // Every session path emits Ended before it closes; this is the safety net.
             error!("Call closed without an end reason.");
-            self.record.end(EndReason::InternalError).await;
+            Box::pin(self.record.end(EndReason::InternalError)).await;
         }
-        self.record.flush_events().await;
+        Box::pin(self.record.flush_events()).await;
     }
 
     fn socket_input(&mut self, now: std::time::Instant, message: Option<Result<Message, WsError>>) {
@@ -705,9 +719,9 @@ impl Call {
                 }
                 Output::Close(frame) => {
                     // The record is complete before the phone sees the close.
-                    self.record.flush_events().await;
+                    Box::pin(self.record.flush_events()).await;
                     if self.socket_open {
-                        close(ws, frame, write_timeout).await;
+                        Box::pin(close(ws, frame, write_timeout)).await;
                         self.socket_open = false;
                     }
                     return true;
@@ -743,7 +757,7 @@ impl Call {
                 // Nothing more is heard or played: the recording is complete now.
                 self.media.finish();
                 self.report_underruns();
-                self.record.end(reason).await;
+                Box::pin(self.record.end(reason)).await;
                 self.notify_agent(AgentEvent::Ended(reason)).await;
                 // Closing the queue ends the agent once it has read everything.
                 drop(self.agent_events.take());
@@ -756,7 +770,7 @@ impl Call {
                     );
                 }
                 self.record.event("cdr_received", serde_json::json!({}));
-                self.record.cdr(report.raw).await;
+                Box::pin(self.record.cdr(report.raw)).await;
             }
             CallEvent::CdrMissing => {
                 self.record.event("cdr_missing", serde_json::json!({}));
@@ -918,7 +932,7 @@ impl Call {
         let Some(tx) = &self.agent_events else {
             return;
         };
-        match tx.send_control(event, AGENT_CONTROL_TIMEOUT).await {
+        match Box::pin(tx.send_control(event, AGENT_CONTROL_TIMEOUT)).await {
             Ok(()) | Err(SendError::Closed) => {}
             Err(SendError::Timeout) => {
                 warn!("Agent stopped taking events; ending the call.");

@@ -46,17 +46,19 @@ pub(crate) struct Media {
     phone_in: AudioFormat,
     /// What the phone plays.
     phone_out: AudioFormat,
-    from_phone: Option<Converter>,
-    to_phone: Option<Converter>,
+    // The optional parts are boxed: most calls use none of them, and inline they would
+    // make every call's state a kilobyte larger.
+    from_phone: Option<Box<Converter>>,
+    to_phone: Option<Box<Converter>>,
     playout: Playout,
     /// Operator audio (in `phone_out`) waiting for room in the playout.
     operator: VecDeque<Bytes>,
-    vad: Option<Vad>,
+    vad: Option<Box<Vad>>,
     barge_in: bool,
-    dtmf: Option<dtmf::Detector>,
-    recorder: Option<Recorder>,
+    dtmf: Option<Box<dtmf::Detector>>,
+    recorder: Option<Box<Recorder>>,
     /// Agent audio to the recording's rate, when the two directions differ.
-    agent_to_record: Option<Resampler>,
+    agent_to_record: Option<Box<Resampler>>,
     samples: Vec<i16>,
     scratch: Vec<i16>,
     digits: Vec<Digit>,
@@ -95,7 +97,7 @@ impl Media {
             Ok(if from == to {
                 None
             } else {
-                Some(Converter::new(from, to)?)
+                Some(Box::new(Converter::new(from, to)?))
             })
         };
         let (from_phone, to_phone) = match agent_format {
@@ -108,11 +110,11 @@ impl Media {
             .as_deref()
             .map(|dir| recording_path(dir, call_id));
         let recorder = match &recording {
-            Some(path) => Some(Recorder::create(path, rate)?),
+            Some(path) => Some(Box::new(Recorder::create(path, rate)?)),
             None => None,
         };
         let agent_to_record = if recorder.is_some() && phone_out.sample_rate() != rate {
-            Some(Resampler::new(phone_out.sample_rate(), rate)?)
+            Some(Box::new(Resampler::new(phone_out.sample_rate(), rate)?))
         } else {
             None
         };
@@ -125,11 +127,13 @@ impl Media {
             playout: Playout::new(phone_out, config.lead, config.underrun),
             operator: VecDeque::new(),
             vad: match config.vad {
-                Some(c) => Some(Vad::new(rate, c)?),
+                Some(c) => Some(Box::new(Vad::new(rate, c)?)),
                 None => None,
             },
             barge_in: config.barge_in,
-            dtmf: config.inband_dtmf.then(|| dtmf::Detector::new(rate)),
+            dtmf: config
+                .inband_dtmf
+                .then(|| Box::new(dtmf::Detector::new(rate))),
             recorder,
             agent_to_record,
             samples: Vec::new(),
