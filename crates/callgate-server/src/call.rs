@@ -30,7 +30,7 @@ use futures_util::future::CatchUnwind;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, sleep_until, timeout, timeout_at};
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Response};
@@ -275,8 +275,8 @@ enum Input {
     AgentClear,
     AgentDone(AgentOutcome),
     Operator,
-    Timeout,
-    Progress,
+    /// The timer fired: a session deadline, a playout slot or progress.
+    Timer,
 }
 
 /// Describes a new call: its record, the agent's view of it, and its session.
@@ -458,8 +458,11 @@ impl Call {
         operator: Arc<Mailbox>,
     ) {
         let interval = self.shared.config.progress_interval;
-        let mut progress = tokio::time::interval_at(Instant::now() + interval, interval);
-        progress.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_progress = Instant::now() + interval;
+        // One timer for everything time-driven (session deadline, playout slot, progress),
+        // reset only when the earliest deadline moves: no timer is created per turn.
+        let timer = tokio::time::sleep_until(next_progress);
+        tokio::pin!(timer);
         let mut agent = Some(agent);
         let mut commands_open = true;
         let mut shutting_down = false;
@@ -476,7 +479,10 @@ impl Call {
 
         while !self.session.is_closed() {
             let deadline = earliest(self.session.poll_timeout(), self.media.poll_timeout())
-                .map(Instant::from_std);
+                .map_or(next_progress, |d| Instant::from_std(d).min(next_progress));
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
             // Audio from the agent is taken only while the playout has room: its backpressure.
             let take_commands = commands_open && self.media.has_room();
             // Not biased: a phone's burst must not starve the agent's output (or the reverse),
@@ -488,8 +494,7 @@ impl Call {
                 c = commands.recv(), if take_commands => Input::Agent(c),
                 _ = &mut clear_signal => Input::AgentClear,
                 _ = &mut posted => Input::Operator,
-                _ = sleep_opt(deadline) => Input::Timeout,
-                _ = progress.tick() => Input::Progress,
+                _ = &mut timer => Input::Timer,
             };
             let now = std::time::Instant::now();
             match input {
@@ -523,15 +528,18 @@ impl Call {
                         let _ = op.reply.send(reply);
                     }
                 }
-                Input::Timeout => self.session.handle_timeout(now),
-                Input::Progress => {
-                    self.record.progress();
-                    self.media.sync();
-                    self.report_underruns();
-                    self.shared
-                        .metrics
-                        .playout_queue_depth
-                        .observe(self.media.queued_ms() as f64 / 1000.0);
+                Input::Timer => {
+                    self.session.handle_timeout(now);
+                    if Instant::now() >= next_progress {
+                        next_progress = Instant::now() + interval;
+                        self.record.progress();
+                        self.media.sync();
+                        self.report_underruns();
+                        self.shared
+                            .metrics
+                            .playout_queue_depth
+                            .observe(self.media.queued_ms() as f64 / 1000.0);
+                    }
                 }
             }
             self.run_playout(now).await;
@@ -971,12 +979,5 @@ fn earliest(
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    }
-}
-
-async fn sleep_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => pending().await,
     }
 }
