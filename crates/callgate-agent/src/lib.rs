@@ -151,8 +151,7 @@ pub struct AgentIo {
     /// The call.
     pub call: CallInfo,
     events: EventReceiver,
-    commands: mpsc::Sender<Stamped>,
-    clear: Arc<ClearSignal>,
+    sender: AgentSender,
 }
 
 impl AgentIo {
@@ -164,27 +163,20 @@ impl AgentIo {
     /// Sends a command, waiting for room in the channel (audio waits while the playout is
     /// full: that is the agent's backpressure).
     pub async fn send(&self, command: AgentCommand) -> Result<(), Error> {
-        let epoch = self.clear.epoch.load(Ordering::Acquire);
-        self.commands
-            .send(Stamped { epoch, command })
-            .await
-            .map_err(|_| Error::CallGone)
+        self.sender.send(command).await
     }
 
     /// A cloneable handle for sending commands while another part of the agent waits in
     /// [`AgentIo::recv`].
     pub fn sender(&self) -> AgentSender {
-        AgentSender {
-            commands: self.commands.clone(),
-            clear: self.clear.clone(),
-        }
+        self.sender.clone()
     }
 
     /// Drops every audio the caller has not heard yet, at once: what is queued in the playout
     /// and what is still in the command channel. [`AgentEvent::Cleared`] reports how much was
     /// played and dropped. Does not wait for room.
     pub fn clear(&self) {
-        self.clear.request();
+        self.sender.clear();
     }
 }
 
@@ -322,8 +314,10 @@ pub fn wire(call: CallInfo, event_capacity: usize) -> (AgentIo, CallSide) {
         AgentIo {
             call,
             events: events_rx,
-            commands: commands_tx,
-            clear: clear.clone(),
+            sender: AgentSender {
+                commands: commands_tx,
+                clear: clear.clone(),
+            },
         },
         CallSide {
             events: events_tx,

@@ -1,8 +1,10 @@
 //! What every server-side session reports and accepts, whatever its protocol.
 
+use std::collections::VecDeque;
+
 use bytes::Bytes;
 
-use crate::{Digit, DtmfDuration, EndReason, Error};
+use crate::{Close, Digit, DtmfDuration, EndReason, Error, Frame, Output};
 
 /// Something the owner of a server-side session must know. Emitted as
 /// [`Output::Event`](crate::Output::Event).
@@ -99,4 +101,70 @@ pub enum PhoneEvent {
     Violation(Error),
     /// The connection ended.
     Closed(Disconnect),
+}
+
+/// What both protocols' phone sides share: the output queue and the state of the connection.
+#[derive(Debug)]
+pub(crate) struct PhoneCore {
+    answered: bool,
+    /// We closed (or sent the CDR): nothing more is sent.
+    done_sending: bool,
+    /// The connection ended and that was reported.
+    gone: bool,
+    out: VecDeque<Output<PhoneEvent>>,
+}
+
+impl PhoneCore {
+    /// A phone whose first message is `first`.
+    pub(crate) fn new(first: String) -> Self {
+        let mut out = VecDeque::new();
+        out.push_back(Output::Send(Frame::Text(first)));
+        Self {
+            answered: false,
+            done_sending: false,
+            gone: false,
+            out,
+        }
+    }
+
+    /// Records the server's answer; returns false if it had already answered.
+    pub(crate) fn answer(&mut self) -> bool {
+        !std::mem::replace(&mut self.answered, true)
+    }
+
+    pub(crate) fn is_answered(&self) -> bool {
+        self.answered
+    }
+
+    pub(crate) fn event(&mut self, event: PhoneEvent) {
+        self.out.push_back(Output::Event(event));
+    }
+
+    /// Queues a frame, unless we are done sending.
+    pub(crate) fn send(&mut self, frame: Frame) {
+        if !self.done_sending {
+            self.out.push_back(Output::Send(frame));
+        }
+    }
+
+    /// Closes (once); nothing is sent after.
+    pub(crate) fn close(&mut self, close: Close) {
+        if !self.done_sending {
+            self.done_sending = true;
+            self.out.push_back(Output::Close(close));
+        }
+    }
+
+    /// The server closed or the connection dropped (reported once).
+    pub(crate) fn peer_close(&mut self, how: Disconnect) {
+        if !self.gone {
+            self.gone = true;
+            self.done_sending = true;
+            self.event(PhoneEvent::Closed(how));
+        }
+    }
+
+    pub(crate) fn poll_output(&mut self) -> Option<Output<PhoneEvent>> {
+        self.out.pop_front()
+    }
 }

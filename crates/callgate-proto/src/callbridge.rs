@@ -10,7 +10,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use serde::Serialize;
 
-use crate::call::{CallEvent, Command, Disconnect, PhoneEvent};
+use crate::call::{CallEvent, Command, Disconnect, PhoneCore, PhoneEvent};
 use crate::json::{self, RawMap};
 use crate::{AudioFormat, Close, CloseCode, EndReason, Error, Frame, Output, Protocol};
 
@@ -301,24 +301,14 @@ impl Session {
 /// The phone (CallBridge) side of one call: what the simulator, load generator and tests use.
 #[derive(Debug)]
 pub struct Phone {
-    answered: bool,
-    /// We closed (or sent the CDR): nothing more is sent.
-    done_sending: bool,
-    /// The connection ended and that was reported.
-    gone: bool,
-    out: VecDeque<Output<PhoneEvent>>,
+    core: PhoneCore,
 }
 
 impl Phone {
     /// Starts a call: queues the start message.
     pub fn new(start: &Start) -> Self {
-        let mut out = VecDeque::new();
-        out.push_back(Output::Send(Frame::Text(start.to_json())));
         Self {
-            answered: false,
-            done_sending: false,
-            gone: false,
-            out,
+            core: PhoneCore::new(start.to_json()),
         }
     }
 
@@ -328,54 +318,41 @@ impl Phone {
             .ok()
             .and_then(|m| json::string(&m, "type", "type").ok())
             .is_some_and(|t| t == "started");
-        if started && !self.answered {
-            self.answered = true;
-            self.out.push_back(Output::Event(PhoneEvent::Answered));
+        if started && self.core.answer() {
+            self.core.event(PhoneEvent::Answered);
         } else {
-            self.out
-                .push_back(Output::Event(PhoneEvent::Unknown(text.to_owned())));
+            self.core.event(PhoneEvent::Unknown(text.to_owned()));
         }
     }
 
     /// Audio from the server.
     pub fn handle_binary(&mut self, data: Bytes) {
-        self.out.push_back(Output::Event(PhoneEvent::Audio(data)));
+        self.core.event(PhoneEvent::Audio(data));
     }
 
     /// The server closed or the connection dropped.
     pub fn handle_peer_close(&mut self, how: Disconnect) {
-        if !self.gone {
-            self.gone = true;
-            self.done_sending = true;
-            self.out.push_back(Output::Event(PhoneEvent::Closed(how)));
-        }
+        self.core.peer_close(how);
     }
 
     /// Sends caller audio.
     pub fn send_audio(&mut self, data: Bytes) {
-        if !self.done_sending {
-            self.out.push_back(Output::Send(Frame::Binary(data)));
-        }
+        self.core.send(Frame::Binary(data));
     }
 
     /// The caller hangs up: CallBridge closes the connection with 1000.
     pub fn hangup(&mut self) {
-        if !self.done_sending {
-            self.done_sending = true;
-            self.out.push_back(Output::Close(Close::new(
-                CloseCode::NORMAL,
-                "caller hung up",
-            )));
-        }
+        self.core
+            .close(Close::new(CloseCode::NORMAL, "caller hung up"));
     }
 
     /// Whether the server answered.
     pub fn is_answered(&self) -> bool {
-        self.answered
+        self.core.is_answered()
     }
 
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<Output<PhoneEvent>> {
-        self.out.pop_front()
+        self.core.poll_output()
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::call::{CallEvent, CdrReport, Command, Disconnect, PhoneEvent};
+use crate::call::{CallEvent, CdrReport, Command, Disconnect, PhoneCore, PhoneEvent};
 use crate::json::{self, RawMap};
 use crate::{Close, CloseCode, Digit, DtmfDuration, EndReason, Error, Frame, Output};
 
@@ -436,24 +436,14 @@ impl Session {
 /// The phone (gateway) side of one inbound call.
 #[derive(Debug)]
 pub struct Phone {
-    answered: bool,
-    /// We closed (or sent the CDR): nothing more is sent.
-    done_sending: bool,
-    /// The connection ended and that was reported.
-    gone: bool,
-    out: VecDeque<Output<PhoneEvent>>,
+    core: PhoneCore,
 }
 
 impl Phone {
     /// Starts a call: queues `incoming_call`.
     pub fn new(call: &IncomingCall) -> Self {
-        let mut out = VecDeque::new();
-        out.push_back(Output::Send(Frame::Text(call.to_json())));
         Self {
-            answered: false,
-            done_sending: false,
-            gone: false,
-            out,
+            core: PhoneCore::new(call.to_json()),
         }
     }
 
@@ -463,10 +453,7 @@ impl Phone {
             .and_then(|m| Ok((json::string(&m, "event", "event")?, m)))
         {
             Ok((event, map)) => match event.as_str() {
-                "answer" if !self.answered => {
-                    self.answered = true;
-                    PhoneEvent::Answered
-                }
+                "answer" if self.core.answer() => PhoneEvent::Answered,
                 "hangup" => PhoneEvent::Hangup,
                 "dtmf" => match server_dtmf(&map) {
                     Ok((digit, duration)) => PhoneEvent::Dtmf { digit, duration },
@@ -476,73 +463,56 @@ impl Phone {
             },
             Err(error) => PhoneEvent::Violation(error),
         };
-        self.out.push_back(Output::Event(event));
+        self.core.event(event);
     }
 
     /// Audio from the server.
     pub fn handle_binary(&mut self, data: Bytes) {
-        self.out.push_back(Output::Event(PhoneEvent::Audio(data)));
+        self.core.event(PhoneEvent::Audio(data));
     }
 
     /// The server closed or the connection dropped.
     pub fn handle_peer_close(&mut self, how: Disconnect) {
-        if !self.gone {
-            self.gone = true;
-            self.done_sending = true;
-            self.out.push_back(Output::Event(PhoneEvent::Closed(how)));
-        }
+        self.core.peer_close(how);
     }
 
     /// Sends caller audio.
     pub fn send_audio(&mut self, data: Bytes) {
-        if !self.done_sending {
-            self.out.push_back(Output::Send(Frame::Binary(data)));
-        }
+        self.core.send(Frame::Binary(data));
     }
 
     /// The caller pressed a key.
     pub fn send_dtmf(&mut self, digit: Digit) {
-        if !self.done_sending {
-            self.out.push_back(Output::Send(Frame::Text(format!(
-                r#"{{"event":"dtmf","digit":"{digit}"}}"#
-            ))));
-        }
+        self.core.send(Frame::Text(format!(
+            r#"{{"event":"dtmf","digit":"{digit}"}}"#
+        )));
     }
 
     /// The caller hangs up (the connection stays open for the CDR).
     pub fn hangup(&mut self) {
-        if !self.done_sending {
-            self.out.push_back(Output::Send(Frame::Text(
-                r#"{"event":"hangup"}"#.to_owned(),
-            )));
-        }
+        self.core
+            .send(Frame::Text(r#"{"event":"hangup"}"#.to_owned()));
     }
 
     /// Sends the CDR, then closes the connection as the gateway does.
     pub fn send_cdr(&mut self, cdr: &Cdr) {
-        if !self.done_sending {
-            self.out.push_back(Output::Send(Frame::Text(cdr.to_json())));
-            self.close();
-        }
+        self.core.send(Frame::Text(cdr.to_json()));
+        self.close();
     }
 
     /// Closes the connection with 1000.
     pub fn close(&mut self) {
-        if !self.done_sending {
-            self.done_sending = true;
-            self.out
-                .push_back(Output::Close(Close::new(CloseCode::NORMAL, "call ended")));
-        }
+        self.core.close(Close::new(CloseCode::NORMAL, "call ended"));
     }
 
     /// Whether the server answered.
     pub fn is_answered(&self) -> bool {
-        self.answered
+        self.core.is_answered()
     }
 
     /// The next output, if any.
     pub fn poll_output(&mut self) -> Option<Output<PhoneEvent>> {
-        self.out.pop_front()
+        self.core.poll_output()
     }
 }
 
