@@ -8,6 +8,7 @@
 //! - [`callbridge`]: CallBridge's start message, its server [`callbridge::Session`] and its
 //!   phone side [`callbridge::Phone`].
 //! - [`inbound`]: the inbound-call messages, [`inbound::Session`] and [`inbound::Phone`].
+//! - [`session`]: [`Session`], either protocol's server session behind one type.
 //! - Shared values: [`Frame`], [`Close`], [`CloseCode`], [`Digit`], [`DtmfDuration`],
 //!   [`AudioFormat`], [`EndReason`], [`Error`].
 //!
@@ -33,6 +34,7 @@ mod format;
 mod frame;
 pub mod inbound;
 mod json;
+pub mod session;
 
 pub use call::{CallEvent, CdrReport, Command, Disconnect, PhoneEvent};
 pub use detect::Protocol;
@@ -41,3 +43,4 @@ pub use end::{EndReason, HangupBy};
 pub use error::Error;
 pub use format::{AudioFormat, UnsupportedFormat};
 pub use frame::{Close, CloseCode, Frame, Output};
+pub use session::Session;

@@ -11,10 +11,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate_proto::detect::{self, Start};
+use callgate_proto::detect;
 use callgate_proto::{
     CallEvent, Command, Digit, Disconnect, DtmfDuration, EndReason, Error, Frame, Output,
-    PhoneEvent, Protocol, callbridge, inbound,
+    PhoneEvent, Protocol, Session, callbridge, inbound,
 };
 use serde_json::{Value, json};
 
@@ -115,20 +115,6 @@ fn command(v: &Value) -> Command {
     }
 }
 
-enum Server {
-    CallBridge(callbridge::Session),
-    Inbound(inbound::Session),
-}
-
-macro_rules! both {
-    ($s:expr, $x:ident => $e:expr) => {
-        match $s {
-            Server::CallBridge($x) => $e,
-            Server::Inbound($x) => $e,
-        }
-    };
-}
-
 /// Runs one vector; returns a description of the first mismatch.
 fn run(path: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
@@ -163,14 +149,7 @@ fn run(path: &Path) -> Result<(), String> {
             ));
         }
         let cdr_timeout = Duration::from_millis(v["cdr_timeout_ms"].as_u64().unwrap_or(10_000));
-        let mut s = match start {
-            Start::CallBridge(s) => Server::CallBridge(callbridge::Session::new(t0, s)),
-            Start::Inbound(c) => Server::Inbound(inbound::Session::new(
-                t0,
-                c,
-                inbound::Config { cdr_timeout },
-            )),
-        };
+        let mut s = Session::new(t0, start, inbound::Config { cdr_timeout });
         for (i, step) in v["steps"]
             .as_array()
             .cloned()
@@ -182,26 +161,26 @@ fn run(path: &Path) -> Result<(), String> {
             let input = &step["input"];
             let mut command_error = Value::Null;
             if let Some(t) = input.get("text") {
-                both!(&mut s, x => x.handle_text(now, t.as_str().expect("text")));
+                s.handle_text(now, t.as_str().expect("text"));
             } else if let Some(b) = input.get("binary_hex") {
-                both!(&mut s, x => x.handle_binary(now, unhex(b.as_str().expect("hex"))));
+                s.handle_binary(now, unhex(b.as_str().expect("hex")));
             } else if let Some(d) = input.get("peer_close") {
-                both!(&mut s, x => x.handle_peer_close(now, disconnect(d)));
+                s.handle_peer_close(now, disconnect(d));
             } else if let Some(c) = input.get("command") {
-                if let Err(e) = both!(&mut s, x => x.handle_command(now, command(c))) {
+                if let Err(e) = s.handle_command(now, command(c)) {
                     command_error = json!(e.to_string());
                 }
             } else if input.get("timeout").is_some() {
-                both!(&mut s, x => x.handle_timeout(now));
+                s.handle_timeout(now);
             } else if input.get("shutdown").is_some() {
-                both!(&mut s, x => x.handle_shutdown(now));
+                s.handle_shutdown(now);
             } else if input.get("message_too_big").is_some() {
-                both!(&mut s, x => x.handle_violation(now, Error::MessageTooBig { max: 4096 }));
+                s.handle_violation(now, Error::MessageTooBig { max: 4096 });
             } else {
                 return Err(format!("step {i}: unknown input {input}"));
             }
             outputs.clear();
-            while let Some(o) = both!(&mut s, x => x.poll_output()) {
+            while let Some(o) = s.poll_output() {
                 outputs.push(call_output(o));
             }
             check(i, step, &outputs)?;
@@ -211,8 +190,9 @@ fn run(path: &Path) -> Result<(), String> {
                     step["command_error"]
                 ));
             }
-            let deadline =
-                both!(&s, x => x.poll_timeout()).map(|d| d.duration_since(t0).as_millis() as u64);
+            let deadline = s
+                .poll_timeout()
+                .map(|d| d.duration_since(t0).as_millis() as u64);
             if let Some(expected) = step.get("deadline_ms")
                 && json!(deadline) != *expected
             {
@@ -221,7 +201,7 @@ fn run(path: &Path) -> Result<(), String> {
                 ));
             }
             if let Some(expected) = step.get("closed")
-                && json!(both!(&s, x => x.is_closed())) != *expected
+                && json!(s.is_closed()) != *expected
             {
                 return Err(format!("step {i}: is_closed expected {expected}"));
             }

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
 use callgate_agent::queue::{self, EventSender, Pushed, SendError};
 use callgate_agent::{AgentCommand, AgentEvent, AgentRun, CallInfo, ClearWatch, Commands};
 use callgate_audio::playout::PlayoutEvent;
@@ -23,7 +22,7 @@ use callgate_audio::vad::VadEvent;
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
     AudioFormat, CallEvent, Close, CloseCode, Command, Digit, Disconnect, EndReason,
-    Error as ProtoError, Frame, Output, Protocol, callbridge, inbound,
+    Error as ProtoError, Frame, Output, Protocol, Session, inbound,
 };
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
@@ -219,54 +218,6 @@ async fn close(ws: &mut Ws, close: Close, write_timeout: Duration) {
     .await;
 }
 
-/// The protocol session of a call, whichever protocol it speaks.
-enum Session {
-    CallBridge(callbridge::Session),
-    Inbound(inbound::Session),
-}
-
-macro_rules! both {
-    ($self:expr, $s:ident => $e:expr) => {
-        match $self {
-            Session::CallBridge($s) => $e,
-            Session::Inbound($s) => $e,
-        }
-    };
-}
-
-impl Session {
-    fn handle_text(&mut self, now: std::time::Instant, text: &str) {
-        both!(self, s => s.handle_text(now, text))
-    }
-    fn handle_binary(&mut self, now: std::time::Instant, data: Bytes) {
-        both!(self, s => s.handle_binary(now, data))
-    }
-    fn handle_peer_close(&mut self, now: std::time::Instant, how: Disconnect) {
-        both!(self, s => s.handle_peer_close(now, how))
-    }
-    fn handle_violation(&mut self, now: std::time::Instant, error: ProtoError) {
-        both!(self, s => s.handle_violation(now, error))
-    }
-    fn handle_command(&mut self, now: std::time::Instant, c: Command) -> Result<(), ProtoError> {
-        both!(self, s => s.handle_command(now, c))
-    }
-    fn handle_timeout(&mut self, now: std::time::Instant) {
-        both!(self, s => s.handle_timeout(now))
-    }
-    fn handle_shutdown(&mut self, now: std::time::Instant) {
-        both!(self, s => s.handle_shutdown(now))
-    }
-    fn poll_timeout(&self) -> Option<std::time::Instant> {
-        both!(self, s => s.poll_timeout())
-    }
-    fn poll_output(&mut self) -> Option<Output<CallEvent>> {
-        both!(self, s => s.poll_output())
-    }
-    fn is_closed(&self) -> bool {
-        both!(self, s => s.is_closed())
-    }
-}
-
 /// What woke the call task.
 enum Input {
     Shutdown,
@@ -292,7 +243,7 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
                 serde_json::to_string(cc).ok(),
                 s.audio_format.phone_output,
                 s.audio_format.phone_input,
-                Session::CallBridge(callbridge::Session::new(now, s)),
+                Session::new(now, Start::CallBridge(s), inbound::Config::default()),
             )
         }
         Start::Inbound(call) => {
@@ -307,14 +258,11 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
                 None,
                 format,
                 format,
-                Session::Inbound(inbound::Session::new(now, call, config)),
+                Session::new(now, Start::Inbound(call), config),
             )
         }
     };
-    let protocol = match session {
-        Session::CallBridge(_) => Protocol::CallBridge,
-        Session::Inbound(_) => Protocol::Inbound,
-    };
+    let protocol = session.protocol();
     let record = NewCall {
         id: id.clone(),
         protocol: protocol.as_str().to_owned(),
@@ -928,10 +876,7 @@ impl Call {
     }
 
     fn protocol(&self) -> Protocol {
-        match self.session {
-            Session::CallBridge(_) => Protocol::CallBridge,
-            Session::Inbound(_) => Protocol::Inbound,
-        }
+        self.session.protocol()
     }
 
     /// Sends a control event to the agent. If the agent does not take it in time, the call
