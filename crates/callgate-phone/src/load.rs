@@ -163,6 +163,13 @@ pub struct Frames {
     pub reordered: u64,
 }
 
+impl Frames {
+    /// Frames sent that have not come back (intact or not).
+    fn unanswered(&self) -> u64 {
+        self.sent.saturating_sub(self.received + self.corrupt)
+    }
+}
+
 /// The generator's own health.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Sender {
@@ -618,7 +625,7 @@ async fn echo_loop(
                 Some(Ok(Message::Binary(b))) => receive(r, &b, idx, live, t_run, &mut highest),
                 Some(Ok(m)) => {
                     if let Some((code, _)) = conn::close_of(&m) {
-                        r.frames.lost = u64::from(seq).saturating_sub(r.frames.received + r.frames.corrupt);
+                        r.frames.lost = r.frames.unanswered();
                         return Err(format!("closed_{code}_mid_call"));
                     }
                     phone.handle(m);
@@ -628,7 +635,7 @@ async fn echo_loop(
                     }
                 }
                 Some(Err(_)) | None => {
-                    r.frames.lost = u64::from(seq).saturating_sub(r.frames.received + r.frames.corrupt);
+                    r.frames.lost = r.frames.unanswered();
                     return Err("dropped_mid_call".into());
                 }
             },
@@ -649,10 +656,7 @@ async fn echo_loop(
             _ = sleep_until(stop), if drain_until.is_some() => break,
         }
     }
-    r.frames.lost = r
-        .frames
-        .sent
-        .saturating_sub(r.frames.received + r.frames.corrupt);
+    r.frames.lost = r.frames.unanswered();
     Ok(())
 }
 

@@ -178,16 +178,21 @@ fn no_call(id: &str) -> ApiError {
     )
 }
 
+/// The record of call `id`, or a 404.
+async fn find(shared: &Shared, id: &str) -> Result<CallRecord, ApiError> {
+    shared
+        .store
+        .call(CallId::from_string(id.to_owned()))
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(|| no_call(id))
+}
+
 async fn call(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Json<CallRecord>, ApiError> {
-    let record = shared
-        .store
-        .call(CallId::from_string(id.clone()))
-        .await
-        .map_err(ApiError::store)?
-        .ok_or_else(|| no_call(&id))?;
+    let record = find(&shared, &id).await?;
     Ok(Json(record))
 }
 
@@ -382,12 +387,7 @@ async fn recording(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = shared
-        .store
-        .call(CallId::from_string(id.clone()))
-        .await
-        .map_err(ApiError::store)?
-        .ok_or_else(|| no_call(&id))?;
+    let record = find(&shared, &id).await?;
     let not_recorded = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
