@@ -44,13 +44,6 @@ impl Converter {
         pcm::encode(self.to, &self.resampled)
     }
 
-    /// Converts 16-bit samples at the input rate (already decoded) into the output format.
-    pub fn convert_samples(&mut self, samples: &[i16]) -> Bytes {
-        self.resampled.clear();
-        self.resampler.process(samples, &mut self.resampled);
-        pcm::encode(self.to, &self.resampled)
-    }
-
     /// Ends the stream, returning what the resampler still held.
     pub fn flush(&mut self) -> Bytes {
         self.resampled.clear();

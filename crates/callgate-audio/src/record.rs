@@ -53,11 +53,6 @@ impl Recorder {
         })
     }
 
-    /// The recording's sample rate.
-    pub fn rate(&self) -> u32 {
-        self.rate
-    }
-
     /// Appends caller audio (left).
     pub fn caller(&mut self, samples: &[i16]) -> Result<(), Error> {
         self.left.extend(samples.iter().copied());

@@ -79,16 +79,6 @@ impl Resampler {
         })
     }
 
-    /// Input rate.
-    pub fn from_rate(&self) -> u32 {
-        self.from
-    }
-
-    /// Output rate.
-    pub fn to_rate(&self) -> u32 {
-        self.to
-    }
-
     /// Converts `input`, appending what is ready to `out`. Up to one 20 ms chunk may stay
     /// buffered until more input (or [`Resampler::flush`]) comes.
     pub fn process(&mut self, input: &[i16], out: &mut Vec<i16>) {

@@ -98,11 +98,6 @@ impl Vad {
         })
     }
 
-    /// Whether the caller is speaking now.
-    pub fn is_speaking(&self) -> bool {
-        self.speaking
-    }
-
     /// Feeds caller samples; returns a change of state, if this audio caused one.
     pub fn process(&mut self, samples: &[i16]) -> Option<VadEvent> {
         self.scratch.clear();

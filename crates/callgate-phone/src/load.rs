@@ -515,7 +515,13 @@ async fn one_call(
             session_id: id.clone(),
         })),
     };
-    let outcome = stream(&mut r, &mut phone, &mut ws, idx, opts, live, t_run, dial).await;
+    let call = Ctx {
+        idx,
+        opts,
+        live,
+        t_run,
+    };
+    let outcome = stream(&mut r, &mut phone, &mut ws, &call, dial).await;
     if let Err(reason) = outcome {
         live.failed.fetch_add(1, Ordering::Relaxed);
         r.failure = Some(reason);
@@ -525,20 +531,26 @@ async fn one_call(
     r
 }
 
-#[allow(
-    clippy::too_many_arguments,
-    reason = "one call's whole context; splitting it would only add a struct used once"
-)]
+/// What every step of one generated call needs to know.
+struct Ctx<'a> {
+    /// The call's number in the run.
+    idx: u32,
+    opts: &'a LoadOptions,
+    live: &'a Live,
+    /// When the run started (stamps are ns since then).
+    t_run: Instant,
+}
+
 async fn stream(
     r: &mut CallResult,
     phone: &mut Phone,
     ws: &mut Ws,
-    idx: u32,
-    opts: &LoadOptions,
-    live: &Live,
-    t_run: Instant,
+    call: &Ctx<'_>,
     dial: Instant,
 ) -> Result<(), String> {
+    let Ctx {
+        idx, opts, live, ..
+    } = *call;
     let send_err = |_| "send_failed".to_owned();
     // Start, then wait for the answer.
     conn::drain(phone, ws).await.map_err(send_err)?;
@@ -565,8 +577,8 @@ async fn stream(
     r.answer_us = Some(micros(dial.elapsed()));
     live.up.fetch_add(1, Ordering::Relaxed);
     let result = match opts.mode {
-        Mode::Echo => echo_loop(r, phone, ws, idx, opts, live, t_run).await,
-        Mode::Playout => listen_loop(r, phone, ws, opts, live).await,
+        Mode::Echo => echo_loop(r, phone, ws, call).await,
+        Mode::Playout => listen_loop(r, phone, ws, call).await,
     };
     live.up.fetch_sub(1, Ordering::Relaxed);
     result?;
@@ -599,11 +611,14 @@ async fn echo_loop(
     r: &mut CallResult,
     phone: &mut Phone,
     ws: &mut Ws,
-    idx: u32,
-    opts: &LoadOptions,
-    live: &Live,
-    t_run: Instant,
+    call: &Ctx<'_>,
 ) -> Result<(), String> {
+    let Ctx {
+        idx,
+        opts,
+        live,
+        t_run,
+    } = *call;
     let frame_len = opts.format.frame_bytes_20ms();
     let total = (opts.duration.as_millis() / 20) as u32;
     let start = Instant::now();
@@ -666,9 +681,9 @@ async fn listen_loop(
     r: &mut CallResult,
     phone: &mut Phone,
     ws: &mut Ws,
-    opts: &LoadOptions,
-    live: &Live,
+    call: &Ctx<'_>,
 ) -> Result<(), String> {
+    let Ctx { opts, live, .. } = *call;
     let end = Instant::now() + opts.duration;
     let frame_bytes = opts.format.frame_bytes_20ms() as f64;
     // (arrival, audio position in ms) of every frame.
