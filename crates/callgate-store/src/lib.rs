@@ -49,6 +49,15 @@ pub enum Error {
         /// What the database said.
         detail: String,
     },
+    /// A store thread could not be started (the system refused a new thread). This is a
+    /// resource problem of the host, not a configuration error.
+    #[error("cannot start the {name} thread: {source}")]
+    Thread {
+        /// Which thread.
+        name: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The writer thread is gone (the store was closed or it failed).
     #[error("the store writer is not running")]
     Closed,

@@ -55,8 +55,8 @@ impl StoreHandle {
         thread::Builder::new()
             .name("callgate-store".into())
             .spawn(move || writer(store, rx))
-            .map_err(|source| Error::Open {
-                path: "store writer thread".into(),
+            .map_err(|source| Error::Thread {
+                name: "store writer",
                 source,
             })?;
         Ok(Self { tx, timeout })
