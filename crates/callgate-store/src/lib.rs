@@ -16,7 +16,10 @@ pub mod record;
 pub mod sqlite;
 pub mod writer;
 
-pub use record::{CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent, UnixMillis};
+pub use record::{
+    CallFilter, CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent,
+    NewTranscriptEntry, TranscriptEntry, UnixMillis,
+};
 pub use sqlite::SqliteStore;
 pub use writer::StoreHandle;
 
@@ -76,12 +79,14 @@ pub trait Store: Send + 'static {
     fn insert_call(&mut self, call: &NewCall) -> Result<(), Error>;
     /// Notes when the call was answered.
     fn mark_answered(&mut self, id: &CallId, at: UnixMillis) -> Result<(), Error>;
-    /// Writes the running audio counters and DTMF of a live call.
+    /// Writes the running audio counters, DTMF and usage (a JSON object) of a live call.
+    /// A `usage` of `None` leaves the stored usage as it is.
     fn update_progress(
         &mut self,
         id: &CallId,
         counters: &Counters,
         dtmf: &str,
+        usage: Option<&str>,
     ) -> Result<(), Error>;
     /// Ends the record (once; a second end is ignored).
     fn end_call(&mut self, id: &CallId, ended: &Ended) -> Result<(), Error>;
@@ -89,12 +94,20 @@ pub trait Store: Send + 'static {
     fn set_cdr(&mut self, id: &CallId, raw: &str) -> Result<(), Error>;
     /// Appends to the call's event log, in order.
     fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error>;
+    /// Appends to the call's transcript, in order.
+    fn append_transcript(
+        &mut self,
+        id: &CallId,
+        entries: &[NewTranscriptEntry],
+    ) -> Result<(), Error>;
     /// Ends every record left open (by a crash) with end reason `interrupted`.
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
-    /// The newest calls first, at most `limit`.
-    fn list_calls(&mut self, limit: u32) -> Result<Vec<CallRecord>, Error>;
+    /// The calls `filter` selects, newest first.
+    fn list_calls(&mut self, filter: &CallFilter) -> Result<Vec<CallRecord>, Error>;
     /// One call.
     fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, Error>;
     /// One call's event log, or `None` if the call does not exist.
     fn events(&mut self, id: &CallId) -> Result<Option<Vec<EventRecord>>, Error>;
+    /// One call's transcript, or `None` if the call does not exist.
+    fn transcript(&mut self, id: &CallId) -> Result<Option<Vec<TranscriptEntry>>, Error>;
 }

@@ -106,6 +106,10 @@ pub struct NewCall {
     pub started_at: UnixMillis,
     /// Whether the call is being recorded.
     pub recording: bool,
+    /// The name of the route that took the call; `None` if it was refused before routing.
+    pub route: Option<String>,
+    /// The name of the agent that handled the call; `None` if it was refused before routing.
+    pub agent: Option<String>,
 }
 
 /// How a call ended.
@@ -121,6 +125,9 @@ pub struct Ended {
     pub counters: Counters,
     /// Digits received, in order.
     pub dtmf: String,
+    /// The agent's final usage, a JSON object (`{"input_tokens": 120}`); `None` leaves the
+    /// usage last written by [`crate::Store::update_progress`] (or none) in place.
+    pub usage: Option<String>,
 }
 
 /// One entry to append to a call's event log.
@@ -175,6 +182,12 @@ pub struct CallRecord {
     pub cdr: Option<Box<RawValue>>,
     /// Whether a recording exists (`GET /api/calls/{id}/recording`).
     pub recording: bool,
+    /// The route that took the call; null for calls refused before routing and old records.
+    pub route: Option<String>,
+    /// The agent that handled the call; null for calls refused before routing and old records.
+    pub agent: Option<String>,
+    /// The agent's usage as stored (a JSON object), or null.
+    pub usage: Option<Box<RawValue>>,
 }
 
 impl PartialEq for CallRecord {
@@ -199,6 +212,9 @@ impl PartialEq for CallRecord {
             && self.dtmf == other.dtmf
             && raw(&self.cdr) == raw(&other.cdr)
             && self.recording == other.recording
+            && self.route == other.route
+            && self.agent == other.agent
+            && raw(&self.usage) == raw(&other.usage)
     }
 }
 
@@ -222,6 +238,67 @@ pub struct EventRecord {
     pub kind: String,
     /// Details.
     pub detail: serde_json::Value,
+}
+
+/// One utterance to append to a call's transcript.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewTranscriptEntry {
+    /// Who spoke (`caller`, `agent`...).
+    pub speaker: String,
+    /// What was said.
+    pub text: String,
+    /// Where the utterance starts, in milliseconds from the start of the call.
+    pub start_ms: u64,
+    /// Where it ends, in milliseconds from the start of the call.
+    pub end_ms: u64,
+    /// Whether it was cut short (barge-in).
+    pub interrupted: bool,
+}
+
+/// One utterance of a call's transcript, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TranscriptEntry {
+    /// Position in the transcript, from 1.
+    pub seq: u64,
+    /// Who spoke.
+    pub speaker: String,
+    /// What was said.
+    pub text: String,
+    /// Start, in milliseconds from the start of the call.
+    pub start_ms: u64,
+    /// End, in milliseconds from the start of the call.
+    pub end_ms: u64,
+    /// Whether it was cut short.
+    pub interrupted: bool,
+}
+
+/// Which calls a listing returns: newest first, ordered by (`started_at`, `id`) descending,
+/// at most `limit`, keeping only those matching every filter that is set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallFilter {
+    /// The most records returned. The store applies it as given; callers cap it.
+    pub limit: u32,
+    /// Only calls taken by this route.
+    pub route: Option<String>,
+    /// Only calls handled by this agent.
+    pub agent: Option<String>,
+    /// Only calls of this protocol (`callbridge`, `inbound`).
+    pub protocol: Option<String>,
+    /// Only calls that ended with this end-reason code.
+    pub end_reason: Option<String>,
+    /// The page cursor: only calls after this one in the listing order (the ID of the last
+    /// call of the previous page). An ID that names no call yields an empty page.
+    pub before: Option<CallId>,
+}
+
+impl CallFilter {
+    /// The newest `limit` calls, unfiltered.
+    pub fn newest(limit: u32) -> Self {
+        Self {
+            limit,
+            ..Self::default()
+        }
+    }
 }
 
 /// Turns stored JSON text back into a raw value; a damaged row reads as null rather than failing

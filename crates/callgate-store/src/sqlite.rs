@@ -5,11 +5,12 @@
 
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
 
 use crate::record::{AudioFormats, raw_json};
 use crate::{
-    CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent, Store, UnixMillis,
+    CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
+    NewTranscriptEntry, Store, TranscriptEntry, UnixMillis,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
@@ -50,6 +51,26 @@ CREATE TABLE call_events (
 "#,
     r#"
 ALTER TABLE calls ADD COLUMN recording INTEGER NOT NULL DEFAULT 0;
+"#,
+    // The agent platform: who handled the call, what it cost, what was said. The indexes carry
+    // `id` too, so a filtered page is read in listing order straight from the index, cursor
+    // included, without sorting ties.
+    r#"
+ALTER TABLE calls ADD COLUMN route TEXT;
+ALTER TABLE calls ADD COLUMN agent TEXT;
+ALTER TABLE calls ADD COLUMN usage TEXT;
+CREATE INDEX calls_route ON calls (route, started_at DESC, id DESC);
+CREATE INDEX calls_agent ON calls (agent, started_at DESC, id DESC);
+CREATE TABLE call_transcript (
+    call_id     TEXT NOT NULL REFERENCES calls (id),
+    seq         INTEGER NOT NULL,
+    speaker     TEXT NOT NULL,
+    text        TEXT NOT NULL,
+    start_ms    INTEGER NOT NULL,
+    end_ms      INTEGER NOT NULL,
+    interrupted INTEGER NOT NULL,
+    PRIMARY KEY (call_id, seq)
+) WITHOUT ROWID;
 "#,
 ];
 
@@ -108,7 +129,8 @@ impl SqliteStore {
 
 const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
      phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
-     end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording";
+     end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
+     route, agent, usage";
 
 fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
     let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
@@ -138,7 +160,38 @@ fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
         dtmf: row.get(17)?,
         cdr: row.get::<_, Option<String>>(18)?.and_then(raw_json),
         recording: row.get::<_, i64>(19)? != 0,
+        route: row.get(20)?,
+        agent: row.get(21)?,
+        usage: row.get::<_, Option<String>>(22)?.and_then(raw_json),
     })
+}
+
+/// The listing query for the filters that are set. The text is assembled only from fixed
+/// fragments chosen by which filters are present (so each shape is prepared once and can use
+/// its index); every value is a bound parameter, named after its filter.
+fn list_sql(f: &CallFilter) -> String {
+    let mut sql = format!("SELECT {RECORD_COLUMNS} FROM calls WHERE 1");
+    let fragments = [
+        (f.route.is_some(), " AND route = :route"),
+        (f.agent.is_some(), " AND agent = :agent"),
+        (f.protocol.is_some(), " AND protocol = :protocol"),
+        (f.end_reason.is_some(), " AND end_reason = :end_reason"),
+        (
+            f.before.is_some(),
+            " AND (started_at, id) < (SELECT started_at, id FROM calls WHERE id = :before)",
+        ),
+    ];
+    for (set, fragment) in fragments {
+        if set {
+            sql.push_str(fragment);
+        }
+    }
+    sql.push_str(" ORDER BY started_at DESC, id DESC LIMIT :limit");
+    sql
+}
+
+fn count(v: i64) -> u64 {
+    v.max(0) as u64
 }
 
 fn as_i64(v: u64) -> i64 {
@@ -168,8 +221,8 @@ impl Store for SqliteStore {
         self.conn
             .prepare_cached(
                 "INSERT INTO calls (id, protocol, caller, callee, external_id, call_config, \
-                 phone_output_audio_format, phone_input_audio_format, started_at, recording) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 phone_output_audio_format, phone_input_audio_format, started_at, recording, \
+                 route, agent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )?
             .execute(params![
                 c.id.as_str(),
@@ -182,6 +235,8 @@ impl Store for SqliteStore {
                 c.phone_input_audio_format,
                 c.started_at.0,
                 c.recording,
+                c.route,
+                c.agent,
             ])?;
         Ok(())
     }
@@ -195,11 +250,18 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn update_progress(&mut self, id: &CallId, c: &Counters, dtmf: &str) -> Result<(), Error> {
+    fn update_progress(
+        &mut self,
+        id: &CallId,
+        c: &Counters,
+        dtmf: &str,
+        usage: Option<&str>,
+    ) -> Result<(), Error> {
         self.conn
             .prepare_cached(
                 "UPDATE calls SET bytes_in = ?2, bytes_out = ?3, frames_in = ?4, \
-                 frames_out = ?5, dtmf = ?6 WHERE id = ?1 AND ended_at IS NULL",
+                 frames_out = ?5, dtmf = ?6, usage = COALESCE(?7, usage) \
+                 WHERE id = ?1 AND ended_at IS NULL",
             )?
             .execute(params![
                 id.as_str(),
@@ -207,7 +269,8 @@ impl Store for SqliteStore {
                 as_i64(c.bytes_out),
                 as_i64(c.frames_in),
                 as_i64(c.frames_out),
-                dtmf
+                dtmf,
+                usage
             ])?;
         Ok(())
     }
@@ -217,8 +280,8 @@ impl Store for SqliteStore {
         self.conn
             .prepare_cached(
                 "UPDATE calls SET ended_at = ?2, end_reason = ?3, hangup_by = ?4, \
-                 bytes_in = ?5, bytes_out = ?6, frames_in = ?7, frames_out = ?8, dtmf = ?9 \
-                 WHERE id = ?1 AND ended_at IS NULL",
+                 bytes_in = ?5, bytes_out = ?6, frames_in = ?7, frames_out = ?8, dtmf = ?9, \
+                 usage = COALESCE(?10, usage) WHERE id = ?1 AND ended_at IS NULL",
             )?
             .execute(params![
                 id.as_str(),
@@ -229,7 +292,8 @@ impl Store for SqliteStore {
                 as_i64(c.bytes_out),
                 as_i64(c.frames_in),
                 as_i64(c.frames_out),
-                e.dtmf
+                e.dtmf,
+                e.usage
             ])?;
         Ok(())
     }
@@ -261,6 +325,34 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn append_transcript(
+        &mut self,
+        id: &CallId,
+        entries: &[NewTranscriptEntry],
+    ) -> Result<(), Error> {
+        let next: i64 = self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(seq), 0) FROM call_transcript WHERE call_id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))?;
+        let mut insert = self.conn.prepare_cached(
+            "INSERT INTO call_transcript \
+             (call_id, seq, speaker, text, start_ms, end_ms, interrupted) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        for (i, e) in entries.iter().enumerate() {
+            insert.execute(params![
+                id.as_str(),
+                next + 1 + i as i64,
+                e.speaker,
+                e.text,
+                as_i64(e.start_ms),
+                as_i64(e.end_ms),
+                e.interrupted
+            ])?;
+        }
+        Ok(())
+    }
+
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
         let n = self.conn.execute(
             "UPDATE calls SET ended_at = MAX(?1, started_at), end_reason = 'interrupted', \
@@ -270,11 +362,23 @@ impl Store for SqliteStore {
         Ok(n as u64)
     }
 
-    fn list_calls(&mut self, limit: u32) -> Result<Vec<CallRecord>, Error> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {RECORD_COLUMNS} FROM calls ORDER BY started_at DESC, id DESC LIMIT ?1"
-        ))?;
-        let rows = stmt.query_map([limit], record)?;
+    fn list_calls(&mut self, f: &CallFilter) -> Result<Vec<CallRecord>, Error> {
+        let mut stmt = self.conn.prepare_cached(&list_sql(f))?;
+        let before = f.before.as_ref().map(CallId::as_str);
+        let values: [(&str, &dyn ToSql); 6] = [
+            (":route", &f.route),
+            (":agent", &f.agent),
+            (":protocol", &f.protocol),
+            (":end_reason", &f.end_reason),
+            (":before", &before),
+            (":limit", &f.limit),
+        ];
+        // Only the parameters this shape of the query names.
+        let named: Vec<(&str, &dyn ToSql)> = values
+            .into_iter()
+            .filter(|(name, _)| stmt.parameter_index(name).ok().flatten().is_some())
+            .collect();
+        let rows = stmt.query_map(named.as_slice(), record)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -295,12 +399,69 @@ impl Store for SqliteStore {
         let rows = stmt.query_map([id.as_str()], |r| {
             let detail: String = r.get(3)?;
             Ok(EventRecord {
-                seq: r.get::<_, i64>(0)?.max(0) as u64,
+                seq: count(r.get(0)?),
                 at: UnixMillis(r.get(1)?),
                 kind: r.get(2)?,
                 detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
             })
         })?;
         Ok(Some(rows.collect::<Result<_, _>>()?))
+    }
+
+    fn transcript(&mut self, id: &CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
+        if self.call(id)?.is_none() {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, speaker, text, start_ms, end_ms, interrupted FROM call_transcript \
+             WHERE call_id = ?1 ORDER BY seq",
+        )?;
+        let rows = stmt.query_map([id.as_str()], |r| {
+            Ok(TranscriptEntry {
+                seq: count(r.get(0)?),
+                speaker: r.get(1)?,
+                text: r.get(2)?,
+                start_ms: count(r.get(3)?),
+                end_ms: count(r.get(4)?),
+                interrupted: r.get::<_, i64>(5)? != 0,
+            })
+        })?;
+        Ok(Some(rows.collect::<Result<_, _>>()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(store: &SqliteStore, f: &CallFilter) -> String {
+        let sql = format!("EXPLAIN QUERY PLAN {}", list_sql(f));
+        let mut stmt = store.conn.prepare(&sql).unwrap();
+        let mut rows = stmt.raw_query();
+        let mut plan = Vec::new();
+        while let Some(row) = rows.next().unwrap() {
+            plan.push(row.get::<_, String>(3).unwrap());
+        }
+        plan.join("; ")
+    }
+
+    #[test]
+    fn filtered_pages_are_read_from_their_index() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let by_route = CallFilter {
+            route: Some("sales".into()),
+            before: Some(CallId::from_string("x".into())),
+            ..CallFilter::newest(50)
+        };
+        let p = plan(&store, &by_route);
+        assert!(p.contains("USING INDEX calls_route"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
+        let by_agent = CallFilter {
+            agent: Some("echo".into()),
+            ..CallFilter::newest(50)
+        };
+        let p = plan(&store, &by_agent);
+        assert!(p.contains("USING INDEX calls_agent"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
     }
 }

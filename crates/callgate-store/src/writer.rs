@@ -17,7 +17,8 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent, Store, UnixMillis,
+    CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
+    NewTranscriptEntry, Store, TranscriptEntry, UnixMillis,
 };
 
 /// How many operations may wait for the writer.
@@ -30,13 +31,15 @@ type Reply<T> = oneshot::Sender<Result<T, Error>>;
 enum Op {
     Insert(NewCall, Reply<()>),
     Answered(CallId, UnixMillis),
-    Progress(CallId, Counters, String),
+    Progress(CallId, Counters, String, Option<String>),
     End(CallId, Ended, Option<Reply<()>>),
     Cdr(CallId, String, Reply<()>),
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
-    List(u32, Reply<Vec<CallRecord>>),
+    Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
+    List(CallFilter, Reply<Vec<CallRecord>>),
     Call(CallId, Reply<Option<CallRecord>>),
     CallEvents(CallId, Reply<Option<Vec<EventRecord>>>),
+    CallTranscript(CallId, Reply<Option<Vec<TranscriptEntry>>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -72,9 +75,16 @@ impl StoreHandle {
         self.offer(Op::Answered(id, at));
     }
 
-    /// Writes running counters; skipped if the writer is backed up.
-    pub fn update_progress(&self, id: CallId, counters: Counters, dtmf: String) {
-        self.offer(Op::Progress(id, counters, dtmf));
+    /// Writes running counters, DTMF and usage (a JSON object; `None` keeps the stored one);
+    /// skipped if the writer is backed up.
+    pub fn update_progress(
+        &self,
+        id: CallId,
+        counters: Counters,
+        dtmf: String,
+        usage: Option<String>,
+    ) {
+        self.offer(Op::Progress(id, counters, dtmf, usage));
     }
 
     /// Ends the record and waits for the commit.
@@ -107,15 +117,43 @@ impl StoreHandle {
     ) -> Result<(), Vec<NewEvent>> {
         match self.tx.try_send(Op::Events(id, events, None)) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Op::Events(_, events, _)))
-            | Err(mpsc::error::TrySendError::Closed(Op::Events(_, events, _))) => Err(events),
-            Err(_) => Err(Vec::new()),
+            Err(e) => match e.into_inner() {
+                Op::Events(_, events, _) => Err(events),
+                // Cannot happen: try_send gives back the operation it was given.
+                _ => Err(Vec::new()),
+            },
         }
     }
 
-    /// The newest calls first.
-    pub async fn list_calls(&self, limit: u32) -> Result<Vec<CallRecord>, Error> {
-        self.ask(|r| Op::List(limit, r)).await
+    /// Appends transcript entries and waits for the commit.
+    pub async fn append_transcript(
+        &self,
+        id: CallId,
+        entries: Vec<NewTranscriptEntry>,
+    ) -> Result<(), Error> {
+        self.ask(|r| Op::Transcript(id, entries, Some(r))).await
+    }
+
+    /// Appends transcript entries without waiting; gives them back if the writer is backed
+    /// up, so the caller can keep them and try again.
+    pub fn try_append_transcript(
+        &self,
+        id: CallId,
+        entries: Vec<NewTranscriptEntry>,
+    ) -> Result<(), Vec<NewTranscriptEntry>> {
+        match self.tx.try_send(Op::Transcript(id, entries, None)) {
+            Ok(()) => Ok(()),
+            Err(e) => match e.into_inner() {
+                Op::Transcript(_, entries, _) => Err(entries),
+                // Cannot happen: try_send gives back the operation it was given.
+                _ => Err(Vec::new()),
+            },
+        }
+    }
+
+    /// The calls `filter` selects, newest first.
+    pub async fn list_calls(&self, filter: CallFilter) -> Result<Vec<CallRecord>, Error> {
+        self.ask(|r| Op::List(filter, r)).await
     }
 
     /// One call.
@@ -126,6 +164,11 @@ impl StoreHandle {
     /// One call's event log.
     pub async fn events(&self, id: CallId) -> Result<Option<Vec<EventRecord>>, Error> {
         self.ask(|r| Op::CallEvents(id, r)).await
+    }
+
+    /// One call's transcript.
+    pub async fn transcript(&self, id: CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
+        self.ask(|r| Op::CallTranscript(id, r)).await
     }
 
     /// Commits everything queued before this call, then stops the writer.
@@ -222,8 +265,11 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
             log("answered", store.mark_answered(&id, at));
             Box::new(|_| {})
         }
-        Op::Progress(id, counters, dtmf) => {
-            log("progress", store.update_progress(&id, &counters, &dtmf));
+        Op::Progress(id, counters, dtmf, usage) => {
+            log(
+                "progress",
+                store.update_progress(&id, &counters, &dtmf, usage.as_deref()),
+            );
             Box::new(|_| {})
         }
         Op::End(id, ended, tx) => {
@@ -247,9 +293,20 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
                 }
             }
         }
-        Op::List(limit, tx) => reply(tx, store.list_calls(limit)),
+        Op::Transcript(id, entries, tx) => {
+            let r = store.append_transcript(&id, &entries);
+            match tx {
+                Some(tx) => reply(tx, r),
+                None => {
+                    log("transcript", r);
+                    Box::new(|_| {})
+                }
+            }
+        }
+        Op::List(filter, tx) => reply(tx, store.list_calls(&filter)),
         Op::Call(id, tx) => reply(tx, store.call(&id)),
         Op::CallEvents(id, tx) => reply(tx, store.events(&id)),
+        Op::CallTranscript(id, tx) => reply(tx, store.transcript(&id)),
         Op::Close(tx) => {
             let _ = tx.send(());
             Box::new(|_| {})

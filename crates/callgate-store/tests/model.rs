@@ -2,17 +2,21 @@
 
 use std::collections::BTreeMap;
 
-use callgate_store::{CallId, Counters, Ended, NewCall, NewEvent, SqliteStore, Store, UnixMillis};
+use callgate_store::{
+    CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry,
+    SqliteStore, Store, UnixMillis,
+};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Insert(u8, i64),
+    Insert(u8, i64, u8),
     Answer(u8, i64),
-    Progress(u8, u16, String),
-    End(u8, i64, u8),
+    Progress(u8, u16, String, Option<u8>),
+    End(u8, i64, u8, Option<u8>),
     Cdr(u8, String),
     Events(u8, u8),
+    Transcript(u8, u8, bool),
     EndInterrupted(i64),
 }
 
@@ -20,41 +24,81 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
     let id = 0u8..6;
     prop::collection::vec(
         prop_oneof![
-            (id.clone(), 0i64..1000).prop_map(|(i, t)| Op::Insert(i, t)),
+            (id.clone(), 0i64..1000, 0u8..9).prop_map(|(i, t, r)| Op::Insert(i, t, r)),
             (id.clone(), 0i64..2000).prop_map(|(i, t)| Op::Answer(i, t)),
-            (id.clone(), any::<u16>(), "[0-9*#]{0,4}").prop_map(|(i, n, d)| Op::Progress(i, n, d)),
-            (id.clone(), 0i64..3000, 0u8..3).prop_map(|(i, t, r)| Op::End(i, t, r)),
+            (
+                id.clone(),
+                any::<u16>(),
+                "[0-9*#]{0,4}",
+                prop::option::of(0u8..100)
+            )
+                .prop_map(|(i, n, d, u)| Op::Progress(i, n, d, u)),
+            (id.clone(), 0i64..3000, 0u8..3, prop::option::of(0u8..100))
+                .prop_map(|(i, t, r, u)| Op::End(i, t, r, u)),
             (id.clone(), "\\PC{0,20}").prop_map(|(i, c)| Op::Cdr(i, c)),
             (id.clone(), 1u8..4).prop_map(|(i, n)| Op::Events(i, n)),
+            (id.clone(), 1u8..4, any::<bool>()).prop_map(|(i, n, b)| Op::Transcript(i, n, b)),
             (0i64..3000).prop_map(Op::EndInterrupted),
         ],
         1..40,
     )
 }
 
+/// A listing to check: limit, route, agent, protocol, end reason, cursor (indexes into the
+/// value tables below; out of range means "not set").
+type FilterSpec = (u32, u8, u8, u8, u8, u8);
+
+fn filters() -> impl Strategy<Value = Vec<FilterSpec>> {
+    prop::collection::vec((0u32..8, 0u8..4, 0u8..4, 0u8..3, 0u8..5, 0u8..8), 1..6)
+}
+
 /// What the model keeps of a call.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Model {
     started_at: i64,
+    protocol: String,
+    route: Option<String>,
+    agent: Option<String>,
     answered_at: Option<i64>,
     ended_at: Option<i64>,
     end_reason: Option<String>,
     counters: Counters,
     dtmf: String,
+    usage: Option<String>,
     cdr: Option<String>,
     events: Vec<String>,
+    transcript: Vec<(String, bool)>,
 }
 
 const REASONS: [&str; 3] = ["peer_hangup", "agent_hangup", "server_shutdown"];
+const ROUTES: [&str; 3] = ["sales", "support", "it's; DROP TABLE calls"];
+const AGENTS: [&str; 3] = ["echo", "flow", "realtime"];
+const PROTOCOLS: [&str; 2] = ["inbound", "callbridge"];
 
 fn id(i: u8) -> CallId {
     CallId::from_string(format!("call-{i}"))
 }
 
-fn new_call(i: u8, t: i64) -> NewCall {
+fn usage(u: u8) -> String {
+    format!("{{\"input_tokens\":{u}}}")
+}
+
+/// Route and agent from one number: `None` for a call refused before routing.
+fn routing(r: u8) -> (Option<String>, Option<String>) {
+    match r {
+        0 => (None, None),
+        r => (
+            Some(ROUTES[usize::from(r % 3)].to_owned()),
+            Some(AGENTS[usize::from(r / 3 % 3)].to_owned()),
+        ),
+    }
+}
+
+fn new_call(i: u8, t: i64, r: u8) -> NewCall {
+    let (route, agent) = routing(r);
     NewCall {
         id: id(i),
-        protocol: "inbound".into(),
+        protocol: PROTOCOLS[usize::from(i % 2)].into(),
         caller: "1".into(),
         callee: "2".into(),
         external_id: format!("ext-{i}"),
@@ -63,20 +107,74 @@ fn new_call(i: u8, t: i64) -> NewCall {
         phone_input_audio_format: "PCM_8000".into(),
         started_at: UnixMillis(t),
         recording: i.is_multiple_of(2),
+        route,
+        agent,
     }
+}
+
+fn filter(spec: FilterSpec) -> CallFilter {
+    let (limit, route, agent, protocol, reason, before) = spec;
+    let pick = |table: &[&str], k: u8| table.get(usize::from(k)).map(|s| (*s).to_owned());
+    CallFilter {
+        limit,
+        route: pick(&ROUTES, route),
+        agent: pick(&AGENTS, agent),
+        protocol: pick(&PROTOCOLS, protocol),
+        end_reason: pick(&["peer_hangup", "interrupted", "no_such_reason"], reason),
+        before: (before < 7).then(|| id(before)),
+    }
+}
+
+/// The IDs the model says `f` lists, in order.
+fn model_list(model: &BTreeMap<u8, Model>, f: &CallFilter) -> Vec<String> {
+    let key = |i: u8, m: &Model| (m.started_at, id(i).to_string());
+    let cursor = match &f.before {
+        None => None,
+        Some(b) => match model.iter().find(|(i, _)| id(**i) == *b) {
+            Some((i, m)) => Some(key(*i, m)),
+            // A cursor naming no call: an empty page.
+            None => return Vec::new(),
+        },
+    };
+    let matches = |want: &Option<String>, have: &Option<String>| {
+        want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+    };
+    let mut listed: Vec<(i64, String)> = model
+        .iter()
+        .filter(|(_, m)| matches(&f.route, &m.route))
+        .filter(|(_, m)| matches(&f.agent, &m.agent))
+        .filter(|(_, m)| matches(&f.protocol, &Some(m.protocol.clone())))
+        .filter(|(_, m)| matches(&f.end_reason, &m.end_reason))
+        .map(|(i, m)| key(*i, m))
+        .filter(|k| cursor.as_ref().is_none_or(|c| k < c))
+        .collect();
+    listed.sort_by(|a, b| b.cmp(a));
+    listed.truncate(f.limit as usize);
+    listed.into_iter().map(|k| k.1).collect()
+}
+
+fn ids(records: &[CallRecord]) -> Vec<String> {
+    records.iter().map(|r| r.id.to_string()).collect()
 }
 
 proptest! {
     #[test]
-    fn sqlite_matches_the_model(ops in ops()) {
+    fn sqlite_matches_the_model(ops in ops(), filters in filters(), page in 1u32..4) {
         let mut store = SqliteStore::open_in_memory().unwrap();
         let mut model: BTreeMap<u8, Model> = BTreeMap::new();
         for op in ops {
             match op {
-                Op::Insert(i, t) => {
-                    let r = store.insert_call(&new_call(i, t));
+                Op::Insert(i, t, r) => {
+                    let call = new_call(i, t, r);
+                    let r = store.insert_call(&call);
                     prop_assert_eq!(r.is_ok(), !model.contains_key(&i));
-                    model.entry(i).or_insert(Model { started_at: t, ..Model::default() });
+                    model.entry(i).or_insert(Model {
+                        started_at: t,
+                        protocol: call.protocol,
+                        route: call.route,
+                        agent: call.agent,
+                        ..Model::default()
+                    });
                 }
                 Op::Answer(i, t) => {
                     store.mark_answered(&id(i), UnixMillis(t)).unwrap();
@@ -84,26 +182,29 @@ proptest! {
                         m.answered_at.get_or_insert(t);
                     }
                 }
-                Op::Progress(i, n, dtmf) => {
+                Op::Progress(i, n, dtmf, u) => {
                     let c = Counters {
                         bytes_in: u64::from(n) * 320,
                         bytes_out: u64::from(n) * 160,
                         frames_in: u64::from(n),
                         frames_out: u64::from(n) / 2,
                     };
-                    store.update_progress(&id(i), &c, &dtmf).unwrap();
+                    let u = u.map(usage);
+                    store.update_progress(&id(i), &c, &dtmf, u.as_deref()).unwrap();
                     if let Some(m) = model.get_mut(&i).filter(|m| m.ended_at.is_none()) {
                         m.counters = c;
                         m.dtmf = dtmf;
+                        m.usage = u.or(m.usage.take());
                     }
                 }
-                Op::End(i, t, r) => {
+                Op::End(i, t, r, u) => {
                     let ended = Ended {
                         at: UnixMillis(t),
                         reason: REASONS[r as usize].into(),
                         hangup_by: "peer".into(),
                         counters: Counters { bytes_in: 1, ..Counters::default() },
                         dtmf: "9".into(),
+                        usage: u.map(usage),
                     };
                     store.end_call(&id(i), &ended).unwrap();
                     if let Some(m) = model.get_mut(&i).filter(|m| m.ended_at.is_none()) {
@@ -111,6 +212,7 @@ proptest! {
                         m.end_reason = Some(ended.reason.clone());
                         m.counters = ended.counters;
                         m.dtmf = ended.dtmf.clone();
+                        m.usage = ended.usage.clone().or(m.usage.take());
                     }
                 }
                 Op::Cdr(i, raw) => {
@@ -134,6 +236,22 @@ proptest! {
                         m.events.extend(events.into_iter().map(|e| e.kind));
                     }
                 }
+                Op::Transcript(i, n, interrupted) => {
+                    let entries: Vec<NewTranscriptEntry> = (0..n)
+                        .map(|k| NewTranscriptEntry {
+                            speaker: if k % 2 == 0 { "caller" } else { "agent" }.into(),
+                            text: format!("words {k}"),
+                            start_ms: u64::from(k) * 1000,
+                            end_ms: u64::from(k) * 1000 + 900,
+                            interrupted,
+                        })
+                        .collect();
+                    let r = store.append_transcript(&id(i), &entries);
+                    prop_assert_eq!(r.is_ok(), model.contains_key(&i));
+                    if let Some(m) = model.get_mut(&i) {
+                        m.transcript.extend(entries.into_iter().map(|e| (e.text, e.interrupted)));
+                    }
+                }
                 Op::EndInterrupted(t) => {
                     let n = store.end_interrupted(UnixMillis(t)).unwrap();
                     let mut expected = 0;
@@ -146,34 +264,56 @@ proptest! {
                 }
             }
         }
+        let reader = &mut store;
         // Newest first, ties broken by id, descending.
-        let mut order: Vec<(i64, String, u8)> =
-            model.iter().map(|(i, m)| (m.started_at, id(*i).to_string(), *i)).collect();
-        order.sort_by(|a, b| b.cmp(a));
-        let listed = store.list_calls(1000).unwrap();
-        prop_assert_eq!(
-            listed.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
-            order.iter().map(|o| o.1.clone()).collect::<Vec<_>>()
-        );
+        let all = CallFilter::newest(1000);
+        let listed = reader.list_calls(&all).unwrap();
+        prop_assert_eq!(ids(&listed), model_list(&model, &all));
+        prop_assert_eq!(listed.len(), model.len());
+        for spec in filters {
+            let f = filter(spec);
+            prop_assert_eq!(ids(&reader.list_calls(&f).unwrap()), model_list(&model, &f));
+        }
+        // Paging with the cursor walks the whole listing, each call once.
+        let mut paged = Vec::new();
+        let mut f = CallFilter::newest(page);
+        loop {
+            let ids = ids(&reader.list_calls(&f).unwrap());
+            let Some(last) = ids.last() else { break };
+            f.before = Some(CallId::from_string(last.clone()));
+            paged.extend(ids);
+        }
+        prop_assert_eq!(paged, model_list(&model, &all));
         for (i, m) in &model {
-            let r = store.call(&id(*i)).unwrap().unwrap();
+            let r = reader.call(&id(*i)).unwrap().unwrap();
             prop_assert_eq!(r.started_at, UnixMillis(m.started_at));
+            prop_assert_eq!(&r.protocol, &m.protocol);
+            prop_assert_eq!(&r.route, &m.route);
+            prop_assert_eq!(&r.agent, &m.agent);
             prop_assert_eq!(r.answered_at, m.answered_at.map(UnixMillis));
             prop_assert_eq!(r.ended_at, m.ended_at.map(UnixMillis));
             prop_assert_eq!(&r.end_reason, &m.end_reason);
             prop_assert_eq!(r.bytes_in, m.counters.bytes_in);
             prop_assert_eq!(r.frames_out, m.counters.frames_out);
             prop_assert_eq!(&r.dtmf, &m.dtmf);
+            prop_assert_eq!(r.usage.as_ref().map(|u| u.get().to_owned()), m.usage.clone());
             prop_assert_eq!(r.cdr.as_ref().map(|c| c.get().to_owned()), m.cdr.clone());
-            let events = store.events(&id(*i)).unwrap().unwrap();
+            let events = reader.events(&id(*i)).unwrap().unwrap();
             prop_assert_eq!(
                 events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
                 m.events.clone()
             );
             prop_assert!(events.iter().enumerate().all(|(k, e)| e.seq == k as u64 + 1));
+            let transcript = reader.transcript(&id(*i)).unwrap().unwrap();
+            prop_assert_eq!(
+                transcript.iter().map(|e| (e.text.clone(), e.interrupted)).collect::<Vec<_>>(),
+                m.transcript.clone()
+            );
+            prop_assert!(transcript.iter().enumerate().all(|(k, e)| e.seq == k as u64 + 1));
         }
-        prop_assert!(store.call(&id(99)).unwrap().is_none());
-        prop_assert!(store.events(&id(99)).unwrap().is_none());
+        prop_assert!(reader.call(&id(99)).unwrap().is_none());
+        prop_assert!(reader.events(&id(99)).unwrap().is_none());
+        prop_assert!(reader.transcript(&id(99)).unwrap().is_none());
     }
 }
 
@@ -182,7 +322,7 @@ async fn the_writer_commits_in_order_and_close_flushes() {
     let store = SqliteStore::open_in_memory().unwrap();
     let handle =
         callgate_store::StoreHandle::start(store, std::time::Duration::from_secs(5)).unwrap();
-    handle.insert_call(new_call(1, 10)).await.unwrap();
+    handle.insert_call(new_call(1, 10, 1)).await.unwrap();
     handle.update_progress(
         id(1),
         Counters {
@@ -190,6 +330,7 @@ async fn the_writer_commits_in_order_and_close_flushes() {
             ..Counters::default()
         },
         "1".into(),
+        Some(usage(3)),
     );
     assert!(
         handle
@@ -203,6 +344,22 @@ async fn the_writer_commits_in_order_and_close_flushes() {
             )
             .is_ok()
     );
+    let said = NewTranscriptEntry {
+        speaker: "caller".into(),
+        text: "hello".into(),
+        start_ms: 100,
+        end_ms: 900,
+        interrupted: false,
+    };
+    assert!(
+        handle
+            .try_append_transcript(id(1), vec![said.clone()])
+            .is_ok()
+    );
+    handle
+        .append_transcript(id(1), vec![said.clone()])
+        .await
+        .unwrap();
     handle
         .end_call(
             id(1),
@@ -215,6 +372,7 @@ async fn the_writer_commits_in_order_and_close_flushes() {
                     ..Counters::default()
                 },
                 dtmf: "12".into(),
+                usage: None,
             },
         )
         .await
@@ -222,12 +380,19 @@ async fn the_writer_commits_in_order_and_close_flushes() {
     let r = handle.call(id(1)).await.unwrap().unwrap();
     assert_eq!(r.bytes_in, 7);
     assert_eq!(r.dtmf, "12");
+    assert_eq!(r.usage.map(|u| u.get().to_owned()), Some(usage(3)));
     assert_eq!(handle.events(id(1)).await.unwrap().unwrap().len(), 1);
+    let transcript = handle.transcript(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        transcript.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert!(handle.transcript(id(2)).await.unwrap().is_none());
     // A duplicate insert is refused, and the writer goes on.
-    assert!(handle.insert_call(new_call(1, 10)).await.is_err());
+    assert!(handle.insert_call(new_call(1, 10, 0)).await.is_err());
     handle.close().await;
     assert!(matches!(
-        handle.list_calls(1).await,
+        handle.list_calls(CallFilter::newest(1)).await,
         Err(callgate_store::Error::Closed)
     ));
 }
