@@ -12,6 +12,7 @@
 //! is still null when the store opens was left by a crash and is ended with `interrupted`.
 //! This crate depends on no other callgate crate: codes (protocol, end reason) are strings here.
 
+pub mod reader;
 pub mod record;
 pub mod sqlite;
 pub mod writer;
@@ -20,7 +21,7 @@ pub use record::{
     CallFilter, CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent,
     NewTranscriptEntry, TranscriptEntry, UnixMillis,
 };
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteReader, SqliteStore};
 pub use writer::StoreHandle;
 
 /// A storage failure.
@@ -61,16 +62,23 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// The writer thread is gone (the store was closed or it failed).
-    #[error("the store writer is not running")]
+    /// The writer (for a write) or the readers (for a read) are gone: the store was closed,
+    /// or its threads failed.
+    #[error("the store is not running")]
     Closed,
-    /// The writer did not accept or answer in time.
+    /// The writer or a reader did not accept or answer in time.
     #[error("the store did not answer within {0:?}")]
     Timeout(std::time::Duration),
 }
 
-/// Storage for call records. Methods are synchronous: a backend runs on the writer thread.
+/// The write side of call-record storage. Methods are synchronous: a backend runs on the
+/// writer thread, the only thread that writes.
 pub trait Store: Send + 'static {
+    /// The read side of this backend.
+    type Reader: Reader;
+    /// Opens a read-only view of the same data for a reader thread. It sees what this store
+    /// has committed (a backend may show more, see [`sqlite::SqliteStore::open_in_memory`]).
+    fn open_reader(&self) -> Result<Self::Reader, Error>;
     /// Runs the queued operations of one batch in one transaction.
     fn transaction<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, Error>) -> Result<T, Error>
     where
@@ -102,6 +110,10 @@ pub trait Store: Send + 'static {
     ) -> Result<(), Error>;
     /// Ends every record left open (by a crash) with end reason `interrupted`.
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
+}
+
+/// The read side of call-record storage, run on the reader threads, never on the writer.
+pub trait Reader: Send + 'static {
     /// The calls `filter` selects, newest first.
     fn list_calls(&mut self, filter: &CallFilter) -> Result<Vec<CallRecord>, Error>;
     /// One call.

@@ -3,14 +3,15 @@
 //! `synchronous = NORMAL` in WAL mode means a committed transaction survives a crash of the
 //! process (what `kill -9` tests), and only a power loss can take the last few commits.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, Row, ToSql, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
 use crate::record::{AudioFormats, raw_json};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Store, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, Reader, Store, TranscriptEntry, UnixMillis,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
@@ -74,11 +75,31 @@ CREATE TABLE call_transcript (
 "#,
 ];
 
-/// Call records in one SQLite database.
+/// Call records in one SQLite database: the writer's connection.
 #[derive(Debug)]
 pub struct SqliteStore {
     conn: Connection,
+    /// Where [`Store::open_reader`] connects.
+    source: Source,
 }
+
+/// Which database a store is, so readers can open the same one.
+#[derive(Debug, Clone)]
+enum Source {
+    /// A file, in WAL mode.
+    File(PathBuf),
+    /// A named shared-cache in-memory database (a `file:` URI).
+    Memory(String),
+}
+
+/// A read-only connection to a [`SqliteStore`]'s database, for a reader thread.
+#[derive(Debug)]
+pub struct SqliteReader {
+    conn: Connection,
+}
+
+/// How long a connection waits for a lock held by another before it reports busy.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SqliteStore {
     /// Opens (creating if needed) `callgate.db` in `data_dir` and migrates it.
@@ -87,21 +108,31 @@ impl SqliteStore {
             path: data_dir.display().to_string(),
             source,
         })?;
-        let conn = Connection::open(data_dir.join("callgate.db"))?;
-        Self::from_connection(conn)
+        let path = data_dir.join("callgate.db");
+        let conn = Connection::open(&path)?;
+        Self::from_connection(conn, Source::File(path))
     }
 
-    /// An in-memory database (tests).
+    /// A fresh in-memory database (tests). It is a named shared-cache database, so the
+    /// readers from [`Store::open_reader`] see it; it lives while any connection to it is
+    /// open. Its readers read uncommitted data (shared-cache readers would otherwise lock
+    /// tables against the writer): they may see a batch before its commit, which a file
+    /// store in WAL mode never shows.
     pub fn open_in_memory() -> Result<Self, Error> {
-        Self::from_connection(Connection::open_in_memory()?)
+        let uri = format!(
+            "file:callgate-{}?mode=memory&cache=shared",
+            uuid::Uuid::now_v7().simple()
+        );
+        let conn = Connection::open(&uri)?;
+        Self::from_connection(conn, Source::Memory(uri))
     }
 
-    fn from_connection(conn: Connection) -> Result<Self, Error> {
+    fn from_connection(conn: Connection, source: Source) -> Result<Self, Error> {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Self { conn };
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mut store = Self { conn, source };
         store.migrate()?;
         Ok(store)
     }
@@ -199,6 +230,28 @@ fn as_i64(v: u64) -> i64 {
 }
 
 impl Store for SqliteStore {
+    type Reader = SqliteReader;
+
+    fn open_reader(&self) -> Result<SqliteReader, Error> {
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = match &self.source {
+            Source::File(path) => Connection::open_with_flags(path, flags)?,
+            Source::Memory(uri) => {
+                let conn = Connection::open_with_flags(uri, flags)?;
+                // Shared-cache readers take table locks that would make the writer fail
+                // with SQLITE_LOCKED (busy_timeout does not apply there); reading
+                // uncommitted takes none.
+                conn.pragma_update(None, "read_uncommitted", true)?;
+                conn
+            }
+        };
+        // In WAL mode a reader waits only in rare cases (recovery after a crash).
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        Ok(SqliteReader { conn })
+    }
+
     fn transaction<T>(
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, Error>,
@@ -361,7 +414,9 @@ impl Store for SqliteStore {
         )?;
         Ok(n as u64)
     }
+}
 
+impl Reader for SqliteReader {
     fn list_calls(&mut self, f: &CallFilter) -> Result<Vec<CallRecord>, Error> {
         let mut stmt = self.conn.prepare_cached(&list_sql(f))?;
         let before = f.before.as_ref().map(CallId::as_str);
@@ -434,7 +489,7 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    fn plan(store: &SqliteStore, f: &CallFilter) -> String {
+    fn plan(store: &SqliteReader, f: &CallFilter) -> String {
         let sql = format!("EXPLAIN QUERY PLAN {}", list_sql(f));
         let mut stmt = store.conn.prepare(&sql).unwrap();
         let mut rows = stmt.raw_query();
@@ -447,7 +502,10 @@ mod tests {
 
     #[test]
     fn filtered_pages_are_read_from_their_index() {
-        let store = SqliteStore::open_in_memory().unwrap();
+        let store = SqliteStore::open_in_memory()
+            .unwrap()
+            .open_reader()
+            .unwrap();
         let by_route = CallFilter {
             route: Some("sales".into()),
             before: Some(CallId::from_string("x".into())),

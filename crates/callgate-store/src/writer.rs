@@ -11,22 +11,22 @@
 //! - [`StoreHandle::end_now`], for drop guards that cannot await: `try_send`; if the queue is
 //!   full the record stays open and is ended as `interrupted` at the next start (logged).
 
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::reader::{self, READER_QUEUE, READERS, Read, Reply};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Store, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, Reader, Store, TranscriptEntry, UnixMillis,
 };
 
 /// How many operations may wait for the writer.
 pub const WRITER_QUEUE: usize = 4096;
 /// The most operations committed in one transaction.
 pub const BATCH: usize = 512;
-
-type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Op {
     Insert(NewCall, Reply<()>),
@@ -36,24 +36,51 @@ enum Op {
     Cdr(CallId, String, Reply<()>),
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
     Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
-    List(CallFilter, Reply<Vec<CallRecord>>),
-    Call(CallId, Reply<Option<CallRecord>>),
-    CallEvents(CallId, Reply<Option<Vec<EventRecord>>>),
-    CallTranscript(CallId, Reply<Option<Vec<TranscriptEntry>>>),
     Close(oneshot::Sender<()>),
 }
 
-/// A cloneable handle to the store writer.
+/// A cloneable handle to the store: writes go to the writer thread, reads to the readers.
 #[derive(Debug, Clone)]
 pub struct StoreHandle {
+    /// The writer's queue; see the module docs for the policy of each operation.
     tx: mpsc::Sender<Op>,
+    /// The readers' shared queue ([`crate::reader`]): awaited with `timeout`.
+    reads: mpsc::Sender<Read>,
     timeout: Duration,
 }
 
 impl StoreHandle {
-    /// Starts the writer thread, which owns `store` until [`StoreHandle::close`].
-    /// `timeout` bounds every awaited operation.
-    pub fn start(store: impl Store, timeout: Duration) -> Result<Self, Error> {
+    /// Starts the writer thread, which owns `store` until [`StoreHandle::close`], and
+    /// [`READERS`] reader threads on readers opened from it. `timeout` bounds every awaited
+    /// operation.
+    pub fn start<S: Store>(store: S, timeout: Duration) -> Result<Self, Error> {
+        let readers = (0..READERS)
+            .map(|_| store.open_reader())
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::start_with_readers(store, readers, timeout)
+    }
+
+    /// Like [`StoreHandle::start`], with readers of the caller's choosing: one thread each.
+    /// With no readers, every read fails with [`Error::Closed`].
+    pub fn start_with_readers<R: Reader>(
+        store: impl Store,
+        readers: Vec<R>,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        let (reads, queue) = mpsc::channel(READER_QUEUE);
+        let queue = Arc::new(Mutex::new(queue));
+        for (i, r) in readers.into_iter().enumerate() {
+            let queue = queue.clone();
+            // If a later spawn fails, dropping `reads` on return stops the threads started.
+            thread::Builder::new()
+                .name(format!("callgate-store-read-{i}"))
+                .spawn(move || reader::run(r, queue))
+                .map_err(|source| Error::Thread {
+                    name: "store reader",
+                    source,
+                })?;
+        }
+        drop(queue);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         thread::Builder::new()
             .name("callgate-store".into())
@@ -62,7 +89,7 @@ impl StoreHandle {
                 name: "store writer",
                 source,
             })?;
-        Ok(Self { tx, timeout })
+        Ok(Self { tx, reads, timeout })
     }
 
     /// Inserts the record of a call that just started, and waits for the commit.
@@ -151,44 +178,42 @@ impl StoreHandle {
         }
     }
 
-    /// The calls `filter` selects, newest first.
+    /// The calls `filter` selects, newest first (read by a reader thread).
     pub async fn list_calls(&self, filter: CallFilter) -> Result<Vec<CallRecord>, Error> {
-        self.ask(|r| Op::List(filter, r)).await
+        ask(&self.reads, self.timeout, |r| Read::List(filter, r)).await
     }
 
-    /// One call.
+    /// One call (read by a reader thread).
     pub async fn call(&self, id: CallId) -> Result<Option<CallRecord>, Error> {
-        self.ask(|r| Op::Call(id, r)).await
+        ask(&self.reads, self.timeout, |r| Read::Call(id, r)).await
     }
 
-    /// One call's event log.
+    /// One call's event log, or `None` if the call does not exist (read by a reader thread).
     pub async fn events(&self, id: CallId) -> Result<Option<Vec<EventRecord>>, Error> {
-        self.ask(|r| Op::CallEvents(id, r)).await
+        ask(&self.reads, self.timeout, |r| Read::Events(id, r)).await
     }
 
-    /// One call's transcript.
+    /// One call's transcript, or `None` if the call does not exist (read by a reader thread).
     pub async fn transcript(&self, id: CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
-        self.ask(|r| Op::CallTranscript(id, r)).await
+        ask(&self.reads, self.timeout, |r| Read::Transcript(id, r)).await
     }
 
-    /// Commits everything queued before this call, then stops the writer.
+    /// Commits everything queued before this call, then stops the writer; then stops the
+    /// readers once they have answered the reads already queued. Later operations on any
+    /// clone of the handle fail with [`Error::Closed`].
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Op::Close(tx)).await.is_ok() {
             // The writer answers after its last commit; if it is gone, there is nothing to wait for.
             let _ = rx.await;
         }
+        // Bounded like any read: if the readers are stuck, give up rather than hang shutdown.
+        // An error means they are gone already or stuck; either way there is nothing to add.
+        let _ = ask(&self.reads, self.timeout, Read::Close).await;
     }
 
     async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, Error> {
-        let (tx, rx) = oneshot::channel();
-        let work = async {
-            self.tx.send(op(tx)).await.map_err(|_| Error::Closed)?;
-            rx.await.map_err(|_| Error::Closed)?
-        };
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .map_err(|_| Error::Timeout(self.timeout))?
+        ask(&self.tx, self.timeout, op).await
     }
 
     fn offer(&self, op: Op) {
@@ -199,6 +224,22 @@ impl StoreHandle {
             );
         }
     }
+}
+
+/// Sends a request carrying a reply channel and waits for the answer, all within `timeout`.
+async fn ask<M, T>(
+    queue: &mpsc::Sender<M>,
+    timeout: Duration,
+    request: impl FnOnce(Reply<T>) -> M,
+) -> Result<T, Error> {
+    let (tx, rx) = oneshot::channel();
+    let work = async {
+        queue.send(request(tx)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| Error::Timeout(timeout))?
 }
 
 /// Results of one batch, sent only after the commit.
@@ -303,10 +344,6 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
                 }
             }
         }
-        Op::List(filter, tx) => reply(tx, store.list_calls(&filter)),
-        Op::Call(id, tx) => reply(tx, store.call(&id)),
-        Op::CallEvents(id, tx) => reply(tx, store.events(&id)),
-        Op::CallTranscript(id, tx) => reply(tx, store.transcript(&id)),
         Op::Close(tx) => {
             let _ = tx.send(());
             Box::new(|_| {})

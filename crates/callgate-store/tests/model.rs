@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use callgate_store::{
-    CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry,
+    CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry, Reader,
     SqliteStore, Store, UnixMillis,
 };
 use proptest::prelude::*;
@@ -264,7 +264,7 @@ proptest! {
                 }
             }
         }
-        let reader = &mut store;
+        let reader = &mut store.open_reader().unwrap();
         // Newest first, ties broken by id, descending.
         let all = CallFilter::newest(1000);
         let listed = reader.list_calls(&all).unwrap();

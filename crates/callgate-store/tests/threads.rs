@@ -1,0 +1,205 @@
+//! The store's threads: reads never wait behind writes, and no write waits behind reads.
+//! Synchronised with channels and gates only; latencies are printed, never asserted.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use callgate_store::{
+    CallFilter, CallId, CallRecord, Error, EventRecord, NewCall, Reader, SqliteReader, SqliteStore,
+    Store, StoreHandle, TranscriptEntry, UnixMillis,
+};
+use tokio::sync::mpsc;
+
+/// Long enough never to fire in a passing run; the tests do not rely on it.
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn new_call(i: u32) -> NewCall {
+    NewCall {
+        id: CallId::new(),
+        protocol: "inbound".into(),
+        caller: "1".into(),
+        callee: "2".into(),
+        external_id: format!("ext-{i}"),
+        call_config: None,
+        phone_output_audio_format: "PCM_8000".into(),
+        phone_input_audio_format: "PCM_8000".into(),
+        started_at: UnixMillis(i64::from(i)),
+        recording: false,
+        route: Some("sales".into()),
+        agent: Some("echo".into()),
+    }
+}
+
+/// A gate the test opens once.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: a failure is the test failing"
+)]
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// A reader whose listings wait at a gate, after saying they have started.
+struct GatedReader {
+    inner: SqliteReader,
+    entered: mpsc::Sender<()>,
+    gate: Arc<Gate>,
+}
+
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: a failure is the test failing"
+)]
+impl Reader for GatedReader {
+    fn list_calls(&mut self, filter: &CallFilter) -> Result<Vec<CallRecord>, Error> {
+        self.entered.blocking_send(()).unwrap();
+        self.gate.wait();
+        self.inner.list_calls(filter)
+    }
+    fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, Error> {
+        self.inner.call(id)
+    }
+    fn events(&mut self, id: &CallId) -> Result<Option<Vec<EventRecord>>, Error> {
+        self.inner.events(id)
+    }
+    fn transcript(&mut self, id: &CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
+        self.inner.transcript(id)
+    }
+}
+
+#[tokio::test]
+async fn inserts_commit_while_every_reader_is_stuck() {
+    let store = SqliteStore::open_in_memory().unwrap();
+    let gate = Arc::new(Gate::default());
+    let (entered, mut entered_rx) = mpsc::channel(8);
+    let readers = (0..2)
+        .map(|_| GatedReader {
+            inner: store.open_reader().unwrap(),
+            entered: entered.clone(),
+            gate: gate.clone(),
+        })
+        .collect();
+    let handle = StoreHandle::start_with_readers(store, readers, TIMEOUT).unwrap();
+    let reads = async {
+        tokio::join!(
+            handle.list_calls(CallFilter::newest(1000)),
+            handle.list_calls(CallFilter::newest(1000)),
+        )
+    };
+    let writes = async {
+        // Both reader threads are inside a read that cannot finish until the gate opens.
+        entered_rx.recv().await.unwrap();
+        entered_rx.recv().await.unwrap();
+        for i in 0..200 {
+            handle.insert_call(new_call(i)).await.unwrap();
+        }
+        gate.open();
+    };
+    let ((a, b), ()) = tokio::join!(reads, writes);
+    // The reads ran after the gate opened, so after all the inserts.
+    assert_eq!(a.unwrap().len(), 200);
+    assert_eq!(b.unwrap().len(), 200);
+    handle.close().await;
+}
+
+/// A data directory removed at the end of the test.
+struct TempDir(PathBuf);
+
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: a failure is the test failing"
+)]
+impl TempDir {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!("callgate-store-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Inserts `n` calls one after another; returns each insert's latency.
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: a failure is the test failing"
+)]
+async fn insert_many(handle: &StoreHandle, from: u32, n: u32) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(n as usize);
+    for i in from..from + n {
+        let t = Instant::now();
+        handle.insert_call(new_call(i)).await.unwrap();
+        latencies.push(t.elapsed());
+    }
+    latencies
+}
+
+fn summary(mut l: Vec<Duration>) -> String {
+    l.sort();
+    let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize];
+    format!(
+        "p50 {:?}, p99 {:?}, max {:?}",
+        at(0.5),
+        at(0.99),
+        l[l.len() - 1]
+    )
+}
+
+#[tokio::test]
+async fn inserts_complete_under_a_reader_hammering_the_list() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(&dir.0).unwrap();
+    let handle = StoreHandle::start(store, TIMEOUT).unwrap();
+    // Enough rows that each listing of 1000 is real work.
+    insert_many(&handle, 0, 1000).await;
+
+    let alone = insert_many(&handle, 1000, 200).await;
+
+    let done = AtomicBool::new(false);
+    let hammer = async {
+        let mut lists = 0u32;
+        while !done.load(Ordering::Relaxed) {
+            let listed = handle.list_calls(CallFilter::newest(1000)).await.unwrap();
+            assert_eq!(listed.len(), 1000);
+            lists += 1;
+        }
+        lists
+    };
+    let writes = async {
+        let l = insert_many(&handle, 1200, 200).await;
+        done.store(true, Ordering::Relaxed);
+        l
+    };
+    let (lists, hammered) = tokio::join!(hammer, writes);
+    assert_eq!(hammered.len(), 200);
+    let total = handle.list_calls(CallFilter::newest(2000)).await.unwrap();
+    assert_eq!(total.len(), 1400);
+    println!("200 inserts alone: {}", summary(alone));
+    println!(
+        "200 inserts while a reader listed 1000 calls {lists} times: {}",
+        summary(hammered)
+    );
+    handle.close().await;
+}
