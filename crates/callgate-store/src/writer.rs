@@ -1,15 +1,21 @@
-//! The async front of the store: one writer thread owns the backend.
+//! The async front of the store: one writer thread owns the backend and only writes;
+//! reads go to the reader threads of [`crate::reader`].
 //!
 //! Callers send operations over a bounded channel ([`WRITER_QUEUE`] entries). The thread takes
 //! whatever is queued (up to [`BATCH`] operations) and runs it in one transaction, so a burst
-//! of call starts costs one commit, not one each.
+//! of call starts costs one commit, not one each. Replies are sent only after the commit.
 //!
 //! Channel policy, by operation:
-//! - start, end, CDR and events: awaited, with a timeout; the caller learns of a failure.
-//! - progress (periodic counters): `try_send`; dropped when the queue is full, since the next
-//!   progress or the end supersedes it.
-//! - [`StoreHandle::end_now`], for drop guards that cannot await: `try_send`; if the queue is
-//!   full the record stays open and is ended as `interrupted` at the next start (logged).
+//! - start, end, CDR, events and transcript: awaited, with the handle's timeout (waiting for
+//!   room counts against it); the caller learns of a failure.
+//! - answer time and progress (periodic counters, DTMF, usage): `try_send`; dropped (logged)
+//!   when the queue is full, since the next progress or the end supersedes it.
+//! - [`StoreHandle::try_append_events`] and [`StoreHandle::try_append_transcript`]: `try_send`;
+//!   when the queue is full the entries are given back, never dropped.
+//! - [`StoreHandle::end_now`], for drop guards that cannot await: `try_send`; when the queue
+//!   is full the end goes to an overflow list the writer drains into its next batch. That list
+//!   holds at most one end per live call. An end is lost only if the writer is gone; the
+//!   record is then ended as `interrupted` at the next start.
 
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -36,7 +42,21 @@ enum Op {
     Cdr(CallId, String, Reply<()>),
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
     Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
+    /// Nothing to do but run a batch, which drains the overflow (see [`StoreHandle::end_now`]).
+    Wake,
     Close(oneshot::Sender<()>),
+}
+
+/// Drop-guard ends that found the queue full; the writer drains it into every batch. Each
+/// call ends once, so it never holds more entries than there are live calls.
+type Overflow = Arc<Mutex<Vec<(CallId, Ended)>>>;
+
+/// Locks the overflow. Nothing panics while holding it, and a `Vec` left by a panic is still
+/// a valid list, so a poisoned lock is used as is.
+fn lock(overflow: &Overflow) -> std::sync::MutexGuard<'_, Vec<(CallId, Ended)>> {
+    overflow
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A cloneable handle to the store: writes go to the writer thread, reads to the readers.
@@ -44,6 +64,8 @@ enum Op {
 pub struct StoreHandle {
     /// The writer's queue; see the module docs for the policy of each operation.
     tx: mpsc::Sender<Op>,
+    /// Ends [`StoreHandle::end_now`] could not queue, for the writer's next batch.
+    overflow: Overflow,
     /// The readers' shared queue ([`crate::reader`]): awaited with `timeout`.
     reads: mpsc::Sender<Read>,
     timeout: Duration,
@@ -82,14 +104,21 @@ impl StoreHandle {
         }
         drop(queue);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+        let overflow = Overflow::default();
+        let drained = overflow.clone();
         thread::Builder::new()
             .name("callgate-store".into())
-            .spawn(move || writer(store, rx))
+            .spawn(move || writer(store, rx, drained))
             .map_err(|source| Error::Thread {
                 name: "store writer",
                 source,
             })?;
-        Ok(Self { tx, reads, timeout })
+        Ok(Self {
+            tx,
+            overflow,
+            reads,
+            timeout,
+        })
     }
 
     /// Inserts the record of a call that just started, and waits for the commit.
@@ -119,10 +148,24 @@ impl StoreHandle {
         self.ask(|r| Op::End(id, ended, Some(r))).await
     }
 
-    /// Ends the record without waiting, for drop guards. Returns false if it could not be
-    /// queued (the record will be ended as `interrupted` at the next start).
+    /// Ends the record without waiting, for drop guards; never lost while the store runs.
+    /// If the queue is full, the end goes to an overflow list that the writer drains into
+    /// its next batch (it is bounded by the number of live calls: a call ends once).
+    /// Returns false only if the writer is gone (the store was closed or failed): the record
+    /// then stays open and is ended as `interrupted` at the next start.
     pub fn end_now(&self, id: CallId, ended: Ended) -> bool {
-        self.tx.try_send(Op::End(id, ended, None)).is_ok()
+        use mpsc::error::TrySendError;
+        let (id, ended) = match self.tx.try_send(Op::End(id, ended, None)) {
+            Ok(()) => return true,
+            Err(TrySendError::Full(Op::End(id, ended, _))) => (id, ended),
+            // Closed; or cannot happen: try_send gives back the operation it was given.
+            Err(_) => return false,
+        };
+        lock(&self.overflow).push((id, ended));
+        // The writer may have emptied the queue since it was full, and be waiting for work:
+        // wake it. If the queue is full again, there is work queued after the push, and the
+        // writer drains the overflow after taking it.
+        !matches!(self.tx.try_send(Op::Wake), Err(TrySendError::Closed(_)))
     }
 
     /// Stores the CDR verbatim and waits for the commit.
@@ -258,7 +301,7 @@ fn reply<T: Send + 'static>(tx: Reply<T>, result: Result<T, Error>) -> Done {
     })
 }
 
-fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>) {
+fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(op) = rx.blocking_recv() {
         batch.push(op);
@@ -271,12 +314,24 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>) {
         let mut done: Vec<Done> = Vec::with_capacity(batch.len());
         let mut close = None;
         let ops = std::mem::take(&mut batch);
+        // Taken after the queued operations: an end pushed while the queue was full is
+        // picked up by the batch that takes the operations queued before or after it.
+        let ends = std::mem::take(&mut *lock(&overflow));
+        if !ends.is_empty() {
+            tracing::warn!(
+                ends = ends.len(),
+                "Store queue was full; writing call ends from the overflow."
+            );
+        }
         let result = store.transaction(|s| {
             for op in ops {
                 match op {
                     Op::Close(tx) => close = Some(tx),
                     op => done.push(apply(s, op)),
                 }
+            }
+            for (id, ended) in ends {
+                done.push(apply(s, Op::End(id, ended, None)));
             }
             Ok(())
         });
@@ -344,6 +399,7 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
                 }
             }
         }
+        Op::Wake => Box::new(|_| {}),
         Op::Close(tx) => {
             let _ = tx.send(());
             Box::new(|_| {})

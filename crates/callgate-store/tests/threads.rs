@@ -6,9 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use callgate_store::writer::WRITER_QUEUE;
 use callgate_store::{
-    CallFilter, CallId, CallRecord, Error, EventRecord, NewCall, Reader, SqliteReader, SqliteStore,
-    Store, StoreHandle, TranscriptEntry, UnixMillis,
+    CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
+    NewTranscriptEntry, Reader, SqliteReader, SqliteStore, Store, StoreHandle, TranscriptEntry,
+    UnixMillis,
 };
 use tokio::sync::mpsc;
 
@@ -201,5 +203,127 @@ async fn inserts_complete_under_a_reader_hammering_the_list() {
         "200 inserts while a reader listed 1000 calls {lists} times: {}",
         summary(hammered)
     );
+    handle.close().await;
+}
+
+/// A store whose next batch, once armed, waits at a gate after saying it has started. Its
+/// "transaction" is no transaction (each write commits alone): the test needs only the wait.
+struct GatedStore {
+    inner: SqliteStore,
+    armed: Arc<AtomicBool>,
+    entered: mpsc::Sender<()>,
+    gate: Arc<Gate>,
+}
+
+#[allow(
+    clippy::unwrap_used,
+    reason = "a test helper: a failure is the test failing"
+)]
+impl Store for GatedStore {
+    type Reader = SqliteReader;
+    fn open_reader(&self) -> Result<SqliteReader, Error> {
+        self.inner.open_reader()
+    }
+    fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        if self.armed.swap(false, Ordering::SeqCst) {
+            self.entered.blocking_send(()).unwrap();
+            self.gate.wait();
+        }
+        f(self)
+    }
+    fn insert_call(&mut self, call: &NewCall) -> Result<(), Error> {
+        self.inner.insert_call(call)
+    }
+    fn mark_answered(&mut self, id: &CallId, at: UnixMillis) -> Result<(), Error> {
+        self.inner.mark_answered(id, at)
+    }
+    fn update_progress(
+        &mut self,
+        id: &CallId,
+        counters: &Counters,
+        dtmf: &str,
+        usage: Option<&str>,
+    ) -> Result<(), Error> {
+        self.inner.update_progress(id, counters, dtmf, usage)
+    }
+    fn end_call(&mut self, id: &CallId, ended: &Ended) -> Result<(), Error> {
+        self.inner.end_call(id, ended)
+    }
+    fn set_cdr(&mut self, id: &CallId, raw: &str) -> Result<(), Error> {
+        self.inner.set_cdr(id, raw)
+    }
+    fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error> {
+        self.inner.append_events(id, events)
+    }
+    fn append_transcript(
+        &mut self,
+        id: &CallId,
+        entries: &[NewTranscriptEntry],
+    ) -> Result<(), Error> {
+        self.inner.append_transcript(id, entries)
+    }
+    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
+        self.inner.end_interrupted(at)
+    }
+}
+
+#[tokio::test]
+async fn a_drop_guard_end_lands_even_when_the_queue_is_full() {
+    let armed = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Gate::default());
+    let (entered, mut entered_rx) = mpsc::channel(1);
+    let store = GatedStore {
+        inner: SqliteStore::open_in_memory().unwrap(),
+        armed: armed.clone(),
+        entered,
+        gate: gate.clone(),
+    };
+    let handle = StoreHandle::start(store, TIMEOUT).unwrap();
+    let call = new_call(1);
+    let id = call.id.clone();
+    handle.insert_call(call).await.unwrap();
+    let event = || {
+        vec![NewEvent {
+            at: UnixMillis(1),
+            kind: "filler".into(),
+            detail: "{}".into(),
+        }]
+    };
+
+    // Hold the writer inside a batch, then fill its queue to the brim.
+    armed.store(true, Ordering::SeqCst);
+    handle.try_append_events(id.clone(), event()).unwrap();
+    entered_rx.recv().await.unwrap();
+    let mut queued = 0;
+    while handle.try_append_events(id.clone(), event()).is_ok() {
+        queued += 1;
+    }
+    assert_eq!(queued, WRITER_QUEUE);
+
+    let ended = Ended {
+        at: UnixMillis(50),
+        reason: "internal_error".into(),
+        hangup_by: "server".into(),
+        counters: Counters::default(),
+        dtmf: String::new(),
+        usage: Some("{\"input_tokens\":3}".into()),
+    };
+    assert!(handle.end_now(id.clone(), ended));
+
+    gate.open();
+    // An awaited write queued after everything else: once it commits, so has the end.
+    handle.insert_call(new_call(2)).await.unwrap();
+    let record = handle.call(id.clone()).await.unwrap().unwrap();
+    assert_eq!(record.end_reason.as_deref(), Some("internal_error"));
+    assert_eq!(record.ended_at, Some(UnixMillis(50)));
+    assert_eq!(
+        record.usage.map(|u| u.get().to_owned()).as_deref(),
+        Some("{\"input_tokens\":3}")
+    );
+    let events = handle.events(id).await.unwrap().unwrap();
+    assert_eq!(events.len(), WRITER_QUEUE + 1);
     handle.close().await;
 }
