@@ -1,16 +1,28 @@
 //! Call records: what callgate keeps of every call, and where.
 //!
 //! # Layout
-//! - [`record`]: the values: [`NewCall`], [`Ended`], [`CallRecord`], [`EventRecord`]...
-//! - [`Store`]: the synchronous storage trait a backend implements.
-//! - [`sqlite`]: the embedded default backend (WAL, schema migrations).
-//! - [`writer`]: [`StoreHandle`], the async front: one writer thread owns the backend behind a
-//!   bounded channel and commits whatever is queued in one transaction.
+//! - [`record`]: the values: [`NewCall`], [`Ended`], [`CallRecord`], [`EventRecord`],
+//!   [`TranscriptEntry`], [`CallFilter`]...
+//! - [`Store`] and [`Reader`]: the synchronous write and read sides a backend implements.
+//! - [`sqlite`]: the embedded default backend (WAL, schema migrations, read-only readers).
+//! - [`writer`]: [`StoreHandle`], the async front. One writer thread owns the [`Store`] behind
+//!   a bounded channel, commits whatever is queued in one transaction, and only writes.
+//! - [`reader`]: the reader threads ([`reader::READERS`]), each with its own read-only
+//!   [`Reader`], behind their own bounded channel. Listings and lookups never wait for the
+//!   writer's transactions, and never delay a write.
+//!
+//! # Policies
+//! Every awaited operation, read or write, is bounded by the handle's timeout. Each channel's
+//! policy when full is in the [`writer`] and [`reader`] docs. In short: progress updates may
+//! be dropped. Events and transcript entries offered without waiting are given back. A
+//! drop guard's end is never dropped.
 //!
 //! # Invariants
 //! A record is inserted when the call starts and ended exactly once; a record whose `ended_at`
 //! is still null when the store opens was left by a crash and is ended with `interrupted`.
-//! This crate depends on no other callgate crate: codes (protocol, end reason) are strings here.
+//! Event and transcript entries are numbered from 1 per call, in the order appended.
+//! This crate depends on no other callgate crate: codes (protocol, end reason, route, agent,
+//! speaker) are strings here.
 
 pub mod reader;
 pub mod record;

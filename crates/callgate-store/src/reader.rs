@@ -1,13 +1,13 @@
 //! The reader threads: reads never wait behind the writer.
 //!
-//! [`READERS`] threads, each with its own read-only [`Reader`](crate::Reader) on the same
+//! [`READERS`] threads, each with its own read-only [`Reader`] on the same
 //! database, take requests from one shared bounded queue ([`READER_QUEUE`] entries): whichever
 //! thread is free answers the next request. A read runs outside the writer's transactions, so
 //! an admin API polling the calls never delays a call start, and a slow read holds up only
 //! other reads.
 //!
 //! Queue policy: every read is awaited with the handle's timeout (waiting for room in the
-//! queue counts against it); on expiry the caller gets [`Error::Timeout`](crate::Error) and a
+//! queue counts against it); on expiry the caller gets [`Error::Timeout`] and a
 //! reader that later picks up the abandoned request skips it. Reads are never dropped silently.
 
 use std::sync::{Arc, Mutex, PoisonError};
