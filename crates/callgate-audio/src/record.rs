@@ -941,10 +941,164 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_batches_counts_them_and_keeps_the_timeline() {
+        let dir = temp_dir("full");
+        let path = dir.join("r.wav");
+        let (recordings, mut writer) = Recordings::unstarted(Config {
+            queue: 4,
+            max_open: 1,
+        });
+        let mut r = recordings.create(&path, 8000).unwrap();
+        let frame = |k: i16| [k + 1; 100];
+        // The writer is stalled: four batches fit, the next three are dropped.
+        for k in 0..6 {
+            r.caller(&frame(k)).unwrap();
+        }
+        r.agent(50, &[9; 100]).unwrap();
+        assert_eq!(r.dropped(), 3);
+        assert_eq!(r.take_dropped(), 3);
+        assert!(writer.drain().is_continue());
+        // The writer caught up: room again, until the queue is full once more.
+        for k in 6..10 {
+            r.caller(&frame(k)).unwrap();
+            if k == 7 {
+                r.agent(750, &[9; 50]).unwrap();
+            }
+        }
+        assert_eq!(r.dropped(), 4, "frame 9 did not fit");
+        assert_eq!(r.take_dropped(), 1);
+        assert_eq!(r.take_dropped(), 0);
+        assert_eq!(recordings.dropped(), 4);
+        r.finish().unwrap();
+        assert!(writer.drain().is_continue());
+        let (left, right) = read_stereo(&path);
+        assert_eq!(
+            left.len(),
+            1000,
+            "dropped audio keeps its length, as silence"
+        );
+        for k in 0..10 {
+            let expected = if matches!(k, 4 | 5 | 9) { 0 } else { k + 1 };
+            let got = &left[k as usize * 100..(k as usize + 1) * 100];
+            assert!(got.iter().all(|&s| s == expected), "caller frame {k}");
+        }
+        assert!(
+            right[..750].iter().all(|&s| s == 0),
+            "the dropped agent batch is silent"
+        );
+        assert!(right[750..800].iter().all(|&s| s == 9));
+        assert!(right[800..].iter().all(|&s| s == 0));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn finish_and_close_leave_valid_wavs() {
+        let dir = temp_dir("close");
+        let recordings = Recordings::start(Config::default()).unwrap();
+        let mut finished = recordings.create(&dir.join("a.wav"), 8000).unwrap();
+        finished.caller(&[3; 800]).unwrap();
+        finished.agent(100, &[4; 100]).unwrap();
+        finished.finish().unwrap();
+        // Still open at close: finished as it stands.
+        let mut open = recordings.create(&dir.join("b.wav"), 16_000).unwrap();
+        open.caller(&[5; 400]).unwrap();
+        open.agent(0, &[6; 200]).unwrap();
+        block_on(recordings.close()).unwrap();
+
+        let (left, right) = read_stereo(&dir.join("a.wav"));
+        assert_eq!(left, vec![3; 800]);
+        assert_eq!(right[100..200], [4; 100]);
+        let reader = hound::WavReader::open(dir.join("b.wav")).unwrap();
+        assert_eq!(reader.spec().sample_rate, 16_000);
+        let (left, right) = read_stereo(&dir.join("b.wav"));
+        assert_eq!(left, vec![5; 400]);
+        assert_eq!(right[..200], [6; 200]);
+
+        assert!(matches!(
+            open.caller(&[1; 10]),
+            Err(Error::RecordingStopped)
+        ));
+        assert!(matches!(
+            recordings.create(&dir.join("c.wav"), 8000),
+            Err(Error::RecordingStopped)
+        ));
+        // Closing again waits for the same end.
+        recordings.close().wait(Duration::from_secs(600)).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn an_unwritable_path_is_reported_by_the_next_call() {
+        let dir = temp_dir("unwritable");
+        std::fs::create_dir_all(&dir).unwrap();
+        let blocker = dir.join("not-a-dir");
+        std::fs::write(&blocker, b"").unwrap();
+        let (recordings, mut writer) = Recordings::unstarted(Config::default());
+        // Creating never blocks: the file is made by the writer.
+        let mut r = recordings.create(&blocker.join("r.wav"), 8000).unwrap();
+        r.caller(&[1; 160]).unwrap();
+        assert!(writer.drain().is_continue());
+        assert!(matches!(r.caller(&[1; 160]), Err(Error::Wav(_))));
+        assert!(matches!(
+            r.agent(0, &[1; 160]),
+            Err(Error::RecordingStopped)
+        ));
+        assert!(matches!(r.sync(), Err(Error::RecordingStopped)));
+        drop(r);
+        assert!(writer.drain().is_continue());
+        assert_eq!(recordings.open(), 0, "the failed recording is forgotten");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn dropping_a_recorder_finishes_its_file() {
+        let dir = temp_dir("drop");
+        let path = dir.join("r.wav");
+        let (recordings, mut writer) = Recordings::unstarted(Config::default());
+        let mut r = recordings.create(&path, 8000).unwrap();
+        r.caller(&[2; 320]).unwrap();
+        drop(r);
+        assert!(writer.drain().is_continue());
+        assert_eq!(recordings.open(), 0);
+        assert_eq!(read_stereo(&path).0, vec![2; 320]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn open_recordings_are_bounded() {
+        let dir = temp_dir("bounded");
+        let (recordings, mut writer) = Recordings::unstarted(Config {
+            queue: 8,
+            max_open: 1,
+        });
+        let first = recordings.create(&dir.join("a.wav"), 8000).unwrap();
+        assert!(matches!(
+            recordings.create(&dir.join("b.wav"), 8000),
+            Err(Error::TooManyRecordings { limit: 1 })
+        ));
+        first.finish().unwrap();
+        // Open until the writer has finished it.
+        assert_eq!(recordings.open(), 1);
+        assert!(writer.drain().is_continue());
+        assert_eq!(recordings.open(), 0);
+        recordings.create(&dir.join("b.wav"), 8000).unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn handles_move_across_threads() {
         fn send_sync<T: Send + Sync>() {}
         send_sync::<Recordings>();
         send_sync::<Recorder>();
         send_sync::<Closing<'static>>();
+    }
+
+    #[test]
+    fn waiting_for_a_writer_that_never_runs_is_bounded() {
+        let (recordings, _writer) = Recordings::unstarted(Config::default());
+        assert!(matches!(
+            recordings.close().wait(Duration::ZERO),
+            Err(Error::RecordingWriterBusy(_))
+        ));
     }
 }
