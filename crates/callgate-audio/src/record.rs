@@ -25,7 +25,7 @@
 //! the last sync) even if the process is killed. A file that cannot be created or written
 //! stops that recording only: the writer keeps the error and the recorder's next call returns
 //! it. [`Recorder::finish`] (or dropping the recorder) queues the end; the file is complete once
-//! the writer has processed it. At shutdown, [`Recordings::close`] waits (awaitable, or blocking
+//! the writer has processed it, which the [`Finished`] it returns tells. At shutdown, [`Recordings::close`] waits (awaitable, or blocking
 //! with a bound) until everything queued before it is on disk; recordings still open then are
 //! finished as they stand.
 
@@ -149,7 +149,7 @@ impl Recordings {
             id,
             path: path.to_path_buf(),
             rate,
-            slot: slot.clone(),
+            ticket: Ticket(slot.clone()),
         };
         // Room is reserved for this control message (see the queue policy), so the only
         // failure is a writer that has stopped.
@@ -374,12 +374,16 @@ impl Recorder {
     }
 
     /// Queues the end of the recording: the writer writes what is left (the shorter channel
-    /// padded with silence) and finalises the file. The file is complete once the writer has
-    /// processed this (see [`Recordings::close`]). Returns a failure not reported yet.
-    pub fn finish(mut self) -> Result<(), Error> {
-        let status = self.check();
+    /// padded with silence) and finalises the file. Never blocks. The returned [`Finished`]
+    /// resolves once the file is complete on disk, with the failure if it is not (a failure
+    /// this recorder has returned already resolves it at once with `RecordingStopped`).
+    pub fn finish(mut self) -> Finished {
+        let state = match self.check_file() {
+            Ok(()) => FinishState::Writing(self.slot.clone()),
+            Err(error) => FinishState::Known(Some(Err(error))),
+        };
         self.send_finish();
-        status
+        Finished { state }
     }
 
     /// Sample batches of this recording dropped because the queue was full, since the start.
@@ -397,20 +401,24 @@ impl Recorder {
     /// Returns the writer's failure (once), or `RecordingStopped` after it or once the writer
     /// has ended.
     fn check(&mut self) -> Result<(), Error> {
-        if self.stopped {
-            return Err(Error::RecordingStopped);
-        }
-        if self.slot.failed.load(Ordering::Acquire) {
-            self.stopped = true;
-            return Err(lock(&self.slot.failure)
-                .take()
-                .unwrap_or(Error::RecordingStopped));
-        }
+        self.check_file()?;
         // Checked here too because a closed writer's queue may look full for ever: batches
         // would be counted as dropped instead of the recording reported stopped.
         if self.shared.ended.load(Ordering::Acquire) {
             self.stopped = true;
             return Err(Error::RecordingStopped);
+        }
+        Ok(())
+    }
+
+    /// Returns the file's failure (once), or `RecordingStopped` after it.
+    fn check_file(&mut self) -> Result<(), Error> {
+        if self.stopped {
+            return Err(Error::RecordingStopped);
+        }
+        if self.slot.failed.load(Ordering::Acquire) {
+            self.stopped = true;
+            return Err(self.slot.take_failure());
         }
         Ok(())
     }
@@ -465,7 +473,7 @@ impl Recorder {
         }
         self.finished = true;
         // Sent even after a failure, so the writer forgets the recording. If the writer has
-        // stopped, it finished the recording itself.
+        // stopped, it finished the recording itself (or its ticket ended it).
         let _ = self.tx.try_send(Message::Finish {
             id: self.id,
             caller_end: self.caller_next,
@@ -477,6 +485,61 @@ impl Recorder {
 impl Drop for Recorder {
     fn drop(&mut self) {
         self.send_finish();
+    }
+}
+
+/// The end of one recording, from [`Recorder::finish`]: a future that resolves once the writer
+/// has finished the file (`Ok`: complete and valid on disk), or with why it could not. Await
+/// it under a timeout where the file must be complete (before telling anyone it exists), or
+/// drop it to not wait: the writer finishes the file all the same.
+#[derive(Debug)]
+#[must_use = "the file is complete only once this resolves; drop it explicitly to not wait"]
+pub struct Finished {
+    state: FinishState,
+}
+
+#[derive(Debug)]
+enum FinishState {
+    /// Known without the writer (taken when polled to the end).
+    Known(Option<Result<(), Error>>),
+    /// Up to the writer.
+    Writing(Arc<Slot>),
+}
+
+impl Finished {
+    /// Whether the outcome is known (polling would return it).
+    pub fn is_done(&self) -> bool {
+        match &self.state {
+            FinishState::Known(_) => true,
+            FinishState::Writing(slot) => lock(&slot.end).done,
+        }
+    }
+}
+
+impl Future for Finished {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.state {
+            FinishState::Known(outcome) => {
+                Poll::Ready(outcome.take().unwrap_or(Err(Error::RecordingStopped)))
+            }
+            FinishState::Writing(slot) => {
+                let mut end = lock(&slot.end);
+                if !end.done {
+                    end.waker = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                drop(end);
+                let outcome = if slot.failed.load(Ordering::Acquire) {
+                    Err(slot.take_failure())
+                } else {
+                    Ok(())
+                };
+                self.state = FinishState::Known(None);
+                Poll::Ready(outcome)
+            }
+        }
     }
 }
 
@@ -503,20 +566,65 @@ struct Done {
 }
 
 /// What one recorder and the writer share.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Slot {
     /// Set by the writer after `failure`.
     failed: AtomicBool,
-    /// The writer's failure, until the recorder returns it.
+    /// The writer's first failure, until the recorder returns it.
     failure: Mutex<Option<Error>>,
     /// A sync is queued.
     sync_queued: AtomicBool,
+    /// Whether the writer is done with the file, and who waits for that.
+    end: Mutex<SlotEnd>,
+}
+
+#[derive(Debug, Default)]
+struct SlotEnd {
+    done: bool,
+    waker: Option<Waker>,
 }
 
 impl Slot {
+    /// Records a failure; the first one is kept.
     fn fail(&self, error: Error) {
-        *lock(&self.failure) = Some(error);
-        self.failed.store(true, Ordering::Release);
+        let mut failure = lock(&self.failure);
+        if !self.failed.load(Ordering::Acquire) {
+            *failure = Some(error);
+            self.failed.store(true, Ordering::Release);
+        }
+    }
+
+    /// The failure, or `RecordingStopped` once it has been taken.
+    fn take_failure(&self) -> Error {
+        lock(&self.failure)
+            .take()
+            .unwrap_or(Error::RecordingStopped)
+    }
+
+    /// Marks the writer done with the file (once), with a failure if it is not complete.
+    fn end(&self, error: Option<Error>) {
+        let mut end = lock(&self.end);
+        if end.done {
+            return;
+        }
+        if let Some(error) = error {
+            self.fail(error);
+        }
+        end.done = true;
+        if let Some(waker) = end.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+/// The writer's side of a recording: carried by its open message, then by its track. Dropped
+/// without an explicit end (the message discarded by a stopped writer, a panic), it ends the
+/// recording as stopped, so a [`Finished`] always resolves.
+struct Ticket(Arc<Slot>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.end(Some(Error::RecordingStopped));
     }
 }
 
@@ -526,7 +634,7 @@ enum Message {
         id: u64,
         path: PathBuf,
         rate: u32,
-        slot: Arc<Slot>,
+        ticket: Ticket,
     },
     Caller {
         id: u64,
@@ -578,9 +686,9 @@ impl Writer {
                 id,
                 path,
                 rate,
-                slot,
+                ticket,
             } => {
-                self.tracks.insert(id, Track::open(&path, rate, slot));
+                self.tracks.insert(id, Track::open(&path, rate, ticket));
             }
             Message::Caller { id, start, samples } => {
                 self.shared.batches.fetch_sub(1, Ordering::AcqRel);
@@ -596,7 +704,7 @@ impl Writer {
             }
             Message::Sync { id } => {
                 if let Some(track) = self.tracks.get_mut(&id) {
-                    track.slot.sync_queued.store(false, Ordering::Release);
+                    track.ticket.0.sync_queued.store(false, Ordering::Release);
                     track.apply(TrackWriter::sync);
                 }
             }
@@ -649,21 +757,24 @@ impl Drop for EndGuard {
 
 /// One recording, on the writer.
 struct Track {
-    slot: Arc<Slot>,
+    ticket: Ticket,
     /// `None` once the file failed: the rest of the recording is ignored.
     writer: Option<TrackWriter>,
 }
 
 impl Track {
-    fn open(path: &Path, rate: u32, slot: Arc<Slot>) -> Self {
+    fn open(path: &Path, rate: u32, ticket: Ticket) -> Self {
         match TrackWriter::create(path, rate) {
             Ok(w) => Self {
-                slot,
+                ticket,
                 writer: Some(w),
             },
             Err(error) => {
-                slot.fail(error);
-                Self { slot, writer: None }
+                ticket.0.fail(error);
+                Self {
+                    ticket,
+                    writer: None,
+                }
             }
         }
     }
@@ -673,16 +784,17 @@ impl Track {
             && let Err(error) = op(w)
         {
             self.writer = None;
-            self.slot.fail(error);
+            self.ticket.0.fail(error);
         }
     }
 
+    /// Finishes the file and tells whoever waits for it.
     fn finish(self, caller_end: u64, agent_end: u64) {
-        if let Some(w) = self.writer
-            && let Err(error) = w.finish(caller_end, agent_end)
-        {
-            self.slot.fail(error);
-        }
+        // A track without a writer has its failure recorded already.
+        let error = self
+            .writer
+            .and_then(|w| w.finish(caller_end, agent_end).err());
+        self.ticket.0.end(error);
     }
 }
 
@@ -891,8 +1003,11 @@ mod tests {
         let partial = hound::WavReader::open(&path).unwrap();
         assert_eq!(partial.spec().channels, 2);
         assert!(partial.len() > 0);
-        r.finish().unwrap();
+        let finished = r.finish();
+        assert!(!finished.is_done(), "the writer has not run yet");
         assert!(writer.drain().is_continue());
+        assert!(finished.is_done());
+        block_on(finished).unwrap();
         let (left, right) = read_stereo(&path);
         assert_eq!(
             left, caller,
@@ -928,8 +1043,8 @@ mod tests {
                 r.sync().unwrap();
             }
         }
-        r.finish().unwrap();
-        block_on(recordings.close()).unwrap();
+        // Complete on disk once this resolves, with the writer still running.
+        block_on(r.finish()).unwrap();
         assert_eq!(recordings.dropped(), 0);
         let (left, right) = read_stereo(&path);
         assert_eq!(left, caller, "the caller channel is exactly as given");
@@ -937,6 +1052,7 @@ mod tests {
         assert!(right[..4000].iter().all(|&s| s == 0));
         assert_eq!(right[4000..8000], agent[..], "the agent is at its index");
         assert!(right[8000..].iter().all(|&s| s == 0));
+        block_on(recordings.close()).unwrap();
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -969,8 +1085,9 @@ mod tests {
         assert_eq!(r.take_dropped(), 1);
         assert_eq!(r.take_dropped(), 0);
         assert_eq!(recordings.dropped(), 4);
-        r.finish().unwrap();
+        let finished = r.finish();
         assert!(writer.drain().is_continue());
+        block_on(finished).unwrap();
         let (left, right) = read_stereo(&path);
         assert_eq!(
             left.len(),
@@ -995,15 +1112,19 @@ mod tests {
     fn finish_and_close_leave_valid_wavs() {
         let dir = temp_dir("close");
         let recordings = Recordings::start(Config::default()).unwrap();
-        let mut finished = recordings.create(&dir.join("a.wav"), 8000).unwrap();
-        finished.caller(&[3; 800]).unwrap();
-        finished.agent(100, &[4; 100]).unwrap();
-        finished.finish().unwrap();
+        let mut a = recordings.create(&dir.join("a.wav"), 8000).unwrap();
+        a.caller(&[3; 800]).unwrap();
+        a.agent(100, &[4; 100]).unwrap();
+        let a_finished = a.finish();
         // Still open at close: finished as it stands.
-        let mut open = recordings.create(&dir.join("b.wav"), 16_000).unwrap();
-        open.caller(&[5; 400]).unwrap();
-        open.agent(0, &[6; 200]).unwrap();
+        let mut b = recordings.create(&dir.join("b.wav"), 16_000).unwrap();
+        b.caller(&[5; 400]).unwrap();
+        b.agent(0, &[6; 200]).unwrap();
+        let mut c = recordings.create(&dir.join("c.wav"), 8000).unwrap();
         block_on(recordings.close()).unwrap();
+        assert!(a_finished.is_done());
+        block_on(a_finished).unwrap();
+        block_on(b.finish()).unwrap();
 
         let (left, right) = read_stereo(&dir.join("a.wav"));
         assert_eq!(left, vec![3; 800]);
@@ -1014,12 +1135,9 @@ mod tests {
         assert_eq!(left, vec![5; 400]);
         assert_eq!(right[..200], [6; 200]);
 
+        assert!(matches!(c.caller(&[1; 10]), Err(Error::RecordingStopped)));
         assert!(matches!(
-            open.caller(&[1; 10]),
-            Err(Error::RecordingStopped)
-        ));
-        assert!(matches!(
-            recordings.create(&dir.join("c.wav"), 8000),
+            recordings.create(&dir.join("d.wav"), 8000),
             Err(Error::RecordingStopped)
         ));
         // Closing again waits for the same end.
@@ -1044,9 +1162,13 @@ mod tests {
             Err(Error::RecordingStopped)
         ));
         assert!(matches!(r.sync(), Err(Error::RecordingStopped)));
-        drop(r);
+        assert!(matches!(block_on(r.finish()), Err(Error::RecordingStopped)));
+        // Seen first by finish.
+        let second = recordings.create(&blocker.join("s.wav"), 8000).unwrap();
         assert!(writer.drain().is_continue());
-        assert_eq!(recordings.open(), 0, "the failed recording is forgotten");
+        assert!(matches!(block_on(second.finish()), Err(Error::Wav(_))));
+        assert!(writer.drain().is_continue());
+        assert_eq!(recordings.open(), 0, "the failed recordings are forgotten");
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -1076,13 +1198,26 @@ mod tests {
             recordings.create(&dir.join("b.wav"), 8000),
             Err(Error::TooManyRecordings { limit: 1 })
         ));
-        first.finish().unwrap();
+        let finished = first.finish();
         // Open until the writer has finished it.
         assert_eq!(recordings.open(), 1);
         assert!(writer.drain().is_continue());
         assert_eq!(recordings.open(), 0);
+        block_on(finished).unwrap();
         recordings.create(&dir.join("b.wav"), 8000).unwrap();
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_finish_resolves_even_if_the_writer_never_sees_it() {
+        let dir = temp_dir("unseen");
+        let (recordings, writer) = Recordings::unstarted(Config::default());
+        let r = recordings.create(&dir.join("r.wav"), 8000).unwrap();
+        let finished = r.finish();
+        // A writer gone with the messages still queued (it stopped, or it panicked).
+        drop(writer);
+        assert!(finished.is_done());
+        assert!(matches!(block_on(finished), Err(Error::RecordingStopped)));
     }
 
     #[test]
@@ -1091,6 +1226,7 @@ mod tests {
         send_sync::<Recordings>();
         send_sync::<Recorder>();
         send_sync::<Closing<'static>>();
+        send_sync::<Finished>();
     }
 
     #[test]
