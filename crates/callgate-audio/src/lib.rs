@@ -11,7 +11,9 @@
 //! - [`playout`]: the playout clock: one 20 ms frame every 20 ms, clear, marks, played ms.
 //! - [`vad`]: voice activity (earshot) with hysteresis, for barge-in.
 //! - [`dtmf`]: in-band DTMF: a tone generator and a Goertzel detector.
-//! - [`record`]: the stereo call recording (caller left, agent right), streamed to disk.
+//! - [`record`]: the stereo call recording (caller left, agent right): [`record::Recorder`]
+//!   per call queues sample batches, never blocking; [`record::Recordings`], one per server,
+//!   writes every recording to disk on its own thread.
 //!
 //! Samples are `i16` everywhere at the edges; the resampler works in `f32` inside.
 
@@ -49,4 +51,27 @@ pub enum Error {
     /// A WAV file in a sample format we do not read.
     #[error("unsupported WAV sample format: {0}")]
     UnsupportedWav(String),
+    /// A recording was refused: [`record::Config::max_open`] recordings are open already.
+    #[error("too many recordings open (limit {limit})")]
+    TooManyRecordings {
+        /// The limit.
+        limit: usize,
+    },
+    /// The recording is no longer written: its failure was returned already, or the
+    /// recording writer was closed.
+    #[error("recording stopped")]
+    RecordingStopped,
+    /// The recording reached the largest size a WAV file can hold (4 GiB); it is complete up
+    /// to there.
+    #[error("recording reached the WAV size limit")]
+    RecordingFull,
+    /// The recording writer's thread could not be started.
+    #[error("cannot start the recording writer: {0}")]
+    RecordingWriterStart(#[source] std::io::Error),
+    /// The recording writer's thread panicked: recordings it had open may be incomplete.
+    #[error("the recording writer panicked")]
+    RecordingWriterPanicked,
+    /// The recording writer had not finished when the wait ran out.
+    #[error("the recording writer did not finish within {0:?}")]
+    RecordingWriterBusy(std::time::Duration),
 }
