@@ -32,7 +32,7 @@ impl Agent for Echo {
 pub struct EchoFactory;
 
 impl AgentFactory for EchoFactory {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "echo"
     }
 

@@ -2,21 +2,39 @@
 //!
 //! # Layout
 //! - [`AgentEvent`], [`AgentCommand`], [`CallInfo`]: what flows between a call and its agent;
-//!   [`wire`] connects them ([`AgentIo`] for the agent, [`EventSender`] and [`Commands`] for
-//!   the call).
-//! - [`queue`]: the bounded event queue toward the agent (audio drops oldest, control waits).
-//! - [`Agent`], [`AgentFactory`], [`AgentIo`]: how an agent is written and started.
-//! - [`echo`]: the echo/diagnostic agent.
+//!   [`wire`] connects them ([`AgentIo`] for the agent, [`CallSide`] for the call).
+//! - [`queue`]: the bounded event queue toward the agent (audio drops oldest, control never
+//!   waits).
+//! - [`Agent`], [`AgentFactory`]: how an agent is written and started; [`catalog`]: agents by
+//!   name, each building its factory from typed, validated settings.
+//! - [`Spawner`]: call-scoped tasks for an agent's slow or CPU-heavy work.
+//! - [`echo`], [`tone`]: the built-in diagnostic agents.
 //!
 //! # Lifetime
 //! An agent's future is owned and polled by its call's task (no task of its own: an echoed
 //! frame costs no cross-task wake-up). It talks to the call only through [`AgentIo`], and it
 //! ends when its event queue closes (the call ended and dropped its sender), so an agent never
-//! outlives its call. A panic in an agent is caught by the call and ends the call as
-//! `agent_failed`.
+//! outlives its call. Tasks it starts with [`AgentIo::spawner`] are cancelled when the call
+//! ends. A panic in an agent is caught by the call and ends the call as `agent_failed`.
+//!
+//! # What the call guarantees (see `docs/agents.md`)
+//! - **Positions are totals.** `played_ms` in [`AgentEvent::BargeIn`], [`AgentEvent::Cleared`]
+//!   and [`AgentEvent::Mark`] is the total of agent audio the caller has heard since the call
+//!   began (gaps in the playout do not count), so the difference between two reports is
+//!   exactly the audio heard in between.
+//! - **Nothing from before a clear plays after it.** Every clear (the agent's, a barge-in, an
+//!   operator's) starts a new [`Epoch`]; audio sent in an older epoch is dropped by the call,
+//!   including audio still in the agent's own pipeline when it sends it with
+//!   [`AgentSender::send_in`].
+//! - **Hangup cannot be lost.** Once the agent asks to hang up (or returns), the call ends as
+//!   soon as the audio already queued has played or been cleared; nothing undoes it.
+//! - **Refusals are told.** A command the call cannot carry out comes back as
+//!   [`AgentEvent::Refused`].
 
+pub mod catalog;
 pub mod echo;
 pub mod queue;
+mod spawner;
 pub mod tone;
 
 use std::future::Future;
@@ -25,10 +43,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use callgate_proto::callbridge::CallConfig;
 use callgate_proto::{AudioFormat, Digit, DtmfDuration, EndReason, Protocol};
 use tokio::sync::{Notify, mpsc};
 
+pub use catalog::{Catalog, SettingsError};
 pub use queue::{EventReceiver, EventSender};
+pub use spawner::Spawner;
 
 /// What an agent learns about its call when it starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,12 +62,115 @@ pub struct CallInfo {
     pub caller: String,
     /// Called number.
     pub callee: String,
-    /// The phone system's ID of the call.
+    /// The phone system's ID of the call (CallBridge `cdrId`, inbound `sessionId`).
     pub external_id: String,
+    /// Everything the phone system sent about the call, as sent.
+    pub phone: PhoneInfo,
+    /// The name of the route that chose this agent.
+    pub route: String,
+    /// The agent's name (as in the route's `agent`).
+    pub agent: String,
     /// Format of the audio the agent receives (what the phone side sends).
     pub input_format: AudioFormat,
     /// Format of the audio the agent must send (what the phone side plays).
     pub output_format: AudioFormat,
+}
+
+/// What the phone system sent when the call started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PhoneInfo {
+    /// A CallBridge call: its `call_config`, every field as sent.
+    CallBridge(CallConfig),
+    /// An inbound-API call: its `incoming_call` fields.
+    Inbound {
+        /// `callerId`.
+        caller_id: String,
+        /// `didNumber`.
+        did_number: String,
+        /// `sessionId`.
+        session_id: String,
+    },
+}
+
+impl CallInfo {
+    /// The call's variables by name, for templates: `call_id`, `protocol`, `caller`, `callee`,
+    /// `external_id`, `route`, `agent`, and what the phone system sent under its own field
+    /// names (CallBridge: `siteId`, `cdrId`, `callActionId`, `ivrIp`, `agentId`, `agentType`;
+    /// inbound: `callerId`, `didNumber`, `sessionId`).
+    pub fn variables(&self) -> Vec<(&'static str, &str)> {
+        let mut vars = vec![
+            ("call_id", self.call_id.as_str()),
+            ("protocol", self.protocol.as_str()),
+            ("caller", self.caller.as_str()),
+            ("callee", self.callee.as_str()),
+            ("external_id", self.external_id.as_str()),
+            ("route", self.route.as_str()),
+            ("agent", self.agent.as_str()),
+        ];
+        match &self.phone {
+            PhoneInfo::CallBridge(c) => vars.extend([
+                ("siteId", c.site_id.as_str()),
+                ("cdrId", c.cdr_id.as_str()),
+                ("callActionId", c.call_action_id.as_str()),
+                ("ivrIp", c.ivr_ip.as_str()),
+                ("agentId", c.agent_id.as_str()),
+                ("agentType", c.agent_type.as_str()),
+            ]),
+            PhoneInfo::Inbound {
+                caller_id,
+                did_number,
+                session_id,
+            } => vars.extend([
+                ("callerId", caller_id.as_str()),
+                ("didNumber", did_number.as_str()),
+                ("sessionId", session_id.as_str()),
+            ]),
+        }
+        vars
+    }
+}
+
+/// A generation of the agent's audio. Every clear (the agent's own, a barge-in, an operator's)
+/// starts a new one; audio stamped with an older epoch is dropped instead of played.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Epoch(pub u64);
+
+/// How a stretch of the agent's audio was cut short (barge-in or clear).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interruption {
+    /// Agent audio the caller has heard since the call began, ms (a total on the call's
+    /// playout timeline: subtract an earlier mark's `played_ms` to get what was heard since).
+    pub played_ms: u64,
+    /// Audio dropped unplayed, ms.
+    pub dropped_ms: u64,
+    /// When it happened, ms since the call began (wall clock of the call).
+    pub at_ms: u64,
+    /// The epoch that starts now: audio sent in earlier epochs will not play.
+    pub epoch: Epoch,
+}
+
+/// What became of the audio before a mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkState {
+    /// Everything sent before the mark was played.
+    Played,
+    /// A clear (or barge-in) dropped some of it: the caller did not hear all of it.
+    Cleared,
+}
+
+/// A command the call could not carry out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandKind {
+    /// [`AgentCommand::Answer`].
+    Answer,
+    /// [`AgentCommand::Audio`] (reported once per run of refused audio, not per frame).
+    Audio,
+    /// [`AgentCommand::Dtmf`].
+    Dtmf,
+    /// [`AgentCommand::DtmfTone`].
+    DtmfTone,
+    /// [`AgentCommand::Hangup`].
+    Hangup,
 }
 
 /// Something that happened on the call.
@@ -54,6 +178,12 @@ pub struct CallInfo {
 pub enum AgentEvent {
     /// Caller audio in [`CallInfo::input_format`].
     Audio(Bytes),
+    /// The agent's event queue was full, so this many caller audio frames were dropped
+    /// (oldest first) before the events that follow.
+    AudioLost {
+        /// Frames dropped.
+        frames: u64,
+    },
     /// The caller pressed a key (protocol DTMF, or an in-band tone when detection is on).
     Dtmf(Digit),
     /// The caller started speaking (voice activity detection on), this many ms into the
@@ -68,30 +198,65 @@ pub enum AgentEvent {
         at_ms: u64,
     },
     /// The caller spoke while the agent's audio was playing: the playout was cleared (barge-in
-    /// is on). `played_ms` of the interrupted utterance were heard, `dropped_ms` never will be.
-    BargeIn {
-        /// Audio of the utterance the caller heard, ms.
-        played_ms: u64,
-        /// Audio dropped unplayed, ms.
-        dropped_ms: u64,
-    },
-    /// The playout was cleared at the agent's request ([`AgentIo::clear`]).
-    Cleared {
-        /// Audio of the utterance the caller heard, ms.
-        played_ms: u64,
-        /// Audio dropped unplayed, ms.
-        dropped_ms: u64,
-    },
-    /// Everything the agent sent before [`AgentCommand::Mark`] with this id has been played
-    /// (or dropped by a clear).
+    /// is on) and a new epoch began.
+    BargeIn(Interruption),
+    /// The playout was cleared at the agent's request ([`AgentIo::clear`]) or an operator's.
+    Cleared(Interruption),
+    /// Everything the agent sent before [`AgentCommand::Mark`] with this id has been played,
+    /// or dropped by a clear.
     Mark {
         /// The mark's id.
         id: u64,
-        /// Audio played since the call started, ms.
+        /// Agent audio the caller has heard since the call began, ms.
         played_ms: u64,
+        /// When, ms since the call began.
+        at_ms: u64,
+        /// Whether all of it was played.
+        state: MarkState,
+    },
+    /// A command could not be carried out.
+    Refused {
+        /// Which command.
+        command: CommandKind,
+        /// Why, in words.
+        reason: String,
     },
     /// The call ended; nothing more will arrive and commands are ignored.
     Ended(EndReason),
+}
+
+/// Who spoke a transcript entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaker {
+    /// The caller.
+    Caller,
+    /// The agent.
+    Agent,
+}
+
+impl Speaker {
+    /// The stable code stored in the record (`caller`, `agent`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Caller => "caller",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// One turn of the conversation, for the call's record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Turn {
+    /// Who spoke.
+    pub speaker: Speaker,
+    /// What was said (for a cut-off agent turn: what the caller heard, as far as known).
+    pub text: String,
+    /// When it started, ms since the call began.
+    pub start_ms: u64,
+    /// When it ended, ms since the call began.
+    pub end_ms: u64,
+    /// Whether it was cut short (barge-in, clear).
+    pub interrupted: bool,
 }
 
 /// What an agent asks of its call.
@@ -117,8 +282,21 @@ pub enum AgentCommand {
     },
     /// Report [`AgentEvent::Mark`] once everything sent before this has been played.
     Mark(u64),
-    /// End the call once the audio already queued has been played (at most the playout lead).
+    /// End the call once the audio already queued has played (at most the playout lead) or
+    /// been cleared. Cannot be undone.
     Hangup,
+    /// Add a turn to the call's transcript.
+    Transcript(Turn),
+    /// Add an entry of the agent's own to the call's event log (stored as kind `agent`, with
+    /// `name` and `detail`).
+    Event {
+        /// A short, stable name (`tool_call`, `backend_reconnected`...).
+        name: String,
+        /// Anything JSON.
+        detail: serde_json::Value,
+    },
+    /// Add to the call's usage counters (summed per name: `input_tokens`, `audio_seconds`...).
+    Usage(Vec<(String, f64)>),
 }
 
 /// An agent failure.
@@ -139,10 +317,19 @@ pub enum Error {
         /// The names that exist, comma-separated.
         available: String,
     },
+    /// The agent's settings are wrong.
+    #[error("agent {agent:?}: {error}")]
+    Settings {
+        /// The agent's name.
+        agent: String,
+        /// What is wrong, naming the field.
+        error: SettingsError,
+    },
 }
 
 /// Capacity of the agent's command channel. Policy: the agent awaits a free slot
-/// (backpressure); the call task drains it on every turn, so a slot frees within one turn.
+/// (backpressure); the call task takes commands while the playout has room, so audio waits
+/// there while the caller has `playout_lead` queued.
 pub const COMMAND_QUEUE: usize = 64;
 
 /// An agent's side of its call.
@@ -152,6 +339,8 @@ pub struct AgentIo {
     pub call: CallInfo,
     events: EventReceiver,
     sender: AgentSender,
+    spawner: Spawner,
+    started: tokio::time::Instant,
 }
 
 impl AgentIo {
@@ -160,8 +349,13 @@ impl AgentIo {
         self.events.recv().await
     }
 
-    /// Sends a command, waiting for room in the channel (audio waits while the playout is
-    /// full: that is the agent's backpressure).
+    /// The next event if one is queued.
+    pub fn try_recv(&mut self) -> Option<AgentEvent> {
+        self.events.try_recv()
+    }
+
+    /// Sends a command in the current epoch, waiting for room in the channel (audio waits
+    /// while the playout is full: that is the agent's backpressure).
     pub async fn send(&self, command: AgentCommand) -> Result<(), Error> {
         self.sender.send(command).await
     }
@@ -173,10 +367,28 @@ impl AgentIo {
     }
 
     /// Drops every audio the caller has not heard yet, at once: what is queued in the playout
-    /// and what is still in the command channel. [`AgentEvent::Cleared`] reports how much was
-    /// played and dropped. Does not wait for room.
-    pub fn clear(&self) {
-        self.sender.clear();
+    /// and what is still in the command channel, and starts a new epoch (returned).
+    /// [`AgentEvent::Cleared`] reports how much was played and dropped. Does not wait.
+    pub fn clear(&self) -> Epoch {
+        self.sender.clear()
+    }
+
+    /// The current epoch (see [`Epoch`]).
+    pub fn epoch(&self) -> Epoch {
+        self.sender.epoch()
+    }
+
+    /// Starts work off the call task (a backend connection, synthesis, decoding): tracked by
+    /// the server and cancelled when the call ends.
+    pub fn spawner(&self) -> Spawner {
+        self.spawner.clone()
+    }
+
+    /// Milliseconds since the call began, on the same clock as `at_ms` in events.
+    pub fn now_ms(&self) -> u64 {
+        tokio::time::Instant::now()
+            .saturating_duration_since(self.started)
+            .as_millis() as u64
     }
 }
 
@@ -184,13 +396,19 @@ impl AgentIo {
 #[derive(Debug, Clone)]
 pub struct AgentSender {
     commands: mpsc::Sender<Stamped>,
-    clear: Arc<ClearSignal>,
+    control: Arc<Control>,
 }
 
 impl AgentSender {
     /// See [`AgentIo::send`].
     pub async fn send(&self, command: AgentCommand) -> Result<(), Error> {
-        let epoch = self.clear.epoch.load(Ordering::Acquire);
+        self.send_in(self.epoch(), command).await
+    }
+
+    /// Sends a command stamped with `epoch`: audio produced for an epoch that a clear or a
+    /// barge-in has since ended is dropped by the call instead of played, wherever it was in
+    /// the agent's pipeline. Take the epoch when the audio's production starts.
+    pub async fn send_in(&self, epoch: Epoch, command: AgentCommand) -> Result<(), Error> {
         self.commands
             .send(Stamped { epoch, command })
             .await
@@ -198,32 +416,74 @@ impl AgentSender {
     }
 
     /// See [`AgentIo::clear`].
-    pub fn clear(&self) {
-        self.clear.request();
+    pub fn clear(&self) -> Epoch {
+        self.control.request_clear()
+    }
+
+    /// See [`AgentIo::epoch`].
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.control.epoch.load(Ordering::Acquire))
     }
 }
 
-/// A command with the clear epoch it was sent in: audio from before a clear is dropped.
-#[derive(Debug)]
-struct Stamped {
-    epoch: u64,
-    command: AgentCommand,
+/// A command with the epoch it was sent in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stamped {
+    /// The epoch the command belongs to.
+    pub epoch: Epoch,
+    /// The command.
+    pub command: AgentCommand,
 }
 
-/// Clears, outside the (possibly full) command channel. `epoch` counts every clear (audio
-/// sent before the current epoch is stale); `requests` counts the agent's own.
+/// Clears and epochs, shared by the agent and its call outside the (possibly full) command
+/// channel. `epoch` counts every clear; `requests` counts the agent's own, `handled` those
+/// the call has acted on.
 #[derive(Debug, Default)]
-struct ClearSignal {
+struct Control {
     epoch: AtomicU64,
     requests: AtomicU64,
+    handled: AtomicU64,
     notify: Notify,
 }
 
-impl ClearSignal {
-    fn request(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
+impl Control {
+    fn request_clear(&self) -> Epoch {
+        let epoch = self.epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.requests.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_one();
+        Epoch(epoch)
+    }
+}
+
+/// The call's handle on epochs and the agent's clear requests (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct AgentControl {
+    control: Arc<Control>,
+}
+
+impl AgentControl {
+    /// Resolves when the agent may have asked for a clear. The call keeps one pinned across
+    /// turns (one waiter registration, not one per turn), then checks
+    /// [`AgentControl::take_clear_request`].
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.control.notify.notified()
+    }
+
+    /// Whether the agent asked for a clear the call has not acted on (and marks it acted on).
+    pub fn take_clear_request(&self) -> bool {
+        let requests = self.control.requests.load(Ordering::Acquire);
+        self.control.handled.swap(requests, Ordering::AcqRel) < requests
+    }
+
+    /// The current epoch.
+    pub fn epoch(&self) -> Epoch {
+        Epoch(self.control.epoch.load(Ordering::Acquire))
+    }
+
+    /// Starts a new epoch because the call cleared the playout on its own (barge-in, operator
+    /// clear): audio the agent sent before it will be dropped.
+    pub fn advance_epoch(&self) -> Epoch {
+        Epoch(self.control.epoch.fetch_add(1, Ordering::AcqRel) + 1)
     }
 }
 
@@ -231,66 +491,18 @@ impl ClearSignal {
 #[derive(Debug)]
 pub struct Commands {
     rx: mpsc::Receiver<Stamped>,
-    clear: Arc<ClearSignal>,
-}
-
-/// The call's watch on the agent's clear requests.
-#[derive(Debug)]
-pub struct ClearWatch {
-    clear: Arc<ClearSignal>,
-    /// Requests acted on (a `Cell`: `take` runs while a `notified` future borrows the watch).
-    seen: std::cell::Cell<u64>,
-}
-
-impl ClearWatch {
-    /// Resolves when the agent may have asked for a clear. The call keeps one pinned across
-    /// turns (one waiter registration, not one per turn) and then checks [`ClearWatch::take`].
-    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.clear.notify.notified()
-    }
-
-    /// Whether the agent asked for a clear the call has not acted on (and marks it acted on).
-    pub fn take(&self) -> bool {
-        let requests = self.clear.requests.load(Ordering::Acquire);
-        let new = requests > self.seen.get();
-        self.seen.set(requests);
-        new
-    }
 }
 
 impl Commands {
-    /// The next command; audio sent before the latest clear is skipped. `None` when the agent
-    /// dropped its [`AgentIo`]. Cancel-safe.
-    pub async fn recv(&mut self) -> Option<AgentCommand> {
-        loop {
-            let s = self.rx.recv().await?;
-            if !self.stale(&s) {
-                return Some(s.command);
-            }
-        }
+    /// The next command; `None` when the agent dropped its [`AgentIo`] and every sender.
+    /// Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Stamped> {
+        self.rx.recv().await
     }
 
     /// The next command if one is waiting.
-    pub fn try_recv(&mut self) -> Option<AgentCommand> {
-        loop {
-            let s = self.rx.try_recv().ok()?;
-            if !self.stale(&s) {
-                return Some(s.command);
-            }
-        }
-    }
-
-    /// Marks every audio command already sent as stale (the call cleared the playout on its
-    /// own: barge-in, operator clear), so it is skipped instead of played.
-    pub fn discard_queued_audio(&mut self) {
-        self.clear.epoch.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn stale(&self, s: &Stamped) -> bool {
-        matches!(
-            s.command,
-            AgentCommand::Audio(_) | AgentCommand::DtmfTone { .. }
-        ) && s.epoch < self.clear.epoch.load(Ordering::Acquire)
+    pub fn try_recv(&mut self) -> Option<Stamped> {
+        self.rx.try_recv().ok()
     }
 }
 
@@ -301,51 +513,55 @@ pub struct CallSide {
     pub events: EventSender,
     /// Commands from the agent.
     pub commands: Commands,
-    /// The agent's clear requests.
-    pub clears: ClearWatch,
+    /// Epochs and the agent's clear requests.
+    pub control: AgentControl,
 }
 
 /// Wires an agent to a call: the agent's [`AgentIo`] and the call's [`CallSide`].
-pub fn wire(call: CallInfo, event_capacity: usize) -> (AgentIo, CallSide) {
+/// `started` is when the call began (the zero of every `at_ms`).
+pub fn wire(
+    call: CallInfo,
+    event_capacity: usize,
+    spawner: Spawner,
+    started: tokio::time::Instant,
+) -> (AgentIo, CallSide) {
     let (events_tx, events_rx) = queue::channel(event_capacity);
     let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
-    let clear = Arc::new(ClearSignal::default());
+    let control = Arc::new(Control::default());
     (
         AgentIo {
             call,
             events: events_rx,
             sender: AgentSender {
                 commands: commands_tx,
-                clear: clear.clone(),
+                control: control.clone(),
             },
+            spawner,
+            started,
         },
         CallSide {
             events: events_tx,
-            commands: Commands {
-                rx: commands_rx,
-                clear: clear.clone(),
-            },
-            clears: ClearWatch {
-                clear,
-                seen: std::cell::Cell::new(0),
-            },
+            commands: Commands { rx: commands_rx },
+            control: AgentControl { control },
         },
     )
 }
 
 /// Code that handles a call.
 pub trait Agent: Send + 'static {
-    /// Runs for the whole call. Returning (with `Ok`) before the call ended hangs up.
+    /// Runs for the whole call. Returning (with `Ok`) before the call ended hangs up once the
+    /// audio already queued has played.
     fn run(self, io: AgentIo) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// A running agent, boxed once here so calls can hold any agent.
 pub type AgentRun = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
 
-/// Makes one agent per call.
+/// Makes one agent per call, with settings validated once when it was built (see
+/// [`catalog`]).
 pub trait AgentFactory: Send + Sync + 'static {
-    /// The agent's name (`--agent NAME`).
-    fn name(&self) -> &'static str;
+    /// The agent's name (as routes name it).
+    fn name(&self) -> &str;
     /// The audio format the agent works in; the call converts at its edges. `None`: the
     /// call's own formats, untouched (what the echo agent needs).
     fn audio_format(&self) -> Option<AudioFormat> {
@@ -360,62 +576,76 @@ pub fn boxed(agent: impl Agent, io: AgentIo) -> AgentRun {
     Box::pin(agent.run(io))
 }
 
-/// The names of the built-in agents.
-pub const BUILT_IN: &[&str] = &["echo", "tone"];
-
-/// The built-in agent with this name.
-pub fn by_name(name: &str) -> Result<Arc<dyn AgentFactory>, Error> {
-    match name {
-        "echo" => Ok(Arc::new(echo::EchoFactory)),
-        "tone" => Ok(Arc::new(tone::ToneFactory)),
-        _ => Err(Error::UnknownAgent {
-            name: name.to_owned(),
-            available: BUILT_IN.join(", "),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn info() -> CallInfo {
+    pub(crate) fn info() -> CallInfo {
         CallInfo {
             call_id: "c".into(),
             protocol: Protocol::Inbound,
             caller: "1".into(),
             callee: "2".into(),
             external_id: "e".into(),
+            phone: PhoneInfo::Inbound {
+                caller_id: "1".into(),
+                did_number: "2".into(),
+                session_id: "e".into(),
+            },
+            route: "default".into(),
+            agent: "test".into(),
             input_format: AudioFormat::Pcm8000,
             output_format: AudioFormat::Pcm8000,
         }
     }
 
     #[tokio::test]
-    async fn clear_drops_audio_sent_before_it_and_keeps_the_rest() {
-        let (io, mut side) = wire(info(), 8);
+    async fn a_clear_starts_a_new_epoch_and_is_requested_once() {
+        let (io, mut side) = wire(info(), 8, Spawner::detached(), tokio::time::Instant::now());
         let a = AgentCommand::Audio(Bytes::from_static(b"a"));
-        let b = AgentCommand::Audio(Bytes::from_static(b"b"));
-        io.send(a).await.unwrap();
-        io.send(AgentCommand::Mark(1)).await.unwrap();
-        io.clear();
-        io.send(b.clone()).await.unwrap();
-        side.clears.notified().await;
-        assert!(side.clears.take());
-        assert!(!side.clears.take());
-        assert_eq!(side.commands.try_recv(), Some(AgentCommand::Mark(1)));
-        assert_eq!(side.commands.try_recv(), Some(b));
-        assert_eq!(side.commands.try_recv(), None);
+        io.send(a.clone()).await.unwrap();
+        let old = io.epoch();
+        let new = io.clear();
+        assert!(new > old);
+        io.send(a.clone()).await.unwrap();
+        side.control.notified().await;
+        assert!(side.control.take_clear_request());
+        assert!(!side.control.take_clear_request());
+        assert_eq!(side.commands.try_recv().map(|s| s.epoch), Some(old));
+        assert_eq!(side.commands.try_recv().map(|s| s.epoch), Some(new));
     }
 
     #[tokio::test]
-    async fn the_calls_own_discard_is_not_an_agent_request() {
-        let (io, mut side) = wire(info(), 8);
-        io.send(AgentCommand::Audio(Bytes::from_static(b"old")))
+    async fn the_calls_own_epoch_is_not_an_agent_request() {
+        let (io, side) = wire(info(), 8, Spawner::detached(), tokio::time::Instant::now());
+        let before = io.epoch();
+        let after = side.control.advance_epoch();
+        assert!(after > before);
+        assert_eq!(io.epoch(), after);
+        assert!(
+            !side.control.take_clear_request(),
+            "no clear was requested by the agent"
+        );
+    }
+
+    #[tokio::test]
+    async fn audio_from_the_agents_pipeline_keeps_its_epoch() {
+        let (io, mut side) = wire(info(), 8, Spawner::detached(), tokio::time::Instant::now());
+        let started_in = io.epoch();
+        side.control.advance_epoch();
+        io.sender()
+            .send_in(started_in, AgentCommand::Audio(Bytes::from_static(b"late")))
             .await
             .unwrap();
-        side.commands.discard_queued_audio();
-        assert_eq!(side.commands.try_recv(), None);
-        assert!(!side.clears.take(), "no clear was requested by the agent");
+        let s = side.commands.try_recv().unwrap();
+        assert!(s.epoch < side.control.epoch(), "stale: the call drops it");
+    }
+
+    #[test]
+    fn variables_name_what_the_phone_sent() {
+        let info = info();
+        let vars = info.variables();
+        assert!(vars.contains(&("didNumber", "2")));
+        assert!(vars.contains(&("route", "default")));
     }
 }

@@ -12,7 +12,6 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -27,14 +26,16 @@ pub enum SendError {
     /// The agent is gone.
     #[error("the agent is gone")]
     Closed,
-    /// The queue stayed full of control events for the whole timeout.
-    #[error("the agent did not take events in time")]
-    Timeout,
+    /// The queue is full of control events the agent has not read.
+    #[error("the agent is not taking its events")]
+    Full,
 }
 
 struct State {
     items: VecDeque<AgentEvent>,
     capacity: usize,
+    /// Caller audio frames dropped since the agent last heard of it.
+    lost: u64,
     sender_alive: bool,
     receiver_alive: bool,
 }
@@ -42,7 +43,6 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     readable: Notify,
-    writable: Notify,
 }
 
 impl Shared {
@@ -59,11 +59,11 @@ pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
             // Grows on demand: most agents keep up, so most calls never need the capacity.
             items: VecDeque::new(),
             capacity: capacity.max(1),
+            lost: 0,
             sender_alive: true,
             receiver_alive: true,
         }),
         readable: Notify::new(),
-        writable: Notify::new(),
     });
     (
         EventSender {
@@ -105,10 +105,14 @@ impl EventSender {
             {
                 Some(i) => {
                     state.items.remove(i);
+                    state.lost += 1;
                     result = Pushed::DroppedOldest;
                 }
                 // Full of control events: the newest audio is the one to go.
-                None => return Pushed::DroppedOldest,
+                None => {
+                    state.lost += 1;
+                    return Pushed::DroppedOldest;
+                }
             }
         }
         state.items.push_back(AgentEvent::Audio(data));
@@ -117,40 +121,29 @@ impl EventSender {
         result
     }
 
-    /// Queues a control event, waiting at most `timeout` for room (see the module policy).
-    pub async fn send_control(
-        &self,
-        event: AgentEvent,
-        timeout: Duration,
-    ) -> Result<(), SendError> {
-        let wait = async {
-            loop {
-                {
-                    let mut state = self.shared.lock();
-                    if !state.receiver_alive {
-                        return Err(SendError::Closed);
-                    }
-                    if state.items.len() >= state.capacity
-                        && let Some(i) = state
-                            .items
-                            .iter()
-                            .position(|e| matches!(e, AgentEvent::Audio(_)))
-                    {
-                        state.items.remove(i);
-                    }
-                    if state.items.len() < state.capacity {
-                        state.items.push_back(event);
-                        drop(state);
-                        self.shared.readable.notify_one();
-                        return Ok(());
-                    }
-                }
-                self.shared.writable.notified().await;
-            }
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| SendError::Timeout)?
+    /// Queues a control event without waiting (see the module policy): it takes the place of
+    /// the oldest queued audio frame if the queue is full; a queue full of control events
+    /// refuses it ([`SendError::Full`]: the agent is not reading its events).
+    pub fn try_send_control(&self, event: AgentEvent) -> Result<(), SendError> {
+        let mut state = self.shared.lock();
+        if !state.receiver_alive {
+            return Err(SendError::Closed);
+        }
+        if state.items.len() >= state.capacity {
+            let Some(i) = state
+                .items
+                .iter()
+                .position(|e| matches!(e, AgentEvent::Audio(_)))
+            else {
+                return Err(SendError::Full);
+            };
+            state.items.remove(i);
+            state.lost += 1;
+        }
+        state.items.push_back(event);
+        drop(state);
+        self.shared.readable.notify_one();
+        Ok(())
     }
 }
 
@@ -173,29 +166,52 @@ pub struct EventReceiver {
 }
 
 impl EventReceiver {
-    /// The next event, or `None` once the sender is gone and the queue is empty.
+    /// The next event, or `None` once the sender is gone and the queue is empty. Caller audio
+    /// dropped because the queue was full is reported first, as [`AgentEvent::AudioLost`].
     pub async fn recv(&mut self) -> Option<AgentEvent> {
         loop {
-            {
-                let mut state = self.shared.lock();
-                if let Some(event) = state.items.pop_front() {
-                    drop(state);
-                    self.shared.writable.notify_one();
-                    return Some(event);
-                }
-                if !state.sender_alive {
-                    return None;
-                }
+            match self.poll_next() {
+                Next::Event(event) => return Some(event),
+                Next::Closed => return None,
+                Next::Empty => self.shared.readable.notified().await,
             }
-            self.shared.readable.notified().await;
         }
     }
+
+    /// The next event if one is queued (`None` when the queue is empty or closed).
+    pub fn try_recv(&mut self) -> Option<AgentEvent> {
+        match self.poll_next() {
+            Next::Event(event) => Some(event),
+            Next::Closed | Next::Empty => None,
+        }
+    }
+
+    fn poll_next(&mut self) -> Next {
+        let mut state = self.shared.lock();
+        if state.lost > 0 {
+            let frames = std::mem::take(&mut state.lost);
+            return Next::Event(AgentEvent::AudioLost { frames });
+        }
+        if let Some(event) = state.items.pop_front() {
+            return Next::Event(event);
+        }
+        if state.sender_alive {
+            Next::Empty
+        } else {
+            Next::Closed
+        }
+    }
+}
+
+enum Next {
+    Event(AgentEvent),
+    Empty,
+    Closed,
 }
 
 impl Drop for EventReceiver {
     fn drop(&mut self) {
         self.shared.lock().receiver_alive = false;
-        self.shared.writable.notify_one();
     }
 }
 
@@ -217,36 +233,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn audio_drops_oldest_and_control_is_kept() {
+    async fn audio_drops_oldest_reports_the_loss_and_control_is_kept() {
         let (tx, mut rx) = channel(3);
         for n in 0..3 {
             assert_eq!(tx.push_audio(Bytes::from(vec![n])), Pushed::Queued);
         }
         assert_eq!(tx.push_audio(Bytes::from(vec![3])), Pushed::DroppedOldest);
         let dtmf = AgentEvent::Dtmf(Digit::D5);
-        tx.send_control(dtmf.clone(), Duration::from_millis(10))
-            .await
-            .unwrap();
+        tx.try_send_control(dtmf.clone()).unwrap();
         drop(tx);
+        assert_eq!(rx.recv().await, Some(AgentEvent::AudioLost { frames: 2 }));
         assert_eq!(rx.recv().await, Some(audio(2)));
         assert_eq!(rx.recv().await, Some(audio(3)));
         assert_eq!(rx.recv().await, Some(dtmf));
         assert_eq!(rx.recv().await, None);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn control_waits_only_when_full_of_control() {
+    #[test]
+    fn control_is_refused_only_when_full_of_control() {
         let (tx, mut rx) = channel(1);
         let end = AgentEvent::Ended(EndReason::PeerHangup);
-        tx.send_control(end.clone(), Duration::from_secs(1))
-            .await
-            .unwrap();
-        assert_eq!(
-            tx.send_control(end.clone(), Duration::from_secs(1)).await,
-            Err(SendError::Timeout)
-        );
-        assert_eq!(rx.recv().await, Some(end));
+        tx.try_send_control(end.clone()).unwrap();
+        assert_eq!(tx.try_send_control(end.clone()), Err(SendError::Full));
+        assert_eq!(rx.try_recv(), Some(end));
+        assert_eq!(rx.try_recv(), None);
         drop(rx);
         assert_eq!(tx.push_audio(Bytes::new()), Pushed::Closed);
+        assert_eq!(
+            tx.try_send_control(AgentEvent::Dtmf(Digit::D1)),
+            Err(SendError::Closed)
+        );
     }
 }

@@ -58,8 +58,22 @@ pub enum PlayoutEvent {
         /// Whether it is generated silence (underrun policy), not queued audio.
         silence: bool,
     },
-    /// Everything queued before this mark has been sent.
-    Mark(u64),
+    /// Everything queued before this mark has been sent, or dropped by a clear.
+    Mark {
+        /// The mark's id.
+        id: u64,
+        /// What became of the audio before it.
+        end: MarkEnd,
+    },
+}
+
+/// What became of the audio queued before a mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarkEnd {
+    /// All of it was sent.
+    Played,
+    /// A clear dropped some of it.
+    Cleared,
 }
 
 /// The result of [`Playout::clear`].
@@ -83,8 +97,8 @@ pub struct Playout {
     underrun: Underrun,
     queue: VecDeque<Bytes>,
     queued: usize,
-    /// Marks, by the total-pushed byte position they wait for.
-    marks: VecDeque<(u64, u64)>,
+    /// Marks: the total-pushed byte position each waits for, its id, and how it ends.
+    marks: VecDeque<(u64, u64, MarkEnd)>,
     pushed_total: u64,
     sent_total: u64,
     /// Bytes of the current utterance sent (reset by `clear` and after a gap).
@@ -178,7 +192,8 @@ impl Playout {
     /// Places a mark after everything queued so far; [`PlayoutEvent::Mark`] comes out once it
     /// has all been sent (at the next poll if nothing is queued).
     pub fn mark(&mut self, id: u64) {
-        self.marks.push_back((self.pushed_total, id));
+        self.marks
+            .push_back((self.pushed_total, id, MarkEnd::Played));
     }
 
     /// Drops everything queued now. Marks still pending are reported at the next poll (their
@@ -192,7 +207,10 @@ impl Playout {
         self.pushed_total -= self.queued as u64;
         self.queued = 0;
         for mark in &mut self.marks {
-            mark.0 = mark.0.min(self.pushed_total);
+            if mark.0 > self.pushed_total {
+                mark.0 = self.pushed_total;
+                mark.2 = MarkEnd::Cleared;
+            }
         }
         self.utterance_sent = 0;
         self.ready_at = None;
@@ -216,11 +234,11 @@ impl Playout {
 
     /// What is due at `now`. Call until it returns `None`.
     pub fn poll(&mut self, now: Instant) -> Option<PlayoutEvent> {
-        if let Some(&(at, id)) = self.marks.front()
+        if let Some(&(at, id, end)) = self.marks.front()
             && at <= self.sent_total
         {
             self.marks.pop_front();
-            return Some(PlayoutEvent::Mark(id));
+            return Some(PlayoutEvent::Mark { id, end });
         }
         let at = self.next_at?;
         if now < at {
@@ -301,7 +319,7 @@ mod tests {
             .iter()
             .filter_map(|e| match e {
                 PlayoutEvent::Frame { data, .. } => Some(data.len()),
-                PlayoutEvent::Mark(_) => None,
+                PlayoutEvent::Mark { .. } => None,
             })
             .collect()
     }
@@ -385,10 +403,13 @@ mod tests {
             }
         );
         assert!(!p.is_playing());
-        // The mark's audio will never play: it is released at once.
+        // The mark's audio will never play: it is released at once, as cleared.
         assert_eq!(
             frames(&mut p, t0 + Duration::from_millis(41)),
-            vec![PlayoutEvent::Mark(7)]
+            vec![PlayoutEvent::Mark {
+                id: 7,
+                end: MarkEnd::Cleared
+            }]
         );
         assert_eq!(p.played_ms(), 80);
         // After a clear the next audio goes out at once.
@@ -415,7 +436,10 @@ mod tests {
             &e[..],
             [
                 PlayoutEvent::Frame { .. },
-                PlayoutEvent::Mark(1),
+                PlayoutEvent::Mark {
+                    id: 1,
+                    end: MarkEnd::Played
+                },
                 PlayoutEvent::Frame { .. }
             ]
         ));
@@ -426,7 +450,13 @@ mod tests {
         let e = frames(&mut p, t0 + Duration::from_millis(60));
         assert!(matches!(
             &e[..],
-            [PlayoutEvent::Frame { .. }, PlayoutEvent::Mark(2)]
+            [
+                PlayoutEvent::Frame { .. },
+                PlayoutEvent::Mark {
+                    id: 2,
+                    end: MarkEnd::Played
+                }
+            ]
         ));
     }
 

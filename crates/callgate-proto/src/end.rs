@@ -56,11 +56,13 @@ pub enum EndReason {
     Interrupted,
     /// callgate itself failed while handling the call (a bug: please report it).
     InternalError,
+    /// No route matched the call and there is no default route: it was refused unanswered.
+    NoRoute,
 }
 
 impl EndReason {
     /// Every reason, for documentation and metric pre-registration.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::PeerHangup,
         Self::PeerClosed,
         Self::PeerDisconnected,
@@ -72,6 +74,7 @@ impl EndReason {
         Self::ServerShutdown,
         Self::Interrupted,
         Self::InternalError,
+        Self::NoRoute,
     ];
 
     /// The stable snake_case code.
@@ -88,6 +91,7 @@ impl EndReason {
             Self::ServerShutdown => "server_shutdown",
             Self::Interrupted => "interrupted",
             Self::InternalError => "internal_error",
+            Self::NoRoute => "no_route",
         }
     }
 
@@ -101,9 +105,11 @@ impl EndReason {
             | Self::SendTimeout => HangupBy::Peer,
             Self::AgentHangup => HangupBy::Agent,
             Self::OperatorHangup => HangupBy::Operator,
-            Self::AgentFailed | Self::ServerShutdown | Self::Interrupted | Self::InternalError => {
-                HangupBy::Server
-            }
+            Self::AgentFailed
+            | Self::ServerShutdown
+            | Self::Interrupted
+            | Self::InternalError
+            | Self::NoRoute => HangupBy::Server,
         }
     }
 
@@ -112,6 +118,7 @@ impl EndReason {
         match self {
             Self::ServerShutdown => CloseCode::GOING_AWAY,
             Self::AgentFailed | Self::InternalError => CloseCode::INTERNAL,
+            Self::NoRoute => CloseCode::POLICY,
             _ => CloseCode::NORMAL,
         }
     }
@@ -124,6 +131,7 @@ impl EndReason {
             Self::ServerShutdown => "server shutting down",
             Self::AgentFailed => "agent failed",
             Self::InternalError => "internal error",
+            Self::NoRoute => "no route for this call",
             _ => "call ended",
         }
     }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
-use callgate_store::{CallId, CallRecord};
+use callgate_store::{CallFilter, CallId, CallRecord};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -41,6 +41,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call))
         .route("/api/calls/{id}/events", get(events))
+        .route("/api/calls/{id}/transcript", get(transcript))
         .route("/api/calls/{id}/hangup", post(hangup))
         .route("/api/calls/{id}/dtmf", post(dtmf))
         .route(
@@ -143,6 +144,24 @@ async fn list_calls(
 ) -> Result<Json<CallList>, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    const KEYS: [&str; 6] = [
+        "limit",
+        "route",
+        "agent",
+        "protocol",
+        "end_reason",
+        "before",
+    ];
+    if let Some(key) = query.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!(
+                "unknown query parameter {key:?} (known: {})",
+                KEYS.join(", ")
+            ),
+        ));
+    }
     let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,
         Some(text) => match text.parse::<u32>() {
@@ -156,18 +175,33 @@ async fn list_calls(
             }
         },
     };
+    let filter = CallFilter {
+        limit,
+        route: query.get("route").cloned(),
+        agent: query.get("agent").cloned(),
+        protocol: query.get("protocol").cloned(),
+        end_reason: query.get("end_reason").cloned(),
+        before: query
+            .get("before")
+            .map(|id| CallId::from_string(id.clone())),
+    };
     let calls = shared
         .store
-        .list_calls(limit)
+        .list_calls(filter)
         .await
         .map_err(ApiError::store)?;
+    let next = (calls.len() == limit as usize)
+        .then(|| calls.last().map(|c| c.id.to_string()))
+        .flatten();
     // Serialised directly (not through serde_json::Value) so the CDR stays byte-exact.
-    Ok(Json(CallList { calls }))
+    Ok(Json(CallList { calls, next }))
 }
 
 #[derive(Serialize)]
 struct CallList {
     calls: Vec<CallRecord>,
+    /// The cursor of the next page (`?before=`), when this page is full.
+    next: Option<String>,
 }
 
 fn no_call(id: &str) -> ApiError {
@@ -207,6 +241,23 @@ async fn events(
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
     Ok(Json(json!({ "id": id, "events": events })))
+}
+
+async fn transcript(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let call_id = CallId::from_string(id.clone());
+    let entries = shared
+        .store
+        .transcript(call_id.clone())
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(|| no_call(&id))?;
+    let record = find(&shared, &id).await?;
+    Ok(Json(
+        json!({ "id": id, "entries": entries, "usage": record.usage }),
+    ))
 }
 
 /// Sends a request to a live call's task and waits for its answer.

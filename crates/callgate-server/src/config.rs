@@ -4,9 +4,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use callgate_agent::Catalog;
 use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
+
+use crate::routes::{DEFAULT_ROUTE, RouteError, RouteSpec, RouteTable};
 
 /// Everything the server needs to run. Built and validated by the binary (flags, environment,
 /// TOML file) or by tests; see `README.md` for each setting's flag, variable and default.
@@ -16,8 +19,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the admin HTTP API listens.
     pub admin_listen: SocketAddr,
-    /// The agent that handles every call.
+    /// The agent of the default route when `routes` is empty (`--agent`).
     pub agent: String,
+    /// The routes, in order (`[[routes]]`); empty: one default route running `agent`.
+    pub routes: Vec<RouteSpec>,
     /// Where the database (and later recordings) live.
     pub data_dir: PathBuf,
     /// How many calls may be live at once; more are refused with 1013.
@@ -59,6 +64,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 4143)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 4144)),
             agent: "echo".into(),
+            routes: Vec::new(),
             data_dir: PathBuf::from("./data"),
             max_calls: 1000,
             handshake_timeout: Duration::from_secs(5),
@@ -90,14 +96,26 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Checks values that parse but cannot work, including that the agent exists.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks values that parse but cannot work, including the routes and their agents
+    /// (built-in ones).
+    pub fn validate(&self) -> Result<(), crate::Error> {
         self.validate_limits()?;
-        callgate_agent::by_name(&self.agent).map_err(|e| ConfigError {
-            key: "agent",
-            problem: e.to_string(),
-        })?;
+        self.route_table(&Catalog::builtin())?;
         Ok(())
+    }
+
+    /// The route table this configuration describes, its agents taken from `catalog`.
+    pub fn route_table(&self, catalog: &Catalog) -> Result<RouteTable, RouteError> {
+        if self.routes.is_empty() {
+            let spec = RouteSpec {
+                name: DEFAULT_ROUTE.to_owned(),
+                agent: self.agent.clone(),
+                matcher: None,
+                settings: serde_json::Value::Null,
+            };
+            return RouteTable::build(&[spec], catalog);
+        }
+        RouteTable::build(&self.routes, catalog)
     }
 
     /// Checks the numeric settings.

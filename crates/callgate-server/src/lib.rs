@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`Server`]: binds both listeners ([`Server::bind`]) and runs until shutdown
 //!   ([`Server::run`]). The binary and the tests call the same two functions.
-//! - `call`: one owning task per call (socket, protocol session, record, agent handle).
+//! - `call`: one owning task per call: the I/O loop around `call::core`, the sans-IO call core
+//!   (session, media, agent wiring, record journal) that makes every decision.
+//! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
 //! - `admin`: the admin HTTP API (axum).
 //! - [`metrics`]: the Prometheus registry.
@@ -24,6 +26,7 @@ mod media;
 pub mod metrics;
 mod pii;
 mod record;
+pub mod routes;
 pub mod tasks;
 
 use std::future::Future;
@@ -32,7 +35,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use callgate_agent::AgentFactory;
+use callgate_agent::{AgentFactory, Catalog};
+use callgate_audio::record::{Config as RecordConfig, Recordings};
 use callgate_store::{SqliteStore, Store, StoreHandle, UnixMillis};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -42,6 +46,7 @@ use tracing::{info, warn};
 
 pub use config::{Config, ConfigError};
 pub use metrics::Metrics;
+pub use routes::{RouteHandle, RouteTable};
 pub use tasks::Tasks;
 
 /// How long a store operation may take before the caller gives up.
@@ -62,6 +67,12 @@ pub enum Error {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] callgate_store::Error),
+    /// The recording writer could not start.
+    #[error("cannot start the recording writer: {0}")]
+    Recording(callgate_audio::Error),
+    /// The route table cannot work.
+    #[error(transparent)]
+    Routes(#[from] routes::RouteError),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -78,7 +89,7 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Config(_) | Self::Store(callgate_store::Error::Open { .. })
+            Self::Config(_) | Self::Routes(_) | Self::Store(callgate_store::Error::Open { .. })
         )
     }
 }
@@ -88,7 +99,7 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) store: StoreHandle,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) agent: Arc<dyn AgentFactory>,
+    pub(crate) routes: RouteHandle,
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
     pub(crate) live: live::LiveCalls,
@@ -105,23 +116,29 @@ pub struct Server {
 }
 
 impl Server {
-    /// Validates the configuration, opens the store (closing records a crash left open as
-    /// `interrupted`), then binds both listeners.
+    /// Validates the configuration and the routes (with the built-in agents), opens the store
+    /// (closing records a crash left open as `interrupted`), then binds both listeners.
     pub async fn bind(config: Config) -> Result<Self, Error> {
-        config.validate()?;
-        let agent = callgate_agent::by_name(&config.agent).map_err(|e| ConfigError {
-            key: "agent",
-            problem: e.to_string(),
-        })?;
-        Self::bind_with_agent(config, agent).await
+        Self::bind_with_catalog(config, &Catalog::builtin()).await
     }
 
-    /// Like [`Server::bind`], with an agent of the embedder's own instead of a built-in one
-    /// (`config.agent` is then only a label).
+    /// Like [`Server::bind`], with agents of the embedder's own in `catalog`.
+    pub async fn bind_with_catalog(config: Config, catalog: &Catalog) -> Result<Self, Error> {
+        let table = config.route_table(catalog)?;
+        Self::bind_with_routes(config, table).await
+    }
+
+    /// Like [`Server::bind`], with one agent of the embedder's own answering every call (one
+    /// default route; `config.agent` and `config.routes` are not used).
     pub async fn bind_with_agent(
         config: Config,
         agent: Arc<dyn AgentFactory>,
     ) -> Result<Self, Error> {
+        Self::bind_with_routes(config, RouteTable::single(routes::DEFAULT_ROUTE, agent)).await
+    }
+
+    /// Like [`Server::bind`], with a route table already built.
+    pub async fn bind_with_routes(config: Config, table: RouteTable) -> Result<Self, Error> {
         config.validate_limits()?;
         let mut store = SqliteStore::open(&config.data_dir)?;
         let interrupted = store.end_interrupted(UnixMillis::now())?;
@@ -153,16 +170,26 @@ impl Server {
             lead: config.playout_lead,
             underrun: config.playout_underrun,
             vad: config.vad,
-            barge_in: config.barge_in,
             inband_dtmf: config.inband_dtmf,
-            record_dir: config.record.then(|| config.data_dir.join("recordings")),
+            recording: match config.record {
+                false => None,
+                true => {
+                    let writer = Recordings::start(RecordConfig {
+                        // Ended calls stay open until the writer has finished them.
+                        max_open: config.max_calls.saturating_mul(2),
+                        ..RecordConfig::default()
+                    })
+                    .map_err(Error::Recording)?;
+                    Some((config.data_dir.join("recordings"), Arc::new(writer)))
+                }
+            },
         };
         let shared = Arc::new(Shared {
             media,
             config,
             store,
             metrics: Arc::new(Metrics::new()),
-            agent,
+            routes: RouteHandle::new(table),
             tasks: Tasks::new(),
             cancel: CancellationToken::new(),
             live: live::LiveCalls::default(),
@@ -188,6 +215,11 @@ impl Server {
             .unwrap_or(self.shared.config.admin_listen)
     }
 
+    /// The route table in force; replace it to change routing for new calls (SIGHUP).
+    pub fn routes(&self) -> RouteHandle {
+        self.shared.routes.clone()
+    }
+
     /// The metrics registry.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.shared.metrics.clone()
@@ -203,7 +235,7 @@ impl Server {
         info!(
             calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-            agent = %shared.config.agent,
+            routes = shared.routes.current().routes().len(),
             "Server listening."
         );
         let admin_stop = CancellationToken::new();
@@ -235,6 +267,13 @@ impl Server {
                 ?grace,
                 "Shutdown grace period ran out; remaining call records will be closed as interrupted at the next start."
             );
+        }
+        if let Some((_, recordings)) = &shared.media.recording {
+            match tokio::time::timeout(grace, recordings.close()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%error, "Recordings could not all be completed."),
+                Err(_) => warn!("Recording writer did not finish in time."),
+            }
         }
         shared.store.close().await;
         admin_stop.cancel();

@@ -2,16 +2,18 @@
 //! works in its own format), the playout clock every outbound frame goes through, voice
 //! activity and barge-in, in-band DTMF detection, and the recording.
 //!
-//! Nothing here touches a socket: the call task feeds caller audio and agent commands in, and
-//! sends the frames [`Media::poll`] says are due.
+//! Nothing here touches a socket or decides anything about the call: the call core feeds
+//! caller audio and agent audio in, reacts to what the caller's audio revealed (barge-in is
+//! its decision), and sends the frames [`Media::poll`] says are due.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate_audio::playout::{Cleared, Playout, PlayoutEvent, Underrun};
-use callgate_audio::record::Recorder;
+use callgate_audio::record::{Finished, Recorder, Recordings};
 use callgate_audio::vad::{Vad, VadConfig, VadEvent};
 use callgate_audio::{AudioFormat, Converter, Resampler, dtmf, pcm};
 use callgate_proto::{Digit, DtmfDuration};
@@ -22,10 +24,9 @@ pub(crate) struct MediaConfig {
     pub(crate) lead: Duration,
     pub(crate) underrun: Underrun,
     pub(crate) vad: Option<VadConfig>,
-    pub(crate) barge_in: bool,
     pub(crate) inband_dtmf: bool,
-    /// Where recordings go; `None`: not recording.
-    pub(crate) record_dir: Option<PathBuf>,
+    /// Where recordings go and the writer thread that writes them; `None`: not recording.
+    pub(crate) recording: Option<(PathBuf, Arc<Recordings>)>,
 }
 
 /// Something the caller's audio revealed.
@@ -33,8 +34,6 @@ pub(crate) struct MediaConfig {
 pub(crate) enum MediaEvent {
     /// Speech started or stopped.
     Speech(VadEvent),
-    /// The caller spoke over the agent: the playout was cleared.
-    BargeIn(Cleared),
     /// An in-band DTMF key.
     InbandDtmf(Digit),
 }
@@ -54,7 +53,6 @@ pub(crate) struct Media {
     /// Operator audio (in `phone_out`) waiting for room in the playout.
     operator: VecDeque<Bytes>,
     vad: Option<Box<Vad>>,
-    barge_in: bool,
     dtmf: Option<Box<dtmf::Detector>>,
     recorder: Option<Box<Recorder>>,
     /// Agent audio to the recording's rate, when the two directions differ.
@@ -64,6 +62,8 @@ pub(crate) struct Media {
     digits: Vec<Digit>,
     /// Path of the recording, if the call is recorded.
     recording: Option<PathBuf>,
+    /// The finished recording, until the call task waits for it to be on disk.
+    finished: Option<Finished>,
     /// Underruns already reported to the metrics.
     underruns_reported: u64,
 }
@@ -105,13 +105,19 @@ impl Media {
             None => (None, None),
         };
         let rate = phone_in.sample_rate();
-        let recording = config
-            .record_dir
-            .as_deref()
-            .map(|dir| recording_path(dir, call_id));
-        let recorder = match &recording {
-            Some(path) => Some(Box::new(Recorder::create(path, rate)?)),
-            None => None,
+        let (recording, recorder) = match &config.recording {
+            Some((dir, writer)) => {
+                let path = recording_path(dir, call_id);
+                // Never blocks: the file is created on the writer thread.
+                match writer.create(&path, rate) {
+                    Ok(r) => (Some(path), Some(Box::new(r))),
+                    Err(error) => {
+                        tracing::warn!(%error, "Cannot record this call; it goes on unrecorded.");
+                        (None, None)
+                    }
+                }
+            }
+            None => (None, None),
         };
         let agent_to_record = if recorder.is_some() && phone_out.sample_rate() != rate {
             Some(Box::new(Resampler::new(phone_out.sample_rate(), rate)?))
@@ -130,7 +136,6 @@ impl Media {
                 Some(c) => Some(Box::new(Vad::new(rate, c)?)),
                 None => None,
             },
-            barge_in: config.barge_in,
             dtmf: config
                 .inband_dtmf
                 .then(|| Box::new(dtmf::Detector::new(rate))),
@@ -140,6 +145,7 @@ impl Media {
             scratch: Vec::new(),
             digits: Vec::new(),
             recording,
+            finished: None,
             underruns_reported: 0,
         })
     }
@@ -163,6 +169,11 @@ impl Media {
     /// Audio sent to the caller since the call started, ms.
     pub(crate) fn played_ms(&self) -> u64 {
         self.playout.played_ms()
+    }
+
+    /// Audio of the current utterance sent to the caller, ms (since the last clear or gap).
+    pub(crate) fn utterance_played_ms(&self) -> u64 {
+        self.playout.utterance_played_ms()
     }
 
     /// Underruns since the last call of this (for the metrics).
@@ -200,12 +211,6 @@ impl Media {
                 && let Some(event) = vad.process(&self.samples)
             {
                 events.push(MediaEvent::Speech(event));
-                if self.barge_in
-                    && matches!(event, VadEvent::SpeechStarted { .. })
-                    && self.is_playing()
-                {
-                    events.push(MediaEvent::BargeIn(self.clear()));
-                }
             }
             if let Some(d) = &mut self.dtmf {
                 self.digits.clear();
@@ -323,13 +328,22 @@ impl Media {
         }
     }
 
-    /// Closes the recording.
+    /// Closes the recording (the writer thread completes the file; see
+    /// [`Media::take_finished`]).
     pub(crate) fn finish(&mut self) {
-        if let Some(r) = self.recorder.take()
-            && let Err(error) = r.finish()
-        {
-            tracing::warn!(%error, "Recording could not be finished.");
+        if let Some(r) = self.recorder.take() {
+            self.finished = Some(r.finish());
         }
+    }
+
+    /// Resolves once the finished recording is complete on disk.
+    pub(crate) fn take_finished(&mut self) -> Option<Finished> {
+        self.finished.take()
+    }
+
+    /// Recording batches dropped since the last call of this (the writer was behind).
+    pub(crate) fn take_recording_dropped(&mut self) -> u64 {
+        self.recorder.as_mut().map_or(0, |r| r.take_dropped())
     }
 
     fn ms_of(&self, bytes: usize) -> u64 {

@@ -4,11 +4,15 @@
 //! (protocol, end reason, direction, error kind), never IDs or numbers. Audio counters are
 //! added from each call's in-memory counters when it flushes, never per frame.
 
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 type Labels1 = [(&'static str, &'static str); 1];
@@ -39,7 +43,9 @@ pub struct Metrics {
     /// Store operations that failed or timed out.
     pub store_errors: Counter,
     /// Pacing jitter: how late each frame left relative to its playout deadline, seconds.
-    pub playout_jitter: Histogram,
+    /// Observed per call into a [`LocalHistogram`] and merged on the progress tick (no lock
+    /// shared by all calls on the per-frame path).
+    pub playout_jitter: MergedHistogram,
     /// Playout deadlines that found nothing queued.
     pub playout_underruns: Counter,
     /// Audio queued for the caller, seconds, sampled per call every progress interval.
@@ -48,6 +54,13 @@ pub struct Metrics {
     pub barge_ins: Counter,
     /// DTMF keys received, by source (`protocol`, `inband`).
     pub dtmf: Family<Labels1, Counter>,
+    /// Calls refused because no route matched them.
+    pub calls_unrouted: Counter,
+    /// Recording audio batches dropped because the recording writer was behind (gaps of
+    /// silence in recordings).
+    pub recording_batches_dropped: Counter,
+    /// Agent commands the call could not carry out, by command.
+    pub agent_commands_refused: Family<Labels1, Counter>,
 }
 
 impl Metrics {
@@ -67,11 +80,14 @@ impl Metrics {
                 1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
             ]),
             store_errors: Counter::default(),
-            playout_jitter: Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1]),
+            playout_jitter: MergedHistogram::default(),
             playout_underruns: Counter::default(),
             playout_queue_depth: Histogram::new([0.02, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
             barge_ins: Counter::default(),
             dtmf: Family::default(),
+            calls_unrouted: Counter::default(),
+            recording_batches_dropped: Counter::default(),
+            agent_commands_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("calls_live", "Calls live now", m.calls_live.clone());
@@ -125,6 +141,21 @@ impl Metrics {
             m.barge_ins.clone(),
         );
         registry.register("dtmf", "DTMF keys received", m.dtmf.clone());
+        registry.register(
+            "calls_unrouted",
+            "Calls refused because no route matched them",
+            m.calls_unrouted.clone(),
+        );
+        registry.register(
+            "recording_batches_dropped",
+            "Recording audio batches dropped because the recording writer was behind",
+            m.recording_batches_dropped.clone(),
+        );
+        registry.register(
+            "agent_commands_refused",
+            "Agent commands the call could not carry out",
+            m.agent_commands_refused.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -134,6 +165,87 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Upper bounds of the pacing-jitter buckets, seconds (a last, unbounded bucket follows).
+pub const JITTER_BUCKETS: [f64; 8] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1];
+
+/// A histogram one call fills without any lock, merged into [`MergedHistogram`] now and then.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalHistogram {
+    counts: [u64; JITTER_BUCKETS.len() + 1],
+    sum: f64,
+}
+
+impl LocalHistogram {
+    /// Counts one observation.
+    pub fn observe(&mut self, v: f64) {
+        let i = JITTER_BUCKETS
+            .iter()
+            .position(|&upper| v <= upper)
+            .unwrap_or(JITTER_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += v;
+    }
+
+    /// Whether nothing was observed.
+    pub fn is_empty(&self) -> bool {
+        self.counts.iter().all(|&c| c == 0)
+    }
+}
+
+/// The server-wide histogram [`LocalHistogram`]s are merged into.
+#[derive(Debug, Clone, Default)]
+pub struct MergedHistogram {
+    inner: Arc<Mutex<LocalHistogram>>,
+}
+
+impl MergedHistogram {
+    fn lock(&self) -> MutexGuard<'_, LocalHistogram> {
+        // Adding counts cannot leave the histogram invalid, even if a holder panicked.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a call's observations and empties them.
+    pub fn merge(&self, local: &mut LocalHistogram) {
+        if local.is_empty() {
+            return;
+        }
+        let mut all = self.lock();
+        for (total, n) in all.counts.iter_mut().zip(local.counts) {
+            *total += n;
+        }
+        all.sum += local.sum;
+        *local = LocalHistogram::default();
+    }
+
+    /// Observations so far, sum and count.
+    pub fn sum_count(&self) -> (f64, u64) {
+        let all = self.lock();
+        (all.sum, all.counts.iter().sum())
+    }
+}
+
+impl TypedMetric for MergedHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for MergedHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let all = self.lock().clone();
+        let buckets: Vec<(f64, u64)> = JITTER_BUCKETS
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(all.counts)
+            .collect();
+        let count = all.counts.iter().sum();
+        encoder.encode_histogram::<NoLabelSet>(all.sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
     }
 }
 

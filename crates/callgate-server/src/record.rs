@@ -1,16 +1,171 @@
-//! A live call's record: counters and events kept in memory, written at the end and
-//! periodically, never per frame. A drop guard ends the record on every exit path.
+//! A live call's record. [`Journal`] is what the call core writes (counters, DTMF, the event
+//! log, the transcript, usage): plain data, no I/O. [`Record`] is what the call task does with
+//! it: hand it to the store writer (periodically and at the end, never per frame), and end the
+//! record on every exit path (a drop guard covers panics).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use callgate_agent::Turn;
 use callgate_proto::{EndReason, Protocol};
-use callgate_store::{CallId, Counters, Ended, NewEvent, StoreHandle, UnixMillis};
+use callgate_store::{
+    CallId, Counters, Ended, NewEvent, NewTranscriptEntry, StoreHandle, UnixMillis,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// The record accumulator of one call. Owned by the call task.
+/// The kinds of entries in a call's event log (stored as their snake_case code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventKind {
+    /// A key from the caller (`digit`, `source`).
+    Dtmf,
+    /// A text message the protocol does not define (`text`).
+    UnknownMessage,
+    /// The peer broke the protocol (`kind`, `message`).
+    ProtocolError,
+    /// The caller started speaking (`at_ms`).
+    SpeechStarted,
+    /// The caller stopped speaking (`at_ms`).
+    SpeechStopped,
+    /// The caller spoke over the agent and cleared it (`played_ms`, `dropped_ms`).
+    BargeIn,
+    /// The agent cleared its audio (`played_ms`, `dropped_ms`).
+    AgentClear,
+    /// An operator cleared the audio (`played_ms`, `dropped_ms`).
+    OperatorClear,
+    /// An operator queued audio (`ms`).
+    OperatorPlay,
+    /// A command of the agent's could not be carried out (`command`, `message`).
+    AgentCommandRefused,
+    /// The agent failed (`message`).
+    AgentFailed,
+    /// An entry of the agent's own (`name`, `detail`).
+    Agent,
+    /// The agent asked to hang up with audio still playing (`queued_ms`).
+    HangupPending,
+    /// The call ended (`reason`).
+    Ended,
+    /// The CDR arrived.
+    CdrReceived,
+    /// The CDR does not match the documented shape (`message`).
+    CdrInvalid,
+    /// No CDR arrived in time.
+    CdrMissing,
+}
+
+impl EventKind {
+    /// The stable code stored in the event log.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Dtmf => "dtmf",
+            Self::UnknownMessage => "unknown_message",
+            Self::ProtocolError => "protocol_error",
+            Self::SpeechStarted => "speech_started",
+            Self::SpeechStopped => "speech_stopped",
+            Self::BargeIn => "barge_in",
+            Self::AgentClear => "agent_clear",
+            Self::OperatorClear => "operator_clear",
+            Self::OperatorPlay => "operator_play",
+            Self::AgentCommandRefused => "agent_command_refused",
+            Self::AgentFailed => "agent_failed",
+            Self::Agent => "agent",
+            Self::HangupPending => "hangup_pending",
+            Self::Ended => "ended",
+            Self::CdrReceived => "cdr_received",
+            Self::CdrInvalid => "cdr_invalid",
+            Self::CdrMissing => "cdr_missing",
+        }
+    }
+}
+
+/// What the call core records as the call goes, in memory.
+#[derive(Debug)]
+pub(crate) struct Journal {
+    /// Wall-clock time at `started` (event timestamps are derived from the call's clock).
+    started_wall: UnixMillis,
+    started: Instant,
+    pub(crate) counters: Counters,
+    pub(crate) dtmf: String,
+    events: Vec<NewEvent>,
+    transcript: Vec<NewTranscriptEntry>,
+    usage: BTreeMap<String, f64>,
+}
+
+impl Journal {
+    /// A journal for a call that started at `started` (call clock) / `started_wall`.
+    pub(crate) fn new(started: Instant, started_wall: UnixMillis) -> Self {
+        Self {
+            started_wall,
+            started,
+            counters: Counters::default(),
+            dtmf: String::new(),
+            events: Vec::new(),
+            transcript: Vec::new(),
+            usage: BTreeMap::new(),
+        }
+    }
+
+    /// Milliseconds since the call began, at `now`.
+    pub(crate) fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// Adds an entry to the event log.
+    pub(crate) fn event(&mut self, now: Instant, kind: EventKind, detail: serde_json::Value) {
+        let at = UnixMillis(self.started_wall.0 + self.ms(now) as i64);
+        self.events.push(NewEvent {
+            at,
+            kind: kind.as_str().to_owned(),
+            detail: detail.to_string(),
+        });
+    }
+
+    /// Adds a turn to the transcript.
+    pub(crate) fn turn(&mut self, turn: Turn) {
+        self.transcript.push(NewTranscriptEntry {
+            speaker: turn.speaker.as_str().to_owned(),
+            text: turn.text,
+            start_ms: turn.start_ms,
+            end_ms: turn.end_ms,
+            interrupted: turn.interrupted,
+        });
+    }
+
+    /// Adds to the usage counters.
+    pub(crate) fn usage(&mut self, amounts: Vec<(String, f64)>) {
+        for (name, amount) in amounts {
+            if amount.is_finite() {
+                *self.usage.entry(name).or_insert(0.0) += amount;
+            }
+        }
+    }
+
+    /// The usage counters as a JSON object, if there are any.
+    pub(crate) fn usage_json(&self) -> Option<String> {
+        (!self.usage.is_empty()).then(|| serde_json::json!(self.usage).to_string())
+    }
+
+    /// The event log entries not yet handed over.
+    #[cfg(test)]
+    pub(crate) fn pending_events(&self) -> impl Iterator<Item = (&str, serde_json::Value)> {
+        self.events.iter().map(|e| {
+            (
+                e.kind.as_str(),
+                serde_json::from_str(&e.detail).unwrap_or_default(),
+            )
+        })
+    }
+
+    /// The transcript entries not yet handed over.
+    #[cfg(test)]
+    pub(crate) fn pending_transcript(&self) -> &[NewTranscriptEntry] {
+        &self.transcript
+    }
+}
+
+/// The record of one call in the store. Owned by the call task.
 pub(crate) struct Record {
     id: CallId,
     protocol: Protocol,
@@ -19,12 +174,10 @@ pub(crate) struct Record {
     /// Tells the drop guard whether the server is shutting down.
     cancel: CancellationToken,
     started: Instant,
-    counters: Counters,
-    /// What the metrics have been told of `counters` so far.
+    /// What the metrics have been told of the counters so far.
     reported: Counters,
-    dtmf: String,
-    /// Events not yet handed to the store writer.
-    events: Vec<NewEvent>,
+    /// The journal as last seen, for the drop guard (it cannot reach the journal).
+    last: Ended,
     ended: bool,
 }
 
@@ -35,6 +188,7 @@ impl Record {
         store: StoreHandle,
         metrics: Arc<Metrics>,
         cancel: CancellationToken,
+        started: Instant,
     ) -> Self {
         metrics.calls_live.inc();
         metrics
@@ -47,68 +201,61 @@ impl Record {
             store,
             metrics,
             cancel,
-            started: Instant::now(),
-            counters: Counters::default(),
+            started,
             reported: Counters::default(),
-            dtmf: String::new(),
-            events: Vec::new(),
+            last: Ended {
+                at: UnixMillis::now(),
+                reason: String::new(),
+                hangup_by: String::new(),
+                counters: Counters::default(),
+                dtmf: String::new(),
+                usage: None,
+            },
             ended: false,
         }
     }
 
-    pub(crate) fn audio_in(&mut self, bytes: usize) {
-        self.counters.bytes_in += bytes as u64;
-        self.counters.frames_in += 1;
+    pub(crate) fn answered(&self, at: UnixMillis) {
+        self.store.mark_answered(self.id.clone(), at);
     }
 
-    pub(crate) fn audio_out(&mut self, bytes: usize) {
-        self.counters.bytes_out += bytes as u64;
-        self.counters.frames_out += 1;
-    }
-
-    pub(crate) fn dtmf(&mut self, digit: char) {
-        self.dtmf.push(digit);
-    }
-
-    pub(crate) fn answered(&self) {
-        self.store.mark_answered(self.id.clone(), UnixMillis::now());
-    }
-
-    /// Adds an entry to the event log.
-    pub(crate) fn event(&mut self, kind: &str, detail: serde_json::Value) {
-        self.events.push(NewEvent {
-            at: UnixMillis::now(),
-            kind: kind.to_owned(),
-            detail: detail.to_string(),
-        });
-    }
-
-    /// Hands pending events to the writer without waiting; keeps them if it is backed up.
-    pub(crate) fn offer_events(&mut self) {
-        if self.events.is_empty() {
-            return;
+    /// Hands pending events and transcript to the writer without waiting; keeps them in the
+    /// journal if it is backed up (they are never dropped).
+    pub(crate) fn offer(&mut self, journal: &mut Journal) {
+        if !journal.events.is_empty() {
+            let events = std::mem::take(&mut journal.events);
+            if let Err(events) = self.store.try_append_events(self.id.clone(), events) {
+                journal.events = events;
+            }
         }
-        let events = std::mem::take(&mut self.events);
-        if let Err(events) = self.store.try_append_events(self.id.clone(), events) {
-            self.events = events;
+        if !journal.transcript.is_empty() {
+            let entries = std::mem::take(&mut journal.transcript);
+            if let Err(entries) = self.store.try_append_transcript(self.id.clone(), entries) {
+                journal.transcript = entries;
+            }
         }
     }
 
     /// The periodic write: counters to the store and the metrics.
-    pub(crate) fn progress(&mut self) {
-        self.report_metrics();
-        self.offer_events();
-        self.store
-            .update_progress(self.id.clone(), self.counters, self.dtmf.clone());
+    pub(crate) fn progress(&mut self, journal: &mut Journal) {
+        self.report_metrics(journal.counters);
+        self.offer(journal);
+        self.remember(journal);
+        self.store.update_progress(
+            self.id.clone(),
+            journal.counters,
+            journal.dtmf.clone(),
+            journal.usage_json(),
+        );
     }
 
-    /// Ends the record (once) and waits for the commit.
-    pub(crate) async fn end(&mut self, reason: EndReason) {
+    /// Ends the record (once) with everything in the journal, and waits for the commit.
+    pub(crate) async fn end(&mut self, at: Instant, reason: EndReason, journal: &mut Journal) {
         if self.ended {
             return;
         }
         self.ended = true;
-        self.report_metrics();
+        self.report_metrics(journal.counters);
         self.metrics
             .calls_ended
             .get_or_create(&[
@@ -116,12 +263,14 @@ impl Record {
                 ("end_reason", reason.as_str()),
             ])
             .inc();
-        self.metrics
-            .call_duration
-            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics.call_duration.observe(
+            at.saturating_duration_since(self.started)
+                .max(Duration::ZERO)
+                .as_secs_f64(),
+        );
         self.metrics.calls_live.dec();
-        self.event("ended", serde_json::json!({ "reason": reason.as_str() }));
-        self.flush_events().await;
+        self.flush(journal).await;
+        self.remember(journal);
         let ended = self.ended_value(reason);
         if let Err(error) = self.store.end_call(self.id.clone(), ended).await {
             self.metrics.store_errors.inc();
@@ -137,16 +286,30 @@ impl Record {
         }
     }
 
-    /// Writes pending events and waits for the commit.
-    pub(crate) async fn flush_events(&mut self) {
-        if self.events.is_empty() {
-            return;
+    /// Writes pending events and transcript and waits for the commit.
+    pub(crate) async fn flush(&mut self, journal: &mut Journal) {
+        if !journal.events.is_empty() {
+            let events = std::mem::take(&mut journal.events);
+            if let Err(error) = self.store.append_events(self.id.clone(), events).await {
+                self.metrics.store_errors.inc();
+                tracing::error!(%error, "Could not write call events.");
+            }
         }
-        let events = std::mem::take(&mut self.events);
-        if let Err(error) = self.store.append_events(self.id.clone(), events).await {
-            self.metrics.store_errors.inc();
-            tracing::error!(%error, "Could not write call events.");
+        if !journal.transcript.is_empty() {
+            let entries = std::mem::take(&mut journal.transcript);
+            if let Err(error) = self.store.append_transcript(self.id.clone(), entries).await {
+                self.metrics.store_errors.inc();
+                tracing::error!(%error, "Could not write the call's transcript.");
+            }
         }
+    }
+
+    fn remember(&mut self, journal: &Journal) {
+        self.last.counters = journal.counters;
+        if self.last.dtmf != journal.dtmf {
+            self.last.dtmf.clone_from(&journal.dtmf);
+        }
+        self.last.usage = journal.usage_json();
     }
 
     fn ended_value(&self, reason: EndReason) -> Ended {
@@ -154,13 +317,14 @@ impl Record {
             at: UnixMillis::now(),
             reason: reason.as_str().to_owned(),
             hangup_by: reason.hangup_by().as_str().to_owned(),
-            counters: self.counters,
-            dtmf: self.dtmf.clone(),
+            counters: self.last.counters,
+            dtmf: self.last.dtmf.clone(),
+            usage: self.last.usage.clone(),
         }
     }
 
-    fn report_metrics(&mut self) {
-        let (c, r) = (self.counters, self.reported);
+    fn report_metrics(&mut self, c: Counters) {
+        let r = self.reported;
         let m = &self.metrics;
         m.audio_bytes
             .get_or_create(&[("direction", "in")])
@@ -180,8 +344,8 @@ impl Record {
 
 impl Drop for Record {
     /// The guard for paths that never reached [`Record::end`]: a panic in the call task, or
-    /// the task being dropped at runtime shutdown. It cannot await, so it queues the end
-    /// without waiting; if even that fails, the next start closes the record as `interrupted`.
+    /// the task being dropped at runtime shutdown. It cannot await, so it queues the end with
+    /// the journal as last seen (the store never loses a queued end).
     fn drop(&mut self) {
         if self.ended {
             return;
@@ -192,15 +356,7 @@ impl Drop for Record {
             EndReason::InternalError
         };
         self.metrics.calls_live.dec();
-        let events = std::mem::take(&mut self.events);
-        if !events.is_empty() {
-            let _ = self.store.try_append_events(self.id.clone(), events);
-        }
-        if !self
-            .store
-            .end_now(self.id.clone(), self.ended_value(reason))
-        {
-            tracing::error!("Could not queue the end of the call record.");
-        }
+        self.store
+            .end_now(self.id.clone(), self.ended_value(reason));
     }
 }

@@ -27,6 +27,11 @@ impl Tasks {
         self.tracker.spawn(task)
     }
 
+    /// The tracker itself, for spawners of tasks the server must wait for (agents' tasks).
+    pub fn tracker(&self) -> TaskTracker {
+        self.tracker.clone()
+    }
+
     /// Stops counting new tasks as a reason to keep waiting; see [`TaskTracker::close`].
     pub fn close(&self) {
         self.tracker.close();

@@ -257,7 +257,7 @@ struct Talker {
 }
 
 impl AgentFactory for Talker {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "talker"
     }
 
@@ -343,10 +343,7 @@ async fn barge_in_clears_the_agent_when_the_caller_speaks() {
         _ => None,
     });
     let barge = events.iter().find_map(|e| match e {
-        AgentEvent::BargeIn {
-            played_ms,
-            dropped_ms,
-        } => Some((*played_ms, *dropped_ms)),
+        AgentEvent::BargeIn(i) => Some((i.played_ms, i.dropped_ms)),
         _ => None,
     });
     let at_ms = started.expect("speech was detected");
@@ -484,7 +481,7 @@ async fn the_recording_keeps_the_caller_exactly_and_the_agent_as_played() {
 struct WideEcho;
 
 impl AgentFactory for WideEcho {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "wide-echo"
     }
 

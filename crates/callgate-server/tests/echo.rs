@@ -7,7 +7,7 @@ use callgate_testkit::audio::{frames, speechlike_pcm16};
 use callgate_testkit::{Received, callbridge_start, cdr, incoming_call, spawn_server};
 use serde_json::json;
 
-const RECORD_FIELDS: [&str; 19] = [
+const RECORD_FIELDS: [&str; 22] = [
     "id",
     "protocol",
     "caller",
@@ -27,6 +27,9 @@ const RECORD_FIELDS: [&str; 19] = [
     "dtmf",
     "cdr",
     "recording",
+    "route",
+    "agent",
+    "usage",
 ];
 
 fn assert_fields(record: &serde_json::Value) {

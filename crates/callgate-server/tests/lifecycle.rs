@@ -112,7 +112,7 @@ struct Faulty {
 }
 
 impl AgentFactory for Faulty {
-    fn name(&self) -> &'static str {
+    fn name(&self) -> &str {
         "faulty"
     }
 

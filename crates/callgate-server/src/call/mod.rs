@@ -1,10 +1,14 @@
-//! One call = one owning task: the WebSocket, the protocol session, the record and the agent
-//! handle all belong to the task running [`serve`].
+//! One call = one owning task: the WebSocket, the call core, the record and the agent's future
+//! all belong to the task running [`serve`].
 //!
-//! The task runs one `select!` over: the socket, the agent's commands, the agent task's end,
-//! operator commands, the session deadline, the progress tick and shutdown. After each input
-//! it drains the session's outputs before awaiting anything else (the proto drive invariant).
+//! This module is the I/O around the call: the upgrade, the first message, routing, and one
+//! `select!` over the socket, the agent (its future and its commands), the agent's clear
+//! requests, operator requests, the earliest deadline, the progress tick and shutdown. Every
+//! decision is the sans-IO [`core::CallCore`]'s: the loop feeds it inputs with the time and
+//! carries out its effects (frames, the close, record writes) before awaiting anything else.
 //! Only this task writes to the socket, and every write has a timeout.
+
+pub(crate) mod core;
 
 use std::any::Any;
 use std::future::{Future, pending, poll_fn};
@@ -15,14 +19,12 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use callgate_agent::queue::{self, EventSender, Pushed, SendError};
-use callgate_agent::{AgentCommand, AgentEvent, AgentRun, CallInfo, ClearWatch, Commands};
-use callgate_audio::playout::PlayoutEvent;
-use callgate_audio::vad::VadEvent;
+use callgate_agent::queue;
+use callgate_agent::{AgentControl, AgentRun, CallInfo, Commands, PhoneInfo, Spawner, Stamped};
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
-    AudioFormat, CallEvent, Close, CloseCode, Command, Digit, Disconnect, EndReason,
-    Error as ProtoError, Frame, Output, Protocol, Session, inbound,
+    AudioFormat, Close, CloseCode, Disconnect, EndReason, Error as ProtoError, Frame, Protocol,
+    Session, inbound,
 };
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
@@ -36,13 +38,16 @@ use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Resp
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info, warn};
 
+use self::core::{AgentExit, CallCore, CoreConfig, Effect, Stats};
 use crate::Shared;
-use crate::live::{Mailbox, Reply, Request};
-use crate::media::{Media, MediaEvent};
+use crate::live::Mailbox;
+use crate::media::Media;
 use crate::pii::Pii;
-use crate::record::Record;
+use crate::record::{Journal, Record};
+use crate::routes::{CallFacts, Route};
 
 type Ws = WebSocketStream<TcpStream>;
 
@@ -52,12 +57,10 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// The most agent commands carried out per turn, so one chatty agent cannot starve its own
 /// socket or other calls.
 const AGENT_COMMANDS_PER_TURN: usize = 16;
+/// How long an ended call waits for its recording to be complete on disk.
+const RECORDING_FINISH_WAIT: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
-/// How long a control event (DTMF, end of call) may wait for room in the agent's queue. Zero:
-/// the agent is polled by the call task, so it cannot make room while the call waits; a queue
-/// full of unread control events means the agent is stuck.
-const AGENT_CONTROL_TIMEOUT: Duration = Duration::ZERO;
 
 /// Serves one accepted connection: upgrade, first message, then the call.
 pub(crate) async fn serve(
@@ -222,7 +225,7 @@ async fn close(ws: &mut Ws, close: Close, write_timeout: Duration) {
 enum Input {
     Shutdown,
     Socket(Option<Result<Message, WsError>>),
-    Agent(Option<AgentCommand>),
+    Agent(Option<Stamped>),
     AgentClear,
     AgentDone(AgentOutcome),
     Operator,
@@ -230,38 +233,54 @@ enum Input {
     Timer,
 }
 
+/// The call's clock (tokio's, so `tokio::time::pause` drives a whole call), as the std
+/// `Instant` the sans-IO parts take.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
 /// Describes a new call: its record, the agent's view of it, and its session.
-fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, Session) {
-    let now = std::time::Instant::now();
-    let (caller, callee, external_id, call_config, input, output, session) = match start {
+fn describe(
+    shared: &Shared,
+    id: &CallId,
+    start: Start,
+    route: &Route,
+    now: std::time::Instant,
+) -> (NewCall, CallInfo, Session) {
+    let (phone, caller, callee, external_id, call_config, input, output) = match &start {
         Start::CallBridge(s) => {
             let cc = &s.call_config;
             (
+                PhoneInfo::CallBridge(cc.clone()),
                 cc.caller.clone(),
                 cc.callee.clone(),
                 cc.cdr_id.clone(),
                 serde_json::to_string(cc).ok(),
                 s.audio_format.phone_output,
                 s.audio_format.phone_input,
-                Session::new(now, Start::CallBridge(s), inbound::Config::default()),
             )
         }
         Start::Inbound(call) => {
             let format: AudioFormat = shared.config.inbound_audio_format;
-            let config = inbound::Config {
-                cdr_timeout: shared.config.cdr_timeout,
-            };
             (
+                PhoneInfo::Inbound {
+                    caller_id: call.caller_id.clone(),
+                    did_number: call.did_number.clone(),
+                    session_id: call.session_id.clone(),
+                },
                 call.caller_id.clone(),
                 call.did_number.clone(),
                 call.session_id.clone(),
                 None,
                 format,
                 format,
-                Session::new(now, Start::Inbound(call), config),
             )
         }
     };
+    let config = inbound::Config {
+        cdr_timeout: shared.config.cdr_timeout,
+    };
+    let session = Session::new(now, start, config);
     let protocol = session.protocol();
     let record = NewCall {
         id: id.clone(),
@@ -275,6 +294,8 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
         started_at: UnixMillis::now(),
         // Set once the call's audio (and so its recorder) exists.
         recording: false,
+        route: Some(route.name.to_string()),
+        agent: Some(route.agent.to_string()),
     };
     let info = CallInfo {
         call_id: id.to_string(),
@@ -282,6 +303,9 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
         caller,
         callee,
         external_id,
+        phone,
+        route: route.name.to_string(),
+        agent: route.agent.to_string(),
         input_format: input,
         output_format: output,
     };
@@ -291,19 +315,29 @@ fn describe(shared: &Shared, id: &CallId, start: Start) -> (NewCall, CallInfo, S
 async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAddr) {
     let id = CallId::new();
     let protocol = start.protocol();
-    let (mut new_call, mut info, session) = describe(&shared, &id, start);
+    let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
+    let routes = shared.routes.current();
+    let Some(route) = routes.route(&CallFacts::of(&start)).cloned() else {
+        return Box::pin(no_route(shared, ws, id, start).instrument(span)).await;
+    };
+    drop(routes);
+    let started = Instant::now();
+    let (mut new_call, mut info, session) =
+        describe(&shared, &id, start, &route, started.into_std());
     let (phone_in, phone_out) = (info.input_format, info.output_format);
-    if let Some(format) = shared.agent.audio_format() {
+    let agent_format = route.factory.audio_format();
+    if let Some(format) = agent_format {
         info.input_format = format;
         info.output_format = format;
     }
-    let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
     let call = async move {
         let reveal = shared.config.log_pii;
         info!(
             caller = %Pii::new(&info.caller, reveal),
             callee = %Pii::new(&info.callee, reveal),
             external_id = %info.external_id,
+            route = %route.name,
+            agent = %route.agent,
             "Call started."
         );
         let media = Media::new(
@@ -311,8 +345,8 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             id.as_str(),
             phone_in,
             phone_out,
-            shared.agent.audio_format(),
-            std::time::Instant::now(),
+            agent_format,
+            started.into_std(),
         )
         .map(Box::new);
         // Boxed, like the call below: the task's state machine keeps a slot for every value
@@ -331,6 +365,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             }
         };
         new_call.recording = media.is_recorded();
+        let started_wall = new_call.started_at;
         // A call exists only once its record does: refuse it if the store cannot take it.
         if let Err(error) = Box::pin(shared.store.insert_call(new_call)).await {
             shared.metrics.store_errors.inc();
@@ -349,51 +384,128 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             shared.store.clone(),
             shared.metrics.clone(),
             shared.cancel.clone(),
+            started.into_std(),
         );
         let operator = shared.live.register(id.clone());
-        let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY);
+        // The agent's tasks end with the call (and shutdown waits for them).
+        let agent_tasks = CancellationToken::new();
+        let spawner = Spawner::new(shared.tasks.tracker(), agent_tasks.clone());
+        let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
         // The agent's future is owned and polled by this task (see `Call::run`).
-        let agent: AgentFuture = Box::pin(AssertUnwindSafe(shared.agent.start(io)).catch_unwind());
+        let agent: AgentFuture = Box::pin(AssertUnwindSafe(route.factory.start(io)).catch_unwind());
+        let core = CallCore::new(
+            session,
+            media,
+            side.events,
+            side.control.clone(),
+            Journal::new(started.into_std(), started_wall),
+            CoreConfig {
+                barge_in: shared.config.barge_in,
+            },
+        );
         let mut call = Box::new(Call {
             shared: shared.clone(),
-            session,
+            core,
             record,
-            media,
-            agent_events: Some(side.events),
-            ended: None,
             socket_open: true,
-            hangup_after_playout: false,
-            media_events: Vec::new(),
-            discard_agent_audio: false,
         });
-        call.run(&mut ws, side.commands, side.clears, agent, operator)
+        call.run(&mut ws, side.commands, side.control, agent, operator)
             .await;
+        agent_tasks.cancel();
         shared.live.remove(&id);
     };
     // Boxed: the call's state lives in one heap allocation, not nested in this one.
     Box::pin(call.instrument(span)).await
 }
 
+/// Refuses a call no route takes: its record says `no_route`, the phone gets close 1008 with
+/// a reason naming what was matched (CallBridge: no `started`; inbound: no `answer`).
+async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start) {
+    let facts = CallFacts::of(&start);
+    let reason = match &start {
+        Start::CallBridge(s) => format!(
+            "no route for this call (callbridge agentId {:?}, agentType {:?}, siteId {:?}) and no default route",
+            s.call_config.agent_id, s.call_config.agent_type, s.call_config.site_id
+        ),
+        Start::Inbound(call) => format!(
+            "no route for this call (inbound didNumber {:?}) and no default route",
+            call.did_number
+        ),
+    };
+    debug!(%reason, "Refusing the call: no route.");
+    shared.metrics.calls_unrouted.inc();
+    let started = Instant::now().into_std();
+    let (caller, callee, external_id, call_config, input, output) = match &start {
+        Start::CallBridge(s) => (
+            s.call_config.caller.clone(),
+            s.call_config.callee.clone(),
+            s.call_config.cdr_id.clone(),
+            serde_json::to_string(&s.call_config).ok(),
+            s.audio_format.phone_output,
+            s.audio_format.phone_input,
+        ),
+        Start::Inbound(call) => (
+            call.caller_id.clone(),
+            call.did_number.clone(),
+            call.session_id.clone(),
+            None,
+            shared.config.inbound_audio_format,
+            shared.config.inbound_audio_format,
+        ),
+    };
+    let new_call = NewCall {
+        id: id.clone(),
+        protocol: facts.protocol.as_str().to_owned(),
+        caller,
+        callee,
+        external_id,
+        call_config,
+        phone_output_audio_format: input.as_str().to_owned(),
+        phone_input_audio_format: output.as_str().to_owned(),
+        started_at: UnixMillis::now(),
+        recording: false,
+        route: None,
+        agent: None,
+    };
+    let started_wall = new_call.started_at;
+    match shared.store.insert_call(new_call).await {
+        Ok(()) => {
+            let mut record = Record::new(
+                id,
+                facts.protocol,
+                shared.store.clone(),
+                shared.metrics.clone(),
+                shared.cancel.clone(),
+                started,
+            );
+            let mut journal = Journal::new(started, started_wall);
+            journal.event(
+                started,
+                crate::record::EventKind::Ended,
+                serde_json::json!({ "reason": EndReason::NoRoute.as_str() }),
+            );
+            record.end(started, EndReason::NoRoute, &mut journal).await;
+        }
+        Err(error) => {
+            shared.metrics.store_errors.inc();
+            error!(%error, "Could not record a call no route takes.");
+        }
+    }
+    close(
+        &mut ws,
+        Close::new(CloseCode::POLICY, reason),
+        shared.config.write_timeout,
+    )
+    .await;
+}
+
 /// The state the call task owns besides the socket and channels.
 struct Call {
     shared: Arc<Shared>,
-    session: Session,
+    core: CallCore,
     record: Record,
-    /// Events toward the agent; dropped when the call ends, which ends the agent.
-    agent_events: Option<EventSender>,
-    /// Why the call ended, once it has.
-    ended: Option<EndReason>,
     /// Whether the socket may still yield messages.
     socket_open: bool,
-    /// The call's audio: conversion, playout, VAD, DTMF detection, recording.
-    media: Box<Media>,
-    /// The agent hung up with audio still queued: hang up once it has played.
-    hangup_after_playout: bool,
-    /// Scratch space for what the caller's audio revealed.
-    media_events: Vec<MediaEvent>,
-    /// The playout was cleared by the call itself (barge-in, operator): audio the agent sent
-    /// before that must not play.
-    discard_agent_audio: bool,
 }
 
 impl Call {
@@ -401,7 +513,7 @@ impl Call {
         &mut self,
         ws: &mut Ws,
         mut commands: Commands,
-        clears: ClearWatch,
+        control: AgentControl,
         agent: AgentFuture,
         operator: Arc<Mailbox>,
     ) {
@@ -421,18 +533,20 @@ impl Call {
         // Likewise for the operator mailbox and the agent's clear requests.
         let posted = operator.notified();
         tokio::pin!(posted);
-        let clear_signal = clears.notified();
+        let clear_signal = control.notified();
         tokio::pin!(clear_signal);
         let mut closed_by_us = false;
 
-        while !self.session.is_closed() {
-            let deadline = earliest(self.session.poll_timeout(), self.media.poll_timeout())
+        while !self.core.is_closed() {
+            let deadline = self
+                .core
+                .poll_timeout()
                 .map_or(next_progress, |d| Instant::from_std(d).min(next_progress));
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
             // Audio from the agent is taken only while the playout has room: its backpressure.
-            let take_commands = commands_open && self.media.has_room();
+            let take_commands = commands_open && self.core.takes_agent_commands();
             // Not biased: a phone's burst must not starve the agent's output (or the reverse),
             // so the branches are polled in random order.
             let input = tokio::select! {
@@ -444,86 +558,62 @@ impl Call {
                 _ = &mut posted => Input::Operator,
                 _ = &mut timer => Input::Timer,
             };
-            let now = std::time::Instant::now();
+            let now = now();
             match input {
                 Input::Shutdown => {
                     shutting_down = true;
-                    self.session.handle_shutdown(now);
+                    self.core.handle_shutdown(now);
                 }
-                Input::AgentDone(result) => {
+                Input::AgentDone(outcome) => {
                     agent = None;
-                    self.agent_done(now, result);
+                    self.core.handle_agent_exit(now, exit_of(outcome));
                 }
                 Input::Socket(message) => self.socket_input(now, message),
                 // More of what the agent queued is taken right below, bounded per turn.
-                Input::Agent(Some(command)) => self.agent_command(now, command),
+                Input::Agent(Some(command)) => self.core.handle_agent_command(now, command),
                 Input::Agent(None) => commands_open = false,
                 Input::AgentClear => {
-                    clear_signal.set(clears.notified());
-                    if clears.take() {
-                        let c = self.media.clear();
-                        self.notify_agent(AgentEvent::Cleared {
-                            played_ms: c.played_ms,
-                            dropped_ms: c.dropped_ms,
-                        })
-                        .await;
-                    }
+                    clear_signal.set(control.notified());
+                    self.core.handle_agent_clear(now);
                 }
                 Input::Operator => {
                     posted.set(operator.notified());
                     while let Some(op) = operator.try_recv() {
-                        let reply = self.operator(now, op.request);
+                        let reply = self.core.handle_operator(now, op.request);
                         let _ = op.reply.send(reply);
                     }
                 }
                 Input::Timer => {
-                    self.session.handle_timeout(now);
+                    self.core.handle_timeout(now);
                     if Instant::now() >= next_progress {
                         next_progress = Instant::now() + interval;
-                        self.record.progress();
-                        self.media.sync();
-                        self.report_underruns();
-                        self.shared
-                            .metrics
-                            .playout_queue_depth
-                            .observe(self.media.queued_ms() as f64 / 1000.0);
+                        self.progress();
                     }
                 }
             }
-            self.run_playout(now).await;
             if self.drain(ws).await {
                 closed_by_us = true;
             }
-            if std::mem::take(&mut self.discard_agent_audio) {
-                commands.discard_queued_audio();
-            }
             // Let the agent react to what this turn queued for it, and carry out its commands,
             // in this same turn: an echo costs one trip through the select, not two.
-            if !self.session.is_closed() {
+            if !self.core.is_closed() {
                 if let Some(a) = agent.as_mut()
                     && let Poll::Ready(outcome) =
                         poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await
                 {
                     agent = None;
-                    self.agent_done(now, outcome);
+                    self.core.handle_agent_exit(now, exit_of(outcome));
                 }
-                let mut took = false;
                 for _ in 0..AGENT_COMMANDS_PER_TURN {
-                    if !self.media.has_room() {
+                    if !self.core.takes_agent_commands() {
                         break;
                     }
                     match commands.try_recv() {
-                        Some(command) => {
-                            self.agent_command(now, command);
-                            took = true;
-                        }
+                        Some(command) => self.core.handle_agent_command(now, command),
                         None => break,
                     }
                 }
-                if took {
-                    self.run_playout(now).await;
-                }
-                if (took || agent.is_none()) && self.drain(ws).await {
+                if self.drain(ws).await {
                     closed_by_us = true;
                 }
             }
@@ -541,121 +631,78 @@ impl Call {
             ))
             .await;
         }
-        drop(self.agent_events.take());
-        // The agent sees its queue close and returns; give it a moment, then drop it (which
-        // cancels it wherever it is).
-        if let Some(mut agent) = agent
-            && timeout(AGENT_EXIT_WAIT, &mut agent).await.is_err()
-        {
-            warn!("Agent did not stop after the call ended; cancelling it.");
+        // The agent sees its queue close and returns; give it a moment (taking what it still
+        // writes to the record), then drop it, which cancels it wherever it is.
+        self.core.finish();
+        if let Some(mut agent) = agent {
+            let wait = async {
+                loop {
+                    tokio::select! {
+                        _ = &mut agent => break,
+                        Some(command) = commands.recv() => {
+                            self.core.handle_agent_command(now(), command);
+                        }
+                    }
+                }
+            };
+            if timeout(AGENT_EXIT_WAIT, wait).await.is_err() {
+                warn!("Agent did not stop after the call ended; cancelling it.");
+            }
         }
-        self.media.finish();
-        if self.ended.is_none() {
+        while let Some(command) = commands.try_recv() {
+            self.core.handle_agent_command(now(), command);
+        }
+        if !self.core.has_ended() {
             // Every session path emits Ended before it closes; this is the safety net.
             error!("Call closed without an end reason.");
-            Box::pin(self.record.end(EndReason::InternalError)).await;
+            Box::pin(
+                self.record
+                    .end(now(), EndReason::InternalError, self.core.journal()),
+            )
+            .await;
         }
-        Box::pin(self.record.flush_events()).await;
+        self.merge_stats();
+        Box::pin(self.record.flush(self.core.journal())).await;
     }
 
     fn socket_input(&mut self, now: std::time::Instant, message: Option<Result<Message, WsError>>) {
         match message {
-            Some(Ok(Message::Binary(data))) => self.session.handle_binary(now, data),
-            Some(Ok(Message::Text(text))) => self.session.handle_text(now, &text),
+            Some(Ok(Message::Binary(data))) => self.core.handle_binary(now, data),
+            Some(Ok(Message::Text(text))) => self.core.handle_text(now, &text),
             Some(Ok(Message::Close(_))) => {
                 self.socket_open = false;
-                self.session.handle_peer_close(now, Disconnect::Closed);
+                self.core.handle_peer_close(now, Disconnect::Closed);
             }
             Some(Ok(_)) => {}
             Some(Err(error)) => match fatal_read_error(&error) {
                 // The socket can still carry our close frame with the reason.
-                Some(e) => self.session.handle_violation(now, e),
+                Some(e) => self.core.handle_violation(now, e),
                 None => {
                     debug!(%error, "Connection lost.");
                     self.socket_open = false;
-                    self.session.handle_peer_close(now, Disconnect::Dropped);
+                    self.core.handle_peer_close(now, Disconnect::Dropped);
                 }
             },
             None => {
                 self.socket_open = false;
-                self.session.handle_peer_close(now, Disconnect::Dropped);
+                self.core.handle_peer_close(now, Disconnect::Dropped);
             }
         }
     }
 
-    fn agent_command(&mut self, now: std::time::Instant, command: AgentCommand) {
-        if self.ended.is_some() || self.hangup_after_playout {
-            // The call is over (or about to be): nothing more is played.
-            return;
-        }
-        let command = match command {
-            AgentCommand::Answer => Command::Answer,
-            // Audio goes through the playout clock, which sends it frame by frame.
-            AgentCommand::Audio(data) => return self.media.agent_audio(now, data),
-            AgentCommand::DtmfTone { digit, duration } => {
-                return self.media.agent_tone(now, digit, duration);
-            }
-            AgentCommand::Mark(id) => return self.media.mark(id),
-            AgentCommand::Dtmf { digit, duration } => Command::Dtmf { digit, duration },
-            AgentCommand::Hangup if self.media.is_playing() => {
-                self.hangup_after_playout = true;
-                return;
-            }
-            AgentCommand::Hangup => Command::Hangup(EndReason::AgentHangup),
-        };
-        if let Err(error) = self.session.handle_command(now, command) {
-            debug!(%error, "Agent command refused.");
-            self.record.event(
-                "agent_command_refused",
-                serde_json::json!({ "message": error.to_string() }),
-            );
-        }
-    }
-
-    fn agent_done(&mut self, now: std::time::Instant, result: AgentOutcome) {
-        let reason = match result {
-            // A normal end is a hangup: what the agent queued last (a goodbye) still plays.
-            Ok(Ok(())) => return self.agent_command(now, AgentCommand::Hangup),
-            Ok(Err(error)) => {
-                warn!(%error, "Agent failed.");
-                self.record.event(
-                    "agent_failed",
-                    serde_json::json!({ "message": error.to_string() }),
-                );
-                EndReason::AgentFailed
-            }
-            Err(panic) => {
-                let error = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_owned());
-                error!(%error, "Agent panicked.");
-                self.record.event(
-                    "agent_failed",
-                    serde_json::json!({ "message": format!("agent panicked: {error}") }),
-                );
-                EndReason::AgentFailed
-            }
-        };
-        if self.ended.is_none() {
-            let _ = self.session.handle_command(now, Command::Hangup(reason));
-        }
-    }
-
-    /// Carries out the session's outputs. Returns true if it sent a close frame.
+    /// Carries out the core's effects. Returns true if it sent a close frame.
     async fn drain(&mut self, ws: &mut Ws) -> bool {
         let write_timeout = self.shared.config.write_timeout;
-        while let Some(output) = self.session.poll_output() {
-            match output {
-                Output::Send(frame) => {
+        while let Some(effect) = self.core.poll_output() {
+            match effect {
+                Effect::Send(frame) => {
                     let message = match frame {
-                        Frame::Binary(data) => {
-                            self.record.audio_out(data.len());
-                            Message::Binary(data)
-                        }
+                        Frame::Binary(data) => Message::Binary(data),
                         Frame::Text(text) => Message::Text(text.into()),
                     };
+                    if !self.socket_open {
+                        continue;
+                    }
                     let failure = match timeout(write_timeout, ws.send(message)).await {
                         Ok(Ok(())) => None,
                         Ok(Err(error)) => {
@@ -669,237 +716,88 @@ impl Call {
                     };
                     if let Some(how) = failure {
                         self.socket_open = false;
-                        self.session
-                            .handle_peer_close(std::time::Instant::now(), how);
+                        self.core.handle_peer_close(now(), how);
                     }
                 }
-                Output::Close(frame) => {
+                Effect::Close(frame) => {
                     // The record is complete before the phone sees the close.
-                    Box::pin(self.record.flush_events()).await;
+                    Box::pin(self.record.flush(self.core.journal())).await;
                     if self.socket_open {
                         Box::pin(close(ws, frame, write_timeout)).await;
                         self.socket_open = false;
                     }
                     return true;
                 }
-                Output::Event(event) => self.call_event(event).await,
+                Effect::Answered => self.record.answered(UnixMillis::now()),
+                Effect::Ended(reason) => {
+                    info!(end_reason = %reason, "Call ended.");
+                    // The record says the call has a recording: it is complete before the end.
+                    if let Some(finished) = self.core.take_recording() {
+                        match timeout(RECORDING_FINISH_WAIT, finished).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(error)) => {
+                                warn!(%error, "The recording could not be completed.")
+                            }
+                            Err(_) => warn!(
+                                "The recording writer is behind; ending the record before the file is complete."
+                            ),
+                        }
+                    }
+                    self.merge_stats();
+                    Box::pin(self.record.end(now(), reason, self.core.journal())).await;
+                }
+                Effect::Cdr(raw) => Box::pin(self.record.cdr(raw)).await,
             }
         }
-        self.record.offer_events();
+        self.record.offer(self.core.journal());
         false
     }
 
-    async fn call_event(&mut self, event: CallEvent) {
-        match event {
-            CallEvent::Audio(data) => {
-                self.record.audio_in(data.len());
-                let mut events = std::mem::take(&mut self.media_events);
-                let for_agent = self.media.caller_audio(&data, &mut events);
-                if let Some(tx) = &self.agent_events
-                    && tx.push_audio(for_agent) == Pushed::DroppedOldest
-                {
-                    self.shared.metrics.agent_audio_dropped.inc();
-                }
-                for event in events.drain(..) {
-                    self.media_event(event).await;
-                }
-                self.media_events = events;
-            }
-            CallEvent::Answered => self.record.answered(),
-            CallEvent::Dtmf(digit) => self.dtmf(digit, "protocol").await,
-            CallEvent::Ended(reason) => {
-                self.ended = Some(reason);
-                info!(end_reason = %reason, "Call ended.");
-                // Nothing more is heard or played: the recording is complete now.
-                self.media.finish();
-                self.report_underruns();
-                Box::pin(self.record.end(reason)).await;
-                self.notify_agent(AgentEvent::Ended(reason)).await;
-                // Closing the queue ends the agent once it has read everything.
-                drop(self.agent_events.take());
-            }
-            CallEvent::Cdr(report) => {
-                if let Some(problem) = &report.problem {
-                    self.record.event(
-                        "cdr_invalid",
-                        serde_json::json!({ "message": problem.to_string() }),
-                    );
-                }
-                self.record.event("cdr_received", serde_json::json!({}));
-                Box::pin(self.record.cdr(report.raw)).await;
-            }
-            CallEvent::CdrMissing => {
-                self.record.event("cdr_missing", serde_json::json!({}));
-            }
-            CallEvent::Unknown(text) => {
-                debug!("Unknown message kept in the call's events.");
-                self.record
-                    .event("unknown_message", serde_json::json!({ "text": text }));
-            }
-            CallEvent::Violation(error) => {
-                self.shared
-                    .metrics
-                    .protocol_errors
-                    .get_or_create(&[("kind", error.kind())])
-                    .inc();
-                debug!(%error, "Protocol error in a live call.");
-                self.record.event(
-                    "protocol_error",
-                    serde_json::json!({ "kind": error.kind(), "message": error.to_string() }),
-                );
-            }
-        }
-    }
-
-    /// A key from the caller, by protocol message or in-band tone.
-    async fn dtmf(&mut self, digit: Digit, source: &'static str) {
+    /// The periodic write: record, recording, metrics.
+    fn progress(&mut self) {
+        self.record.progress(self.core.journal());
+        self.core.sync_recording();
+        self.merge_stats();
         self.shared
             .metrics
-            .dtmf
-            .get_or_create(&[("source", source)])
-            .inc();
-        self.record.dtmf(digit.as_char());
-        self.record.event(
-            "dtmf",
-            serde_json::json!({ "digit": digit.to_string(), "source": source }),
-        );
-        self.notify_agent(AgentEvent::Dtmf(digit)).await;
+            .playout_queue_depth
+            .observe(self.core.queued_ms() as f64 / 1000.0);
     }
 
-    /// What the caller's audio revealed.
-    async fn media_event(&mut self, event: MediaEvent) {
-        match event {
-            MediaEvent::Speech(VadEvent::SpeechStarted { at_ms }) => {
-                self.record
-                    .event("speech_started", serde_json::json!({ "at_ms": at_ms }));
-                self.notify_agent(AgentEvent::SpeechStarted { at_ms }).await;
-            }
-            MediaEvent::Speech(VadEvent::SpeechStopped { at_ms }) => {
-                self.record
-                    .event("speech_stopped", serde_json::json!({ "at_ms": at_ms }));
-                self.notify_agent(AgentEvent::SpeechStopped { at_ms }).await;
-            }
-            MediaEvent::BargeIn(c) => {
-                self.shared.metrics.barge_ins.inc();
-                self.hangup_after_playout = false;
-                self.discard_agent_audio = true;
-                self.record.event(
-                    "barge_in",
-                    serde_json::json!({ "played_ms": c.played_ms, "dropped_ms": c.dropped_ms }),
-                );
-                self.notify_agent(AgentEvent::BargeIn {
-                    played_ms: c.played_ms,
-                    dropped_ms: c.dropped_ms,
-                })
-                .await;
-            }
-            MediaEvent::InbandDtmf(digit) => self.dtmf(digit, "inband").await,
+    /// Adds the call's own counts to the server's metrics.
+    fn merge_stats(&mut self) {
+        let mut stats: Stats = self.core.take_stats();
+        let m = &self.shared.metrics;
+        m.playout_jitter.merge(&mut stats.jitter);
+        let dropped = self.core.take_recording_dropped();
+        if dropped > 0 {
+            m.recording_batches_dropped.inc_by(dropped);
         }
-    }
-
-    /// Sends what the playout clock says is due, and reacts to marks and underruns.
-    async fn run_playout(&mut self, now: std::time::Instant) {
-        while let Some(event) = self.media.poll(now) {
-            match event {
-                PlayoutEvent::Frame {
-                    data,
-                    late,
-                    silence,
-                } => {
-                    if !silence {
-                        self.shared
-                            .metrics
-                            .playout_jitter
-                            .observe(late.as_secs_f64());
-                    }
-                    // Refused only when the call is not answered yet or is over: dropped.
-                    let _ = self.session.handle_command(now, Command::Audio(data));
-                }
-                PlayoutEvent::Mark(id) => {
-                    let played_ms = self.media.played_ms();
-                    self.notify_agent(AgentEvent::Mark { id, played_ms }).await;
-                }
+        let underruns = self.core.take_underruns();
+        if underruns > 0 {
+            m.playout_underruns.inc_by(underruns);
+        }
+        if stats.barge_ins > 0 {
+            m.barge_ins.inc_by(stats.barge_ins);
+        }
+        if stats.agent_audio_dropped > 0 {
+            m.agent_audio_dropped.inc_by(stats.agent_audio_dropped);
+        }
+        for (source, n) in [
+            ("protocol", stats.dtmf_protocol),
+            ("inband", stats.dtmf_inband),
+        ] {
+            if n > 0 {
+                m.dtmf.get_or_create(&[("source", source)]).inc_by(n);
             }
         }
-        if self.hangup_after_playout && !self.media.is_playing() && self.ended.is_none() {
-            self.hangup_after_playout = false;
-            let _ = self
-                .session
-                .handle_command(now, Command::Hangup(EndReason::AgentHangup));
+        for kind in stats.protocol_errors {
+            m.protocol_errors.get_or_create(&[("kind", kind)]).inc();
         }
-    }
-
-    fn report_underruns(&mut self) {
-        let n = self.media.take_underruns();
-        if n > 0 {
-            self.shared.metrics.playout_underruns.inc_by(n);
-        }
-    }
-
-    /// An operator's request.
-    fn operator(&mut self, now: std::time::Instant, request: Request) -> Result<Reply, ProtoError> {
-        match request {
-            Request::Command(c) => self.session.handle_command(now, c).map(|()| Reply::Done),
-            Request::Play { .. } | Request::Clear if self.ended.is_some() => {
-                Err(ProtoError::InvalidState {
-                    operation: "playing audio",
-                    state: "over",
-                })
-            }
-            Request::Play { samples, rate } => match self.media.operator_play(&samples, rate) {
-                Ok(ms) => {
-                    self.record
-                        .event("operator_play", serde_json::json!({ "ms": ms }));
-                    Ok(Reply::Queued { ms })
-                }
-                Err(error) => {
-                    warn!(%error, "Operator audio could not be converted.");
-                    Err(ProtoError::Unsupported {
-                        operation: "audio at this sample rate",
-                        protocol: self.protocol(),
-                    })
-                }
-            },
-            Request::Clear => {
-                let c = self.media.clear();
-                self.discard_agent_audio = true;
-                self.record.event(
-                    "operator_clear",
-                    serde_json::json!({ "played_ms": c.played_ms, "dropped_ms": c.dropped_ms }),
-                );
-                Ok(Reply::Cleared {
-                    dropped_ms: c.dropped_ms,
-                    played_ms: c.played_ms,
-                })
-            }
-        }
-    }
-
-    fn protocol(&self) -> Protocol {
-        self.session.protocol()
-    }
-
-    /// Sends a control event to the agent. If the agent does not take it in time, the call
-    /// ends: an agent that cannot hear DTMF or hangups cannot handle a call.
-    async fn notify_agent(&mut self, event: AgentEvent) {
-        let Some(tx) = &self.agent_events else {
-            return;
-        };
-        match Box::pin(tx.send_control(event, AGENT_CONTROL_TIMEOUT)).await {
-            Ok(()) | Err(SendError::Closed) => {}
-            Err(SendError::Timeout) => {
-                warn!("Agent stopped taking events; ending the call.");
-                self.record.event(
-                    "agent_failed",
-                    serde_json::json!({ "message": "agent stopped taking events" }),
-                );
-                if self.ended.is_none() {
-                    let _ = self.session.handle_command(
-                        std::time::Instant::now(),
-                        Command::Hangup(EndReason::AgentFailed),
-                    );
-                }
-            }
+        for command in stats.refused {
+            m.agent_commands_refused
+                .get_or_create(&[("command", command)])
+                .inc();
         }
     }
 }
@@ -917,12 +815,21 @@ async fn poll_agent(agent: &mut Option<AgentFuture>) -> AgentOutcome {
     }
 }
 
-fn earliest(
-    a: Option<std::time::Instant>,
-    b: Option<std::time::Instant>,
-) -> Option<std::time::Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+fn exit_of(outcome: AgentOutcome) -> AgentExit {
+    match outcome {
+        Ok(Ok(())) => AgentExit::Returned,
+        Ok(Err(error)) => {
+            warn!(%error, "Agent failed.");
+            AgentExit::Failed(error.to_string())
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            error!(error = %message, "Agent panicked.");
+            AgentExit::Failed(format!("agent panicked: {message}"))
+        }
     }
 }

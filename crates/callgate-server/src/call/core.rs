@@ -1,0 +1,1222 @@
+//! The call core: every decision of a live call, sans-IO.
+//!
+//! [`CallCore`] owns the protocol [`Session`], the call's [`Media`] (playout clock, VAD, DTMF
+//! detection, recording), the agent's event queue and the [`Journal`]. Inputs are
+//! `handle_*(now, ..)` calls; effects come out of [`CallCore::poll_output`] (frames to send,
+//! the close, and the record writes that need awaiting); [`CallCore::poll_timeout`] is the
+//! next deadline. Time is always an argument: a test drives a whole call on a virtual clock.
+//!
+//! Drive invariant (as in callgate-proto): after every `handle_*`, drain `poll_output` before
+//! awaiting anything.
+//!
+//! # Phases
+//! `Live` → `HangingUp(reason)` (the agent hung up with audio queued: it plays, then the call
+//! ends) → `Ended(reason)`. A phase only moves forward: nothing (barge-in, more agent audio)
+//! can take a pending hangup back. During `HangingUp` the caller's speech does not clear the
+//! goodbye; an explicit clear (the agent's or an operator's) drops it and ends the call at once.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use bytes::Bytes;
+use callgate_agent::queue::{EventSender, Pushed, SendError};
+use callgate_agent::{
+    AgentCommand, AgentControl, AgentEvent, CommandKind, Interruption, MarkState, Stamped,
+};
+use callgate_audio::playout::{MarkEnd, PlayoutEvent};
+use callgate_audio::vad::VadEvent;
+use callgate_proto::{
+    CallEvent, Close, Command, Digit, Disconnect, EndReason, Error as ProtoError, Frame, Output,
+    Protocol, Session,
+};
+use serde_json::json;
+
+use crate::live::{Reply, Request};
+use crate::media::{Media, MediaEvent};
+use crate::metrics::LocalHistogram;
+use crate::record::{EventKind, Journal};
+
+/// What the I/O loop must do for the core.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Write this frame to the phone (under `write_timeout`).
+    Send(Frame),
+    /// Write the record's pending entries and wait for the commit, then send this close
+    /// (always the last effect).
+    Close(Close),
+    /// The call was answered (record the time).
+    Answered,
+    /// The call ended: end the record and wait for the commit.
+    Ended(EndReason),
+    /// The phone system's CDR, verbatim: store it and wait for the commit.
+    Cdr(String),
+}
+
+/// How the agent's future ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AgentExit {
+    /// It returned `Ok`: a hangup once its audio has played.
+    Returned,
+    /// It returned an error or panicked (the message says which).
+    Failed(String),
+}
+
+/// What a call is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Live,
+    /// Ending once the queued audio has played (or been cleared).
+    HangingUp(EndReason),
+    Ended(EndReason),
+}
+
+/// Per-call counts for the server's metrics, merged by the I/O loop on its progress tick.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) jitter: LocalHistogram,
+    pub(crate) barge_ins: u64,
+    pub(crate) agent_audio_dropped: u64,
+    pub(crate) dtmf_protocol: u64,
+    pub(crate) dtmf_inband: u64,
+    /// Protocol error kinds, as they happened (rare).
+    pub(crate) protocol_errors: Vec<&'static str>,
+    /// Refused agent commands, by command (rare).
+    pub(crate) refused: Vec<&'static str>,
+}
+
+/// Settings of the core that are not the session's or the media's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CoreConfig {
+    /// Clear the agent's audio when the caller starts speaking over it.
+    pub(crate) barge_in: bool,
+}
+
+/// The decisions of one live call.
+pub(crate) struct CallCore {
+    session: Session,
+    media: Box<Media>,
+    phase: Phase,
+    answered: bool,
+    /// Events to the agent; dropped when the call ends, which ends the agent.
+    agent: Option<EventSender>,
+    control: AgentControl,
+    journal: Journal,
+    stats: Stats,
+    config: CoreConfig,
+    effects: VecDeque<Effect>,
+    media_events: Vec<MediaEvent>,
+    /// Agent audio was refused since the last time it was accepted (reported once per run).
+    audio_refused: bool,
+}
+
+impl std::fmt::Debug for CallCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallCore")
+            .field("phase", &self.phase)
+            .field("answered", &self.answered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallCore {
+    pub(crate) fn new(
+        session: Session,
+        media: Box<Media>,
+        agent: EventSender,
+        control: AgentControl,
+        journal: Journal,
+        config: CoreConfig,
+    ) -> Self {
+        Self {
+            session,
+            media,
+            phase: Phase::Live,
+            answered: false,
+            agent: Some(agent),
+            control,
+            journal,
+            stats: Stats::default(),
+            config,
+            effects: VecDeque::new(),
+            media_events: Vec::new(),
+            audio_refused: false,
+        }
+    }
+
+    // ---- inputs ----
+
+    /// A text message from the phone.
+    pub(crate) fn handle_text(&mut self, now: Instant, text: &str) {
+        self.session.handle_text(now, text);
+        self.process(now);
+    }
+
+    /// A binary message (audio) from the phone.
+    pub(crate) fn handle_binary(&mut self, now: Instant, data: Bytes) {
+        self.session.handle_binary(now, data);
+        self.process(now);
+    }
+
+    /// The phone's side of the connection ended (or a write to it failed).
+    pub(crate) fn handle_peer_close(&mut self, now: Instant, how: Disconnect) {
+        self.session.handle_peer_close(now, how);
+        self.process(now);
+    }
+
+    /// The phone broke the protocol below the session (a message too big, bad UTF-8).
+    pub(crate) fn handle_violation(&mut self, now: Instant, error: ProtoError) {
+        self.session.handle_violation(now, error);
+        self.process(now);
+    }
+
+    /// A deadline passed (session timer, playout slot).
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.session.handle_timeout(now);
+        self.process(now);
+    }
+
+    /// The server is shutting down.
+    pub(crate) fn handle_shutdown(&mut self, now: Instant) {
+        self.session.handle_shutdown(now);
+        self.process(now);
+    }
+
+    /// A command from the agent, with the epoch it was sent in.
+    pub(crate) fn handle_agent_command(&mut self, now: Instant, stamped: Stamped) {
+        if matches!(self.phase, Phase::Ended(_)) {
+            return;
+        }
+        // A clear the agent asked for before sending this applies before it.
+        self.apply_agent_clear(now);
+        let stale = stamped.epoch < self.control.epoch();
+        match stamped.command {
+            AgentCommand::Answer => {
+                if let Err(error) = self.session.handle_command(now, Command::Answer) {
+                    self.refuse(now, CommandKind::Answer, &error);
+                }
+            }
+            AgentCommand::Audio(data) => {
+                if self.audio_allowed(now, stale, CommandKind::Audio) {
+                    self.media.agent_audio(now, data);
+                }
+            }
+            AgentCommand::DtmfTone { digit, duration } => {
+                if self.audio_allowed(now, stale, CommandKind::DtmfTone) {
+                    self.media.agent_tone(now, digit, duration);
+                }
+            }
+            AgentCommand::Mark(id) if stale => {
+                // Its audio was dropped before it could be queued.
+                let played_ms = self.media.played_ms();
+                self.notify(
+                    now,
+                    AgentEvent::Mark {
+                        id,
+                        played_ms,
+                        at_ms: self.journal.ms(now),
+                        state: MarkState::Cleared,
+                    },
+                );
+            }
+            AgentCommand::Mark(id) => self.media.mark(id),
+            AgentCommand::Dtmf { digit, duration } => {
+                if let Err(error) = self
+                    .session
+                    .handle_command(now, Command::Dtmf { digit, duration })
+                {
+                    self.refuse(now, CommandKind::Dtmf, &error);
+                }
+            }
+            AgentCommand::Hangup => self.hang_up(now, EndReason::AgentHangup),
+            AgentCommand::Transcript(turn) => self.journal.turn(turn),
+            AgentCommand::Event { name, detail } => {
+                self.journal.event(
+                    now,
+                    EventKind::Agent,
+                    json!({ "name": name, "detail": detail }),
+                );
+            }
+            AgentCommand::Usage(amounts) => self.journal.usage(amounts),
+        }
+        self.process(now);
+    }
+
+    /// The agent may have asked for a clear.
+    pub(crate) fn handle_agent_clear(&mut self, now: Instant) {
+        self.apply_agent_clear(now);
+        self.process(now);
+    }
+
+    /// The agent's future finished.
+    pub(crate) fn handle_agent_exit(&mut self, now: Instant, exit: AgentExit) {
+        match exit {
+            // A normal end is a hangup: what the agent queued last (a goodbye) still plays.
+            AgentExit::Returned => self.hang_up(now, EndReason::AgentHangup),
+            AgentExit::Failed(message) => {
+                self.journal
+                    .event(now, EventKind::AgentFailed, json!({ "message": message }));
+                self.end_now(now, EndReason::AgentFailed);
+            }
+        }
+        self.process(now);
+    }
+
+    /// An operator's request.
+    pub(crate) fn handle_operator(
+        &mut self,
+        now: Instant,
+        request: Request,
+    ) -> Result<Reply, ProtoError> {
+        let reply = self.operator(now, request);
+        self.process(now);
+        reply
+    }
+
+    // ---- outputs ----
+
+    /// The next effect for the I/O loop.
+    pub(crate) fn poll_output(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// The next deadline: the session's or the playout's.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        match (self.session.poll_timeout(), self.media.poll_timeout()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the connection is finished (the close was sent or the peer is gone).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+
+    /// Whether the call has ended (the connection may still wait for a CDR).
+    pub(crate) fn has_ended(&self) -> bool {
+        matches!(self.phase, Phase::Ended(_))
+    }
+
+    /// Whether the agent's commands may be taken now: the playout has room (the agent's
+    /// backpressure). Once the call has ended, commands are taken and ignored.
+    pub(crate) fn takes_agent_commands(&self) -> bool {
+        self.has_ended() || self.media.has_room()
+    }
+
+    /// The phone protocol.
+    pub(crate) fn protocol(&self) -> Protocol {
+        self.session.protocol()
+    }
+
+    /// The journal, for the I/O loop to write out.
+    pub(crate) fn journal(&mut self) -> &mut Journal {
+        &mut self.journal
+    }
+
+    /// The counts for the metrics since the last call of this.
+    pub(crate) fn take_stats(&mut self) -> Stats {
+        std::mem::take(&mut self.stats)
+    }
+
+    /// Playout underruns since the last call of this.
+    pub(crate) fn take_underruns(&mut self) -> u64 {
+        self.media.take_underruns()
+    }
+
+    /// Recording batches dropped since the last call of this.
+    pub(crate) fn take_recording_dropped(&mut self) -> u64 {
+        self.media.take_recording_dropped()
+    }
+
+    /// The finished recording, once the call has ended (resolves when it is on disk).
+    pub(crate) fn take_recording(&mut self) -> Option<callgate_audio::record::Finished> {
+        self.media.take_finished()
+    }
+
+    /// Audio queued for the caller, ms.
+    pub(crate) fn queued_ms(&self) -> u64 {
+        self.media.queued_ms()
+    }
+
+    /// Makes the recording valid on disk as it stands (periodic).
+    pub(crate) fn sync_recording(&mut self) {
+        self.media.sync();
+    }
+
+    /// Closes what the call holds that outlives nothing: the recording, the agent's queue.
+    pub(crate) fn finish(&mut self) {
+        self.media.finish();
+        drop(self.agent.take());
+    }
+
+    // ---- decisions ----
+
+    /// Drains the session and the playout until neither has anything more.
+    fn process(&mut self, now: Instant) {
+        loop {
+            while let Some(output) = self.session.poll_output() {
+                match output {
+                    Output::Send(frame) => {
+                        if let Frame::Binary(data) = &frame {
+                            self.journal.counters.bytes_out += data.len() as u64;
+                            self.journal.counters.frames_out += 1;
+                        }
+                        self.effects.push_back(Effect::Send(frame));
+                    }
+                    Output::Close(close) => self.effects.push_back(Effect::Close(close)),
+                    Output::Event(event) => self.call_event(now, event),
+                }
+            }
+            // Frames the playout hands the session come out as session outputs: drain again.
+            let mut again = self.run_playout(now);
+            if let Phase::HangingUp(reason) = self.phase
+                && !self.media.is_playing()
+            {
+                self.end_now(now, reason);
+                again = true;
+            }
+            if !again {
+                return;
+            }
+        }
+    }
+
+    fn call_event(&mut self, now: Instant, event: CallEvent) {
+        match event {
+            CallEvent::Audio(data) => self.caller_audio(now, &data),
+            CallEvent::Answered => {
+                self.answered = true;
+                self.effects.push_back(Effect::Answered);
+            }
+            CallEvent::Dtmf(digit) => self.dtmf(now, digit, "protocol"),
+            CallEvent::Ended(reason) => {
+                self.phase = Phase::Ended(reason);
+                // Nothing more is heard or played: the recording is complete now.
+                self.media.finish();
+                self.journal
+                    .event(now, EventKind::Ended, json!({ "reason": reason.as_str() }));
+                self.notify(now, AgentEvent::Ended(reason));
+                // Closing the queue ends the agent once it has read everything.
+                drop(self.agent.take());
+                self.effects.push_back(Effect::Ended(reason));
+            }
+            CallEvent::Cdr(report) => {
+                if let Some(problem) = &report.problem {
+                    self.journal.event(
+                        now,
+                        EventKind::CdrInvalid,
+                        json!({ "message": problem.to_string() }),
+                    );
+                }
+                self.journal.event(now, EventKind::CdrReceived, json!({}));
+                self.effects.push_back(Effect::Cdr(report.raw));
+            }
+            CallEvent::CdrMissing => self.journal.event(now, EventKind::CdrMissing, json!({})),
+            CallEvent::Unknown(text) => {
+                self.journal
+                    .event(now, EventKind::UnknownMessage, json!({ "text": text }));
+            }
+            CallEvent::Violation(error) => {
+                self.stats.protocol_errors.push(error.kind());
+                self.journal.event(
+                    now,
+                    EventKind::ProtocolError,
+                    json!({ "kind": error.kind(), "message": error.to_string() }),
+                );
+            }
+        }
+    }
+
+    fn caller_audio(&mut self, now: Instant, data: &Bytes) {
+        self.journal.counters.bytes_in += data.len() as u64;
+        self.journal.counters.frames_in += 1;
+        let mut events = std::mem::take(&mut self.media_events);
+        let for_agent = self.media.caller_audio(data, &mut events);
+        if let Some(agent) = &self.agent
+            && agent.push_audio(for_agent) == Pushed::DroppedOldest
+        {
+            self.stats.agent_audio_dropped += 1;
+        }
+        for event in events.drain(..) {
+            self.media_event(now, event);
+        }
+        self.media_events = events;
+    }
+
+    /// What the caller's audio revealed (speech, in-band keys), as the VAD or the DTMF
+    /// detector would report it from caller audio: how tests speak without speech audio.
+    #[cfg(test)]
+    pub(crate) fn handle_media_event(&mut self, now: Instant, event: MediaEvent) {
+        self.media_event(now, event);
+        self.process(now);
+    }
+
+    fn media_event(&mut self, now: Instant, event: MediaEvent) {
+        match event {
+            MediaEvent::Speech(VadEvent::SpeechStarted { at_ms }) => {
+                self.journal
+                    .event(now, EventKind::SpeechStarted, json!({ "at_ms": at_ms }));
+                self.notify(now, AgentEvent::SpeechStarted { at_ms });
+                if self.config.barge_in && self.phase == Phase::Live && self.media.is_playing() {
+                    self.barge_in(now);
+                }
+            }
+            MediaEvent::Speech(VadEvent::SpeechStopped { at_ms }) => {
+                self.journal
+                    .event(now, EventKind::SpeechStopped, json!({ "at_ms": at_ms }));
+                self.notify(now, AgentEvent::SpeechStopped { at_ms });
+            }
+            MediaEvent::InbandDtmf(digit) => self.dtmf(now, digit, "inband"),
+        }
+    }
+
+    /// The caller spoke over the agent: clear at once, start a new epoch, tell the agent.
+    fn barge_in(&mut self, now: Instant) {
+        let cleared = self.media.clear();
+        let epoch = self.control.advance_epoch();
+        self.stats.barge_ins += 1;
+        let played_ms = self.media.played_ms();
+        self.journal.event(
+            now,
+            EventKind::BargeIn,
+            json!({ "played_ms": played_ms, "dropped_ms": cleared.dropped_ms }),
+        );
+        let at_ms = self.journal.ms(now);
+        self.notify(
+            now,
+            AgentEvent::BargeIn(Interruption {
+                played_ms,
+                dropped_ms: cleared.dropped_ms,
+                at_ms,
+                epoch,
+            }),
+        );
+    }
+
+    fn apply_agent_clear(&mut self, now: Instant) {
+        if !self.control.take_clear_request() {
+            return;
+        }
+        let cleared = self.media.clear();
+        let played_ms = self.media.played_ms();
+        self.journal.event(
+            now,
+            EventKind::AgentClear,
+            json!({ "played_ms": played_ms, "dropped_ms": cleared.dropped_ms }),
+        );
+        let at_ms = self.journal.ms(now);
+        let epoch = self.control.epoch();
+        self.notify(
+            now,
+            AgentEvent::Cleared(Interruption {
+                played_ms,
+                dropped_ms: cleared.dropped_ms,
+                at_ms,
+                epoch,
+            }),
+        );
+    }
+
+    fn dtmf(&mut self, now: Instant, digit: Digit, source: &'static str) {
+        if source == "inband" {
+            self.stats.dtmf_inband += 1;
+        } else {
+            self.stats.dtmf_protocol += 1;
+        }
+        self.journal.dtmf.push(digit.as_char());
+        self.journal.event(
+            now,
+            EventKind::Dtmf,
+            json!({ "digit": digit.to_string(), "source": source }),
+        );
+        self.notify(now, AgentEvent::Dtmf(digit));
+    }
+
+    /// Whether agent audio may be queued now; says why not to the agent (once per run).
+    fn audio_allowed(&mut self, now: Instant, stale: bool, kind: CommandKind) -> bool {
+        let refusal = match self.phase {
+            // From an epoch a clear ended: dropped, as the agent was told by the clear.
+            _ if stale => return false,
+            Phase::HangingUp(_) => "the agent hung up; only the audio queued before plays",
+            Phase::Ended(_) => return false,
+            Phase::Live if !self.answered => "the call is not answered yet",
+            Phase::Live => {
+                self.audio_refused = false;
+                return true;
+            }
+        };
+        if !std::mem::replace(&mut self.audio_refused, true) {
+            let error = ProtoError::InvalidState {
+                operation: "audio",
+                state: refusal,
+            };
+            self.refuse(now, kind, &error);
+        }
+        false
+    }
+
+    fn refuse(&mut self, now: Instant, command: CommandKind, error: &ProtoError) {
+        let name = command_name(command);
+        self.stats.refused.push(name);
+        let reason = error.to_string();
+        tracing::debug!(command = name, %reason, "Agent command refused.");
+        self.journal.event(
+            now,
+            EventKind::AgentCommandRefused,
+            json!({ "command": name, "message": reason }),
+        );
+        self.notify(now, AgentEvent::Refused { command, reason });
+    }
+
+    /// Ends the call once the queued audio has played: at once if none is queued.
+    fn hang_up(&mut self, now: Instant, reason: EndReason) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        if self.answered && self.media.is_playing() {
+            self.journal.event(
+                now,
+                EventKind::HangupPending,
+                json!({ "queued_ms": self.media.queued_ms() }),
+            );
+            self.phase = Phase::HangingUp(reason);
+        } else {
+            self.end_now(now, reason);
+        }
+    }
+
+    /// Ends the call now (the session emits `Ended`, which moves the phase).
+    fn end_now(&mut self, now: Instant, reason: EndReason) {
+        if matches!(self.phase, Phase::Ended(_)) {
+            return;
+        }
+        // Refused only when the session is already over; its own end then stands.
+        let _ = self.session.handle_command(now, Command::Hangup(reason));
+    }
+
+    /// Sends what the playout clock says is due, and reports marks. Returns whether it
+    /// handed the session a frame.
+    fn run_playout(&mut self, now: Instant) -> bool {
+        let mut sent = false;
+        while let Some(event) = self.media.poll(now) {
+            match event {
+                PlayoutEvent::Frame {
+                    data,
+                    late,
+                    silence,
+                } => {
+                    if !silence {
+                        self.stats.jitter.observe(late.as_secs_f64());
+                    }
+                    // Refused only when the call is over: the frame is dropped.
+                    sent |= self
+                        .session
+                        .handle_command(now, Command::Audio(data))
+                        .is_ok();
+                }
+                PlayoutEvent::Mark { id, end } => {
+                    let played_ms = self.media.played_ms();
+                    let state = match end {
+                        MarkEnd::Played => MarkState::Played,
+                        MarkEnd::Cleared => MarkState::Cleared,
+                    };
+                    let at_ms = self.journal.ms(now);
+                    self.notify(
+                        now,
+                        AgentEvent::Mark {
+                            id,
+                            played_ms,
+                            at_ms,
+                            state,
+                        },
+                    );
+                }
+            }
+        }
+        sent
+    }
+
+    fn operator(&mut self, now: Instant, request: Request) -> Result<Reply, ProtoError> {
+        match request {
+            Request::Command(Command::Hangup(reason)) => {
+                if self.has_ended() {
+                    return Err(ProtoError::InvalidState {
+                        operation: "hangup",
+                        state: "over",
+                    });
+                }
+                self.end_now(now, reason);
+                Ok(Reply::Done)
+            }
+            Request::Command(c) => self.session.handle_command(now, c).map(|()| Reply::Done),
+            Request::Play { .. } | Request::Clear if self.has_ended() => {
+                Err(ProtoError::InvalidState {
+                    operation: "playing audio",
+                    state: "over",
+                })
+            }
+            Request::Play { samples, rate } => match self.media.operator_play(&samples, rate) {
+                Ok(ms) => {
+                    self.journal
+                        .event(now, EventKind::OperatorPlay, json!({ "ms": ms }));
+                    Ok(Reply::Queued { ms })
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Operator audio could not be converted.");
+                    Err(ProtoError::Unsupported {
+                        operation: "audio at this sample rate",
+                        protocol: self.protocol(),
+                    })
+                }
+            },
+            Request::Clear => {
+                let utterance_ms = self.media.utterance_played_ms();
+                let cleared = self.media.clear();
+                let epoch = self.control.advance_epoch();
+                let played_ms = self.media.played_ms();
+                self.journal.event(
+                    now,
+                    EventKind::OperatorClear,
+                    json!({ "played_ms": played_ms, "dropped_ms": cleared.dropped_ms }),
+                );
+                let at_ms = self.journal.ms(now);
+                self.notify(
+                    now,
+                    AgentEvent::Cleared(Interruption {
+                        played_ms,
+                        dropped_ms: cleared.dropped_ms,
+                        at_ms,
+                        epoch,
+                    }),
+                );
+                Ok(Reply::Cleared {
+                    dropped_ms: cleared.dropped_ms,
+                    played_ms: utterance_ms,
+                })
+            }
+        }
+    }
+
+    /// Sends a control event to the agent. A queue full of unread control events means the
+    /// agent is stuck: the call ends as `agent_failed`.
+    fn notify(&mut self, now: Instant, event: AgentEvent) {
+        let Some(agent) = &self.agent else {
+            return;
+        };
+        match agent.try_send_control(event) {
+            Ok(()) | Err(SendError::Closed) => {}
+            Err(SendError::Full) => {
+                tracing::warn!("Agent stopped taking events; ending the call.");
+                self.journal.event(
+                    now,
+                    EventKind::AgentFailed,
+                    json!({ "message": "agent stopped taking events" }),
+                );
+                // No more events: the agent is not reading them.
+                drop(self.agent.take());
+                self.end_now(now, EndReason::AgentFailed);
+            }
+        }
+    }
+}
+
+fn command_name(command: CommandKind) -> &'static str {
+    match command {
+        CommandKind::Answer => "answer",
+        CommandKind::Audio => "audio",
+        CommandKind::Dtmf => "dtmf",
+        CommandKind::DtmfTone => "dtmf_tone",
+        CommandKind::Hangup => "hangup",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The call's decisions on a virtual clock: every test passes the time in, so a whole
+    //! call (seconds of playout) runs in microseconds and exactly the same way every time.
+
+    use std::time::Duration;
+
+    use callgate_agent::{AgentIo, Commands, Epoch, PhoneInfo, Spawner, Speaker, Turn};
+    use callgate_audio::playout::Underrun;
+    use callgate_proto::detect;
+    use callgate_proto::{AudioFormat, DtmfDuration, inbound};
+    use callgate_store::UnixMillis;
+
+    use super::*;
+    use crate::media::MediaConfig;
+
+    const INBOUND: &str = r#"{"event":"incoming_call","callerId":"01011112222","didNumber":"0212345678","sessionId":"s-1"}"#;
+    const CALLBRIDGE: &str = r#"{"call_config":{"siteId":"s","caller":"010","callee":"070","cdrId":"1","callActionId":"1.5E9","ivrIp":"10.0.0.1:5","agentId":"a","agentType":"voice"},"audio_format":{"phone_output_audio_format":"PCM_8000","phone_input_audio_format":"PCM_8000"}}"#;
+    /// 20 ms of PCM_8000.
+    const FRAME: usize = 320;
+
+    struct Call {
+        core: CallCore,
+        io: AgentIo,
+        commands: Commands,
+        t0: Instant,
+        /// Audio frames sent to the phone: (ms, first byte).
+        audio: Vec<(u64, u8)>,
+        texts: Vec<String>,
+        closed: Option<Close>,
+        ended: Option<EndReason>,
+    }
+
+    impl Call {
+        fn new(start: &str, barge_in: bool) -> Self {
+            let t0 = Instant::now();
+            let start = detect::first_message(start, None).unwrap();
+            let session = Session::new(t0, start, inbound::Config::default());
+            let media = Media::new(
+                &MediaConfig {
+                    lead: Duration::from_secs(2),
+                    underrun: Underrun::Nothing,
+                    vad: None,
+                    inband_dtmf: false,
+                    recording: None,
+                },
+                "call",
+                AudioFormat::Pcm8000,
+                AudioFormat::Pcm8000,
+                None,
+                t0,
+            )
+            .unwrap();
+            let info = callgate_agent::CallInfo {
+                call_id: "call".into(),
+                protocol: session.protocol(),
+                caller: "1".into(),
+                callee: "2".into(),
+                external_id: "s-1".into(),
+                phone: PhoneInfo::Inbound {
+                    caller_id: "1".into(),
+                    did_number: "2".into(),
+                    session_id: "s-1".into(),
+                },
+                route: "default".into(),
+                agent: "test".into(),
+                input_format: AudioFormat::Pcm8000,
+                output_format: AudioFormat::Pcm8000,
+            };
+            let (io, side) = callgate_agent::wire(
+                info,
+                50,
+                Spawner::detached(),
+                tokio::time::Instant::from_std(t0),
+            );
+            let core = CallCore::new(
+                session,
+                Box::new(media),
+                side.events,
+                side.control,
+                Journal::new(t0, UnixMillis(0)),
+                CoreConfig { barge_in },
+            );
+            Self {
+                core,
+                io,
+                commands: side.commands,
+                t0,
+                audio: Vec::new(),
+                texts: Vec::new(),
+                closed: None,
+                ended: None,
+            }
+        }
+
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+
+        /// The agent sends `command` at `ms`; the call takes what the agent queued.
+        async fn agent(&mut self, ms: u64, command: AgentCommand) {
+            self.io.send(command).await.unwrap();
+            self.take_commands(ms);
+        }
+
+        fn take_commands(&mut self, ms: u64) {
+            while self.core.takes_agent_commands() {
+                let Some(c) = self.commands.try_recv() else {
+                    break;
+                };
+                self.core.handle_agent_command(self.at(ms), c);
+            }
+            self.collect(ms);
+        }
+
+        /// `n` ms of agent audio whose bytes are all `tag`.
+        async fn say(&mut self, ms: u64, n: usize, tag: u8) {
+            let bytes = Bytes::from(vec![tag; n * FRAME / 20]);
+            self.agent(ms, AgentCommand::Audio(bytes)).await;
+        }
+
+        /// Runs the clock to `ms`, firing every deadline on the way.
+        fn run_to(&mut self, ms: u64) {
+            let end = self.at(ms);
+            while let Some(d) = self.core.poll_timeout()
+                && d <= end
+            {
+                self.core.handle_timeout(d);
+                let at = d.saturating_duration_since(self.t0).as_millis() as u64;
+                self.collect(at);
+                self.take_commands(at);
+            }
+            self.collect(ms);
+        }
+
+        fn collect(&mut self, ms: u64) {
+            while let Some(effect) = self.core.poll_output() {
+                match effect {
+                    Effect::Send(Frame::Binary(data)) => self.audio.push((ms, data[0])),
+                    Effect::Send(Frame::Text(text)) => self.texts.push(text),
+                    Effect::Close(close) => self.closed = Some(close),
+                    Effect::Ended(reason) => self.ended = Some(reason),
+                    Effect::Answered | Effect::Cdr(_) => {}
+                }
+            }
+        }
+
+        fn events(&mut self) -> Vec<AgentEvent> {
+            std::iter::from_fn(|| self.io.try_recv()).collect()
+        }
+
+        fn speech(&mut self, ms: u64) {
+            self.core.handle_media_event(
+                self.at(ms),
+                MediaEvent::Speech(VadEvent::SpeechStarted { at_ms: ms }),
+            );
+            self.collect(ms);
+        }
+
+        fn frames_tagged(&self, tag: u8) -> usize {
+            self.audio.iter().filter(|(_, t)| *t == tag).count()
+        }
+    }
+
+    async fn answered(barge_in: bool) -> Call {
+        let mut call = Call::new(INBOUND, barge_in);
+        call.agent(0, AgentCommand::Answer).await;
+        assert_eq!(call.texts, [r#"{"event":"answer"}"#]);
+        call
+    }
+
+    #[tokio::test]
+    async fn hangup_with_audio_queued_ends_when_the_audio_has_played() {
+        let mut call = answered(false).await;
+        call.say(0, 500, 1).await;
+        call.agent(0, AgentCommand::Hangup).await;
+        call.run_to(400);
+        assert_eq!(call.ended, None, "the goodbye is still playing");
+        call.run_to(600);
+        assert_eq!(call.ended, Some(EndReason::AgentHangup));
+        assert_eq!(call.frames_tagged(1), 25, "all 500 ms were sent");
+        assert!(call.texts.contains(&r#"{"event":"hangup"}"#.to_owned()));
+        // The last frame left at its slot (one frame of slack), not before.
+        assert!(call.audio.last().unwrap().0 >= 460);
+    }
+
+    #[tokio::test]
+    async fn barge_in_during_a_goodbye_does_not_cancel_the_hangup() {
+        let mut call = answered(true).await;
+        call.say(0, 1000, 1).await;
+        call.agent(0, AgentCommand::Hangup).await;
+        call.run_to(300);
+        call.speech(300);
+        call.run_to(1100);
+        assert_eq!(call.ended, Some(EndReason::AgentHangup));
+        assert_eq!(call.frames_tagged(1), 50, "the goodbye played to its end");
+        assert!(
+            !call
+                .events()
+                .iter()
+                .any(|e| matches!(e, AgentEvent::BargeIn(_)))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_clear_during_a_goodbye_ends_the_call_at_once() {
+        let mut call = answered(true).await;
+        call.say(0, 1000, 1).await;
+        call.agent(0, AgentCommand::Hangup).await;
+        call.run_to(300);
+        call.io.clear();
+        call.core.handle_agent_clear(call.at(300));
+        call.collect(300);
+        assert_eq!(call.ended, Some(EndReason::AgentHangup));
+        assert!(call.frames_tagged(1) <= 17);
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_returns_hangs_up_after_its_last_words() {
+        let mut call = answered(false).await;
+        call.say(0, 200, 1).await;
+        call.core.handle_agent_exit(call.at(0), AgentExit::Returned);
+        call.collect(0);
+        assert_eq!(call.ended, None);
+        call.run_to(300);
+        assert_eq!(call.ended, Some(EndReason::AgentHangup));
+        assert_eq!(call.frames_tagged(1), 10);
+    }
+
+    #[tokio::test]
+    async fn barge_in_clears_within_a_frame_and_reports_totals() {
+        let mut call = answered(true).await;
+        call.say(0, 300, 1).await;
+        call.run_to(300);
+        // A gap: the caller hears nothing for 700 ms. Positions count audio, not time.
+        call.agent(1000, AgentCommand::Mark(1)).await;
+        call.say(1000, 1000, 2).await;
+        call.run_to(1200);
+        call.speech(1200);
+        let sent_at_barge_in = call.audio.len();
+        call.run_to(1500);
+        assert_eq!(
+            call.audio.len(),
+            sent_at_barge_in,
+            "nothing plays after the barge-in"
+        );
+        let events = call.events();
+        let mark = events.iter().find_map(|e| match e {
+            AgentEvent::Mark {
+                id: 1,
+                played_ms,
+                state,
+                ..
+            } => Some((*played_ms, *state)),
+            _ => None,
+        });
+        assert_eq!(mark, Some((300, MarkState::Played)));
+        let barge = events.iter().find_map(|e| match e {
+            AgentEvent::BargeIn(i) => Some(*i),
+            _ => None,
+        });
+        let barge = barge.expect("barge-in reported");
+        // 300 ms before the gap, then 1000..1200 ms plus the frame of slack and the one due
+        // at 1200: 240 ms sent. Neither protocol can take sent audio back, so sent is heard.
+        assert_eq!(barge.played_ms, 300 + 240);
+        assert_eq!(barge.dropped_ms, 1000 - 240);
+        assert_eq!(barge.at_ms, 1200);
+        // What the caller heard of the second utterance: totals subtract exactly.
+        assert_eq!(barge.played_ms - mark.unwrap().0, 240);
+        assert_eq!(call.frames_tagged(2) * 20, 240);
+        assert_eq!(barge.epoch, call.io.epoch());
+    }
+
+    #[tokio::test]
+    async fn marks_across_clears_say_whether_their_audio_played() {
+        let mut call = answered(false).await;
+        call.say(0, 200, 1).await;
+        call.agent(0, AgentCommand::Mark(1)).await;
+        call.say(0, 200, 2).await;
+        call.agent(0, AgentCommand::Mark(2)).await;
+        call.run_to(100);
+        let epoch = call.io.clear();
+        call.core.handle_agent_clear(call.at(100));
+        call.collect(100);
+        call.say(100, 100, 3).await;
+        call.agent(100, AgentCommand::Mark(3)).await;
+        call.run_to(400);
+        let events = call.events();
+        let marks: Vec<(u64, u64, MarkState)> = events
+            .iter()
+            .filter_map(|e| match e {
+                AgentEvent::Mark {
+                    id,
+                    played_ms,
+                    state,
+                    ..
+                } => Some((*id, *played_ms, *state)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            marks,
+            [
+                (1, 140, MarkState::Cleared),
+                (2, 140, MarkState::Cleared),
+                (3, 240, MarkState::Played)
+            ]
+        );
+        let cleared = events.iter().find_map(|e| match e {
+            AgentEvent::Cleared(i) => Some(*i),
+            _ => None,
+        });
+        assert_eq!(
+            cleared,
+            Some(Interruption {
+                played_ms: 140,
+                dropped_ms: 260,
+                at_ms: 100,
+                epoch
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_from_before_a_clear_plays_after_it() {
+        let mut call = answered(true).await;
+        let old: Epoch = call.io.epoch();
+        call.say(0, 400, 1).await;
+        call.run_to(100);
+        call.speech(100);
+        // The agent's pipeline still delivers audio it produced for the old response.
+        let sender = call.io.sender();
+        sender
+            .send_in(old, AgentCommand::Audio(Bytes::from(vec![1u8; FRAME * 10])))
+            .await
+            .unwrap();
+        sender.send_in(old, AgentCommand::Mark(9)).await.unwrap();
+        call.take_commands(100);
+        // New audio in the new epoch plays.
+        call.say(100, 100, 2).await;
+        call.run_to(600);
+        assert_eq!(
+            call.frames_tagged(1),
+            7,
+            "140 ms sent by the barge-in, none after"
+        );
+        assert_eq!(call.frames_tagged(2), 5);
+        assert!(call.events().iter().any(|e| matches!(
+            e,
+            AgentEvent::Mark {
+                id: 9,
+                state: MarkState::Cleared,
+                ..
+            }
+        )));
+    }
+
+    #[tokio::test]
+    async fn operator_audio_plays_ahead_of_what_the_agent_sends_next() {
+        let mut call = answered(false).await;
+        call.say(0, 100, 1).await;
+        let samples = vec![0x0202i16; 8000 / 10]; // 100 ms of operator audio
+        let reply = call.core.handle_operator(
+            call.at(0),
+            Request::Play {
+                samples,
+                rate: 8000,
+            },
+        );
+        assert_eq!(reply, Ok(Reply::Queued { ms: 100 }));
+        call.say(0, 100, 3).await;
+        call.run_to(400);
+        let order: Vec<u8> = call.audio.iter().map(|(_, t)| *t).collect();
+        let mut dedup = order.clone();
+        dedup.dedup();
+        assert_eq!(
+            dedup,
+            [1, 2, 3],
+            "agent, operator, then the agent's next audio: {order:?}"
+        );
+        assert_eq!(order.len(), 15);
+    }
+
+    #[tokio::test]
+    async fn an_agent_failing_mid_utterance_ends_the_call_at_once() {
+        let mut call = answered(false).await;
+        call.say(0, 1000, 1).await;
+        call.run_to(200);
+        call.core
+            .handle_agent_exit(call.at(200), AgentExit::Failed("backend gone".into()));
+        call.collect(200);
+        assert_eq!(call.ended, Some(EndReason::AgentFailed));
+        // Inbound: `hangup` at once, then the connection waits for the CDR.
+        assert_eq!(
+            call.texts.last().map(String::as_str),
+            Some(r#"{"event":"hangup"}"#)
+        );
+        assert_eq!(
+            call.frames_tagged(1),
+            12,
+            "200 ms plus one frame of slack, then nothing"
+        );
+        call.run_to(1000);
+        assert_eq!(call.frames_tagged(1), 12);
+    }
+
+    #[tokio::test]
+    async fn refused_commands_are_told_to_the_agent_once_per_run() {
+        let mut call = Call::new(CALLBRIDGE, false);
+        call.say(0, 100, 1).await;
+        call.say(0, 100, 1).await;
+        call.agent(
+            0,
+            AgentCommand::Dtmf {
+                digit: Digit::D1,
+                duration: DtmfDuration::from_millis(100).unwrap(),
+            },
+        )
+        .await;
+        let refused: Vec<CommandKind> = call
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                AgentEvent::Refused { command, .. } => Some(command),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused, [CommandKind::Audio, CommandKind::Dtmf]);
+        call.agent(0, AgentCommand::Answer).await;
+        call.say(0, 100, 1).await;
+        call.run_to(200);
+        assert_eq!(call.frames_tagged(1), 5);
+        let kinds: Vec<&str> = call
+            .core
+            .journal()
+            .pending_events()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(kinds, ["agent_command_refused", "agent_command_refused"]);
+    }
+
+    #[tokio::test]
+    async fn the_agent_writes_the_record() {
+        let mut call = answered(false).await;
+        let turn = Turn {
+            speaker: Speaker::Agent,
+            text: "Hello".into(),
+            start_ms: 0,
+            end_ms: 800,
+            interrupted: false,
+        };
+        call.agent(0, AgentCommand::Transcript(turn)).await;
+        call.agent(
+            0,
+            AgentCommand::Event {
+                name: "tool_call".into(),
+                detail: json!({"tool": "lookup"}),
+            },
+        )
+        .await;
+        call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 12.0)]))
+            .await;
+        call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 30.0)]))
+            .await;
+        let journal = call.core.journal();
+        assert_eq!(journal.pending_transcript()[0].text, "Hello");
+        assert_eq!(
+            journal.usage_json().as_deref(),
+            Some(r#"{"input_tokens":42.0}"#)
+        );
+        let (kind, detail) = journal.pending_events().next().unwrap();
+        assert_eq!(kind, "agent");
+        assert_eq!(
+            detail,
+            json!({"name": "tool_call", "detail": {"tool": "lookup"}})
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_stops_reading_its_events_is_failed() {
+        let mut call = answered(false).await;
+        // 50 queued events, all control (DTMF): the 51st finds no room.
+        for k in 0..51 {
+            call.core
+                .handle_text(call.at(k), r#"{"event":"dtmf","digit":"5"}"#);
+            call.collect(k);
+        }
+        assert_eq!(call.ended, Some(EndReason::AgentFailed));
+    }
+}
