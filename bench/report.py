@@ -14,6 +14,9 @@ import sys
 
 SERVERS = ["callgate", "floor", "node", "python"]
 P99_LIMIT_MS = 20.0
+# Pacing target: callgate's playout jitter p99 at most this far above the pacing floor's.
+PACING_MARGIN_MS = 2.0
+PACING_TARGET_CALLS = 1000
 
 
 def load(path):
@@ -159,38 +162,97 @@ def write(run_dir, target):
                 break
         if runs:
             lines.append(f"| {name} | {best if best else '< ' + str(runs[0][0])} | {failure or 'none up to ' + str(runs[-1][0])} |")
-    playout = []
-    for path in glob.glob(os.path.join(run_dir, "playout-*-callgate.json")):
-        calls = int(os.path.basename(path).split("-")[1])
-        playout.append((calls, load(path)))
-    if playout:
-        lines += [
-            "",
-            "## Playout pacing",
-            "",
-            "callgate `serve --agent tone` (every call plays a steady tone through its playout clock) on",
-            "CPU 0; `callgate load --mode playout` on CPU 1 stays silent and times each frame's arrival",
-            "against an ideal 20 ms grid anchored at the call's earliest frame. This includes the",
-            "generator's own scheduling delay, so it is an upper bound on the server's pacing jitter.",
-            "",
-            "| calls | frames | jitter p50 ms | p90 | p99 | p99.9 | max | longest gap ms | server CPU | generator fell behind | calls ok |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for calls, r in sorted(playout):
-            if r is None or not r.get("playout_jitter_ms"):
-                lines.append(f"| {calls} | no result | | | | | | | | | |")
-                continue
-            j = r["playout_jitter_ms"]
-            server = r.get("server") or {}
-            lines.append(
-                f"| {calls} | {j['samples']} | {j['p50']:.2f} | {j['p90']:.2f} | {j['p99']:.2f} | "
-                f"{j['p999']:.2f} | {j['max']:.1f} | {r.get('longest_gap_ms') or 0:.1f} | "
-                f"{server.get('cpu_share', 0) * 100:.0f}% | {'yes' if r['sender']['fell_behind'] else 'no'} | "
-                f"{r['calls_ok']}/{calls} |"
-            )
+    lines += playout_section(run_dir)
     lines.append("")
     with open(target, "w") as f:
         f.write("\n".join(lines))
+
+
+def playout_runs(run_dir):
+    """{(calls, name): {round: report}} from playout-CALLS-NAME[-rROUND].json (older runs wrote
+    callgate only, without a round)."""
+    runs = {}
+    for path in glob.glob(os.path.join(run_dir, "playout-*.json")):
+        parts = os.path.basename(path)[:-5].split("-")
+        calls, name = int(parts[1]), parts[2]
+        round_ = parts[3] if len(parts) > 3 else None
+        runs.setdefault((calls, name), {})[round_] = load(path)
+    return runs
+
+
+def jitter(r):
+    return r.get("playout_jitter_ms") if r else None
+
+
+def paired_excess(runs, calls, key):
+    """Median over rounds of callgate's jitter percentile minus the floor's in the same round."""
+    ours, floor = runs.get((calls, "callgate"), {}), runs.get((calls, "floor"), {})
+    diffs = []
+    for round_, r in ours.items():
+        f = floor.get(round_) if round_ is not None else None
+        if jitter(r) and jitter(f) and jitter(r)["samples"] and jitter(f)["samples"]:
+            diffs.append(jitter(r)[key] - jitter(f)[key])
+    return median(diffs)
+
+
+def playout_section(run_dir):
+    runs = playout_runs(run_dir)
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Playout pacing",
+        "",
+        "`callgate load --mode playout` on CPU 1 stays silent and times each frame's arrival against",
+        "an ideal 20 ms grid anchored at the call's earliest frame; the server on CPU 0 plays to",
+        "every call. **callgate**: `serve --agent tone` (a steady tone through its playout clock).",
+        "**floor**: the pacing floor, `callgate-bench-floor --pace` (one task per call, a tokio",
+        "interval writing one 320-byte frame per 20 ms tick, nothing else). Both include the",
+        "generator's own scheduling delay; the same generator measures both, alternating within",
+        "each round, so the difference is what callgate adds to pacing. Values are medians over",
+        "rounds; *p99 − floor* and *p99.9 − floor* are medians of the per-round differences. †: the",
+        "generator fell behind in a run.",
+        "",
+        "| calls | server | frames | jitter p50 ms | p90 | p99 | p99.9 | max | p99 − floor | p99.9 − floor "
+        "| longest gap ms | CPU µs/frame | server CPU | calls ok |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    sizes = sorted({c for c, _ in runs})
+    for calls in sizes:
+        for name in ["callgate", "floor"]:
+            if not runs.get((calls, name)):
+                continue
+            rs = [r for r in runs[(calls, name)].values() if jitter(r) and jitter(r)["samples"]]
+            if not rs:
+                lines.append(f"| {calls} | {name} | no result | | | | | | | | | | | |")
+                continue
+            keys = ["samples", "p50", "p90", "p99", "p999", "max"]
+            j = {k: median([jitter(r)[k] for r in rs]) for k in keys}
+            gap = median([r.get("longest_gap_ms") for r in rs])
+            cpu = median([r["server"]["cpu_us_per_frame"] for r in rs if r.get("server")])
+            share = median([r["server"]["cpu_share"] * 100 for r in rs if r.get("server")])
+            ok = min(r["calls_ok"] for r in rs)
+            behind = " †" if any(r["sender"]["fell_behind"] for r in rs) else ""
+            if name == "callgate":
+                d99 = fmt(paired_excess(runs, calls, "p99"), "+.2f")
+                d999 = fmt(paired_excess(runs, calls, "p999"), "+.2f")
+            else:
+                d99 = d999 = ""
+            lines.append(
+                f"| {calls} | {name}{behind} | {j['samples']:.0f} | {j['p50']:.2f} | {j['p90']:.2f} | "
+                f"{j['p99']:.2f} | {j['p999']:.2f} | {j['max']:.1f} | {d99} | {d999} | "
+                f"{fmt(gap, '.1f')} | {fmt(cpu, '.1f')} | {fmt(share, '.0f')}% | {ok}/{calls} |"
+            )
+    excess = paired_excess(runs, PACING_TARGET_CALLS, "p99")
+    verdict = "not measured in this run" if excess is None else (
+        f"{'met' if excess <= PACING_MARGIN_MS else 'missed'}: {excess:+.2f} ms"
+    )
+    lines += [
+        "",
+        f"Target: at {PACING_TARGET_CALLS} calls, callgate's jitter p99 at most "
+        f"{PACING_MARGIN_MS:.0f} ms above the pacing floor's: {verdict}.",
+    ]
+    return lines
 
 
 def main():
