@@ -63,6 +63,8 @@ pub struct TestServer {
     pub metrics: Arc<callgate_server::Metrics>,
     /// The configuration it runs with.
     pub config: Config,
+    /// The route table in force (replace it to re-route new calls).
+    pub routes: callgate_server::RouteHandle,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -98,6 +100,20 @@ pub async fn spawn_server_in(dir: TempDir, tweak: impl FnOnce(&mut Config)) -> T
     start(server, config, Some(dir))
 }
 
+/// Starts a server whose routes (`config.routes`) may use the agents of `catalog`.
+pub async fn spawn_server_with_catalog(
+    catalog: &callgate_agent::Catalog,
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
+    let dir = TempDir::new("server");
+    let mut config = test_config(dir.path());
+    tweak(&mut config);
+    let server = Server::bind_with_catalog(config.clone(), catalog)
+        .await
+        .expect("server binds");
+    start(server, config, Some(dir))
+}
+
 /// Starts a server with a custom agent.
 pub async fn spawn_server_with_agent(
     agent: Arc<dyn callgate_agent::AgentFactory>,
@@ -117,6 +133,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let call_addr = server.call_addr();
     let admin_addr = server.admin_addr();
     let metrics = server.metrics();
+    let routes = server.routes();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -125,6 +142,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         admin_addr,
         metrics,
         config,
+        routes,
         stop: Some(stop),
         handle,
         dir,
