@@ -18,15 +18,16 @@ use serde_json::json;
 fn routes(specs: serde_json::Value) -> Vec<RouteSpec> {
     specs
         .as_array()
-        .unwrap()
+        .expect("a list of routes")
         .iter()
         .enumerate()
-        .map(|(i, v)| parse_spec(v.clone(), i).unwrap())
+        .map(|(i, v)| parse_spec(v.clone(), i).expect("a valid route"))
         .collect()
 }
 
 fn callbridge(cdr_id: &str, agent_id: &str) -> String {
-    let mut start: serde_json::Value = serde_json::from_str(&callbridge_start(cdr_id)).unwrap();
+    let mut start: serde_json::Value =
+        serde_json::from_str(&callbridge_start(cdr_id)).expect("JSON");
     start["call_config"]["agentId"] = json!(agent_id);
     start.to_string()
 }

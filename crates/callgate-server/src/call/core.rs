@@ -184,6 +184,17 @@ impl CallCore {
     /// A command from the agent, with the epoch it was sent in.
     pub(crate) fn handle_agent_command(&mut self, now: Instant, stamped: Stamped) {
         if matches!(self.phase, Phase::Ended(_)) {
+            // The call is over; what the agent still writes to the record is kept (its last
+            // transcript turn usually comes after the end).
+            match stamped.command {
+                AgentCommand::Transcript(turn) => self.journal.turn(turn),
+                AgentCommand::Event { name, detail } => self.journal.event(
+                    now,
+                    EventKind::Agent,
+                    json!({ "name": name, "detail": detail }),
+                ),
+                _ => {}
+            }
             return;
         }
         // A clear the agent asked for before sending this applies before it.
