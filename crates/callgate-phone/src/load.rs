@@ -224,8 +224,8 @@ pub struct Report {
     pub answer_ms: Percentiles,
     /// Round trip of every echoed frame, ms (echo mode).
     pub rtt_ms: Percentiles,
-    /// Playout mode: how far each received frame arrived from an ideal 20 ms grid anchored at
-    /// the call's earliest-arriving frame, ms.
+    /// Playout mode: how late each received frame arrived against an ideal 20 ms grid anchored
+    /// at the call's first frame (frames ahead of their slot count as on time), ms.
     pub playout_jitter_ms: Option<Percentiles>,
     /// Playout mode: the longest silence between two received frames, ms.
     pub longest_gap_ms: Option<f64>,
@@ -713,15 +713,15 @@ async fn listen_loop(
     let Some(&(first, _)) = arrivals.first() else {
         return Err("no_audio".into());
     };
-    // Offset of each frame from the grid; the earliest-arriving frame defines the grid.
-    let offsets: Vec<f64> = arrivals
+    // How late each frame arrived against the grid anchored at the call's first frame: the
+    // caller plays frame k at first + 20k ms, so a frame that arrives before that is on time
+    // (a server may send one frame ahead), one that arrives after it is late by the difference.
+    r.jitter = arrivals
         .iter()
-        .map(|(at, pos)| at.duration_since(first).as_secs_f64() * 1000.0 - pos)
-        .collect();
-    let base = offsets.iter().copied().fold(f64::MAX, f64::min);
-    r.jitter = offsets
-        .iter()
-        .map(|o| ((o - base) * 1000.0).round() as u32)
+        .map(|(at, pos)| {
+            let late_ms = at.duration_since(first).as_secs_f64() * 1000.0 - pos;
+            (late_ms.max(0.0) * 1000.0).round() as u32
+        })
         .collect();
     for pair in arrivals.windows(2) {
         r.longest_gap = r.longest_gap.max(pair[1].0 - pair[0].0);
