@@ -259,6 +259,15 @@ pub struct Turn {
     pub interrupted: bool,
 }
 
+/// An entry of the agent's own for the call's event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordEvent {
+    /// A short, stable name (`tool_call`, `backend_reconnected`...).
+    pub name: String,
+    /// Anything JSON.
+    pub detail: serde_json::Value,
+}
+
 /// What an agent asks of its call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentCommand {
@@ -285,16 +294,11 @@ pub enum AgentCommand {
     /// End the call once the audio already queued has played (at most the playout lead) or
     /// been cleared. Cannot be undone.
     Hangup,
-    /// Add a turn to the call's transcript.
-    Transcript(Turn),
-    /// Add an entry of the agent's own to the call's event log (stored as kind `agent`, with
-    /// `name` and `detail`).
-    Event {
-        /// A short, stable name (`tool_call`, `backend_reconnected`...).
-        name: String,
-        /// Anything JSON.
-        detail: serde_json::Value,
-    },
+    /// Add a turn to the call's transcript (boxed: it is rare, and every command in the
+    /// channel is as large as the largest variant).
+    Transcript(Box<Turn>),
+    /// Add an entry of the agent's own to the call's event log (stored as kind `agent`).
+    Event(Box<RecordEvent>),
     /// Add to the call's usage counters (summed per name: `input_tokens`, `audio_seconds`...).
     Usage(Vec<(String, f64)>),
 }
@@ -472,6 +476,10 @@ impl AgentControl {
     /// Whether the agent asked for a clear the call has not acted on (and marks it acted on).
     pub fn take_clear_request(&self) -> bool {
         let requests = self.control.requests.load(Ordering::Acquire);
+        // Plain loads first: this runs for every agent command, and a clear is rare.
+        if self.control.handled.load(Ordering::Acquire) >= requests {
+            return false;
+        }
         self.control.handled.swap(requests, Ordering::AcqRel) < requests
     }
 
@@ -639,6 +647,14 @@ mod tests {
             .unwrap();
         let s = side.commands.try_recv().unwrap();
         assert!(s.epoch < side.control.epoch(), "stale: the call drops it");
+    }
+
+    #[test]
+    fn commands_stay_as_small_as_audio() {
+        // The command channel preallocates blocks of commands: a large variant would cost
+        // every call memory (box rare, large payloads instead).
+        assert!(std::mem::size_of::<AgentCommand>() <= 40);
+        assert!(std::mem::size_of::<Stamped>() <= 48);
     }
 
     #[test]

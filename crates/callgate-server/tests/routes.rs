@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use callgate_agent::{
-    AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Catalog, Speaker, Turn,
+    AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Catalog, RecordEvent, Speaker, Turn,
 };
 use callgate_audio::{AudioFormat, pcm};
 use callgate_server::RouteTable;
@@ -222,29 +222,29 @@ impl AgentFactory for Scribe {
                         ..
                     } => {
                         heard = Some(played_ms);
-                        io.send(AgentCommand::Transcript(Turn {
+                        io.send(AgentCommand::Transcript(Box::new(Turn {
                             speaker: Speaker::Agent,
                             text: format!("Hello from {}", io.call.route),
                             start_ms,
                             end_ms: at_ms,
                             interrupted: false,
-                        }))
+                        })))
                         .await?;
                     }
                     AgentEvent::Dtmf(digit) => {
                         let now = io.now_ms();
-                        io.send(AgentCommand::Transcript(Turn {
+                        io.send(AgentCommand::Transcript(Box::new(Turn {
                             speaker: Speaker::Caller,
                             text: format!("pressed {digit}"),
                             start_ms: now,
                             end_ms: now,
                             interrupted: false,
-                        }))
+                        })))
                         .await?;
-                        io.send(AgentCommand::Event {
+                        io.send(AgentCommand::Event(Box::new(RecordEvent {
                             name: "heard".into(),
                             detail: json!({ "played_ms": heard }),
-                        })
+                        })))
                         .await?;
                         io.send(AgentCommand::Usage(vec![
                             ("input_tokens".into(), 120.0),

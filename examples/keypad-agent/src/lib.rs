@@ -169,13 +169,13 @@ impl Prompt {
     /// Its mark came back: write its turn.
     async fn finished(&mut self, io: &AgentIo, at_ms: u64, state: MarkState) -> Result<(), Error> {
         self.done = true;
-        io.send(AgentCommand::Transcript(Turn {
+        io.send(AgentCommand::Transcript(Box::new(Turn {
             speaker: Speaker::Agent,
             text: "(prompt tone)".into(),
             start_ms: self.start_ms,
             end_ms: at_ms,
             interrupted: state == MarkState::Cleared,
-        }))
+        })))
         .await
     }
 }
@@ -204,13 +204,13 @@ impl Keypad {
             }
         }
         let now = io.now_ms();
-        io.send(AgentCommand::Transcript(Turn {
+        io.send(AgentCommand::Transcript(Box::new(Turn {
             speaker: Speaker::Caller,
             text: digits.to_owned(),
             start_ms: first_key_ms.unwrap_or(now),
             end_ms: now,
             interrupted: false,
-        }))
+        })))
         .await?;
         let tone = DtmfDuration::from_millis(120).ok_or_else(|| Error::Failed("tone".into()))?;
         for c in digits.chars() {
@@ -237,13 +237,13 @@ impl Keypad {
                 ..
             } = event
             {
-                io.send(AgentCommand::Transcript(Turn {
+                io.send(AgentCommand::Transcript(Box::new(Turn {
                     speaker: Speaker::Agent,
                     text: format!("(read back {digits})"),
                     start_ms: now,
                     end_ms: at_ms,
                     interrupted: false,
-                }))
+                })))
                 .await?;
             }
         }

@@ -187,11 +187,11 @@ impl CallCore {
             // The call is over; what the agent still writes to the record is kept (its last
             // transcript turn usually comes after the end).
             match stamped.command {
-                AgentCommand::Transcript(turn) => self.journal.turn(turn),
-                AgentCommand::Event { name, detail } => self.journal.event(
+                AgentCommand::Transcript(turn) => self.journal.turn(*turn),
+                AgentCommand::Event(e) => self.journal.event(
                     now,
                     EventKind::Agent,
-                    json!({ "name": name, "detail": detail }),
+                    json!({ "name": e.name, "detail": e.detail }),
                 ),
                 _ => {}
             }
@@ -239,12 +239,12 @@ impl CallCore {
                 }
             }
             AgentCommand::Hangup => self.hang_up(now, EndReason::AgentHangup),
-            AgentCommand::Transcript(turn) => self.journal.turn(turn),
-            AgentCommand::Event { name, detail } => {
+            AgentCommand::Transcript(turn) => self.journal.turn(*turn),
+            AgentCommand::Event(e) => {
                 self.journal.event(
                     now,
                     EventKind::Agent,
-                    json!({ "name": name, "detail": detail }),
+                    json!({ "name": e.name, "detail": e.detail }),
                 );
             }
             AgentCommand::Usage(amounts) => self.journal.usage(amounts),
@@ -1192,13 +1192,14 @@ mod tests {
             end_ms: 800,
             interrupted: false,
         };
-        call.agent(0, AgentCommand::Transcript(turn)).await;
+        call.agent(0, AgentCommand::Transcript(Box::new(turn)))
+            .await;
         call.agent(
             0,
-            AgentCommand::Event {
+            AgentCommand::Event(Box::new(RecordEvent {
                 name: "tool_call".into(),
                 detail: json!({"tool": "lookup"}),
-            },
+            })),
         )
         .await;
         call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 12.0)]))
