@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     /// Run the server.
-    Serve(Box<settings::ServeArgs>),
+    Serve(Box<settings::Settings>),
     /// Place one call as a phone system would (CallBridge or inbound), with a timeline.
     Sim(Box<tools::SimArgs>),
     /// Place many concurrent calls and measure round trip, loss and CPU exactly.
@@ -65,9 +65,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(args: settings::ServeArgs) -> ExitCode {
-    let settings = match settings::Settings::load(args) {
-        Ok(settings) => settings,
+fn serve(args: settings::Settings) -> ExitCode {
+    let loaded = match args.load() {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("callgate: configuration error: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
@@ -78,7 +78,7 @@ fn serve(args: settings::ServeArgs) -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_max_level(tracing::Level::TRACE)
         .finish()
-        .with(settings.log_filter.clone())
+        .with(loaded.log_filter.clone())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,18 +91,19 @@ fn serve(args: settings::ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match callgate_server::Server::bind(settings.server).await {
-            Ok(server) => server,
-            Err(e) if e.is_config() => {
-                eprintln!("callgate: configuration error: {e}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-            Err(e) => {
-                error!(error = %e, "Cannot start.");
-                eprintln!("callgate: cannot start: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+        let server =
+            match callgate_server::Server::bind_with_routes(loaded.config, loaded.table).await {
+                Ok(server) => server,
+                Err(e) if e.is_config() => {
+                    eprintln!("callgate: configuration error: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+                Err(e) => {
+                    error!(error = %e, "Cannot start.");
+                    eprintln!("callgate: cannot start: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         match server.run(shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
