@@ -154,9 +154,16 @@ pub(crate) struct Loaded {
     pub(crate) table: RouteTable,
     /// The log filter.
     pub(crate) log_filter: Targets,
+    /// The effective settings without the routes: what a reload cannot change.
+    pub(crate) fixed: Settings,
 }
 
 impl Settings {
+    /// The `--config` file, if any.
+    pub(crate) fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
     /// Reads the file (if any), merges it under these settings and validates the result the
     /// way `serve` needs it: every setting, every route and its agent's settings.
     pub(crate) fn load(&self) -> anyhow::Result<Loaded> {
@@ -285,6 +292,10 @@ impl Settings {
             config: c,
             table,
             log_filter,
+            fixed: Self {
+                routes: None,
+                ..self
+            },
         })
     }
 }
