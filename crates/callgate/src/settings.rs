@@ -181,12 +181,15 @@ impl Settings {
             let path = file.config.as_deref().unwrap_or(Path::new("?")).display();
             if self.agent.is_some() {
                 bail!(
-                    "--agent (or CALLGATE_AGENT) and the [[routes]] of config file {path} cannot                      be used together: use one or the other (a route without [routes.match] is                      the default)"
+                    "--agent (or CALLGATE_AGENT) and the [[routes]] of config file {path} cannot \
+                     be used together: use one or the other (a route without [routes.match] is \
+                     the default)"
                 );
             }
             if file.agent.is_some() {
                 bail!(
-                    "config file {path}: `agent` and [[routes]] cannot be used together: use one                      or the other (a route without [routes.match] is the default)"
+                    "config file {path}: `agent` and [[routes]] cannot be used together: use one \
+                     or the other (a route without [routes.match] is the default)"
                 );
             }
         }
