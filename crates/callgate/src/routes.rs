@@ -38,10 +38,10 @@ pub(crate) struct WhichArgs {
     /// CallBridge siteId [default: empty]
     #[arg(long, value_name = "ID")]
     site_id: Option<String>,
-    /// The called number (inbound didNumber, CallBridge callee) [default: empty]
+    /// The called number (inbound didNumber, CallBridge callee)
     #[arg(long, value_name = "NUMBER", default_value = "")]
     callee: String,
-    /// The calling number (inbound callerId, CallBridge caller) [default: empty]
+    /// The calling number (inbound callerId, CallBridge caller)
     #[arg(long, value_name = "NUMBER", default_value = "")]
     caller: String,
     #[command(flatten, next_help_heading = "Settings (as for serve)")]
