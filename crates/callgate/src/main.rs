@@ -1,6 +1,7 @@
 //! The `callgate` binary: parse the command line, build the configuration, run the server.
 //! Kept thin: everything else lives in the library crates.
 
+mod routes;
 mod settings;
 mod tools;
 
@@ -26,8 +27,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Run the server.
-    Serve(Box<settings::ServeArgs>),
+    /// Run the server (SIGHUP reloads the routes of --config; SIGINT/SIGTERM stop it).
+    Serve(Box<settings::Settings>),
+    /// Check the route table of a configuration, or ask which route a call would take.
+    #[command(subcommand)]
+    Routes(routes::RoutesCommand),
     /// Place one call as a phone system would (CallBridge or inbound), with a timeline.
     Sim(Box<tools::SimArgs>),
     /// Place many concurrent calls and measure round trip, loss and CPU exactly.
@@ -46,6 +50,18 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Commands::Serve(args) => serve(*args),
+        Commands::Routes(command) => match routes::run(command) {
+            routes::Outcome::Ok => ExitCode::SUCCESS,
+            routes::Outcome::NoRoute => ExitCode::FAILURE,
+            routes::Outcome::Config(e) => {
+                eprintln!("callgate: configuration error: {e:#}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+            routes::Outcome::Usage(message) => {
+                eprintln!("callgate routes which: {message}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Commands::Sim(args) => match tools::sim(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -65,9 +81,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(args: settings::ServeArgs) -> ExitCode {
-    let settings = match settings::Settings::load(args) {
-        Ok(settings) => settings,
+fn serve(args: settings::Settings) -> ExitCode {
+    let loaded = match args.load() {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("callgate: configuration error: {e:#}");
             return ExitCode::from(EXIT_CONFIG);
@@ -78,7 +94,7 @@ fn serve(args: settings::ServeArgs) -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .with_max_level(tracing::Level::TRACE)
         .finish()
-        .with(settings.log_filter.clone())
+        .with(loaded.log_filter.clone())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -91,7 +107,15 @@ fn serve(args: settings::ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match callgate_server::Server::bind(settings.server).await {
+        // Installed before binding: the default action of every one of them ends the process.
+        let signals = Signals::install();
+        let settings::Loaded {
+            config,
+            table,
+            fixed,
+            ..
+        } = loaded;
+        let server = match callgate_server::Server::bind_with_routes(config, table).await {
             Ok(server) => server,
             Err(e) if e.is_config() => {
                 eprintln!("callgate: configuration error: {e}");
@@ -103,7 +127,14 @@ fn serve(args: settings::ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match server.run(shutdown_signal()).await {
+        let Signals { stop, hangup } = signals;
+        let reload = reload_on_hangup(hangup, &args, &fixed, server.routes());
+        // The reload loop never ends: the server's end decides.
+        let result = tokio::select! {
+            result = server.run(stop.received()) => result,
+            never = reload => match never {},
+        };
+        match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!(error = %e, "Server failed.");
@@ -113,27 +144,120 @@ fn serve(args: settings::ServeArgs) -> ExitCode {
     })
 }
 
-/// Resolves on SIGINT or SIGTERM, logging which arrived.
-async fn shutdown_signal() {
+/// The process's signal handlers, installed once before anything binds.
+struct Signals {
+    /// SIGINT and SIGTERM: shut down.
+    stop: Stop,
+    /// SIGHUP: reload the routes (`None` where there is no SIGHUP, or it could not be caught).
+    hangup: Option<Hangup>,
+}
+
+#[cfg(unix)]
+type Hangup = tokio::signal::unix::Signal;
+#[cfg(not(unix))]
+type Hangup = std::convert::Infallible;
+
+/// The shutdown signals.
+struct Stop {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            error!("Cannot install signal handlers; stop the server with SIGKILL.");
-            return std::future::pending().await;
-        };
-        let name = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
-        };
-        info!(signal = name, "Shutdown signal received.");
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let stop = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => Some((int, term)),
+                _ => {
+                    error!("Cannot install signal handlers; stop the server with SIGKILL.");
+                    None
+                }
+            };
+            let hangup = match signal(SignalKind::hangup()) {
+                Ok(hangup) => Some(hangup),
+                Err(e) => {
+                    error!(error = %e, "Cannot install the SIGHUP handler; routes cannot be reloaded.");
+                    None
+                }
+            };
+            Self {
+                stop: Stop { signals: stop },
+                hangup,
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {
+                stop: Stop {},
+                hangup: None,
+            }
+        }
+    }
+}
+
+impl Stop {
+    /// Resolves on SIGINT or SIGTERM, logging which arrived.
+    async fn received(self) {
+        #[cfg(unix)]
+        {
+            let Some((mut int, mut term)) = self.signals else {
+                return std::future::pending().await;
+            };
+            let name = tokio::select! {
+                _ = int.recv() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+            info!(signal = name, "Shutdown signal received.");
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            info!(signal = "ctrl-c", "Shutdown signal received.");
+        }
+    }
+}
+
+/// On each SIGHUP, re-reads the configuration and puts its route table in force for new
+/// calls (live calls keep theirs). A file that does not validate as a whole leaves the table
+/// as it is. Never returns.
+async fn reload_on_hangup(
+    hangup: Option<Hangup>,
+    args: &settings::Settings,
+    running: &settings::Settings,
+    routes: callgate_server::RouteHandle,
+) -> std::convert::Infallible {
+    #[cfg(unix)]
+    if let Some(mut hangup) = hangup {
+        while hangup.recv().await.is_some() {
+            let Some(file) = args.config_file() else {
+                info!("SIGHUP received; no --config file, nothing to reload.");
+                continue;
+            };
+            let file = file.display();
+            match args.load() {
+                Ok(loaded) => {
+                    let count = loaded.table.routes().len();
+                    routes.replace(loaded.table);
+                    info!(%file, routes = count, "SIGHUP: reloaded the routes.");
+                    if loaded.fixed != *running {
+                        info!(
+                            %file,
+                            "Settings other than routes differ from the running ones; they take effect at the next restart."
+                        );
+                    }
+                }
+                Err(e) => {
+                    error!(%file, error = %format_args!("{e:#}"), "SIGHUP: cannot reload the routes; keeping the ones in force.");
+                }
+            }
+        }
     }
     #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        info!(signal = "ctrl-c", "Shutdown signal received.");
-    }
+    let _ = (hangup, args, running, routes);
+    std::future::pending().await
 }

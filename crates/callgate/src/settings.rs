@@ -1,273 +1,543 @@
 //! Settings from flags, `CALLGATE_*` environment variables and an optional TOML file.
 //!
-//! Precedence: flag > environment > file > default. Every value is checked here, before
-//! anything binds; a bad one is reported by name and the process exits with 64.
+//! [`Settings`] is the one definition of every setting: each field is a flag and an
+//! environment variable (clap) and a key of the TOML file (serde), with one typed parser per
+//! kind of value ([`FromText`]) used by both. Precedence: flag > environment (clap) > file
+//! ([`Settings::or`]) > default ([`Config::default`]). Everything is checked here, routes and
+//! their agents included, before anything binds; a bad value is reported by name and the
+//! process exits with 64.
 
+use std::ffi::OsStr;
+use std::marker::PhantomData;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::str::FromStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
+use callgate_agent::Catalog;
 use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
-use callgate_server::Config;
-use serde::Deserialize;
+use callgate_server::routes::{RouteSpec, parse_spec};
+use callgate_server::{Config, RouteTable};
+use serde::{Deserialize, Deserializer};
 use tracing_subscriber::filter::Targets;
 
-/// `callgate serve` flags. Each also reads the environment variable shown.
-#[derive(Debug, clap::Args)]
-pub(crate) struct ServeArgs {
-    /// Address for phone-system WebSocket connections (both protocols) [default: 0.0.0.0:4143]
-    #[arg(long, env = "CALLGATE_LISTEN", value_name = "ADDR")]
-    listen: Option<String>,
-    /// Address for the admin HTTP API [default: 127.0.0.1:4144]
-    #[arg(long, env = "CALLGATE_ADMIN_LISTEN", value_name = "ADDR")]
-    admin_listen: Option<String>,
-    /// The agent that handles calls: echo [default: echo]
-    #[arg(long, env = "CALLGATE_AGENT", value_name = "NAME")]
-    agent: Option<String>,
-    /// Directory for the database [default: ./data]
-    #[arg(long, env = "CALLGATE_DATA_DIR", value_name = "DIR")]
-    data_dir: Option<String>,
-    /// TOML configuration file (unknown keys are an error)
-    #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Most live calls; more are refused with close code 1013 [default: 1000]
-    #[arg(long, env = "CALLGATE_MAX_CALLS", value_name = "N")]
-    max_calls: Option<String>,
-    /// Time allowed for the WebSocket upgrade and the first message [default: 5s]
-    #[arg(long, env = "CALLGATE_HANDSHAKE_TIMEOUT", value_name = "DURATION")]
-    handshake_timeout: Option<String>,
-    /// How long an inbound call waits for the CDR after hangup [default: 10s]
-    #[arg(long, env = "CALLGATE_CDR_TIMEOUT", value_name = "DURATION")]
-    cdr_timeout: Option<String>,
-    /// Largest WebSocket message in bytes; larger closes with 1009 [default: 1048576]
-    #[arg(long, env = "CALLGATE_MAX_MESSAGE_SIZE", value_name = "BYTES")]
-    max_message_size: Option<String>,
-    /// Time allowed for one write to a phone system [default: 5s]
-    #[arg(long, env = "CALLGATE_WRITE_TIMEOUT", value_name = "DURATION")]
-    write_timeout: Option<String>,
-    /// How long shutdown waits for live calls [default: 15s]
-    #[arg(long, env = "CALLGATE_SHUTDOWN_GRACE", value_name = "DURATION")]
-    shutdown_grace: Option<String>,
-    /// Audio format of inbound-protocol calls [default: PCM_8000]
-    #[arg(long, env = "CALLGATE_INBOUND_AUDIO_FORMAT", value_name = "FORMAT")]
-    inbound_audio_format: Option<String>,
-    /// How often live calls write their counters to the store [default: 5s]
-    #[arg(long, env = "CALLGATE_PROGRESS_INTERVAL", value_name = "DURATION")]
-    progress_interval: Option<String>,
-    /// Log phone numbers in clear (they are redacted by default)
-    #[arg(long, env = "CALLGATE_LOG_PII", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    log_pii: Option<String>,
-    /// Log filter, e.g. `info` or `info,callgate_server=debug` [default: info]
-    #[arg(long, env = "CALLGATE_LOG", value_name = "FILTER")]
-    log: Option<String>,
-    /// Audio queued ahead for the caller at most (agents wait beyond it) [default: 2s]
-    #[arg(long, env = "CALLGATE_PLAYOUT_LEAD", value_name = "DURATION")]
-    playout_lead: Option<String>,
-    /// When the playout runs dry: nothing or silence [default: nothing]
-    #[arg(long, env = "CALLGATE_PLAYOUT_UNDERRUN", value_name = "POLICY")]
-    playout_underrun: Option<String>,
-    /// Voice activity detection on caller audio (speech events, barge-in) [default: false]
-    #[arg(long, env = "CALLGATE_VAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    vad: Option<String>,
-    /// VAD score (0..1) that counts as speech [default: 0.5]
-    #[arg(long, env = "CALLGATE_VAD_THRESHOLD", value_name = "SCORE")]
-    vad_threshold: Option<String>,
-    /// Speech this long before it counts as started [default: 64ms]
-    #[arg(long, env = "CALLGATE_VAD_START", value_name = "DURATION")]
-    vad_start: Option<String>,
-    /// Silence this long before speech counts as stopped [default: 400ms]
-    #[arg(long, env = "CALLGATE_VAD_STOP", value_name = "DURATION")]
-    vad_stop: Option<String>,
-    /// Clear the agent's audio when the caller speaks over it (with --vad) [default: true]
-    #[arg(long, env = "CALLGATE_BARGE_IN", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    barge_in: Option<String>,
-    /// Detect DTMF tones in caller audio [default: false]
-    #[arg(long, env = "CALLGATE_INBAND_DTMF", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    inband_dtmf: Option<String>,
-    /// Record every call to DIR/recordings/ID.wav (stereo: caller left, agent right) [default: false]
-    #[arg(long, env = "CALLGATE_RECORD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
-    record: Option<String>,
+/// Declares the settings struct and [`Settings::or`], which takes each setting not given on
+/// the command line (or in the environment) from the file: the field names are written once.
+macro_rules! settings {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $( $(#[$field_meta:meta])* $field:ident: Option<$ty:ty>, )*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $name {
+            $( $(#[$field_meta])* $field: Option<$ty>, )*
+        }
+
+        impl $name {
+            /// These settings, each one not given taken from `file` (flag > env > file).
+            pub(crate) fn or(self, file: Self) -> Self {
+                Self { $( $field: self.$field.or(file.$field), )* }
+            }
+        }
+    };
 }
 
-/// The TOML file: the same settings, snake_case, unknown keys refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    listen: Option<String>,
-    admin_listen: Option<String>,
-    agent: Option<String>,
-    data_dir: Option<String>,
-    max_calls: Option<u64>,
-    handshake_timeout: Option<String>,
-    cdr_timeout: Option<String>,
-    max_message_size: Option<u64>,
-    write_timeout: Option<String>,
-    shutdown_grace: Option<String>,
-    inbound_audio_format: Option<String>,
-    progress_interval: Option<String>,
-    log_pii: Option<bool>,
-    log: Option<String>,
-    playout_lead: Option<String>,
-    playout_underrun: Option<String>,
-    vad: Option<bool>,
-    vad_threshold: Option<f64>,
-    vad_start: Option<String>,
-    vad_stop: Option<String>,
-    barge_in: Option<bool>,
-    inband_dtmf: Option<bool>,
-    record: Option<bool>,
-}
-
-/// Everything `serve` needs, validated.
-#[derive(Debug)]
-pub(crate) struct Settings {
-    pub(crate) server: Config,
-    pub(crate) log_filter: Targets,
-}
-
-/// A flag/env value if given, else the file's, as text for one parser.
-fn pick(flag: Option<String>, file: Option<String>) -> Option<String> {
-    flag.or(file)
-}
-
-fn parse<T: FromStr>(key: &str, value: &str) -> anyhow::Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    value
-        .parse::<T>()
-        .map_err(|e| anyhow!("invalid {key} {value:?}: {e}"))
-}
-
-fn boolean(key: &str, value: &str) -> anyhow::Result<bool> {
-    match value {
-        "true" | "1" | "yes" | "on" => Ok(true),
-        "false" | "0" | "no" | "off" => Ok(false),
-        _ => Err(anyhow!("invalid {key} {value:?}: expected true or false")),
+settings! {
+    /// The server's settings (`callgate serve`, `callgate routes`). Each is a flag, a
+    /// `CALLGATE_*` environment variable and a key of the `--config` TOML file.
+    #[derive(Debug, Clone, Default, PartialEq, clap::Args, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub(crate) struct Settings {
+        /// Address for phone-system WebSocket connections (both protocols) [default: 0.0.0.0:4143]
+        #[arg(long, env = "CALLGATE_LISTEN", value_name = "ADDR", value_parser = text::<SocketAddr>())]
+        #[serde(deserialize_with = "from_text")]
+        listen: Option<SocketAddr>,
+        /// Address for the admin HTTP API [default: 127.0.0.1:4144]
+        #[arg(long, env = "CALLGATE_ADMIN_LISTEN", value_name = "ADDR", value_parser = text::<SocketAddr>())]
+        #[serde(deserialize_with = "from_text")]
+        admin_listen: Option<SocketAddr>,
+        /// The agent that answers every call (one default route; not with [[routes]]): echo or tone [default: echo]
+        #[arg(long, env = "CALLGATE_AGENT", value_name = "NAME")]
+        agent: Option<String>,
+        /// Directory for the database and recordings [default: ./data]
+        #[arg(long, env = "CALLGATE_DATA_DIR", value_name = "DIR", value_parser = text::<PathBuf>())]
+        #[serde(deserialize_with = "from_text")]
+        data_dir: Option<PathBuf>,
+        /// TOML configuration file: these settings and [[routes]] (unknown keys are an error)
+        #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
+        #[serde(skip)]
+        config: Option<PathBuf>,
+        /// Most live calls; more are refused with close code 1013 [default: 1000]
+        #[arg(long, env = "CALLGATE_MAX_CALLS", value_name = "N", value_parser = text::<usize>())]
+        max_calls: Option<usize>,
+        /// Time allowed for the WebSocket upgrade and the first message [default: 5s]
+        #[arg(long, env = "CALLGATE_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        handshake_timeout: Option<Duration>,
+        /// How long an inbound call waits for the CDR after hangup [default: 10s]
+        #[arg(long, env = "CALLGATE_CDR_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        cdr_timeout: Option<Duration>,
+        /// Largest WebSocket message in bytes; larger closes with 1009 [default: 1048576]
+        #[arg(long, env = "CALLGATE_MAX_MESSAGE_SIZE", value_name = "BYTES", value_parser = text::<usize>())]
+        max_message_size: Option<usize>,
+        /// Time allowed for one write to a phone system [default: 5s]
+        #[arg(long, env = "CALLGATE_WRITE_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        write_timeout: Option<Duration>,
+        /// How long shutdown waits for live calls [default: 15s]
+        #[arg(long, env = "CALLGATE_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        shutdown_grace: Option<Duration>,
+        /// Audio format of inbound-protocol calls: PCM_8000/16000/24000/48000, ULAW_8000, ALAW_8000 [default: PCM_8000]
+        #[arg(long, env = "CALLGATE_INBOUND_AUDIO_FORMAT", value_name = "FORMAT", value_parser = text::<AudioFormat>())]
+        #[serde(deserialize_with = "from_text")]
+        inbound_audio_format: Option<AudioFormat>,
+        /// How often live calls write their counters to the store [default: 5s]
+        #[arg(long, env = "CALLGATE_PROGRESS_INTERVAL", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        progress_interval: Option<Duration>,
+        /// Log phone numbers in clear (they are redacted by default) [default: false]
+        #[arg(long, env = "CALLGATE_LOG_PII", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = text::<bool>())]
+        log_pii: Option<bool>,
+        /// Log filter, e.g. `info` or `info,callgate_server=debug` [default: info]
+        #[arg(long, env = "CALLGATE_LOG", value_name = "FILTER", value_parser = text::<LogFilter>())]
+        #[serde(deserialize_with = "from_text")]
+        log: Option<LogFilter>,
+        /// Audio queued ahead for the caller at most (agents wait beyond it) [default: 2s]
+        #[arg(long, env = "CALLGATE_PLAYOUT_LEAD", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        playout_lead: Option<Duration>,
+        /// When the playout runs dry: nothing or silence [default: nothing]
+        #[arg(long, env = "CALLGATE_PLAYOUT_UNDERRUN", value_name = "POLICY", value_parser = text::<Underrun>())]
+        #[serde(deserialize_with = "from_text")]
+        playout_underrun: Option<Underrun>,
+        /// Voice activity detection on caller audio (speech events, barge-in) [default: false]
+        #[arg(long, env = "CALLGATE_VAD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = text::<bool>())]
+        vad: Option<bool>,
+        /// VAD score (0..1) that counts as speech [default: 0.5]
+        #[arg(long, env = "CALLGATE_VAD_THRESHOLD", value_name = "SCORE", value_parser = text::<f32>())]
+        vad_threshold: Option<f32>,
+        /// Speech this long before it counts as started (at least 16ms) [default: 64ms]
+        #[arg(long, env = "CALLGATE_VAD_START", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        vad_start: Option<Duration>,
+        /// Silence this long before speech counts as stopped (at least 16ms) [default: 400ms]
+        #[arg(long, env = "CALLGATE_VAD_STOP", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        vad_stop: Option<Duration>,
+        /// Clear the agent's audio when the caller speaks over it (with --vad) [default: true]
+        #[arg(long, env = "CALLGATE_BARGE_IN", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = text::<bool>())]
+        barge_in: Option<bool>,
+        /// Detect DTMF tones in caller audio [default: false]
+        #[arg(long, env = "CALLGATE_INBAND_DTMF", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = text::<bool>())]
+        inband_dtmf: Option<bool>,
+        /// Record every call to DIR/recordings/ID.wav (stereo: caller left, agent right) [default: false]
+        #[arg(long, env = "CALLGATE_RECORD", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true", value_parser = text::<bool>())]
+        record: Option<bool>,
+        /// The `[[routes]]` tables of the file (file only), parsed by `routes::parse_spec`.
+        #[arg(skip)]
+        routes: Option<Vec<toml::Value>>,
     }
 }
 
-fn duration(key: &str, value: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(value)
-        .map_err(|e| anyhow!("invalid {key} {value:?}: {e} (write e.g. \"5s\" or \"250ms\")"))
+/// A validated configuration, ready to bind.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    /// The server's configuration.
+    pub(crate) config: Config,
+    /// The route table `config` describes, built with the built-in agents.
+    pub(crate) table: RouteTable,
+    /// The log filter.
+    pub(crate) log_filter: Targets,
+    /// The effective settings without the routes: what a reload cannot change.
+    pub(crate) fixed: Settings,
 }
 
 impl Settings {
-    pub(crate) fn load(args: ServeArgs) -> anyhow::Result<Self> {
-        let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .with_context(|| format!("cannot read config file {}", path.display()))?;
-                toml::from_str::<FileConfig>(&text)
-                    .with_context(|| format!("invalid config file {}", path.display()))?
-            }
-            None => FileConfig::default(),
+    /// The `--config` file, if any.
+    pub(crate) fn config_file(&self) -> Option<&Path> {
+        self.config.as_deref()
+    }
+
+    /// Reads the file (if any), merges it under these settings and validates the result the
+    /// way `serve` needs it: every setting, every route and its agent's settings.
+    pub(crate) fn load(&self) -> anyhow::Result<Loaded> {
+        let file = match &self.config {
+            Some(path) => read_file(path)?,
+            None => Self::default(),
         };
-        let mut c = Config::default();
-        if let Some(v) = pick(args.listen, file.listen) {
-            c.listen = parse::<SocketAddr>("listen", &v)?;
-        }
-        if let Some(v) = pick(args.admin_listen, file.admin_listen) {
-            c.admin_listen = parse::<SocketAddr>("admin_listen", &v)?;
-        }
-        if let Some(v) = pick(args.agent, file.agent) {
-            c.agent = v;
-        }
-        if let Some(v) = pick(args.data_dir, file.data_dir) {
-            if v.is_empty() {
-                return Err(anyhow!("invalid data_dir: empty path"));
+        self.clone().merge(file)?.validate()
+    }
+
+    /// These settings (flags and environment) over the file's, refusing an agent given in
+    /// either place together with the file's routes.
+    fn merge(self, file: Self) -> anyhow::Result<Self> {
+        if file.routes.as_ref().is_some_and(|r| !r.is_empty()) {
+            let path = file.config.as_deref().unwrap_or(Path::new("?")).display();
+            if self.agent.is_some() {
+                bail!(
+                    "--agent (or CALLGATE_AGENT) and the [[routes]] of config file {path} cannot \
+                     be used together: use one or the other (a route without [routes.match] is \
+                     the default)"
+                );
             }
-            c.data_dir = PathBuf::from(v);
+            if file.agent.is_some() {
+                bail!(
+                    "config file {path}: `agent` and [[routes]] cannot be used together: use one \
+                     or the other (a route without [routes.match] is the default)"
+                );
+            }
         }
-        if let Some(v) = pick(args.max_calls, file.max_calls.map(|n| n.to_string())) {
-            c.max_calls = parse("max_calls", &v)?;
-        }
-        if let Some(v) = pick(args.handshake_timeout, file.handshake_timeout) {
-            c.handshake_timeout = duration("handshake_timeout", &v)?;
-        }
-        if let Some(v) = pick(args.cdr_timeout, file.cdr_timeout) {
-            c.cdr_timeout = duration("cdr_timeout", &v)?;
-        }
-        if let Some(v) = pick(
-            args.max_message_size,
-            file.max_message_size.map(|n| n.to_string()),
-        ) {
-            c.max_message_size = parse("max_message_size", &v)?;
-        }
-        if let Some(v) = pick(args.write_timeout, file.write_timeout) {
-            c.write_timeout = duration("write_timeout", &v)?;
-        }
-        if let Some(v) = pick(args.shutdown_grace, file.shutdown_grace) {
-            c.shutdown_grace = duration("shutdown_grace", &v)?;
-        }
-        if let Some(v) = pick(args.inbound_audio_format, file.inbound_audio_format) {
-            c.inbound_audio_format = parse::<AudioFormat>("inbound_audio_format", &v)?;
-        }
-        if let Some(v) = pick(args.progress_interval, file.progress_interval) {
-            c.progress_interval = duration("progress_interval", &v)?;
-        }
-        let flag = |v: Option<String>, f: Option<bool>| pick(v, f.map(|b| b.to_string()));
-        if let Some(v) = flag(args.log_pii, file.log_pii) {
-            c.log_pii = boolean("log_pii", &v)?;
-        }
-        if let Some(v) = pick(args.playout_lead, file.playout_lead) {
-            c.playout_lead = duration("playout_lead", &v)?;
-        }
-        if let Some(v) = pick(args.playout_underrun, file.playout_underrun) {
-            c.playout_underrun = match v.as_str() {
-                "nothing" => Underrun::Nothing,
-                "silence" => Underrun::Silence,
-                _ => {
-                    return Err(anyhow!(
-                        "invalid playout_underrun {v:?}: expected nothing or silence"
-                    ));
-                }
-            };
-        }
-        let vad_on = match flag(args.vad, file.vad) {
-            Some(v) => boolean("vad", &v)?,
-            None => false,
+        Ok(self.or(file))
+    }
+
+    /// Maps merged settings into the server's `Config` (the one place defaults meet
+    /// settings) and checks it, routes included.
+    fn validate(self) -> anyhow::Result<Loaded> {
+        let file = self.config.clone();
+        let in_file = || match &file {
+            Some(path) => format!("config file {}", path.display()),
+            None => "the settings".to_owned(),
         };
+        let routes = self
+            .routes
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+            .map(|(index, value)| route_spec(value, index))
+            .collect::<anyhow::Result<_>>()
+            .with_context(in_file)?;
+        let mut c = Config {
+            routes,
+            ..Config::default()
+        };
+        if let Some(v) = &self.agent {
+            c.agent.clone_from(v);
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.admin_listen {
+            c.admin_listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir.clone_from(v);
+        }
+        if let Some(v) = self.max_calls {
+            c.max_calls = v;
+        }
+        if let Some(v) = self.handshake_timeout {
+            c.handshake_timeout = v;
+        }
+        if let Some(v) = self.cdr_timeout {
+            c.cdr_timeout = v;
+        }
+        if let Some(v) = self.max_message_size {
+            c.max_message_size = v;
+        }
+        if let Some(v) = self.write_timeout {
+            c.write_timeout = v;
+        }
+        if let Some(v) = self.shutdown_grace {
+            c.shutdown_grace = v;
+        }
+        if let Some(v) = self.inbound_audio_format {
+            c.inbound_audio_format = v;
+        }
+        if let Some(v) = self.progress_interval {
+            c.progress_interval = v;
+        }
+        if let Some(v) = self.log_pii {
+            c.log_pii = v;
+        }
+        if let Some(v) = self.playout_lead {
+            c.playout_lead = v;
+        }
+        if let Some(v) = self.playout_underrun {
+            c.playout_underrun = v;
+        }
         let mut vad = VadConfig::default();
-        if let Some(v) = pick(
-            args.vad_threshold,
-            file.vad_threshold.map(|n| n.to_string()),
-        ) {
-            vad.threshold = parse("vad_threshold", &v)?;
+        if let Some(v) = self.vad_threshold {
+            vad.threshold = v;
         }
-        let frames = |key: &str, d: Duration| -> anyhow::Result<u32> {
-            let n = (d.as_millis() / 16) as u32;
-            if n == 0 {
-                return Err(anyhow!("invalid {key}: must be at least 16ms"));
-            }
-            Ok(n)
+        if let Some(v) = self.vad_start {
+            vad.start_frames = vad_frames("vad_start", v)?;
+        }
+        if let Some(v) = self.vad_stop {
+            vad.stop_frames = vad_frames("vad_stop", v)?;
+        }
+        c.vad = self.vad.unwrap_or(false).then_some(vad);
+        if let Some(v) = self.barge_in {
+            c.barge_in = v;
+        }
+        if let Some(v) = self.inband_dtmf {
+            c.inband_dtmf = v;
+        }
+        if let Some(v) = self.record {
+            c.record = v;
+        }
+        let log_filter = self.log.clone().unwrap_or_default().targets;
+        // `Config::validate`, keeping the table it builds.
+        c.validate_limits()?;
+        let table = match c.route_table(&Catalog::builtin()) {
+            Ok(table) => table,
+            // A route from `--agent`: the error names it (`route "default": agent: ...`).
+            Err(e) if file.is_none() => return Err(e.into()),
+            Err(e) => return Err(anyhow::Error::new(e).context(in_file())),
         };
-        if let Some(v) = pick(args.vad_start, file.vad_start) {
-            vad.start_frames = frames("vad_start", duration("vad_start", &v)?)?;
-        }
-        if let Some(v) = pick(args.vad_stop, file.vad_stop) {
-            vad.stop_frames = frames("vad_stop", duration("vad_stop", &v)?)?;
-        }
-        c.vad = vad_on.then_some(vad);
-        if let Some(v) = flag(args.barge_in, file.barge_in) {
-            c.barge_in = boolean("barge_in", &v)?;
-        }
-        if let Some(v) = flag(args.inband_dtmf, file.inband_dtmf) {
-            c.inband_dtmf = boolean("inband_dtmf", &v)?;
-        }
-        if let Some(v) = flag(args.record, file.record) {
-            c.record = boolean("record", &v)?;
-        }
-        let log = pick(args.log, file.log).unwrap_or_else(|| "info".to_owned());
-        let log_filter = parse::<Targets>("log", &log)?;
-        c.validate()?;
-        Ok(Self {
-            server: c,
+        Ok(Loaded {
+            config: c,
+            table,
             log_filter,
+            fixed: Self {
+                routes: None,
+                ..self
+            },
         })
+    }
+}
+
+/// Reads and parses the TOML file (unknown keys are errors).
+fn read_file(path: &Path) -> anyhow::Result<Settings> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let mut file: Settings =
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    file.config = Some(path.to_owned());
+    Ok(file)
+}
+
+/// One `[[routes]]` table, checked by the server's parser so errors name the route and field.
+fn route_spec(value: toml::Value, index: usize) -> anyhow::Result<RouteSpec> {
+    let value = serde_json::to_value(value)
+        .with_context(|| format!("routes[{index}]: not representable as JSON"))?;
+    Ok(parse_spec(value, index)?)
+}
+
+/// A VAD duration in 16 ms detector frames.
+fn vad_frames(key: &str, d: Duration) -> anyhow::Result<u32> {
+    match u32::try_from(d.as_millis() / 16) {
+        Ok(0) => Err(anyhow!("invalid {key}: must be at least 16ms")),
+        Ok(n) => Ok(n),
+        Err(_) => Err(anyhow!("invalid {key}: too long")),
+    }
+}
+
+/// A log filter (`info,callgate_server=debug`), compared by its text.
+#[derive(Debug, Clone)]
+pub(crate) struct LogFilter {
+    text: String,
+    targets: Targets,
+}
+
+impl Default for LogFilter {
+    fn default() -> Self {
+        Self {
+            text: "info".to_owned(),
+            targets: Targets::new().with_default(tracing::Level::INFO),
+        }
+    }
+}
+
+impl PartialEq for LogFilter {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+/// A setting's value parsed from text: a flag, an environment variable or a TOML string. One
+/// parser per type, shared by clap ([`text`]) and serde ([`from_text`]).
+pub(crate) trait FromText: Sized {
+    /// Parses `text`, or says what is wrong with it.
+    fn from_text(text: &str) -> Result<Self, String>;
+}
+
+impl FromText for Duration {
+    fn from_text(text: &str) -> Result<Self, String> {
+        humantime::parse_duration(text)
+            .map_err(|e| format!("{e} (write e.g. \"5s\", \"250ms\" or \"2m\")"))
+    }
+}
+
+impl FromText for bool {
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err("expected true or false (also 1/0, yes/no, on/off)".to_owned()),
+        }
+    }
+}
+
+impl FromText for Underrun {
+    fn from_text(text: &str) -> Result<Self, String> {
+        match text {
+            "nothing" => Ok(Self::Nothing),
+            "silence" => Ok(Self::Silence),
+            _ => Err("expected nothing or silence".to_owned()),
+        }
+    }
+}
+
+impl FromText for LogFilter {
+    fn from_text(text: &str) -> Result<Self, String> {
+        let targets = text.parse::<Targets>().map_err(|e| e.to_string())?;
+        Ok(Self {
+            text: text.to_owned(),
+            targets,
+        })
+    }
+}
+
+impl FromText for PathBuf {
+    fn from_text(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("empty path".to_owned());
+        }
+        Ok(Self::from(text))
+    }
+}
+
+/// Types whose `FromStr` is the parser.
+macro_rules! from_str {
+    ($($ty:ty),*) => {$(
+        impl FromText for $ty {
+            fn from_text(text: &str) -> Result<Self, String> {
+                text.parse().map_err(|e: <$ty as std::str::FromStr>::Err| e.to_string())
+            }
+        }
+    )*};
+}
+from_str!(SocketAddr, AudioFormat, usize, f32);
+
+/// The clap side of [`FromText`]: errors name the setting (`invalid cdr_timeout "soon": ...`).
+pub(crate) fn text<T>() -> Text<T> {
+    Text(PhantomData)
+}
+
+/// A clap value parser for a [`FromText`] type.
+#[derive(Debug)]
+pub(crate) struct Text<T>(PhantomData<fn() -> T>);
+
+impl<T> Clone for Text<T> {
+    fn clone(&self) -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<T: FromText + Clone + Send + Sync + 'static> clap::builder::TypedValueParser for Text<T> {
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<T, clap::Error> {
+        use clap::error::ErrorKind;
+        let key = arg.map_or("value", |a| a.get_id().as_str());
+        let fail = |kind, message: String| Err(clap::Error::raw(kind, message).with_cmd(cmd));
+        let Some(text) = value.to_str() else {
+            return fail(
+                ErrorKind::InvalidUtf8,
+                format!("invalid {key}: not UTF-8\n"),
+            );
+        };
+        T::from_text(text).or_else(|problem| {
+            fail(
+                ErrorKind::ValueValidation,
+                format!("invalid {key} {text:?}: {problem}\n"),
+            )
+        })
+    }
+}
+
+/// The serde side of [`FromText`], for settings written as TOML strings.
+fn from_text<'de, D: Deserializer<'de>, T: FromText>(d: D) -> Result<Option<T>, D::Error> {
+    let text = String::deserialize(d)?;
+    T::from_text(&text)
+        .map(Some)
+        .map_err(|problem| serde::de::Error::custom(format!("invalid value {text:?}: {problem}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    fn flags(args: &[&str]) -> Result<Settings, String> {
+        Cli::try_parse_from(std::iter::once("callgate").chain(args.iter().copied()))
+            .map(|c| c.settings)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flags_and_toml_share_one_parser_per_type() {
+        let s = flags(&["--cdr-timeout", "1m 30s", "--vad", "--record", "off"]).unwrap();
+        assert_eq!(s.cdr_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(s.vad, Some(true));
+        assert_eq!(s.record, Some(false));
+        let f: Settings =
+            toml::from_str("cdr_timeout = \"1m 30s\"\nvad = true\nrecord = false\n").unwrap();
+        assert_eq!(f.cdr_timeout, s.cdr_timeout);
+        assert_eq!(f.vad, s.vad);
+        assert_eq!(f.record, s.record);
+
+        let e = flags(&["--cdr-timeout", "soon"]).unwrap_err();
+        assert!(e.contains("invalid cdr_timeout \"soon\""), "{e}");
+        let e = flags(&["--playout-underrun", "loud"]).unwrap_err();
+        assert!(
+            e.contains("invalid playout_underrun \"loud\": expected nothing or silence"),
+            "{e}"
+        );
+        let e = toml::from_str::<Settings>("cdr_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cdr_timeout") && e.contains("\"soon\""), "{e}");
+        // TOML booleans are real booleans.
+        assert!(toml::from_str::<Settings>("vad = \"yes\"\n").is_err());
+    }
+
+    #[test]
+    fn the_file_fills_what_flags_leave_out() {
+        let s = flags(&["--max-calls", "5"]).unwrap();
+        let f: Settings = toml::from_str("max_calls = 7\nmax_message_size = 2048\n").unwrap();
+        let merged = s.or(f);
+        assert_eq!(merged.max_calls, Some(5));
+        assert_eq!(merged.max_message_size, Some(2048));
+        let loaded = merged.validate().unwrap();
+        assert_eq!(loaded.config.max_calls, 5);
+        assert_eq!(loaded.config.max_message_size, 2048);
+        assert_eq!(loaded.config.cdr_timeout, Config::default().cdr_timeout);
+    }
+
+    #[test]
+    fn agent_and_routes_together_are_refused() {
+        let routes = "[[routes]]\nname = \"a\"\nagent = \"echo\"\n";
+        let file: Settings = toml::from_str(&format!("agent = \"echo\"\n{routes}")).unwrap();
+        let e = Settings::default().merge(file).unwrap_err().to_string();
+        assert!(e.contains("`agent` and [[routes]]"), "{e}");
+        let file: Settings = toml::from_str(routes).unwrap();
+        let e = flags(&["--agent", "tone"])
+            .unwrap()
+            .merge(file.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--agent (or CALLGATE_AGENT)"), "{e}");
+        let merged = Settings::default().merge(file).unwrap();
+        assert_eq!(merged.validate().unwrap().table.routes().len(), 1);
     }
 }
