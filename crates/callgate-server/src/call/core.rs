@@ -748,7 +748,9 @@ mod tests {
 
     use std::time::Duration;
 
-    use callgate_agent::{AgentIo, Commands, Epoch, PhoneInfo, Spawner, Speaker, Turn};
+    use callgate_agent::{
+        AgentIo, Commands, Epoch, PhoneInfo, RecordEvent, Spawner, Speaker, Turn,
+    };
     use callgate_audio::playout::Underrun;
     use callgate_proto::detect;
     use callgate_proto::{AudioFormat, DtmfDuration, inbound};
