@@ -60,14 +60,14 @@ settings! {
         #[arg(long, env = "CALLGATE_ADMIN_LISTEN", value_name = "ADDR", value_parser = text::<SocketAddr>())]
         #[serde(deserialize_with = "from_text")]
         admin_listen: Option<SocketAddr>,
-        /// The agent that answers every call (one default route; not with [[routes]]): echo or tone [default: echo]
+        /// The agent that answers every call (one default route; not with `[[routes]]`): echo or tone [default: echo]
         #[arg(long, env = "CALLGATE_AGENT", value_name = "NAME")]
         agent: Option<String>,
         /// Directory for the database and recordings [default: ./data]
         #[arg(long, env = "CALLGATE_DATA_DIR", value_name = "DIR", value_parser = text::<PathBuf>())]
         #[serde(deserialize_with = "from_text")]
         data_dir: Option<PathBuf>,
-        /// TOML configuration file: these settings and [[routes]] (unknown keys are an error)
+        /// TOML configuration file: these settings and `[[routes]]` (unknown keys are an error)
         #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
         #[serde(skip)]
         config: Option<PathBuf>,
