@@ -32,6 +32,7 @@
 //!   [`AgentEvent::Refused`].
 
 pub mod catalog;
+mod commands;
 pub mod echo;
 pub mod queue;
 mod spawner;
@@ -45,9 +46,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 use callgate_proto::callbridge::CallConfig;
 use callgate_proto::{AudioFormat, Digit, DtmfDuration, EndReason, Protocol};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 pub use catalog::{Catalog, SettingsError};
+pub use commands::COMMAND_QUEUE;
 pub use queue::{EventReceiver, EventSender};
 pub use spawner::Spawner;
 
@@ -331,11 +333,6 @@ pub enum Error {
     },
 }
 
-/// Capacity of the agent's command channel. Policy: the agent awaits a free slot
-/// (backpressure); the call task takes commands while the playout has room, so audio waits
-/// there while the caller has `playout_lead` queued.
-pub const COMMAND_QUEUE: usize = 64;
-
 /// An agent's side of its call.
 #[derive(Debug)]
 pub struct AgentIo {
@@ -399,7 +396,7 @@ impl AgentIo {
 /// Sends commands to the call, like [`AgentIo::send`] and [`AgentIo::clear`].
 #[derive(Debug, Clone)]
 pub struct AgentSender {
-    commands: mpsc::Sender<Stamped>,
+    commands: commands::Sender,
     control: Arc<Control>,
 }
 
@@ -498,7 +495,7 @@ impl AgentControl {
 /// The call's end of an agent's commands.
 #[derive(Debug)]
 pub struct Commands {
-    rx: mpsc::Receiver<Stamped>,
+    rx: commands::Receiver,
 }
 
 impl Commands {
@@ -510,7 +507,7 @@ impl Commands {
 
     /// The next command if one is waiting.
     pub fn try_recv(&mut self) -> Option<Stamped> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()
     }
 }
 
@@ -534,7 +531,7 @@ pub fn wire(
     started: tokio::time::Instant,
 ) -> (AgentIo, CallSide) {
     let (events_tx, events_rx) = queue::channel(event_capacity);
-    let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (commands_tx, commands_rx) = commands::channel();
     let control = Arc::new(Control::default());
     (
         AgentIo {

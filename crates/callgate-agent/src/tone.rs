@@ -19,9 +19,9 @@ pub const CHUNK_MS: u32 = 200;
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ToneSettings {
-    /// The tone's frequency, Hz (1 to 3999: it must fit under the 4 kHz limit of 8 kHz phone
-    /// audio).
-    pub frequency_hz: f64,
+    /// The tone's frequency, whole Hz (1 to 3999: it must fit under the 4 kHz limit of 8 kHz
+    /// phone audio).
+    pub frequency_hz: u32,
     /// Its level, dBFS (-60 to 0).
     pub level_dbfs: f64,
 }
@@ -29,7 +29,7 @@ pub struct ToneSettings {
 impl Default for ToneSettings {
     fn default() -> Self {
         Self {
-            frequency_hz: 440.0,
+            frequency_hz: 440,
             level_dbfs: -12.0,
         }
     }
@@ -37,7 +37,7 @@ impl Default for ToneSettings {
 
 impl Settings for ToneSettings {
     fn validate(&self) -> Result<(), SettingsError> {
-        if !(self.frequency_hz >= 1.0 && self.frequency_hz < 4000.0) {
+        if !(1..4000).contains(&self.frequency_hz) {
             return Err(SettingsError::new(
                 "frequency_hz",
                 format!("{} Hz is outside 1..4000 Hz", self.frequency_hz),
@@ -59,49 +59,34 @@ pub struct Tone {
     settings: Arc<ToneSettings>,
 }
 
-/// The tone, generated chunk after chunk with its phase carried over, so chunks join without
-/// a click at any frequency.
-#[derive(Debug)]
-struct Oscillator {
-    format: AudioFormat,
-    step: f64,
-    amplitude: f64,
-    phase: f64,
-    samples: Vec<i16>,
-}
-
-impl Oscillator {
-    fn new(format: AudioFormat, settings: &ToneSettings) -> Self {
-        let rate = f64::from(format.sample_rate());
-        Self {
-            format,
-            step: std::f64::consts::TAU * settings.frequency_hz / rate,
-            amplitude: 32767.0 * 10f64.powf(settings.level_dbfs / 20.0),
-            phase: 0.0,
-            samples: Vec::new(),
-        }
+/// One chunk of the tone that holds a whole number of cycles, so the same chunk repeats
+/// without a click: at least [`CHUNK_MS`], at most one second (a whole number of cycles always
+/// fits in one second of whole-Hz tone). Built once per call; each send shares it.
+fn chunk(format: AudioFormat, settings: &ToneSettings) -> Bytes {
+    let rate = format.sample_rate();
+    // The shortest whole-cycle length: rate / gcd(rate, f) samples.
+    let (mut a, mut b) = (rate, settings.frequency_hz);
+    while b != 0 {
+        (a, b) = (b, a % b);
     }
-
-    fn chunk(&mut self) -> Bytes {
-        let n = (self.format.sample_rate() * CHUNK_MS / 1000) as usize;
-        self.samples.clear();
-        for _ in 0..n {
-            self.samples
-                .push((self.amplitude * self.phase.sin()) as i16);
-            self.phase = (self.phase + self.step) % std::f64::consts::TAU;
-        }
-        pcm::encode(self.format, &self.samples)
-    }
+    let period = (rate / a) as usize;
+    let min = (rate * CHUNK_MS / 1000) as usize;
+    let n = period * min.div_ceil(period);
+    let amplitude = 32767.0 * 10f64.powf(settings.level_dbfs / 20.0);
+    let step = std::f64::consts::TAU * f64::from(settings.frequency_hz) / f64::from(rate);
+    let samples: Vec<i16> = (0..n)
+        .map(|i| (amplitude * (step * i as f64).sin()) as i16)
+        .collect();
+    pcm::encode(format, &samples)
 }
 
 impl Agent for Tone {
     async fn run(self, mut io: AgentIo) -> Result<(), Error> {
-        let mut oscillator = Oscillator::new(io.call.output_format, &self.settings);
+        let chunk = chunk(io.call.output_format, &self.settings);
         let sender = io.sender();
         if sender.send(AgentCommand::Answer).await.is_err() {
             return Ok(());
         }
-        let mut chunk = oscillator.chunk();
         loop {
             tokio::select! {
                 event = io.recv() => match event {
@@ -113,7 +98,6 @@ impl Agent for Tone {
                     if sent.is_err() {
                         return Ok(());
                     }
-                    chunk = oscillator.chunk();
                 }
             }
         }
@@ -155,26 +139,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_join_without_a_jump() {
-        let settings = ToneSettings {
-            frequency_hz: 600.0,
-            level_dbfs: -6.0,
-        };
-        let mut osc = Oscillator::new(AudioFormat::Pcm8000, &settings);
-        let mut all = Vec::new();
-        for _ in 0..3 {
-            let chunk = osc.chunk();
-            pcm::decode(AudioFormat::Pcm8000, &chunk, &mut all);
+    fn chunks_repeat_without_a_jump() {
+        for (hz, rate_format) in [
+            (600, AudioFormat::Pcm8000),
+            (441, AudioFormat::Pcm8000),
+            (1000, AudioFormat::Pcm24000),
+        ] {
+            let settings = ToneSettings {
+                frequency_hz: hz,
+                level_dbfs: -6.0,
+            };
+            let chunk = chunk(rate_format, &settings);
+            let mut all = Vec::new();
+            for _ in 0..3 {
+                pcm::decode(rate_format, &chunk, &mut all);
+            }
+            let rate = f64::from(rate_format.sample_rate());
+            assert!(all.len() as f64 / 3.0 >= rate * 0.2, "at least 200 ms");
+            // The largest step between samples of the sine, A * 2 sin(pi f / fs); a click at a
+            // chunk boundary would exceed it.
+            let bound =
+                0.502 * 32767.0 * 2.0 * (std::f64::consts::PI * f64::from(hz) / rate).sin() + 2.0;
+            let worst = all
+                .windows(2)
+                .map(|w| (f64::from(w[1]) - f64::from(w[0])).abs())
+                .fold(0.0, f64::max);
+            assert!(worst <= bound, "{hz} Hz: {worst} > {bound}");
+            let peak = all.iter().map(|s| s.unsigned_abs()).max().unwrap();
+            assert!((16000..=16500).contains(&peak), "{peak}");
         }
-        // The largest step between samples of a 600 Hz sine at 8 kHz, -6 dBFS, is
-        // A * 2 sin(pi f / fs) ~ 0.5 * 32767 * 0.468; a click at a chunk boundary would exceed it.
-        let bound = 0.502 * 32767.0 * 2.0 * (std::f64::consts::PI * 600.0 / 8000.0).sin() + 2.0;
-        let worst = all
-            .windows(2)
-            .map(|w| (f64::from(w[1]) - f64::from(w[0])).abs())
-            .fold(0.0, f64::max);
-        assert!(worst <= bound, "{worst} > {bound}");
-        let peak = all.iter().map(|s| s.unsigned_abs()).max().unwrap();
-        assert!((16000..=16500).contains(&peak), "{peak}");
     }
 }

@@ -1,0 +1,275 @@
+//! The bounded channel of commands from an agent to its call.
+//!
+//! Policy when full ([`COMMAND_QUEUE`] commands waiting): the sender waits (backpressure). The
+//! call takes commands only while its playout has room, so an agent that produces audio faster
+//! than real time waits here; control commands wait behind audio, in order.
+//!
+//! Many senders (the agent and the tasks it spawned, through cloned [`AgentSender`]s), one
+//! receiver (the call task). A small mutex-guarded queue that grows on demand instead of a
+//! tokio mpsc channel: a tokio channel preallocates a block of 32 slots per call (~1.5 KB),
+//! while most agents keep one command in flight at a time.
+//!
+//! [`AgentSender`]: crate::AgentSender
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+
+use crate::Stamped;
+
+/// Capacity of an agent's command channel.
+pub const COMMAND_QUEUE: usize = 64;
+
+struct State {
+    items: VecDeque<Stamped>,
+    senders: usize,
+    receiver_alive: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// The receiver waits here for a command (or the last sender's drop).
+    readable: Notify,
+    /// Senders wait here for room (or the receiver's drop).
+    writable: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code panics while holding this lock, and the queue stays valid if one did.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Creates the channel.
+pub(crate) fn channel() -> (Sender, Receiver) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            senders: 1,
+            receiver_alive: true,
+        }),
+        readable: Notify::new(),
+        writable: Notify::new(),
+    });
+    (
+        Sender {
+            shared: shared.clone(),
+        },
+        Receiver { shared },
+    )
+}
+
+/// The receiver is gone: the call has ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Closed;
+
+/// A sending end. Cloning adds a sender; the channel closes for the receiver when the last
+/// sender is dropped.
+pub(crate) struct Sender {
+    shared: Arc<Shared>,
+}
+
+impl Sender {
+    /// Queues `command`, waiting while the channel is full. Cancel-safe: a dropped send
+    /// queues nothing.
+    pub(crate) async fn send(&self, command: Stamped) -> Result<(), Closed> {
+        let mut command = Some(command);
+        loop {
+            // Registered before looking, so a pop between the look and the wait is not missed.
+            let room = self.shared.writable.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = self.shared.lock();
+                if !state.receiver_alive {
+                    return Err(Closed);
+                }
+                if state.items.len() < COMMAND_QUEUE {
+                    if let Some(c) = command.take() {
+                        state.items.push_back(c);
+                    }
+                    let more_room = state.items.len() < COMMAND_QUEUE;
+                    drop(state);
+                    self.shared.readable.notify_one();
+                    if more_room {
+                        // Another sender may be waiting for the room this one was woken for.
+                        self.shared.writable.notify_one();
+                    }
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+}
+
+impl Clone for Sender {
+    fn clone(&self) -> Self {
+        self.shared.lock().senders += 1;
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Sender {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.senders -= 1;
+        let last = state.senders == 0;
+        drop(state);
+        if last {
+            self.shared.readable.notify_one();
+        }
+    }
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender").finish_non_exhaustive()
+    }
+}
+
+/// The call's end.
+pub(crate) struct Receiver {
+    shared: Arc<Shared>,
+}
+
+impl Receiver {
+    /// The next command; `None` once every sender is gone and the queue is empty.
+    /// Cancel-safe.
+    pub(crate) async fn recv(&mut self) -> Option<Stamped> {
+        loop {
+            let ready = self.shared.readable.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            match self.pop() {
+                Pop::Command(c) => return Some(c),
+                Pop::Closed => return None,
+                Pop::Empty => ready.await,
+            }
+        }
+    }
+
+    /// The next command if one is waiting.
+    pub(crate) fn try_recv(&mut self) -> Option<Stamped> {
+        match self.pop() {
+            Pop::Command(c) => Some(c),
+            Pop::Closed | Pop::Empty => None,
+        }
+    }
+
+    fn pop(&self) -> Pop {
+        let mut state = self.shared.lock();
+        match state.items.pop_front() {
+            Some(c) => {
+                let was_full = state.items.len() + 1 == COMMAND_QUEUE;
+                drop(state);
+                if was_full {
+                    self.shared.writable.notify_one();
+                }
+                Pop::Command(c)
+            }
+            None if state.senders == 0 => Pop::Closed,
+            None => Pop::Empty,
+        }
+    }
+}
+
+enum Pop {
+    Command(Stamped),
+    Empty,
+    Closed,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.receiver_alive = false;
+        state.items.clear();
+        drop(state);
+        self.shared.writable.notify_waiters();
+    }
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::{AgentCommand, Epoch};
+
+    fn audio(n: u8) -> Stamped {
+        Stamped {
+            epoch: Epoch(0),
+            command: AgentCommand::Audio(Bytes::from(vec![n])),
+        }
+    }
+
+    fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> Poll<F::Output> {
+        f.poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn a_full_channel_makes_senders_wait_and_keeps_order() {
+        let (tx, mut rx) = channel();
+        for n in 0..COMMAND_QUEUE {
+            tx.send(audio(n as u8)).await.unwrap();
+        }
+        let tx2 = tx.clone();
+        {
+            let mut waiting = pin!(tx2.send(audio(200)));
+            assert!(poll_once(waiting.as_mut()).is_pending(), "no room");
+            assert_eq!(rx.try_recv(), Some(audio(0)));
+            assert_eq!(poll_once(waiting.as_mut()), Poll::Ready(Ok(())));
+        }
+        for n in 1..COMMAND_QUEUE {
+            assert_eq!(rx.recv().await, Some(audio(n as u8)));
+        }
+        assert_eq!(rx.recv().await, Some(audio(200)));
+        drop(tx);
+        assert_eq!(rx.try_recv(), None);
+        drop(tx2);
+        assert_eq!(rx.recv().await, None, "every sender is gone");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_receiver_releases_waiting_senders() {
+        let (tx, rx) = channel();
+        for n in 0..COMMAND_QUEUE {
+            tx.send(audio(n as u8)).await.unwrap();
+        }
+        let mut waiting = pin!(tx.send(audio(1)));
+        assert!(poll_once(waiting.as_mut()).is_pending());
+        drop(rx);
+        assert_eq!(poll_once(waiting.as_mut()), Poll::Ready(Err(Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_send_queues_nothing() {
+        let (tx, mut rx) = channel();
+        for n in 0..COMMAND_QUEUE {
+            tx.send(audio(n as u8)).await.unwrap();
+        }
+        {
+            let mut cancelled = pin!(tx.send(audio(99)));
+            assert!(poll_once(cancelled.as_mut()).is_pending());
+        }
+        for _ in 0..COMMAND_QUEUE {
+            assert!(rx.try_recv().is_some());
+        }
+        assert_eq!(rx.try_recv(), None);
+    }
+}
