@@ -25,11 +25,15 @@ struct State {
     items: VecDeque<Stamped>,
     senders: usize,
     receiver_alive: bool,
+    /// The receiver is (about to be) waiting for a command: a push must wake it. Pushes made
+    /// while the call is busy anyway (the same turn that polls the agent) wake nothing.
+    receiver_waiting: bool,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// The receiver waits here for a command (or the last sender's drop).
+    /// The receiver waits here for a command (or the last sender's drop). Woken with
+    /// `notify_waiters`, which stores no permit: no wake-up without a waiter.
     readable: Notify,
     /// Senders wait here for room (or the receiver's drop).
     writable: Notify,
@@ -49,6 +53,7 @@ pub(crate) fn channel() -> (Sender, Receiver) {
             items: VecDeque::new(),
             senders: 1,
             receiver_alive: true,
+            receiver_waiting: false,
         }),
         readable: Notify::new(),
         writable: Notify::new(),
@@ -65,6 +70,12 @@ pub(crate) fn channel() -> (Sender, Receiver) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
 
+/// What a push found.
+enum Push {
+    Done,
+    Full(Stamped),
+}
+
 /// A sending end. Cloning adds a sender; the channel closes for the receiver when the last
 /// sender is dropped.
 pub(crate) struct Sender {
@@ -75,33 +86,39 @@ impl Sender {
     /// Queues `command`, waiting while the channel is full. Cancel-safe: a dropped send
     /// queues nothing.
     pub(crate) async fn send(&self, command: Stamped) -> Result<(), Closed> {
-        let mut command = Some(command);
+        // The common case costs one lock: room, push, wake the receiver only if it waits.
+        let mut command = match self.push(command)? {
+            Push::Done => return Ok(()),
+            Push::Full(c) => c,
+        };
         loop {
-            // Registered before looking, so a pop between the look and the wait is not missed.
+            // Registered before looking again, so a pop in between is not missed.
             let room = self.shared.writable.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            {
-                let mut state = self.shared.lock();
-                if !state.receiver_alive {
-                    return Err(Closed);
-                }
-                if state.items.len() < COMMAND_QUEUE {
-                    if let Some(c) = command.take() {
-                        state.items.push_back(c);
-                    }
-                    let more_room = state.items.len() < COMMAND_QUEUE;
-                    drop(state);
-                    self.shared.readable.notify_one();
-                    if more_room {
-                        // Another sender may be waiting for the room this one was woken for.
-                        self.shared.writable.notify_one();
-                    }
-                    return Ok(());
-                }
-            }
+            command = match self.push(command)? {
+                Push::Done => return Ok(()),
+                Push::Full(c) => c,
+            };
             room.await;
         }
+    }
+
+    fn push(&self, command: Stamped) -> Result<Push, Closed> {
+        let mut state = self.shared.lock();
+        if !state.receiver_alive {
+            return Err(Closed);
+        }
+        if state.items.len() >= COMMAND_QUEUE {
+            return Ok(Push::Full(command));
+        }
+        state.items.push_back(command);
+        let wake = std::mem::take(&mut state.receiver_waiting);
+        drop(state);
+        if wake {
+            self.shared.readable.notify_waiters();
+        }
+        Ok(Push::Done)
     }
 }
 
@@ -121,7 +138,7 @@ impl Drop for Sender {
         let last = state.senders == 0;
         drop(state);
         if last {
-            self.shared.readable.notify_one();
+            self.shared.readable.notify_waiters();
         }
     }
 }
@@ -142,10 +159,16 @@ impl Receiver {
     /// Cancel-safe.
     pub(crate) async fn recv(&mut self) -> Option<Stamped> {
         loop {
+            match self.pop(false) {
+                Pop::Command(c) => return Some(c),
+                Pop::Closed => return None,
+                Pop::Empty => {}
+            }
+            // Registered before looking again (and saying so), so a push in between wakes it.
             let ready = self.shared.readable.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
-            match self.pop() {
+            match self.pop(true) {
                 Pop::Command(c) => return Some(c),
                 Pop::Closed => return None,
                 Pop::Empty => ready.await,
@@ -155,25 +178,30 @@ impl Receiver {
 
     /// The next command if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Stamped> {
-        match self.pop() {
+        match self.pop(false) {
             Pop::Command(c) => Some(c),
             Pop::Closed | Pop::Empty => None,
         }
     }
 
-    fn pop(&self) -> Pop {
+    /// Takes the next command; `wait`: if there is none, marks the receiver as waiting.
+    fn pop(&self, wait: bool) -> Pop {
         let mut state = self.shared.lock();
         match state.items.pop_front() {
             Some(c) => {
+                state.receiver_waiting = false;
                 let was_full = state.items.len() + 1 == COMMAND_QUEUE;
                 drop(state);
                 if was_full {
-                    self.shared.writable.notify_one();
+                    self.shared.writable.notify_waiters();
                 }
                 Pop::Command(c)
             }
             None if state.senders == 0 => Pop::Closed,
-            None => Pop::Empty,
+            None => {
+                state.receiver_waiting = wait;
+                Pop::Empty
+            }
         }
     }
 }
@@ -243,6 +271,43 @@ mod tests {
         assert_eq!(rx.try_recv(), None);
         drop(tx2);
         assert_eq!(rx.recv().await, None, "every sender is gone");
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn only_a_waiting_receiver_is_woken() {
+        let (tx, mut rx) = channel();
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let woken = || count.0.load(std::sync::atomic::Ordering::SeqCst);
+        {
+            let mut recv = pin!(rx.recv());
+            assert!(recv.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+            assert!(poll_once(pin!(tx.send(audio(1)))).is_ready());
+            assert_eq!(woken(), 1, "the waiting receiver is woken");
+            assert_eq!(
+                recv.as_mut().poll(&mut Context::from_waker(&waker)),
+                Poll::Ready(Some(audio(1)))
+            );
+        }
+        // The call is busy (it will look with try_recv): a push wakes nothing.
+        assert!(poll_once(pin!(tx.send(audio(2)))).is_ready());
+        assert_eq!(rx.try_recv(), Some(audio(2)));
+        {
+            // A receive that was cancelled while waiting leaves no wake-up behind either.
+            let mut recv = pin!(rx.recv());
+            assert!(recv.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+        }
+        assert!(poll_once(pin!(tx.send(audio(3)))).is_ready());
+        assert_eq!(woken(), 1);
+        assert_eq!(rx.try_recv(), Some(audio(3)));
     }
 
     #[tokio::test]

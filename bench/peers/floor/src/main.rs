@@ -69,7 +69,7 @@ async fn main() -> std::io::Result<()> {
 
 async fn accept(stream: TcpStream) -> Option<WebSocketStream<TcpStream>> {
     let config = WebSocketConfig::default()
-        .read_buffer_size(4096)
+        .read_buffer_size(1024)
         .write_buffer_size(0);
     tokio_tungstenite::accept_async_with_config(stream, Some(config))
         .await
