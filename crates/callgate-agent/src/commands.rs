@@ -289,7 +289,11 @@ mod tests {
         let woken = || count.0.load(std::sync::atomic::Ordering::SeqCst);
         {
             let mut recv = pin!(rx.recv());
-            assert!(recv.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+            assert!(
+                recv.as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
             assert!(poll_once(pin!(tx.send(audio(1)))).is_ready());
             assert_eq!(woken(), 1, "the waiting receiver is woken");
             assert_eq!(
@@ -303,7 +307,11 @@ mod tests {
         {
             // A receive that was cancelled while waiting leaves no wake-up behind either.
             let mut recv = pin!(rx.recv());
-            assert!(recv.as_mut().poll(&mut Context::from_waker(&waker)).is_pending());
+            assert!(
+                recv.as_mut()
+                    .poll(&mut Context::from_waker(&waker))
+                    .is_pending()
+            );
         }
         assert!(poll_once(pin!(tx.send(audio(3)))).is_ready());
         assert_eq!(woken(), 1);

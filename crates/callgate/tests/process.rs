@@ -1,80 +1,13 @@
 //! The real binary: bad configuration exits 64 before binding; a `kill -9` during live calls
 //! leaves records that the next start closes as `interrupted`; SIGTERM shuts down cleanly.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
 
 use callgate_testkit::{Phone, Received, TempDir, callbridge_start, http, incoming_call};
-
-const BIN: &str = env!("CARGO_BIN_EXE_callgate");
-
-/// A running `callgate serve` and the addresses it printed.
-struct Proc {
-    child: Child,
-    calls: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Never leave a server behind, whatever the test did.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[allow(
-    clippy::zombie_processes,
-    reason = "Proc's Drop kills and reaps the child on every path"
-)]
-fn serve(data: &TempDir) -> Proc {
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--data-dir")
-        .arg(data.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start callgate");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server printed its addresses");
-        if line.contains("Server listening.") {
-            let field = |name: &str| -> SocketAddr {
-                let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
-                line[start..]
-                    .split_whitespace()
-                    .next()
-                    .expect("value")
-                    .parse()
-                    .expect("address")
-            };
-            return Proc {
-                calls: field("calls"),
-                admin: field("admin"),
-                child,
-            };
-        }
-    }
-}
+use common::{BIN, Proc};
 
 async fn calls(admin: SocketAddr) -> Vec<serde_json::Value> {
     let (status, body) = http::request(admin, "GET", "/api/calls", None).await;
@@ -86,7 +19,7 @@ async fn calls(admin: SocketAddr) -> Vec<serde_json::Value> {
 #[tokio::test]
 async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
     let data = TempDir::new("crash");
-    let mut first = serve(&data);
+    let mut first = Proc::serve(&data, None);
     let mut phones = Vec::new();
     for n in 0..3 {
         let mut phone = Phone::connect(&format!("ws://{}/", first.calls)).await;
@@ -114,7 +47,7 @@ async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
         );
     }
 
-    let mut second = serve(&data);
+    let mut second = Proc::serve(&data, None);
     let records = calls(second.admin).await;
     assert_eq!(records.len(), 3);
     for c in &records {
@@ -139,7 +72,7 @@ async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
     assert_eq!(phone.closed().await.0, 1001);
     let exit = second.child.wait().expect("exit status");
     assert_eq!(exit.code(), Some(0));
-    let third = serve(&data);
+    let third = Proc::serve(&data, None);
     let records = calls(third.admin).await;
     let after = records
         .iter()

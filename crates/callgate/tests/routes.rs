@@ -3,19 +3,13 @@
 //! force for new calls and keeps the old one when the new file is bad; a call no route takes
 //! is refused with 1008 and recorded as `no_route`.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod common;
 
-use callgate_testkit::{Phone, TempDir, callbridge_start, http, incoming_call};
+use std::path::PathBuf;
+use std::process::Command;
 
-const BIN: &str = env!("CARGO_BIN_EXE_callgate");
-
-/// How long the server may take to log what a test waits for (a bound, not a pace).
-const LOG_WAIT: Duration = Duration::from_secs(30);
+use callgate_testkit::{Phone, TempDir, callbridge_start};
+use common::{BIN, Proc};
 
 /// Routes by the test calls' facts: CallBridge agentId `agent-main`, inbound DID `0212345678`.
 const FIRST: &str = r#"
@@ -38,123 +32,6 @@ callee = ["0212*", "0700*"]
 [routes.settings]
 frequency_hz = 600
 "#;
-
-/// A running `callgate serve`, its addresses and its log.
-struct Proc {
-    child: Child,
-    calls: SocketAddr,
-    admin: SocketAddr,
-    log: mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Never leave a server behind, whatever the test did.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    #[allow(
-        clippy::zombie_processes,
-        reason = "Proc's Drop kills and reaps the child on every path"
-    )]
-    fn serve(data: &TempDir, config: Option<&Path>) -> Self {
-        let mut command = Command::new(BIN);
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(data.path());
-        if let Some(config) = config {
-            command.arg("--config").arg(config);
-        }
-        let mut child = command
-            .env_remove("CALLGATE_AGENT")
-            .env_remove("CALLGATE_CONFIG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start callgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, log) = mpsc::channel();
-        // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let mut proc = Self {
-            child,
-            calls: SocketAddr::from(([0, 0, 0, 0], 0)),
-            admin: SocketAddr::from(([0, 0, 0, 0], 0)),
-            log,
-        };
-        let line = proc.wait_for("Server listening.");
-        let field = |name: &str| -> SocketAddr {
-            let start = line.find(&format!("{name}=")).expect("field") + name.len() + 1;
-            line[start..]
-                .split_whitespace()
-                .next()
-                .expect("value")
-                .parse()
-                .expect("address")
-        };
-        proc.calls = field("calls");
-        proc.admin = field("admin");
-        proc
-    }
-
-    /// The first log line from now on that contains `text`.
-    fn wait_for(&self, text: &str) -> String {
-        loop {
-            let line = self
-                .log
-                .recv_timeout(LOG_WAIT)
-                .unwrap_or_else(|e| panic!("the server logged {text:?} ({e})"));
-            if line.contains(text) {
-                return line;
-            }
-        }
-    }
-
-    fn hangup_signal(&self) {
-        let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/", self.calls)
-    }
-
-    /// The newest call record.
-    async fn last_call(&self) -> serde_json::Value {
-        let (status, body) = http::request(self.admin, "GET", "/api/calls?limit=1", None).await;
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
-        v["calls"][0].clone()
-    }
-
-    /// Places an inbound call, waits for the answer and returns its record (route chosen).
-    async fn inbound_call(&self, id: &str) -> serde_json::Value {
-        let mut phone = Phone::connect(&self.url()).await;
-        phone.text(incoming_call(id)).await;
-        assert_eq!(phone.recv_json().await["event"], "answer");
-        let record = self.last_call().await;
-        assert_eq!(record["external_id"], id, "{record}");
-        phone.close(1000, "done").await;
-        record
-    }
-}
 
 fn write(dir: &TempDir, name: &str, text: &str) -> PathBuf {
     let path = dir.path().join(name);

@@ -23,7 +23,7 @@ use callgate_agent::queue::{EventSender, Pushed, SendError};
 use callgate_agent::{
     AgentCommand, AgentControl, AgentEvent, CommandKind, Interruption, MarkState, Stamped,
 };
-use callgate_audio::playout::{MarkEnd, PlayoutEvent};
+use callgate_audio::playout::{Cleared, MarkEnd, PlayoutEvent};
 use callgate_audio::vad::VadEvent;
 use callgate_proto::{
     CallEvent, Close, Command, Digit, Disconnect, EndReason, Error as ProtoError, Frame, Output,
@@ -82,6 +82,17 @@ pub(crate) struct Stats {
     pub(crate) protocol_errors: Vec<&'static str>,
     /// Refused agent commands, by command (rare).
     pub(crate) refused: Vec<&'static str>,
+}
+
+/// Who cleared the playout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clearer {
+    /// The caller, by speaking over the agent (barge-in).
+    Caller,
+    /// The agent (`AgentIo::clear`).
+    Agent,
+    /// An operator (`POST /api/calls/{id}/clear`).
+    Operator,
 }
 
 /// Settings of the core that are not the session's or the media's.
@@ -483,49 +494,47 @@ impl CallCore {
 
     /// The caller spoke over the agent: clear at once, start a new epoch, tell the agent.
     fn barge_in(&mut self, now: Instant) {
-        let cleared = self.media.clear();
-        let epoch = self.control.advance_epoch();
         self.stats.barge_ins += 1;
-        let played_ms = self.media.played_ms();
-        self.journal.event(
-            now,
-            EventKind::BargeIn,
-            json!({ "played_ms": played_ms, "dropped_ms": cleared.dropped_ms }),
-        );
-        let at_ms = self.journal.ms(now);
-        self.notify(
-            now,
-            AgentEvent::BargeIn(Interruption {
-                played_ms,
-                dropped_ms: cleared.dropped_ms,
-                at_ms,
-                epoch,
-            }),
-        );
+        self.clear(now, Clearer::Caller);
     }
 
     fn apply_agent_clear(&mut self, now: Instant) {
-        if !self.control.take_clear_request() {
-            return;
+        if self.control.take_clear_request() {
+            self.clear(now, Clearer::Agent);
         }
+    }
+
+    /// Drops everything the caller has not heard, in a new epoch (the agent's own request
+    /// already started one), records who did it, and tells the agent.
+    fn clear(&mut self, now: Instant, by: Clearer) -> Cleared {
         let cleared = self.media.clear();
+        let epoch = match by {
+            Clearer::Agent => self.control.epoch(),
+            Clearer::Caller | Clearer::Operator => self.control.advance_epoch(),
+        };
         let played_ms = self.media.played_ms();
+        let kind = match by {
+            Clearer::Caller => EventKind::BargeIn,
+            Clearer::Agent => EventKind::AgentClear,
+            Clearer::Operator => EventKind::OperatorClear,
+        };
         self.journal.event(
             now,
-            EventKind::AgentClear,
+            kind,
             json!({ "played_ms": played_ms, "dropped_ms": cleared.dropped_ms }),
         );
-        let at_ms = self.journal.ms(now);
-        let epoch = self.control.epoch();
-        self.notify(
-            now,
-            AgentEvent::Cleared(Interruption {
-                played_ms,
-                dropped_ms: cleared.dropped_ms,
-                at_ms,
-                epoch,
-            }),
-        );
+        let interruption = Interruption {
+            played_ms,
+            dropped_ms: cleared.dropped_ms,
+            at_ms: self.journal.ms(now),
+            epoch,
+        };
+        let event = match by {
+            Clearer::Caller => AgentEvent::BargeIn(interruption),
+            Clearer::Agent | Clearer::Operator => AgentEvent::Cleared(interruption),
+        };
+        self.notify(now, event);
+        cleared
     }
 
     fn dtmf(&mut self, now: Instant, digit: Digit, source: &'static str) {
@@ -682,24 +691,7 @@ impl CallCore {
             },
             Request::Clear => {
                 let utterance_ms = self.media.utterance_played_ms();
-                let cleared = self.media.clear();
-                let epoch = self.control.advance_epoch();
-                let played_ms = self.media.played_ms();
-                self.journal.event(
-                    now,
-                    EventKind::OperatorClear,
-                    json!({ "played_ms": played_ms, "dropped_ms": cleared.dropped_ms }),
-                );
-                let at_ms = self.journal.ms(now);
-                self.notify(
-                    now,
-                    AgentEvent::Cleared(Interruption {
-                        played_ms,
-                        dropped_ms: cleared.dropped_ms,
-                        at_ms,
-                        epoch,
-                    }),
-                );
+                let cleared = self.clear(now, Clearer::Operator);
                 Ok(Reply::Cleared {
                     dropped_ms: cleared.dropped_ms,
                     played_ms: utterance_ms,
