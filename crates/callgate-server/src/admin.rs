@@ -53,7 +53,43 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(request_timeout))
+        .layer(middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// The most of a non-JSON error body (axum's own rejections) kept in the JSON error.
+const MAX_ERROR_TEXT: usize = 1024;
+
+/// Every error is JSON, axum's own rejections included (a body over the limit, a path that is
+/// not UTF-8, a bad query string): their text becomes the message, the status the code.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), MAX_ERROR_TEXT)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text.trim().to_owned()
+    };
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "unprocessable",
+        s if s.is_client_error() => "bad_request",
+        _ => "internal",
+    };
+    ApiError::new(status, code, message).into_response()
 }
 
 /// An API error: status, stable code and a message naming the problem.

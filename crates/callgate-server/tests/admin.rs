@@ -178,3 +178,57 @@ async fn list_is_newest_first_and_limited_and_metrics_count_calls() {
     }
     server.shutdown().await;
 }
+
+/// Sends a request head and `body_len` zero bytes to the admin API and returns the response's
+/// status line, headers and body.
+async fn raw(addr: std::net::SocketAddr, head: &[u8], body_len: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head).await.expect("write");
+    let chunk = vec![0u8; 64 * 1024];
+    let mut left = body_len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        // The server stops reading once the body is over its limit.
+        if stream.write_all(&chunk[..n]).await.is_err() {
+            break;
+        }
+        left -= n;
+    }
+    let mut out = Vec::new();
+    // The server may close before reading a refused body: what it answered is what counts.
+    let _ = stream.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn axums_own_rejections_are_json_too() {
+    let server = spawn_server(|_| {}).await;
+    // A body over the play limit (32 MiB).
+    let len = 33 * 1024 * 1024;
+    let big = format!(
+        "POST /api/calls/x/play HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+         Content-Length: {len}\r\n\r\n"
+    );
+    let response = raw(server.admin_addr, big.as_bytes(), len).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("application/json"), "{response}");
+    assert!(response.contains(r#""code":"too_large""#), "{response}");
+    // A path that is not UTF-8 once decoded.
+    let (status, body) = callgate_testkit::http::request(
+        server.admin_addr,
+        "GET",
+        "/api/calls/%FF%FE",
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["code"], "bad_request");
+    assert!(body["error"].as_str().unwrap().contains("UTF-8"), "{body}");
+    // A JSON body that is not JSON.
+    let (status, body) = server.post("/api/calls/x/dtmf", "{nope").await;
+    assert!(status == 400 || status == 422, "{status} {body}");
+    assert!(body["error"].is_string() && body["code"].is_string(), "{body}");
+    server.shutdown().await;
+}
