@@ -56,6 +56,8 @@ pub struct Metrics {
     pub dtmf: Family<Labels1, Counter>,
     /// Calls refused because no route matched them.
     pub calls_unrouted: Counter,
+    /// Event-log entries and transcript turns not stored because their call reached its cap.
+    pub record_entries_dropped: Counter,
     /// Recording audio batches dropped because the recording writer was behind (gaps of
     /// silence in recordings).
     pub recording_batches_dropped: Counter,
@@ -86,6 +88,7 @@ impl Metrics {
             barge_ins: Counter::default(),
             dtmf: Family::default(),
             calls_unrouted: Counter::default(),
+            record_entries_dropped: Counter::default(),
             recording_batches_dropped: Counter::default(),
             agent_commands_refused: Family::default(),
             registry: Registry::default(),
@@ -145,6 +148,11 @@ impl Metrics {
             "calls_unrouted",
             "Calls refused because no route matched them",
             m.calls_unrouted.clone(),
+        );
+        registry.register(
+            "record_entries_dropped",
+            "Event-log entries and transcript turns not stored because their call reached its cap",
+            m.record_entries_dropped.clone(),
         );
         registry.register(
             "recording_batches_dropped",

@@ -53,6 +53,9 @@ pub(crate) enum EventKind {
     CdrInvalid,
     /// No CDR arrived in time.
     CdrMissing,
+    /// The call reached its cap on stored events or transcript: later ones are counted, not
+    /// stored (`max_events`, `max_bytes`, what was capped).
+    RecordCapped,
 }
 
 impl EventKind {
@@ -76,9 +79,34 @@ impl EventKind {
             Self::CdrReceived => "cdr_received",
             Self::CdrInvalid => "cdr_invalid",
             Self::CdrMissing => "cdr_missing",
+            Self::RecordCapped => "record_capped",
         }
     }
+
+    /// Whether the cap on stored events leaves this kind alone: how a call ended and what
+    /// the phone system reported about it are always kept.
+    fn always_kept(self) -> bool {
+        matches!(
+            self,
+            Self::Ended
+                | Self::CdrReceived
+                | Self::CdrInvalid
+                | Self::CdrMissing
+                | Self::RecordCapped
+        )
+    }
 }
+
+/// The most event-log entries one call stores (beyond them: counted, not stored).
+pub(crate) const MAX_EVENTS: u64 = 10_000;
+/// The most bytes of event details and transcript text one call stores.
+pub(crate) const MAX_RECORD_BYTES: u64 = 4 * 1024 * 1024;
+/// The most transcript turns one call stores.
+pub(crate) const MAX_TURNS: u64 = 10_000;
+/// The most keys one call's `dtmf` string keeps.
+pub(crate) const MAX_DTMF: usize = 1_000;
+/// The most of one text from the wire (an unknown message) kept in an event.
+pub(crate) const MAX_TEXT: usize = 4096;
 
 /// What the call core records as the call goes, in memory.
 #[derive(Debug)]
@@ -91,6 +119,20 @@ pub(crate) struct Journal {
     events: Vec<NewEvent>,
     transcript: Vec<NewTranscriptEntry>,
     usage: BTreeMap<String, f64>,
+    /// What this call has stored (or queued) so far, against the caps.
+    stored: Stored,
+}
+
+/// Counts against the per-call caps.
+#[derive(Debug, Default)]
+struct Stored {
+    events: u64,
+    turns: u64,
+    bytes: u64,
+    /// Entries not stored because a cap was reached.
+    dropped: u64,
+    /// `record_capped` has been written.
+    capped: bool,
 }
 
 impl Journal {
@@ -104,6 +146,7 @@ impl Journal {
             events: Vec::new(),
             transcript: Vec::new(),
             usage: BTreeMap::new(),
+            stored: Stored::default(),
         }
     }
 
@@ -112,18 +155,65 @@ impl Journal {
         now.saturating_duration_since(self.started).as_millis() as u64
     }
 
-    /// Adds an entry to the event log.
+    /// Adds an entry to the event log, unless the call reached its cap (then it is counted).
     pub(crate) fn event(&mut self, now: Instant, kind: EventKind, detail: serde_json::Value) {
+        let detail = detail.to_string();
+        let size = detail.len() as u64;
+        if !kind.always_kept()
+            && (self.stored.events >= MAX_EVENTS || self.stored.bytes + size > MAX_RECORD_BYTES)
+        {
+            self.capped(now, "events");
+            return;
+        }
+        self.stored.events += 1;
+        self.stored.bytes += size;
         let at = UnixMillis(self.started_wall.0 + self.ms(now) as i64);
         self.events.push(NewEvent {
             at,
             kind: kind.as_str().to_owned(),
-            detail: detail.to_string(),
+            detail,
         });
     }
 
-    /// Adds a turn to the transcript.
-    pub(crate) fn turn(&mut self, turn: Turn) {
+    /// Notes an entry not stored; the first time, says so in the event log.
+    fn capped(&mut self, now: Instant, what: &str) {
+        self.stored.dropped += 1;
+        if !std::mem::replace(&mut self.stored.capped, true) {
+            self.event(
+                now,
+                EventKind::RecordCapped,
+                serde_json::json!({
+                    "what": what,
+                    "max_events": MAX_EVENTS,
+                    "max_turns": MAX_TURNS,
+                    "max_bytes": MAX_RECORD_BYTES,
+                }),
+            );
+        }
+    }
+
+    /// Entries not stored because a cap was reached (taken: for the metrics).
+    pub(crate) fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.stored.dropped)
+    }
+
+    /// A key for the record's `dtmf` (beyond [`MAX_DTMF`] keys, only the event log, itself
+    /// capped, keeps them).
+    pub(crate) fn dtmf(&mut self, digit: char) {
+        if self.dtmf.len() < MAX_DTMF {
+            self.dtmf.push(digit);
+        }
+    }
+
+    /// Adds a turn to the transcript, unless the call reached its cap.
+    pub(crate) fn turn(&mut self, now: Instant, turn: Turn) {
+        let size = turn.text.len() as u64;
+        if self.stored.turns >= MAX_TURNS || self.stored.bytes + size > MAX_RECORD_BYTES {
+            self.capped(now, "transcript");
+            return;
+        }
+        self.stored.turns += 1;
+        self.stored.bytes += size;
         self.transcript.push(NewTranscriptEntry {
             speaker: turn.speaker.as_str().to_owned(),
             text: turn.text,
@@ -133,10 +223,11 @@ impl Journal {
         });
     }
 
-    /// Adds to the usage counters.
+    /// Adds to the usage counters (at most 64 names; a name is at most 64 bytes).
     pub(crate) fn usage(&mut self, amounts: Vec<(String, f64)>) {
         for (name, amount) in amounts {
-            if amount.is_finite() {
+            let known = self.usage.contains_key(&name);
+            if amount.is_finite() && name.len() <= 64 && (known || self.usage.len() < 64) {
                 *self.usage.entry(name).or_insert(0.0) += amount;
             }
         }
@@ -144,6 +235,7 @@ impl Journal {
 
     /// The usage counters as a JSON object, if there are any.
     pub(crate) fn usage_json(&self) -> Option<String> {
+        // (The caps above keep this small.)
         (!self.usage.is_empty()).then(|| serde_json::json!(self.usage).to_string())
     }
 

@@ -215,13 +215,8 @@ async fn axums_own_rejections_are_json_too() {
     assert!(response.contains("application/json"), "{response}");
     assert!(response.contains(r#""code":"too_large""#), "{response}");
     // A path that is not UTF-8 once decoded.
-    let (status, body) = callgate_testkit::http::request(
-        server.admin_addr,
-        "GET",
-        "/api/calls/%FF%FE",
-        None,
-    )
-    .await;
+    let (status, body) =
+        callgate_testkit::http::request(server.admin_addr, "GET", "/api/calls/%FF%FE", None).await;
     assert_eq!(status, 400, "{body}");
     let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
     assert_eq!(body["code"], "bad_request");
@@ -229,6 +224,9 @@ async fn axums_own_rejections_are_json_too() {
     // A JSON body that is not JSON.
     let (status, body) = server.post("/api/calls/x/dtmf", "{nope").await;
     assert!(status == 400 || status == 422, "{status} {body}");
-    assert!(body["error"].is_string() && body["code"].is_string(), "{body}");
+    assert!(
+        body["error"].is_string() && body["code"].is_string(),
+        "{body}"
+    );
     server.shutdown().await;
 }

@@ -34,7 +34,7 @@ use serde_json::json;
 use crate::live::{Reply, Request};
 use crate::media::{Media, MediaEvent};
 use crate::metrics::LocalHistogram;
-use crate::record::{EventKind, Journal};
+use crate::record::{EventKind, Journal, MAX_TEXT};
 
 /// What the I/O loop must do for the core.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +82,8 @@ pub(crate) struct Stats {
     pub(crate) protocol_errors: Vec<&'static str>,
     /// Refused agent commands, by command (rare).
     pub(crate) refused: Vec<&'static str>,
+    /// Record entries (events, transcript turns) not stored: the call reached its cap.
+    pub(crate) record_dropped: u64,
 }
 
 /// Who cleared the playout.
@@ -198,7 +200,7 @@ impl CallCore {
             // The call is over; what the agent still writes to the record is kept (its last
             // transcript turn usually comes after the end).
             match stamped.command {
-                AgentCommand::Transcript(turn) => self.journal.turn(*turn),
+                AgentCommand::Transcript(turn) => self.journal.turn(now, *turn),
                 AgentCommand::Event(e) => self.journal.event(
                     now,
                     EventKind::Agent,
@@ -250,7 +252,7 @@ impl CallCore {
                 }
             }
             AgentCommand::Hangup => self.hang_up(now, EndReason::AgentHangup),
-            AgentCommand::Transcript(turn) => self.journal.turn(*turn),
+            AgentCommand::Transcript(turn) => self.journal.turn(now, *turn),
             AgentCommand::Event(e) => {
                 self.journal.event(
                     now,
@@ -337,6 +339,7 @@ impl CallCore {
 
     /// The counts for the metrics since the last call of this.
     pub(crate) fn take_stats(&mut self) -> Stats {
+        self.stats.record_dropped += self.journal.take_dropped();
         std::mem::take(&mut self.stats)
     }
 
@@ -435,8 +438,16 @@ impl CallCore {
             }
             CallEvent::CdrMissing => self.journal.event(now, EventKind::CdrMissing, json!({})),
             CallEvent::Unknown(text) => {
-                self.journal
-                    .event(now, EventKind::UnknownMessage, json!({ "text": text }));
+                let detail = if text.len() > MAX_TEXT {
+                    let mut end = MAX_TEXT;
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    json!({ "text": &text[..end], "truncated": true, "bytes": text.len() })
+                } else {
+                    json!({ "text": text })
+                };
+                self.journal.event(now, EventKind::UnknownMessage, detail);
             }
             CallEvent::Violation(error) => {
                 self.stats.protocol_errors.push(error.kind());
@@ -543,7 +554,7 @@ impl CallCore {
         } else {
             self.stats.dtmf_protocol += 1;
         }
-        self.journal.dtmf.push(digit.as_char());
+        self.journal.dtmf(digit.as_char());
         self.journal.event(
             now,
             EventKind::Dtmf,
@@ -750,6 +761,7 @@ mod tests {
 
     use super::*;
     use crate::media::MediaConfig;
+    use crate::record::MAX_EVENTS;
 
     const INBOUND: &str = r#"{"event":"incoming_call","callerId":"01011112222","didNumber":"0212345678","sessionId":"s-1"}"#;
     const CALLBRIDGE: &str = r#"{"call_config":{"siteId":"s","caller":"010","callee":"070","cdrId":"1","callActionId":"1.5E9","ivrIp":"10.0.0.1:5","agentId":"a","agentType":"voice"},"audio_format":{"phone_output_audio_format":"PCM_8000","phone_input_audio_format":"PCM_8000"}}"#;
@@ -1212,6 +1224,40 @@ mod tests {
             detail,
             json!({"name": "tool_call", "detail": {"tool": "lookup"}})
         );
+    }
+
+    #[tokio::test]
+    async fn what_one_call_stores_is_capped_and_the_cap_is_recorded() {
+        let mut call = answered(false).await;
+        let long = format!(r#"{{"event":"x","pad":"{}"}}"#, "y".repeat(10_000));
+        call.core.handle_text(call.at(0), &long);
+        for k in 0..MAX_EVENTS + 50 {
+            call.core
+                .handle_text(call.at(1), &format!(r#"{{"event":"x{k}"}}"#));
+        }
+        call.core.handle_peer_close(call.at(2), Disconnect::Dropped);
+        call.collect(2);
+        let journal = call.core.journal();
+        let events: Vec<(&str, serde_json::Value)> = journal.pending_events().collect();
+        let (kind, first) = &events[0];
+        assert_eq!(*kind, "unknown_message");
+        assert_eq!(first["truncated"], true);
+        assert_eq!(first["bytes"], long.len());
+        assert_eq!(first["text"].as_str().unwrap().len(), MAX_TEXT);
+        let kinds: Vec<&str> = events.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            kinds.len() as u64,
+            MAX_EVENTS + 2,
+            "the cap, its note and the end"
+        );
+        assert_eq!(kinds[kinds.len() - 2], "record_capped");
+        assert_eq!(
+            kinds[kinds.len() - 1],
+            "ended",
+            "how the call ended is always kept"
+        );
+        let stats = call.core.take_stats();
+        assert_eq!(stats.record_dropped, 51);
     }
 
     #[tokio::test]

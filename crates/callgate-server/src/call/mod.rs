@@ -780,6 +780,9 @@ impl Call {
         if stats.barge_ins > 0 {
             m.barge_ins.inc_by(stats.barge_ins);
         }
+        if stats.record_dropped > 0 {
+            m.record_entries_dropped.inc_by(stats.record_dropped);
+        }
         if stats.agent_audio_dropped > 0 {
             m.agent_audio_dropped.inc_by(stats.agent_audio_dropped);
         }
