@@ -20,37 +20,77 @@ pub fn read_mono(path: &Path) -> Result<MonoAudio, Error> {
     read_mono_from(hound::WavReader::open(path)?)
 }
 
-/// Reads WAV data from any reader.
+/// Reads WAV audio as mono 16-bit (channels averaged; 8, 16, 24, 32-bit integer and 32-bit
+/// float samples). Streams: no buffer larger than the result is built.
 pub fn read_mono_from<R: Read>(reader: hound::WavReader<R>) -> Result<MonoAudio, Error> {
+    read_mono_limited(reader, u64::MAX)
+}
+
+/// Like [`read_mono_from`], refusing audio longer than `max_frames` sample frames (per
+/// channel) before allocating anything: the header says how long the data is.
+pub fn read_mono_limited<R: Read>(
+    reader: hound::WavReader<R>,
+    max_frames: u64,
+) -> Result<MonoAudio, Error> {
     let spec = reader.spec();
     let channels = usize::from(spec.channels.max(1));
-    let interleaved: Vec<i32> = match (spec.sample_format, spec.bits_per_sample) {
+    let frames = u64::from(reader.duration());
+    if frames > max_frames {
+        return Err(Error::UnsupportedWav(format!(
+            "{frames} sample frames is longer than the {max_frames} allowed"
+        )));
+    }
+    // A header can claim more than the body holds: reserve at most a million samples up front.
+    let mut samples = Vec::with_capacity(usize::try_from(frames.min(1 << 20)).unwrap_or(0));
+    let mut mix = Mixer {
+        channels,
+        sum: 0,
+        n: 0,
+        out: &mut samples,
+    };
+    match (spec.sample_format, spec.bits_per_sample) {
         (hound::SampleFormat::Int, bits @ (8 | 16 | 24 | 32)) => {
             let shift = i32::from(bits) - 16;
-            reader
-                .into_samples::<i32>()
-                .map(|s| s.map(|v| if shift >= 0 { v >> shift } else { v << -shift }))
-                .collect::<Result<_, _>>()?
+            for s in reader.into_samples::<i32>() {
+                let v = s?;
+                mix.push(if shift >= 0 { v >> shift } else { v << -shift });
+            }
         }
-        (hound::SampleFormat::Float, 32) => reader
-            .into_samples::<f32>()
-            .map(|s| s.map(|v| (v.clamp(-1.0, 1.0) * 32767.0) as i32))
-            .collect::<Result<_, _>>()?,
+        (hound::SampleFormat::Float, 32) => {
+            for s in reader.into_samples::<f32>() {
+                mix.push((s?.clamp(-1.0, 1.0) * 32767.0) as i32);
+            }
+        }
         (format, bits) => {
             return Err(Error::UnsupportedWav(format!("{format:?} {bits}-bit")));
         }
-    };
-    let samples = interleaved
-        .chunks(channels)
-        .map(|frame| {
-            let sum: i32 = frame.iter().sum();
-            (sum / frame.len() as i32).clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16
-        })
-        .collect();
+    }
     Ok(MonoAudio {
         rate: spec.sample_rate,
         samples,
     })
+}
+
+/// Averages each frame's channels into one sample as they stream in.
+struct Mixer<'a> {
+    channels: usize,
+    sum: i32,
+    n: usize,
+    out: &'a mut Vec<i16>,
+}
+
+impl Mixer<'_> {
+    fn push(&mut self, v: i32) {
+        self.sum += v;
+        self.n += 1;
+        if self.n == self.channels {
+            let mean = self.sum / self.channels as i32;
+            self.out
+                .push(mean.clamp(i32::from(i16::MIN), i32::from(i16::MAX)) as i16);
+            self.sum = 0;
+            self.n = 0;
+        }
+    }
 }
 
 /// The spec of a 16-bit PCM WAV.

@@ -14,6 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use callgate_audio::{AudioFormat, Resampler, pcm};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
 use callgate_store::{CallFilter, CallId, CallRecord};
 use serde::Serialize;
@@ -21,7 +22,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::Shared;
-use crate::live::{Operator, Refused, Reply, Request as CallRequest};
+use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
 
 /// Default number of records `GET /api/calls` returns.
 pub(crate) const DEFAULT_LIMIT: u32 = 50;
@@ -296,26 +297,32 @@ async fn transcript(
     ))
 }
 
+/// The operator mailbox of live call `id`: 404 for an unknown call, 409 for one that ended.
+async fn live_mailbox(shared: &Shared, id: &str) -> Result<Arc<Mailbox>, ApiError> {
+    let call_id = CallId::from_string(id.to_owned());
+    if let Some(mailbox) = shared.live.get(&call_id) {
+        return Ok(mailbox);
+    }
+    let exists = shared
+        .store
+        .call(call_id)
+        .await
+        .map_err(ApiError::store)?
+        .is_some();
+    Err(if exists {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "call_not_live",
+            format!("call {id:?} has ended"),
+        )
+    } else {
+        no_call(id)
+    })
+}
+
 /// Sends a request to a live call's task and waits for its answer.
 async fn act(shared: &Shared, id: &str, request: CallRequest) -> Result<Reply, ApiError> {
-    let call_id = CallId::from_string(id.to_owned());
-    let Some(tx) = shared.live.get(&call_id) else {
-        let exists = shared
-            .store
-            .call(call_id)
-            .await
-            .map_err(ApiError::store)?
-            .is_some();
-        return Err(if exists {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "call_not_live",
-                format!("call {id:?} has ended"),
-            )
-        } else {
-            no_call(id)
-        });
-    };
+    let tx = live_mailbox(shared, id).await?;
     let gone = || {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -418,16 +425,61 @@ async fn play(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let audio = hound::WavReader::new(std::io::Cursor::new(body))
-        .map_err(callgate_audio::Error::from)
-        .and_then(callgate_audio::wav::read_mono_from)
+    // The call first: no work for a call that is not there.
+    let format = live_mailbox(&shared, &id).await?.format();
+    // Decoding and resampling are CPU work proportional to the body: off the async workers
+    // and off the call task.
+    let audio = shared
+        .tasks
+        .spawn_blocking(move || operator_audio(&body, format))
+        .await
         .map_err(|e| {
-            ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "bad_wav",
-                format!("body is not a PCM WAV file: {e}"),
-            )
-        })?;
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    match act(&shared, &id, CallRequest::Play { audio }).await? {
+        Reply::Queued { ms } => Ok(Json(json!({ "id": id, "queued_ms": ms }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Sample rates a played WAV may have (a 1 Hz file would be resampled 8000-fold).
+const PLAY_RATES: std::ops::RangeInclusive<u32> = 8000..=192_000;
+/// The longest WAV one request plays.
+const MAX_PLAY_SECONDS: u64 = 600;
+
+/// A WAV body as audio in the phone's format, or why not.
+fn operator_audio(body: &[u8], format: AudioFormat) -> Result<bytes::Bytes, ApiError> {
+    let bad_wav = |e: callgate_audio::Error| {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "bad_wav",
+            format!("body is not a PCM WAV file: {e}"),
+        )
+    };
+    let reader = hound::WavReader::new(std::io::Cursor::new(body))
+        .map_err(|e| bad_wav(callgate_audio::Error::from(e)))?;
+    let rate = reader.spec().sample_rate;
+    if !PLAY_RATES.contains(&rate) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_rate",
+            format!(
+                "the WAV's sample rate {rate} Hz is outside {}..={} Hz",
+                PLAY_RATES.start(),
+                PLAY_RATES.end()
+            ),
+        ));
+    }
+    let frames = reader.duration();
+    if u64::from(frames) > u64::from(rate) * MAX_PLAY_SECONDS {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "too_long",
+            format!("the WAV lasts longer than {MAX_PLAY_SECONDS} s"),
+        ));
+    }
+    let audio = callgate_audio::wav::read_mono_limited(reader, u64::from(rate) * MAX_PLAY_SECONDS)
+        .map_err(bad_wav)?;
     if audio.samples.is_empty() {
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -435,14 +487,14 @@ async fn play(
             "the WAV file has no audio",
         ));
     }
-    let request = CallRequest::Play {
-        samples: audio.samples,
-        rate: audio.rate,
+    let internal = |e: callgate_audio::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     };
-    match act(&shared, &id, request).await? {
-        Reply::Queued { ms } => Ok(Json(json!({ "id": id, "queued_ms": ms }))),
-        other => Err(unexpected(other)),
-    }
+    let mut resampler = Resampler::new(audio.rate, format.sample_rate()).map_err(internal)?;
+    let mut out = Vec::new();
+    resampler.process(&audio.samples, &mut out);
+    resampler.flush(&mut out);
+    Ok(pcm::encode(format, &out))
 }
 
 async fn clear(

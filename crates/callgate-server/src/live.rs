@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use callgate_proto::{Command, Error};
+use callgate_proto::{AudioFormat, Command, Error};
 use callgate_store::CallId;
 use tokio::sync::{Notify, oneshot};
 
@@ -17,8 +17,9 @@ pub(crate) const OPERATOR_QUEUE: usize = 8;
 pub(crate) enum Request {
     /// A protocol command (hangup, DTMF).
     Command(Command),
-    /// Play mono audio at this rate to the caller, through the playout.
-    Play { samples: Vec<i16>, rate: u32 },
+    /// Play this audio (already in the format the phone plays: decoded and resampled off the
+    /// call task) to the caller, through the playout.
+    Play { audio: bytes::Bytes },
     /// Drop whatever the caller has not heard yet.
     Clear,
 }
@@ -43,10 +44,12 @@ pub(crate) struct Operator {
 
 /// A call's operator mailbox. Unlike a tokio channel, it allocates nothing until an operator
 /// actually writes to it (a bounded tokio mpsc preallocates a 32-slot block: ~2 KB per call).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Mailbox {
     inner: Mutex<Inner>,
     notify: Notify,
+    /// The format the call's phone plays (what operator audio is converted to).
+    format: AudioFormat,
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +68,11 @@ pub(crate) enum Refused {
 }
 
 impl Mailbox {
+    /// The format the call's phone plays.
+    pub(crate) fn format(&self) -> AudioFormat {
+        self.format
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A push or a pop cannot leave the queue invalid, even if a holder panicked.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
@@ -120,8 +128,12 @@ impl LiveCalls {
     }
 
     /// Registers a call; the returned mailbox is the call task's operator input.
-    pub(crate) fn register(&self, id: CallId) -> Arc<Mailbox> {
-        let mailbox = Arc::new(Mailbox::default());
+    pub(crate) fn register(&self, id: CallId, format: AudioFormat) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox {
+            inner: Mutex::default(),
+            notify: Notify::new(),
+            format,
+        });
         self.lock().insert(id, mailbox.clone());
         mailbox
     }

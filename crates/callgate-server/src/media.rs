@@ -29,6 +29,9 @@ pub(crate) struct MediaConfig {
     pub(crate) recording: Option<(PathBuf, Arc<Recordings>)>,
 }
 
+/// The most operator audio one call queues (ms): more is refused until it has played.
+pub(crate) const MAX_OPERATOR_MS: u64 = 10 * 60 * 1000;
+
 /// Something the caller's audio revealed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MediaEvent {
@@ -254,26 +257,22 @@ impl Media {
         cleared
     }
 
-    /// Queues an operator announcement (mono samples at `rate`); returns its duration, ms.
-    pub(crate) fn operator_play(
-        &mut self,
-        samples: &[i16],
-        rate: u32,
-    ) -> Result<u64, callgate_audio::Error> {
-        let mut resampler = Resampler::new(rate, self.phone_out.sample_rate())?;
-        self.scratch.clear();
-        resampler.process(samples, &mut self.scratch);
-        resampler.flush(&mut self.scratch);
-        let encoded = pcm::encode(self.phone_out, &self.scratch);
-        let ms = self.ms_of(encoded.len());
+    /// Queues an operator announcement (already in the phone's format); returns its duration,
+    /// ms, or `None` if the operator queue would then hold more than [`MAX_OPERATOR_MS`].
+    pub(crate) fn operator_play(&mut self, audio: Bytes) -> Option<u64> {
+        let ms = self.ms_of(audio.len());
+        let waiting: u64 = self.operator.iter().map(|b| self.ms_of(b.len())).sum();
+        if waiting + ms > MAX_OPERATOR_MS {
+            return None;
+        }
         // Fed to the playout as it has room, one second at a time.
         let step = self.phone_out.frame_bytes_20ms() * 50;
-        let mut rest = encoded;
+        let mut rest = audio;
         while !rest.is_empty() {
             let n = step.min(rest.len());
             self.operator.push_back(rest.split_to(n));
         }
-        Ok(ms)
+        Some(ms)
     }
 
     /// The next time [`Media::poll`] has something.

@@ -27,6 +27,15 @@ impl Tasks {
         self.tracker.spawn(task)
     }
 
+    /// Runs blocking or CPU-heavy work on the blocking pool, tracked.
+    pub fn spawn_blocking<F, R>(&self, work: F) -> JoinHandle<R>
+    where
+        F: FnOnce() -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        self.tracker.spawn_blocking(work)
+    }
+
     /// The tracker itself, for spawners of tasks the server must wait for (agents' tasks).
     pub fn tracker(&self) -> TaskTracker {
         self.tracker.clone()

@@ -230,3 +230,65 @@ async fn axums_own_rejections_are_json_too() {
     );
     server.shutdown().await;
 }
+
+/// A mono 16-bit WAV header claiming `frames` frames at `rate`, with `body` bytes of audio.
+fn wav_head(rate: u32, frames: u32, body: usize) -> Vec<u8> {
+    let data = frames * 2;
+    let mut w = Vec::new();
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&rate.to_le_bytes());
+    w.extend_from_slice(&(rate * 2).to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data.to_le_bytes());
+    w.extend(std::iter::repeat_n(0u8, body));
+    w
+}
+
+async fn post_raw(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    let response = raw(addr, &request, 0).await;
+    let status = response[9..12].parse().expect("status");
+    let body = response.split_once("\r\n\r\n").expect("head").1;
+    (status, serde_json::from_str(body).expect("JSON error"))
+}
+
+#[tokio::test]
+async fn play_refuses_absurd_audio_before_doing_any_work_for_it() {
+    let server = spawn_server(|_| {}).await;
+    // No such call: 404 before the body is looked at.
+    let (status, body) = post_raw(server.admin_addr, "/api/calls/nope/play", b"garbage").await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("call_not_found")));
+
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("play-limits")).await;
+    assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
+    let id = server.call("play-limits").await["id"].as_str().unwrap().to_owned();
+    let path = format!("/api/calls/{id}/play");
+    // 1 Hz: resampled to 8 kHz, 40 KB would become 8000 times larger.
+    let (status, body) = post_raw(server.admin_addr, &path, &wav_head(1, 20_000, 40_000)).await;
+    assert_eq!((status, body["code"].as_str()), (422, Some("bad_rate")), "{body}");
+    // A header promising 11 minutes: refused before anything is allocated.
+    let (status, body) =
+        post_raw(server.admin_addr, &path, &wav_head(8000, 8000 * 660, 1000)).await;
+    assert_eq!((status, body["code"].as_str()), (422, Some("too_long")), "{body}");
+    // 100 ms at 8 kHz plays.
+    let (status, body) = post_raw(server.admin_addr, &path, &wav_head(8000, 800, 1600)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["queued_ms"], 100);
+    phone.text(r#"{"event":"hangup"}"#).await;
+    phone.text(cdr("play-limits")).await;
+    phone.closed().await;
+    server.shutdown().await;
+}

@@ -27,7 +27,7 @@ use callgate_audio::playout::{Cleared, MarkEnd, PlayoutEvent};
 use callgate_audio::vad::VadEvent;
 use callgate_proto::{
     CallEvent, Close, Command, Digit, Disconnect, EndReason, Error as ProtoError, Frame, Output,
-    Protocol, Session,
+    Session,
 };
 use serde_json::json;
 
@@ -325,11 +325,6 @@ impl CallCore {
     /// backpressure). Once the call has ended, commands are taken and ignored.
     pub(crate) fn takes_agent_commands(&self) -> bool {
         self.has_ended() || self.media.has_room()
-    }
-
-    /// The phone protocol.
-    pub(crate) fn protocol(&self) -> Protocol {
-        self.session.protocol()
     }
 
     /// The journal, for the I/O loop to write out.
@@ -686,19 +681,16 @@ impl CallCore {
                     state: "over",
                 })
             }
-            Request::Play { samples, rate } => match self.media.operator_play(&samples, rate) {
-                Ok(ms) => {
+            Request::Play { audio } => match self.media.operator_play(audio) {
+                Some(ms) => {
                     self.journal
                         .event(now, EventKind::OperatorPlay, json!({ "ms": ms }));
                     Ok(Reply::Queued { ms })
                 }
-                Err(error) => {
-                    tracing::warn!(%error, "Operator audio could not be converted.");
-                    Err(ProtoError::Unsupported {
-                        operation: "audio at this sample rate",
-                        protocol: self.protocol(),
-                    })
-                }
+                None => Err(ProtoError::InvalidState {
+                    operation: "queueing more operator audio",
+                    state: "holding 10 minutes of it",
+                }),
             },
             Request::Clear => {
                 let utterance_ms = self.media.utterance_played_ms();
@@ -1108,14 +1100,11 @@ mod tests {
     async fn operator_audio_plays_ahead_of_what_the_agent_sends_next() {
         let mut call = answered(false).await;
         call.say(0, 100, 1).await;
-        let samples = vec![0x0202i16; 8000 / 10]; // 100 ms of operator audio
-        let reply = call.core.handle_operator(
-            call.at(0),
-            Request::Play {
-                samples,
-                rate: 8000,
-            },
-        );
+        // 100 ms of operator audio, in the phone's format.
+        let audio = Bytes::from(vec![2u8; FRAME * 5]);
+        let reply = call
+            .core
+            .handle_operator(call.at(0), Request::Play { audio });
         assert_eq!(reply, Ok(Reply::Queued { ms: 100 }));
         call.say(0, 100, 3).await;
         call.run_to(400);

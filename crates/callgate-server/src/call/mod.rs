@@ -386,7 +386,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             shared.cancel.clone(),
             started.into_std(),
         );
-        let operator = shared.live.register(id.clone());
+        let operator = shared.live.register(id.clone(), phone_out);
         // The agent's tasks end with the call (and shutdown waits for them).
         let agent_tasks = CancellationToken::new();
         let spawner = Spawner::new(shared.tasks.tracker(), agent_tasks.clone());
