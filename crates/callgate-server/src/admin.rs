@@ -16,8 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use callgate_audio::{AudioFormat, Resampler, pcm};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
-use callgate_store::{CallFilter, CallId, CallRecord};
-use serde::Serialize;
+use callgate_store::{CallFilter, CallId, CallRecord, Page};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -178,7 +177,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 async fn list_calls(
     State(shared): State<Arc<Shared>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<CallList>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     const KEYS: [&str; 6] = [
@@ -227,18 +226,53 @@ async fn list_calls(
         .list_calls(filter)
         .await
         .map_err(ApiError::store)?;
-    let next = (calls.len() == limit as usize)
-        .then(|| calls.last().map(|c| c.id.to_string()))
-        .flatten();
-    // Serialised directly (not through serde_json::Value) so the CDR stays byte-exact.
-    Ok(Json(CallList { calls, next }))
+    // Serialised on the blocking pool (records hold up to a few MiB of the phone's text each),
+    // straight from the records so CDRs stay byte-exact, and cut at MAX_LIST_BYTES.
+    let body = shared
+        .tasks
+        .spawn_blocking(move || list_body(calls, limit))
+        .await
+        .map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })??;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-#[derive(Serialize)]
-struct CallList {
-    calls: Vec<CallRecord>,
-    /// The cursor of the next page (`?before=`), when this page is full.
-    next: Option<String>,
+/// The most bytes one `GET /api/calls` reply holds (at least one record, whatever its size);
+/// the rest is on the next page.
+pub(crate) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
+
+/// `{"calls":[...],"next":ID|null}`: `next` is set when the page is full or was cut at
+/// [`MAX_LIST_BYTES`].
+fn list_body(calls: Vec<CallRecord>, limit: u32) -> Result<String, ApiError> {
+    let mut body = String::from(r#"{"calls":["#);
+    let mut last: Option<&CallRecord> = None;
+    let mut cut = false;
+    for (i, call) in calls.iter().enumerate() {
+        let json = serde_json::to_string(call).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        if i > 0 && body.len() + json.len() > MAX_LIST_BYTES {
+            cut = true;
+            break;
+        }
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&json);
+        last = Some(call);
+    }
+    let full = calls.len() == limit as usize;
+    let next = match last {
+        Some(call) if cut || full => {
+            serde_json::to_string(call.id.as_str()).unwrap_or_else(|_| "null".to_owned())
+        }
+        _ => "null".to_owned(),
+    };
+    body.push_str(r#"],"next":"#);
+    body.push_str(&next);
+    body.push('}');
+    Ok(body)
 }
 
 fn no_call(id: &str) -> ApiError {
@@ -267,33 +301,89 @@ async fn call(
     Ok(Json(record))
 }
 
+/// The most entries one page of an event log or transcript holds.
+pub(crate) const MAX_PAGE: u32 = 1000;
+
+/// `?after=SEQ&limit=N` of an event log or transcript (anything else is a 400).
+fn page(query: &HashMap<String, String>) -> Result<Page, ApiError> {
+    if let Some(key) = query
+        .keys()
+        .find(|k| !["after", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("unknown query parameter {key:?} (known: after, limit)"),
+        ));
+    }
+    let after = match query.get("after") {
+        None => 0,
+        Some(text) => text.parse::<u64>().map_err(|_| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_after",
+                format!("after must be a sequence number, got {text:?}"),
+            )
+        })?,
+    };
+    let limit = match query.get("limit") {
+        None => MAX_PAGE,
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_limit",
+                    format!("limit must be a whole number from 1 to {MAX_PAGE}, got {text:?}"),
+                ));
+            }
+        },
+    };
+    Ok(Page { after, limit })
+}
+
+/// The cursor of the page after `seqs` (`?after=`), when this page is full.
+fn next_after(page: Page, last: Option<u64>, len: usize) -> Option<u64> {
+    (len == page.limit as usize).then_some(last).flatten()
+}
+
 async fn events(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let page = page(&query)?;
     let events = shared
         .store
-        .events(CallId::from_string(id.clone()))
+        .events(CallId::from_string(id.clone()), page)
         .await
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
-    Ok(Json(json!({ "id": id, "events": events })))
+    let next = next_after(page, events.last().map(|e| e.seq), events.len());
+    Ok(Json(json!({ "id": id, "events": events, "next": next })))
 }
 
 async fn transcript(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let page = page(&query)?;
     let call_id = CallId::from_string(id.clone());
     let entries = shared
         .store
-        .transcript(call_id.clone())
+        .transcript(call_id.clone(), page)
         .await
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
+    let next = next_after(page, entries.last().map(|e| e.seq), entries.len());
     let record = find(&shared, &id).await?;
     Ok(Json(
-        json!({ "id": id, "entries": entries, "usage": record.usage }),
+        json!({ "id": id, "entries": entries, "usage": record.usage, "next": next }),
     ))
 }
 

@@ -269,20 +269,34 @@ async fn play_refuses_absurd_audio_before_doing_any_work_for_it() {
     let server = spawn_server(|_| {}).await;
     // No such call: 404 before the body is looked at.
     let (status, body) = post_raw(server.admin_addr, "/api/calls/nope/play", b"garbage").await;
-    assert_eq!((status, body["code"].as_str()), (404, Some("call_not_found")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("call_not_found"))
+    );
 
     let mut phone = server.phone("/").await;
     phone.text(incoming_call("play-limits")).await;
     assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
-    let id = server.call("play-limits").await["id"].as_str().unwrap().to_owned();
+    let id = server.call("play-limits").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let path = format!("/api/calls/{id}/play");
     // 1 Hz: resampled to 8 kHz, 40 KB would become 8000 times larger.
     let (status, body) = post_raw(server.admin_addr, &path, &wav_head(1, 20_000, 40_000)).await;
-    assert_eq!((status, body["code"].as_str()), (422, Some("bad_rate")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("bad_rate")),
+        "{body}"
+    );
     // A header promising 11 minutes: refused before anything is allocated.
     let (status, body) =
         post_raw(server.admin_addr, &path, &wav_head(8000, 8000 * 660, 1000)).await;
-    assert_eq!((status, body["code"].as_str()), (422, Some("too_long")), "{body}");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("too_long")),
+        "{body}"
+    );
     // 100 ms at 8 kHz plays.
     let (status, body) = post_raw(server.admin_addr, &path, &wav_head(8000, 800, 1600)).await;
     assert_eq!(status, 200, "{body}");
@@ -290,5 +304,70 @@ async fn play_refuses_absurd_audio_before_doing_any_work_for_it() {
     phone.text(r#"{"event":"hangup"}"#).await;
     phone.text(cdr("play-limits")).await;
     phone.closed().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_and_logs_come_in_bounded_pages() {
+    let server = spawn_server(|c| c.max_message_size = 2 * 1024 * 1024).await;
+    // Ten CallBridge calls whose call_config carries 1 MiB each: one page of ten would be
+    // over 10 MB, so the reply is cut and the rest is on the next page.
+    let big = "9".repeat(1024 * 1024);
+    for k in 0..10 {
+        let mut start: serde_json::Value =
+            serde_json::from_str(&callbridge_start(&format!("big-{k}"))).unwrap();
+        start["call_config"]["siteId"] = json!(big);
+        let mut phone = server.phone("/").await;
+        phone.text(start.to_string()).await;
+        assert_eq!(phone.recv().await.json()["type"], "started");
+        phone.close(1000, "bye").await;
+        server.ended_call(&format!("big-{k}")).await;
+    }
+    let (status, first) = server.get("/api/calls?limit=10").await;
+    assert_eq!(status, 200);
+    let n = first["calls"].as_array().unwrap().len();
+    assert!((1..10).contains(&n), "cut below 8 MiB: {n} records");
+    let next = first["next"].as_str().expect("a next page").to_owned();
+    let (_, second) = server
+        .get(&format!("/api/calls?limit=10&before={next}"))
+        .await;
+    assert_eq!(second["calls"].as_array().unwrap().len(), 10 - n);
+    assert!(second["next"].is_null());
+
+    // A call with 2,500 unknown messages: its log comes in pages of at most 1,000.
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("chatty")).await;
+    assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
+    for k in 0..2500 {
+        phone.text(format!(r#"{{"event":"noise{k}"}}"#)).await;
+    }
+    phone.text(r#"{"event":"hangup"}"#).await;
+    phone.text(cdr("chatty")).await;
+    phone.closed().await;
+    let id = server.ended_call("chatty").await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut seen = 0;
+    let mut after = 0u64;
+    loop {
+        let (status, page) = server
+            .get(&format!("/api/calls/{id}/events?after={after}"))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        let events = page["events"].as_array().unwrap();
+        assert!(events.len() <= 1000);
+        seen += events.len();
+        match page["next"].as_u64() {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    // 2,500 unknown messages, hangup's end, the CDR.
+    assert!(seen >= 2502, "{seen}");
+    let (status, body) = server
+        .get(&format!("/api/calls/{id}/events?limit=5000"))
+        .await;
+    assert_eq!((status, body["code"].as_str()), (400, Some("bad_limit")));
     server.shutdown().await;
 }

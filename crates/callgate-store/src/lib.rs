@@ -130,8 +130,32 @@ pub trait Reader: Send + 'static {
     fn list_calls(&mut self, filter: &CallFilter) -> Result<Vec<CallRecord>, Error>;
     /// One call.
     fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, Error>;
-    /// One call's event log, or `None` if the call does not exist.
-    fn events(&mut self, id: &CallId) -> Result<Option<Vec<EventRecord>>, Error>;
-    /// One call's transcript, or `None` if the call does not exist.
-    fn transcript(&mut self, id: &CallId) -> Result<Option<Vec<TranscriptEntry>>, Error>;
+    /// A page of one call's event log, or `None` if the call does not exist.
+    fn events(&mut self, id: &CallId, page: Page) -> Result<Option<Vec<EventRecord>>, Error>;
+    /// A page of one call's transcript, or `None` if the call does not exist.
+    fn transcript(
+        &mut self,
+        id: &CallId,
+        page: Page,
+    ) -> Result<Option<Vec<TranscriptEntry>>, Error>;
+}
+
+/// Which entries of a call's event log or transcript: those after sequence number `after`
+/// (0: from the start), at most `limit`, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// The last sequence number already seen.
+    pub after: u64,
+    /// The most entries.
+    pub limit: u32,
+}
+
+impl Page {
+    /// Every entry.
+    pub fn all() -> Self {
+        Self {
+            after: 0,
+            limit: u32::MAX,
+        }
+    }
 }

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{CallFilter, CallId, CallRecord, Error, EventRecord, Reader, TranscriptEntry};
+use crate::{CallFilter, CallId, CallRecord, Error, EventRecord, Page, Reader, TranscriptEntry};
 
 /// How many reader threads [`StoreHandle::start`](crate::StoreHandle::start) runs.
 pub const READERS: usize = 2;
@@ -27,8 +27,8 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 pub(crate) enum Read {
     List(CallFilter, Reply<Vec<CallRecord>>),
     Call(CallId, Reply<Option<CallRecord>>),
-    Events(CallId, Reply<Option<Vec<EventRecord>>>),
-    Transcript(CallId, Reply<Option<Vec<TranscriptEntry>>>),
+    Events(CallId, Page, Reply<Option<Vec<EventRecord>>>),
+    Transcript(CallId, Page, Reply<Option<Vec<TranscriptEntry>>>),
     /// Refuse new reads (then say so), answer those queued, then stop.
     Close(Reply<()>),
 }
@@ -71,8 +71,8 @@ fn answer(reader: &mut impl Reader, read: Read) {
     match read {
         Read::List(filter, tx) => send(tx, || reader.list_calls(&filter)),
         Read::Call(id, tx) => send(tx, || reader.call(&id)),
-        Read::Events(id, tx) => send(tx, || reader.events(&id)),
-        Read::Transcript(id, tx) => send(tx, || reader.transcript(&id)),
+        Read::Events(id, page, tx) => send(tx, || reader.events(&id, page)),
+        Read::Transcript(id, page, tx) => send(tx, || reader.transcript(&id, page)),
         Read::Close(_) => {}
     }
 }

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 use crate::record::{AudioFormats, raw_json};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Reader, Store, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, Page, Reader, Store, TranscriptEntry, UnixMillis,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
@@ -444,14 +444,16 @@ impl Reader for SqliteReader {
         Ok(stmt.query_row([id.as_str()], record).optional()?)
     }
 
-    fn events(&mut self, id: &CallId) -> Result<Option<Vec<EventRecord>>, Error> {
+    fn events(&mut self, id: &CallId, page: Page) -> Result<Option<Vec<EventRecord>>, Error> {
         if self.call(id)?.is_none() {
             return Ok(None);
         }
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, at, kind, detail FROM call_events WHERE call_id = ?1 ORDER BY seq",
+            "SELECT seq, at, kind, detail FROM call_events WHERE call_id = ?1 AND seq > ?2 \
+             ORDER BY seq LIMIT ?3",
         )?;
-        let rows = stmt.query_map([id.as_str()], |r| {
+        let args = params![id.as_str(), as_i64(page.after), page.limit];
+        let rows = stmt.query_map(args, |r| {
             let detail: String = r.get(3)?;
             Ok(EventRecord {
                 seq: count(r.get(0)?),
@@ -463,15 +465,20 @@ impl Reader for SqliteReader {
         Ok(Some(rows.collect::<Result<_, _>>()?))
     }
 
-    fn transcript(&mut self, id: &CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
+    fn transcript(
+        &mut self,
+        id: &CallId,
+        page: Page,
+    ) -> Result<Option<Vec<TranscriptEntry>>, Error> {
         if self.call(id)?.is_none() {
             return Ok(None);
         }
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, speaker, text, start_ms, end_ms, interrupted FROM call_transcript \
-             WHERE call_id = ?1 ORDER BY seq",
+             WHERE call_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
-        let rows = stmt.query_map([id.as_str()], |r| {
+        let args = params![id.as_str(), as_i64(page.after), page.limit];
+        let rows = stmt.query_map(args, |r| {
             Ok(TranscriptEntry {
                 seq: count(r.get(0)?),
                 speaker: r.get(1)?,

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::reader::{self, READER_QUEUE, READERS, Read, Reply};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Reader, Store, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, Page, Reader, Store, TranscriptEntry, UnixMillis,
 };
 
 /// How many operations may wait for the writer.
@@ -232,13 +232,17 @@ impl StoreHandle {
     }
 
     /// One call's event log, or `None` if the call does not exist (read by a reader thread).
-    pub async fn events(&self, id: CallId) -> Result<Option<Vec<EventRecord>>, Error> {
-        ask(&self.reads, self.timeout, |r| Read::Events(id, r)).await
+    pub async fn events(&self, id: CallId, page: Page) -> Result<Option<Vec<EventRecord>>, Error> {
+        ask(&self.reads, self.timeout, |r| Read::Events(id, page, r)).await
     }
 
     /// One call's transcript, or `None` if the call does not exist (read by a reader thread).
-    pub async fn transcript(&self, id: CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
-        ask(&self.reads, self.timeout, |r| Read::Transcript(id, r)).await
+    pub async fn transcript(
+        &self,
+        id: CallId,
+        page: Page,
+    ) -> Result<Option<Vec<TranscriptEntry>>, Error> {
+        ask(&self.reads, self.timeout, |r| Read::Transcript(id, page, r)).await
     }
 
     /// Commits everything queued before this call, then stops the writer; then stops the

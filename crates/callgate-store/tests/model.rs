@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use callgate_store::{
-    CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry, Reader,
-    SqliteStore, Store, UnixMillis,
+    CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry, Page,
+    Reader, SqliteStore, Store, UnixMillis,
 };
 use proptest::prelude::*;
 
@@ -298,13 +298,13 @@ proptest! {
             prop_assert_eq!(&r.dtmf, &m.dtmf);
             prop_assert_eq!(r.usage.as_ref().map(|u| u.get().to_owned()), m.usage.clone());
             prop_assert_eq!(r.cdr.as_ref().map(|c| c.get().to_owned()), m.cdr.clone());
-            let events = reader.events(&id(*i)).unwrap().unwrap();
+            let events = reader.events(&id(*i), Page::all()).unwrap().unwrap();
             prop_assert_eq!(
                 events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
                 m.events.clone()
             );
             prop_assert!(events.iter().enumerate().all(|(k, e)| e.seq == k as u64 + 1));
-            let transcript = reader.transcript(&id(*i)).unwrap().unwrap();
+            let transcript = reader.transcript(&id(*i), Page::all()).unwrap().unwrap();
             prop_assert_eq!(
                 transcript.iter().map(|e| (e.text.clone(), e.interrupted)).collect::<Vec<_>>(),
                 m.transcript.clone()
@@ -312,8 +312,8 @@ proptest! {
             prop_assert!(transcript.iter().enumerate().all(|(k, e)| e.seq == k as u64 + 1));
         }
         prop_assert!(reader.call(&id(99)).unwrap().is_none());
-        prop_assert!(reader.events(&id(99)).unwrap().is_none());
-        prop_assert!(reader.transcript(&id(99)).unwrap().is_none());
+        prop_assert!(reader.events(&id(99), Page::all()).unwrap().is_none());
+        prop_assert!(reader.transcript(&id(99), Page::all()).unwrap().is_none());
     }
 }
 
@@ -381,13 +381,31 @@ async fn the_writer_commits_in_order_and_close_flushes() {
     assert_eq!(r.bytes_in, 7);
     assert_eq!(r.dtmf, "12");
     assert_eq!(r.usage.map(|u| u.get().to_owned()), Some(usage(3)));
-    assert_eq!(handle.events(id(1)).await.unwrap().unwrap().len(), 1);
-    let transcript = handle.transcript(id(1)).await.unwrap().unwrap();
+    assert_eq!(
+        handle
+            .events(id(1), Page::all())
+            .await
+            .unwrap()
+            .unwrap()
+            .len(),
+        1
+    );
+    let transcript = handle
+        .transcript(id(1), Page::all())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         transcript.iter().map(|e| e.seq).collect::<Vec<_>>(),
         vec![1, 2]
     );
-    assert!(handle.transcript(id(2)).await.unwrap().is_none());
+    assert!(
+        handle
+            .transcript(id(2), Page::all())
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A duplicate insert is refused, and the writer goes on.
     assert!(handle.insert_call(new_call(1, 10, 0)).await.is_err());
     handle.close().await;
@@ -395,4 +413,55 @@ async fn the_writer_commits_in_order_and_close_flushes() {
         handle.list_calls(CallFilter::newest(1)).await,
         Err(callgate_store::Error::Closed)
     ));
+}
+
+#[test]
+fn event_logs_and_transcripts_are_read_in_pages() {
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    store.insert_call(&new_call(1, 1, 0)).unwrap();
+    let events: Vec<NewEvent> = (0..5)
+        .map(|k| NewEvent {
+            at: UnixMillis(k),
+            kind: format!("k{k}"),
+            detail: "{}".into(),
+        })
+        .collect();
+    store.append_events(&id(1), &events).unwrap();
+    let said: Vec<NewTranscriptEntry> = (0..5)
+        .map(|k| NewTranscriptEntry {
+            speaker: "agent".into(),
+            text: format!("t{k}"),
+            start_ms: k,
+            end_ms: k,
+            interrupted: false,
+        })
+        .collect();
+    store.append_transcript(&id(1), &said).unwrap();
+    let reader = &mut store.open_reader().unwrap();
+    let page = Page { after: 2, limit: 2 };
+    let seqs: Vec<u64> = reader
+        .events(&id(1), page)
+        .unwrap()
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seqs, [3, 4]);
+    let texts: Vec<String> = reader
+        .transcript(&id(1), page)
+        .unwrap()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, ["t2", "t3"]);
+    let last = Page {
+        after: 5,
+        limit: 10,
+    };
+    assert!(reader.events(&id(1), last).unwrap().unwrap().is_empty());
+    assert!(
+        reader.events(&id(2), last).unwrap().is_none(),
+        "no such call"
+    );
 }

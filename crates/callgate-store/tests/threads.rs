@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use callgate_store::writer::WRITER_QUEUE;
 use callgate_store::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Reader, SqliteReader, SqliteStore, Store, StoreHandle, TranscriptEntry,
-    UnixMillis,
+    NewTranscriptEntry, Page, Reader, SqliteReader, SqliteStore, Store, StoreHandle,
+    TranscriptEntry, UnixMillis,
 };
 use tokio::sync::mpsc;
 
@@ -79,11 +79,15 @@ impl Reader for GatedReader {
     fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, Error> {
         self.inner.call(id)
     }
-    fn events(&mut self, id: &CallId) -> Result<Option<Vec<EventRecord>>, Error> {
-        self.inner.events(id)
+    fn events(&mut self, id: &CallId, page: Page) -> Result<Option<Vec<EventRecord>>, Error> {
+        self.inner.events(id, page)
     }
-    fn transcript(&mut self, id: &CallId) -> Result<Option<Vec<TranscriptEntry>>, Error> {
-        self.inner.transcript(id)
+    fn transcript(
+        &mut self,
+        id: &CallId,
+        page: Page,
+    ) -> Result<Option<Vec<TranscriptEntry>>, Error> {
+        self.inner.transcript(id, page)
     }
 }
 
@@ -323,7 +327,7 @@ async fn a_drop_guard_end_lands_even_when_the_queue_is_full() {
         record.usage.map(|u| u.get().to_owned()).as_deref(),
         Some("{\"input_tokens\":3}")
     );
-    let events = handle.events(id).await.unwrap().unwrap();
+    let events = handle.events(id, Page::all()).await.unwrap().unwrap();
     assert_eq!(events.len(), WRITER_QUEUE + 1);
     handle.close().await;
 }
