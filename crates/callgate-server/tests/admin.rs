@@ -371,3 +371,36 @@ async fn lists_and_logs_come_in_bounded_pages() {
     assert_eq!((status, body["code"].as_str()), (400, Some("bad_limit")));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_cdr_nested_too_deep_is_kept_as_text() {
+    let server = spawn_server(|_| {}).await;
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("deep")).await;
+    assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
+    phone.text(r#"{"event":"hangup"}"#).await;
+    let deep = format!(
+        r#"{{"event":"cdr","sessionId":"deep","x":{}1{}}}"#,
+        "[".repeat(1000),
+        "]".repeat(1000)
+    );
+    phone.text(deep.clone()).await;
+    phone.closed().await;
+    let record = server.ended_call("deep").await;
+    // The list stays readable by parsers with a depth limit (serde_json's is 128)...
+    assert_eq!(
+        record["cdr"].as_str(),
+        Some(deep.as_str()),
+        "kept verbatim, as a string"
+    );
+    let id = record["id"].as_str().unwrap();
+    let (_, log) = server.get(&format!("/api/calls/{id}/events")).await;
+    assert!(log["events"].as_array().unwrap().iter().any(|e| {
+        e["kind"] == "cdr_invalid"
+            && e["detail"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1001 levels")
+    }));
+    server.shutdown().await;
+}

@@ -429,7 +429,22 @@ impl CallCore {
                     );
                 }
                 self.journal.event(now, EventKind::CdrReceived, json!({}));
-                self.effects.push_back(Effect::Cdr(report.raw));
+                let depth = json_depth(&report.raw);
+                let raw = if depth > MAX_JSON_DEPTH {
+                    // Kept, but as a JSON string: served nested, it would break the readers of
+                    // every list that holds it (common JSON parsers stop at 128 levels).
+                    self.journal.event(
+                        now,
+                        EventKind::CdrInvalid,
+                        json!({ "message": format!(
+                            "nested {depth} levels deep (more than {MAX_JSON_DEPTH}): stored as text"
+                        ) }),
+                    );
+                    serde_json::Value::String(report.raw).to_string()
+                } else {
+                    report.raw
+                };
+                self.effects.push_back(Effect::Cdr(raw));
             }
             CallEvent::CdrMissing => self.journal.event(now, EventKind::CdrMissing, json!({})),
             CallEvent::Unknown(text) => {
@@ -724,6 +739,35 @@ impl CallCore {
             }
         }
     }
+}
+
+/// The deepest nesting of JSON from the wire that is stored as JSON.
+pub(crate) const MAX_JSON_DEPTH: usize = 32;
+
+/// How deep `text`'s arrays and objects nest (brackets inside strings do not count).
+fn json_depth(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in text.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn command_name(command: CommandKind) -> &'static str {
@@ -1247,6 +1291,16 @@ mod tests {
         );
         let stats = call.core.take_stats();
         assert_eq!(stats.record_dropped, 51);
+    }
+
+    #[test]
+    fn json_depth_counts_brackets_outside_strings() {
+        assert_eq!(json_depth(r#"{"a":[1,{"b":"[[[{"}]}"#), 3);
+        assert_eq!(json_depth(r#""\"{""#), 0);
+        assert_eq!(
+            json_depth(&format!("{}{}", "[".repeat(100), "]".repeat(100))),
+            100
+        );
     }
 
     #[tokio::test]
