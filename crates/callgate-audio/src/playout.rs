@@ -20,8 +20,12 @@
 //!   without a timer: [`Underrun::Nothing`] re-anchors there (the caller heard a gap);
 //!   [`Underrun::Silence`] keeps the grid and fills each empty slot with a silent frame (a
 //!   continuous stream; that needs the timer).
-//! - If the owner wakes more than [`MAX_CATCH_UP`] late, the grid re-anchors at `now` rather
-//!   than bursting the backlog.
+//! - A stall (the owner wakes more than [`MAX_CATCH_UP`] late): audio whose slot passed more
+//!   than [`MAX_CATCH_UP`] ago is dropped (the caller can no longer hear it in time) and
+//!   counted ([`Playout::stalls`], [`Playout::stall_dropped_ms`]); the rest goes out back to
+//!   back. The call is on real time again at once and never carries the stall's delay (a
+//!   re-anchored grid would keep the whole backlog queued, and its delay, for the rest of the
+//!   call). Marks whose audio was partly dropped this way report [`MarkEnd::Cleared`].
 //! - Pacing jitter ([`PlayoutEvent::Frame::late`]) is how long after it could leave (the later
 //!   of its earliest time and its data being queued) a frame actually left.
 
@@ -97,8 +101,9 @@ pub struct Playout {
     underrun: Underrun,
     queue: VecDeque<Bytes>,
     queued: usize,
-    /// Marks: the total-pushed byte position each waits for, its id, and how it ends.
-    marks: VecDeque<(u64, u64, MarkEnd)>,
+    /// Marks: the total-pushed byte position each waits for, its id, how it ends, and the
+    /// stall drops counted when it was placed.
+    marks: VecDeque<(u64, u64, MarkEnd, u64)>,
     pushed_total: u64,
     sent_total: u64,
     /// Bytes of the current utterance sent (reset by `clear` and after a gap).
@@ -108,6 +113,10 @@ pub struct Playout {
     /// When the data at the head of the queue was queued (for jitter).
     ready_at: Option<Instant>,
     underruns: u64,
+    /// Stalls: times the owner woke more than [`MAX_CATCH_UP`] late.
+    stalls: u64,
+    /// Bytes dropped because a stall made them too late to play.
+    skipped_total: u64,
 }
 
 impl Playout {
@@ -130,6 +139,8 @@ impl Playout {
             next_at: None,
             ready_at: None,
             underruns: 0,
+            stalls: 0,
+            skipped_total: 0,
         }
     }
 
@@ -163,6 +174,16 @@ impl Playout {
         self.underruns
     }
 
+    /// Stalls: times the owner woke more than [`MAX_CATCH_UP`] late.
+    pub fn stalls(&self) -> u64 {
+        self.stalls
+    }
+
+    /// Audio dropped because a stall made it too late to play, ms.
+    pub fn stall_dropped_ms(&self) -> u64 {
+        self.skipped_total / self.bytes_per_ms as u64
+    }
+
     /// Queues audio in the call's format. Always accepted: callers check [`Playout::has_room`]
     /// before taking more from a producer, so the queue exceeds the lead by one chunk at most.
     pub fn push(&mut self, now: Instant, data: Bytes) {
@@ -193,7 +214,7 @@ impl Playout {
     /// has all been sent (at the next poll if nothing is queued).
     pub fn mark(&mut self, id: u64) {
         self.marks
-            .push_back((self.pushed_total, id, MarkEnd::Played));
+            .push_back((self.pushed_total, id, MarkEnd::Played, self.skipped_total));
     }
 
     /// Drops everything queued now. Marks still pending are reported at the next poll (their
@@ -234,21 +255,24 @@ impl Playout {
 
     /// What is due at `now`. Call until it returns `None`.
     pub fn poll(&mut self, now: Instant) -> Option<PlayoutEvent> {
-        if let Some(&(at, id, end)) = self.marks.front()
-            && at <= self.sent_total
+        if let Some(&(at, id, end, skipped)) = self.marks.front()
+            && at <= self.sent_total + self.skipped_total
         {
             self.marks.pop_front();
+            let end = if self.skipped_total > skipped {
+                MarkEnd::Cleared
+            } else {
+                end
+            };
             return Some(PlayoutEvent::Mark { id, end });
         }
-        let at = self.next_at?;
+        let mut at = self.next_at?;
         if now < at {
             return None;
         }
-        let at = if now.duration_since(at) > MAX_CATCH_UP {
-            now
-        } else {
-            at
-        };
+        if now.duration_since(at) > MAX_CATCH_UP {
+            at = self.stall(now, at);
+        }
         if self.queued == 0 {
             if self.underrun == Underrun::Nothing {
                 return None;
@@ -278,6 +302,37 @@ impl Playout {
             late: now.saturating_duration_since(ready),
             silence: false,
         })
+    }
+
+    /// The owner woke at `now`, long after the slot at `at`: drops the audio of the slots that
+    /// passed more than [`MAX_CATCH_UP`] ago and returns the slot the grid resumes from.
+    fn stall(&mut self, now: Instant, at: Instant) -> Instant {
+        self.stalls += 1;
+        let resume = now - MAX_CATCH_UP;
+        let late = resume.duration_since(at);
+        // Whole frames only, so the audio that remains stays frame-aligned.
+        let frames = (late.as_micros() / FRAME.as_micros()) as usize;
+        let mut skip = (frames * self.frame_bytes).min(self.queued);
+        let skipped = skip as u64;
+        while skip > 0 {
+            let Some(front) = self.queue.front_mut() else {
+                break;
+            };
+            if front.len() <= skip {
+                skip -= front.len();
+                self.queued -= front.len();
+                self.queue.pop_front();
+            } else {
+                let _ = front.split_to(skip);
+                self.queued -= skip;
+                skip = 0;
+            }
+        }
+        self.skipped_total += skipped;
+        if self.queued == 0 {
+            self.ready_at = None;
+        }
+        resume
     }
 
     /// Up to one frame's worth of bytes from the front of the queue (zero-copy when a queued
@@ -482,17 +537,33 @@ mod tests {
     }
 
     #[test]
-    fn a_long_stall_re_anchors_instead_of_bursting() {
+    fn after_a_stall_the_call_is_back_on_real_time_at_once() {
         let t0 = Instant::now() + Duration::from_secs(1);
         let mut p = Playout::new(
             AudioFormat::Pcm8000,
             Duration::from_secs(2),
             Underrun::Nothing,
         );
-        p.push(t0, Bytes::from(vec![0u8; 320 * 20]));
-        frames(&mut p, t0);
+        p.push(t0, Bytes::from(vec![0u8; 320 * 50]));
+        p.mark(1);
+        assert_eq!(sizes(&frames(&mut p, t0)), [320, 320]);
+        // The owner stalls for half a second. The 380 ms whose slots passed more than 100 ms
+        // ago are dropped; the last 100 ms (and the frame of lead) go out back to back.
         let late = t0 + Duration::from_millis(500);
-        assert_eq!(frames(&mut p, late).len(), 1);
+        assert_eq!(frames(&mut p, late).len(), 6);
+        assert_eq!((p.stalls(), p.stall_dropped_ms()), (1, 380));
+        // Real time again: the next frame is due one slot from now, not a backlog later.
         assert_eq!(p.poll_timeout(), Some(late + FRAME));
+        assert_eq!(p.played_ms(), 160, "dropped audio was never heard");
+        // The rest plays on; the mark says some of its audio was dropped.
+        let mut events = Vec::new();
+        for ms in (520..=1000).step_by(20) {
+            events.extend(frames(&mut p, t0 + Duration::from_millis(ms)));
+        }
+        assert!(events.contains(&PlayoutEvent::Mark {
+            id: 1,
+            end: MarkEnd::Cleared
+        }));
+        assert_eq!(p.played_ms() + p.stall_dropped_ms(), 1000);
     }
 }

@@ -69,6 +69,8 @@ pub(crate) struct Media {
     finished: Option<Finished>,
     /// Underruns already reported to the metrics.
     underruns_reported: u64,
+    /// Stalls and stall-dropped ms already reported to the metrics.
+    stalls_reported: (u64, u64),
 }
 
 impl std::fmt::Debug for Media {
@@ -150,6 +152,7 @@ impl Media {
             recording,
             finished: None,
             underruns_reported: 0,
+            stalls_reported: (0, 0),
         })
     }
 
@@ -184,6 +187,17 @@ impl Media {
         let total = self.playout.underruns();
         let new = total - self.underruns_reported;
         self.underruns_reported = total;
+        new
+    }
+
+    /// Stalls and the audio they dropped (ms) since the last call of this (for the metrics).
+    pub(crate) fn take_stalls(&mut self) -> (u64, u64) {
+        let now = (self.playout.stalls(), self.playout.stall_dropped_ms());
+        let new = (
+            now.0 - self.stalls_reported.0,
+            now.1 - self.stalls_reported.1,
+        );
+        self.stalls_reported = now;
         new
     }
 

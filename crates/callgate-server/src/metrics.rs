@@ -48,6 +48,10 @@ pub struct Metrics {
     pub playout_jitter: MergedHistogram,
     /// Playout deadlines that found nothing queued.
     pub playout_underruns: Counter,
+    /// Playout stalls: a call task woke more than 100 ms late (its late audio was dropped).
+    pub playout_stalls: Counter,
+    /// Audio dropped by playout stalls, seconds.
+    pub playout_stall_dropped: Counter<f64, std::sync::atomic::AtomicU64>,
     /// Audio queued for the caller, seconds, sampled per call every progress interval.
     pub playout_queue_depth: Histogram,
     /// Times the caller's speech cleared the agent's audio.
@@ -84,6 +88,8 @@ impl Metrics {
             store_errors: Counter::default(),
             playout_jitter: MergedHistogram::default(),
             playout_underruns: Counter::default(),
+            playout_stalls: Counter::default(),
+            playout_stall_dropped: Counter::default(),
             playout_queue_depth: Histogram::new([0.02, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]),
             barge_ins: Counter::default(),
             dtmf: Family::default(),
@@ -132,6 +138,16 @@ impl Metrics {
             "playout_underruns",
             "Playout deadlines that found nothing queued",
             m.playout_underruns.clone(),
+        );
+        registry.register(
+            "playout_stalls",
+            "Times a call task woke more than 100 ms late and dropped its late audio",
+            m.playout_stalls.clone(),
+        );
+        registry.register(
+            "playout_stall_dropped_seconds",
+            "Audio dropped by playout stalls",
+            m.playout_stall_dropped.clone(),
         );
         registry.register(
             "playout_queue_depth_seconds",

@@ -84,6 +84,9 @@ pub(crate) struct Stats {
     pub(crate) refused: Vec<&'static str>,
     /// Record entries (events, transcript turns) not stored: the call reached its cap.
     pub(crate) record_dropped: u64,
+    /// Playout stalls (the call task woke over 100 ms late) and the audio they dropped, ms.
+    pub(crate) stalls: u64,
+    pub(crate) stall_dropped_ms: u64,
 }
 
 /// Who cleared the playout.
@@ -335,6 +338,9 @@ impl CallCore {
     /// The counts for the metrics since the last call of this.
     pub(crate) fn take_stats(&mut self) -> Stats {
         self.stats.record_dropped += self.journal.take_dropped();
+        let (stalls, dropped_ms) = self.media.take_stalls();
+        self.stats.stalls += stalls;
+        self.stats.stall_dropped_ms += dropped_ms;
         std::mem::take(&mut self.stats)
     }
 

@@ -780,6 +780,11 @@ impl Call {
         if stats.barge_ins > 0 {
             m.barge_ins.inc_by(stats.barge_ins);
         }
+        if stats.stalls > 0 {
+            m.playout_stalls.inc_by(stats.stalls);
+            m.playout_stall_dropped
+                .inc_by(stats.stall_dropped_ms as f64 / 1000.0);
+        }
         if stats.record_dropped > 0 {
             m.record_entries_dropped.inc_by(stats.record_dropped);
         }
