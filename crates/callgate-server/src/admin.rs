@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::Shared;
+use crate::auth::{Refusal, Role};
 use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
 
 /// Default number of records `GET /api/calls` returns.
@@ -52,9 +53,62 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/calls/{id}/recording", get(recording))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(middleware::from_fn(request_timeout))
         .layer(middleware::map_response(json_errors))
         .with_state(shared)
+}
+
+/// Bearer tokens (when configured): reading needs `read`, acting on calls `operator`;
+/// `/healthz` stays open for load balancers.
+async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let auth = &shared.config.admin_auth;
+    if !auth.is_enabled() || request.uri().path() == "/healthz" {
+        return next.run(request).await;
+    }
+    let needed = match *request.method() {
+        axum::http::Method::GET | axum::http::Method::HEAD => Role::Read,
+        _ => Role::Operator,
+    };
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match auth.check(header, needed) {
+        Ok(name) => {
+            tracing::debug!(token = name, method = %request.method(), "Admin request.");
+            next.run(request).await
+        }
+        Err(refusal) => {
+            let (status, code, message, reason) = match refusal {
+                Refusal::Unauthenticated => (
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid `Authorization: Bearer` token is needed",
+                    "unauthenticated",
+                ),
+                Refusal::Forbidden => (
+                    StatusCode::FORBIDDEN,
+                    "forbidden",
+                    "this token's role may not do this (acting on calls needs `operator`)",
+                    "forbidden",
+                ),
+            };
+            shared
+                .metrics
+                .admin_refused
+                .get_or_create(&[("reason", reason)])
+                .inc();
+            let mut response = ApiError::new(status, code, message).into_response();
+            if status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            response
+        }
+    }
 }
 
 /// The most of a non-JSON error body (axum's own rejections) kept in the JSON error.

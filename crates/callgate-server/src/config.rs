@@ -19,6 +19,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the admin HTTP API listens.
     pub admin_listen: SocketAddr,
+    /// Who may use the admin API (`[admin]`).
+    pub admin_auth: crate::auth::AdminAuth,
     /// The agent of the default route when `routes` is empty (`--agent`).
     pub agent: String,
     /// The routes, in order (`[[routes]]`); empty: one default route running `agent`.
@@ -63,6 +65,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 4143)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 4144)),
+            admin_auth: crate::auth::AdminAuth::default(),
             agent: "echo".into(),
             routes: Vec::new(),
             data_dir: PathBuf::from("./data"),
@@ -128,6 +131,21 @@ impl Config {
         };
         if self.max_calls == 0 {
             return bad("max_calls", "must be at least 1");
+        }
+        if !self.admin_auth.is_enabled()
+            && !self.admin_auth.behind_own_auth
+            && !self.admin_listen.ip().is_loopback()
+        {
+            return Err(ConfigError {
+                key: "admin.tokens",
+                problem: format!(
+                    "the admin API would listen on {} (not loopback) with no token: anyone who \
+                     can reach it could read every record and hang up calls. Configure \
+                     [admin] tokens, or set admin.behind_auth = true if a proxy in front of it \
+                     authenticates every request",
+                    self.admin_listen
+                ),
+            });
         }
         if let Some(v) = &self.vad
             && !(0.0..=1.0).contains(&v.threshold)

@@ -7,7 +7,7 @@
 //!   (session, media, agent wiring, record journal) that makes every decision.
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
-//! - `admin`: the admin HTTP API (axum).
+//! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tasks`]: the only place that spawns tasks; everything is tracked.
 //! - [`config`]: the validated configuration.
@@ -19,6 +19,7 @@
 //! for the call tasks under `shutdown_grace` → close the store writer last → stop the admin API.
 
 mod admin;
+pub mod auth;
 mod call;
 pub mod config;
 mod live;

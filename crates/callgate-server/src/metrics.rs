@@ -60,6 +60,8 @@ pub struct Metrics {
     pub dtmf: Family<Labels1, Counter>,
     /// Calls refused because no route matched them.
     pub calls_unrouted: Counter,
+    /// Admin requests refused, by reason (`unauthenticated`, `forbidden`).
+    pub admin_refused: Family<Labels1, Counter>,
     /// Event-log entries and transcript turns not stored because their call reached its cap.
     pub record_entries_dropped: Counter,
     /// Recording audio batches dropped because the recording writer was behind (gaps of
@@ -94,6 +96,7 @@ impl Metrics {
             barge_ins: Counter::default(),
             dtmf: Family::default(),
             calls_unrouted: Counter::default(),
+            admin_refused: Family::default(),
             record_entries_dropped: Counter::default(),
             recording_batches_dropped: Counter::default(),
             agent_commands_refused: Family::default(),
@@ -164,6 +167,11 @@ impl Metrics {
             "calls_unrouted",
             "Calls refused because no route matched them",
             m.calls_unrouted.clone(),
+        );
+        registry.register(
+            "admin_requests_refused",
+            "Admin requests refused for a missing or insufficient token",
+            m.admin_refused.clone(),
         );
         registry.register(
             "record_entries_dropped",

@@ -404,3 +404,90 @@ async fn a_cdr_nested_too_deep_is_kept_as_text() {
     }));
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn admin_tokens_have_roles_and_healthz_stays_open() {
+    use callgate_server::auth::{Role, Token};
+    use callgate_testkit::http::request_with;
+    const READ: &str = "read-token-0123456789abcdef";
+    const OPS: &str = "ops-token-0123456789abcdef";
+    let server = spawn_server(|c| {
+        c.admin_auth.tokens = vec![
+            Token::from_secret("grafana", Role::Read, READ).unwrap(),
+            Token::from_secret("ops", Role::Operator, OPS).unwrap(),
+        ];
+    })
+    .await;
+    let addr = server.admin_addr;
+    let bearer = |t: &str| format!("Bearer {t}");
+    let get = |path: &'static str, token: Option<String>| async move {
+        let headers: Vec<(&str, String)> =
+            token.into_iter().map(|t| ("Authorization", t)).collect();
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        request_with(addr, "GET", path, None, &headers).await
+    };
+    assert_eq!(
+        get("/healthz", None).await.0,
+        200,
+        "open for load balancers"
+    );
+    let (status, body) = get("/api/calls", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains(r#""code":"unauthorized""#), "{body}");
+    assert_eq!(
+        get("/api/calls", Some(bearer("wrong-token-0123456789")))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(get("/api/calls", Some(bearer(READ))).await.0, 200);
+    assert_eq!(get("/metrics", None).await.0, 401);
+    assert_eq!(get("/metrics", Some(bearer(READ))).await.0, 200);
+    // Acting on calls needs the operator role.
+    let auth = bearer(READ);
+    let (status, body) = request_with(
+        addr,
+        "POST",
+        "/api/calls/nope/hangup",
+        None,
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let auth = bearer(OPS);
+    let (status, _) = request_with(
+        addr,
+        "POST",
+        "/api/calls/nope/hangup",
+        None,
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, 404, "past the check: no such call");
+    let metrics = get("/metrics", Some(bearer(OPS))).await.1;
+    assert!(
+        metrics.contains(r#"callgate_admin_requests_refused_total{reason="unauthenticated"} 3"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"callgate_admin_requests_refused_total{reason="forbidden"} 1"#));
+    assert!(!metrics.contains(READ) && !metrics.contains(OPS));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unprotected_admin_api_off_loopback_is_refused_at_start() {
+    let dir = callgate_testkit::TempDir::new("admin-open");
+    let mut config = callgate_testkit::test_config(dir.path());
+    config.admin_listen = "0.0.0.0:0".parse().unwrap();
+    let error = callgate_server::Server::bind(config.clone())
+        .await
+        .err()
+        .expect("refused");
+    assert!(error.is_config(), "{error}");
+    assert!(error.to_string().contains("admin.tokens"), "{error}");
+    config.admin_auth.behind_own_auth = true;
+    let server = callgate_server::Server::bind(config)
+        .await
+        .expect("told it is behind auth");
+    drop(server);
+}

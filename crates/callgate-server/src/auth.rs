@@ -1,0 +1,223 @@
+//! Who may use the admin API: bearer tokens, each with a role.
+//!
+//! Tokens are kept as SHA-256 digests only (a configuration may give the digest itself), and a
+//! presented token is compared by digest against every configured one without stopping at the
+//! first match, so neither the token nor which one matched leaks through timing. A token's
+//! secret never appears in logs, records or metrics; its name does.
+
+use std::fmt;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Records, events, transcripts, recordings, metrics.
+    Read,
+    /// Everything `Read` may, plus acting on calls: hangup, DTMF, play, clear, delete.
+    Operator,
+}
+
+impl Role {
+    /// The role's name in the configuration (`read`, `operator`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "read" => Ok(Self::Read),
+            "operator" => Ok(Self::Operator),
+            other => Err(format!("unknown role {other:?} (read or operator)")),
+        }
+    }
+}
+
+/// One admin token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    /// Its name (logged; the secret never is).
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    digest: [u8; 32],
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field("name", &self.name)
+            .field("role", &self.role)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The smallest secret accepted: shorter ones can be guessed.
+pub const MIN_SECRET: usize = 16;
+
+impl Token {
+    /// A token from its secret (taken from an environment variable or a file).
+    pub fn from_secret(name: &str, role: Role, secret: &str) -> Result<Self, String> {
+        let secret = secret.trim();
+        if secret.len() < MIN_SECRET {
+            return Err(format!(
+                "the token is {} characters long; use at least {MIN_SECRET}",
+                secret.len()
+            ));
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            role,
+            digest: digest(secret.as_bytes()),
+        })
+    }
+
+    /// A token given as the hex SHA-256 digest of its secret.
+    pub fn from_sha256_hex(name: &str, role: Role, hex: &str) -> Result<Self, String> {
+        let hex = hex.trim();
+        if hex.len() != 64 {
+            return Err(format!(
+                "a SHA-256 digest is 64 hex digits, this one has {}",
+                hex.len()
+            ));
+        }
+        let mut digest = [0u8; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| "a SHA-256 digest is 64 hex digits (0-9, a-f)".to_owned())?;
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            role,
+            digest,
+        })
+    }
+}
+
+fn digest(secret: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, secret);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Equal without an early exit: the time taken does not depend on where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The admin API's tokens.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAuth {
+    /// The tokens; none: the API is open (allowed only on loopback or `behind_own_auth`).
+    pub tokens: Vec<Token>,
+    /// The operator says a proxy in front of the admin API authenticates every request.
+    pub behind_own_auth: bool,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No `Authorization: Bearer` token, or one that is not configured (401).
+    Unauthenticated,
+    /// A valid token whose role may not do this (403).
+    Forbidden,
+}
+
+impl AdminAuth {
+    /// Whether requests need a token.
+    pub fn is_enabled(&self) -> bool {
+        !self.tokens.is_empty()
+    }
+
+    /// Checks an `Authorization` header value for an action needing `needed`; returns the
+    /// token's name.
+    pub fn check(&self, authorization: Option<&[u8]>, needed: Role) -> Result<&str, Refusal> {
+        let presented = authorization
+            .and_then(|v| {
+                v.strip_prefix(b"Bearer ")
+                    .or_else(|| v.strip_prefix(b"bearer "))
+            })
+            .map(|t| digest(t.trim_ascii()))
+            .ok_or(Refusal::Unauthenticated)?;
+        // Every token is compared: the time does not say which one matched, or how far.
+        let mut found = None;
+        for token in &self.tokens {
+            if same(&token.digest, &presented) && found.is_none() {
+                found = Some(token);
+            }
+        }
+        let token = found.ok_or(Refusal::Unauthenticated)?;
+        if token.role < needed {
+            return Err(Refusal::Forbidden);
+        }
+        Ok(&token.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_and_secrets_are_checked() {
+        let auth = AdminAuth {
+            tokens: vec![
+                Token::from_secret("grafana", Role::Read, "read-secret-0123456789").unwrap(),
+                Token::from_sha256_hex(
+                    "ops",
+                    Role::Operator,
+                    // SHA-256 of "operator-secret-0123456789".
+                    &hex(&digest(b"operator-secret-0123456789")),
+                )
+                .unwrap(),
+            ],
+            behind_own_auth: false,
+        };
+        let bearer = |t: &str| format!("Bearer {t}");
+        assert_eq!(
+            auth.check(
+                Some(bearer("read-secret-0123456789").as_bytes()),
+                Role::Read
+            ),
+            Ok("grafana")
+        );
+        assert_eq!(
+            auth.check(
+                Some(bearer("read-secret-0123456789").as_bytes()),
+                Role::Operator
+            ),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            auth.check(
+                Some(bearer("operator-secret-0123456789").as_bytes()),
+                Role::Operator
+            ),
+            Ok("ops")
+        );
+        assert_eq!(
+            auth.check(Some(bearer("nope-nope-nope-nope").as_bytes()), Role::Read),
+            Err(Refusal::Unauthenticated)
+        );
+        assert_eq!(
+            auth.check(Some(b"read-secret-0123456789"), Role::Read),
+            Err(Refusal::Unauthenticated),
+            "no Bearer scheme"
+        );
+        assert_eq!(auth.check(None, Role::Read), Err(Refusal::Unauthenticated));
+        assert!(Token::from_secret("x", Role::Read, "short").is_err());
+        assert!(Token::from_sha256_hex("x", Role::Read, "zz").is_err());
+        let debug = format!("{:?}", auth.tokens[0]);
+        assert!(!debug.contains("read-secret"), "{debug}");
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
