@@ -40,7 +40,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/calls", get(list_calls))
-        .route("/api/calls/{id}", get(call))
+        .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))
         .route("/api/calls/{id}/transcript", get(transcript))
         .route("/api/calls/{id}/hangup", post(hangup))
@@ -353,6 +353,32 @@ async fn call(
 ) -> Result<Json<CallRecord>, ApiError> {
     let record = find(&shared, &id).await?;
     Ok(Json(record))
+}
+
+/// Deletes an ended call: its record, events, transcript and recording.
+async fn delete_call(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let call_id = CallId::from_string(id.clone());
+    if shared.live.get(&call_id).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "call_live",
+            format!("call {id:?} is live (or still finishing): hang it up first, or retry in a moment"),
+        ));
+    }
+    let deleted = shared
+        .store
+        .delete_call(call_id.clone())
+        .await
+        .map_err(ApiError::store)?;
+    if !deleted {
+        return Err(no_call(&id));
+    }
+    crate::retention::delete_files(&shared.config.data_dir, &call_id).await;
+    tracing::info!(call_id = %id, "Call record deleted by an operator.");
+    Ok(Json(json!({ "id": id, "status": "deleted" })))
 }
 
 /// The most entries one page of an event log or transcript holds.

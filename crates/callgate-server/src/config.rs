@@ -58,6 +58,9 @@ pub struct Config {
     pub inband_dtmf: bool,
     /// Record every call to a stereo WAV in `data_dir/recordings`.
     pub record: bool,
+    /// Delete call records (events, transcripts, recordings) this long after they ended;
+    /// `None`: keep them.
+    pub retention: Option<Duration>,
 }
 
 impl Default for Config {
@@ -84,6 +87,7 @@ impl Default for Config {
             barge_in: true,
             inband_dtmf: false,
             record: false,
+            retention: None,
         }
     }
 }
@@ -154,6 +158,11 @@ impl Config {
         }
         if self.max_message_size < 1024 {
             return bad("max_message_size", "must be at least 1024 bytes");
+        }
+        if let Some(r) = self.retention
+            && r < Duration::from_secs(60)
+        {
+            return bad("retention", "must be at least a minute");
         }
         for (key, value) in [
             ("handshake_timeout", self.handshake_timeout),

@@ -27,6 +27,7 @@ mod media;
 pub mod metrics;
 mod pii;
 mod record;
+mod retention;
 pub mod routes;
 pub mod tasks;
 
@@ -253,6 +254,11 @@ impl Server {
             }
         });
 
+        if let Some(retention) = shared.config.retention {
+            shared
+                .tasks
+                .spawn(retention::run(shared.clone(), retention));
+        }
         accept(&shared, calls, shutdown).await;
 
         shared.draining.store(true, Ordering::Relaxed);

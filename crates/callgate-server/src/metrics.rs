@@ -60,6 +60,8 @@ pub struct Metrics {
     pub dtmf: Family<Labels1, Counter>,
     /// Calls refused because no route matched them.
     pub calls_unrouted: Counter,
+    /// Call records deleted because they were older than the retention.
+    pub calls_expired: Counter,
     /// Admin requests refused, by reason (`unauthenticated`, `forbidden`).
     pub admin_refused: Family<Labels1, Counter>,
     /// Event-log entries and transcript turns not stored because their call reached its cap.
@@ -97,6 +99,7 @@ impl Metrics {
             dtmf: Family::default(),
             calls_unrouted: Counter::default(),
             admin_refused: Family::default(),
+            calls_expired: Counter::default(),
             record_entries_dropped: Counter::default(),
             recording_batches_dropped: Counter::default(),
             agent_commands_refused: Family::default(),
@@ -167,6 +170,11 @@ impl Metrics {
             "calls_unrouted",
             "Calls refused because no route matched them",
             m.calls_unrouted.clone(),
+        );
+        registry.register(
+            "calls_expired",
+            "Call records deleted because they were older than the retention",
+            m.calls_expired.clone(),
         );
         registry.register(
             "admin_requests_refused",

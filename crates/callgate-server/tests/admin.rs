@@ -491,3 +491,121 @@ async fn an_unprotected_admin_api_off_loopback_is_refused_at_start() {
         .expect("told it is behind auth");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_deletes_an_ended_call_and_its_recording() {
+    let server = spawn_server(|c| c.record = true).await;
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("gone")).await;
+    assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
+    phone.binary(vec![1u8; 320]).await;
+    let id = server.call("gone").await["id"].as_str().unwrap().to_owned();
+    let (status, body) = callgate_testkit::http::request(
+        server.admin_addr,
+        "DELETE",
+        &format!("/api/calls/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 409, "a live call stays: {body}");
+    phone.text(r#"{"event":"hangup"}"#).await;
+    phone.text(cdr("gone")).await;
+    phone.closed().await;
+    server.ended_call("gone").await;
+    let wav = server
+        .config
+        .data_dir
+        .join("recordings")
+        .join(format!("{id}.wav"));
+    assert!(wav.exists());
+    // Refused while its task finishes (it may still write to the record), then deleted.
+    let mut answer = (0, String::new());
+    for _ in 0..300 {
+        answer = callgate_testkit::http::request(
+            server.admin_addr,
+            "DELETE",
+            &format!("/api/calls/{id}"),
+            None,
+        )
+        .await;
+        if answer.0 != 409 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    assert!(!wav.exists(), "the recording went with the record");
+    let (status, _) = server.get(&format!("/api/calls/{id}")).await;
+    assert_eq!(status, 404);
+    let (status, _) = server.get(&format!("/api/calls/{id}/events")).await;
+    assert_eq!(status, 404);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn records_past_their_retention_are_deleted_in_the_background() {
+    use callgate_store::{CallId, Counters, Ended, NewCall, SqliteStore, Store, UnixMillis};
+    let dir = callgate_testkit::TempDir::new("retention");
+    {
+        // A call that ended two days ago, and one that ended a minute ago.
+        let mut store = SqliteStore::open(dir.path()).unwrap();
+        let day = 24 * 3600 * 1000;
+        for (ext, ended) in [
+            ("old", UnixMillis::now().0 - 2 * day),
+            ("new", UnixMillis::now().0 - 60_000),
+        ] {
+            let id = CallId::new();
+            store
+                .insert_call(&NewCall {
+                    id: id.clone(),
+                    protocol: "inbound".into(),
+                    caller: "1".into(),
+                    callee: "2".into(),
+                    external_id: ext.into(),
+                    call_config: None,
+                    phone_output_audio_format: "PCM_8000".into(),
+                    phone_input_audio_format: "PCM_8000".into(),
+                    started_at: UnixMillis(ended - 1000),
+                    recording: false,
+                    route: None,
+                    agent: None,
+                })
+                .unwrap();
+            store
+                .end_call(
+                    &id,
+                    &Ended {
+                        at: UnixMillis(ended),
+                        reason: "peer_hangup".into(),
+                        hangup_by: "peer".into(),
+                        counters: Counters::default(),
+                        dtmf: String::new(),
+                        usage: None,
+                    },
+                )
+                .unwrap();
+        }
+    }
+    let server = callgate_testkit::spawn_server_in(dir, |c| {
+        c.retention = Some(std::time::Duration::from_secs(24 * 3600));
+    })
+    .await;
+    // The first sweep runs at start.
+    let mut left = Vec::new();
+    for _ in 0..500 {
+        left = server.calls().await;
+        if left.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["external_id"], "new");
+    assert!(
+        server
+            .metrics_text()
+            .await
+            .contains("callgate_calls_expired_total 1")
+    );
+    server.shutdown().await;
+}

@@ -122,6 +122,13 @@ pub trait Store: Send + 'static {
     ) -> Result<(), Error>;
     /// Ends every record left open (by a crash) with end reason `interrupted`.
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
+    /// Deletes an ended call's record, events and transcript; false if there is no ended
+    /// call with this id (a live call is never deleted).
+    fn delete_call(&mut self, id: &CallId) -> Result<bool, Error>;
+    /// Deletes up to `limit` calls that ended before `before` (oldest first), with their
+    /// events and transcripts; returns their ids.
+    fn delete_ended_before(&mut self, before: UnixMillis, limit: u32)
+    -> Result<Vec<CallId>, Error>;
 }
 
 /// The read side of call-record storage, run on the reader threads, never on the writer.

@@ -406,6 +406,40 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn delete_call(&mut self, id: &CallId) -> Result<bool, Error> {
+        let ended: bool = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM calls WHERE id = ?1 AND ended_at IS NOT NULL")?
+            .query_row([id.as_str()], |r| r.get::<_, i64>(0))?
+            > 0;
+        if !ended {
+            return Ok(false);
+        }
+        self.delete(id)?;
+        Ok(true)
+    }
+
+    fn delete_ended_before(
+        &mut self,
+        before: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<CallId>, Error> {
+        let ids: Vec<CallId> = self
+            .conn
+            .prepare_cached(
+                "SELECT id FROM calls WHERE ended_at IS NOT NULL AND ended_at < ?1 \
+                 ORDER BY ended_at LIMIT ?2",
+            )?
+            .query_map(params![before.0, limit], |r| {
+                Ok(CallId::from_string(r.get(0)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        for id in &ids {
+            self.delete(id)?;
+        }
+        Ok(ids)
+    }
+
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
         let n = self.conn.execute(
             "UPDATE calls SET ended_at = MAX(?1, started_at), end_reason = 'interrupted', \
@@ -413,6 +447,19 @@ impl Store for SqliteStore {
             [at.0],
         )?;
         Ok(n as u64)
+    }
+}
+
+impl SqliteStore {
+    fn delete(&mut self, id: &CallId) -> Result<(), Error> {
+        for sql in [
+            "DELETE FROM call_events WHERE call_id = ?1",
+            "DELETE FROM call_transcript WHERE call_id = ?1",
+            "DELETE FROM calls WHERE id = ?1",
+        ] {
+            self.conn.prepare_cached(sql)?.execute([id.as_str()])?;
+        }
+        Ok(())
     }
 }
 

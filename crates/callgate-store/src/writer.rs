@@ -42,6 +42,8 @@ enum Op {
     Cdr(CallId, String, Reply<()>),
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
     Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
+    Delete(CallId, Reply<bool>),
+    DeleteBefore(UnixMillis, u32, Reply<Vec<CallId>>),
     /// Nothing to do but run a batch, which drains the overflow (see [`StoreHandle::end_now`]).
     Wake,
     Close(oneshot::Sender<()>),
@@ -193,6 +195,22 @@ impl StoreHandle {
                 _ => Err(Vec::new()),
             },
         }
+    }
+
+    /// Deletes an ended call's record, events and transcript and waits for the commit; false
+    /// if there is no ended call with this id.
+    pub async fn delete_call(&self, id: CallId) -> Result<bool, Error> {
+        self.ask(|r| Op::Delete(id, r)).await
+    }
+
+    /// Deletes up to `limit` calls that ended before `before`, oldest first, and waits for
+    /// the commit; returns their ids (so their files can go too).
+    pub async fn delete_ended_before(
+        &self,
+        before: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<CallId>, Error> {
+        self.ask(|r| Op::DeleteBefore(before, limit, r)).await
     }
 
     /// Appends transcript entries and waits for the commit.
@@ -403,6 +421,8 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
                 }
             }
         }
+        Op::Delete(id, tx) => reply(tx, store.delete_call(&id)),
+        Op::DeleteBefore(before, limit, tx) => reply(tx, store.delete_ended_before(before, limit)),
         Op::Wake => Box::new(|_| {}),
         Op::Close(tx) => {
             let _ = tx.send(());

@@ -465,3 +465,51 @@ fn event_logs_and_transcripts_are_read_in_pages() {
         "no such call"
     );
 }
+
+#[test]
+fn ended_calls_are_deleted_with_everything_they_own_and_live_ones_never() {
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    for i in 1..=3 {
+        store.insert_call(&new_call(i, i64::from(i), 0)).unwrap();
+        store
+            .append_events(
+                &id(i),
+                &[NewEvent {
+                    at: UnixMillis(1),
+                    kind: "k".into(),
+                    detail: "{}".into(),
+                }],
+            )
+            .unwrap();
+    }
+    let end = |at: i64| Ended {
+        at: UnixMillis(at),
+        reason: "peer_hangup".into(),
+        hangup_by: "peer".into(),
+        counters: Counters::default(),
+        dtmf: String::new(),
+        usage: None,
+    };
+    store.end_call(&id(1), &end(10)).unwrap();
+    store.end_call(&id(2), &end(20)).unwrap();
+    assert!(!store.delete_call(&id(3)).unwrap(), "call 3 is live");
+    assert_eq!(
+        store.delete_ended_before(UnixMillis(15), 10).unwrap(),
+        [id(1)]
+    );
+    assert!(store.delete_call(&id(2)).unwrap());
+    assert!(!store.delete_call(&id(2)).unwrap(), "already gone");
+    let reader = &mut store.open_reader().unwrap();
+    let left: Vec<CallId> = reader
+        .list_calls(&CallFilter::newest(10))
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(left, [id(3)]);
+    assert!(reader.events(&id(1), Page::all()).unwrap().is_none());
+    assert_eq!(
+        reader.events(&id(3), Page::all()).unwrap().unwrap().len(),
+        1
+    );
+}
