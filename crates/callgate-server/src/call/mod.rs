@@ -45,7 +45,7 @@ use self::core::{AgentExit, CallCore, CoreConfig, Effect, Stats};
 use crate::Shared;
 use crate::live::Mailbox;
 use crate::media::Media;
-use crate::pii::Pii;
+use crate::pii::{Pii, Wire};
 use crate::record::{Journal, Record};
 use crate::routes::{CallFacts, Route};
 
@@ -123,7 +123,7 @@ async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Proto
     match result {
         Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path))),
         Ok(Err(error)) => {
-            debug!(%error, "WebSocket upgrade failed.");
+            debug!(error = %Wire(&error.to_string()), "WebSocket upgrade failed.");
             refused(shared, "websocket_handshake");
             None
         }
@@ -165,7 +165,7 @@ async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -
             Ok(Some(Err(error))) => match fatal_read_error(&error) {
                 Some(e) => break Err(e),
                 None => {
-                    debug!(%error, "Connection lost before the start message.");
+                    debug!(error = %Wire(&error.to_string()), "Connection lost before the start message.");
                     return None;
                 }
             },
@@ -179,7 +179,11 @@ async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -
                 .protocol_errors
                 .get_or_create(&[("kind", error.kind())])
                 .inc();
-            debug!(%error, code = error.close_code().0, "Refusing connection: bad start.");
+            debug!(
+                error = %Wire(&error.to_string()),
+                code = error.close_code().0,
+                "Refusing connection: bad start."
+            );
             close(
                 ws,
                 Close::new(error.close_code(), error.to_string()),
@@ -335,7 +339,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
         info!(
             caller = %Pii::new(&info.caller, reveal),
             callee = %Pii::new(&info.callee, reveal),
-            external_id = %info.external_id,
+            external_id = %Wire(&info.external_id),
             route = %route.name,
             agent = %route.agent,
             "Call started."
@@ -432,7 +436,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start) {
             call.did_number
         ),
     };
-    debug!(%reason, "Refusing the call: no route.");
+    debug!(reason = %Wire(&reason), "Refusing the call: no route.");
     shared.metrics.calls_unrouted.inc();
     let started = Instant::now().into_std();
     let (caller, callee, external_id, call_config, input, output) = match &start {
