@@ -43,6 +43,7 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use self::core::{AgentExit, CallCore, CoreConfig, Effect, Stats};
 use crate::Shared;
+use crate::admission::Pending;
 use crate::live::Mailbox;
 use crate::media::Media;
 use crate::pii::{Pii, Wire};
@@ -62,52 +63,71 @@ const RECORDING_FINISH_WAIT: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one accepted connection: upgrade, first message, then the call.
+/// Serves one accepted connection: upgrade and first message under one deadline
+/// (`handshake_timeout` from accept), then a call slot, then the call. Until its first message
+/// makes it a call, the connection holds only its place in the pending budget (`pending`),
+/// never a call's slot; at shutdown it is simply dropped.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    pending: Pending,
 ) {
     let span = tracing::debug_span!("conn", %peer);
     async move {
+        let deadline = pending.accepted + shared.config.handshake_timeout;
         let _ = stream.set_nodelay(true);
-        // Setup futures are boxed: they are large and finish before the call, so they must not
+        let cancel = shared.cancel.clone();
+        // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
-        let Some((mut ws, forced)) = Box::pin(upgrade(&shared, stream)).await else {
-            return;
+        let setup = Box::pin(async {
+            let (mut ws, forced) = upgrade(&shared, stream, deadline).await?;
+            // No call slot is free: refuse now rather than wait for the first message.
+            if shared.admission.calls_full() {
+                refuse_call(&shared, &mut ws).await;
+                return None;
+            }
+            let start = first_message(&shared, &mut ws, forced, deadline).await?;
+            let Some(slot) = shared.admission.call_slot() else {
+                refuse_call(&shared, &mut ws).await;
+                return None;
+            };
+            Some((ws, start, slot))
+        });
+        let call = tokio::select! {
+            _ = cancel.cancelled() => None,
+            call = setup => call,
         };
-        let Some(start) = Box::pin(first_message(&shared, &mut ws, forced)).await else {
-            return;
-        };
-        Box::pin(run_call(shared, ws, start, peer)).await;
+        drop(pending);
+        if let Some((ws, start, slot)) = call {
+            Box::pin(run_call(shared, ws, start, peer, slot)).await;
+        }
     }
     .instrument(span)
     .await
 }
 
-/// Refuses a connection because the call limit is reached: upgrade, then close 1013.
-pub(crate) async fn refuse(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
-    shared
-        .metrics
-        .connections_refused
-        .get_or_create(&[("reason", "call_limit")])
-        .inc();
-    if let Some((mut ws, _)) = upgrade(&shared, stream).await {
-        let reason = format!(
-            "call limit reached ({} live calls)",
-            shared.config.max_calls
-        );
-        close(
-            &mut ws,
-            Close::new(CloseCode::TRY_AGAIN_LATER, reason),
-            shared.config.write_timeout,
-        )
-        .await;
-    }
+/// Refuses a connection because the call limit is reached: close 1013.
+async fn refuse_call(shared: &Shared, ws: &mut Ws) {
+    refused(shared, "call_limit");
+    let reason = format!(
+        "call limit reached ({} live calls)",
+        shared.config.max_calls
+    );
+    debug!("Refusing the call: call limit reached.");
+    close(
+        ws,
+        Close::new(CloseCode::TRY_AGAIN_LATER, reason),
+        shared.config.write_timeout,
+    )
+    .await;
 }
 
-async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Protocol>)> {
+async fn upgrade(
+    shared: &Shared,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Option<(Ws, Option<Protocol>)> {
     let mut path = String::new();
     #[allow(
         clippy::result_large_err,
@@ -119,7 +139,7 @@ async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Proto
     };
     let accept =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
-    let result = timeout(shared.config.handshake_timeout, accept).await;
+    let result = timeout_at(deadline, accept).await;
     match result {
         Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path))),
         Ok(Err(error)) => {
@@ -143,10 +163,15 @@ fn refused(shared: &Shared, reason: &'static str) {
         .inc();
 }
 
-/// Waits for the start message. On a bad one, closes with its code and reason.
-async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -> Option<Start> {
+/// Waits for the start message until `deadline` (the handshake's, from accept). On a bad
+/// one, closes with its code and reason.
+async fn first_message(
+    shared: &Shared,
+    ws: &mut Ws,
+    forced: Option<Protocol>,
+    deadline: Instant,
+) -> Option<Start> {
     let limit = shared.config.handshake_timeout;
-    let deadline = Instant::now() + limit;
     let result = loop {
         match timeout_at(deadline, ws.next()).await {
             Err(_) => {
@@ -316,7 +341,14 @@ fn describe(
     (record, info, session)
 }
 
-async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAddr) {
+/// Runs a call; `_slot` is its place in the call limit, held until it ends.
+async fn run_call(
+    shared: Arc<Shared>,
+    mut ws: Ws,
+    start: Start,
+    peer: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+) {
     let id = CallId::new();
     let protocol = start.protocol();
     let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
