@@ -29,6 +29,7 @@ use callgate_proto::{
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -55,6 +56,9 @@ type Ws = WebSocketStream<TcpStream>;
 /// How long a closing connection is read after our close frame, so the peer gets the close
 /// (dropping a socket with unread data makes the kernel send a reset that can destroy it).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// The most bytes read and discarded from a closing connection (the rest of an oversized
+/// message, audio sent before the peer saw the close) before it is dropped anyway.
+const CLOSE_DRAIN_MAX: usize = 16 << 20;
 /// The most agent commands carried out per turn, so one chatty agent cannot starve its own
 /// socket or other calls.
 const AGENT_COMMANDS_PER_TURN: usize = 16;
@@ -234,18 +238,34 @@ fn fatal_read_error(error: &WsError) -> Option<ProtoError> {
     }
 }
 
-/// Sends a close frame (bounded by `write_timeout`), then reads until the peer's close or EOF
-/// for at most [`CLOSE_LINGER`].
+/// Sends a close frame (bounded by `write_timeout`), then lingers at most [`CLOSE_LINGER`]
+/// so that the peer gets it: reads through the WebSocket until it can read no more (the
+/// peer's close arrived, or an earlier read error ended it, as the rest of an oversized
+/// message does), then ends our side of the TCP stream (FIN) and reads and discards whatever
+/// the peer still sends, at most [`CLOSE_DRAIN_MAX`] bytes, until it closes too. Dropping a
+/// socket with unread data makes the kernel send a reset, which can reach the peer before it
+/// has read the close frame (it then sees ECONNRESET, often on a write, and never the close).
 async fn close(ws: &mut Ws, close: Close, write_timeout: Duration) {
     let frame = CloseFrame {
         code: WsCloseCode::from(close.code.0),
         reason: close.reason.into(),
     };
     if timeout(write_timeout, ws.close(Some(frame))).await.is_err() {
+        // The peer does not read: no close frame to save.
         return;
     }
     let _ = timeout(CLOSE_LINGER, async {
         while let Some(Ok(_)) = ws.next().await {}
+        let stream = ws.get_mut();
+        let _ = stream.shutdown().await;
+        let mut scratch = vec![0u8; 16 * 1024];
+        let mut drained = 0;
+        while drained < CLOSE_DRAIN_MAX {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
     })
     .await;
 }

@@ -8,4 +8,5 @@
 //! `127.0.0.1`.
 
 mod admission;
+mod close;
 mod support;
