@@ -34,6 +34,9 @@ pub struct Metrics {
     /// Connections accepted that are not calls yet (upgrading, waiting for the first message,
     /// or being refused).
     pub connections_pending: Gauge,
+    /// Calls dropped because the phone stopped reading, by how it was seen (`write`: one write
+    /// took `write_timeout`; `ping`: a ping stayed unanswered for `write_timeout`).
+    pub send_timeouts: Family<Labels1, Counter>,
     /// Protocol errors, by kind.
     pub protocol_errors: Family<Labels1, Counter>,
     /// Audio bytes, by direction (`in` from the phone, `out` to it).
@@ -77,6 +80,7 @@ impl Metrics {
             calls_ended: Family::default(),
             connections_refused: Family::default(),
             connections_pending: Gauge::default(),
+            send_timeouts: Family::default(),
             protocol_errors: Family::default(),
             audio_bytes: Family::default(),
             audio_frames: Family::default(),
@@ -107,6 +111,11 @@ impl Metrics {
             "connections_pending",
             "Connections accepted that are not calls yet",
             m.connections_pending.clone(),
+        );
+        registry.register(
+            "send_timeouts",
+            "Calls dropped because the phone stopped reading",
+            m.send_timeouts.clone(),
         );
         registry.register(
             "protocol_errors",

@@ -59,6 +59,13 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// The most bytes read and discarded from a closing connection (the rest of an oversized
 /// message, audio sent before the peer saw the close) before it is dropped anyway.
 const CLOSE_DRAIN_MAX: usize = 16 << 20;
+/// The kernel send buffer of a call's socket (Linux doubles it: 128 KiB, 1.3 s of PCM_48000).
+/// Left to itself the kernel grows it to megabytes, which a phone that stopped reading fills
+/// for half a minute before a write blocks; bounded, it also bounds the kernel memory a
+/// stalled phone holds.
+pub(crate) const SEND_BUFFER: usize = 64 * 1024;
+/// Pings go out every `write_timeout / PINGS_PER_WRITE_TIMEOUT` (see [`Liveness`]).
+const PINGS_PER_WRITE_TIMEOUT: u32 = 4;
 /// The most agent commands carried out per turn, so one chatty agent cannot starve its own
 /// socket or other calls.
 const AGENT_COMMANDS_PER_TURN: usize = 16;
@@ -81,6 +88,9 @@ pub(crate) async fn serve(
     async move {
         let deadline = pending.accepted + shared.config.handshake_timeout;
         let _ = stream.set_nodelay(true);
+        if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+            debug!(%error, "Cannot bound the socket's send buffer.");
+        }
         let cancel = shared.cancel.clone();
         // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
@@ -460,6 +470,7 @@ async fn run_call(
             },
         );
         let mut call = Box::new(Call {
+            liveness: Liveness::new(Instant::now(), shared.config.write_timeout),
             shared: shared.clone(),
             core,
             record,
@@ -562,6 +573,92 @@ struct Call {
     record: Record,
     /// Whether the socket may still yield messages.
     socket_open: bool,
+    /// How far behind the phone reads.
+    liveness: Liveness,
+}
+
+/// Measures how far behind the phone reads, at any audio format and whatever the socket
+/// buffers hold: a ping goes out every `write_timeout / 4`, and a phone answers it only once it
+/// has read everything sent before it. A phone that has answered a ping before and leaves one
+/// unanswered for `write_timeout` is that far behind: it has stopped reading, and the call
+/// ends as `send_timeout` (at most 1.25 × `write_timeout` after it stopped). The first ping
+/// goes out one interval into the call, after the answer. A phone that has
+/// never answered a ping (a non-conforming one) is bounded by the send buffer and the write
+/// timeout alone; its unanswered pings are given up, one every `write_timeout`.
+#[derive(Debug)]
+struct Liveness {
+    interval: Duration,
+    limit: Duration,
+    next_ping: Instant,
+    /// The ping not answered yet: its number and when it went out.
+    outstanding: Option<(u64, Instant)>,
+    sent: u64,
+    /// Whether the phone has answered a ping.
+    answers: bool,
+}
+
+/// What the liveness check asks of the I/O loop.
+#[derive(Debug, PartialEq)]
+enum Check {
+    Nothing,
+    /// Send a ping with this payload.
+    Ping([u8; 8]),
+    /// The phone has stopped reading.
+    Stalled,
+}
+
+impl Liveness {
+    fn new(now: Instant, write_timeout: Duration) -> Self {
+        let interval = (write_timeout / PINGS_PER_WRITE_TIMEOUT).max(Duration::from_millis(50));
+        Self {
+            interval,
+            limit: write_timeout,
+            // Not at once: the answer goes first.
+            next_ping: now + interval,
+            outstanding: None,
+            sent: 0,
+            answers: false,
+        }
+    }
+
+    /// When [`Liveness::check`] has something to do.
+    fn deadline(&self) -> Instant {
+        self.outstanding
+            .map_or(self.next_ping, |(_, sent)| sent + self.limit)
+    }
+
+    fn check(&mut self, now: Instant) -> Check {
+        if let Some((_, sent)) = self.outstanding {
+            if now < sent + self.limit {
+                return Check::Nothing;
+            }
+            if self.answers {
+                return Check::Stalled;
+            }
+            self.outstanding = None;
+        }
+        if now < self.next_ping {
+            return Check::Nothing;
+        }
+        self.sent += 1;
+        self.outstanding = Some((self.sent, now));
+        self.next_ping = now + self.interval;
+        Check::Ping(self.sent.to_be_bytes())
+    }
+
+    /// A pong arrived (a phone may also send unsolicited ones: only an answer counts).
+    fn pong(&mut self, payload: &[u8]) {
+        let Ok(n) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
+            return;
+        };
+        if n == 0 || n > self.sent {
+            return;
+        }
+        self.answers = true;
+        if self.outstanding.is_some_and(|(m, _)| m == n) {
+            self.outstanding = None;
+        }
+    }
 }
 
 impl Call {
@@ -598,6 +695,11 @@ impl Call {
                 .core
                 .poll_timeout()
                 .map_or(next_progress, |d| Instant::from_std(d).min(next_progress));
+            let deadline = if self.watches_liveness() {
+                deadline.min(self.liveness.deadline())
+            } else {
+                deadline
+            };
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -645,6 +747,7 @@ impl Call {
                         next_progress = Instant::now() + interval;
                         self.progress();
                     }
+                    self.check_liveness(ws).await;
                 }
             }
             if self.drain(ws).await {
@@ -721,8 +824,66 @@ impl Call {
         Box::pin(self.record.flush(self.core.journal())).await;
     }
 
+    /// Whether the phone's reading is watched: while the call is live (after its end, e.g.
+    /// waiting for an inbound CDR, a gateway need not read).
+    fn watches_liveness(&self) -> bool {
+        self.socket_open && !self.core.has_ended()
+    }
+
+    /// Pings the phone when due; ends the call if it has stopped reading.
+    async fn check_liveness(&mut self, ws: &mut Ws) {
+        if !self.watches_liveness() {
+            return;
+        }
+        match self.liveness.check(Instant::now()) {
+            Check::Nothing => {}
+            Check::Ping(payload) => {
+                let ping = Message::Ping(bytes::Bytes::copy_from_slice(&payload));
+                self.write(ws, ping).await;
+            }
+            Check::Stalled => {
+                debug!(
+                    limit = ?self.liveness.limit,
+                    "The phone has not answered a ping in time; it stopped reading."
+                );
+                self.stalled("ping");
+                self.socket_open = false;
+                self.core.handle_peer_close(now(), Disconnect::SendTimeout);
+            }
+        }
+    }
+
+    fn stalled(&self, detected_by: &'static str) {
+        self.shared
+            .metrics
+            .send_timeouts
+            .get_or_create(&[("detected_by", detected_by)])
+            .inc();
+    }
+
+    /// Writes one message under `write_timeout`; a failure ends the call as the peer's.
+    async fn write(&mut self, ws: &mut Ws, message: Message) {
+        let failure = match timeout(self.shared.config.write_timeout, ws.send(message)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => {
+                debug!(%error, "Write failed.");
+                Some(Disconnect::Dropped)
+            }
+            Err(_) => {
+                debug!("Write timed out.");
+                self.stalled("write");
+                Some(Disconnect::SendTimeout)
+            }
+        };
+        if let Some(how) = failure {
+            self.socket_open = false;
+            self.core.handle_peer_close(now(), how);
+        }
+    }
+
     fn socket_input(&mut self, now: std::time::Instant, message: Option<Result<Message, WsError>>) {
         match message {
+            Some(Ok(Message::Pong(payload))) => self.liveness.pong(&payload),
             Some(Ok(Message::Binary(data))) => self.core.handle_binary(now, data),
             Some(Ok(Message::Text(text))) => self.core.handle_text(now, &text),
             Some(Ok(Message::Close(_))) => {
@@ -759,21 +920,7 @@ impl Call {
                     if !self.socket_open {
                         continue;
                     }
-                    let failure = match timeout(write_timeout, ws.send(message)).await {
-                        Ok(Ok(())) => None,
-                        Ok(Err(error)) => {
-                            debug!(%error, "Write failed.");
-                            Some(Disconnect::Dropped)
-                        }
-                        Err(_) => {
-                            debug!("Write timed out.");
-                            Some(Disconnect::SendTimeout)
-                        }
-                    };
-                    if let Some(how) = failure {
-                        self.socket_open = false;
-                        self.core.handle_peer_close(now(), how);
-                    }
+                    self.write(ws, message).await;
                 }
                 Effect::Close(frame) => {
                     // The record is complete before the phone sees the close.
@@ -887,5 +1034,43 @@ fn exit_of(outcome: AgentOutcome) -> AgentExit {
             error!(error = %message, "Agent panicked.");
             AgentExit::Failed(format!("agent panicked: {message}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phone_that_answers_pings_is_stalled_once_one_goes_unanswered_for_the_limit() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = Liveness::new(t0, ms(2000));
+        assert_eq!(l.deadline(), t0 + ms(500));
+        assert_eq!(l.check(t0), Check::Nothing);
+        assert_eq!(l.check(t0 + ms(500)), Check::Ping(1u64.to_be_bytes()));
+        assert_eq!(l.deadline(), t0 + ms(2500));
+        assert_eq!(l.check(t0 + ms(600)), Check::Nothing);
+        l.pong(&1u64.to_be_bytes());
+        assert_eq!(l.deadline(), t0 + ms(1000));
+        assert_eq!(l.check(t0 + ms(1000)), Check::Ping(2u64.to_be_bytes()));
+        // Unsolicited or foreign pongs do not count as an answer.
+        l.pong(b"hello");
+        l.pong(&7u64.to_be_bytes());
+        assert_eq!(l.check(t0 + ms(2999)), Check::Nothing);
+        assert_eq!(l.check(t0 + ms(3000)), Check::Stalled);
+    }
+
+    #[test]
+    fn a_phone_that_never_answers_pings_is_not_judged_by_them() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = Liveness::new(t0, ms(2000));
+        assert_eq!(l.check(t0 + ms(500)), Check::Ping(1u64.to_be_bytes()));
+        assert_eq!(l.check(t0 + ms(2500)), Check::Ping(2u64.to_be_bytes()));
+        assert_eq!(l.check(t0 + ms(4500)), Check::Ping(3u64.to_be_bytes()));
+        // A late answer to an old ping proves the phone answers: the current one now counts.
+        l.pong(&2u64.to_be_bytes());
+        assert_eq!(l.check(t0 + ms(6500)), Check::Stalled);
     }
 }

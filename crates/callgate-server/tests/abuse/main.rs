@@ -9,4 +9,5 @@
 
 mod admission;
 mod close;
+mod slow_reader;
 mod support;
