@@ -7,13 +7,19 @@
 //! first message has been parsed, so idle, half-open or slow sockets cannot lock callers out,
 //! and a caller gets a slot whenever fewer than `max_calls` calls are live.
 //!
-//! A connection over the pending budget is turned away at accept ([`turn_away`]): no task, no
-//! buffer, no WebSocket.
+//! A connection over its source's budget is turned away at accept ([`turn_away`]): no task, no
+//! buffer, no WebSocket. When the whole budget is full, the oldest pending connection is
+//! evicted (dropped) to make room: a flood from many sources then has to open connections
+//! faster than `max_pending` per handshake round trip of a real caller to keep one out, and
+//! the newest connection is the likeliest to be a caller about to finish its handshake. An
+//! evicted connection counts until its task has let it go, so the budget can run over by the
+//! evictions in flight, never beyond twice `max_pending` (then new connections are turned
+//! away).
 //!
-//! The per-source counts sit behind a lock taken twice per connection (at accept and when it
+//! The budget's state sits behind a lock taken twice per connection (at accept and when it
 //! stops being pending), never on a call's per-frame path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +27,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::Metrics;
 use crate::config::Config;
@@ -33,16 +40,29 @@ Content-Length: 0\r\nConnection: close\r\n\r\n";
 #[derive(Debug)]
 pub(crate) struct Admission {
     calls: Arc<Semaphore>,
-    pending: Arc<Semaphore>,
-    per_source: Mutex<HashMap<Source, usize>>,
+    pending: Mutex<PendingState>,
+    max_pending: usize,
     max_per_source: usize,
     metrics: Arc<Metrics>,
+}
+
+/// The pending budget's state.
+#[derive(Debug, Default)]
+struct PendingState {
+    /// Pending connections per source (evicted ones until they have gone).
+    per_source: HashMap<Source, usize>,
+    /// Pending connections in all (evicted ones until they have gone).
+    total: usize,
+    /// Each pending connection's eviction token, oldest first. A token is cancelled when its
+    /// connection is evicted or stops being pending; such entries are skipped, and swept out
+    /// when they pile up.
+    queue: VecDeque<CancellationToken>,
 }
 
 /// Why a connection was turned away at accept (a `callgate_connections_refused_total` reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// `max_pending` connections are pending already.
+    /// Twice `max_pending` connections are pending (evicted ones included) already.
     PendingLimit,
     /// `max_pending_per_ip` connections from this source are pending already.
     PendingPerIp,
@@ -82,19 +102,30 @@ pub(crate) struct Pending {
     source: Source,
     /// When the connection was accepted: the handshake deadline counts from here.
     pub(crate) accepted: Instant,
-    _permit: OwnedSemaphorePermit,
+    evicted: CancellationToken,
+}
+
+impl Pending {
+    /// Resolves when the connection is evicted to make room for a newer one: its task must
+    /// then drop it.
+    pub(crate) fn evicted(&self) -> WaitForCancellationFuture<'_> {
+        self.evicted.cancelled()
+    }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        let mut counts = self.admission.lock();
-        if let Some(n) = counts.get_mut(&self.source) {
+        // Marks its queue entry as gone.
+        self.evicted.cancel();
+        let mut state = self.admission.lock();
+        state.total -= 1;
+        if let Some(n) = state.per_source.get_mut(&self.source) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.source);
+                state.per_source.remove(&self.source);
             }
         }
-        drop(counts);
+        drop(state);
         self.admission.metrics.connections_pending.dec();
     }
 }
@@ -103,42 +134,64 @@ impl Admission {
     pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             calls: Arc::new(Semaphore::new(config.max_calls)),
-            pending: Arc::new(Semaphore::new(config.max_pending)),
-            per_source: Mutex::new(HashMap::new()),
+            pending: Mutex::new(PendingState::default()),
+            max_pending: config.max_pending,
             max_per_source: config.max_pending_per_ip,
             metrics,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Source, usize>> {
-        // Counts stay consistent even if a holder panicked: each update is one statement.
-        self.per_source
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingState> {
+        // The state stays consistent even if a holder panicked: nothing in it can panic.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Takes a place in the pending budget for a connection just accepted from `ip`.
+    /// Takes a place in the pending budget for a connection just accepted from `ip`,
+    /// evicting the oldest pending connection if the budget is full.
     pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, Refusal> {
         let accepted = Instant::now();
         let source = Source::of(ip);
-        let mut counts = self.lock();
-        let n = counts.get(&source).copied().unwrap_or(0);
+        let mut state = self.lock();
+        let n = state.per_source.get(&source).copied().unwrap_or(0);
         if n >= self.max_per_source {
             return Err(Refusal::PendingPerIp);
         }
-        let permit = self
-            .pending
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| Refusal::PendingLimit)?;
-        counts.insert(source, n + 1);
-        drop(counts);
+        if state.total >= self.max_pending.saturating_mul(2) {
+            return Err(Refusal::PendingLimit);
+        }
+        let mut evicted = false;
+        if state.total >= self.max_pending {
+            while let Some(oldest) = state.queue.pop_front() {
+                if !oldest.is_cancelled() {
+                    oldest.cancel();
+                    evicted = true;
+                    break;
+                }
+            }
+            if !evicted {
+                return Err(Refusal::PendingLimit);
+            }
+        }
+        if state.queue.len() > self.max_pending.saturating_mul(2) {
+            state.queue.retain(|t| !t.is_cancelled());
+        }
+        let token = CancellationToken::new();
+        state.queue.push_back(token.clone());
+        state.total += 1;
+        state.per_source.insert(source, n + 1);
+        drop(state);
         self.metrics.connections_pending.inc();
+        if evicted {
+            self.metrics
+                .connections_refused
+                .get_or_create(&[("reason", "pending_evicted")])
+                .inc();
+        }
         Ok(Pending {
             admission: self.clone(),
             source,
             accepted,
-            _permit: permit,
+            evicted: token,
         })
     }
 
@@ -187,22 +240,42 @@ mod tests {
         Admission::new(&config, Arc::new(Metrics::new()))
     }
 
+    fn evicted(p: &Pending) -> bool {
+        p.evicted.is_cancelled()
+    }
+
     #[test]
-    fn pending_budgets_total_and_per_source() {
-        let a = admission(3, 2);
+    fn a_source_over_its_budget_is_turned_away() {
+        let a = admission(10, 2);
         let one: IpAddr = "10.0.0.1".parse().unwrap();
-        let two: IpAddr = "::ffff:10.0.0.2".parse().unwrap();
         let p1 = a.admit(one).unwrap();
-        let _p2 = a.admit(one).unwrap();
+        let _p2 = a.admit("::ffff:10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(a.admit(one).unwrap_err(), Refusal::PendingPerIp);
-        let _p3 = a.admit(two).unwrap();
-        assert_eq!(
-            a.admit("10.0.0.3".parse().unwrap()).unwrap_err(),
-            Refusal::PendingLimit
-        );
+        assert!(a.admit("10.0.0.2".parse().unwrap()).is_ok());
         drop(p1);
-        let _p4 = a.admit(one).unwrap();
-        assert_eq!(a.metrics.connections_pending.get(), 3);
+        assert!(a.admit(one).is_ok());
+    }
+
+    #[test]
+    fn a_full_budget_evicts_the_oldest_and_never_runs_over_twice() {
+        let a = admission(2, 10);
+        let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
+        let p1 = a.admit(ip(1)).unwrap();
+        let p2 = a.admit(ip(2)).unwrap();
+        let p3 = a.admit(ip(3)).unwrap();
+        assert!(evicted(&p1) && !evicted(&p2) && !evicted(&p3));
+        // p1 still counts until its task drops it.
+        let p4 = a.admit(ip(4)).unwrap();
+        assert!(evicted(&p2) && !evicted(&p3) && !evicted(&p4));
+        assert_eq!(a.admit(ip(5)).unwrap_err(), Refusal::PendingLimit);
+        drop((p1, p2));
+        assert_eq!(a.metrics.connections_pending.get(), 2);
+        // A connection that became a call frees its place without being evicted.
+        drop(p3);
+        let p5 = a.admit(ip(5)).unwrap();
+        assert!(!evicted(&p4) && !evicted(&p5));
+        let _p6 = a.admit(ip(6)).unwrap();
+        assert!(evicted(&p4) && !evicted(&p5));
     }
 
     #[test]

@@ -31,10 +31,11 @@ pub struct Config {
     /// How many calls may be live at once; more are refused with 1013.
     pub max_calls: usize,
     /// How many connections may be pending at once (accepted, not a call yet: upgrading,
-    /// waiting for the first message, or being refused); more are turned away at accept.
-    /// They never hold a call's slot.
+    /// waiting for the first message, or being refused); a new one evicts the oldest. They
+    /// never hold a call's slot.
     pub max_pending: usize,
-    /// How many pending connections one source (an IPv4 address, an IPv6 /64) may have.
+    /// How many pending connections one source (an IPv4 address, an IPv6 /64) may have; more
+    /// are turned away at accept.
     pub max_pending_per_ip: usize,
     /// How long a new connection has, from TCP accept, to complete the WebSocket upgrade and
     /// send its first message: one deadline for both.

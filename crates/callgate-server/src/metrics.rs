@@ -29,7 +29,7 @@ pub struct Metrics {
     /// Calls ended, by protocol and end reason.
     pub calls_ended: Family<Labels2, Counter>,
     /// Connections refused before a call started, by reason (`call_limit`,
-    /// `websocket_handshake`, `pending_limit`, `pending_per_ip`).
+    /// `websocket_handshake`, `pending_limit`, `pending_per_ip`, `pending_evicted`).
     pub connections_refused: Family<Labels1, Counter>,
     /// Connections accepted that are not calls yet (upgrading, waiting for the first message,
     /// or being refused).

@@ -74,10 +74,10 @@ settings! {
         /// Most live calls; more are refused with close code 1013 [default: 1000]
         #[arg(long, env = "CALLGATE_MAX_CALLS", value_name = "N", value_parser = text::<usize>())]
         max_calls: Option<usize>,
-        /// Most connections that are not calls yet (upgrading, before the first message); more are turned away [default: 512]
+        /// Most connections that are not calls yet (upgrading, before the first message); a new one evicts the oldest [default: 512]
         #[arg(long, env = "CALLGATE_MAX_PENDING", value_name = "N", value_parser = text::<usize>())]
         max_pending: Option<usize>,
-        /// Most connections that are not calls yet from one address (IPv6: one /64) [default: 128]
+        /// Most connections that are not calls yet from one address (IPv6: one /64); more are turned away [default: 128]
         #[arg(long, env = "CALLGATE_MAX_PENDING_PER_IP", value_name = "N", value_parser = text::<usize>())]
         max_pending_per_ip: Option<usize>,
         /// Time allowed for the WebSocket upgrade and the first message [default: 5s]

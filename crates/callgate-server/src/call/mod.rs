@@ -110,6 +110,10 @@ pub(crate) async fn serve(
         });
         let call = tokio::select! {
             _ = cancel.cancelled() => None,
+            _ = pending.evicted() => {
+                debug!("Dropping the connection: evicted from the full pending budget.");
+                None
+            }
             call = setup => call,
         };
         drop(pending);

@@ -181,3 +181,65 @@ async fn every_call_over_the_limit_gets_1013() {
     assert_eq!(server.calls().await.len(), 1, "only the canary was a call");
     server.shutdown().await;
 }
+
+/// Item 1, from many sources: idle sockets from more addresses than the whole budget allows
+/// per address. The oldest pending connections are evicted to make room, so a caller still
+/// gets through.
+#[tokio::test]
+async fn idle_sockets_from_many_sources_are_evicted_for_a_caller() {
+    let server = spawn_server(|c| {
+        c.max_pending = 64;
+        c.max_pending_per_ip = 16;
+    })
+    .await;
+    let mut canary = Canary::start(&server, "canary-many").await;
+    // 8 sources x 16 idle sockets: twice the whole budget.
+    let mut idle = Vec::new();
+    for source in 0..8u8 {
+        for _ in 0..16 {
+            idle.push(
+                connect_from(&server, [127, 0, 1, source + 1])
+                    .await
+                    .expect("connect"),
+            );
+        }
+    }
+    canary.echo().await;
+    let caller = place_call(&server, CALLER, "many-caller").await;
+    eprintln!(
+        "figure: max_pending 64, 8 sources x 16 idle sockets: a real caller -> {}",
+        match &caller {
+            Ok(_) => "answered".to_owned(),
+            Err(e) => format!("refused ({e})"),
+        }
+    );
+    let mut caller = caller.expect("a caller gets through a full budget");
+    canary.echo().await;
+    let metrics = server.metrics_text().await;
+    // 64 idle sockets and then the caller each evicted the oldest pending one.
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"callgate_connections_refused_total{reason="pending_evicted"}"#
+        ),
+        Some(65),
+        "{metrics}"
+    );
+    // The first idle socket was evicted: dropped, before any upgrade.
+    let mut first = idle.swap_remove(0);
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, first.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+    caller
+        .send(Message::Text(r#"{"event":"hangup"}"#.into()))
+        .await
+        .unwrap();
+    caller
+        .send(Message::Text(cdr("many-caller").into()))
+        .await
+        .unwrap();
+    assert_eq!(close_of(&mut caller).await.0, 1000);
+    drop(idle);
+    canary.end(&server).await;
+    server.shutdown().await;
+}
