@@ -101,6 +101,13 @@ impl Canary {
             "canary: {} frames echoed, slowest round trip {:?}",
             self.echoed, self.slowest
         );
+        // Generous: a frame on loopback takes well under 50 ms; an attack that stalled the
+        // canary's task would show here.
+        assert!(
+            self.slowest < Duration::from_secs(1),
+            "canary round trip {:?}",
+            self.slowest
+        );
         self.phone.text(r#"{"event":"hangup"}"#).await;
         self.phone.text(cdr(&self.id)).await;
         assert_eq!(self.phone.closed().await.0, 1000);
