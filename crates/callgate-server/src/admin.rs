@@ -365,7 +365,9 @@ async fn delete_call(
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "call_live",
-            format!("call {id:?} is live (or still finishing): hang it up first, or retry in a moment"),
+            format!(
+                "call {id:?} is live (or still finishing): hang it up first, or retry in a moment"
+            ),
         ));
     }
     let deleted = shared

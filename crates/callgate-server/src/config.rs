@@ -11,6 +11,9 @@ use callgate_proto::AudioFormat;
 
 use crate::routes::{DEFAULT_ROUTE, RouteError, RouteSpec, RouteTable};
 
+/// The most calls or pending connections a budget can count.
+const MAX_COUNT: usize = 1_000_000;
+
 /// Everything the server needs to run. Built and validated by the binary (flags, environment,
 /// TOML file) or by tests; see `README.md` for each setting's flag, variable and default.
 #[derive(Debug, Clone)]
@@ -29,8 +32,15 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// How many calls may be live at once; more are refused with 1013.
     pub max_calls: usize,
-    /// How long a new connection has to complete the WebSocket upgrade and send its first
-    /// message.
+    /// How many connections may be pending at once (accepted, not a call yet: upgrading,
+    /// waiting for the first message, or being refused); a new one evicts the oldest. They
+    /// never hold a call's slot.
+    pub max_pending: usize,
+    /// How many pending connections one source (an IPv4 address, an IPv6 /64) may have; more
+    /// are turned away at accept.
+    pub max_pending_per_ip: usize,
+    /// How long a new connection has, from TCP accept, to complete the WebSocket upgrade and
+    /// send its first message: one deadline for both.
     pub handshake_timeout: Duration,
     /// How long to wait for the inbound CDR after a call ends.
     pub cdr_timeout: Duration,
@@ -73,6 +83,8 @@ impl Default for Config {
             routes: Vec::new(),
             data_dir: PathBuf::from("./data"),
             max_calls: 1000,
+            max_pending: 512,
+            max_pending_per_ip: 128,
             handshake_timeout: Duration::from_secs(5),
             cdr_timeout: Duration::from_secs(10),
             max_message_size: 1024 * 1024,
@@ -133,8 +145,18 @@ impl Config {
                 problem: problem.to_owned(),
             })
         };
-        if self.max_calls == 0 {
-            return bad("max_calls", "must be at least 1");
+        for (key, value) in [
+            ("max_calls", self.max_calls),
+            ("max_pending", self.max_pending),
+            ("max_pending_per_ip", self.max_pending_per_ip),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+            // Each is a semaphore, which cannot count that high.
+            if value > MAX_COUNT {
+                return bad(key, "must be at most 1000000");
+            }
         }
         if !self.admin_auth.is_enabled()
             && !self.admin_auth.behind_own_auth

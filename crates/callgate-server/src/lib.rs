@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`Server`]: binds both listeners ([`Server::bind`]) and runs until shutdown
 //!   ([`Server::run`]). The binary and the tests call the same two functions.
+//! - `admission`: the budgets: call slots, and connections that are not calls yet (in all and
+//!   per source); a call slot is taken only once the first message makes a connection a call.
 //! - `call`: one owning task per call: the I/O loop around `call::core`, the sans-IO call core
 //!   (session, media, agent wiring, record journal) that makes every decision.
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
@@ -19,6 +21,7 @@
 //! for the call tasks under `shutdown_grace` → close the store writer last → stop the admin API.
 
 mod admin;
+mod admission;
 pub mod auth;
 mod call;
 pub mod config;
@@ -41,7 +44,6 @@ use callgate_agent::{AgentFactory, Catalog};
 use callgate_audio::record::{Config as RecordConfig, Recordings};
 use callgate_store::{SqliteStore, Store, StoreHandle, UnixMillis};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -60,8 +62,6 @@ pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// (callgrind: 19.4k → 13.9k instructions per frame at 1 KiB); larger messages just take more
 /// reads.
 pub const WS_READ_BUFFER: usize = 1024;
-/// Connections being refused (call limit) at once; more are dropped without a WebSocket.
-const MAX_REFUSING: usize = 64;
 
 /// Why the server could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +112,7 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     pub(crate) ws_config: WebSocketConfig,
     pub(crate) media: media::MediaConfig,
+    pub(crate) admission: Arc<admission::Admission>,
 }
 
 /// A bound, not yet running server.
@@ -190,11 +191,13 @@ impl Server {
                 }
             },
         };
+        let metrics = Arc::new(Metrics::new());
         let shared = Arc::new(Shared {
             media,
+            admission: admission::Admission::new(&config, metrics.clone()),
             config,
             store,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             routes: RouteHandle::new(table),
             tasks: Tasks::new(),
             cancel: CancellationToken::new(),
@@ -294,11 +297,10 @@ impl Server {
     }
 }
 
-/// Accepts calls until `shutdown` resolves. Each call holds a permit of the call limit; a
-/// connection over the limit is upgraded and closed with 1013.
+/// Accepts connections until `shutdown` resolves. Each takes a place in the budget of
+/// connections that are not calls yet (`admission`), or is turned away at once; it takes a
+/// call slot only once its first message makes it a call (see `call::serve`).
 async fn accept(shared: &Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_calls));
-    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     tokio::pin!(shutdown);
     loop {
         let accepted = tokio::select! {
@@ -314,20 +316,20 @@ async fn accept(shared: &Arc<Shared>, listener: TcpListener, shutdown: impl Futu
                 continue;
             }
         };
-        if let Ok(permit) = limit.clone().try_acquire_owned() {
-            shared
-                .tasks
-                .spawn(call::serve(shared.clone(), stream, peer, permit));
-        } else if let Ok(permit) = refusing.clone().try_acquire_owned() {
-            shared
-                .tasks
-                .spawn(call::refuse(shared.clone(), stream, permit));
-        } else {
-            shared
-                .metrics
-                .connections_refused
-                .get_or_create(&[("reason", "call_limit")])
-                .inc();
+        match shared.admission.admit(peer.ip()) {
+            Ok(pending) => {
+                shared
+                    .tasks
+                    .spawn(call::serve(shared.clone(), stream, peer, pending));
+            }
+            Err(refusal) => {
+                shared
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&[("reason", refusal.as_str())])
+                    .inc();
+                admission::turn_away(stream);
+            }
         }
     }
 }

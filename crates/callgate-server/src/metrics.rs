@@ -28,8 +28,15 @@ pub struct Metrics {
     pub calls_started: Family<Labels1, Counter>,
     /// Calls ended, by protocol and end reason.
     pub calls_ended: Family<Labels2, Counter>,
-    /// Connections refused before a call started, by reason (`call_limit`, `websocket_handshake`).
+    /// Connections refused before a call started, by reason (`call_limit`,
+    /// `websocket_handshake`, `pending_limit`, `pending_per_ip`, `pending_evicted`).
     pub connections_refused: Family<Labels1, Counter>,
+    /// Connections accepted that are not calls yet (upgrading, waiting for the first message,
+    /// or being refused).
+    pub connections_pending: Gauge,
+    /// Calls dropped because the phone stopped reading, by how it was seen (`write`: one write
+    /// took `write_timeout`; `ping`: a ping stayed unanswered for `write_timeout`).
+    pub send_timeouts: Family<Labels1, Counter>,
     /// Protocol errors, by kind.
     pub protocol_errors: Family<Labels1, Counter>,
     /// Audio bytes, by direction (`in` from the phone, `out` to it).
@@ -82,6 +89,8 @@ impl Metrics {
             calls_started: Family::default(),
             calls_ended: Family::default(),
             connections_refused: Family::default(),
+            connections_pending: Gauge::default(),
+            send_timeouts: Family::default(),
             protocol_errors: Family::default(),
             audio_bytes: Family::default(),
             audio_frames: Family::default(),
@@ -112,6 +121,16 @@ impl Metrics {
             "connections_refused",
             "Connections refused before a call started",
             m.connections_refused.clone(),
+        );
+        registry.register(
+            "connections_pending",
+            "Connections accepted that are not calls yet",
+            m.connections_pending.clone(),
+        );
+        registry.register(
+            "send_timeouts",
+            "Calls dropped because the phone stopped reading",
+            m.send_timeouts.clone(),
         );
         registry.register(
             "protocol_errors",

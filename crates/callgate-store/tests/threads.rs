@@ -269,6 +269,18 @@ impl Store for GatedStore {
     ) -> Result<(), Error> {
         self.inner.append_transcript(id, entries)
     }
+    fn delete_call(&mut self, id: &CallId) -> Result<bool, Error> {
+        self.inner.delete_call(id)
+    }
+
+    fn delete_ended_before(
+        &mut self,
+        before: UnixMillis,
+        limit: u32,
+    ) -> Result<Vec<CallId>, Error> {
+        self.inner.delete_ended_before(before, limit)
+    }
+
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
         self.inner.end_interrupted(at)
     }

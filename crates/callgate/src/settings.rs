@@ -74,6 +74,12 @@ settings! {
         /// Most live calls; more are refused with close code 1013 [default: 1000]
         #[arg(long, env = "CALLGATE_MAX_CALLS", value_name = "N", value_parser = text::<usize>())]
         max_calls: Option<usize>,
+        /// Most connections that are not calls yet (upgrading, before the first message); a new one evicts the oldest [default: 512]
+        #[arg(long, env = "CALLGATE_MAX_PENDING", value_name = "N", value_parser = text::<usize>())]
+        max_pending: Option<usize>,
+        /// Most connections that are not calls yet from one address (IPv6: one /64); more are turned away [default: 128]
+        #[arg(long, env = "CALLGATE_MAX_PENDING_PER_IP", value_name = "N", value_parser = text::<usize>())]
+        max_pending_per_ip: Option<usize>,
         /// Time allowed for the WebSocket upgrade and the first message [default: 5s]
         #[arg(long, env = "CALLGATE_HANDSHAKE_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
         #[serde(deserialize_with = "from_text")]
@@ -231,6 +237,12 @@ impl Settings {
         }
         if let Some(v) = self.max_calls {
             c.max_calls = v;
+        }
+        if let Some(v) = self.max_pending {
+            c.max_pending = v;
+        }
+        if let Some(v) = self.max_pending_per_ip {
+            c.max_pending_per_ip = v;
         }
         if let Some(v) = self.handshake_timeout {
             c.handshake_timeout = v;

@@ -29,6 +29,7 @@ use callgate_proto::{
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -43,9 +44,10 @@ use tracing::{Instrument, debug, error, info, warn};
 
 use self::core::{AgentExit, CallCore, CoreConfig, Effect, Stats};
 use crate::Shared;
+use crate::admission::Pending;
 use crate::live::Mailbox;
 use crate::media::Media;
-use crate::pii::Pii;
+use crate::pii::{Pii, Wire};
 use crate::record::{Journal, Record};
 use crate::routes::{CallFacts, Route};
 
@@ -54,6 +56,16 @@ type Ws = WebSocketStream<TcpStream>;
 /// How long a closing connection is read after our close frame, so the peer gets the close
 /// (dropping a socket with unread data makes the kernel send a reset that can destroy it).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// The most bytes read and discarded from a closing connection (the rest of an oversized
+/// message, audio sent before the peer saw the close) before it is dropped anyway.
+const CLOSE_DRAIN_MAX: usize = 16 << 20;
+/// The kernel send buffer of a call's socket (Linux doubles it: 128 KiB, 1.3 s of PCM_48000).
+/// Left to itself the kernel grows it to megabytes, which a phone that stopped reading fills
+/// for half a minute before a write blocks; bounded, it also bounds the kernel memory a
+/// stalled phone holds.
+pub(crate) const SEND_BUFFER: usize = 64 * 1024;
+/// Pings go out every `write_timeout / PINGS_PER_WRITE_TIMEOUT` (see [`Liveness`]).
+const PINGS_PER_WRITE_TIMEOUT: u32 = 4;
 /// The most agent commands carried out per turn, so one chatty agent cannot starve its own
 /// socket or other calls.
 const AGENT_COMMANDS_PER_TURN: usize = 16;
@@ -62,52 +74,78 @@ const RECORDING_FINISH_WAIT: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one accepted connection: upgrade, first message, then the call.
+/// Serves one accepted connection: upgrade and first message under one deadline
+/// (`handshake_timeout` from accept), then a call slot, then the call. Until its first message
+/// makes it a call, the connection holds only its place in the pending budget (`pending`),
+/// never a call's slot; at shutdown it is simply dropped.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    pending: Pending,
 ) {
     let span = tracing::debug_span!("conn", %peer);
     async move {
+        let deadline = pending.accepted + shared.config.handshake_timeout;
         let _ = stream.set_nodelay(true);
-        // Setup futures are boxed: they are large and finish before the call, so they must not
+        if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+            debug!(%error, "Cannot bound the socket's send buffer.");
+        }
+        let cancel = shared.cancel.clone();
+        // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
-        let Some((mut ws, forced)) = Box::pin(upgrade(&shared, stream)).await else {
-            return;
+        let setup = Box::pin(async {
+            let (mut ws, forced) = upgrade(&shared, stream, deadline).await?;
+            // No call slot is free: refuse now rather than wait for the first message.
+            if shared.admission.calls_full() {
+                refuse_call(&shared, &mut ws).await;
+                return None;
+            }
+            let start = first_message(&shared, &mut ws, forced, deadline).await?;
+            let Some(slot) = shared.admission.call_slot() else {
+                refuse_call(&shared, &mut ws).await;
+                return None;
+            };
+            Some((ws, start, slot))
+        });
+        let call = tokio::select! {
+            _ = cancel.cancelled() => None,
+            _ = pending.evicted() => {
+                debug!("Dropping the connection: evicted from the full pending budget.");
+                None
+            }
+            call = setup => call,
         };
-        let Some(start) = Box::pin(first_message(&shared, &mut ws, forced)).await else {
-            return;
-        };
-        Box::pin(run_call(shared, ws, start, peer)).await;
+        drop(pending);
+        if let Some((ws, start, slot)) = call {
+            Box::pin(run_call(shared, ws, start, peer, slot)).await;
+        }
     }
     .instrument(span)
     .await
 }
 
-/// Refuses a connection because the call limit is reached: upgrade, then close 1013.
-pub(crate) async fn refuse(shared: Arc<Shared>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
-    shared
-        .metrics
-        .connections_refused
-        .get_or_create(&[("reason", "call_limit")])
-        .inc();
-    if let Some((mut ws, _)) = upgrade(&shared, stream).await {
-        let reason = format!(
-            "call limit reached ({} live calls)",
-            shared.config.max_calls
-        );
-        close(
-            &mut ws,
-            Close::new(CloseCode::TRY_AGAIN_LATER, reason),
-            shared.config.write_timeout,
-        )
-        .await;
-    }
+/// Refuses a connection because the call limit is reached: close 1013.
+async fn refuse_call(shared: &Shared, ws: &mut Ws) {
+    refused(shared, "call_limit");
+    let reason = format!(
+        "call limit reached ({} live calls)",
+        shared.config.max_calls
+    );
+    debug!("Refusing the call: call limit reached.");
+    close(
+        ws,
+        Close::new(CloseCode::TRY_AGAIN_LATER, reason),
+        shared.config.write_timeout,
+    )
+    .await;
 }
 
-async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Protocol>)> {
+async fn upgrade(
+    shared: &Shared,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Option<(Ws, Option<Protocol>)> {
     let mut path = String::new();
     #[allow(
         clippy::result_large_err,
@@ -119,11 +157,11 @@ async fn upgrade(shared: &Shared, stream: TcpStream) -> Option<(Ws, Option<Proto
     };
     let accept =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
-    let result = timeout(shared.config.handshake_timeout, accept).await;
+    let result = timeout_at(deadline, accept).await;
     match result {
         Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path))),
         Ok(Err(error)) => {
-            debug!(%error, "WebSocket upgrade failed.");
+            debug!(error = %Wire(&error.to_string()), "WebSocket upgrade failed.");
             refused(shared, "websocket_handshake");
             None
         }
@@ -143,10 +181,15 @@ fn refused(shared: &Shared, reason: &'static str) {
         .inc();
 }
 
-/// Waits for the start message. On a bad one, closes with its code and reason.
-async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -> Option<Start> {
+/// Waits for the start message until `deadline` (the handshake's, from accept). On a bad
+/// one, closes with its code and reason.
+async fn first_message(
+    shared: &Shared,
+    ws: &mut Ws,
+    forced: Option<Protocol>,
+    deadline: Instant,
+) -> Option<Start> {
     let limit = shared.config.handshake_timeout;
-    let deadline = Instant::now() + limit;
     let result = loop {
         match timeout_at(deadline, ws.next()).await {
             Err(_) => {
@@ -165,7 +208,7 @@ async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -
             Ok(Some(Err(error))) => match fatal_read_error(&error) {
                 Some(e) => break Err(e),
                 None => {
-                    debug!(%error, "Connection lost before the start message.");
+                    debug!(error = %Wire(&error.to_string()), "Connection lost before the start message.");
                     return None;
                 }
             },
@@ -179,7 +222,11 @@ async fn first_message(shared: &Shared, ws: &mut Ws, forced: Option<Protocol>) -
                 .protocol_errors
                 .get_or_create(&[("kind", error.kind())])
                 .inc();
-            debug!(%error, code = error.close_code().0, "Refusing connection: bad start.");
+            debug!(
+                error = %Wire(&error.to_string()),
+                code = error.close_code().0,
+                "Refusing connection: bad start."
+            );
             close(
                 ws,
                 Close::new(error.close_code(), error.to_string()),
@@ -205,18 +252,34 @@ fn fatal_read_error(error: &WsError) -> Option<ProtoError> {
     }
 }
 
-/// Sends a close frame (bounded by `write_timeout`), then reads until the peer's close or EOF
-/// for at most [`CLOSE_LINGER`].
+/// Sends a close frame (bounded by `write_timeout`), then lingers at most [`CLOSE_LINGER`]
+/// so that the peer gets it: reads through the WebSocket until it can read no more (the
+/// peer's close arrived, or an earlier read error ended it, as the rest of an oversized
+/// message does), then ends our side of the TCP stream (FIN) and reads and discards whatever
+/// the peer still sends, at most [`CLOSE_DRAIN_MAX`] bytes, until it closes too. Dropping a
+/// socket with unread data makes the kernel send a reset, which can reach the peer before it
+/// has read the close frame (it then sees ECONNRESET, often on a write, and never the close).
 async fn close(ws: &mut Ws, close: Close, write_timeout: Duration) {
     let frame = CloseFrame {
         code: WsCloseCode::from(close.code.0),
         reason: close.reason.into(),
     };
     if timeout(write_timeout, ws.close(Some(frame))).await.is_err() {
+        // The peer does not read: no close frame to save.
         return;
     }
     let _ = timeout(CLOSE_LINGER, async {
         while let Some(Ok(_)) = ws.next().await {}
+        let stream = ws.get_mut();
+        let _ = stream.shutdown().await;
+        let mut scratch = vec![0u8; 16 * 1024];
+        let mut drained = 0;
+        while drained < CLOSE_DRAIN_MAX {
+            match stream.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
     })
     .await;
 }
@@ -312,7 +375,14 @@ fn describe(
     (record, info, session)
 }
 
-async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAddr) {
+/// Runs a call; `_slot` is its place in the call limit, held until it ends.
+async fn run_call(
+    shared: Arc<Shared>,
+    mut ws: Ws,
+    start: Start,
+    peer: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+) {
     let id = CallId::new();
     let protocol = start.protocol();
     let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
@@ -335,7 +405,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
         info!(
             caller = %Pii::new(&info.caller, reveal),
             callee = %Pii::new(&info.callee, reveal),
-            external_id = %info.external_id,
+            external_id = %Wire(&info.external_id),
             route = %route.name,
             agent = %route.agent,
             "Call started."
@@ -404,6 +474,7 @@ async fn run_call(shared: Arc<Shared>, mut ws: Ws, start: Start, peer: SocketAdd
             },
         );
         let mut call = Box::new(Call {
+            liveness: Liveness::new(Instant::now(), shared.config.write_timeout),
             shared: shared.clone(),
             core,
             record,
@@ -432,7 +503,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start) {
             call.did_number
         ),
     };
-    debug!(%reason, "Refusing the call: no route.");
+    debug!(reason = %Wire(&reason), "Refusing the call: no route.");
     shared.metrics.calls_unrouted.inc();
     let started = Instant::now().into_std();
     let (caller, callee, external_id, call_config, input, output) = match &start {
@@ -506,6 +577,92 @@ struct Call {
     record: Record,
     /// Whether the socket may still yield messages.
     socket_open: bool,
+    /// How far behind the phone reads.
+    liveness: Liveness,
+}
+
+/// Measures how far behind the phone reads, at any audio format and whatever the socket
+/// buffers hold: a ping goes out every `write_timeout / 4`, and a phone answers it only once it
+/// has read everything sent before it. A phone that has answered a ping before and leaves one
+/// unanswered for `write_timeout` is that far behind: it has stopped reading, and the call
+/// ends as `send_timeout` (at most 1.25 × `write_timeout` after it stopped). The first ping
+/// goes out one interval into the call, after the answer. A phone that has
+/// never answered a ping (a non-conforming one) is bounded by the send buffer and the write
+/// timeout alone; its unanswered pings are given up, one every `write_timeout`.
+#[derive(Debug)]
+struct Liveness {
+    interval: Duration,
+    limit: Duration,
+    next_ping: Instant,
+    /// The ping not answered yet: its number and when it went out.
+    outstanding: Option<(u64, Instant)>,
+    sent: u64,
+    /// Whether the phone has answered a ping.
+    answers: bool,
+}
+
+/// What the liveness check asks of the I/O loop.
+#[derive(Debug, PartialEq)]
+enum Check {
+    Nothing,
+    /// Send a ping with this payload.
+    Ping([u8; 8]),
+    /// The phone has stopped reading.
+    Stalled,
+}
+
+impl Liveness {
+    fn new(now: Instant, write_timeout: Duration) -> Self {
+        let interval = (write_timeout / PINGS_PER_WRITE_TIMEOUT).max(Duration::from_millis(50));
+        Self {
+            interval,
+            limit: write_timeout,
+            // Not at once: the answer goes first.
+            next_ping: now + interval,
+            outstanding: None,
+            sent: 0,
+            answers: false,
+        }
+    }
+
+    /// When [`Liveness::check`] has something to do.
+    fn deadline(&self) -> Instant {
+        self.outstanding
+            .map_or(self.next_ping, |(_, sent)| sent + self.limit)
+    }
+
+    fn check(&mut self, now: Instant) -> Check {
+        if let Some((_, sent)) = self.outstanding {
+            if now < sent + self.limit {
+                return Check::Nothing;
+            }
+            if self.answers {
+                return Check::Stalled;
+            }
+            self.outstanding = None;
+        }
+        if now < self.next_ping {
+            return Check::Nothing;
+        }
+        self.sent += 1;
+        self.outstanding = Some((self.sent, now));
+        self.next_ping = now + self.interval;
+        Check::Ping(self.sent.to_be_bytes())
+    }
+
+    /// A pong arrived (a phone may also send unsolicited ones: only an answer counts).
+    fn pong(&mut self, payload: &[u8]) {
+        let Ok(n) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
+            return;
+        };
+        if n == 0 || n > self.sent {
+            return;
+        }
+        self.answers = true;
+        if self.outstanding.is_some_and(|(m, _)| m == n) {
+            self.outstanding = None;
+        }
+    }
 }
 
 impl Call {
@@ -542,6 +699,11 @@ impl Call {
                 .core
                 .poll_timeout()
                 .map_or(next_progress, |d| Instant::from_std(d).min(next_progress));
+            let deadline = if self.watches_liveness() {
+                deadline.min(self.liveness.deadline())
+            } else {
+                deadline
+            };
             if timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -589,6 +751,7 @@ impl Call {
                         next_progress = Instant::now() + interval;
                         self.progress();
                     }
+                    self.check_liveness(ws).await;
                 }
             }
             if self.drain(ws).await {
@@ -665,8 +828,66 @@ impl Call {
         Box::pin(self.record.flush(self.core.journal())).await;
     }
 
+    /// Whether the phone's reading is watched: while the call is live (after its end, e.g.
+    /// waiting for an inbound CDR, a gateway need not read).
+    fn watches_liveness(&self) -> bool {
+        self.socket_open && !self.core.has_ended()
+    }
+
+    /// Pings the phone when due; ends the call if it has stopped reading.
+    async fn check_liveness(&mut self, ws: &mut Ws) {
+        if !self.watches_liveness() {
+            return;
+        }
+        match self.liveness.check(Instant::now()) {
+            Check::Nothing => {}
+            Check::Ping(payload) => {
+                let ping = Message::Ping(bytes::Bytes::copy_from_slice(&payload));
+                self.write(ws, ping).await;
+            }
+            Check::Stalled => {
+                debug!(
+                    limit = ?self.liveness.limit,
+                    "The phone has not answered a ping in time; it stopped reading."
+                );
+                self.stalled("ping");
+                self.socket_open = false;
+                self.core.handle_peer_close(now(), Disconnect::SendTimeout);
+            }
+        }
+    }
+
+    fn stalled(&self, detected_by: &'static str) {
+        self.shared
+            .metrics
+            .send_timeouts
+            .get_or_create(&[("detected_by", detected_by)])
+            .inc();
+    }
+
+    /// Writes one message under `write_timeout`; a failure ends the call as the peer's.
+    async fn write(&mut self, ws: &mut Ws, message: Message) {
+        let failure = match timeout(self.shared.config.write_timeout, ws.send(message)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => {
+                debug!(%error, "Write failed.");
+                Some(Disconnect::Dropped)
+            }
+            Err(_) => {
+                debug!("Write timed out.");
+                self.stalled("write");
+                Some(Disconnect::SendTimeout)
+            }
+        };
+        if let Some(how) = failure {
+            self.socket_open = false;
+            self.core.handle_peer_close(now(), how);
+        }
+    }
+
     fn socket_input(&mut self, now: std::time::Instant, message: Option<Result<Message, WsError>>) {
         match message {
+            Some(Ok(Message::Pong(payload))) => self.liveness.pong(&payload),
             Some(Ok(Message::Binary(data))) => self.core.handle_binary(now, data),
             Some(Ok(Message::Text(text))) => self.core.handle_text(now, &text),
             Some(Ok(Message::Close(_))) => {
@@ -703,21 +924,7 @@ impl Call {
                     if !self.socket_open {
                         continue;
                     }
-                    let failure = match timeout(write_timeout, ws.send(message)).await {
-                        Ok(Ok(())) => None,
-                        Ok(Err(error)) => {
-                            debug!(%error, "Write failed.");
-                            Some(Disconnect::Dropped)
-                        }
-                        Err(_) => {
-                            debug!("Write timed out.");
-                            Some(Disconnect::SendTimeout)
-                        }
-                    };
-                    if let Some(how) = failure {
-                        self.socket_open = false;
-                        self.core.handle_peer_close(now(), how);
-                    }
+                    self.write(ws, message).await;
                 }
                 Effect::Close(frame) => {
                     // The record is complete before the phone sees the close.
@@ -839,5 +1046,43 @@ fn exit_of(outcome: AgentOutcome) -> AgentExit {
             error!(error = %message, "Agent panicked.");
             AgentExit::Failed(format!("agent panicked: {message}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phone_that_answers_pings_is_stalled_once_one_goes_unanswered_for_the_limit() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = Liveness::new(t0, ms(2000));
+        assert_eq!(l.deadline(), t0 + ms(500));
+        assert_eq!(l.check(t0), Check::Nothing);
+        assert_eq!(l.check(t0 + ms(500)), Check::Ping(1u64.to_be_bytes()));
+        assert_eq!(l.deadline(), t0 + ms(2500));
+        assert_eq!(l.check(t0 + ms(600)), Check::Nothing);
+        l.pong(&1u64.to_be_bytes());
+        assert_eq!(l.deadline(), t0 + ms(1000));
+        assert_eq!(l.check(t0 + ms(1000)), Check::Ping(2u64.to_be_bytes()));
+        // Unsolicited or foreign pongs do not count as an answer.
+        l.pong(b"hello");
+        l.pong(&7u64.to_be_bytes());
+        assert_eq!(l.check(t0 + ms(2999)), Check::Nothing);
+        assert_eq!(l.check(t0 + ms(3000)), Check::Stalled);
+    }
+
+    #[test]
+    fn a_phone_that_never_answers_pings_is_not_judged_by_them() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut l = Liveness::new(t0, ms(2000));
+        assert_eq!(l.check(t0 + ms(500)), Check::Ping(1u64.to_be_bytes()));
+        assert_eq!(l.check(t0 + ms(2500)), Check::Ping(2u64.to_be_bytes()));
+        assert_eq!(l.check(t0 + ms(4500)), Check::Ping(3u64.to_be_bytes()));
+        // A late answer to an old ping proves the phone answers: the current one now counts.
+        l.pong(&2u64.to_be_bytes());
+        assert_eq!(l.check(t0 + ms(6500)), Check::Stalled);
     }
 }
