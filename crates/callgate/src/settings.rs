@@ -18,6 +18,7 @@ use callgate_agent::Catalog;
 use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
+use callgate_server::auth::{AdminAuth, Role, Token};
 use callgate_server::routes::{RouteSpec, parse_spec};
 use callgate_server::{Config, RouteTable};
 use serde::{Deserialize, Deserializer};
@@ -67,6 +68,13 @@ settings! {
         #[arg(long, env = "CALLGATE_DATA_DIR", value_name = "DIR", value_parser = text::<PathBuf>())]
         #[serde(deserialize_with = "from_text")]
         data_dir: Option<PathBuf>,
+        /// Delete call records (events, transcripts, recordings) this long after they ended, e.g. `30d` [default: keep them]
+        #[arg(long, env = "CALLGATE_RETENTION", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        retention: Option<Duration>,
+        /// The `[admin]` table of the file (file only): tokens and roles for the admin API.
+        #[arg(skip)]
+        admin: Option<AdminFile>,
         /// TOML configuration file: these settings and `[[routes]]` (unknown keys are an error)
         #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
         #[serde(skip)]
@@ -294,6 +302,12 @@ impl Settings {
         if let Some(v) = self.record {
             c.record = v;
         }
+        if let Some(v) = self.retention {
+            c.retention = Some(v);
+        }
+        if let Some(admin) = &self.admin {
+            c.admin_auth = admin.auth().with_context(in_file)?;
+        }
         let log_filter = self.log.clone().unwrap_or_default().targets;
         // `Config::validate`, keeping the table it builds.
         c.validate_limits()?;
@@ -311,6 +325,69 @@ impl Settings {
                 routes: None,
                 ..self
             },
+        })
+    }
+}
+
+/// The file's `[admin]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AdminFile {
+    /// Bearer tokens, each with a name and a role.
+    #[serde(default)]
+    tokens: Vec<AdminTokenFile>,
+    /// A proxy in front of the admin API authenticates every request: no token needed even
+    /// off loopback.
+    #[serde(default)]
+    behind_auth: bool,
+}
+
+/// One `[admin] tokens` entry: its secret from exactly one of an environment variable, a
+/// file, or its SHA-256 digest.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTokenFile {
+    name: String,
+    role: String,
+    token_env: Option<String>,
+    token_file: Option<PathBuf>,
+    token_sha256: Option<String>,
+}
+
+impl AdminFile {
+    fn auth(&self) -> anyhow::Result<AdminAuth> {
+        let mut tokens = Vec::with_capacity(self.tokens.len());
+        for (i, t) in self.tokens.iter().enumerate() {
+            let at = format!("admin.tokens[{i}] ({:?})", t.name);
+            if t.name.trim().is_empty() {
+                bail!("{at}: name: must not be empty");
+            }
+            if self.tokens[..i].iter().any(|o| o.name == t.name) {
+                bail!("{at}: name: another token already has this name");
+            }
+            let role: Role = t.role.parse().map_err(|e| anyhow!("{at}: role: {e}"))?;
+            let token = match (&t.token_env, &t.token_file, &t.token_sha256) {
+                (Some(var), None, None) => {
+                    let secret = std::env::var(var).map_err(|_| {
+                        anyhow!("{at}: token_env: the environment variable {var} is not set")
+                    })?;
+                    Token::from_secret(&t.name, role, &secret)
+                }
+                (None, Some(path), None) => {
+                    let secret = std::fs::read_to_string(path).map_err(|e| {
+                        anyhow!("{at}: token_file: cannot read {}: {e}", path.display())
+                    })?;
+                    Token::from_secret(&t.name, role, &secret)
+                }
+                (None, None, Some(hex)) => Token::from_sha256_hex(&t.name, role, hex),
+                _ => bail!("{at}: give exactly one of token_env, token_file, token_sha256"),
+            }
+            .map_err(|e| anyhow!("{at}: {e}"))?;
+            tokens.push(token);
+        }
+        Ok(AdminAuth {
+            tokens,
+            behind_own_auth: self.behind_auth,
         })
     }
 }

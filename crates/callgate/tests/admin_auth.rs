@@ -1,0 +1,96 @@
+//! The admin API's tokens with the real binary: `[admin] tokens` from the config file, the
+//! refusal to start unprotected off loopback, and errors naming the token and the field.
+
+mod common;
+
+use std::process::Command;
+
+use callgate_testkit::{TempDir, http};
+use common::{BIN, Proc};
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .env_remove("CALLGATE_AGENT")
+        .env_remove("CALLGATE_CONFIG")
+        .env_remove("CALLGATE_ADMIN_LISTEN")
+        .output()
+        .expect("run callgate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn an_unprotected_admin_api_off_loopback_does_not_start() {
+    let data = TempDir::new("admin-open");
+    let dir = data.path().to_str().unwrap();
+    let (code, stderr) = run(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir,
+    ]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("admin.tokens") && stderr.contains("behind_auth"),
+        "{stderr}"
+    );
+
+    let config = data.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[admin]\ntokens = [{ name = \"ops\", role = \"operator\", token_env = \"CG_NOT_SET_ANYWHERE\" }]\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["routes", "check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("admin.tokens[0] (\"ops\"): token_env") && stderr.contains("bad.toml"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &config,
+        "[admin]\ntokens = [{ name = \"ops\", role = \"root\", token_sha256 = \"00\" }]\n",
+    )
+    .unwrap();
+    let (code, stderr) = run(&["routes", "check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("role: unknown role \"root\""), "{stderr}");
+}
+
+#[tokio::test]
+async fn tokens_from_the_config_file_guard_the_admin_api() {
+    let data = TempDir::new("admin-tokens");
+    let secret = data.path().join("ops.token");
+    std::fs::write(&secret, "ops-secret-0123456789abcdef\n").unwrap();
+    let config = data.path().join("callgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\ntokens = [{{ name = \"ops\", role = \"operator\", token_file = {:?} }}]\n",
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Proc::serve(&data, Some(&config));
+    let (status, body) = http::request(server.admin, "GET", "/api/calls", None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http::request_with(
+        server.admin,
+        "GET",
+        "/api/calls",
+        None,
+        &[("Authorization", "Bearer ops-secret-0123456789abcdef")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        http::request(server.admin, "GET", "/healthz", None).await.0,
+        200
+    );
+}
