@@ -569,6 +569,7 @@ async fn records_past_their_retention_are_deleted_in_the_background() {
                     recording: false,
                     route: None,
                     agent: None,
+                    key_name: None,
                 })
                 .unwrap();
             store

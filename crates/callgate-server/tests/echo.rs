@@ -7,7 +7,7 @@ use callgate_testkit::audio::{frames, speechlike_pcm16};
 use callgate_testkit::{Received, callbridge_start, cdr, incoming_call, spawn_server};
 use serde_json::json;
 
-const RECORD_FIELDS: [&str; 22] = [
+const RECORD_FIELDS: [&str; 23] = [
     "id",
     "protocol",
     "caller",
@@ -30,6 +30,7 @@ const RECORD_FIELDS: [&str; 22] = [
     "route",
     "agent",
     "usage",
+    "key_name",
 ];
 
 fn assert_fields(record: &serde_json::Value) {

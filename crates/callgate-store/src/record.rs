@@ -110,6 +110,8 @@ pub struct NewCall {
     pub route: Option<String>,
     /// The name of the agent that handled the call; `None` if it was refused before routing.
     pub agent: Option<String>,
+    /// The name of the API key the phone system presented; `None` without call keys.
+    pub key_name: Option<String>,
 }
 
 /// How a call ended.
@@ -188,6 +190,8 @@ pub struct CallRecord {
     pub agent: Option<String>,
     /// The agent's usage as stored (a JSON object), or null.
     pub usage: Option<Box<RawValue>>,
+    /// The name of the API key the phone system presented, or null.
+    pub key_name: Option<String>,
 }
 
 impl PartialEq for CallRecord {
@@ -213,6 +217,7 @@ impl PartialEq for CallRecord {
             && raw(&self.cdr) == raw(&other.cdr)
             && self.recording == other.recording
             && self.route == other.route
+            && self.key_name == other.key_name
             && self.agent == other.agent
             && raw(&self.usage) == raw(&other.usage)
     }

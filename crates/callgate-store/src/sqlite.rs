@@ -73,6 +73,10 @@ CREATE TABLE call_transcript (
     PRIMARY KEY (call_id, seq)
 ) WITHOUT ROWID;
 "#,
+    // Who placed the call: the name of the API key the phone system presented.
+    r#"
+ALTER TABLE calls ADD COLUMN key_name TEXT;
+"#,
 ];
 
 /// Call records in one SQLite database: the writer's connection.
@@ -161,7 +165,7 @@ impl SqliteStore {
 const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
      phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
      end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
-     route, agent, usage";
+     route, agent, usage, key_name";
 
 fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
     let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
@@ -194,6 +198,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
         route: row.get(20)?,
         agent: row.get(21)?,
         usage: row.get::<_, Option<String>>(22)?.and_then(raw_json),
+        key_name: row.get(23)?,
     })
 }
 
@@ -275,7 +280,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO calls (id, protocol, caller, callee, external_id, call_config, \
                  phone_output_audio_format, phone_input_audio_format, started_at, recording, \
-                 route, agent) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 route, agent, key_name) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 c.id.as_str(),
@@ -290,6 +296,7 @@ impl Store for SqliteStore {
                 c.recording,
                 c.route,
                 c.agent,
+                c.key_name,
             ])?;
         Ok(())
     }

@@ -109,6 +109,7 @@ fn new_call(i: u8, t: i64, r: u8) -> NewCall {
         recording: i.is_multiple_of(2),
         route,
         agent,
+        key_name: None,
     }
 }
 

@@ -31,6 +31,7 @@ fn new_call(i: u32) -> NewCall {
         recording: false,
         route: Some("sales".into()),
         agent: Some("echo".into()),
+        key_name: None,
     }
 }
 

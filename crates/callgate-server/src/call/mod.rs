@@ -359,6 +359,7 @@ fn describe(
         recording: false,
         route: Some(route.name.to_string()),
         agent: Some(route.agent.to_string()),
+        key_name: None,
     };
     let info = CallInfo {
         call_id: id.to_string(),
@@ -537,6 +538,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start) {
         recording: false,
         route: None,
         agent: None,
+        key_name: None,
     };
     let started_wall = new_call.started_at;
     match shared.store.insert_call(new_call).await {
