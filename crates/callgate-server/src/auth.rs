@@ -38,6 +38,58 @@ impl std::str::FromStr for Role {
     }
 }
 
+/// A secret (token or key), kept only as its SHA-256 digest.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret([u8; 32]);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+impl Secret {
+    /// A secret as given (from an environment variable or a file; surrounding whitespace is
+    /// not part of it). At least [`MIN_SECRET`] characters.
+    pub fn from_text(secret: &str) -> Result<Self, String> {
+        let secret = secret.trim();
+        if secret.len() < MIN_SECRET {
+            return Err(format!(
+                "the secret is {} characters long; use at least {MIN_SECRET}",
+                secret.len()
+            ));
+        }
+        Ok(Self::digest_of(secret.as_bytes()))
+    }
+
+    /// A secret given as the hex SHA-256 digest of it.
+    pub fn from_sha256_hex(hex: &str) -> Result<Self, String> {
+        let hex = hex.trim();
+        if hex.len() != 64 {
+            return Err(format!(
+                "a SHA-256 digest is 64 hex digits, this one has {}",
+                hex.len()
+            ));
+        }
+        let mut digest = [0u8; 32];
+        for (i, byte) in digest.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| "a SHA-256 digest is 64 hex digits (0-9, a-f)".to_owned())?;
+        }
+        Ok(Self(digest))
+    }
+
+    /// The digest of presented bytes, to compare with [`same_digest`].
+    pub(crate) fn digest_of(bytes: &[u8]) -> Self {
+        Self(digest(bytes))
+    }
+}
+
+/// Equal without an early exit: the time taken does not depend on where they differ.
+pub(crate) fn same_digest(a: &Secret, b: &Secret) -> bool {
+    same(&a.0, &b.0)
+}
+
 /// One admin token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
@@ -63,39 +115,21 @@ pub const MIN_SECRET: usize = 16;
 impl Token {
     /// A token from its secret (taken from an environment variable or a file).
     pub fn from_secret(name: &str, role: Role, secret: &str) -> Result<Self, String> {
-        let secret = secret.trim();
-        if secret.len() < MIN_SECRET {
-            return Err(format!(
-                "the token is {} characters long; use at least {MIN_SECRET}",
-                secret.len()
-            ));
-        }
-        Ok(Self {
-            name: name.to_owned(),
-            role,
-            digest: digest(secret.as_bytes()),
-        })
+        Ok(Self::new(name, role, Secret::from_text(secret)?))
     }
 
     /// A token given as the hex SHA-256 digest of its secret.
     pub fn from_sha256_hex(name: &str, role: Role, hex: &str) -> Result<Self, String> {
-        let hex = hex.trim();
-        if hex.len() != 64 {
-            return Err(format!(
-                "a SHA-256 digest is 64 hex digits, this one has {}",
-                hex.len()
-            ));
-        }
-        let mut digest = [0u8; 32];
-        for (i, byte) in digest.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| "a SHA-256 digest is 64 hex digits (0-9, a-f)".to_owned())?;
-        }
-        Ok(Self {
+        Ok(Self::new(name, role, Secret::from_sha256_hex(hex)?))
+    }
+
+    /// A token with this secret.
+    pub fn new(name: &str, role: Role, secret: Secret) -> Self {
+        Self {
             name: name.to_owned(),
             role,
-            digest,
-        })
+            digest: secret.0,
+        }
     }
 }
 

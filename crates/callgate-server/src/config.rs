@@ -22,6 +22,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the admin HTTP API listens.
     pub admin_listen: SocketAddr,
+    /// Who may place calls (`[call_auth]`): keys, allowlist, trusted proxies.
+    pub call_auth: crate::call_auth::CallAuth,
     /// Who may use the admin API (`[admin]`).
     pub admin_auth: crate::auth::AdminAuth,
     /// The agent of the default route when `routes` is empty (`--agent`).
@@ -79,6 +81,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 4143)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 4144)),
             admin_auth: crate::auth::AdminAuth::default(),
+            call_auth: crate::call_auth::CallAuth::default(),
             agent: "echo".into(),
             routes: Vec::new(),
             data_dir: PathBuf::from("./data"),

@@ -24,6 +24,7 @@ mod admin;
 mod admission;
 pub mod auth;
 mod call;
+pub mod call_auth;
 pub mod config;
 mod live;
 mod media;
@@ -106,6 +107,8 @@ pub(crate) struct Shared {
     pub(crate) store: StoreHandle,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) routes: RouteHandle,
+    pub(crate) call_auth: call_auth::CallAuthHandle,
+    pub(crate) refusal_log: call_auth::RefusalLog,
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
     pub(crate) live: live::LiveCalls,
@@ -192,6 +195,7 @@ impl Server {
             },
         };
         let metrics = Arc::new(Metrics::new());
+        let call_auth = config.call_auth.clone();
         let shared = Arc::new(Shared {
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
@@ -199,6 +203,8 @@ impl Server {
             store,
             metrics,
             routes: RouteHandle::new(table),
+            call_auth: call_auth::CallAuthHandle::new(call_auth),
+            refusal_log: call_auth::RefusalLog::default(),
             tasks: Tasks::new(),
             cancel: CancellationToken::new(),
             live: live::LiveCalls::default(),
@@ -224,6 +230,11 @@ impl Server {
             .unwrap_or(self.shared.config.admin_listen)
     }
 
+    /// The call-port keys and allowlist in force; replace them to rotate keys (SIGHUP).
+    pub fn call_auth(&self) -> call_auth::CallAuthHandle {
+        self.shared.call_auth.clone()
+    }
+
     /// The route table in force; replace it to change routing for new calls (SIGHUP).
     pub fn routes(&self) -> RouteHandle {
         self.shared.routes.clone()
@@ -241,6 +252,15 @@ impl Server {
             calls,
             admin,
         } = self;
+        if !shared.call_auth.current().is_enabled()
+            && calls.local_addr().is_ok_and(|a| !a.ip().is_loopback())
+        {
+            warn!(
+                listen = %shared.config.listen,
+                "The call port is open to anyone who can reach it: no [call_auth] keys or \
+                 allowlist. Fine for development; configure [call_auth] before exposing it."
+            );
+        }
         info!(
             calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),

@@ -432,7 +432,15 @@ impl RouteTable {
 
     /// The route a call takes: the first that matches.
     pub fn route(&self, call: &CallFacts<'_>) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matcher.matches(call))
+        self.route_for(call, None)
+    }
+
+    /// The route a call takes among `allowed` (by name; `None`: all): the first that matches.
+    pub fn route_for(&self, call: &CallFacts<'_>, allowed: Option<&[String]>) -> Option<&Route> {
+        self.routes.iter().find(|r| {
+            allowed.is_none_or(|names| names.iter().any(|n| **n == *r.name))
+                && r.matcher.matches(call)
+        })
     }
 
     /// The routes, in order.

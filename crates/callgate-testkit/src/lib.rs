@@ -65,6 +65,8 @@ pub struct TestServer {
     pub config: Config,
     /// The route table in force (replace it to re-route new calls).
     pub routes: callgate_server::RouteHandle,
+    /// The call-port keys and allowlist in force (replace them to rotate keys).
+    pub call_auth: callgate_server::call_auth::CallAuthHandle,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -134,6 +136,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let admin_addr = server.admin_addr();
     let metrics = server.metrics();
     let routes = server.routes();
+    let call_auth = server.call_auth();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -143,6 +146,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         metrics,
         config,
         routes,
+        call_auth,
         stop: Some(stop),
         handle,
         dir,

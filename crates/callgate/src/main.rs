@@ -128,7 +128,7 @@ fn serve(args: settings::Settings) -> ExitCode {
             }
         };
         let Signals { stop, hangup } = signals;
-        let reload = reload_on_hangup(hangup, &args, &fixed, server.routes());
+        let reload = reload_on_hangup(hangup, &args, &fixed, server.routes(), server.call_auth());
         // The reload loop never ends: the server's end decides.
         let result = tokio::select! {
             result = server.run(stop.received()) => result,
@@ -222,14 +222,15 @@ impl Stop {
     }
 }
 
-/// On each SIGHUP, re-reads the configuration and puts its route table in force for new
-/// calls (live calls keep theirs). A file that does not validate as a whole leaves the table
+/// On each SIGHUP, re-reads the configuration and puts its route table and call keys in
+/// force for new calls (live calls keep theirs). A file that does not validate as a whole leaves the table
 /// as it is. Never returns.
 async fn reload_on_hangup(
     hangup: Option<Hangup>,
     args: &settings::Settings,
     running: &settings::Settings,
     routes: callgate_server::RouteHandle,
+    call_auth: callgate_server::call_auth::CallAuthHandle,
 ) -> std::convert::Infallible {
     #[cfg(unix)]
     if let Some(mut hangup) = hangup {
@@ -243,7 +244,9 @@ async fn reload_on_hangup(
                 Ok(loaded) => {
                     let count = loaded.table.routes().len();
                     routes.replace(loaded.table);
-                    info!(%file, routes = count, "SIGHUP: reloaded the routes.");
+                    let keys = loaded.config.call_auth.keys.len();
+                    call_auth.replace(loaded.config.call_auth);
+                    info!(%file, routes = count, call_keys = keys, "SIGHUP: reloaded the routes and the call keys.");
                     if loaded.fixed != *running {
                         info!(
                             %file,

@@ -18,7 +18,8 @@ use callgate_agent::Catalog;
 use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
-use callgate_server::auth::{AdminAuth, Role, Token};
+use callgate_server::auth::{AdminAuth, Role, Secret, Token};
+use callgate_server::call_auth::{CallAuth, CallKey, Net};
 use callgate_server::routes::{RouteSpec, parse_spec};
 use callgate_server::{Config, RouteTable};
 use serde::{Deserialize, Deserializer};
@@ -75,6 +76,9 @@ settings! {
         /// The `[admin]` table of the file (file only): tokens and roles for the admin API.
         #[arg(skip)]
         admin: Option<AdminFile>,
+        /// The `[call_auth]` table of the file (file only): who may place calls.
+        #[arg(skip)]
+        call_auth: Option<CallAuthFile>,
         /// TOML configuration file: these settings and `[[routes]]` (unknown keys are an error)
         #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
         #[serde(skip)]
@@ -308,6 +312,9 @@ impl Settings {
         if let Some(admin) = &self.admin {
             c.admin_auth = admin.auth().with_context(in_file)?;
         }
+        if let Some(call_auth) = &self.call_auth {
+            c.call_auth = call_auth.auth().with_context(in_file)?;
+        }
         let log_filter = self.log.clone().unwrap_or_default().targets;
         // `Config::validate`, keeping the table it builds.
         c.validate_limits()?;
@@ -317,12 +324,24 @@ impl Settings {
             Err(e) if file.is_none() => return Err(e.into()),
             Err(e) => return Err(anyhow::Error::new(e).context(in_file())),
         };
+        for (i, key) in c.call_auth.keys.iter().enumerate() {
+            for name in key.routes.iter().flatten() {
+                if !table.routes().iter().any(|r| *r.name == **name) {
+                    return Err(anyhow!(
+                        "call_auth.keys[{i}] ({:?}): routes: there is no route named {name:?}",
+                        key.name
+                    ))
+                    .with_context(in_file);
+                }
+            }
+        }
         Ok(Loaded {
             config: c,
             table,
             log_filter,
             fixed: Self {
                 routes: None,
+                call_auth: None,
                 ..self
             },
         })
@@ -388,6 +407,100 @@ impl AdminFile {
         Ok(AdminAuth {
             tokens,
             behind_own_auth: self.behind_auth,
+        })
+    }
+}
+
+/// The file's `[call_auth]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CallAuthFile {
+    /// API keys for the call port.
+    #[serde(default)]
+    keys: Vec<CallKeyFile>,
+    /// Where calls may come from (CIDR, v4 and v6); empty: anywhere.
+    #[serde(default)]
+    allow: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+}
+
+/// One `[call_auth] keys` entry: a name, its secret from exactly one source, and optionally
+/// the routes it may take.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallKeyFile {
+    name: String,
+    key_env: Option<String>,
+    key_file: Option<PathBuf>,
+    key_sha256: Option<String>,
+    routes: Option<Vec<String>>,
+}
+
+/// A secret from exactly one of an environment variable, a file, or its SHA-256 digest.
+fn secret(
+    at: &str,
+    env: Option<&String>,
+    file: Option<&PathBuf>,
+    sha256: Option<&String>,
+    what: &str,
+) -> anyhow::Result<Secret> {
+    match (env, file, sha256) {
+        (Some(var), None, None) => {
+            let text = std::env::var(var).map_err(|_| {
+                anyhow!("{at}: {what}_env: the environment variable {var} is not set")
+            })?;
+            Secret::from_text(&text).map_err(|e| anyhow!("{at}: {what}_env: {e}"))
+        }
+        (None, Some(path), None) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow!("{at}: {what}_file: cannot read {}: {e}", path.display()))?;
+            Secret::from_text(&text).map_err(|e| anyhow!("{at}: {what}_file: {e}"))
+        }
+        (None, None, Some(hex)) => {
+            Secret::from_sha256_hex(hex).map_err(|e| anyhow!("{at}: {what}_sha256: {e}"))
+        }
+        _ => bail!("{at}: give exactly one of {what}_env, {what}_file, {what}_sha256"),
+    }
+}
+
+impl CallAuthFile {
+    fn auth(&self) -> anyhow::Result<CallAuth> {
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for (i, k) in self.keys.iter().enumerate() {
+            let at = format!("call_auth.keys[{i}] ({:?})", k.name);
+            if k.name.trim().is_empty() {
+                bail!("{at}: name: must not be empty");
+            }
+            if self.keys[..i].iter().any(|o| o.name == k.name) {
+                bail!("{at}: name: another key already has this name");
+            }
+            if k.routes.as_ref().is_some_and(Vec::is_empty) {
+                bail!("{at}: routes: an empty list would refuse every call; leave it out");
+            }
+            let secret = secret(
+                &at,
+                k.key_env.as_ref(),
+                k.key_file.as_ref(),
+                k.key_sha256.as_ref(),
+                "key",
+            )?;
+            keys.push(CallKey::new(&k.name, secret, k.routes.clone()));
+        }
+        let nets = |field: &str, all: &[String]| -> anyhow::Result<Vec<Net>> {
+            all.iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    n.parse()
+                        .map_err(|e| anyhow!("call_auth.{field}[{i}]: {e}"))
+                })
+                .collect()
+        };
+        Ok(CallAuth {
+            keys,
+            allow: nets("allow", &self.allow)?,
+            trusted_proxies: nets("trusted_proxies", &self.trusted_proxies)?,
         })
     }
 }

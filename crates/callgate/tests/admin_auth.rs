@@ -94,3 +94,54 @@ async fn tokens_from_the_config_file_guard_the_admin_api() {
         200
     );
 }
+
+#[tokio::test]
+async fn call_keys_from_the_config_file_guard_the_call_port() {
+    let data = TempDir::new("call-keys");
+    let secret = data.path().join("gw.key");
+    std::fs::write(&secret, "gw-secret-0123456789abcdef\n").unwrap();
+    let config = data.path().join("callgate.toml");
+    let keys = format!(
+        "[call_auth]\nkeys = [{{ name = \"gw\", key_file = {:?} }}]\nallow = [\"127.0.0.0/8\", \"::1\"]\n",
+        secret.display().to_string()
+    );
+    std::fs::write(&config, &keys).unwrap();
+    let server = Proc::serve(&data, Some(&config));
+    let sim = |url: String| {
+        Command::new(BIN)
+            .args(["sim", "--json", "--id", "keyed", "--hangup-at", "200ms", "--url", &url])
+            .output()
+            .expect("run callgate sim")
+    };
+    let refused = sim(format!("ws://{}/", server.calls));
+    assert_eq!(
+        refused.status.code(),
+        Some(1),
+        "no key: the call cannot be placed"
+    );
+    let placed = sim(format!(
+        "ws://{}/?apiKey=gw-secret-0123456789abcdef",
+        server.calls
+    ));
+    assert!(
+        placed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&placed.stderr)
+    );
+    let record = server.last_call().await;
+    assert_eq!(record["key_name"], "gw", "{record}");
+
+    // A key limited to a route that does not exist is a configuration error.
+    std::fs::write(
+        &config,
+        format!("{keys}\n[[routes]]\nname = \"main\"\nagent = \"echo\"\n")
+            .replace("key_file", "routes = [\"sales\"], key_file"),
+    )
+    .unwrap();
+    let (code, stderr) = run(&["routes", "check", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("call_auth.keys[0] (\"gw\"): routes: there is no route named \"sales\""),
+        "{stderr}"
+    );
+}

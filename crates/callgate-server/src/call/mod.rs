@@ -35,7 +35,10 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Response};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as Upgrade, Response,
+};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -45,6 +48,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use self::core::{AgentExit, CallCore, CoreConfig, Effect, Stats};
 use crate::Shared;
 use crate::admission::Pending;
+use crate::call_auth::{Admission, Refusal as CallRefusal};
 use crate::live::Mailbox;
 use crate::media::Media;
 use crate::pii::{Pii, Wire};
@@ -95,7 +99,7 @@ pub(crate) async fn serve(
         // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
         let setup = Box::pin(async {
-            let (mut ws, forced) = upgrade(&shared, stream, deadline).await?;
+            let (mut ws, forced, admitted) = upgrade(&shared, stream, deadline, peer).await?;
             // No call slot is free: refuse now rather than wait for the first message.
             if shared.admission.calls_full() {
                 refuse_call(&shared, &mut ws).await;
@@ -106,7 +110,7 @@ pub(crate) async fn serve(
                 refuse_call(&shared, &mut ws).await;
                 return None;
             };
-            Some((ws, start, slot))
+            Some((ws, start, slot, admitted))
         });
         let call = tokio::select! {
             _ = cancel.cancelled() => None,
@@ -117,8 +121,8 @@ pub(crate) async fn serve(
             call = setup => call,
         };
         drop(pending);
-        if let Some((ws, start, slot)) = call {
-            Box::pin(run_call(shared, ws, start, peer, slot)).await;
+        if let Some((ws, start, slot, admitted)) = call {
+            Box::pin(run_call(shared, ws, start, peer, slot, admitted)).await;
         }
     }
     .instrument(span)
@@ -145,21 +149,50 @@ async fn upgrade(
     shared: &Shared,
     stream: TcpStream,
     deadline: Instant,
-) -> Option<(Ws, Option<Protocol>)> {
+    peer: SocketAddr,
+) -> Option<(Ws, Option<Protocol>, Admission)> {
     let mut path = String::new();
+    let auth = shared.call_auth.current();
+    let mut admitted = Admission::default();
+    let mut refusal = None;
     #[allow(
         clippy::result_large_err,
         reason = "the callback's signature is tungstenite's"
     )]
     let callback = |req: &Upgrade, resp: Response| {
         path = req.uri().path().to_owned();
-        Ok(resp)
+        if !auth.is_enabled() {
+            return Ok(resp);
+        }
+        let headers = req.headers();
+        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        let client = auth.client(peer.ip(), forwarded);
+        match auth.admit(
+            client,
+            headers.get("authorization").map(|v| v.as_bytes()),
+            headers.get("x-api-key").map(|v| v.as_bytes()),
+            req.uri().query(),
+        ) {
+            Ok(admission) => {
+                admitted = admission;
+                Ok(resp)
+            }
+            Err(r) => {
+                refusal = Some((r, client));
+                Err(refusal_response(r))
+            }
+        }
     };
     let accept =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
     let result = timeout_at(deadline, accept).await;
+    if let Some((r, client)) = refusal {
+        refused(shared, r.as_str());
+        shared.refusal_log.note(r, client);
+        return None;
+    }
     match result {
-        Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path))),
+        Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path), admitted)),
         Ok(Err(error)) => {
             debug!(error = %Wire(&error.to_string()), "WebSocket upgrade failed.");
             refused(shared, "websocket_handshake");
@@ -171,6 +204,18 @@ async fn upgrade(
             None
         }
     }
+}
+
+/// The HTTP answer to a refused upgrade: 401 (with `WWW-Authenticate`) or 403, a short reason.
+fn refusal_response(r: CallRefusal) -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(r.reason().to_owned()));
+    *response.status_mut() = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
+    if r.status() == 401 {
+        response
+            .headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    }
+    response
 }
 
 fn refused(shared: &Shared, reason: &'static str) {
@@ -383,18 +428,25 @@ async fn run_call(
     start: Start,
     peer: SocketAddr,
     _slot: OwnedSemaphorePermit,
+    admitted: Admission,
 ) {
     let id = CallId::new();
     let protocol = start.protocol();
     let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
     let routes = shared.routes.current();
-    let Some(route) = routes.route(&CallFacts::of(&start)).cloned() else {
-        return Box::pin(no_route(shared, ws, id, start).instrument(span)).await;
+    // A key limited to some routes only ever reaches those.
+    let facts = CallFacts::of(&start);
+    let Some(route) = routes
+        .route_for(&facts, admitted.routes.as_deref())
+        .cloned()
+    else {
+        return Box::pin(no_route(shared, ws, id, start, admitted.key).instrument(span)).await;
     };
     drop(routes);
     let started = Instant::now();
     let (mut new_call, mut info, session) =
         describe(&shared, &id, start, &route, started.into_std());
+    new_call.key_name = admitted.key;
     let (phone_in, phone_out) = (info.input_format, info.output_format);
     let agent_format = route.factory.audio_format();
     if let Some(format) = agent_format {
@@ -492,7 +544,7 @@ async fn run_call(
 
 /// Refuses a call no route takes: its record says `no_route`, the phone gets close 1008 with
 /// a reason naming what was matched (CallBridge: no `started`; inbound: no `answer`).
-async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start) {
+async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key: Option<String>) {
     let facts = CallFacts::of(&start);
     let reason = match &start {
         Start::CallBridge(s) => format!(
@@ -538,7 +590,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start) {
         recording: false,
         route: None,
         agent: None,
-        key_name: None,
+        key_name: key,
     };
     let started_wall = new_call.started_at;
     match shared.store.insert_call(new_call).await {
@@ -683,6 +735,8 @@ impl Call {
         let timer = tokio::time::sleep_until(next_progress);
         tokio::pin!(timer);
         let mut agent = Some(agent);
+        // How the agent's future ended, until the commands it sent before are carried out.
+        let mut exit: Option<AgentExit> = None;
         let mut commands_open = true;
         let mut shutting_down = false;
         let cancel = self.shared.cancel.clone();
@@ -730,7 +784,7 @@ impl Call {
                 }
                 Input::AgentDone(outcome) => {
                     agent = None;
-                    self.core.handle_agent_exit(now, exit_of(outcome));
+                    exit = Some(exit_of(outcome));
                 }
                 Input::Socket(message) => self.socket_input(now, message),
                 // More of what the agent queued is taken right below, bounded per turn.
@@ -767,16 +821,25 @@ impl Call {
                         poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await
                 {
                     agent = None;
-                    self.core.handle_agent_exit(now, exit_of(outcome));
+                    exit = Some(exit_of(outcome));
                 }
+                let mut drained = false;
                 for _ in 0..AGENT_COMMANDS_PER_TURN {
                     if !self.core.takes_agent_commands() {
                         break;
                     }
                     match commands.try_recv() {
                         Some(command) => self.core.handle_agent_command(now, command),
-                        None => break,
+                        None => {
+                            drained = true;
+                            break;
+                        }
                     }
+                }
+                // An agent that returned is done once what it sent before returning has been
+                // carried out (its last words, keys, record entries); a failure ends at once.
+                if let Some(e) = exit.take_if(|e| drained || *e != AgentExit::Returned) {
+                    self.core.handle_agent_exit(now, e);
                 }
                 if self.drain(ws).await {
                     closed_by_us = true;

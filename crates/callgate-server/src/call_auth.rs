@@ -1,0 +1,397 @@
+//! Who may place a call (`[call_auth]`): named API keys, an IP allowlist, and the proxies
+//! whose `X-Forwarded-For` is believed. Checked in the HTTP upgrade, before any WebSocket
+//! exists: a refused connection gets 401 or 403 with a short reason and holds nothing.
+//!
+//! A key is presented as `Authorization: Bearer KEY`, as `x-api-key: KEY`, or as the `apiKey`
+//! query parameter (the forms CallBridge integrations use). Keys are kept as SHA-256 digests
+//! and compared without an early exit (see [`crate::auth`]); a key may be limited to some
+//! routes. Only a key's name is ever logged or stored.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::auth::{Secret, same_digest};
+
+/// An IPv4 or IPv6 network (`10.0.0.0/8`, `2001:db8::/32`; a bare address is one host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl FromStr for Net {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("{s:?} is not an IP address or network (CIDR)"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+        };
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for Net {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Net {
+    /// Whether `ip` is in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One API key for the call port.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CallKey {
+    /// Its name (stored with every call it places, logged; the secret never is).
+    pub name: String,
+    secret: Secret,
+    /// The routes calls with this key may take; `None`: any.
+    pub routes: Option<Vec<String>>,
+}
+
+impl fmt::Debug for CallKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallKey")
+            .field("name", &self.name)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CallKey {
+    /// A key from its secret, or from the hex SHA-256 digest of it.
+    pub fn new(name: &str, secret: Secret, routes: Option<Vec<String>>) -> Self {
+        Self {
+            name: name.to_owned(),
+            secret,
+            routes,
+        }
+    }
+}
+
+/// `[call_auth]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallAuth {
+    /// The keys; none: no key is asked for.
+    pub keys: Vec<CallKey>,
+    /// Where calls may come from; empty: anywhere.
+    pub allow: Vec<Net>,
+    /// Proxies whose `X-Forwarded-For` names the real client.
+    pub trusted_proxies: Vec<Net>,
+}
+
+/// A connection let through.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Admission {
+    /// The key's name, when keys are configured.
+    pub key: Option<String>,
+    /// The routes the key may take; `None`: any.
+    pub routes: Option<Vec<String>>,
+}
+
+/// Why a connection was refused at the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No key was presented (401).
+    MissingKey,
+    /// The key is not one of the configured ones (401).
+    BadKey,
+    /// The client's address is not on the allowlist (403).
+    NotAllowed,
+}
+
+impl Refusal {
+    /// The HTTP status of the refusal.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::MissingKey | Self::BadKey => 401,
+            Self::NotAllowed => 403,
+        }
+    }
+
+    /// The stable code (metric label, log field).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing_key",
+            Self::BadKey => "bad_key",
+            Self::NotAllowed => "address_not_allowed",
+        }
+    }
+
+    /// The short reason sent back.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::MissingKey => {
+                "an API key is required (Authorization: Bearer, x-api-key, or apiKey=)"
+            }
+            Self::BadKey => "invalid API key",
+            Self::NotAllowed => "calls are not accepted from this address",
+        }
+    }
+}
+
+impl CallAuth {
+    /// Whether anything is checked.
+    pub fn is_enabled(&self) -> bool {
+        !self.keys.is_empty() || !self.allow.is_empty()
+    }
+
+    /// The client behind `peer`: `peer` itself, unless it is a trusted proxy, then the
+    /// right-most address of `X-Forwarded-For` that is not a trusted proxy.
+    pub fn client(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+        let trusted = |ip: IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        if !trusted(peer) {
+            return peer;
+        }
+        let Some(chain) = forwarded_for else {
+            return peer;
+        };
+        let mut client = peer;
+        for hop in chain.rsplit(',') {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                // A hop that is not an address: believe nothing beyond it.
+                return client;
+            };
+            client = ip;
+            if !trusted(ip) {
+                return ip;
+            }
+        }
+        client
+    }
+
+    /// Checks a connection: the client's address, then its key.
+    pub fn admit(
+        &self,
+        client: IpAddr,
+        authorization: Option<&[u8]>,
+        x_api_key: Option<&[u8]>,
+        query: Option<&str>,
+    ) -> Result<Admission, Refusal> {
+        if !self.allow.is_empty() && !self.allow.iter().any(|n| n.contains(client)) {
+            return Err(Refusal::NotAllowed);
+        }
+        if self.keys.is_empty() {
+            return Ok(Admission::default());
+        }
+        let from_query = query.and_then(|q| {
+            q.split('&').find_map(|pair| match pair.split_once('=') {
+                Some(("apiKey", v)) => Some(v.as_bytes()),
+                _ => None,
+            })
+        });
+        let presented = authorization
+            .and_then(|v| {
+                v.strip_prefix(b"Bearer ")
+                    .or_else(|| v.strip_prefix(b"bearer "))
+            })
+            .or(x_api_key)
+            .or(from_query)
+            .map(<[u8]>::trim_ascii)
+            .filter(|k| !k.is_empty())
+            .ok_or(Refusal::MissingKey)?;
+        let presented = Secret::digest_of(presented);
+        let mut found = None;
+        for key in &self.keys {
+            if same_digest(&key.secret, &presented) && found.is_none() {
+                found = Some(key);
+            }
+        }
+        let key = found.ok_or(Refusal::BadKey)?;
+        Ok(Admission {
+            key: Some(key.name.clone()),
+            routes: key.routes.clone(),
+        })
+    }
+}
+
+/// The call-port auth in force, replaceable while calls run (key rotation). Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct CallAuthHandle {
+    auth: Arc<RwLock<Arc<CallAuth>>>,
+}
+
+impl CallAuthHandle {
+    /// A handle on `auth`.
+    pub fn new(auth: CallAuth) -> Self {
+        Self {
+            auth: Arc::new(RwLock::new(Arc::new(auth))),
+        }
+    }
+
+    /// What is in force now.
+    pub fn current(&self) -> Arc<CallAuth> {
+        // Replacing an Arc cannot leave the lock's value invalid, even if a holder panicked.
+        self.auth.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `auth` in force for connections from now on.
+    pub fn replace(&self, auth: CallAuth) {
+        *self.auth.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(auth);
+    }
+}
+
+/// How often refused upgrades are logged: at most one line per [`LOG_EVERY`], with the count.
+pub(crate) const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A rate-limited log of refused upgrades (a flood of them must not flood the log).
+#[derive(Debug, Default)]
+pub(crate) struct RefusalLog {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RefusalLog {
+    /// Notes a refusal; logs it (with those since the last line) at most every [`LOG_EVERY`].
+    pub(crate) fn note(&self, refusal: Refusal, client: IpAddr) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        let now = Instant::now();
+        if state
+            .0
+            .is_some_and(|last| now.duration_since(last) < LOG_EVERY)
+        {
+            return;
+        }
+        let refused = std::mem::take(&mut state.1);
+        state.0 = Some(now);
+        drop(state);
+        tracing::warn!(
+            refused,
+            last_reason = refusal.as_str(),
+            last_client = %client,
+            "Refused connections at the upgrade (no or bad API key, or address not allowed)."
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Net {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(ip("10.200.3.4")));
+        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(net("203.0.113.7").contains(ip("203.0.113.7")));
+        assert!(!net("203.0.113.7/32").contains(ip("203.0.113.8")));
+        assert!(net("0.0.0.0/0").contains(ip("1.2.3.4")));
+        assert!(net("2001:db8::/32").contains(ip("2001:db8:1::5")));
+        assert!(!net("2001:db8::/32").contains(ip("2001:db9::5")));
+        assert!(
+            net("127.0.0.0/8").contains(ip("::ffff:127.0.0.1")),
+            "mapped v4"
+        );
+        assert!(!net("10.0.0.0/8").contains(ip("::1")));
+        assert!("10.0.0.0/33".parse::<Net>().is_err());
+        assert!("nope".parse::<Net>().is_err());
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let auth = CallAuth {
+            trusted_proxies: vec![net("10.0.0.0/8")],
+            ..CallAuth::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            auth.client(ip("198.51.100.1"), Some("1.2.3.4")),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            auth.client(ip("10.0.0.5"), Some("1.2.3.4, 10.0.0.9")),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            auth.client(ip("10.0.0.5"), Some("6.6.6.6, 1.2.3.4")),
+            ip("1.2.3.4")
+        );
+        assert_eq!(auth.client(ip("10.0.0.5"), None), ip("10.0.0.5"));
+        assert_eq!(
+            auth.client(ip("10.0.0.5"), Some("junk, 10.0.0.9")),
+            ip("10.0.0.9")
+        );
+    }
+
+    #[test]
+    fn keys_come_in_three_forms_and_the_allowlist_comes_first() {
+        let secret = Secret::from_text("cb-prod-key-0123456789").unwrap();
+        let auth = CallAuth {
+            keys: vec![CallKey::new(
+                "callbridge-prod",
+                secret,
+                Some(vec!["sales".into()]),
+            )],
+            allow: vec![net("127.0.0.0/8")],
+            trusted_proxies: Vec::new(),
+        };
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let ok = Admission {
+            key: Some("callbridge-prod".into()),
+            routes: Some(vec!["sales".into()]),
+        };
+        let key = b"cb-prod-key-0123456789".as_slice();
+        assert_eq!(
+            auth.admit(lo, Some(b"Bearer cb-prod-key-0123456789"), None, None),
+            Ok(ok.clone())
+        );
+        assert_eq!(auth.admit(lo, None, Some(key), None), Ok(ok.clone()));
+        assert_eq!(
+            auth.admit(lo, None, None, Some("x=1&apiKey=cb-prod-key-0123456789")),
+            Ok(ok)
+        );
+        assert_eq!(auth.admit(lo, None, None, None), Err(Refusal::MissingKey));
+        assert_eq!(
+            auth.admit(lo, None, Some(b"wrong-key-0123456789"), None),
+            Err(Refusal::BadKey)
+        );
+        let far: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            auth.admit(far, None, Some(key), None),
+            Err(Refusal::NotAllowed)
+        );
+        assert!(!format!("{:?}", auth.keys[0]).contains("cb-prod-key"));
+    }
+}
