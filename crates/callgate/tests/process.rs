@@ -34,6 +34,8 @@ fn serve(data: &TempDir) -> Proc {
     let mut child = Command::new(BIN)
         .args([
             "serve",
+            "--agent",
+            "echo",
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
@@ -167,8 +169,21 @@ fn bad_configuration_exits_64_naming_the_problem() {
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmax_cals = 5\n").expect("write");
     let file = file.to_str().expect("utf-8 path");
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(&flow, "[[step]]\nname = \"a\"\nkind = \"dance\"\n").expect("write");
+    let flow = flow.to_str().expect("utf-8 path");
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["serve", "--flow", flow],
+            vec![],
+            "step \"a\": kind: unknown step kind \"dance\"",
+        ),
+        (
+            vec!["serve", "--flow", flow, "--agent", "echo"],
+            vec![],
+            "--agent and --flow",
+        ),
         (
             vec!["serve", "--listen", "nowhere"],
             vec![],

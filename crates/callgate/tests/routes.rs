@@ -77,6 +77,7 @@ impl Proc {
         }
         let mut child = command
             .env_remove("CALLGATE_AGENT")
+            .env_remove("CALLGATE_FLOW")
             .env_remove("CALLGATE_CONFIG")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -388,7 +389,7 @@ async fn sighup_without_a_config_file_reloads_nothing() {
     server.wait_for("nothing to reload");
     let record = server.inbound_call("still-default").await;
     assert_eq!(record["route"], "default", "{record}");
-    assert_eq!(record["agent"], "echo");
+    assert_eq!(record["agent"], "flow", "nothing configured: the demo menu");
 }
 
 #[tokio::test]
