@@ -92,7 +92,17 @@ impl Agent for FlowAgent {
                 match action {
                     Action::Command(command) => outbox.push_back(command),
                     Action::Play(prompt) => {
-                        outbox.extend(prompt.chunks(output).into_iter().map(AgentCommand::Audio))
+                        let chunks = if prompt.is_ready(output) {
+                            prompt.chunks(output)
+                        } else {
+                            // The first call at this rate converts the prompt, off the call
+                            // task (once per prompt and rate for the whole process).
+                            spawner
+                                .spawn_blocking(move || prompt.chunks(output))
+                                .await
+                                .unwrap_or_default()
+                        };
+                        outbox.extend(chunks.into_iter().map(AgentCommand::Audio));
                     }
                     Action::PlayPcm(pcm16) => outbox.extend(
                         audio::chunks(&pcm16, output)

@@ -1,5 +1,9 @@
-//! Prompt audio: read once (any PCM WAV: rate, channels, bit depth), converted at load to every
-//! call rate, so a call only slices (PCM) or G.711-encodes what it plays.
+//! Prompt audio: read once (any PCM WAV: rate, channels, bit depth) at load, and converted to a
+//! call rate the first time a call at that rate plays it (the driver does that off the call
+//! task); after that a call only slices (PCM) or G.711-encodes what it plays. Audio already at
+//! a call rate (the shipped 8 kHz prompts) needs no conversion at all.
+
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 use callgate_audio::wav::MonoAudio;
@@ -19,8 +23,10 @@ pub struct PromptAudio {
     pub label: String,
     /// Its length, ms.
     pub ms: u64,
-    /// 16-bit little-endian PCM at each of [`RATES`].
-    pcm: [Bytes; 4],
+    /// The audio as read.
+    source: MonoAudio,
+    /// 16-bit little-endian PCM at each of [`RATES`], converted on first use.
+    pcm: [OnceLock<Bytes>; 4],
 }
 
 impl std::fmt::Debug for PromptAudio {
@@ -34,11 +40,15 @@ impl std::fmt::Debug for PromptAudio {
 }
 
 impl PromptAudio {
-    /// Converts `audio` to every call rate.
+    /// A prompt of `audio` (checked now: every call rate can be made from its rate).
     pub fn new(label: impl Into<String>, audio: &MonoAudio) -> Result<Self, callgate_audio::Error> {
-        let mut pcm: [Bytes; 4] = Default::default();
-        for (slot, rate) in pcm.iter_mut().zip(RATES) {
-            *slot = resampled_pcm(audio, rate)?;
+        let pcm: [OnceLock<Bytes>; 4] = Default::default();
+        for (slot, rate) in pcm.iter().zip(RATES) {
+            if rate == audio.rate {
+                let _ = slot.set(resampled_pcm(audio, rate)?);
+            } else {
+                Resampler::new(audio.rate, rate)?;
+            }
         }
         let ms = if audio.rate == 0 {
             0
@@ -48,15 +58,30 @@ impl PromptAudio {
         Ok(Self {
             label: label.into(),
             ms,
+            source: audio.clone(),
             pcm,
         })
     }
 
-    /// The prompt in `format`, cut into [`CHUNK_MS`] pieces.
-    pub fn chunks(&self, format: AudioFormat) -> Vec<Bytes> {
+    fn slot(&self, format: AudioFormat) -> &OnceLock<Bytes> {
         let rate = format.sample_rate();
         let index = RATES.iter().position(|&r| r == rate).unwrap_or(0);
-        chunks(&self.pcm[index], format)
+        &self.pcm[index]
+    }
+
+    /// Whether [`PromptAudio::chunks`] for `format` is cheap (no conversion left to do).
+    pub fn is_ready(&self, format: AudioFormat) -> bool {
+        self.slot(format).get().is_some()
+    }
+
+    /// The prompt in `format`, cut into [`CHUNK_MS`] pieces. The first call for a rate
+    /// resamples (CPU: call it off the call task unless [`PromptAudio::is_ready`]).
+    pub fn chunks(&self, format: AudioFormat) -> Vec<Bytes> {
+        let pcm16 = self.slot(format).get_or_init(|| {
+            // The rates were checked in `new`: this cannot fail.
+            resampled_pcm(&self.source, format.sample_rate()).unwrap_or_default()
+        });
+        chunks(pcm16, format)
     }
 }
 
@@ -123,10 +148,24 @@ mod tests {
         };
         let prompt = PromptAudio::new("x.wav", &audio).unwrap();
         assert_eq!(prompt.ms, 1000);
+        assert!(
+            !prompt.is_ready(AudioFormat::Pcm16000),
+            "converted on first use"
+        );
         let total = |f: AudioFormat| prompt.chunks(f).iter().map(|c| c.len()).sum::<usize>();
         assert_eq!(total(AudioFormat::Pcm8000), 16000);
         assert_eq!(total(AudioFormat::Pcm16000), 32000);
         assert_eq!(total(AudioFormat::Ulaw8000), 8000);
         assert_eq!(prompt.chunks(AudioFormat::Pcm8000).len(), 5);
+        assert!(prompt.is_ready(AudioFormat::Pcm16000));
+        let native = MonoAudio {
+            rate: 8000,
+            samples: vec![0; 800],
+        };
+        let native = PromptAudio::new("y.wav", &native).unwrap();
+        assert!(
+            native.is_ready(AudioFormat::Ulaw8000),
+            "no conversion at its own rate"
+        );
     }
 }

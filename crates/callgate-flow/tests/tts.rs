@@ -55,7 +55,9 @@ async fn speech_api() -> (String, Arc<Mutex<Vec<Value>>>) {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("local server");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("local server");
     let addr = listener.local_addr().expect("address");
     callgate_server::Tasks::new().spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -143,7 +145,11 @@ async fn fixed_prompts_are_rendered_at_load_and_errors_name_the_step() {
         .await
         .unwrap();
     assert!(loaded.is_ok(), "{loaded:?}");
-    assert_eq!(seen.lock().expect("lock").len(), 1, "rendered once, at load");
+    assert_eq!(
+        seen.lock().expect("lock").len(),
+        1,
+        "rendered once, at load"
+    );
     assert_eq!(seen.lock().expect("lock")[0]["voice"], "nova");
     assert!(
         std::fs::read_dir(dir.path().join("tts-cache"))
