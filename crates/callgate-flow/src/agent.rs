@@ -34,6 +34,8 @@ pub(crate) struct Runtime {
     pub(crate) http: reqwest::Client,
     pub(crate) cache: tts::Cache,
     pub(crate) providers: HashMap<ProviderName, Arc<dyn Provider>>,
+    /// CallBridge's agent-terminate URL and API key.
+    pub(crate) callbridge: Option<(String, String)>,
 }
 
 /// Makes one flow agent per call.
@@ -143,7 +145,21 @@ impl Agent for FlowAgent {
                         let http = self.runtime.http.clone();
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
-                            let result = post(&http, &url, &body, timeout).await;
+                            let result = post(&http, &url, None, &body, timeout).await;
+                            let _ = tx.send(Done::Http { seq, result }).await;
+                        });
+                    }
+                    Action::Terminate { seq, body, timeout } => {
+                        let http = self.runtime.http.clone();
+                        let api = self.runtime.callbridge.clone();
+                        let tx = done_tx.clone();
+                        spawner.spawn(async move {
+                            let result = match &api {
+                                Some((url, key)) => {
+                                    post(&http, url, Some(key), &body, timeout).await
+                                }
+                                None => Err("CallBridge's OPEN API is not configured".into()),
+                            };
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
@@ -289,6 +305,7 @@ async fn speak(
 pub(crate) async fn post(
     http: &reqwest::Client,
     url: &str,
+    bearer: Option<&str>,
     body: &Value,
     timeout: Duration,
 ) -> Result<(u16, Bytes), String> {
@@ -299,13 +316,11 @@ pub(crate) async fn post(
             format!("POST {url}: {e}")
         }
     };
-    let mut answer = http
-        .post(url)
-        .json(body)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(describe)?;
+    let mut request = http.post(url).json(body).timeout(timeout);
+    if let Some(key) = bearer {
+        request = request.bearer_auth(key);
+    }
+    let mut answer = request.send().await.map_err(describe)?;
     let status = answer.status().as_u16();
     if answer
         .content_length()

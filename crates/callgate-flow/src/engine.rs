@@ -34,6 +34,9 @@ pub const MAX_INSTANT_STEPS: u32 = 100;
 pub const SILENCE_RMS: f64 = 0.01;
 /// The largest webhook answer read.
 pub const MAX_HTTP_ANSWER: usize = 64 * 1024;
+/// How long CallBridge has to end the call after accepting agent-terminate (its announcement
+/// plays first) before the flow hangs up itself.
+pub const TERMINATE_GRACE_MS: u64 = 60_000;
 /// Gap between keys of a `send_dtmf` on the inbound protocol.
 pub const DTMF_GAP_MS: u64 = 100;
 
@@ -66,6 +69,15 @@ pub enum Action {
         /// Where.
         url: String,
         /// The JSON body.
+        body: Value,
+        /// How long the request may take.
+        timeout: Duration,
+    },
+    /// POST `body` to CallBridge's `agent-terminate` API; answer with [`Done::Http`].
+    Terminate {
+        /// Answer with this.
+        seq: u64,
+        /// `{ivrIp, id, cdrId, callerNo, calleeNo, actionId, ment}`.
         body: Value,
         /// How long the request may take.
         timeout: Duration,
@@ -160,6 +172,11 @@ enum State {
     Saving { seq: u64, path: String, ms: u64 },
     /// Waiting for a webhook.
     Http { seq: u64 },
+    /// Waiting for CallBridge's answer to agent-terminate.
+    Terminating { seq: u64 },
+    /// CallBridge accepted agent-terminate: it announces and drops the line; if it has not
+    /// by the deadline, the flow hangs up itself.
+    AwaitingEnd,
     /// The flow is over.
     Done,
 }
@@ -275,6 +292,20 @@ impl Engine {
                 }
             }
             (State::SendingDtmf(_), _) => self.send_next_digit(now),
+            (
+                State::Terminating { .. },
+                StepKind::AgentTerminate {
+                    on_error, timeout, ..
+                },
+            ) => {
+                let (on_error, timeout) = (*on_error, *timeout);
+                self.finish(
+                    now,
+                    json!({"error": format!("no answer within {timeout:?}")}),
+                    on_error,
+                );
+            }
+            (State::AwaitingEnd, _) => self.hangup(now),
             (State::Recording(_), _) => self.stop_recording(now, "max_length"),
             (State::Http { .. }, StepKind::Http(h)) => {
                 let on_error = h.on_error;
@@ -371,6 +402,11 @@ impl Engine {
                 self.pump_prompt(now);
             }
             Done::Http { seq, result } => {
+                if matches!(self.state, State::Terminating { seq: s } if s == seq) {
+                    self.deadline = None;
+                    self.terminate_answer(now, result);
+                    return;
+                }
                 if !matches!(self.state, State::Http { seq: s } if s == seq) {
                     return;
                 }
@@ -550,6 +586,41 @@ impl Engine {
                     });
                     self.deadline = Some(now + ms(r.max_length));
                     self.instant_steps = 0;
+                    return;
+                }
+                StepKind::AgentTerminate {
+                    ment,
+                    timeout,
+                    on_error,
+                } => {
+                    if self.protocol != Protocol::CallBridge {
+                        next = self.result(
+                            json!({"error": "agent_terminate needs a CallBridge call"}),
+                            *on_error,
+                        );
+                        continue;
+                    }
+                    // The announcement is for a connected call.
+                    self.answer();
+                    self.seq += 1;
+                    let var = |name: &str| self.var(name).unwrap_or("").to_owned();
+                    let body = json!({
+                        "ivrIp": var("ivrIp"),
+                        "id": var("agentId"),
+                        "cdrId": var("cdrId"),
+                        "callerNo": var("caller"),
+                        "calleeNo": var("callee"),
+                        "actionId": var("callActionId"),
+                        "ment": ment.render(|name| self.var(name)),
+                    });
+                    self.state = State::Terminating { seq: self.seq };
+                    self.deadline = Some(now + ms(*timeout) + 1000);
+                    self.instant_steps = 0;
+                    self.out.push_back(Action::Terminate {
+                        seq: self.seq,
+                        body,
+                        timeout: *timeout,
+                    });
                     return;
                 }
                 StepKind::Http(h) => {
@@ -979,6 +1050,29 @@ impl Engine {
         self.finish(now, json!({"status": status, "vars": detail}), next);
     }
 
+    fn terminate_answer(&mut self, now: u64, result: Result<(u16, Bytes), String>) {
+        let StepKind::AgentTerminate { on_error, .. } = self.flow.steps[self.current].kind else {
+            return;
+        };
+        match result {
+            Ok((status, _)) if (200..300).contains(&status) => {
+                let _ = self.result(json!({"status": status}), None);
+                // CallBridge announces and drops the line: the call ends from its side.
+                self.state = State::AwaitingEnd;
+                self.deadline = Some(now + TERMINATE_GRACE_MS);
+                self.instant_steps = 0;
+            }
+            Ok((status, _)) => {
+                self.finish(
+                    now,
+                    json!({"status": status, "error": format!("HTTP {status}")}),
+                    on_error,
+                );
+            }
+            Err(error) => self.finish(now, json!({"error": error}), on_error),
+        }
+    }
+
     // --- records -------------------------------------------------------------------------
 
     fn command(&mut self, command: AgentCommand) {
@@ -1069,6 +1163,7 @@ mod tests {
                 Action::Clear => "clear".into(),
                 Action::Speak { text, .. } => format!("speak {text}"),
                 Action::Http { url, .. } => format!("http {url}"),
+                Action::Terminate { body, .. } => format!("terminate {body}"),
                 Action::Save { path, samples, .. } => {
                     format!("save {} {}", path.display(), samples.len())
                 }
@@ -1364,6 +1459,74 @@ mod tests {
         }
         let (a, _) = run(None);
         assert_eq!(went(&a), "failed:start:", "our own guard: {a:?}");
+    }
+
+    #[test]
+    fn agent_terminate_asks_callbridge_then_waits_for_the_line_to_drop() {
+        let text = r#"
+            [[step]]
+            name = "bye"
+            kind = "agent_terminate"
+            ment = "Goodbye {{caller}}"
+            on_error = "fallback"
+            [[step]]
+            name = "fallback"
+            kind = "hangup"
+        "#;
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        let a = drain(&mut e);
+        let body = a
+            .iter()
+            .find(|s| s.starts_with("terminate "))
+            .expect("the request");
+        assert!(
+            body.contains("\"ment\":\"Goodbye 0101\"") && body.contains("\"callerNo\":\"0101\""),
+            "{body}"
+        );
+        e.handle_done(
+            40,
+            Done::Http {
+                seq: 1,
+                result: Ok((200, Bytes::new())),
+            },
+        );
+        let a = drain(&mut e);
+        assert!(
+            a.iter()
+                .any(|s| s.starts_with("bye:end:") && s.contains("200")),
+            "{a:?}"
+        );
+        assert!(
+            !a.contains(&"Hangup".to_owned()),
+            "CallBridge drops the line"
+        );
+        assert_eq!(e.poll_timeout(), Some(40 + TERMINATE_GRACE_MS));
+        e.handle_timeout(40 + TERMINATE_GRACE_MS);
+        assert!(
+            drain(&mut e).contains(&"Hangup".to_owned()),
+            "unless it does not"
+        );
+
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        drain(&mut e);
+        e.handle_done(
+            40,
+            Done::Http {
+                seq: 1,
+                result: Ok((401, Bytes::new())),
+            },
+        );
+        assert!(drain(&mut e).iter().any(|s| s == "fallback:start:"));
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(
+            a.iter().any(|s| s.contains("needs a CallBridge call")),
+            "{a:?}"
+        );
+        assert!(a.iter().any(|s| s == "fallback:start:"));
     }
 
     #[test]

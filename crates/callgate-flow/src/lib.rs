@@ -53,6 +53,19 @@ pub struct FlowEnv {
     pub data_dir: PathBuf,
     /// The server's `[tts]` settings; a flow's own `[tts]` overrides them key by key.
     pub tts: TtsSettings,
+    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate`.
+    pub callbridge: Option<CallBridgeApi>,
+}
+
+/// CallBridge's OPEN API: where it is and the environment variable holding its key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallBridgeApi {
+    /// The API's base URL (`https://callbridge.example.com/api`): `agent_terminate` POSTs to
+    /// `{base_url}/calls/agent-terminate`.
+    pub base_url: String,
+    /// The environment variable holding the API key (sent as `Authorization: Bearer KEY`).
+    pub api_key_env: String,
 }
 
 /// A `flow` route's `[routes.settings]`: `file` or `demo`.
@@ -125,6 +138,7 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
         http: http.clone(),
         cache: tts::Cache::new(&env.data_dir),
         providers: Mutex::new(HashMap::new()),
+        callbridge: env.callbridge.clone(),
     };
     let flow = Flow::load(path, &env.tts, &loader)?;
     for warning in &flow.warnings {
@@ -141,6 +155,16 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
             http,
             cache: loader.cache,
             providers,
+            callbridge: env.callbridge.as_ref().and_then(|api| {
+                let key = std::env::var(&api.api_key_env).ok()?;
+                Some((
+                    format!(
+                        "{}/calls/agent-terminate",
+                        api.base_url.trim_end_matches('/')
+                    ),
+                    key,
+                ))
+            }),
         }),
     })
 }
@@ -160,6 +184,7 @@ struct EnvLoader {
     http: reqwest::Client,
     cache: tts::Cache,
     providers: Mutex<HashMap<ProviderName, Arc<dyn Provider>>>,
+    callbridge: Option<CallBridgeApi>,
 }
 
 impl EnvLoader {
@@ -215,5 +240,29 @@ impl spec::Loader for EnvLoader {
 
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String> {
         self.provider(tts, provider).map(|_| ())
+    }
+
+    fn check_callbridge_api(&self) -> Result<(), String> {
+        let Some(api) = &self.callbridge else {
+            return Err(
+                "agent_terminate needs CallBridge's OPEN API: [callbridge] base_url and \
+                 api_key_env in the server's configuration"
+                    .into(),
+            );
+        };
+        let url = reqwest::Url::parse(&api.base_url)
+            .map_err(|e| format!("[callbridge] base_url {:?}: {e}", api.base_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "[callbridge] base_url {:?} is not http(s)",
+                api.base_url
+            ));
+        }
+        std::env::var(&api.api_key_env).map(|_| ()).map_err(|_| {
+            format!(
+                "agent_terminate needs CallBridge's API key in ${} ([callbridge] api_key_env)",
+                api.api_key_env
+            )
+        })
     }
 }

@@ -185,6 +185,16 @@ pub enum StepKind {
     Record(Box<Record>),
     /// POST the call's data to a URL; the answer may set variables and choose the next step.
     Http(Box<Http>),
+    /// CallBridge only: end the call through CallBridge's OPEN API, which announces `ment`
+    /// and drops the line.
+    AgentTerminate {
+        /// The announcement (template; may be empty).
+        ment: Template,
+        /// How long the API request may take.
+        timeout: Duration,
+        /// After a failure (or on an inbound call); the end of the flow (a hangup) by default.
+        on_error: Next,
+    },
 }
 
 impl StepKind {
@@ -203,6 +213,7 @@ impl StepKind {
             Self::Echo { .. } => "echo",
             Self::Record(_) => "record",
             Self::Http(_) => "http",
+            Self::AgentTerminate { .. } => "agent_terminate",
         }
     }
 
@@ -228,6 +239,7 @@ impl StepKind {
             Self::Hangup => vec![],
             Self::Record(r) => vec![r.next],
             Self::Http(h) => vec![h.next, h.on_error],
+            Self::AgentTerminate { on_error, .. } => vec![*on_error],
         }
     }
 }
@@ -356,6 +368,8 @@ pub trait Loader {
     ) -> Result<PromptAudio, String>;
     /// Checks that speech can be rendered per call with this provider.
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String>;
+    /// Checks that CallBridge's OPEN API is configured (for `agent_terminate`).
+    fn check_callbridge_api(&self) -> Result<(), String>;
 }
 
 #[derive(Deserialize)]
@@ -532,6 +546,17 @@ struct RecordSpec {
 
 fn default_http_timeout() -> Dur {
     Dur(Duration::from_secs(5))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentTerminateSpec {
+    #[serde(default)]
+    ment: String,
+    #[serde(default = "default_http_timeout")]
+    timeout: Dur,
+    #[serde(default)]
+    on_error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -862,7 +887,7 @@ impl Compiler<'_> {
         let kind = match map.remove("kind") {
             Some(serde_json::Value::String(k)) => k,
             Some(_) => return Err(self.err(label, "kind", "must be a string")),
-            None => return Err(self.err(label, "kind", "missing (answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, send_dtmf, echo, record, http)")),
+            None => return Err(self.err(label, "kind", "missing (answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, send_dtmf, echo, record, http, agent_terminate)")),
         };
         let kind = match kind.as_str() {
             "answer" => {
@@ -1045,6 +1070,17 @@ impl Compiler<'_> {
                     next: self.next(label, "next", s.next.as_deref(), following)?,
                 }))
             }
+            "agent_terminate" => {
+                let s: AgentTerminateSpec = self.fields(label, value)?;
+                self.loader
+                    .check_callbridge_api()
+                    .map_err(|p| self.err(label, "", p))?;
+                StepKind::AgentTerminate {
+                    ment: Template::parse(&s.ment).map_err(|p| self.err(label, "ment", p))?,
+                    timeout: self.duration(label, "timeout", s.timeout, MAX_HTTP_TIMEOUT)?,
+                    on_error: self.next(label, "on_error", s.on_error.as_deref(), None)?,
+                }
+            }
             "http" => {
                 let s: HttpSpec = self.fields(label, value)?;
                 let url = Template::parse(&s.url).map_err(|p| self.err(label, "url", p))?;
@@ -1068,7 +1104,7 @@ impl Compiler<'_> {
                 }))
             }
             other => {
-                return Err(self.err(label, "kind", format!("unknown step kind {other:?} (answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, send_dtmf, echo, record, http)")));
+                return Err(self.err(label, "kind", format!("unknown step kind {other:?} (answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, send_dtmf, echo, record, http, agent_terminate)")));
             }
         };
         Ok(Step { name, kind })
@@ -1185,6 +1221,9 @@ pub(crate) mod tests {
             PromptAudio::new(text, &audio).map_err(|e| e.to_string())
         }
         fn check_provider(&self, _: &TtsSettings, _: ProviderName) -> Result<(), String> {
+            Ok(())
+        }
+        fn check_callbridge_api(&self) -> Result<(), String> {
             Ok(())
         }
     }

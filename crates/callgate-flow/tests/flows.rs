@@ -40,6 +40,7 @@ async fn server_with_flow(dir: &TempDir, flow: &str) -> TestServer {
         FlowEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
+            callbridge: None,
         },
     );
     let data = dir.path().to_path_buf();
@@ -632,6 +633,7 @@ async fn the_built_in_menu_answers_and_reads_the_callers_number() {
         FlowEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
+            callbridge: None,
         },
     );
     let server = spawn_server_with_catalog(&catalog, |c| {
@@ -690,5 +692,94 @@ async fn the_built_in_menu_answers_and_reads_the_callers_number() {
         turns.contains(&("agent".into(), "01099998888".into())),
         "the number read out: {turns:?}"
     );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_terminate_asks_callbridges_open_api_to_end_the_call() {
+    // The key's variable: one cargo sets for every test process (tests cannot set one).
+    let key = std::env::var("CARGO_PKG_NAME").expect("cargo sets it");
+    let seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let app = Router::new().route(
+        "/api/calls/agent-terminate",
+        post({
+            let seen = seen.clone();
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
+                let seen = seen.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    seen.lock().expect("lock").push((auth, body));
+                    axum::Json(json!({"result": "ok"}))
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("local server");
+    let addr = listener.local_addr().expect("address");
+    callgate_server::Tasks::new().spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let dir = TempDir::new("flow-terminate");
+    let file = dir.path().join("flow.toml");
+    std::fs::write(
+        &file,
+        "[[step]]\nname = \"bye\"\nkind = \"agent_terminate\"\nment = \"Goodbye\"\n",
+    )
+    .expect("write flow");
+    let mut catalog = Catalog::builtin();
+    callgate_flow::register(
+        &mut catalog,
+        FlowEnv {
+            data_dir: dir.path().to_path_buf(),
+            tts: Default::default(),
+            callbridge: Some(callgate_flow::CallBridgeApi {
+                base_url: format!("http://{addr}/api"),
+                api_key_env: "CARGO_PKG_NAME".into(),
+            }),
+        },
+    );
+    let server = spawn_server_with_catalog(&catalog, |c| {
+        c.routes = vec![
+            parse_spec(
+                json!({"name": "cb", "agent": "flow", "settings": {"file": file}}),
+                0,
+            )
+            .expect("route"),
+        ];
+    })
+    .await;
+    let mut phone = server.phone("/").await;
+    phone.text(callbridge_start("term-1")).await;
+    assert_eq!(phone.recv_json().await["type"], "started");
+    // CallBridge announces and drops the line once asked: wait for the request, then close.
+    let mut tries = 0;
+    while seen.lock().expect("lock").is_empty() {
+        tries += 1;
+        assert!(tries < 500, "agent-terminate was called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    phone.close(1000, "terminated").await;
+    let (auth, body) = seen.lock().expect("lock")[0].clone();
+    assert_eq!(auth, format!("Bearer {key}"));
+    assert_eq!(
+        body,
+        json!({"ivrIp": "192.168.150.103:29034", "id": "agent-main", "cdrId": "term-1",
+            "callerNo": "01012341234", "calleeNo": "07012345678",
+            "actionId": "1.758187055878E9", "ment": "Goodbye"})
+    );
+    let record = server.ended_call("term-1").await;
+    assert_eq!(record["end_reason"], "peer_closed");
+    let steps = flow_steps(&server, record["id"].as_str().expect("id")).await;
+    let end = steps
+        .iter()
+        .find(|(n, p, _)| n == "bye" && p == "end")
+        .expect("the step's result");
+    assert_eq!(end.2["result"]["status"], 200);
     server.shutdown().await;
 }

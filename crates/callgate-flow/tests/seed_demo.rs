@@ -29,6 +29,7 @@ async fn seed_server(dir: &TempDir) -> TestServer {
         FlowEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
+            callbridge: None,
         },
     );
     spawn_server_with_catalog(&catalog, |c| {

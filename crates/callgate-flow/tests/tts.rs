@@ -138,6 +138,7 @@ async fn fixed_prompts_are_rendered_at_load_and_errors_name_the_step() {
     let env = FlowEnv {
         data_dir: dir.path().to_path_buf(),
         tts: openai(&base, KEY_ENV),
+        callbridge: None,
     };
     let file2 = file.clone();
     let env2 = env.clone();
@@ -194,6 +195,7 @@ fn espeak_renders_english_and_korean_at_load() {
     let env = FlowEnv {
         data_dir: dir.path().to_path_buf(),
         tts: TtsSettings::default(),
+        callbridge: None,
     };
     let factory = callgate_flow::load(&file, &env).expect("espeak-ng is installed");
     assert_eq!(factory.flow().steps.len(), 2);
@@ -225,6 +227,7 @@ async fn speech_with_variables_is_rendered_per_call() {
         FlowEnv {
             data_dir: dir.path().to_path_buf(),
             tts: TtsSettings::default(),
+            callbridge: None,
         },
     );
     let server = spawn_server_with_catalog(&catalog, |c| {

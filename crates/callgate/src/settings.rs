@@ -149,6 +149,10 @@ settings! {
         /// The `[tts]` table of the file (file only): text-to-speech for flows.
         #[arg(skip)]
         tts: Option<callgate_flow::TtsSettings>,
+        /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for flows'
+        /// `agent_terminate`.
+        #[arg(skip)]
+        callbridge: Option<callgate_flow::CallBridgeApi>,
     }
 }
 
@@ -317,7 +321,12 @@ impl Settings {
         }
         // `Config::validate`, keeping the table it builds.
         c.validate_limits()?;
-        let table = match c.route_table(&catalog(&c, self.tts.clone().unwrap_or_default())) {
+        let flow_env = callgate_flow::FlowEnv {
+            data_dir: c.data_dir.clone(),
+            tts: self.tts.clone().unwrap_or_default(),
+            callbridge: self.callbridge.clone(),
+        };
+        let table = match c.route_table(&catalog(flow_env)) {
             Ok(table) => table,
             // A route from `--agent`: the error names it (`route "default": agent: ...`).
             Err(e) if file.is_none() => return Err(e.into()),
@@ -336,15 +345,9 @@ impl Settings {
 }
 
 /// The agents `serve` can run: the built-in ones and `flow`.
-pub(crate) fn catalog(config: &Config, tts: callgate_flow::TtsSettings) -> Catalog {
+pub(crate) fn catalog(flow_env: callgate_flow::FlowEnv) -> Catalog {
     let mut catalog = Catalog::builtin();
-    callgate_flow::register(
-        &mut catalog,
-        callgate_flow::FlowEnv {
-            data_dir: config.data_dir.clone(),
-            tts,
-        },
-    );
+    callgate_flow::register(&mut catalog, flow_env);
     catalog
 }
 
