@@ -103,8 +103,20 @@ impl FlowSettings {
     }
 }
 
-/// Registers the `flow` agent in `catalog`.
+/// Registers the `flow` agent in `catalog`; a flow's warnings (unreachable steps) are logged.
 pub fn register(catalog: &mut Catalog, env: FlowEnv) {
+    register_with(catalog, env, |warning| {
+        tracing::warn!(%warning, "Flow loaded with a warning.");
+    });
+}
+
+/// Like [`register`], handing each flow's warnings to `on_warning` (the binary prints them:
+/// they come before logging is set up).
+pub fn register_with(
+    catalog: &mut Catalog,
+    env: FlowEnv,
+    on_warning: impl Fn(&str) + Send + Sync + 'static,
+) {
     catalog.register(NAME, move |settings| {
         let settings = catalog::parse::<FlowSettings>(settings)?;
         let field = if settings.file.is_some() {
@@ -114,6 +126,9 @@ pub fn register(catalog: &mut Catalog, env: FlowEnv) {
         };
         let factory =
             load(&settings.path(), &env).map_err(|e| SettingsError::new(field, e.to_string()))?;
+        for warning in &factory.flow().warnings {
+            on_warning(warning);
+        }
         Ok(Arc::new(factory) as Arc<dyn AgentFactory>)
     });
 }
@@ -131,7 +146,7 @@ pub enum Error {
 }
 
 /// Reads, validates and prepares the flow at `path` (its fixed speech rendered, through the
-/// cache). Warnings (unreachable steps) are logged.
+/// cache). Its warnings (unreachable steps) are in `flow().warnings`.
 pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
     let http = http_client()?;
     let loader = EnvLoader {
@@ -141,9 +156,6 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
         callbridge: env.callbridge.clone(),
     };
     let flow = Flow::load(path, &env.tts, &loader)?;
-    for warning in &flow.warnings {
-        tracing::warn!(%warning, "Flow loaded with a warning.");
-    }
     let providers = loader
         .providers
         .into_inner()

@@ -344,10 +344,13 @@ impl Settings {
     }
 }
 
-/// The agents `serve` can run: the built-in ones and `flow`.
+/// The agents `serve` can run: the built-in ones and `flow`. A flow's warnings (unreachable
+/// steps) go to stderr: the configuration is loaded before logging is set up.
 pub(crate) fn catalog(flow_env: callgate_flow::FlowEnv) -> Catalog {
     let mut catalog = Catalog::builtin();
-    callgate_flow::register(&mut catalog, flow_env);
+    callgate_flow::register_with(&mut catalog, flow_env, |warning| {
+        eprintln!("callgate: warning: {warning}");
+    });
     catalog
 }
 

@@ -233,6 +233,25 @@ fn bad_configuration_exits_64_naming_the_problem() {
 }
 
 #[test]
+fn a_flows_warnings_are_printed_at_start() {
+    let dir = TempDir::new("flow-warning");
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(
+        &flow,
+        "[[step]]\nname = \"a\"\nkind = \"hangup\"\n[[step]]\nname = \"lost\"\nkind = \"hangup\"\n",
+    )
+    .expect("write");
+    let flow = flow.to_str().expect("utf-8 path");
+    let (code, stderr) = exit_code(&["routes", "check", "--flow", flow], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("callgate: warning: flow")
+            && stderr.contains("step \"lost\" is never reached"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn flags_beat_environment_which_beats_the_file() {
     // The file's bad max_calls is overridden by the flag, so the only failure left is the bad
     // agent from the environment, which beats the file's good one.
