@@ -21,7 +21,7 @@ use tokio::task::JoinHandle;
 use crate::audio;
 use crate::engine::{Action, Done, Engine, MAX_HTTP_ANSWER};
 use crate::spec::Flow;
-use crate::tts::{self, Provider, ProviderName};
+use crate::tts::{Provider, ProviderName};
 
 /// Results of off-task work coming back to the call's agent. Policy when full: the task
 /// waits (one or two are ever in flight: the engine waits for each before asking for more).
@@ -32,7 +32,6 @@ const DONE_QUEUE: usize = 8;
 pub(crate) struct Runtime {
     pub(crate) data_dir: PathBuf,
     pub(crate) http: reqwest::Client,
-    pub(crate) cache: tts::Cache,
     pub(crate) providers: HashMap<ProviderName, Arc<dyn Provider>>,
     /// CallBridge's agent-terminate URL and API key.
     pub(crate) callbridge: Option<(String, String)>,
@@ -280,7 +279,7 @@ async fn send(
     }
 }
 
-/// Speech for one call: from the cache or the provider, resampled to the call's rate.
+/// Speech for one call, from the provider, resampled to the call's rate.
 async fn speak(
     runtime: &Runtime,
     provider: ProviderName,
@@ -292,7 +291,10 @@ async fn speak(
         .providers
         .get(&provider)
         .ok_or_else(|| format!("provider {provider:?} is not configured"))?;
-    let audio = tts::speak(&runtime.cache, provider.as_ref(), voice, text)
+    // Not cached: a text with variables is per call (often a phone number: personal data that
+    // should not pile up on disk, one file per caller).
+    let audio = provider
+        .synthesize(text, voice)
         .await
         .map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(move || audio::resampled_pcm(&audio, rate))

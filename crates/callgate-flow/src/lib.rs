@@ -165,7 +165,6 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
         runtime: Arc::new(agent::Runtime {
             data_dir: env.data_dir.clone(),
             http,
-            cache: loader.cache,
             providers,
             callbridge: env.callbridge.as_ref().and_then(|api| {
                 let key = std::env::var(&api.api_key_env).ok()?;

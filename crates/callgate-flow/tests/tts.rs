@@ -264,5 +264,9 @@ async fn speech_with_variables_is_rendered_per_call() {
         transcript["entries"][0]["text"],
         "You are calling from 01099998888"
     );
+    assert!(
+        !dir.path().join("tts-cache").exists(),
+        "per-call speech (a phone number) is not kept on disk"
+    );
     server.shutdown().await;
 }
