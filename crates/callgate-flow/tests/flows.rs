@@ -546,6 +546,7 @@ async fn webhooks_success_failure_timeout_and_nonsense_each_take_their_branch() 
         name = "good"
         kind = "set"
         vars = {{ greeting = "Hello {{{{name}}}}, {{{{balance}}}}" }}
+        next = "jump"
         [[step]]
         name = "fail"
         kind = "http"
@@ -568,6 +569,10 @@ async fn webhooks_success_failure_timeout_and_nonsense_each_take_their_branch() 
         [[step]]
         name = "done"
         kind = "hangup"
+        [[step]]
+        name = "jump"
+        kind = "goto"
+        next = "fail"
         "#
     );
     let server = server_with_flow(&dir, &flow).await;
@@ -594,6 +599,7 @@ async fn webhooks_success_failure_timeout_and_nonsense_each_take_their_branch() 
         "Hello Kim, 42",
         "the answer's variables are in templates"
     );
+    assert_eq!(end("jump")["next"], "fail", "goto");
     assert_eq!(end("fail")["next"], "slow");
     assert_eq!(end("fail")["result"]["status"], 500);
     assert_eq!(end("slow")["next"], "bad");
