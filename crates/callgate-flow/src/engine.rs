@@ -1530,6 +1530,45 @@ mod tests {
     }
 
     #[test]
+    fn the_seed_demo_keeps_the_documents_timing_to_the_millisecond() {
+        let text = std::str::from_utf8(crate::demo::file("seed-demo.toml").unwrap()).unwrap();
+        // The commands, without the flow_step events.
+        let commands = |e: &mut Engine| -> Vec<String> {
+            drain(e)
+                .into_iter()
+                .filter(|s| !s.contains(":start:") && !s.contains(":end:"))
+                .collect()
+        };
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        assert_eq!(commands(&mut e), ["Answer"]);
+        assert_eq!(
+            e.poll_timeout(),
+            Some(2000),
+            "DTMF two seconds after the answer"
+        );
+        e.handle_timeout(2000);
+        let a = commands(&mut e);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(
+            a[0].starts_with("Dtmf { digit: D1, duration: DtmfDuration(200)"),
+            "{a:?}"
+        );
+        assert!(e.is_echoing(), "the echo starts with the DTMF");
+        assert_eq!(e.poll_timeout(), Some(12000), "ten seconds of echo");
+        e.handle_timeout(12000);
+        assert_eq!(commands(&mut e), ["Hangup", "finished"]);
+
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        assert_eq!(commands(&mut e), ["Answer"]);
+        e.handle_timeout(2000);
+        assert!(commands(&mut e).is_empty(), "no DTMF on CallBridge");
+        assert!(e.is_echoing());
+        assert_eq!(e.poll_timeout(), Some(12000));
+    }
+
+    #[test]
     fn a_goto_loop_is_stopped() {
         let text = "[[step]]\nname = \"a\"\nkind = \"goto\"\nnext = \"a\"\n";
         let mut e = engine(text, Protocol::Inbound);
