@@ -481,7 +481,10 @@ impl Engine {
                     "name": self.flow.steps[index].name,
                     "kind": self.flow.steps[index].kind.name(),
                     "phase": "error",
-                    "error": format!("{MAX_INSTANT_STEPS} steps ran without waiting for anything: a loop? hanging up"),
+                    "error": format!(
+                        "{MAX_INSTANT_STEPS} steps ran without waiting for anything: \
+                         a loop? hanging up"
+                    ),
                 }));
                 self.hangup(now);
                 return;

@@ -571,6 +571,10 @@ struct HttpSpec {
     on_error: Option<String>,
 }
 
+/// The step kinds, for error messages.
+const KINDS: &str = "answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, \
+                     send_dtmf, echo, record, http, agent_terminate";
+
 /// The longest `max_length` of a recording (its audio is held in memory until written).
 pub const MAX_RECORDING: Duration = Duration::from_secs(600);
 /// The longest `http` timeout.
@@ -887,7 +891,7 @@ impl Compiler<'_> {
         let kind = match map.remove("kind") {
             Some(serde_json::Value::String(k)) => k,
             Some(_) => return Err(self.err(label, "kind", "must be a string")),
-            None => return Err(self.err(label, "kind", "missing (answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, send_dtmf, echo, record, http, agent_terminate)")),
+            None => return Err(self.err(label, "kind", format!("missing ({KINDS})"))),
         };
         let kind = match kind.as_str() {
             "answer" => {
@@ -1104,7 +1108,11 @@ impl Compiler<'_> {
                 }))
             }
             other => {
-                return Err(self.err(label, "kind", format!("unknown step kind {other:?} (answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, send_dtmf, echo, record, http, agent_terminate)")));
+                return Err(self.err(
+                    label,
+                    "kind",
+                    format!("unknown step kind {other:?} ({KINDS})"),
+                ));
             }
         };
         Ok(Step { name, kind })
