@@ -51,6 +51,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/calls/{id}/clear", post(clear))
         .route("/api/calls/{id}/recording", get(recording))
+        .route("/api/calls/{id}/messages/{file}", get(message))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
@@ -711,5 +712,39 @@ async fn recording(
     }
     let path = crate::media::recording_path(&shared.config.data_dir.join("recordings"), &id);
     let data = tokio::fs::read(&path).await.map_err(|_| not_recorded())?;
+    Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
+}
+
+/// A message a flow's `record` step left: `DATA_DIR/messages/{id}/{file}` (`file` is a step's
+/// name and `.wav`, as listed in the call's `flow_step` events).
+async fn message(
+    State(shared): State<Arc<Shared>>,
+    Path((id, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let no_message = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_message",
+            format!("call {id:?} has no message {file:?}"),
+        )
+    };
+    let valid = file.strip_suffix(".wav").is_some_and(|stem| {
+        !stem.is_empty()
+            && stem
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    });
+    if !valid {
+        return Err(no_message());
+    }
+    // The call must exist: its id then names a directory the server wrote (no path tricks).
+    let record = find(&shared, &id).await?;
+    let path = shared
+        .config
+        .data_dir
+        .join("messages")
+        .join(record.id.to_string())
+        .join(&file);
+    let data = tokio::fs::read(&path).await.map_err(|_| no_message())?;
     Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
 }

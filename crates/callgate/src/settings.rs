@@ -62,9 +62,13 @@ settings! {
         #[arg(long, env = "CALLGATE_ADMIN_LISTEN", value_name = "ADDR", value_parser = text::<SocketAddr>())]
         #[serde(deserialize_with = "from_text")]
         admin_listen: Option<SocketAddr>,
-        /// The agent that answers every call (one default route; not with `[[routes]]`): echo or tone [default: echo]
+        /// The agent that answers every call (one default route; not with `[[routes]]` or --flow): echo, tone or flow [default: flow, the demo menu]
         #[arg(long, env = "CALLGATE_AGENT", value_name = "NAME")]
         agent: Option<String>,
+        /// Run this flow file for every call (one default route; not with --agent or `[[routes]]`) [default: the built-in demo menu]
+        #[arg(long, env = "CALLGATE_FLOW", value_name = "FILE", value_parser = text::<PathBuf>())]
+        #[serde(deserialize_with = "from_text")]
+        flow: Option<PathBuf>,
         /// Directory for the database and recordings [default: ./data]
         #[arg(long, env = "CALLGATE_DATA_DIR", value_name = "DIR", value_parser = text::<PathBuf>())]
         #[serde(deserialize_with = "from_text")]
@@ -160,6 +164,13 @@ settings! {
         /// The `[[routes]]` tables of the file (file only), parsed by `routes::parse_spec`.
         #[arg(skip)]
         routes: Option<Vec<toml::Value>>,
+        /// The `[tts]` table of the file (file only): text-to-speech for flows.
+        #[arg(skip)]
+        tts: Option<callgate_flow::TtsSettings>,
+        /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for flows'
+        /// `agent_terminate`.
+        #[arg(skip)]
+        callbridge: Option<callgate_flow::CallBridgeApi>,
     }
 }
 
@@ -197,6 +208,13 @@ impl Settings {
     fn merge(self, file: Self) -> anyhow::Result<Self> {
         if file.routes.as_ref().is_some_and(|r| !r.is_empty()) {
             let path = file.config.as_deref().unwrap_or(Path::new("?")).display();
+            if self.flow.is_some() || file.flow.is_some() {
+                bail!(
+                    "--flow (or CALLGATE_FLOW, or the file's `flow`) and the [[routes]] of config \
+                     file {path} cannot be used together: use one or the other (a route with \
+                     agent = \"flow\" and settings.file runs a flow)"
+                );
+            }
             if self.agent.is_some() {
                 bail!(
                     "--agent (or CALLGATE_AGENT) and the [[routes]] of config file {path} cannot \
@@ -211,7 +229,11 @@ impl Settings {
                 );
             }
         }
-        Ok(self.or(file))
+        let merged = self.or(file);
+        if merged.agent.is_some() && merged.flow.is_some() {
+            bail!("--agent and --flow (or their variables or file keys) cannot be used together");
+        }
+        Ok(merged)
     }
 
     /// Maps merged settings into the server's `Config` (the one place defaults meet
@@ -316,9 +338,28 @@ impl Settings {
             c.call_auth = call_auth.auth().with_context(in_file)?;
         }
         let log_filter = self.log.clone().unwrap_or_default().targets;
+        // One default route running a flow: `--flow FILE`, or the demo menu when no agent,
+        // flow or routes are given.
+        if c.routes.is_empty() && self.agent.is_none() {
+            let settings = match &self.flow {
+                Some(file) => serde_json::json!({ "file": file }),
+                None => serde_json::json!({ "demo": "menu" }),
+            };
+            c.routes = vec![RouteSpec {
+                name: callgate_server::routes::DEFAULT_ROUTE.to_owned(),
+                agent: callgate_flow::NAME.to_owned(),
+                matcher: None,
+                settings,
+            }];
+        }
         // `Config::validate`, keeping the table it builds.
         c.validate_limits()?;
-        let table = match c.route_table(&Catalog::builtin()) {
+        let flow_env = callgate_flow::FlowEnv {
+            data_dir: c.data_dir.clone(),
+            tts: self.tts.clone().unwrap_or_default(),
+            callbridge: self.callbridge.clone(),
+        };
+        let table = match c.route_table(&catalog(flow_env)) {
             Ok(table) => table,
             // A route from `--agent`: the error names it (`route "default": agent: ...`).
             Err(e) if file.is_none() => return Err(e.into()),
@@ -503,6 +544,16 @@ impl CallAuthFile {
             trusted_proxies: nets("trusted_proxies", &self.trusted_proxies)?,
         })
     }
+}
+
+/// The agents `serve` can run: the built-in ones and `flow`. A flow's warnings (unreachable
+/// steps) go to stderr: the configuration is loaded before logging is set up.
+pub(crate) fn catalog(flow_env: callgate_flow::FlowEnv) -> Catalog {
+    let mut catalog = Catalog::builtin();
+    callgate_flow::register_with(&mut catalog, flow_env, |warning| {
+        eprintln!("callgate: warning: {warning}");
+    });
+    catalog
 }
 
 /// Reads and parses the TOML file (unknown keys are errors).

@@ -109,7 +109,16 @@ async fn call_keys_from_the_config_file_guard_the_call_port() {
     let server = Proc::serve(&data, Some(&config));
     let sim = |url: String| {
         Command::new(BIN)
-            .args(["sim", "--json", "--id", "keyed", "--hangup-at", "200ms", "--url", &url])
+            .args([
+                "sim",
+                "--json",
+                "--id",
+                "keyed",
+                "--hangup-at",
+                "200ms",
+                "--url",
+                &url,
+            ])
             .output()
             .expect("run callgate sim")
     };

@@ -100,8 +100,21 @@ fn bad_configuration_exits_64_naming_the_problem() {
     let file = dir.path().join("bad.toml");
     std::fs::write(&file, "listen = \"127.0.0.1:0\"\nmax_cals = 5\n").expect("write");
     let file = file.to_str().expect("utf-8 path");
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(&flow, "[[step]]\nname = \"a\"\nkind = \"dance\"\n").expect("write");
+    let flow = flow.to_str().expect("utf-8 path");
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
     let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["serve", "--flow", flow],
+            vec![],
+            "step \"a\": kind: unknown step kind \"dance\"",
+        ),
+        (
+            vec!["serve", "--flow", flow, "--agent", "echo"],
+            vec![],
+            "--agent and --flow",
+        ),
         (
             vec!["serve", "--listen", "nowhere"],
             vec![],
@@ -148,6 +161,25 @@ fn bad_configuration_exits_64_naming_the_problem() {
         assert_eq!(code, Some(64), "{args:?} {env:?}: {stderr}");
         assert!(stderr.contains(message), "{args:?} {env:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_flows_warnings_are_printed_at_start() {
+    let dir = TempDir::new("flow-warning");
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(
+        &flow,
+        "[[step]]\nname = \"a\"\nkind = \"hangup\"\n[[step]]\nname = \"lost\"\nkind = \"hangup\"\n",
+    )
+    .expect("write");
+    let flow = flow.to_str().expect("utf-8 path");
+    let (code, stderr) = exit_code(&["routes", "check", "--flow", flow], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("callgate: warning: flow")
+            && stderr.contains("step \"lost\" is never reached"),
+        "{stderr}"
+    );
 }
 
 #[test]

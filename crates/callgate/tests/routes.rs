@@ -265,7 +265,7 @@ async fn sighup_without_a_config_file_reloads_nothing() {
     server.wait_for("nothing to reload");
     let record = server.inbound_call("still-default").await;
     assert_eq!(record["route"], "default", "{record}");
-    assert_eq!(record["agent"], "echo");
+    assert_eq!(record["agent"], "echo", "the --agent it was started with");
 }
 
 #[tokio::test]

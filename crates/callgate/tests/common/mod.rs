@@ -50,8 +50,14 @@ impl Proc {
             ])
             .arg("--data-dir")
             .arg(data.path());
-        if let Some(config) = config {
-            command.arg("--config").arg(config);
+        match config {
+            Some(config) => {
+                command.arg("--config").arg(config);
+            }
+            // Without a file the default is the demo menu: these tests want the echo agent.
+            None => {
+                command.args(["--agent", "echo"]);
+            }
         }
         let mut child = command
             .env_remove("CALLGATE_AGENT")

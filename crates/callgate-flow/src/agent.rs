@@ -1,0 +1,341 @@
+//! The `flow` agent: drives one call's [`Engine`] with the call's events and time, and carries
+//! out its actions: commands to the call, prompt audio in chunks, and the slow work (speech,
+//! webhooks, writing recordings) off the call task, through the call's [`Spawner`].
+//!
+//! [`Spawner`]: callgate_agent::Spawner
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use callgate_agent::{
+    Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed,
+};
+use callgate_audio::{Converter, pcm};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::audio;
+use crate::engine::{Action, Done, Engine, MAX_HTTP_ANSWER};
+use crate::spec::Flow;
+use crate::tts::{Provider, ProviderName};
+
+/// Results of off-task work coming back to the call's agent. Policy when full: the task
+/// waits (one or two are ever in flight: the engine waits for each before asking for more).
+const DONE_QUEUE: usize = 8;
+
+/// What every call of a flow shares.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) http: reqwest::Client,
+    pub(crate) providers: HashMap<ProviderName, Arc<dyn Provider>>,
+    /// CallBridge's agent-terminate URL and API key.
+    pub(crate) callbridge: Option<(String, String)>,
+}
+
+/// Makes one flow agent per call.
+#[derive(Debug)]
+pub struct FlowFactory {
+    pub(crate) flow: Arc<Flow>,
+    pub(crate) runtime: Arc<Runtime>,
+}
+
+impl FlowFactory {
+    /// The flow this factory runs.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
+    }
+}
+
+impl AgentFactory for FlowFactory {
+    fn name(&self) -> &str {
+        crate::NAME
+    }
+
+    fn start(&self, io: AgentIo) -> AgentRun {
+        boxed(
+            FlowAgent {
+                flow: self.flow.clone(),
+                runtime: self.runtime.clone(),
+            },
+            io,
+        )
+    }
+}
+
+/// The agent of one call.
+#[derive(Debug)]
+struct FlowAgent {
+    flow: Arc<Flow>,
+    runtime: Arc<Runtime>,
+}
+
+impl Agent for FlowAgent {
+    async fn run(self, mut io: AgentIo) -> Result<(), Error> {
+        let mut engine = Engine::new(self.flow.clone(), &io.call);
+        let sender = io.sender();
+        let spawner = io.spawner();
+        let input = io.call.input_format;
+        let output = io.call.output_format;
+        let (done_tx, mut done_rx) = mpsc::channel::<Done>(DONE_QUEUE);
+        let mut outbox: VecDeque<AgentCommand> = VecDeque::new();
+        let mut echo: Option<Converter> = None;
+        let mut saving: Option<(u64, JoinHandle<Result<(), String>>)> = None;
+        let mut samples = Vec::new();
+        let mut ended = false;
+        engine.start(io.now_ms());
+        loop {
+            while let Some(action) = engine.poll_action() {
+                match action {
+                    Action::Command(command) => outbox.push_back(command),
+                    Action::Play(prompt) => {
+                        let chunks = if prompt.is_ready(output) {
+                            prompt.chunks(output)
+                        } else {
+                            // The first call at this rate converts the prompt, off the call
+                            // task (once per prompt and rate for the whole process).
+                            spawner
+                                .spawn_blocking(move || prompt.chunks(output))
+                                .await
+                                .unwrap_or_default()
+                        };
+                        outbox.extend(chunks.into_iter().map(AgentCommand::Audio));
+                    }
+                    Action::PlayPcm(pcm16) => outbox.extend(
+                        audio::chunks(&pcm16, output)
+                            .into_iter()
+                            .map(AgentCommand::Audio),
+                    ),
+                    Action::Clear => {
+                        io.clear();
+                        outbox.retain(|c| {
+                            !matches!(
+                                c,
+                                AgentCommand::Audio(_)
+                                    | AgentCommand::Mark(_)
+                                    | AgentCommand::DtmfTone { .. }
+                            )
+                        });
+                    }
+                    Action::Speak {
+                        seq,
+                        text,
+                        voice,
+                        provider,
+                    } => {
+                        let runtime = self.runtime.clone();
+                        let tx = done_tx.clone();
+                        let rate = output.sample_rate();
+                        spawner.spawn(async move {
+                            let result = speak(&runtime, provider, &voice, &text, rate).await;
+                            let _ = tx.send(Done::Speech { seq, result }).await;
+                        });
+                    }
+                    Action::Http {
+                        seq,
+                        url,
+                        body,
+                        timeout,
+                    } => {
+                        let http = self.runtime.http.clone();
+                        let tx = done_tx.clone();
+                        spawner.spawn(async move {
+                            let result = post(&http, &url, None, &body, timeout).await;
+                            let _ = tx.send(Done::Http { seq, result }).await;
+                        });
+                    }
+                    Action::Terminate { seq, body, timeout } => {
+                        let http = self.runtime.http.clone();
+                        let api = self.runtime.callbridge.clone();
+                        let tx = done_tx.clone();
+                        spawner.spawn(async move {
+                            let result = match &api {
+                                Some((url, key)) => {
+                                    post(&http, url, Some(key), &body, timeout).await
+                                }
+                                None => Err("CallBridge's OPEN API is not configured".into()),
+                            };
+                            let _ = tx.send(Done::Http { seq, result }).await;
+                        });
+                    }
+                    Action::Save {
+                        seq,
+                        path,
+                        rate,
+                        samples,
+                    } => {
+                        let full = self.runtime.data_dir.join(path);
+                        // Awaited by this loop (not a cancellable task): a message left just
+                        // before the caller hung up is still written.
+                        let handle = spawner.spawn_blocking(move || {
+                            if let Some(dir) = full.parent() {
+                                std::fs::create_dir_all(dir)
+                                    .map_err(|e| format!("{}: {e}", dir.display()))?;
+                            }
+                            callgate_audio::wav::write_mono(&full, rate, &samples)
+                                .map_err(|e| format!("{}: {e}", full.display()))
+                        });
+                        saving = Some((seq, handle));
+                    }
+                    Action::Finished => {}
+                }
+            }
+            // Once the flow is over, the agent stays until the call has ended (its hangup
+            // ends it): returning at once could let the call act on the return before the
+            // commands still in its channel.
+            if ended && saving.is_none() && outbox.is_empty() {
+                return Ok(());
+            }
+            let deadline = engine.poll_timeout().filter(|_| !ended).map(|at| {
+                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(io.now_ms()))
+            });
+            let next = outbox.front().cloned();
+            tokio::select! {
+                event = io.recv(), if !ended => {
+                    let now = io.now_ms();
+                    match event {
+                        None | Some(AgentEvent::Ended(_)) => {
+                            ended = true;
+                            engine.handle_ended(now);
+                        }
+                        Some(AgentEvent::Audio(data)) => {
+                            if engine.is_echoing() {
+                                let data = if input == output {
+                                    data
+                                } else {
+                                    match &mut echo {
+                                        Some(c) => c.convert(&data),
+                                        None => match Converter::new(input, output) {
+                                            Ok(mut c) => {
+                                                let out = c.convert(&data);
+                                                echo = Some(c);
+                                                out
+                                            }
+                                            Err(e) => return Err(Error::Failed(e.to_string())),
+                                        },
+                                    }
+                                };
+                                outbox.push_back(AgentCommand::Audio(data));
+                            } else if engine.is_recording() {
+                                samples.clear();
+                                pcm::decode(input, &data, &mut samples);
+                                engine.handle_audio(now, &samples);
+                            }
+                        }
+                        Some(AgentEvent::Dtmf(digit)) => engine.handle_dtmf(now, digit),
+                        Some(AgentEvent::Mark { id, state, .. }) => {
+                            engine.handle_mark(now, id, state);
+                        }
+                        Some(AgentEvent::Refused { command, reason }) => {
+                            tracing::debug!(?command, %reason, "Flow command refused.");
+                        }
+                        Some(_) => {}
+                    }
+                }
+                () = sleep(deadline), if deadline.is_some() => {
+                    engine.handle_timeout(io.now_ms());
+                }
+                Some(done) = done_rx.recv() => engine.handle_done(io.now_ms(), done),
+                joined = async {
+                    match &mut saving {
+                        Some((_, handle)) => handle.await,
+                        None => std::future::pending().await,
+                    }
+                }, if saving.is_some() => {
+                    let seq = saving.take().map_or(0, |(seq, _)| seq);
+                    let result = joined.unwrap_or_else(|e| Err(e.to_string()));
+                    engine.handle_done(io.now_ms(), Done::Saved { seq, result });
+                }
+                sent = send(&sender, next), if !outbox.is_empty() => {
+                    if sent.is_err() {
+                        return Ok(());
+                    }
+                    outbox.pop_front();
+                }
+            }
+        }
+    }
+}
+
+async fn sleep(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send(
+    sender: &callgate_agent::AgentSender,
+    command: Option<AgentCommand>,
+) -> Result<(), Error> {
+    match command {
+        // Waits while the playout is full: the call paces the prompt.
+        Some(command) => sender.send(command).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Speech for one call, from the provider, resampled to the call's rate.
+async fn speak(
+    runtime: &Runtime,
+    provider: ProviderName,
+    voice: &str,
+    text: &str,
+    rate: u32,
+) -> Result<Bytes, String> {
+    let provider = runtime
+        .providers
+        .get(&provider)
+        .ok_or_else(|| format!("provider {provider:?} is not configured"))?;
+    // Not cached: a text with variables is per call (often a phone number: personal data that
+    // should not pile up on disk, one file per caller).
+    let audio = provider
+        .synthesize(text, voice)
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || audio::resampled_pcm(&audio, rate))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// POSTs `body` to `url`: status and body (at most [`MAX_HTTP_ANSWER`] bytes), or why not.
+pub(crate) async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+    body: &Value,
+    timeout: Duration,
+) -> Result<(u16, Bytes), String> {
+    let describe = |e: reqwest::Error| {
+        if e.is_timeout() {
+            format!("no answer within {timeout:?}")
+        } else {
+            format!("POST {url}: {e}")
+        }
+    };
+    let mut request = http.post(url).json(body).timeout(timeout);
+    if let Some(key) = bearer {
+        request = request.bearer_auth(key);
+    }
+    let mut answer = request.send().await.map_err(describe)?;
+    let status = answer.status().as_u16();
+    if answer
+        .content_length()
+        .is_some_and(|n| n > MAX_HTTP_ANSWER as u64)
+    {
+        return Err(format!("the answer is larger than {MAX_HTTP_ANSWER} bytes"));
+    }
+    let mut data = Vec::new();
+    while let Some(chunk) = answer.chunk().await.map_err(describe)? {
+        if data.len() + chunk.len() > MAX_HTTP_ANSWER {
+            return Err(format!("the answer is larger than {MAX_HTTP_ANSWER} bytes"));
+        }
+        data.extend_from_slice(&chunk);
+    }
+    Ok((status, Bytes::from(data)))
+}

@@ -1,0 +1,185 @@
+//! The shipped flows and their prompts, built into the binary: `callgate serve` runs the
+//! English menu when nothing is configured, on a machine with nothing else installed.
+//! `settings = { demo = "menu" }` (or `menu-ko`, `seed-demo`) runs one of them.
+
+/// The root the built-in files are found under (`<builtin>/menu.toml`).
+pub const ROOT: &str = "<builtin>";
+
+/// The built-in flows, by name.
+pub const FLOWS: [&str; 3] = ["menu", "menu-ko", "seed-demo"];
+
+/// Every built-in file, by its path under [`ROOT`].
+pub static FILES: &[(&str, &[u8])] = &[
+    (
+        "menu.toml",
+        include_bytes!("../../../examples/flows/menu.toml"),
+    ),
+    (
+        "menu-ko.toml",
+        include_bytes!("../../../examples/flows/menu-ko.toml"),
+    ),
+    (
+        "seed-demo.toml",
+        include_bytes!("../../../examples/flows/seed-demo.toml"),
+    ),
+    (
+        "prompts/en/beep.wav",
+        include_bytes!("../../../examples/flows/prompts/en/beep.wav"),
+    ),
+    (
+        "prompts/en/digits/0.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/0.wav"),
+    ),
+    (
+        "prompts/en/digits/1.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/1.wav"),
+    ),
+    (
+        "prompts/en/digits/2.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/2.wav"),
+    ),
+    (
+        "prompts/en/digits/3.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/3.wav"),
+    ),
+    (
+        "prompts/en/digits/4.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/4.wav"),
+    ),
+    (
+        "prompts/en/digits/5.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/5.wav"),
+    ),
+    (
+        "prompts/en/digits/6.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/6.wav"),
+    ),
+    (
+        "prompts/en/digits/7.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/7.wav"),
+    ),
+    (
+        "prompts/en/digits/8.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/8.wav"),
+    ),
+    (
+        "prompts/en/digits/9.wav",
+        include_bytes!("../../../examples/flows/prompts/en/digits/9.wav"),
+    ),
+    (
+        "prompts/en/echo.wav",
+        include_bytes!("../../../examples/flows/prompts/en/echo.wav"),
+    ),
+    (
+        "prompts/en/goodbye.wav",
+        include_bytes!("../../../examples/flows/prompts/en/goodbye.wav"),
+    ),
+    (
+        "prompts/en/menu.wav",
+        include_bytes!("../../../examples/flows/prompts/en/menu.wav"),
+    ),
+    (
+        "prompts/en/message.wav",
+        include_bytes!("../../../examples/flows/prompts/en/message.wav"),
+    ),
+    (
+        "prompts/en/number.wav",
+        include_bytes!("../../../examples/flows/prompts/en/number.wav"),
+    ),
+    (
+        "prompts/en/saved.wav",
+        include_bytes!("../../../examples/flows/prompts/en/saved.wav"),
+    ),
+    (
+        "prompts/en/sorry.wav",
+        include_bytes!("../../../examples/flows/prompts/en/sorry.wav"),
+    ),
+    (
+        "prompts/en/welcome.wav",
+        include_bytes!("../../../examples/flows/prompts/en/welcome.wav"),
+    ),
+    (
+        "prompts/ko/beep.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/beep.wav"),
+    ),
+    (
+        "prompts/ko/digits/0.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/0.wav"),
+    ),
+    (
+        "prompts/ko/digits/1.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/1.wav"),
+    ),
+    (
+        "prompts/ko/digits/2.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/2.wav"),
+    ),
+    (
+        "prompts/ko/digits/3.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/3.wav"),
+    ),
+    (
+        "prompts/ko/digits/4.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/4.wav"),
+    ),
+    (
+        "prompts/ko/digits/5.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/5.wav"),
+    ),
+    (
+        "prompts/ko/digits/6.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/6.wav"),
+    ),
+    (
+        "prompts/ko/digits/7.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/7.wav"),
+    ),
+    (
+        "prompts/ko/digits/8.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/8.wav"),
+    ),
+    (
+        "prompts/ko/digits/9.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/digits/9.wav"),
+    ),
+    (
+        "prompts/ko/echo.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/echo.wav"),
+    ),
+    (
+        "prompts/ko/goodbye.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/goodbye.wav"),
+    ),
+    (
+        "prompts/ko/menu.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/menu.wav"),
+    ),
+    (
+        "prompts/ko/message.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/message.wav"),
+    ),
+    (
+        "prompts/ko/number.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/number.wav"),
+    ),
+    (
+        "prompts/ko/saved.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/saved.wav"),
+    ),
+    (
+        "prompts/ko/sorry.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/sorry.wav"),
+    ),
+    (
+        "prompts/ko/welcome.wav",
+        include_bytes!("../../../examples/flows/prompts/ko/welcome.wav"),
+    ),
+];
+
+/// A built-in file.
+pub fn file(path: &str) -> Option<&'static [u8]> {
+    FILES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(_, data)| *data)
+}

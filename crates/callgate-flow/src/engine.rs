@@ -1,0 +1,1604 @@
+//! The step engine: a sans-IO state machine that runs one call through a [`Flow`].
+//!
+//! Inputs, each given the time as ms since the call began: [`Engine::start`],
+//! [`Engine::handle_dtmf`], [`Engine::handle_mark`], [`Engine::handle_audio`] (while
+//! recording), [`Engine::handle_timeout`], [`Engine::handle_done`] (speech, webhook and file
+//! work the driver did off the call task) and [`Engine::handle_ended`]. Effects come out of
+//! [`Engine::poll_action`]; [`Engine::poll_timeout`] is the next deadline. The invariant:
+//! after every `handle_*`, drain `poll_action` before awaiting anything.
+//!
+//! The engine never reads a clock and does no I/O, so its tests run whole flows in
+//! microseconds; the driver (`agent`) moves bytes and time.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use callgate_agent::{AgentCommand, CallInfo, MarkState, RecordEvent, Speaker, Turn};
+use callgate_audio::pcm;
+use callgate_proto::{Digit, Protocol};
+use serde_json::{Value, json};
+
+use crate::audio::PromptAudio;
+use crate::spec::{Flow, Next, Prompt, PromptPart, StepKind};
+use crate::tts::ProviderName;
+
+/// The name of the flow's event-log entries.
+pub const FLOW_STEP: &str = "flow_step";
+/// Steps run one after another without waiting for anything, at most (a `goto` loop). Also
+/// bounds the recursion of steps that end at once.
+pub const MAX_INSTANT_STEPS: u32 = 100;
+/// Caller audio below this RMS level (of full scale, about -40 dBFS) is silence to `record`.
+pub const SILENCE_RMS: f64 = 0.01;
+/// The largest webhook answer read.
+pub const MAX_HTTP_ANSWER: usize = 64 * 1024;
+/// How long CallBridge has to end the call after accepting agent-terminate (its announcement
+/// plays first) before the flow hangs up itself.
+pub const TERMINATE_GRACE_MS: u64 = 60_000;
+/// Gap between keys of a `send_dtmf` on the inbound protocol.
+pub const DTMF_GAP_MS: u64 = 100;
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send this command to the call.
+    Command(AgentCommand),
+    /// Play a prompt (in the call's output format, cut into chunks).
+    Play(Arc<PromptAudio>),
+    /// Play 16-bit PCM at the call's output rate (speech rendered for this call).
+    PlayPcm(Bytes),
+    /// Drop everything not yet heard (the caller typed over a prompt).
+    Clear,
+    /// Render speech for this call, off the call task; answer with [`Done::Speech`].
+    Speak {
+        /// Answer with this.
+        seq: u64,
+        /// The text.
+        text: String,
+        /// The voice.
+        voice: String,
+        /// The provider.
+        provider: ProviderName,
+    },
+    /// POST `body` to `url`; answer with [`Done::Http`].
+    Http {
+        /// Answer with this.
+        seq: u64,
+        /// Where.
+        url: String,
+        /// The JSON body.
+        body: Value,
+        /// How long the request may take.
+        timeout: Duration,
+    },
+    /// POST `body` to CallBridge's `agent-terminate` API; answer with [`Done::Http`].
+    Terminate {
+        /// Answer with this.
+        seq: u64,
+        /// `{ivrIp, id, cdrId, callerNo, calleeNo, actionId, ment}`.
+        body: Value,
+        /// How long the request may take.
+        timeout: Duration,
+    },
+    /// Write a recording (mono 16-bit WAV) to `path` under the data dir; answer with
+    /// [`Done::Saved`].
+    Save {
+        /// Answer with this.
+        seq: u64,
+        /// Relative to the data dir.
+        path: PathBuf,
+        /// Sample rate.
+        rate: u32,
+        /// The audio.
+        samples: Vec<i16>,
+    },
+    /// The flow is over (a hangup was sent): send what is queued, then stop.
+    Finished,
+}
+
+/// Work the driver did for the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    /// Speech for [`Action::Speak`]: 16-bit PCM at the call's output rate, or why not.
+    Speech {
+        /// As asked.
+        seq: u64,
+        /// The audio or the error.
+        result: Result<Bytes, String>,
+    },
+    /// The answer to [`Action::Http`]: status and body, or why there is none.
+    Http {
+        /// As asked.
+        seq: u64,
+        /// Status and body, or the failure (connection refused, timeout...).
+        result: Result<(u16, Bytes), String>,
+    },
+    /// [`Action::Save`] finished.
+    Saved {
+        /// As asked.
+        seq: u64,
+        /// Or why it failed.
+        result: Result<(), String>,
+    },
+}
+
+/// A prompt being played.
+#[derive(Debug)]
+struct PromptRun {
+    parts: VecDeque<PromptPart>,
+    /// Waiting for this speech before going on.
+    speech: Option<u64>,
+    /// The mark sent after the last part.
+    mark: Option<u64>,
+    start_ms: u64,
+    label: Vec<String>,
+}
+
+#[derive(Debug)]
+struct GatherRun {
+    attempt: u32,
+    digits: String,
+    first_ms: Option<u64>,
+    listening: bool,
+}
+
+#[derive(Debug)]
+struct RecordRun {
+    samples: Vec<i16>,
+    max_samples: usize,
+    silence_run: usize,
+    silence_limit: Option<usize>,
+    terminator: Option<Digit>,
+    start_ms: u64,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Not started, or between steps.
+    Idle,
+    /// A play/say step: its prompt is playing.
+    Playing,
+    /// A pause or an echo: until the deadline.
+    Waiting,
+    /// A gather.
+    Gathering(GatherRun),
+    /// A send_dtmf on the inbound protocol: keys still to send, one per deadline.
+    SendingDtmf(VecDeque<Digit>),
+    /// Recording the caller.
+    Recording(RecordRun),
+    /// Writing the recording.
+    Saving { seq: u64, path: String, ms: u64 },
+    /// Waiting for a webhook.
+    Http { seq: u64 },
+    /// Waiting for CallBridge's answer to agent-terminate.
+    Terminating { seq: u64 },
+    /// CallBridge accepted agent-terminate: it announces and drops the line; if it has not
+    /// by the deadline, the flow hangs up itself.
+    AwaitingEnd,
+    /// The flow is over.
+    Done,
+}
+
+/// One call's run through a flow.
+#[derive(Debug)]
+pub struct Engine {
+    flow: Arc<Flow>,
+    protocol: Protocol,
+    call_id: String,
+    input_rate: u32,
+    call_vars: BTreeMap<String, String>,
+    vars: BTreeMap<String, String>,
+    out: VecDeque<Action>,
+    answered: bool,
+    current: usize,
+    state: State,
+    prompt: Option<PromptRun>,
+    deadline: Option<u64>,
+    seq: u64,
+    instant_steps: u32,
+    recordings: u32,
+    ended: bool,
+}
+
+impl Engine {
+    /// An engine for one call.
+    pub fn new(flow: Arc<Flow>, call: &CallInfo) -> Self {
+        Self {
+            current: flow.start,
+            flow,
+            protocol: call.protocol,
+            call_id: call.call_id.clone(),
+            input_rate: call.input_format.sample_rate(),
+            call_vars: call
+                .variables()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            vars: BTreeMap::new(),
+            out: VecDeque::new(),
+            answered: false,
+            state: State::Idle,
+            prompt: None,
+            deadline: None,
+            seq: 0,
+            instant_steps: 0,
+            recordings: 0,
+            ended: false,
+        }
+    }
+
+    /// Starts the flow at its first step.
+    pub fn start(&mut self, now: u64) {
+        let start = self.flow.start;
+        self.enter(now, Some(start));
+    }
+
+    /// The next effect.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.out.pop_front()
+    }
+
+    /// When [`Engine::handle_timeout`] is due, ms since the call began.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        self.deadline
+    }
+
+    /// Whether caller audio should be sent back (an `echo` step).
+    pub fn is_echoing(&self) -> bool {
+        matches!(self.state, State::Waiting)
+            && matches!(self.flow.steps[self.current].kind, StepKind::Echo { .. })
+    }
+
+    /// Whether caller audio is wanted ([`Engine::handle_audio`]): a `record` step.
+    pub fn is_recording(&self) -> bool {
+        matches!(self.state, State::Recording(_))
+    }
+
+    /// Whether the flow is over.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    /// A variable's value: the flow's own first, then the call's.
+    pub fn var(&self, name: &str) -> Option<&str> {
+        self.vars
+            .get(name)
+            .or_else(|| self.call_vars.get(name))
+            .map(String::as_str)
+    }
+
+    /// The deadline passed.
+    pub fn handle_timeout(&mut self, now: u64) {
+        let Some(deadline) = self.deadline else {
+            return;
+        };
+        if now < deadline {
+            return;
+        }
+        self.deadline = None;
+        let flow = self.flow.clone();
+        let step = &flow.steps[self.current];
+        match (&mut self.state, &step.kind) {
+            (State::Waiting, StepKind::Pause { next, .. } | StepKind::Echo { next, .. }) => {
+                self.finish(now, json!({}), *next);
+            }
+            (State::Gathering(run), StepKind::Gather(_)) => {
+                if run.digits.is_empty() {
+                    self.gather_failed(now, "no_input", String::new());
+                } else {
+                    self.gather_complete(now);
+                }
+            }
+            (State::SendingDtmf(_), _) => self.send_next_digit(now),
+            (
+                State::Terminating { .. },
+                StepKind::AgentTerminate {
+                    on_error, timeout, ..
+                },
+            ) => {
+                let (on_error, timeout) = (*on_error, *timeout);
+                self.finish(
+                    now,
+                    json!({"error": format!("no answer within {timeout:?}")}),
+                    on_error,
+                );
+            }
+            (State::AwaitingEnd, _) => self.hangup(now),
+            (State::Recording(_), _) => self.stop_recording(now, "max_length"),
+            (State::Http { .. }, StepKind::Http(h)) => {
+                let on_error = h.on_error;
+                let timeout = h.timeout;
+                self.finish(
+                    now,
+                    json!({"error": format!("no answer within {timeout:?}")}),
+                    on_error,
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// The caller pressed a key.
+    pub fn handle_dtmf(&mut self, now: u64, digit: Digit) {
+        match &mut self.state {
+            State::Gathering(_) => self.gather_digit(now, digit),
+            State::Recording(run) if run.terminator == Some(digit) => {
+                self.stop_recording(now, "terminator");
+            }
+            _ => {}
+        }
+    }
+
+    /// A mark came back.
+    pub fn handle_mark(&mut self, now: u64, id: u64, state: MarkState) {
+        let Some(prompt) = &self.prompt else {
+            return;
+        };
+        if prompt.mark != Some(id) {
+            return;
+        }
+        self.prompt_over(now, state == MarkState::Cleared);
+        match &mut self.state {
+            State::Playing => {
+                if let StepKind::Play { next, .. } = self.flow.steps[self.current].kind {
+                    self.finish(now, json!({}), next);
+                }
+            }
+            State::Gathering(run) => {
+                run.listening = true;
+                if run.digits.is_empty() {
+                    self.arm_gather_timer(now, true);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Caller audio (decoded), while recording.
+    pub fn handle_audio(&mut self, now: u64, samples: &[i16]) {
+        let State::Recording(run) = &mut self.state else {
+            return;
+        };
+        let room = run.max_samples.saturating_sub(run.samples.len());
+        run.samples
+            .extend_from_slice(&samples[..samples.len().min(room)]);
+        if pcm::rms(samples) < SILENCE_RMS {
+            run.silence_run += samples.len();
+        } else {
+            run.silence_run = 0;
+        }
+        if run.samples.len() >= run.max_samples {
+            self.stop_recording(now, "max_length");
+        } else if run
+            .silence_limit
+            .is_some_and(|limit| run.silence_run >= limit)
+        {
+            self.stop_recording(now, "silence");
+        }
+    }
+
+    /// Work the driver did.
+    pub fn handle_done(&mut self, now: u64, done: Done) {
+        match done {
+            Done::Speech { seq, result } => {
+                let Some(prompt) = &mut self.prompt else {
+                    return;
+                };
+                if prompt.speech != Some(seq) {
+                    return;
+                }
+                prompt.speech = None;
+                match result {
+                    Ok(pcm) => self.out.push_back(Action::PlayPcm(pcm)),
+                    Err(error) => self.event(json!({
+                        "name": self.flow.steps[self.current].name,
+                        "kind": self.flow.steps[self.current].kind.name(),
+                        "phase": "error",
+                        "error": format!("speech: {error}"),
+                    })),
+                }
+                self.pump_prompt(now);
+            }
+            Done::Http { seq, result } => {
+                if matches!(self.state, State::Terminating { seq: s } if s == seq) {
+                    self.deadline = None;
+                    self.terminate_answer(now, result);
+                    return;
+                }
+                if !matches!(self.state, State::Http { seq: s } if s == seq) {
+                    return;
+                }
+                self.deadline = None;
+                self.http_answer(now, result);
+            }
+            Done::Saved { seq, result } => {
+                let State::Saving { seq: s, path, ms } = &self.state else {
+                    return;
+                };
+                if *s != seq {
+                    return;
+                }
+                let (path, ms) = (path.clone(), *ms);
+                let flow = self.flow.clone();
+                let StepKind::Record(r) = &flow.steps[self.current].kind else {
+                    return;
+                };
+                let next = r.next;
+                match result {
+                    Ok(()) => {
+                        self.vars.insert(r.variable.clone(), path.clone());
+                        self.vars
+                            .insert(format!("{}_ms", r.variable), ms.to_string());
+                        self.transcript(
+                            Speaker::Caller,
+                            format!("(recorded message {path}, {ms} ms)"),
+                            now.saturating_sub(ms),
+                            now,
+                            false,
+                        );
+                        self.finish(now, json!({"path": path, "ms": ms}), next);
+                    }
+                    Err(error) => self.finish(now, json!({"error": error}), next),
+                }
+            }
+        }
+    }
+
+    /// The call ended: a recording in progress is kept (a caller who hangs up after the
+    /// message is the usual end of one); everything else stops.
+    pub fn handle_ended(&mut self, now: u64) {
+        self.ended = true;
+        if matches!(self.state, State::Recording(_)) {
+            self.stop_recording(now, "hangup");
+            return;
+        }
+        if !matches!(self.state, State::Saving { .. } | State::Done) {
+            self.state = State::Done;
+            self.deadline = None;
+            self.out.push_back(Action::Finished);
+        }
+    }
+
+    // --- steps ---------------------------------------------------------------------------
+
+    fn enter(&mut self, now: u64, next: Next) {
+        let mut next = next;
+        loop {
+            let Some(index) = next.take() else {
+                self.hangup(now);
+                return;
+            };
+            if self.ended {
+                self.state = State::Done;
+                self.out.push_back(Action::Finished);
+                return;
+            }
+            self.instant_steps += 1;
+            if self.instant_steps > MAX_INSTANT_STEPS {
+                self.event(json!({
+                    "name": self.flow.steps[index].name,
+                    "kind": self.flow.steps[index].kind.name(),
+                    "phase": "error",
+                    "error": format!(
+                        "{MAX_INSTANT_STEPS} steps ran without waiting for anything: \
+                         a loop? hanging up"
+                    ),
+                }));
+                self.hangup(now);
+                return;
+            }
+            self.current = index;
+            self.state = State::Idle;
+            self.deadline = None;
+            let flow = self.flow.clone();
+            let step = &flow.steps[index];
+            self.event(json!({"name": step.name, "kind": step.kind.name(), "phase": "start"}));
+            match &step.kind {
+                StepKind::Answer { next: n } => {
+                    self.answer();
+                    next = self.result(json!({}), *n);
+                }
+                StepKind::Play { prompt, .. } => {
+                    self.answer();
+                    self.state = State::Playing;
+                    self.begin_prompt(now, prompt);
+                    return;
+                }
+                StepKind::Pause { duration, .. } | StepKind::Echo { duration, .. } => {
+                    if matches!(step.kind, StepKind::Echo { .. }) {
+                        self.answer();
+                    }
+                    self.state = State::Waiting;
+                    self.deadline = Some(now + ms(*duration));
+                    self.instant_steps = 0;
+                    return;
+                }
+                StepKind::Gather(g) => {
+                    self.answer();
+                    self.state = State::Gathering(GatherRun {
+                        attempt: 0,
+                        digits: String::new(),
+                        first_ms: None,
+                        listening: false,
+                    });
+                    self.begin_attempt(now, &g.prompt);
+                    return;
+                }
+                StepKind::Set { vars, next: n } => {
+                    let values: Vec<(String, String)> = vars
+                        .iter()
+                        .map(|(k, t)| (k.clone(), t.render(|name| self.var(name))))
+                        .collect();
+                    let detail: serde_json::Map<String, Value> = values
+                        .iter()
+                        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                        .collect();
+                    self.vars.extend(values);
+                    next = self.result(json!({"vars": detail}), *n);
+                }
+                StepKind::Goto { next: n } => next = self.result(json!({}), *n),
+                StepKind::Branch {
+                    variable,
+                    on,
+                    next: default,
+                } => {
+                    let value = self.var(variable).unwrap_or("").to_owned();
+                    let target = on
+                        .iter()
+                        .find(|(v, _)| *v == value)
+                        .map_or(*default, |(_, t)| *t);
+                    next = self.result(json!({"value": value}), target);
+                }
+                StepKind::Hangup => {
+                    let _ = self.result(json!({}), None);
+                    self.hangup(now);
+                    return;
+                }
+                StepKind::SendDtmf {
+                    digits,
+                    duration,
+                    next: n,
+                } => {
+                    self.answer();
+                    if self.protocol == Protocol::Inbound {
+                        self.state = State::SendingDtmf(digits.iter().copied().collect());
+                        self.send_next_digit(now);
+                        return;
+                    }
+                    // CallBridge has no DTMF message: in-band tones, queued in the playout.
+                    for &digit in digits {
+                        self.command(AgentCommand::DtmfTone {
+                            digit,
+                            duration: *duration,
+                        });
+                    }
+                    next = self.result(json!({"digits": digits_text(digits), "inband": true}), *n);
+                }
+                StepKind::Record(r) => {
+                    self.answer();
+                    let rate = self.input_rate as usize;
+                    self.state = State::Recording(RecordRun {
+                        samples: Vec::new(),
+                        max_samples: (rate as u64 * ms(r.max_length) / 1000) as usize,
+                        silence_run: 0,
+                        silence_limit: r.silence.map(|d| (rate as u64 * ms(d) / 1000) as usize),
+                        terminator: r.terminator,
+                        start_ms: now,
+                    });
+                    self.deadline = Some(now + ms(r.max_length));
+                    self.instant_steps = 0;
+                    return;
+                }
+                StepKind::AgentTerminate {
+                    ment,
+                    timeout,
+                    on_error,
+                } => {
+                    if self.protocol != Protocol::CallBridge {
+                        next = self.result(
+                            json!({"error": "agent_terminate needs a CallBridge call"}),
+                            *on_error,
+                        );
+                        continue;
+                    }
+                    // The announcement is for a connected call.
+                    self.answer();
+                    self.seq += 1;
+                    let var = |name: &str| self.var(name).unwrap_or("").to_owned();
+                    let body = json!({
+                        "ivrIp": var("ivrIp"),
+                        "id": var("agentId"),
+                        "cdrId": var("cdrId"),
+                        "callerNo": var("caller"),
+                        "calleeNo": var("callee"),
+                        "actionId": var("callActionId"),
+                        "ment": ment.render(|name| self.var(name)),
+                    });
+                    self.state = State::Terminating { seq: self.seq };
+                    self.deadline = Some(now + ms(*timeout) + 1000);
+                    self.instant_steps = 0;
+                    self.out.push_back(Action::Terminate {
+                        seq: self.seq,
+                        body,
+                        timeout: *timeout,
+                    });
+                    return;
+                }
+                StepKind::Http(h) => {
+                    self.seq += 1;
+                    let url = h.url.render(|name| self.var(name));
+                    let body = json!({
+                        "call_id": self.call_id,
+                        "step": step.name,
+                        "call": self.call_vars,
+                        "variables": self.vars,
+                    });
+                    self.state = State::Http { seq: self.seq };
+                    // A guard of our own beside the request's timeout: the call never hangs
+                    // on a webhook, whatever the HTTP client does.
+                    self.deadline = Some(now + ms(h.timeout) + 1000);
+                    self.instant_steps = 0;
+                    self.out.push_back(Action::Http {
+                        seq: self.seq,
+                        url,
+                        body,
+                        timeout: h.timeout,
+                    });
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Logs the current step's result and says where to go (for steps that end at once).
+    fn result(&mut self, result: Value, next: Next) -> Next {
+        let step = &self.flow.steps[self.current];
+        let next_name = next.map(|i| self.flow.steps[i].name.clone());
+        self.event(json!({
+            "name": step.name,
+            "kind": step.kind.name(),
+            "phase": "end",
+            "result": result,
+            "next": next_name,
+        }));
+        next
+    }
+
+    /// The current step is over: log its result and go on.
+    fn finish(&mut self, now: u64, result: Value, next: Next) {
+        let next = self.result(result, next);
+        self.enter(now, next);
+    }
+
+    fn hangup(&mut self, _now: u64) {
+        self.state = State::Done;
+        self.deadline = None;
+        self.prompt = None;
+        self.command(AgentCommand::Hangup);
+        self.out.push_back(Action::Finished);
+    }
+
+    fn answer(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            self.command(AgentCommand::Answer);
+        }
+    }
+
+    fn send_next_digit(&mut self, now: u64) {
+        let flow = self.flow.clone();
+        let StepKind::SendDtmf {
+            duration,
+            next,
+            digits,
+        } = &flow.steps[self.current].kind
+        else {
+            return;
+        };
+        let (duration, next) = (*duration, *next);
+        let State::SendingDtmf(left) = &mut self.state else {
+            return;
+        };
+        if let Some(digit) = left.pop_front() {
+            let more = !left.is_empty();
+            self.command(AgentCommand::Dtmf { digit, duration });
+            if more {
+                self.deadline = Some(now + u64::from(duration.as_millis()) + DTMF_GAP_MS);
+                self.instant_steps = 0;
+                return;
+            }
+        }
+        let text = digits_text(digits);
+        self.finish(now, json!({"digits": text, "inband": false}), next);
+    }
+
+    // --- prompts -------------------------------------------------------------------------
+
+    fn begin_prompt(&mut self, now: u64, prompt: &Prompt) {
+        self.prompt = Some(PromptRun {
+            parts: prompt.parts.iter().cloned().collect(),
+            speech: None,
+            mark: None,
+            start_ms: now,
+            label: Vec::new(),
+        });
+        self.instant_steps = 0;
+        self.pump_prompt(now);
+    }
+
+    /// Queues the prompt's parts up to the next one that needs rendering, then its mark.
+    fn pump_prompt(&mut self, _now: u64) {
+        loop {
+            let Some(prompt) = &mut self.prompt else {
+                return;
+            };
+            if prompt.speech.is_some() || prompt.mark.is_some() {
+                return;
+            }
+            match prompt.parts.pop_front() {
+                Some(PromptPart::Audio(audio)) => {
+                    prompt.label.push(audio.label.clone());
+                    self.out.push_back(Action::Play(audio));
+                }
+                Some(PromptPart::Digits { text, files }) => {
+                    let text = text.render(|name| {
+                        self.vars
+                            .get(name)
+                            .or_else(|| self.call_vars.get(name))
+                            .map(String::as_str)
+                    });
+                    let Some(prompt) = &mut self.prompt else {
+                        return;
+                    };
+                    prompt.label.push(text.clone());
+                    for key in text.chars() {
+                        if let Some(audio) = files.get(&key) {
+                            self.out.push_back(Action::Play(audio.clone()));
+                        }
+                    }
+                }
+                Some(PromptPart::Speak {
+                    text,
+                    voice,
+                    provider,
+                }) => {
+                    let text = text.render(|name| {
+                        self.vars
+                            .get(name)
+                            .or_else(|| self.call_vars.get(name))
+                            .map(String::as_str)
+                    });
+                    self.seq += 1;
+                    let Some(prompt) = &mut self.prompt else {
+                        return;
+                    };
+                    prompt.label.push(text.clone());
+                    prompt.speech = Some(self.seq);
+                    self.out.push_back(Action::Speak {
+                        seq: self.seq,
+                        text,
+                        voice,
+                        provider,
+                    });
+                }
+                None => {
+                    self.seq += 1;
+                    prompt.mark = Some(self.seq);
+                    let id = self.seq;
+                    self.command(AgentCommand::Mark(id));
+                }
+            }
+        }
+    }
+
+    /// The prompt has been heard (or cut short): write its turn.
+    fn prompt_over(&mut self, now: u64, interrupted: bool) {
+        if let Some(prompt) = self.prompt.take() {
+            let label = prompt.label.join(" ");
+            if !label.is_empty() {
+                self.transcript(Speaker::Agent, label, prompt.start_ms, now, interrupted);
+            }
+        }
+    }
+
+    // --- gather --------------------------------------------------------------------------
+
+    fn begin_attempt(&mut self, now: u64, prompt: &Prompt) {
+        if let State::Gathering(run) = &mut self.state {
+            run.digits.clear();
+            run.first_ms = None;
+            run.listening = prompt.is_empty();
+        }
+        if prompt.is_empty() {
+            self.arm_gather_timer(now, true);
+        } else {
+            self.begin_prompt(now, prompt);
+        }
+    }
+
+    fn arm_gather_timer(&mut self, now: u64, first: bool) {
+        let StepKind::Gather(g) = &self.flow.steps[self.current].kind else {
+            return;
+        };
+        let wait = if first {
+            g.first_digit_timeout
+        } else {
+            g.inter_digit_timeout
+        };
+        self.deadline = Some(now + ms(wait));
+        self.instant_steps = 0;
+    }
+
+    fn gather_digit(&mut self, now: u64, digit: Digit) {
+        let flow = self.flow.clone();
+        let StepKind::Gather(g) = &flow.steps[self.current].kind else {
+            return;
+        };
+        if self.prompt.is_some() {
+            // Typing over the prompt: stop it at once; its mark comes back as cleared.
+            self.out.push_back(Action::Clear);
+            self.prompt_over(now, true);
+        }
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        run.listening = true;
+        if g.terminator == Some(digit) {
+            if run.digits.is_empty() {
+                self.gather_failed(now, "no_input", String::new());
+            } else {
+                self.gather_complete(now);
+            }
+            return;
+        }
+        run.first_ms.get_or_insert(now);
+        run.digits.push(digit.as_char());
+        if run.digits.len() >= g.max_digits {
+            self.gather_complete(now);
+        } else {
+            self.arm_gather_timer(now, false);
+        }
+    }
+
+    fn gather_complete(&mut self, now: u64) {
+        let flow = self.flow.clone();
+        let StepKind::Gather(g) = &flow.steps[self.current].kind else {
+            return;
+        };
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        let digits = std::mem::take(&mut run.digits);
+        let start = run.first_ms.unwrap_or(now);
+        let attempt = run.attempt;
+        self.deadline = None;
+        self.transcript(Speaker::Caller, digits.clone(), start, now, false);
+        self.vars.insert(g.variable.clone(), digits.clone());
+        if g.on.is_empty() {
+            self.finish(
+                now,
+                json!({"digits": digits, "attempt": attempt + 1}),
+                g.next,
+            );
+            return;
+        }
+        match g.on.iter().find(|(d, _)| *d == digits) {
+            Some((_, target)) => {
+                self.finish(
+                    now,
+                    json!({"digits": digits, "attempt": attempt + 1}),
+                    *target,
+                );
+            }
+            None => self.gather_failed(now, "no_match", digits),
+        }
+    }
+
+    fn gather_failed(&mut self, now: u64, why: &'static str, digits: String) {
+        let flow = self.flow.clone();
+        let step = &flow.steps[self.current];
+        let StepKind::Gather(g) = &step.kind else {
+            return;
+        };
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        run.digits.clear();
+        self.deadline = None;
+        if run.attempt < g.retries {
+            run.attempt += 1;
+            let attempt = run.attempt;
+            self.event(json!({
+                "name": step.name,
+                "kind": "gather",
+                "phase": "retry",
+                "result": {"outcome": why, "digits": digits, "attempt": attempt},
+            }));
+            self.begin_attempt(now, &g.retry_prompt);
+            return;
+        }
+        let attempts = run.attempt + 1;
+        let target = if why == "no_match" {
+            g.no_match
+        } else {
+            g.no_input
+        };
+        self.vars.insert(g.variable.clone(), digits.clone());
+        self.finish(
+            now,
+            json!({"outcome": why, "digits": digits, "attempts": attempts}),
+            target,
+        );
+    }
+
+    // --- record --------------------------------------------------------------------------
+
+    fn stop_recording(&mut self, now: u64, why: &'static str) {
+        let State::Recording(run) = std::mem::replace(&mut self.state, State::Idle) else {
+            return;
+        };
+        self.deadline = None;
+        self.recordings += 1;
+        let name = &self.flow.steps[self.current].name;
+        let file = if self.recordings == 1 {
+            format!("{name}.wav")
+        } else {
+            format!("{name}-{}.wav", self.recordings)
+        };
+        let path = format!("messages/{}/{file}", self.call_id);
+        let ms = run.samples.len() as u64 * 1000 / u64::from(self.input_rate.max(1));
+        self.seq += 1;
+        self.event(json!({
+            "name": name,
+            "kind": "record",
+            "phase": "stopped",
+            "result": {"reason": why, "ms": ms, "started_ms": run.start_ms, "at_ms": now},
+        }));
+        self.state = State::Saving {
+            seq: self.seq,
+            path: path.clone(),
+            ms,
+        };
+        self.out.push_back(Action::Save {
+            seq: self.seq,
+            path: PathBuf::from(path),
+            rate: self.input_rate,
+            samples: run.samples,
+        });
+    }
+
+    // --- http ----------------------------------------------------------------------------
+
+    fn http_answer(&mut self, now: u64, result: Result<(u16, Bytes), String>) {
+        let flow = self.flow.clone();
+        let StepKind::Http(h) = &flow.steps[self.current].kind else {
+            return;
+        };
+        let fail = |this: &mut Self, status: Option<u16>, error: String| {
+            this.vars.insert(
+                "http_status".into(),
+                status.map_or_else(String::new, |s| s.to_string()),
+            );
+            this.finish(now, json!({"status": status, "error": error}), h.on_error);
+        };
+        let (status, body) = match result {
+            Ok(answer) => answer,
+            Err(error) => return fail(self, None, error),
+        };
+        if !(200..300).contains(&status) {
+            return fail(self, Some(status), format!("HTTP {status}"));
+        }
+        let answer: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            json!({})
+        } else {
+            match serde_json::from_slice(&body) {
+                Ok(v) => v,
+                Err(e) => return fail(self, Some(status), format!("the answer is not JSON: {e}")),
+            }
+        };
+        let Value::Object(answer) = answer else {
+            return fail(self, Some(status), "the answer is not a JSON object".into());
+        };
+        let mut set = Vec::new();
+        match answer.get("variables") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(vars)) => {
+                for (k, v) in vars {
+                    let text = match v {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Bool(b) => b.to_string(),
+                        _ => {
+                            return fail(
+                                self,
+                                Some(status),
+                                format!("variables.{k} is not a string, number or boolean"),
+                            );
+                        }
+                    };
+                    if !crate::template::is_name(k) {
+                        return fail(
+                            self,
+                            Some(status),
+                            format!("variables: {k:?} is not a variable name"),
+                        );
+                    }
+                    set.push((k.clone(), text));
+                }
+            }
+            Some(_) => return fail(self, Some(status), "variables is not an object".into()),
+        }
+        let next = match answer.get("next") {
+            None | Some(Value::Null) => h.next,
+            Some(Value::String(name)) => match flow.step_index(name) {
+                Some(i) => Some(i),
+                None => {
+                    return fail(
+                        self,
+                        Some(status),
+                        format!("next: no step is named {name:?}"),
+                    );
+                }
+            },
+            Some(_) => return fail(self, Some(status), "next is not a string".into()),
+        };
+        let detail: serde_json::Map<String, Value> = set
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        self.vars.extend(set);
+        self.vars.insert("http_status".into(), status.to_string());
+        self.finish(now, json!({"status": status, "vars": detail}), next);
+    }
+
+    fn terminate_answer(&mut self, now: u64, result: Result<(u16, Bytes), String>) {
+        let StepKind::AgentTerminate { on_error, .. } = self.flow.steps[self.current].kind else {
+            return;
+        };
+        match result {
+            Ok((status, _)) if (200..300).contains(&status) => {
+                let _ = self.result(json!({"status": status}), None);
+                // CallBridge announces and drops the line: the call ends from its side.
+                self.state = State::AwaitingEnd;
+                self.deadline = Some(now + TERMINATE_GRACE_MS);
+                self.instant_steps = 0;
+            }
+            Ok((status, _)) => {
+                self.finish(
+                    now,
+                    json!({"status": status, "error": format!("HTTP {status}")}),
+                    on_error,
+                );
+            }
+            Err(error) => self.finish(now, json!({"error": error}), on_error),
+        }
+    }
+
+    // --- records -------------------------------------------------------------------------
+
+    fn command(&mut self, command: AgentCommand) {
+        self.out.push_back(Action::Command(command));
+    }
+
+    fn event(&mut self, detail: Value) {
+        self.command(AgentCommand::Event(Box::new(RecordEvent {
+            name: FLOW_STEP.into(),
+            detail,
+        })));
+    }
+
+    fn transcript(
+        &mut self,
+        speaker: Speaker,
+        text: String,
+        start_ms: u64,
+        end_ms: u64,
+        interrupted: bool,
+    ) {
+        self.command(AgentCommand::Transcript(Box::new(Turn {
+            speaker,
+            text,
+            start_ms,
+            end_ms,
+            interrupted,
+        })));
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
+}
+
+fn digits_text(digits: &[Digit]) -> String {
+    digits.iter().map(|d| d.as_char()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use callgate_agent::PhoneInfo;
+    use callgate_proto::AudioFormat;
+
+    use super::*;
+    use crate::spec::tests::parse;
+
+    fn call(protocol: Protocol) -> CallInfo {
+        CallInfo {
+            call_id: "c1".into(),
+            protocol,
+            caller: "0101".into(),
+            callee: "0202".into(),
+            external_id: "e".into(),
+            phone: PhoneInfo::Inbound {
+                caller_id: "0101".into(),
+                did_number: "0202".into(),
+                session_id: "e".into(),
+            },
+            route: "r".into(),
+            agent: "flow".into(),
+            input_format: AudioFormat::Pcm8000,
+            output_format: AudioFormat::Pcm8000,
+        }
+    }
+
+    /// Drains the actions, summarised as short strings.
+    fn drain(e: &mut Engine) -> Vec<String> {
+        let mut all = Vec::new();
+        while let Some(a) = e.poll_action() {
+            all.push(match a {
+                Action::Command(AgentCommand::Event(ev)) => format!(
+                    "{}:{}:{}",
+                    ev.detail["name"].as_str().unwrap_or(""),
+                    ev.detail["phase"].as_str().unwrap_or(""),
+                    ev.detail
+                        .get("result")
+                        .map(|r| r.to_string())
+                        .unwrap_or_default()
+                ),
+                Action::Command(AgentCommand::Mark(id)) => format!("mark {id}"),
+                Action::Command(AgentCommand::Transcript(t)) => {
+                    format!("turn {}:{}", t.speaker.as_str(), t.text)
+                }
+                Action::Command(c) => format!("{c:?}"),
+                Action::Play(p) => format!("play {}", p.label),
+                Action::PlayPcm(_) => "play pcm".into(),
+                Action::Clear => "clear".into(),
+                Action::Speak { text, .. } => format!("speak {text}"),
+                Action::Http { url, .. } => format!("http {url}"),
+                Action::Terminate { body, .. } => format!("terminate {body}"),
+                Action::Save { path, samples, .. } => {
+                    format!("save {} {}", path.display(), samples.len())
+                }
+                Action::Finished => "finished".into(),
+            });
+        }
+        all
+    }
+
+    fn engine(text: &str, protocol: Protocol) -> Engine {
+        Engine::new(Arc::new(parse(text).unwrap()), &call(protocol))
+    }
+
+    const MENU: &str = r#"
+        [[step]]
+        name = "menu"
+        kind = "gather"
+        say = "Press 1 or 2"
+        retries = 1
+        first_digit_timeout = "5s"
+        on = { "1" = "one", "2" = "two" }
+        no_input = "bye"
+        [[step]]
+        name = "one"
+        kind = "say"
+        text = "You chose one, {{caller}}"
+        next = "bye"
+        [[step]]
+        name = "two"
+        kind = "set"
+        vars = { x = "{{digits}}!" }
+        next = "bye"
+        [[step]]
+        name = "bye"
+        kind = "hangup"
+    "#;
+
+    #[test]
+    fn a_gather_retries_after_no_input_then_gives_up() {
+        let mut e = engine(MENU, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert_eq!(a[0], "menu:start:");
+        assert_eq!(a[1], "Answer");
+        assert_eq!(a[2], "play Press 1 or 2");
+        assert_eq!(a[3], "mark 1");
+        assert_eq!(
+            e.poll_timeout(),
+            None,
+            "the timer starts when the prompt has played"
+        );
+        e.handle_mark(800, 1, MarkState::Played);
+        assert_eq!(drain(&mut e), ["turn agent:Press 1 or 2"]);
+        assert_eq!(e.poll_timeout(), Some(5800));
+        e.handle_timeout(5800);
+        let a = drain(&mut e);
+        assert!(a[0].starts_with("menu:retry:"), "{a:?}");
+        assert!(a[0].contains("no_input"), "{a:?}");
+        assert_eq!(a[1..], ["play Press 1 or 2", "mark 2"]);
+        e.handle_mark(6600, 2, MarkState::Played);
+        drain(&mut e);
+        e.handle_timeout(11600);
+        let a = drain(&mut e);
+        assert!(
+            a[0].starts_with("menu:end:") && a[0].contains("\"attempts\":2"),
+            "{a:?}"
+        );
+        assert_eq!(a[1], "bye:start:");
+        assert!(a.contains(&"Hangup".to_owned()) && a.last().unwrap() == "finished");
+    }
+
+    #[test]
+    fn typing_over_the_prompt_clears_it_and_a_wrong_key_retries() {
+        let mut e = engine(MENU, Protocol::Inbound);
+        e.start(0);
+        drain(&mut e);
+        e.handle_dtmf(300, Digit::D9);
+        let a = drain(&mut e);
+        assert_eq!(a[0], "clear");
+        assert_eq!(a[1], "turn agent:Press 1 or 2");
+        assert_eq!(a[2], "turn caller:9");
+        assert!(
+            a[3].starts_with("menu:retry:") && a[3].contains("no_match"),
+            "{a:?}"
+        );
+        // The cleared prompt's mark is ignored; the retry's is awaited.
+        e.handle_mark(310, 1, MarkState::Cleared);
+        assert!(drain(&mut e).is_empty());
+        e.handle_dtmf(400, Digit::D1);
+        let a = drain(&mut e);
+        assert_eq!(a[0], "clear");
+        assert!(
+            a.iter()
+                .any(|s| s.starts_with("menu:end:") && s.contains("\"digits\":\"1\"")),
+            "{a:?}"
+        );
+        assert!(a.iter().any(|s| s == "speak You chose one, 0101"), "{a:?}");
+    }
+
+    #[test]
+    fn set_and_templates_use_gathered_digits() {
+        let mut e = engine(MENU, Protocol::Inbound);
+        e.start(0);
+        drain(&mut e);
+        e.handle_mark(100, 1, MarkState::Played);
+        e.handle_dtmf(200, Digit::D2);
+        drain(&mut e);
+        assert_eq!(e.var("x"), Some("2!"));
+        assert_eq!(e.var("caller"), Some("0101"));
+        assert!(e.is_finished());
+    }
+
+    #[test]
+    fn multi_digit_gather_with_terminator_and_inter_digit_timeout() {
+        let text = r#"
+            [[step]]
+            name = "pin"
+            kind = "gather"
+            max_digits = 4
+            inter_digit_timeout = "2s"
+            next = "done"
+            [[step]]
+            name = "done"
+            kind = "hangup"
+        "#;
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        drain(&mut e);
+        assert_eq!(
+            e.poll_timeout(),
+            Some(5000),
+            "no prompt: the first-digit timer runs"
+        );
+        e.handle_dtmf(1000, Digit::D4);
+        assert_eq!(e.poll_timeout(), Some(3000));
+        e.handle_dtmf(1500, Digit::D2);
+        e.handle_dtmf(1600, Digit::Pound);
+        drain(&mut e);
+        assert_eq!(e.var("digits"), Some("42"));
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        e.handle_dtmf(1000, Digit::D7);
+        e.handle_timeout(3000);
+        assert_eq!(
+            e.var("digits"),
+            Some("7"),
+            "the inter-digit timeout ends the input"
+        );
+    }
+
+    #[test]
+    fn send_dtmf_is_protocol_dtmf_on_inbound_and_tones_on_callbridge() {
+        let text = "[[step]]\nname = \"k\"\nkind = \"send_dtmf\"\ndigits = \"12\"\n";
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s.starts_with("Dtmf { digit: D1")), "{a:?}");
+        assert_eq!(e.poll_timeout(), Some(300));
+        e.handle_timeout(300);
+        let a = drain(&mut e);
+        assert!(a[0].starts_with("Dtmf { digit: D2"), "{a:?}");
+        assert!(
+            a.contains(&"Hangup".to_owned()),
+            "runs off the end: hang up"
+        );
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        let a = drain(&mut e);
+        assert_eq!(
+            a.iter().filter(|s| s.starts_with("DtmfTone")).count(),
+            2,
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_recording_ends_on_silence_or_the_terminator_and_is_saved() {
+        let text = r#"
+            [[step]]
+            name = "msg"
+            kind = "record"
+            silence = "1s"
+            max_length = "10s"
+        "#;
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        drain(&mut e);
+        assert!(e.is_recording());
+        e.handle_audio(20, &[5000i16; 160]);
+        for i in 0..50 {
+            e.handle_audio(40 + i * 20, &[0i16; 160]);
+        }
+        let a = drain(&mut e);
+        assert!(
+            a.iter().any(|s| s.contains("\"reason\":\"silence\"")),
+            "{a:?}"
+        );
+        assert!(
+            a.iter().any(|s| s == "save messages/c1/msg.wav 8160"),
+            "{a:?}"
+        );
+        e.handle_done(
+            1100,
+            Done::Saved {
+                seq: 1,
+                result: Ok(()),
+            },
+        );
+        let a = drain(&mut e);
+        assert!(
+            a.iter()
+                .any(|s| s.starts_with("msg:end:") && s.contains("\"ms\":1020")),
+            "{a:?}"
+        );
+        assert_eq!(e.var("recording"), Some("messages/c1/msg.wav"));
+
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        e.handle_audio(20, &[5000i16; 160]);
+        e.handle_dtmf(40, Digit::Pound);
+        assert!(drain(&mut e).iter().any(|s| s.contains("terminator")));
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        e.handle_audio(20, &[5000i16; 160]);
+        e.handle_ended(40);
+        assert!(
+            drain(&mut e).iter().any(|s| s.starts_with("save")),
+            "kept at hangup"
+        );
+    }
+
+    #[test]
+    fn webhook_answers_set_variables_choose_steps_or_take_the_error_branch() {
+        let text = r#"
+            [[step]]
+            name = "ask"
+            kind = "http"
+            url = "http://example.invalid/{{caller}}"
+            timeout = "2s"
+            on_error = "failed"
+            next = "ok"
+            [[step]]
+            name = "ok"
+            kind = "hangup"
+            [[step]]
+            name = "other"
+            kind = "hangup"
+            [[step]]
+            name = "failed"
+            kind = "hangup"
+        "#;
+        let run = |answer: Option<Result<(u16, Bytes), String>>| -> (Vec<String>, Engine) {
+            let mut e = engine(text, Protocol::Inbound);
+            e.start(0);
+            let a = drain(&mut e);
+            assert!(
+                a.contains(&"http http://example.invalid/0101".to_owned()),
+                "{a:?}"
+            );
+            match answer {
+                Some(result) => e.handle_done(50, Done::Http { seq: 1, result }),
+                None => e.handle_timeout(3000),
+            }
+            (drain(&mut e), e)
+        };
+        let went = |a: &[String]| {
+            a.iter()
+                .find(|s| s.ends_with(":start:"))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (a, e) = run(Some(Ok((
+            200,
+            Bytes::from_static(br#"{"variables":{"name":"Kim","n":3}}"#),
+        ))));
+        assert_eq!(went(&a), "ok:start:");
+        assert_eq!(
+            (e.var("name"), e.var("n"), e.var("http_status")),
+            (Some("Kim"), Some("3"), Some("200"))
+        );
+        let (a, _) = run(Some(Ok((200, Bytes::from_static(br#"{"next":"other"}"#)))));
+        assert_eq!(went(&a), "other:start:");
+        for bad in [
+            Ok((500, Bytes::new())),
+            Ok((200, Bytes::from_static(b"<html>"))),
+            Ok((200, Bytes::from_static(b"[1]"))),
+            Ok((200, Bytes::from_static(br#"{"next":"nowhere"}"#))),
+            Ok((200, Bytes::from_static(br#"{"variables":{"a":[1]}}"#))),
+            Err("connection refused".to_owned()),
+        ] {
+            let (a, _) = run(Some(bad.clone()));
+            assert_eq!(went(&a), "failed:start:", "{bad:?}: {a:?}");
+        }
+        let (a, _) = run(None);
+        assert_eq!(went(&a), "failed:start:", "our own guard: {a:?}");
+    }
+
+    #[test]
+    fn agent_terminate_asks_callbridge_then_waits_for_the_line_to_drop() {
+        let text = r#"
+            [[step]]
+            name = "bye"
+            kind = "agent_terminate"
+            ment = "Goodbye {{caller}}"
+            on_error = "fallback"
+            [[step]]
+            name = "fallback"
+            kind = "hangup"
+        "#;
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        let a = drain(&mut e);
+        let body = a
+            .iter()
+            .find(|s| s.starts_with("terminate "))
+            .expect("the request");
+        assert!(
+            body.contains("\"ment\":\"Goodbye 0101\"") && body.contains("\"callerNo\":\"0101\""),
+            "{body}"
+        );
+        e.handle_done(
+            40,
+            Done::Http {
+                seq: 1,
+                result: Ok((200, Bytes::new())),
+            },
+        );
+        let a = drain(&mut e);
+        assert!(
+            a.iter()
+                .any(|s| s.starts_with("bye:end:") && s.contains("200")),
+            "{a:?}"
+        );
+        assert!(
+            !a.contains(&"Hangup".to_owned()),
+            "CallBridge drops the line"
+        );
+        assert_eq!(e.poll_timeout(), Some(40 + TERMINATE_GRACE_MS));
+        e.handle_timeout(40 + TERMINATE_GRACE_MS);
+        assert!(
+            drain(&mut e).contains(&"Hangup".to_owned()),
+            "unless it does not"
+        );
+
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        drain(&mut e);
+        e.handle_done(
+            40,
+            Done::Http {
+                seq: 1,
+                result: Ok((401, Bytes::new())),
+            },
+        );
+        assert!(drain(&mut e).iter().any(|s| s == "fallback:start:"));
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(
+            a.iter().any(|s| s.contains("needs a CallBridge call")),
+            "{a:?}"
+        );
+        assert!(a.iter().any(|s| s == "fallback:start:"));
+    }
+
+    #[test]
+    fn the_seed_demo_keeps_the_documents_timing_to_the_millisecond() {
+        let text = std::str::from_utf8(crate::demo::file("seed-demo.toml").unwrap()).unwrap();
+        // The commands, without the flow_step events.
+        let commands = |e: &mut Engine| -> Vec<String> {
+            drain(e)
+                .into_iter()
+                .filter(|s| !s.contains(":start:") && !s.contains(":end:"))
+                .collect()
+        };
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        assert_eq!(commands(&mut e), ["Answer"]);
+        assert_eq!(
+            e.poll_timeout(),
+            Some(2000),
+            "DTMF two seconds after the answer"
+        );
+        e.handle_timeout(2000);
+        let a = commands(&mut e);
+        assert_eq!(a.len(), 1, "{a:?}");
+        assert!(
+            a[0].starts_with("Dtmf { digit: D1, duration: DtmfDuration(200)"),
+            "{a:?}"
+        );
+        assert!(e.is_echoing(), "the echo starts with the DTMF");
+        assert_eq!(e.poll_timeout(), Some(12000), "ten seconds of echo");
+        e.handle_timeout(12000);
+        assert_eq!(commands(&mut e), ["Hangup", "finished"]);
+
+        let mut e = engine(text, Protocol::CallBridge);
+        e.start(0);
+        assert_eq!(commands(&mut e), ["Answer"]);
+        e.handle_timeout(2000);
+        assert!(commands(&mut e).is_empty(), "no DTMF on CallBridge");
+        assert!(e.is_echoing());
+        assert_eq!(e.poll_timeout(), Some(12000));
+    }
+
+    #[test]
+    fn a_goto_loop_is_stopped() {
+        let text = "[[step]]\nname = \"a\"\nkind = \"goto\"\nnext = \"a\"\n";
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s.starts_with("a:error")), "{a:?}");
+        assert!(e.is_finished());
+    }
+
+    #[test]
+    fn per_call_speech_waits_for_rendering() {
+        let text = "[[step]]\nname = \"hi\"\nkind = \"say\"\ntext = \"Hi {{caller}}\"\n";
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert_eq!(a.last().unwrap(), "speak Hi 0101");
+        e.handle_done(
+            30,
+            Done::Speech {
+                seq: 1,
+                result: Ok(Bytes::from_static(&[0, 0])),
+            },
+        );
+        assert_eq!(drain(&mut e), ["play pcm", "mark 2"]);
+        e.handle_mark(100, 2, MarkState::Played);
+        let a = drain(&mut e);
+        assert_eq!(a[0], "turn agent:Hi 0101");
+        assert!(a.contains(&"Hangup".to_owned()));
+    }
+}

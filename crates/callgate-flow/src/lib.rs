@@ -1,0 +1,279 @@
+//! Call flows: the declarative IVR agent `flow`, its file format, and text-to-speech.
+//!
+//! A route runs a flow with `agent = "flow"` and `settings = { file = "menu.toml" }`; the
+//! binary registers the agent in its [`Catalog`] with [`register`], giving it the data dir
+//! and the server's `[tts]` settings. The file is read, validated and its fixed prompts
+//! rendered once, when the routes are built: a call never meets a bad flow and never waits
+//! for fixed speech. `docs/flows.md` documents every step.
+//!
+//! # Layout
+//! - [`spec`]: the TOML file format, parsed and validated into a [`Flow`] (errors name the
+//!   file, the step and the field).
+//! - [`template`]: `{{variable}}` text.
+//! - [`engine`]: the sans-IO step engine (time passed in; actions out).
+//! - `agent`: the driver of one call: events and time in, the engine's actions carried out
+//!   (slow work through the call's `Spawner`).
+//! - [`tts`]: the speech [`tts::Provider`] trait, espeak-ng, an OpenAI-compatible API, and
+//!   the cache in the data dir.
+//! - [`audio`]: prompt audio, converted at load to every call rate.
+//!
+//! This is a crate of its own (not part of `callgate-agent`) because it needs an HTTP client
+//! (reqwest with rustls on ring) that the other agents do not.
+
+mod agent;
+pub mod audio;
+pub mod demo;
+pub mod engine;
+pub mod spec;
+pub mod template;
+pub mod tts;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use callgate_agent::catalog::{self, Settings, SettingsError};
+use callgate_agent::{AgentFactory, Catalog};
+
+pub use agent::FlowFactory;
+pub use spec::{Flow, FlowError};
+pub use tts::TtsSettings;
+
+use crate::audio::PromptAudio;
+use crate::tts::{Provider, ProviderName};
+
+/// The agent's name in routes.
+pub const NAME: &str = "flow";
+
+/// What the flow agent needs from the server: where to keep recordings and rendered speech,
+/// and the server's text-to-speech settings (`[tts]`).
+#[derive(Debug, Clone, Default)]
+pub struct FlowEnv {
+    /// The server's data dir: `messages/` (recordings) and `tts-cache/` go there.
+    pub data_dir: PathBuf,
+    /// The server's `[tts]` settings; a flow's own `[tts]` overrides them key by key.
+    pub tts: TtsSettings,
+    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate`.
+    pub callbridge: Option<CallBridgeApi>,
+}
+
+/// CallBridge's OPEN API: where it is and the environment variable holding its key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallBridgeApi {
+    /// The API's base URL (`https://callbridge.example.com/api`): `agent_terminate` POSTs to
+    /// `{base_url}/calls/agent-terminate`.
+    pub base_url: String,
+    /// The environment variable holding the API key (sent as `Authorization: Bearer KEY`).
+    pub api_key_env: String,
+}
+
+/// A `flow` route's `[routes.settings]`: `file` or `demo`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowSettings {
+    /// The flow file (TOML).
+    pub file: Option<PathBuf>,
+    /// A flow built into callgate: `menu`, `menu-ko` or `seed-demo`.
+    pub demo: Option<String>,
+}
+
+impl Settings for FlowSettings {
+    fn validate(&self) -> Result<(), SettingsError> {
+        match (&self.file, &self.demo) {
+            (Some(_), Some(_)) => Err(SettingsError::new("demo", "give file or demo, not both")),
+            (None, None) => Err(SettingsError::new("file", "missing: the flow file to run")),
+            (None, Some(d)) if !demo::FLOWS.contains(&d.as_str()) => Err(SettingsError::new(
+                "demo",
+                format!("{d:?} is not a built-in flow ({})", demo::FLOWS.join(", ")),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl FlowSettings {
+    /// The path of the flow to load (built-in ones under [`demo::ROOT`]).
+    pub fn path(&self) -> PathBuf {
+        match (&self.file, &self.demo) {
+            (Some(file), _) => file.clone(),
+            (None, Some(d)) => Path::new(demo::ROOT).join(format!("{d}.toml")),
+            (None, None) => PathBuf::new(),
+        }
+    }
+}
+
+/// Registers the `flow` agent in `catalog`; a flow's warnings (unreachable steps) are logged.
+pub fn register(catalog: &mut Catalog, env: FlowEnv) {
+    register_with(catalog, env, |warning| {
+        tracing::warn!(%warning, "Flow loaded with a warning.");
+    });
+}
+
+/// Like [`register`], handing each flow's warnings to `on_warning` (the binary prints them:
+/// they come before logging is set up).
+pub fn register_with(
+    catalog: &mut Catalog,
+    env: FlowEnv,
+    on_warning: impl Fn(&str) + Send + Sync + 'static,
+) {
+    catalog.register(NAME, move |settings| {
+        let settings = catalog::parse::<FlowSettings>(settings)?;
+        let field = if settings.file.is_some() {
+            "file"
+        } else {
+            "demo"
+        };
+        let factory =
+            load(&settings.path(), &env).map_err(|e| SettingsError::new(field, e.to_string()))?;
+        for warning in &factory.flow().warnings {
+            on_warning(warning);
+        }
+        Ok(Arc::new(factory) as Arc<dyn AgentFactory>)
+    });
+}
+
+/// Why a flow could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The flow file is wrong.
+    #[error(transparent)]
+    Flow(#[from] FlowError),
+    /// The HTTP client could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// Reads, validates and prepares the flow at `path` (its fixed speech rendered, through the
+/// cache). Its warnings (unreachable steps) are in `flow().warnings`.
+pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
+    let http = http_client()?;
+    let loader = EnvLoader {
+        http: http.clone(),
+        cache: tts::Cache::new(&env.data_dir),
+        providers: Mutex::new(HashMap::new()),
+        callbridge: env.callbridge.clone(),
+    };
+    let flow = Flow::load(path, &env.tts, &loader)?;
+    let providers = loader
+        .providers
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    Ok(FlowFactory {
+        flow: Arc::new(flow),
+        runtime: Arc::new(agent::Runtime {
+            data_dir: env.data_dir.clone(),
+            http,
+            providers,
+            callbridge: env.callbridge.as_ref().and_then(|api| {
+                let key = std::env::var(&api.api_key_env).ok()?;
+                Some((
+                    format!(
+                        "{}/calls/agent-terminate",
+                        api.base_url.trim_end_matches('/')
+                    ),
+                    key,
+                ))
+            }),
+        }),
+    })
+}
+
+/// The HTTP client for webhooks and speech APIs: rustls on ring (installed as the process's
+/// provider if none is).
+fn http_client() -> Result<reqwest::Client, Error> {
+    // `Err`: a provider is installed already, which is all that is needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .build()
+        .map_err(|e| Error::Http(e.to_string()))
+}
+
+/// Loads flows: builds providers once and renders fixed speech at load.
+struct EnvLoader {
+    http: reqwest::Client,
+    cache: tts::Cache,
+    providers: Mutex<HashMap<ProviderName, Arc<dyn Provider>>>,
+    callbridge: Option<CallBridgeApi>,
+}
+
+impl EnvLoader {
+    fn provider(&self, tts: &TtsSettings, name: ProviderName) -> Result<Arc<dyn Provider>, String> {
+        let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = providers.get(&name) {
+            return Ok(p.clone());
+        }
+        let settings = TtsSettings {
+            provider: Some(name),
+            ..tts.clone()
+        };
+        let provider = settings.provider(&self.http).map_err(|e| e.to_string())?;
+        providers.insert(name, provider.clone());
+        Ok(provider)
+    }
+}
+
+impl spec::Loader for EnvLoader {
+    fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+        if let Ok(rest) = path.strip_prefix(demo::ROOT) {
+            let name = rest.to_string_lossy().replace('\\', "/");
+            return demo::file(&name)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| "no such built-in file".to_owned());
+        }
+        std::fs::read(path).map_err(|e| e.to_string())
+    }
+
+    fn speak(
+        &self,
+        tts: &TtsSettings,
+        provider: ProviderName,
+        voice: &str,
+        text: &str,
+    ) -> Result<PromptAudio, String> {
+        let provider = self.provider(tts, provider)?;
+        // At load, outside or inside a runtime: a thread of its own with a small runtime.
+        let audio = std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                rt.block_on(tts::speak(&self.cache, provider.as_ref(), voice, text))
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("speech rendering panicked".into()))
+        })?;
+        PromptAudio::new(text, &audio).map_err(|e| e.to_string())
+    }
+
+    fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String> {
+        self.provider(tts, provider).map(|_| ())
+    }
+
+    fn check_callbridge_api(&self) -> Result<(), String> {
+        let Some(api) = &self.callbridge else {
+            return Err(
+                "agent_terminate needs CallBridge's OPEN API: [callbridge] base_url and \
+                 api_key_env in the server's configuration"
+                    .into(),
+            );
+        };
+        let url = reqwest::Url::parse(&api.base_url)
+            .map_err(|e| format!("[callbridge] base_url {:?}: {e}", api.base_url))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(format!(
+                "[callbridge] base_url {:?} is not http(s)",
+                api.base_url
+            ));
+        }
+        std::env::var(&api.api_key_env).map(|_| ()).map_err(|_| {
+            format!(
+                "agent_terminate needs CallBridge's API key in ${} ([callbridge] api_key_env)",
+                api.api_key_env
+            )
+        })
+    }
+}

@@ -1,0 +1,1352 @@
+//! The flow file (TOML): parsed and validated once, at load, into a [`Flow`].
+//!
+//! ```toml
+//! start = "greet"              # optional: the first step by default
+//! [tts]                        # optional: overrides the server's [tts], key by key
+//! voice = "en-us"
+//!
+//! [[step]]
+//! name = "greet"
+//! kind = "play"
+//! file = "prompts/welcome.wav" # relative to the flow file
+//! next = "menu"                # optional: the following step by default
+//! ```
+//!
+//! Everything a call could trip over is found here: unknown keys and kinds, targets that name
+//! no step, bad durations and digits, templates that do not parse, audio files that cannot be
+//! read, speech that cannot be rendered. The error names the file, the step and the field.
+//! Steps nothing can reach are reported as warnings.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use callgate_proto::{Digit, DtmfDuration};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use crate::audio::PromptAudio;
+use crate::template::{Template, is_name};
+use crate::tts::{ProviderName, TtsSettings};
+
+/// A flow that cannot work: the file, the step (when the problem is in one) and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct FlowError {
+    /// The flow file.
+    pub file: PathBuf,
+    /// The step's name (or `step[i]` when it has none); `None` for the file as a whole.
+    pub step: Option<String>,
+    /// The field (`next`, `on.1`, `first_digit_timeout`); empty for the step as a whole.
+    pub field: String,
+    /// What is wrong.
+    pub problem: String,
+}
+
+impl fmt::Display for FlowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "flow {}", self.file.display())?;
+        if let Some(step) = &self.step {
+            write!(f, ": step {step}")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// A duration written as text (`"5s"`, `"250ms"`, `"1m 30s"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Dur)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+/// A string or a list of strings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            One(String),
+            Many(Vec<String>),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::One(s) => Self(vec![s]),
+            Either::Many(v) => Self(v),
+        })
+    }
+}
+
+/// Where a step goes next: a step, or the end of the flow (the call is hung up).
+pub type Next = Option<usize>;
+
+/// A validated flow.
+#[derive(Debug)]
+pub struct Flow {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The steps, in file order.
+    pub steps: Vec<Step>,
+    /// The first step.
+    pub start: usize,
+    /// The flow's TTS settings (the server's, overridden by the file's).
+    pub tts: TtsSettings,
+    /// Steps nothing can reach (and other things worth a look), in words.
+    pub warnings: Vec<String>,
+}
+
+/// One step.
+#[derive(Debug)]
+pub struct Step {
+    /// Its name.
+    pub name: String,
+    /// What it does.
+    pub kind: StepKind,
+}
+
+/// What a step does.
+#[derive(Debug)]
+pub enum StepKind {
+    /// Answer the call (steps that need an answered call answer it anyway).
+    Answer {
+        /// Then.
+        next: Next,
+    },
+    /// Play a prompt: `play` (files) or `say` (speech); the step ends when it has played.
+    Play {
+        /// `play` or `say`.
+        kind: &'static str,
+        /// What to play.
+        prompt: Prompt,
+        /// Then.
+        next: Next,
+    },
+    /// Wait.
+    Pause {
+        /// How long.
+        duration: Duration,
+        /// Then.
+        next: Next,
+    },
+    /// Collect keys.
+    Gather(Box<Gather>),
+    /// Set variables.
+    Set {
+        /// Names and values.
+        vars: Vec<(String, Template)>,
+        /// Then.
+        next: Next,
+    },
+    /// Go to a step.
+    Goto {
+        /// The step.
+        next: Next,
+    },
+    /// Go to a step chosen by a variable's value.
+    Branch {
+        /// The variable.
+        variable: String,
+        /// Value → step.
+        on: Vec<(String, Next)>,
+        /// When no value matches.
+        next: Next,
+    },
+    /// Hang up once what was queued has played.
+    Hangup,
+    /// Send keys: protocol DTMF on inbound calls, in-band tones on CallBridge.
+    SendDtmf {
+        /// The keys.
+        digits: Vec<Digit>,
+        /// Each tone's length.
+        duration: DtmfDuration,
+        /// Then.
+        next: Next,
+    },
+    /// Send the caller's audio back.
+    Echo {
+        /// How long.
+        duration: Duration,
+        /// Then.
+        next: Next,
+    },
+    /// Record the caller to a WAV file.
+    Record(Box<Record>),
+    /// POST the call's data to a URL; the answer may set variables and choose the next step.
+    Http(Box<Http>),
+    /// CallBridge only: end the call through CallBridge's OPEN API, which announces `ment`
+    /// and drops the line.
+    AgentTerminate {
+        /// The announcement (template; may be empty).
+        ment: Template,
+        /// How long the API request may take.
+        timeout: Duration,
+        /// After a failure (or on an inbound call); the end of the flow (a hangup) by default.
+        on_error: Next,
+    },
+}
+
+impl StepKind {
+    /// The kind's name as written in the file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Answer { .. } => "answer",
+            Self::Play { kind, .. } => kind,
+            Self::Pause { .. } => "pause",
+            Self::Gather(_) => "gather",
+            Self::Set { .. } => "set",
+            Self::Goto { .. } => "goto",
+            Self::Branch { .. } => "branch",
+            Self::Hangup => "hangup",
+            Self::SendDtmf { .. } => "send_dtmf",
+            Self::Echo { .. } => "echo",
+            Self::Record(_) => "record",
+            Self::Http(_) => "http",
+            Self::AgentTerminate { .. } => "agent_terminate",
+        }
+    }
+
+    fn targets(&self) -> Vec<Next> {
+        match self {
+            Self::Answer { next }
+            | Self::Play { next, .. }
+            | Self::Pause { next, .. }
+            | Self::Set { next, .. }
+            | Self::Goto { next }
+            | Self::SendDtmf { next, .. }
+            | Self::Echo { next, .. } => vec![*next],
+            Self::Gather(g) => {
+                let mut all = vec![g.next, g.no_input, g.no_match];
+                all.extend(g.on.iter().map(|(_, t)| *t));
+                all
+            }
+            Self::Branch { on, next, .. } => {
+                let mut all = vec![*next];
+                all.extend(on.iter().map(|(_, t)| *t));
+                all
+            }
+            Self::Hangup => vec![],
+            Self::Record(r) => vec![r.next],
+            Self::Http(h) => vec![h.next, h.on_error],
+            Self::AgentTerminate { on_error, .. } => vec![*on_error],
+        }
+    }
+}
+
+/// Audio to play, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Prompt {
+    /// The parts.
+    pub parts: Vec<PromptPart>,
+}
+
+impl Prompt {
+    /// Whether there is nothing to play.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// What it says, for the transcript.
+    pub fn label(&self) -> String {
+        let all: Vec<String> = self
+            .parts
+            .iter()
+            .map(|p| match p {
+                PromptPart::Audio(a) => a.label.clone(),
+                PromptPart::Speak { text, .. } | PromptPart::Digits { text, .. } => {
+                    text.to_string()
+                }
+            })
+            .collect();
+        all.join(" ")
+    }
+}
+
+/// One piece of a prompt.
+#[derive(Debug, Clone)]
+pub enum PromptPart {
+    /// Audio ready at load: a file, or speech whose text has no variables.
+    Audio(Arc<PromptAudio>),
+    /// Keys read out one by one from recorded digit files (`say_digits`): no TTS needed.
+    Digits {
+        /// The keys to read (usually `{{caller}}`).
+        text: Template,
+        /// The audio of each key.
+        files: Arc<HashMap<char, Arc<PromptAudio>>>,
+    },
+    /// Speech whose text has variables: rendered per call, off the call task.
+    Speak {
+        /// The text.
+        text: Template,
+        /// The voice.
+        voice: String,
+        /// The provider (index into the factory's providers).
+        provider: ProviderName,
+    },
+}
+
+/// A `gather` step.
+#[derive(Debug)]
+pub struct Gather {
+    /// Played first (may be empty).
+    pub prompt: Prompt,
+    /// Played on each retry (the prompt unless `retry_play`/`retry_say`).
+    pub retry_prompt: Prompt,
+    /// Keys at most.
+    pub max_digits: usize,
+    /// The key that ends the input early (not part of the digits).
+    pub terminator: Option<Digit>,
+    /// How long to wait for the first key once the prompt has played.
+    pub first_digit_timeout: Duration,
+    /// How long to wait for each further key.
+    pub inter_digit_timeout: Duration,
+    /// Extra attempts after no input or a wrong key.
+    pub retries: u32,
+    /// The variable the digits are stored in.
+    pub variable: String,
+    /// Digits → step; empty: any input goes to `next`.
+    pub on: Vec<(String, Next)>,
+    /// After input (no `on`, or the `on` entry's own step).
+    pub next: Next,
+    /// After the last attempt brought no input.
+    pub no_input: Next,
+    /// After the last attempt brought digits no `on` entry has.
+    pub no_match: Next,
+}
+
+/// A `record` step.
+#[derive(Debug)]
+pub struct Record {
+    /// The longest recording.
+    pub max_length: Duration,
+    /// End after this much silence (none: only `max_length` or the terminator end it).
+    pub silence: Option<Duration>,
+    /// The key that ends the recording.
+    pub terminator: Option<Digit>,
+    /// The variable the file's path (relative to the data dir) is stored in; `NAME_ms` gets
+    /// its length.
+    pub variable: String,
+    /// Then.
+    pub next: Next,
+}
+
+/// An `http` step.
+#[derive(Debug)]
+pub struct Http {
+    /// Where to POST.
+    pub url: Template,
+    /// How long the whole request may take.
+    pub timeout: Duration,
+    /// After a good answer that names no step.
+    pub next: Next,
+    /// After a failure, a timeout or an answer that makes no sense.
+    pub on_error: Next,
+}
+
+/// What loading a flow needs from its surroundings.
+pub trait Loader {
+    /// Reads a file (the flow, its audio).
+    fn read(&self, path: &Path) -> Result<Vec<u8>, String>;
+    /// Renders fixed speech at load (cached in the data dir).
+    fn speak(
+        &self,
+        tts: &TtsSettings,
+        provider: ProviderName,
+        voice: &str,
+        text: &str,
+    ) -> Result<PromptAudio, String>;
+    /// Checks that speech can be rendered per call with this provider.
+    fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String>;
+    /// Checks that CallBridge's OPEN API is configured (for `agent_terminate`).
+    fn check_callbridge_api(&self) -> Result<(), String>;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlow {
+    #[serde(default)]
+    start: Option<String>,
+    #[serde(default)]
+    tts: Option<TtsSettings>,
+    #[serde(default)]
+    step: Vec<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NextOnly {
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaySpec {
+    file: OneOrMany,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SaySpec {
+    text: String,
+    #[serde(default)]
+    voice: Option<String>,
+    #[serde(default)]
+    provider: Option<ProviderName>,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SayDigitsSpec {
+    digits: String,
+    dir: String,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DurationSpec {
+    duration: Dur,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+fn default_max_digits() -> usize {
+    1
+}
+fn default_terminator() -> String {
+    "#".into()
+}
+fn default_first() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+fn default_inter() -> Dur {
+    Dur(Duration::from_secs(3))
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_digits_var() -> String {
+    "digits".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GatherSpec {
+    #[serde(default)]
+    play: OneOrMany,
+    #[serde(default)]
+    say: Option<String>,
+    #[serde(default)]
+    retry_play: Option<OneOrMany>,
+    #[serde(default)]
+    retry_say: Option<String>,
+    #[serde(default)]
+    voice: Option<String>,
+    #[serde(default = "default_max_digits")]
+    max_digits: usize,
+    #[serde(default = "default_terminator")]
+    terminator: String,
+    #[serde(default = "default_first")]
+    first_digit_timeout: Dur,
+    #[serde(default = "default_inter")]
+    inter_digit_timeout: Dur,
+    #[serde(default = "default_retries")]
+    retries: u32,
+    #[serde(default = "default_digits_var")]
+    variable: String,
+    #[serde(default)]
+    on: BTreeMap<String, String>,
+    #[serde(default)]
+    next: Option<String>,
+    #[serde(default)]
+    no_input: Option<String>,
+    #[serde(default)]
+    no_match: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetSpec {
+    vars: BTreeMap<String, String>,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GotoSpec {
+    next: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BranchSpec {
+    variable: String,
+    on: BTreeMap<String, String>,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+fn default_dtmf_ms() -> Dur {
+    Dur(Duration::from_millis(200))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendDtmfSpec {
+    digits: String,
+    #[serde(default = "default_dtmf_ms")]
+    duration: Dur,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+fn default_max_length() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn default_recording_var() -> String {
+    "recording".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordSpec {
+    #[serde(default = "default_max_length")]
+    max_length: Dur,
+    #[serde(default)]
+    silence: Option<Dur>,
+    #[serde(default = "default_terminator")]
+    terminator: String,
+    #[serde(default = "default_recording_var")]
+    variable: String,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+fn default_http_timeout() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentTerminateSpec {
+    #[serde(default)]
+    ment: String,
+    #[serde(default = "default_http_timeout")]
+    timeout: Dur,
+    #[serde(default)]
+    on_error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpSpec {
+    url: String,
+    #[serde(default = "default_http_timeout")]
+    timeout: Dur,
+    #[serde(default)]
+    next: Option<String>,
+    #[serde(default)]
+    on_error: Option<String>,
+}
+
+/// The step kinds, for error messages.
+const KINDS: &str = "answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, \
+                     send_dtmf, echo, record, http, agent_terminate";
+
+/// The longest `max_length` of a recording (its audio is held in memory until written).
+pub const MAX_RECORDING: Duration = Duration::from_secs(600);
+/// The longest `http` timeout.
+pub const MAX_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest `pause`, `echo` or gather timeout.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Compiles one flow file.
+struct Compiler<'a> {
+    file: &'a Path,
+    dir: PathBuf,
+    names: HashMap<String, usize>,
+    tts: TtsSettings,
+    loader: &'a dyn Loader,
+    /// Files and speech already loaded, shared by the steps that use them.
+    files: HashMap<PathBuf, Arc<PromptAudio>>,
+}
+
+impl Flow {
+    /// Reads and validates the flow file at `path`, with the server's TTS settings under the
+    /// file's own.
+    pub fn load(path: &Path, tts: &TtsSettings, loader: &dyn Loader) -> Result<Self, FlowError> {
+        let whole = |problem: String| FlowError {
+            file: path.to_owned(),
+            step: None,
+            field: String::new(),
+            problem,
+        };
+        let bytes = loader
+            .read(path)
+            .map_err(|e| whole(format!("cannot read: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|_| whole("not UTF-8 text".into()))?;
+        Self::parse(path, &text, tts, loader)
+    }
+
+    /// Validates flow `text` as if read from `path` (relative files are found next to it).
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        tts: &TtsSettings,
+        loader: &dyn Loader,
+    ) -> Result<Self, FlowError> {
+        let whole = |field: &str, problem: String| FlowError {
+            file: path.to_owned(),
+            step: None,
+            field: field.to_owned(),
+            problem,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| whole("", e.to_string()))?;
+        let json = serde_json::to_value(table).map_err(|e| whole("", e.to_string()))?;
+        let raw: RawFlow = serde_path_to_error::deserialize(json).map_err(|e| {
+            let path = e.path().to_string();
+            whole(
+                if path == "." { "" } else { path.as_str() },
+                e.into_inner().to_string(),
+            )
+        })?;
+        if raw.step.is_empty() {
+            return Err(whole("step", "a flow needs at least one [[step]]".into()));
+        }
+        let mut names = HashMap::new();
+        let mut labels = Vec::new();
+        for (i, step) in raw.step.iter().enumerate() {
+            let label = match step.get("name") {
+                Some(serde_json::Value::String(n)) => format!("{n:?}"),
+                _ => format!("step[{i}]"),
+            };
+            let err = |field: &str, problem: &str| FlowError {
+                file: path.to_owned(),
+                step: Some(label.clone()),
+                field: field.to_owned(),
+                problem: problem.to_owned(),
+            };
+            let Some(serde_json::Value::String(name)) = step.get("name") else {
+                return Err(err("name", "every step needs a name (a string)"));
+            };
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                || name.is_empty()
+            {
+                return Err(err("name", "a step name is letters, digits, - and _"));
+            }
+            if names.insert(name.clone(), i).is_some() {
+                return Err(err("name", "another step already has this name"));
+            }
+            labels.push(label);
+        }
+        let flow_tts = raw.tts.unwrap_or_default().over(tts);
+        let mut compiler = Compiler {
+            file: path,
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            names,
+            tts: flow_tts,
+            loader,
+            files: HashMap::new(),
+        };
+        let mut steps = Vec::with_capacity(raw.step.len());
+        for (i, value) in raw.step.into_iter().enumerate() {
+            let following = (i + 1 < labels.len()).then_some(i + 1);
+            steps.push(compiler.step(&labels[i], value, following)?);
+        }
+        let start = match &raw.start {
+            None => 0,
+            Some(name) => *compiler
+                .names
+                .get(name)
+                .ok_or_else(|| whole("start", format!("no step is named {name:?}")))?,
+        };
+        let warnings = unreachable(&steps, start)
+            .into_iter()
+            .map(|i| {
+                format!(
+                    "flow {}: step {:?} is never reached",
+                    path.display(),
+                    steps[i].name
+                )
+            })
+            .collect();
+        Ok(Self {
+            file: path.to_owned(),
+            steps,
+            start,
+            tts: compiler.tts,
+            warnings,
+        })
+    }
+
+    /// The step named `name`.
+    pub fn step_index(&self, name: &str) -> Option<usize> {
+        self.steps.iter().position(|s| s.name == name)
+    }
+}
+
+/// Steps no path from `start` reaches.
+fn unreachable(steps: &[Step], start: usize) -> Vec<usize> {
+    let mut seen = vec![false; steps.len()];
+    let mut todo = vec![start];
+    while let Some(i) = todo.pop() {
+        if std::mem::replace(&mut seen[i], true) {
+            continue;
+        }
+        todo.extend(steps[i].kind.targets().into_iter().flatten());
+    }
+    (0..steps.len()).filter(|&i| !seen[i]).collect()
+}
+
+impl Compiler<'_> {
+    fn err(&self, label: &str, field: impl Into<String>, problem: impl Into<String>) -> FlowError {
+        FlowError {
+            file: self.file.to_owned(),
+            step: Some(label.to_owned()),
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn fields<T: DeserializeOwned>(
+        &self,
+        label: &str,
+        value: serde_json::Value,
+    ) -> Result<T, FlowError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            self.err(
+                label,
+                if path == "." { String::new() } else { path },
+                e.into_inner().to_string(),
+            )
+        })
+    }
+
+    fn target(&self, label: &str, field: &str, name: &str) -> Result<Next, FlowError> {
+        self.names
+            .get(name)
+            .map(|&i| Some(i))
+            .ok_or_else(|| self.err(label, field, format!("no step is named {name:?}")))
+    }
+
+    fn next(
+        &self,
+        label: &str,
+        field: &str,
+        name: Option<&str>,
+        default: Next,
+    ) -> Result<Next, FlowError> {
+        match name {
+            Some(name) => self.target(label, field, name),
+            None => Ok(default),
+        }
+    }
+
+    fn duration(
+        &self,
+        label: &str,
+        field: &str,
+        d: Dur,
+        max: Duration,
+    ) -> Result<Duration, FlowError> {
+        if d.0.is_zero() {
+            return Err(self.err(label, field, "must be longer than zero"));
+        }
+        if d.0 > max {
+            return Err(self.err(label, field, format!("must be at most {max:?}")));
+        }
+        Ok(d.0)
+    }
+
+    fn terminator(&self, label: &str, text: &str) -> Result<Option<Digit>, FlowError> {
+        match text {
+            "" => Ok(None),
+            t => Digit::parse(t).map(Some).ok_or_else(|| {
+                self.err(
+                    label,
+                    "terminator",
+                    format!("{t:?} is not a key (0-9 * # A-D), or \"\" for none"),
+                )
+            }),
+        }
+    }
+
+    fn file_prompt(
+        &mut self,
+        label: &str,
+        field: &str,
+        files: &[String],
+    ) -> Result<Prompt, FlowError> {
+        let mut parts = Vec::new();
+        for (i, file) in files.iter().enumerate() {
+            let field = if files.len() > 1 {
+                format!("{field}[{i}]")
+            } else {
+                field.to_owned()
+            };
+            let path = self.dir.join(file);
+            if let Some(audio) = self.files.get(&path) {
+                parts.push(PromptPart::Audio(audio.clone()));
+                continue;
+            }
+            let bytes = self
+                .loader
+                .read(&path)
+                .map_err(|e| self.err(label, &field, format!("{}: {e}", path.display())))?;
+            let audio = hound::WavReader::new(std::io::Cursor::new(bytes))
+                .map_err(callgate_audio::Error::from)
+                .and_then(callgate_audio::wav::read_mono_from)
+                .map_err(|e| self.err(label, &field, format!("{}: {e}", path.display())))?;
+            if audio.samples.is_empty() || audio.rate == 0 {
+                return Err(self.err(label, &field, format!("{}: no audio", path.display())));
+            }
+            let prompt = PromptAudio::new(file.clone(), &audio)
+                .map_err(|e| self.err(label, &field, format!("{}: {e}", path.display())))?;
+            let prompt = Arc::new(prompt);
+            self.files.insert(path, prompt.clone());
+            parts.push(PromptPart::Audio(prompt));
+        }
+        Ok(Prompt { parts })
+    }
+
+    fn say_prompt(
+        &mut self,
+        label: &str,
+        field: &str,
+        text: &str,
+        voice: Option<&str>,
+        provider: Option<ProviderName>,
+    ) -> Result<Prompt, FlowError> {
+        let template = Template::parse(text).map_err(|p| self.err(label, field, p))?;
+        let provider = provider.unwrap_or(self.tts.provider.unwrap_or_default());
+        let voice = voice.map_or_else(
+            || {
+                TtsSettings {
+                    provider: Some(provider),
+                    ..self.tts.clone()
+                }
+                .voice()
+            },
+            str::to_owned,
+        );
+        if template.is_fixed() {
+            let audio = self
+                .loader
+                .speak(&self.tts, provider, &voice, text)
+                .map_err(|p| self.err(label, field, p))?;
+            return Ok(Prompt {
+                parts: vec![PromptPart::Audio(Arc::new(audio))],
+            });
+        }
+        self.loader
+            .check_provider(&self.tts, provider)
+            .map_err(|p| self.err(label, field, p))?;
+        Ok(Prompt {
+            parts: vec![PromptPart::Speak {
+                text: template,
+                voice,
+                provider,
+            }],
+        })
+    }
+
+    fn step(
+        &mut self,
+        label: &str,
+        mut value: serde_json::Value,
+        following: Next,
+    ) -> Result<Step, FlowError> {
+        let serde_json::Value::Object(map) = &mut value else {
+            return Err(self.err(label, "", "a step is a table"));
+        };
+        let name = match map.remove("name") {
+            Some(serde_json::Value::String(n)) => n,
+            _ => return Err(self.err(label, "name", "missing")),
+        };
+        let kind = match map.remove("kind") {
+            Some(serde_json::Value::String(k)) => k,
+            Some(_) => return Err(self.err(label, "kind", "must be a string")),
+            None => return Err(self.err(label, "kind", format!("missing ({KINDS})"))),
+        };
+        let kind = match kind.as_str() {
+            "answer" => {
+                let s: NextOnly = self.fields(label, value)?;
+                StepKind::Answer {
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "play" => {
+                let s: PlaySpec = self.fields(label, value)?;
+                if s.file.0.is_empty() {
+                    return Err(self.err(label, "file", "no file given"));
+                }
+                StepKind::Play {
+                    kind: "play",
+                    prompt: self.file_prompt(label, "file", &s.file.0)?,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "say" => {
+                let s: SaySpec = self.fields(label, value)?;
+                StepKind::Play {
+                    kind: "say",
+                    prompt: self.say_prompt(
+                        label,
+                        "text",
+                        &s.text,
+                        s.voice.as_deref(),
+                        s.provider,
+                    )?,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "say_digits" => {
+                let s: SayDigitsSpec = self.fields(label, value)?;
+                let text = Template::parse(&s.digits).map_err(|p| self.err(label, "digits", p))?;
+                let mut files = HashMap::new();
+                for (key, file) in [
+                    ('0', "0"),
+                    ('1', "1"),
+                    ('2', "2"),
+                    ('3', "3"),
+                    ('4', "4"),
+                    ('5', "5"),
+                    ('6', "6"),
+                    ('7', "7"),
+                    ('8', "8"),
+                    ('9', "9"),
+                    ('*', "star"),
+                    ('#', "pound"),
+                ] {
+                    let rel = format!("{}/{file}.wav", s.dir.trim_end_matches('/'));
+                    // 0-9 are required; * and # only when present.
+                    if key.is_ascii_digit() || self.loader.read(&self.dir.join(&rel)).is_ok() {
+                        let prompt = self.file_prompt(label, "dir", &[rel])?;
+                        if let Some(PromptPart::Audio(a)) = prompt.parts.into_iter().next() {
+                            files.insert(key, a);
+                        }
+                    }
+                }
+                StepKind::Play {
+                    kind: "say_digits",
+                    prompt: Prompt {
+                        parts: vec![PromptPart::Digits {
+                            text,
+                            files: Arc::new(files),
+                        }],
+                    },
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "pause" => {
+                let s: DurationSpec = self.fields(label, value)?;
+                StepKind::Pause {
+                    duration: self.duration(label, "duration", s.duration, MAX_WAIT)?,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "echo" => {
+                let s: DurationSpec = self.fields(label, value)?;
+                StepKind::Echo {
+                    duration: self.duration(label, "duration", s.duration, MAX_WAIT)?,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "gather" => StepKind::Gather(Box::new(self.gather(label, value, following)?)),
+            "set" => {
+                let s: SetSpec = self.fields(label, value)?;
+                let mut vars = Vec::new();
+                for (k, v) in s.vars {
+                    if !is_name(&k) {
+                        return Err(self.err(
+                            label,
+                            format!("vars.{k}"),
+                            "a variable name is letters, digits and _",
+                        ));
+                    }
+                    let t =
+                        Template::parse(&v).map_err(|p| self.err(label, format!("vars.{k}"), p))?;
+                    vars.push((k, t));
+                }
+                StepKind::Set {
+                    vars,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "goto" => {
+                let s: GotoSpec = self.fields(label, value)?;
+                StepKind::Goto {
+                    next: self.target(label, "next", &s.next)?,
+                }
+            }
+            "branch" => {
+                let s: BranchSpec = self.fields(label, value)?;
+                if !is_name(&s.variable) {
+                    return Err(self.err(
+                        label,
+                        "variable",
+                        "a variable name is letters, digits and _",
+                    ));
+                }
+                let mut on = Vec::new();
+                for (value, target) in &s.on {
+                    on.push((
+                        value.clone(),
+                        self.target(label, &format!("on.{value}"), target)?,
+                    ));
+                }
+                StepKind::Branch {
+                    variable: s.variable,
+                    on,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "hangup" => {
+                let _: Empty = self.fields(label, value)?;
+                StepKind::Hangup
+            }
+            "send_dtmf" => {
+                let s: SendDtmfSpec = self.fields(label, value)?;
+                let mut digits = Vec::new();
+                for c in s.digits.chars() {
+                    let d = Digit::from_char(c)
+                        .filter(|d| d.is_sendable())
+                        .ok_or_else(|| {
+                            self.err(label, "digits", format!("{c:?} cannot be sent (0-9 * #)"))
+                        })?;
+                    digits.push(d);
+                }
+                if digits.is_empty() {
+                    return Err(self.err(label, "digits", "no keys given"));
+                }
+                let duration = u64::try_from(s.duration.0.as_millis())
+                    .ok()
+                    .and_then(DtmfDuration::from_millis)
+                    .ok_or_else(|| self.err(label, "duration", "must be 1ms to 1s"))?;
+                StepKind::SendDtmf {
+                    digits,
+                    duration,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }
+            }
+            "record" => {
+                let s: RecordSpec = self.fields(label, value)?;
+                if !is_name(&s.variable) {
+                    return Err(self.err(
+                        label,
+                        "variable",
+                        "a variable name is letters, digits and _",
+                    ));
+                }
+                StepKind::Record(Box::new(Record {
+                    max_length: self.duration(label, "max_length", s.max_length, MAX_RECORDING)?,
+                    silence: s
+                        .silence
+                        .map(|d| self.duration(label, "silence", d, MAX_RECORDING))
+                        .transpose()?,
+                    terminator: self.terminator(label, &s.terminator)?,
+                    variable: s.variable,
+                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                }))
+            }
+            "agent_terminate" => {
+                let s: AgentTerminateSpec = self.fields(label, value)?;
+                self.loader
+                    .check_callbridge_api()
+                    .map_err(|p| self.err(label, "", p))?;
+                StepKind::AgentTerminate {
+                    ment: Template::parse(&s.ment).map_err(|p| self.err(label, "ment", p))?,
+                    timeout: self.duration(label, "timeout", s.timeout, MAX_HTTP_TIMEOUT)?,
+                    on_error: self.next(label, "on_error", s.on_error.as_deref(), None)?,
+                }
+            }
+            "http" => {
+                let s: HttpSpec = self.fields(label, value)?;
+                let url = Template::parse(&s.url).map_err(|p| self.err(label, "url", p))?;
+                if url.is_fixed() {
+                    let ok = reqwest::Url::parse(&s.url)
+                        .is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+                    if !ok {
+                        return Err(self.err(
+                            label,
+                            "url",
+                            format!("{:?} is not an http(s) URL", s.url),
+                        ));
+                    }
+                }
+                let next = self.next(label, "next", s.next.as_deref(), following)?;
+                StepKind::Http(Box::new(Http {
+                    url,
+                    timeout: self.duration(label, "timeout", s.timeout, MAX_HTTP_TIMEOUT)?,
+                    next,
+                    on_error: self.next(label, "on_error", s.on_error.as_deref(), next)?,
+                }))
+            }
+            other => {
+                return Err(self.err(
+                    label,
+                    "kind",
+                    format!("unknown step kind {other:?} ({KINDS})"),
+                ));
+            }
+        };
+        Ok(Step { name, kind })
+    }
+
+    fn gather(
+        &mut self,
+        label: &str,
+        value: serde_json::Value,
+        following: Next,
+    ) -> Result<Gather, FlowError> {
+        let s: GatherSpec = self.fields(label, value)?;
+        if !(1..=32).contains(&s.max_digits) {
+            return Err(self.err(label, "max_digits", "must be from 1 to 32"));
+        }
+        if !is_name(&s.variable) {
+            return Err(self.err(
+                label,
+                "variable",
+                "a variable name is letters, digits and _",
+            ));
+        }
+        if !s.play.0.is_empty() && s.say.is_some() {
+            return Err(self.err(label, "say", "give play or say, not both"));
+        }
+        if s.retry_play.is_some() && s.retry_say.is_some() {
+            return Err(self.err(label, "retry_say", "give retry_play or retry_say, not both"));
+        }
+        let prompt = match &s.say {
+            Some(text) => self.say_prompt(label, "say", text, s.voice.as_deref(), None)?,
+            None => self.file_prompt(label, "play", &s.play.0)?,
+        };
+        let retry_prompt = match (&s.retry_play, &s.retry_say) {
+            (Some(files), _) => self.file_prompt(label, "retry_play", &files.0)?,
+            (_, Some(text)) => {
+                self.say_prompt(label, "retry_say", text, s.voice.as_deref(), None)?
+            }
+            _ => prompt.clone(),
+        };
+        let terminator = self.terminator(label, &s.terminator)?;
+        let mut on = Vec::new();
+        for (digits, target) in &s.on {
+            let field = format!("on.{digits}");
+            if digits.is_empty() || digits.len() > s.max_digits {
+                return Err(self.err(
+                    label,
+                    &field,
+                    format!("must be 1 to max_digits ({}) keys", s.max_digits),
+                ));
+            }
+            if let Some(bad) = digits.chars().find(|&c| Digit::from_char(c).is_none()) {
+                return Err(self.err(label, &field, format!("{bad:?} is not a key (0-9 * # A-D)")));
+            }
+            if terminator.is_some_and(|t| digits.contains(t.as_char())) {
+                return Err(self.err(
+                    label,
+                    &field,
+                    "contains the terminator, which ends the input",
+                ));
+            }
+            on.push((digits.clone(), self.target(label, &field, target)?));
+        }
+        let next = self.next(label, "next", s.next.as_deref(), following)?;
+        let no_input = self.next(label, "no_input", s.no_input.as_deref(), next)?;
+        Ok(Gather {
+            prompt,
+            retry_prompt,
+            max_digits: s.max_digits,
+            terminator,
+            first_digit_timeout: self.duration(
+                label,
+                "first_digit_timeout",
+                s.first_digit_timeout,
+                MAX_WAIT,
+            )?,
+            inter_digit_timeout: self.duration(
+                label,
+                "inter_digit_timeout",
+                s.inter_digit_timeout,
+                MAX_WAIT,
+            )?,
+            retries: s.retries.min(10),
+            variable: s.variable,
+            on,
+            next,
+            no_input,
+            no_match: self.next(label, "no_match", s.no_match.as_deref(), no_input)?,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A loader whose speech is a short beep and whose providers always work.
+    pub(crate) struct FakeLoader;
+
+    impl Loader for FakeLoader {
+        fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+            std::fs::read(path).map_err(|e| e.to_string())
+        }
+        fn speak(
+            &self,
+            _: &TtsSettings,
+            _: ProviderName,
+            _: &str,
+            text: &str,
+        ) -> Result<PromptAudio, String> {
+            let audio = callgate_audio::wav::MonoAudio {
+                rate: 8000,
+                samples: vec![1000; 800],
+            };
+            PromptAudio::new(text, &audio).map_err(|e| e.to_string())
+        }
+        fn check_provider(&self, _: &TtsSettings, _: ProviderName) -> Result<(), String> {
+            Ok(())
+        }
+        fn check_callbridge_api(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Result<Flow, FlowError> {
+        Flow::parse(
+            Path::new("/nowhere/test.toml"),
+            text,
+            &TtsSettings::default(),
+            &FakeLoader,
+        )
+    }
+
+    fn error(text: &str) -> String {
+        parse(text).expect_err("the flow is refused").to_string()
+    }
+
+    #[test]
+    fn a_valid_flow_compiles_with_defaults() {
+        let flow = parse(
+            r#"
+            [[step]]
+            name = "hello"
+            kind = "say"
+            text = "Hello {{caller}}"
+            [[step]]
+            name = "menu"
+            kind = "gather"
+            say = "Press 1"
+            on = { "1" = "bye" }
+            [[step]]
+            name = "bye"
+            kind = "hangup"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(flow.start, 0);
+        assert!(flow.warnings.is_empty(), "{:?}", flow.warnings);
+        let StepKind::Gather(g) = &flow.steps[1].kind else {
+            panic!()
+        };
+        assert_eq!(g.max_digits, 1);
+        assert_eq!(g.terminator, Some(Digit::Pound));
+        assert_eq!(g.first_digit_timeout, Duration::from_secs(5));
+        assert_eq!(g.on, vec![("1".to_owned(), Some(2))]);
+        assert_eq!(g.next, Some(2), "the following step");
+        assert!(matches!(
+            flow.steps[0].kind,
+            StepKind::Play { kind: "say", .. }
+        ));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_step_and_the_field() {
+        let e = error("[[step]]\nname = \"a\"\nkind = \"dance\"\n");
+        assert!(
+            e.starts_with("flow /nowhere/test.toml: step \"a\": kind: unknown step kind \"dance\""),
+            "{e}"
+        );
+        let e = error("[[step]]\nname = \"a\"\nkind = \"pause\"\nduration = \"soon\"\n");
+        assert!(
+            e.contains("step \"a\": duration: invalid duration \"soon\""),
+            "{e}"
+        );
+        let e = error("[[step]]\nname = \"a\"\nkind = \"pause\"\nduraton = \"1s\"\n");
+        assert!(
+            e.contains("step \"a\"") && e.contains("unknown field `duraton`"),
+            "{e}"
+        );
+        let e = error("[[step]]\nname = \"a\"\nkind = \"goto\"\nnext = \"b\"\n");
+        assert!(
+            e.contains("step \"a\": next: no step is named \"b\""),
+            "{e}"
+        );
+        let e = error("[[step]]\nname = \"a\"\nkind = \"play\"\nfile = \"missing.wav\"\n");
+        assert!(e.contains("step \"a\": file: /nowhere/missing.wav"), "{e}");
+        let e = error("[[step]]\nname = \"a\"\nkind = \"gather\"\non = { \"12\" = \"a\" }\n");
+        assert!(
+            e.contains("step \"a\": on.12: must be 1 to max_digits (1) keys"),
+            "{e}"
+        );
+        let e = error("[[step]]\nname = \"a\"\nkind = \"send_dtmf\"\ndigits = \"1A\"\n");
+        assert!(e.contains("step \"a\": digits: 'A' cannot be sent"), "{e}");
+        let e = error(
+            "[[step]]\nname = \"a\"\nkind = \"send_dtmf\"\ndigits = \"1\"\nduration = \"2s\"\n",
+        );
+        assert!(e.contains("step \"a\": duration"), "{e}");
+        let e = error("[[step]]\nname = \"a\"\nkind = \"say\"\ntext = \"hi {{x\"\n");
+        assert!(e.contains("step \"a\": text: unclosed"), "{e}");
+        let e = error("start = \"z\"\n[[step]]\nname = \"a\"\nkind = \"hangup\"\n");
+        assert!(e.contains("start: no step is named \"z\""), "{e}");
+        let e = error("[[step]]\nkind = \"hangup\"\n");
+        assert!(e.contains("step step[0]: name"), "{e}");
+        let e = error(
+            "[[step]]\nname = \"a\"\nkind = \"hangup\"\n[[step]]\nname = \"a\"\nkind = \"hangup\"\n",
+        );
+        assert!(e.contains("another step already has this name"), "{e}");
+        let e = error("stepz = 1\n");
+        assert!(e.contains("stepz"), "{e}");
+        let e = error("[[step]]\nname = \"a\"\nkind = \"http\"\nurl = \"ftp://x\"\n");
+        assert!(e.contains("step \"a\": url"), "{e}");
+        let e = error("[[step]]\nname = \"a\"\nkind = \"record\"\nmax_length = \"0s\"\n");
+        assert!(
+            e.contains("step \"a\": max_length: must be longer than zero"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreachable_steps_are_warnings() {
+        let flow = parse(
+            "[[step]]\nname = \"a\"\nkind = \"hangup\"\n[[step]]\nname = \"lost\"\nkind = \"hangup\"\n",
+        )
+        .unwrap();
+        assert_eq!(flow.warnings.len(), 1);
+        assert!(flow.warnings[0].contains("\"lost\" is never reached"));
+    }
+}

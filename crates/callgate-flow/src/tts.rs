@@ -1,0 +1,464 @@
+//! Text-to-speech: a [`Provider`] trait, `espeak-ng` run as a subprocess, an OpenAI-compatible
+//! `POST {base_url}/v1/audio/speech` provider, and a [`Cache`] of rendered audio in the data
+//! dir keyed by provider, voice, text and format.
+//!
+//! espeak-ng is GPL-3: it is run as a program (`espeak-ng -v VOICE -w FILE TEXT`), never
+//! linked. The OpenAI-compatible provider asks for `response_format = "pcm"` by default (raw
+//! 24 kHz 16-bit little-endian mono, no header to mistrust); `wav` is read with hound.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callgate_audio::wav::MonoAudio;
+use serde::Deserialize;
+
+use crate::spec::Dur;
+
+/// A synthesis that failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TtsError {
+    /// The espeak-ng program could not be run (not installed?).
+    #[error("cannot run espeak-ng ({0}); install it (Debian: apt-get install espeak-ng)")]
+    NotInstalled(String),
+    /// The engine ran but failed.
+    #[error("speech synthesis failed: {0}")]
+    Failed(String),
+    /// The provider did not answer in time.
+    #[error("speech synthesis timed out after {0:?}")]
+    Timeout(Duration),
+    /// The provider answered with an HTTP error.
+    #[error("speech provider answered HTTP {status}: {body}")]
+    Status {
+        /// The HTTP status.
+        status: u16,
+        /// The start of the answer's body.
+        body: String,
+    },
+    /// The provider's audio could not be read.
+    #[error("speech provider sent unreadable audio: {0}")]
+    BadAudio(String),
+    /// The provider's settings cannot work.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A boxed synthesis (the one place a `dyn Provider` needs a boxed future).
+pub type Synthesis<'a> = Pin<Box<dyn Future<Output = Result<MonoAudio, TtsError>> + Send + 'a>>;
+
+/// Something that turns text into audio.
+pub trait Provider: Send + Sync + std::fmt::Debug {
+    /// Identifies the provider and its output format in cache keys (`espeak-ng/wav`,
+    /// `openai:https://api.openai.com:tts-1/pcm`).
+    fn key(&self) -> String;
+    /// Speaks `text` with `voice`.
+    fn synthesize<'a>(&'a self, text: &'a str, voice: &'a str) -> Synthesis<'a>;
+}
+
+/// Which provider: `[tts]` in the server's config file, in a flow file, and `provider` on a
+/// step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderName {
+    /// espeak-ng, run as a subprocess.
+    #[default]
+    EspeakNg,
+    /// An OpenAI-compatible `/v1/audio/speech` API.
+    Openai,
+}
+
+/// TTS settings (`[tts]`): the server's, overridden key by key by a flow's.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TtsSettings {
+    /// `espeak-ng` (default) or `openai`.
+    #[serde(default)]
+    pub provider: Option<ProviderName>,
+    /// The voice (espeak-ng: `en-us`, `ko`...; OpenAI: `alloy`...).
+    #[serde(default)]
+    pub voice: Option<String>,
+    /// OpenAI-compatible: the API's base URL (default `https://api.openai.com`).
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// OpenAI-compatible: the model (default `gpt-4o-mini-tts`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// OpenAI-compatible: the environment variable holding the API key (default
+    /// `OPENAI_API_KEY`).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// OpenAI-compatible: `pcm` (default) or `wav`.
+    #[serde(default)]
+    pub response_format: Option<String>,
+    /// How long one synthesis may take (default 10s).
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+}
+
+impl TtsSettings {
+    /// These settings, each one not given taken from `base`.
+    pub fn over(&self, base: &Self) -> Self {
+        Self {
+            provider: self.provider.or(base.provider),
+            voice: self.voice.clone().or_else(|| base.voice.clone()),
+            base_url: self.base_url.clone().or_else(|| base.base_url.clone()),
+            model: self.model.clone().or_else(|| base.model.clone()),
+            api_key_env: self
+                .api_key_env
+                .clone()
+                .or_else(|| base.api_key_env.clone()),
+            response_format: self
+                .response_format
+                .clone()
+                .or_else(|| base.response_format.clone()),
+            timeout: self.timeout.or(base.timeout),
+        }
+    }
+
+    /// The voice, or the provider's default.
+    pub fn voice(&self) -> String {
+        self.voice.clone().unwrap_or_else(|| {
+            match self.provider.unwrap_or_default() {
+                ProviderName::EspeakNg => "en-us",
+                ProviderName::Openai => "alloy",
+            }
+            .to_owned()
+        })
+    }
+
+    /// Builds the provider these settings describe (checks what can be checked at load:
+    /// espeak-ng installed, the key's variable set, the format known).
+    pub fn provider(&self, http: &reqwest::Client) -> Result<Arc<dyn Provider>, TtsError> {
+        let timeout = self.timeout.map_or(Duration::from_secs(10), |d| d.0);
+        match self.provider.unwrap_or_default() {
+            ProviderName::EspeakNg => {
+                Espeak::check()?;
+                Ok(Arc::new(Espeak { timeout }))
+            }
+            ProviderName::Openai => {
+                let env = self
+                    .api_key_env
+                    .clone()
+                    .unwrap_or_else(|| "OPENAI_API_KEY".into());
+                let key = std::env::var(&env).map_err(|_| {
+                    TtsError::Config(format!(
+                        "the OpenAI-compatible provider needs an API key in ${env} (api_key_env)"
+                    ))
+                })?;
+                let format = self.response_format.clone().unwrap_or_else(|| "pcm".into());
+                if !matches!(format.as_str(), "pcm" | "wav") {
+                    return Err(TtsError::Config(format!(
+                        "response_format {format:?}: callgate reads pcm or wav"
+                    )));
+                }
+                Ok(Arc::new(OpenAi {
+                    http: http.clone(),
+                    base_url: self
+                        .base_url
+                        .clone()
+                        .unwrap_or_else(|| "https://api.openai.com".into())
+                        .trim_end_matches('/')
+                        .to_owned(),
+                    model: self
+                        .model
+                        .clone()
+                        .unwrap_or_else(|| "gpt-4o-mini-tts".into()),
+                    key,
+                    format,
+                    timeout,
+                }))
+            }
+        }
+    }
+}
+
+/// espeak-ng as a subprocess.
+#[derive(Debug, Clone)]
+pub struct Espeak {
+    timeout: Duration,
+}
+
+impl Espeak {
+    /// Whether `espeak-ng` can be run.
+    pub fn check() -> Result<(), TtsError> {
+        match std::process::Command::new("espeak-ng")
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+        {
+            Ok(s) if s.success() => Ok(()),
+            Ok(s) => Err(TtsError::NotInstalled(format!("espeak-ng --version: {s}"))),
+            Err(e) => Err(TtsError::NotInstalled(e.to_string())),
+        }
+    }
+
+    /// Runs espeak-ng to a temporary WAV file and reads it (blocking).
+    fn run(text: &str, voice: &str) -> Result<MonoAudio, TtsError> {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file =
+            std::env::temp_dir().join(format!("callgate-espeak-{}-{n}.wav", std::process::id()));
+        // `--` ends the options: a text starting with `-` is still text.
+        let output = std::process::Command::new("espeak-ng")
+            .args(["-v", voice, "-w"])
+            .arg(&file)
+            .arg("--")
+            .arg(text)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| TtsError::NotInstalled(e.to_string()))?;
+        let result = if output.status.success() {
+            callgate_audio::wav::read_mono(&file).map_err(|e| TtsError::BadAudio(e.to_string()))
+        } else {
+            Err(TtsError::Failed(format!(
+                "espeak-ng -v {voice}: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
+        };
+        let _ = std::fs::remove_file(&file);
+        result
+    }
+}
+
+impl Provider for Espeak {
+    fn key(&self) -> String {
+        "espeak-ng/wav".into()
+    }
+
+    fn synthesize<'a>(&'a self, text: &'a str, voice: &'a str) -> Synthesis<'a> {
+        let (text, voice) = (text.to_owned(), voice.to_owned());
+        let timeout = self.timeout;
+        Box::pin(async move {
+            // A subprocess and a file: off the async workers.
+            let work = tokio::task::spawn_blocking(move || Espeak::run(&text, &voice));
+            match tokio::time::timeout(timeout, work).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => Err(TtsError::Failed(e.to_string())),
+                Err(_) => Err(TtsError::Timeout(timeout)),
+            }
+        })
+    }
+}
+
+/// An OpenAI-compatible `POST {base_url}/v1/audio/speech`.
+#[derive(Debug, Clone)]
+pub struct OpenAi {
+    http: reqwest::Client,
+    base_url: String,
+    model: String,
+    key: String,
+    format: String,
+    timeout: Duration,
+}
+
+/// The most audio one answer may carry (about 10 minutes of 24 kHz PCM).
+const MAX_SPEECH_BYTES: usize = 32 * 1024 * 1024;
+
+impl OpenAi {
+    async fn request(&self, text: &str, voice: &str) -> Result<MonoAudio, TtsError> {
+        let url = format!("{}/v1/audio/speech", self.base_url);
+        let body = serde_json::json!({
+            "model": self.model,
+            "voice": voice,
+            "input": text,
+            "response_format": self.format,
+        });
+        let answer = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.key)
+            .json(&body)
+            .timeout(self.timeout)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    TtsError::Timeout(self.timeout)
+                } else {
+                    TtsError::Failed(format!("POST {url}: {e}"))
+                }
+            })?;
+        let status = answer.status();
+        if answer
+            .content_length()
+            .is_some_and(|n| n > MAX_SPEECH_BYTES as u64)
+        {
+            return Err(TtsError::BadAudio("the answer is too large".into()));
+        }
+        let bytes = answer.bytes().await.map_err(|e| {
+            if e.is_timeout() {
+                TtsError::Timeout(self.timeout)
+            } else {
+                TtsError::Failed(format!("POST {url}: {e}"))
+            }
+        })?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            return Err(TtsError::Status {
+                status: status.as_u16(),
+                body: text,
+            });
+        }
+        if bytes.len() > MAX_SPEECH_BYTES {
+            return Err(TtsError::BadAudio("the answer is too large".into()));
+        }
+        decode(&self.format, &bytes)
+    }
+}
+
+/// Reads a provider's answer: `pcm` is 24 kHz 16-bit little-endian mono (OpenAI's documented
+/// raw format); `wav` any PCM WAV.
+fn decode(format: &str, bytes: &[u8]) -> Result<MonoAudio, TtsError> {
+    let audio = if format == "pcm" {
+        if !bytes.len().is_multiple_of(2) {
+            return Err(TtsError::BadAudio("odd number of PCM bytes".into()));
+        }
+        let mut samples = Vec::with_capacity(bytes.len() / 2);
+        callgate_audio::pcm::le_bytes_to_samples(bytes, &mut samples);
+        MonoAudio {
+            rate: 24000,
+            samples,
+        }
+    } else {
+        let reader = hound::WavReader::new(std::io::Cursor::new(bytes))
+            .map_err(|e| TtsError::BadAudio(e.to_string()))?;
+        callgate_audio::wav::read_mono_from(reader)
+            .map_err(|e| TtsError::BadAudio(e.to_string()))?
+    };
+    if audio.samples.is_empty() {
+        return Err(TtsError::BadAudio("no audio".into()));
+    }
+    Ok(audio)
+}
+
+impl Provider for OpenAi {
+    fn key(&self) -> String {
+        format!("openai:{}:{}/{}", self.base_url, self.model, self.format)
+    }
+
+    fn synthesize<'a>(&'a self, text: &'a str, voice: &'a str) -> Synthesis<'a> {
+        Box::pin(self.request(text, voice))
+    }
+}
+
+/// Rendered speech on disk: `DATA_DIR/tts-cache/HASH.wav`, with `HASH.key` holding the whole
+/// key (provider, voice, format, text), compared on every read so a hash collision is a miss.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+impl Cache {
+    /// A cache in `data_dir/tts-cache`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            dir: data_dir.join("tts-cache"),
+        }
+    }
+
+    fn paths(&self, key: &str) -> (PathBuf, PathBuf) {
+        // FNV-1a, 64 bits: stable across builds (std's hasher is not promised to be).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        let stem = format!("{h:016x}");
+        (
+            self.dir.join(format!("{stem}.wav")),
+            self.dir.join(format!("{stem}.key")),
+        )
+    }
+
+    /// The cache key of a synthesis.
+    pub fn key(provider: &dyn Provider, voice: &str, text: &str) -> String {
+        format!("{}\n{voice}\n{text}", provider.key())
+    }
+
+    /// The cached audio for `key` (blocking file I/O).
+    pub fn get(&self, key: &str) -> Option<MonoAudio> {
+        let (wav, keyfile) = self.paths(key);
+        if std::fs::read_to_string(keyfile).ok()? != key {
+            return None;
+        }
+        callgate_audio::wav::read_mono(&wav).ok()
+    }
+
+    /// Stores audio under `key` (blocking file I/O); written to a temporary name and renamed,
+    /// so a reader never sees half a file. A failure only costs a later re-render.
+    pub fn put(&self, key: &str, audio: &MonoAudio) {
+        let (wav, keyfile) = self.paths(key);
+        let tmp = wav.with_extension(format!("tmp{}", std::process::id()));
+        let stored = std::fs::create_dir_all(&self.dir).is_ok()
+            && callgate_audio::wav::write_mono(&tmp, audio.rate, &audio.samples).is_ok()
+            && std::fs::write(&keyfile, key).is_ok()
+            && std::fs::rename(&tmp, &wav).is_ok();
+        if !stored {
+            let _ = std::fs::remove_file(&tmp);
+            tracing::warn!(dir = %self.dir.display(), "Cannot store rendered speech in the cache.");
+        }
+    }
+}
+
+/// Speaks `text`, from the cache when it was rendered before (blocking file I/O is moved off
+/// the async workers).
+pub async fn speak(
+    cache: &Cache,
+    provider: &dyn Provider,
+    voice: &str,
+    text: &str,
+) -> Result<MonoAudio, TtsError> {
+    let key = Cache::key(provider, voice, text);
+    let lookup = {
+        let (cache, key) = (cache.clone(), key.clone());
+        tokio::task::spawn_blocking(move || cache.get(&key))
+    };
+    if let Ok(Some(audio)) = lookup.await {
+        return Ok(audio);
+    }
+    let audio = provider.synthesize(text, voice).await?;
+    let (store, stored) = (cache.clone(), audio.clone());
+    let _ = tokio::task::spawn_blocking(move || store.put(&key, &stored)).await;
+    Ok(audio)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pcm_answers_are_24k_and_nonsense_is_refused() {
+        let audio = decode("pcm", &[1, 0, 2, 0]).unwrap();
+        assert_eq!(
+            (audio.rate, audio.samples.as_slice()),
+            (24000, &[1i16, 2][..])
+        );
+        assert!(matches!(decode("pcm", &[1]), Err(TtsError::BadAudio(_))));
+        assert!(matches!(
+            decode("wav", b"nonsense"),
+            Err(TtsError::BadAudio(_))
+        ));
+        assert!(matches!(decode("pcm", &[]), Err(TtsError::BadAudio(_))));
+    }
+
+    #[test]
+    fn settings_merge_key_by_key() {
+        let global = TtsSettings {
+            voice: Some("en-us".into()),
+            model: Some("m".into()),
+            ..TtsSettings::default()
+        };
+        let flow = TtsSettings {
+            voice: Some("ko".into()),
+            ..TtsSettings::default()
+        };
+        let merged = flow.over(&global);
+        assert_eq!(merged.voice(), "ko");
+        assert_eq!(merged.model.as_deref(), Some("m"));
+        assert_eq!(TtsSettings::default().voice(), "en-us");
+    }
+}
