@@ -32,10 +32,22 @@ enum Commands {
     /// Check the route table of a configuration, or ask which route a call would take.
     #[command(subcommand)]
     Routes(routes::RoutesCommand),
+    /// Check a configuration: every setting, routes and agents' settings, `[admin]` tokens and
+    /// `[call_auth]` keys (exit 64 with the problem named).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Place one call as a phone system would (CallBridge or inbound), with a timeline.
     Sim(Box<tools::SimArgs>),
     /// Place many concurrent calls and measure round trip, loss and CPU exactly.
     Load(Box<tools::LoadArgs>),
+}
+
+/// `callgate config` subcommands.
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration exactly as `serve` does, without binding anything, and print
+    /// the route table.
+    Check(Box<routes::CheckArgs>),
 }
 
 fn main() -> ExitCode {
@@ -50,18 +62,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Commands::Serve(args) => serve(*args),
-        Commands::Routes(command) => match routes::run(command) {
-            routes::Outcome::Ok => ExitCode::SUCCESS,
-            routes::Outcome::NoRoute => ExitCode::FAILURE,
-            routes::Outcome::Config(e) => {
-                eprintln!("callgate: configuration error: {e:#}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-            routes::Outcome::Usage(message) => {
-                eprintln!("callgate routes which: {message}");
-                ExitCode::from(EXIT_CONFIG)
-            }
-        },
+        Commands::Config(ConfigCommand::Check(args)) => {
+            route_outcome(routes::run(routes::RoutesCommand::Check(args)))
+        }
+        Commands::Routes(command) => route_outcome(routes::run(command)),
         Commands::Sim(args) => match tools::sim(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -78,6 +82,22 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// The exit status of `routes` and `config` subcommands.
+fn route_outcome(outcome: routes::Outcome) -> ExitCode {
+    match outcome {
+        routes::Outcome::Ok => ExitCode::SUCCESS,
+        routes::Outcome::NoRoute => ExitCode::FAILURE,
+        routes::Outcome::Config(e) => {
+            eprintln!("callgate: configuration error: {e:#}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        routes::Outcome::Usage(message) => {
+            eprintln!("callgate routes which: {message}");
+            ExitCode::from(EXIT_CONFIG)
+        }
     }
 }
 
