@@ -253,19 +253,7 @@ async fn list_calls(
             ),
         ));
     }
-    let limit = match query.get("limit") {
-        None => DEFAULT_LIMIT,
-        Some(text) => match text.parse::<u32>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_limit",
-                    format!("limit must be a whole number from 1 to {MAX_LIMIT}, got {text:?}"),
-                ));
-            }
-        },
-    };
+    let limit = limit(&query, DEFAULT_LIMIT, MAX_LIMIT)?;
     let filter = CallFilter {
         limit,
         route: query.get("route").cloned(),
@@ -409,20 +397,23 @@ fn page(query: &HashMap<String, String>) -> Result<Page, ApiError> {
             )
         })?,
     };
-    let limit = match query.get("limit") {
-        None => MAX_PAGE,
-        Some(text) => match text.parse::<u32>() {
-            Ok(n) if (1..=MAX_PAGE).contains(&n) => n,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_limit",
-                    format!("limit must be a whole number from 1 to {MAX_PAGE}, got {text:?}"),
-                ));
-            }
-        },
-    };
+    let limit = limit(query, MAX_PAGE, MAX_PAGE)?;
     Ok(Page { after, limit })
+}
+
+/// `?limit=N`: `default` when absent, else a whole number from 1 to `max` (else a 400).
+fn limit(query: &HashMap<String, String>, default: u32, max: u32) -> Result<u32, ApiError> {
+    let Some(text) = query.get("limit") else {
+        return Ok(default);
+    };
+    match text.parse::<u32>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_limit",
+            format!("limit must be a whole number from 1 to {max}, got {text:?}"),
+        )),
+    }
 }
 
 /// The cursor of the page after `seqs` (`?after=`), when this page is full.
