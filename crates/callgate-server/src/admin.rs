@@ -376,7 +376,9 @@ async fn delete_call(
 pub(crate) const MAX_PAGE: u32 = 1000;
 
 /// `?after=SEQ&limit=N` of an event log or transcript (anything else is a 400).
-fn page(query: &HashMap<String, String>) -> Result<Page, ApiError> {
+fn page(query: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result<Page, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
     if let Some(key) = query
         .keys()
         .find(|k| !["after", "limit"].contains(&k.as_str()))
@@ -397,7 +399,7 @@ fn page(query: &HashMap<String, String>) -> Result<Page, ApiError> {
             )
         })?,
     };
-    let limit = limit(query, MAX_PAGE, MAX_PAGE)?;
+    let limit = limit(&query, MAX_PAGE, MAX_PAGE)?;
     Ok(Page { after, limit })
 }
 
@@ -426,9 +428,7 @@ async fn events(
     Path(id): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-    let page = page(&query)?;
+    let page = page(query)?;
     let events = shared
         .store
         .events(CallId::from_string(id.clone()), page)
@@ -444,9 +444,7 @@ async fn transcript(
     Path(id): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-    let page = page(&query)?;
+    let page = page(query)?;
     let call_id = CallId::from_string(id.clone());
     let entries = shared
         .store
