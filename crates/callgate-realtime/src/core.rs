@@ -1,0 +1,1494 @@
+//! The sans-IO core of one AI call: the Realtime session's state, the agent's audio on the
+//! call's playout timeline, barge-in and truncation, tools, the record, and the connection's
+//! life (set-up, outage, reconnection, renewal, fallback). Events and time in, [`Output`]s
+//! out; the driver (`agent.rs`) does the I/O.
+//!
+//! # The timeline
+//! Every sample of agent audio the core hands the call advances `queued` (in samples of the
+//! phone's output format). The call reports what the caller heard as a total since the call
+//! began (`played_ms` in marks and interruptions), and after a clear nothing sent before it
+//! plays, so at every interruption the timeline is re-based to the reported total. An
+//! assistant item occupies `[start, start + sent)` of it, so the audio of that item the caller
+//! heard is `played - start`, capped at what was sent and at what the service sent for it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use callgate_agent::{
+    AgentCommand, AgentEvent, CallInfo, Interruption, MarkState, RecordEvent, Speaker, Turn,
+};
+use callgate_audio::{AudioFormat, Converter};
+use callgate_proto::{Digit, DtmfDuration, Protocol};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::protocol::{ApiError, ServerEvent, client};
+use crate::settings::Builtin;
+use crate::{Plan, Wire};
+
+/// Caller audio kept while no session is ready (connecting, reconnecting), ms; older audio
+/// is dropped first.
+pub const MAX_BUFFERED_MS: u64 = 2000;
+/// Turns re-sent to a new session (the most recent ones).
+pub const MAX_SEED_TURNS: usize = 40;
+/// Characters of conversation re-sent to a new session (the most recent ones).
+pub const MAX_SEED_CHARS: usize = 16_000;
+/// Error events recorded per call (more are counted, not stored).
+const MAX_ERROR_EVENTS: u32 = 20;
+/// Speech timings kept for caller turns whose transcript has not come yet.
+const MAX_PENDING_SPEECH: usize = 64;
+
+/// What the core asks the driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send to connection `conn` (dropped if that connection is gone).
+    Send {
+        /// The connection.
+        conn: u64,
+        /// What to send.
+        message: Outgoing,
+    },
+    /// Play audio to the caller (phone output format).
+    Audio(Bytes),
+    /// A command for the call.
+    Command(AgentCommand),
+    /// Clear the playout now (and drop the driver's queued audio).
+    Clear,
+    /// Open connection `conn` (and set it up: the core drives the session).
+    Connect {
+        /// The connection.
+        conn: u64,
+    },
+    /// Close connection `conn` (1000).
+    Close {
+        /// The connection.
+        conn: u64,
+    },
+    /// Run a tool off the call task and hand back [`ToolDone`].
+    Tool(ToolCall),
+    /// A response's latency, for the metrics.
+    Latency {
+        /// From the end of the caller's speech (the service's `speech_stopped`) to the first
+        /// audio of the answer arriving.
+        backend: Duration,
+        /// From that audio arriving to its first frame going to the phone.
+        callgate: Duration,
+    },
+}
+
+/// A message for the Realtime connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// Caller audio in the session's input format (the connection encodes the append).
+    Append(Bytes),
+    /// A client event, as text.
+    Text(String),
+}
+
+/// A tool to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The call's id (for the output).
+    pub call_id: String,
+    /// Which tool.
+    pub tool: ToolKind,
+    /// The arguments, validated against the tool's schema.
+    pub arguments: Value,
+}
+
+/// The tools the driver runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolKind {
+    /// `tools[index]` of the route.
+    Http(usize),
+    /// CallBridge's agent-terminate.
+    AgentTerminate,
+}
+
+/// A tool's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolDone {
+    /// The call's id.
+    pub call_id: String,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// What the model is told (a result, or `{"error": ...}`).
+    pub output: String,
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lost {
+    /// The configuration is wrong (bad key, refused upgrade, beta shape): retrying cannot help.
+    pub fatal: bool,
+    /// What happened, in words.
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Connection `conn` is being opened and set up; given up at `deadline`.
+    Connecting { conn: u64, deadline: Instant },
+    /// Connection `conn` is ready (`session.updated` came).
+    Ready { conn: u64, since: Instant },
+    /// No connection; the next attempt at `at`.
+    Waiting { at: Instant },
+    /// Given up: the fallback message is playing, the call hangs up.
+    Failed,
+}
+
+/// An assistant audio item on the timeline.
+#[derive(Debug)]
+struct Spoken {
+    id: String,
+    response_id: String,
+    /// Timeline position of its first sample (set with its first audio).
+    start: Option<u64>,
+    /// Samples (phone output) sent for it.
+    sent: u64,
+    /// Bytes received from the service (its output format).
+    wire_bytes: u64,
+    text: String,
+    audio_done: bool,
+    /// When its first sample played, ms since the call began.
+    started_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MarkKind {
+    /// The item starts playing.
+    Start,
+    /// The first frame of an answer left: the latency measurement ends.
+    First,
+    /// The item has played to its end.
+    End,
+}
+
+#[derive(Debug)]
+struct PendingTool {
+    name: String,
+    arguments: String,
+    started: Instant,
+    response_id: Option<String>,
+}
+
+/// The core of one call.
+#[derive(Debug)]
+pub struct Core {
+    plan: Arc<Plan>,
+    call: CallInfo,
+    started: Instant,
+    wire: Wire,
+    phone_rate: u64,
+    to_service: Converter,
+    from_service: Converter,
+    out: VecDeque<Output>,
+
+    link: Link,
+    conn: u64,
+    /// When the current outage began (also the start of the call until the first session).
+    outage: Option<Instant>,
+    attempts: u32,
+    ever_ready: bool,
+    greeted: bool,
+    hanging_up: bool,
+    ended: bool,
+    max_duration_at: Instant,
+    renew_due: bool,
+    /// Whether a response was running when the connection dropped (answer again after).
+    answer_after_seed: bool,
+
+    buffered: VecDeque<Bytes>,
+    buffered_bytes: u64,
+    /// Input audio appended in this session, bytes (service format).
+    appended_bytes: u64,
+    /// Call time of the last append, ms.
+    last_append_ms: u64,
+
+    /// The running response, by our bookkeeping.
+    active: Option<String>,
+    /// Responses we stopped listening to (barge-in).
+    cancelled: Vec<String>,
+    /// A `response.create` is owed (tool outputs) once no response runs.
+    create_wanted: bool,
+    /// The response we asked for was cancelled before the service named it.
+    cancel_next_created: bool,
+
+    /// Agent audio queued to the call since the last re-base, samples.
+    queued: u64,
+    spoken: Vec<Spoken>,
+    /// Function-call items by id: (name, call_id) (beta servers name the function only here).
+    call_items: HashMap<String, (String, String)>,
+    next_mark: u64,
+    marks: HashMap<u64, (String, MarkKind)>,
+    /// The clear the core asked for is pending: its `Cleared` settles the timeline.
+    clearing: bool,
+
+    tools: HashMap<String, PendingTool>,
+    seen_calls: Vec<String>,
+    hangup_call: Option<String>,
+
+    /// The service's `speech_stopped` arrival, until the answer's first audio.
+    turn_end: Option<Instant>,
+    /// When the first audio of the answer arrived, until its first frame leaves.
+    first_audio: Option<(Instant, Duration)>,
+    speech: VecDeque<(String, u64, Option<u64>)>,
+    caller_speaking: bool,
+
+    history: VecDeque<(Speaker, String)>,
+    errors: u32,
+}
+
+impl Core {
+    /// A core for `call`; the first outputs answer the call and open the first connection.
+    pub fn new(plan: Arc<Plan>, call: CallInfo, started: Instant, now: Instant) -> Self {
+        let wire = Wire::choose(plan.settings.audio, call.input_format, call.output_format);
+        let phone_rate = u64::from(call.output_format.sample_rate());
+        // The formats were checked when the call started; identical rates cannot fail.
+        let to_service = Converter::new(call.input_format, wire.input.format())
+            .or_else(|_| Converter::new(call.input_format, call.input_format))
+            .expect("an identity converter");
+        let from_service = Converter::new(wire.output.format(), call.output_format)
+            .or_else(|_| Converter::new(call.output_format, call.output_format))
+            .expect("an identity converter");
+        let max_duration_at = now + plan.settings.max_duration.0;
+        let mut core = Self {
+            plan,
+            call,
+            started,
+            wire,
+            phone_rate,
+            to_service,
+            from_service,
+            out: VecDeque::new(),
+            link: Link::Waiting { at: now },
+            conn: 0,
+            outage: Some(now),
+            attempts: 0,
+            ever_ready: false,
+            greeted: false,
+            hanging_up: false,
+            ended: false,
+            max_duration_at,
+            renew_due: false,
+            answer_after_seed: false,
+            buffered: VecDeque::new(),
+            buffered_bytes: 0,
+            appended_bytes: 0,
+            last_append_ms: 0,
+            active: None,
+            cancelled: Vec::new(),
+            create_wanted: false,
+            cancel_next_created: false,
+            queued: 0,
+            spoken: Vec::new(),
+            call_items: HashMap::new(),
+            next_mark: 1,
+            marks: HashMap::new(),
+            clearing: false,
+            tools: HashMap::new(),
+            seen_calls: Vec::new(),
+            hangup_call: None,
+            turn_end: None,
+            first_audio: None,
+            speech: VecDeque::new(),
+            caller_speaking: false,
+            history: VecDeque::new(),
+            errors: 0,
+        };
+        core.out.push_back(Output::Command(AgentCommand::Answer));
+        core.connect(now);
+        core
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Core::handle_timeout`] is due next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.ended {
+            return None;
+        }
+        let link = match self.link {
+            Link::Connecting { deadline, .. } => Some(deadline),
+            Link::Waiting { at } => Some(at),
+            Link::Ready { since, .. } if !self.renew_due => {
+                Some(since + self.plan.settings.session_max.0)
+            }
+            Link::Ready { .. } | Link::Failed => None,
+        };
+        let max = (!self.hanging_up).then_some(self.max_duration_at);
+        match (link, max) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the call is over for the agent (it may return once its queue is sent).
+    pub fn is_finished(&self) -> bool {
+        self.ended
+    }
+
+    /// The connection currently in use, if any.
+    pub fn current_conn(&self) -> Option<u64> {
+        match self.link {
+            Link::Connecting { conn, .. } | Link::Ready { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    fn event(&mut self, name: &str, detail: Value) {
+        self.out
+            .push_back(Output::Command(AgentCommand::Event(Box::new(
+                RecordEvent {
+                    name: name.to_owned(),
+                    detail,
+                },
+            ))));
+    }
+
+    fn send(&mut self, text: String) {
+        if let Link::Ready { conn, .. } = self.link {
+            self.out.push_back(Output::Send {
+                conn,
+                message: Outgoing::Text(text),
+            });
+        }
+    }
+
+    // ---- the connection's life ----
+
+    fn connect(&mut self, now: Instant) {
+        self.conn += 1;
+        self.attempts += 1;
+        let mut deadline = now + self.plan.settings.connect_timeout.0;
+        if let Some(since) = self.outage {
+            deadline = deadline.min(since + self.plan.settings.reconnect_within.0);
+        }
+        self.link = Link::Connecting {
+            conn: self.conn,
+            deadline,
+        };
+        self.out.push_back(Output::Connect { conn: self.conn });
+    }
+
+    /// The connection `conn` is open: the service's `session.created` comes next.
+    pub fn handle_opened(&mut self, _now: Instant, _conn: u64) {}
+
+    /// Connection `conn` ended (or could not be opened).
+    pub fn handle_lost(&mut self, now: Instant, conn: u64, lost: Lost) {
+        if self.current_conn() != Some(conn) || self.ended {
+            return;
+        }
+        self.out.push_back(Output::Close { conn });
+        self.lose(now, lost);
+    }
+
+    fn lose(&mut self, now: Instant, lost: Lost) {
+        if lost.fatal {
+            self.fail(now, &lost.reason, true);
+            return;
+        }
+        let was_ready = matches!(self.link, Link::Ready { .. });
+        if self.active.take().is_some() {
+            self.answer_after_seed = true;
+        }
+        if was_ready || self.outage.is_none() {
+            self.outage = Some(now);
+            self.attempts = 0;
+            self.event("backend_lost", json!({"reason": lost.reason}));
+            tracing::warn!(reason = %lost.reason, "The AI connection dropped; reconnecting.");
+            if self.ever_ready && !self.hanging_up {
+                let hold = self.plan.hold.clone();
+                if let Some(hold) = hold {
+                    self.play_prompt(&hold);
+                }
+            }
+        } else {
+            tracing::debug!(reason = %lost.reason, attempt = self.attempts, "AI connection attempt failed.");
+        }
+        let since = self.outage.unwrap_or(now);
+        let give_up = since + self.plan.settings.reconnect_within.0;
+        if now >= give_up {
+            let reason = format!(
+                "no AI session within {} ({})",
+                humantime::format_duration(self.plan.settings.reconnect_within.0),
+                lost.reason
+            );
+            self.fail(now, &reason, false);
+            return;
+        }
+        // Backoff: at once, then 250 ms doubling to 2 s, spread by the call id so calls that
+        // lost the service together do not come back in step.
+        let base = match self.attempts {
+            0 | 1 => 0,
+            n => 250u64 << (n - 2).min(3),
+        };
+        let spread = self
+            .call
+            .call_id
+            .bytes()
+            .fold(0u64, |h, b| h * 31 + u64::from(b))
+            % 100;
+        let wait = Duration::from_millis(base + base * spread / 400);
+        self.link = Link::Waiting {
+            at: (now + wait).min(give_up),
+        };
+    }
+
+    fn fail(&mut self, now: Instant, reason: &str, fatal: bool) {
+        if matches!(self.link, Link::Failed) {
+            return;
+        }
+        if let Some(conn) = self.current_conn() {
+            self.out.push_back(Output::Close { conn });
+        }
+        self.link = Link::Failed;
+        tracing::warn!(%reason, fatal, "The AI is unreachable: playing the fallback message.");
+        self.event(
+            "backend_failed",
+            json!({"reason": reason, "fatal": fatal, "at_ms": self.ms(now)}),
+        );
+        if !self.hanging_up {
+            let fallback = self.plan.fallback.clone();
+            self.play_prompt(&fallback);
+            self.hang_up();
+        }
+    }
+
+    fn hang_up(&mut self) {
+        if !self.hanging_up {
+            self.hanging_up = true;
+            self.out.push_back(Output::Command(AgentCommand::Hangup));
+        }
+    }
+
+    fn play_prompt(&mut self, prompt: &callgate_flow::audio::PromptAudio) {
+        for chunk in prompt.chunks(self.call.output_format) {
+            self.queue_audio(chunk);
+        }
+    }
+
+    fn queue_audio(&mut self, chunk: Bytes) {
+        let samples = chunk.len() as u64 / u64::from(self.call.output_format.bytes_per_sample());
+        self.queued += samples;
+        self.out.push_back(Output::Audio(chunk));
+    }
+
+    fn session_config(&self) -> Value {
+        let s = &self.plan.settings;
+        let instructions = self.plan.instructions.render(|name| {
+            self.call
+                .variables()
+                .into_iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v)
+        });
+        let mut tools: Vec<Value> = s
+            .builtin_tools
+            .iter()
+            .filter(|b| {
+                **b != Builtin::AgentTerminate || self.call.protocol == Protocol::CallBridge
+            })
+            .map(|b| b.declaration())
+            .collect();
+        tools.extend(s.tools.iter().map(|t| {
+            json!({"type": "function", "name": t.name, "description": t.description,
+                   "parameters": t.parameters})
+        }));
+        let transcription = if s.transcription.enabled {
+            let mut t = json!({"model": s.transcription.model});
+            if let Some(lang) = &s.transcription.language {
+                t["language"] = json!(lang);
+            }
+            t
+        } else {
+            Value::Null
+        };
+        let noise = match s.noise_reduction.as_str() {
+            "off" => Value::Null,
+            kind => json!({"type": kind}),
+        };
+        json!({
+            "type": "realtime",
+            "model": s.model,
+            "instructions": instructions,
+            "output_modalities": ["audio"],
+            "audio": {
+                "input": {
+                    "format": self.wire.input.json(),
+                    "transcription": transcription,
+                    "noise_reduction": noise,
+                    "turn_detection": s.turn_detection_json(),
+                },
+                "output": {"format": self.wire.output.json(), "voice": s.voice},
+            },
+            "tools": tools,
+            "tool_choice": s.tool_choice,
+        })
+    }
+
+    fn on_ready(&mut self, now: Instant, conn: u64) {
+        self.link = Link::Ready { conn, since: now };
+        self.appended_bytes = 0;
+        self.renew_due = false;
+        let outage_ms = self.outage.take().map_or(0, |since| {
+            now.saturating_duration_since(since).as_millis() as u64
+        });
+        if self.ever_ready {
+            self.event(
+                "backend_reconnected",
+                json!({"outage_ms": outage_ms, "attempts": self.attempts,
+                       "seeded_turns": self.history.len()}),
+            );
+            // The conversation so far, as text (the service cannot resume a session).
+            let turns: Vec<(Speaker, String)> = self.history.iter().cloned().collect();
+            for (speaker, text) in turns {
+                let role = if speaker == Speaker::Caller {
+                    "user"
+                } else {
+                    "assistant"
+                };
+                self.send(client::text_item(role, &text));
+            }
+            if std::mem::take(&mut self.answer_after_seed) && !self.hanging_up {
+                self.send(client::response_create());
+                self.active = Some(String::new());
+            }
+        } else {
+            self.event(
+                "backend_connected",
+                json!({"attempts": self.attempts, "setup_ms": outage_ms}),
+            );
+        }
+        self.attempts = 0;
+        self.ever_ready = true;
+        // Caller audio kept while there was no session.
+        while let Some(chunk) = self.buffered.pop_front() {
+            self.append(now, chunk);
+        }
+        self.buffered_bytes = 0;
+        if self.plan.settings.greeting && !self.greeted && !self.hanging_up {
+            self.greeted = true;
+            let prompt = self.plan.settings.greeting_prompt.clone();
+            self.send(client::text_item("user", &prompt));
+            self.send(client::response_create());
+            // Counted as running from now: nothing else asks for a response before it ends.
+            self.active = Some(String::new());
+        }
+    }
+
+    fn append(&mut self, now: Instant, chunk: Bytes) {
+        if let Link::Ready { conn, .. } = self.link {
+            self.appended_bytes += chunk.len() as u64;
+            self.last_append_ms = self.ms(now);
+            self.out.push_back(Output::Send {
+                conn,
+                message: Outgoing::Append(chunk),
+            });
+        }
+    }
+
+    /// Maps a position in this session's input audio to call time, ms.
+    fn input_ms_to_call(&self, audio_ms: u64) -> u64 {
+        let appended_ms = self.appended_bytes / self.wire.input.bytes_per_ms();
+        self.last_append_ms
+            .saturating_sub(appended_ms.saturating_sub(audio_ms))
+    }
+
+    /// The renewal is due and the line is quiet: a new session replaces the old one.
+    fn maybe_renew(&mut self, now: Instant) {
+        if !self.renew_due
+            || self.active.is_some()
+            || self.caller_speaking
+            || !self.spoken.is_empty()
+            || !self.tools.is_empty()
+            || self.hanging_up
+        {
+            return;
+        }
+        if let Link::Ready { conn, .. } = self.link {
+            self.event("backend_renewed", json!({"conn": conn}));
+            self.out.push_back(Output::Close { conn });
+            // Not an outage: no hold message, and the seeding says "reconnected".
+            self.outage = Some(now);
+            self.attempts = 0;
+            self.connect(now);
+        }
+    }
+
+    // ---- inputs ----
+
+    /// Time passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
+        if now >= self.max_duration_at && !self.hanging_up {
+            self.event(
+                "max_duration",
+                json!({"max_duration_ms": self.plan.settings.max_duration.0.as_millis() as u64}),
+            );
+            self.hang_up();
+        }
+        match self.link {
+            Link::Connecting { conn, deadline } if now >= deadline => {
+                self.out.push_back(Output::Close { conn });
+                let lost = Lost {
+                    fatal: false,
+                    reason: format!(
+                        "no session within {}",
+                        humantime::format_duration(self.plan.settings.connect_timeout.0)
+                    ),
+                };
+                self.lose(now, lost);
+            }
+            Link::Waiting { at } if now >= at => self.connect(now),
+            Link::Ready { since, .. }
+                if !self.renew_due && now >= since + self.plan.settings.session_max.0 =>
+            {
+                self.renew_due = true;
+                self.maybe_renew(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Caller audio (phone input format).
+    pub fn handle_caller_audio(&mut self, now: Instant, audio: &Bytes) {
+        if self.ended || matches!(self.link, Link::Failed) {
+            return;
+        }
+        let chunk = self.to_service.convert(audio);
+        if chunk.is_empty() {
+            return;
+        }
+        if matches!(self.link, Link::Ready { .. }) {
+            self.append(now, chunk);
+            return;
+        }
+        self.buffered_bytes += chunk.len() as u64;
+        self.buffered.push_back(chunk);
+        let max = MAX_BUFFERED_MS * self.wire.input.bytes_per_ms();
+        while self.buffered_bytes > max {
+            match self.buffered.pop_front() {
+                Some(old) => self.buffered_bytes -= old.len() as u64,
+                None => break,
+            }
+        }
+    }
+
+    /// Something happened on the call.
+    pub fn handle_call_event(&mut self, now: Instant, event: AgentEvent) {
+        match event {
+            AgentEvent::Audio(audio) => self.handle_caller_audio(now, &audio),
+            AgentEvent::BargeIn(i) => {
+                // The call's own VAD cleared the playout.
+                self.cancel_response();
+                self.settle(now, i, "callgate");
+            }
+            AgentEvent::Cleared(i) => {
+                let source = if std::mem::take(&mut self.clearing) {
+                    "service"
+                } else {
+                    "operator"
+                };
+                self.settle(now, i, source);
+            }
+            AgentEvent::Mark {
+                id,
+                played_ms: _,
+                at_ms,
+                state,
+            } => self.mark(now, id, at_ms, state),
+            AgentEvent::Refused { command, reason } => {
+                tracing::debug!(?command, %reason, "Command refused by the call.");
+            }
+            AgentEvent::Ended(_) => self.end(now),
+            _ => {}
+        }
+    }
+
+    fn end(&mut self, now: Instant) {
+        if self.ended {
+            return;
+        }
+        let at = self.ms(now);
+        // Items still playing when the line dropped: heard up to now, as far as known.
+        for item in std::mem::take(&mut self.spoken) {
+            if let Some(start) = item.started_ms
+                && !item.text.is_empty()
+            {
+                self.turn(Speaker::Agent, item.text, start, at, true);
+            }
+        }
+        if let Some(conn) = self.current_conn() {
+            self.out.push_back(Output::Close { conn });
+        }
+        self.link = Link::Failed;
+        self.ended = true;
+    }
+
+    fn mark(&mut self, now: Instant, id: u64, at_ms: u64, state: MarkState) {
+        let Some((item_id, kind)) = self.marks.remove(&id) else {
+            return;
+        };
+        match kind {
+            MarkKind::Start => {
+                if let Some(item) = self.spoken.iter_mut().find(|s| s.id == item_id) {
+                    item.started_ms.get_or_insert(at_ms);
+                }
+            }
+            MarkKind::First => {
+                if let Some((arrived, backend)) = self.first_audio.take()
+                    && state == MarkState::Played
+                {
+                    let callgate = now.saturating_duration_since(arrived);
+                    self.out.push_back(Output::Latency { backend, callgate });
+                    self.event(
+                        "response_latency",
+                        json!({"backend_ms": backend.as_secs_f64() * 1000.0,
+                               "callgate_ms": callgate.as_secs_f64() * 1000.0}),
+                    );
+                }
+            }
+            MarkKind::End if state == MarkState::Played => {
+                if let Some(pos) = self.spoken.iter().position(|s| s.id == item_id) {
+                    // Everything before it has played too.
+                    let done: Vec<Spoken> = self.spoken.drain(..=pos).collect();
+                    for item in done {
+                        let start = item.started_ms.unwrap_or(at_ms);
+                        if !item.text.is_empty() {
+                            self.turn(Speaker::Agent, item.text, start, at_ms, false);
+                        }
+                    }
+                }
+                self.maybe_renew(now);
+            }
+            MarkKind::End => {}
+        }
+    }
+
+    /// The playout was cleared: settle every item against what the caller heard.
+    fn settle(&mut self, now: Instant, i: Interruption, source: &str) {
+        let played = i.played_ms * self.phone_rate / 1000;
+        let bpm = self.wire.output.bytes_per_ms();
+        let mut heard_report = Vec::new();
+        for item in std::mem::take(&mut self.spoken) {
+            let Some(start) = item.start else {
+                continue;
+            };
+            let heard = played.saturating_sub(start).min(item.sent);
+            let received_ms = item.wire_bytes / bpm;
+            let heard_ms = (heard * 1000 / self.phone_rate).min(received_ms);
+            let running =
+                self.active.as_deref() == Some(item.response_id.as_str()) || !item.audio_done;
+            let start_ms = item.started_ms.unwrap_or(i.at_ms);
+            if heard >= item.sent && !running {
+                // It had played to its end: a whole turn.
+                if !item.text.is_empty() {
+                    self.turn(Speaker::Agent, item.text, start_ms, i.at_ms, false);
+                }
+                continue;
+            }
+            heard_report.push(json!({"item_id": item.id, "heard_ms": heard_ms,
+                                     "received_ms": received_ms}));
+            if heard_ms == 0 {
+                // Nothing of it was heard: it must not stay in the conversation.
+                self.send(client::delete(&item.id));
+                continue;
+            }
+            self.send(client::truncate(&item.id, heard_ms));
+            let text = cut_text(&item.text, heard_ms, received_ms);
+            if !text.is_empty() {
+                self.turn(Speaker::Agent, text, start_ms, i.at_ms, true);
+            }
+        }
+        self.queued = played;
+        self.marks.retain(|_, (_, kind)| *kind == MarkKind::First);
+        if !heard_report.is_empty() || i.dropped_ms > 0 {
+            self.event(
+                "barge_in",
+                json!({"source": source, "played_ms": i.played_ms, "dropped_ms": i.dropped_ms,
+                       "items": heard_report, "at_ms": i.at_ms}),
+            );
+        }
+        self.maybe_renew(now);
+    }
+
+    fn cancel_response(&mut self) {
+        if let Some(id) = self.active.take() {
+            if id.is_empty() {
+                self.cancel_next_created = true;
+            }
+            self.cancelled.push(id);
+            if self.cancelled.len() > 16 {
+                self.cancelled.remove(0);
+            }
+            // The service may have cancelled it already (interrupt_response):
+            // `response_cancel_not_active` then comes back, and is expected.
+            self.send(client::response_cancel());
+        }
+    }
+
+    /// Whether agent audio may still be playing or coming.
+    fn agent_busy(&self) -> bool {
+        self.active.is_some() || !self.spoken.is_empty()
+    }
+
+    fn turn(&mut self, speaker: Speaker, text: String, start_ms: u64, end_ms: u64, cut: bool) {
+        self.history.push_back((speaker, text.clone()));
+        while self.history.len() > MAX_SEED_TURNS
+            || self.history.iter().map(|(_, t)| t.len()).sum::<usize>() > MAX_SEED_CHARS
+        {
+            if self.history.pop_front().is_none() {
+                break;
+            }
+        }
+        self.out
+            .push_back(Output::Command(AgentCommand::Transcript(Box::new(Turn {
+                speaker,
+                text,
+                start_ms,
+                end_ms: end_ms.max(start_ms),
+                interrupted: cut,
+            }))));
+    }
+
+    /// A tool finished.
+    pub fn handle_tool_done(&mut self, now: Instant, done: ToolDone) {
+        let Some(tool) = self.tools.remove(&done.call_id) else {
+            return;
+        };
+        self.tool_result(now, &done.call_id, tool, done.ok, &done.output);
+    }
+
+    fn tool_result(
+        &mut self,
+        now: Instant,
+        call_id: &str,
+        tool: PendingTool,
+        ok: bool,
+        output: &str,
+    ) {
+        let ms = now.saturating_duration_since(tool.started).as_secs_f64() * 1000.0;
+        let shown: String = output.chars().take(2000).collect();
+        self.event(
+            "tool_call",
+            json!({"name": tool.name, "call_id": call_id, "arguments": tool.arguments,
+                   "ok": ok, "output": shown, "duration_ms": ms}),
+        );
+        if self.ended || self.hanging_up {
+            return;
+        }
+        self.send(client::function_output(call_id, output));
+        self.create_wanted = true;
+        let _ = tool.response_id;
+        self.maybe_create();
+    }
+
+    fn maybe_create(&mut self) {
+        if self.create_wanted
+            && self.active.is_none()
+            && self.tools.is_empty()
+            && !self.hanging_up
+            && matches!(self.link, Link::Ready { .. })
+        {
+            self.create_wanted = false;
+            self.send(client::response_create());
+            self.active = Some(String::new());
+        }
+    }
+
+    /// An event from connection `conn`, read at `received`.
+    pub fn handle_server(
+        &mut self,
+        now: Instant,
+        conn: u64,
+        event: ServerEvent,
+        received: Instant,
+    ) {
+        if self.current_conn() != Some(conn) || self.ended {
+            return;
+        }
+        match event {
+            ServerEvent::SessionCreated => {
+                if let Link::Connecting { conn, .. } = self.link {
+                    let config = self.session_config();
+                    self.out.push_back(Output::Send {
+                        conn,
+                        message: Outgoing::Text(client::session_update(&config)),
+                    });
+                }
+            }
+            ServerEvent::SessionUpdated => {
+                if let Link::Connecting { conn, .. } = self.link {
+                    self.on_ready(now, conn);
+                }
+            }
+            ServerEvent::ResponseCreated { id } => {
+                if std::mem::take(&mut self.cancel_next_created) {
+                    // Cancelled (barge-in) before it had an id: cancel it again, by name now.
+                    self.cancelled.push(id);
+                    self.send(client::response_cancel());
+                    return;
+                }
+                self.active = Some(id);
+                // A response the service started on its own also sees the tool outputs.
+                self.create_wanted = false;
+            }
+            ServerEvent::ItemAdded { response_id, item } => {
+                if item.kind == "function_call" {
+                    if let (Some(name), Some(call_id)) = (item.name, item.call_id) {
+                        self.call_items.insert(item.id, (name, call_id));
+                    }
+                    return;
+                }
+                if item.kind != "message" || item.role.as_deref() != Some("assistant") {
+                    return;
+                }
+                let response_id = response_id
+                    .or_else(|| self.active.clone())
+                    .unwrap_or_default();
+                if self.cancelled.contains(&response_id) || self.hanging_up_done() {
+                    return;
+                }
+                if !self.spoken.iter().any(|s| s.id == item.id) {
+                    self.spoken.push(Spoken {
+                        id: item.id,
+                        response_id,
+                        start: None,
+                        sent: 0,
+                        wire_bytes: 0,
+                        text: String::new(),
+                        audio_done: false,
+                        started_ms: None,
+                    });
+                }
+            }
+            ServerEvent::AudioDelta {
+                response_id,
+                item_id,
+                audio,
+            } => self.audio(now, &response_id, &item_id, &audio, received),
+            ServerEvent::AudioDone { item_id } => {
+                let tail = self.from_service.flush();
+                if let Some(pos) = self.spoken.iter().position(|s| s.id == item_id) {
+                    if !tail.is_empty() {
+                        self.spoken[pos].sent += tail.len() as u64
+                            / u64::from(self.call.output_format.bytes_per_sample());
+                        self.queue_audio(tail);
+                    }
+                    self.spoken[pos].audio_done = true;
+                    let id = self.next_mark;
+                    self.next_mark += 1;
+                    self.marks.insert(id, (item_id, MarkKind::End));
+                    self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+                }
+            }
+            ServerEvent::TranscriptDelta { item_id, delta } => {
+                if let Some(item) = self.spoken.iter_mut().find(|s| s.id == item_id) {
+                    item.text.push_str(&delta);
+                }
+            }
+            ServerEvent::TranscriptDone {
+                item_id,
+                transcript,
+            } => {
+                if let Some(item) = self.spoken.iter_mut().find(|s| s.id == item_id) {
+                    item.text = transcript;
+                }
+            }
+            ServerEvent::FunctionCall {
+                response_id,
+                item_id,
+                call_id,
+                name,
+                arguments,
+            } => {
+                let name = name.or_else(|| {
+                    item_id
+                        .as_ref()
+                        .and_then(|i| self.call_items.get(i))
+                        .map(|(n, _)| n.clone())
+                });
+                self.function_call(
+                    now,
+                    response_id,
+                    call_id,
+                    name.unwrap_or_default(),
+                    arguments,
+                );
+            }
+            ServerEvent::ResponseDone {
+                id,
+                status,
+                status_details,
+                calls,
+                usage,
+            } => self.response_done(now, id, &status, status_details, calls, &usage),
+            ServerEvent::SpeechStarted {
+                item_id,
+                audio_start_ms,
+            } => {
+                self.caller_speaking = true;
+                let at = self.input_ms_to_call(audio_start_ms);
+                self.speech.push_back((item_id, at, None));
+                while self.speech.len() > MAX_PENDING_SPEECH {
+                    self.speech.pop_front();
+                }
+                if self.agent_busy() && !self.hanging_up {
+                    // Barge-in: stop the audio now; the clear's report settles the items.
+                    if !self.spoken.is_empty() {
+                        self.clearing = true;
+                        self.out.push_back(Output::Clear);
+                    }
+                    self.cancel_response();
+                }
+            }
+            ServerEvent::SpeechStopped {
+                item_id,
+                audio_end_ms,
+            } => {
+                self.caller_speaking = false;
+                let at = self.input_ms_to_call(audio_end_ms);
+                if let Some(s) = self.speech.iter_mut().find(|s| s.0 == item_id) {
+                    s.2 = Some(at);
+                }
+                self.turn_end = Some(received);
+                self.first_audio = None;
+                self.maybe_renew(now);
+            }
+            ServerEvent::CallerTranscript {
+                item_id,
+                transcript,
+            } => {
+                let (start, end) = match self.speech.iter().position(|s| s.0 == item_id) {
+                    Some(pos) => {
+                        let (_, start, end) = self.speech.remove(pos).unwrap_or_default();
+                        (start, end.unwrap_or(start))
+                    }
+                    None => (self.ms(now), self.ms(now)),
+                };
+                let text = transcript.trim().to_owned();
+                if !text.is_empty() {
+                    self.turn(Speaker::Caller, text, start, end, false);
+                }
+            }
+            ServerEvent::Error(e) => self.api_error(now, e),
+            ServerEvent::Other(_) => {}
+        }
+    }
+
+    fn hanging_up_done(&self) -> bool {
+        self.hanging_up && self.hangup_call.is_none()
+    }
+
+    fn audio(
+        &mut self,
+        now: Instant,
+        response_id: &str,
+        item_id: &str,
+        audio: &Bytes,
+        received: Instant,
+    ) {
+        if self.cancelled.iter().any(|c| c == response_id) || self.hanging_up_done() {
+            return;
+        }
+        let pos = match self.spoken.iter().position(|s| s.id == item_id) {
+            Some(pos) => pos,
+            None => {
+                // Audio without its item announced (a lenient server): announce it now.
+                self.spoken.push(Spoken {
+                    id: item_id.to_owned(),
+                    response_id: response_id.to_owned(),
+                    start: None,
+                    sent: 0,
+                    wire_bytes: 0,
+                    text: String::new(),
+                    audio_done: false,
+                    started_ms: None,
+                });
+                self.spoken.len() - 1
+            }
+        };
+        let phone = self.from_service.convert(audio);
+        let bps = u64::from(self.call.output_format.bytes_per_sample());
+        self.spoken[pos].wire_bytes += audio.len() as u64;
+        if phone.is_empty() {
+            return;
+        }
+        if self.spoken[pos].start.is_none() {
+            self.spoken[pos].start = Some(self.queued);
+            let id = self.next_mark;
+            self.next_mark += 1;
+            self.marks.insert(id, (item_id.to_owned(), MarkKind::Start));
+            self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+            if let Some(end) = self.turn_end.take() {
+                // The first audio of an answer: its first frame on its own, marked, so the
+                // mark reports when that frame left.
+                self.first_audio = Some((received, received.saturating_duration_since(end)));
+                let frame = self.call.output_format.frame_bytes_20ms().min(phone.len());
+                let first = phone.slice(..frame);
+                let rest = phone.slice(frame..);
+                self.spoken[pos].sent += first.len() as u64 / bps;
+                self.queue_audio(first);
+                let id = self.next_mark;
+                self.next_mark += 1;
+                self.marks.insert(id, (item_id.to_owned(), MarkKind::First));
+                self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+                if !rest.is_empty() {
+                    self.spoken[pos].sent += rest.len() as u64 / bps;
+                    self.queue_audio(rest);
+                }
+                let _ = now;
+                return;
+            }
+        }
+        self.spoken[pos].sent += phone.len() as u64 / bps;
+        self.queue_audio(phone);
+    }
+
+    fn function_call(
+        &mut self,
+        now: Instant,
+        response_id: Option<String>,
+        call_id: String,
+        name: String,
+        arguments: String,
+    ) {
+        if call_id.is_empty() || self.seen_calls.contains(&call_id) {
+            return;
+        }
+        if response_id
+            .as_ref()
+            .is_some_and(|r| self.cancelled.contains(r))
+        {
+            // The caller interrupted the answer that asked for it.
+            return;
+        }
+        self.seen_calls.push(call_id.clone());
+        let pending = PendingTool {
+            name: name.clone(),
+            arguments: arguments.clone(),
+            started: now,
+            response_id: response_id.clone(),
+        };
+        let args: Value = match serde_json::from_str(&arguments) {
+            Ok(v) => v,
+            Err(e) => {
+                let out = json!({"error": format!("the arguments are not JSON: {e}")}).to_string();
+                self.tool_result(now, &call_id, pending, false, &out);
+                return;
+            }
+        };
+        let builtin = self
+            .plan
+            .settings
+            .builtin_tools
+            .iter()
+            .copied()
+            .find(|b| b.name() == name);
+        match builtin {
+            Some(Builtin::HangUp) => {
+                // After the goodbye in this response has played: at its `response.done`.
+                self.hangup_call = Some(call_id.clone());
+                self.event(
+                    "tool_call",
+                    json!({"name": name, "call_id": call_id, "arguments": arguments,
+                           "ok": true, "output": "the call ends after the goodbye",
+                           "duration_ms": 0.0}),
+                );
+            }
+            Some(Builtin::SendDtmf) => {
+                let digits = args.get("digits").and_then(Value::as_str).unwrap_or("");
+                let keys: Option<Vec<Digit>> = digits.chars().map(Digit::from_char).collect();
+                let out = match keys {
+                    Some(keys) if !keys.is_empty() && keys.iter().all(|k| k.is_sendable()) => {
+                        self.send_dtmf(&keys);
+                        (true, format!("pressed {digits}"))
+                    }
+                    _ => (
+                        false,
+                        json!({"error": "digits must be one or more of 0-9, * and #"}).to_string(),
+                    ),
+                };
+                self.tool_result(now, &call_id, pending, out.0, &out.1);
+            }
+            Some(Builtin::AgentTerminate) if self.call.protocol == Protocol::CallBridge => {
+                self.tools.insert(call_id.clone(), pending);
+                self.out.push_back(Output::Tool(ToolCall {
+                    call_id,
+                    tool: ToolKind::AgentTerminate,
+                    arguments: args,
+                }));
+            }
+            _ => match self.plan.tool_index(&name) {
+                Some(index) => {
+                    if let Err(problem) = self.plan.schemas[index].validate(&args) {
+                        let out =
+                            json!({"error": format!("invalid arguments: {problem}")}).to_string();
+                        self.tool_result(now, &call_id, pending, false, &out);
+                        return;
+                    }
+                    self.tools.insert(call_id.clone(), pending);
+                    self.out.push_back(Output::Tool(ToolCall {
+                        call_id,
+                        tool: ToolKind::Http(index),
+                        arguments: args,
+                    }));
+                }
+                None => {
+                    let out = json!({"error": format!("there is no tool {name:?}")}).to_string();
+                    self.tool_result(now, &call_id, pending, false, &out);
+                }
+            },
+        }
+    }
+
+    fn send_dtmf(&mut self, keys: &[Digit]) {
+        const TONE_MS: u64 = 100;
+        match self.call.protocol {
+            Protocol::Inbound => {
+                let Some(duration) = DtmfDuration::from_millis(TONE_MS) else {
+                    return;
+                };
+                for &digit in keys {
+                    self.out
+                        .push_back(Output::Command(AgentCommand::Dtmf { digit, duration }));
+                }
+            }
+            // CallBridge has no DTMF message: in-band tones, generated here so the timeline
+            // knows their length.
+            Protocol::CallBridge => {
+                let format = self.call.output_format;
+                let rate = format.sample_rate();
+                let gap = vec![0i16; (rate as usize) * 60 / 1000];
+                for &digit in keys {
+                    let mut samples = callgate_audio::dtmf::tone(digit, TONE_MS as u32, rate, 0.25);
+                    samples.extend_from_slice(&gap);
+                    let chunk = callgate_audio::pcm::encode(format, &samples);
+                    self.queue_audio(chunk);
+                }
+            }
+        }
+    }
+
+    fn response_done(
+        &mut self,
+        now: Instant,
+        id: String,
+        status: &str,
+        details: Value,
+        calls: Vec<crate::protocol::Item>,
+        usage: &Value,
+    ) {
+        if self
+            .active
+            .as_deref()
+            .is_some_and(|a| a == id || a.is_empty())
+        {
+            self.active = None;
+        }
+        self.usage(usage);
+        if matches!(status, "failed" | "incomplete") {
+            self.event(
+                "response_failed",
+                json!({"response_id": id, "status": status, "details": details}),
+            );
+        }
+        let cancelled = self.cancelled.contains(&id) || status == "cancelled";
+        if !cancelled {
+            for call in calls {
+                if let (Some(call_id), Some(name)) = (call.call_id, call.name) {
+                    let args = call.arguments.unwrap_or_default();
+                    self.function_call(now, Some(id.clone()), call_id, name, args);
+                }
+            }
+        }
+        if let Some(call_id) = self.hangup_call.take() {
+            if cancelled {
+                // The caller spoke over the goodbye: the model did not get to end the call.
+                self.event("hang_up_cancelled", json!({"call_id": call_id}));
+            } else {
+                self.send(client::function_output(&call_id, "{\"ok\":true}"));
+                // The goodbye is queued before this: the call hangs up once it has played.
+                self.hang_up();
+                return;
+            }
+        }
+        self.maybe_create();
+        self.maybe_renew(now);
+    }
+
+    fn usage(&mut self, usage: &Value) {
+        let Some(u) = usage.as_object() else {
+            return;
+        };
+        let n = |v: Option<&Value>| v.and_then(Value::as_f64).unwrap_or(0.0);
+        let mut out = Vec::new();
+        for (name, value) in [
+            ("input_tokens", n(u.get("input_tokens"))),
+            ("output_tokens", n(u.get("output_tokens"))),
+            (
+                "input_audio_tokens",
+                n(usage.pointer("/input_token_details/audio_tokens")),
+            ),
+            (
+                "input_text_tokens",
+                n(usage.pointer("/input_token_details/text_tokens")),
+            ),
+            (
+                "input_cached_tokens",
+                n(usage.pointer("/input_token_details/cached_tokens")),
+            ),
+            (
+                "output_audio_tokens",
+                n(usage.pointer("/output_token_details/audio_tokens")),
+            ),
+            (
+                "output_text_tokens",
+                n(usage.pointer("/output_token_details/text_tokens")),
+            ),
+        ] {
+            if value > 0.0 {
+                out.push((name.to_owned(), value));
+            }
+        }
+        if !out.is_empty() {
+            self.out
+                .push_back(Output::Command(AgentCommand::Usage(out)));
+        }
+    }
+
+    fn api_error(&mut self, now: Instant, e: ApiError) {
+        match e.code() {
+            // Expected after a barge-in: the service had cancelled (or finished) it already.
+            "response_cancel_not_active" => {
+                tracing::debug!("response.cancel found nothing running (expected).");
+                return;
+            }
+            "conversation_already_has_active_response" => {
+                // Our response.create lost a race with one the service started: that one
+                // answers.
+                tracing::debug!("response.create while one runs: the running one answers.");
+                return;
+            }
+            _ => {}
+        }
+        if e.is_fatal() {
+            let reason = format!(
+                "the service refused the session: {} ({})",
+                e.message,
+                e.code()
+            );
+            if let Some(conn) = self.current_conn() {
+                self.out.push_back(Output::Close { conn });
+            }
+            self.fail(now, &reason, true);
+            return;
+        }
+        if e.code() == "session_expired" {
+            if let Some(conn) = self.current_conn() {
+                self.out.push_back(Output::Close { conn });
+                self.lose(
+                    now,
+                    Lost {
+                        fatal: false,
+                        reason: "the session expired".into(),
+                    },
+                );
+            }
+            return;
+        }
+        if e.event_id.as_deref() == Some("cg_create") {
+            self.active = None;
+        }
+        self.errors += 1;
+        tracing::info!(code = e.code(), message = %e.message, "The AI service reported an error.");
+        if self.errors <= MAX_ERROR_EVENTS {
+            self.event(
+                "backend_error",
+                json!({"type": e.kind, "code": e.code, "message": e.message,
+                       "event_id": e.event_id}),
+            );
+        }
+    }
+}
+
+/// The part of an agent turn's text the caller heard, at a word boundary: the share of the
+/// text that `heard_ms` is of `total_ms` (the service gives no word timings).
+pub fn cut_text(text: &str, heard_ms: u64, total_ms: u64) -> String {
+    if total_ms == 0 || heard_ms >= total_ms {
+        return text.to_owned();
+    }
+    let chars: Vec<char> = text.chars().collect();
+    let keep = (chars.len() as u64 * heard_ms / total_ms) as usize;
+    let mut end = keep.min(chars.len());
+    // Back to the end of the last whole word (unless the text has no spaces at all).
+    if end < chars.len()
+        && !chars[end].is_whitespace()
+        && let Some(space) = chars[..end].iter().rposition(|c| c.is_whitespace())
+    {
+        end = space;
+    }
+    chars[..end]
+        .iter()
+        .collect::<String>()
+        .trim_end()
+        .to_owned()
+}
+
+impl Wire {
+    fn choose_format(setting: crate::settings::WireAudio, phone: AudioFormat) -> crate::WireFormat {
+        use crate::WireFormat as W;
+        use crate::settings::WireAudio as S;
+        match setting {
+            S::Pcm => W::Pcm24k,
+            S::Pcmu => W::Pcmu,
+            S::Pcma => W::Pcma,
+            S::Auto => match phone {
+                AudioFormat::Alaw8000 => W::Pcma,
+                AudioFormat::Ulaw8000 | AudioFormat::Pcm8000 => W::Pcmu,
+                _ => W::Pcm24k,
+            },
+        }
+    }
+
+    /// The formats for a call whose phone leg sends `input` and plays `output`.
+    pub fn choose(
+        setting: crate::settings::WireAudio,
+        input: AudioFormat,
+        output: AudioFormat,
+    ) -> Self {
+        Self {
+            input: Self::choose_format(setting, input),
+            output: Self::choose_format(setting, output),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_cut_at_a_word_boundary_in_proportion() {
+        let text = "Our opening hours are nine to five on weekdays.";
+        assert_eq!(cut_text(text, 500, 1000), "Our opening hours are");
+        assert_eq!(cut_text(text, 1000, 1000), text);
+        assert_eq!(cut_text(text, 0, 1000), "");
+        assert_eq!(
+            cut_text("안녕하세요 고객님 무엇을 도와드릴까요", 600, 1000),
+            "안녕하세요 고객님"
+        );
+    }
+}

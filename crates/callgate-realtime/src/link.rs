@@ -1,0 +1,218 @@
+//! One WebSocket connection to the Realtime service, on a task of its own: it connects
+//! (TCP, TLS for `wss://`, the upgrade with the key), turns every frame it reads into a
+//! [`ServerEvent`] (JSON parsed, audio base64-decoded) for the call's agent, and writes what
+//! the agent sends (audio appends encoded here).
+//!
+//! Channels: toward the agent, [`EVENTS`] deep, shared by a call's connections (tagged with
+//! their generation); policy when full: this task waits, so the service's socket is not read
+//! (TCP pushes back). From the agent, [`OUTGOING`] deep per connection; policy when full: the
+//! agent treats the connection as lost (the service has not read 10 s of the caller's audio).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::either::Either;
+
+use crate::core::{Lost, Outgoing};
+use crate::protocol::{self, ServerEvent, client};
+
+/// Events from the connections toward the agent (see the module docs for the policy).
+pub(crate) const EVENTS: usize = 64;
+/// Messages toward one connection: 500 is 10 s of 20 ms caller frames.
+pub(crate) const OUTGOING: usize = 500;
+/// The largest frame accepted from the service (an audio delta is a few hundred kB at most).
+const MAX_FRAME: usize = 16 << 20;
+
+/// What a connection reports.
+#[derive(Debug)]
+pub(crate) enum LinkEvent {
+    /// The upgrade succeeded.
+    Opened { conn: u64 },
+    /// A server event, read at `received`.
+    Event {
+        conn: u64,
+        event: ServerEvent,
+        received: Instant,
+    },
+    /// The connection ended or could not be opened.
+    Lost { conn: u64, lost: Lost },
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) url: String,
+    pub(crate) key: String,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// How long the TCP connect, TLS and the upgrade may take.
+    pub(crate) connect_timeout: Duration,
+}
+
+/// Runs connection `conn` until it ends or `outgoing` closes (then it closes with 1000).
+pub(crate) async fn run(
+    conn: u64,
+    endpoint: Arc<Endpoint>,
+    mut outgoing: mpsc::Receiver<Outgoing>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    let attempt = tokio::time::timeout(endpoint.connect_timeout, connect(&endpoint)).await;
+    let ws = match attempt.unwrap_or_else(|_| {
+        Err(Lost {
+            fatal: false,
+            reason: format!("no connection within {:?}", endpoint.connect_timeout),
+        })
+    }) {
+        Ok(ws) => ws,
+        Err(lost) => {
+            let _ = events.send(LinkEvent::Lost { conn, lost }).await;
+            return;
+        }
+    };
+    if events.send(LinkEvent::Opened { conn }).await.is_err() {
+        return;
+    }
+    let (mut sink, mut stream) = ws.split();
+    let lost = loop {
+        tokio::select! {
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    let received = Instant::now();
+                    let event = match protocol::parse(text.as_str()) {
+                        Ok(event) => event,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "Unreadable event from the AI service.");
+                            continue;
+                        }
+                    };
+                    if events.send(LinkEvent::Event { conn, event, received }).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    let (code, reason) = frame
+                        .map(|f| (u16::from(f.code), f.reason.to_string()))
+                        .unwrap_or((1005, String::new()));
+                    break Lost {
+                        // 3000: bad key; 4000: the retired beta shape; 1008: policy.
+                        fatal: matches!(code, 3000 | 4000 | 1008),
+                        reason: format!("the service closed the connection ({code} {reason})"),
+                    };
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Lost { fatal: false, reason: format!("connection error: {e}") },
+                None => break Lost {
+                    fatal: false,
+                    reason: "the connection ended without a close".into(),
+                },
+            },
+            message = outgoing.recv() => {
+                let text = match message {
+                    Some(Outgoing::Append(audio)) => client::append(&audio),
+                    Some(Outgoing::Text(text)) => text,
+                    None => {
+                        let _ = sink
+                            .send(Message::Close(Some(tungstenite::protocol::CloseFrame {
+                                code: CloseCode::Normal,
+                                reason: "call ended".into(),
+                            })))
+                            .await;
+                        return;
+                    }
+                };
+                if let Err(e) = sink.send(Message::text(text)).await {
+                    break Lost { fatal: false, reason: format!("cannot write: {e}") };
+                }
+            }
+        }
+    };
+    let _ = events.send(LinkEvent::Lost { conn, lost }).await;
+}
+
+type Stream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStream<Stream>, Lost> {
+    let transient = |reason: String| Lost {
+        fatal: false,
+        reason,
+    };
+    let fatal = |reason: String| Lost {
+        fatal: true,
+        reason,
+    };
+    let url = reqwest::Url::parse(&endpoint.url).map_err(|e| fatal(format!("bad url: {e}")))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| fatal("the url has no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let tls = url.scheme() == "wss";
+    let port = url.port().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| transient(format!("cannot connect to {host}:{port}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Stream = if tls {
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| fatal(format!("bad host name {host:?}: {e}")))?;
+        let connector = tokio_rustls::TlsConnector::from(endpoint.tls.clone());
+        let tls = connector.connect(name, tcp).await.map_err(|e| {
+            // A certificate the platform does not trust will not start working by retrying.
+            let certificate = e
+                .get_ref()
+                .is_some_and(|inner| inner.to_string().contains("certificate"));
+            Lost {
+                fatal: certificate,
+                reason: format!("TLS with {host}: {e}"),
+            }
+        })?;
+        Either::Right(tls)
+    } else {
+        Either::Left(tcp)
+    };
+    let mut request = endpoint
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| fatal(format!("bad url: {e}")))?;
+    let bearer = format!("Bearer {}", endpoint.key)
+        .parse()
+        .map_err(|_| fatal("the API key is not a valid header value".into()))?;
+    request.headers_mut().insert("authorization", bearer);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME));
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| {
+                    String::from_utf8_lossy(b)
+                        .chars()
+                        .take(200)
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            let reason = format!("the service refused the connection: HTTP {status} {body}");
+            // 401/403/404: a key or URL problem; 429 and 5xx: try again.
+            if status == 429 || status >= 500 {
+                Err(transient(reason))
+            } else {
+                Err(fatal(reason))
+            }
+        }
+        Err(e) => Err(transient(format!("WebSocket upgrade failed: {e}"))),
+    }
+}

@@ -1,0 +1,108 @@
+//! The `realtime` agent's metrics, shared by every call of every route and exposed on the
+//! server's `/metrics` (register [`RealtimeMetrics`] with the server as a collector).
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+
+/// Upper bounds of the latency buckets, seconds.
+const LATENCY: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+];
+
+/// A label set with one `result` label.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct Outcome {
+    /// `ok`, `failed`...
+    pub result: &'static str,
+}
+
+/// The metrics.
+#[derive(Debug)]
+pub struct RealtimeMetrics {
+    /// End of the caller's speech (the service's `speech_stopped`) to the first audio of the
+    /// answer arriving.
+    pub backend_latency: Histogram,
+    /// That audio arriving to its first frame leaving for the phone.
+    pub callgate_latency: Histogram,
+    /// Sessions set up, by result (`ok`, `failed`).
+    pub connects: Family<Outcome, Counter>,
+    /// Connections lost mid-call.
+    pub outages: Counter,
+    /// Calls that played the fallback message.
+    pub fallbacks: Counter,
+    /// Tool calls, by result.
+    pub tool_calls: Family<Outcome, Counter>,
+    /// Barge-ins that cut the AI's audio.
+    pub barge_ins: Counter,
+}
+
+impl Default for RealtimeMetrics {
+    fn default() -> Self {
+        Self {
+            backend_latency: Histogram::new(LATENCY),
+            callgate_latency: Histogram::new(LATENCY),
+            connects: Family::default(),
+            outages: Counter::default(),
+            fallbacks: Counter::default(),
+            tool_calls: Family::default(),
+            barge_ins: Counter::default(),
+        }
+    }
+}
+
+impl RealtimeMetrics {
+    /// Fresh metrics, to share.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+}
+
+/// Encodes the metrics on each scrape (names get the registry's `callgate_` prefix).
+#[derive(Debug, Clone)]
+pub struct RealtimeCollector(pub Arc<RealtimeMetrics>);
+
+impl Collector for RealtimeCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let m = &self.0;
+        let mut one = |name: &str, help: &str, metric: &dyn EncodeMetric| {
+            let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            metric.encode(e)
+        };
+        one(
+            "realtime_backend_latency_seconds",
+            "End of the caller's speech to the AI's first audio arriving",
+            &m.backend_latency,
+        )?;
+        one(
+            "realtime_callgate_latency_seconds",
+            "The AI's first audio arriving to its first frame leaving for the phone",
+            &m.callgate_latency,
+        )?;
+        one(
+            "realtime_connects",
+            "AI sessions set up, by result",
+            &m.connects,
+        )?;
+        one(
+            "realtime_outages",
+            "AI connections lost mid-call",
+            &m.outages,
+        )?;
+        one(
+            "realtime_fallbacks",
+            "Calls that played the fallback message because the AI was unreachable",
+            &m.fallbacks,
+        )?;
+        one("realtime_tool_calls", "Tool calls by result", &m.tool_calls)?;
+        one(
+            "realtime_barge_ins",
+            "Times the caller's speech cut the AI's audio",
+            &m.barge_ins,
+        )
+    }
+}
