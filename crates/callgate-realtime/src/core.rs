@@ -1479,6 +1479,9 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::{HttpTool, RealtimeSettings};
+    use callgate_agent::{Epoch, PhoneInfo};
+    use callgate_proto::callbridge::CallConfig;
 
     #[test]
     fn text_is_cut_at_a_word_boundary_in_proportion() {
@@ -1489,6 +1492,541 @@ mod tests {
         assert_eq!(
             cut_text("안녕하세요 고객님 무엇을 도와드릴까요", 600, 1000),
             "안녕하세요 고객님"
+        );
+    }
+
+    fn settings() -> RealtimeSettings {
+        RealtimeSettings {
+            api_key_env: "PATH".into(),
+            ..RealtimeSettings::default()
+        }
+    }
+
+    fn call(protocol: Protocol) -> CallInfo {
+        CallInfo {
+            call_id: "call-1".into(),
+            protocol,
+            caller: "01012341234".into(),
+            callee: "07012345678".into(),
+            external_id: "10014473".into(),
+            phone: match protocol {
+                Protocol::CallBridge => PhoneInfo::CallBridge(CallConfig {
+                    site_id: "921004322052".into(),
+                    caller: "01012341234".into(),
+                    callee: "07012345678".into(),
+                    cdr_id: "10014473".into(),
+                    call_action_id: "1.758187055878E9".into(),
+                    ivr_ip: "192.168.150.103:29034".into(),
+                    agent_id: "agent-main".into(),
+                    agent_type: "voice".into(),
+                }),
+                Protocol::Inbound => PhoneInfo::Inbound {
+                    caller_id: "01012341234".into(),
+                    did_number: "07012345678".into(),
+                    session_id: "10014473".into(),
+                },
+            },
+            route: "ai".into(),
+            agent: "realtime".into(),
+            input_format: AudioFormat::Pcm8000,
+            output_format: AudioFormat::Pcm8000,
+        }
+    }
+
+    /// A core on a virtual clock, with its outputs collected.
+    struct T {
+        core: Core,
+        t0: Instant,
+        now: Instant,
+        sent: Vec<Value>,
+        audio: u64,
+        commands: Vec<AgentCommand>,
+        other: Vec<Output>,
+    }
+
+    impl T {
+        fn new(settings: RealtimeSettings, protocol: Protocol) -> Self {
+            let t0 = Instant::now();
+            let plan = Arc::new(crate::test_plan(settings));
+            let mut t = Self {
+                core: Core::new(plan, call(protocol), t0, t0),
+                t0,
+                now: t0,
+                sent: Vec::new(),
+                audio: 0,
+                commands: Vec::new(),
+                other: Vec::new(),
+            };
+            t.drain();
+            t
+        }
+
+        fn at(&mut self, ms: u64) {
+            self.now = self.t0 + Duration::from_millis(ms);
+        }
+
+        fn drain(&mut self) {
+            while let Some(o) = self.core.poll_output() {
+                match o {
+                    Output::Send {
+                        message: Outgoing::Text(t),
+                        ..
+                    } => self.sent.push(serde_json::from_str(&t).unwrap()),
+                    Output::Send {
+                        message: Outgoing::Append(a),
+                        ..
+                    } => self.sent.push(json!({"type": "append", "bytes": a.len()})),
+                    Output::Audio(a) => self.audio += a.len() as u64 / 2,
+                    Output::Command(c) => self.commands.push(c),
+                    o => self.other.push(o),
+                }
+            }
+        }
+
+        fn server(&mut self, event: ServerEvent) {
+            let conn = self.core.current_conn().unwrap_or(0);
+            self.core.handle_server(self.now, conn, event, self.now);
+            self.drain();
+        }
+
+        fn call_event(&mut self, event: AgentEvent) {
+            self.core.handle_call_event(self.now, event);
+            self.drain();
+        }
+
+        fn ready(&mut self) {
+            self.server(ServerEvent::SessionCreated);
+            self.server(ServerEvent::SessionUpdated);
+        }
+
+        fn sent_types(&mut self) -> Vec<String> {
+            let types = self
+                .sent
+                .iter()
+                .map(|v| v["type"].as_str().unwrap_or("").to_owned())
+                .collect();
+            self.sent.clear();
+            types
+        }
+
+        /// A whole spoken answer of `ms` in one burst (G.711: 8 bytes per ms).
+        fn speak(&mut self, response: &str, item: &str, ms: u64, text: &str) {
+            self.server(ServerEvent::ResponseCreated {
+                id: response.into(),
+            });
+            self.server(ServerEvent::ItemAdded {
+                response_id: Some(response.into()),
+                item: crate::protocol::Item {
+                    id: item.into(),
+                    kind: "message".into(),
+                    role: Some("assistant".into()),
+                    name: None,
+                    call_id: None,
+                    arguments: None,
+                },
+            });
+            for _ in 0..ms / 100 {
+                self.server(ServerEvent::AudioDelta {
+                    response_id: response.into(),
+                    item_id: item.into(),
+                    audio: Bytes::from(vec![0xFFu8; 800]),
+                });
+            }
+            self.server(ServerEvent::TranscriptDone {
+                item_id: item.into(),
+                transcript: text.into(),
+            });
+            self.server(ServerEvent::AudioDone {
+                item_id: item.into(),
+            });
+        }
+
+        fn done(&mut self, response: &str) {
+            self.server(ServerEvent::ResponseDone {
+                id: response.into(),
+                status: "completed".into(),
+                status_details: Value::Null,
+                calls: Vec::new(),
+                usage: json!({"input_tokens": 10, "output_tokens": 20,
+                              "output_token_details": {"audio_tokens": 15}}),
+            });
+        }
+
+        fn cleared(&mut self, played_ms: u64, at_ms: u64) {
+            self.call_event(AgentEvent::Cleared(Interruption {
+                played_ms,
+                dropped_ms: 1,
+                at_ms,
+                epoch: Epoch(1),
+            }));
+        }
+
+        fn turns(&self) -> Vec<Turn> {
+            self.commands
+                .iter()
+                .filter_map(|c| match c {
+                    AgentCommand::Transcript(t) => Some((**t).clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn events(&self, name: &str) -> Vec<Value> {
+            self.commands
+                .iter()
+                .filter_map(|c| match c {
+                    AgentCommand::Event(e) if e.name == name => Some(e.detail.clone()),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn the_session_is_set_up_for_the_phone_format_and_the_ai_greets() {
+        let mut t = T::new(settings(), Protocol::CallBridge);
+        assert_eq!(t.commands, vec![AgentCommand::Answer]);
+        assert_eq!(t.other, vec![Output::Connect { conn: 1 }]);
+        t.server(ServerEvent::SessionCreated);
+        let update = t.sent.remove(0);
+        assert_eq!(update["type"], "session.update");
+        let s = &update["session"];
+        assert_eq!(s["type"], "realtime");
+        assert_eq!(s["audio"]["input"]["format"]["type"], "audio/pcmu");
+        assert_eq!(s["audio"]["output"]["format"]["type"], "audio/pcmu");
+        assert_eq!(s["audio"]["output"]["voice"], "marin");
+        assert_eq!(s["tools"][0]["name"], "hang_up");
+        assert!(update.get("modalities").is_none() && s.get("modalities").is_none());
+        // Caller audio before the session is ready is kept, then sent.
+        t.core
+            .handle_caller_audio(t.now, &Bytes::from(vec![0u8; 320]));
+        t.server(ServerEvent::SessionUpdated);
+        assert_eq!(
+            t.sent_types(),
+            ["append", "conversation.item.create", "response.create"]
+        );
+        assert_eq!(t.events("backend_connected").len(), 1);
+    }
+
+    #[test]
+    fn barge_in_truncates_each_item_at_exactly_what_was_heard() {
+        let mut t = T::new(settings(), Protocol::CallBridge);
+        t.ready();
+        t.sent.clear();
+        // A 3 s answer arrives in one burst at 100 ms.
+        t.at(100);
+        t.speak(
+            "resp_1",
+            "item_1",
+            3000,
+            "Hello, thank you for calling the front desk today.",
+        );
+        assert_eq!(t.audio, 3000 * 8, "all of it handed to the playout at once");
+        t.done("resp_1");
+        // The service hears the caller 1.24 s into the answer (played_ms from the call).
+        t.at(1400);
+        t.server(ServerEvent::SpeechStarted {
+            item_id: "item_u1".into(),
+            audio_start_ms: 1300,
+        });
+        assert!(
+            t.other.contains(&Output::Clear),
+            "the playout is cleared at once"
+        );
+        t.cleared(1240, 1400);
+        let sent = std::mem::take(&mut t.sent);
+        let truncate = sent
+            .iter()
+            .find(|v| v["type"] == "conversation.item.truncate")
+            .expect("a truncate");
+        assert_eq!(truncate["item_id"], "item_1");
+        assert_eq!(truncate["audio_end_ms"], 1240);
+        assert_eq!(truncate["content_index"], 0);
+        assert!(
+            !sent.iter().any(|v| v["type"] == "response.cancel"),
+            "the response was done: nothing to cancel"
+        );
+        let turns = t.turns();
+        assert_eq!(turns.len(), 1);
+        assert!(turns[0].interrupted);
+        assert_eq!(turns[0].text, "Hello, thank you for");
+        // The next answer starts where the caller's hearing stopped: a second barge-in
+        // 500 ms into it truncates at 500, though 3 s were sent before.
+        t.at(3000);
+        t.speak("resp_2", "item_2", 2000, "Sure.");
+        t.server(ServerEvent::SpeechStarted {
+            item_id: "item_u2".into(),
+            audio_start_ms: 3400,
+        });
+        assert!(
+            t.sent.iter().any(|v| v["type"] == "response.cancel"),
+            "still running"
+        );
+        t.cleared(1240 + 500, 3500);
+        let truncate = t
+            .sent
+            .iter()
+            .find(|v| v["type"] == "conversation.item.truncate")
+            .expect("a truncate");
+        assert_eq!(truncate["item_id"], "item_2");
+        assert_eq!(truncate["audio_end_ms"], 500);
+        // Later audio of the cancelled response is not played.
+        let before = t.audio;
+        t.server(ServerEvent::AudioDelta {
+            response_id: "resp_2".into(),
+            item_id: "item_2".into(),
+            audio: Bytes::from(vec![0u8; 800]),
+        });
+        assert_eq!(t.audio, before);
+    }
+
+    #[test]
+    fn an_item_nothing_of_which_was_heard_is_deleted_and_truncation_never_exceeds_the_item() {
+        let mut t = T::new(settings(), Protocol::CallBridge);
+        t.ready();
+        t.at(100);
+        t.speak("resp_1", "item_1", 1000, "One.");
+        t.speak("resp_1", "item_2", 1000, "Two.");
+        t.sent.clear();
+        t.server(ServerEvent::SpeechStarted {
+            item_id: "u".into(),
+            audio_start_ms: 0,
+        });
+        // The call reports more heard than item_1 holds (it moved on to item_2 by 300 ms).
+        t.cleared(1300, 1400);
+        let by_type = |sent: &[Value], ty: &str| -> Vec<Value> {
+            sent.iter().filter(|v| v["type"] == ty).cloned().collect()
+        };
+        assert!(
+            by_type(&t.sent, "conversation.item.truncate")
+                .iter()
+                .all(|v| v["item_id"] != "item_1"),
+            "item_1 was heard whole"
+        );
+        assert_eq!(
+            by_type(&t.sent, "conversation.item.truncate")[0]["audio_end_ms"],
+            300
+        );
+        t.sent.clear();
+        // A barge-in before any of the next answer played: delete, not truncate at 0.
+        t.speak("resp_2", "item_3", 1000, "Three.");
+        t.server(ServerEvent::SpeechStarted {
+            item_id: "u2".into(),
+            audio_start_ms: 0,
+        });
+        t.cleared(1300, 1500);
+        assert_eq!(by_type(&t.sent, "conversation.item.truncate").len(), 0);
+        assert_eq!(
+            by_type(&t.sent, "conversation.item.delete")[0]["item_id"],
+            "item_3"
+        );
+    }
+
+    #[test]
+    fn a_dropped_connection_is_reseeded_and_a_bad_key_plays_the_fallback() {
+        let mut t = T::new(settings(), Protocol::CallBridge);
+        t.ready();
+        t.at(100);
+        t.speak("resp_1", "item_1", 500, "Welcome.");
+        t.done("resp_1");
+        t.call_event(AgentEvent::Mark {
+            id: 2,
+            played_ms: 500,
+            at_ms: 600,
+            state: MarkState::Played,
+        });
+        t.server(ServerEvent::CallerTranscript {
+            item_id: "u1".into(),
+            transcript: "What are your hours?".into(),
+        });
+        t.sent.clear();
+        t.at(1000);
+        t.core.handle_lost(
+            t.now,
+            1,
+            Lost {
+                fatal: false,
+                reason: "reset".into(),
+            },
+        );
+        t.drain();
+        assert_eq!(t.events("backend_lost").len(), 1);
+        // The first retry is immediate.
+        t.core.handle_timeout(t.now);
+        t.drain();
+        assert!(t.other.contains(&Output::Connect { conn: 2 }));
+        // Audio while reconnecting is kept for the new session.
+        t.core
+            .handle_caller_audio(t.now, &Bytes::from(vec![0u8; 320]));
+        t.at(1300);
+        t.ready();
+        let types = t.sent_types();
+        assert_eq!(
+            types,
+            [
+                "session.update",
+                "conversation.item.create",
+                "conversation.item.create",
+                "append"
+            ]
+        );
+        assert_eq!(t.events("backend_reconnected")[0]["outage_ms"], 300);
+        // A bad key: the fallback message, then the hangup; no retry.
+        let mut t = T::new(settings(), Protocol::CallBridge);
+        t.core.handle_lost(
+            t.now,
+            1,
+            Lost {
+                fatal: true,
+                reason: "HTTP 401".into(),
+            },
+        );
+        t.drain();
+        assert_eq!(t.audio, 8000, "one second of fallback");
+        assert_eq!(t.commands.last(), Some(&AgentCommand::Hangup));
+        assert_eq!(t.events("backend_failed")[0]["fatal"], true);
+        assert_eq!(t.core.poll_timeout(), None, "nothing more to wait for");
+    }
+
+    #[test]
+    fn reconnecting_gives_up_after_reconnect_within() {
+        let mut t = T::new(settings(), Protocol::Inbound);
+        t.ready();
+        t.core.handle_lost(
+            t.now,
+            1,
+            Lost {
+                fatal: false,
+                reason: "reset".into(),
+            },
+        );
+        t.drain();
+        for attempt in 0..100 {
+            let Some(at) = t.core.poll_timeout() else {
+                break;
+            };
+            t.now = at;
+            t.core.handle_timeout(t.now);
+            t.drain();
+            if let Some(conn) = t.core.current_conn() {
+                t.core.handle_lost(
+                    t.now,
+                    conn,
+                    Lost {
+                        fatal: false,
+                        reason: format!("refused {attempt}"),
+                    },
+                );
+                t.drain();
+            }
+            if t.commands.contains(&AgentCommand::Hangup) {
+                break;
+            }
+        }
+        let failed = t.events("backend_failed");
+        assert_eq!(failed.len(), 1, "{:?}", t.commands);
+        assert_eq!(failed[0]["fatal"], false);
+        let elapsed = t.now.duration_since(t.t0);
+        assert!(elapsed <= Duration::from_secs(10), "{elapsed:?}");
+        assert!(elapsed >= Duration::from_secs(9), "{elapsed:?}");
+    }
+
+    #[test]
+    fn tools_answer_after_the_response_is_done_and_bad_arguments_never_run() {
+        let mut s = settings();
+        s.tools.push(HttpTool {
+            name: "lookup".into(),
+            description: "Look up an order".into(),
+            parameters: json!({"type": "object", "properties": {"id": {"type": "string"}},
+                               "required": ["id"]}),
+            url: "http://127.0.0.1:1/".into(),
+            method: "POST".into(),
+            headers: Default::default(),
+            headers_env: Default::default(),
+            timeout: None,
+        });
+        let mut t = T::new(s, Protocol::Inbound);
+        t.ready();
+        t.sent.clear();
+        t.server(ServerEvent::ResponseCreated { id: "r1".into() });
+        t.server(ServerEvent::FunctionCall {
+            response_id: Some("r1".into()),
+            item_id: None,
+            call_id: "call_bad".into(),
+            name: Some("lookup".into()),
+            arguments: "{\"order\": 1}".into(),
+        });
+        let output = t
+            .sent
+            .iter()
+            .find(|v| v["type"] == "conversation.item.create")
+            .expect("an output at once");
+        assert!(
+            output["item"]["output"]
+                .as_str()
+                .unwrap()
+                .contains("missing required property")
+        );
+        assert!(
+            !t.sent.iter().any(|v| v["type"] == "response.create"),
+            "not before response.done"
+        );
+        t.server(ServerEvent::FunctionCall {
+            response_id: Some("r1".into()),
+            item_id: None,
+            call_id: "call_ok".into(),
+            name: Some("lookup".into()),
+            arguments: "{\"id\": \"A1\"}".into(),
+        });
+        assert!(matches!(t.other.last(), Some(Output::Tool(c)) if c.call_id == "call_ok"));
+        t.done("r1");
+        assert!(
+            !t.sent.iter().any(|v| v["type"] == "response.create"),
+            "a tool is still running"
+        );
+        t.at(700);
+        t.core.handle_tool_done(
+            t.now,
+            ToolDone {
+                call_id: "call_ok".into(),
+                ok: true,
+                output: "{\"status\":\"shipped\"}".into(),
+            },
+        );
+        t.drain();
+        let types = t.sent_types();
+        assert_eq!(types.last().map(String::as_str), Some("response.create"));
+        let calls = t.events("tool_call");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[1]["duration_ms"], 700.0);
+        assert!(t.commands.iter().any(|c| matches!(c, AgentCommand::Usage(u)
+            if u.contains(&("output_audio_tokens".to_owned(), 15.0)))));
+    }
+
+    #[test]
+    fn hang_up_waits_for_the_goodbye() {
+        let mut t = T::new(settings(), Protocol::Inbound);
+        t.ready();
+        t.speak("r1", "item_1", 1000, "Goodbye!");
+        t.server(ServerEvent::FunctionCall {
+            response_id: Some("r1".into()),
+            item_id: None,
+            call_id: "call_h".into(),
+            name: Some("hang_up".into()),
+            arguments: "{}".into(),
+        });
+        assert!(!t.commands.contains(&AgentCommand::Hangup));
+        t.done("r1");
+        let audio_at = t
+            .commands
+            .iter()
+            .position(|c| *c == AgentCommand::Hangup)
+            .expect("hangs up");
+        assert!(
+            t.commands[..audio_at]
+                .iter()
+                .any(|c| matches!(c, AgentCommand::Mark(_))),
+            "after the goodbye's audio and its end mark"
         );
     }
 }

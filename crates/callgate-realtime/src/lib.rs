@@ -205,3 +205,25 @@ fn render(
     }
     Ok(Arc::new(prompt))
 }
+
+/// A plan without speech synthesis, for the core's tests: the fallback is one second of a
+/// constant.
+#[cfg(test)]
+pub(crate) fn test_plan(settings: RealtimeSettings) -> Plan {
+    let audio = callgate_audio::wav::MonoAudio {
+        rate: 8000,
+        samples: vec![1000; 8000],
+    };
+    let schemas = settings
+        .tools
+        .iter()
+        .map(|t| Schema::compile(&t.parameters).expect("a valid schema"))
+        .collect();
+    Plan {
+        instructions: template(&settings.instructions).expect("a valid template"),
+        schemas,
+        fallback: Arc::new(PromptAudio::new("fallback", &audio).expect("audio")),
+        hold: None,
+        settings,
+    }
+}
