@@ -73,6 +73,9 @@ pub struct Config {
     /// Delete call records (events, transcripts, recordings) this long after they ended;
     /// `None`: keep them.
     pub retention: Option<Duration>,
+    /// More metrics for `/metrics`, encoded on each scrape (agents' own: the `realtime`
+    /// agent's latency, connections, tool calls).
+    pub metrics: Vec<std::sync::Arc<dyn prometheus_client::collector::Collector>>,
 }
 
 impl Default for Config {
@@ -103,6 +106,7 @@ impl Default for Config {
             inband_dtmf: false,
             record: false,
             retention: None,
+            metrics: Vec::new(),
         }
     }
 }

@@ -194,7 +194,7 @@ impl Server {
                 }
             },
         };
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_collectors(&config.metrics));
         let call_auth = config.call_auth.clone();
         let shared = Arc::new(Shared {
             media,

@@ -6,8 +6,9 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -83,7 +84,16 @@ pub struct Metrics {
 impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Self {
+        Self::with_collectors(&[])
+    }
+
+    /// A fresh registry with every metric registered, and `extra` collectors (an agent's own
+    /// metrics) encoded on each scrape, under the same `callgate_` prefix.
+    pub fn with_collectors(extra: &[Arc<dyn Collector>]) -> Self {
         let mut registry = Registry::with_prefix("callgate");
+        for collector in extra {
+            registry.register_collector(Box::new(SharedCollector(collector.clone())));
+        }
         let m = Self {
             calls_live: Gauge::default(),
             calls_started: Family::default(),
@@ -224,6 +234,16 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A collector shared with its owner (who keeps updating it).
+#[derive(Debug)]
+struct SharedCollector(Arc<dyn Collector>);
+
+impl Collector for SharedCollector {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
     }
 }
 

@@ -11,6 +11,7 @@ use std::ffi::OsStr;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -255,6 +256,9 @@ impl Settings {
             .with_context(in_file)?;
         let mut c = Config {
             routes,
+            metrics: vec![Arc::new(callgate_realtime::metrics::RealtimeCollector(
+                realtime_metrics(),
+            ))],
             ..Config::default()
         };
         if let Some(v) = &self.agent {
@@ -546,10 +550,21 @@ impl CallAuthFile {
     }
 }
 
-/// The agents `serve` can run: the built-in ones and `flow`. A flow's warnings (unreachable
-/// steps) go to stderr: the configuration is loaded before logging is set up.
+/// The `realtime` agent's metrics: one set for the process, shared by every reload of the
+/// routes (the server's `/metrics` encodes it on each scrape).
+fn realtime_metrics() -> Arc<callgate_realtime::RealtimeMetrics> {
+    static METRICS: std::sync::OnceLock<Arc<callgate_realtime::RealtimeMetrics>> =
+        std::sync::OnceLock::new();
+    METRICS
+        .get_or_init(callgate_realtime::RealtimeMetrics::new)
+        .clone()
+}
+
+/// The agents `serve` can run: the built-in ones, `flow` and `realtime`. A flow's warnings
+/// (unreachable steps) go to stderr: the configuration is loaded before logging is set up.
 pub(crate) fn catalog(flow_env: callgate_flow::FlowEnv) -> Catalog {
     let mut catalog = Catalog::builtin();
+    callgate_realtime::register(&mut catalog, flow_env.clone(), realtime_metrics());
     callgate_flow::register_with(&mut catalog, flow_env, |warning| {
         eprintln!("callgate: warning: {warning}");
     });
