@@ -183,6 +183,10 @@ impl Agent for RealtimeAgent {
         // clear or a barge-in is dropped by the call even if it is still queued here.
         let mut outbox: VecDeque<(Epoch, AgentCommand)> = VecDeque::new();
         let mut ended = false;
+        // The epoch the core's outputs belong to: the one the driver last learned of. Audio
+        // made from the service's events before the driver read a barge-in (the call has
+        // advanced the epoch already) keeps the old epoch, so the call drops it.
+        let mut epoch = io.epoch();
         loop {
             while let Some(output) = core.poll_output() {
                 match output {
@@ -203,14 +207,14 @@ impl Agent for RealtimeAgent {
                         }
                     }
                     Output::Audio(audio) => {
-                        outbox.push_back((io.epoch(), AgentCommand::Audio(audio)));
+                        outbox.push_back((epoch, AgentCommand::Audio(audio)));
                     }
                     Output::Command(command) => {
                         self.count(&command);
-                        outbox.push_back((io.epoch(), command));
+                        outbox.push_back((epoch, command));
                     }
                     Output::Clear => {
-                        io.clear();
+                        epoch = io.clear();
                         outbox.retain(|(_, c)| !is_audio(c));
                     }
                     Output::Connect { conn } => {
@@ -285,8 +289,13 @@ impl Agent for RealtimeAgent {
                             if matches!(event, AgentEvent::Ended(_)) {
                                 ended = true;
                             }
-                            if matches!(event, AgentEvent::BargeIn(_)) {
-                                outbox.retain(|(_, c)| !is_audio(c));
+                            match &event {
+                                AgentEvent::BargeIn(i) => {
+                                    epoch = epoch.max(i.epoch);
+                                    outbox.retain(|(_, c)| !is_audio(c));
+                                }
+                                AgentEvent::Cleared(i) => epoch = epoch.max(i.epoch),
+                                _ => {}
                             }
                             core.handle_call_event(now, event);
                         }
