@@ -1260,6 +1260,8 @@ struct Entry {
     format: Format,
     /// Audio bytes the item has now (cut by a truncation).
     audio_bytes: usize,
+    /// Audio bytes the double sent for it (model items).
+    sent_bytes: usize,
     /// The audio itself (model items, test mode only), for `conversation.item.retrieve`.
     audio: Vec<u8>,
     /// `previous_item_id` as announced in `conversation.item.added`.
@@ -1290,8 +1292,8 @@ struct Active {
     shape: Value,
     /// Finished output items, as `response.done` lists them.
     output: Vec<Value>,
-    /// The item being produced, by index into `Core::items`.
-    open: Option<usize>,
+    /// The id of the item being produced (by id: a client's insert may shift indices).
+    open: Option<String>,
     /// Context tokens when it began: (text, audio).
     input_tokens: (u64, u64),
     /// Output so far: text characters, audio ms.
@@ -1729,6 +1731,7 @@ impl Core {
             content: Content::Client(content),
             format: self.input_format(),
             audio_bytes: 0,
+            sent_bytes: 0,
             audio: Vec::new(),
             previous: previous.clone(),
             outside: false,
@@ -1874,6 +1877,11 @@ impl Core {
 
     // --- conversation helpers ---------------------------------------------------------------
 
+    /// Index of any entry with this id, deleted and out-of-band ones included.
+    fn index_of(&self, id: &str) -> Option<usize> {
+        self.items.iter().position(|e| e.item.id == id)
+    }
+
     /// Index of a live conversation item.
     fn find(&self, id: &str) -> Option<usize> {
         self.items
@@ -1908,6 +1916,7 @@ impl Core {
             content: Content::InputAudio,
             format,
             audio_bytes: self.buffer_bytes,
+            sent_bytes: 0,
             audio: Vec::new(),
             previous: previous.clone(),
             outside: false,
@@ -2061,8 +2070,8 @@ impl Core {
     ) -> Result<Called, String> {
         self.require_response("call_function")?;
         let mut audio_item_id = None;
-        if let Some(open) = self.response.as_ref().and_then(|r| r.open) {
-            audio_item_id = Some(self.items[open].item.id.clone());
+        if let Some(open) = self.response.as_ref().and_then(|r| r.open.clone()) {
+            audio_item_id = Some(open);
             self.close_open("completed");
         }
         if let Some((audio, transcript)) = with_audio {
@@ -2126,6 +2135,7 @@ impl Core {
             content: Content::Client(Value::Null),
             format: self.output_format(),
             audio_bytes: 0,
+            sent_bytes: 0,
             audio: Vec::new(),
             previous,
             outside: !in_conversation,
@@ -2191,12 +2201,13 @@ impl Core {
             },
             format,
             audio_bytes: 0,
+            sent_bytes: 0,
             audio: Vec::new(),
             previous,
             outside: !in_conversation,
         });
         if let Some(active) = &mut self.response {
-            active.open = Some(self.items.len() - 1);
+            active.open = Some(item_id.clone());
         }
         Spoken {
             response_id,
@@ -2207,7 +2218,9 @@ impl Core {
     /// Audio and transcript deltas for the open item, interleaved.
     fn stream(&mut self, audio: &[u8], transcript: &str) {
         let Some(active) = &self.response else { return };
-        let Some(open) = active.open else { return };
+        let Some(open) = active.open.as_deref().and_then(|id| self.index_of(id)) else {
+            return;
+        };
         let response_id = active.id.clone();
         let output_index = active.output.len();
         let text_only = active.text_only;
@@ -2254,7 +2267,8 @@ impl Core {
         entry.item.text.push_str(transcript);
         if !text_only {
             entry.audio_bytes += audio.len();
-            entry.item.audio_ms = entry.format.ms(entry.audio_bytes);
+            entry.sent_bytes += audio.len();
+            entry.item.audio_ms = entry.format.ms(entry.sent_bytes);
             if keep {
                 entry.audio.extend_from_slice(audio);
             }
@@ -2282,7 +2296,10 @@ impl Core {
         let output_index = active.output.len();
         let text_only = active.text_only;
         let in_conversation = active.in_conversation;
-        let entry = &mut self.items[open];
+        let Some(index) = self.index_of(&open) else {
+            return;
+        };
+        let entry = &mut self.items[index];
         entry.item.status = status.to_owned();
         let item_id = entry.item.id.clone();
         let text = entry.item.text.clone();
@@ -3486,6 +3503,40 @@ mod tests {
             assert_eq!(events[0]["error"]["code"], code, "{event}: {}", events[0]);
             assert_eq!(events[0]["error"]["param"], param, "{event}");
         }
+    }
+
+    #[test]
+    fn an_insert_before_a_streaming_item_does_not_misdirect_its_audio() {
+        let mut core = core();
+        core.begin_response(None);
+        let spoken = core.open_message();
+        core.stream(&Format::Pcm24k.silence(100), "One");
+        core.handle_text(
+            &json!({"type": "conversation.item.create", "previous_item_id": "root",
+                    "item": {"type": "message", "role": "user",
+                             "content": [{"type": "input_text", "text": "Earlier."}]}})
+            .to_string(),
+        );
+        core.stream(&Format::Pcm24k.silence(200), " two");
+        // Truncating the streaming item keeps what was sent on record.
+        core.handle_text(
+            &json!({"type": "conversation.item.truncate", "item_id": spoken.item_id,
+                    "content_index": 0, "audio_end_ms": 250})
+            .to_string(),
+        );
+        core.stream(&Format::Pcm24k.silence(100), " three");
+        core.finish_response("completed", None);
+        let events = sent(&mut core);
+        assert!(!types(&events).contains(&"error"), "{events:?}");
+        let item = &core.items[1].item;
+        assert_eq!(item.id, spoken.item_id);
+        assert_eq!(item.text, "One two three");
+        assert_eq!((item.audio_ms, item.truncated_ms), (400, Some(250)));
+        assert_eq!(core.items[1].format.ms(core.items[1].audio_bytes), 350);
+        assert_eq!(core.items[0].item.text, "Earlier.");
+        assert_eq!(core.items[0].item.audio_ms, 0);
+        let done = events.last().unwrap();
+        assert_eq!(done["response"]["output"][0]["id"], spoken.item_id.as_str());
     }
 
     #[test]
