@@ -946,3 +946,41 @@ async fn auto_mode_answers_by_itself() {
     assert_eq!(events[1]["audio_end_ms"], 200);
     assert_eq!(events.last().unwrap()["response"]["status"], "completed");
 }
+
+#[tokio::test]
+async fn auto_mode_holds_many_sessions_at_once() {
+    let config = DoubleConfig {
+        auto: Some(Auto {
+            answer_ms: 100,
+            speech_every_ms: Some(100),
+            transcript: "Yes.".to_owned(),
+        }),
+        ..DoubleConfig::default()
+    };
+    let double = Double::start(config).await;
+    let call = |seed: u32| {
+        let double = &double;
+        async move {
+            let (mut client, _) = Client::connect(double).await;
+            client
+                .send(
+                    json!({"type": "session.update", "session": {"type": "realtime",
+                    "audio": {"input": {"format": {"type": "audio/pcma"}}}}}),
+                )
+                .await;
+            client.recv_type("session.updated").await;
+            for frame in Format::Pcma.tone(100, seed).chunks(160) {
+                client.send(append(frame)).await;
+            }
+            let events = client.until("response.done").await;
+            client.ws.close(None).await.expect("close");
+            events.len()
+        }
+    };
+    let calls: Vec<_> = (0..200).map(call).collect();
+    let counts = futures_util::future::join_all(calls).await;
+    // The turn (5 events), response.created and rate_limits.updated, the item's 3 opening
+    // events, one audio and one transcript delta, its 5 closing events, response.done.
+    assert!(counts.iter().all(|&n| n == 18), "{counts:?}");
+    assert_eq!(double.connections(), 200);
+}
