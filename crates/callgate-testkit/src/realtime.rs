@@ -27,6 +27,52 @@
 //!   order in which the state changed.
 //! - Validation (`check_*`), the session merge, ids, usage, then `mod tests`.
 //!
+//! # Example
+//! ```no_run
+//! # async fn demo() {
+//! use callgate_testkit::realtime::{Double, DoubleConfig};
+//! let mut double = Double::start(DoubleConfig::default()).await;
+//! // … point the agent at format!("{}?model=gpt-realtime", double.url()) with key "test-key" …
+//! let mut s = double.session().await;
+//! s.expect("session.update").await;               // answered with session.updated already
+//! s.expect("conversation.item.create").await;     // the greeting prompt
+//! let hello = s.answer_create(&s.output_format().tone(800, 1), "Hello!").await;
+//! let user = s.speech_started(1200).await;        // barge-in
+//! let truncate = s.expect("conversation.item.truncate").await;
+//! assert_eq!(truncate["item_id"], hello.item_id.as_str());
+//! s.speech_stopped(2000).await;                   // commit; create_response starts a response
+//! s.caller_transcript(&user, "What are your hours?").await;
+//! s.speak(&s.output_format().tone(1500, 2), "We open at nine.").await;
+//! assert!(s.errors().is_empty(), "the agent broke the protocol: {:?}", s.errors());
+//! # }
+//! ```
+//!
+//! # Choices where the notes are silent
+//! - The key is checked before the `OpenAI-Beta` header. A missing key is refused like a wrong
+//!   one (per [`BadKey`]); its 401 body has code null, as the REST API's does.
+//! - `session.update`: a missing `session.type` is reported before unknown parameters (a
+//!   beta-shaped update has both); `type:"transcription"` is refused; `model` is ignored (the URL
+//!   decides); a connection without `?model=` gets `gpt-realtime`.
+//! - Texts not in the notes: an unknown item is `invalid_value` "Item with item_id not found:
+//!   {id}" (the captured text, code unsure); a `function_call_output` for an unknown call is code
+//!   null "No tool call found for function call output with call_id {id}." (the Responses API's
+//!   wording); bad base64, invalid JSON, binary frames, `output_audio_buffer.clear` (WebRTC/SIP
+//!   only) and a duplicate item id get errors worded here. Range and type errors use the API's
+//!   usual codes (`invalid_type`, `decimal_above_max_value`…).
+//! - Truncation: `audio_end_ms` 0 gets "Only model output audio messages can be truncated" as the
+//!   notes say; `audio_end_ms` equal to the length is accepted; the length is the bytes sent for
+//!   the item ÷ bytes per ms of its response's output format, rounded down; after a truncation
+//!   the item's length is `audio_end_ms` and its transcript leaves the item's JSON. A still
+//!   streaming item may be truncated (later audio extends it).
+//! - A VAD turn with `create_response` on starts a response at `speech_stopped` (as the service
+//!   does), so an agent that also sends `response.create` gets
+//!   `conversation_already_has_active_response`; no response is started while one still runs.
+//! - A cancelled response's open item ends with its `.done` events and status `incomplete`.
+//! - [`Session::speech_started`] needs turn detection and [`Session::caller_transcript`] needs
+//!   transcription in the session: the service sends neither otherwise, so the test panics.
+//! - Usage is estimated: text ≈ 4 characters a token, caller audio 10 tokens/s, model audio 20
+//!   tokens/s, cached = the previous response's input rounded down to 64 once it reaches 1024.
+//!
 //! # Invariants
 //! - A client event is handled completely (validated, state changed, replies queued) under the
 //!   session lock before the next one is read, and a scripted step (say, all of `speak`) is
