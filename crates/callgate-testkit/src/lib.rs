@@ -1,12 +1,14 @@
 //! Test helpers (not published): a server on 127.0.0.1:0 with its own data dir, a raw
 //! WebSocket phone for driving either protocol byte by byte, a small HTTP client for the admin
-//! API, and audio generators.
+//! API, and audio generators; [`realtime`] is a local double of the OpenAI Realtime API (GA) for
+//! the `realtime` agent's tests and benchmark.
 //!
 //! Tests synchronise on what the server sends (messages, closes, records), never on sleeps.
 
 pub mod audio;
 pub mod http;
 pub mod phone;
+pub mod realtime;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
