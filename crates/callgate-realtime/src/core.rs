@@ -436,7 +436,7 @@ impl Core {
             .call
             .call_id
             .bytes()
-            .fold(0u64, |h, b| h * 31 + u64::from(b))
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)))
             % 100;
         let wait = Duration::from_millis(base + base * spread / 400);
         self.link = Link::Waiting {
@@ -1385,11 +1385,16 @@ impl Core {
             _ => {}
         }
         if e.is_fatal() {
-            let reason = format!(
-                "the service refused the session: {} ({})",
-                e.message,
-                e.code()
-            );
+            // The service quotes part of a wrong key in its message: not for the record.
+            let reason = if e.code() == "invalid_api_key" {
+                "the service refused the API key (invalid_api_key)".to_owned()
+            } else {
+                format!(
+                    "the service refused the session: {} ({})",
+                    e.message,
+                    e.code()
+                )
+            };
             if let Some(conn) = self.current_conn() {
                 self.out.push_back(Output::Close { conn });
             }

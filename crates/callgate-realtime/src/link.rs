@@ -195,16 +195,15 @@ async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStre
         Ok((ws, _)) => Ok(ws),
         Err(tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| {
-                    String::from_utf8_lossy(b)
-                        .chars()
-                        .take(200)
-                        .collect::<String>()
-                })
-                .unwrap_or_default();
+            // A 401's body quotes part of the key: only other answers are kept.
+            let body = match status {
+                401 => String::new(),
+                _ => response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).chars().take(200).collect())
+                    .unwrap_or_default(),
+            };
             let reason = format!("the service refused the connection: HTTP {status} {body}");
             // 401/403/404: a key or URL problem; 429 and 5xx: try again.
             if status == 429 || status >= 500 {

@@ -11,8 +11,8 @@ use prometheus_client::metrics::histogram::Histogram;
 
 /// Upper bounds of the latency buckets, seconds.
 const LATENCY: [f64; 18] = [
-    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.2,
-    0.5, 1.0, 2.0, 5.0, 10.0,
+    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0,
 ];
 
 /// A label set with one `result` label.
