@@ -2034,4 +2034,66 @@ mod tests {
             "after the goodbye's audio and its end mark"
         );
     }
+
+    #[test]
+    fn a_session_is_renewed_after_session_max_at_a_quiet_moment() {
+        let mut s = settings();
+        s.session_max = crate::settings::Dur(Duration::from_secs(60));
+        let mut t = T::new(s, Protocol::Inbound);
+        t.ready();
+        t.at(50_000);
+        t.speak("r1", "item_1", 500, "Still there?");
+        t.done("r1");
+        t.other.clear();
+        // Due, but the answer is still playing: no renewal yet.
+        t.at(60_000);
+        t.core.handle_timeout(t.now);
+        t.drain();
+        assert!(!t.other.iter().any(|o| matches!(o, Output::Connect { .. })));
+        // It has played: the renewal happens now, seeded like a reconnection.
+        t.call_event(AgentEvent::Mark {
+            id: 2,
+            played_ms: 500,
+            at_ms: 60_100,
+            state: MarkState::Played,
+        });
+        assert_eq!(
+            t.other,
+            vec![Output::Close { conn: 1 }, Output::Connect { conn: 2 }]
+        );
+        assert_eq!(t.events("backend_renewed").len(), 1);
+        t.sent.clear();
+        t.ready();
+        assert_eq!(
+            t.sent_types(),
+            ["session.update", "conversation.item.create"],
+            "the agent's turn, as text"
+        );
+        assert!(
+            t.events("backend_lost").is_empty(),
+            "a renewal is not an outage"
+        );
+    }
+
+    #[test]
+    fn callgates_own_barge_in_cancels_and_truncates_too() {
+        let mut t = T::new(settings(), Protocol::Inbound);
+        t.ready();
+        t.speak("r1", "item_1", 2000, "A long answer that goes on.");
+        t.sent.clear();
+        // The call's VAD cleared the playout by itself.
+        t.call_event(AgentEvent::BargeIn(Interruption {
+            played_ms: 700,
+            dropped_ms: 1300,
+            at_ms: 900,
+            epoch: Epoch(1),
+        }));
+        let types = t.sent_types();
+        assert_eq!(types, ["response.cancel", "conversation.item.truncate"]);
+        assert_eq!(t.events("barge_in")[0]["source"], "callgate");
+        assert!(
+            !t.other.contains(&Output::Clear),
+            "the call cleared already"
+        );
+    }
 }
