@@ -60,7 +60,7 @@ TOML
   curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" >"$WORK/after-$n.txt"
   kill "$SPID" "$DPID" 2>/dev/null || true
   wait "$SPID" "$DPID" 2>/dev/null || true
-  rows+=("$n $WORK/after-$n.txt $WORK/load-$n.json")
+  rows+=("$n" "$WORK/after-$n.txt" "$WORK/load-$n.json")
 done
 
 python3 - "$OUT" "$DURATION" "${rows[@]}" <<'PY'
