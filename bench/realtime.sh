@@ -16,7 +16,9 @@ cd "$(dirname "$0")/.."
 SIZES=${RT_SIZES:-"1 50 200"}
 DURATION=${RT_DURATION:-30s}
 OUT=${RT_OUT:-bench/REALTIME.md}
+RAW=bench/results/realtime-$(date -u +%Y%m%dT%H%M%SZ)
 PORT=4170
+mkdir -p "$RAW"
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -60,7 +62,8 @@ TOML
   curl -sf "http://127.0.0.1:$((PORT + 1))/metrics" >"$WORK/after-$n.txt"
   kill "$SPID" "$DPID" 2>/dev/null || true
   wait "$SPID" "$DPID" 2>/dev/null || true
-  rows+=("$n" "$WORK/after-$n.txt" "$WORK/load-$n.json")
+  cp "$WORK/after-$n.txt" "$WORK/load-$n.json" "$RAW/"
+  rows+=("$n" "$RAW/after-$n.txt" "$RAW/load-$n.json")
 done
 
 python3 - "$OUT" "$DURATION" "${rows[@]}" <<'PY'
@@ -99,9 +102,13 @@ for i in range(0, len(rows), 3):
     except Exception:
         report = {}
     ms = lambda v: "n/a" if v is None else ("> 10 s" if v == float("inf") else f"≤ {v*1000:g} ms")
-    cpu = report.get("server_cpu_us_per_frame") or report.get("server", {}).get("cpu_us_per_frame")
+    server = report.get("server") or {}
+    cpu = server.get("cpu_share")
+    rss = server.get("rss_per_call_bytes")
+    cpu_s = "n/a" if cpu is None else f"{cpu * 100:.0f}%"
+    rss_s = "n/a" if rss is None else f"{rss / 1024:.0f} kB"
     lines.append(f"| {n} | {int(own_n)} | {ms(q(own, own_n, 0.5))} | {ms(q(own, own_n, 0.99))} | "
-                 f"{ms(q(back, own_n, 0.5))} | {ms(q(back, own_n, 0.99))} |")
+                 f"{ms(q(back, own_n, 0.5))} | {ms(q(back, own_n, 0.99))} | {cpu_s} | {rss_s} |")
 cpu_model = ""
 try:
     cpu_model = [l for l in open("/proc/cpuinfo") if l.startswith("model name")][0].split(":")[1].strip()
@@ -122,8 +129,11 @@ backend's share is from the service's `speech_stopped` to that first audio (the 
 at once). Quantiles are the upper bounds of histogram buckets (0.25, 0.5, 1, 2, 3, 4, 5,
 7.5, 10 ms...), so they are conservative. Target: callgate's own p99 under 5 ms at 200 calls.
 
-| calls | answers | callgate p50 | callgate p99 | backend p50 | backend p99 |
-| --- | --- | --- | --- | --- | --- |
+Server CPU is its share of one core over the run; memory is the server's peak RSS growth per
+call. Raw metrics and load reports: the `bench/results/realtime-*` directory of the run.
+
+| calls | answers | callgate p50 | callgate p99 | backend p50 | backend p99 | server CPU | RSS per call |
+| --- | --- | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(lines) + "\n")
 print(open(out).read())
 PY
