@@ -192,18 +192,25 @@ impl Agent for RealtimeAgent {
                 match output {
                     Output::Send { conn, message } => {
                         let Some(tx) = links.get(&conn) else { continue };
-                        if tx.try_send(message).is_err() {
-                            links.remove(&conn);
-                            core.handle_lost(
-                                Instant::now(),
-                                conn,
-                                crate::core::Lost {
-                                    fatal: false,
-                                    reason: "the service stopped reading (10 s of audio \
-                                             unread)"
-                                        .into(),
-                                },
-                            );
+                        match tx.try_send(message) {
+                            Ok(()) => {}
+                            // The connection's task ended: its own report says why.
+                            Err(mpsc::error::TrySendError::Closed(_)) => {
+                                links.remove(&conn);
+                            }
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                links.remove(&conn);
+                                core.handle_lost(
+                                    Instant::now(),
+                                    conn,
+                                    crate::core::Lost {
+                                        fatal: false,
+                                        reason: "the service stopped reading (10 s of audio \
+                                                 unread)"
+                                            .into(),
+                                    },
+                                );
+                            }
                         }
                     }
                     Output::Audio(audio) => {

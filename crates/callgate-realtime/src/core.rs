@@ -139,13 +139,20 @@ enum Link {
     Failed,
 }
 
-/// An assistant audio item on the timeline.
+/// An assistant audio item on its way to the caller.
 #[derive(Debug)]
 struct Spoken {
     id: String,
     response_id: String,
-    /// Timeline position of its first sample (set with its first audio).
-    start: Option<u64>,
+    /// The connection (session) it belongs to: only that session may be told to cut it.
+    conn: u64,
+    /// Clears the core had asked for when it was made (its own clear settles older items).
+    clears: u64,
+    /// Whether its first audio was queued (and its Start mark placed).
+    queued: bool,
+    /// Agent audio heard since the call began when its first sample played (its Start mark's
+    /// `played_ms`): the call's own count, exact whatever else played before it.
+    start_played: Option<u64>,
     /// Samples (phone output) sent for it.
     sent: u64,
     /// Bytes received from the service (its output format).
@@ -171,8 +178,42 @@ struct PendingTool {
     name: String,
     arguments: String,
     started: Instant,
-    response_id: Option<String>,
+    /// The session that asked: its answer goes nowhere else.
+    conn: u64,
 }
+
+/// The service's response, by our bookkeeping. Only `response.done` (or an error answering our
+/// `response.create`) makes it `Idle` again: a cancelled response still runs until then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Response {
+    Idle,
+    /// We sent `response.create`; the service has not named it yet.
+    Requested {
+        /// Cancel it as soon as it is named (a barge-in came first).
+        cancel: bool,
+        /// It answers tool outputs (asked again if the service refuses it).
+        for_tools: bool,
+    },
+    /// Running on the service.
+    Running {
+        id: String,
+        cancelled: bool,
+    },
+}
+
+/// A new session being set up while the old one still serves the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Renewal {
+    conn: u64,
+    deadline: Instant,
+    ready: bool,
+}
+
+/// How long a failed renewal waits before the next try (the old session goes on meanwhile).
+const RENEW_RETRY: Duration = Duration::from_secs(30);
+/// Function calls remembered to ignore their repeats (`.done` and `response.done` both list
+/// them).
+const MAX_SEEN_CALLS: usize = 64;
 
 /// The core of one call.
 #[derive(Debug)]
@@ -194,9 +235,15 @@ pub struct Core {
     ever_ready: bool,
     greeted: bool,
     hanging_up: bool,
+    /// CallBridge accepted agent-terminate: it ends the call; no new response.
+    terminating: bool,
     ended: bool,
     max_duration_at: Instant,
+    /// When the session is due for renewal (`session_max` after it began, or a retry).
+    renew_at: Option<Instant>,
+    /// The renewal is due: it starts at the next quiet moment.
     renew_due: bool,
+    renewing: Option<Renewal>,
     /// Whether a response was running when the connection dropped (answer again after).
     answer_after_seed: bool,
 
@@ -207,18 +254,17 @@ pub struct Core {
     /// Call time of the last append, ms.
     last_append_ms: u64,
 
-    /// The running response, by our bookkeeping.
-    active: Option<String>,
+    response: Response,
     /// Responses we stopped listening to (barge-in).
-    cancelled: Vec<String>,
+    cancelled: VecDeque<String>,
     /// A `response.create` is owed (tool outputs) once no response runs.
     create_wanted: bool,
-    /// The response we asked for was cancelled before the service named it.
-    cancel_next_created: bool,
+    /// Whether our last `response.create` was to answer tool outputs.
+    last_create_for_tools: bool,
 
-    /// Agent audio queued to the call since the last re-base, samples.
-    queued: u64,
     spoken: Vec<Spoken>,
+    /// Clears the core asked for (see [`Spoken::clears`]).
+    clears: u64,
     /// Function-call items by id: (name, call_id) (beta servers name the function only here).
     call_items: HashMap<String, (String, String)>,
     next_mark: u64,
@@ -227,7 +273,7 @@ pub struct Core {
     clearing: bool,
 
     tools: HashMap<String, PendingTool>,
-    seen_calls: Vec<String>,
+    seen_calls: VecDeque<String>,
     hangup_call: Option<String>,
 
     /// The service's `speech_stopped` arrival, until the answer's first audio.
@@ -270,26 +316,29 @@ impl Core {
             ever_ready: false,
             greeted: false,
             hanging_up: false,
+            terminating: false,
             ended: false,
             max_duration_at,
+            renew_at: None,
             renew_due: false,
+            renewing: None,
             answer_after_seed: false,
             buffered: VecDeque::new(),
             buffered_bytes: 0,
             appended_bytes: 0,
             last_append_ms: 0,
-            active: None,
-            cancelled: Vec::new(),
+            response: Response::Idle,
+            cancelled: VecDeque::new(),
             create_wanted: false,
-            cancel_next_created: false,
-            queued: 0,
+            last_create_for_tools: false,
             spoken: Vec::new(),
+            clears: 0,
             call_items: HashMap::new(),
             next_mark: 1,
             marks: HashMap::new(),
             clearing: false,
             tools: HashMap::new(),
-            seen_calls: Vec::new(),
+            seen_calls: VecDeque::new(),
             hangup_call: None,
             turn_end: None,
             first_audio: None,
@@ -316,10 +365,12 @@ impl Core {
         let link = match self.link {
             Link::Connecting { deadline, .. } => Some(deadline),
             Link::Waiting { at } => Some(at),
-            Link::Ready { since, .. } if !self.renew_due => {
-                Some(since + self.plan.settings.session_max.0)
-            }
-            Link::Ready { .. } | Link::Failed => None,
+            Link::Ready { .. } => match self.renewing {
+                Some(r) if !r.ready => Some(r.deadline),
+                Some(_) => None,
+                None => self.renew_at,
+            },
+            Link::Failed => None,
         };
         let max = (!self.hanging_up).then_some(self.max_duration_at);
         match (link, max) {
@@ -385,7 +436,14 @@ impl Core {
 
     /// Connection `conn` ended (or could not be opened).
     pub fn handle_lost(&mut self, now: Instant, conn: u64, lost: Lost) {
-        if self.current_conn() != Some(conn) || self.ended {
+        if self.ended {
+            return;
+        }
+        if self.renewing.is_some_and(|r| r.conn == conn) {
+            self.abandon_renewal(now, &lost.reason);
+            return;
+        }
+        if self.current_conn() != Some(conn) {
             return;
         }
         self.out.push_back(Output::Close { conn });
@@ -398,9 +456,7 @@ impl Core {
             return;
         }
         let was_ready = matches!(self.link, Link::Ready { .. });
-        if self.active.take().is_some() {
-            self.answer_after_seed = true;
-        }
+        self.reset_session();
         if was_ready || self.outage.is_none() {
             self.outage = Some(now);
             self.attempts = 0;
@@ -426,8 +482,8 @@ impl Core {
             self.fail(now, &reason, false);
             return;
         }
-        // Backoff: at once, then 250 ms doubling to 2 s, spread by the call id so calls that
-        // lost the service together do not come back in step.
+        // Backoff: the first retry at once, then 250 ms doubling to 2 s, spread by the call id
+        // so calls that lost the service together do not come back in step.
         let base = match self.attempts {
             0 | 1 => 0,
             n => 250u64 << (n - 2).min(3),
@@ -442,6 +498,33 @@ impl Core {
         self.link = Link::Waiting {
             at: (now + wait).min(give_up),
         };
+    }
+
+    /// Forgets what belonged to the session that is gone: its response, its pending hang-up,
+    /// the caller's half-heard turn, a renewal in progress. (Its items stay on the timeline:
+    /// their audio still plays; they are no longer the new session's to cut.)
+    fn reset_session(&mut self) {
+        if matches!(
+            self.response,
+            Response::Running {
+                cancelled: false,
+                ..
+            } | Response::Requested { cancel: false, .. }
+        ) {
+            // An answer the drop cut short: the new session answers again.
+            self.answer_after_seed = true;
+        }
+        self.response = Response::Idle;
+        self.create_wanted = false;
+        self.hangup_call = None;
+        self.caller_speaking = false;
+        self.clearing = false;
+        self.turn_end = None;
+        if let Some(r) = self.renewing.take() {
+            self.out.push_back(Output::Close { conn: r.conn });
+        }
+        self.renew_due = false;
+        self.renew_at = None;
     }
 
     fn fail(&mut self, now: Instant, reason: &str, fatal: bool) {
@@ -478,9 +561,24 @@ impl Core {
     }
 
     fn queue_audio(&mut self, chunk: Bytes) {
-        let samples = chunk.len() as u64 / u64::from(self.call.output_format.bytes_per_sample());
-        self.queued += samples;
         self.out.push_back(Output::Audio(chunk));
+    }
+
+    /// A new assistant item of the current session.
+    fn spoken_item(&self, id: &str, response_id: String) -> Spoken {
+        Spoken {
+            id: id.to_owned(),
+            response_id,
+            conn: self.current_conn().unwrap_or(0),
+            clears: self.clears,
+            queued: false,
+            start_played: None,
+            sent: 0,
+            wire_bytes: 0,
+            text: String::new(),
+            audio_done: false,
+            started_ms: None,
+        }
     }
 
     fn session_config(&self) -> Value {
@@ -539,7 +637,7 @@ impl Core {
     fn on_ready(&mut self, now: Instant, conn: u64) {
         self.link = Link::Ready { conn, since: now };
         self.appended_bytes = 0;
-        self.renew_due = false;
+        self.renew_at = Some(now + self.plan.settings.session_max.0);
         let outage_ms = self.outage.take().map_or(0, |since| {
             now.saturating_duration_since(since).as_millis() as u64
         });
@@ -549,19 +647,9 @@ impl Core {
                 json!({"outage_ms": outage_ms, "attempts": self.attempts,
                        "seeded_turns": self.history.len()}),
             );
-            // The conversation so far, as text (the service cannot resume a session).
-            let turns: Vec<(Speaker, String)> = self.history.iter().cloned().collect();
-            for (speaker, text) in turns {
-                let role = if speaker == Speaker::Caller {
-                    "user"
-                } else {
-                    "assistant"
-                };
-                self.send(client::text_item(role, &text));
-            }
+            self.seed(conn);
             if std::mem::take(&mut self.answer_after_seed) && !self.hanging_up {
-                self.send(client::response_create());
-                self.active = Some(String::new());
+                self.request_response(false);
             }
         } else {
             self.event(
@@ -580,9 +668,36 @@ impl Core {
             self.greeted = true;
             let prompt = self.plan.settings.greeting_prompt.clone();
             self.send(client::text_item("user", &prompt));
+            self.request_response(false);
+        }
+    }
+
+    /// The conversation so far, as text items on connection `conn` (the service cannot
+    /// resume a session).
+    fn seed(&mut self, conn: u64) {
+        let turns: Vec<(Speaker, String)> = self.history.iter().cloned().collect();
+        for (speaker, text) in turns {
+            let role = if speaker == Speaker::Caller {
+                "user"
+            } else {
+                "assistant"
+            };
+            self.out.push_back(Output::Send {
+                conn,
+                message: Outgoing::Text(client::text_item(role, &text)),
+            });
+        }
+    }
+
+    /// Asks for a response if none runs.
+    fn request_response(&mut self, for_tools: bool) {
+        if self.response == Response::Idle && matches!(self.link, Link::Ready { .. }) {
+            self.last_create_for_tools = for_tools;
             self.send(client::response_create());
-            // Counted as running from now: nothing else asks for a response before it ends.
-            self.active = Some(String::new());
+            self.response = Response::Requested {
+                cancel: false,
+                for_tools,
+            };
         }
     }
 
@@ -604,24 +719,60 @@ impl Core {
             .saturating_sub(appended_ms.saturating_sub(audio_ms))
     }
 
-    /// The renewal is due and the line is quiet: a new session replaces the old one.
+    /// Nothing is happening on the line: no response, no agent audio, no caller speech, no
+    /// tool.
+    fn quiet(&self) -> bool {
+        self.response == Response::Idle
+            && self.spoken.is_empty()
+            && !self.caller_speaking
+            && self.tools.is_empty()
+            && !self.hanging_up
+    }
+
+    /// Renewal, make-before-break: once due and the line is quiet, a new session is set up
+    /// beside the old one, which serves the call until the new one is ready and the line is
+    /// quiet again; then the new one takes over, seeded with the conversation.
     fn maybe_renew(&mut self, now: Instant) {
-        if !self.renew_due
-            || self.active.is_some()
-            || self.caller_speaking
-            || !self.spoken.is_empty()
-            || !self.tools.is_empty()
-            || self.hanging_up
-        {
+        let Link::Ready { conn: old, .. } = self.link else {
             return;
+        };
+        match self.renewing {
+            None if self.renew_due && self.quiet() => {
+                self.renew_due = false;
+                self.conn += 1;
+                self.renewing = Some(Renewal {
+                    conn: self.conn,
+                    deadline: now + self.plan.settings.connect_timeout.0,
+                    ready: false,
+                });
+                self.out.push_back(Output::Connect { conn: self.conn });
+            }
+            Some(r) if r.ready && self.quiet() => {
+                self.renewing = None;
+                self.out.push_back(Output::Close { conn: old });
+                self.link = Link::Ready {
+                    conn: r.conn,
+                    since: now,
+                };
+                self.appended_bytes = 0;
+                self.renew_at = Some(now + self.plan.settings.session_max.0);
+                self.event(
+                    "backend_renewed",
+                    json!({"seeded_turns": self.history.len()}),
+                );
+                self.seed(r.conn);
+            }
+            _ => {}
         }
-        if let Link::Ready { conn, .. } = self.link {
-            self.event("backend_renewed", json!({"conn": conn}));
-            self.out.push_back(Output::Close { conn });
-            // Not an outage: no hold message, and the seeding says "reconnected".
-            self.outage = Some(now);
-            self.attempts = 0;
-            self.connect(now);
+    }
+
+    /// The renewal failed: the old session goes on, and the renewal is tried again later.
+    fn abandon_renewal(&mut self, now: Instant, reason: &str) {
+        if let Some(r) = self.renewing.take() {
+            self.out.push_back(Output::Close { conn: r.conn });
+            tracing::info!(%reason, "Session renewal failed; the current session goes on.");
+            self.event("backend_renewal_failed", json!({"reason": reason}));
+            self.renew_at = Some(now + RENEW_RETRY);
         }
     }
 
@@ -652,10 +803,17 @@ impl Core {
                 self.lose(now, lost);
             }
             Link::Waiting { at } if now >= at => self.connect(now),
-            Link::Ready { since, .. }
-                if !self.renew_due && now >= since + self.plan.settings.session_max.0 =>
-            {
-                self.renew_due = true;
+            Link::Ready { .. } => {
+                if let Some(r) = self.renewing
+                    && !r.ready
+                    && now >= r.deadline
+                {
+                    self.abandon_renewal(now, "no new session in time");
+                }
+                if self.renew_at.is_some_and(|at| now >= at) {
+                    self.renew_at = None;
+                    self.renew_due = true;
+                }
                 self.maybe_renew(now);
             }
             _ => {}
@@ -693,22 +851,21 @@ impl Core {
             AgentEvent::BargeIn(i) => {
                 // The call's own VAD cleared the playout.
                 self.cancel_response();
-                self.settle(now, i, "callgate");
+                self.settle(now, i, "callgate", false);
             }
             AgentEvent::Cleared(i) => {
-                let source = if std::mem::take(&mut self.clearing) {
-                    "service"
+                if std::mem::take(&mut self.clearing) {
+                    self.settle(now, i, "service", true);
                 } else {
-                    "operator"
-                };
-                self.settle(now, i, source);
+                    self.settle(now, i, "operator", false);
+                }
             }
             AgentEvent::Mark {
                 id,
-                played_ms: _,
+                played_ms,
                 at_ms,
                 state,
-            } => self.mark(now, id, at_ms, state),
+            } => self.mark(now, id, played_ms, at_ms, state),
             AgentEvent::Refused { command, reason } => {
                 tracing::debug!(?command, %reason, "Command refused by the call.");
             }
@@ -730,21 +887,38 @@ impl Core {
                 self.turn(Speaker::Agent, item.text, start, at, true);
             }
         }
+        // Tools still running: the record says they never answered.
+        let pending: Vec<(String, PendingTool)> = self.tools.drain().collect();
+        for (call_id, tool) in pending {
+            let ms = now.saturating_duration_since(tool.started).as_secs_f64() * 1000.0;
+            self.event(
+                "tool_call",
+                json!({"name": tool.name, "call_id": call_id, "arguments": tool.arguments,
+                       "ok": false, "output": "the call ended before the tool answered",
+                       "duration_ms": ms}),
+            );
+        }
         if let Some(conn) = self.current_conn() {
             self.out.push_back(Output::Close { conn });
+        }
+        if let Some(r) = self.renewing.take() {
+            self.out.push_back(Output::Close { conn: r.conn });
         }
         self.link = Link::Failed;
         self.ended = true;
     }
 
-    fn mark(&mut self, now: Instant, id: u64, at_ms: u64, state: MarkState) {
+    fn mark(&mut self, now: Instant, id: u64, played_ms: u64, at_ms: u64, state: MarkState) {
         let Some((item_id, kind)) = self.marks.remove(&id) else {
             return;
         };
         match kind {
             MarkKind::Start => {
-                if let Some(item) = self.spoken.iter_mut().find(|s| s.id == item_id) {
+                if state == MarkState::Played
+                    && let Some(item) = self.spoken.iter_mut().find(|s| s.id == item_id)
+                {
                     item.started_ms.get_or_insert(at_ms);
+                    item.start_played.get_or_insert(played_ms);
                 }
             }
             MarkKind::First => {
@@ -777,71 +951,100 @@ impl Core {
         }
     }
 
-    /// The playout was cleared: settle every item against what the caller heard.
-    fn settle(&mut self, now: Instant, i: Interruption, source: &str) {
-        let played = i.played_ms * self.phone_rate / 1000;
+    /// The playout was cleared: settle the items it cut against what the caller heard.
+    /// `own`: the core's own clear (items made after it asked are not concerned).
+    fn settle(&mut self, now: Instant, i: Interruption, source: &str, own: bool) {
         let bpm = self.wire.output.bytes_per_ms();
-        let mut heard_report = Vec::new();
-        for item in std::mem::take(&mut self.spoken) {
-            let Some(start) = item.start else {
-                continue;
-            };
-            let heard = played.saturating_sub(start).min(item.sent);
+        let current = self.current_conn();
+        let mut report = Vec::new();
+        let (cut, keep): (Vec<Spoken>, Vec<Spoken>) = std::mem::take(&mut self.spoken)
+            .into_iter()
+            .partition(|item| !own || item.clears < self.clears);
+        self.spoken = keep;
+        for item in cut {
+            let sent_ms = item.sent * 1000 / self.phone_rate;
             let received_ms = item.wire_bytes / bpm;
-            let heard_ms = (heard * 1000 / self.phone_rate).min(received_ms);
-            let running =
-                self.active.as_deref() == Some(item.response_id.as_str()) || !item.audio_done;
+            // The call's own counts: heard since the call began now, minus the same count when
+            // the item's first sample played.
+            let heard_ms = match item.start_played {
+                Some(start) => i
+                    .played_ms
+                    .saturating_sub(start)
+                    .min(sent_ms)
+                    .min(received_ms),
+                None => 0,
+            };
+            let running = matches!(&self.response,
+                Response::Running { id, cancelled: false } if *id == item.response_id)
+                || !item.audio_done;
             let start_ms = item.started_ms.unwrap_or(i.at_ms);
-            if heard >= item.sent && !running {
+            if item.queued && heard_ms >= sent_ms.min(received_ms) && !running {
                 // It had played to its end: a whole turn.
                 if !item.text.is_empty() {
                     self.turn(Speaker::Agent, item.text, start_ms, i.at_ms, false);
                 }
                 continue;
             }
-            heard_report.push(json!({"item_id": item.id, "heard_ms": heard_ms,
-                                     "received_ms": received_ms}));
+            report.push(json!({"item_id": item.id, "heard_ms": heard_ms,
+                               "received_ms": received_ms}));
+            // Only the session that made the item may be told (a new session never had it).
+            let told = Some(item.conn) == current;
             if heard_ms == 0 {
                 // Nothing of it was heard: it must not stay in the conversation.
-                self.send(client::delete(&item.id));
+                if told {
+                    self.send(client::delete(&item.id));
+                }
                 continue;
             }
-            self.send(client::truncate(&item.id, heard_ms));
+            if told {
+                self.send(client::truncate(&item.id, heard_ms));
+            }
             let text = cut_text(&item.text, heard_ms, received_ms);
             if !text.is_empty() {
                 self.turn(Speaker::Agent, text, start_ms, i.at_ms, true);
             }
         }
-        self.queued = played;
-        self.marks.retain(|_, (_, kind)| *kind == MarkKind::First);
-        if !heard_report.is_empty() || i.dropped_ms > 0 {
+        let spoken: Vec<&str> = self.spoken.iter().map(|s| s.id.as_str()).collect();
+        self.marks
+            .retain(|_, (item, kind)| *kind == MarkKind::First || spoken.contains(&item.as_str()));
+        if !report.is_empty() || i.dropped_ms > 0 {
             self.event(
                 "barge_in",
                 json!({"source": source, "played_ms": i.played_ms, "dropped_ms": i.dropped_ms,
-                       "items": heard_report, "at_ms": i.at_ms}),
+                       "items": report, "at_ms": i.at_ms}),
             );
         }
         self.maybe_renew(now);
     }
 
     fn cancel_response(&mut self) {
-        if let Some(id) = self.active.take() {
-            if id.is_empty() {
-                self.cancel_next_created = true;
+        match &mut self.response {
+            Response::Idle => {}
+            // Not named yet: cancelled when it is.
+            Response::Requested { cancel, .. } => *cancel = true,
+            Response::Running { id, cancelled } => {
+                if !*cancelled {
+                    *cancelled = true;
+                    let id = id.clone();
+                    // The service may have cancelled it already (interrupt_response):
+                    // `response_cancel_not_active` then comes back, and is expected.
+                    self.send(client::response_cancel(&id));
+                    self.cancelled.push_back(id);
+                    if self.cancelled.len() > 16 {
+                        self.cancelled.pop_front();
+                    }
+                }
             }
-            self.cancelled.push(id);
-            if self.cancelled.len() > 16 {
-                self.cancelled.remove(0);
-            }
-            // The service may have cancelled it already (interrupt_response):
-            // `response_cancel_not_active` then comes back, and is expected.
-            self.send(client::response_cancel());
         }
     }
 
-    /// Whether agent audio may still be playing or coming.
     fn agent_busy(&self) -> bool {
-        self.active.is_some() || !self.spoken.is_empty()
+        let answering = match &self.response {
+            Response::Idle => false,
+            Response::Requested { cancel, .. } => !cancel,
+            Response::Running { cancelled, .. } => !cancelled,
+        };
+        answering || !self.spoken.is_empty()
     }
 
     fn turn(&mut self, speaker: Speaker, text: String, start_ms: u64, end_ms: u64, cut: bool) {
@@ -881,30 +1084,37 @@ impl Core {
     ) {
         let ms = now.saturating_duration_since(tool.started).as_secs_f64() * 1000.0;
         let shown: String = output.chars().take(2000).collect();
+        // A session that is gone cannot take the answer (the new one never made the call).
+        let delivered = !self.ended && !self.hanging_up && Some(tool.conn) == self.current_conn();
         self.event(
             "tool_call",
             json!({"name": tool.name, "call_id": call_id, "arguments": tool.arguments,
-                   "ok": ok, "output": shown, "duration_ms": ms}),
+                   "ok": ok, "output": shown, "duration_ms": ms, "delivered": delivered}),
         );
-        if self.ended || self.hanging_up {
+        if !delivered {
             return;
         }
         self.send(client::function_output(call_id, output));
+        if ok && tool.name == Builtin::AgentTerminate.name() {
+            // CallBridge announces and ends the call: the AI must not talk over it.
+            self.terminating = true;
+            return;
+        }
         self.create_wanted = true;
-        let _ = tool.response_id;
         self.maybe_create();
     }
 
     fn maybe_create(&mut self) {
         if self.create_wanted
-            && self.active.is_none()
+            && self.response == Response::Idle
             && self.tools.is_empty()
             && !self.hanging_up
+            && !self.terminating
+            && !self.caller_speaking
             && matches!(self.link, Link::Ready { .. })
         {
             self.create_wanted = false;
-            self.send(client::response_create());
-            self.active = Some(String::new());
+            self.request_response(true);
         }
     }
 
@@ -916,7 +1126,14 @@ impl Core {
         event: ServerEvent,
         received: Instant,
     ) {
-        if self.current_conn() != Some(conn) || self.ended {
+        if self.ended {
+            return;
+        }
+        if self.renewing.is_some_and(|r| r.conn == conn) {
+            self.renewal_event(now, conn, event);
+            return;
+        }
+        if self.current_conn() != Some(conn) {
             return;
         }
         match event {
@@ -935,15 +1152,15 @@ impl Core {
                 }
             }
             ServerEvent::ResponseCreated { id } => {
-                if std::mem::take(&mut self.cancel_next_created) {
-                    // Cancelled (barge-in) before it had an id: cancel it again, by name now.
-                    self.cancelled.push(id);
-                    self.send(client::response_cancel());
-                    return;
+                let cancel = matches!(self.response, Response::Requested { cancel: true, .. });
+                self.response = Response::Running {
+                    id: id.clone(),
+                    cancelled: false,
+                };
+                if cancel {
+                    // Cancelled (barge-in) before the service named it: cancel it by name.
+                    self.cancel_response();
                 }
-                self.active = Some(id);
-                // A response the service started on its own also sees the tool outputs.
-                self.create_wanted = false;
             }
             ServerEvent::ItemAdded { response_id, item } => {
                 if item.kind == "function_call" {
@@ -956,32 +1173,27 @@ impl Core {
                     return;
                 }
                 let response_id = response_id
-                    .or_else(|| self.active.clone())
+                    .or_else(|| match &self.response {
+                        Response::Running { id, .. } => Some(id.clone()),
+                        _ => None,
+                    })
                     .unwrap_or_default();
-                if self.cancelled.contains(&response_id) || self.hanging_up_done() {
+                if self.is_cancelled(&response_id) || self.hanging_up_done() {
                     return;
                 }
                 if !self.spoken.iter().any(|s| s.id == item.id) {
-                    self.spoken.push(Spoken {
-                        id: item.id,
-                        response_id,
-                        start: None,
-                        sent: 0,
-                        wire_bytes: 0,
-                        text: String::new(),
-                        audio_done: false,
-                        started_ms: None,
-                    });
+                    let spoken = self.spoken_item(&item.id, response_id);
+                    self.spoken.push(spoken);
                 }
             }
             ServerEvent::AudioDelta {
                 response_id,
                 item_id,
                 audio,
-            } => self.audio(now, &response_id, &item_id, &audio, received),
+            } => self.audio(&response_id, &item_id, &audio, received),
             ServerEvent::AudioDone { item_id } => {
                 let tail = self.from_service.flush();
-                if let Some(pos) = self.spoken.iter().position(|s| s.id == item_id) {
+                if let Some(pos) = self.spoken.iter().position(|s| s.id == item_id && s.queued) {
                     if !tail.is_empty() {
                         self.spoken[pos].sent += tail.len() as u64
                             / u64::from(self.call.output_format.bytes_per_sample());
@@ -1047,8 +1259,9 @@ impl Core {
                 }
                 if self.agent_busy() && !self.hanging_up {
                     // Barge-in: stop the audio now; the clear's report settles the items.
-                    if !self.spoken.is_empty() {
+                    if self.spoken.iter().any(|s| s.queued) {
                         self.clearing = true;
+                        self.clears += 1;
                         self.out.push_back(Output::Clear);
                     }
                     self.cancel_response();
@@ -1065,7 +1278,13 @@ impl Core {
                 }
                 self.turn_end = Some(received);
                 self.first_audio = None;
-                self.maybe_renew(now);
+                if self.plan.settings.turn_detection.create_response == Some(false) {
+                    // The service detects the turn; callgate asks for the answer.
+                    self.request_response(false);
+                } else {
+                    // The service answers on its own, and that answer sees any tool output.
+                    self.create_wanted = false;
+                }
             }
             ServerEvent::CallerTranscript {
                 item_id,
@@ -1092,31 +1311,20 @@ impl Core {
         self.hanging_up && self.hangup_call.is_none()
     }
 
-    fn audio(
-        &mut self,
-        now: Instant,
-        response_id: &str,
-        item_id: &str,
-        audio: &Bytes,
-        received: Instant,
-    ) {
-        if self.cancelled.iter().any(|c| c == response_id) || self.hanging_up_done() {
+    fn is_cancelled(&self, response_id: &str) -> bool {
+        self.cancelled.iter().any(|c| c == response_id)
+    }
+
+    fn audio(&mut self, response_id: &str, item_id: &str, audio: &Bytes, received: Instant) {
+        if self.is_cancelled(response_id) || self.hanging_up_done() {
             return;
         }
         let pos = match self.spoken.iter().position(|s| s.id == item_id) {
             Some(pos) => pos,
             None => {
                 // Audio without its item announced (a lenient server): announce it now.
-                self.spoken.push(Spoken {
-                    id: item_id.to_owned(),
-                    response_id: response_id.to_owned(),
-                    start: None,
-                    sent: 0,
-                    wire_bytes: 0,
-                    text: String::new(),
-                    audio_done: false,
-                    started_ms: None,
-                });
+                let spoken = self.spoken_item(item_id, response_id.to_owned());
+                self.spoken.push(spoken);
                 self.spoken.len() - 1
             }
         };
@@ -1126,8 +1334,10 @@ impl Core {
         if phone.is_empty() {
             return;
         }
-        if self.spoken[pos].start.is_none() {
-            self.spoken[pos].start = Some(self.queued);
+        if !self.spoken[pos].queued {
+            // Its Start mark goes just before its first sample: the mark's `played_ms` is
+            // where the item begins on the call's count of what was heard.
+            self.spoken[pos].queued = true;
             let id = self.next_mark;
             self.next_mark += 1;
             self.marks.insert(id, (item_id.to_owned(), MarkKind::Start));
@@ -1149,12 +1359,37 @@ impl Core {
                     self.spoken[pos].sent += rest.len() as u64 / bps;
                     self.queue_audio(rest);
                 }
-                let _ = now;
                 return;
             }
         }
         self.spoken[pos].sent += phone.len() as u64 / bps;
         self.queue_audio(phone);
+    }
+
+    /// An event of the session being set up for a renewal.
+    fn renewal_event(&mut self, now: Instant, conn: u64, event: ServerEvent) {
+        match event {
+            ServerEvent::SessionCreated => {
+                let config = self.session_config();
+                self.out.push_back(Output::Send {
+                    conn,
+                    message: Outgoing::Text(client::session_update(&config)),
+                });
+            }
+            ServerEvent::SessionUpdated => {
+                if let Some(r) = &mut self.renewing {
+                    r.ready = true;
+                }
+                self.maybe_renew(now);
+            }
+            ServerEvent::Error(e)
+                if e.is_fatal() || e.event_id.as_deref() == Some("cg_session") =>
+            {
+                let reason = format!("the new session was refused ({})", e.code());
+                self.abandon_renewal(now, &reason);
+            }
+            _ => {}
+        }
     }
 
     fn function_call(
@@ -1168,19 +1403,19 @@ impl Core {
         if call_id.is_empty() || self.seen_calls.contains(&call_id) {
             return;
         }
-        if response_id
-            .as_ref()
-            .is_some_and(|r| self.cancelled.contains(r))
-        {
+        if response_id.as_ref().is_some_and(|r| self.is_cancelled(r)) {
             // The caller interrupted the answer that asked for it.
             return;
         }
-        self.seen_calls.push(call_id.clone());
+        self.seen_calls.push_back(call_id.clone());
+        if self.seen_calls.len() > MAX_SEEN_CALLS {
+            self.seen_calls.pop_front();
+        }
         let pending = PendingTool {
             name: name.clone(),
             arguments: arguments.clone(),
             started: now,
-            response_id: response_id.clone(),
+            conn: self.current_conn().unwrap_or(0),
         };
         let args: Value = match serde_json::from_str(&arguments) {
             Ok(v) => v,
@@ -1291,13 +1526,8 @@ impl Core {
         calls: Vec<crate::protocol::Item>,
         usage: &Value,
     ) {
-        if self
-            .active
-            .as_deref()
-            .is_some_and(|a| a == id || a.is_empty())
-        {
-            self.active = None;
-        }
+        // One response runs at a time: whatever ended, none runs now.
+        self.response = Response::Idle;
         self.usage(usage);
         if matches!(status, "failed" | "incomplete") {
             self.event(
@@ -1305,7 +1535,7 @@ impl Core {
                 json!({"response_id": id, "status": status, "details": details}),
             );
         }
-        let cancelled = self.cancelled.contains(&id) || status == "cancelled";
+        let cancelled = self.is_cancelled(&id) || status == "cancelled";
         if !cancelled {
             for call in calls {
                 if let (Some(call_id), Some(name)) = (call.call_id, call.name) {
@@ -1316,7 +1546,7 @@ impl Core {
         }
         if let Some(call_id) = self.hangup_call.take() {
             if cancelled {
-                // The caller spoke over the goodbye: the model did not get to end the call.
+                // The caller spoke over the goodbye before it was all sent: the call goes on.
                 self.event("hang_up_cancelled", json!({"call_id": call_id}));
             } else {
                 self.send(client::function_output(&call_id, "{\"ok\":true}"));
@@ -1370,6 +1600,16 @@ impl Core {
     }
 
     fn api_error(&mut self, now: Instant, e: ApiError) {
+        let ours = e.event_id.as_deref();
+        if ours == Some("cg_create") {
+            // Our response.create was refused (the service had started one of its own, which
+            // may have taken our place in the bookkeeping). If it was to answer tool outputs,
+            // it is asked again once the running response is done.
+            if matches!(self.response, Response::Requested { .. }) {
+                self.response = Response::Idle;
+            }
+            self.create_wanted |= self.last_create_for_tools;
+        }
         match e.code() {
             // Expected after a barge-in: the service had cancelled (or finished) it already.
             "response_cancel_not_active" => {
@@ -1377,21 +1617,27 @@ impl Core {
                 return;
             }
             "conversation_already_has_active_response" => {
-                // Our response.create lost a race with one the service started: that one
-                // answers.
-                tracing::debug!("response.create while one runs: the running one answers.");
+                tracing::debug!("response.create while one runs: asked again after it.");
                 return;
             }
             _ => {}
         }
-        if e.is_fatal() {
+        let refused_setup =
+            ours == Some("cg_session") && matches!(self.link, Link::Connecting { .. });
+        if e.is_fatal() || refused_setup {
             // The service quotes part of a wrong key in its message: not for the record.
             let reason = if e.code() == "invalid_api_key" {
                 "the service refused the API key (invalid_api_key)".to_owned()
+            } else if refused_setup {
+                format!(
+                    "the service refused the session settings: {} ({})",
+                    e.message(),
+                    e.code()
+                )
             } else {
                 format!(
                     "the service refused the session: {} ({})",
-                    e.message,
+                    e.message(),
                     e.code()
                 )
             };
@@ -1414,11 +1660,12 @@ impl Core {
             }
             return;
         }
-        if e.event_id.as_deref() == Some("cg_create") {
-            self.active = None;
-        }
         self.errors += 1;
-        tracing::info!(code = e.code(), message = %e.message, "The AI service reported an error.");
+        tracing::debug!(
+            code = e.code(),
+            message = e.message(),
+            "The AI service reported an error."
+        );
         if self.errors <= MAX_ERROR_EVENTS {
             self.event(
                 "backend_error",
@@ -1604,6 +1851,29 @@ mod tests {
             self.server(ServerEvent::SessionUpdated);
         }
 
+        fn server_on(&mut self, conn: u64, event: ServerEvent) {
+            self.core.handle_server(self.now, conn, event, self.now);
+            self.drain();
+        }
+
+        /// The call reports that `item` began playing when `played_ms` of agent audio had
+        /// been heard (its Start mark).
+        fn started(&mut self, item: &str, played_ms: u64, at_ms: u64) {
+            let id = *self
+                .core
+                .marks
+                .iter()
+                .find(|(_, (i, k))| i == item && *k == MarkKind::Start)
+                .expect("a start mark")
+                .0;
+            self.call_event(AgentEvent::Mark {
+                id,
+                played_ms,
+                at_ms,
+                state: MarkState::Played,
+            });
+        }
+
         fn sent_types(&mut self) -> Vec<String> {
             let types = self
                 .sent
@@ -1726,6 +1996,7 @@ mod tests {
             3000,
             "Hello, thank you for calling the front desk today.",
         );
+        t.started("item_1", 0, 100);
         assert_eq!(t.audio, 3000 * 8, "all of it handed to the playout at once");
         t.done("resp_1");
         // The service hears the caller 1.24 s into the answer (played_ms from the call).
@@ -1759,6 +2030,7 @@ mod tests {
         // 500 ms into it truncates at 500, though 3 s were sent before.
         t.at(3000);
         t.speak("resp_2", "item_2", 2000, "Sure.");
+        t.started("item_2", 1240, 3000);
         t.server(ServerEvent::SpeechStarted {
             item_id: "item_u2".into(),
             audio_start_ms: 3400,
@@ -1792,6 +2064,8 @@ mod tests {
         t.at(100);
         t.speak("resp_1", "item_1", 1000, "One.");
         t.speak("resp_1", "item_2", 1000, "Two.");
+        t.started("item_1", 0, 100);
+        t.started("item_2", 1000, 1100);
         t.sent.clear();
         t.server(ServerEvent::SpeechStarted {
             item_id: "u".into(),
@@ -2057,16 +2331,24 @@ mod tests {
             at_ms: 60_100,
             state: MarkState::Played,
         });
-        assert_eq!(
-            t.other,
-            vec![Output::Close { conn: 1 }, Output::Connect { conn: 2 }]
-        );
-        assert_eq!(t.events("backend_renewed").len(), 1);
+        // Make before break: the new session is set up while the old one serves.
+        assert_eq!(t.other, vec![Output::Connect { conn: 2 }]);
+        t.other.clear();
         t.sent.clear();
-        t.ready();
+        t.server_on(2, ServerEvent::SessionCreated);
+        assert_eq!(t.sent_types(), ["session.update"]);
+        assert_eq!(
+            t.core.current_conn(),
+            Some(1),
+            "the old session still serves"
+        );
+        t.server_on(2, ServerEvent::SessionUpdated);
+        assert_eq!(t.other, vec![Output::Close { conn: 1 }]);
+        assert_eq!(t.core.current_conn(), Some(2));
+        assert_eq!(t.events("backend_renewed").len(), 1);
         assert_eq!(
             t.sent_types(),
-            ["session.update", "conversation.item.create"],
+            ["conversation.item.create"],
             "the agent's turn, as text"
         );
         assert!(
@@ -2080,6 +2362,7 @@ mod tests {
         let mut t = T::new(settings(), Protocol::Inbound);
         t.ready();
         t.speak("r1", "item_1", 2000, "A long answer that goes on.");
+        t.started("item_1", 0, 200);
         t.sent.clear();
         // The call's VAD cleared the playout by itself.
         t.call_event(AgentEvent::BargeIn(Interruption {
@@ -2095,5 +2378,194 @@ mod tests {
             !t.other.contains(&Output::Clear),
             "the call cleared already"
         );
+    }
+
+    #[test]
+    fn a_response_cancelled_before_it_was_named_is_cancelled_by_name() {
+        let mut t = T::new(
+            RealtimeSettings {
+                greeting: true,
+                ..settings()
+            },
+            Protocol::Inbound,
+        );
+        t.ready();
+        t.sent.clear();
+        // The caller speaks before the greeting's response was even created.
+        t.server(ServerEvent::SpeechStarted {
+            item_id: "u".into(),
+            audio_start_ms: 0,
+        });
+        assert!(t.sent.is_empty(), "nothing to cancel by name yet");
+        t.server(ServerEvent::ResponseCreated { id: "r1".into() });
+        let cancel = t.sent.pop().expect("a cancel");
+        assert_eq!(cancel["type"], "response.cancel");
+        assert_eq!(cancel["response_id"], "r1");
+        // Its audio is not played.
+        let before = t.audio;
+        t.server(ServerEvent::AudioDelta {
+            response_id: "r1".into(),
+            item_id: "i1".into(),
+            audio: Bytes::from(vec![0u8; 800]),
+        });
+        assert_eq!(t.audio, before);
+    }
+
+    #[test]
+    fn a_refused_create_for_tool_outputs_is_asked_again_after_the_running_response() {
+        let mut s = settings();
+        s.builtin_tools.push(Builtin::SendDtmf);
+        let mut t = T::new(s, Protocol::Inbound);
+        t.ready();
+        t.server(ServerEvent::ResponseCreated { id: "r1".into() });
+        t.server(ServerEvent::FunctionCall {
+            response_id: Some("r1".into()),
+            item_id: None,
+            call_id: "c1".into(),
+            name: Some("send_dtmf".into()),
+            arguments: "{\"digits\": \"12#\"}".into(),
+        });
+        let dtmf = t
+            .commands
+            .iter()
+            .filter(|c| matches!(c, AgentCommand::Dtmf { .. }))
+            .count();
+        assert_eq!(dtmf, 3, "protocol DTMF on an inbound call");
+        t.done("r1");
+        assert_eq!(t.sent.last().unwrap()["type"], "response.create");
+        t.sent.clear();
+        // Our create raced with one the service started (r2): refused.
+        t.server(ServerEvent::ResponseCreated { id: "r2".into() });
+        t.server(ServerEvent::Error(ApiError {
+            kind: Some("invalid_request_error".into()),
+            code: Some("conversation_already_has_active_response".into()),
+            message: None,
+            event_id: Some("cg_create".into()),
+        }));
+        assert!(t.sent.is_empty(), "not while r2 runs");
+        t.done("r2");
+        assert_eq!(t.sent_types(), ["response.create"], "asked again, after r2");
+    }
+
+    #[test]
+    fn a_failed_renewal_keeps_the_old_session() {
+        let mut s = settings();
+        s.session_max = crate::settings::Dur(Duration::from_secs(60));
+        let mut t = T::new(s, Protocol::Inbound);
+        t.ready();
+        t.at(60_000);
+        // The caller is speaking: not quiet, no renewal.
+        t.server(ServerEvent::SpeechStarted {
+            item_id: "u".into(),
+            audio_start_ms: 0,
+        });
+        t.other.clear();
+        t.core.handle_timeout(t.now);
+        t.drain();
+        assert!(t.other.is_empty(), "{:?}", t.other);
+        t.server(ServerEvent::SpeechStopped {
+            item_id: "u".into(),
+            audio_end_ms: 100,
+        });
+        assert!(t.other.is_empty(), "an answer is coming: still not quiet");
+        t.server(ServerEvent::ResponseCreated { id: "r1".into() });
+        t.done("r1");
+        assert_eq!(t.other, vec![Output::Connect { conn: 2 }]);
+        t.other.clear();
+        t.core.handle_lost(
+            t.now,
+            2,
+            Lost {
+                fatal: true,
+                reason: "refused".into(),
+            },
+        );
+        t.drain();
+        assert_eq!(t.core.current_conn(), Some(1), "the old session goes on");
+        assert!(t.events("backend_failed").is_empty());
+        assert_eq!(t.events("backend_renewal_failed").len(), 1);
+        assert_eq!(t.core.poll_timeout(), Some(t.now + RENEW_RETRY));
+    }
+
+    #[test]
+    fn refused_session_settings_play_the_fallback_at_once() {
+        let mut t = T::new(settings(), Protocol::Inbound);
+        t.server(ServerEvent::SessionCreated);
+        t.server(ServerEvent::Error(ApiError {
+            kind: Some("invalid_request_error".into()),
+            code: Some("invalid_value".into()),
+            message: Some("Invalid value: 'nova'.".into()),
+            event_id: Some("cg_session".into()),
+        }));
+        let failed = t.events("backend_failed");
+        assert_eq!(failed[0]["fatal"], true);
+        assert!(failed[0]["reason"].as_str().unwrap().contains("nova"));
+        assert_eq!(t.commands.last(), Some(&AgentCommand::Hangup));
+    }
+
+    #[test]
+    fn max_duration_hangs_up_after_the_audio_queued() {
+        let mut s = settings();
+        s.max_duration = crate::settings::Dur(Duration::from_secs(120));
+        let mut t = T::new(s, Protocol::Inbound);
+        t.ready();
+        assert_eq!(t.core.poll_timeout(), Some(t.t0 + Duration::from_secs(120)));
+        t.at(120_000);
+        t.core.handle_timeout(t.now);
+        t.drain();
+        assert_eq!(t.events("max_duration").len(), 1);
+        assert_eq!(t.commands.last(), Some(&AgentCommand::Hangup));
+    }
+
+    #[test]
+    fn a_tool_answer_after_a_reconnection_is_recorded_not_sent() {
+        let mut s = settings();
+        s.tools.push(HttpTool {
+            name: "slow".into(),
+            description: "d".into(),
+            parameters: json!({"type": "object"}),
+            url: "http://127.0.0.1:1/".into(),
+            method: "POST".into(),
+            headers: Default::default(),
+            headers_env: Default::default(),
+            timeout: None,
+        });
+        let mut t = T::new(s, Protocol::Inbound);
+        t.ready();
+        t.server(ServerEvent::ResponseCreated { id: "r1".into() });
+        t.server(ServerEvent::FunctionCall {
+            response_id: Some("r1".into()),
+            item_id: None,
+            call_id: "c1".into(),
+            name: Some("slow".into()),
+            arguments: "{}".into(),
+        });
+        t.core.handle_lost(
+            t.now,
+            1,
+            Lost {
+                fatal: false,
+                reason: "reset".into(),
+            },
+        );
+        t.core.handle_timeout(t.now);
+        t.drain();
+        t.ready();
+        t.sent.clear();
+        t.core.handle_tool_done(
+            t.now,
+            ToolDone {
+                call_id: "c1".into(),
+                ok: true,
+                output: "late".into(),
+            },
+        );
+        t.drain();
+        assert!(
+            t.sent.is_empty(),
+            "the new session never made that call: {:?}",
+            t.sent
+        );
+        assert_eq!(t.events("tool_call")[0]["delivered"], false);
     }
 }

@@ -30,6 +30,13 @@ pub(crate) const EVENTS: usize = 64;
 pub(crate) const OUTGOING: usize = 500;
 /// The largest frame accepted from the service (an audio delta is a few hundred kB at most).
 const MAX_FRAME: usize = 16 << 20;
+/// How often the connection is pinged when the service has been quiet.
+const PING_EVERY: Duration = Duration::from_secs(5);
+/// A service silent this long (not even a pong) is gone: a half-open connection or a hung
+/// server is noticed within it.
+const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+/// The longest one write to the service may take.
+const WRITE_LIMIT: Duration = Duration::from_secs(5);
 
 /// What a connection reports.
 #[derive(Debug)]
@@ -80,11 +87,29 @@ pub(crate) async fn run(
         return;
     }
     let (mut sink, mut stream) = ws.split();
+    let mut heard = Instant::now();
+    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lost = loop {
         tokio::select! {
+            _ = ping.tick() => {
+                if heard.elapsed() >= SILENCE_LIMIT {
+                    break Lost {
+                        fatal: false,
+                        reason: format!("no word from the service for {SILENCE_LIMIT:?}"),
+                    };
+                }
+                if heard.elapsed() >= PING_EVERY {
+                    let sent = tokio::time::timeout(WRITE_LIMIT, sink.send(Message::Ping(Default::default()))).await;
+                    if !matches!(sent, Ok(Ok(()))) {
+                        break Lost { fatal: false, reason: "cannot ping the service".into() };
+                    }
+                }
+            }
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let received = Instant::now();
+                    heard = received;
                     let event = match protocol::parse(text.as_str()) {
                         Ok(event) => event,
                         Err(e) => {
@@ -106,7 +131,7 @@ pub(crate) async fn run(
                         reason: format!("the service closed the connection ({code} {reason})"),
                     };
                 }
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = Instant::now(),
                 Some(Err(e)) => break Lost { fatal: false, reason: format!("connection error: {e}") },
                 None => break Lost {
                     fatal: false,
@@ -127,8 +152,13 @@ pub(crate) async fn run(
                         return;
                     }
                 };
-                if let Err(e) = sink.send(Message::text(text)).await {
-                    break Lost { fatal: false, reason: format!("cannot write: {e}") };
+                match tokio::time::timeout(WRITE_LIMIT, sink.send(Message::text(text))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => break Lost { fatal: false, reason: format!("cannot write: {e}") },
+                    Err(_) => break Lost {
+                        fatal: false,
+                        reason: format!("a write to the service took more than {WRITE_LIMIT:?}"),
+                    },
                 }
             }
         }
@@ -168,7 +198,8 @@ async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStre
             // A certificate the platform does not trust will not start working by retrying.
             let certificate = e
                 .get_ref()
-                .is_some_and(|inner| inner.to_string().contains("certificate"));
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
             Lost {
                 fatal: certificate,
                 reason: format!("TLS with {host}: {e}"),

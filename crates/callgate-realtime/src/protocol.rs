@@ -136,13 +136,13 @@ pub struct Item {
 pub struct ApiError {
     /// `invalid_request_error`, `server_error`...
     #[serde(rename = "type", default)]
-    pub kind: String,
+    pub kind: Option<String>,
     /// `invalid_api_key`, `response_cancel_not_active`... (often null).
     #[serde(default)]
     pub code: Option<String>,
     /// Words.
     #[serde(default)]
-    pub message: String,
+    pub message: Option<String>,
     /// The client event it answers, if that event had an id.
     #[serde(default)]
     pub event_id: Option<String>,
@@ -152,6 +152,11 @@ impl ApiError {
     /// The code, or `""`.
     pub fn code(&self) -> &str {
         self.code.as_deref().unwrap_or("")
+    }
+
+    /// The message, or `""`.
+    pub fn message(&self) -> &str {
+        self.message.as_deref().unwrap_or("")
     }
 
     /// An error that means the configuration is wrong: retrying cannot help.
@@ -336,9 +341,9 @@ pub mod client {
         r#"{"type":"response.create","event_id":"cg_create"}"#.to_owned()
     }
 
-    /// `response.cancel`.
-    pub fn response_cancel() -> String {
-        r#"{"type":"response.cancel","event_id":"cg_cancel"}"#.to_owned()
+    /// `response.cancel` of response `id`.
+    pub fn response_cancel(id: &str) -> String {
+        json!({"type": "response.cancel", "event_id": "cg_cancel", "response_id": id}).to_string()
     }
 
     /// `conversation.item.truncate`.
