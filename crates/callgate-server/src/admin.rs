@@ -75,7 +75,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// Bearer tokens (when configured): reading needs `read`, acting on calls `operator`;
 /// `/healthz` stays open for load balancers.
 async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let auth = &shared.config.admin_auth;
+    let auth = shared.admin_auth.current();
     if !auth.is_enabled() || request.uri().path() == "/healthz" {
         return next.run(request).await;
     }

@@ -108,6 +108,7 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) routes: RouteHandle,
     pub(crate) call_auth: call_auth::CallAuthHandle,
+    pub(crate) admin_auth: auth::AdminAuthHandle,
     pub(crate) refusal_log: call_auth::RefusalLog,
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
@@ -196,6 +197,7 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::new());
         let call_auth = config.call_auth.clone();
+        let admin_auth = config.admin_auth.clone();
         let shared = Arc::new(Shared {
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
@@ -204,6 +206,7 @@ impl Server {
             metrics,
             routes: RouteHandle::new(table),
             call_auth: call_auth::CallAuthHandle::new(call_auth),
+            admin_auth: auth::AdminAuthHandle::new(admin_auth),
             refusal_log: call_auth::RefusalLog::default(),
             tasks: Tasks::new(),
             cancel: CancellationToken::new(),
@@ -233,6 +236,11 @@ impl Server {
     /// The call-port keys and allowlist in force; replace them to rotate keys (SIGHUP).
     pub fn call_auth(&self) -> call_auth::CallAuthHandle {
         self.shared.call_auth.clone()
+    }
+
+    /// The admin API's tokens in force; replace them to rotate tokens (SIGHUP).
+    pub fn admin_auth(&self) -> auth::AdminAuthHandle {
+        self.shared.admin_auth.clone()
     }
 
     /// The route table in force; replace it to change routing for new calls (SIGHUP).

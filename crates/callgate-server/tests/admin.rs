@@ -473,6 +473,41 @@ async fn admin_tokens_have_roles_and_healthz_stays_open() {
 }
 
 #[tokio::test]
+async fn replaced_tokens_are_in_force_for_the_next_request() {
+    use callgate_server::auth::{AdminAuth, Role, Token};
+    use callgate_testkit::http::request_with;
+    const OLD: &str = "old-token-0123456789abcdef";
+    const NEW: &str = "new-token-0123456789abcdef";
+    let token = |secret| Token::from_secret("ops", Role::Operator, secret).unwrap();
+    let server = spawn_server(|c| c.admin_auth.tokens = vec![token(OLD)]).await;
+    let status = |secret: &'static str| {
+        let addr = server.admin_addr;
+        async move {
+            let auth = format!("Bearer {secret}");
+            request_with(addr, "GET", "/api/calls", None, &[("Authorization", &auth)])
+                .await
+                .0
+        }
+    };
+    assert_eq!((status(OLD).await, status(NEW).await), (200, 401));
+    // Rotation: both for a while, then the new one only (what SIGHUP does with the file's).
+    server.admin_auth.replace(AdminAuth {
+        tokens: vec![
+            token(OLD),
+            Token::from_secret("ops-2", Role::Read, NEW).unwrap(),
+        ],
+        behind_own_auth: false,
+    });
+    assert_eq!((status(OLD).await, status(NEW).await), (200, 200));
+    server.admin_auth.replace(AdminAuth {
+        tokens: vec![token(NEW)],
+        behind_own_auth: false,
+    });
+    assert_eq!((status(OLD).await, status(NEW).await), (401, 200));
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn an_unprotected_admin_api_off_loopback_is_refused_at_start() {
     let dir = callgate_testkit::TempDir::new("admin-open");
     let mut config = callgate_testkit::test_config(dir.path());

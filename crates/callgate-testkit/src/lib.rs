@@ -67,6 +67,8 @@ pub struct TestServer {
     pub routes: callgate_server::RouteHandle,
     /// The call-port keys and allowlist in force (replace them to rotate keys).
     pub call_auth: callgate_server::call_auth::CallAuthHandle,
+    /// The admin tokens in force (replace them to rotate tokens).
+    pub admin_auth: callgate_server::auth::AdminAuthHandle,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -137,6 +139,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let metrics = server.metrics();
     let routes = server.routes();
     let call_auth = server.call_auth();
+    let admin_auth = server.admin_auth();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -147,6 +150,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         config,
         routes,
         call_auth,
+        admin_auth,
         stop: Some(stop),
         handle,
         dir,

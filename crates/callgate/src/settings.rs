@@ -183,7 +183,8 @@ pub(crate) struct Loaded {
     pub(crate) table: RouteTable,
     /// The log filter.
     pub(crate) log_filter: Targets,
-    /// The effective settings without the routes: what a reload cannot change.
+    /// The effective settings without what a reload changes (routes, call keys, admin
+    /// tokens): what a reload cannot change.
     pub(crate) fixed: Settings,
 }
 
@@ -383,6 +384,10 @@ impl Settings {
             fixed: Self {
                 routes: None,
                 call_auth: None,
+                admin: self.admin.clone().map(|admin| AdminFile {
+                    tokens: Vec::new(),
+                    ..admin
+                }),
                 ..self
             },
         })
