@@ -7,6 +7,7 @@
 pub mod audio;
 pub mod http;
 pub mod phone;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,8 @@ pub struct TestServer {
     pub call_auth: callgate_server::call_auth::CallAuthHandle,
     /// The admin tokens in force (replace them to rotate tokens).
     pub admin_auth: callgate_server::auth::AdminAuthHandle,
+    /// The TLS ports' certificates (reload them as SIGHUP does).
+    pub certificates: callgate_server::tls::Certificates,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -140,6 +143,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let routes = server.routes();
     let call_auth = server.call_auth();
     let admin_auth = server.admin_auth();
+    let certificates = server.certificates();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -151,6 +155,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         routes,
         call_auth,
         admin_auth,
+        certificates,
         stop: Some(stop),
         handle,
         dir,
