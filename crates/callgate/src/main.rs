@@ -27,8 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Run the server (SIGHUP reloads the routes, call keys and admin tokens of --config;
-    /// SIGINT/SIGTERM stop it).
+    /// Run the server (SIGHUP reloads the TLS certificates, and the routes, call keys and admin
+    /// tokens of --config; SIGINT/SIGTERM stop it).
     Serve(Box<settings::Settings>),
     /// Check the route table of a configuration, or ask which route a call would take.
     #[command(subcommand)]
@@ -153,6 +153,7 @@ fn serve(args: settings::Settings) -> ExitCode {
             routes: server.routes(),
             call_auth: server.call_auth(),
             admin_auth: server.admin_auth(),
+            certificates: server.certificates(),
         };
         let reload = reload_on_hangup(hangup, &args, &fixed, handles);
         // The reload loop never ends: the server's end decides.
@@ -174,8 +175,8 @@ fn serve(args: settings::Settings) -> ExitCode {
 struct Signals {
     /// SIGINT and SIGTERM: shut down.
     stop: Stop,
-    /// SIGHUP: reload routes, keys and tokens (`None` where there is no SIGHUP, or it could
-    /// not be caught).
+    /// SIGHUP: reload certificates, routes, keys and tokens (`None` where there is no SIGHUP,
+    /// or it could not be caught).
     hangup: Option<Hangup>,
 }
 
@@ -254,11 +255,14 @@ struct Reloadable {
     routes: callgate_server::RouteHandle,
     call_auth: callgate_server::call_auth::CallAuthHandle,
     admin_auth: callgate_server::auth::AdminAuthHandle,
+    certificates: callgate_server::tls::Certificates,
 }
 
-/// On each SIGHUP, re-reads the configuration and puts its route table, call keys and admin
-/// tokens in force for new calls and requests (live calls keep theirs). A file that does not
-/// validate as a whole leaves all three as they are. Never returns.
+/// On each SIGHUP, re-reads the TLS certificates (each port keeps its own if its files do
+/// not load; the server logs each outcome), then the configuration, and puts its route
+/// table, call keys and admin tokens in force for new calls and requests (live calls keep
+/// theirs). A file that does not validate as a whole leaves all three as they are. Never
+/// returns.
 async fn reload_on_hangup(
     hangup: Option<Hangup>,
     args: &settings::Settings,
@@ -268,8 +272,15 @@ async fn reload_on_hangup(
     #[cfg(unix)]
     if let Some(mut hangup) = hangup {
         while hangup.recv().await.is_some() {
+            if !handles.certificates.is_empty() {
+                handles.certificates.reload().await;
+            }
             let Some(file) = args.config_file() else {
-                info!("SIGHUP received; no --config file, nothing to reload.");
+                if handles.certificates.is_empty() {
+                    info!("SIGHUP received; no --config file, nothing to reload.");
+                } else {
+                    info!("SIGHUP received; no --config file: only the TLS certificates reload.");
+                }
                 continue;
             };
             let file = file.display();
