@@ -1,11 +1,11 @@
 //! Native TLS: `wss://` on the call port (`[tls]`) and `https://` on the admin API
 //! (`[admin.tls]`), with rustls on the ring provider, TLS 1.3 and 1.2.
 //!
-//! Each TLS port has a [`Certificate`]: the PEM chain and key in force, read from two files.
+//! Each TLS port has a `Certificate`: the PEM chain and key in force, read from two files.
 //! The port's rustls configuration asks it for the current one at every handshake (it is the
 //! configuration's [`ResolvesServerCert`]), so putting a new one in force changes what *new*
 //! handshakes present while established connections, live calls included, carry on untouched.
-//! The files are re-read on SIGHUP ([`Certificates::reload`]) and when they change ([`watch`]
+//! The files are re-read on SIGHUP ([`Certificates::reload`]) and when they change (`watch`
 //! polls them; a change is acted on once two polls in a row have seen the same contents, so a
 //! chain and key being rewritten one after the other are not taken half-way). A file that
 //! does not load keeps the certificate in force: the reason is logged at error and counted
@@ -14,7 +14,7 @@
 //! Handshakes hold no more than any connection that is not a request or a call yet: on the
 //! call port the handshake runs in the connection's own task, inside the pending budget and
 //! under the one handshake deadline (`admission`, `call::serve`); on the admin port
-//! [`AdminListener`] runs at most [`MAX_ADMIN_HANDSHAKES`] at once, each under the handshake
+//! `AdminListener` runs at most [`MAX_ADMIN_HANDSHAKES`] at once, each under the handshake
 //! deadline, and a new connection evicts the oldest handshake when that many are running.
 
 use std::collections::VecDeque;

@@ -86,19 +86,19 @@ settings! {
         /// The `[tls]` table of the file: the call port's certificate (as --tls-cert, --tls-key).
         #[arg(skip)]
         tls: Option<TlsFile>,
-        /// PEM certificate chain of the call port, which then speaks wss:// (with --tls-key; file: [tls] cert) [default: none, plain ws://]
+        /// PEM certificate chain of the call port, which then speaks wss:// (with --tls-key; file: `[tls] cert`) [default: none, plain ws://]
         #[arg(long, env = "CALLGATE_TLS_CERT", value_name = "FILE", value_parser = text::<PathBuf>())]
         #[serde(skip)]
         tls_cert: Option<PathBuf>,
-        /// PEM private key of the call port's certificate (file: [tls] key)
+        /// PEM private key of the call port's certificate (file: `[tls] key`)
         #[arg(long, env = "CALLGATE_TLS_KEY", value_name = "FILE", value_parser = text::<PathBuf>())]
         #[serde(skip)]
         tls_key: Option<PathBuf>,
-        /// PEM certificate chain of the admin API, which then speaks https:// (with --admin-tls-key; file: [admin.tls] cert) [default: none, plain http://]
+        /// PEM certificate chain of the admin API, which then speaks https:// (with --admin-tls-key; file: `[admin.tls] cert`) [default: none, plain http://]
         #[arg(long, env = "CALLGATE_ADMIN_TLS_CERT", value_name = "FILE", value_parser = text::<PathBuf>())]
         #[serde(skip)]
         admin_tls_cert: Option<PathBuf>,
-        /// PEM private key of the admin API's certificate (file: [admin.tls] key)
+        /// PEM private key of the admin API's certificate (file: `[admin.tls] key`)
         #[arg(long, env = "CALLGATE_ADMIN_TLS_KEY", value_name = "FILE", value_parser = text::<PathBuf>())]
         #[serde(skip)]
         admin_tls_key: Option<PathBuf>,
