@@ -173,13 +173,12 @@ impl Server {
     /// Like [`Server::bind`], with a route table already built.
     pub async fn bind_with_routes(config: Config, table: RouteTable) -> Result<Self, Error> {
         config.validate_limits()?;
-        let metrics = Arc::new(Metrics::new());
-        let tasks = Tasks::new();
+        // Certificates first: a bad file stops the server before the store is touched.
         let certificate = |port, files: &Option<tls::Files>| {
             files
                 .clone()
                 .map(|files| {
-                    tls::Certificate::load(port, files, metrics.clone())
+                    tls::Certificate::load(port, files)
                         .map(Arc::new)
                         .map_err(|source| Error::Tls { port, source })
                 })
@@ -193,10 +192,6 @@ impl Server {
         };
         let call_tls = call_cert.as_ref().map(setup).transpose()?;
         let admin_tls = admin_cert.as_ref().map(setup).transpose()?;
-        let certificates = tls::Certificates::new(
-            call_cert.into_iter().chain(admin_cert).collect(),
-            tasks.clone(),
-        );
         let mut store = SqliteStore::open(&config.data_dir)?;
         let interrupted = store.end_interrupted(UnixMillis::now())?;
         if interrupted > 0 {
@@ -241,8 +236,15 @@ impl Server {
                 }
             },
         };
+        let metrics = Arc::new(Metrics::new());
         let call_auth = config.call_auth.clone();
         let admin_auth = config.admin_auth.clone();
+        let tasks = Tasks::new();
+        let certificates = tls::Certificates::new(
+            call_cert.into_iter().chain(admin_cert).collect(),
+            tasks.clone(),
+            metrics.clone(),
+        );
         let shared = Arc::new(Shared {
             media,
             admission: admission::Admission::new(&config, metrics.clone()),

@@ -285,7 +285,6 @@ pub(crate) struct Certificate {
     files: Files,
     current: RwLock<Arc<CertifiedKey>>,
     watch: Mutex<Watch>,
-    metrics: Arc<Metrics>,
 }
 
 /// What the periodic look at the files has seen.
@@ -315,7 +314,7 @@ impl ResolvesServerCert for Certificate {
 
 impl Certificate {
     /// Loads the port's files (at start: an error stops the server).
-    pub(crate) fn load(port: Port, files: Files, metrics: Arc<Metrics>) -> Result<Self, Error> {
+    pub(crate) fn load(port: Port, files: Files) -> Result<Self, Error> {
         let read = read_both(&files);
         let acted = digest_of(&read);
         let (cert, key) = read?;
@@ -328,7 +327,6 @@ impl Certificate {
                 acted,
                 settling: None,
             }),
-            metrics,
         })
     }
 
@@ -353,9 +351,9 @@ impl Certificate {
     }
 
     /// Re-reads the files (blocking: run it on the blocking pool) and puts what loads in
-    /// force; what does not is logged and counted, and the certificate in force stays.
-    /// `None`: a poll found nothing to do.
-    fn reload(&self, trigger: Trigger) -> Option<Result<(), Error>> {
+    /// force; what does not is logged and counted in `metrics`, and the certificate in force
+    /// stays. `None`: a poll found nothing to do.
+    fn reload(&self, trigger: Trigger, metrics: &Metrics) -> Option<Result<(), Error>> {
         let read = read_both(&self.files);
         let digest = digest_of(&read);
         {
@@ -382,7 +380,7 @@ impl Certificate {
             Ok(certified) => {
                 let chain = certified.cert.len();
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(certified);
-                self.metrics
+                metrics
                     .tls_reloads
                     .get_or_create(&[("port", port), ("result", "ok")])
                     .inc();
@@ -396,7 +394,7 @@ impl Certificate {
                 Some(Ok(()))
             }
             Err(e) => {
-                self.metrics
+                metrics
                     .tls_reloads
                     .get_or_create(&[("port", port), ("result", "error")])
                     .inc();
@@ -413,15 +411,20 @@ impl Certificate {
 }
 
 /// The certificates of a server's TLS ports, to re-read them (SIGHUP).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Certificates {
     ports: Vec<Arc<Certificate>>,
     tasks: Tasks,
+    metrics: Arc<Metrics>,
 }
 
 impl Certificates {
-    pub(crate) fn new(ports: Vec<Arc<Certificate>>, tasks: Tasks) -> Self {
-        Self { ports, tasks }
+    pub(crate) fn new(ports: Vec<Arc<Certificate>>, tasks: Tasks, metrics: Arc<Metrics>) -> Self {
+        Self {
+            ports,
+            tasks,
+            metrics,
+        }
     }
 
     /// Whether no port speaks TLS.
@@ -436,10 +439,10 @@ impl Certificates {
         let mut outcomes = Vec::with_capacity(self.ports.len());
         for cert in &self.ports {
             let port = cert.port;
-            let cert = cert.clone();
+            let (cert, metrics) = (cert.clone(), self.metrics.clone());
             match self
                 .tasks
-                .spawn_blocking(move || cert.reload(Trigger::Now))
+                .spawn_blocking(move || cert.reload(Trigger::Now, &metrics))
                 .await
             {
                 Ok(Some(outcome)) => outcomes.push((port, outcome)),
@@ -454,10 +457,10 @@ impl Certificates {
     /// Looks at every port's files; what changed (and has settled) is reloaded.
     async fn poll(&self) {
         for cert in &self.ports {
-            let cert = cert.clone();
+            let (cert, metrics) = (cert.clone(), self.metrics.clone());
             if let Err(error) = self
                 .tasks
-                .spawn_blocking(move || cert.reload(Trigger::Poll))
+                .spawn_blocking(move || cert.reload(Trigger::Poll, &metrics))
                 .await
             {
                 warn!(%error, "The look at the TLS files did not finish.");
