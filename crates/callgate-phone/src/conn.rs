@@ -1,41 +1,212 @@
-//! WebSocket connections for phones, and a thin driver around a proto phone session.
+//! WebSocket connections for phones (`ws://` and `wss://`), and a thin driver around a proto
+//! phone session.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use callgate_proto::{Close, Disconnect, Frame, Output, PhoneEvent, callbridge, inbound};
 use futures_util::SinkExt;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::either::Either;
 
 use crate::Error;
 
+/// A phone's connection: plain TCP (`ws://`) or TLS over it (`wss://`; boxed, so plain
+/// connections do not carry a TLS connection's size).
+pub type Stream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
+
 /// A phone's WebSocket.
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<Stream>;
 
 /// Read buffer per connection: small, like the server's, so a thousand phones stay cheap.
 pub const READ_BUFFER: usize = 4096;
 
-/// Connects to a `ws://` URL with Nagle off and small buffers.
-pub async fn connect(url: &str, timeout: Duration) -> Result<Ws, Error> {
+/// How phones reach a server: `ws://`, or `wss://` trusting the certificate authorities of a
+/// CA file, or the system's when there is none. Built once per run and shared by every call
+/// (the root certificates are read once).
+#[derive(Clone)]
+pub struct Connector {
+    tls: Option<TlsConnector>,
+    /// The roots are the system's (an untrusted certificate then hints at a CA file).
+    system_roots: bool,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Connector {
+    /// The connector for `url`: plain for `ws://`; for `wss://`, TLS 1.3 or 1.2 (rustls on
+    /// ring) trusting only the CA certificates in `ca_file` (PEM), or without one, the
+    /// system's root certificates. A CA file with a `ws://` URL is an error (it would not be
+    /// used), and so is a `wss://` URL with neither a CA file nor system certificates.
+    pub fn for_url(url: &str, ca_file: Option<&Path>) -> Result<Self, Error> {
+        let secure = match scheme(url)? {
+            Scheme::Ws => false,
+            Scheme::Wss => true,
+        };
+        if !secure {
+            if let Some(path) = ca_file {
+                return Err(Error::Options(format!(
+                    "a CA file ({}) is for wss:// URLs; {url} is plain ws://",
+                    path.display()
+                )));
+            }
+            return Ok(Self {
+                tls: None,
+                system_roots: false,
+            });
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| Error::Options(format!("TLS setup: {e}")))?;
+        let config = match ca_file {
+            Some(path) => builder
+                .with_root_certificates(roots(path)?)
+                .with_no_client_auth(),
+            None => {
+                let verifier = rustls_platform_verifier::Verifier::new(provider).map_err(|e| {
+                    Error::Options(format!(
+                        "{url} needs the certificate authority that signed the server's \
+                         certificate, and the system's could not be used ({e}): give the CA \
+                         certificate as a PEM file (callgate sim/load --ca-file FILE)"
+                    ))
+                })?;
+                builder
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier))
+                    .with_no_client_auth()
+            }
+        };
+        Ok(Self {
+            tls: Some(TlsConnector::from(Arc::new(config))),
+            system_roots: ca_file.is_none(),
+        })
+    }
+
+    /// Whether this connector speaks TLS (`wss://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+}
+
+/// A URL's WebSocket scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Ws,
+    Wss,
+}
+
+fn scheme(url: &str) -> Result<Scheme, Error> {
+    let bad = |detail: &str| Error::Connect {
+        url: url.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let (scheme, _) = url
+        .split_once("://")
+        .ok_or_else(|| bad("not a URL (write ws://HOST:PORT/ or wss://HOST:PORT/)"))?;
+    match scheme.to_ascii_lowercase().as_str() {
+        "ws" => Ok(Scheme::Ws),
+        "wss" => Ok(Scheme::Wss),
+        _ => Err(bad("the scheme must be ws:// or wss://")),
+    }
+}
+
+/// The CA certificates of a PEM file, as the only roots trusted.
+fn roots(path: &Path) -> Result<rustls::RootCertStore, Error> {
+    let bad = |detail: String| Error::Options(format!("CA file {}: {detail}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| bad(format!("cannot read it: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| bad(format!("invalid PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad(
+            "no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)".to_owned(),
+        ));
+    }
+    Ok(roots)
+}
+
+/// Connects to a `ws://` or `wss://` URL (the `connector` made for it) with Nagle off and
+/// small buffers; TCP, TLS and the upgrade together within `timeout`.
+pub async fn connect(url: &str, connector: &Connector, timeout: Duration) -> Result<Ws, Error> {
+    let failed = |detail: String| Error::Connect {
+        url: url.to_owned(),
+        detail,
+    };
+    match tokio::time::timeout(timeout, dial(url, connector)).await {
+        Ok(Ok(ws)) => Ok(ws),
+        Ok(Err(detail)) => Err(failed(detail)),
+        Err(_) => Err(failed(format!("no answer within {timeout:?}"))),
+    }
+}
+
+async fn dial(url: &str, connector: &Connector) -> Result<Ws, String> {
+    let secure = scheme(url).map_err(|e| e.to_string())? == Scheme::Wss;
+    let request = url.into_client_request().map_err(|e| e.to_string())?;
+    let uri = request.uri();
+    let host = uri.host().ok_or("the URL has no host")?;
+    // `[::1]` in a URL is the address `::1`.
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let stream = match (&connector.tls, secure) {
+        (None, false) => Either::Left(tcp),
+        (Some(tls), true) => {
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| format!("{host:?} cannot be checked against a certificate: {e}"))?;
+            let tls = tls.connect(name, tcp).await.map_err(|e| {
+                let untrusted = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+                let hint = if untrusted && connector.system_roots {
+                    " (checked against the system's certificate authorities: for a private \
+                     CA, give its certificate as a PEM file with --ca-file)"
+                } else {
+                    ""
+                };
+                format!("TLS handshake failed: {e}{hint}")
+            })?;
+            Either::Right(Box::new(tls))
+        }
+        (None, true) => return Err("a wss:// URL needs a TLS connector".to_owned()),
+        (Some(_), false) => return Err("a ws:// URL with a TLS connector".to_owned()),
+    };
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_message_size(Some(16 << 20));
-    let attempt = tokio_tungstenite::connect_async_with_config(url, Some(config), true);
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok((ws, _))) => Ok(ws),
-        Ok(Err(e)) => Err(Error::Connect {
-            url: url.to_owned(),
-            detail: e.to_string(),
-        }),
-        Err(_) => Err(Error::Connect {
-            url: url.to_owned(),
-            detail: format!("no answer within {timeout:?}"),
-        }),
-    }
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
 }
 
 /// Either protocol's phone side.

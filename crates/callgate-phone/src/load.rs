@@ -7,6 +7,7 @@
 //! limit, and stops by itself: every call ends within ramp + duration + [`GRACE`].
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -55,8 +56,10 @@ pub enum Mix {
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// The server's URL.
+    /// The server's URL (`ws://` or `wss://`).
     pub url: String,
+    /// `wss://`: trust only the CA certificates of this PEM file (default: the system's).
+    pub ca_file: Option<PathBuf>,
     /// Concurrent calls.
     pub calls: usize,
     /// Calls started per second (0: all at once).
@@ -79,6 +82,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             url: "ws://127.0.0.1:4143/".into(),
+            ca_file: None,
             calls: 100,
             ramp: 200.0,
             duration: Duration::from_secs(10),
@@ -308,6 +312,7 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
     if opts.calls == 0 {
         return Err(Error::Options("--calls must be at least 1".into()));
     }
+    let connector = conn::Connector::for_url(&opts.url, opts.ca_file.as_deref())?;
     // Every call needs a socket; ask the kernel for enough (best effort: the report shows
     // connection failures if it was not enough).
     let _ = rlimit::increase_nofile_limit(opts.calls as u64 * 2 + 256);
@@ -342,10 +347,10 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
             Mix::Mixed if i % 2 == 0 => Protocol::Inbound,
             Mix::Mixed => Protocol::CallBridge,
         };
-        let (opts, live) = (opts.clone(), live.clone());
+        let (opts, live, connector) = (opts.clone(), live.clone(), connector.clone());
         set.spawn(async move {
             sleep_until(start).await;
-            one_call(i as u32, protocol, &opts, &live, t_run).await
+            one_call(i as u32, protocol, &opts, &connector, &live, t_run).await
         });
     }
 
@@ -477,12 +482,13 @@ async fn one_call(
     idx: u32,
     protocol: Protocol,
     opts: &LoadOptions,
+    connector: &conn::Connector,
     live: &Live,
     t_run: Instant,
 ) -> CallResult {
     let mut r = CallResult::default();
     let dial = Instant::now();
-    let mut ws = match conn::connect(&opts.url, opts.answer_timeout).await {
+    let mut ws = match conn::connect(&opts.url, connector, opts.answer_timeout).await {
         Ok(ws) => ws,
         Err(_) => {
             live.failed.fetch_add(1, Ordering::Relaxed);

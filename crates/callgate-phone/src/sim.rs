@@ -37,8 +37,10 @@ pub enum Source {
 /// How the simulated call is placed.
 #[derive(Debug, Clone)]
 pub struct SimOptions {
-    /// The server's URL (`ws://host:port/path`).
+    /// The server's URL (`ws://host:port/path`, or `wss://`).
     pub url: String,
+    /// `wss://`: trust only the CA certificates of this PEM file (default: the system's).
+    pub ca_file: Option<PathBuf>,
     /// The protocol to speak.
     pub protocol: Protocol,
     /// Calling number.
@@ -91,6 +93,7 @@ impl Default for SimOptions {
     fn default() -> Self {
         Self {
             url: "ws://127.0.0.1:4143/".into(),
+            ca_file: None,
             protocol: Protocol::Inbound,
             caller: "01012341234".into(),
             callee: "07012345678".into(),
@@ -333,6 +336,7 @@ pub async fn run(opts: &SimOptions, mut on: impl FnMut(&Timeline)) -> Result<Sum
             "CallBridge has no DTMF: use --protocol inbound to send keys".into(),
         ));
     }
+    let connector = conn::Connector::for_url(&opts.url, opts.ca_file.as_deref())?;
     let frames = prepare_audio(&opts.source, opts.send_format)?;
     let mut recording = match &opts.record {
         Some(path) => Some(Recording::create(path, opts.receive_format)?),
@@ -341,7 +345,7 @@ pub async fn run(opts: &SimOptions, mut on: impl FnMut(&Timeline)) -> Result<Sum
     let dialled = Instant::now();
     let wall_start = OffsetDateTime::now_utc();
     let at = |i: Instant| ms_between(dialled, i);
-    let mut ws = conn::connect(&opts.url, opts.answer_timeout).await?;
+    let mut ws = conn::connect(&opts.url, &connector, opts.answer_timeout).await?;
     on(&Timeline::Connected {
         at_ms: at(Instant::now()),
     });

@@ -1,5 +1,10 @@
 //! The admin HTTP API (axum): health, metrics, call records, and operator actions on live calls.
 //! Every error is JSON: `{"error": "<message>", "code": "<stable_code>"}`.
+//!
+//! Every request is bounded before a handler runs: its body ([`MAX_BODY_BYTES`], or
+//! [`MAX_PLAY_BYTES`] for `POST /play`; a larger `Content-Length` is a 413 at once, a longer
+//! chunked body a 413 when it is read) and its call id ([`ValidId`]: a malformed one is a 400
+//! before any lookup).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +13,8 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,11 +38,13 @@ pub(crate) const MAX_LIMIT: u32 = 1000;
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest WAV `POST /api/calls/{id}/play` takes (about 17 minutes of 16 kHz mono).
 pub(crate) const MAX_PLAY_BYTES: usize = 32 * 1024 * 1024;
+/// The largest request body of every other endpoint (a DTMF request is a few dozen bytes).
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 /// DTMF tone length when the request gives none.
 pub(crate) const DEFAULT_DTMF_MS: u64 = 200;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+    let small = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/api/calls", get(list_calls))
@@ -45,13 +53,17 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/calls/{id}/transcript", get(transcript))
         .route("/api/calls/{id}/hangup", post(hangup))
         .route("/api/calls/{id}/dtmf", post(dtmf))
-        .route(
-            "/api/calls/{id}/play",
-            post(play).layer(DefaultBodyLimit::max(MAX_PLAY_BYTES)),
-        )
         .route("/api/calls/{id}/clear", post(clear))
         .route("/api/calls/{id}/recording", get(recording))
         .route("/api/calls/{id}/messages/{file}", get(message))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(MAX_BODY_BYTES, body_limit));
+    let play = Router::new()
+        .route("/api/calls/{id}/play", post(play))
+        .layer(DefaultBodyLimit::max(MAX_PLAY_BYTES))
+        .layer(middleware::from_fn_with_state(MAX_PLAY_BYTES, body_limit));
+    small
+        .merge(play)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
@@ -63,7 +75,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// Bearer tokens (when configured): reading needs `read`, acting on calls `operator`;
 /// `/healthz` stays open for load balancers.
 async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let auth = &shared.config.admin_auth;
+    let auth = shared.admin_auth.current();
     if !auth.is_enabled() || request.uri().path() == "/healthz" {
         return next.run(request).await;
     }
@@ -110,6 +122,63 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
             response
         }
     }
+}
+
+/// A request whose `Content-Length` is over the endpoint's `limit` gets a 413 before anything
+/// reads its body (a chunked body is cut at the limit by `DefaultBodyLimit` when read).
+async fn body_limit(State(limit): State<usize>, request: Request, next: Next) -> Response {
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(n) if n > limit as u64 => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the request body ({n} bytes) is over this endpoint's limit of {limit} bytes"),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// A call id from the path (`{id}`), checked before anything looks it up: a UUIDv7, as the
+/// store makes them. Anything else is a 400 `bad_call_id`.
+struct ValidId(CallId);
+
+/// The most of a malformed id shown back in the error.
+const MAX_ID_SHOWN: usize = 64;
+
+impl<S: Send + Sync> FromRequestParts<S> for ValidId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(params) = Path::<Vec<(String, String)>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+        let text = params
+            .iter()
+            .find(|(name, _)| name == "id")
+            .map_or("", |(_, value)| value.as_str());
+        CallId::parse(text)
+            .map(Self)
+            .ok_or_else(|| bad_call_id("call id", text))
+    }
+}
+
+/// The 400 for text that is not a call id.
+fn bad_call_id(what: &str, text: &str) -> ApiError {
+    let shown: String = text.chars().take(MAX_ID_SHOWN).collect();
+    let cut = if shown.len() < text.len() { "..." } else { "" };
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_call_id",
+        format!(
+            "{what} {shown:?}{cut} is not a call id (a UUIDv7 such as \
+             0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192)"
+        ),
+    )
 }
 
 /// The most of a non-JSON error body (axum's own rejections) kept in the JSON error.
@@ -260,9 +329,10 @@ async fn list_calls(
         agent: query.get("agent").cloned(),
         protocol: query.get("protocol").cloned(),
         end_reason: query.get("end_reason").cloned(),
-        before: query
-            .get("before")
-            .map(|id| CallId::from_string(id.clone())),
+        before: match query.get("before") {
+            None => None,
+            Some(text) => Some(CallId::parse(text).ok_or_else(|| bad_call_id("before", text))?),
+        },
     };
     let calls = shared
         .store
@@ -318,19 +388,19 @@ fn list_body(calls: Vec<CallRecord>, limit: u32) -> Result<String, ApiError> {
     Ok(body)
 }
 
-fn no_call(id: &str) -> ApiError {
+fn no_call(id: &CallId) -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "call_not_found",
-        format!("no call with id {id:?}"),
+        format!("no call with id {:?}", id.as_str()),
     )
 }
 
 /// The record of call `id`, or a 404.
-async fn find(shared: &Shared, id: &str) -> Result<CallRecord, ApiError> {
+async fn find(shared: &Shared, id: &CallId) -> Result<CallRecord, ApiError> {
     shared
         .store
-        .call(CallId::from_string(id.to_owned()))
+        .call(id.clone())
         .await
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(id))
@@ -338,7 +408,7 @@ async fn find(shared: &Shared, id: &str) -> Result<CallRecord, ApiError> {
 
 async fn call(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
 ) -> Result<Json<CallRecord>, ApiError> {
     let record = find(&shared, &id).await?;
     Ok(Json(record))
@@ -347,9 +417,9 @@ async fn call(
 /// Deletes an ended call: its record, events, transcript and recording.
 async fn delete_call(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(call_id): ValidId,
 ) -> Result<Json<Value>, ApiError> {
-    let call_id = CallId::from_string(id.clone());
+    let id = call_id.as_str();
     if shared.live.get(&call_id).is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -365,7 +435,7 @@ async fn delete_call(
         .await
         .map_err(ApiError::store)?;
     if !deleted {
-        return Err(no_call(&id));
+        return Err(no_call(&call_id));
     }
     crate::retention::delete_files(&shared.config.data_dir, &call_id).await;
     tracing::info!(call_id = %id, "Call record deleted by an operator.");
@@ -425,13 +495,13 @@ fn next_after(page: Page, last: Option<u64>, len: usize) -> Option<u64> {
 
 async fn events(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let page = page(query)?;
     let events = shared
         .store
-        .events(CallId::from_string(id.clone()), page)
+        .events(id.clone(), page)
         .await
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
@@ -441,14 +511,13 @@ async fn events(
 
 async fn transcript(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let page = page(query)?;
-    let call_id = CallId::from_string(id.clone());
     let entries = shared
         .store
-        .transcript(call_id.clone(), page)
+        .transcript(id.clone(), page)
         .await
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
@@ -460,14 +529,13 @@ async fn transcript(
 }
 
 /// The operator mailbox of live call `id`: 404 for an unknown call, 409 for one that ended.
-async fn live_mailbox(shared: &Shared, id: &str) -> Result<Arc<Mailbox>, ApiError> {
-    let call_id = CallId::from_string(id.to_owned());
-    if let Some(mailbox) = shared.live.get(&call_id) {
+async fn live_mailbox(shared: &Shared, id: &CallId) -> Result<Arc<Mailbox>, ApiError> {
+    if let Some(mailbox) = shared.live.get(id) {
         return Ok(mailbox);
     }
     let exists = shared
         .store
-        .call(call_id)
+        .call(id.clone())
         .await
         .map_err(ApiError::store)?
         .is_some();
@@ -475,7 +543,7 @@ async fn live_mailbox(shared: &Shared, id: &str) -> Result<Arc<Mailbox>, ApiErro
         ApiError::new(
             StatusCode::CONFLICT,
             "call_not_live",
-            format!("call {id:?} has ended"),
+            format!("call {:?} has ended", id.as_str()),
         )
     } else {
         no_call(id)
@@ -483,8 +551,9 @@ async fn live_mailbox(shared: &Shared, id: &str) -> Result<Arc<Mailbox>, ApiErro
 }
 
 /// Sends a request to a live call's task and waits for its answer.
-async fn act(shared: &Shared, id: &str, request: CallRequest) -> Result<Reply, ApiError> {
-    let tx = live_mailbox(shared, id).await?;
+async fn act(shared: &Shared, call_id: &CallId, request: CallRequest) -> Result<Reply, ApiError> {
+    let tx = live_mailbox(shared, call_id).await?;
+    let id = call_id.as_str();
     let gone = || {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -519,7 +588,7 @@ async fn act(shared: &Shared, id: &str, request: CallRequest) -> Result<Reply, A
 
 async fn hangup(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
 ) -> Result<Json<Value>, ApiError> {
     act(
         &shared,
@@ -532,7 +601,7 @@ async fn hangup(
 
 async fn dtmf(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     let bad =
@@ -584,7 +653,7 @@ async fn dtmf(
 
 async fn play(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
     // The call first: no work for a call that is not there.
@@ -661,7 +730,7 @@ fn operator_audio(body: &[u8], format: AudioFormat) -> Result<bytes::Bytes, ApiE
 
 async fn clear(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
 ) -> Result<Json<Value>, ApiError> {
     match act(&shared, &id, CallRequest::Clear).await? {
         Reply::Cleared {
@@ -686,20 +755,21 @@ fn unexpected(reply: Reply) -> ApiError {
 
 async fn recording(
     State(shared): State<Arc<Shared>>,
-    Path(id): Path<String>,
+    ValidId(id): ValidId,
 ) -> Result<Response, ApiError> {
     let record = find(&shared, &id).await?;
     let not_recorded = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "no_recording",
-            format!("call {id:?} has no recording"),
+            format!("call {:?} has no recording", id.as_str()),
         )
     };
     if !record.recording {
         return Err(not_recorded());
     }
-    let path = crate::media::recording_path(&shared.config.data_dir.join("recordings"), &id);
+    let path =
+        crate::media::recording_path(&shared.config.data_dir.join("recordings"), id.as_str());
     let data = tokio::fs::read(&path).await.map_err(|_| not_recorded())?;
     Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
 }
@@ -708,13 +778,14 @@ async fn recording(
 /// name and `.wav`, as listed in the call's `flow_step` events).
 async fn message(
     State(shared): State<Arc<Shared>>,
-    Path((id, file)): Path<(String, String)>,
+    ValidId(id): ValidId,
+    Path((_, file)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let no_message = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "no_message",
-            format!("call {id:?} has no message {file:?}"),
+            format!("call {:?} has no message {file:?}", id.as_str()),
         )
     };
     let valid = file.strip_suffix(".wav").is_some_and(|stem| {

@@ -210,9 +210,10 @@ impl Admission {
 /// What a connection over the pending budget gets, at accept, without a task or a buffer of
 /// its own: whatever it has already sent is read and discarded (a few KiB at most, so that
 /// closing sends a FIN rather than a reset), `HTTP/1.1 503` with `Retry-After: 1` is written if
-/// the socket takes it at once, and the socket is closed. A client whose upgrade request
-/// arrives after that sees the connection closed, or reset.
-pub(crate) fn turn_away(stream: TcpStream) {
+/// the socket takes it at once and `answer` (not on a TLS port: the client could not read it),
+/// and the socket is closed. A client whose upgrade request arrives after that sees the
+/// connection closed, or reset.
+pub(crate) fn turn_away(stream: TcpStream, answer: bool) {
     // Straight to the (non-blocking) socket: tokio's `try_read`/`try_write` answer WouldBlock
     // until the runtime has polled a new socket's readiness, which it has not yet here.
     let socket = socket2::SockRef::from(&stream);
@@ -223,7 +224,9 @@ pub(crate) fn turn_away(stream: TcpStream) {
             _ => break,
         }
     }
-    let _ = (&*socket).write(TURNED_AWAY);
+    if answer {
+        let _ = (&*socket).write(TURNED_AWAY);
+    }
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! secret never appears in logs, records or metrics; its name does.
 
 use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -152,6 +153,38 @@ pub struct AdminAuth {
     pub tokens: Vec<Token>,
     /// The operator says a proxy in front of the admin API authenticates every request.
     pub behind_own_auth: bool,
+}
+
+/// The admin tokens in force, replaceable while the server runs (SIGHUP rotates them): each
+/// request reads the current ones once.
+#[derive(Debug, Clone)]
+pub struct AdminAuthHandle {
+    auth: Arc<RwLock<Arc<AdminAuth>>>,
+}
+
+impl AdminAuthHandle {
+    /// A handle on `auth`.
+    pub fn new(auth: AdminAuth) -> Self {
+        Self {
+            auth: Arc::new(RwLock::new(Arc::new(auth))),
+        }
+    }
+
+    /// What is in force now.
+    pub fn current(&self) -> Arc<AdminAuth> {
+        // Replacing an Arc cannot leave the lock's value invalid, even if a holder panicked.
+        self.auth
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `auth` in force for the requests that start from now on. The caller has
+    /// validated it with the rest of the configuration (no tokens off loopback is refused
+    /// there, see [`crate::Config::validate_limits`]).
+    pub fn replace(&self, auth: AdminAuth) {
+        *self.auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
+    }
 }
 
 /// Why a request was refused.

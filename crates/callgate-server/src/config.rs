@@ -26,6 +26,13 @@ pub struct Config {
     pub call_auth: crate::call_auth::CallAuth,
     /// Who may use the admin API (`[admin]`).
     pub admin_auth: crate::auth::AdminAuth,
+    /// TLS on the call port (`[tls]`): phone systems connect with `wss://`. `None`: `ws://`.
+    pub tls: Option<crate::tls::Files>,
+    /// TLS on the admin API (`[admin.tls]`): `https://`. `None`: `http://`.
+    pub admin_tls: Option<crate::tls::Files>,
+    /// How often the TLS files are looked at for changes (a change is put in force once two
+    /// looks in a row see the same contents). Not a command-line setting: 5 s.
+    pub tls_watch_interval: Duration,
     /// The agent of the default route when `routes` is empty (`--agent`).
     pub agent: String,
     /// The routes, in order (`[[routes]]`); empty: one default route running `agent`.
@@ -85,6 +92,9 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 4144)),
             admin_auth: crate::auth::AdminAuth::default(),
             call_auth: crate::call_auth::CallAuth::default(),
+            tls: None,
+            admin_tls: None,
+            tls_watch_interval: Duration::from_secs(5),
             agent: "echo".into(),
             routes: Vec::new(),
             data_dir: PathBuf::from("./data"),
@@ -198,6 +208,7 @@ impl Config {
             ("write_timeout", self.write_timeout),
             ("progress_interval", self.progress_interval),
             ("playout_lead", self.playout_lead),
+            ("tls_watch_interval", self.tls_watch_interval),
         ] {
             if value.is_zero() {
                 return bad(key, "must be longer than zero");

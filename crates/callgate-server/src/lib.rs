@@ -10,6 +10,7 @@
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tasks`]: the only place that spawns tasks; everything is tracked.
 //! - [`config`]: the validated configuration.
@@ -34,6 +35,7 @@ mod record;
 mod retention;
 pub mod routes;
 pub mod tasks;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -80,6 +82,18 @@ pub enum Error {
     /// The route table cannot work.
     #[error(transparent)]
     Routes(#[from] routes::RouteError),
+    /// A TLS port's certificate chain or key cannot be loaded.
+    #[error("TLS certificate of the {port} port: {source}")]
+    Tls {
+        /// Which port.
+        port: tls::Port,
+        /// Why.
+        source: tls::Error,
+    },
+    /// rustls refused the TLS configuration (cannot happen with the ring provider, which
+    /// has both protocol versions).
+    #[error("TLS setup: {0}")]
+    TlsSetup(String),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -96,7 +110,10 @@ impl Error {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            Self::Config(_) | Self::Routes(_) | Self::Store(callgate_store::Error::Open { .. })
+            Self::Config(_)
+                | Self::Routes(_)
+                | Self::Tls { .. }
+                | Self::Store(callgate_store::Error::Open { .. })
         )
     }
 }
@@ -108,6 +125,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) routes: RouteHandle,
     pub(crate) call_auth: call_auth::CallAuthHandle,
+    pub(crate) admin_auth: auth::AdminAuthHandle,
+    /// The call port's TLS (`None`: plain `ws://`).
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     pub(crate) refusal_log: call_auth::RefusalLog,
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
@@ -123,6 +143,9 @@ pub struct Server {
     shared: Arc<Shared>,
     calls: TcpListener,
     admin: TcpListener,
+    /// The admin port's TLS (`None`: plain `http://`).
+    admin_tls: Option<Arc<rustls::ServerConfig>>,
+    certificates: tls::Certificates,
 }
 
 impl Server {
@@ -150,6 +173,25 @@ impl Server {
     /// Like [`Server::bind`], with a route table already built.
     pub async fn bind_with_routes(config: Config, table: RouteTable) -> Result<Self, Error> {
         config.validate_limits()?;
+        // Certificates first: a bad file stops the server before the store is touched.
+        let certificate = |port, files: &Option<tls::Files>| {
+            files
+                .clone()
+                .map(|files| {
+                    tls::Certificate::load(port, files)
+                        .map(Arc::new)
+                        .map_err(|source| Error::Tls { port, source })
+                })
+                .transpose()
+        };
+        let call_cert = certificate(tls::Port::Call, &config.tls)?;
+        let admin_cert = certificate(tls::Port::Admin, &config.admin_tls)?;
+        let setup = |cert: &Arc<tls::Certificate>| {
+            cert.server_config()
+                .map_err(|e| Error::TlsSetup(e.to_string()))
+        };
+        let call_tls = call_cert.as_ref().map(setup).transpose()?;
+        let admin_tls = admin_cert.as_ref().map(setup).transpose()?;
         let mut store = SqliteStore::open(&config.data_dir)?;
         let interrupted = store.end_interrupted(UnixMillis::now())?;
         if interrupted > 0 {
@@ -196,6 +238,13 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::with_collectors(&config.metrics));
         let call_auth = config.call_auth.clone();
+        let admin_auth = config.admin_auth.clone();
+        let tasks = Tasks::new();
+        let certificates = tls::Certificates::new(
+            call_cert.into_iter().chain(admin_cert).collect(),
+            tasks.clone(),
+            metrics.clone(),
+        );
         let shared = Arc::new(Shared {
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
@@ -204,8 +253,10 @@ impl Server {
             metrics,
             routes: RouteHandle::new(table),
             call_auth: call_auth::CallAuthHandle::new(call_auth),
+            admin_auth: auth::AdminAuthHandle::new(admin_auth),
+            tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
             refusal_log: call_auth::RefusalLog::default(),
-            tasks: Tasks::new(),
+            tasks,
             cancel: CancellationToken::new(),
             live: live::LiveCalls::default(),
             draining: AtomicBool::new(false),
@@ -215,6 +266,8 @@ impl Server {
             shared,
             calls,
             admin,
+            admin_tls,
+            certificates,
         })
     }
 
@@ -235,6 +288,17 @@ impl Server {
         self.shared.call_auth.clone()
     }
 
+    /// The admin API's tokens in force; replace them to rotate tokens (SIGHUP).
+    pub fn admin_auth(&self) -> auth::AdminAuthHandle {
+        self.shared.admin_auth.clone()
+    }
+
+    /// The certificates of the TLS ports; reload them to put new files in force for new
+    /// connections (SIGHUP). The server also reloads them when the files change.
+    pub fn certificates(&self) -> tls::Certificates {
+        self.certificates.clone()
+    }
+
     /// The route table in force; replace it to change routing for new calls (SIGHUP).
     pub fn routes(&self) -> RouteHandle {
         self.shared.routes.clone()
@@ -251,6 +315,8 @@ impl Server {
             shared,
             calls,
             admin,
+            admin_tls,
+            certificates,
         } = self;
         if !shared.call_auth.current().is_enabled()
             && calls.local_addr().is_ok_and(|a| !a.ip().is_loopback())
@@ -265,17 +331,32 @@ impl Server {
             calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             routes = shared.routes.current().routes().len(),
+            call_tls = shared.tls.is_some(),
+            admin_tls = admin_tls.is_some(),
             "Server listening."
         );
         let admin_stop = CancellationToken::new();
         let admin_tasks = Tasks::new();
-        let admin_server = axum::serve(admin, admin::router(shared.clone()))
-            .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
-        let admin_handle = admin_tasks.spawn(async move {
-            if let Err(error) = admin_server.await {
-                warn!(%error, "Admin API stopped with an error.");
+        let router = admin::router(shared.clone());
+        let admin_handle = match admin_tls {
+            None => serve_admin(&admin_tasks, admin, router, &admin_stop),
+            Some(config) => {
+                let listener = tls::AdminListener::new(
+                    admin,
+                    config,
+                    shared.config.handshake_timeout,
+                    shared.metrics.clone(),
+                );
+                serve_admin(&admin_tasks, listener, router, &admin_stop)
             }
-        });
+        };
+        if !certificates.is_empty() {
+            shared.tasks.spawn(tls::watch(
+                certificates,
+                shared.config.tls_watch_interval,
+                shared.cancel.clone(),
+            ));
+        }
 
         if let Some(retention) = shared.config.retention {
             shared
@@ -317,6 +398,26 @@ impl Server {
     }
 }
 
+/// Serves the admin API on `listener` (plain or TLS) until `stop`.
+fn serve_admin<L>(
+    tasks: &Tasks,
+    listener: L,
+    router: axum::Router,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let server =
+        axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+    tasks.spawn(async move {
+        if let Err(error) = server.await {
+            warn!(%error, "Admin API stopped with an error.");
+        }
+    })
+}
+
 /// Accepts connections until `shutdown` resolves. Each takes a place in the budget of
 /// connections that are not calls yet (`admission`), or is turned away at once; it takes a
 /// call slot only once its first message makes it a call (see `call::serve`).
@@ -348,7 +449,8 @@ async fn accept(shared: &Arc<Shared>, listener: TcpListener, shutdown: impl Futu
                     .connections_refused
                     .get_or_create(&[("reason", refusal.as_str())])
                     .inc();
-                admission::turn_away(stream);
+                // A TLS client could not read a plain 503: it just sees the connection close.
+                admission::turn_away(stream, shared.tls.is_none());
             }
         }
     }

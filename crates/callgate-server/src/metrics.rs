@@ -30,7 +30,8 @@ pub struct Metrics {
     /// Calls ended, by protocol and end reason.
     pub calls_ended: Family<Labels2, Counter>,
     /// Connections refused before a call started, by reason (`call_limit`,
-    /// `websocket_handshake`, `pending_limit`, `pending_per_ip`, `pending_evicted`).
+    /// `websocket_handshake`, `tls_handshake`, `pending_limit`, `pending_per_ip`,
+    /// `pending_evicted`, and the `[call_auth]` refusals).
     pub connections_refused: Family<Labels1, Counter>,
     /// Connections accepted that are not calls yet (upgrading, waiting for the first message,
     /// or being refused).
@@ -79,6 +80,11 @@ pub struct Metrics {
     pub recording_batches_dropped: Counter,
     /// Agent commands the call could not carry out, by command.
     pub agent_commands_refused: Family<Labels1, Counter>,
+    /// Certificate reloads (SIGHUP or a change of the files), by port (`call`, `admin`) and
+    /// result (`ok`; `error`: the certificate in force was kept).
+    pub tls_reloads: Family<Labels2, Counter>,
+    /// TLS handshakes that failed or did not finish in time, by port (`call`, `admin`).
+    pub tls_handshakes_failed: Family<Labels1, Counter>,
 }
 
 impl Metrics {
@@ -122,6 +128,8 @@ impl Metrics {
             record_entries_dropped: Counter::default(),
             recording_batches_dropped: Counter::default(),
             agent_commands_refused: Family::default(),
+            tls_reloads: Family::default(),
+            tls_handshakes_failed: Family::default(),
             registry: Registry::default(),
         };
         registry.register("calls_live", "Calls live now", m.calls_live.clone());
@@ -224,6 +232,16 @@ impl Metrics {
             "agent_commands_refused",
             "Agent commands the call could not carry out",
             m.agent_commands_refused.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "TLS certificate reloads by port and result",
+            m.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_handshakes_failed",
+            "TLS handshakes that failed or timed out, by port",
+            m.tls_handshakes_failed.clone(),
         );
         Self { registry, ..m }
     }

@@ -3,6 +3,9 @@
 use callgate_testkit::{Received, callbridge_start, cdr, incoming_call, spawn_server};
 use serde_json::json;
 
+/// A well-formed call id (a UUIDv7) that names no call.
+const UNKNOWN: &str = "0190a5d0-ac96-774b-bcce-b302099a8057";
+
 #[tokio::test]
 async fn operator_dtmf_and_hangup_reach_an_inbound_call() {
     let server = spawn_server(|_| {}).await;
@@ -114,16 +117,18 @@ async fn callbridge_has_no_dtmf_and_operator_hangup_closes_1000() {
 #[tokio::test]
 async fn errors_are_json_with_the_right_status() {
     let server = spawn_server(|_| {}).await;
-    let (status, err) = server.get("/api/calls/nope").await;
+    let (status, err) = server.get(&format!("/api/calls/{UNKNOWN}")).await;
     assert_eq!(status, 404);
     assert_eq!(
         err,
-        json!({"error": "no call with id \"nope\"", "code": "call_not_found"})
+        json!({"error": format!("no call with id \"{UNKNOWN}\""), "code": "call_not_found"})
     );
-    let (status, err) = server.get("/api/calls/nope/events").await;
+    let (status, err) = server.get(&format!("/api/calls/{UNKNOWN}/events")).await;
     assert_eq!(status, 404);
     assert_eq!(err["code"], "call_not_found");
-    let (status, err) = server.post("/api/calls/nope/hangup", "").await;
+    let (status, err) = server
+        .post(&format!("/api/calls/{UNKNOWN}/hangup"), "")
+        .await;
     assert_eq!(status, 404);
     assert_eq!(err["code"], "call_not_found");
     for bad in ["0", "1001", "-1", "ten"] {
@@ -268,7 +273,12 @@ async fn post_raw(addr: std::net::SocketAddr, path: &str, body: &[u8]) -> (u16, 
 async fn play_refuses_absurd_audio_before_doing_any_work_for_it() {
     let server = spawn_server(|_| {}).await;
     // No such call: 404 before the body is looked at.
-    let (status, body) = post_raw(server.admin_addr, "/api/calls/nope/play", b"garbage").await;
+    let (status, body) = post_raw(
+        server.admin_addr,
+        &format!("/api/calls/{UNKNOWN}/play"),
+        b"garbage",
+    )
+    .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (404, Some("call_not_found"))
@@ -445,24 +455,12 @@ async fn admin_tokens_have_roles_and_healthz_stays_open() {
     assert_eq!(get("/metrics", Some(bearer(READ))).await.0, 200);
     // Acting on calls needs the operator role.
     let auth = bearer(READ);
-    let (status, body) = request_with(
-        addr,
-        "POST",
-        "/api/calls/nope/hangup",
-        None,
-        &[("Authorization", &auth)],
-    )
-    .await;
+    let hangup = format!("/api/calls/{UNKNOWN}/hangup");
+    let (status, body) =
+        request_with(addr, "POST", &hangup, None, &[("Authorization", &auth)]).await;
     assert_eq!(status, 403, "{body}");
     let auth = bearer(OPS);
-    let (status, _) = request_with(
-        addr,
-        "POST",
-        "/api/calls/nope/hangup",
-        None,
-        &[("Authorization", &auth)],
-    )
-    .await;
+    let (status, _) = request_with(addr, "POST", &hangup, None, &[("Authorization", &auth)]).await;
     assert_eq!(status, 404, "past the check: no such call");
     let metrics = get("/metrics", Some(bearer(OPS))).await.1;
     assert!(
@@ -471,6 +469,41 @@ async fn admin_tokens_have_roles_and_healthz_stays_open() {
     );
     assert!(metrics.contains(r#"callgate_admin_requests_refused_total{reason="forbidden"} 1"#));
     assert!(!metrics.contains(READ) && !metrics.contains(OPS));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn replaced_tokens_are_in_force_for_the_next_request() {
+    use callgate_server::auth::{AdminAuth, Role, Token};
+    use callgate_testkit::http::request_with;
+    const OLD: &str = "old-token-0123456789abcdef";
+    const NEW: &str = "new-token-0123456789abcdef";
+    let token = |secret| Token::from_secret("ops", Role::Operator, secret).unwrap();
+    let server = spawn_server(|c| c.admin_auth.tokens = vec![token(OLD)]).await;
+    let status = |secret: &'static str| {
+        let addr = server.admin_addr;
+        async move {
+            let auth = format!("Bearer {secret}");
+            request_with(addr, "GET", "/api/calls", None, &[("Authorization", &auth)])
+                .await
+                .0
+        }
+    };
+    assert_eq!((status(OLD).await, status(NEW).await), (200, 401));
+    // Rotation: both for a while, then the new one only (what SIGHUP does with the file's).
+    server.admin_auth.replace(AdminAuth {
+        tokens: vec![
+            token(OLD),
+            Token::from_secret("ops-2", Role::Read, NEW).unwrap(),
+        ],
+        behind_own_auth: false,
+    });
+    assert_eq!((status(OLD).await, status(NEW).await), (200, 200));
+    server.admin_auth.replace(AdminAuth {
+        tokens: vec![token(NEW)],
+        behind_own_auth: false,
+    });
+    assert_eq!((status(OLD).await, status(NEW).await), (401, 200));
     server.shutdown().await;
 }
 
@@ -608,5 +641,140 @@ async fn records_past_their_retention_are_deleted_in_the_background() {
             .await
             .contains("callgate_calls_expired_total 1")
     );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_call_ids_are_refused_before_any_lookup() {
+    let server = spawn_server(|_| {}).await;
+    let long = "7".repeat(300);
+    let paths = [
+        "nope".to_owned(),
+        "nope/events".to_owned(),
+        "nope/transcript".to_owned(),
+        "nope/recording".to_owned(),
+        "nope/messages/greeting.wav".to_owned(),
+        // A UUID, but version 4: the store only makes version 7.
+        "67e55044-10b1-426f-9247-bb680e5fe0c8".to_owned(),
+        // Without hyphens, and with a path trick.
+        UNKNOWN.replace('-', ""),
+        format!("{UNKNOWN}%2F..%2Fx"),
+        long.clone(),
+    ];
+    for path in &paths {
+        let (status, err) = server.get(&format!("/api/calls/{path}")).await;
+        assert_eq!(status, 400, "GET {path}: {err}");
+        assert_eq!(err["code"], "bad_call_id", "GET {path}: {err}");
+    }
+    for action in ["hangup", "dtmf", "play", "clear"] {
+        let (status, err) = server
+            .post(&format!("/api/calls/nope/{action}"), r#"{"digit":"1"}"#)
+            .await;
+        assert_eq!((status, err["code"].as_str()), (400, Some("bad_call_id")));
+    }
+    let (status, body) =
+        callgate_testkit::http::request(server.admin_addr, "DELETE", "/api/calls/nope", None).await;
+    assert_eq!(status, 400, "{body}");
+    // The message names the id, cut, and what an id looks like.
+    let (_, err) = server.get(&format!("/api/calls/{long}")).await;
+    let message = err["error"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("\"{}\"...", &long[..64])),
+        "{message}"
+    );
+    assert!(!message.contains(&long[..65]), "{message}");
+    assert!(message.contains("UUIDv7"), "{message}");
+    // The list's cursor is an id too.
+    let (status, err) = server.get("/api/calls?before=nope").await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("bad_call_id")));
+
+    // A real id is found in either case.
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("ids")).await;
+    assert_eq!(phone.recv().await.json(), json!({"event": "answer"}));
+    let id = server.call("ids").await["id"].as_str().unwrap().to_owned();
+    let (status, record) = server
+        .get(&format!("/api/calls/{}", id.to_uppercase()))
+        .await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["id"], id.as_str());
+    let (status, page) = server.get(&format!("/api/calls?before={id}")).await;
+    assert_eq!(status, 200, "{page}");
+    phone.text(r#"{"event":"hangup"}"#).await;
+    phone.text(cdr("ids")).await;
+    assert_eq!(phone.closed().await.0, 1000);
+    drop(phone);
+    server.shutdown().await;
+}
+
+/// A raw request with `Transfer-Encoding: chunked` and one chunk of `len` bytes, read while
+/// it is written (a server that refuses the body answers before reading it all).
+async fn post_chunked(addr: std::net::SocketAddr, path: &str, len: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+         Transfer-Encoding: chunked\r\n\r\n{len:x}\r\n"
+    )
+    .into_bytes();
+    request.extend(std::iter::repeat_n(b'{', len));
+    request.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut read, mut write) = stream.split();
+    let mut out = Vec::new();
+    let _ = tokio::join!(write.write_all(&request), read.read_to_end(&mut out));
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A request head announcing `len` bytes of body, none of which is sent: a server that
+/// refuses it by its length answers at once.
+async fn post_announcing(
+    addr: std::net::SocketAddr,
+    path: &str,
+    len: usize,
+) -> (u16, serde_json::Value) {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {len}\r\n\r\n"
+    );
+    let response = raw(addr, head.as_bytes(), 0).await;
+    let status = response[9..12].parse().expect("status");
+    let body = response.split_once("\r\n\r\n").expect("head").1;
+    (status, serde_json::from_str(body).expect("JSON error"))
+}
+
+#[tokio::test]
+async fn request_bodies_are_bounded_per_endpoint() {
+    let server = spawn_server(|_| {}).await;
+    let addr = server.admin_addr;
+    let over = vec![b'{'; 64 * 1024 + 1];
+    // Every endpoint but play: 64 KiB, announced or not, read or not.
+    for action in ["dtmf", "hangup", "clear"] {
+        let path = format!("/api/calls/{UNKNOWN}/{action}");
+        let (status, err) = post_announcing(addr, &path, over.len()).await;
+        assert_eq!(status, 413, "{action}: {err}");
+        assert_eq!(err["code"], "too_large");
+        assert_eq!(
+            err["error"],
+            "the request body (65537 bytes) is over this endpoint's limit of 65536 bytes"
+        );
+    }
+    let response = post_chunked(addr, &format!("/api/calls/{UNKNOWN}/dtmf"), over.len()).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains(r#""code":"too_large""#), "{response}");
+    // At the limit the body is read (and is not JSON).
+    let (status, err) = post_raw(
+        addr,
+        &format!("/api/calls/{UNKNOWN}/dtmf"),
+        &over[..64 * 1024],
+    )
+    .await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("bad_json")));
+    // Play keeps its 32 MiB: the same body passes and the call is looked up.
+    let (status, err) = post_raw(addr, &format!("/api/calls/{UNKNOWN}/play"), &over).await;
+    assert_eq!(
+        (status, err["code"].as_str()),
+        (404, Some("call_not_found"))
+    );
+    let response = post_chunked(addr, &format!("/api/calls/{UNKNOWN}/play"), over.len()).await;
+    assert!(response.starts_with("HTTP/1.1 404"), "{response}");
     server.shutdown().await;
 }

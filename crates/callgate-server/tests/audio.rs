@@ -471,7 +471,9 @@ async fn the_recording_keeps_the_caller_exactly_and_the_agent_as_played() {
             .unwrap_or_else(|| panic!("echoed frame {k} is in the agent channel after {at}"));
         at = found + 160;
     }
-    let (status, err) = server.get("/api/calls/nope/recording").await;
+    let (status, err) = server
+        .get("/api/calls/0190a5d0-ac96-774b-bcce-b302099a8057/recording")
+        .await;
     assert_eq!(status, 404);
     assert_eq!(err["code"], "call_not_found");
     server.shutdown().await;

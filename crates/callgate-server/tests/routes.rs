@@ -322,7 +322,9 @@ async fn an_agent_writes_its_transcript_usage_and_events_to_the_record() {
         agent_event["detail"],
         json!({"name": "heard", "detail": {"played_ms": 200}})
     );
-    let (status, body) = server.get("/api/calls/nope/transcript").await;
+    let (status, body) = server
+        .get("/api/calls/0190a5d0-ac96-774b-bcce-b302099a8057/transcript")
+        .await;
     assert_eq!(
         (status, body["code"].as_str()),
         (404, Some("call_not_found"))

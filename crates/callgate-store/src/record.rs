@@ -18,9 +18,22 @@ impl CallId {
         Self(uuid::Uuid::now_v7().to_string())
     }
 
-    /// An ID as given (from a URL); it may name no call.
+    /// An ID as given, unchecked (the store's own rows, tests); it may name no call.
     pub fn from_string(id: String) -> Self {
         Self(id)
+    }
+
+    /// An ID from outside (a URL): the hyphenated form of a UUIDv7 (36 characters, either
+    /// case), in the lowercase form the store keeps; `None` for anything else, so a malformed
+    /// ID is refused before any lookup.
+    pub fn parse(text: &str) -> Option<Self> {
+        // `Uuid::try_parse` also takes the simple, braced and URN forms: ours never are.
+        if text.len() != 36 {
+            return None;
+        }
+        let uuid = uuid::Uuid::try_parse(text).ok()?;
+        (uuid.get_version_num() == 7 && uuid.get_variant() == uuid::Variant::RFC4122)
+            .then(|| Self(uuid.hyphenated().to_string()))
     }
 
     /// The ID's text.
@@ -323,5 +336,30 @@ mod tests {
             UnixMillis(1_795_000_000_123).to_rfc3339(),
             "2026-11-18T11:06:40.123Z"
         );
+    }
+
+    #[test]
+    fn call_ids_from_outside_are_hyphenated_uuid_v7() {
+        let id = CallId::new();
+        assert_eq!(CallId::parse(id.as_str()), Some(id.clone()));
+        // Either case; kept in the store's lowercase.
+        assert_eq!(CallId::parse(&id.as_str().to_uppercase()), Some(id.clone()));
+        let simple = id.as_str().replace('-', "");
+        for bad in [
+            "",
+            "nope",
+            &simple,
+            &format!("{{{id}}}"),
+            &format!("urn:uuid:{id}"),
+            // Version 4, not 7.
+            "67e55044-10b1-426f-9247-bb680e5fe0c8",
+            // Version 7 with the wrong variant.
+            "01890a5d-ac96-774b-fcce-b302099a8057",
+            "01890a5d-ac96-774b-bcce-b302099a805g",
+            "01890a5d-ac96-774b-bcce-b302099a8057/../x",
+        ] {
+            assert_eq!(CallId::parse(bad), None, "{bad:?}");
+        }
+        assert!(CallId::parse("01890a5d-ac96-774b-bcce-b302099a8057").is_some());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Sends one request and returns the status code and body.
@@ -23,10 +23,37 @@ pub async fn request_with(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr)
+    let stream = TcpStream::connect(addr)
         .await
         .expect("connect to admin API");
-    let body = body.unwrap_or("");
+    request_on(stream, addr, method, path, body.map(str::as_bytes), headers).await
+}
+
+/// Like [`request_with`], over HTTPS to a server whose certificate `connector` trusts.
+pub async fn request_tls(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let stream = crate::tls::connect(addr, connector)
+        .await
+        .expect("TLS connect to the admin API");
+    request_on(stream, addr, method, path, body.map(str::as_bytes), headers).await
+}
+
+/// Sends one request with a raw body over `stream` and returns the status code and body.
+pub async fn request_on(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let body = body.unwrap_or(b"");
     let extra: String = headers
         .iter()
         .map(|(name, value)| format!("{name}: {value}\r\n"))
@@ -40,9 +67,12 @@ pub async fn request_with(
         .write_all(head.as_bytes())
         .await
         .expect("write request");
-    stream.write_all(body.as_bytes()).await.expect("write body");
+    // A server may answer (a 413) and close before the whole body is written.
+    let _ = stream.write_all(body).await;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).await.expect("read response");
+    // A TLS server may close without close_notify after `Connection: close`: what was read
+    // is the answer.
+    let _ = stream.read_to_end(&mut raw).await;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").expect("response has a head");
     let status = head

@@ -9,6 +9,7 @@ pub mod audio;
 pub mod http;
 pub mod phone;
 pub mod realtime;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -69,6 +70,10 @@ pub struct TestServer {
     pub routes: callgate_server::RouteHandle,
     /// The call-port keys and allowlist in force (replace them to rotate keys).
     pub call_auth: callgate_server::call_auth::CallAuthHandle,
+    /// The admin tokens in force (replace them to rotate tokens).
+    pub admin_auth: callgate_server::auth::AdminAuthHandle,
+    /// The TLS ports' certificates (reload them as SIGHUP does).
+    pub certificates: callgate_server::tls::Certificates,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -139,6 +144,8 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let metrics = server.metrics();
     let routes = server.routes();
     let call_auth = server.call_auth();
+    let admin_auth = server.admin_auth();
+    let certificates = server.certificates();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -149,6 +156,8 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         config,
         routes,
         call_auth,
+        admin_auth,
+        certificates,
         stop: Some(stop),
         handle,
         dir,

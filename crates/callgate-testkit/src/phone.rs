@@ -3,11 +3,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use callgate_phone::conn::{Connector, Stream, Ws};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long a phone waits for the server before a test fails.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -37,21 +39,43 @@ impl Received {
 
 /// One phone-side connection.
 pub struct Phone {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: Ws,
+}
+
+/// Connects a plain WebSocket (tungstenite's default settings, Nagle on), as
+/// `tokio_tungstenite::connect_async` does for `ws://`.
+async fn connect_plain(request: Request) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let uri = request.uri();
+    let host = uri.host().expect("the URL has a host");
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = TcpStream::connect((host, port)).await?;
+    let (ws, _) = tokio_tungstenite::client_async(request, Stream::Left(tcp)).await?;
+    Ok(ws)
 }
 
 impl Phone {
     /// Connects to a `ws://` URL.
     pub async fn connect(url: &str) -> Self {
-        let (ws, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .expect("WebSocket connect");
+        let request = url.into_client_request().expect("a ws:// URL");
+        let ws = connect_plain(request).await.expect("WebSocket connect");
         Self { ws }
+    }
+
+    /// Connects to a `ws://` or `wss://` URL with the phone tools' connector (for `wss://`,
+    /// one trusting the test CA), or says why it could not.
+    pub async fn connect_with(url: &str, connector: &Connector) -> Result<Self, String> {
+        callgate_phone::conn::connect(url, connector, WAIT)
+            .await
+            .map(|ws| Self { ws })
+            .map_err(|e| e.to_string())
     }
 
     /// Connects with extra request headers; a refused upgrade gives its HTTP status and body.
     pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Self, (u16, String)> {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
         let mut request = url.into_client_request().expect("a ws:// URL");
         for (name, value) in headers {
@@ -60,8 +84,8 @@ impl Phone {
                 HeaderValue::from_str(value).expect("header value"),
             );
         }
-        match tokio_tungstenite::connect_async(request).await {
-            Ok((ws, _)) => Ok(Self { ws }),
+        match connect_plain(request).await {
+            Ok(ws) => Ok(Self { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
                 response.status().as_u16(),
                 response

@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Commands {
-    /// Run the server (SIGHUP reloads the routes of --config; SIGINT/SIGTERM stop it).
+    /// Run the server (SIGHUP reloads the TLS certificates, and the routes, call keys and admin
+    /// tokens of --config; SIGINT/SIGTERM stop it).
     Serve(Box<settings::Settings>),
     /// Check the route table of a configuration, or ask which route a call would take.
     #[command(subcommand)]
@@ -148,7 +149,13 @@ fn serve(args: settings::Settings) -> ExitCode {
             }
         };
         let Signals { stop, hangup } = signals;
-        let reload = reload_on_hangup(hangup, &args, &fixed, server.routes(), server.call_auth());
+        let handles = Reloadable {
+            routes: server.routes(),
+            call_auth: server.call_auth(),
+            admin_auth: server.admin_auth(),
+            certificates: server.certificates(),
+        };
+        let reload = reload_on_hangup(hangup, &args, &fixed, handles);
         // The reload loop never ends: the server's end decides.
         let result = tokio::select! {
             result = server.run(stop.received()) => result,
@@ -168,7 +175,8 @@ fn serve(args: settings::Settings) -> ExitCode {
 struct Signals {
     /// SIGINT and SIGTERM: shut down.
     stop: Stop,
-    /// SIGHUP: reload the routes (`None` where there is no SIGHUP, or it could not be caught).
+    /// SIGHUP: reload certificates, routes, keys and tokens (`None` where there is no SIGHUP,
+    /// or it could not be caught).
     hangup: Option<Hangup>,
 }
 
@@ -242,35 +250,59 @@ impl Stop {
     }
 }
 
-/// On each SIGHUP, re-reads the configuration and puts its route table and call keys in
-/// force for new calls (live calls keep theirs). A file that does not validate as a whole leaves the table
-/// as it is. Never returns.
+/// What SIGHUP replaces in the running server.
+struct Reloadable {
+    routes: callgate_server::RouteHandle,
+    call_auth: callgate_server::call_auth::CallAuthHandle,
+    admin_auth: callgate_server::auth::AdminAuthHandle,
+    certificates: callgate_server::tls::Certificates,
+}
+
+/// On each SIGHUP, re-reads the TLS certificates (each port keeps its own if its files do
+/// not load; the server logs each outcome), then the configuration, and puts its route
+/// table, call keys and admin tokens in force for new calls and requests (live calls keep
+/// theirs). A file that does not validate as a whole leaves all three as they are. Never
+/// returns.
 async fn reload_on_hangup(
     hangup: Option<Hangup>,
     args: &settings::Settings,
     running: &settings::Settings,
-    routes: callgate_server::RouteHandle,
-    call_auth: callgate_server::call_auth::CallAuthHandle,
+    handles: Reloadable,
 ) -> std::convert::Infallible {
     #[cfg(unix)]
     if let Some(mut hangup) = hangup {
         while hangup.recv().await.is_some() {
+            if !handles.certificates.is_empty() {
+                handles.certificates.reload().await;
+            }
             let Some(file) = args.config_file() else {
-                info!("SIGHUP received; no --config file, nothing to reload.");
+                if handles.certificates.is_empty() {
+                    info!("SIGHUP received; no --config file, nothing to reload.");
+                } else {
+                    info!("SIGHUP received; no --config file: only the TLS certificates reload.");
+                }
                 continue;
             };
             let file = file.display();
             match args.load() {
                 Ok(loaded) => {
                     let count = loaded.table.routes().len();
-                    routes.replace(loaded.table);
+                    handles.routes.replace(loaded.table);
                     let keys = loaded.config.call_auth.keys.len();
-                    call_auth.replace(loaded.config.call_auth);
-                    info!(%file, routes = count, call_keys = keys, "SIGHUP: reloaded the routes and the call keys.");
+                    handles.call_auth.replace(loaded.config.call_auth);
+                    let tokens = loaded.config.admin_auth.tokens.len();
+                    handles.admin_auth.replace(loaded.config.admin_auth);
+                    info!(
+                        %file,
+                        routes = count,
+                        call_keys = keys,
+                        admin_tokens = tokens,
+                        "SIGHUP: reloaded the routes, the call keys and the admin tokens."
+                    );
                     if loaded.fixed != *running {
                         info!(
                             %file,
-                            "Settings other than routes differ from the running ones; they take effect at the next restart."
+                            "Settings other than routes, call keys and admin tokens differ from the running ones; they take effect at the next restart."
                         );
                     }
                 }
@@ -281,6 +313,6 @@ async fn reload_on_hangup(
         }
     }
     #[cfg(not(unix))]
-    let _ = (hangup, args, running, routes);
+    let _ = (hangup, args, running, handles);
     std::future::pending().await
 }

@@ -4,6 +4,7 @@
 use callgate_proto::Protocol;
 use callgate_server::RouteTable;
 use callgate_server::routes::CallFacts;
+use callgate_server::tls::{self, Port};
 
 use crate::settings::{Loaded, Settings};
 
@@ -71,10 +72,14 @@ pub(crate) enum Outcome {
 pub(crate) fn run(command: RoutesCommand) -> Outcome {
     match command {
         RoutesCommand::Check(args) => match args.settings.load() {
-            Ok(loaded) => {
-                print!("{}", describe(&args.settings, &loaded));
-                Outcome::Ok
-            }
+            Ok(loaded) => match check_tls(&loaded) {
+                Ok(tls) => {
+                    print!("{}", describe(&args.settings, &loaded));
+                    print!("{tls}");
+                    Outcome::Ok
+                }
+                Err(e) => Outcome::Config(e),
+            },
             Err(e) => Outcome::Config(e),
         },
         RoutesCommand::Which(args) => which(*args),
@@ -127,6 +132,28 @@ fn which(args: WhichArgs) -> Outcome {
             Outcome::NoRoute
         }
     }
+}
+
+/// Loads each TLS port's certificate chain and key as `serve` would; the lines describing
+/// them, or the first problem.
+fn check_tls(loaded: &Loaded) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for (port, scheme, files) in [
+        (Port::Call, "wss://", &loaded.config.tls),
+        (Port::Admin, "https://", &loaded.config.admin_tls),
+    ] {
+        let Some(files) = files else { continue };
+        let checked = tls::check(files)
+            .map_err(|source| anyhow::Error::new(callgate_server::Error::Tls { port, source }))?;
+        out.push_str(&format!(
+            "TLS on the {port} port ({scheme}): {} ({} certificate{} in the chain), key {}\n",
+            files.cert.display(),
+            checked.certificates,
+            if checked.certificates == 1 { "" } else { "s" },
+            files.key.display(),
+        ));
+    }
+    Ok(out)
 }
 
 /// The `routes check` report: where the routes come from, then the table in order.

@@ -84,6 +84,25 @@ settings! {
         /// The `[call_auth]` table of the file (file only): who may place calls.
         #[arg(skip)]
         call_auth: Option<CallAuthFile>,
+        /// The `[tls]` table of the file: the call port's certificate (as --tls-cert, --tls-key).
+        #[arg(skip)]
+        tls: Option<TlsFile>,
+        /// PEM certificate chain of the call port, which then speaks wss:// (with --tls-key; file: `[tls] cert`) [default: none, plain ws://]
+        #[arg(long, env = "CALLGATE_TLS_CERT", value_name = "FILE", value_parser = text::<PathBuf>())]
+        #[serde(skip)]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of the call port's certificate (file: `[tls] key`)
+        #[arg(long, env = "CALLGATE_TLS_KEY", value_name = "FILE", value_parser = text::<PathBuf>())]
+        #[serde(skip)]
+        tls_key: Option<PathBuf>,
+        /// PEM certificate chain of the admin API, which then speaks https:// (with --admin-tls-key; file: `[admin.tls] cert`) [default: none, plain http://]
+        #[arg(long, env = "CALLGATE_ADMIN_TLS_CERT", value_name = "FILE", value_parser = text::<PathBuf>())]
+        #[serde(skip)]
+        admin_tls_cert: Option<PathBuf>,
+        /// PEM private key of the admin API's certificate (file: `[admin.tls] key`)
+        #[arg(long, env = "CALLGATE_ADMIN_TLS_KEY", value_name = "FILE", value_parser = text::<PathBuf>())]
+        #[serde(skip)]
+        admin_tls_key: Option<PathBuf>,
         /// TOML configuration file: these settings and `[[routes]]` (unknown keys are an error)
         #[arg(long, env = "CALLGATE_CONFIG", value_name = "FILE")]
         #[serde(skip)]
@@ -184,7 +203,8 @@ pub(crate) struct Loaded {
     pub(crate) table: RouteTable,
     /// The log filter.
     pub(crate) log_filter: Targets,
-    /// The effective settings without the routes: what a reload cannot change.
+    /// The effective settings without what a reload changes (routes, call keys, admin
+    /// tokens): what a reload cannot change.
     pub(crate) fixed: Settings,
 }
 
@@ -341,6 +361,20 @@ impl Settings {
         if let Some(call_auth) = &self.call_auth {
             c.call_auth = call_auth.auth().with_context(in_file)?;
         }
+        c.tls = tls_files(
+            "tls",
+            "--tls",
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls.as_ref(),
+        )?;
+        c.admin_tls = tls_files(
+            "admin.tls",
+            "--admin-tls",
+            self.admin_tls_cert.clone(),
+            self.admin_tls_key.clone(),
+            self.admin.as_ref().and_then(|a| a.tls.as_ref()),
+        )?;
         let log_filter = self.log.clone().unwrap_or_default().targets;
         // One default route running a flow: `--flow FILE`, or the demo menu when no agent,
         // flow or routes are given.
@@ -387,6 +421,10 @@ impl Settings {
             fixed: Self {
                 routes: None,
                 call_auth: None,
+                admin: self.admin.clone().map(|admin| AdminFile {
+                    tokens: Vec::new(),
+                    ..admin
+                }),
                 ..self
             },
         })
@@ -404,6 +442,46 @@ pub(crate) struct AdminFile {
     /// off loopback.
     #[serde(default)]
     behind_auth: bool,
+    /// `[admin.tls]`: the admin API's certificate (as --admin-tls-cert, --admin-tls-key).
+    tls: Option<TlsFile>,
+}
+
+/// A `[tls]` or `[admin.tls]` table: the port's PEM certificate chain and private key.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TlsFile {
+    /// The PEM certificate chain, the server's own certificate first.
+    cert: Option<PathBuf>,
+    /// The PEM private key of the first certificate.
+    key: Option<PathBuf>,
+}
+
+/// A TLS port's files from its flags (`{flag}-cert`, `{flag}-key`, which win) and its
+/// table of the file (`[{table}]`); both or neither must be given.
+fn tls_files(
+    table: &str,
+    flag: &str,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    file: Option<&TlsFile>,
+) -> anyhow::Result<Option<callgate_server::tls::Files>> {
+    let cert = cert.or_else(|| file.and_then(|f| f.cert.clone()));
+    let key = key.or_else(|| file.and_then(|f| f.key.clone()));
+    for path in [&cert, &key].into_iter().flatten() {
+        if path.as_os_str().is_empty() {
+            bail!("{table}: an empty path (give the PEM file's path)");
+        }
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(callgate_server::tls::Files { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => {
+            bail!("{table}: a certificate without its key: give {table}.key (or {flag}-key) too")
+        }
+        (None, Some(_)) => {
+            bail!("{table}: a key without its certificate: give {table}.cert (or {flag}-cert) too")
+        }
+    }
 }
 
 /// One `[admin] tokens` entry: its secret from exactly one of an environment variable, a

@@ -63,9 +63,12 @@ fn format(text: &str) -> anyhow::Result<AudioFormat> {
 /// `callgate sim` flags.
 #[derive(Debug, clap::Args)]
 pub(crate) struct SimArgs {
-    /// The server's URL
+    /// The server's URL: ws://HOST:PORT/PATH, or wss:// when the server speaks TLS
     #[arg(long, default_value = "ws://127.0.0.1:4143/")]
     url: String,
+    /// wss://: trust only the CA certificates in this PEM file [default: the system's]
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
     /// The protocol to speak: callbridge or inbound
     #[arg(long, default_value = "inbound")]
     protocol: String,
@@ -153,6 +156,7 @@ pub(crate) fn sim(args: SimArgs) -> anyhow::Result<()> {
     let base = format(&args.format)?;
     let opts = SimOptions {
         url: args.url,
+        ca_file: args.ca_file,
         protocol: protocol(&args.protocol)?,
         caller: args.caller,
         callee: args.callee,
@@ -275,9 +279,12 @@ fn describe(event: &Timeline) -> String {
 /// `callgate load` flags.
 #[derive(Debug, clap::Args)]
 pub(crate) struct LoadArgs {
-    /// The server's URL (the only address load sends to)
+    /// The server's URL, ws:// or wss:// (the only address load sends to)
     #[arg(long, default_value = "ws://127.0.0.1:4143/")]
     url: String,
+    /// wss://: trust only the CA certificates in this PEM file [default: the system's]
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
     /// Concurrent calls
     #[arg(long, default_value_t = 100)]
     calls: usize,
@@ -311,6 +318,7 @@ pub(crate) struct LoadArgs {
 pub(crate) fn load(args: LoadArgs) -> anyhow::Result<bool> {
     let opts = LoadOptions {
         url: args.url,
+        ca_file: args.ca_file,
         calls: args.calls,
         ramp: args.ramp,
         duration: parse_time(&args.duration)?,

@@ -154,3 +154,42 @@ async fn call_keys_from_the_config_file_guard_the_call_port() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn sighup_rotates_the_admin_tokens() {
+    let data = TempDir::new("admin-rotate");
+    let secret = data.path().join("ops.token");
+    std::fs::write(&secret, "first-secret-0123456789\n").unwrap();
+    let config = data.path().join("callgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\ntokens = [{{ name = \"ops\", role = \"operator\", token_file = {:?} }}]\n",
+            secret.display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = Proc::serve(&data, Some(&config));
+    let status = |token: &'static str| {
+        let addr = server.admin;
+        async move {
+            let auth = format!("Bearer {token}");
+            http::request_with(addr, "GET", "/api/calls", None, &[("Authorization", &auth)])
+                .await
+                .0
+        }
+    };
+    assert_eq!(status("first-secret-0123456789").await, 200);
+    std::fs::write(&secret, "second-secret-0123456789\n").unwrap();
+    server.hangup_signal();
+    let line = server.wait_for("reloaded the routes, the call keys and the admin tokens");
+    assert!(line.contains("admin_tokens=1"), "{line}");
+    assert_eq!(status("first-secret-0123456789").await, 401);
+    assert_eq!(status("second-secret-0123456789").await, 200);
+    // A token file that is gone: the reload is refused and the tokens in force stay.
+    std::fs::remove_file(&secret).unwrap();
+    server.hangup_signal();
+    let line = server.wait_for("cannot reload");
+    assert!(line.contains("token_file"), "{line}");
+    assert_eq!(status("second-secret-0123456789").await, 200);
+}

@@ -54,8 +54,9 @@ use crate::media::Media;
 use crate::pii::{Pii, Wire};
 use crate::record::{Journal, Record};
 use crate::routes::{CallFacts, Route};
+use crate::tls::CallStream;
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<CallStream>;
 
 /// How long a closing connection is read after our close frame, so the peer gets the close
 /// (dropping a socket with unread data makes the kernel send a reset that can destroy it).
@@ -78,10 +79,10 @@ const RECORDING_FINISH_WAIT: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
 
-/// Serves one accepted connection: upgrade and first message under one deadline
-/// (`handshake_timeout` from accept), then a call slot, then the call. Until its first message
-/// makes it a call, the connection holds only its place in the pending budget (`pending`),
-/// never a call's slot; at shutdown it is simply dropped.
+/// Serves one accepted connection: TLS handshake (on a TLS port), upgrade and first message
+/// under one deadline (`handshake_timeout` from accept), then a call slot, then the call.
+/// Until its first message makes it a call, the connection holds only its place in the
+/// pending budget (`pending`), never a call's slot; at shutdown it is simply dropped.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -99,6 +100,7 @@ pub(crate) async fn serve(
         // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
         let setup = Box::pin(async {
+            let stream = tls_handshake(&shared, stream, deadline).await?;
             let (mut ws, forced, admitted) = upgrade(&shared, stream, deadline, peer).await?;
             // No call slot is free: refuse now rather than wait for the first message.
             if shared.admission.calls_full() {
@@ -129,6 +131,39 @@ pub(crate) async fn serve(
     .await
 }
 
+/// On a TLS port, the TLS handshake, under the connection's handshake deadline; the
+/// connection holds only its pending place meanwhile. A failed or late handshake is dropped.
+async fn tls_handshake(
+    shared: &Shared,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Option<CallStream> {
+    let Some(acceptor) = &shared.tls else {
+        return Some(CallStream::Left(stream));
+    };
+    let failed = || {
+        refused(shared, "tls_handshake");
+        shared
+            .metrics
+            .tls_handshakes_failed
+            .get_or_create(&[("port", crate::tls::Port::Call.as_str())])
+            .inc();
+    };
+    match timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(CallStream::Right(Box::new(tls))),
+        Ok(Err(error)) => {
+            debug!(error = %Wire(&error.to_string()), "TLS handshake failed.");
+            failed();
+            None
+        }
+        Err(_) => {
+            debug!("TLS handshake timed out.");
+            failed();
+            None
+        }
+    }
+}
+
 /// Refuses a connection because the call limit is reached: close 1013.
 async fn refuse_call(shared: &Shared, ws: &mut Ws) {
     refused(shared, "call_limit");
@@ -147,7 +182,7 @@ async fn refuse_call(shared: &Shared, ws: &mut Ws) {
 
 async fn upgrade(
     shared: &Shared,
-    stream: TcpStream,
+    stream: CallStream,
     deadline: Instant,
     peer: SocketAddr,
 ) -> Option<(Ws, Option<Protocol>, Admission)> {
