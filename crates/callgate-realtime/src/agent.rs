@@ -11,13 +11,12 @@ use callgate_agent::{
     Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Epoch, Error, boxed,
 };
 use callgate_flow::FlowEnv;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::core::{Core, Outgoing, Output, ToolDone, ToolKind};
 use crate::link::{self, Endpoint, LinkEvent};
-use crate::metrics::{Outcome, RealtimeMetrics};
+use crate::metrics::RealtimeMetrics;
 use crate::{Plan, tools};
 
 /// Tool results waiting for the agent. Policy when full: the tool's task waits (a handful
@@ -216,10 +215,8 @@ impl Agent for RealtimeAgent {
                     Output::Audio(audio) => {
                         outbox.push_back((epoch, AgentCommand::Audio(audio)));
                     }
-                    Output::Command(command) => {
-                        self.count(&command);
-                        outbox.push_back((epoch, command));
-                    }
+                    Output::Command(command) => outbox.push_back((epoch, command)),
+                    Output::Count(counted) => self.shared.metrics.count(counted),
                     Output::Clear => {
                         epoch = io.clear();
                         outbox.retain(|(_, c)| !is_audio(c));
@@ -333,39 +330,6 @@ impl Agent for RealtimeAgent {
                     outbox.pop_front();
                 }
             }
-        }
-    }
-}
-
-impl RealtimeAgent {
-    /// Counts what the core records (the metrics mirror the call's events).
-    fn count(&self, command: &AgentCommand) {
-        let AgentCommand::Event(e) = command else {
-            return;
-        };
-        let m = &self.shared.metrics;
-        match e.name.as_str() {
-            "backend_connected" | "backend_reconnected" => {
-                m.connects.get_or_create(&Outcome { result: "ok" }).inc();
-            }
-            "backend_lost" => {
-                m.outages.inc();
-            }
-            "backend_failed" => {
-                m.fallbacks.inc();
-                m.connects
-                    .get_or_create(&Outcome { result: "failed" })
-                    .inc();
-            }
-            "barge_in" => {
-                m.barge_ins.inc();
-            }
-            "tool_call" => {
-                let ok = e.detail.get("ok").and_then(Value::as_bool) == Some(true);
-                let result = if ok { "ok" } else { "failed" };
-                m.tool_calls.get_or_create(&Outcome { result }).inc();
-            }
-            _ => {}
         }
     }
 }

@@ -68,6 +68,8 @@ pub enum Output {
     },
     /// Run a tool off the call task and hand back [`ToolDone`].
     Tool(ToolCall),
+    /// Something the metrics count.
+    Count(Counted),
     /// A response's latency, for the metrics.
     Latency {
         /// From the end of the caller's speech (the service's `speech_stopped`) to the first
@@ -75,6 +77,24 @@ pub enum Output {
         backend: Duration,
         /// From that audio arriving to its first frame going to the phone.
         callgate: Duration,
+    },
+}
+
+/// What the metrics count (see [`crate::metrics::RealtimeMetrics`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// A session was set up (first, after a drop, or a renewal).
+    Connected,
+    /// The connection was lost mid-call.
+    Outage,
+    /// The AI could not be reached: the fallback message played.
+    Fallback,
+    /// A barge-in cut the AI's audio.
+    BargeIn,
+    /// A tool call ended, successfully or not.
+    Tool {
+        /// Whether it succeeded.
+        ok: bool,
     },
 }
 
@@ -461,6 +481,7 @@ impl Core {
             self.outage = Some(now);
             self.attempts = 0;
             self.event("backend_lost", json!({"reason": lost.reason}));
+            self.out.push_back(Output::Count(Counted::Outage));
             tracing::warn!(reason = %lost.reason, "The AI connection dropped; reconnecting.");
             if self.ever_ready && !self.hanging_up {
                 let hold = self.plan.hold.clone();
@@ -536,6 +557,7 @@ impl Core {
         }
         self.link = Link::Failed;
         tracing::warn!(%reason, fatal, "The AI is unreachable: playing the fallback message.");
+        self.out.push_back(Output::Count(Counted::Fallback));
         self.event(
             "backend_failed",
             json!({"reason": reason, "fatal": fatal, "at_ms": self.ms(now)}),
@@ -611,9 +633,9 @@ impl Core {
         } else {
             Value::Null
         };
-        let noise = match s.noise_reduction.as_str() {
-            "off" => Value::Null,
-            kind => json!({"type": kind}),
+        let noise = match s.noise_reduction {
+            crate::settings::NoiseReduction::Off => Value::Null,
+            kind => json!({ "type": kind }),
         };
         json!({
             "type": "realtime",
@@ -642,6 +664,7 @@ impl Core {
             now.saturating_duration_since(since).as_millis() as u64
         });
         if self.ever_ready {
+            self.out.push_back(Output::Count(Counted::Connected));
             self.event(
                 "backend_reconnected",
                 json!({"outage_ms": outage_ms, "attempts": self.attempts,
@@ -652,6 +675,7 @@ impl Core {
                 self.request_response(false);
             }
         } else {
+            self.out.push_back(Output::Count(Counted::Connected));
             self.event(
                 "backend_connected",
                 json!({"attempts": self.attempts, "setup_ms": outage_ms}),
@@ -756,6 +780,7 @@ impl Core {
                 };
                 self.appended_bytes = 0;
                 self.renew_at = Some(now + self.plan.settings.session_max.0);
+                self.out.push_back(Output::Count(Counted::Connected));
                 self.event(
                     "backend_renewed",
                     json!({"seeded_turns": self.history.len()}),
@@ -891,6 +916,8 @@ impl Core {
         let pending: Vec<(String, PendingTool)> = self.tools.drain().collect();
         for (call_id, tool) in pending {
             let ms = now.saturating_duration_since(tool.started).as_secs_f64() * 1000.0;
+            self.out
+                .push_back(Output::Count(Counted::Tool { ok: false }));
             self.event(
                 "tool_call",
                 json!({"name": tool.name, "call_id": call_id, "arguments": tool.arguments,
@@ -1008,6 +1035,7 @@ impl Core {
         self.marks
             .retain(|_, (item, kind)| *kind == MarkKind::First || spoken.contains(&item.as_str()));
         if !report.is_empty() || i.dropped_ms > 0 {
+            self.out.push_back(Output::Count(Counted::BargeIn));
             self.event(
                 "barge_in",
                 json!({"source": source, "played_ms": i.played_ms, "dropped_ms": i.dropped_ms,
@@ -1086,6 +1114,7 @@ impl Core {
         let shown: String = output.chars().take(2000).collect();
         // A session that is gone cannot take the answer (the new one never made the call).
         let delivered = !self.ended && !self.hanging_up && Some(tool.conn) == self.current_conn();
+        self.out.push_back(Output::Count(Counted::Tool { ok }));
         self.event(
             "tool_call",
             json!({"name": tool.name, "call_id": call_id, "arguments": tool.arguments,
@@ -1436,6 +1465,8 @@ impl Core {
             Some(Builtin::HangUp) => {
                 // After the goodbye in this response has played: at its `response.done`.
                 self.hangup_call = Some(call_id.clone());
+                self.out
+                    .push_back(Output::Count(Counted::Tool { ok: true }));
                 self.event(
                     "tool_call",
                     json!({"name": name, "call_id": call_id, "arguments": arguments,
@@ -2219,7 +2250,7 @@ mod tests {
             parameters: json!({"type": "object", "properties": {"id": {"type": "string"}},
                                "required": ["id"]}),
             url: "http://127.0.0.1:1/".into(),
-            method: "POST".into(),
+            method: crate::settings::Method::Post,
             headers: Default::default(),
             headers_env: Default::default(),
             timeout: None,
@@ -2343,7 +2374,10 @@ mod tests {
             "the old session still serves"
         );
         t.server_on(2, ServerEvent::SessionUpdated);
-        assert_eq!(t.other, vec![Output::Close { conn: 1 }]);
+        assert_eq!(
+            t.other,
+            vec![Output::Close { conn: 1 }, Output::Count(Counted::Connected)]
+        );
         assert_eq!(t.core.current_conn(), Some(2));
         assert_eq!(t.events("backend_renewed").len(), 1);
         assert_eq!(
@@ -2525,7 +2559,7 @@ mod tests {
             description: "d".into(),
             parameters: json!({"type": "object"}),
             url: "http://127.0.0.1:1/".into(),
-            method: "POST".into(),
+            method: crate::settings::Method::Post,
             headers: Default::default(),
             headers_env: Default::default(),
             timeout: None,

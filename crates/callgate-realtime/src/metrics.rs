@@ -9,6 +9,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
+use crate::core::Counted;
+
 /// Upper bounds of the latency buckets, seconds.
 const LATENCY: [f64; 18] = [
     0.00025, 0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
@@ -60,6 +62,31 @@ impl RealtimeMetrics {
     /// Fresh metrics, to share.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Counts what a call's core reported.
+    pub fn count(&self, counted: Counted) {
+        let outcome = |ok: bool| Outcome {
+            result: if ok { "ok" } else { "failed" },
+        };
+        match counted {
+            Counted::Connected => {
+                self.connects.get_or_create(&outcome(true)).inc();
+            }
+            Counted::Outage => {
+                self.outages.inc();
+            }
+            Counted::Fallback => {
+                self.fallbacks.inc();
+                self.connects.get_or_create(&outcome(false)).inc();
+            }
+            Counted::BargeIn => {
+                self.barge_ins.inc();
+            }
+            Counted::Tool { ok } => {
+                self.tool_calls.get_or_create(&outcome(ok)).inc();
+            }
+        }
     }
 }
 

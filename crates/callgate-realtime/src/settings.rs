@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use callgate_agent::catalog::{Settings, SettingsError};
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
 use crate::schema::Schema;
@@ -44,13 +44,101 @@ pub enum WireAudio {
     Pcma,
 }
 
+/// Which voice activity detection the service runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TurnType {
+    /// Silence-based (`server_vad`).
+    #[default]
+    ServerVad,
+    /// Model-based end of turn (`semantic_vad`).
+    SemanticVad,
+    /// None: no turns are detected.
+    None,
+}
+
+/// How eagerly semantic VAD ends a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Eagerness {
+    /// Waits longest (up to 8 s).
+    Low,
+    /// The middle (up to 4 s).
+    Medium,
+    /// Ends turns soonest (up to 2 s).
+    High,
+    /// The service's choice (medium).
+    Auto,
+}
+
+/// Noise reduction on the caller's audio, on the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseReduction {
+    /// None.
+    #[default]
+    Off,
+    /// A close-talking microphone (a handset).
+    NearField,
+    /// A distant microphone (a speakerphone).
+    FarField,
+}
+
+/// Whether the model may, must or must not call tools.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// The model decides.
+    #[default]
+    Auto,
+    /// Never.
+    None,
+    /// Every response calls a tool.
+    Required,
+}
+
+/// An HTTP tool's method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    /// Arguments as query parameters.
+    Get,
+    /// Arguments as the JSON body.
+    #[default]
+    Post,
+    /// Arguments as the JSON body.
+    Put,
+    /// Arguments as the JSON body.
+    Patch,
+    /// Arguments as query parameters.
+    Delete,
+}
+
+impl Method {
+    /// As reqwest takes it.
+    pub fn http(self) -> reqwest::Method {
+        match self {
+            Self::Get => reqwest::Method::GET,
+            Self::Post => reqwest::Method::POST,
+            Self::Put => reqwest::Method::PUT,
+            Self::Patch => reqwest::Method::PATCH,
+            Self::Delete => reqwest::Method::DELETE,
+        }
+    }
+
+    /// Whether the arguments go in the query (GET, DELETE) rather than the body.
+    pub fn uses_query(self) -> bool {
+        matches!(self, Self::Get | Self::Delete)
+    }
+}
+
 /// Voice activity detection on the service (`audio.input.turn_detection`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TurnDetection {
     /// `server_vad` (default), `semantic_vad`, or `none` (no VAD: nothing answers the caller).
-    #[serde(rename = "type", default = "server_vad")]
-    pub kind: String,
+    #[serde(rename = "type", default)]
+    pub kind: TurnType,
     /// server_vad: 0..1, higher needs louder speech (default 0.5).
     pub threshold: Option<f64>,
     /// server_vad: audio kept before detected speech, ms (default 300).
@@ -61,21 +149,17 @@ pub struct TurnDetection {
     /// server_vad: ask again after this long without speech, ms.
     pub idle_timeout_ms: Option<u32>,
     /// semantic_vad: `low`, `medium`, `high` or `auto`.
-    pub eagerness: Option<String>,
+    pub eagerness: Option<Eagerness>,
     /// Answer automatically when the caller stops (default true).
     pub create_response: Option<bool>,
     /// Cancel the running answer when the caller starts speaking (default true).
     pub interrupt_response: Option<bool>,
 }
 
-fn server_vad() -> String {
-    "server_vad".into()
-}
-
 impl Default for TurnDetection {
     fn default() -> Self {
         Self {
-            kind: server_vad(),
+            kind: TurnType::ServerVad,
             threshold: None,
             prefix_padding_ms: None,
             silence_duration_ms: None,
@@ -173,8 +257,8 @@ pub struct HttpTool {
     pub url: String,
     /// `POST` (default; arguments as the JSON body), `PUT`, `PATCH`, `GET` or `DELETE`
     /// (arguments as query parameters).
-    #[serde(default = "post")]
-    pub method: String,
+    #[serde(default)]
+    pub method: Method,
     /// Headers sent as given.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -184,10 +268,6 @@ pub struct HttpTool {
     /// How long the request may take (default 10s).
     #[serde(default)]
     pub timeout: Option<Dur>,
-}
-
-fn post() -> String {
-    "POST".into()
 }
 
 fn empty_object_schema() -> Value {
@@ -217,7 +297,7 @@ pub struct RealtimeSettings {
     /// The audio format on the Realtime connection.
     pub audio: WireAudio,
     /// `near_field`, `far_field` or `off` (default `off`).
-    pub noise_reduction: String,
+    pub noise_reduction: NoiseReduction,
     /// The service's voice activity detection.
     pub turn_detection: TurnDetection,
     /// Transcription of the caller.
@@ -227,7 +307,7 @@ pub struct RealtimeSettings {
     /// HTTP tools.
     pub tools: Vec<HttpTool>,
     /// `auto` (default), `none` or `required`.
-    pub tool_choice: String,
+    pub tool_choice: ToolChoice,
     /// The longest a call may last; then it hangs up after the audio queued (default 30m).
     pub max_duration: Dur,
     /// Spoken (text-to-speech, rendered at load) when the AI cannot be reached, before hanging
@@ -259,12 +339,12 @@ impl Default for RealtimeSettings {
             greeting: true,
             greeting_prompt: "The call has just been answered. Greet the caller briefly.".into(),
             audio: WireAudio::Auto,
-            noise_reduction: "off".into(),
+            noise_reduction: NoiseReduction::Off,
             turn_detection: TurnDetection::default(),
             transcription: Transcription::default(),
             builtin_tools: vec![Builtin::HangUp],
             tools: Vec::new(),
-            tool_choice: "auto".into(),
+            tool_choice: ToolChoice::Auto,
             max_duration: Dur(Duration::from_secs(30 * 60)),
             fallback_message: "Sorry, our assistant is not available right now. Please call \
                                again later. Goodbye."
@@ -295,36 +375,11 @@ impl Settings for RealtimeSettings {
             ));
         }
         crate::template(&self.instructions).map_err(|e| SettingsError::new("instructions", e))?;
-        if !matches!(
-            self.noise_reduction.as_str(),
-            "off" | "near_field" | "far_field"
-        ) {
-            return Err(SettingsError::new(
-                "noise_reduction",
-                "must be off, near_field or far_field",
-            ));
-        }
         let td = &self.turn_detection;
-        if !matches!(td.kind.as_str(), "server_vad" | "semantic_vad" | "none") {
-            return Err(SettingsError::new(
-                "turn_detection.type",
-                "must be server_vad, semantic_vad or none",
-            ));
-        }
         if td.threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
             return Err(SettingsError::new(
                 "turn_detection.threshold",
                 "must be between 0 and 1",
-            ));
-        }
-        if td
-            .eagerness
-            .as_deref()
-            .is_some_and(|e| !matches!(e, "low" | "medium" | "high" | "auto"))
-        {
-            return Err(SettingsError::new(
-                "turn_detection.eagerness",
-                "must be low, medium, high or auto",
             ));
         }
         let semantic_only = td.eagerness.is_some();
@@ -332,23 +387,17 @@ impl Settings for RealtimeSettings {
             || td.prefix_padding_ms.is_some()
             || td.silence_duration_ms.is_some()
             || td.idle_timeout_ms.is_some();
-        if td.kind == "server_vad" && semantic_only {
+        if td.kind == TurnType::ServerVad && semantic_only {
             return Err(SettingsError::new(
                 "turn_detection.eagerness",
                 "is for semantic_vad",
             ));
         }
-        if td.kind == "semantic_vad" && server_only {
+        if td.kind == TurnType::SemanticVad && server_only {
             return Err(SettingsError::new(
                 "turn_detection",
                 "threshold, prefix_padding_ms, silence_duration_ms and idle_timeout_ms are for \
                  server_vad",
-            ));
-        }
-        if !matches!(self.tool_choice.as_str(), "auto" | "none" | "required") {
-            return Err(SettingsError::new(
-                "tool_choice",
-                "must be auto, none or required",
             ));
         }
         let mut names: Vec<&str> = self.builtin_tools.iter().map(|b| b.name()).collect();
@@ -379,15 +428,6 @@ impl Settings for RealtimeSettings {
                 return Err(SettingsError::new(
                     field("url"),
                     "must be http:// or https://",
-                ));
-            }
-            if !matches!(
-                tool.method.as_str(),
-                "GET" | "POST" | "PUT" | "PATCH" | "DELETE"
-            ) {
-                return Err(SettingsError::new(
-                    field("method"),
-                    "must be GET, POST, PUT, PATCH or DELETE",
                 ));
             }
             let schema = Schema::compile(&tool.parameters)
@@ -443,12 +483,12 @@ impl RealtimeSettings {
     /// `audio.input.turn_detection` as the service takes it.
     pub fn turn_detection_json(&self) -> Value {
         let td = &self.turn_detection;
-        if td.kind == "none" {
+        if td.kind == TurnType::None {
             return Value::Null;
         }
         let mut o = serde_json::Map::new();
         o.insert("type".into(), json!(td.kind));
-        if td.kind == "server_vad" {
+        if td.kind == TurnType::ServerVad {
             o.insert("threshold".into(), json!(td.threshold.unwrap_or(0.5)));
             o.insert(
                 "prefix_padding_ms".into(),

@@ -32,16 +32,15 @@ pub(crate) async fn run_http(
     arguments: &Value,
 ) -> ToolDone {
     let timeout = tool.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
-    let method =
-        reqwest::Method::from_bytes(tool.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    let method = tool.method.http();
     let mut request = http
-        .request(method.clone(), &tool.url)
+        .request(method, &tool.url)
         .timeout(timeout)
         .header("x-callgate-call-id", &call.call_id);
     for (name, value) in headers {
         request = request.header(name, value);
     }
-    request = if matches!(method, reqwest::Method::GET | reqwest::Method::DELETE) {
+    request = if tool.method.uses_query() {
         let query: Vec<(String, String)> = arguments
             .as_object()
             .map(|o| {

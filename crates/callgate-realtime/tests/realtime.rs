@@ -15,6 +15,7 @@ use axum::routing::post;
 use callgate_agent::Catalog;
 use callgate_flow::FlowEnv;
 use callgate_realtime::RealtimeMetrics;
+use callgate_realtime::metrics::RealtimeCollector;
 use callgate_server::routes::parse_spec;
 use callgate_testkit::realtime::{BadKey, Double, DoubleConfig, Format, Session};
 use callgate_testkit::{Phone, Received, TestServer, spawn_server_with_catalog};
@@ -51,6 +52,7 @@ async fn server(double: &Double, settings: Value) -> TestServer {
     }
     let dir = callgate_testkit::TempDir::new("realtime-env");
     let mut catalog = Catalog::builtin();
+    let metrics = RealtimeMetrics::new();
     callgate_realtime::register(
         &mut catalog,
         FlowEnv {
@@ -58,14 +60,18 @@ async fn server(double: &Double, settings: Value) -> TestServer {
             tts: Default::default(),
             callbridge: None,
         },
-        RealtimeMetrics::new(),
+        metrics.clone(),
     );
     let route = parse_spec(
         json!({"name": "ai", "agent": "realtime", "settings": all}),
         0,
     )
     .expect("route");
-    let server = spawn_server_with_catalog(&catalog, move |c| c.routes = vec![route]).await;
+    let server = spawn_server_with_catalog(&catalog, move |c| {
+        c.routes = vec![route];
+        c.metrics = vec![Arc::new(RealtimeCollector(metrics))];
+    })
+    .await;
     // The speech cache of the fallback is not needed once the routes are built.
     drop(dir);
     server
@@ -292,6 +298,16 @@ async fn barge_in_truncates_at_exactly_what_the_caller_heard_of_a_burst() {
         .find(|(n, _)| n == "barge_in")
         .expect("a barge_in event");
     assert_eq!(barge.1["source"], "service");
+    let metrics = server.metrics_text().await;
+    assert!(
+        metrics.contains("callgate_realtime_barge_ins_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("callgate_realtime_connects_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("callgate_realtime_callgate_latency_seconds_count"));
     server.shutdown().await;
 }
 
