@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use callgate_agent::catalog::{Settings, SettingsError};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::schema::Schema;
@@ -15,18 +15,7 @@ pub const DEFAULT_URL: &str = "wss://api.openai.com/v1/realtime";
 /// The model used when `model` is not given.
 pub const DEFAULT_MODEL: &str = "gpt-realtime";
 
-/// A duration written as text (`"10s"`, `"55m"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-    }
-}
+pub use callgate_flow::spec::Dur;
 
 /// The audio format on the Realtime connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]

@@ -111,17 +111,15 @@ async fn finish(
         ok: false,
         output: json!({ "error": error }).to_string(),
     };
+    let late = || {
+        format!(
+            "{name} did not answer within {}",
+            humantime::format_duration(timeout)
+        )
+    };
     let mut answer = match request.send().await {
         Ok(a) => a,
-        Err(e) if e.is_timeout() => {
-            return fail(
-                call_id,
-                format!(
-                    "{name} did not answer within {}",
-                    humantime::format_duration(timeout)
-                ),
-            );
-        }
+        Err(e) if e.is_timeout() => return fail(call_id, late()),
         Err(e) => return fail(call_id, format!("{name} could not be reached: {e}")),
     };
     let status = answer.status();
@@ -138,15 +136,7 @@ async fn finish(
                 }
             }
             Ok(None) => break,
-            Err(e) if e.is_timeout() => {
-                return fail(
-                    call_id,
-                    format!(
-                        "{name} did not answer within {}",
-                        humantime::format_duration(timeout)
-                    ),
-                );
-            }
+            Err(e) if e.is_timeout() => return fail(call_id, late()),
             Err(e) => return fail(call_id, format!("{name}: reading the answer failed: {e}")),
         }
     }
