@@ -655,3 +655,86 @@ async fn retired_beta_event_names_from_a_compatible_server_still_play() {
     phone.close(1000, "bye").await;
     server.shutdown().await;
 }
+
+/// A TLS front for the double (the service is `wss://`): terminates TLS with `cert` and pipes
+/// each connection to `to`.
+async fn tls_front(cert: &callgate_testkit::tls::ServerCert, to: std::net::SocketAddr) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(cert.chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("chain");
+    let key =
+        rustls::pki_types::PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).expect("key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let tasks = callgate_server::Tasks::new();
+    let spawn = tasks.clone();
+    tasks.spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            spawn.spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut plain) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn wss_reaches_a_service_signed_by_the_ca_file_and_an_untrusted_one_is_not_retried() {
+    let ca = callgate_testkit::tls::TestCa::new("realtime");
+    let other = callgate_testkit::tls::TestCa::new("someone else");
+    let dir = callgate_testkit::TempDir::new("realtime-ca");
+    let mut double = double(DoubleConfig::default()).await;
+    let port = tls_front(&ca.server_cert("ai"), double.addr()).await;
+    let url = format!("wss://127.0.0.1:{port}/v1/realtime");
+
+    let trusted = ca.write(dir.path(), "ca.pem");
+    let server1 = server(&double, json!({"url": url, "ca_file": trusted})).await;
+    let mut phone = call(&server1, "rt-wss", "ULAW_8000").await;
+    let (mut s, _) = session(&mut double).await;
+    s.begin_response().await;
+    let audio = Format::Pcmu.tone(200, 1);
+    s.speak(&audio, "Over TLS.").await;
+    assert_eq!(hear(&mut phone, audio.len()).await, audio);
+    phone.close(1000, "bye").await;
+    server1.shutdown().await;
+
+    let untrusted = other.write(dir.path(), "other.pem");
+    let server2 = server(&double, json!({"url": url, "ca_file": untrusted})).await;
+    let mut phone = call(&server2, "rt-wss-bad", "PCM_8000").await;
+    let close = phone.closed().await;
+    assert_eq!(close.0, 1000, "the fallback, then a clean hangup");
+    let record = server2.ended_call("rt-wss-bad").await;
+    let events = agent_events(&server2, record["id"].as_str().expect("id")).await;
+    let failed = events
+        .iter()
+        .find(|(n, _)| n == "backend_failed")
+        .expect("failed");
+    assert_eq!(failed.1["fatal"], true, "{failed:?}");
+    assert!(
+        failed.1["reason"].as_str().unwrap_or("").contains("TLS"),
+        "{failed:?}"
+    );
+    assert_eq!(
+        double.connections(),
+        1,
+        "only the trusted call reached the service"
+    );
+    server2.shutdown().await;
+}
