@@ -1022,8 +1022,10 @@ mod tests {
     async fn barge_in_clears_within_a_frame_and_reports_totals() {
         let mut call = answered(true).await;
         call.say(0, 300, 1).await;
-        call.run_to(300);
-        // A gap: the caller hears nothing for 700 ms. Positions count audio, not time.
+        // A gap: the caller hears nothing for 700 ms (the clock runs through it: an owner
+        // that slept through the gap's deadline would be stalled). Positions count audio, not
+        // time.
+        call.run_to(1000);
         call.agent(1000, AgentCommand::Mark(1)).await;
         call.say(1000, 1000, 2).await;
         call.run_to(1200);
