@@ -1,22 +1,24 @@
-//! Item 4 of issue 10: text from the wire in logs. A test binary of its own: a thread's
-//! subscriber (`set_default`) sees every log line only when no other test runs at the same
-//! time (tracing caches per call site whether anyone listens).
+//! Item 4 of issue 10: text from the wire in logs. A test binary of its own: it installs the
+//! process's subscriber (the server runs on threads of its own, see `abuse/support.rs`).
 
+#[allow(
+    dead_code,
+    reason = "this binary uses part of the abuse tests' support"
+)]
 #[path = "abuse/support.rs"]
 mod support;
 
 use std::sync::{Arc, Mutex};
 
+use callgate_testkit::callbridge_start;
 use callgate_testkit::phone::WAIT;
-use callgate_testkit::{callbridge_start, spawn_server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::*;
 
-/// Captures what the server logs on this thread (the test runtime is single-threaded, so all
-/// the server's tasks log here).
+/// Captures what the server logs.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -49,9 +51,10 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
         .with_ansi(false)
         .with_max_level(tracing::Level::DEBUG)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let server = spawn_server(|_| {}).await;
-    let mut canary = Canary::start(&server, "canary-logs").await;
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    let mut rig = Rig::start("item 4: text from the wire in logs", |_| {}).await;
+    let canary = rig.canary().await;
+    let server = &rig.server;
 
     let forged = "evil\n2026-11-22T00:00:00.000000Z ERROR FORGED: operator action needed\u{1b}[2J";
     let long_caller = format!("{}88", "0".repeat(500_000));
@@ -73,22 +76,20 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
         .unwrap(),
     ];
     for attack in attacks {
-        let mut ws = ws_from(&server, ATTACKER, "/").await.unwrap();
+        let mut ws = ws_from(server, ATTACKER, "/").await.unwrap();
         ws.send(Message::Text(attack.to_string().into()))
             .await
             .unwrap();
         let _ = tokio::time::timeout(WAIT, ws.next()).await;
         let _ = ws.close(None).await;
         let _ = close_of(&mut ws).await;
-        canary.echo().await;
     }
     // A short caller number, to compare its redaction with the long one's.
-    let mut short = place_call(&server, CALLER, "short").await.unwrap();
+    let mut short = place_call(server, CALLER, "short").await.unwrap();
     short.close(None).await.unwrap();
     let _ = close_of(&mut short).await;
     server.ended_call("short").await;
-    canary.end(&server).await;
-    server.shutdown().await;
+    rig.finish(canary).await;
 
     let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
     let forged_lines: Vec<&str> = text.lines().filter(|l| l.contains("FORGED:")).collect();
