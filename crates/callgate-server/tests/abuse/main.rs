@@ -15,6 +15,7 @@ mod baseline;
 mod close;
 mod raw;
 mod slow_reader;
+mod stall;
 #[allow(
     dead_code,
     reason = "helpers of the attacks that follow in the next commits"
