@@ -423,11 +423,27 @@ fn next_after(page: Page, last: Option<u64>, len: usize) -> Option<u64> {
     (len == page.limit as usize).then_some(last).flatten()
 }
 
+/// A JSON reply built on the blocking pool: a page holds up to a few MiB of the phone's text
+/// (1,000 entries of up to 4 KiB), tens of milliseconds of an async worker in a debug build.
+async fn json_off_workers(
+    shared: &Shared,
+    build: impl FnOnce() -> Value + Send + 'static,
+) -> Result<Response, ApiError> {
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let body = shared
+        .tasks
+        .spawn_blocking(move || serde_json::to_vec(&build()))
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
 async fn events(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let page = page(query)?;
     let events = shared
         .store
@@ -436,14 +452,18 @@ async fn events(
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
     let next = next_after(page, events.last().map(|e| e.seq), events.len());
-    Ok(Json(json!({ "id": id, "events": events, "next": next })))
+    json_off_workers(
+        &shared,
+        move || json!({ "id": id, "events": events, "next": next }),
+    )
+    .await
 }
 
 async fn transcript(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let page = page(query)?;
     let call_id = CallId::from_string(id.clone());
     let entries = shared
@@ -454,9 +474,11 @@ async fn transcript(
         .ok_or_else(|| no_call(&id))?;
     let next = next_after(page, entries.last().map(|e| e.seq), entries.len());
     let record = find(&shared, &id).await?;
-    Ok(Json(
-        json!({ "id": id, "entries": entries, "usage": record.usage, "next": next }),
-    ))
+    json_off_workers(
+        &shared,
+        move || json!({ "id": id, "entries": entries, "usage": record.usage, "next": next }),
+    )
+    .await
 }
 
 /// The operator mailbox of live call `id`: 404 for an unknown call, 409 for one that ended.
