@@ -14,6 +14,7 @@ mod admin_reads;
 mod admission;
 mod baseline;
 mod close;
+mod growth;
 mod raw;
 mod slow_reader;
 mod stall;
