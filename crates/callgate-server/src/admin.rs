@@ -622,6 +622,16 @@ async fn play(
         })??;
     match act(&shared, &id, CallRequest::Play { audio }).await? {
         Reply::Queued { ms } => Ok(Json(json!({ "id": id, "queued_ms": ms }))),
+        // A live call: `call_not_live` would send the operator away.
+        Reply::QueueFull => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "queue_full",
+            format!(
+                "call {id:?} already holds {} minutes of operator audio; play more once some \
+                 of it has played",
+                crate::media::MAX_OPERATOR_MS / 60_000
+            ),
+        )),
         other => Err(unexpected(other)),
     }
 }

@@ -708,10 +708,7 @@ impl CallCore {
                         .event(now, EventKind::OperatorPlay, json!({ "ms": ms }));
                     Ok(Reply::Queued { ms })
                 }
-                None => Err(ProtoError::InvalidState {
-                    operation: "queueing more operator audio",
-                    state: "holding 10 minutes of it",
-                }),
+                None => Ok(Reply::QueueFull),
             },
             Request::Clear => {
                 let utterance_ms = self.media.utterance_played_ms();
@@ -1169,6 +1166,27 @@ mod tests {
             "agent, operator, then the agent's next audio: {order:?}"
         );
         assert_eq!(order.len(), 15);
+    }
+
+    #[tokio::test]
+    async fn operator_audio_past_ten_minutes_is_refused_as_a_full_queue() {
+        let mut call = answered(false).await;
+        let minute = Bytes::from(vec![2u8; FRAME * 50 * 60]);
+        for _ in 0..10 {
+            let reply = call.core.handle_operator(
+                call.at(0),
+                Request::Play {
+                    audio: minute.clone(),
+                },
+            );
+            assert_eq!(reply, Ok(Reply::Queued { ms: 60_000 }));
+        }
+        // The call is live: the refusal says the queue is full, not that the call is over.
+        let reply = call
+            .core
+            .handle_operator(call.at(0), Request::Play { audio: minute });
+        assert_eq!(reply, Ok(Reply::QueueFull));
+        assert!(!call.core.has_ended());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ mod admission;
 mod baseline;
 mod close;
 mod growth;
+mod play;
 mod raw;
 mod slow_reader;
 mod stall;
