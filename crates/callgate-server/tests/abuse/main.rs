@@ -10,6 +10,7 @@
 //! on Linux) so that budgets per source address can be told apart from the real callers on
 //! `127.0.0.1`.
 
+mod admin_errors;
 mod admin_reads;
 mod admission;
 mod baseline;
