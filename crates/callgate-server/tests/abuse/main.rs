@@ -15,6 +15,7 @@ mod admin_reads;
 mod admission;
 mod baseline;
 mod close;
+mod deep_json;
 mod growth;
 mod play;
 mod raw;
