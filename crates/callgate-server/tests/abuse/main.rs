@@ -15,14 +15,12 @@ mod admin_reads;
 mod admission;
 mod baseline;
 mod close;
+mod crash;
 mod deep_json;
+mod flood;
 mod growth;
 mod play;
 mod raw;
 mod slow_reader;
 mod stall;
-#[allow(
-    dead_code,
-    reason = "helpers of the attacks that follow in the next commits"
-)]
 mod support;
