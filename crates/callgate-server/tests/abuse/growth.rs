@@ -8,10 +8,12 @@ use tokio_tungstenite::tungstenite::Message;
 use super::support::*;
 
 /// Sends `messages` on an answered call, then 10 frames of audio that must come back byte for
-/// byte (the call goes on), then hangs up. Returns the call's record and its event log.
+/// byte (the call goes on), then hangs up; checks the record kept its caps and says it was
+/// `capped` (or not). Returns the call's record and its event log.
 async fn flood(
     rig: &Rig,
     id: &str,
+    capped: bool,
     messages: impl Iterator<Item = String>,
 ) -> (serde_json::Value, Vec<serde_json::Value>) {
     let server = &rig.server;
@@ -40,11 +42,15 @@ async fn flood(
     let record = ended_record(server.admin_addr, &record_id).await;
     let events = all_events(server.admin_addr, &record_id).await;
     assert_eq!(record["end_reason"], "peer_hangup", "{record}");
-    let capped = events
+    let caps = events
         .iter()
         .filter(|e| e["kind"] == "record_capped")
         .count();
-    assert_eq!(capped, 1, "record_capped is written once");
+    assert_eq!(
+        caps,
+        usize::from(capped),
+        "record_capped is written once, if at all"
+    );
     // At most 10,000 entries (and how the call ended) and 4 MiB of text, each text at most
     // 4 KiB.
     assert!(events.len() <= 10_003, "{}", events.len());
@@ -60,65 +66,92 @@ async fn flood(
 }
 
 /// Item 7: unknown messages were stored verbatim with no cap (100 x 1 MB grew the data dir by
-/// 136 MB in 1.2 s), as were the `dtmf` string and the event list. Here one call sends 1 MB
-/// unknown messages, thousands of 8 KiB ones and more keys than the record keeps (its bytes
-/// cap), another over 10,000 small messages (its entries cap): each record stops at its caps
-/// and says so once (`record_capped`), the data dir grows by about the caps and no more, and
-/// both calls go on echoing their audio.
+/// 136 MB in 1.2 s), as were the `dtmf` string and the event list. Here, with the canary
+/// running, one call sends the issue's 1 MB unknown messages (4 KiB of each is kept), another
+/// thousands of 8 KiB ones and more keys than the record keeps (its bytes cap), and in the long
+/// run a third 50,000 small messages (its entries cap): each record stops at its caps and says
+/// so once
+/// (`record_capped`), the data dir grows by about the caps and no more, and every call goes on
+/// echoing its audio.
 #[tokio::test]
 async fn what_one_call_stores_is_capped_and_the_call_goes_on() {
     let strength = Strength::get();
     let huge = strength.pick(20, 100);
     let medium = strength.pick(1_200, 2_000);
     let keys = strength.pick(1_100, 2_000);
-    let small = strength.pick(10_500, 50_000);
+    // The entries cap needs over 10,000 messages: in a debug build (SQLite unoptimised too)
+    // storing them saturates both cores and the canary measures the machine, not the server.
+    // The long run only.
+    let small = strength.pick(0, 50_000);
     let mut rig = Rig::start("item 7: per-call growth", |_| {}).await;
     rig.bound_rss(strength.pick(96, 128) << 20);
     let canary = rig.canary().await;
-    let data_before = dir_bytes(&rig.server.config.data_dir);
+    let data = rig.server.config.data_dir.clone();
     let megabyte = format!(r#"{{"event":"noise","pad":"{}"}}"#, "m".repeat(1_000_000));
     let eight_k = format!(r#"{{"event":"noise","pad":"{}"}}"#, "k".repeat(8 * 1024));
     let phase = rig.phase();
 
+    let data_before = dir_bytes(&data);
     let began = Instant::now();
+    let (_, huge_events) = flood(
+        &rig,
+        "megabytes",
+        false,
+        std::iter::repeat_n(megabyte.clone(), huge),
+    )
+    .await;
+    let huge_took = began.elapsed();
+    let grew_huge = dir_bytes(&data).saturating_sub(data_before);
     let digits = (0..keys).map(|k| format!(r#"{{"event":"dtmf","digit":"{}"}}"#, k % 10));
-    let (big, big_events) = flood(
+    let (bytes_capped, _) = flood(
         &rig,
         "grower",
-        std::iter::repeat_n(megabyte.clone(), huge)
-            .chain(std::iter::repeat_n(eight_k.clone(), medium))
-            .chain(digits),
+        true,
+        std::iter::repeat_n(eight_k.clone(), medium).chain(digits),
     )
     .await;
-    let big_took = began.elapsed();
-    let grew_big = dir_bytes(&rig.server.config.data_dir).saturating_sub(data_before);
-    let (_, small_events) = flood(
-        &rig,
-        "chatter",
-        (0..small).map(|k| format!(r#"{{"event":"noise","k":{k}}}"#)),
-    )
-    .await;
-    let grew = dir_bytes(&rig.server.config.data_dir).saturating_sub(data_before);
-    let sent_mb = (huge * megabyte.len() + medium * eight_k.len()) as f64 / 1e6;
+    let mut small_events = Vec::new();
+    if small > 0 {
+        small_events = flood(
+            &rig,
+            "chatter",
+            true,
+            (0..small).map(|k| format!(r#"{{"event":"noise","k":{k}}}"#)),
+        )
+        .await
+        .1;
+    }
+    let grew = dir_bytes(&data).saturating_sub(data_before);
     let metrics = rig.server.metrics_text().await;
     let dropped = metric(&metrics, "callgate_record_entries_dropped_total ").unwrap_or(0.0);
-    rig.figure("1 MB messages", huge);
-    rig.figure("8 KiB messages", medium);
-    rig.figure("keys", keys);
-    rig.figure("small messages (second call)", small);
-    rig.figure("first call: sent (MB)", sent_mb);
-    rig.figure("first call: flood, echo, hangup took (ms)", ms(big_took));
-    rig.figure("first call: data dir growth (MiB)", mib(grew_big));
-    rig.figure("first call: events stored", big_events.len());
+    rig.figure("1 MB messages (first call)", huge);
     rig.figure(
-        "first call: keys kept",
-        big["dtmf"].as_str().unwrap_or("").len(),
+        "first call: sent (MB)",
+        (huge * megabyte.len()) as f64 / 1e6,
     );
-    rig.figure("second call: events stored", small_events.len());
-    rig.figure("both calls: data dir growth (MiB)", mib(grew));
+    rig.figure("first call: flood, echo, hangup took (ms)", ms(huge_took));
+    rig.figure("first call: data dir growth (MiB)", mib(grew_huge));
+    rig.figure("first call: events stored", huge_events.len());
+    rig.figure(
+        "8 KiB messages and keys (second call)",
+        format!("{medium}, {keys}"),
+    );
+    rig.figure(
+        "second call: keys kept",
+        bytes_capped["dtmf"].as_str().unwrap_or("").len(),
+    );
+    rig.figure("small messages (third call)", small);
+    rig.figure("third call: events stored", small_events.len());
+    rig.figure("all three calls: data dir growth (MiB)", mib(grew));
     rig.figure("entries counted, not stored", dropped);
     rig.figure("memory growth (MiB)", mib(phase.grew()));
     assert!(dropped > 0.0);
+    // 4 KiB of each 1 MB message: the first call stores 1/250 of what it sent.
+    assert!(
+        grew_huge < 4 << 20,
+        "the data dir grew by {} MiB",
+        grew_huge >> 20
+    );
     // The data dir holds about the caps (4 MiB of text, 10,000 entries a call), not what was
     // sent.
     assert!(grew < 24 << 20, "the data dir grew by {} MiB", grew >> 20);

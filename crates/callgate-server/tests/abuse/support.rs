@@ -145,8 +145,11 @@ pub(crate) async fn one_at_a_time() -> MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().await
 }
 
-/// Appends a line to the long run's report (`CALLGATE_ABUSE_REPORT`), and prints it.
+/// Appends a line to the long run's report (`CALLGATE_ABUSE_REPORT`), and prints it. The
+/// line gets the test's name (libtest names the thread a test runs on after it).
 pub(crate) fn report(line: &Value) {
+    let mut line = line.clone();
+    line["test"] = json!(std::thread::current().name());
     eprintln!("report: {line}");
     if let Ok(path) = std::env::var("CALLGATE_ABUSE_REPORT") {
         use std::io::Write;
