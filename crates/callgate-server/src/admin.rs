@@ -263,6 +263,8 @@ async fn list_calls(
         before: query
             .get("before")
             .map(|id| CallId::from_string(id.clone())),
+        // Records hold up to a few MiB each: read no more than the reply can hold.
+        max_bytes: Some(MAX_LIST_BYTES as u64),
     };
     let calls = shared
         .store
