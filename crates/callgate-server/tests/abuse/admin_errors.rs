@@ -210,9 +210,12 @@ async fn every_admin_error_is_json() {
         format!("{layer:?}"),
     );
     for result in results {
-        result.expect("every error is JSON");
+        rig.expect(result.is_ok(), format!("{result:?}"));
     }
-    over_limit.expect("the 413 is JSON");
-    assert_eq!(layer, [(414, 0), (431, 0), (400, 0)]);
+    rig.expect(over_limit.is_ok(), format!("{over_limit:?}"));
+    rig.expect(
+        layer == [(414, 0), (431, 0), (400, 0)],
+        format!("the HTTP layer: {layer:?}"),
+    );
     rig.finish(canary).await;
 }

@@ -59,14 +59,16 @@ async fn idle_sockets_do_not_take_call_slots() {
 
     // The listener accepts in order: this caller is served after every idle socket.
     let caller = place_call(server, CALLER, "real-caller").await;
-    eprintln!(
-        "figure: max_calls 2, 1 live call, {count} idle + {} silent upgraded sockets \
-         ({connect_failures} connects failed): a real caller -> {}",
-        silent.len(),
+    rig.figure(
+        "max_calls 2, 1 live call: idle, silent upgraded sockets, connects failed",
+        format!("{count}, {}, {connect_failures}", silent.len()),
+    );
+    rig.figure(
+        "a real caller",
         match &caller {
             Ok(_) => "answered".to_owned(),
             Err(e) => format!("refused ({e})"),
-        }
+        },
     );
     let mut caller = caller.expect("a real caller is answered while a call slot is free");
     let metrics = server.metrics_text().await;
@@ -136,9 +138,11 @@ async fn one_deadline_covers_the_upgrade_and_the_first_message() {
         Err(e) => (0, format!("upgrade failed: {e}")),
     };
     let lived = began.elapsed();
-    eprintln!(
-        "figure: handshake_timeout {limit:?}, upgrade at 0.8 s then silence: {outcome:?} after {lived:?}"
+    rig.figure(
+        "handshake_timeout 1 s, upgrade at 0.8 s then silence: closed after (ms)",
+        ms(lived),
     );
+    rig.figure("with", format!("{outcome:?}"));
     // Per phase it would live at least 0.8 s + 1 s; one deadline closes it at about 1 s.
     assert!(lived < limit * 17 / 10, "lived {lived:?}");
     assert!(
@@ -179,7 +183,7 @@ async fn every_call_over_the_limit_gets_1013() {
         };
         *tally.entry(key).or_default() += 1;
     }
-    eprintln!("figure: 200 calls at once over max_calls 1: {tally:?}");
+    rig.figure("200 calls at once over max_calls 1", format!("{tally:?}"));
     assert_eq!(
         tally.get("1013 call limit reached (1 live calls)"),
         Some(&200),
@@ -224,13 +228,16 @@ async fn idle_sockets_from_many_sources_are_evicted_for_a_caller() {
         }
     }
     let caller = place_call(server, CALLER, "many-caller").await;
-    eprintln!(
-        "figure: max_pending {budget}, {sources} sources x {per_ip} idle sockets: a real \
-         caller -> {}",
+    rig.figure(
+        "max_pending, sources x idle sockets",
+        format!("{budget}, {sources} x {per_ip}"),
+    );
+    rig.figure(
+        "a real caller",
         match &caller {
             Ok(_) => "answered".to_owned(),
             Err(e) => format!("refused ({e})"),
-        }
+        },
     );
     let mut caller = caller.expect("a caller gets through a full budget");
     let metrics = server.metrics_text().await;

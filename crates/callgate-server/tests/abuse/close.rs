@@ -72,7 +72,10 @@ async fn the_peer_gets_the_close_frame_not_a_reset() {
             .map_err(|e| e.kind());
         let (written, mut w) = writer.await.unwrap();
         let _ = w.shutdown().await;
-        eprintln!("figure: {name}: close {close:?}, then {end:?}; the phone's writes: {written:?}");
+        rig.figure(
+            name,
+            format!("close {close:?}, then {end:?}; the phone's writes: {written:?}"),
+        );
         if close.as_ref().ok() != Some(&expected) || end.is_err() || written.is_err() {
             failures.push(name);
         }

@@ -123,7 +123,9 @@ async fn deep_json_is_kept_as_text_and_every_reply_parses() {
         "the CallBridge record's call_config (bytes)",
         config.to_string().len(),
     );
-    assert_eq!(config["cdrId"], "deep-cb", "{config}");
-    assert!(config.get("extra").is_none(), "{config}");
+    rig.expect(
+        config["cdrId"] == "deep-cb" && config.get("extra").is_none(),
+        format!("the record's call_config: {config:.200}"),
+    );
     rig.finish(canary).await;
 }

@@ -153,7 +153,10 @@ async fn play_refuses_absurd_audio_before_decoding_and_caps_the_queue() {
     }
     let second = began.elapsed();
     rig.figure("the call played to: 50 frames took (ms)", ms(second));
-    assert!(second > Duration::from_millis(900), "paced: {second:?}");
+    rig.expect(
+        second > Duration::from_millis(900),
+        format!("not paced: 50 frames in {second:?}"),
+    );
     assert_eq!(hang_up(&mut target, "played-to").await.0, 1000);
     let record = ended_record(admin, &id).await;
     assert_eq!(record["end_reason"], "peer_hangup");

@@ -94,10 +94,13 @@ async fn stops_reading(format: &str, frame_bytes: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let dropped_after = stopped.elapsed();
-    eprintln!(
-        "figure: {format}, write_timeout {write_timeout:?}: a phone that stopped reading was \
-         dropped after {dropped_after:?} ({:?})",
-        record.as_ref().map(|r| r["end_reason"].clone())
+    rig.figure(
+        "write_timeout 2 s: a phone that stopped reading was dropped after (ms)",
+        ms(dropped_after),
+    );
+    rig.figure(
+        "as",
+        format!("{:?}", record.as_ref().map(|r| r["end_reason"].clone())),
     );
     let record = record.expect("the deaf phone's call ended within 60 s");
     assert_eq!(record["end_reason"], "send_timeout");

@@ -14,7 +14,8 @@ use super::support::*;
 /// How long each stall lasts: well over the 100 ms the playout catches up by.
 const STALL: Duration = Duration::from_millis(300);
 
-/// The stalls' counters: (stalls, audio they dropped in ms).
+/// The stalls' counters: (stalls, audio they dropped in ms; a sum of seconds as floats, so
+/// round it).
 async fn stall_metrics(rig: &Rig) -> (f64, f64) {
     let text = rig.server.metrics_text().await;
     (
@@ -136,21 +137,29 @@ async fn a_call_task_that_stalls_is_back_on_real_time_at_once() {
     rig.figure("canary: frames lost", canary_all.lost);
     rig.figure("callgate_playout_stalls_total", stalls);
     rig.figure("dropped by the stall policy (ms)", dropped_ms);
-    assert!(victim.problems.is_empty(), "{:?}", victim.problems);
-    // Every stall counted (the canary's too, if it was held up with the stalled call).
-    assert!(stalls >= times as f64, "{stalls}");
-    // What was lost is what the policy dropped (more than 100 ms late): the rest came back.
-    assert_eq!(
-        (victim_all.lost + canary_all.lost) as f64 * 20.0,
-        dropped_ms
+    rig.expect(
+        victim.problems.is_empty(),
+        format!("the stalled call: {:?}", victim.problems),
     );
-    assert!(
+    // Every stall counted (the canary's too, if it was held up with the stalled call).
+    rig.expect(stalls >= times as f64, format!("{stalls} stalls counted"));
+    // What was lost is what the policy dropped (more than 100 ms late): the rest came back.
+    rig.expect(
+        (victim_all.lost + canary_all.lost) as f64 * 20.0 == dropped_ms.round(),
+        format!(
+            "lost {} + {} frames, the policy dropped {dropped_ms} ms",
+            victim_all.lost, canary_all.lost
+        ),
+    );
+    rig.expect(
         (8 * times..=13 * times).contains(&victim_all.lost),
-        "{victim_all:?}"
+        format!("the stalled call lost {} frames", victim_all.lost),
     );
     // Back on real time: outside the stalls, nothing lost and nothing late.
-    assert_eq!(victim_after.lost, 0, "{victim_after:?}");
-    assert!(victim_after.p99 < P99_BOUND, "{victim_after:?}");
+    rig.expect(
+        victim_after.lost == 0 && victim_after.p99 < P99_BOUND,
+        format!("outside the stalls: {victim_after:?}"),
+    );
     let judged = outside(&run.frames(), &ends);
     rig.check(&run, judged).await;
 }
@@ -207,8 +216,17 @@ async fn a_stalled_server_is_back_on_real_time_at_once() {
     rig.figure("canary: slowest (ms)", ms(all.max));
     rig.figure("callgate_playout_stalls_total", stalls);
     rig.figure("dropped by the stall policy (ms)", dropped_ms);
-    assert_eq!(stalls, times as f64, "every stall counted");
-    assert_eq!(all.lost as f64 * 20.0, dropped_ms);
-    assert!((8 * times..=13 * times).contains(&all.lost), "{all:?}");
+    rig.expect(stalls == times as f64, format!("{stalls} stalls counted"));
+    rig.expect(
+        all.lost as f64 * 20.0 == dropped_ms.round(),
+        format!(
+            "lost {} frames, the policy dropped {dropped_ms} ms",
+            all.lost
+        ),
+    );
+    rig.expect(
+        (8 * times..=13 * times).contains(&all.lost),
+        format!("lost {} frames", all.lost),
+    );
     rig.check(&run, after).await;
 }

@@ -196,6 +196,8 @@ pub(crate) struct Rig {
     /// How much the process's memory may grow during the attack.
     rss_bound: u64,
     figures: std::sync::Mutex<serde_json::Map<String, Value>>,
+    /// The attack's own checks that failed ([`Rig::expect`]).
+    failed: std::sync::Mutex<Vec<String>>,
     _one_at_a_time: MutexGuard<'static, ()>,
 }
 
@@ -250,6 +252,7 @@ impl Rig {
             peaks: Arc::default(),
             rss_bound: 64 << 20,
             figures: std::sync::Mutex::default(),
+            failed: std::sync::Mutex::default(),
             _one_at_a_time: guard,
         }
     }
@@ -287,6 +290,17 @@ impl Rig {
             .lock()
             .expect("not poisoned")
             .insert(name.to_owned(), value);
+    }
+
+    /// One of the attack's own checks: a failure is reported with the figures and fails the
+    /// test in [`Rig::check`], so that the long run's report has the figures of a failing
+    /// attack too.
+    pub(crate) fn expect(&self, ok: bool, what: impl Into<String>) {
+        if !ok {
+            let what = what.into();
+            eprintln!("failed: {}: {what}", self.attack);
+            self.failed.lock().expect("not poisoned").push(what);
+        }
     }
 
     /// Starts the canary; the bounds are measured from here.
@@ -349,6 +363,7 @@ impl Rig {
         let all = Stats::of(&run.frames());
         let stats = Stats::of(&judged);
         let figures = std::mem::take(&mut *self.figures.lock().expect("not poisoned"));
+        let failed = std::mem::take(&mut *self.failed.lock().expect("not poisoned"));
         let line = json!({
             "attack": self.attack,
             "strength": self.strength.as_str(),
@@ -371,8 +386,10 @@ impl Rig {
                 Err(e) => json!({"consistent": false, "problem": e}),
             },
             "figures": figures,
+            "failed": failed,
         });
         report(&line);
+        assert!(failed.is_empty(), "{}: {failed:?}", self.attack);
         assert!(run.problems.is_empty(), "canary: {:?}", run.problems);
         assert_eq!(stats.lost, 0, "the canary lost frames: {stats:?}");
         assert!(
