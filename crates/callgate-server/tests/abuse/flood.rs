@@ -50,11 +50,6 @@ async fn calls_reset_abruptly_leave_ended_records_and_no_descriptor() {
     }
     rig.figure("calls reset", calls);
     rig.figure("placing and resetting took (ms)", ms(began.elapsed()));
-    let metrics = rig.server.metrics_text().await;
-    rig.figure(
-        "callgate_calls_live after",
-        metric(&metrics, "callgate_calls_live ").unwrap_or(-1.0),
-    );
     rig.finish(canary).await;
 }
 
