@@ -89,10 +89,10 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
     short.close(None).await.unwrap();
     let _ = close_of(&mut short).await;
     server.ended_call("short").await;
-    rig.finish(canary).await;
 
+    // What was logged of the attacks (the canary's end and the shutdown come after).
     let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
-    let forged_lines: Vec<&str> = text.lines().filter(|l| l.contains("FORGED:")).collect();
+    let forged_lines = text.lines().filter(|l| l.contains("FORGED:")).count();
     let longest = text.lines().map(str::len).max().unwrap_or(0);
     let escapes = text.matches('\u{1b}').count();
     let callers: Vec<&str> = text
@@ -107,30 +107,36 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
             .map_or(l, |(_, m)| m);
         message.chars().take(200).collect::<String>()
     };
-    eprintln!(
-        "figure: {} log lines, longest {longest} bytes, {escapes} raw ESC, forged lines: {:?}, callers: {:?}",
-        text.lines().count(),
-        forged_lines.iter().map(|l| shown(l)).collect::<Vec<_>>(),
-        callers.iter().map(|c| shown(c)).collect::<Vec<_>>()
-    );
     for line in text
         .lines()
         .filter(|l| l.contains("callgate_server::call: "))
     {
         eprintln!("  log: {}", shown(line));
     }
-    assert!(
+    rig.figure("log lines", text.lines().count());
+    rig.figure("longest line (bytes)", longest);
+    rig.figure("raw ESC", escapes);
+    rig.figure(
+        "lines with the forged text (escaped, inside a line)",
+        forged_lines,
+    );
+    rig.figure("callers as logged", callers.join(" "));
+    rig.expect(
         !text
             .lines()
             .any(|l| l.starts_with("2026-11-22T00:00:00.000000Z")),
-        "a forged line"
+        "a forged line",
     );
-    assert_eq!(escapes, 0, "raw ANSI escapes reach the terminal");
-    assert!(longest < 2048, "a log line of {longest} bytes");
+    rig.expect(escapes == 0, "raw ANSI escapes reach the terminal");
+    rig.expect(longest < 2048, format!("a log line of {longest} bytes"));
     // The 500,002-digit number and the 11-digit ones redact alike: no length is told.
     let ending_88: Vec<&&str> = callers.iter().filter(|c| c.ends_with("88")).collect();
-    assert!(ending_88.len() >= 3, "{callers:?}");
-    assert!(ending_88.iter().all(|c| c == &ending_88[0]), "{callers:?}");
-    assert!(callers.iter().all(|c| c.len() <= 16), "{callers:?}");
-    assert!(text.contains("evil\\n2026"), "the id is shown, escaped");
+    rig.expect(
+        ending_88.len() >= 3
+            && ending_88.iter().all(|c| c == &ending_88[0])
+            && callers.iter().all(|c| c.len() <= 16),
+        format!("callers: {callers:?}"),
+    );
+    rig.expect(text.contains("evil\\n2026"), "the id is not shown escaped");
+    rig.finish(canary).await;
 }

@@ -99,8 +99,12 @@ async fn stops_reading(format: &str, frame_bytes: usize) {
         ms(dropped_after),
     );
     rig.figure(
-        "as",
-        format!("{:?}", record.as_ref().map(|r| r["end_reason"].clone())),
+        "end reason",
+        record
+            .as_ref()
+            .and_then(|r| r["end_reason"].as_str())
+            .unwrap_or("not ended")
+            .to_owned(),
     );
     let record = record.expect("the deaf phone's call ended within 60 s");
     assert_eq!(record["end_reason"], "send_timeout");
