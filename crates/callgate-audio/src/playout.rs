@@ -15,17 +15,28 @@
 //!   its slot: audio that arrives at real-time pace (the echo agent, streaming speech) is
 //!   never held back by jitter, a burst is sent one frame ahead and then one frame per 20 ms,
 //!   and at most one frame is ever in flight beyond the caller's slot.
-//! - Idle (never played, or after a gap), the next push goes out at once and anchors the grid.
-//! - An underrun (the grid reached a slot with nothing queued) is noticed at the next push,
-//!   without a timer: [`Underrun::Nothing`] re-anchors there (the caller heard a gap);
+//! - Late audio keeps the grid: pushed into an empty queue up to [`MAX_CATCH_UP`] after its
+//!   slot, it goes out at once and what follows catches up back to back. A late frame (jitter,
+//!   a short pause, an owner held up briefly) therefore never delays the frames after it: a
+//!   grid re-anchored on it would hold every later frame of a real-time relay (an echo) by
+//!   its lateness, for the rest of the call. If it came more than a frame late the caller
+//!   heard a gap: an underrun.
+//! - A gap: nothing pushed by [`MAX_CATCH_UP`] after the next slot (a deadline of
+//!   [`Playout::poll_timeout`]). [`Underrun::Nothing`] then goes idle (the caller hears
+//!   nothing) and the next push goes out at once and anchors the grid afresh (an underrun);
 //!   [`Underrun::Silence`] keeps the grid and fills each empty slot with a silent frame (a
-//!   continuous stream; that needs the timer).
-//! - A stall (the owner wakes more than [`MAX_CATCH_UP`] late): audio whose slot passed more
-//!   than [`MAX_CATCH_UP`] ago is dropped (the caller can no longer hear it in time) and
-//!   counted ([`Playout::stalls`], [`Playout::stall_dropped_ms`]); the rest goes out back to
-//!   back. The call is on real time again at once and never carries the stall's delay (a
-//!   re-anchored grid would keep the whole backlog queued, and its delay, for the rest of the
-//!   call). Marks whose audio was partly dropped this way report [`MarkEnd::Cleared`].
+//!   continuous stream).
+//! - A stall: the owner wakes more than a frame late for a deadline, or more than
+//!   [`MAX_CATCH_UP`] late for a frame's. The grid is kept. Audio whose slot passed more than
+//!   [`MAX_CATCH_UP`] ago is dropped (the caller can no longer hear it in time) and counted
+//!   ([`Playout::stalls`], [`Playout::stall_dropped_ms`]); the rest goes out back to back
+//!   until the grid is on real time again. That covers what was queued when the stall began
+//!   and what is pushed in the [`MAX_CATCH_UP`] after the owner woke: the backlog it piled up
+//!   while held up (an echo's caller audio waiting in its socket), which a re-anchored grid
+//!   would play at real-time pace and so carry its delay for the rest of the call. Marks whose
+//!   audio was partly dropped this way report [`MarkEnd::Cleared`]. A gap the owner was woken
+//!   for on time leaves the same door open for one frame: audio pushed in it is that wake's
+//!   backlog (a stall that ended just then), later audio is new.
 //! - Pacing jitter ([`PlayoutEvent::Frame::late`]) is how long after it could leave (the later
 //!   of its earliest time and its data being queued) a frame actually left.
 
@@ -89,6 +100,15 @@ pub struct Cleared {
     pub played_ms: u64,
 }
 
+/// The grid is behind real time after a stall: see [`Playout`]'s `behind`.
+#[derive(Debug, Clone, Copy)]
+struct Behind {
+    /// Audio pushed into an empty queue until then is backlog.
+    until: Instant,
+    /// Whether this was counted as a stall (a gap's wake is counted only if it had backlog).
+    counted: bool,
+}
+
 /// The playout clock of one call.
 #[derive(Debug)]
 pub struct Playout {
@@ -113,8 +133,14 @@ pub struct Playout {
     /// When the data at the head of the queue was queued (for jitter).
     ready_at: Option<Instant>,
     underruns: u64,
-    /// Stalls: times the owner woke more than [`MAX_CATCH_UP`] late.
+    /// Stalls: times the owner woke too late for a deadline (see the module docs).
     stalls: u64,
+    /// After a stall (or the wake for a gap): until when audio pushed into an empty queue is
+    /// the owner's backlog and takes the grid's late slots, and whether the stall was counted.
+    /// Over once the grid is on real time again.
+    behind: Option<Behind>,
+    /// A gap made the grid idle: the next push counts an underrun.
+    gap_pending: bool,
     /// Bytes dropped because a stall made them too late to play.
     skipped_total: u64,
 }
@@ -140,6 +166,8 @@ impl Playout {
             ready_at: None,
             underruns: 0,
             stalls: 0,
+            behind: None,
+            gap_pending: false,
             skipped_total: 0,
         }
     }
@@ -174,7 +202,7 @@ impl Playout {
         self.underruns
     }
 
-    /// Stalls: times the owner woke more than [`MAX_CATCH_UP`] late.
+    /// Stalls: times the owner woke too late for a deadline (see the module docs).
     pub fn stalls(&self) -> u64 {
         self.stalls
     }
@@ -192,22 +220,78 @@ impl Playout {
         }
         if self.queued == 0 {
             self.ready_at = Some(now);
-            let slack = now.checked_sub(FRAME).unwrap_or(now);
-            match self.next_at {
-                None => self.next_at = Some(slack),
-                // A whole slot after the last frame passed with nothing to play: a gap.
-                // (Audio later than its slot by less than a frame is jitter, not a gap.)
-                Some(at) if self.underrun == Underrun::Nothing && now > at + 2 * FRAME => {
-                    self.underruns += 1;
-                    self.utterance_sent = 0;
-                    self.next_at = Some(slack);
-                }
-                Some(_) => {}
-            }
+            self.place(now);
         }
         self.pushed_total += data.len() as u64;
         self.queued += data.len();
         self.queue.push_back(data);
+    }
+
+    /// Audio is pushed into an empty queue at `now`: keeps, anchors or re-anchors the grid.
+    fn place(&mut self, now: Instant) {
+        let slack = now.checked_sub(FRAME).unwrap_or(now);
+        let Some(at) = self.next_at else {
+            // Idle: the audio goes out at once and anchors the grid.
+            if std::mem::take(&mut self.gap_pending) {
+                self.underruns += 1;
+            }
+            self.next_at = Some(slack);
+            return;
+        };
+        if let Some(behind) = self.behind {
+            if now < behind.until {
+                // A stall's backlog: it takes the grid's late slots.
+                return;
+            }
+            // Later audio is new.
+            self.behind = None;
+            self.gap();
+            self.underruns += 1;
+            self.next_at = Some(slack);
+            return;
+        }
+        if self.underrun == Underrun::Silence {
+            // The grid never stops; `poll` deals with lateness.
+            return;
+        }
+        let deadline = at + FRAME + MAX_CATCH_UP;
+        if now <= deadline {
+            // On time, or late: either way the grid is kept. More than a frame late, the
+            // caller heard a gap.
+            if now > at + 2 * FRAME {
+                self.gap();
+                self.underruns += 1;
+            }
+            return;
+        }
+        // The gap's deadline passed and the owner was not woken for it: held up. This audio
+        // is the backlog.
+        self.woke(now, now.duration_since(deadline));
+    }
+
+    /// The owner woke at `now`, `late` after a deadline with nothing queued: a stall (more
+    /// than a frame late) or a gap. Either way audio pushed soon after is backlog: for
+    /// [`MAX_CATCH_UP`] after a stall, for a frame after a gap's wake (a stall that ended just
+    /// then; counted if it comes).
+    fn woke(&mut self, now: Instant, late: Duration) {
+        if late > FRAME {
+            self.stalls += 1;
+            self.behind = Some(Behind {
+                until: now + MAX_CATCH_UP,
+                counted: true,
+            });
+        } else {
+            self.gap();
+            self.behind = Some(Behind {
+                until: now + FRAME,
+                counted: false,
+            });
+        }
+    }
+
+    /// The caller hears a gap: a new utterance begins.
+    fn gap(&mut self) {
+        self.utterance_sent = 0;
     }
 
     /// Places a mark after everything queued so far; [`PlayoutEvent::Mark`] comes out once it
@@ -235,6 +319,7 @@ impl Playout {
         }
         self.utterance_sent = 0;
         self.ready_at = None;
+        self.behind = None;
         if self.underrun == Underrun::Nothing {
             self.next_at = None;
         }
@@ -245,11 +330,16 @@ impl Playout {
     /// `mark`, `clear` or a sent frame, and the owner polls after each of those anyway (drive
     /// invariant: after every input, poll until `None`).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        match self.underrun {
-            _ if self.queued > 0 => self.next_at,
-            Underrun::Silence => self.next_at,
-            // Nothing queued and nothing to send: no timer (a gap is noticed at the next push).
-            Underrun::Nothing => None,
+        let at = self.next_at?;
+        if self.queued > 0 {
+            return Some(at);
+        }
+        match (self.behind, self.underrun) {
+            // The end of the door left open for a backlog.
+            (Some(behind), _) => Some(behind.until),
+            (None, Underrun::Silence) => Some(at),
+            // The start of a gap: woken on time, it is one; late, a stall.
+            (None, Underrun::Nothing) => Some(at + FRAME + MAX_CATCH_UP),
         }
     }
 
@@ -267,16 +357,50 @@ impl Playout {
             return Some(PlayoutEvent::Mark { id, end });
         }
         let mut at = self.next_at?;
+        if self.queued == 0 {
+            match (self.behind, self.underrun) {
+                (Some(behind), _) => {
+                    if now < behind.until {
+                        return None;
+                    }
+                    // No backlog came: what comes next is new.
+                    self.behind = None;
+                    if self.underrun == Underrun::Nothing {
+                        self.next_at = None;
+                        self.gap_pending = true;
+                        return None;
+                    }
+                    // The stream of silence goes on from now.
+                    at = now;
+                }
+                (None, Underrun::Nothing) => {
+                    let deadline = at + FRAME + MAX_CATCH_UP;
+                    if now >= deadline {
+                        self.woke(now, now.duration_since(deadline));
+                    }
+                    return None;
+                }
+                (None, Underrun::Silence) => {
+                    if now > at + FRAME {
+                        // Woken late with nothing queued: the backlog, not silence, fills the
+                        // late slots.
+                        self.woke(now, now.duration_since(at).saturating_sub(FRAME));
+                        return None;
+                    }
+                }
+            }
+        }
         if now < at {
             return None;
         }
         if now.duration_since(at) > MAX_CATCH_UP {
-            at = self.stall(now, at);
+            match self.stall(now, at) {
+                Some(resume) => at = resume,
+                // All of it was too late; more backlog may follow.
+                None => return None,
+            }
         }
         if self.queued == 0 {
-            if self.underrun == Underrun::Nothing {
-                return None;
-            }
             // A continuous stream: the empty slot is filled with silence.
             self.underruns += 1;
             self.next_at = Some(at + FRAME);
@@ -293,6 +417,10 @@ impl Playout {
         self.next_at = Some(at + Duration::from_nanos(nanos));
         self.sent_total += data.len() as u64;
         self.utterance_sent += data.len() as u64;
+        if self.behind.is_some() && at + 2 * FRAME >= now {
+            // On real time again: this frame's slot was less than a frame ago.
+            self.behind = None;
+        }
         if self.queued > 0 {
             // The rest of the queue has been ready all along.
             self.ready_at = Some(at.min(now));
@@ -304,10 +432,27 @@ impl Playout {
         })
     }
 
-    /// The owner woke at `now`, long after the slot at `at`: drops the audio of the slots that
-    /// passed more than [`MAX_CATCH_UP`] ago and returns the slot the grid resumes from.
-    fn stall(&mut self, now: Instant, at: Instant) -> Instant {
-        self.stalls += 1;
+    /// The owner woke at `now`, long after the slot at `at` (or pushed a stall's backlog into
+    /// a grid that is behind): drops the audio of the whole slots that passed more than
+    /// [`MAX_CATCH_UP`] ago and returns the slot the grid resumes from (the first one not
+    /// dropped), or `None` when that left nothing queued (the grid then moved on by what was
+    /// dropped, for the backlog still to come).
+    fn stall(&mut self, now: Instant, at: Instant) -> Option<Instant> {
+        match &mut self.behind {
+            Some(behind) if behind.counted => {}
+            Some(behind) => {
+                // The wake for a gap had backlog after all: a stall.
+                behind.counted = true;
+                self.stalls += 1;
+            }
+            None => {
+                self.stalls += 1;
+                self.behind = Some(Behind {
+                    until: now + MAX_CATCH_UP,
+                    counted: true,
+                });
+            }
+        }
         let resume = now - MAX_CATCH_UP;
         let late = resume.duration_since(at);
         // Whole frames only, so the audio that remains stays frame-aligned.
@@ -329,10 +474,16 @@ impl Playout {
             }
         }
         self.skipped_total += skipped;
+        // The dropped audio's slots are gone; the grid keeps its phase (an echo's audio keeps
+        // coming when its slots come: a grid moved to `resume` would hold it up to a frame).
+        let nanos = skipped * 1_000_000 / self.bytes_per_ms as u64;
+        let resumed = at + Duration::from_nanos(nanos);
         if self.queued == 0 {
             self.ready_at = None;
+            self.next_at = Some(resumed);
+            return None;
         }
-        resume
+        Some(resumed)
     }
 
     /// Up to one frame's worth of bytes from the front of the queue (zero-copy when a queued
@@ -403,13 +554,31 @@ mod tests {
         // The short last frame (100 bytes = 6.25 ms) moves the grid by its own duration.
         assert_eq!(sizes(&frames(&mut p, at(40))), [100]);
         assert_eq!(p.played_ms(), 1060 / 16);
-        // Nothing queued: no timer at all.
-        assert_eq!(p.poll_timeout(), None);
+        // Nothing queued: the only deadline is the start of a gap, MAX_CATCH_UP after the next
+        // slot (the next frame could leave at 46.25 ms, its slot is 66.25 ms).
+        let slot = at(40) + Duration::from_micros(6250) + FRAME;
+        assert_eq!(p.poll_timeout(), Some(slot + MAX_CATCH_UP));
         assert_eq!(p.underruns(), 0);
-        // Audio after a gap goes out at once, counts the gap, and re-anchors.
-        p.push(at(95), Bytes::from(vec![2u8; 320]));
-        assert_eq!(sizes(&frames(&mut p, at(95))), [320]);
+        // Audio a little late keeps the grid: back to back until on time (and the frame of
+        // slack), then one per 20 ms. The caller heard a gap.
+        p.push(at(95), Bytes::from(vec![2u8; 320 * 4]));
+        assert_eq!(sizes(&frames(&mut p, at(95))), [320, 320, 320]);
         assert_eq!(p.underruns(), 1);
+        assert_eq!(p.poll_timeout(), Some(slot + 2 * FRAME));
+        assert_eq!(sizes(&frames(&mut p, slot + 2 * FRAME)), [320]);
+        // Woken on time for the start of a gap (and the frame after it, for a stall's
+        // backlog), the playout goes idle: no timer at all.
+        let gap = p.poll_timeout().expect("the start of a gap");
+        assert!(frames(&mut p, gap).is_empty());
+        assert_eq!(p.poll_timeout(), Some(gap + FRAME));
+        assert!(frames(&mut p, gap + FRAME).is_empty());
+        assert_eq!(p.poll_timeout(), None);
+        // Audio after a gap goes out at once, counts the gap, and anchors the grid afresh.
+        let later = gap + Duration::from_millis(500);
+        p.push(later, Bytes::from(vec![3u8; 320 * 3]));
+        assert_eq!(sizes(&frames(&mut p, later)), [320, 320]);
+        assert_eq!(p.poll_timeout(), Some(later + FRAME));
+        assert_eq!((p.underruns(), p.stalls()), (2, 0));
     }
 
     #[test]
@@ -429,9 +598,192 @@ mod tests {
                 matches!(&e[..], [PlayoutEvent::Frame { late, .. }] if late.is_zero()),
                 "frame {k} went out on arrival"
             );
-            assert_eq!(p.poll_timeout(), None);
+            // Only the start of a gap, were the next frame not to come.
+            assert!(p.poll_timeout().is_some_and(|d| d > arrival + FRAME));
         }
         assert_eq!(p.underruns(), 0);
+    }
+
+    /// An echo: each 20 ms frame is pushed when the caller's arrives, and goes out at once.
+    /// Returns the push times of `count` frames from `from` (ms), every 20 ms.
+    fn echo(p: &mut Playout, t0: Instant, from: u64, count: u64, tag: u8) -> Vec<Vec<usize>> {
+        (0..count)
+            .map(|k| {
+                let now = t0 + Duration::from_millis(from + 20 * k);
+                p.push(now, Bytes::from(vec![tag; 320]));
+                sizes(&frames(p, now))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_echo_that_stalled_is_back_on_real_time_at_once() {
+        // Both ways an owner can notice its stall: the gap's deadline first (the timer), or
+        // the backlog first (the socket).
+        for timer_first in [true, false] {
+            // (The grid's slots are one frame of slack after the audio's earliest time.)
+            let t0 = Instant::now() + Duration::from_secs(1);
+            let mut p = Playout::new(
+                AudioFormat::Pcm8000,
+                Duration::from_secs(2),
+                Underrun::Nothing,
+            );
+            echo(&mut p, t0, 0, 10, 1);
+            // The owner stalls from 200 ms to 500 ms: the caller's 15 frames of that time
+            // pile up in the socket and are read in one go when it wakes.
+            let woke = t0 + Duration::from_millis(500);
+            if timer_first {
+                let deadline = p.poll_timeout().expect("the gap's deadline");
+                assert!(deadline < woke - MAX_CATCH_UP, "{deadline:?}");
+                assert!(frames(&mut p, woke).is_empty());
+            }
+            let mut sent = 0;
+            for _ in 0..15 {
+                p.push(woke, Bytes::from(vec![2u8; 320]));
+                sent += frames(&mut p, woke).len();
+            }
+            // Slots 200..400 ms passed (about) 100 ms ago or more: dropped; the last 80 ms went
+            // out back to back, and the grid is on real time again.
+            assert_eq!(
+                (p.stalls(), p.stall_dropped_ms()),
+                (1, 220),
+                "{timer_first}"
+            );
+            assert_eq!(sent, 4, "{timer_first}");
+            assert_eq!(p.queued_ms(), 0);
+            // The caller's next frames come at real-time pace and go out at once, as before.
+            let after = echo(&mut p, t0, 520, 50, 3);
+            assert!(after.iter().all(|f| f == &[320]), "{after:?}");
+            assert_eq!((p.underruns(), p.stalls()), (0, 1));
+        }
+    }
+
+    #[test]
+    fn a_late_frame_never_holds_up_the_frames_after_it() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        echo(&mut p, t0, 0, 10, 1);
+        // Frame 10 is 36 ms late (scheduling, the network); frame 11 comes on time.
+        let late = t0 + Duration::from_millis(236);
+        p.push(late, Bytes::from(vec![2u8; 320]));
+        assert_eq!(sizes(&frames(&mut p, late)), [320]);
+        let after = echo(&mut p, t0, 220, 50, 3);
+        assert!(after.iter().all(|f| f == &[320]), "{after:?}");
+        assert_eq!((p.underruns(), p.stalls()), (1, 0));
+    }
+
+    #[test]
+    fn a_stall_that_ends_as_a_gap_begins_is_still_a_stall() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        echo(&mut p, t0, 0, 10, 1);
+        // Held up from 190 ms until just after the start of a gap: woken (nearly) on time for
+        // it, with the caller's frames of that time still unread.
+        let gap = p.poll_timeout().expect("the start of a gap");
+        let woke = gap + Duration::from_millis(5);
+        assert!(frames(&mut p, woke).is_empty());
+        let backlog = (woke - t0).as_millis() as u64 / 20 - 9;
+        for _ in 0..backlog {
+            p.push(woke, Bytes::from(vec![2u8; 320]));
+            frames(&mut p, woke);
+        }
+        assert_eq!(p.stalls(), 1, "the backlog came");
+        let after = echo(&mut p, t0, 20 * (10 + backlog), 50, 3);
+        assert!(after.iter().all(|f| f == &[320]), "{after:?}");
+    }
+
+    #[test]
+    fn a_pause_polled_on_time_is_a_gap_not_a_stall() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        echo(&mut p, t0, 0, 10, 1);
+        // The caller stops sending for 300 ms; the owner is woken when the gap begins (and a
+        // frame later, the end of the door left open for a backlog).
+        let gap = p.poll_timeout().expect("the gap's deadline");
+        assert!(frames(&mut p, gap).is_empty());
+        assert!(frames(&mut p, gap + FRAME).is_empty());
+        assert_eq!(p.poll_timeout(), None, "idle");
+        // The caller's audio after the pause goes out at once: nothing is dropped.
+        let after = echo(&mut p, t0, 500, 10, 2);
+        assert!(after.iter().all(|f| f == &[320]), "{after:?}");
+        assert_eq!((p.underruns(), p.stalls(), p.stall_dropped_ms()), (1, 0, 0));
+    }
+
+    #[test]
+    fn audio_pushed_long_after_a_stall_is_new_audio() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Nothing,
+        );
+        echo(&mut p, t0, 0, 10, 1);
+        // A stall noticed by the timer, and no backlog: the caller had stopped sending.
+        let woke = t0 + Duration::from_millis(500);
+        assert!(frames(&mut p, woke).is_empty());
+        assert_eq!(p.stalls(), 1);
+        // More than MAX_CATCH_UP later, the next audio is not the stall's: it goes out at once.
+        let next = woke + MAX_CATCH_UP + FRAME;
+        p.push(next, Bytes::from(vec![2u8; 320 * 3]));
+        assert_eq!(sizes(&frames(&mut p, next)), [320, 320]);
+        assert_eq!(p.stall_dropped_ms(), 0);
+    }
+
+    #[test]
+    fn silence_after_a_stall_catches_up_with_the_backlog() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut p = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Silence,
+        );
+        echo(&mut p, t0, 0, 10, 1);
+        let woke = t0 + Duration::from_millis(500);
+        // Woken late with nothing queued: it waits for the backlog rather than fill silence.
+        assert!(frames(&mut p, woke).is_empty());
+        assert_eq!(p.poll_timeout(), Some(woke + MAX_CATCH_UP));
+        for _ in 0..15 {
+            p.push(woke, Bytes::from(vec![2u8; 320]));
+            frames(&mut p, woke);
+        }
+        assert_eq!(p.stalls(), 1);
+        assert!(p.stall_dropped_ms() >= 200, "{}", p.stall_dropped_ms());
+        // On real time again: the caller's next frames never wait more than the frame of
+        // slack.
+        for k in 1..=20u64 {
+            let now = woke + FRAME * k as u32;
+            frames(&mut p, now);
+            p.push(now, Bytes::from(vec![3u8; 320]));
+            frames(&mut p, now);
+            assert!(
+                p.queued_ms() <= 20,
+                "frame {k}: {} ms queued",
+                p.queued_ms()
+            );
+        }
+        // With no backlog at all, the silence goes on once the wait is over.
+        let mut q = Playout::new(
+            AudioFormat::Pcm8000,
+            Duration::from_secs(2),
+            Underrun::Silence,
+        );
+        echo(&mut q, t0, 0, 10, 1);
+        assert!(frames(&mut q, woke).is_empty());
+        let later = woke + MAX_CATCH_UP + Duration::from_millis(1);
+        assert_eq!(frames(&mut q, later).len(), 1);
+        assert_eq!(q.poll_timeout(), Some(later + FRAME));
     }
 
     #[test]

@@ -333,6 +333,8 @@ async fn list_calls(
             None => None,
             Some(text) => Some(CallId::parse(text).ok_or_else(|| bad_call_id("before", text))?),
         },
+        // Records hold up to a few MiB each: read no more than the reply can hold.
+        max_bytes: Some(MAX_LIST_BYTES as u64),
     };
     let calls = shared
         .store
@@ -493,11 +495,27 @@ fn next_after(page: Page, last: Option<u64>, len: usize) -> Option<u64> {
     (len == page.limit as usize).then_some(last).flatten()
 }
 
+/// A JSON reply built on the blocking pool: a page holds up to a few MiB of the phone's text
+/// (1,000 entries of up to 4 KiB), tens of milliseconds of an async worker in a debug build.
+async fn json_off_workers(
+    shared: &Shared,
+    build: impl FnOnce() -> Value + Send + 'static,
+) -> Result<Response, ApiError> {
+    let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
+    let body = shared
+        .tasks
+        .spawn_blocking(move || serde_json::to_vec(&build()))
+        .await
+        .map_err(|e| internal(e.to_string()))?
+        .map_err(|e| internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
 async fn events(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let page = page(query)?;
     let events = shared
         .store
@@ -506,14 +524,18 @@ async fn events(
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
     let next = next_after(page, events.last().map(|e| e.seq), events.len());
-    Ok(Json(json!({ "id": id, "events": events, "next": next })))
+    json_off_workers(
+        &shared,
+        move || json!({ "id": id, "events": events, "next": next }),
+    )
+    .await
 }
 
 async fn transcript(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let page = page(query)?;
     let entries = shared
         .store
@@ -523,9 +545,11 @@ async fn transcript(
         .ok_or_else(|| no_call(&id))?;
     let next = next_after(page, entries.last().map(|e| e.seq), entries.len());
     let record = find(&shared, &id).await?;
-    Ok(Json(
-        json!({ "id": id, "entries": entries, "usage": record.usage, "next": next }),
-    ))
+    json_off_workers(
+        &shared,
+        move || json!({ "id": id, "entries": entries, "usage": record.usage, "next": next }),
+    )
+    .await
 }
 
 /// The operator mailbox of live call `id`: 404 for an unknown call, 409 for one that ended.
@@ -669,6 +693,16 @@ async fn play(
         })??;
     match act(&shared, &id, CallRequest::Play { audio }).await? {
         Reply::Queued { ms } => Ok(Json(json!({ "id": id, "queued_ms": ms }))),
+        // A live call: `call_not_live` would send the operator away.
+        Reply::QueueFull => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "queue_full",
+            format!(
+                "call {id:?} already holds {} minutes of operator audio; play more once some \
+                 of it has played",
+                crate::media::MAX_OPERATOR_MS / 60_000
+            ),
+        )),
         other => Err(unexpected(other)),
     }
 }

@@ -31,6 +31,9 @@ pub(crate) enum Reply {
     Done,
     /// Queued this much audio, ms.
     Queued { ms: u64 },
+    /// Not queued: the call already holds as much operator audio as it may
+    /// (`media::MAX_OPERATOR_MS`).
+    QueueFull,
     /// Cleared.
     Cleared { dropped_ms: u64, played_ms: u64 },
 }

@@ -1,22 +1,24 @@
-//! Item 4 of issue 10: text from the wire in logs. A test binary of its own: a thread's
-//! subscriber (`set_default`) sees every log line only when no other test runs at the same
-//! time (tracing caches per call site whether anyone listens).
+//! Item 4 of issue 10: text from the wire in logs. A test binary of its own: it installs the
+//! process's subscriber (the server runs on threads of its own, see `abuse/support.rs`).
 
+#[allow(
+    dead_code,
+    reason = "this binary uses part of the abuse tests' support"
+)]
 #[path = "abuse/support.rs"]
 mod support;
 
 use std::sync::{Arc, Mutex};
 
+use callgate_testkit::callbridge_start;
 use callgate_testkit::phone::WAIT;
-use callgate_testkit::{callbridge_start, spawn_server};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use support::*;
 
-/// Captures what the server logs on this thread (the test runtime is single-threaded, so all
-/// the server's tasks log here).
+/// Captures what the server logs.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
@@ -49,9 +51,10 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
         .with_ansi(false)
         .with_max_level(tracing::Level::DEBUG)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let server = spawn_server(|_| {}).await;
-    let mut canary = Canary::start(&server, "canary-logs").await;
+    tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+    let mut rig = Rig::start("item 4: text from the wire in logs", |_| {}).await;
+    let canary = rig.canary().await;
+    let server = &rig.server;
 
     let forged = "evil\n2026-11-22T00:00:00.000000Z ERROR FORGED: operator action needed\u{1b}[2J";
     let long_caller = format!("{}88", "0".repeat(500_000));
@@ -73,25 +76,23 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
         .unwrap(),
     ];
     for attack in attacks {
-        let mut ws = ws_from(&server, ATTACKER, "/").await.unwrap();
+        let mut ws = ws_from(server, ATTACKER, "/").await.unwrap();
         ws.send(Message::Text(attack.to_string().into()))
             .await
             .unwrap();
         let _ = tokio::time::timeout(WAIT, ws.next()).await;
         let _ = ws.close(None).await;
         let _ = close_of(&mut ws).await;
-        canary.echo().await;
     }
     // A short caller number, to compare its redaction with the long one's.
-    let mut short = place_call(&server, CALLER, "short").await.unwrap();
+    let mut short = place_call(server, CALLER, "short").await.unwrap();
     short.close(None).await.unwrap();
     let _ = close_of(&mut short).await;
     server.ended_call("short").await;
-    canary.end(&server).await;
-    server.shutdown().await;
 
+    // What was logged of the attacks (the canary's end and the shutdown come after).
     let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
-    let forged_lines: Vec<&str> = text.lines().filter(|l| l.contains("FORGED:")).collect();
+    let forged_lines = text.lines().filter(|l| l.contains("FORGED:")).count();
     let longest = text.lines().map(str::len).max().unwrap_or(0);
     let escapes = text.matches('\u{1b}').count();
     let callers: Vec<&str> = text
@@ -106,30 +107,36 @@ async fn text_from_the_wire_is_escaped_and_bounded_in_logs() {
             .map_or(l, |(_, m)| m);
         message.chars().take(200).collect::<String>()
     };
-    eprintln!(
-        "figure: {} log lines, longest {longest} bytes, {escapes} raw ESC, forged lines: {:?}, callers: {:?}",
-        text.lines().count(),
-        forged_lines.iter().map(|l| shown(l)).collect::<Vec<_>>(),
-        callers.iter().map(|c| shown(c)).collect::<Vec<_>>()
-    );
     for line in text
         .lines()
         .filter(|l| l.contains("callgate_server::call: "))
     {
         eprintln!("  log: {}", shown(line));
     }
-    assert!(
+    rig.figure("log lines", text.lines().count());
+    rig.figure("longest line (bytes)", longest);
+    rig.figure("raw ESC", escapes);
+    rig.figure(
+        "lines with the forged text (escaped, inside a line)",
+        forged_lines,
+    );
+    rig.figure("callers as logged", callers.join(" "));
+    rig.expect(
         !text
             .lines()
             .any(|l| l.starts_with("2026-11-22T00:00:00.000000Z")),
-        "a forged line"
+        "a forged line",
     );
-    assert_eq!(escapes, 0, "raw ANSI escapes reach the terminal");
-    assert!(longest < 2048, "a log line of {longest} bytes");
+    rig.expect(escapes == 0, "raw ANSI escapes reach the terminal");
+    rig.expect(longest < 2048, format!("a log line of {longest} bytes"));
     // The 500,002-digit number and the 11-digit ones redact alike: no length is told.
     let ending_88: Vec<&&str> = callers.iter().filter(|c| c.ends_with("88")).collect();
-    assert!(ending_88.len() >= 3, "{callers:?}");
-    assert!(ending_88.iter().all(|c| c == &ending_88[0]), "{callers:?}");
-    assert!(callers.iter().all(|c| c.len() <= 16), "{callers:?}");
-    assert!(text.contains("evil\\n2026"), "the id is shown, escaped");
+    rig.expect(
+        ending_88.len() >= 3
+            && ending_88.iter().all(|c| c == &ending_88[0])
+            && callers.iter().all(|c| c.len() <= 16),
+        format!("callers: {callers:?}"),
+    );
+    rig.expect(text.contains("evil\\n2026"), "the id is not shown escaped");
+    rig.finish(canary).await;
 }

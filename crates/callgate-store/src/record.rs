@@ -207,6 +207,30 @@ pub struct CallRecord {
     pub key_name: Option<String>,
 }
 
+impl CallRecord {
+    /// The bytes of its text (the phone's fields, the CDR, usage...): at most the size of its
+    /// JSON, which adds keys, numbers and escapes.
+    pub fn text_bytes(&self) -> u64 {
+        let raw = |v: &Option<Box<RawValue>>| v.as_ref().map_or(0, |r| r.get().len());
+        let opt = |v: &Option<String>| v.as_ref().map_or(0, String::len);
+        let total = self.id.as_str().len()
+            + self.protocol.len()
+            + self.caller.len()
+            + self.callee.len()
+            + self.external_id.len()
+            + raw(&self.call_config)
+            + self.dtmf.len()
+            + raw(&self.cdr)
+            + raw(&self.usage)
+            + opt(&self.end_reason)
+            + opt(&self.hangup_by)
+            + opt(&self.route)
+            + opt(&self.agent)
+            + opt(&self.key_name);
+        total as u64
+    }
+}
+
 impl PartialEq for CallRecord {
     fn eq(&self, other: &Self) -> bool {
         let raw = |v: &Option<Box<RawValue>>| v.as_ref().map(|r| r.get().to_owned());
@@ -307,6 +331,11 @@ pub struct CallFilter {
     /// The page cursor: only calls after this one in the listing order (the ID of the last
     /// call of the previous page). An ID that names no call yields an empty page.
     pub before: Option<CallId>,
+    /// Stop reading once the records read hold more than this many bytes of text
+    /// ([`CallRecord::text_bytes`]), after one record more (so a caller cutting the page by
+    /// size knows there is a next one): a page of large records is cut while it is read, not
+    /// read whole and cut afterwards. `None`: no limit.
+    pub max_bytes: Option<u64>,
 }
 
 impl CallFilter {

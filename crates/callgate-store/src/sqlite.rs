@@ -488,7 +488,19 @@ impl Reader for SqliteReader {
             .filter(|(name, _)| stmt.parameter_index(name).ok().flatten().is_some())
             .collect();
         let rows = stmt.query_map(named.as_slice(), record)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let budget = f.max_bytes.unwrap_or(u64::MAX);
+        let (mut calls, mut bytes) = (Vec::new(), 0u64);
+        for call in rows {
+            let call = call?;
+            if bytes > budget {
+                // The one record more, then no further.
+                calls.push(call);
+                break;
+            }
+            bytes = bytes.saturating_add(call.text_bytes());
+            calls.push(call);
+        }
+        Ok(calls)
     }
 
     fn call(&mut self, id: &CallId) -> Result<Option<CallRecord>, Error> {

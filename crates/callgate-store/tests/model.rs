@@ -123,6 +123,7 @@ fn filter(spec: FilterSpec) -> CallFilter {
         protocol: pick(&PROTOCOLS, protocol),
         end_reason: pick(&["peer_hangup", "interrupted", "no_such_reason"], reason),
         before: (before < 7).then(|| id(before)),
+        max_bytes: None,
     }
 }
 
@@ -513,4 +514,39 @@ fn ended_calls_are_deleted_with_everything_they_own_and_live_ones_never() {
         reader.events(&id(3), Page::all()).unwrap().unwrap().len(),
         1
     );
+}
+
+#[test]
+fn a_listing_with_a_byte_budget_stops_one_record_past_it() {
+    let mut store = SqliteStore::open_in_memory().unwrap();
+    // Ten calls whose call_config holds 100 kB each.
+    let config = format!("{{\"siteId\":\"{}\"}}", "9".repeat(100_000));
+    for i in 1..=10 {
+        let mut call = new_call(i, i64::from(i), 0);
+        call.call_config = Some(config.clone());
+        store.insert_call(&call).unwrap();
+    }
+    let reader = &mut store.open_reader().unwrap();
+    let all = reader.list_calls(&CallFilter::newest(10)).unwrap();
+    let each = all[0].text_bytes();
+    assert!(each > 100_000, "{each}");
+    // A budget of three and a half records: four read to pass it, and one more.
+    let budget = CallFilter {
+        max_bytes: Some(each * 7 / 2),
+        ..CallFilter::newest(10)
+    };
+    let listed = reader.list_calls(&budget).unwrap();
+    assert_eq!(ids(&listed), ids(&all[..5]));
+    // The first record alone over the budget: it, and one more.
+    let tiny = CallFilter {
+        max_bytes: Some(1),
+        ..CallFilter::newest(10)
+    };
+    assert_eq!(ids(&reader.list_calls(&tiny).unwrap()), ids(&all[..2]));
+    // Fewer records than the budget holds: all of them.
+    let ample = CallFilter {
+        max_bytes: Some(each * 100),
+        ..CallFilter::newest(10)
+    };
+    assert_eq!(reader.list_calls(&ample).unwrap().len(), 10);
 }

@@ -708,10 +708,7 @@ impl CallCore {
                         .event(now, EventKind::OperatorPlay, json!({ "ms": ms }));
                     Ok(Reply::Queued { ms })
                 }
-                None => Err(ProtoError::InvalidState {
-                    operation: "queueing more operator audio",
-                    state: "holding 10 minutes of it",
-                }),
+                None => Ok(Reply::QueueFull),
             },
             Request::Clear => {
                 let utterance_ms = self.media.utterance_played_ms();
@@ -1022,8 +1019,10 @@ mod tests {
     async fn barge_in_clears_within_a_frame_and_reports_totals() {
         let mut call = answered(true).await;
         call.say(0, 300, 1).await;
-        call.run_to(300);
-        // A gap: the caller hears nothing for 700 ms. Positions count audio, not time.
+        // A gap: the caller hears nothing for 700 ms (the clock runs through it: an owner
+        // that slept through the gap's deadline would be stalled). Positions count audio, not
+        // time.
+        call.run_to(1000);
         call.agent(1000, AgentCommand::Mark(1)).await;
         call.say(1000, 1000, 2).await;
         call.run_to(1200);
@@ -1167,6 +1166,27 @@ mod tests {
             "agent, operator, then the agent's next audio: {order:?}"
         );
         assert_eq!(order.len(), 15);
+    }
+
+    #[tokio::test]
+    async fn operator_audio_past_ten_minutes_is_refused_as_a_full_queue() {
+        let mut call = answered(false).await;
+        let minute = Bytes::from(vec![2u8; FRAME * 50 * 60]);
+        for _ in 0..10 {
+            let reply = call.core.handle_operator(
+                call.at(0),
+                Request::Play {
+                    audio: minute.clone(),
+                },
+            );
+            assert_eq!(reply, Ok(Reply::Queued { ms: 60_000 }));
+        }
+        // The call is live: the refusal says the queue is full, not that the call is over.
+        let reply = call
+            .core
+            .handle_operator(call.at(0), Request::Play { audio: minute });
+        assert_eq!(reply, Ok(Reply::QueueFull));
+        assert!(!call.core.has_ended());
     }
 
     #[tokio::test]

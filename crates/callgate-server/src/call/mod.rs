@@ -1089,6 +1089,10 @@ impl Call {
         }
         if stats.stalls > 0 {
             m.playout_stalls.inc_by(stats.stalls);
+        }
+        // Apart: a stall's late audio is dropped as its backlog comes in, which can be after
+        // the merge that counted the stall.
+        if stats.stall_dropped_ms > 0 {
             m.playout_stall_dropped
                 .inc_by(stats.stall_dropped_ms as f64 / 1000.0);
         }

@@ -3,17 +3,12 @@
 use std::time::{Duration, Instant};
 
 use callgate_testkit::phone::WAIT;
-use callgate_testkit::{TestServer, callbridge_start, cdr, spawn_server};
+use callgate_testkit::{TestServer, callbridge_start, cdr};
 use futures_util::SinkExt;
 use tokio::io::AsyncReadExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::support::*;
-
-fn metric(text: &str, line_start: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
-}
 
 /// Once the attackers have gone, every place in the pending budget is given back (nothing
 /// leaks: the gauge counts places, and each holds a socket).
@@ -36,50 +31,54 @@ async fn pending_drains_to_zero(server: &TestServer) {
 /// a slot whenever fewer than `max_calls` calls are live.
 #[tokio::test]
 async fn idle_sockets_do_not_take_call_slots() {
-    let server = spawn_server(|c| c.max_calls = 2).await;
-    let mut canary = Canary::start(&server, "canary-idle").await;
+    let mut rig = Rig::start("item 1: idle sockets take no call slot", |c| {
+        c.max_calls = 2
+    })
+    .await;
+    let canary = rig.canary().await;
+    let server = &rig.server;
 
-    // 300 idle TCP connections from one address, and 20 upgraded ones from another that never
-    // send their first message: more than the old lockout (2 + 64) and more than one
-    // address's budget.
+    // 300 idle TCP connections from one address (the long run: 1,100, the issue's ~1,064),
+    // and 20 upgraded ones from another that never send their first message: more than the
+    // old lockout (2 + 64) and more than one address's budget.
+    let count = Strength::get().pick(300, 1100);
     let mut idle = Vec::new();
     let mut connect_failures = 0;
-    for _ in 0..300 {
-        match connect_from(&server, ATTACKER).await {
+    for _ in 0..count {
+        match connect_from(server, ATTACKER).await {
             Ok(s) => idle.push(s),
             Err(_) => connect_failures += 1,
         }
     }
-    canary.echo().await;
     let mut silent = Vec::new();
     for _ in 0..20 {
-        if let Ok(ws) = ws_from(&server, [127, 0, 0, 3], "/").await {
+        if let Ok(ws) = ws_from(server, [127, 0, 0, 3], "/").await {
             silent.push(ws);
         }
     }
-    canary.echo().await;
 
     // The listener accepts in order: this caller is served after every idle socket.
-    let caller = place_call(&server, CALLER, "real-caller").await;
-    eprintln!(
-        "figure: max_calls 2, 1 live call, 300 idle + {} silent upgraded sockets \
-         ({connect_failures} connects failed): a real caller -> {}",
-        silent.len(),
+    let caller = place_call(server, CALLER, "real-caller").await;
+    rig.figure(
+        "max_calls 2, 1 live call: idle, silent upgraded sockets, connects failed",
+        format!("{count}, {}, {connect_failures}", silent.len()),
+    );
+    rig.figure(
+        "a real caller",
         match &caller {
             Ok(_) => "answered".to_owned(),
             Err(e) => format!("refused ({e})"),
-        }
+        },
     );
     let mut caller = caller.expect("a real caller is answered while a call slot is free");
-    canary.echo().await;
     let metrics = server.metrics_text().await;
-    let per_ip = server.config.max_pending_per_ip as u64;
+    let per_ip = server.config.max_pending_per_ip;
     assert_eq!(
         metric(
             &metrics,
             r#"callgate_connections_refused_total{reason="pending_per_ip"}"#
         ),
-        Some(300 - per_ip),
+        Some((count - per_ip) as f64),
         "{metrics}"
     );
     assert_eq!(silent.len(), 20, "the second address has its own budget");
@@ -96,7 +95,7 @@ async fn idle_sockets_do_not_take_call_slots() {
         String::from_utf8_lossy(&answer)
     );
     // The caller holds the second slot: the next real call is refused with 1013.
-    let third = place_call(&server, CALLER, "third").await;
+    let third = place_call(server, CALLER, "third").await;
     assert!(
         matches!(&third, Err(e) if e.contains("call limit reached")),
         "{:?}",
@@ -113,9 +112,8 @@ async fn idle_sockets_do_not_take_call_slots() {
     assert_eq!(close_of(&mut caller).await.0, 1000);
     drop(idle);
     drop(silent);
-    pending_drains_to_zero(&server).await;
-    canary.end(&server).await;
-    server.shutdown().await;
+    pending_drains_to_zero(server).await;
+    rig.finish(canary).await;
 }
 
 /// Item 2: the handshake timeout used to be applied per phase (upgrade, then first message):
@@ -124,11 +122,15 @@ async fn idle_sockets_do_not_take_call_slots() {
 #[tokio::test]
 async fn one_deadline_covers_the_upgrade_and_the_first_message() {
     let limit = Duration::from_secs(1);
-    let server = spawn_server(|c| c.handshake_timeout = limit).await;
-    let mut canary = Canary::start(&server, "canary-slow").await;
+    let mut rig = Rig::start("item 2: one handshake deadline", move |c| {
+        c.handshake_timeout = limit
+    })
+    .await;
+    let canary = rig.canary().await;
+    let server = &rig.server;
 
     let began = Instant::now();
-    let stream = connect_from(&server, ATTACKER).await.unwrap();
+    let stream = connect_from(server, ATTACKER).await.unwrap();
     // The attack itself (not a synchronisation): upgrade at 80% of the limit, then silence.
     tokio::time::sleep(limit * 8 / 10).await;
     let outcome = match tokio_tungstenite::client_async(server.url("/"), stream).await {
@@ -136,30 +138,34 @@ async fn one_deadline_covers_the_upgrade_and_the_first_message() {
         Err(e) => (0, format!("upgrade failed: {e}")),
     };
     let lived = began.elapsed();
-    eprintln!(
-        "figure: handshake_timeout {limit:?}, upgrade at 0.8 s then silence: {outcome:?} after {lived:?}"
+    rig.figure(
+        "handshake_timeout 1 s, upgrade at 0.8 s then silence: closed after (ms)",
+        ms(lived),
     );
-    canary.echo().await;
+    rig.figure("with", format!("{outcome:?}"));
     // Per phase it would live at least 0.8 s + 1 s; one deadline closes it at about 1 s.
     assert!(lived < limit * 17 / 10, "lived {lived:?}");
     assert!(
         outcome.0 == 0 || outcome == (1008, "no start message within 1000 ms".into()),
         "{outcome:?}"
     );
-    canary.end(&server).await;
-    server.shutdown().await;
+    rig.finish(canary).await;
 }
 
 /// Item 3: calls over the limit past the 64 refusal slots used to get a bare TCP close. Now
 /// every refused call within the budget of connections that are not calls yet gets 1013.
 #[tokio::test]
 async fn every_call_over_the_limit_gets_1013() {
-    let server = spawn_server(|c| c.max_calls = 1).await;
-    let mut canary = Canary::start(&server, "canary-full").await;
+    let mut rig = Rig::start("item 3: 1013 for every call over the limit", |c| {
+        c.max_calls = 1
+    })
+    .await;
+    let canary = rig.canary().await;
+    let server = &rig.server;
     let attempts = (0..200).map(|i| {
         // Four phone systems, 50 calls each at once.
         let ip = [127, 0, 0, 2 + (i % 4) as u8];
-        let server = &server;
+
         async move {
             let mut ws = ws_from(server, ip, "/").await?;
             let _ = ws
@@ -177,8 +183,7 @@ async fn every_call_over_the_limit_gets_1013() {
         };
         *tally.entry(key).or_default() += 1;
     }
-    eprintln!("figure: 200 calls at once over max_calls 1: {tally:?}");
-    canary.echo().await;
+    rig.figure("200 calls at once over max_calls 1", format!("{tally:?}"));
     assert_eq!(
         tally.get("1013 call limit reached (1 live calls)"),
         Some(&200),
@@ -190,12 +195,11 @@ async fn every_call_over_the_limit_gets_1013() {
             &metrics,
             r#"callgate_connections_refused_total{reason="call_limit"}"#
         ),
-        Some(200),
+        Some(200.0),
         "{metrics}"
     );
-    canary.end(&server).await;
     assert_eq!(server.calls().await.len(), 1, "only the canary was a call");
-    server.shutdown().await;
+    rig.finish(canary).await;
 }
 
 /// Item 1, from many sources: idle sockets from more addresses than the whole budget allows
@@ -203,42 +207,48 @@ async fn every_call_over_the_limit_gets_1013() {
 /// gets through.
 #[tokio::test]
 async fn idle_sockets_from_many_sources_are_evicted_for_a_caller() {
-    let server = spawn_server(|c| {
-        c.max_pending = 64;
-        c.max_pending_per_ip = 16;
+    // The long run: the default budget, 9 sources x 128 idle sockets.
+    let (budget, per_ip, sources) = Strength::get().pick((64, 16, 8u8), (512, 128, 9));
+    let mut rig = Rig::start("item 1: idle sockets from many sources", move |c| {
+        c.max_pending = budget;
+        c.max_pending_per_ip = per_ip;
     })
     .await;
-    let mut canary = Canary::start(&server, "canary-many").await;
-    // 8 sources x 16 idle sockets: twice the whole budget.
+    let canary = rig.canary().await;
+    let server = &rig.server;
+    // Sources x their budget: twice the whole budget (or more).
     let mut idle = Vec::new();
-    for source in 0..8u8 {
-        for _ in 0..16 {
+    for source in 0..sources {
+        for _ in 0..per_ip {
             idle.push(
-                connect_from(&server, [127, 0, 1, source + 1])
+                connect_from(server, [127, 0, 1, source + 1])
                     .await
                     .expect("connect"),
             );
         }
     }
-    canary.echo().await;
-    let caller = place_call(&server, CALLER, "many-caller").await;
-    eprintln!(
-        "figure: max_pending 64, 8 sources x 16 idle sockets: a real caller -> {}",
+    let caller = place_call(server, CALLER, "many-caller").await;
+    rig.figure(
+        "max_pending, sources x idle sockets",
+        format!("{budget}, {sources} x {per_ip}"),
+    );
+    rig.figure(
+        "a real caller",
         match &caller {
             Ok(_) => "answered".to_owned(),
             Err(e) => format!("refused ({e})"),
-        }
+        },
     );
     let mut caller = caller.expect("a caller gets through a full budget");
-    canary.echo().await;
     let metrics = server.metrics_text().await;
-    // 64 idle sockets and then the caller each evicted the oldest pending one.
+    // Every idle socket over the budget, and then the caller, evicted the oldest pending one.
+    let evicted = usize::from(sources) * per_ip - budget + 1;
     assert_eq!(
         metric(
             &metrics,
             r#"callgate_connections_refused_total{reason="pending_evicted"}"#
         ),
-        Some(65),
+        Some(evicted as f64),
         "{metrics}"
     );
     // The first idle socket was evicted: dropped, before any upgrade.
@@ -256,7 +266,6 @@ async fn idle_sockets_from_many_sources_are_evicted_for_a_caller() {
         .unwrap();
     assert_eq!(close_of(&mut caller).await.0, 1000);
     drop(idle);
-    pending_drains_to_zero(&server).await;
-    canary.end(&server).await;
-    server.shutdown().await;
+    pending_drains_to_zero(server).await;
+    rig.finish(canary).await;
 }

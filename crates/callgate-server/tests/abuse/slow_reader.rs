@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use callgate_server::Tasks;
+use callgate_testkit::callbridge_start;
 use callgate_testkit::phone::WAIT;
-use callgate_testkit::{callbridge_start, spawn_server};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -28,10 +28,15 @@ async fn a_phone_that_stops_reading_is_dropped_within_write_timeout_at_pcm_8000(
 
 async fn stops_reading(format: &str, frame_bytes: usize) {
     let write_timeout = Duration::from_secs(2);
-    let server = spawn_server(|c| c.write_timeout = write_timeout).await;
-    let mut canary = Canary::start(&server, "canary-deaf").await;
+    let mut rig = Rig::start(
+        &format!("item 8: a phone that stops reading, {format}"),
+        move |c| c.write_timeout = write_timeout,
+    )
+    .await;
+    let canary = rig.canary().await;
+    let server = &rig.server;
 
-    let ws = ws_from(&server, ATTACKER, "/").await.expect("upgraded");
+    let ws = ws_from(server, ATTACKER, "/").await.expect("upgraded");
     let (mut tx, mut rx) = ws.split();
     let start = callbridge_start("deaf").replace("PCM_8000", format);
     tx.send(Message::Text(start.into()))
@@ -77,7 +82,6 @@ async fn stops_reading(format: &str, frame_bytes: usize) {
     let stopped = Instant::now();
     let mut record = None;
     while stopped.elapsed() < Duration::from_secs(60) {
-        canary.echo().await;
         let found = server
             .calls()
             .await
@@ -90,10 +94,17 @@ async fn stops_reading(format: &str, frame_bytes: usize) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let dropped_after = stopped.elapsed();
-    eprintln!(
-        "figure: {format}, write_timeout {write_timeout:?}: a phone that stopped reading was \
-         dropped after {dropped_after:?} ({:?})",
-        record.as_ref().map(|r| r["end_reason"].clone())
+    rig.figure(
+        "write_timeout 2 s: a phone that stopped reading was dropped after (ms)",
+        ms(dropped_after),
+    );
+    rig.figure(
+        "end reason",
+        record
+            .as_ref()
+            .and_then(|r| r["end_reason"].as_str())
+            .unwrap_or("not ended")
+            .to_owned(),
     );
     let record = record.expect("the deaf phone's call ended within 60 s");
     assert_eq!(record["end_reason"], "send_timeout");
@@ -106,6 +117,5 @@ async fn stops_reading(format: &str, frame_bytes: usize) {
     );
     drop(rx);
     let _ = sender.await;
-    canary.end(&server).await;
-    server.shutdown().await;
+    rig.finish(canary).await;
 }
