@@ -82,12 +82,18 @@ async fn every_admin_error_is_json() {
     let too_big = vec![0u8; 33 << 20];
     let cases = vec![
         get("unknown path", "/no/such/thing", 404, "not_found"),
-        get("unknown call", "/api/calls/nope", 404, "call_not_found"),
+        get(
+            "unknown call",
+            "/api/calls/0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192",
+            404,
+            "call_not_found",
+        ),
+        get("not a call id", "/api/calls/nope", 400, "bad_call_id"),
         get(
             "path traversal",
             "/api/calls/..%2f..%2fetc%2fpasswd",
-            404,
-            "call_not_found",
+            400,
+            "bad_call_id",
         ),
         get("path not UTF-8", "/api/calls/%FF%FE", 400, "bad_request"),
         get(
@@ -118,7 +124,7 @@ async fn every_admin_error_is_json() {
         ),
         get(
             "unknown call's events",
-            "/api/calls/nope/events",
+            "/api/calls/0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192/events",
             404,
             "call_not_found",
         ),
@@ -133,7 +139,7 @@ async fn every_admin_error_is_json() {
         send(
             "hangup of no call",
             "POST",
-            "/api/calls/nope/hangup",
+            "/api/calls/0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192/hangup",
             Vec::new(),
             404,
             "call_not_found",

@@ -92,7 +92,12 @@ async fn play_refuses_absurd_audio_before_decoding_and_caps_the_queue() {
     let phase = rig.phase();
     for _ in 0..repeats {
         expect(
-            &admin_post(admin, "/api/calls/no-such-call/play", &valid).await,
+            &admin_post(
+                admin,
+                "/api/calls/0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192/play",
+                &valid,
+            )
+            .await,
             404,
             "call_not_found",
         );
