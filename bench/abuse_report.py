@@ -133,8 +133,9 @@ def main():
         "- Memory (RSS) and descriptors are the test process's: server and attacking client "
         "together, so each growth is an upper bound on the server's. kill -9 is the exception: "
         "a real release `callgate serve` process, its figures the restarted server's.\n"
-        f"- Baseline: the canary with no attack, run {len(baselines)} times (start, in the "
-        f"suite, end): median p99 **{fmt(base_p99) if base_p99 is not None else '-'} ms**. "
+        f"- Baseline: the canary with no attack, run at the start, in the suite and at the end "
+        f"({len(baselines)} reported): median p99 "
+        f"**{fmt(base_p99) if base_p99 is not None else '-'} ms**. "
         "The ratio column is each canary p99 over it.\n"
     )
     w.append("## Every attack\n")
