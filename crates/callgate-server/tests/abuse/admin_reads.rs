@@ -27,7 +27,7 @@ async fn admin_reads_are_bounded_pages_that_hold_up_no_call() {
     let readers = 4;
     let rounds = strength.pick(2, 10);
     let mut rig = Rig::start("item 6: unbounded admin reads", |_| {}).await;
-    rig.bound_rss(strength.pick(160, 192) << 20);
+    rig.bound_rss(192 << 20);
     let canary = rig.canary().await;
     let server = &rig.server;
 
