@@ -1882,6 +1882,15 @@ mod tests {
             self.server(ServerEvent::SessionUpdated);
         }
 
+        fn lost(&mut self, conn: u64, fatal: bool, reason: &str) {
+            let lost = Lost {
+                fatal,
+                reason: reason.into(),
+            };
+            self.core.handle_lost(self.now, conn, lost);
+            self.drain();
+        }
+
         fn server_on(&mut self, conn: u64, event: ServerEvent) {
             self.core.handle_server(self.now, conn, event, self.now);
             self.drain();
@@ -2151,15 +2160,7 @@ mod tests {
         });
         t.sent.clear();
         t.at(1000);
-        t.core.handle_lost(
-            t.now,
-            1,
-            Lost {
-                fatal: false,
-                reason: "reset".into(),
-            },
-        );
-        t.drain();
+        t.lost(1, false, "reset");
         assert_eq!(t.events("backend_lost").len(), 1);
         // The first retry is immediate.
         t.core.handle_timeout(t.now);
@@ -2183,15 +2184,7 @@ mod tests {
         assert_eq!(t.events("backend_reconnected")[0]["outage_ms"], 300);
         // A bad key: the fallback message, then the hangup; no retry.
         let mut t = T::new(settings(), Protocol::CallBridge);
-        t.core.handle_lost(
-            t.now,
-            1,
-            Lost {
-                fatal: true,
-                reason: "HTTP 401".into(),
-            },
-        );
-        t.drain();
+        t.lost(1, true, "HTTP 401");
         assert_eq!(t.audio, 8000, "one second of fallback");
         assert_eq!(t.commands.last(), Some(&AgentCommand::Hangup));
         assert_eq!(t.events("backend_failed")[0]["fatal"], true);
@@ -2202,15 +2195,7 @@ mod tests {
     fn reconnecting_gives_up_after_reconnect_within() {
         let mut t = T::new(settings(), Protocol::Inbound);
         t.ready();
-        t.core.handle_lost(
-            t.now,
-            1,
-            Lost {
-                fatal: false,
-                reason: "reset".into(),
-            },
-        );
-        t.drain();
+        t.lost(1, false, "reset");
         for attempt in 0..100 {
             let Some(at) = t.core.poll_timeout() else {
                 break;
@@ -2506,15 +2491,7 @@ mod tests {
         t.done("r1");
         assert_eq!(t.other, vec![Output::Connect { conn: 2 }]);
         t.other.clear();
-        t.core.handle_lost(
-            t.now,
-            2,
-            Lost {
-                fatal: true,
-                reason: "refused".into(),
-            },
-        );
-        t.drain();
+        t.lost(2, true, "refused");
         assert_eq!(t.core.current_conn(), Some(1), "the old session goes on");
         assert!(t.events("backend_failed").is_empty());
         assert_eq!(t.events("backend_renewal_failed").len(), 1);
@@ -2574,14 +2551,7 @@ mod tests {
             name: Some("slow".into()),
             arguments: "{}".into(),
         });
-        t.core.handle_lost(
-            t.now,
-            1,
-            Lost {
-                fatal: false,
-                reason: "reset".into(),
-            },
-        );
+        t.lost(1, false, "reset");
         t.core.handle_timeout(t.now);
         t.drain();
         t.ready();
