@@ -63,19 +63,22 @@ impl Secret {
         Ok(Self::digest_of(secret.as_bytes()))
     }
 
-    /// A secret given as the hex SHA-256 digest of it.
+    /// A secret given as the hex SHA-256 digest of it: exactly 64 ASCII hex digits (either
+    /// case), nothing else (no sign, no separators; surrounding whitespace is ignored).
     pub fn from_sha256_hex(hex: &str) -> Result<Self, String> {
-        let hex = hex.trim();
+        let hex = hex.trim().as_bytes();
         if hex.len() != 64 {
             return Err(format!(
-                "a SHA-256 digest is 64 hex digits, this one has {}",
+                "a SHA-256 digest is 64 hex digits, this one has {} bytes",
                 hex.len()
             ));
         }
         let mut digest = [0u8; 32];
-        for (i, byte) in digest.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-                .map_err(|_| "a SHA-256 digest is 64 hex digits (0-9, a-f)".to_owned())?;
+        for (byte, pair) in digest.iter_mut().zip(hex.chunks_exact(2)) {
+            let (Some(high), Some(low)) = (hex_digit(pair[0]), hex_digit(pair[1])) else {
+                return Err("a SHA-256 digest is 64 hex digits (0-9, a-f)".to_owned());
+            };
+            *byte = (high << 4) | low;
         }
         Ok(Self(digest))
     }
@@ -84,6 +87,26 @@ impl Secret {
     pub(crate) fn digest_of(bytes: &[u8]) -> Self {
         Self(digest(bytes))
     }
+}
+
+/// The value of one ASCII hex digit.
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The credentials of an `Authorization: Bearer ...` header value. The scheme name is
+/// case-insensitive (RFC 9110 11.1), followed by one or more spaces.
+pub(crate) fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(6)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    Some(rest.trim_ascii())
 }
 
 /// Equal without an early exit: the time taken does not depend on where they differ.
@@ -206,11 +229,8 @@ impl AdminAuth {
     /// token's name.
     pub fn check(&self, authorization: Option<&[u8]>, needed: Role) -> Result<&str, Refusal> {
         let presented = authorization
-            .and_then(|v| {
-                v.strip_prefix(b"Bearer ")
-                    .or_else(|| v.strip_prefix(b"bearer "))
-            })
-            .map(|t| digest(t.trim_ascii()))
+            .and_then(bearer)
+            .map(digest)
             .ok_or(Refusal::Unauthenticated)?;
         // Every token is compared: the time does not say which one matched, or how far.
         let mut found = None;
@@ -282,6 +302,37 @@ mod tests {
         assert!(Token::from_sha256_hex("x", Role::Read, "zz").is_err());
         let debug = format!("{:?}", auth.tokens[0]);
         assert!(!debug.contains("read-secret"), "{debug}");
+    }
+
+    #[test]
+    fn digests_are_parsed_strictly_and_never_panic() {
+        let good = hex(&digest(b"operator-secret-0123456789"));
+        assert!(Secret::from_sha256_hex(&good).is_ok());
+        assert!(Secret::from_sha256_hex(&good.to_uppercase()).is_ok());
+        // 64 bytes that are not 64 ASCII characters: a multi-byte character at the start
+        // (this panicked on a char boundary before).
+        let euro = format!("€{}", &good[3..]);
+        assert_eq!(euro.len(), 64);
+        assert!(Secret::from_sha256_hex(&euro).is_err());
+        let late = format!("{}€", &good[..61]);
+        assert_eq!(late.len(), 64);
+        assert!(Secret::from_sha256_hex(&late).is_err());
+        // A sign is not a hex digit (`from_str_radix` accepted `+f`).
+        let plus = format!("+{}", &good[1..]);
+        assert!(Secret::from_sha256_hex(&plus).is_err());
+        assert!(Secret::from_sha256_hex(&format!("0x{}", &good[2..])).is_err());
+        assert!(Secret::from_sha256_hex(&good[..63]).is_err());
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"BEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bEaReR   abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Bearerabc"), None);
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bear"), None);
+        assert_eq!(bearer("Béarer abc".as_bytes()), None);
     }
 
     fn hex(bytes: &[u8]) -> String {

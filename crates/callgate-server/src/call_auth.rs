@@ -13,7 +13,7 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::auth::{Secret, same_digest};
+use crate::auth::{Secret, bearer, same_digest};
 
 /// An IPv4 or IPv6 network (`10.0.0.0/8`, `2001:db8::/32`; a bare address is one host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,39 +174,66 @@ impl CallAuth {
         !self.keys.is_empty() || !self.allow.is_empty()
     }
 
-    /// The client behind `peer`: `peer` itself, unless it is a trusted proxy, then the
-    /// right-most address of `X-Forwarded-For` that is not a trusted proxy.
-    pub fn client(&self, peer: IpAddr, forwarded_for: Option<&str>) -> IpAddr {
+    /// The client behind `peer`: `peer` itself, unless it is a trusted proxy; then the chain
+    /// of `X-Forwarded-For` header lines (`forwarded_for`, every line, in order: HTTP joins
+    /// repeated lines with commas) is walked from the right over trusted proxies, and the
+    /// first address that is not one is the client (all trusted: the left-most). A hop with a
+    /// port (`203.0.113.7:4444`, `[2001:db8::1]:443`) counts as its address. `None` when a hop
+    /// reached in that walk is not an IP address (`unknown`, a host name, non-ASCII bytes): the
+    /// client cannot be known, and an allowlist refuses it, never falling back to the proxy.
+    /// The `Forwarded` header (RFC 7239) is ignored.
+    pub fn client<'a>(
+        &self,
+        peer: IpAddr,
+        forwarded_for: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Option<IpAddr> {
         let trusted = |ip: IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
         if !trusted(peer) {
-            return peer;
+            return Some(peer);
         }
-        let Some(chain) = forwarded_for else {
-            return peer;
-        };
+        let lines: Vec<&[u8]> = forwarded_for.into_iter().collect();
         let mut client = peer;
-        for hop in chain.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
-                // A hop that is not an address: believe nothing beyond it.
-                return client;
-            };
+        for hop in lines
+            .iter()
+            .rev()
+            .flat_map(|line| line.rsplit(|&b| b == b','))
+        {
+            let hop = hop.trim_ascii();
+            if hop.is_empty() {
+                // `a, , b` or a trailing comma: an empty element carries no hop.
+                continue;
+            }
+            let ip = hop_address(hop)?;
             client = ip;
             if !trusted(ip) {
-                return ip;
+                return Some(ip);
             }
         }
-        client
+        Some(client)
+    }
+
+    /// Whether a connection from `peer` can ever be admitted: false only when an allowlist is
+    /// configured, `peer` is not on it, and `peer` is not a trusted proxy (whose forwarded
+    /// client might be). Checked at accept, before any TLS handshake.
+    pub fn may_come_from(&self, peer: IpAddr) -> bool {
+        self.allow.is_empty()
+            || self.allow.iter().any(|n| n.contains(peer))
+            || self.trusted_proxies.iter().any(|n| n.contains(peer))
     }
 
     /// Checks a connection: the client's address, then its key.
+    /// `client` is [`CallAuth::client`]'s answer: `None` (an unreadable forwarded chain) is
+    /// refused when an allowlist is configured.
     pub fn admit(
         &self,
-        client: IpAddr,
+        client: Option<IpAddr>,
         authorization: Option<&[u8]>,
         x_api_key: Option<&[u8]>,
         query: Option<&str>,
     ) -> Result<Admission, Refusal> {
-        if !self.allow.is_empty() && !self.allow.iter().any(|n| n.contains(client)) {
+        if !self.allow.is_empty()
+            && !client.is_some_and(|client| self.allow.iter().any(|n| n.contains(client)))
+        {
             return Err(Refusal::NotAllowed);
         }
         if self.keys.is_empty() {
@@ -219,10 +246,7 @@ impl CallAuth {
             })
         });
         let presented = authorization
-            .and_then(|v| {
-                v.strip_prefix(b"Bearer ")
-                    .or_else(|| v.strip_prefix(b"bearer "))
-            })
+            .and_then(bearer)
             .or(x_api_key)
             .or(from_query)
             .map(<[u8]>::trim_ascii)
@@ -241,6 +265,28 @@ impl CallAuth {
             routes: key.routes.clone(),
         })
     }
+}
+
+/// One `X-Forwarded-For` hop as an address: a bare IPv4 or IPv6 address, an IPv4 address
+/// with a port, or a bracketed IPv6 address with or without a port. Anything else is `None`.
+fn hop_address(hop: &[u8]) -> Option<IpAddr> {
+    let hop = std::str::from_utf8(hop).ok()?;
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        let (v6, port) = rest.split_once(']')?;
+        let port_ok = port.is_empty()
+            || port
+                .strip_prefix(':')
+                .is_some_and(|p| p.parse::<u16>().is_ok());
+        return port_ok
+            .then(|| v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6))
+            .flatten();
+    }
+    let (v4, port) = hop.split_once(':')?;
+    port.parse::<u16>().ok()?;
+    v4.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4)
 }
 
 /// The call-port auth in force, replaceable while calls run (key rotation). Cheap to clone.
@@ -336,23 +382,110 @@ mod tests {
             ..CallAuth::default()
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let client =
+            |peer: &str, lines: &[&str]| auth.client(ip(peer), lines.iter().map(|l| l.as_bytes()));
         assert_eq!(
-            auth.client(ip("198.51.100.1"), Some("1.2.3.4")),
-            ip("198.51.100.1")
+            client("198.51.100.1", &["1.2.3.4"]),
+            Some(ip("198.51.100.1"))
         );
         assert_eq!(
-            auth.client(ip("10.0.0.5"), Some("1.2.3.4, 10.0.0.9")),
-            ip("1.2.3.4")
+            client("10.0.0.5", &["1.2.3.4, 10.0.0.9"]),
+            Some(ip("1.2.3.4"))
         );
         assert_eq!(
-            auth.client(ip("10.0.0.5"), Some("6.6.6.6, 1.2.3.4")),
-            ip("1.2.3.4")
+            client("10.0.0.5", &["6.6.6.6, 1.2.3.4"]),
+            Some(ip("1.2.3.4"))
         );
-        assert_eq!(auth.client(ip("10.0.0.5"), None), ip("10.0.0.5"));
+        assert_eq!(client("10.0.0.5", &[]), Some(ip("10.0.0.5")));
         assert_eq!(
-            auth.client(ip("10.0.0.5"), Some("junk, 10.0.0.9")),
-            ip("10.0.0.9")
+            client("10.0.0.5", &["10.0.0.7, 10.0.0.9"]),
+            Some(ip("10.0.0.7"))
         );
+    }
+
+    #[test]
+    fn every_forwarded_line_is_read_from_the_right() {
+        // The client forges a line; the trusted proxy appends its own line with the real
+        // address. Reading only the first line believed the forgery.
+        let auth = CallAuth {
+            trusted_proxies: vec![net("10.0.0.0/8")],
+            ..CallAuth::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let lines: [&[u8]; 2] = [b"8.8.8.8", b"198.51.100.7"];
+        assert_eq!(auth.client(ip("10.0.0.5"), lines), Some(ip("198.51.100.7")));
+        let lines: [&[u8]; 3] = [b"8.8.8.8", b"198.51.100.7, 10.0.0.3", b"10.0.0.4"];
+        assert_eq!(auth.client(ip("10.0.0.5"), lines), Some(ip("198.51.100.7")));
+    }
+
+    #[test]
+    fn a_hop_that_is_not_an_address_is_never_a_fallback() {
+        let auth = CallAuth {
+            allow: vec![net("10.0.0.0/8")],
+            trusted_proxies: vec![net("10.0.0.0/8")],
+            ..CallAuth::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = ip("10.0.0.5");
+        for bad in [
+            &b"unknown"[..],
+            b"host.example",
+            b"8.8.8.8:notaport",
+            b"8.8.8.8:99999",
+            b"[2001:db8::1",
+            b"1.2.3.4.5",
+            "\u{ff11}.2.3.4".as_bytes(),
+            &[0xff, 0xfe, b'1'],
+            b"junk, 10.0.0.9",
+        ] {
+            let client = auth.client(proxy, [bad]);
+            assert_eq!(client, None, "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                auth.admit(client, None, None, None),
+                Err(Refusal::NotAllowed),
+                "the proxy's own (allowed) address must not stand in"
+            );
+        }
+        // Addresses with ports count as their address.
+        for (hop, want) in [
+            ("8.8.8.8:4444", "8.8.8.8"),
+            ("[2001:db8::1]:443", "2001:db8::1"),
+            ("[2001:db8::1]", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+            (" 10.1.2.3:80 ", "10.1.2.3"),
+        ] {
+            assert_eq!(
+                auth.client(proxy, [hop.as_bytes()]),
+                Some(ip(want)),
+                "{hop}"
+            );
+        }
+        assert_eq!(
+            auth.admit(auth.client(proxy, [&b"8.8.8.8:4444"[..]]), None, None, None),
+            Err(Refusal::NotAllowed)
+        );
+        // Beyond the first untrusted hop nothing is read.
+        assert_eq!(
+            auth.client(proxy, [&b"unknown, 203.0.113.9"[..]]),
+            Some(ip("203.0.113.9"))
+        );
+    }
+
+    #[test]
+    fn the_peer_is_checked_at_accept() {
+        let auth = CallAuth {
+            allow: vec![net("192.0.2.0/24")],
+            trusted_proxies: vec![net("10.0.0.0/8")],
+            ..CallAuth::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(auth.may_come_from(ip("192.0.2.9")));
+        assert!(
+            auth.may_come_from(ip("10.0.0.5")),
+            "a proxy's clients may be allowed"
+        );
+        assert!(!auth.may_come_from(ip("198.51.100.1")));
+        assert!(CallAuth::default().may_come_from(ip("198.51.100.1")));
     }
 
     #[test]
@@ -367,7 +500,7 @@ mod tests {
             allow: vec![net("127.0.0.0/8")],
             trusted_proxies: Vec::new(),
         };
-        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let lo: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
         let ok = Admission {
             key: Some("callbridge-prod".into()),
             routes: Some(vec!["sales".into()]),
@@ -387,7 +520,7 @@ mod tests {
             auth.admit(lo, None, Some(b"wrong-key-0123456789"), None),
             Err(Refusal::BadKey)
         );
-        let far: IpAddr = "192.0.2.1".parse().unwrap();
+        let far: Option<IpAddr> = Some("192.0.2.1".parse().unwrap());
         assert_eq!(
             auth.admit(far, None, Some(key), None),
             Err(Refusal::NotAllowed)

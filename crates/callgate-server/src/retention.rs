@@ -16,7 +16,8 @@ pub(crate) const BATCH: u32 = 200;
 /// How often the task looks for expired calls (at most; shorter for short retentions).
 pub(crate) const SWEEP: Duration = Duration::from_secs(600);
 
-/// Deletes the files a call owns (its recording); a file already gone is fine.
+/// Deletes the files a call owns: its recording and the messages its flow recorded
+/// (`messages/<id>/`, the directory included). A file already gone is fine.
 pub(crate) async fn delete_files(data_dir: &Path, id: &CallId) {
     let recording = recording_path(&data_dir.join("recordings"), id.as_str());
     match tokio::fs::remove_file(&recording).await {
@@ -24,6 +25,15 @@ pub(crate) async fn delete_files(data_dir: &Path, id: &CallId) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(error) => {
             tracing::warn!(%error, path = %recording.display(), "Could not delete a recording.")
+        }
+    }
+    // The id is a checked call id (no separators), so this names one directory of `messages`.
+    let messages = data_dir.join("messages").join(id.as_str());
+    match tokio::fs::remove_dir_all(&messages).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            tracing::warn!(%error, path = %messages.display(), "Could not delete a call's messages.")
         }
     }
 }

@@ -451,6 +451,15 @@ async fn admin_tokens_have_roles_and_healthz_stays_open() {
         401
     );
     assert_eq!(get("/api/calls", Some(bearer(READ))).await.0, 200);
+    // The scheme name is case-insensitive (RFC 9110).
+    assert_eq!(
+        get("/api/calls", Some(format!("BEARER {READ}"))).await.0,
+        200
+    );
+    assert_eq!(
+        get("/api/calls", Some(format!("bearer {READ}"))).await.0,
+        200
+    );
     assert_eq!(get("/metrics", None).await.0, 401);
     assert_eq!(get("/metrics", Some(bearer(READ))).await.0, 200);
     // Acting on calls needs the operator role.
@@ -551,6 +560,12 @@ async fn an_operator_deletes_an_ended_call_and_its_recording() {
         .join("recordings")
         .join(format!("{id}.wav"));
     assert!(wav.exists());
+    // What a flow's `record` steps leave (`messages/<id>/*.wav`) goes with the record too.
+    let messages = server.config.data_dir.join("messages").join(&id);
+    std::fs::create_dir_all(&messages).unwrap();
+    std::fs::write(messages.join("message.wav"), b"RIFF").unwrap();
+    std::fs::write(messages.join("second.wav"), b"RIFF").unwrap();
+    assert!(files_of(&server.config.data_dir, &id).len() >= 3);
     // Refused while its task finishes (it may still write to the record), then deleted.
     let mut answer = (0, String::new());
     for _ in 0..300 {
@@ -568,6 +583,12 @@ async fn an_operator_deletes_an_ended_call_and_its_recording() {
     }
     assert_eq!(answer.0, 200, "{}", answer.1);
     assert!(!wav.exists(), "the recording went with the record");
+    assert_eq!(
+        files_of(&server.config.data_dir, &id),
+        Vec::<String>::new(),
+        "no file and no directory of the call remains"
+    );
+    assert!(server.config.data_dir.join("messages").is_dir());
     let (status, _) = server.get(&format!("/api/calls/{id}")).await;
     assert_eq!(status, 404);
     let (status, _) = server.get(&format!("/api/calls/{id}/events")).await;
@@ -575,10 +596,29 @@ async fn an_operator_deletes_an_ended_call_and_its_recording() {
     server.shutdown().await;
 }
 
+/// Every path under `dir` (files and directories) whose name mentions the call `id`.
+fn files_of(dir: &std::path::Path, id: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the data dir") {
+            let path = entry.expect("a directory entry").path();
+            if path.to_string_lossy().contains(id) {
+                found.push(path.display().to_string());
+            }
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
 #[tokio::test]
 async fn records_past_their_retention_are_deleted_in_the_background() {
     use callgate_store::{CallId, Counters, Ended, NewCall, SqliteStore, Store, UnixMillis};
     let dir = callgate_testkit::TempDir::new("retention");
+    let mut ids = Vec::new();
     {
         // A call that ended two days ago, and one that ended a minute ago.
         let mut store = SqliteStore::open(dir.path()).unwrap();
@@ -588,6 +628,14 @@ async fn records_past_their_retention_are_deleted_in_the_background() {
             ("new", UnixMillis::now().0 - 60_000),
         ] {
             let id = CallId::new();
+            // Its recording and the messages a flow left.
+            let messages = dir.path().join("messages").join(id.as_str());
+            std::fs::create_dir_all(&messages).unwrap();
+            std::fs::write(messages.join("vm.wav"), b"RIFF").unwrap();
+            std::fs::create_dir_all(dir.path().join("recordings")).unwrap();
+            let recording = dir.path().join("recordings").join(format!("{id}.wav"));
+            std::fs::write(recording, b"RIFF").unwrap();
+            ids.push((ext, id.clone()));
             store
                 .insert_call(&NewCall {
                     id: id.clone(),
@@ -635,6 +683,22 @@ async fn records_past_their_retention_are_deleted_in_the_background() {
     }
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(left[0]["external_id"], "new");
+    // The sweep deletes the record first, then the files: wait for the files too.
+    let data_dir = server.config.data_dir.clone();
+    let old_id = ids[0].1.as_str().to_owned();
+    let new_id = ids[1].1.as_str().to_owned();
+    for _ in 0..500 {
+        if files_of(&data_dir, &old_id).is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(files_of(&data_dir, &old_id), Vec::<String>::new());
+    assert_eq!(
+        files_of(&data_dir, &new_id).len(),
+        3,
+        "the live record's files stay"
+    );
     assert!(
         server
             .metrics_text()

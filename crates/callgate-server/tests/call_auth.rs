@@ -52,8 +52,10 @@ async fn keys_guard_the_call_port_before_any_websocket_exists() {
     assert_eq!((status, body.as_str()), (401, "invalid API key"));
     // Each form of the key is accepted.
     let bearer = format!("Bearer {PROD}");
+    let shouted = format!("BEARER {PROD}");
     for (n, (url, headers)) in [
         (url.clone(), vec![("authorization", bearer.as_str())]),
+        (url.clone(), vec![("authorization", shouted.as_str())]),
         (url.clone(), vec![("x-api-key", PROD)]),
         (format!("{url}?apiKey={PROD}"), vec![]),
     ]
@@ -98,13 +100,51 @@ async fn keys_guard_the_call_port_before_any_websocket_exists() {
     .err()
     .expect("not on the allowlist");
     assert_eq!(status, 403, "{body}");
+    // A forged line before the proxy's own: every line is read, from the right.
+    let (status, body) = Phone::try_connect(
+        &url,
+        &[
+            ("x-api-key", PROD),
+            ("x-forwarded-for", "127.0.0.5"),
+            ("x-forwarded-for", "198.51.100.7"),
+        ],
+    )
+    .await
+    .err()
+    .expect("the proxy's line names a client off the allowlist");
+    assert_eq!(status, 403, "{body}");
+    // A last hop that is not an address never falls back to the (allowed) proxy.
+    for hop in [
+        "unknown",
+        "8.8.8.8:4444",
+        "[2001:db8::1]:443",
+        "proxy.internal",
+    ] {
+        let (status, body) =
+            Phone::try_connect(&url, &[("x-api-key", PROD), ("x-forwarded-for", hop)])
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{hop} must be refused"));
+        assert_eq!(status, 403, "{hop}: {body}");
+    }
+    // A hop with a port is its address.
+    let mut phone = Phone::try_connect(
+        &url,
+        &[("x-api-key", PROD), ("x-forwarded-for", "127.0.0.9:5555")],
+    )
+    .await
+    .expect("an allowed client behind the proxy");
+    phone.text(callbridge_start("forwarded-port")).await;
+    assert_eq!(phone.recv().await.json()["type"], "started");
+    phone.close(1000, "bye").await;
+    server.ended_call("forwarded-port").await;
     // Refusals hold nothing: no record, a metric by reason.
     let calls = server.calls().await;
-    assert_eq!(calls.len(), 5, "only admitted calls have records");
+    assert_eq!(calls.len(), 7, "only admitted calls have records");
     let metrics = server.metrics_text().await;
     assert!(metrics.contains(r#"reason="missing_key"} 1"#), "{metrics}");
     assert!(metrics.contains(r#"reason="bad_key"} 1"#));
-    assert!(metrics.contains(r#"reason="address_not_allowed"} 1"#));
+    assert!(metrics.contains(r#"reason="address_not_allowed"} 6"#));
     assert!(!metrics.contains(PROD));
 
     // Rotation: a new key is in force for new connections at once, the old one is gone.

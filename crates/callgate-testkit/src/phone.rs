@@ -79,7 +79,8 @@ impl Phone {
         use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
         let mut request = url.into_client_request().expect("a ws:// URL");
         for (name, value) in headers {
-            request.headers_mut().insert(
+            // Appended: a name given twice is sent as two header lines.
+            request.headers_mut().append(
                 HeaderName::from_bytes(name.as_bytes()).expect("header name"),
                 HeaderValue::from_str(value).expect("header value"),
             );

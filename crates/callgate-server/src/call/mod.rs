@@ -100,6 +100,15 @@ pub(crate) async fn serve(
         // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
         let setup = Box::pin(async {
+            // On a TLS port an address the allowlist can never admit is dropped before the
+            // handshake, which would cost more than anything it could send. (On a plain port
+            // the upgrade answers it 403 with a reason, as cheaply.)
+            if shared.tls.is_some() && !shared.call_auth.current().may_come_from(peer.ip()) {
+                let refusal = CallRefusal::NotAllowed;
+                refused(&shared, refusal.as_str());
+                shared.refusal_log.note(refusal, peer.ip());
+                return None;
+            }
             let stream = tls_handshake(&shared, stream, deadline).await?;
             let (mut ws, forced, admitted) = upgrade(&shared, stream, deadline, peer).await?;
             // No call slot is free: refuse now rather than wait for the first message.
@@ -200,8 +209,8 @@ async fn upgrade(
             return Ok(resp);
         }
         let headers = req.headers();
-        let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-        let client = auth.client(peer.ip(), forwarded);
+        let forwarded = headers.get_all("x-forwarded-for").into_iter();
+        let client = auth.client(peer.ip(), forwarded.map(|v| v.as_bytes()));
         match auth.admit(
             client,
             headers.get("authorization").map(|v| v.as_bytes()),
@@ -213,7 +222,7 @@ async fn upgrade(
                 Ok(resp)
             }
             Err(r) => {
-                refusal = Some((r, client));
+                refusal = Some((r, client.unwrap_or(peer.ip())));
                 Err(refusal_response(r))
             }
         }
