@@ -6,7 +6,10 @@
 //! secret never appears in logs, records or metrics; its name does.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::config::ConfigError;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -179,17 +182,20 @@ pub struct AdminAuth {
 }
 
 /// The admin tokens in force, replaceable while the server runs (SIGHUP rotates them): each
-/// request reads the current ones once.
+/// request reads the current ones once. It knows the address the admin API is really bound
+/// to, so no replacement can leave that address open (a reload's file may name another one).
 #[derive(Debug, Clone)]
 pub struct AdminAuthHandle {
     auth: Arc<RwLock<Arc<AdminAuth>>>,
+    bound: SocketAddr,
 }
 
 impl AdminAuthHandle {
-    /// A handle on `auth`.
-    pub fn new(auth: AdminAuth) -> Self {
+    /// A handle on `auth`, for the admin API bound to `bound`.
+    pub fn new(auth: AdminAuth, bound: SocketAddr) -> Self {
         Self {
             auth: Arc::new(RwLock::new(Arc::new(auth))),
+            bound,
         }
     }
 
@@ -202,11 +208,18 @@ impl AdminAuthHandle {
             .clone()
     }
 
-    /// Puts `auth` in force for the requests that start from now on. The caller has
-    /// validated it with the rest of the configuration (no tokens off loopback is refused
-    /// there, see [`crate::Config::validate_limits`]).
-    pub fn replace(&self, auth: AdminAuth) {
+    /// Whether `auth` may be put in force on the address really bound: not with no token off
+    /// loopback (see [`crate::config::admin_exposure`]).
+    pub fn check(&self, auth: &AdminAuth) -> Result<(), ConfigError> {
+        crate::config::admin_exposure(self.bound, auth)
+    }
+
+    /// Puts `auth` in force for the requests that start from now on, unless [`Self::check`]
+    /// refuses it (the tokens in force then stay).
+    pub fn replace(&self, auth: AdminAuth) -> Result<(), ConfigError> {
+        self.check(&auth)?;
         *self.auth.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
 
+use crate::auth::AdminAuth;
 use crate::routes::{DEFAULT_ROUTE, RouteError, RouteSpec, RouteTable};
 
 /// The most calls or pending connections a budget can count.
@@ -131,6 +132,25 @@ pub struct ConfigError {
     pub problem: String,
 }
 
+/// Refuses admin tokens that would leave the admin API open on `listen`: no token, no proxy
+/// said to authenticate in front of it, and an address that is not loopback. Checked at start
+/// against the configured address and, on every reload, against the address really bound
+/// ([`crate::auth::AdminAuthHandle::replace`]).
+pub fn admin_exposure(listen: SocketAddr, auth: &AdminAuth) -> Result<(), ConfigError> {
+    if auth.is_enabled() || auth.behind_own_auth || listen.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(ConfigError {
+        key: "admin.tokens",
+        problem: format!(
+            "the admin API would listen on {listen} (not loopback) with no token: anyone who \
+             can reach it could read every record and hang up calls. Configure [admin] tokens, \
+             or set admin.behind_auth = true if a proxy in front of it authenticates every \
+             request"
+        ),
+    })
+}
+
 impl Config {
     /// Checks values that parse but cannot work, including the routes and their agents
     /// (built-in ones).
@@ -175,21 +195,7 @@ impl Config {
                 return bad(key, "must be at most 1000000");
             }
         }
-        if !self.admin_auth.is_enabled()
-            && !self.admin_auth.behind_own_auth
-            && !self.admin_listen.ip().is_loopback()
-        {
-            return Err(ConfigError {
-                key: "admin.tokens",
-                problem: format!(
-                    "the admin API would listen on {} (not loopback) with no token: anyone who \
-                     can reach it could read every record and hang up calls. Configure \
-                     [admin] tokens, or set admin.behind_auth = true if a proxy in front of it \
-                     authenticates every request",
-                    self.admin_listen
-                ),
-            });
-        }
+        admin_exposure(self.admin_listen, &self.admin_auth)?;
         if let Some(v) = &self.vad
             && !(0.0..=1.0).contains(&v.threshold)
         {

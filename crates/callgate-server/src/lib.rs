@@ -213,6 +213,10 @@ impl Server {
                 addr: config.admin_listen,
                 source,
             })?;
+        let admin_bound = admin.local_addr().map_err(|source| Error::Bind {
+            addr: config.admin_listen,
+            source,
+        })?;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(WS_READ_BUFFER)
             .write_buffer_size(0)
@@ -253,7 +257,7 @@ impl Server {
             metrics,
             routes: RouteHandle::new(table),
             call_auth: call_auth::CallAuthHandle::new(call_auth),
-            admin_auth: auth::AdminAuthHandle::new(admin_auth),
+            admin_auth: auth::AdminAuthHandle::new(admin_auth, admin_bound),
             tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
             refusal_log: call_auth::RefusalLog::default(),
             tasks,

@@ -500,19 +500,49 @@ async fn replaced_tokens_are_in_force_for_the_next_request() {
     };
     assert_eq!((status(OLD).await, status(NEW).await), (200, 401));
     // Rotation: both for a while, then the new one only (what SIGHUP does with the file's).
-    server.admin_auth.replace(AdminAuth {
-        tokens: vec![
-            token(OLD),
-            Token::from_secret("ops-2", Role::Read, NEW).unwrap(),
-        ],
-        behind_own_auth: false,
-    });
+    server
+        .admin_auth
+        .replace(AdminAuth {
+            tokens: vec![
+                token(OLD),
+                Token::from_secret("ops-2", Role::Read, NEW).unwrap(),
+            ],
+            behind_own_auth: false,
+        })
+        .expect("tokens on loopback");
     assert_eq!((status(OLD).await, status(NEW).await), (200, 200));
-    server.admin_auth.replace(AdminAuth {
-        tokens: vec![token(NEW)],
-        behind_own_auth: false,
-    });
+    server
+        .admin_auth
+        .replace(AdminAuth {
+            tokens: vec![token(NEW)],
+            behind_own_auth: false,
+        })
+        .expect("tokens on loopback");
     assert_eq!((status(OLD).await, status(NEW).await), (401, 200));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_reload_is_checked_against_the_address_really_bound() {
+    // Bound on every address with a token; a reloaded file that says 127.0.0.1 and has no
+    // [admin] must not open the port that is really bound.
+    const OPS: &str = "ops-token-0123456789";
+    let server = spawn_server(|c| {
+        c.admin_listen = "0.0.0.0:0".parse().unwrap();
+        c.admin_auth.tokens = vec![Token::from_secret("ops", Role::Operator, OPS).unwrap()];
+    })
+    .await;
+    let refused = server.admin_auth.replace(AdminAuth::default());
+    let error = refused.expect_err("no token on 0.0.0.0");
+    assert_eq!(error.key, "admin.tokens");
+    assert!(error.problem.contains("0.0.0.0"), "{}", error.problem);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.admin_addr.port()));
+    let (status, body) = request_with(addr, "GET", "/api/calls", None, &[]).await;
+    assert_eq!(status, 401, "the token in force stays: {body}");
+    let auth = format!("Bearer {OPS}");
+    let (status, _) =
+        request_with(addr, "GET", "/api/calls", None, &[("Authorization", &auth)]).await;
+    assert_eq!(status, 200);
     server.shutdown().await;
 }
 

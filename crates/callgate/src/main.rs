@@ -284,14 +284,26 @@ async fn reload_on_hangup(
                 continue;
             };
             let file = file.display();
-            match args.load() {
+            // The new tokens are checked against the address really bound (the file may
+            // name another one, which only a restart would bind).
+            let loaded = args.load().and_then(|loaded| {
+                handles
+                    .admin_auth
+                    .check(&loaded.config.admin_auth)
+                    .map_err(|e| anyhow::anyhow!("[admin] on the bound address: {e}"))?;
+                Ok(loaded)
+            });
+            match loaded {
                 Ok(loaded) => {
                     let count = loaded.table.routes().len();
                     handles.routes.replace(loaded.table);
                     let keys = loaded.config.call_auth.keys.len();
                     handles.call_auth.replace(loaded.config.call_auth);
                     let tokens = loaded.config.admin_auth.tokens.len();
-                    handles.admin_auth.replace(loaded.config.admin_auth);
+                    if let Err(e) = handles.admin_auth.replace(loaded.config.admin_auth) {
+                        // Checked above; the address cannot have changed since.
+                        error!(%file, error = %e, "SIGHUP: the admin tokens were refused.");
+                    }
                     info!(
                         %file,
                         routes = count,

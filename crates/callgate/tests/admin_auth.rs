@@ -61,6 +61,24 @@ fn an_unprotected_admin_api_off_loopback_does_not_start() {
     let (code, stderr) = run(&["routes", "check", "--config", config.to_str().unwrap()]);
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("role: unknown role \"root\""), "{stderr}");
+    // Digests that are 64 bytes but not 64 hex digits: refused (exit 64), never a panic
+    // (exit 101), in both places a digest is read.
+    let good = "a".repeat(64);
+    for bad in [format!("€{}", &good[3..]), format!("+{}", &good[1..])] {
+        assert_eq!(bad.len(), 64);
+        for text in [
+            format!(
+                "[admin]\ntokens = [{{ name = \"ops\", role = \"read\", token_sha256 = {bad:?} }}]\n"
+            ),
+            format!("[call_auth]\nkeys = [{{ name = \"cb\", key_sha256 = {bad:?} }}]\n"),
+        ] {
+            std::fs::write(&config, &text).unwrap();
+            let (code, stderr) = run(&["config", "check", "--config", config.to_str().unwrap()]);
+            assert_eq!(code, Some(64), "{text}: {stderr}");
+            assert!(stderr.contains("64 hex digits"), "{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -192,4 +210,35 @@ async fn sighup_rotates_the_admin_tokens() {
     let line = server.wait_for("cannot reload");
     assert!(line.contains("token_file"), "{line}");
     assert_eq!(status("second-secret-0123456789").await, 200);
+}
+
+#[tokio::test]
+async fn a_reload_cannot_open_the_admin_port_really_bound() {
+    let data = TempDir::new("admin-rebind");
+    let config = data.path().join("callgate.toml");
+    std::fs::write(
+        &config,
+        "admin_listen = \"0.0.0.0:0\"\n[admin]\ntokens = [{ name = \"ops\", role = \"operator\", \
+         token_env = \"CG_TEST_OPS_TOKEN\" }]\n",
+    )
+    .unwrap();
+    let server = Proc::serve_on(
+        &data,
+        Some(&config),
+        None,
+        &[("CG_TEST_OPS_TOKEN", "ops-secret-0123456789")],
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], server.admin.port()));
+    assert_eq!(http::request(addr, "GET", "/api/calls", None).await.0, 401);
+    // The file now says loopback and has no [admin]: fine for a fresh start, but the port
+    // bound is still 0.0.0.0 until a restart.
+    std::fs::write(&config, "admin_listen = \"127.0.0.1:0\"\n").unwrap();
+    server.hangup_signal();
+    let line = server.wait_for("cannot reload");
+    assert!(
+        line.contains("admin.tokens") && line.contains("0.0.0.0"),
+        "{line}"
+    );
+    let (status, body) = http::request(addr, "GET", "/api/calls", None).await;
+    assert_eq!(status, 401, "the tokens in force stay: {body}");
 }

@@ -39,17 +39,28 @@ impl Proc {
         reason = "Proc's Drop kills and reaps the child on every path"
     )]
     pub(crate) fn serve(data: &TempDir, config: Option<&Path>) -> Self {
+        Self::serve_on(data, config, Some("127.0.0.1:0"), &[])
+    }
+
+    /// [`Proc::serve`] with `--admin-listen` given (`None`: the file's, or the default) and
+    /// these environment variables set for the server.
+    #[allow(
+        clippy::zombie_processes,
+        reason = "Proc's Drop kills and reaps the child on every path"
+    )]
+    pub(crate) fn serve_on(
+        data: &TempDir,
+        config: Option<&Path>,
+        admin: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut command = Command::new(BIN);
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(data.path());
+        command.args(["serve", "--listen", "127.0.0.1:0"]);
+        if let Some(admin) = admin {
+            command.args(["--admin-listen", admin]);
+        }
+        command.arg("--data-dir").arg(data.path());
+        command.envs(env.iter().copied());
         match config {
             Some(config) => {
                 command.arg("--config").arg(config);
