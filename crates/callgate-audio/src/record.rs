@@ -819,11 +819,22 @@ struct TrackWriter {
 impl TrackWriter {
     /// Creates the file (and its directory).
     fn create(path: &Path, rate: u32) -> Result<Self, Error> {
+        let io = |e| Error::Wav(hound::Error::IoError(e));
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Wav(hound::Error::IoError(e)))?;
+            // Recordings are private to the server's user, whatever the umask.
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+            builder.create(dir).map_err(io)?;
         }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options.open(path).map_err(io)?;
         Ok(Self {
-            file: hound::WavWriter::create(path, wav::spec(rate, 2))?,
+            file: hound::WavWriter::new(BufWriter::new(file), wav::spec(rate, 2))?,
             rate,
             left: VecDeque::new(),
             right: VecDeque::new(),

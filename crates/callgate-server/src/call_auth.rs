@@ -8,7 +8,7 @@
 //! routes. Only a key's name is ever logged or stored.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -267,6 +267,56 @@ impl CallAuth {
     }
 }
 
+/// What is weak in a configuration of `[call_auth]` (and the admin tokens): each a sentence
+/// for a warning at start and at every reload. `calls` and `admin` are the addresses really
+/// bound, `*_tls` whether each port has native TLS.
+pub fn weaknesses(
+    auth: &CallAuth,
+    admin_tokens: bool,
+    calls: SocketAddr,
+    calls_tls: bool,
+    admin: SocketAddr,
+    admin_tls: bool,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    if !auth.keys.is_empty() && !calls_tls && !calls.ip().is_loopback() {
+        found.push(format!(
+            "call keys travel in plain text: the call port {calls} is not loopback and has no \
+             [tls]; put it behind TLS ([tls] or a TLS proxy) before exposing it"
+        ));
+    }
+    if admin_tokens && !admin_tls && !admin.ip().is_loopback() {
+        found.push(format!(
+            "admin tokens travel in plain text: the admin API {admin} is not loopback and has \
+             no [admin.tls]; put it behind TLS before exposing it"
+        ));
+    }
+    for net in &auth.trusted_proxies {
+        if net.prefix == 0 {
+            found.push(format!(
+                "call_auth.trusted_proxies has {net}: every address is a trusted proxy, so any \
+                 client can name itself in X-Forwarded-For and pass the allowlist"
+            ));
+        }
+    }
+    for (key, nets) in [
+        ("call_auth.allow", &auth.allow),
+        ("call_auth.trusted_proxies", &auth.trusted_proxies),
+    ] {
+        for net in nets {
+            if let IpAddr::V6(v6) = net.addr
+                && v6.to_ipv4_mapped().is_some()
+            {
+                found.push(format!(
+                    "{key} has {net}, an IPv4-mapped IPv6 network: it can never match (such \
+                     addresses are compared as IPv4); write the IPv4 network instead"
+                ));
+            }
+        }
+    }
+    found
+}
+
 /// One `X-Forwarded-For` hop as an address: a bare IPv4 or IPv6 address, an IPv4 address
 /// with a port, or a bracketed IPv6 address with or without a port. Anything else is `None`.
 fn hop_address(hop: &[u8]) -> Option<IpAddr> {
@@ -468,6 +518,39 @@ mod tests {
         assert_eq!(
             auth.client(proxy, [&b"unknown, 203.0.113.9"[..]]),
             Some(ip("203.0.113.9"))
+        );
+    }
+
+    #[test]
+    fn weak_settings_are_named() {
+        let auth = CallAuth {
+            keys: vec![CallKey::new(
+                "k",
+                Secret::from_text("cb-prod-key-0123456789").unwrap(),
+                None,
+            )],
+            allow: vec![net("::ffff:10.0.0.0/104"), net("192.0.2.0/24")],
+            trusted_proxies: vec![net("0.0.0.0/0")],
+        };
+        let open: SocketAddr = "0.0.0.0:4143".parse().unwrap();
+        let lo: SocketAddr = "127.0.0.1:4144".parse().unwrap();
+        let found = weaknesses(&auth, true, open, false, open, false);
+        assert_eq!(found.len(), 4, "{found:#?}");
+        assert!(found[0].contains("call keys travel in plain text"));
+        assert!(found[1].contains("admin tokens travel in plain text"));
+        assert!(found[2].contains("every address is a trusted proxy"));
+        assert!(found[3].contains("can never match"));
+        // With TLS on both ports, or on loopback, nothing travels in plain text.
+        let found = weaknesses(&auth, true, open, true, lo, false);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        let fine = CallAuth {
+            allow: vec![net("192.0.2.0/24"), net("2001:db8::/32")],
+            trusted_proxies: vec![net("10.0.0.0/8")],
+            ..auth
+        };
+        assert_eq!(
+            weaknesses(&fine, true, lo, false, lo, false),
+            Vec::<String>::new()
         );
     }
 

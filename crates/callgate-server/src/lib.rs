@@ -331,6 +331,18 @@ impl Server {
                  allowlist. Fine for development; configure [call_auth] before exposing it."
             );
         }
+        if let (Ok(call_addr), Ok(admin_addr)) = (calls.local_addr(), admin.local_addr()) {
+            for weakness in call_auth::weaknesses(
+                &shared.call_auth.current(),
+                shared.admin_auth.current().is_enabled(),
+                call_addr,
+                shared.tls.is_some(),
+                admin_addr,
+                admin_tls.is_some(),
+            ) {
+                warn!("Weak configuration: {weakness}.");
+            }
+        }
         info!(
             calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),

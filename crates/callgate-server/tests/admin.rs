@@ -524,6 +524,8 @@ async fn replaced_tokens_are_in_force_for_the_next_request() {
 
 #[tokio::test]
 async fn a_reload_is_checked_against_the_address_really_bound() {
+    use callgate_server::auth::{AdminAuth, Role, Token};
+    use callgate_testkit::http::request_with;
     // Bound on every address with a token; a reloaded file that says 127.0.0.1 and has no
     // [admin] must not open the port that is really bound.
     const OPS: &str = "ops-token-0123456789";
@@ -590,6 +592,13 @@ async fn an_operator_deletes_an_ended_call_and_its_recording() {
         .join("recordings")
         .join(format!("{id}.wav"));
     assert!(wav.exists());
+    // Private to the server's user, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&wav), 0o600);
+    assert_eq!(mode(wav.parent().unwrap()), 0o700);
+    assert_eq!(mode(&server.config.data_dir), 0o700);
+    assert_eq!(mode(&server.config.data_dir.join("callgate.db")), 0o600);
     // What a flow's `record` steps leave (`messages/<id>/*.wav`) goes with the record too.
     let messages = server.config.data_dir.join("messages").join(&id);
     std::fs::create_dir_all(&messages).unwrap();

@@ -85,6 +85,9 @@ pub struct SqliteStore {
     conn: Connection,
     /// Where [`Store::open_reader`] connects.
     source: Source,
+    /// Records were deleted in the current transaction: once it commits, the WAL is
+    /// checkpointed and truncated so their pages leave it too.
+    deleted: bool,
 }
 
 /// Which database a store is, so readers can open the same one.
@@ -102,17 +105,78 @@ pub struct SqliteReader {
     conn: Connection,
 }
 
+impl SqliteStore {
+    /// Copies the WAL into the database and truncates it to zero bytes, so what was deleted
+    /// is gone from the WAL too. Readers in the middle of a read can keep some frames from
+    /// being copied this time: that is logged at debug, and the next checkpoint takes them.
+    fn truncate_wal(&self) {
+        let result = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            });
+        match result {
+            Ok(0) => {}
+            Ok(_) => tracing::debug!("WAL checkpoint blocked by a reader; the next one retries."),
+            Err(error) => tracing::warn!(%error, "Cannot checkpoint the WAL."),
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    /// At shutdown the WAL is emptied into the database, so no record, deleted or not,
+    /// stays behind in it.
+    fn drop(&mut self) {
+        if matches!(self.source, Source::File(_)) {
+            self.truncate_wal();
+        }
+    }
+}
+
+/// Creates `dir` (and its parents) and makes it private to this user (0700), whatever the
+/// umask; an existing directory is tightened too.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        builder.mode(0o700).create(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    }
+    #[cfg(not(unix))]
+    builder.create(dir)
+}
+
+/// Creates `path` if missing and makes it readable and writable by this user only (0600).
+fn private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        options.mode(0o600).open(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    }
+    #[cfg(not(unix))]
+    options.open(path).map(drop)
+}
+
 /// How long a connection waits for a lock held by another before it reports busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SqliteStore {
     /// Opens (creating if needed) `callgate.db` in `data_dir` and migrates it.
     pub fn open(data_dir: &Path) -> Result<Self, Error> {
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::Open {
-            path: data_dir.display().to_string(),
-            source,
-        })?;
+        let open_error = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| Error::Open { path, source }
+        };
+        private_dir(data_dir).map_err(open_error(data_dir))?;
         let path = data_dir.join("callgate.db");
+        // Created 0600 before SQLite opens it: SQLite gives its -wal and -shm files the
+        // database file's permissions.
+        private_file(&path).map_err(open_error(&path))?;
         let conn = Connection::open(&path)?;
         Self::from_connection(conn, Source::File(path))
     }
@@ -135,8 +199,15 @@ impl SqliteStore {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Deleted records are overwritten, not just unlinked from the b-tree: a deleted call
+        // cannot be read back from the file's free pages.
+        conn.pragma_update(None, "secure_delete", "ON")?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mut store = Self { conn, source };
+        let mut store = Self {
+            conn,
+            source,
+            deleted: false,
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -265,6 +336,9 @@ impl Store for SqliteStore {
         match f(self) {
             Ok(v) => {
                 self.conn.execute_batch("COMMIT")?;
+                if std::mem::take(&mut self.deleted) {
+                    self.truncate_wal();
+                }
                 Ok(v)
             }
             Err(e) => {
@@ -423,6 +497,7 @@ impl Store for SqliteStore {
             return Ok(false);
         }
         self.delete(id)?;
+        self.deleted = true;
         Ok(true)
     }
 
@@ -444,6 +519,7 @@ impl Store for SqliteStore {
         for id in &ids {
             self.delete(id)?;
         }
+        self.deleted |= !ids.is_empty();
         Ok(ids)
     }
 
