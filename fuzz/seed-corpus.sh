@@ -16,4 +16,17 @@ for path in sorted(glob.glob("../crates/callgate-proto/tests/vectors/*/*.json"))
         open(f"corpus/{target}/{name}", "w").write(data)
     put("detect", v["start"])
     put(f"{proto}_session", "\n".join(texts))
+
+# The config loader: every TOML block of the docs as a --config file (a leading even byte),
+# every example flow as a route's flow file (a leading odd byte).
+import re
+os.makedirs("corpus/config", exist_ok=True)
+def seed(data):
+    name = hashlib.sha1(data).hexdigest()
+    open(f"corpus/config/{name}", "wb").write(data)
+for path in sorted(glob.glob("../docs/*.md") + ["../README.md"]):
+    for block in re.findall(r"```toml\n(.*?)```", open(path).read(), re.S):
+        seed(b"\x00" + block.encode())
+for path in sorted(glob.glob("../examples/flows/*.toml")):
+    seed(b"\x01" + open(path, "rb").read())
 PY
