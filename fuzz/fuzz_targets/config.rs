@@ -6,11 +6,18 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use clap::Parser;
 use libfuzzer_sys::fuzz_target;
 
 #[allow(dead_code, unreachable_pub, reason = "the binary's module; the fuzzer calls `load`")]
 #[path = "../../crates/callgate/src/settings.rs"]
 mod settings;
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    settings: settings::Settings,
+}
 
 /// A data directory for the whole run (rendered speech, if any, goes there).
 fn dir() -> &'static PathBuf {
@@ -43,11 +50,10 @@ fuzz_target!(|data: &[u8]| {
         );
         std::fs::write(&config, route).expect("write");
     }
-    let settings = settings::Settings {
-        config: Some(config),
-        ..settings::Settings::default()
-    };
-    if let Err(e) = settings.load() {
+    // As `callgate config check --config FILE` parses it.
+    let cli = Cli::try_parse_from([std::ffi::OsStr::new("callgate"), "--config".as_ref(), config.as_os_str()])
+        .expect("the flag parses");
+    if let Err(e) = cli.settings.load() {
         let _ = format!("{e:#}");
     }
 });
