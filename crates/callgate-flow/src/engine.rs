@@ -627,8 +627,16 @@ impl Engine {
                     return;
                 }
                 StepKind::Http(h) => {
+                    let url = match h.url.render(|name| self.var(name)) {
+                        Ok(url) => url,
+                        Err(error) => {
+                            // No request: the values would have changed the URL's path.
+                            self.vars.insert("http_status".into(), String::new());
+                            next = self.result(json!({"error": error.to_string()}), h.on_error);
+                            continue;
+                        }
+                    };
                     self.seq += 1;
-                    let url = h.url.render(|name| self.var(name));
                     let body = json!({
                         "call_id": self.call_id,
                         "step": step.name,
@@ -1462,6 +1470,41 @@ mod tests {
         }
         let (a, _) = run(None);
         assert_eq!(went(&a), "failed:start:", "our own guard: {a:?}");
+    }
+
+    #[test]
+    fn a_value_that_would_be_a_dot_segment_takes_the_error_branch_without_a_request() {
+        let text = r#"
+            [[step]]
+            name = "ask"
+            kind = "http"
+            url = "http://example.invalid/customers/{{caller}}/lookup"
+            on_error = "failed"
+            [[step]]
+            name = "ok"
+            kind = "hangup"
+            [[step]]
+            name = "failed"
+            kind = "hangup"
+        "#;
+        for (caller, failed) in [("..", true), (".", true), ("...", false), ("0101", false)] {
+            let mut info = call(Protocol::Inbound);
+            info.caller = caller.into();
+            let mut e = Engine::new(Arc::new(parse(text).unwrap()), &info);
+            e.start(0);
+            let a = drain(&mut e);
+            let requested = a.iter().any(|s| s.starts_with("http "));
+            assert_eq!(requested, !failed, "{caller:?}: {a:?}");
+            assert_eq!(
+                a.iter().any(|s| s == "failed:start:"),
+                failed,
+                "{caller:?}: {a:?}"
+            );
+            if failed {
+                let end = a.iter().find(|s| s.starts_with("ask:end:")).unwrap();
+                assert!(end.contains("path segment"), "{end}");
+            }
+        }
     }
 
     #[test]

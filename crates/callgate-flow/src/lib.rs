@@ -181,11 +181,13 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
 }
 
 /// The HTTP client for webhooks and speech APIs: rustls on ring (installed as the process's
-/// provider if none is).
+/// provider if none is). It follows no redirect: a 3xx is the answer (a webhook's error), so
+/// a server cannot send the call's data, or an API key, somewhere else.
 fn http_client() -> Result<reqwest::Client, Error> {
     // `Err`: a provider is installed already, which is all that is needed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| Error::Http(e.to_string()))
 }

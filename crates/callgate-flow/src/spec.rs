@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::audio::PromptAudio;
-use crate::template::{Template, is_name};
+use crate::template::{Template, UrlTemplate, is_name};
 use crate::tts::{ProviderName, TtsSettings};
 
 /// A flow that cannot work: the file, the step (when the problem is in one) and the field.
@@ -344,8 +344,9 @@ pub struct Record {
 /// An `http` step.
 #[derive(Debug)]
 pub struct Http {
-    /// Where to POST.
-    pub url: Template,
+    /// Where to POST: the call's values are data in the path and the query (see
+    /// [`UrlTemplate`]).
+    pub url: UrlTemplate,
     /// How long the whole request may take.
     pub timeout: Duration,
     /// After a good answer that names no step.
@@ -1087,18 +1088,7 @@ impl Compiler<'_> {
             }
             "http" => {
                 let s: HttpSpec = self.fields(label, value)?;
-                let url = Template::parse(&s.url).map_err(|p| self.err(label, "url", p))?;
-                if url.is_fixed() {
-                    let ok = reqwest::Url::parse(&s.url)
-                        .is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-                    if !ok {
-                        return Err(self.err(
-                            label,
-                            "url",
-                            format!("{:?} is not an http(s) URL", s.url),
-                        ));
-                    }
-                }
+                let url = UrlTemplate::parse(&s.url).map_err(|p| self.err(label, "url", p))?;
                 let next = self.next(label, "next", s.next.as_deref(), following)?;
                 StepKind::Http(Box::new(Http {
                     url,
@@ -1333,6 +1323,11 @@ pub(crate) mod tests {
         assert!(e.contains("stepz"), "{e}");
         let e = error("[[step]]\nname = \"a\"\nkind = \"http\"\nurl = \"ftp://x\"\n");
         assert!(e.contains("step \"a\": url"), "{e}");
+        let e = error("[[step]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://{{ivrIp}}/x\"\n");
+        assert!(
+            e.contains("step \"a\": url: {{ivrIp}} is in the URL's user, host or port"),
+            "{e}"
+        );
         let e = error("[[step]]\nname = \"a\"\nkind = \"record\"\nmax_length = \"0s\"\n");
         assert!(
             e.contains("step \"a\": max_length: must be longer than zero"),

@@ -15,11 +15,15 @@ pub(crate) const MAX_OUTPUT: usize = 16 * 1024;
 /// How long a tool may take when its route does not say.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The HTTP client for tools (rustls on ring, installed as the process's provider if none is).
+/// The HTTP client for tools and speech (rustls on ring, installed as the process's provider
+/// if none is). It follows no redirect: a 3xx is the tool's answer (an error), so a server
+/// cannot send the call's data or a secret header somewhere else.
 pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     // `Err`: a provider is installed already, which is all that is needed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().build()
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
 /// Calls an HTTP tool with validated `arguments`.
