@@ -243,6 +243,7 @@ impl Agent for RealtimeAgent {
                                     tools::run_http(
                                         &shared.http,
                                         &plan.settings.tools[i],
+                                        &plan.tool_urls[i],
                                         &shared.headers[i],
                                         &info,
                                         call.call_id,

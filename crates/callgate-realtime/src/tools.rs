@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use callgate_agent::CallInfo;
+use callgate_flow::template::UrlTemplate;
 use serde_json::{Value, json};
 
 use crate::core::ToolDone;
@@ -26,10 +27,13 @@ pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
-/// Calls an HTTP tool with validated `arguments`.
+/// Calls an HTTP tool with validated `arguments`; `url` is its URL template, rendered with
+/// the call's variables (a value that would change the URL's path fails the call, with no
+/// request).
 pub(crate) async fn run_http(
     http: &reqwest::Client,
     tool: &HttpTool,
+    url: &UrlTemplate,
     headers: &[(String, String)],
     call: &CallInfo,
     call_id: String,
@@ -37,8 +41,19 @@ pub(crate) async fn run_http(
 ) -> ToolDone {
     let timeout = tool.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
     let method = tool.method.http();
+    let vars = call.variables();
+    let url = match url.render(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)) {
+        Ok(url) => url,
+        Err(e) => {
+            return ToolDone {
+                call_id,
+                ok: false,
+                output: json!({"error": format!("{}: {e}", tool.name)}).to_string(),
+            };
+        }
+    };
     let mut request = http
-        .request(method, &tool.url)
+        .request(method, &url)
         .timeout(timeout)
         .header("x-callgate-call-id", &call.call_id);
     for (name, value) in headers {
