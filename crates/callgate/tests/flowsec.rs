@@ -1,0 +1,75 @@
+//! The real binary refuses a flow or a realtime tool whose URL template lets a call's values
+//! choose where a request goes (a variable in the scheme, host or port): `config check` exits
+//! 64 naming the step or the tool.
+
+mod common;
+
+use std::process::Command;
+
+use callgate_testkit::TempDir;
+use common::BIN;
+
+fn run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN).args(args).output().expect("run callgate");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_url_template_with_a_variable_in_the_host_is_refused_naming_the_step_or_tool() {
+    let dir = TempDir::new("flowsec-url");
+    let flow = dir.path().join("flow.toml");
+    std::fs::write(
+        &flow,
+        "[[step]]\nname = \"lookup\"\nkind = \"http\"\n\
+         url = \"http://{{ivrIp}}/customers/{{caller}}\"\n",
+    )
+    .expect("write");
+    let config = dir.path().join("callgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[routes]]\nname = \"ivr\"\nagent = \"flow\"\n\
+             settings = {{ file = {:?} }}\n",
+            dir.path().join("data"),
+            flow
+        ),
+    )
+    .expect("write");
+    let (code, stderr) = run(&[
+        "config",
+        "check",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("step \"lookup\": url: {{ivrIp}} is in the URL's user, host or port"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[[routes]]\nname = \"ai\"\nagent = \"realtime\"\n\
+             [routes.settings]\napi_key_env = \"PATH\"\n\
+             [[routes.settings.tools]]\nname = \"crm\"\ndescription = \"d\"\n\
+             url = \"https://crm.example.com:{{{{siteId}}}}/x\"\n",
+            dir.path().join("data"),
+        ),
+    )
+    .expect("write");
+    let (code, stderr) = run(&[
+        "config",
+        "check",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("tools[0].url") && stderr.contains("{{siteId}} is in the URL's"),
+        "{stderr}"
+    );
+}
