@@ -16,6 +16,7 @@
 //! - [`tts`]: the speech [`tts::Provider`] trait, espeak-ng, an OpenAI-compatible API, and
 //!   the cache in the data dir.
 //! - [`audio`]: prompt audio, converted at load to every call rate.
+//! - [`plaintext`]: the warning for an API key that would cross the network in clear text.
 //!
 //! This is a crate of its own (not part of `callgate-agent`) because it needs an HTTP client
 //! (reqwest with rustls on ring) that the other agents do not.
@@ -24,6 +25,7 @@ mod agent;
 pub mod audio;
 pub mod demo;
 pub mod engine;
+pub mod plaintext;
 pub mod spec;
 pub mod template;
 pub mod tts;
@@ -271,6 +273,7 @@ impl spec::Loader for EnvLoader {
                 api.base_url
             ));
         }
+        plaintext::warn_if_exposed("[callbridge] base_url", &api.base_url);
         std::env::var(&api.api_key_env).map(|_| ()).map_err(|_| {
             format!(
                 "agent_terminate needs CallBridge's API key in ${} ([callbridge] api_key_env)",

@@ -154,14 +154,16 @@ impl TtsSettings {
                         "response_format {format:?}: callgate reads pcm or wav"
                     )));
                 }
+                let base_url = self
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| "https://api.openai.com".into())
+                    .trim_end_matches('/')
+                    .to_owned();
+                crate::plaintext::warn_if_exposed("[tts] base_url", &base_url);
                 Ok(Arc::new(OpenAi {
                     http: http.clone(),
-                    base_url: self
-                        .base_url
-                        .clone()
-                        .unwrap_or_else(|| "https://api.openai.com".into())
-                        .trim_end_matches('/')
-                        .to_owned(),
+                    base_url,
                     model: self
                         .model
                         .clone()

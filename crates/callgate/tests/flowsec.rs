@@ -73,3 +73,43 @@ fn a_url_template_with_a_variable_in_the_host_is_refused_naming_the_step_or_tool
         "{stderr}"
     );
 }
+
+#[test]
+fn an_api_key_bound_for_clear_text_off_the_host_is_warned_about_once() {
+    let dir = TempDir::new("flowsec-plaintext");
+    let config = dir.path().join("callgate.toml");
+    // Two routes with the same URL: one warning. Nothing connects during a check.
+    let route = |name: &str| {
+        format!(
+            "[[routes]]\nname = {name:?}\nagent = \"realtime\"\nmatch = {{ callee = {name:?} }}\n\
+             [routes.settings]\napi_key_env = \"PATH\"\nurl = \"ws://192.0.2.1/v1/realtime\"\n"
+        )
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n{}{}[[routes]]\nname = \"local\"\nagent = \"realtime\"\n\
+             [routes.settings]\napi_key_env = \"PATH\"\nurl = \"ws://127.0.0.1:9/v1/realtime\"\n",
+            dir.path().join("data"),
+            route("a"),
+            route("b")
+        ),
+    )
+    .expect("write");
+    let (code, stderr) = run(&[
+        "config",
+        "check",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("in clear text"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("realtime url \"ws://192.0.2.1/v1/realtime\""),
+        "{stderr}"
+    );
+}
