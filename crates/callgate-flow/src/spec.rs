@@ -28,6 +28,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::audio::PromptAudio;
+use crate::messages::Limits;
 use crate::template::{Template, UrlTemplate, is_name};
 use crate::tts::{ProviderName, TtsSettings};
 
@@ -103,6 +104,8 @@ pub struct Flow {
     pub start: usize,
     /// The flow's TTS settings (the server's, overridden by the file's).
     pub tts: TtsSettings,
+    /// What its `record` steps may store (`[messages]`).
+    pub messages: Limits,
     /// Steps nothing can reach (and other things worth a look), in words.
     pub warnings: Vec<String>,
 }
@@ -237,7 +240,7 @@ impl StepKind {
                 all
             }
             Self::Hangup => vec![],
-            Self::Record(r) => vec![r.next],
+            Self::Record(r) => vec![r.next, r.on_full],
             Self::Http(h) => vec![h.next, h.on_error],
             Self::AgentTerminate { on_error, .. } => vec![*on_error],
         }
@@ -339,6 +342,9 @@ pub struct Record {
     pub variable: String,
     /// Then.
     pub next: Next,
+    /// When nothing can be recorded (`data_dir/messages` is full, or the call has used its
+    /// share): `next` by default.
+    pub on_full: Next,
 }
 
 /// An `http` step.
@@ -380,6 +386,8 @@ struct RawFlow {
     start: Option<String>,
     #[serde(default)]
     tts: Option<TtsSettings>,
+    #[serde(default)]
+    messages: Option<Limits>,
     #[serde(default)]
     step: Vec<serde_json::Value>,
 }
@@ -543,6 +551,8 @@ struct RecordSpec {
     variable: String,
     #[serde(default)]
     next: Option<String>,
+    #[serde(default)]
+    on_full: Option<String>,
 }
 
 fn default_http_timeout() -> Dur {
@@ -665,6 +675,13 @@ impl Flow {
             labels.push(label);
         }
         let flow_tts = raw.tts.unwrap_or_default().over(tts);
+        let messages = raw.messages.unwrap_or_default();
+        if messages.max_call_bytes == 0 || messages.max_total_bytes == 0 {
+            return Err(whole(
+                "messages",
+                "max_call_bytes and max_total_bytes must be more than zero".into(),
+            ));
+        }
         let mut compiler = Compiler {
             file: path,
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -700,6 +717,7 @@ impl Flow {
             steps,
             start,
             tts: compiler.tts,
+            messages,
             warnings,
         })
     }
@@ -1064,6 +1082,7 @@ impl Compiler<'_> {
                         "a variable name is letters, digits and _",
                     ));
                 }
+                let next = self.next(label, "next", s.next.as_deref(), following)?;
                 StepKind::Record(Box::new(Record {
                     max_length: self.duration(label, "max_length", s.max_length, MAX_RECORDING)?,
                     silence: s
@@ -1072,7 +1091,8 @@ impl Compiler<'_> {
                         .transpose()?,
                     terminator: self.terminator(label, &s.terminator)?,
                     variable: s.variable,
-                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                    next,
+                    on_full: self.next(label, "on_full", s.on_full.as_deref(), next)?,
                 }))
             }
             "agent_terminate" => {

@@ -8,27 +8,35 @@ use axum::Router;
 use axum::http::{StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use callgate_agent::Catalog;
-use callgate_flow::FlowEnv;
+use callgate_flow::metrics::FlowCollector;
+use callgate_flow::{FlowEnv, FlowMetrics};
 use callgate_server::routes::parse_spec;
+use callgate_testkit::audio::speechlike_pcm16;
 use callgate_testkit::{TempDir, TestServer, spawn_server_with_catalog};
+use callgate_testkit::{cdr, incoming_call};
 use serde_json::{Value, json};
 
-/// A server running `flow` as its only route, with the data dir `dir`.
+/// A server running `flow` as its only route, with the data dir `dir`; the flow's metrics
+/// are on its `/metrics`.
 async fn server_with_flow(dir: &TempDir, flow: &str) -> TestServer {
     let file = dir.path().join("flow.toml");
     std::fs::write(&file, flow).expect("write flow");
     let mut catalog = Catalog::builtin();
-    callgate_flow::register(
+    let metrics = FlowMetrics::new();
+    callgate_flow::register_with_metrics(
         &mut catalog,
         FlowEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
         },
+        metrics.clone(),
+        |_| {},
     );
     let data = dir.path().to_path_buf();
     spawn_server_with_catalog(&catalog, move |c| {
         c.data_dir = data;
+        c.metrics = vec![Arc::new(FlowCollector(metrics))];
         c.routes = vec![
             parse_spec(
                 json!({"name": "ivr", "agent": "flow", "settings": {"file": file}}),
@@ -233,5 +241,160 @@ async fn a_webhook_redirect_is_not_followed_and_takes_on_error() {
         "the redirect's target was never asked"
     );
     let _ = stop.send(());
+    server.shutdown().await;
+}
+
+/// One metric's value in the metrics text (0 when absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An inbound call that leaves `ms` of speech then presses `#`; its record once ended.
+async fn leave_message(server: &TestServer, session: &str, ms: u32) -> Value {
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call(session)).await;
+    assert_eq!(phone.recv_json().await, json!({"event": "answer"}));
+    let sent = speechlike_pcm16(ms, 8000, 7);
+    for frame in sent.chunks(320) {
+        phone.binary(frame.to_vec()).await;
+    }
+    phone
+        .text(json!({"event": "dtmf", "digit": "#"}).to_string())
+        .await;
+    assert_eq!(phone.recv_json().await, json!({"event": "hangup"}));
+    phone.text(cdr(session)).await;
+    phone.closed().await;
+    server.ended_call(session).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_total_cap_a_record_step_stores_nothing_and_takes_on_full() {
+    let dir = TempDir::new("flow-messages-cap");
+    // Room for one second and a bit: one 0.5 s message fits, then less than the one second
+    // a recording needs at least is left.
+    let flow = r#"
+        [messages]
+        max_total_bytes = 20000
+        [[step]]
+        name = "msg"
+        kind = "record"
+        max_length = "1s"
+        on_full = "full"
+        next = "bye"
+        [[step]]
+        name = "bye"
+        kind = "hangup"
+        [[step]]
+        name = "full"
+        kind = "hangup"
+    "#;
+    let server = server_with_flow(&dir, flow).await;
+    let record = leave_message(&server, "cap-1", 500).await;
+    let id = record["id"].as_str().expect("id");
+    let steps = flow_steps(&server, id).await;
+    assert_eq!(end_of(&steps, "msg")["next"], "bye", "{steps:?}");
+    let path = dir.path().join(format!("messages/{id}/msg.wav"));
+    assert_eq!(std::fs::metadata(&path).expect("the WAV").len(), 8044);
+
+    // Private whatever the umask: 0600 files in 0700 directories.
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join(format!("messages/{id}"))), 0o700);
+    assert_eq!(mode(&dir.path().join("messages")), 0o700);
+
+    let record = leave_message(&server, "cap-2", 500).await;
+    let id = record["id"].as_str().expect("id");
+    let steps = flow_steps(&server, id).await;
+    let end = end_of(&steps, "msg");
+    assert_eq!(end["next"], "full", "{steps:?}");
+    assert_eq!(end["result"], json!({"refused": "full"}));
+    assert!(
+        !dir.path().join(format!("messages/{id}")).exists(),
+        "nothing was written for the refused call"
+    );
+    let text = server.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            "callgate_flow_messages_refused_total{reason=\"full\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "callgate_flow_messages_saved_total"),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "callgate_flow_messages_saved_bytes_total"),
+        8044.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "callgate_flow_messages_stored_bytes"),
+        8044.0,
+        "{text}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_cannot_record_more_than_its_share() {
+    let dir = TempDir::new("flow-messages-call");
+    // 1.5 s per call: a second recording after a full first one is refused.
+    let flow = r#"
+        [messages]
+        max_call_bytes = 24044
+        [[step]]
+        name = "first"
+        kind = "record"
+        max_length = "1s"
+        [[step]]
+        name = "second"
+        kind = "record"
+        max_length = "1s"
+        on_full = "full"
+        next = "bye"
+        [[step]]
+        name = "bye"
+        kind = "hangup"
+        [[step]]
+        name = "full"
+        kind = "hangup"
+    "#;
+    let server = server_with_flow(&dir, flow).await;
+    let mut phone = server.phone("/").await;
+    phone.text(incoming_call("share-1")).await;
+    assert_eq!(phone.recv_json().await, json!({"event": "answer"}));
+    // Up to max_length: the first recording ends by itself after 1 s of audio.
+    let sent = speechlike_pcm16(1000, 8000, 3);
+    for frame in sent.chunks(320) {
+        phone.binary(frame.to_vec()).await;
+    }
+    assert_eq!(phone.recv_json().await, json!({"event": "hangup"}));
+    phone.text(cdr("share-1")).await;
+    phone.closed().await;
+    let record = server.ended_call("share-1").await;
+    let id = record["id"].as_str().expect("id");
+    let steps = flow_steps(&server, id).await;
+    assert_eq!(end_of(&steps, "first")["result"]["ms"], 1000, "{steps:?}");
+    let second = end_of(&steps, "second");
+    assert_eq!(second["next"], "full", "{steps:?}");
+    assert_eq!(second["result"], json!({"refused": "call_limit"}));
+    let text = server.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            "callgate_flow_messages_refused_total{reason=\"call_limit\"}"
+        ),
+        1.0,
+        "{text}"
+    );
     server.shutdown().await;
 }
