@@ -6,8 +6,8 @@ mod common;
 
 use std::process::Command;
 
-use callgate_testkit::TempDir;
-use common::BIN;
+use callgate_testkit::{TempDir, http};
+use common::{BIN, Proc};
 
 fn run(args: &[&str]) -> (Option<i32>, String) {
     let out = Command::new(BIN).args(args).output().expect("run callgate");
@@ -112,4 +112,22 @@ fn an_api_key_bound_for_clear_text_off_the_host_is_warned_about_once() {
         warnings[0].contains("realtime url \"ws://192.0.2.1/v1/realtime\""),
         "{stderr}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exposes_the_flow_message_metrics() {
+    let data = TempDir::new("flowsec-metrics");
+    let config = data.path().join("callgate.toml");
+    // The demo menu, the default route.
+    std::fs::write(&config, "").expect("write");
+    let server = Proc::serve(&data, Some(&config));
+    let (status, text) = http::request(server.admin, "GET", "/metrics", None).await;
+    assert_eq!(status, 200, "{text}");
+    for name in [
+        "# TYPE callgate_flow_messages_refused counter",
+        "# TYPE callgate_flow_messages_stored_bytes gauge",
+        "callgate_flow_messages_stored_bytes 0",
+    ] {
+        assert!(text.contains(name), "{name}: {text}");
+    }
 }
