@@ -177,7 +177,7 @@ impl Agent for FlowAgent {
                         let store = &self.runtime.messages;
                         let cap = self.flow.messages.max_total_bytes;
                         let mut held = store.try_reserve(bytes, min_bytes, cap);
-                        if held.is_none() && store.rescan_due() {
+                        if held.is_none() && store.claim_rescan() {
                             // Full by the count: files may have gone with their calls.
                             let again = store.clone();
                             let _ = spawner.spawn_blocking(move || again.rescan()).await;

@@ -619,7 +619,8 @@ impl Engine {
                 }
                 StepKind::Record(r) => {
                     self.answer();
-                    self.instant_steps = 0;
+                    // `instant_steps` is reset only once recording starts: a step refused at
+                    // once (a full store) in a loop is stopped like any instant loop.
                     let rate = u64::from(self.input_rate);
                     let full = WAV_HEADER_BYTES + 2 * (rate * ms(r.max_length) / 1000);
                     let min_bytes = full.min(WAV_HEADER_BYTES + 2 * rate);
@@ -1603,6 +1604,48 @@ mod tests {
             "16,000 bytes left is less than a second: {a:?}"
         );
         assert!(a.contains(&"full:start:".to_owned()), "{a:?}");
+    }
+
+    #[test]
+    fn a_loop_back_to_a_refused_record_step_is_stopped() {
+        let text = r#"
+            [messages]
+            max_call_bytes = 100
+            [[step]]
+            name = "msg"
+            kind = "record"
+            on_full = "again"
+            [[step]]
+            name = "again"
+            kind = "goto"
+            next = "msg"
+        "#;
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s == "msg:error:"), "{a:?}");
+        assert!(e.is_finished());
+        // The same when the store is what refuses: each answer comes back at once.
+        let text = text.replace("max_call_bytes = 100", "max_call_bytes = 1000000");
+        let mut e = engine(&text, Protocol::Inbound);
+        e.start(0);
+        let mut rounds = 0;
+        loop {
+            let a = drain(&mut e);
+            if e.is_finished() {
+                assert!(a.iter().any(|s| s == "msg:error:"), "{a:?}");
+                break;
+            }
+            rounds += 1;
+            assert!(rounds <= MAX_INSTANT_STEPS, "the loop was not stopped");
+            e.handle_done(
+                0,
+                Done::Reserved {
+                    seq: e.seq,
+                    granted: None,
+                },
+            );
+        }
     }
 
     #[test]

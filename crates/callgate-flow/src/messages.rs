@@ -114,9 +114,16 @@ impl Store {
         })
     }
 
-    /// Whether a full store should count the directory again ([`RESCAN_EVERY`]).
-    pub fn rescan_due(&self) -> bool {
-        self.lock().scanned_at.elapsed() >= RESCAN_EVERY
+    /// Whether a full store should count the directory again ([`RESCAN_EVERY`]); `true`
+    /// claims the rescan (the caller then runs [`Store::rescan`]), so many callers meeting a
+    /// full store at once start one scan, not one each.
+    pub fn claim_rescan(&self) -> bool {
+        let mut usage = self.lock();
+        if usage.scanned_at.elapsed() < RESCAN_EVERY {
+            return false;
+        }
+        usage.scanned_at = Instant::now();
+        true
     }
 
     /// Counts the directory again (blocking file I/O): files deleted with their calls make
@@ -125,7 +132,6 @@ impl Store {
         let stored = scan(&self.dir);
         let mut usage = self.lock();
         usage.stored = stored;
-        usage.scanned_at = Instant::now();
         self.metrics.messages_stored_bytes.set(gauge(stored));
     }
 
@@ -319,7 +325,9 @@ mod tests {
         assert_eq!(metrics.messages_saved_bytes.get(), 1044);
         // Smaller than asked for but under the minimum: refused.
         assert!(store.try_reserve(5000, 3000, 5000).is_none());
-        // Files deleted behind its back are found by a rescan.
+        // Files deleted behind its back are found by a rescan, claimed by one caller at most
+        // every RESCAN_EVERY.
+        assert!(!store.claim_rescan(), "just scanned at open");
         std::fs::remove_dir_all(dir.join("messages/old")).unwrap();
         store.rescan();
         assert_eq!(store.used(), (1044, 0));
