@@ -20,6 +20,8 @@ use tokio::task::JoinHandle;
 
 use crate::audio;
 use crate::engine::{Action, Done, Engine, MAX_HTTP_ANSWER};
+use crate::messages::{Reservation, Store};
+use crate::metrics::FlowMetrics;
 use crate::spec::Flow;
 use crate::tts::{Provider, ProviderName};
 
@@ -31,6 +33,9 @@ const DONE_QUEUE: usize = 8;
 #[derive(Debug)]
 pub(crate) struct Runtime {
     pub(crate) data_dir: PathBuf,
+    /// The count of `data_dir/messages`, shared by every flow of the process.
+    pub(crate) messages: Arc<Store>,
+    pub(crate) metrics: Arc<FlowMetrics>,
     pub(crate) http: reqwest::Client,
     pub(crate) providers: HashMap<ProviderName, Arc<dyn Provider>>,
     /// CallBridge's agent-terminate URL and API key.
@@ -85,6 +90,8 @@ impl Agent for FlowAgent {
         let mut outbox: VecDeque<AgentCommand> = VecDeque::new();
         let mut echo: Option<Converter> = None;
         let mut saving: Option<(u64, JoinHandle<Result<(), String>>)> = None;
+        // The room reserved for the recording in progress; given back when dropped.
+        let mut reservation: Option<Reservation> = None;
         let mut samples = Vec::new();
         let mut ended = false;
         engine.start(io.now_ms());
@@ -162,6 +169,28 @@ impl Agent for FlowAgent {
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
+                    Action::Reserve {
+                        seq,
+                        bytes,
+                        min_bytes,
+                    } => {
+                        let store = &self.runtime.messages;
+                        let cap = self.flow.messages.max_total_bytes;
+                        let mut held = store.try_reserve(bytes, min_bytes, cap);
+                        if held.is_none() && store.claim_rescan() {
+                            // Full by the count: files may have gone with their calls.
+                            let again = store.clone();
+                            let _ = spawner.spawn_blocking(move || again.rescan()).await;
+                            held = store.try_reserve(bytes, min_bytes, cap);
+                        }
+                        let granted = held.as_ref().map(Reservation::bytes);
+                        reservation = held;
+                        engine.handle_done(io.now_ms(), Done::Reserved { seq, granted });
+                    }
+                    Action::MessageRefused { reason } => {
+                        tracing::debug!(reason, "A record step stored nothing.");
+                        self.runtime.metrics.refused(reason);
+                    }
                     Action::Save {
                         seq,
                         path,
@@ -169,15 +198,13 @@ impl Agent for FlowAgent {
                         samples,
                     } => {
                         let full = self.runtime.data_dir.join(path);
+                        let store = self.runtime.messages.clone();
+                        let held = reservation.take();
                         // Awaited by this loop (not a cancellable task): a message left just
                         // before the caller hung up is still written.
                         let handle = spawner.spawn_blocking(move || {
-                            if let Some(dir) = full.parent() {
-                                std::fs::create_dir_all(dir)
-                                    .map_err(|e| format!("{}: {e}", dir.display()))?;
-                            }
-                            callgate_audio::wav::write_mono(&full, rate, &samples)
-                                .map_err(|e| format!("{}: {e}", full.display()))
+                            let held = held.ok_or("no room was reserved for the recording")?;
+                            store.write(held, &full, rate, &samples).map(|_| ())
                         });
                         saving = Some((seq, handle));
                     }

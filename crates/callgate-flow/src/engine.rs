@@ -22,6 +22,7 @@ use callgate_proto::{Digit, Protocol};
 use serde_json::{Value, json};
 
 use crate::audio::PromptAudio;
+use crate::messages::WAV_HEADER_BYTES;
 use crate::spec::{Flow, Next, Prompt, PromptPart, StepKind};
 use crate::tts::ProviderName;
 
@@ -82,8 +83,24 @@ pub enum Action {
         /// How long the request may take.
         timeout: Duration,
     },
-    /// Write a recording (mono 16-bit WAV) to `path` under the data dir; answer with
-    /// [`Done::Saved`].
+    /// Reserve room in `data_dir/messages` for a recording: up to `bytes`, at least
+    /// `min_bytes`; answer with [`Done::Reserved`]. The driver holds the reservation until
+    /// the recording is written ([`Action::Save`]) or the call ends.
+    Reserve {
+        /// Answer with this.
+        seq: u64,
+        /// The most the recording may take (WAV header included).
+        bytes: u64,
+        /// Less than this is not worth recording.
+        min_bytes: u64,
+    },
+    /// A `record` step stored nothing (count it): `full` or `call_limit`.
+    MessageRefused {
+        /// Why.
+        reason: &'static str,
+    },
+    /// Write a recording (mono 16-bit WAV) to `path` under the data dir, within the
+    /// reservation; answer with [`Done::Saved`].
     Save {
         /// Answer with this.
         seq: u64,
@@ -114,6 +131,13 @@ pub enum Done {
         seq: u64,
         /// Status and body, or the failure (connection refused, timeout...).
         result: Result<(u16, Bytes), String>,
+    },
+    /// The answer to [`Action::Reserve`]: the bytes reserved, or `None` (no room).
+    Reserved {
+        /// As asked.
+        seq: u64,
+        /// The bytes reserved.
+        granted: Option<u64>,
     },
     /// [`Action::Save`] finished.
     Saved {
@@ -152,6 +176,8 @@ struct RecordRun {
     silence_limit: Option<usize>,
     terminator: Option<Digit>,
     start_ms: u64,
+    /// `max_samples` is the room reserved, shorter than `max_length`.
+    limited: bool,
 }
 
 #[derive(Debug)]
@@ -166,6 +192,8 @@ enum State {
     Gathering(GatherRun),
     /// A send_dtmf on the inbound protocol: keys still to send, one per deadline.
     SendingDtmf(VecDeque<Digit>),
+    /// Waiting for room to record in.
+    Reserving { seq: u64 },
     /// Recording the caller.
     Recording(RecordRun),
     /// Writing the recording.
@@ -199,6 +227,8 @@ pub struct Engine {
     seq: u64,
     instant_steps: u32,
     recordings: u32,
+    /// Bytes this call's recordings took (WAV headers included).
+    message_bytes: u64,
     ended: bool,
 }
 
@@ -225,6 +255,7 @@ impl Engine {
             seq: 0,
             instant_steps: 0,
             recordings: 0,
+            message_bytes: 0,
             ended: false,
         }
     }
@@ -370,7 +401,8 @@ impl Engine {
             run.silence_run = 0;
         }
         if run.samples.len() >= run.max_samples {
-            self.stop_recording(now, "max_length");
+            let why = if run.limited { "limit" } else { "max_length" };
+            self.stop_recording(now, why);
         } else if run
             .silence_limit
             .is_some_and(|limit| run.silence_run >= limit)
@@ -412,6 +444,15 @@ impl Engine {
                 }
                 self.deadline = None;
                 self.http_answer(now, result);
+            }
+            Done::Reserved { seq, granted } => {
+                if !matches!(self.state, State::Reserving { seq: s } if s == seq) {
+                    return;
+                }
+                match granted {
+                    Some(bytes) => self.begin_recording(now, bytes),
+                    None => self.record_refused(now, "full"),
+                }
             }
             Done::Saved { seq, result } => {
                 let State::Saving { seq: s, path, ms } = &self.state else {
@@ -578,17 +619,27 @@ impl Engine {
                 }
                 StepKind::Record(r) => {
                     self.answer();
-                    let rate = self.input_rate as usize;
-                    self.state = State::Recording(RecordRun {
-                        samples: Vec::new(),
-                        max_samples: (rate as u64 * ms(r.max_length) / 1000) as usize,
-                        silence_run: 0,
-                        silence_limit: r.silence.map(|d| (rate as u64 * ms(d) / 1000) as usize),
-                        terminator: r.terminator,
-                        start_ms: now,
+                    // `instant_steps` is reset only once recording starts: a step refused at
+                    // once (a full store) in a loop is stopped like any instant loop.
+                    let rate = u64::from(self.input_rate);
+                    let full = WAV_HEADER_BYTES + 2 * (rate * ms(r.max_length) / 1000);
+                    let min_bytes = full.min(WAV_HEADER_BYTES + 2 * rate);
+                    let left = self
+                        .flow
+                        .messages
+                        .max_call_bytes
+                        .saturating_sub(self.message_bytes);
+                    if left < min_bytes {
+                        self.record_refused(now, "call_limit");
+                        return;
+                    }
+                    self.seq += 1;
+                    self.state = State::Reserving { seq: self.seq };
+                    self.out.push_back(Action::Reserve {
+                        seq: self.seq,
+                        bytes: full.min(left),
+                        min_bytes,
                     });
-                    self.deadline = Some(now + ms(r.max_length));
-                    self.instant_steps = 0;
                     return;
                 }
                 StepKind::AgentTerminate {
@@ -627,8 +678,16 @@ impl Engine {
                     return;
                 }
                 StepKind::Http(h) => {
+                    let url = match h.url.render(|name| self.var(name)) {
+                        Ok(url) => url,
+                        Err(error) => {
+                            // No request: the values would have changed the URL's path.
+                            self.vars.insert("http_status".into(), String::new());
+                            next = self.result(json!({"error": error.to_string()}), h.on_error);
+                            continue;
+                        }
+                    };
                     self.seq += 1;
-                    let url = h.url.render(|name| self.var(name));
                     let body = json!({
                         "call_id": self.call_id,
                         "step": step.name,
@@ -935,6 +994,42 @@ impl Engine {
 
     // --- record --------------------------------------------------------------------------
 
+    /// Room for `bytes` was reserved: record.
+    fn begin_recording(&mut self, now: u64, bytes: u64) {
+        let StepKind::Record(r) = &self.flow.steps[self.current].kind else {
+            return;
+        };
+        let rate = u64::from(self.input_rate);
+        let length = rate * ms(r.max_length) / 1000;
+        let room = bytes.saturating_sub(WAV_HEADER_BYTES) / 2;
+        self.state = State::Recording(RecordRun {
+            samples: Vec::new(),
+            max_samples: usize::try_from(length.min(room)).unwrap_or(usize::MAX),
+            silence_run: 0,
+            silence_limit: r
+                .silence
+                .map(|d| usize::try_from(rate * ms(d) / 1000).unwrap_or(usize::MAX)),
+            terminator: r.terminator,
+            start_ms: now,
+            limited: room < length,
+        });
+        self.deadline = Some(now + ms(r.max_length));
+        self.instant_steps = 0;
+    }
+
+    /// Nothing can be recorded: the variable is empty and the step goes to `on_full`.
+    fn record_refused(&mut self, now: u64, reason: &'static str) {
+        let flow = self.flow.clone();
+        let StepKind::Record(r) = &flow.steps[self.current].kind else {
+            return;
+        };
+        self.state = State::Idle;
+        self.out.push_back(Action::MessageRefused { reason });
+        self.vars.insert(r.variable.clone(), String::new());
+        self.vars.insert(format!("{}_ms", r.variable), "0".into());
+        self.finish(now, json!({"refused": reason}), r.on_full);
+    }
+
     fn stop_recording(&mut self, now: u64, why: &'static str) {
         let State::Recording(run) = std::mem::replace(&mut self.state, State::Idle) else {
             return;
@@ -949,6 +1044,7 @@ impl Engine {
         };
         let path = format!("messages/{}/{file}", self.call_id);
         let ms = run.samples.len() as u64 * 1000 / u64::from(self.input_rate.max(1));
+        self.message_bytes += WAV_HEADER_BYTES + 2 * run.samples.len() as u64;
         self.seq += 1;
         self.event(json!({
             "name": name,
@@ -1167,6 +1263,10 @@ mod tests {
                 Action::Speak { text, .. } => format!("speak {text}"),
                 Action::Http { url, .. } => format!("http {url}"),
                 Action::Terminate { body, .. } => format!("terminate {body}"),
+                Action::Reserve {
+                    bytes, min_bytes, ..
+                } => format!("reserve {bytes} {min_bytes}"),
+                Action::MessageRefused { reason } => format!("refused {reason}"),
                 Action::Save { path, samples, .. } => {
                     format!("save {} {}", path.display(), samples.len())
                 }
@@ -1353,7 +1453,12 @@ mod tests {
         "#;
         let mut e = engine(text, Protocol::Inbound);
         e.start(0);
-        drain(&mut e);
+        assert!(
+            drain(&mut e).contains(&"reserve 160044 16044".to_owned()),
+            "10 s at 8 kHz, at least 1 s"
+        );
+        assert!(!e.is_recording(), "not before the room is reserved");
+        e.handle_done(0, reserved(1, 160_044));
         assert!(e.is_recording());
         e.handle_audio(20, &[5000i16; 160]);
         for i in 0..50 {
@@ -1371,7 +1476,7 @@ mod tests {
         e.handle_done(
             1100,
             Done::Saved {
-                seq: 1,
+                seq: 2,
                 result: Ok(()),
             },
         );
@@ -1385,17 +1490,162 @@ mod tests {
 
         let mut e = engine(text, Protocol::Inbound);
         e.start(0);
+        e.handle_done(0, reserved(1, 160_044));
         e.handle_audio(20, &[5000i16; 160]);
         e.handle_dtmf(40, Digit::Pound);
         assert!(drain(&mut e).iter().any(|s| s.contains("terminator")));
         let mut e = engine(text, Protocol::Inbound);
         e.start(0);
+        e.handle_done(0, reserved(1, 160_044));
         e.handle_audio(20, &[5000i16; 160]);
         e.handle_ended(40);
         assert!(
             drain(&mut e).iter().any(|s| s.starts_with("save")),
             "kept at hangup"
         );
+    }
+
+    fn reserved(seq: u64, bytes: u64) -> Done {
+        Done::Reserved {
+            seq,
+            granted: Some(bytes),
+        }
+    }
+
+    #[test]
+    fn recordings_stay_within_the_room_reserved_and_the_calls_share() {
+        // 3 s at most per call (48,000 bytes of audio at 8 kHz, plus a header).
+        let text = r#"
+            [messages]
+            max_call_bytes = 48044
+            [[step]]
+            name = "msg"
+            kind = "record"
+            max_length = "2s"
+            on_full = "full"
+            next = "again"
+            [[step]]
+            name = "again"
+            kind = "record"
+            max_length = "2s"
+            on_full = "full"
+            next = "bye"
+            [[step]]
+            name = "bye"
+            kind = "hangup"
+            [[step]]
+            name = "full"
+            kind = "hangup"
+        "#;
+        // The store has room for only half a second more than the minimum: the recording
+        // stops at the room, as `limit`.
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        assert!(drain(&mut e).contains(&"reserve 32044 16044".to_owned()));
+        e.handle_done(0, reserved(1, 24_044));
+        for i in 0..100 {
+            e.handle_audio(20 + i * 20, &[5000i16; 160]);
+        }
+        let a = drain(&mut e);
+        assert!(
+            a.contains(&"save messages/c1/msg.wav 12000".to_owned()),
+            "{a:?}"
+        );
+        assert!(
+            a.iter().any(|s| s.contains("\"reason\":\"limit\"")),
+            "{a:?}"
+        );
+        e.handle_done(
+            2000,
+            Done::Saved {
+                seq: 2,
+                result: Ok(()),
+            },
+        );
+        // The call has 48,044 - 24,044 = 24,000 bytes left: the next asks for at most that.
+        let a = drain(&mut e);
+        assert!(a.contains(&"reserve 24000 16044".to_owned()), "{a:?}");
+        // The store is full: nothing is recorded, the variable is empty, on_full is taken.
+        e.handle_done(
+            2000,
+            Done::Reserved {
+                seq: 3,
+                granted: None,
+            },
+        );
+        let a = drain(&mut e);
+        assert!(a.contains(&"refused full".to_owned()), "{a:?}");
+        assert!(a.contains(&"full:start:".to_owned()), "{a:?}");
+        assert!(!e.is_recording());
+        assert_eq!(
+            (e.var("recording"), e.var("recording_ms")),
+            (Some(""), Some("0"))
+        );
+
+        // A call whose share is spent is refused without asking the store.
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        drain(&mut e);
+        e.handle_done(0, reserved(1, 32_044));
+        for i in 0..100 {
+            e.handle_audio(20 + i * 20, &[5000i16; 160]);
+        }
+        e.handle_done(
+            2000,
+            Done::Saved {
+                seq: 2,
+                result: Ok(()),
+            },
+        );
+        let a = drain(&mut e);
+        assert!(
+            !a.iter().any(|s| s.starts_with("reserve"))
+                && a.contains(&"refused call_limit".to_owned()),
+            "16,000 bytes left is less than a second: {a:?}"
+        );
+        assert!(a.contains(&"full:start:".to_owned()), "{a:?}");
+    }
+
+    #[test]
+    fn a_loop_back_to_a_refused_record_step_is_stopped() {
+        let text = r#"
+            [messages]
+            max_call_bytes = 100
+            [[step]]
+            name = "msg"
+            kind = "record"
+            on_full = "again"
+            [[step]]
+            name = "again"
+            kind = "goto"
+            next = "msg"
+        "#;
+        let mut e = engine(text, Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s == "msg:error:"), "{a:?}");
+        assert!(e.is_finished());
+        // The same when the store is what refuses: each answer comes back at once.
+        let text = text.replace("max_call_bytes = 100", "max_call_bytes = 1000000");
+        let mut e = engine(&text, Protocol::Inbound);
+        e.start(0);
+        let mut rounds = 0;
+        loop {
+            let a = drain(&mut e);
+            if e.is_finished() {
+                assert!(a.iter().any(|s| s == "msg:error:"), "{a:?}");
+                break;
+            }
+            rounds += 1;
+            assert!(rounds <= MAX_INSTANT_STEPS, "the loop was not stopped");
+            e.handle_done(
+                0,
+                Done::Reserved {
+                    seq: e.seq,
+                    granted: None,
+                },
+            );
+        }
     }
 
     #[test]
@@ -1462,6 +1712,41 @@ mod tests {
         }
         let (a, _) = run(None);
         assert_eq!(went(&a), "failed:start:", "our own guard: {a:?}");
+    }
+
+    #[test]
+    fn a_value_that_would_be_a_dot_segment_takes_the_error_branch_without_a_request() {
+        let text = r#"
+            [[step]]
+            name = "ask"
+            kind = "http"
+            url = "http://example.invalid/customers/{{caller}}/lookup"
+            on_error = "failed"
+            [[step]]
+            name = "ok"
+            kind = "hangup"
+            [[step]]
+            name = "failed"
+            kind = "hangup"
+        "#;
+        for (caller, failed) in [("..", true), (".", true), ("...", false), ("0101", false)] {
+            let mut info = call(Protocol::Inbound);
+            info.caller = caller.into();
+            let mut e = Engine::new(Arc::new(parse(text).unwrap()), &info);
+            e.start(0);
+            let a = drain(&mut e);
+            let requested = a.iter().any(|s| s.starts_with("http "));
+            assert_eq!(requested, !failed, "{caller:?}: {a:?}");
+            assert_eq!(
+                a.iter().any(|s| s == "failed:start:"),
+                failed,
+                "{caller:?}: {a:?}"
+            );
+            if failed {
+                let end = a.iter().find(|s| s.starts_with("ask:end:")).unwrap();
+                assert!(end.contains("path segment"), "{end}");
+            }
+        }
     }
 
     #[test]

@@ -16,6 +16,10 @@
 //! - [`tts`]: the speech [`tts::Provider`] trait, espeak-ng, an OpenAI-compatible API, and
 //!   the cache in the data dir.
 //! - [`audio`]: prompt audio, converted at load to every call rate.
+//! - [`messages`]: what `record` steps may store (per call, in total), files created
+//!   private.
+//! - [`metrics`]: recordings stored and refused, for the server's `/metrics`.
+//! - [`plaintext`]: the warning for an API key that would cross the network in clear text.
 //!
 //! This is a crate of its own (not part of `callgate-agent`) because it needs an HTTP client
 //! (reqwest with rustls on ring) that the other agents do not.
@@ -24,6 +28,9 @@ mod agent;
 pub mod audio;
 pub mod demo;
 pub mod engine;
+pub mod messages;
+pub mod metrics;
+pub mod plaintext;
 pub mod spec;
 pub mod template;
 pub mod tts;
@@ -36,6 +43,7 @@ use callgate_agent::catalog::{self, Settings, SettingsError};
 use callgate_agent::{AgentFactory, Catalog};
 
 pub use agent::FlowFactory;
+pub use metrics::FlowMetrics;
 pub use spec::{Flow, FlowError};
 pub use tts::TtsSettings;
 
@@ -111,10 +119,22 @@ pub fn register(catalog: &mut Catalog, env: FlowEnv) {
 }
 
 /// Like [`register`], handing each flow's warnings to `on_warning` (the binary prints them:
-/// they come before logging is set up).
+/// they come before logging is set up). Recordings are counted in
+/// [`FlowMetrics::process`].
 pub fn register_with(
     catalog: &mut Catalog,
     env: FlowEnv,
+    on_warning: impl Fn(&str) + Send + Sync + 'static,
+) {
+    register_with_metrics(catalog, env, FlowMetrics::process(), on_warning);
+}
+
+/// Like [`register_with`], counting recordings in `metrics` (expose them with
+/// [`metrics::FlowCollector`]).
+pub fn register_with_metrics(
+    catalog: &mut Catalog,
+    env: FlowEnv,
+    metrics: Arc<FlowMetrics>,
     on_warning: impl Fn(&str) + Send + Sync + 'static,
 ) {
     catalog.register(NAME, move |settings| {
@@ -124,8 +144,8 @@ pub fn register_with(
         } else {
             "demo"
         };
-        let factory =
-            load(&settings.path(), &env).map_err(|e| SettingsError::new(field, e.to_string()))?;
+        let factory = load_with(&settings.path(), &env, metrics.clone())
+            .map_err(|e| SettingsError::new(field, e.to_string()))?;
         for warning in &factory.flow().warnings {
             on_warning(warning);
         }
@@ -146,8 +166,18 @@ pub enum Error {
 }
 
 /// Reads, validates and prepares the flow at `path` (its fixed speech rendered, through the
-/// cache). Its warnings (unreachable steps) are in `flow().warnings`.
+/// cache). Its warnings (unreachable steps) are in `flow().warnings`. Recordings are counted
+/// in [`FlowMetrics::process`].
 pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
+    load_with(path, env, FlowMetrics::process())
+}
+
+/// Like [`load`], counting recordings in `metrics`.
+pub fn load_with(
+    path: &Path,
+    env: &FlowEnv,
+    metrics: Arc<FlowMetrics>,
+) -> Result<FlowFactory, Error> {
     let http = http_client()?;
     let loader = EnvLoader {
         http: http.clone(),
@@ -163,6 +193,8 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
     Ok(FlowFactory {
         flow: Arc::new(flow),
         runtime: Arc::new(agent::Runtime {
+            messages: messages::Store::shared(&env.data_dir, metrics.clone()),
+            metrics,
             data_dir: env.data_dir.clone(),
             http,
             providers,
@@ -181,11 +213,13 @@ pub fn load(path: &Path, env: &FlowEnv) -> Result<FlowFactory, Error> {
 }
 
 /// The HTTP client for webhooks and speech APIs: rustls on ring (installed as the process's
-/// provider if none is).
+/// provider if none is). It follows no redirect: a 3xx is the answer (a webhook's error), so
+/// a server cannot send the call's data, or an API key, somewhere else.
 fn http_client() -> Result<reqwest::Client, Error> {
     // `Err`: a provider is installed already, which is all that is needed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| Error::Http(e.to_string()))
 }
@@ -269,6 +303,7 @@ impl spec::Loader for EnvLoader {
                 api.base_url
             ));
         }
+        plaintext::warn_if_exposed("[callbridge] base_url", &api.base_url);
         std::env::var(&api.api_key_env).map(|_| ()).map_err(|_| {
             format!(
                 "agent_terminate needs CallBridge's API key in ${} ([callbridge] api_key_env)",

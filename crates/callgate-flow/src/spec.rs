@@ -28,7 +28,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 use crate::audio::PromptAudio;
-use crate::template::{Template, is_name};
+use crate::messages::Limits;
+use crate::template::{Template, UrlTemplate, is_name};
 use crate::tts::{ProviderName, TtsSettings};
 
 /// A flow that cannot work: the file, the step (when the problem is in one) and the field.
@@ -103,6 +104,8 @@ pub struct Flow {
     pub start: usize,
     /// The flow's TTS settings (the server's, overridden by the file's).
     pub tts: TtsSettings,
+    /// What its `record` steps may store (`[messages]`).
+    pub messages: Limits,
     /// Steps nothing can reach (and other things worth a look), in words.
     pub warnings: Vec<String>,
 }
@@ -237,7 +240,7 @@ impl StepKind {
                 all
             }
             Self::Hangup => vec![],
-            Self::Record(r) => vec![r.next],
+            Self::Record(r) => vec![r.next, r.on_full],
             Self::Http(h) => vec![h.next, h.on_error],
             Self::AgentTerminate { on_error, .. } => vec![*on_error],
         }
@@ -339,13 +342,17 @@ pub struct Record {
     pub variable: String,
     /// Then.
     pub next: Next,
+    /// When nothing can be recorded (`data_dir/messages` is full, or the call has used its
+    /// share): `next` by default.
+    pub on_full: Next,
 }
 
 /// An `http` step.
 #[derive(Debug)]
 pub struct Http {
-    /// Where to POST.
-    pub url: Template,
+    /// Where to POST: the call's values are data in the path and the query (see
+    /// [`UrlTemplate`]).
+    pub url: UrlTemplate,
     /// How long the whole request may take.
     pub timeout: Duration,
     /// After a good answer that names no step.
@@ -379,6 +386,8 @@ struct RawFlow {
     start: Option<String>,
     #[serde(default)]
     tts: Option<TtsSettings>,
+    #[serde(default)]
+    messages: Option<Limits>,
     #[serde(default)]
     step: Vec<serde_json::Value>,
 }
@@ -542,6 +551,8 @@ struct RecordSpec {
     variable: String,
     #[serde(default)]
     next: Option<String>,
+    #[serde(default)]
+    on_full: Option<String>,
 }
 
 fn default_http_timeout() -> Dur {
@@ -664,6 +675,13 @@ impl Flow {
             labels.push(label);
         }
         let flow_tts = raw.tts.unwrap_or_default().over(tts);
+        let messages = raw.messages.unwrap_or_default();
+        if messages.max_call_bytes == 0 || messages.max_total_bytes == 0 {
+            return Err(whole(
+                "messages",
+                "max_call_bytes and max_total_bytes must be more than zero".into(),
+            ));
+        }
         let mut compiler = Compiler {
             file: path,
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -699,6 +717,7 @@ impl Flow {
             steps,
             start,
             tts: compiler.tts,
+            messages,
             warnings,
         })
     }
@@ -1063,6 +1082,7 @@ impl Compiler<'_> {
                         "a variable name is letters, digits and _",
                     ));
                 }
+                let next = self.next(label, "next", s.next.as_deref(), following)?;
                 StepKind::Record(Box::new(Record {
                     max_length: self.duration(label, "max_length", s.max_length, MAX_RECORDING)?,
                     silence: s
@@ -1071,7 +1091,8 @@ impl Compiler<'_> {
                         .transpose()?,
                     terminator: self.terminator(label, &s.terminator)?,
                     variable: s.variable,
-                    next: self.next(label, "next", s.next.as_deref(), following)?,
+                    next,
+                    on_full: self.next(label, "on_full", s.on_full.as_deref(), next)?,
                 }))
             }
             "agent_terminate" => {
@@ -1087,18 +1108,7 @@ impl Compiler<'_> {
             }
             "http" => {
                 let s: HttpSpec = self.fields(label, value)?;
-                let url = Template::parse(&s.url).map_err(|p| self.err(label, "url", p))?;
-                if url.is_fixed() {
-                    let ok = reqwest::Url::parse(&s.url)
-                        .is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
-                    if !ok {
-                        return Err(self.err(
-                            label,
-                            "url",
-                            format!("{:?} is not an http(s) URL", s.url),
-                        ));
-                    }
-                }
+                let url = UrlTemplate::parse(&s.url).map_err(|p| self.err(label, "url", p))?;
                 let next = self.next(label, "next", s.next.as_deref(), following)?;
                 StepKind::Http(Box::new(Http {
                     url,
@@ -1333,6 +1343,11 @@ pub(crate) mod tests {
         assert!(e.contains("stepz"), "{e}");
         let e = error("[[step]]\nname = \"a\"\nkind = \"http\"\nurl = \"ftp://x\"\n");
         assert!(e.contains("step \"a\": url"), "{e}");
+        let e = error("[[step]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://{{ivrIp}}/x\"\n");
+        assert!(
+            e.contains("step \"a\": url: {{ivrIp}} is in the URL's user, host or port"),
+            "{e}"
+        );
         let e = error("[[step]]\nname = \"a\"\nkind = \"record\"\nmax_length = \"0s\"\n");
         assert!(
             e.contains("step \"a\": max_length: must be longer than zero"),

@@ -154,14 +154,16 @@ impl TtsSettings {
                         "response_format {format:?}: callgate reads pcm or wav"
                     )));
                 }
+                let base_url = self
+                    .base_url
+                    .clone()
+                    .unwrap_or_else(|| "https://api.openai.com".into())
+                    .trim_end_matches('/')
+                    .to_owned();
+                crate::plaintext::warn_if_exposed("[tts] base_url", &base_url);
                 Ok(Arc::new(OpenAi {
                     http: http.clone(),
-                    base_url: self
-                        .base_url
-                        .clone()
-                        .unwrap_or_else(|| "https://api.openai.com".into())
-                        .trim_end_matches('/')
-                        .to_owned(),
+                    base_url,
                     model: self
                         .model
                         .clone()
@@ -393,9 +395,14 @@ impl Cache {
     pub fn put(&self, key: &str, audio: &MonoAudio) {
         let (wav, keyfile) = self.paths(key);
         let tmp = wav.with_extension(format!("tmp{}", std::process::id()));
-        let stored = std::fs::create_dir_all(&self.dir).is_ok()
-            && callgate_audio::wav::write_mono(&tmp, audio.rate, &audio.samples).is_ok()
-            && std::fs::write(&keyfile, key).is_ok()
+        // Private (0700/0600 whatever the umask): a prompt's text may be personal.
+        let stored = crate::messages::private_dirs(&self.dir, &self.dir).is_ok()
+            && crate::messages::write_wav(&tmp, audio.rate, &audio.samples).is_ok()
+            && crate::messages::private_file(&keyfile)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, key.as_bytes()).map_err(|e| e.to_string())
+                })
+                .is_ok()
             && std::fs::rename(&tmp, &wav).is_ok();
         if !stored {
             let _ = std::fs::remove_file(&tmp);

@@ -55,6 +55,16 @@ async fn speech_api() -> (String, Arc<Mutex<Vec<Value>>>) {
             }
         }),
     );
+    // A redirect to the real one, keeping the method and the body (and, if followed, the key).
+    let app = app.route(
+        "/moved/v1/audio/speech",
+        post(|| async {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(axum::http::header::LOCATION, "/v1/audio/speech")],
+            )
+        }),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("local server");
@@ -158,6 +168,16 @@ async fn fixed_prompts_are_rendered_at_load_and_errors_name_the_step() {
             .any(|e| e.unwrap().path().extension().is_some_and(|x| x == "wav")),
         "cached in the data dir"
     );
+    // Private whatever the umask: the directory 0700, each file 0600.
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&dir.path().join("tts-cache")), 0o700);
+    for entry in std::fs::read_dir(dir.path().join("tts-cache")).unwrap() {
+        let path = entry.unwrap().path();
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
     // A second load finds it in the cache.
     let (file2, env2) = (file.clone(), env.clone());
     tokio::task::spawn_blocking(move || callgate_flow::load(&file2, &env2))
@@ -179,6 +199,32 @@ async fn fixed_prompts_are_rendered_at_load_and_errors_name_the_step() {
     assert!(
         error.contains("step \"late\": text: speech synthesis timed out"),
         "{error}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_speech_api_redirect_is_not_followed() {
+    let (base, seen) = speech_api().await;
+    let dir = TempDir::new("tts-redirect");
+    let file = dir.path().join("flow.toml");
+    std::fs::write(
+        &file,
+        "[[step]]\nname = \"hi\"\nkind = \"say\"\ntext = \"Moved\"\n",
+    )
+    .unwrap();
+    let env = FlowEnv {
+        data_dir: dir.path().to_path_buf(),
+        tts: openai(&format!("{base}/moved"), KEY_ENV),
+        callbridge: None,
+    };
+    let error = tokio::task::spawn_blocking(move || callgate_flow::load(&file, &env))
+        .await
+        .unwrap()
+        .expect_err("a redirect is the answer, an error");
+    assert!(error.to_string().contains("HTTP 307"), "{error}");
+    assert!(
+        seen.lock().expect("lock").is_empty(),
+        "the key and the text never reached the redirect's target"
     );
 }
 

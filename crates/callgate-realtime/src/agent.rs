@@ -75,8 +75,10 @@ impl RealtimeFactory {
                 h
             })
             .collect();
+        callgate_flow::plaintext::warn_if_exposed("realtime url", &settings.url);
         let callbridge = env.callbridge.as_ref().and_then(|api| {
             let key = std::env::var(&api.api_key_env).ok()?;
+            callgate_flow::plaintext::warn_if_exposed("[callbridge] base_url", &api.base_url);
             Some((
                 format!(
                     "{}/calls/agent-terminate",
@@ -243,6 +245,7 @@ impl Agent for RealtimeAgent {
                                     tools::run_http(
                                         &shared.http,
                                         &plan.settings.tools[i],
+                                        &plan.tool_urls[i],
                                         &shared.headers[i],
                                         &info,
                                         call.call_id,

@@ -37,7 +37,7 @@ use callgate_agent::{AgentFactory, Catalog};
 use callgate_audio::AudioFormat;
 use callgate_flow::FlowEnv;
 use callgate_flow::audio::PromptAudio;
-use callgate_flow::template::Template;
+use callgate_flow::template::{Template, UrlTemplate};
 use serde_json::{Value, json};
 
 pub use metrics::RealtimeMetrics;
@@ -103,6 +103,8 @@ pub struct Plan {
     pub settings: RealtimeSettings,
     instructions: Template,
     schemas: Vec<Schema>,
+    /// Each HTTP tool's `url`, compiled: the call's values are data in its path and query.
+    tool_urls: Vec<UrlTemplate>,
     fallback: Arc<PromptAudio>,
     hold: Option<Arc<PromptAudio>>,
 }
@@ -142,6 +144,14 @@ fn plan(settings: RealtimeSettings, env: &FlowEnv) -> Result<Plan, SettingsError
                 .map_err(|(path, e)| SettingsError::new(format!("tools[{i}].parameters{path}"), e))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let tool_urls = settings
+        .tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            UrlTemplate::parse(&t.url).map_err(|e| SettingsError::new(format!("tools[{i}].url"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let tts = callgate_flow::TtsSettings {
         voice: settings.tts_voice.clone().or_else(|| env.tts.voice.clone()),
         ..env.tts.clone()
@@ -160,6 +170,7 @@ fn plan(settings: RealtimeSettings, env: &FlowEnv) -> Result<Plan, SettingsError
         settings,
         instructions,
         schemas,
+        tool_urls,
         fallback,
         hold,
     })
@@ -219,9 +230,15 @@ pub(crate) fn test_plan(settings: RealtimeSettings) -> Plan {
         .iter()
         .map(|t| Schema::compile(&t.parameters).expect("a valid schema"))
         .collect();
+    let tool_urls = settings
+        .tools
+        .iter()
+        .map(|t| UrlTemplate::parse(&t.url).expect("a valid URL template"))
+        .collect();
     Plan {
         instructions: template(&settings.instructions).expect("a valid template"),
         schemas,
+        tool_urls,
         fallback: Arc::new(PromptAudio::new("fallback", &audio).expect("audio")),
         hold: None,
         settings,

@@ -8,6 +8,8 @@ use callgate_agent::catalog::{Settings, SettingsError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use callgate_flow::template::UrlTemplate;
+
 use crate::schema::Schema;
 
 /// The Realtime endpoint used when `url` is not given.
@@ -242,7 +244,9 @@ pub struct HttpTool {
     /// The arguments' JSON schema (an object schema).
     #[serde(default = "empty_object_schema")]
     pub parameters: Value,
-    /// Where the request goes (`http` or `https`).
+    /// Where the request goes (`http` or `https`): a URL template over the call's variables
+    /// (`https://crm.example.com/customers/{{caller}}`), values percent-encoded as data; no
+    /// variable in the scheme, host or port.
     pub url: String,
     /// `POST` (default; arguments as the JSON body), `PUT`, `PATCH`, `GET` or `DELETE`
     /// (arguments as query parameters).
@@ -411,14 +415,7 @@ impl Settings for RealtimeSettings {
                 ));
             }
             names.push(&tool.name);
-            let url = reqwest::Url::parse(&tool.url)
-                .map_err(|e| SettingsError::new(field("url"), e.to_string()))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return Err(SettingsError::new(
-                    field("url"),
-                    "must be http:// or https://",
-                ));
-            }
+            UrlTemplate::parse(&tool.url).map_err(|e| SettingsError::new(field("url"), e))?;
             let schema = Schema::compile(&tool.parameters)
                 .map_err(|(path, e)| SettingsError::new(field(&format!("parameters{path}")), e))?;
             if !schema.is_object() {
@@ -537,6 +534,13 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(e.field, "tools[0].name");
+        let e = parse::<RealtimeSettings>(&json!({
+            "api_key_env": "PATH", "tools": [{"name": "t", "description": "d",
+                                              "url": "https://{{siteId}}.example.com/x"}]
+        }))
+        .unwrap_err();
+        assert_eq!(e.field, "tools[0].url");
+        assert!(e.problem.contains("user, host or port"), "{e}");
         let e = parse::<RealtimeSettings>(&json!({"api_key_env": "PATH", "url": "http://x"}))
             .unwrap_err();
         assert_eq!(e.field, "url");

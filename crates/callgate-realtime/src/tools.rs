@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use callgate_agent::CallInfo;
+use callgate_flow::template::UrlTemplate;
 use serde_json::{Value, json};
 
 use crate::core::ToolDone;
@@ -15,17 +16,24 @@ pub(crate) const MAX_OUTPUT: usize = 16 * 1024;
 /// How long a tool may take when its route does not say.
 pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The HTTP client for tools (rustls on ring, installed as the process's provider if none is).
+/// The HTTP client for tools and speech (rustls on ring, installed as the process's provider
+/// if none is). It follows no redirect: a 3xx is the tool's answer (an error), so a server
+/// cannot send the call's data or a secret header somewhere else.
 pub(crate) fn http_client() -> Result<reqwest::Client, reqwest::Error> {
     // `Err`: a provider is installed already, which is all that is needed.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder().build()
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
 }
 
-/// Calls an HTTP tool with validated `arguments`.
+/// Calls an HTTP tool with validated `arguments`; `url` is its URL template, rendered with
+/// the call's variables (a value that would change the URL's path fails the call, with no
+/// request).
 pub(crate) async fn run_http(
     http: &reqwest::Client,
     tool: &HttpTool,
+    url: &UrlTemplate,
     headers: &[(String, String)],
     call: &CallInfo,
     call_id: String,
@@ -33,8 +41,19 @@ pub(crate) async fn run_http(
 ) -> ToolDone {
     let timeout = tool.timeout.map_or(DEFAULT_TIMEOUT, |d| d.0);
     let method = tool.method.http();
+    let vars = call.variables();
+    let url = match url.render(|name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)) {
+        Ok(url) => url,
+        Err(e) => {
+            return ToolDone {
+                call_id,
+                ok: false,
+                output: json!({"error": format!("{}: {e}", tool.name)}).to_string(),
+            };
+        }
+    };
     let mut request = http
-        .request(method, &tool.url)
+        .request(method, &url)
         .timeout(timeout)
         .header("x-callgate-call-id", &call.call_id);
     for (name, value) in headers {

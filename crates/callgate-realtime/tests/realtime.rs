@@ -484,6 +484,137 @@ async fn tools_are_called_on_a_real_http_server_validated_and_bounded() {
     server.shutdown().await;
 }
 
+/// A local HTTP server that records the raw path and query of every request: `/moved`
+/// answers a redirect to `/landed`, everything else `{"ok":1}`.
+async fn recording_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let keep = seen.clone();
+    let app = Router::new().fallback(move |uri: axum::http::Uri| {
+        let keep = keep.clone();
+        async move {
+            use axum::response::IntoResponse;
+            let raw = uri
+                .path_and_query()
+                .map_or_else(String::new, |pq| pq.as_str().to_owned());
+            keep.lock().expect("lock").push(raw);
+            if uri.path() == "/moved" {
+                (
+                    axum::http::StatusCode::FOUND,
+                    [(axum::http::header::LOCATION, "/landed")],
+                    "",
+                )
+                    .into_response()
+            } else {
+                r#"{"ok":1}"#.into_response()
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    callgate_server::Tasks::new().spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn tool_urls_take_call_values_as_data_and_follow_no_redirect() {
+    let (base, seen) = recording_server().await;
+    let mut double = double(DoubleConfig::default()).await;
+    let server = server(
+        &double,
+        json!({"tools": [
+            {"name": "customer", "description": "d",
+             "url": format!("{base}/customers/{{{{caller}}}}/lookup")},
+            {"name": "site", "description": "d", "method": "GET",
+             "url": format!("{base}/sites?site={{{{siteId}}}}")},
+            {"name": "moved", "description": "d", "url": format!("{base}/moved")},
+        ]}),
+    )
+    .await;
+    let mut phone = server.phone("/").await;
+    // The phone's values: a caller number that climbs to an admin path, a siteId that adds a
+    // query parameter.
+    let start = json!({
+        "call_config": {"siteId": "S1&admin=true",
+                        "caller": "0101234/../../../admin/delete?token=x#",
+                        "callee": "07012345678", "cdrId": "rt-url",
+                        "callActionId": "1.7E9", "ivrIp": "10.0.0.1:29034",
+                        "agentId": "agent-main", "agentType": "voice"},
+        "audio_format": {"phone_output_audio_format": "PCM_8000",
+                         "phone_input_audio_format": "PCM_8000"}
+    });
+    phone.text(start.to_string()).await;
+    assert_eq!(phone.recv_json().await["type"], "started");
+    let (mut s, _) = session(&mut double).await;
+    let mut outputs = Vec::new();
+    for (name, arguments) in [
+        ("customer", "{}"),
+        ("site", r#"{"n":"1"}"#),
+        ("moved", "{}"),
+    ] {
+        s.begin_response().await;
+        s.call_function(name, "", arguments, None).await;
+        let output = s.expect("conversation.item.create").await;
+        outputs.push(output["item"]["output"].as_str().unwrap_or("").to_owned());
+        s.expect("response.create").await;
+        s.finish_response().await;
+    }
+    assert_eq!(outputs[0], r#"{"ok":1}"#);
+    assert_eq!(outputs[1], r#"{"ok":1}"#);
+    assert!(
+        outputs[2].contains("moved answered HTTP 302"),
+        "{}",
+        outputs[2]
+    );
+    assert_eq!(
+        *seen.lock().expect("lock"),
+        [
+            "/customers/0101234%2F..%2F..%2F..%2Fadmin%2Fdelete%3Ftoken%3Dx%23/lookup",
+            "/sites?site=S1%26admin%3Dtrue&n=1",
+            "/moved",
+        ],
+        "the intended paths and queries, the values intact; the redirect not followed"
+    );
+    phone.close(1000, "bye").await;
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_tool_url_whose_value_is_a_dot_segment_fails_without_a_request() {
+    let (base, seen) = recording_server().await;
+    let mut double = double(DoubleConfig::default()).await;
+    let server = server(
+        &double,
+        json!({"tools": [{"name": "customer", "description": "d",
+                          "url": format!("{base}/customers/{{{{caller}}}}/lookup")}]}),
+    )
+    .await;
+    let mut phone = server.phone("/").await;
+    let start = json!({
+        "call_config": {"siteId": "S1", "caller": "..", "callee": "07012345678",
+                        "cdrId": "rt-dots", "callActionId": "1.7E9", "ivrIp": "10.0.0.1:1",
+                        "agentId": "agent-main", "agentType": "voice"},
+        "audio_format": {"phone_output_audio_format": "PCM_8000",
+                         "phone_input_audio_format": "PCM_8000"}
+    });
+    phone.text(start.to_string()).await;
+    assert_eq!(phone.recv_json().await["type"], "started");
+    let (mut s, _) = session(&mut double).await;
+    s.begin_response().await;
+    s.call_function("customer", "", "{}", None).await;
+    let output = s.expect("conversation.item.create").await;
+    let text = output["item"]["output"].as_str().unwrap_or("");
+    assert!(text.contains("path segment"), "{text}");
+    s.expect("response.create").await;
+    s.finish_response().await;
+    assert!(seen.lock().expect("lock").is_empty(), "no request was made");
+    phone.close(1000, "bye").await;
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn hang_up_ends_the_call_after_the_goodbye_has_played() {
     let mut double = double(DoubleConfig::default()).await;

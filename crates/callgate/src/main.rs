@@ -131,11 +131,17 @@ fn serve(args: settings::Settings) -> ExitCode {
         // Installed before binding: the default action of every one of them ends the process.
         let signals = Signals::install();
         let settings::Loaded {
-            config,
+            mut config,
             table,
             fixed,
             ..
         } = loaded;
+        // The flow agent's metrics (recordings stored and refused): one set for the process.
+        config
+            .metrics
+            .push(std::sync::Arc::new(callgate_flow::metrics::FlowCollector(
+                callgate_flow::FlowMetrics::process(),
+            )));
         let server = match callgate_server::Server::bind_with_routes(config, table).await {
             Ok(server) => server,
             Err(e) if e.is_config() => {
