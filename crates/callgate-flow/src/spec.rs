@@ -4,6 +4,8 @@
 //! start = "greet"              # optional: the first step by default
 //! [tts]                        # optional: overrides the server's [tts], key by key
 //! voice = "en-us"
+//! [messages]                   # optional: what record steps may store (messages::Limits)
+//! max_total_bytes = 268435456
 //!
 //! [[step]]
 //! name = "greet"
