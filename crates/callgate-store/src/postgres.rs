@@ -652,11 +652,7 @@ impl PgStore {
 
     fn publish_backlog(&self) {
         self.stats
-            .backlog_batches
-            .store(self.journal.batches(), Ordering::Relaxed);
-        self.stats
-            .backlog_bytes
-            .store(self.journal.bytes(), Ordering::Relaxed);
+            .set_backlog(self.journal.batches(), self.journal.bytes());
     }
 
     fn conn(&mut self) -> Result<&mut Conn, postgres::Error> {

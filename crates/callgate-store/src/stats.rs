@@ -9,7 +9,7 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 ];
 
 /// What the store reports (`callgate_store_*` metrics).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Batches in the local journal, waiting for the database (PostgreSQL store).
     pub backlog_batches: AtomicU64,
@@ -21,6 +21,37 @@ pub struct Stats {
     pub write_failures: AtomicU64,
     /// How long each batch took to commit (or to journal).
     pub write_latency: LatencyHistogram,
+    /// The backlog in batches, for those who wait for it to change ([`Stats::backlog`]).
+    backlog: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            backlog_batches: AtomicU64::new(0),
+            backlog_bytes: AtomicU64::new(0),
+            journaled_batches: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            write_latency: LatencyHistogram::default(),
+            backlog: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+impl Stats {
+    /// Follows the journal's backlog (batches): e.g. to wait until the database has taken
+    /// everything after an outage.
+    pub fn backlog(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.backlog.subscribe()
+    }
+
+    /// Sets the backlog (the PostgreSQL store, after each batch and replay).
+    pub(crate) fn set_backlog(&self, batches: u64, bytes: u64) {
+        self.backlog_batches.store(batches, Ordering::Relaxed);
+        self.backlog_bytes.store(bytes, Ordering::Relaxed);
+        self.backlog
+            .send_if_modified(|b| std::mem::replace(b, batches) != batches);
+    }
 }
 
 /// A histogram of durations with fixed buckets ([`LATENCY_BUCKETS`]).
@@ -44,14 +75,15 @@ impl LatencyHistogram {
         self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
-    /// The sum (seconds), the count, and the cumulative count at each bound.
+    /// The sum (seconds), the count, and the cumulative count at each bound (the last,
+    /// `f64::MAX`, is +Inf).
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let mut total = 0;
         let mut cumulative = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
         for (bound, n) in LATENCY_BUCKETS
             .iter()
             .copied()
-            .chain([f64::INFINITY])
+            .chain([f64::MAX])
             .zip(&self.buckets)
         {
             total += n.load(Ordering::Relaxed);
@@ -79,6 +111,6 @@ mod tests {
         assert_eq!(buckets[4], (0.025, 1));
         assert_eq!(buckets[5], (0.05, 2));
         assert_eq!(buckets[11], (10.0, 2));
-        assert_eq!(buckets[12], (f64::INFINITY, 3));
+        assert_eq!(buckets[12], (f64::MAX, 3));
     }
 }
