@@ -136,6 +136,10 @@ impl Store for AnyStore {
         each!(self, s => s.tick())
     }
 
+    fn closing(&mut self) {
+        each!(self, s => s.closing())
+    }
+
     fn insert_call(&mut self, call: &NewCall) -> Result<(), Error> {
         each!(self, s => s.insert_call(call))
     }

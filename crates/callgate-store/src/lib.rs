@@ -184,6 +184,9 @@ pub trait Store: Send + 'static {
     }
     /// Background work between batches (the PostgreSQL store retries its journal).
     fn tick(&mut self) {}
+    /// The writer is about to stop, after its last batch: last chance for background work
+    /// (the PostgreSQL store tries its journal once more, whatever its backoff says).
+    fn closing(&mut self) {}
     /// Ends every record left open (by a crash) with end reason `interrupted`.
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
     /// Deletes an ended call's record, events and transcript; false if there is no ended

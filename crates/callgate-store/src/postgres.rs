@@ -1141,6 +1141,15 @@ impl Store for PgStore {
         }
     }
 
+    fn closing(&mut self) {
+        if !self.journal.is_empty() && !self.replay() {
+            tracing::warn!(
+                batches = self.journal.batches(),
+                "Stopping with call records in the store journal; they are written at the next start."
+            );
+        }
+    }
+
     fn insert_call(&mut self, call: &NewCall) -> Result<(), Error> {
         let id = call.id.clone();
         self.write(Op::Insert { call: call.clone() })?;

@@ -410,6 +410,7 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
             d(commit_error.as_deref());
         }
         if let Some(tx) = close {
+            store.closing();
             let _ = tx.send(());
             return;
         }
