@@ -10,7 +10,7 @@
 //! # When PostgreSQL is down or slow
 //! Calls never wait for the database: the writer is behind a bounded queue already. A batch
 //! the database cannot take (the connection fails, or a statement or commit times out) goes
-//! to the local journal ([`crate::journal`]) in the data directory, made durable before its
+//! to the local journal (`store-journal.jsonl`) in the data directory, made durable before its
 //! callers are answered; while the journal holds batches, new ones are appended behind them
 //! (so the order stays the order of the calls), and the writer tries the database again with
 //! backoff (0.5 s doubling to 30 s). Once it answers, the journal is replayed in order, each
@@ -602,7 +602,7 @@ impl fmt::Debug for PgStore {
 
 impl PgStore {
     /// Connects, applies pending migrations, opens the journal in `data_dir` (bounded by
-    /// [`journal::JOURNAL_MAX_BYTES`]) and replays what it holds.
+    /// [`crate::JOURNAL_MAX_BYTES`]) and replays what it holds.
     pub fn open(url: &PgUrl, data_dir: &Path) -> Result<Self, Error> {
         Self::open_with_journal_bound(url, data_dir, journal::JOURNAL_MAX_BYTES)
     }

@@ -9,8 +9,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,59 +16,9 @@ use callgate_store::{
     AnyStore, CallId, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry, Page, PgStore, PgUrl,
     StoreHandle, UnixMillis,
 };
-use common::{TempDir, off_runtime, pg_url};
+use common::{Server, TempDir, off_runtime, pg_url};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-server")
-}
-
-/// A PostgreSQL server of the test's own, stopped and removed at the end.
-struct Server {
-    url: String,
-    dir: String,
-}
-
-impl Server {
-    fn start(port: u16) -> Self {
-        let out = Command::new(script())
-            .args(["start", &port.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg-test-server start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        let value = |key: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("{key}=")))
-                .unwrap()
-                .trim_matches('\'')
-                .to_owned()
-        };
-        Self {
-            url: value("CALLGATE_TEST_PG"),
-            dir: value("CALLGATE_TEST_PG_DIR"),
-        }
-    }
-
-    fn run(&self, what: &str) {
-        let status = Command::new(script())
-            .args([what, &self.dir])
-            .status()
-            .unwrap();
-        assert!(status.success(), "pg-test-server {what}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = Command::new(script()).args(["stop", &self.dir]).status();
-    }
-}
 
 /// The server for a test (each test its own port: the base plus `offset`), or `None`
 /// (loudly) without PostgreSQL on this machine.
@@ -80,7 +28,7 @@ fn server(name: &str, offset: u16) -> Option<Server> {
         .ok()
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(25433);
-    Some(Server::start(port + offset))
+    Some(Server::start(port + offset, false))
 }
 
 fn new_call(n: i64) -> NewCall {

@@ -12,7 +12,8 @@
 )]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use callgate_store::{AnyStore, PgStore, PgUrl, SqliteStore};
 
@@ -136,5 +137,63 @@ impl Backend {
             Self::Sqlite => AnyStore::Sqlite(SqliteStore::open_in_memory().unwrap()),
             Self::Postgres(schema) => AnyStore::Postgres(schema.open()),
         }
+    }
+}
+
+/// `scripts/pg-test-server`.
+pub fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/pg-test-server")
+}
+
+/// A PostgreSQL server of the test's own (for tests that stop it, or need TLS), stopped and removed at the end.
+pub struct Server {
+    /// Its URL (`sslmode=disable`).
+    pub url: String,
+    dir: String,
+    /// The CA of its certificate, with TLS.
+    pub ca: Option<PathBuf>,
+}
+
+impl Server {
+    /// Starts one on `port`, with TLS (its CA in `ca`) if `tls`.
+    pub fn start(port: u16, tls: bool) -> Self {
+        let out = Command::new(script())
+            .args(["start", &port.to_string()])
+            .env("PG_TEST_SSL", if tls { "1" } else { "0" })
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg-test-server start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let value = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap()
+                .trim_matches('\'')
+                .to_owned()
+        };
+        Self {
+            url: value("CALLGATE_TEST_PG"),
+            dir: value("CALLGATE_TEST_PG_DIR"),
+            ca: tls.then(|| PathBuf::from(value("CALLGATE_TEST_PG_CA"))),
+        }
+    }
+
+    /// `pause` (pg_ctl stop) or `resume` it.
+    pub fn run(&self, what: &str) {
+        let status = Command::new(script())
+            .args([what, &self.dir])
+            .status()
+            .unwrap();
+        assert!(status.success(), "pg-test-server {what}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new(script()).args(["stop", &self.dir]).status();
     }
 }
