@@ -482,6 +482,16 @@ fn unavailable(e: &postgres::Error) -> bool {
     }
 }
 
+/// [`unavailable`] for the store's own errors; [`Error::Unavailable`] is a connection lost
+/// inside a batch.
+fn is_unavailable(e: &Error) -> bool {
+    match e {
+        Error::Unavailable => true,
+        Error::Postgres(e) => unavailable(e),
+        _ => false,
+    }
+}
+
 /// Applies the pending migrations (under an advisory lock, so nodes starting together take
 /// turns), or refuses a schema newer than [`MIGRATIONS`].
 fn migrate(conn: &mut Conn) -> Result<(), Error> {
@@ -663,6 +673,19 @@ impl PgStore {
         Ok(self.conn.insert(conn))
     }
 
+    /// The connection for a statement: inside a batch, only the one its transaction began on
+    /// (a new one would run the statement outside that transaction, and lose what the old one
+    /// had written); outside a batch, any (opened if needed).
+    fn stmt_conn(&mut self) -> Result<&mut Conn, Error> {
+        if !self.in_batch {
+            return Ok(self.conn()?);
+        }
+        match self.conn.as_mut() {
+            Some(c) if !c.client.is_closed() => Ok(c),
+            _ => Err(Error::Unavailable),
+        }
+    }
+
     fn retry_later(&mut self) {
         let (_, wait) = self.retry;
         self.retry = (Instant::now() + wait, (wait * 2).min(BACKOFF.1));
@@ -757,17 +780,19 @@ impl PgStore {
     /// Ends the batch: commit, or journal it.
     pub(crate) fn finish<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
         let ops = std::mem::take(&mut self.ops);
-        self.in_batch = false;
         let outcome = match (self.mode, &result) {
             (Mode::Direct, Ok(_)) => {
-                match self.conn().and_then(|c| c.client.batch_execute("COMMIT")) {
+                let commit = self
+                    .stmt_conn()
+                    .and_then(|c| Ok(c.client.batch_execute("COMMIT")?));
+                match commit {
                     Ok(()) => Ok(()),
-                    Err(e) if unavailable(&e) => {
+                    Err(e) if is_unavailable(&e) => {
                         // Committed or not, nobody knows: the journal's replay is idempotent.
                         self.unavailable_now(&e);
                         self.journal_batch(&ops)
                     }
-                    Err(e) => Err(Error::from(e)),
+                    Err(e) => Err(e),
                 }
             }
             (Mode::Journal, Ok(_)) => self.journal_batch(&ops),
@@ -780,6 +805,7 @@ impl PgStore {
                 })
             }
         };
+        self.in_batch = false;
         self.publish_backlog();
         match outcome {
             Ok(()) => result,
@@ -820,10 +846,7 @@ impl PgStore {
                 Ok(1)
             }
             Mode::Direct => {
-                let result = self
-                    .conn()
-                    .map_err(Error::from)
-                    .and_then(|c| exec(c, &op, false));
+                let result = self.stmt_conn().and_then(|c| exec(c, &op, false));
                 match result {
                     Ok(n) => {
                         if self.in_batch {
@@ -831,7 +854,8 @@ impl PgStore {
                         }
                         Ok(n)
                     }
-                    Err(Error::Postgres(e)) if unavailable(&e) => {
+                    // Inside a batch, what the database cannot take goes to the journal.
+                    Err(e) if self.in_batch && is_unavailable(&e) => {
                         self.unavailable_now(&e);
                         self.ops.push(op);
                         Ok(1)
@@ -864,7 +888,7 @@ impl PgStore {
         if self.mode != Mode::Direct {
             return Ok(Some(None));
         }
-        let read = self.conn().map_err(Error::from).and_then(|c| {
+        let read = self.stmt_conn().and_then(|c| {
             Ok(c.query(
                 "SELECT (SELECT COALESCE(MAX(seq), 0) FROM call_events WHERE call_id = $1), \
                  (SELECT COALESCE(MAX(seq), 0) FROM call_transcript WHERE call_id = $1) \
@@ -884,7 +908,7 @@ impl PgStore {
                     Ok(Some(Some(s)))
                 }
             },
-            Err(Error::Postgres(e)) if unavailable(&e) => {
+            Err(e) if self.in_batch && is_unavailable(&e) => {
                 self.unavailable_now(&e);
                 Ok(Some(None))
             }
@@ -913,10 +937,12 @@ impl PgStore {
     /// Runs a read-write statement that cannot be journaled (deletions, interrupted ends).
     fn direct<T>(&mut self, f: impl FnOnce(&mut Conn) -> Result<T, Error>) -> Result<T, Error> {
         self.needs_database()?;
-        let result = self.conn().map_err(Error::from).and_then(f);
+        let result = self.stmt_conn().and_then(f);
         match result {
-            Err(Error::Postgres(e)) if unavailable(&e) => {
-                self.unavailable_now(&e);
+            Err(e) if is_unavailable(&e) => {
+                if self.in_batch {
+                    self.unavailable_now(&e);
+                }
                 Err(Error::Unavailable)
             }
             Err(e) => {

@@ -1,7 +1,7 @@
 //! PostgreSQL stopped mid-run: writes go on (into the local journal), and once the server is
 //! back every record, event and transcript entry arrives, in order, exactly once. These tests
 //! start a PostgreSQL of their own (`scripts/pg-test-server`, port
-//! `CALLGATE_TEST_PG_OUTAGE_PORT`, default 25433, and the next one) so that stopping it disturbs no other test;
+//! `CALLGATE_TEST_PG_OUTAGE_PORT`, default 25433, plus 1 and 5 for the other tests) so that stopping it disturbs no other test;
 //! they run when `CALLGATE_TEST_PG` is set (a machine with PostgreSQL), and say SKIPPED
 //! otherwise.
 
@@ -259,4 +259,46 @@ async fn a_journal_replayed_twice_writes_each_entry_once() {
         // Put the same batch back (twice in the file the second time round).
         std::fs::write(&journal, &line).unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_full_journal_refuses_batches_and_keeps_what_it_accepted() {
+    let Some(server) = server("a_full_journal_refuses_batches", 5) else {
+        return;
+    };
+    let dir = TempDir::new();
+    let url = PgUrl::parse(&server.url, None).unwrap();
+    let (u, d) = (url.clone(), dir.0.clone());
+    let store = off_runtime(move || PgStore::open_with_journal_bound(&u, &d, 4000).unwrap());
+    let handle = StoreHandle::start(AnyStore::Postgres(store), TIMEOUT).unwrap();
+    let stats = handle.stats();
+    let call = new_call(1);
+    let id = call.id.clone();
+    handle.insert_call(call).await.unwrap();
+
+    server.run("pause");
+    let big = |k: u32| {
+        vec![NewEvent {
+            at: UnixMillis(i64::from(k)),
+            kind: format!("e{k}"),
+            detail: format!("{{\"pad\":\"{}\"}}", "x".repeat(500)),
+        }]
+    };
+    let mut accepted = 0u32;
+    let refused = loop {
+        match handle.append_events(id.clone(), big(accepted)).await {
+            Ok(()) => accepted += 1,
+            Err(e) => break e,
+        }
+        assert!(accepted < 100, "the journal never filled");
+    };
+    assert!(accepted >= 3, "{accepted} batches fitted");
+    assert!(refused.to_string().contains("journal is full"), "{refused}");
+    assert!(stats.write_failures.load(Ordering::Relaxed) >= 1);
+    assert!(stats.backlog_bytes.load(Ordering::Relaxed) <= 4000);
+
+    server.run("resume");
+    stats.backlog().wait_for(|b| *b == 0).await.unwrap();
+    assert_eq!(kinds(&handle, &id).await, expected(0..accepted));
+    handle.close().await;
 }
