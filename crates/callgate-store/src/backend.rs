@@ -37,7 +37,17 @@ impl Location {
     /// knows is refused with [`Error::SchemaTooNew`]).
     pub fn open(&self) -> Result<AnyStore, Error> {
         Ok(match self {
-            Self::Sqlite { data_dir } => AnyStore::Sqlite(SqliteStore::open(data_dir)?),
+            Self::Sqlite { data_dir } => {
+                let journal = PgStore::journal_path(data_dir);
+                if journal.metadata().is_ok_and(|m| m.len() > 0) {
+                    tracing::error!(
+                        path = %journal.display(),
+                        "The PostgreSQL store's journal holds records not yet written, and this \
+                         node now uses SQLite: start it with its store_url again to write them."
+                    );
+                }
+                AnyStore::Sqlite(SqliteStore::open(data_dir)?)
+            }
             Self::Postgres { url, data_dir } => AnyStore::Postgres(PgStore::open(url, data_dir)?),
         })
     }
