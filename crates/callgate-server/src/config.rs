@@ -40,6 +40,9 @@ pub struct Config {
     pub routes: Vec<RouteSpec>,
     /// Where the database (and later recordings) live.
     pub data_dir: PathBuf,
+    /// The PostgreSQL store (`store_url`); `None`: SQLite in `data_dir`. Its local journal
+    /// lives in `data_dir` either way.
+    pub store_url: Option<callgate_store::PgUrl>,
     /// How many calls may be live at once; more are refused with 1013.
     pub max_calls: usize,
     /// How many connections may be pending at once (accepted, not a call yet: upgrading,
@@ -99,6 +102,7 @@ impl Default for Config {
             agent: "echo".into(),
             routes: Vec::new(),
             data_dir: PathBuf::from("./data"),
+            store_url: None,
             max_calls: 1000,
             max_pending: 512,
             max_pending_per_ip: 128,
@@ -172,6 +176,19 @@ impl Config {
             return RouteTable::build(&[spec], catalog);
         }
         RouteTable::build(&self.routes, catalog)
+    }
+
+    /// Where the call records live: PostgreSQL with `store_url`, else SQLite in `data_dir`.
+    pub fn store_location(&self) -> callgate_store::Location {
+        match &self.store_url {
+            Some(url) => callgate_store::Location::Postgres {
+                url: url.clone(),
+                data_dir: self.data_dir.clone(),
+            },
+            None => callgate_store::Location::Sqlite {
+                data_dir: self.data_dir.clone(),
+            },
+        }
     }
 
     /// Checks the numeric settings.

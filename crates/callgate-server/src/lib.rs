@@ -45,7 +45,7 @@ use std::time::Duration;
 
 use callgate_agent::{AgentFactory, Catalog};
 use callgate_audio::record::{Config as RecordConfig, Recordings};
-use callgate_store::{SqliteStore, Store, StoreHandle, UnixMillis};
+use callgate_store::{Store, StoreHandle, UnixMillis};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
@@ -114,6 +114,7 @@ impl Error {
                 | Self::Routes(_)
                 | Self::Tls { .. }
                 | Self::Store(callgate_store::Error::Open { .. })
+                | Self::Store(callgate_store::Error::StoreUrl { .. })
         )
     }
 }
@@ -192,8 +193,16 @@ impl Server {
         };
         let call_tls = call_cert.as_ref().map(setup).transpose()?;
         let admin_tls = admin_cert.as_ref().map(setup).transpose()?;
-        let mut store = SqliteStore::open(&config.data_dir)?;
-        let interrupted = store.end_interrupted(UnixMillis::now())?;
+        // Off the runtime: the PostgreSQL client blocks (it runs a runtime of its own).
+        let location = config.store_location();
+        let store = tokio::task::spawn_blocking(move || {
+            let mut store = location.open()?;
+            let interrupted = store.end_interrupted(UnixMillis::now())?;
+            Ok::<_, callgate_store::Error>((store, interrupted))
+        })
+        .await
+        .map_err(|_| callgate_store::Error::Closed)?;
+        let (store, interrupted) = store?;
         if interrupted > 0 {
             warn!(
                 interrupted,
@@ -240,7 +249,9 @@ impl Server {
                 }
             },
         };
-        let metrics = Arc::new(Metrics::with_collectors(&config.metrics));
+        let mut collectors = config.metrics.clone();
+        collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
+        let metrics = Arc::new(Metrics::with_collectors(&collectors));
         let call_auth = config.call_auth.clone();
         let admin_auth = config.admin_auth.clone();
         let tasks = Tasks::new();

@@ -351,3 +351,58 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// The store's own counters (`callgate_store_*`), read on each scrape: the PostgreSQL store's
+/// journal backlog, how long each batch took to commit or journal, and batches lost.
+#[derive(Debug, Clone)]
+pub struct StoreCollector(pub Arc<callgate_store::Stats>);
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0;
+        let gauge = |encoder: &mut DescriptorEncoder<'_>, name, help, v: u64| {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&v)
+        };
+        let counter = |encoder: &mut DescriptorEncoder<'_>, name, help, v: u64| {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&v, None)
+        };
+        gauge(
+            &mut encoder,
+            "store_backlog",
+            "Batches in the local store journal, waiting for PostgreSQL",
+            s.backlog_batches.load(Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "store_backlog_bytes",
+            "Bytes in the local store journal (bounded at 256 MiB)",
+            s.backlog_bytes.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "store_journaled_batches",
+            "Batches written to the local journal because PostgreSQL could not take them",
+            s.journaled_batches.load(Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "store_write_failures",
+            "Store batches that failed and were not kept",
+            s.write_failures.load(Relaxed),
+        )?;
+        let (sum, count, buckets) = s.write_latency.snapshot();
+        encoder
+            .encode_descriptor(
+                "store_write_latency_seconds",
+                "Time to commit (or journal) one batch of store writes",
+                None,
+                MetricType::Histogram,
+            )?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+}

@@ -5,6 +5,10 @@
 //!   [`TranscriptEntry`], [`CallFilter`]...
 //! - [`Store`] and [`Reader`]: the synchronous write and read sides a backend implements.
 //! - [`sqlite`]: the embedded default backend (WAL, schema migrations, read-only readers).
+//! - [`postgres`]: the shared backend of a cluster, with its local journal for the times the
+//!   database is away (`journal`).
+//! - [`backend`]: [`AnyStore`], either one, chosen by [`Location`] at start; schema status
+//!   and migrations for `callgate migrate`.
 //! - [`writer`]: [`StoreHandle`], the async front. One writer thread owns the [`Store`] behind
 //!   a bounded channel, commits whatever is queued in one transaction, and only writes.
 //! - [`reader`]: the reader threads ([`reader::READERS`]), each with its own read-only
@@ -24,10 +28,19 @@
 //! This crate depends on no other callgate crate: codes (protocol, end reason, route, agent,
 //! speaker) are strings here.
 
+pub mod backend;
+mod journal;
+pub mod postgres;
 pub mod reader;
 pub mod record;
 pub mod sqlite;
+mod stats;
 pub mod writer;
+
+pub use backend::{AnyReader, AnyStore, Location};
+pub use journal::JOURNAL_MAX_BYTES;
+pub use postgres::{PgReader, PgStore, PgUrl};
+pub use stats::{LATENCY_BUCKETS, LatencyHistogram, Stats};
 
 pub use record::{
     CallFilter, CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent,
@@ -43,6 +56,42 @@ pub enum Error {
     /// The database reported an error.
     #[error("database error: {0}")]
     Database(#[from] rusqlite::Error),
+    /// PostgreSQL reported an error, or could not be reached.
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] ::postgres::Error),
+    /// The `store_url` (or its CA file) cannot work.
+    #[error("invalid store_url: {problem}")]
+    StoreUrl {
+        /// What is wrong, naming the setting.
+        problem: String,
+    },
+    /// The local journal could not be read or written.
+    #[error("store journal {path}: {source}")]
+    Journal {
+        /// The journal file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The local journal is at its bound: the batch was not kept.
+    #[error(
+        "the store journal is full ({bytes} of {max} bytes): the database has been away too long"
+    )]
+    JournalFull {
+        /// Bytes in the journal.
+        bytes: u64,
+        /// Its bound.
+        max: u64,
+    },
+    /// The operation needs the database, which is unavailable (the store is journaling).
+    #[error("the database is unavailable")]
+    Unavailable,
+    /// A call with this ID is already stored.
+    #[error("call {0} is already stored")]
+    Duplicate(CallId),
+    /// There is no call with this ID.
+    #[error("no call {0}")]
+    NoSuchCall(CallId),
     /// The data directory or database file could not be prepared.
     #[error("cannot open the store at {path}: {source}")]
     Open {
@@ -52,7 +101,10 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The database was written by a newer callgate.
-    #[error("database schema version {found} is newer than this callgate supports ({supported})")]
+    #[error(
+        "database schema version {found} is newer than this callgate supports ({supported}): \
+         run the newer callgate, or restore a backup"
+    )]
     SchemaTooNew {
         /// Version found in the file.
         found: i64,
@@ -120,6 +172,21 @@ pub trait Store: Send + 'static {
         id: &CallId,
         entries: &[NewTranscriptEntry],
     ) -> Result<(), Error>;
+    /// Receives the counters the store keeps up to date (the writer's; a backend may add its
+    /// own, like the journal's backlog).
+    fn attach_stats(&mut self, stats: std::sync::Arc<Stats>) {
+        let _ = stats;
+    }
+    /// How often the writer calls [`Store::tick`] when it has nothing else to do (`None`:
+    /// never).
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// Background work between batches (the PostgreSQL store retries its journal).
+    fn tick(&mut self) {}
+    /// The writer is about to stop, after its last batch: last chance for background work
+    /// (the PostgreSQL store tries its journal once more, whatever its backoff says).
+    fn closing(&mut self) {}
     /// Ends every record left open (by a crash) with end reason `interrupted`.
     fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
     /// Deletes an ended call's record, events and transcript; false if there is no ended
@@ -145,6 +212,50 @@ pub trait Reader: Send + 'static {
         id: &CallId,
         page: Page,
     ) -> Result<Option<Vec<TranscriptEntry>>, Error>;
+}
+
+/// One schema migration of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migration {
+    /// Its number, from 1, in order.
+    pub version: i64,
+    /// What it does, for `callgate migrate`.
+    pub name: &'static str,
+    /// Its SQL.
+    pub sql: &'static str,
+}
+
+/// Where a database's schema stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// `sqlite` or `postgresql`.
+    pub backend: &'static str,
+    /// The version applied (0: none).
+    pub current: i64,
+    /// The newest version this callgate knows.
+    pub known: i64,
+    /// The migrations not applied yet, in order.
+    pub pending: Vec<Migration>,
+}
+
+impl SchemaStatus {
+    pub(crate) fn new(backend: &'static str, current: i64, migrations: &[Migration]) -> Self {
+        Self {
+            backend,
+            current,
+            known: migrations.last().map_or(0, |m| m.version),
+            pending: migrations
+                .iter()
+                .filter(|m| m.version > current)
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// Whether the database was written by a newer callgate.
+    pub fn is_too_new(&self) -> bool {
+        self.current > self.known
+    }
 }
 
 /// Which entries of a call's event log or transcript: those after sequence number `after`

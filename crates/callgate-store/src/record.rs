@@ -2,13 +2,13 @@
 
 use std::fmt;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 /// A call's ID: a UUIDv7, so IDs sort by creation time.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct CallId(String);
 
@@ -84,7 +84,7 @@ impl Serialize for UnixMillis {
 }
 
 /// Audio counters of a call (audio payload only, never signalling).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     /// Audio bytes received from the phone side.
     pub bytes_in: u64,
@@ -97,7 +97,7 @@ pub struct Counters {
 }
 
 /// A call that just started.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewCall {
     /// Our ID.
     pub id: CallId,
@@ -116,6 +116,7 @@ pub struct NewCall {
     /// Format of the audio the phone side receives.
     pub phone_input_audio_format: String,
     /// When the call started.
+    #[serde(with = "millis")]
     pub started_at: UnixMillis,
     /// Whether the call is being recorded.
     pub recording: bool,
@@ -128,9 +129,10 @@ pub struct NewCall {
 }
 
 /// How a call ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ended {
     /// When.
+    #[serde(with = "millis")]
     pub at: UnixMillis,
     /// A stable end-reason code (`docs/specs/end-reasons.md`).
     pub reason: String,
@@ -146,9 +148,10 @@ pub struct Ended {
 }
 
 /// One entry to append to a call's event log.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
     /// When it happened.
+    #[serde(with = "millis")]
     pub at: UnixMillis,
     /// A stable snake_case kind (`dtmf`, `unknown_message`, `protocol_error`...).
     pub kind: String,
@@ -283,7 +286,7 @@ pub struct EventRecord {
 }
 
 /// One utterance to append to a call's transcript.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewTranscriptEntry {
     /// Who spoke (`caller`, `agent`...).
     pub speaker: String,
@@ -345,6 +348,22 @@ impl CallFilter {
             limit,
             ..Self::default()
         }
+    }
+}
+
+/// [`UnixMillis`] as a plain number of milliseconds, for the PostgreSQL store's journal (the
+/// API shows RFC 3339 text instead).
+pub(crate) mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::UnixMillis;
+
+    pub(crate) fn serialize<S: Serializer>(t: &UnixMillis, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i64(t.0)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<UnixMillis, D::Error> {
+        i64::deserialize(d).map(UnixMillis)
     }
 }
 

@@ -10,14 +10,17 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
 use crate::record::{AudioFormats, raw_json};
 use crate::{
-    CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Page, Reader, Store, TranscriptEntry, UnixMillis,
+    CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, Migration, NewCall,
+    NewEvent, NewTranscriptEntry, Page, Reader, SchemaStatus, Store, TranscriptEntry, UnixMillis,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
 /// Never edit one that has shipped: append a new one.
-const MIGRATIONS: &[&str] = &[
-    r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "calls, call_events",
+        sql: r#"
 CREATE TABLE calls (
     id          TEXT PRIMARY KEY,
     protocol    TEXT NOT NULL,
@@ -50,13 +53,21 @@ CREATE TABLE call_events (
     PRIMARY KEY (call_id, seq)
 ) WITHOUT ROWID;
 "#,
-    r#"
+    },
+    Migration {
+        version: 2,
+        name: "calls.recording",
+        sql: r#"
 ALTER TABLE calls ADD COLUMN recording INTEGER NOT NULL DEFAULT 0;
 "#,
+    },
     // The agent platform: who handled the call, what it cost, what was said. The indexes carry
     // `id` too, so a filtered page is read in listing order straight from the index, cursor
     // included, without sorting ties.
-    r#"
+    Migration {
+        version: 3,
+        name: "calls.route, agent, usage; call_transcript",
+        sql: r#"
 ALTER TABLE calls ADD COLUMN route TEXT;
 ALTER TABLE calls ADD COLUMN agent TEXT;
 ALTER TABLE calls ADD COLUMN usage TEXT;
@@ -73,10 +84,15 @@ CREATE TABLE call_transcript (
     PRIMARY KEY (call_id, seq)
 ) WITHOUT ROWID;
 "#,
+    },
     // Who placed the call: the name of the API key the phone system presented.
-    r#"
+    Migration {
+        version: 4,
+        name: "calls.key_name",
+        sql: r#"
 ALTER TABLE calls ADD COLUMN key_name TEXT;
 "#,
+    },
 ];
 
 /// Call records in one SQLite database: the writer's connection.
@@ -135,7 +151,7 @@ impl Drop for SqliteStore {
 
 /// Creates `dir` (and its parents) and makes it private to this user (0700), whatever the
 /// umask; an existing directory is tightened too.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]
@@ -216,24 +232,69 @@ impl SqliteStore {
         let version: i64 = self
             .conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        let supported = MIGRATIONS.len() as i64;
+        let supported = MIGRATIONS.last().map_or(0, |m| m.version);
         if version > supported {
             return Err(Error::SchemaTooNew {
                 found: version,
                 supported,
             });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        for m in MIGRATIONS.iter().filter(|m| m.version > version) {
             let tx = self.conn.transaction()?;
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)?;
+            tx.execute_batch(m.sql)?;
+            tx.pragma_update(None, "user_version", m.version)?;
             tx.commit()?;
+            if version > 0 {
+                tracing::info!(
+                    version = m.version,
+                    name = m.name,
+                    "Applied a store migration."
+                );
+            }
         }
         Ok(())
     }
+
+    /// Starts a batch's transaction.
+    pub(crate) fn begin(&mut self) -> Result<(), Error> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Commits the batch's transaction, or rolls it back after a failure.
+    pub(crate) fn finish<T>(&mut self, result: Result<T, Error>) -> Result<T, Error> {
+        match result {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                if std::mem::take(&mut self.deleted) {
+                    self.truncate_wal();
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                self.deleted = false;
+                // Rolling back after a failure: a second failure here adds nothing to report.
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
 }
 
-const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
+/// The schema's state in `data_dir`'s database, changing nothing (a missing file is a
+/// database with nothing applied).
+pub fn schema_status(data_dir: &Path) -> Result<SchemaStatus, Error> {
+    let path = data_dir.join("callgate.db");
+    let current =
+        match path.exists() {
+            false => 0,
+            true => Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)?
+                .query_row("PRAGMA user_version", [], |r| r.get(0))?,
+        };
+    Ok(SchemaStatus::new("sqlite", current, MIGRATIONS))
+}
+
+pub(crate) const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
      phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
      end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
      route, agent, usage, key_name";
@@ -332,21 +393,9 @@ impl Store for SqliteStore {
         &mut self,
         f: impl FnOnce(&mut Self) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        match f(self) {
-            Ok(v) => {
-                self.conn.execute_batch("COMMIT")?;
-                if std::mem::take(&mut self.deleted) {
-                    self.truncate_wal();
-                }
-                Ok(v)
-            }
-            Err(e) => {
-                // Rolling back after a failure: a second failure here adds nothing to report.
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
+        self.begin()?;
+        let result = f(self);
+        self.finish(result)
     }
 
     fn insert_call(&mut self, c: &NewCall) -> Result<(), Error> {

@@ -17,16 +17,17 @@
 //!   holds at most one end per live call. An end is lost only if the writer is gone; the
 //!   record is then ended as `interrupted` at the next start.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
 use crate::reader::{self, READER_QUEUE, READERS, Read, Reply};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Page, Reader, Store, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, Page, Reader, Stats, Store, TranscriptEntry, UnixMillis,
 };
 
 /// How many operations may wait for the writer.
@@ -46,6 +47,8 @@ enum Op {
     DeleteBefore(UnixMillis, u32, Reply<Vec<CallId>>),
     /// Nothing to do but run a batch, which drains the overflow (see [`StoreHandle::end_now`]).
     Wake,
+    /// Time for the store's background work ([`Store::tick`]), sent by the tick thread.
+    Tick,
     Close(oneshot::Sender<()>),
 }
 
@@ -71,6 +74,8 @@ pub struct StoreHandle {
     /// The readers' shared queue ([`crate::reader`]): awaited with `timeout`.
     reads: mpsc::Sender<Read>,
     timeout: Duration,
+    /// What the writer and the backend count, for the metrics.
+    stats: Arc<Stats>,
 }
 
 impl StoreHandle {
@@ -87,10 +92,12 @@ impl StoreHandle {
     /// Like [`StoreHandle::start`], with readers of the caller's choosing: one thread each.
     /// With no readers, every read fails with [`Error::Closed`].
     pub fn start_with_readers<R: Reader>(
-        store: impl Store,
+        mut store: impl Store,
         readers: Vec<R>,
         timeout: Duration,
     ) -> Result<Self, Error> {
+        let stats = Arc::new(Stats::default());
+        store.attach_stats(stats.clone());
         let (reads, queue) = mpsc::channel(READER_QUEUE);
         let queue = Arc::new(Mutex::new(queue));
         for (i, r) in readers.into_iter().enumerate() {
@@ -108,9 +115,34 @@ impl StoreHandle {
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let overflow = Overflow::default();
         let drained = overflow.clone();
+        // The tick thread stops when the writer drops `stop` (it has ended), or when every
+        // handle is gone (it holds only a weak sender, so it never keeps the writer alive).
+        let (stop, stopped) = std::sync::mpsc::sync_channel::<()>(1);
+        if let Some(every) = store.tick_interval() {
+            let weak = tx.downgrade();
+            thread::Builder::new()
+                .name("callgate-store-tick".into())
+                .spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(every)
+                    {
+                        let Some(tx) = weak.upgrade() else { return };
+                        // Full: the writer is busy, and runs the store's work with its batch.
+                        let _ = tx.try_send(Op::Tick);
+                    }
+                })
+                .map_err(|source| Error::Thread {
+                    name: "store tick",
+                    source,
+                })?;
+        }
+        let writer_stats = stats.clone();
         thread::Builder::new()
             .name("callgate-store".into())
-            .spawn(move || writer(store, rx, drained))
+            .spawn(move || {
+                writer(store, rx, drained, &writer_stats);
+                drop(stop);
+            })
             .map_err(|source| Error::Thread {
                 name: "store writer",
                 source,
@@ -120,7 +152,13 @@ impl StoreHandle {
             overflow,
             reads,
             timeout,
+            stats,
         })
+    }
+
+    /// What the store counts (journal backlog, write latency, failures), for the metrics.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
     }
 
     /// Inserts the record of a call that just started, and waits for the commit.
@@ -323,9 +361,13 @@ fn reply<T: Send + 'static>(tx: Reply<T>, result: Result<T, Error>) -> Done {
     })
 }
 
-fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow) {
+fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow, stats: &Stats) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Some(op) = rx.blocking_recv() {
+        if matches!(op, Op::Tick) {
+            store.tick();
+            continue;
+        }
         batch.push(op);
         while batch.len() < BATCH {
             match rx.try_recv() {
@@ -345,6 +387,7 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow)
                 "Store queue was full; writing call ends from the overflow."
             );
         }
+        let started = Instant::now();
         let result = store.transaction(|s| {
             for op in ops {
                 match op {
@@ -357,14 +400,17 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow)
             }
             Ok(())
         });
+        stats.write_latency.observe(started.elapsed());
         let commit_error = result.err().map(|e| e.to_string());
         if let Some(e) = &commit_error {
+            stats.write_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, "Store commit failed.");
         }
         for d in done {
             d(commit_error.as_deref());
         }
         if let Some(tx) = close {
+            store.closing();
             let _ = tx.send(());
             return;
         }
@@ -423,7 +469,7 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         }
         Op::Delete(id, tx) => reply(tx, store.delete_call(&id)),
         Op::DeleteBefore(before, limit, tx) => reply(tx, store.delete_ended_before(before, limit)),
-        Op::Wake => Box::new(|_| {}),
+        Op::Wake | Op::Tick => Box::new(|_| {}),
         Op::Close(tx) => {
             let _ = tx.send(());
             Box::new(|_| {})

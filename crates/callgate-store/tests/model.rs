@@ -1,12 +1,22 @@
-//! The SQLite store checked against an in-memory model over random operation sequences.
+//! Both stores (SQLite always; PostgreSQL with `CALLGATE_TEST_PG`, see `common`) checked
+//! against an in-memory model over random operation sequences, and their shared contract.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests, whose bodies run on both backends from #[test] wrappers: a failure is the test failing"
+)]
+
+mod common;
 
 use std::collections::BTreeMap;
 
 use callgate_store::{
     CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry, Page,
-    Reader, SqliteStore, Store, UnixMillis,
+    Reader, Store, UnixMillis,
 };
+use common::Backend;
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -162,7 +172,31 @@ fn ids(records: &[CallRecord]) -> Vec<String> {
 proptest! {
     #[test]
     fn sqlite_matches_the_model(ops in ops(), filters in filters(), page in 1u32..4) {
-        let mut store = SqliteStore::open_in_memory().unwrap();
+        let backend = Backend::new(false, "sqlite_matches_the_model").unwrap();
+        matches_the_model(&mut backend.open(), ops, filters, page)?;
+    }
+}
+
+proptest! {
+    // Each case opens a schema of its own on the server: fewer cases than SQLite's 256.
+    #![proptest_config(ProptestConfig::with_cases(64))]
+    #[test]
+    fn postgres_matches_the_model(ops in ops(), filters in filters(), page in 1u32..4) {
+        let Some(backend) = Backend::new(true, "postgres_matches_the_model") else {
+            return Ok(());
+        };
+        matches_the_model(&mut backend.open(), ops, filters, page)?;
+    }
+}
+
+#[allow(clippy::unwrap_used, reason = "a test: a failure is the test failing")]
+fn matches_the_model(
+    store: &mut impl Store,
+    ops: Vec<Op>,
+    filters: Vec<FilterSpec>,
+    page: u32,
+) -> Result<(), TestCaseError> {
+    {
         let mut model: BTreeMap<u8, Model> = BTreeMap::new();
         for op in ops {
             match op {
@@ -192,7 +226,9 @@ proptest! {
                         frames_out: u64::from(n) / 2,
                     };
                     let u = u.map(usage);
-                    store.update_progress(&id(i), &c, &dtmf, u.as_deref()).unwrap();
+                    store
+                        .update_progress(&id(i), &c, &dtmf, u.as_deref())
+                        .unwrap();
                     if let Some(m) = model.get_mut(&i).filter(|m| m.ended_at.is_none()) {
                         m.counters = c;
                         m.dtmf = dtmf;
@@ -204,7 +240,10 @@ proptest! {
                         at: UnixMillis(t),
                         reason: REASONS[r as usize].into(),
                         hangup_by: "peer".into(),
-                        counters: Counters { bytes_in: 1, ..Counters::default() },
+                        counters: Counters {
+                            bytes_in: 1,
+                            ..Counters::default()
+                        },
                         dtmf: "9".into(),
                         usage: u.map(usage),
                     };
@@ -251,7 +290,8 @@ proptest! {
                     let r = store.append_transcript(&id(i), &entries);
                     prop_assert_eq!(r.is_ok(), model.contains_key(&i));
                     if let Some(m) = model.get_mut(&i) {
-                        m.transcript.extend(entries.into_iter().map(|e| (e.text, e.interrupted)));
+                        m.transcript
+                            .extend(entries.into_iter().map(|e| (e.text, e.interrupted)));
                     }
                 }
                 Op::EndInterrupted(t) => {
@@ -298,30 +338,93 @@ proptest! {
             prop_assert_eq!(r.bytes_in, m.counters.bytes_in);
             prop_assert_eq!(r.frames_out, m.counters.frames_out);
             prop_assert_eq!(&r.dtmf, &m.dtmf);
-            prop_assert_eq!(r.usage.as_ref().map(|u| u.get().to_owned()), m.usage.clone());
+            prop_assert_eq!(
+                r.usage.as_ref().map(|u| u.get().to_owned()),
+                m.usage.clone()
+            );
             prop_assert_eq!(r.cdr.as_ref().map(|c| c.get().to_owned()), m.cdr.clone());
             let events = reader.events(&id(*i), Page::all()).unwrap().unwrap();
             prop_assert_eq!(
                 events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>(),
                 m.events.clone()
             );
-            prop_assert!(events.iter().enumerate().all(|(k, e)| e.seq == k as u64 + 1));
+            prop_assert!(
+                events
+                    .iter()
+                    .enumerate()
+                    .all(|(k, e)| e.seq == k as u64 + 1)
+            );
             let transcript = reader.transcript(&id(*i), Page::all()).unwrap().unwrap();
             prop_assert_eq!(
-                transcript.iter().map(|e| (e.text.clone(), e.interrupted)).collect::<Vec<_>>(),
+                transcript
+                    .iter()
+                    .map(|e| (e.text.clone(), e.interrupted))
+                    .collect::<Vec<_>>(),
                 m.transcript.clone()
             );
-            prop_assert!(transcript.iter().enumerate().all(|(k, e)| e.seq == k as u64 + 1));
+            prop_assert!(
+                transcript
+                    .iter()
+                    .enumerate()
+                    .all(|(k, e)| e.seq == k as u64 + 1)
+            );
         }
         prop_assert!(reader.call(&id(99)).unwrap().is_none());
         prop_assert!(reader.events(&id(99), Page::all()).unwrap().is_none());
         prop_assert!(reader.transcript(&id(99), Page::all()).unwrap().is_none());
     }
+    Ok(())
+}
+
+/// Runs a test on SQLite and, when enabled, on PostgreSQL.
+macro_rules! on_both {
+    ($sqlite:ident, $postgres:ident, $body:ident) => {
+        #[test]
+        fn $sqlite() {
+            $body(&Backend::new(false, stringify!($sqlite)).unwrap());
+        }
+        #[test]
+        fn $postgres() {
+            if let Some(b) = Backend::new(true, stringify!($postgres)) {
+                $body(&b);
+            }
+        }
+    };
+}
+
+on_both!(
+    sqlite_event_logs_and_transcripts_are_read_in_pages,
+    postgres_event_logs_and_transcripts_are_read_in_pages,
+    event_logs_and_transcripts_are_read_in_pages
+);
+on_both!(
+    sqlite_ended_calls_are_deleted_with_everything_they_own_and_live_ones_never,
+    postgres_ended_calls_are_deleted_with_everything_they_own_and_live_ones_never,
+    ended_calls_are_deleted_with_everything_they_own_and_live_ones_never
+);
+on_both!(
+    sqlite_a_listing_with_a_byte_budget_stops_one_record_past_it,
+    postgres_a_listing_with_a_byte_budget_stops_one_record_past_it,
+    a_listing_with_a_byte_budget_stops_one_record_past_it
+);
+
+#[tokio::test]
+async fn sqlite_the_writer_commits_in_order_and_close_flushes() {
+    the_writer_commits_in_order_and_close_flushes(Backend::new(false, "sqlite").unwrap()).await;
 }
 
 #[tokio::test]
-async fn the_writer_commits_in_order_and_close_flushes() {
-    let store = SqliteStore::open_in_memory().unwrap();
+async fn postgres_the_writer_commits_in_order_and_close_flushes() {
+    if let Some(b) = Backend::new(
+        true,
+        "postgres_the_writer_commits_in_order_and_close_flushes",
+    ) {
+        the_writer_commits_in_order_and_close_flushes(b).await;
+    }
+}
+
+async fn the_writer_commits_in_order_and_close_flushes(backend: Backend) {
+    let (store, _backend) = common::off_runtime(move || (backend.open(), backend));
     let handle =
         callgate_store::StoreHandle::start(store, std::time::Duration::from_secs(5)).unwrap();
     handle.insert_call(new_call(1, 10, 1)).await.unwrap();
@@ -417,9 +520,8 @@ async fn the_writer_commits_in_order_and_close_flushes() {
     ));
 }
 
-#[test]
-fn event_logs_and_transcripts_are_read_in_pages() {
-    let mut store = SqliteStore::open_in_memory().unwrap();
+fn event_logs_and_transcripts_are_read_in_pages(backend: &Backend) {
+    let mut store = backend.open();
     store.insert_call(&new_call(1, 1, 0)).unwrap();
     let events: Vec<NewEvent> = (0..5)
         .map(|k| NewEvent {
@@ -468,9 +570,8 @@ fn event_logs_and_transcripts_are_read_in_pages() {
     );
 }
 
-#[test]
-fn ended_calls_are_deleted_with_everything_they_own_and_live_ones_never() {
-    let mut store = SqliteStore::open_in_memory().unwrap();
+fn ended_calls_are_deleted_with_everything_they_own_and_live_ones_never(backend: &Backend) {
+    let mut store = backend.open();
     for i in 1..=3 {
         store.insert_call(&new_call(i, i64::from(i), 0)).unwrap();
         store
@@ -516,9 +617,8 @@ fn ended_calls_are_deleted_with_everything_they_own_and_live_ones_never() {
     );
 }
 
-#[test]
-fn a_listing_with_a_byte_budget_stops_one_record_past_it() {
-    let mut store = SqliteStore::open_in_memory().unwrap();
+fn a_listing_with_a_byte_budget_stops_one_record_past_it(backend: &Backend) {
+    let mut store = backend.open();
     // Ten calls whose call_config holds 100 kB each.
     let config = format!("{{\"siteId\":\"{}\"}}", "9".repeat(100_000));
     for i in 1..=10 {

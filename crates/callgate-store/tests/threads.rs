@@ -1,18 +1,48 @@
 //! The store's threads: reads never wait behind writes, and no write waits behind reads.
-//! Synchronised with channels and gates only; latencies are printed, never asserted.
+//! Synchronised with channels and gates only; latencies are printed, never asserted. Each
+//! test runs on SQLite and, with `CALLGATE_TEST_PG`, on PostgreSQL (see `common`).
 
-use std::path::PathBuf;
+#![allow(
+    clippy::unwrap_used,
+    reason = "tests, whose bodies run on both backends from #[test] wrappers: a failure is the test failing"
+)]
+
+mod common;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use callgate_store::writer::WRITER_QUEUE;
 use callgate_store::{
-    CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, Page, Reader, SqliteReader, SqliteStore, Store, StoreHandle,
+    AnyReader, AnyStore, CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord,
+    NewCall, NewEvent, NewTranscriptEntry, Page, Reader, SqliteStore, Store, StoreHandle,
     TranscriptEntry, UnixMillis,
 };
+use common::{Backend, TempDir, off_runtime};
 use tokio::sync::mpsc;
+
+/// Runs an async test on SQLite and, when enabled, on PostgreSQL.
+macro_rules! on_both {
+    ($sqlite:ident, $postgres:ident, $body:ident) => {
+        #[tokio::test]
+        async fn $sqlite() {
+            $body(Backend::new(false, stringify!($sqlite)).unwrap()).await;
+        }
+        #[tokio::test]
+        async fn $postgres() {
+            if let Some(b) = Backend::new(true, stringify!($postgres)) {
+                $body(b).await;
+            }
+        }
+    };
+}
+
+/// Opens the backend's store off the test's runtime; the backend goes back with it, to live
+/// as long as the test.
+fn open(backend: Backend) -> (AnyStore, Backend) {
+    off_runtime(move || (backend.open(), backend))
+}
 
 /// Long enough never to fire in a passing run; the tests do not rely on it.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -62,7 +92,7 @@ impl Gate {
 
 /// A reader whose listings wait at a gate, after saying they have started.
 struct GatedReader {
-    inner: SqliteReader,
+    inner: AnyReader,
     entered: mpsc::Sender<()>,
     gate: Arc<Gate>,
 }
@@ -92,9 +122,14 @@ impl Reader for GatedReader {
     }
 }
 
-#[tokio::test]
-async fn inserts_commit_while_every_reader_is_stuck() {
-    let store = SqliteStore::open_in_memory().unwrap();
+on_both!(
+    sqlite_inserts_commit_while_every_reader_is_stuck,
+    postgres_inserts_commit_while_every_reader_is_stuck,
+    inserts_commit_while_every_reader_is_stuck
+);
+
+async fn inserts_commit_while_every_reader_is_stuck(backend: Backend) {
+    let (store, _backend) = open(backend);
     let gate = Arc::new(Gate::default());
     let (entered, mut entered_rx) = mpsc::channel(8);
     let readers = (0..2)
@@ -127,27 +162,6 @@ async fn inserts_commit_while_every_reader_is_stuck() {
     handle.close().await;
 }
 
-/// A data directory removed at the end of the test.
-struct TempDir(PathBuf);
-
-#[allow(
-    clippy::unwrap_used,
-    reason = "a test helper: a failure is the test failing"
-)]
-impl TempDir {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("callgate-store-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// Inserts `n` calls one after another; returns each insert's latency.
 #[allow(
     clippy::unwrap_used,
@@ -174,10 +188,22 @@ fn summary(mut l: Vec<Duration>) -> String {
     )
 }
 
-#[tokio::test]
-async fn inserts_complete_under_a_reader_hammering_the_list() {
+on_both!(
+    sqlite_inserts_complete_under_a_reader_hammering_the_list,
+    postgres_inserts_complete_under_a_reader_hammering_the_list,
+    inserts_complete_under_a_reader_hammering_the_list
+);
+
+async fn inserts_complete_under_a_reader_hammering_the_list(backend: Backend) {
     let dir = TempDir::new();
-    let store = SqliteStore::open(&dir.0).unwrap();
+    // SQLite in a file (WAL, as served), not in memory.
+    let (store, _backend) = match backend {
+        Backend::Sqlite => (
+            AnyStore::Sqlite(SqliteStore::open(&dir.0).unwrap()),
+            backend,
+        ),
+        backend => open(backend),
+    };
     let handle = StoreHandle::start(store, TIMEOUT).unwrap();
     // Enough rows that each listing of 1000 is real work.
     insert_many(&handle, 0, 1000).await;
@@ -214,7 +240,7 @@ async fn inserts_complete_under_a_reader_hammering_the_list() {
 /// A store whose next batch, once armed, waits at a gate after saying it has started. Its
 /// "transaction" is no transaction (each write commits alone): the test needs only the wait.
 struct GatedStore {
-    inner: SqliteStore,
+    inner: AnyStore,
     armed: Arc<AtomicBool>,
     entered: mpsc::Sender<()>,
     gate: Arc<Gate>,
@@ -225,8 +251,8 @@ struct GatedStore {
     reason = "a test helper: a failure is the test failing"
 )]
 impl Store for GatedStore {
-    type Reader = SqliteReader;
-    fn open_reader(&self) -> Result<SqliteReader, Error> {
+    type Reader = AnyReader;
+    fn open_reader(&self) -> Result<AnyReader, Error> {
         self.inner.open_reader()
     }
     fn transaction<T>(
@@ -287,13 +313,19 @@ impl Store for GatedStore {
     }
 }
 
-#[tokio::test]
-async fn a_drop_guard_end_lands_even_when_the_queue_is_full() {
+on_both!(
+    sqlite_a_drop_guard_end_lands_even_when_the_queue_is_full,
+    postgres_a_drop_guard_end_lands_even_when_the_queue_is_full,
+    a_drop_guard_end_lands_even_when_the_queue_is_full
+);
+
+async fn a_drop_guard_end_lands_even_when_the_queue_is_full(backend: Backend) {
+    let (inner, _backend) = open(backend);
     let armed = Arc::new(AtomicBool::new(false));
     let gate = Arc::new(Gate::default());
     let (entered, mut entered_rx) = mpsc::channel(1);
     let store = GatedStore {
-        inner: SqliteStore::open_in_memory().unwrap(),
+        inner,
         armed: armed.clone(),
         entered,
         gate: gate.clone(),

@@ -37,10 +37,26 @@ enum Commands {
     /// `[call_auth]` keys (exit 64 with the problem named).
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Apply the store's schema migrations (SQLite in the data directory, or PostgreSQL with
+    /// --store-url), or with --check list the pending ones and change nothing. `serve` applies
+    /// them too at start.
+    Migrate(Box<MigrateArgs>),
     /// Place one call as a phone system would (CallBridge or inbound), with a timeline.
     Sim(Box<tools::SimArgs>),
     /// Place many concurrent calls and measure round trip, loss and CPU exactly.
     Load(Box<tools::LoadArgs>),
+}
+
+/// `callgate migrate`.
+#[derive(Debug, clap::Args)]
+struct MigrateArgs {
+    /// List the migrations not applied yet and change nothing (exit 0: none pending; 2: some
+    /// are pending)
+    #[arg(long)]
+    check: bool,
+    /// The server's settings (only the store's are used: --store-url, --data-dir, --config).
+    #[command(flatten)]
+    settings: settings::Settings,
 }
 
 /// `callgate config` subcommands.
@@ -67,6 +83,7 @@ fn main() -> ExitCode {
             route_outcome(routes::run(routes::RoutesCommand::Check(args)))
         }
         Commands::Routes(command) => route_outcome(routes::run(command)),
+        Commands::Migrate(args) => migrate(*args),
         Commands::Sim(args) => match tools::sim(*args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -98,6 +115,64 @@ fn route_outcome(outcome: routes::Outcome) -> ExitCode {
         routes::Outcome::Usage(message) => {
             eprintln!("callgate routes which: {message}");
             ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// `callgate migrate [--check]`: exit 0 when the schema is (or now is) current, 2 when
+/// `--check` finds migrations pending, 1 when the store cannot be reached or its schema is
+/// newer than this callgate, 64 for bad settings.
+fn migrate(args: MigrateArgs) -> ExitCode {
+    let loaded = match args.settings.load() {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            eprintln!("callgate: configuration error: {e:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let location = loaded.config.store_location();
+    let where_ = match &location {
+        callgate_store::Location::Sqlite { data_dir } => {
+            format!("SQLite {}", data_dir.join("callgate.db").display())
+        }
+        callgate_store::Location::Postgres { url, .. } => format!("PostgreSQL {url}"),
+    };
+    let status = match location.schema_status() {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("callgate migrate: {where_}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{where_}: schema version {} (this callgate knows up to {})",
+        status.current, status.known
+    );
+    if status.is_too_new() {
+        eprintln!(
+            "callgate migrate: the schema is newer than this callgate knows: run the newer \
+             callgate (this one refuses to start against it)"
+        );
+        return ExitCode::FAILURE;
+    }
+    if status.pending.is_empty() {
+        println!("up to date");
+        return ExitCode::SUCCESS;
+    }
+    for m in &status.pending {
+        println!("pending: {} {}", m.version, m.name);
+    }
+    if args.check {
+        return ExitCode::from(2);
+    }
+    match location.migrate() {
+        Ok(_) => {
+            println!("applied {} migration(s)", status.pending.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("callgate migrate: {where_}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

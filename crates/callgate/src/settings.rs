@@ -74,6 +74,13 @@ settings! {
         #[arg(long, env = "CALLGATE_DATA_DIR", value_name = "DIR", value_parser = text::<PathBuf>())]
         #[serde(deserialize_with = "from_text")]
         data_dir: Option<PathBuf>,
+        /// Keep call records in PostgreSQL: postgres://user:password@host:port/db?sslmode=disable|require|verify-full [default: none, SQLite in the data directory]
+        #[arg(long, env = "CALLGATE_STORE_URL", value_name = "URL")]
+        store_url: Option<String>,
+        /// PEM file of the CA that signed PostgreSQL's certificate (with sslmode=verify-full)
+        #[arg(long, env = "CALLGATE_STORE_CA_FILE", value_name = "FILE", value_parser = text::<PathBuf>())]
+        #[serde(deserialize_with = "from_text")]
+        store_ca_file: Option<PathBuf>,
         /// Delete call records (events, transcripts, recordings) this long after they ended, e.g. `30d` [default: keep them]
         #[arg(long, env = "CALLGATE_RETENTION", value_name = "DURATION", value_parser = text::<Duration>())]
         #[serde(deserialize_with = "from_text")]
@@ -293,6 +300,18 @@ impl Settings {
         if let Some(v) = &self.data_dir {
             c.data_dir.clone_from(v);
         }
+        c.store_url = match &self.store_url {
+            Some(url) => Some(
+                callgate_store::PgUrl::parse(url, self.store_ca_file.as_deref())
+                    .with_context(in_file)?,
+            ),
+            None if self.store_ca_file.is_some() => {
+                bail!(
+                    "store_ca_file is set without store_url: it is the CA of the PostgreSQL store"
+                )
+            }
+            None => None,
+        };
         if let Some(v) = self.max_calls {
             c.max_calls = v;
         }
