@@ -403,13 +403,21 @@ impl Server {
 
         shared.phase.store(Phase::Stopping);
         let live_calls = shared.live.len();
+        // Upgrades answered 503 while draining (a load balancer retried them elsewhere).
+        let refused_draining = shared
+            .metrics
+            .connections_refused
+            .get_or_create(&[("reason", "draining")])
+            .get();
         match reason {
-            StopReason::Drained => {
-                info!(reason = reason.as_str(), "Drained: no call left; stopping.")
-            }
+            StopReason::Drained => info!(
+                reason = reason.as_str(),
+                refused_draining, "Drained: no call left; stopping."
+            ),
             StopReason::DrainTimeout => warn!(
                 reason = reason.as_str(),
                 live_calls,
+                refused_draining,
                 drain_timeout = ?shared.config.drain_timeout,
                 "The drain timeout ran out; ending the remaining calls."
             ),
