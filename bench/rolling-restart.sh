@@ -11,7 +11,8 @@
 #
 # Knobs (environment): CALLGATE_BIN (default target/debug/callgate, built if missing),
 # CALLS, DURATION (each call), FOR (the load's total), RAMP (calls per second), SETTLE (seconds
-# between a restarted node being ready and the next drain), OUT (where logs and the JSON
+# between a restarted node being ready and the next drain), BURST (calls placed at once right
+# after each SIGTERM, default 20), ROLL (0: no restart at all, the control run), OUT (where logs and the JSON
 # report go; default a temporary directory), SUMMARY (a file to append the figures to).
 # Ports (fixed, below 32768, as in deploy/haproxy.cfg): HAProxy 14143, stats 14404; node A
 # 14243 (admin 14244), node B 14343 (admin 14344). Exit status 0 only when nothing was refused
@@ -26,6 +27,8 @@ DURATION=${DURATION:-60s}
 FOR=${FOR:-4m}
 RAMP=${RAMP:-20}
 SETTLE=${SETTLE:-20}
+BURST=${BURST:-20}
+ROLL=${ROLL:-1}
 OUT=${OUT:-$(mktemp -d /tmp/callgate-rolling.XXXXXX)}
 SUMMARY=${SUMMARY:-}
 HAPROXY_CFG=$ROOT/deploy/haproxy.cfg
@@ -89,7 +92,21 @@ live_calls() {
         || echo "?"
 }
 
+# The node's audio-loss counters (stalls of its call tasks drop late audio by design; an agent
+# too slow for its queue loses frames), kept per node lifetime: the last copy read before it
+# exited counts.
+snapshot_metrics() {
+    local n=$1 file=$2
+    curl -fsS "http://127.0.0.1:${ADMIN_PORT[$n]}/metrics" 2>/dev/null \
+        | grep -E '^callgate_(playout_stalls_total|playout_stall_dropped_seconds_total|agent_audio_dropped_frames_total) ' \
+        >"$file.tmp" && mv "$file.tmp" "$file" || true
+}
+LIFE=0
+
 # SIGTERM, then wait for the node to exit by itself; prints its exit status and how long.
+# Right after the signal, a burst of BURST short calls goes through HAProxy at once: HAProxy's
+# health check has not noticed the drain yet, so some reach the draining node, get its 503 and
+# must be retried on the other node (counted in the node's "Drained" log line).
 drain_node() {
     local n=$1
     local before
@@ -97,7 +114,15 @@ drain_node() {
     log "node $n: SIGTERM with $before live calls"
     local t0
     t0=$(date +%s.%N)
+    LIFE=$((LIFE + 1))
+    local metrics="$OUT/metrics-$n-$LIFE.txt"
+    snapshot_metrics "$n" "$metrics"
     kill -TERM "${PID[$n]}"
+    # Read the counters once a second while it drains (it answers until it exits).
+    ( while kill -0 "${PID[$n]}" 2>/dev/null; do snapshot_metrics "$n" "$metrics"; sleep 1; done ) &
+    "$BIN" load --url ws://127.0.0.1:14143/ --calls "$BURST" --ramp 0 --duration 2s --id-prefix "burst-$n" \
+        --json >"$OUT/burst-$n.json" 2>"$OUT/burst-$n.log" || true
+    log "node $n: burst of $BURST calls through HAProxy placed"
     local status=0
     wait "${PID[$n]}" || status=$?
     local t1
@@ -133,25 +158,34 @@ ramp_s=$(python3 -c "print(int($CALLS / $RAMP) + 1)")
 sleep "$ramp_s"
 log "load running (pid $LOAD_PID): $(live_calls a) calls on a, $(live_calls b) on b"
 
-sleep "$SETTLE"
-drain_node a
-start_node a
-sleep "$SETTLE"
-log "before draining b: $(live_calls a) calls on a, $(live_calls b) on b"
-drain_node b
-start_node b
-log "rolling restart done; waiting for the load to finish"
+if [[ $ROLL == 1 ]]; then
+    sleep "$SETTLE"
+    drain_node a
+    start_node a
+    sleep "$SETTLE"
+    log "before draining b: $(live_calls a) calls on a, $(live_calls b) on b"
+    drain_node b
+    start_node b
+    log "rolling restart done; waiting for the load to finish"
+else
+    : >"$OUT/drains.txt"
+    log "ROLL=0: no restart (the control run); waiting for the load to finish"
+fi
 
 load_status=0
 wait "$LOAD_PID" || load_status=$?
 LOAD_PID=""
 log "load finished with status $load_status"
+snapshot_metrics a "$OUT/metrics-a-end.txt"
+snapshot_metrics b "$OUT/metrics-b-end.txt"
 
 # Every record of both nodes (paged), checked against the load's own count.
 python3 - "$OUT" "${ADMIN_PORT[a]}" "${ADMIN_PORT[b]}" <<'EOF' | tee "$OUT/figures.txt"
 import json, sys, urllib.request
 out, ports = sys.argv[1], sys.argv[2:]
+import glob
 report = json.load(open(f"{out}/load.json"))
+bursts = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/burst-*.json"))]
 records = []
 for port in ports:
     before = None
@@ -162,7 +196,10 @@ for port in ports:
         before = page["next"]
         if not before:
             break
+# Every call has its own external id (load-N, burst-a-N, burst-b-N): two records of one id
+# would be a call recorded twice (say, replayed on the other node after its answer).
 ids = [r["external_id"] for r in records]
+twice = len(ids) - len(set(ids))
 reasons = {}
 for r in records:
     reasons[r["end_reason"] or "open"] = reasons.get(r["end_reason"] or "open", 0) + 1
@@ -185,11 +222,22 @@ for n, live, status, secs in drains:
     refused = re.findall(r"Drained: no call left; stopping\. .*refused_draining=(\d+)", open(f"{out}/{n}.log").read())
     print(f"drain of node {n}   {live} live calls at SIGTERM, exit status {status} after {secs} s, "
           f"{refused[0] if refused else '?'} upgrades answered 503 while draining (retried by HAProxy)")
+for b in bursts:
+    print(f"burst at SIGTERM  {b['calls']} calls at once: {b['calls_ok']} ok, {b['calls_refused']} refused, "
+          f"{b['calls_dropped']} dropped, {b['frames']['lost']} frames lost")
+placed = report["calls"] + sum(b["calls"] for b in bursts)
+lost_audio = {}
+for path in glob.glob(f"{out}/metrics-*.txt"):
+    for line in open(path):
+        name, value = line.split()
+        lost_audio[name] = lost_audio.get(name, 0) + float(value)
+print("server audio loss " + ", ".join(f"{k.removeprefix('callgate_')} {v:g}" for k, v in sorted(lost_audio.items())))
 print(f"records           {len(records)} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}); per admin port {per_node}")
-print(f"records twice     {len(ids) - len(set(ids))}")
-ok = (report["calls_refused"] == 0 and report["calls_dropped"] == 0 and f["lost"] == 0
-      and f["corrupt"] == 0 and len(records) == report["calls"] and reasons == {"peer_hangup": len(records)}
-      and len(ids) == len(set(ids)))
+print(f"records twice     {twice}")
+ok = (all(r["calls_refused"] == 0 and r["calls_dropped"] == 0 and r["frames"]["lost"] == 0
+          and r["frames"]["corrupt"] == 0 for r in [report] + bursts)
+      and len(records) == placed and reasons == {"peer_hangup": len(records)}
+      and twice == 0)
 print("RESULT            " + ("PASS: nothing refused or dropped, no frame lost, every record ended by the caller" if ok else "FAIL"))
 sys.exit(0 if ok else 1)
 EOF

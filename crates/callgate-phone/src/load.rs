@@ -88,6 +88,9 @@ pub struct LoadOptions {
     /// Steady state: keep `calls` calls live for this long, re-dialling each one as it ends
     /// (each lasts `duration`). `None`: one call per slot.
     pub steady_for: Option<Duration>,
+    /// Calls are named `{id_prefix}-{n}` (their `cdrId` or `sessionId`), so the records of
+    /// two runs can be told apart.
+    pub id_prefix: String,
 }
 
 impl Default for LoadOptions {
@@ -104,6 +107,7 @@ impl Default for LoadOptions {
             answer_timeout: Duration::from_secs(10),
             mode: Mode::Echo,
             steady_for: None,
+            id_prefix: "load".into(),
         }
     }
 }
@@ -552,7 +556,7 @@ async fn one_call(
         }
     };
     r.connect_us = Some(micros(dial.elapsed()));
-    let id = format!("load-{idx}");
+    let id = format!("{}-{idx}", opts.id_prefix);
     let mut phone = match protocol {
         Protocol::CallBridge => Phone::CallBridge(callbridge::Phone::new(&callbridge::Start::new(
             callbridge::CallConfig {
@@ -647,7 +651,7 @@ async fn stream(
     phone.hangup();
     if let Phone::Inbound(p) = phone {
         p.send_cdr(&inbound::Cdr {
-            session_id: format!("load-{idx}"),
+            session_id: format!("{}-{idx}", opts.id_prefix),
             destination: "0200000000".into(),
             start_time: "1970-01-01T00:00:00Z".into(),
             answer_time: Some("1970-01-01T00:00:00Z".into()),

@@ -298,6 +298,9 @@ pub(crate) struct LoadArgs {
     /// (each lasts --duration), and report calls refused and dropped [default: one call each]
     #[arg(long = "for", value_name = "TIME")]
     steady_for: Option<String>,
+    /// Calls are named PREFIX-N (their cdrId or sessionId)
+    #[arg(long, default_value = "load", value_name = "PREFIX")]
+    id_prefix: String,
     /// callbridge, inbound or mixed
     #[arg(long, default_value = "inbound")]
     protocol: String,
@@ -341,6 +344,7 @@ pub(crate) fn load(args: LoadArgs) -> anyhow::Result<bool> {
             other => bail!("invalid mode {other:?}: echo or playout"),
         },
         steady_for: args.steady_for.as_deref().map(parse_time).transpose()?,
+        id_prefix: args.id_prefix,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
