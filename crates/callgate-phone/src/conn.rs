@@ -155,12 +155,36 @@ pub async fn connect(url: &str, connector: &Connector, timeout: Duration) -> Res
     };
     match tokio::time::timeout(timeout, dial(url, connector)).await {
         Ok(Ok(ws)) => Ok(ws),
-        Ok(Err(detail)) => Err(failed(detail)),
+        Ok(Err(Dial::Refused(status))) => Err(Error::Refused {
+            url: url.to_owned(),
+            status,
+        }),
+        Ok(Err(Dial::Failed(detail))) => Err(failed(detail)),
         Err(_) => Err(failed(format!("no answer within {timeout:?}"))),
     }
 }
 
-async fn dial(url: &str, connector: &Connector) -> Result<Ws, String> {
+/// Why a dial failed.
+enum Dial {
+    /// The server answered the upgrade with this HTTP status.
+    Refused(u16),
+    /// Anything else.
+    Failed(String),
+}
+
+impl From<String> for Dial {
+    fn from(detail: String) -> Self {
+        Self::Failed(detail)
+    }
+}
+
+impl From<&str> for Dial {
+    fn from(detail: &str) -> Self {
+        Self::Failed(detail.to_owned())
+    }
+}
+
+async fn dial(url: &str, connector: &Connector) -> Result<Ws, Dial> {
     let secure = scheme(url).map_err(|e| e.to_string())? == Scheme::Wss;
     let request = url.into_client_request().map_err(|e| e.to_string())?;
     let uri = request.uri();
@@ -196,8 +220,8 @@ async fn dial(url: &str, connector: &Connector) -> Result<Ws, String> {
             })?;
             Either::Right(Box::new(tls))
         }
-        (None, true) => return Err("a wss:// URL needs a TLS connector".to_owned()),
-        (Some(_), false) => return Err("a ws:// URL with a TLS connector".to_owned()),
+        (None, true) => return Err("a wss:// URL needs a TLS connector".into()),
+        (Some(_), false) => return Err("a ws:// URL with a TLS connector".into()),
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
@@ -205,7 +229,10 @@ async fn dial(url: &str, connector: &Connector) -> Result<Ws, String> {
         .max_message_size(Some(16 << 20));
     let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            WsError::Http(response) => Dial::Refused(response.status().as_u16()),
+            other => Dial::Failed(other.to_string()),
+        })?;
     Ok(ws)
 }
 

@@ -32,6 +32,14 @@ pub enum Error {
         /// Why.
         detail: String,
     },
+    /// The server refused the WebSocket upgrade with this HTTP status (a draining node: 503).
+    #[error("{url} refused the call: HTTP {status}")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+    },
     /// The WebSocket failed mid-call.
     #[error("WebSocket: {0}")]
     WebSocket(String),

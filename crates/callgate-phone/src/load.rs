@@ -5,6 +5,13 @@
 //! use and the share of frames it sent more than [`LATE`] after their deadline, and flags a run
 //! where it fell behind. It targets only the URL it is given, raises its own file-descriptor
 //! limit, and stops by itself: every call ends within ramp + duration + [`GRACE`].
+//!
+//! Steady state ([`LoadOptions::steady_for`]): each of the `calls` slots re-dials as soon as
+//! its call ends, until the total time is up, so `calls` calls stay live the whole time (a
+//! rolling restart is run under it). Every call is then either ok (the caller's own hangup
+//! ended it), refused (never answered: an HTTP refusal such as a draining node's 503, no
+//! connection, a close before the answer, no answer in time) or dropped (answered, then ended
+//! by anything but the caller's hangup); frames lost count across all of them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,6 +38,8 @@ pub const LATE: Duration = Duration::from_millis(5);
 pub const GRACE: Duration = Duration::from_secs(20);
 /// How long a call waits for the echoes of its last frames.
 pub const DRAIN: Duration = Duration::from_secs(2);
+/// Steady state: how long a slot whose call was refused waits before dialling again.
+pub const REDIAL_PAUSE: Duration = Duration::from_millis(200);
 
 /// What each call measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +85,12 @@ pub struct LoadOptions {
     pub answer_timeout: Duration,
     /// What each call measures.
     pub mode: Mode,
+    /// Steady state: keep `calls` calls live for this long, re-dialling each one as it ends
+    /// (each lasts `duration`). `None`: one call per slot.
+    pub steady_for: Option<Duration>,
+    /// Calls are named `{id_prefix}-{n}` (their `cdrId` or `sessionId`), so the records of
+    /// two runs can be told apart.
+    pub id_prefix: String,
 }
 
 impl Default for LoadOptions {
@@ -91,6 +106,8 @@ impl Default for LoadOptions {
             server_pid: None,
             answer_timeout: Duration::from_secs(10),
             mode: Mode::Echo,
+            steady_for: None,
+            id_prefix: "load".into(),
         }
     }
 }
@@ -214,12 +231,18 @@ pub struct Server {
 /// The result of a run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Report {
-    /// Calls asked for.
+    /// Calls placed (one per slot; in steady state, every re-dial too).
     pub calls: u64,
     /// Calls that streamed all their audio and ended normally.
     pub calls_ok: u64,
     /// Failed calls by reason.
     pub calls_failed: BTreeMap<String, u64>,
+    /// Failed calls that were never answered (refused, no connection, no answer).
+    pub calls_refused: u64,
+    /// Failed calls that were answered, then ended by anything but the caller's own hangup.
+    pub calls_dropped: u64,
+    /// Steady state: how long the slots kept re-dialling, s.
+    pub steady_for_s: Option<f64>,
     /// Most calls streaming at once.
     pub max_concurrent: u64,
     /// Dial to WebSocket open, ms.
@@ -332,10 +355,15 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
     } else {
         Duration::ZERO
     };
-    let hard_stop = t_run + ramp_time + opts.duration + opts.answer_timeout + DRAIN + GRACE;
+    let steady = opts.steady_for.unwrap_or(Duration::ZERO);
+    // No call starts after `redial_until`; the last ones run their whole duration.
+    let redial_until = t_run + ramp_time + steady;
+    let hard_stop =
+        t_run + ramp_time + steady + opts.duration + opts.answer_timeout + DRAIN + GRACE;
 
     let mut set = JoinSet::new();
-    for i in 0..opts.calls {
+    let slots = opts.calls;
+    for i in 0..slots {
         let start = if opts.ramp > 0.0 {
             t_run + Duration::from_secs_f64(i as f64 / opts.ramp)
         } else {
@@ -350,7 +378,25 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
         let (opts, live, connector) = (opts.clone(), live.clone(), connector.clone());
         set.spawn(async move {
             sleep_until(start).await;
-            one_call(i as u32, protocol, &opts, &connector, &live, t_run).await
+            let mut results = Vec::new();
+            // Each call of the run has its own number (stamped in its frames).
+            let mut idx = i as u32;
+            loop {
+                let result = one_call(idx, protocol, &opts, &connector, &live, t_run).await;
+                let refused = result.failure.is_some() && result.answer_us.is_none();
+                results.push(result);
+                if opts.steady_for.is_none() || Instant::now() >= redial_until {
+                    break;
+                }
+                idx = idx.wrapping_add(slots as u32);
+                // A refused call is dialled again after a pause, so a node (or a balancer)
+                // that refuses everything is not hammered; a call that ended is replaced at
+                // once.
+                if refused {
+                    tokio::time::sleep(REDIAL_PAUSE).await;
+                }
+            }
+            results
         });
     }
 
@@ -362,7 +408,7 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
     loop {
         tokio::select! {
             joined = set.join_next() => match joined {
-                Some(Ok(r)) => results.push(r),
+                Some(Ok(r)) => results.extend(r),
                 Some(Err(_)) => results.push(CallResult {
                     failure: Some("generator_task_failed".into()),
                     ..CallResult::default()
@@ -405,9 +451,12 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
         .saturating_sub(own_cpu_start);
 
     let mut report = Report {
-        calls: opts.calls as u64,
+        calls: results.len() as u64,
         calls_ok: 0,
         calls_failed: BTreeMap::new(),
+        calls_refused: 0,
+        calls_dropped: 0,
+        steady_for_s: opts.steady_for.map(|d| d.as_secs_f64()),
         max_concurrent,
         connect_ms: Percentiles::default(),
         answer_ms: Percentiles::default(),
@@ -425,7 +474,14 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
     for r in results {
         match r.failure {
             None => report.calls_ok += 1,
-            Some(reason) => *report.calls_failed.entry(reason).or_default() += 1,
+            Some(reason) => {
+                if r.answer_us.is_some() {
+                    report.calls_dropped += 1;
+                } else {
+                    report.calls_refused += 1;
+                }
+                *report.calls_failed.entry(reason).or_default() += 1;
+            }
         }
         connect.extend(r.connect_us);
         answer.extend(r.answer_us);
@@ -490,14 +546,17 @@ async fn one_call(
     let dial = Instant::now();
     let mut ws = match conn::connect(&opts.url, connector, opts.answer_timeout).await {
         Ok(ws) => ws,
-        Err(_) => {
+        Err(error) => {
             live.failed.fetch_add(1, Ordering::Relaxed);
-            r.failure = Some("connect_failed".into());
+            r.failure = Some(match error {
+                Error::Refused { status, .. } => format!("refused_{status}"),
+                _ => "connect_failed".into(),
+            });
             return r;
         }
     };
     r.connect_us = Some(micros(dial.elapsed()));
-    let id = format!("load-{idx}");
+    let id = format!("{}-{idx}", opts.id_prefix);
     let mut phone = match protocol {
         Protocol::CallBridge => Phone::CallBridge(callbridge::Phone::new(&callbridge::Start::new(
             callbridge::CallConfig {
@@ -592,7 +651,7 @@ async fn stream(
     phone.hangup();
     if let Phone::Inbound(p) = phone {
         p.send_cdr(&inbound::Cdr {
-            session_id: format!("load-{idx}"),
+            session_id: format!("{}-{idx}", opts.id_prefix),
             destination: "0200000000".into(),
             start_time: "1970-01-01T00:00:00Z".into(),
             answer_time: Some("1970-01-01T00:00:00Z".into()),

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -26,9 +25,9 @@ use callgate_store::{CallFilter, CallId, CallRecord, Page};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
-use crate::Shared;
 use crate::auth::{Refusal, Role};
 use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
+use crate::{Control, Phase, Shared, UndrainRefused};
 
 /// Default number of records `GET /api/calls` returns.
 pub(crate) const DEFAULT_LIMIT: u32 = 50;
@@ -46,6 +45,9 @@ pub(crate) const DEFAULT_DTMF_MS: u64 = 200;
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let small = Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/admin/drain", post(drain))
+        .route("/api/admin/undrain", post(undrain))
         .route("/metrics", get(metrics))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
@@ -72,11 +74,12 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Bearer tokens (when configured): reading needs `read`, acting on calls `operator`;
-/// `/healthz` stays open for load balancers.
+/// Bearer tokens (when configured): reading needs `read`, acting on calls (and drain,
+/// undrain) `operator`; `/healthz` and `/readyz` stay open for load balancers.
 async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let auth = shared.admin_auth.current();
-    if !auth.is_enabled() || request.uri().path() == "/healthz" {
+    let open = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if !auth.is_enabled() || open {
         return next.run(request).await;
     }
     let needed = match *request.method() {
@@ -273,18 +276,87 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Liveness: 200 while the process serves or drains (`status` `ok` or `draining`), 503
+/// `stopping` once it is ending its calls to exit.
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
-    let draining = shared.draining.load(Ordering::Relaxed);
-    let status = if draining {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
+    let phase = shared.phase.load();
+    let (status, word) = match phase {
+        Phase::Serving => (StatusCode::OK, "ok"),
+        Phase::Draining { .. } => (StatusCode::OK, "draining"),
+        Phase::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
     };
-    let body = json!({
-        "status": if draining { "draining" } else { "ok" },
-        "live_calls": shared.live.len(),
-    });
+    let body = json!({ "status": word, "live_calls": shared.live.len() });
     (status, Json(body)).into_response()
+}
+
+/// Readiness, for load balancers: 200 while the node takes calls, 503 while it drains or
+/// stops. `{"status": "serving"|"draining"|"stopping", "exiting": bool, "live_calls": N}`.
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let phase = shared.phase.load();
+    let status = if phase.takes_calls() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(phase_body(&shared, phase))).into_response()
+}
+
+/// What `/readyz`, drain and undrain show.
+fn phase_body(shared: &Shared, phase: Phase) -> Value {
+    json!({
+        "status": phase.as_str(),
+        "exiting": matches!(phase, Phase::Draining { exiting: true } | Phase::Stopping),
+        "live_calls": shared.live.len(),
+    })
+}
+
+/// The server is stopping: it takes no drain requests any more.
+fn stopping() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "stopping",
+        UndrainRefused::Stopping.to_string(),
+    )
+}
+
+/// `POST /api/admin/drain`: take no new calls (`/readyz` 503, upgrades 503) and stay up; live
+/// calls go on. Idempotent.
+async fn drain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    shared
+        .control
+        .send(Control::Drain(reply))
+        .await
+        .map_err(|_| stopping())?;
+    let phase = answer.await.map_err(|_| stopping())?;
+    if phase == Phase::Stopping {
+        return Err(stopping());
+    }
+    tracing::info!("Drain requested through the admin API.");
+    Ok(Json(phase_body(&shared, phase)))
+}
+
+/// `POST /api/admin/undrain`: take calls again after a drain. Refused (409 `exiting`) once the
+/// process was told to exit (SIGTERM).
+async fn undrain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+    let (reply, answer) = oneshot::channel();
+    shared
+        .control
+        .send(Control::Undrain(reply))
+        .await
+        .map_err(|_| stopping())?;
+    match answer.await.map_err(|_| stopping())? {
+        Ok(phase) => {
+            tracing::info!("Undrain requested through the admin API.");
+            Ok(Json(phase_body(&shared, phase)))
+        }
+        Err(refused @ UndrainRefused::Exiting) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exiting",
+            refused.to_string(),
+        )),
+        Err(UndrainRefused::Stopping) => Err(stopping()),
+    }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

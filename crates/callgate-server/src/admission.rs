@@ -16,21 +16,32 @@
 //! evictions in flight, never beyond twice `max_pending` (then new connections are turned
 //! away).
 //!
+//! While the node drains, a new connection still takes a place in the pending budget, but only
+//! to be answered `HTTP/1.1 503` with `Retry-After` to its upgrade request
+//! ([`refuse_draining`]): a load balancer can then retry the call on another node, and no
+//! WebSocket ever exists.
+//!
 //! The budget's state sits behind a lock taken twice per connection (at accept and when it
 //! stops being pending), never on a call's per-frame path.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, timeout_at};
+use tokio_tungstenite::tungstenite::handshake::server::{
+    ErrorResponse, Request as Upgrade, Response,
+};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tracing::debug;
 
-use crate::Metrics;
 use crate::config::Config;
+use crate::{Metrics, Shared};
 
 /// What a connection over the pending budget is sent if its socket takes it at once.
 const TURNED_AWAY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
@@ -227,6 +238,73 @@ pub(crate) fn turn_away(stream: TcpStream, answer: bool) {
     if answer {
         let _ = (&*socket).write(TURNED_AWAY);
     }
+}
+
+/// `Retry-After` of the 503 a draining node answers upgrades with, seconds. Short: a caller
+/// behind a load balancer is retried on another node at once; one dialling this node directly
+/// learns it is draining.
+pub(crate) const DRAINING_RETRY_AFTER: &str = "1";
+
+/// What a draining node's 503 says.
+const DRAINING_REASON: &str = "draining: this node takes no new calls; try another node";
+
+/// A connection accepted while the node drains: its TLS handshake (on a TLS port) and its
+/// upgrade request are read under the handshake deadline, and the request is answered
+/// `HTTP/1.1 503 Service Unavailable` with `Retry-After` and `Connection: close`, before any
+/// WebSocket exists. It holds its place in the pending budget meanwhile; at shutdown it is
+/// dropped.
+pub(crate) async fn refuse_draining(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    pending: Pending,
+) {
+    let deadline = pending.accepted + shared.config.handshake_timeout;
+    let refuse = async {
+        let stream = crate::call::tls_handshake(&shared, stream, deadline).await?;
+        #[allow(
+            clippy::result_large_err,
+            reason = "the callback's signature is tungstenite's"
+        )]
+        let callback = |_: &Upgrade, _: Response| Err(draining_response());
+        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
+            stream,
+            callback,
+            Some(shared.ws_config),
+        );
+        // The upgrade always fails: that is the refusal. Only how is worth a debug line.
+        if let Ok(Err(error)) = timeout_at(deadline, upgrade).await {
+            debug!(%peer, %error, "Refused an upgrade: draining.");
+        }
+        Some(())
+    };
+    tokio::select! {
+        _ = shared.cancel.cancelled() => {}
+        _ = pending.evicted() => {}
+        _ = refuse => {}
+    }
+}
+
+/// The answer to an upgrade while draining.
+fn draining_response() -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some(DRAINING_REASON.to_owned()));
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(DRAINING_RETRY_AFTER),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    // tungstenite writes the body after the head but no length: say where it ends.
+    headers.insert(
+        header::CONTENT_LENGTH,
+        HeaderValue::from(DRAINING_REASON.len()),
+    );
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 #[cfg(test)]

@@ -63,6 +63,9 @@ pub struct Config {
     pub write_timeout: Duration,
     /// How long shutdown waits for live calls to finish.
     pub shutdown_grace: Duration,
+    /// After a terminate (SIGTERM), how long live calls may go on to their natural end while
+    /// the node takes no new ones; then they end as `server_shutdown`. Zero: end them at once.
+    pub drain_timeout: Duration,
     /// Audio format of inbound-protocol calls (the protocol does not say).
     pub inbound_audio_format: AudioFormat,
     /// How often a live call writes its counters to the store.
@@ -111,6 +114,7 @@ impl Default for Config {
             max_message_size: 1024 * 1024,
             write_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(3600),
             inbound_audio_format: AudioFormat::Pcm8000,
             progress_interval: Duration::from_secs(5),
             log_pii: false,

@@ -14,12 +14,22 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tasks`]: the only place that spawns tasks; everything is tracked.
 //! - [`config`]: the validated configuration.
+//! - `drain`: the drain state machine (sans-IO); the accept loop is its driver.
+//!
+//! # Drain
+//! [`Lifecycle::terminate`] (SIGTERM) or `POST /api/admin/drain` puts the node in `draining`:
+//! `/readyz` answers 503, new upgrades on the call port get `HTTP/1.1 503` with
+//! `Retry-After` before any WebSocket exists, live calls go on. After a terminate the server
+//! stops once no connection is left, or at `drain_timeout`; a second terminate, an
+//! [`Lifecycle::interrupt`] (SIGINT) or the shutdown future given to [`Server::run`] stops it
+//! now. See `drain` for the phases.
 //!
 //! # Shutdown (same order every time)
-//! The shutdown future resolves → stop accepting calls (the admin API keeps serving and
-//! `/healthz` says `draining`) → cancel every call (inbound calls get `hangup` and a bounded
-//! CDR wait, CallBridge calls are closed with 1001, records end as `server_shutdown`) → wait
-//! for the call tasks under `shutdown_grace` → close the store writer last → stop the admin API.
+//! Stop (drained, drain timeout, or interrupted) → stop accepting calls (the admin API keeps
+//! serving and `/healthz` says `stopping`) → cancel every call that is left (inbound calls get
+//! `hangup` and a bounded CDR wait, CallBridge calls are closed with 1001, records end as
+//! `server_shutdown`) → wait for the call tasks under `shutdown_grace` → close the store writer
+//! last → stop the admin API.
 
 mod admin;
 mod admission;
@@ -27,6 +37,7 @@ pub mod auth;
 mod call;
 pub mod call_auth;
 pub mod config;
+mod drain;
 mod live;
 mod media;
 pub mod metrics;
@@ -40,18 +51,21 @@ pub mod tls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use callgate_agent::{AgentFactory, Catalog};
 use callgate_audio::record::{Config as RecordConfig, Recordings};
 use callgate_store::{Store, StoreHandle, UnixMillis};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::{Config, ConfigError};
+pub use drain::{Phase, StopReason, UndrainRefused};
 pub use metrics::Metrics;
 pub use routes::{RouteHandle, RouteTable};
 pub use tasks::Tasks;
@@ -133,7 +147,13 @@ pub(crate) struct Shared {
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
     pub(crate) live: live::LiveCalls,
-    pub(crate) draining: AtomicBool,
+    /// Where the node is (serving, draining, stopping), as the accept loop last decided.
+    pub(crate) phase: PhaseCell,
+    /// Requests to the accept loop (drain, undrain, terminate, interrupt). Bounded
+    /// ([`CONTROL_QUEUE`]); senders wait: they are operators and signals, rare and few.
+    pub(crate) control: mpsc::Sender<Control>,
+    /// Connections the server serves (pending upgrades and calls): what a drain waits for.
+    pub(crate) connections: watch::Sender<usize>,
     pub(crate) ws_config: WebSocketConfig,
     pub(crate) media: media::MediaConfig,
     pub(crate) admission: Arc<admission::Admission>,
@@ -147,6 +167,7 @@ pub struct Server {
     /// The admin port's TLS (`None`: plain `http://`).
     admin_tls: Option<Arc<rustls::ServerConfig>>,
     certificates: tls::Certificates,
+    control: mpsc::Receiver<Control>,
 }
 
 impl Server {
@@ -255,6 +276,7 @@ impl Server {
         let call_auth = config.call_auth.clone();
         let admin_auth = config.admin_auth.clone();
         let tasks = Tasks::new();
+        let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
         let certificates = tls::Certificates::new(
             call_cert.into_iter().chain(admin_cert).collect(),
             tasks.clone(),
@@ -274,7 +296,9 @@ impl Server {
             tasks,
             cancel: CancellationToken::new(),
             live: live::LiveCalls::default(),
-            draining: AtomicBool::new(false),
+            phase: PhaseCell::default(),
+            control: control_tx,
+            connections: watch::Sender::new(0),
             ws_config,
         });
         Ok(Self {
@@ -283,6 +307,7 @@ impl Server {
             admin,
             admin_tls,
             certificates,
+            control,
         })
     }
 
@@ -324,7 +349,17 @@ impl Server {
         self.shared.metrics.clone()
     }
 
-    /// Serves calls and the admin API until `shutdown` resolves, then shuts down in order.
+    /// Drain and stop the running server from outside (the binary's signals).
+    pub fn lifecycle(&self) -> Lifecycle {
+        Lifecycle {
+            control: self.shared.control.clone(),
+        }
+    }
+
+    /// Serves calls and the admin API until it must stop, then shuts down in order. It stops
+    /// when `shutdown` resolves (the remaining calls end now, as `server_shutdown`), or
+    /// through its [`Lifecycle`]: after a terminate, once its last call has ended (or at
+    /// `drain_timeout`).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let Self {
             shared,
@@ -332,6 +367,7 @@ impl Server {
             admin,
             admin_tls,
             certificates,
+            control,
         } = self;
         if !shared.call_auth.current().is_enabled()
             && calls.local_addr().is_ok_and(|a| !a.ip().is_loopback())
@@ -390,13 +426,33 @@ impl Server {
                 .tasks
                 .spawn(retention::run(shared.clone(), retention));
         }
-        accept(&shared, calls, shutdown).await;
+        let reason = accept(&shared, calls, shutdown, control).await;
 
-        shared.draining.store(true, Ordering::Relaxed);
-        info!(
-            live_calls = shared.live.len(),
-            "Stopped accepting calls; ending live calls."
-        );
+        shared.phase.store(Phase::Stopping);
+        let live_calls = shared.live.len();
+        // Upgrades answered 503 while draining (a load balancer retried them elsewhere).
+        let refused_draining = shared
+            .metrics
+            .connections_refused
+            .get_or_create(&[("reason", "draining")])
+            .get();
+        match reason {
+            StopReason::Drained => info!(
+                reason = reason.as_str(),
+                refused_draining, "Drained: no call left; stopping."
+            ),
+            StopReason::DrainTimeout => warn!(
+                reason = reason.as_str(),
+                live_calls,
+                refused_draining,
+                drain_timeout = ?shared.config.drain_timeout,
+                "The drain timeout ran out; ending the remaining calls."
+            ),
+            StopReason::Interrupted => info!(
+                reason = reason.as_str(),
+                live_calls, "Stopped accepting calls; ending live calls."
+            ),
+        }
         shared.cancel.cancel();
         shared.tasks.close();
         let grace = shared.config.shutdown_grace;
@@ -445,41 +501,256 @@ where
     })
 }
 
-/// Accepts connections until `shutdown` resolves. Each takes a place in the budget of
-/// connections that are not calls yet (`admission`), or is turned away at once; it takes a
-/// call slot only once its first message makes it a call (see `call::serve`).
-async fn accept(shared: &Arc<Shared>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            _ = &mut shutdown => return,
-            accepted = listener.accept() => accepted,
+/// Capacity of the accept loop's control queue (drain, undrain, terminate, interrupt).
+pub(crate) const CONTROL_QUEUE: usize = 16;
+
+/// A request to the accept loop, the drain's driver.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// SIGTERM: drain and exit; the second one stops now. Answered with the phase after it.
+    Terminate(oneshot::Sender<Phase>),
+    /// SIGINT: stop now. Answered once taken.
+    Interrupt(oneshot::Sender<Phase>),
+    /// An operator's drain: take no new calls, stay up. Answered with the phase after it.
+    Drain(oneshot::Sender<Phase>),
+    /// An operator's undrain. Answered with the phase after it, or why not.
+    Undrain(oneshot::Sender<Result<Phase, UndrainRefused>>),
+}
+
+/// Drives a running server's drain from outside: the binary maps signals onto it (SIGTERM:
+/// [`Lifecycle::terminate`], SIGINT: [`Lifecycle::interrupt`]). Requests to a server that has
+/// stopped are ignored.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    control: mpsc::Sender<Control>,
+}
+
+impl Lifecycle {
+    /// Drain, then stop once the last call has ended (or at `drain_timeout`); when already
+    /// exiting, stop now. Returns once the server has taken it, with the phase after it.
+    pub async fn terminate(&self) -> Phase {
+        self.ask(Control::Terminate).await
+    }
+
+    /// Stop now: the remaining calls end as `server_shutdown`.
+    pub async fn interrupt(&self) -> Phase {
+        self.ask(Control::Interrupt).await
+    }
+
+    /// Take no new calls and stay up (as `POST /api/admin/drain`); the phase after it.
+    pub async fn drain(&self) -> Phase {
+        self.ask(Control::Drain).await
+    }
+
+    async fn ask(&self, request: impl FnOnce(oneshot::Sender<Phase>) -> Control) -> Phase {
+        let (reply, answer) = oneshot::channel();
+        if self.control.send(request(reply)).await.is_err() {
+            return Phase::Stopping;
+        }
+        answer.await.unwrap_or(Phase::Stopping)
+    }
+
+    /// Return to service after [`Lifecycle::drain`] (as `POST /api/admin/undrain`).
+    pub async fn undrain(&self) -> Result<Phase, UndrainRefused> {
+        let (reply, answer) = oneshot::channel();
+        if self.control.send(Control::Undrain(reply)).await.is_err() {
+            return Err(UndrainRefused::Stopping);
+        }
+        answer.await.unwrap_or(Err(UndrainRefused::Stopping))
+    }
+}
+
+/// The phase the accept loop last decided, for the admin API.
+#[derive(Debug, Default)]
+pub(crate) struct PhaseCell(AtomicU8);
+
+impl PhaseCell {
+    pub(crate) fn store(&self, phase: Phase) {
+        let n = match phase {
+            Phase::Serving => 0,
+            Phase::Draining { exiting: false } => 1,
+            Phase::Draining { exiting: true } => 2,
+            Phase::Stopping => 3,
         };
-        let (stream, peer) = match accepted {
-            Ok(conn) => conn,
-            Err(error) => {
+        self.0.store(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn load(&self) -> Phase {
+        match self.0.load(Ordering::Relaxed) {
+            0 => Phase::Serving,
+            1 => Phase::Draining { exiting: false },
+            2 => Phase::Draining { exiting: true },
+            _ => Phase::Stopping,
+        }
+    }
+}
+
+/// A connection the server serves, counted from accept until its task ends (a drain waits for
+/// the count to reach zero).
+struct Counted(Arc<Shared>);
+
+impl Counted {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.connections.send_modify(|n| *n += 1);
+        Self(shared.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.connections.send_modify(|n| *n -= 1);
+    }
+}
+
+/// What woke the accept loop.
+enum Input {
+    Shutdown,
+    Control(Control),
+    Timer,
+    Connections,
+    Accepted(std::io::Result<(tokio::net::TcpStream, SocketAddr)>),
+}
+
+/// Accepts connections and drives the drain ([`drain::Drain`]) until the server must stop;
+/// returns why. While serving, each connection takes a place in the budget of connections that
+/// are not calls yet (`admission`), or is turned away at once; it takes a call slot only once
+/// its first message makes it a call (see `call::serve`). While draining, each new connection
+/// gets `503` with `Retry-After` to its upgrade request (`admission::refuse_draining`).
+async fn accept(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut control: mpsc::Receiver<Control>,
+) -> StopReason {
+    tokio::pin!(shutdown);
+    let mut drain = drain::Drain::new(shared.config.drain_timeout);
+    let mut connections = shared.connections.subscribe();
+    let mut shutdown_fired = false;
+    loop {
+        let timer = drain.poll_timeout();
+        let input = tokio::select! {
+            _ = &mut shutdown, if !shutdown_fired => Input::Shutdown,
+            Some(c) = control.recv() => Input::Control(c),
+            _ = tokio::time::sleep_until(timer.unwrap_or_else(Instant::now)), if timer.is_some() => Input::Timer,
+            Ok(()) = connections.changed() => Input::Connections,
+            accepted = listener.accept() => Input::Accepted(accepted),
+        };
+        let now = Instant::now();
+        // The count first: every other input is decided with it up to date (a connection
+        // accepted in the last turn counts before a terminate is looked at).
+        drain.handle_connections(now, *connections.borrow_and_update());
+        let before = drain.phase();
+        match input {
+            Input::Shutdown => {
+                shutdown_fired = true;
+                drain.handle_interrupt(now);
+            }
+            Input::Control(Control::Terminate(reply)) => {
+                drain.handle_terminate(now);
+                shared.phase.store(drain.phase());
+                let _ = reply.send(drain.phase());
+            }
+            Input::Control(Control::Interrupt(reply)) => {
+                drain.handle_interrupt(now);
+                shared.phase.store(drain.phase());
+                let _ = reply.send(drain.phase());
+            }
+            Input::Control(Control::Drain(reply)) => {
+                drain.handle_drain(now);
+                shared.phase.store(drain.phase());
+                let _ = reply.send(drain.phase());
+            }
+            Input::Control(Control::Undrain(reply)) => {
+                let result = drain.handle_undrain(now).map(|()| drain.phase());
+                shared.phase.store(drain.phase());
+                let _ = reply.send(result);
+            }
+            Input::Timer => drain.handle_timeout(now),
+            Input::Connections => {}
+            Input::Accepted(Ok((stream, peer))) => {
+                take(shared, drain.phase(), stream, peer);
+            }
+            Input::Accepted(Err(error)) => {
                 // Typically EMFILE: back off instead of spinning.
                 warn!(%error, "Accept failed.");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        match shared.admission.admit(peer.ip()) {
-            Ok(pending) => {
-                shared
-                    .tasks
-                    .spawn(call::serve(shared.clone(), stream, peer, pending));
-            }
-            Err(refusal) => {
-                shared
-                    .metrics
-                    .connections_refused
-                    .get_or_create(&[("reason", refusal.as_str())])
-                    .inc();
-                // A TLS client could not read a plain 503: it just sees the connection close.
-                admission::turn_away(stream, shared.tls.is_none());
             }
         }
+        let after = drain.phase();
+        shared.phase.store(after);
+        if after != before {
+            log_phase(shared, after);
+        }
+        while let Some(output) = drain.poll_output() {
+            match output {
+                drain::Output::Stop(reason) => return reason,
+                drain::Output::Left {
+                    connections,
+                    draining_for,
+                    deadline_in,
+                } => info!(
+                    live_calls = shared.live.len(),
+                    connections,
+                    draining_for_s = draining_for.as_secs(),
+                    ends_calls_in_s = deadline_in.map(|d| d.as_secs()),
+                    "Draining: calls left."
+                ),
+            }
+        }
+    }
+}
+
+/// A new connection: served, or refused while draining.
+fn take(shared: &Arc<Shared>, phase: Phase, stream: tokio::net::TcpStream, peer: SocketAddr) {
+    let refuse = |reason: &'static str| {
+        shared
+            .metrics
+            .connections_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    };
+    match shared.admission.admit(peer.ip()) {
+        Ok(pending) if phase.takes_calls() => {
+            let counted = Counted::new(shared);
+            let serve = call::serve(shared.clone(), stream, peer, pending);
+            shared.tasks.spawn(async move {
+                serve.await;
+                drop(counted);
+            });
+        }
+        Ok(pending) => {
+            refuse("draining");
+            shared.tasks.spawn(admission::refuse_draining(
+                shared.clone(),
+                stream,
+                peer,
+                pending,
+            ));
+        }
+        Err(refusal) => {
+            refuse(refusal.as_str());
+            // A TLS client could not read a plain 503: it just sees the connection close.
+            admission::turn_away(stream, shared.tls.is_none());
+        }
+    }
+}
+
+/// Logs a change of phase.
+fn log_phase(shared: &Shared, phase: Phase) {
+    let live_calls = shared.live.len();
+    match phase {
+        Phase::Serving => info!(live_calls, "Back in service: taking calls."),
+        Phase::Draining { exiting: false } => info!(
+            live_calls,
+            "Draining: taking no new calls (an operator's drain; undrain to take calls again)."
+        ),
+        Phase::Draining { exiting: true } => info!(
+            live_calls,
+            drain_timeout = ?shared.config.drain_timeout,
+            "Draining: taking no new calls; stopping once the live calls have ended (a second \
+             SIGTERM or SIGINT ends them now)."
+        ),
+        Phase::Stopping => {}
     }
 }
 

@@ -79,10 +79,10 @@ async fn shutdown_hangs_up_inbound_closes_callbridge_and_finalizes_records() {
     assert_eq!(cb.closed().await, (1001, "server shutting down".to_owned()));
     assert_eq!(inbound.recv_json().await, json!({"event": "hangup"}));
     assert_eq!(silent.recv_json().await, json!({"event": "hangup"}));
-    // The admin API still serves while draining.
+    // The admin API still serves while stopping.
     let (status, body) = callgate_testkit::http::request(admin, "GET", "/healthz", None).await;
     assert_eq!(status, 503);
-    assert!(body.contains("draining"));
+    assert!(body.contains("stopping"), "{body}");
     inbound.text(cdr("sd-in")).await;
     assert_eq!(
         inbound.closed().await,

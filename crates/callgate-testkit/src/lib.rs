@@ -74,6 +74,8 @@ pub struct TestServer {
     pub admin_auth: callgate_server::auth::AdminAuthHandle,
     /// The TLS ports' certificates (reload them as SIGHUP does).
     pub certificates: callgate_server::tls::Certificates,
+    /// Drain, terminate or interrupt the server as the binary's signals do.
+    pub lifecycle: callgate_server::Lifecycle,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -146,6 +148,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let call_auth = server.call_auth();
     let admin_auth = server.admin_auth();
     let certificates = server.certificates();
+    let lifecycle = server.lifecycle();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -158,6 +161,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         call_auth,
         admin_auth,
         certificates,
+        lifecycle,
         stop: Some(stop),
         handle,
         dir,
@@ -255,7 +259,13 @@ impl TestServer {
         }
     }
 
-    /// Waits for a shutdown begun with [`TestServer::begin_shutdown`]; hands back the data
+    /// Whether the server has stopped by itself (after a terminate, once drained).
+    pub fn is_stopped(&self) -> bool {
+        self.handle.is_finished()
+    }
+
+    /// Waits for a shutdown begun with [`TestServer::begin_shutdown`] (or a terminate through
+    /// [`TestServer::lifecycle`]); hands back the data
     /// dir so a test can start another server on it.
     pub async fn stopped(mut self) -> TempDir {
         let result = (&mut self.handle).await.expect("server task");

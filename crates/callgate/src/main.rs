@@ -28,7 +28,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Commands {
     /// Run the server (SIGHUP reloads the TLS certificates, and the routes, call keys and admin
-    /// tokens of --config; SIGINT/SIGTERM stop it).
+    /// tokens of --config; SIGTERM drains: no new calls, live ones go on to their end, up to
+    /// --drain-timeout, then exit 0; a second SIGTERM, or SIGINT, ends the live calls now).
     Serve(Box<settings::Settings>),
     /// Check the route table of a configuration, or ask which route a call would take.
     #[command(subcommand)]
@@ -237,10 +238,12 @@ fn serve(args: settings::Settings) -> ExitCode {
             certificates: server.certificates(),
         };
         let reload = reload_on_hangup(hangup, &args, &fixed, handles);
-        // The reload loop never ends: the server's end decides.
+        let signals = stop.forward(server.lifecycle());
+        // The reload and signal loops never end: the server's end decides.
         let result = tokio::select! {
-            result = server.run(stop.received()) => result,
+            result = server.run(std::future::pending()) => result,
             never = reload => match never {},
+            never = signals => match never {},
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -254,7 +257,7 @@ fn serve(args: settings::Settings) -> ExitCode {
 
 /// The process's signal handlers, installed once before anything binds.
 struct Signals {
-    /// SIGINT and SIGTERM: shut down.
+    /// SIGTERM: drain (the second: stop now); SIGINT: stop now.
     stop: Stop,
     /// SIGHUP: reload certificates, routes, keys and tokens (`None` where there is no SIGHUP,
     /// or it could not be caught).
@@ -266,7 +269,7 @@ type Hangup = tokio::signal::unix::Signal;
 #[cfg(not(unix))]
 type Hangup = std::convert::Infallible;
 
-/// The shutdown signals.
+/// The drain and shutdown signals.
 struct Stop {
     #[cfg(unix)]
     signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
@@ -310,24 +313,31 @@ impl Signals {
 }
 
 impl Stop {
-    /// Resolves on SIGINT or SIGTERM, logging which arrived.
-    async fn received(self) {
+    /// Hands every SIGTERM and SIGINT to the server, logging which arrived: the server
+    /// decides what each means (the first SIGTERM drains, a second one or SIGINT stops now).
+    /// Never returns.
+    async fn forward(self, lifecycle: callgate_server::Lifecycle) -> std::convert::Infallible {
         #[cfg(unix)]
         {
-            let Some((mut int, mut term)) = self.signals else {
-                return std::future::pending().await;
-            };
-            let name = tokio::select! {
-                _ = int.recv() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            };
-            info!(signal = name, "Shutdown signal received.");
+            if let Some((mut int, mut term)) = self.signals {
+                loop {
+                    let (name, phase) = tokio::select! {
+                        _ = int.recv() => ("SIGINT", lifecycle.interrupt().await),
+                        _ = term.recv() => ("SIGTERM", lifecycle.terminate().await),
+                    };
+                    info!(signal = name, phase = phase.as_str(), "Signal received.");
+                }
+            }
         }
         #[cfg(not(unix))]
         {
-            let _ = tokio::signal::ctrl_c().await;
-            info!(signal = "ctrl-c", "Shutdown signal received.");
+            let _ = self;
+            if tokio::signal::ctrl_c().await.is_ok() {
+                lifecycle.interrupt().await;
+                info!(signal = "ctrl-c", "Signal received.");
+            }
         }
+        std::future::pending().await
     }
 }
 

@@ -142,6 +142,10 @@ settings! {
         #[arg(long, env = "CALLGATE_SHUTDOWN_GRACE", value_name = "DURATION", value_parser = text::<Duration>())]
         #[serde(deserialize_with = "from_text")]
         shutdown_grace: Option<Duration>,
+        /// After SIGTERM, how long live calls may go on to their natural end while the node takes no new ones; then they end as server_shutdown (0s: at once) [default: 1h]
+        #[arg(long, env = "CALLGATE_DRAIN_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        drain_timeout: Option<Duration>,
         /// Audio format of inbound-protocol calls: PCM_8000/16000/24000/48000, ULAW_8000, ALAW_8000 [default: PCM_8000]
         #[arg(long, env = "CALLGATE_INBOUND_AUDIO_FORMAT", value_name = "FORMAT", value_parser = text::<AudioFormat>())]
         #[serde(deserialize_with = "from_text")]
@@ -335,6 +339,9 @@ impl Settings {
         }
         if let Some(v) = self.shutdown_grace {
             c.shutdown_grace = v;
+        }
+        if let Some(v) = self.drain_timeout {
+            c.drain_timeout = v;
         }
         if let Some(v) = self.inbound_audio_format {
             c.inbound_audio_format = v;

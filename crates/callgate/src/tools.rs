@@ -294,6 +294,13 @@ pub(crate) struct LoadArgs {
     /// Audio streamed per call
     #[arg(long, default_value = "10s", value_name = "TIME")]
     duration: String,
+    /// Steady state: keep --calls calls live for this long, re-dialling each one as it ends
+    /// (each lasts --duration), and report calls refused and dropped [default: one call each]
+    #[arg(long = "for", value_name = "TIME")]
+    steady_for: Option<String>,
+    /// Calls are named PREFIX-N (their cdrId or sessionId)
+    #[arg(long, default_value = "load", value_name = "PREFIX")]
+    id_prefix: String,
     /// callbridge, inbound or mixed
     #[arg(long, default_value = "inbound")]
     protocol: String,
@@ -336,6 +343,8 @@ pub(crate) fn load(args: LoadArgs) -> anyhow::Result<bool> {
             "playout" => load::Mode::Playout,
             other => bail!("invalid mode {other:?}: echo or playout"),
         },
+        steady_for: args.steady_for.as_deref().map(parse_time).transpose()?,
+        id_prefix: args.id_prefix,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -374,9 +383,19 @@ fn print_report(r: &load::Report) {
             p.p50, p.p90, p.p99, p.p999, p.max, p.samples
         );
     };
+    match r.steady_for_s {
+        None => println!(
+            "calls        {} asked, {} ok, {} most at once",
+            r.calls, r.calls_ok, r.max_concurrent
+        ),
+        Some(s) => println!(
+            "calls        {} placed over {s:.0} s, {} ok, {} most at once",
+            r.calls, r.calls_ok, r.max_concurrent
+        ),
+    }
     println!(
-        "calls        {} asked, {} ok, {} most at once",
-        r.calls, r.calls_ok, r.max_concurrent
+        "             {} refused (never answered), {} dropped (answered, not ended by the caller)",
+        r.calls_refused, r.calls_dropped
     );
     for (reason, n) in &r.calls_failed {
         println!("  failed     {n} {reason}");

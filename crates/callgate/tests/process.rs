@@ -1,5 +1,6 @@
 //! The real binary: bad configuration exits 64 before binding; a `kill -9` during live calls
-//! leaves records that the next start closes as `interrupted`; SIGTERM shuts down cleanly.
+//! leaves records that the next start closes as `interrupted`; SIGINT ends live calls and
+//! shuts down cleanly; SIGTERM drains: the live call goes on to its end, then exit 0.
 
 mod common;
 
@@ -60,10 +61,10 @@ async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
     phone.text(incoming_call("after-crash")).await;
     assert_eq!(phone.recv().await.json()["event"], "answer");
 
-    // SIGTERM: a clean stop with exit code 0, and the live call ends as server_shutdown.
+    // SIGINT: a clean stop with exit code 0, and the live call ends as server_shutdown.
     let pid = second.child.id().to_string();
     let status = Command::new("kill")
-        .args(["-TERM", &pid])
+        .args(["-INT", &pid])
         .status()
         .expect("kill");
     assert!(status.success());
@@ -80,6 +81,57 @@ async fn kill_9_during_live_calls_then_restart_closes_them_as_interrupted() {
         .expect("record");
     assert_eq!(after["end_reason"], "server_shutdown");
     drop(third);
+}
+
+fn signal(proc: &Proc, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &proc.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_0_once_the_caller_hangs_up() {
+    let data = TempDir::new("sigterm");
+    let mut server = Proc::serve(&data, None);
+    let mut phone = Phone::connect(&server.url()).await;
+    phone.text(incoming_call("term-live")).await;
+    assert_eq!(phone.recv_json().await["event"], "answer");
+
+    signal(&server, "TERM");
+    server.wait_for("Draining: taking no new calls");
+    let (status, body) = http::request(server.admin, "GET", "/readyz", None).await;
+    assert_eq!(status, 503, "{body}");
+    let (status, _) = http::request(server.admin, "GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+    let refused = Phone::try_connect(&server.url(), &[]).await.err();
+    assert_eq!(refused.map(|(code, _)| code), Some(503));
+
+    // The live call still echoes, and the process waits for it.
+    for fill in 1..=3u8 {
+        phone.binary(vec![fill; 320]).await;
+        match phone.recv().await {
+            Received::Binary(b) => assert_eq!(&b[..], &[fill; 320][..]),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+    }
+    assert!(
+        server.child.try_wait().expect("status").is_none(),
+        "exited with a call live"
+    );
+    phone.text(r#"{"event":"hangup"}"#).await;
+    phone.text(callgate_testkit::cdr("term-live")).await;
+    assert_eq!(phone.closed().await.0, 1000);
+    let exit = server.child.wait().expect("exit status");
+    assert_eq!(exit.code(), Some(0));
+    server.wait_for("Drained: no call left");
+
+    let again = Proc::serve(&data, None);
+    let records = calls(again.admin).await;
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["end_reason"], "peer_hangup", "{}", records[0]);
+    assert_eq!(records[0]["hangup_by"], "peer");
 }
 
 fn exit_code(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {

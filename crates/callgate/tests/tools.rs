@@ -344,3 +344,85 @@ async fn the_cli_prints_json_for_machines() {
     assert_eq!(v["timeline"][0]["event"], "connected");
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_steady_state_redials_each_slot_until_the_time_is_up() {
+    let server = spawn_server(|_| {}).await;
+    let report = load::run(
+        &LoadOptions {
+            url: server.url("/"),
+            calls: 4,
+            ramp: 0.0,
+            duration: Duration::from_millis(200),
+            mix: Mix::Mixed,
+            steady_for: Some(Duration::from_secs(2)),
+            ..LoadOptions::default()
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(report.calls > 4, "every slot re-dials: {report:?}");
+    assert_eq!(report.calls_ok, report.calls, "{:?}", report.calls_failed);
+    assert_eq!((report.calls_refused, report.calls_dropped), (0, 0));
+    assert_eq!(report.frames.sent, report.calls * 10);
+    assert_eq!(report.frames.lost, 0);
+    assert_eq!(report.steady_for_s, Some(2.0));
+    // Every call the generator counted is a call the server recorded.
+    assert_eq!(server.calls().await.len() as u64, report.calls);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_steady_state_counts_refused_and_dropped_calls() {
+    let mut server = spawn_server(|_| {}).await;
+    let opts = |steady: u64, duration: u64| LoadOptions {
+        url: server.url("/"),
+        calls: 2,
+        ramp: 0.0,
+        duration: Duration::from_secs(duration),
+        steady_for: Some(Duration::from_secs(steady)),
+        answer_timeout: Duration::from_secs(2),
+        ..LoadOptions::default()
+    };
+
+    // A draining node: every call is refused with 503, none is dropped.
+    server.lifecycle.drain().await;
+    let report = load::run(&opts(1, 1), |_| {}).await.unwrap();
+    assert!(report.calls >= 2);
+    assert_eq!(report.calls_refused, report.calls, "{report:?}");
+    assert_eq!(report.calls_dropped, 0);
+    assert_eq!(report.calls_failed.get("refused_503"), Some(&report.calls));
+    server.lifecycle.undrain().await.unwrap();
+
+    // The server stops under two live calls: both are dropped, the re-dials refused.
+    let (up, calls_up) = tokio::sync::oneshot::channel();
+    let mut up = Some(up);
+    let stopping = server.lifecycle.clone();
+    let stop = callgate_server::Tasks::new().spawn(async move {
+        if calls_up.await.is_ok() {
+            stopping.interrupt().await;
+        }
+    });
+    let report = load::run(&opts(3, 30), |p| {
+        if p.calls_up == 2
+            && let Some(up) = up.take()
+        {
+            let _ = up.send(());
+        }
+    })
+    .await
+    .unwrap();
+    stop.await.unwrap();
+    assert_eq!(report.calls_dropped, 2, "{report:?}");
+    // Inbound calls: the server's `hangup` ends them.
+    assert_eq!(
+        report.calls_failed.get("server_hung_up"),
+        Some(&2),
+        "{report:?}"
+    );
+    assert!(report.calls_refused >= 1, "{report:?}");
+    assert_eq!(report.calls_ok, 0);
+    server.begin_shutdown();
+    server.stopped().await;
+}

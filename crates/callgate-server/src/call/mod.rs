@@ -142,7 +142,7 @@ pub(crate) async fn serve(
 
 /// On a TLS port, the TLS handshake, under the connection's handshake deadline; the
 /// connection holds only its pending place meanwhile. A failed or late handshake is dropped.
-async fn tls_handshake(
+pub(crate) async fn tls_handshake(
     shared: &Shared,
     stream: TcpStream,
     deadline: Instant,
