@@ -290,6 +290,33 @@ async fn a_client_that_does_not_trust_the_certificate_is_refused() {
     t.server.shutdown().await;
 }
 
+#[tokio::test]
+async fn an_address_the_allowlist_never_admits_gets_no_tls_handshake() {
+    // Loopback is neither allowed nor a trusted proxy: the server must not even answer the
+    // ClientHello.
+    let t = Tls::start(|c| {
+        c.call_auth.allow = vec!["192.0.2.0/24".parse().unwrap()];
+    })
+    .await;
+    let connector = Connector::for_url(&t.url(), Some(&t.ca_file)).unwrap();
+    let error = Phone::connect_with(&t.url(), &connector)
+        .await
+        .err()
+        .expect("refused before the handshake");
+    assert!(!error.contains("403"), "no HTTP answer at all: {error}");
+    // A raw ClientHello start gets nothing back but the close.
+    let mut raw = idle(t.server.call_addr, PARTIAL_HELLO).await;
+    closed_by_server(&mut raw).await;
+    t.metric_reaches(r#"callgate_connections_refused_total{reason="address_not_allowed"} 2"#)
+        .await;
+    let metrics = t.metrics().await;
+    assert!(
+        !metrics.contains(r#"callgate_tls_handshakes_failed_total{port="call"}"#),
+        "no handshake was attempted: {metrics}"
+    );
+    t.server.shutdown().await;
+}
+
 /// Connects and sends `first` (possibly nothing), then holds the socket.
 async fn idle(addr: SocketAddr, first: &[u8]) -> TcpStream {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
