@@ -520,6 +520,12 @@ async fn one_call(
             did_number: "0200000000".into(),
             session_id: id.clone(),
         })),
+        Protocol::Twilio => Phone::Twilio(callgate_proto::twilio::Phone::new(&conn::twilio_start(
+            &id,
+            &format!("010{idx:08}"),
+            "0200000000",
+            &[],
+        ))),
     };
     let call = Ctx {
         idx,
