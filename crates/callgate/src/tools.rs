@@ -315,7 +315,7 @@ pub(crate) struct LoadArgs {
     /// Audio streamed per call
     #[arg(long, default_value = "10s", value_name = "TIME")]
     duration: String,
-    /// callbridge, inbound or mixed
+    /// callbridge, inbound, mixed or twilio (with --format ULAW_8000)
     #[arg(long, default_value = "inbound")]
     protocol: String,
     /// Audio format (20 ms frames of it)
@@ -347,7 +347,8 @@ pub(crate) fn load(args: LoadArgs) -> anyhow::Result<bool> {
             "callbridge" => Mix::CallBridge,
             "inbound" => Mix::Inbound,
             "mixed" => Mix::Mixed,
-            other => bail!("invalid protocol {other:?}: callbridge, inbound or mixed"),
+            "twilio" => Mix::Twilio,
+            other => bail!("invalid protocol {other:?}: callbridge, inbound, mixed or twilio"),
         },
         format: format(&args.format)?,
         server_pid: args.server_pid,
