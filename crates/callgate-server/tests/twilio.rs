@@ -269,6 +269,19 @@ async fn a_bad_start_is_closed_with_a_reason_and_no_record() {
 }
 
 #[tokio::test]
+async fn connected_without_start_is_closed_at_the_handshake_deadline() {
+    let server = spawn_server(|c| c.handshake_timeout = Duration::from_millis(300)).await;
+    let mut phone = server.phone("/").await;
+    phone.text(connected()).await;
+    assert_eq!(
+        phone.closed().await,
+        (1008, "no start message within 300 ms".to_owned())
+    );
+    assert!(server.calls().await.is_empty(), "no record");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn x_twilio_signature_admits_streams_and_refuses_bad_or_missing_ones() {
     const TOKEN: &str = "twilio-auth-token-0123456789";
     const KEY: &str = "callbridge-key-0123456789";
