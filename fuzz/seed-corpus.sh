@@ -5,16 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")"
 python3 - <<'PY'
 import json, glob, os, hashlib
-for target in ("detect", "callbridge_session", "inbound_session"):
+for target in ("detect", "callbridge_session", "inbound_session", "twilio_session"):
     os.makedirs(f"corpus/{target}", exist_ok=True)
 for path in sorted(glob.glob("../crates/callgate-proto/tests/vectors/*/*.json")):
     v = json.load(open(path))
     proto = os.path.basename(os.path.dirname(path))
-    texts = [v["start"]] + [s["input"]["text"] for s in v.get("steps", []) if "text" in s.get("input", {})]
+    # A Twilio vector's start is the list of messages before the call starts.
+    starts = v["start"] if isinstance(v["start"], list) else [v["start"]]
+    texts = starts + [s["input"]["text"] for s in v.get("steps", []) if "text" in s.get("input", {})]
     def put(target, data):
         name = hashlib.sha1(data.encode()).hexdigest()
         open(f"corpus/{target}/{name}", "w").write(data)
-    put("detect", v["start"])
+    put("detect", "\n".join(starts))
     put(f"{proto}_session", "\n".join(texts))
 
 # The config loader: every TOML block of the docs as a --config file (a leading even byte),

@@ -92,13 +92,25 @@ pub enum PhoneInfo {
         /// `sessionId`.
         session_id: String,
     },
+    /// A Twilio Media Streams call: its `start` message's ids and `customParameters`.
+    Twilio {
+        /// `callSid`.
+        call_sid: String,
+        /// `streamSid`.
+        stream_sid: String,
+        /// `accountSid`.
+        account_sid: String,
+        /// `customParameters`, every value a string, as sent.
+        custom_parameters: std::collections::BTreeMap<String, String>,
+    },
 }
 
 impl CallInfo {
     /// The call's variables by name, for templates: `call_id`, `protocol`, `caller`, `callee`,
     /// `external_id`, `route`, `agent`, and what the phone system sent under its own field
     /// names (CallBridge: `siteId`, `cdrId`, `callActionId`, `ivrIp`, `agentId`, `agentType`;
-    /// inbound: `callerId`, `didNumber`, `sessionId`).
+    /// inbound: `callerId`, `didNumber`, `sessionId`; Twilio: `callSid`, `streamSid`,
+    /// `accountSid`, its custom parameters being in [`PhoneInfo::Twilio`]).
     pub fn variables(&self) -> Vec<(&'static str, &str)> {
         let mut vars = vec![
             ("call_id", self.call_id.as_str()),
@@ -126,6 +138,16 @@ impl CallInfo {
                 ("callerId", caller_id.as_str()),
                 ("didNumber", did_number.as_str()),
                 ("sessionId", session_id.as_str()),
+            ]),
+            PhoneInfo::Twilio {
+                call_sid,
+                stream_sid,
+                account_sid,
+                ..
+            } => vars.extend([
+                ("callSid", call_sid.as_str()),
+                ("streamSid", stream_sid.as_str()),
+                ("accountSid", account_sid.as_str()),
             ]),
         }
         vars

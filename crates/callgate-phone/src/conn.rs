@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use callgate_proto::{Close, Disconnect, Frame, Output, PhoneEvent, callbridge, inbound};
+use callgate_proto::{Close, Disconnect, Frame, Output, PhoneEvent, callbridge, inbound, twilio};
 use futures_util::SinkExt;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -236,13 +236,15 @@ async fn dial(url: &str, connector: &Connector) -> Result<Ws, Dial> {
     Ok(ws)
 }
 
-/// Either protocol's phone side.
+/// Any protocol's phone side.
 #[derive(Debug)]
 pub enum Phone {
     /// A CallBridge phone.
     CallBridge(callbridge::Phone),
     /// An inbound-gateway phone.
     Inbound(inbound::Phone),
+    /// Twilio Media Streams (callgate sees us as Twilio).
+    Twilio(twilio::Phone),
 }
 
 impl Phone {
@@ -251,6 +253,9 @@ impl Phone {
         match (self, message) {
             (Self::CallBridge(p), Message::Text(t)) => p.handle_text(&t),
             (Self::Inbound(p), Message::Text(t)) => p.handle_text(&t),
+            (Self::Twilio(p), Message::Text(t)) => p.handle_text(&t),
+            (Self::Twilio(p), Message::Binary(b)) => p.handle_binary(b),
+            (Self::Twilio(p), Message::Close(_)) => p.handle_peer_close(Disconnect::Closed),
             (Self::CallBridge(p), Message::Binary(b)) => p.handle_binary(b),
             (Self::Inbound(p), Message::Binary(b)) => p.handle_binary(b),
             (Self::CallBridge(p), Message::Close(_)) => p.handle_peer_close(Disconnect::Closed),
@@ -264,6 +269,7 @@ impl Phone {
         match self {
             Self::CallBridge(p) => p.handle_peer_close(Disconnect::Dropped),
             Self::Inbound(p) => p.handle_peer_close(Disconnect::Dropped),
+            Self::Twilio(p) => p.handle_peer_close(Disconnect::Dropped),
         }
     }
 
@@ -272,14 +278,17 @@ impl Phone {
         match self {
             Self::CallBridge(p) => p.send_audio(data),
             Self::Inbound(p) => p.send_audio(data),
+            Self::Twilio(p) => p.send_audio(data),
         }
     }
 
-    /// The caller hangs up (CallBridge: close 1000; inbound: `hangup`, socket kept for the CDR).
+    /// The caller hangs up (CallBridge: close 1000; inbound: `hangup`, socket kept for the CDR;
+    /// Twilio: `stop`, then close 1000).
     pub fn hangup(&mut self) {
         match self {
             Self::CallBridge(p) => p.hangup(),
             Self::Inbound(p) => p.hangup(),
+            Self::Twilio(p) => p.hangup(),
         }
     }
 
@@ -288,7 +297,39 @@ impl Phone {
         match self {
             Self::CallBridge(p) => p.poll_output(),
             Self::Inbound(p) => p.poll_output(),
+            Self::Twilio(p) => p.poll_output(),
         }
+    }
+}
+
+/// The `start` a simulated Twilio stream sends: `callSid` is `call_id`; `streamSid` is `MZ`
+/// and 32 hex digits derived from it; the numbers go in `customParameters` as `from` and `to`
+/// (with `extra` parameters after them).
+pub fn twilio_start(
+    call_id: &str,
+    caller: &str,
+    callee: &str,
+    extra: &[(String, String)],
+) -> twilio::Start {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    call_id.hash(&mut h);
+    let a = h.finish();
+    a.hash(&mut h);
+    let stream_sid = format!("MZ{a:016x}{:016x}", h.finish());
+    let mut custom_parameters = std::collections::BTreeMap::new();
+    custom_parameters.insert("from".to_owned(), caller.to_owned());
+    custom_parameters.insert("to".to_owned(), callee.to_owned());
+    custom_parameters.extend(extra.iter().cloned());
+    twilio::Start {
+        info: twilio::StartInfo {
+            stream_sid: stream_sid.clone(),
+            account_sid: "AC00000000000000000000000000000000".to_owned(),
+            call_sid: call_id.to_owned(),
+            tracks: vec!["inbound".to_owned()],
+            custom_parameters,
+            media_format: twilio::MediaFormat::default(),
+        },
     }
 }
 

@@ -60,6 +60,8 @@ pub enum Mix {
     Inbound,
     /// Alternating.
     Mixed,
+    /// All Twilio Media Streams (μ-law only).
+    Twilio,
 }
 
 /// What to run.
@@ -335,6 +337,11 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
     if opts.calls == 0 {
         return Err(Error::Options("--calls must be at least 1".into()));
     }
+    if opts.mix == Mix::Twilio && opts.format != AudioFormat::Ulaw8000 {
+        return Err(Error::Options(
+            "Twilio Media Streams carries ULAW_8000 only: use --format ULAW_8000".into(),
+        ));
+    }
     let connector = conn::Connector::for_url(&opts.url, opts.ca_file.as_deref())?;
     // Every call needs a socket; ask the kernel for enough (best effort: the report shows
     // connection failures if it was not enough).
@@ -374,6 +381,7 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
             Mix::Inbound => Protocol::Inbound,
             Mix::Mixed if i % 2 == 0 => Protocol::Inbound,
             Mix::Mixed => Protocol::CallBridge,
+            Mix::Twilio => Protocol::Twilio,
         };
         let (opts, live, connector) = (opts.clone(), live.clone(), connector.clone());
         set.spawn(async move {
@@ -579,6 +587,12 @@ async fn one_call(
             did_number: "0200000000".into(),
             session_id: id.clone(),
         })),
+        Protocol::Twilio => Phone::Twilio(callgate_proto::twilio::Phone::new(&conn::twilio_start(
+            &id,
+            &format!("010{idx:08}"),
+            "0200000000",
+            &[],
+        ))),
     };
     let call = Ctx {
         idx,
@@ -618,9 +632,10 @@ async fn stream(
     } = *call;
     let send_err = |_| "send_failed".to_owned();
     // Start, then wait for the answer.
-    conn::drain(phone, ws).await.map_err(send_err)?;
+    let started = conn::drain(phone, ws).await.map_err(send_err)?;
     let answer_deadline = dial + opts.answer_timeout;
-    loop {
+    // Twilio has no answer: its stream is live once started.
+    while !started.events.contains(&PhoneEvent::Answered) {
         let message = tokio::select! {
             m = ws.next() => m,
             _ = sleep_until(answer_deadline) => return Err("no_answer".into()),
@@ -713,6 +728,12 @@ async fn echo_loop(
                     if drained.events.contains(&PhoneEvent::Hangup) {
                         return Err("server_hung_up".into());
                     }
+                    // Twilio's audio comes in text messages.
+                    for event in drained.events {
+                        if let PhoneEvent::Audio(b) = event {
+                            receive(r, &b, idx, live, t_run, &mut highest);
+                        }
+                    }
                 }
                 Some(Err(_)) | None => {
                     r.frames.lost = r.frames.unanswered();
@@ -768,7 +789,16 @@ async fn listen_loop(
                         return Err(format!("closed_{code}_mid_call"));
                     }
                     phone.handle(m);
-                    conn::drain(phone, ws).await.map_err(|_| "send_failed".to_owned())?;
+                    let drained = conn::drain(phone, ws).await.map_err(|_| "send_failed".to_owned())?;
+                    // Twilio's audio comes in text messages.
+                    for event in drained.events {
+                        if let PhoneEvent::Audio(b) = event {
+                            arrivals.push((Instant::now(), position_ms));
+                            position_ms += b.len() as f64 / frame_bytes * 20.0;
+                            r.frames.received += 1;
+                            live.echoed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
                 Some(Err(_)) | None => return Err("dropped_mid_call".into()),
             },

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use callgate_audio::{AudioFormat, Resampler, pcm, wav};
-use callgate_proto::{Digit, Frame, PhoneEvent, Protocol, callbridge, inbound};
+use callgate_proto::{Digit, Frame, PhoneEvent, Protocol, callbridge, inbound, twilio};
 use futures_util::StreamExt;
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -59,6 +59,8 @@ pub struct SimOptions {
     pub ivr_ip: String,
     /// CallBridge callActionId.
     pub call_action_id: String,
+    /// Twilio `customParameters` besides `from` and `to` (the numbers).
+    pub custom: Vec<(String, String)>,
     /// Format of what the phone sends (CallBridge `phone_output_audio_format`).
     pub send_format: AudioFormat,
     /// Format of what the phone receives (CallBridge `phone_input_audio_format`).
@@ -103,6 +105,7 @@ impl Default for SimOptions {
             agent_type: "voice".into(),
             ivr_ip: "127.0.0.1:0".into(),
             call_action_id: "1.0E9".into(),
+            custom: Vec::new(),
             send_format: AudioFormat::Pcm8000,
             receive_format: AudioFormat::Pcm8000,
             source: Source::Nothing,
@@ -336,6 +339,19 @@ pub async fn run(opts: &SimOptions, mut on: impl FnMut(&Timeline)) -> Result<Sum
             "CallBridge has no DTMF: use --protocol inbound to send keys".into(),
         ));
     }
+    if opts.protocol == Protocol::Twilio
+        && (opts.send_format != AudioFormat::Ulaw8000
+            || opts.receive_format != AudioFormat::Ulaw8000)
+    {
+        return Err(Error::Options(
+            "Twilio Media Streams carries ULAW_8000 only, both ways: use --format ULAW_8000".into(),
+        ));
+    }
+    if !opts.custom.is_empty() && opts.protocol != Protocol::Twilio {
+        return Err(Error::Options(
+            "custom parameters are Twilio's: use --protocol twilio".into(),
+        ));
+    }
     let connector = conn::Connector::for_url(&opts.url, opts.ca_file.as_deref())?;
     let frames = prepare_audio(&opts.source, opts.send_format)?;
     let mut recording = match &opts.record {
@@ -372,6 +388,12 @@ pub async fn run(opts: &SimOptions, mut on: impl FnMut(&Timeline)) -> Result<Sum
             did_number: opts.callee.clone(),
             session_id: opts.call_id.clone(),
         })),
+        Protocol::Twilio => Phone::Twilio(twilio::Phone::new(&conn::twilio_start(
+            &opts.call_id,
+            &opts.caller,
+            &opts.callee,
+            &opts.custom,
+        ))),
     };
     if opts.garbage_first {
         conn::send(&mut ws, Frame::Text("this is not JSON {{{".into())).await?;
@@ -500,9 +522,16 @@ pub async fn run(opts: &SimOptions, mut on: impl FnMut(&Timeline)) -> Result<Sum
                 }
             }
             _ = sleep_until(next_dtmf_at), if next_dtmf_at < deadline => {
-                if let (Some((digit, _)), Phone::Inbound(p)) = (dtmf.next(), &mut phone) {
-                    p.send_dtmf(digit);
-                    on(&Timeline::DtmfSent { at_ms: at(Instant::now()), digit: digit.to_string() });
+                match (dtmf.next(), &mut phone) {
+                    (Some((digit, _)), Phone::Inbound(p)) => {
+                        p.send_dtmf(digit);
+                        on(&Timeline::DtmfSent { at_ms: at(Instant::now()), digit: digit.to_string() });
+                    }
+                    (Some((digit, _)), Phone::Twilio(p)) => {
+                        p.send_dtmf(digit);
+                        on(&Timeline::DtmfSent { at_ms: at(Instant::now()), digit: digit.to_string() });
+                    }
+                    _ => {}
                 }
             }
             _ = sleep_until(hangup_at), if hangup_at < deadline || s.answered.is_none() => {

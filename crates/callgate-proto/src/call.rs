@@ -27,6 +27,9 @@ pub enum CallEvent {
     Unknown(String),
     /// The peer broke the protocol in a way the call survives; recorded.
     Violation(Error),
+    /// Twilio returned the mark numbered so (placed with `Session::handle_mark`): the audio
+    /// sent before it has played to the caller.
+    MarkPlayed(u64),
 }
 
 /// A CDR as received: its exact text, plus what is wrong with it if it does not match the

@@ -1,9 +1,11 @@
-//! Which protocol a connection speaks, from its first text message. A pure function.
+//! Which protocol a connection speaks, from its first text message: a pure function for the
+//! protocols whose call starts with one message, and [`Handshake`] for all three (Twilio's call
+//! starts with its second message, `start`, after `connected`).
 
 use std::fmt;
 
 use crate::json;
-use crate::{Error, callbridge, inbound};
+use crate::{Error, callbridge, inbound, twilio};
 
 /// A phone-side protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -12,6 +14,8 @@ pub enum Protocol {
     CallBridge,
     /// The inbound-call WebSocket API.
     Inbound,
+    /// Twilio Media Streams (bidirectional), callgate as the bot.
+    Twilio,
 }
 
 impl Protocol {
@@ -20,14 +24,25 @@ impl Protocol {
         match self {
             Self::CallBridge => "callbridge",
             Self::Inbound => "inbound",
+            Self::Twilio => "twilio",
         }
     }
 
-    /// The protocol a URL path forces: `/callbridge` and `/inbound`; any other path detects.
+    /// Every protocol.
+    pub const ALL: [Self; 3] = [Self::CallBridge, Self::Inbound, Self::Twilio];
+
+    /// The protocol of a stable name (`callbridge`, `inbound`, `twilio`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// The protocol a URL path forces: `/callbridge`, `/inbound` and `/twilio`; any other path
+    /// detects.
     pub fn from_path(path: &str) -> Option<Self> {
         match path.trim_end_matches('/') {
             "/callbridge" => Some(Self::CallBridge),
             "/inbound" => Some(Self::Inbound),
+            "/twilio" => Some(Self::Twilio),
             _ => None,
         }
     }
@@ -46,6 +61,8 @@ pub enum Start {
     CallBridge(callbridge::Start),
     /// An inbound `incoming_call`.
     Inbound(inbound::IncomingCall),
+    /// A Twilio `start` (after `connected`).
+    Twilio(twilio::Start),
 }
 
 impl Start {
@@ -54,11 +71,91 @@ impl Start {
         match self {
             Self::CallBridge(_) => Protocol::CallBridge,
             Self::Inbound(_) => Protocol::Inbound,
+            Self::Twilio(_) => Protocol::Twilio,
         }
     }
 }
 
-/// Detects the protocol of a first message and parses it.
+/// The messages before a call starts, whatever the protocol: feed each text message to
+/// [`Handshake::handle_text`] until it gives the start (CallBridge and inbound: the first
+/// message; Twilio: `start`, after `connected`) or an error to close with.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    forced: Option<Protocol>,
+    /// Twilio's `connected` came: the next message must be `start`.
+    twilio: bool,
+}
+
+impl Handshake {
+    /// A connection whose URL path forces `forced` (see [`Protocol::from_path`]).
+    pub fn new(forced: Option<Protocol>) -> Self {
+        Self {
+            forced,
+            twilio: false,
+        }
+    }
+
+    /// Whether Twilio's `connected` came and `start` is awaited.
+    pub fn awaits_twilio_start(&self) -> bool {
+        self.twilio
+    }
+
+    /// One text message: `Ok(Some(start))` once the call's start is in, `Ok(None)` when another
+    /// message is needed (after Twilio's `connected`), or the error to close with.
+    pub fn handle_text(&mut self, text: &str) -> Result<Option<Start>, Error> {
+        if self.twilio {
+            let map = json::raw_map(text, "message")?;
+            return match json::string(&map, "event", "event")?.as_str() {
+                "start" => twilio::Start::from_map(&map).map(|s| Some(Start::Twilio(s))),
+                "connected" => Err(Error::UnexpectedMessage {
+                    what: "second connected".into(),
+                }),
+                other => Err(Error::UnexpectedMessage {
+                    what: format!("event {other:?} before start"),
+                }),
+            };
+        }
+        let map = json::raw_map(text, "message")?;
+        let event = json::string(&map, "event", "event").ok();
+        if twilio::is_connected(event.as_deref()) {
+            return match self.forced {
+                None | Some(Protocol::Twilio) => {
+                    self.twilio = true;
+                    Ok(None)
+                }
+                Some(expected) => Err(Error::ProtocolMismatch {
+                    expected,
+                    got: Protocol::Twilio,
+                }),
+            };
+        }
+        if self.forced == Some(Protocol::Twilio) {
+            let got = if map.contains_key("call_config") {
+                Some(Protocol::CallBridge)
+            } else if event.as_deref() == Some("incoming_call") {
+                Some(Protocol::Inbound)
+            } else {
+                None
+            };
+            return Err(match (got, event) {
+                (Some(got), _) => Error::ProtocolMismatch {
+                    expected: Protocol::Twilio,
+                    got,
+                },
+                (None, Some(event)) => Error::UnexpectedMessage {
+                    what: format!("event {event:?} before connected"),
+                },
+                (None, None) => json::string(&map, "event", "event")
+                    .err()
+                    .unwrap_or(Error::UnrecognizedMessage),
+            });
+        }
+        first_message(text, self.forced).map(Some)
+    }
+}
+
+/// Detects the protocol of a first message and parses it: the protocols whose call starts with
+/// one message. Twilio's `connected` is [`Error::UnexpectedMessage`] here: use [`Handshake`].
 ///
 /// A message with `call_config` is CallBridge; one with `"event":"incoming_call"` is inbound.
 /// `forced` (from the URL path) makes a message of the other protocol a
@@ -81,6 +178,11 @@ pub fn first_message(text: &str, forced: Option<Protocol>) -> Result<Start, Erro
             callbridge::Start::from_map(&map).map(Start::CallBridge)
         }
         (Some(Protocol::Inbound), _) => inbound::IncomingCall::from_map(&map).map(Start::Inbound),
+        (Some(Protocol::Twilio), _) | (None, Some(Protocol::Twilio)) => {
+            Err(Error::UnexpectedMessage {
+                what: "Twilio stream: the call starts with start, after connected".into(),
+            })
+        }
         (None, Some(Protocol::Inbound)) => match event {
             Some(event) => Err(Error::UnexpectedMessage {
                 what: format!("event {event:?} before incoming_call"),
@@ -99,6 +201,53 @@ pub fn first_message(text: &str, forced: Option<Protocol>) -> Result<Start, Erro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn twilio_handshake_takes_connected_then_start() {
+        let start = r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1","start":{"streamSid":"MZ1","accountSid":"AC1","callSid":"CA1","tracks":["inbound"],"customParameters":{"from":"+1415"},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#;
+        let connected = r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#;
+        let mut h = Handshake::new(None);
+        assert_eq!(h.handle_text(connected), Ok(None));
+        assert!(h.awaits_twilio_start());
+        let Ok(Some(Start::Twilio(s))) = h.handle_text(start) else {
+            panic!("a twilio start");
+        };
+        assert_eq!(s.info.call_sid, "CA1");
+        assert_eq!(s.caller(), "+1415");
+        assert_eq!(s.callee(), "");
+        let mut h = Handshake::new(Some(Protocol::Inbound));
+        assert_eq!(
+            h.handle_text(connected),
+            Err(Error::ProtocolMismatch {
+                expected: Protocol::Inbound,
+                got: Protocol::Twilio
+            })
+        );
+        let mut h = Handshake::new(Some(Protocol::Twilio));
+        assert_eq!(
+            h.handle_text(r#"{"event":"incoming_call"}"#),
+            Err(Error::ProtocolMismatch {
+                expected: Protocol::Twilio,
+                got: Protocol::Inbound
+            })
+        );
+        assert_eq!(
+            Handshake::new(Some(Protocol::Twilio)).handle_text(r#"{"event":"media"}"#),
+            Err(Error::UnexpectedMessage {
+                what: r#"event "media" before connected"#.into()
+            })
+        );
+        let mut h = Handshake::new(None);
+        h.handle_text(connected).unwrap();
+        assert_eq!(
+            h.handle_text(r#"{"event":"media"}"#)
+                .unwrap_err()
+                .close_code(),
+            crate::CloseCode::POLICY
+        );
+        let mut h = Handshake::new(None);
+        assert!(h.handle_text(start).is_err(), "start before connected");
+    }
 
     #[test]
     fn paths_force_protocols() {

@@ -34,7 +34,7 @@ impl HangupBy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum EndReason {
-    /// The phone side sent `hangup` (inbound) or a CDR before any hangup.
+    /// The phone side sent `hangup` (inbound) or a CDR before any hangup, or `stop` (Twilio).
     PeerHangup,
     /// The phone side closed the WebSocket with a close frame (the normal CallBridge end).
     PeerClosed,

@@ -1,4 +1,5 @@
-//! The sans-IO core of callgate's two phone protocols: CallBridge and the inbound-call API.
+//! The sans-IO core of callgate's three phone protocols: CallBridge, the inbound-call API and
+//! Twilio Media Streams.
 //!
 //! No sockets, no tasks, no clock: every input carries the current time, and every effect comes
 //! out of `poll_output` as an [`Output`] (send a frame, close, or report a [`CallEvent`]).
@@ -8,7 +9,9 @@
 //! - [`callbridge`]: CallBridge's start message, its server [`callbridge::Session`] and its
 //!   phone side [`callbridge::Phone`].
 //! - [`inbound`]: the inbound-call messages, [`inbound::Session`] and [`inbound::Phone`].
-//! - [`session`]: [`Session`], either protocol's server session behind one type.
+//! - [`twilio`]: Twilio Media Streams' messages (public serde types, both directions),
+//!   [`twilio::Session`] (callgate as the bot) and [`twilio::Phone`] (as Twilio).
+//! - [`session`]: [`Session`], any protocol's server session behind one type.
 //! - Shared values: [`Frame`], [`Close`], [`CloseCode`], [`Digit`], [`DtmfDuration`],
 //!   [`AudioFormat`], [`EndReason`], [`Error`].
 //!
@@ -35,6 +38,7 @@ mod frame;
 pub mod inbound;
 mod json;
 pub mod session;
+pub mod twilio;
 
 pub use call::{CallEvent, CdrReport, Command, Disconnect, PhoneEvent};
 pub use detect::Protocol;

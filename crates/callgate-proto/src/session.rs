@@ -1,4 +1,4 @@
-//! A server session of either protocol, for owners that handle both (the call task, the
+//! A server session of any protocol, for owners that handle both (the call task, the
 //! golden-vector runner). Same inputs and outputs as [`callbridge::Session`] and
 //! [`inbound::Session`]; see the crate docs for the drive loop.
 
@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::call::{CallEvent, Command, Disconnect};
 use crate::detect::Start;
-use crate::{Error, Output, Protocol, callbridge, inbound};
+use crate::{Error, Output, Protocol, callbridge, inbound, twilio};
 
 /// The server side of one call, whichever protocol it speaks.
 #[derive(Debug)]
@@ -17,6 +17,8 @@ pub enum Session {
     CallBridge(callbridge::Session),
     /// An inbound call.
     Inbound(inbound::Session),
+    /// A Twilio Media Streams call.
+    Twilio(twilio::Session),
 }
 
 macro_rules! each {
@@ -24,6 +26,7 @@ macro_rules! each {
         match $self {
             Session::CallBridge($s) => $e,
             Session::Inbound($s) => $e,
+            Session::Twilio($s) => $e,
         }
     };
 }
@@ -34,6 +37,7 @@ impl Session {
         match start {
             Start::CallBridge(s) => Self::CallBridge(callbridge::Session::new(now, s)),
             Start::Inbound(c) => Self::Inbound(inbound::Session::new(now, c, config)),
+            Start::Twilio(s) => Self::Twilio(twilio::Session::new(now, s)),
         }
     }
 
@@ -42,6 +46,25 @@ impl Session {
         match self {
             Self::CallBridge(_) => Protocol::CallBridge,
             Self::Inbound(_) => Protocol::Inbound,
+            Self::Twilio(_) => Protocol::Twilio,
+        }
+    }
+
+    /// Asks the phone side to confirm when the audio sent so far has played: Twilio places a
+    /// mark and returns its number ([`CallEvent::MarkPlayed`] follows). The other protocols
+    /// play what they are sent as it arrives: `None`, nothing to confirm.
+    pub fn handle_mark(&mut self, now: Instant) -> Option<u64> {
+        match self {
+            Self::Twilio(s) => s.handle_mark(now),
+            Self::CallBridge(_) | Self::Inbound(_) => None,
+        }
+    }
+
+    /// Audio sent to the phone side and not played yet must be dropped (Twilio: `clear`; the
+    /// other protocols buffer nothing, so nothing is sent).
+    pub fn handle_clear(&mut self, now: Instant) {
+        if let Self::Twilio(s) = self {
+            s.handle_clear(now);
         }
     }
 

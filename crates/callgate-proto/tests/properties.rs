@@ -12,7 +12,7 @@ use bytes::Bytes;
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
     AudioFormat, CallEvent, Command, Digit, Disconnect, DtmfDuration, EndReason, Error, Output,
-    Protocol, callbridge, inbound,
+    Protocol, Session, callbridge, inbound, twilio,
 };
 use proptest::prelude::*;
 
@@ -30,6 +30,10 @@ fn messageish() -> impl Strategy<Value = String> {
         Just("caller"),
         Just("duration"),
         Just("hangupCauseCode"),
+        Just("media"),
+        Just("mark"),
+        Just("start"),
+        Just("streamSid"),
     ];
     let value = prop_oneof![
         Just("\"incoming_call\"".to_owned()),
@@ -40,6 +44,12 @@ fn messageish() -> impl Strategy<Value = String> {
         Just("{}".to_owned()),
         Just("[1]".to_owned()),
         Just("\"PCM_8000\"".to_owned()),
+        Just("\"connected\"".to_owned()),
+        Just("\"media\"".to_owned()),
+        Just("\"mark\"".to_owned()),
+        Just("\"stop\"".to_owned()),
+        Just("{\"payload\":\"AAEC\"}".to_owned()),
+        Just("{\"name\":\"cg-1\"}".to_owned()),
         any::<i64>().prop_map(|n| n.to_string()),
         any::<f64>().prop_map(|n| format!("{n:?}")),
         "\\PC{0,8}".prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
@@ -62,6 +72,8 @@ enum Input {
     Timeout(u64),
     Shutdown,
     TooBig,
+    Mark,
+    Clear,
 }
 
 fn inputs() -> impl Strategy<Value = Vec<Input>> {
@@ -74,6 +86,8 @@ fn inputs() -> impl Strategy<Value = Vec<Input>> {
             (0u64..20_000).prop_map(Input::Timeout),
             Just(Input::Shutdown),
             Just(Input::TooBig),
+            Just(Input::Mark),
+            Just(Input::Clear),
         ],
         0..24,
     )
@@ -125,6 +139,10 @@ macro_rules! check_session {
                 }
                 Input::Shutdown => s.handle_shutdown(now),
                 Input::TooBig => s.handle_violation(now, Error::MessageTooBig { max: 1 }),
+                Input::Mark => {
+                    let _ = s.handle_mark(now);
+                }
+                Input::Clear => s.handle_clear(now),
             }
             while let Some(o) = s.poll_output() {
                 prop_assert!(!closed, "output after close: {o:?}");
@@ -140,6 +158,19 @@ macro_rules! check_session {
             }
         }
     }};
+}
+
+fn start_tw() -> twilio::Start {
+    twilio::Start {
+        info: twilio::StartInfo {
+            stream_sid: "MZ1".into(),
+            account_sid: "AC1".into(),
+            call_sid: "CA1".into(),
+            tracks: vec!["inbound".into()],
+            custom_parameters: Default::default(),
+            media_format: twilio::MediaFormat::default(),
+        },
+    }
 }
 
 fn start_cb() -> callbridge::Start {
@@ -178,7 +209,79 @@ proptest! {
     }
 
     #[test]
+    fn handshake_never_panics(texts in prop::collection::vec(messageish(), 1..3), forced in 0u8..4) {
+        let forced = [None, Some(Protocol::CallBridge), Some(Protocol::Inbound), Some(Protocol::Twilio)][forced as usize];
+        let mut h = detect::Handshake::new(forced);
+        for text in texts {
+            match h.handle_text(&text) {
+                Ok(None) => continue,
+                Ok(Some(_)) => break,
+                Err(e) => {
+                    prop_assert!([1002, 1003, 1007, 1008, 1009].contains(&e.close_code().0));
+                    break;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn twilio_session_invariants(inputs in inputs()) {
+        check_session!(Session::Twilio(twilio::Session::new(Instant::now(), start_tw())), inputs);
+    }
+
+    #[test]
+    fn twilio_start_round_trips(
+        ids in prop::collection::vec("\\PC{0,12}", 3),
+        params in prop::collection::btree_map("\\PC{0,8}", "\\PC{0,8}", 0..4),
+    ) {
+        let start = twilio::Start { info: twilio::StartInfo {
+            stream_sid: ids[0].clone(),
+            account_sid: ids[1].clone(),
+            call_sid: ids[2].clone(),
+            tracks: vec!["inbound".into()],
+            custom_parameters: params,
+            media_format: twilio::MediaFormat::default(),
+        }};
+        let mut h = detect::Handshake::new(None);
+        prop_assert_eq!(h.handle_text(&twilio::connected_json()), Ok(None));
+        prop_assert_eq!(h.handle_text(&start.to_json()), Ok(Some(Start::Twilio(start))));
+    }
+
+    #[test]
+    fn twilio_messages_round_trip(
+        seq in any::<u64>(), n in any::<u64>(), text in "\\PC{0,12}",
+        payload in prop::collection::vec(any::<u8>(), 0..40),
+    ) {
+        use base64::Engine as _;
+        let payload = base64::engine::general_purpose::STANDARD.encode(&payload);
+        let sid = text.clone();
+        let to_bot = [
+            twilio::ToBot::Media { sequence_number: twilio::Counter(seq), stream_sid: sid.clone(),
+                media: twilio::MediaIn { track: "inbound".into(), chunk: twilio::Counter(n),
+                    timestamp: twilio::Counter(n), payload: payload.clone() } },
+            twilio::ToBot::Mark { sequence_number: twilio::Counter(seq), stream_sid: sid.clone(),
+                mark: twilio::MarkInfo { name: text.clone() } },
+            twilio::ToBot::Dtmf { sequence_number: twilio::Counter(seq), stream_sid: sid.clone(),
+                dtmf: twilio::DtmfInfo { track: "inbound_track".into(), digit: text.clone() } },
+            twilio::ToBot::Stop { sequence_number: twilio::Counter(seq), stream_sid: sid.clone(),
+                stop: twilio::StopInfo { account_sid: text.clone(), call_sid: text.clone() } },
+        ];
+        for m in to_bot {
+            prop_assert_eq!(serde_json::from_str::<twilio::ToBot>(&m.to_json()).ok(), Some(m));
+        }
+        let to_twilio = [
+            twilio::ToTwilio::Media { stream_sid: sid.clone(), media: twilio::MediaOut { payload } },
+            twilio::ToTwilio::Mark { stream_sid: sid.clone(), mark: twilio::MarkInfo { name: text } },
+            twilio::ToTwilio::Clear { stream_sid: sid },
+        ];
+        for m in to_twilio {
+            prop_assert_eq!(serde_json::from_str::<twilio::ToTwilio>(&m.to_json()).ok(), Some(m));
+        }
+    }
+
+    #[test]
     fn parsers_never_panic(text in messageish()) {
+        let _ = twilio::Start::parse(&text);
         let _ = callbridge::Start::parse(&text);
         let _ = inbound::IncomingCall::parse(&text);
         let _ = inbound::Cdr::parse(&text);
@@ -186,13 +289,13 @@ proptest! {
 
     #[test]
     fn callbridge_session_invariants(inputs in inputs()) {
-        check_session!(callbridge::Session::new(Instant::now(), start_cb()), inputs);
+        check_session!(Session::CallBridge(callbridge::Session::new(Instant::now(), start_cb())), inputs);
     }
 
     #[test]
     fn inbound_session_invariants(inputs in inputs()) {
         check_session!(
-            inbound::Session::new(Instant::now(), incoming(), inbound::Config::default()),
+            Session::Inbound(inbound::Session::new(Instant::now(), incoming(), inbound::Config::default())),
             inputs
         );
     }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use callgate_proto::detect;
 use callgate_proto::{
     CallEvent, Command, Digit, Disconnect, DtmfDuration, EndReason, Error, Frame, Output,
-    PhoneEvent, Protocol, Session, callbridge, inbound,
+    PhoneEvent, Protocol, Session, callbridge, inbound, twilio,
 };
 use serde_json::{Value, json};
 
@@ -66,6 +66,7 @@ fn call_output(o: Output<CallEvent>) -> Value {
             CallEvent::CdrMissing => json!("cdr_missing"),
             CallEvent::Unknown(t) => json!({ "unknown": t }),
             CallEvent::Violation(e) => json!({ "violation": { "kind": e.kind(), "message": e.to_string() } }),
+            CallEvent::MarkPlayed(n) => json!({ "mark_played": n }),
         }}),
     }
 }
@@ -123,13 +124,32 @@ fn run(path: &Path) -> Result<(), String> {
     let at = |step: &Value| t0 + Duration::from_millis(step["at_ms"].as_u64().unwrap_or(0));
     let side = v["side"].as_str().unwrap_or("server");
     RAW_TEXT.set(v["raw_text"].as_bool().unwrap_or(false));
-    let start_text = v["start"].as_str().ok_or("vector has no start")?;
+    // `start`: the first message, or (Twilio) the list of messages before the call starts.
+    let start_texts: Vec<String> = match &v["start"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(all) => all
+            .iter()
+            .map(|m| m.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or("start must be strings")?,
+        _ => return Err("vector has no start".into()),
+    };
+    let start_text = start_texts.last().map_or("", String::as_str);
     let mut outputs: Vec<Value> = Vec::new();
 
     if side == "server" {
         let forced = v["path"].as_str().and_then(Protocol::from_path);
-        let start = match detect::first_message(start_text, forced) {
-            Ok(s) => s,
+        let mut handshake = detect::Handshake::new(forced);
+        let mut started = Ok(None);
+        for text in &start_texts {
+            started = handshake.handle_text(text);
+            if !matches!(started, Ok(None)) {
+                break;
+            }
+        }
+        let start = match started {
+            Ok(Some(s)) => s,
+            Ok(None) => return Err("the start messages do not start a call".into()),
             Err(e) => {
                 let got = error_value(&e);
                 return if v["start_error"] == got {
@@ -174,6 +194,17 @@ fn run(path: &Path) -> Result<(), String> {
                 s.handle_timeout(now);
             } else if input.get("shutdown").is_some() {
                 s.handle_shutdown(now);
+            } else if input.get("mark").is_some() {
+                let placed = s.handle_mark(now);
+                if let Some(expected) = step.get("mark_placed")
+                    && json!(placed) != *expected
+                {
+                    return Err(format!(
+                        "step {i}: mark expected {expected}, got {placed:?}"
+                    ));
+                }
+            } else if input.get("clear").is_some() {
+                s.handle_clear(now);
             } else if input.get("message_too_big").is_some() {
                 s.handle_violation(now, Error::MessageTooBig { max: 4096 });
             } else {
@@ -215,7 +246,12 @@ fn run(path: &Path) -> Result<(), String> {
         .ok_or("phone vector needs protocol")?;
     let mut cb = None;
     let mut ib = None;
+    let mut tw = None;
     match protocol {
+        "twilio" => {
+            let start = twilio::Start::parse(start_text).map_err(|e| e.to_string())?;
+            tw = Some(twilio::Phone::new(&start));
+        }
         "callbridge" => {
             let start = callbridge::Start::parse(start_text).map_err(|e| e.to_string())?;
             cb = Some(callbridge::Phone::new(&start));
@@ -225,8 +261,15 @@ fn run(path: &Path) -> Result<(), String> {
             ib = Some(inbound::Phone::new(&call));
         }
     }
-    let drain = |cb: &mut Option<callbridge::Phone>, ib: &mut Option<inbound::Phone>| {
+    let drain = |cb: &mut Option<callbridge::Phone>,
+                 ib: &mut Option<inbound::Phone>,
+                 tw: &mut Option<twilio::Phone>| {
         let mut out = Vec::new();
+        if let Some(p) = tw {
+            while let Some(o) = p.poll_output() {
+                out.push(phone_output(o));
+            }
+        }
         if let Some(p) = cb {
             while let Some(o) = p.poll_output() {
                 out.push(phone_output(o));
@@ -239,7 +282,7 @@ fn run(path: &Path) -> Result<(), String> {
         }
         out
     };
-    let first = drain(&mut cb, &mut ib);
+    let first = drain(&mut cb, &mut ib, &mut tw);
     if first != v["first"].as_array().cloned().unwrap_or_default() {
         return Err(format!(
             "first outputs: expected {}, got {}",
@@ -263,12 +306,18 @@ fn run(path: &Path) -> Result<(), String> {
             if let Some(p) = &mut ib {
                 p.handle_text(t)
             }
+            if let Some(p) = &mut tw {
+                p.handle_text(t)
+            }
         } else if let Some(b) = input.get("binary_hex") {
             let b = unhex(b.as_str().expect("hex"));
             if let Some(p) = &mut cb {
                 p.handle_binary(b.clone())
             }
             if let Some(p) = &mut ib {
+                p.handle_binary(b.clone())
+            }
+            if let Some(p) = &mut tw {
                 p.handle_binary(b)
             }
         } else if let Some(d) = input.get("peer_close") {
@@ -277,6 +326,22 @@ fn run(path: &Path) -> Result<(), String> {
             }
             if let Some(p) = &mut ib {
                 p.handle_peer_close(disconnect(d))
+            }
+            if let Some(p) = &mut tw {
+                p.handle_peer_close(disconnect(d))
+            }
+        } else if let Some(a) = input.get("phone")
+            && let Some(p) = &mut tw
+        {
+            match a.as_str() {
+                Some("hangup") => p.hangup(),
+                _ if a.get("audio_hex").is_some() => {
+                    p.send_audio(unhex(a["audio_hex"].as_str().expect("hex")))
+                }
+                _ if a.get("dtmf").is_some() => {
+                    p.send_dtmf(Digit::parse(a["dtmf"].as_str().expect("digit")).expect("digit"))
+                }
+                _ => return Err(format!("step {i}: unknown phone action {a}")),
             }
         } else if let Some(a) = input.get("phone") {
             match (a.as_str(), &mut cb, &mut ib) {
@@ -303,7 +368,7 @@ fn run(path: &Path) -> Result<(), String> {
         } else {
             return Err(format!("step {i}: unknown input {input}"));
         }
-        let out = drain(&mut cb, &mut ib);
+        let out = drain(&mut cb, &mut ib, &mut tw);
         check(i, step, &out)?;
     }
     Ok(())
@@ -327,7 +392,7 @@ fn golden_vectors() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
     let mut count = 0;
     let mut failures = Vec::new();
-    for protocol in ["callbridge", "inbound"] {
+    for protocol in ["callbridge", "inbound", "twilio"] {
         let mut files: Vec<_> = std::fs::read_dir(root.join(protocol))
             .expect("vector dir")
             .map(|e| e.expect("entry").path())
@@ -341,6 +406,6 @@ fn golden_vectors() {
             }
         }
     }
-    assert!(count >= 20, "only {count} vectors found");
+    assert!(count >= 50, "only {count} vectors found");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

@@ -1532,9 +1532,9 @@ impl Core {
                         .push_back(Output::Command(AgentCommand::Dtmf { digit, duration }));
                 }
             }
-            // CallBridge has no DTMF message: in-band tones, generated here so the timeline
-            // knows their length.
-            Protocol::CallBridge => {
+            // CallBridge and Twilio have no DTMF message towards the caller: in-band tones,
+            // generated here so the timeline knows their length.
+            Protocol::CallBridge | Protocol::Twilio => {
                 let format = self.call.output_format;
                 let rate = format.sample_rate();
                 let gap = vec![0i16; (rate as usize) * 60 / 1000];
@@ -1803,7 +1803,7 @@ mod tests {
                     agent_id: "agent-main".into(),
                     agent_type: "voice".into(),
                 }),
-                Protocol::Inbound => PhoneInfo::Inbound {
+                Protocol::Inbound | Protocol::Twilio => PhoneInfo::Inbound {
                     caller_id: "01012341234".into(),
                     did_number: "07012345678".into(),
                     session_id: "10014473".into(),

@@ -6,6 +6,11 @@
 //! query parameter (the forms CallBridge integrations use). Keys are kept as SHA-256 digests
 //! and compared without an early exit (see [`crate::auth`]); a key may be limited to some
 //! routes. Only a key's name is ever logged or stored.
+//!
+//! Twilio Media Streams cannot send a custom header: with `twilio_auth_token_env`, a stream
+//! is admitted by its `X-Twilio-Signature` (HMAC-SHA1 of the URL Twilio dialled, keyed with the
+//! account's auth token; see [`TwilioToken`]) instead of a key. A signature that is present
+//! and wrong is refused (401), and so is none on `/twilio` without a valid key.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -116,6 +121,79 @@ pub struct CallAuth {
     pub allow: Vec<Net>,
     /// Proxies whose `X-Forwarded-For` names the real client.
     pub trusted_proxies: Vec<Net>,
+    /// The Twilio account's auth token: `X-Twilio-Signature` is checked with it.
+    pub twilio: Option<TwilioToken>,
+}
+
+/// A Twilio account's auth token, the key of `X-Twilio-Signature` (never logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct TwilioToken(Vec<u8>);
+
+impl fmt::Debug for TwilioToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("TwilioToken(..)")
+    }
+}
+
+impl TwilioToken {
+    /// The token as the account shows it.
+    pub fn new(token: &str) -> Self {
+        Self(token.as_bytes().to_vec())
+    }
+
+    fn key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, &self.0)
+    }
+
+    /// The signature Twilio sends for a request to `url` with no form body (a WebSocket
+    /// upgrade is a GET): base64 of HMAC-SHA1(token, url).
+    pub fn sign(&self, url: &str) -> String {
+        use base64::Engine as _;
+        let tag = ring::hmac::sign(&self.key(), url.as_bytes());
+        base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+    }
+
+    /// Whether `signature` signs the URL Twilio dialled for a request with this `Host` and
+    /// path and query: `wss://` + host + path (also accepted: `https://`, and the host with
+    /// the default port 443 added or removed, as Twilio's own validators do). Compared in
+    /// constant time.
+    pub fn verify(&self, host: &str, path_and_query: &str, signature: &[u8]) -> bool {
+        use base64::Engine as _;
+        let Ok(tag) = base64::engine::general_purpose::STANDARD.decode(signature.trim_ascii())
+        else {
+            return false;
+        };
+        let key = self.key();
+        let mut hosts = vec![host.to_owned()];
+        match host.strip_suffix(":443") {
+            Some(bare) => hosts.push(bare.to_owned()),
+            // `[v6]` or a name without a port: add the default one.
+            None if host.ends_with(']') || !host.contains(':') => hosts.push(format!("{host}:443")),
+            None => {}
+        }
+        let mut valid = false;
+        for scheme in ["wss", "https"] {
+            for host in &hosts {
+                let url = format!("{scheme}://{host}{path_and_query}");
+                // Every candidate is checked: no early exit on the one that matches.
+                valid |= ring::hmac::verify(&key, url.as_bytes(), &tag).is_ok();
+            }
+        }
+        valid
+    }
+}
+
+/// What the upgrade request says for the Twilio signature check.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SignedRequest<'a> {
+    /// `X-Twilio-Signature`.
+    pub signature: Option<&'a [u8]>,
+    /// `Host`.
+    pub host: Option<&'a str>,
+    /// The request target (path and query) as sent.
+    pub path_and_query: &'a str,
+    /// The path is `/twilio` (the protocol is forced).
+    pub twilio_path: bool,
 }
 
 /// A connection let through.
@@ -125,6 +203,8 @@ pub struct Admission {
     pub key: Option<String>,
     /// The routes the key may take; `None`: any.
     pub routes: Option<Vec<String>>,
+    /// Admitted by a valid `X-Twilio-Signature` (no key): only a Twilio stream may follow.
+    pub twilio_signed: bool,
 }
 
 /// Why a connection was refused at the upgrade.
@@ -136,13 +216,17 @@ pub enum Refusal {
     BadKey,
     /// The client's address is not on the allowlist (403).
     NotAllowed,
+    /// `X-Twilio-Signature` is missing on `/twilio`, and no valid key either (401).
+    MissingSignature,
+    /// `X-Twilio-Signature` does not sign the URL with the configured auth token (401).
+    BadSignature,
 }
 
 impl Refusal {
     /// The HTTP status of the refusal.
     pub fn status(self) -> u16 {
         match self {
-            Self::MissingKey | Self::BadKey => 401,
+            Self::MissingKey | Self::BadKey | Self::MissingSignature | Self::BadSignature => 401,
             Self::NotAllowed => 403,
         }
     }
@@ -153,6 +237,8 @@ impl Refusal {
             Self::MissingKey => "missing_key",
             Self::BadKey => "bad_key",
             Self::NotAllowed => "address_not_allowed",
+            Self::MissingSignature => "missing_twilio_signature",
+            Self::BadSignature => "bad_twilio_signature",
         }
     }
 
@@ -164,6 +250,10 @@ impl Refusal {
             }
             Self::BadKey => "invalid API key",
             Self::NotAllowed => "calls are not accepted from this address",
+            Self::MissingSignature => {
+                "an X-Twilio-Signature (or an API key) is required on /twilio"
+            }
+            Self::BadSignature => "invalid X-Twilio-Signature",
         }
     }
 }
@@ -171,7 +261,65 @@ impl Refusal {
 impl CallAuth {
     /// Whether anything is checked.
     pub fn is_enabled(&self) -> bool {
-        !self.keys.is_empty() || !self.allow.is_empty()
+        !self.keys.is_empty() || !self.allow.is_empty() || self.twilio.is_some()
+    }
+
+    /// Checks a connection as [`CallAuth::admit`] does, and with a Twilio auth token
+    /// configured, its `X-Twilio-Signature`: a valid one admits without a key (for a Twilio
+    /// stream only: see [`CallAuth::admits_call`]), a wrong one is refused, and none on
+    /// `/twilio` needs a valid key.
+    pub fn admit_signed(
+        &self,
+        client: Option<IpAddr>,
+        authorization: Option<&[u8]>,
+        x_api_key: Option<&[u8]>,
+        query: Option<&str>,
+        request: SignedRequest<'_>,
+    ) -> Result<Admission, Refusal> {
+        let Some(token) = &self.twilio else {
+            return self.admit(client, authorization, x_api_key, query);
+        };
+        if let Some(signature) = request.signature {
+            // The allowlist first, as for keys.
+            self.admit(client, None, None, None).or_else(|r| match r {
+                Refusal::MissingKey => Ok(Admission::default()),
+                other => Err(other),
+            })?;
+            let host = request.host.unwrap_or_default();
+            return if token.verify(host, request.path_and_query, signature) {
+                Ok(Admission {
+                    twilio_signed: true,
+                    ..Admission::default()
+                })
+            } else {
+                Err(Refusal::BadSignature)
+            };
+        }
+        match self.admit(client, authorization, x_api_key, query) {
+            Ok(admission) if admission.key.is_none() && request.twilio_path => {
+                Err(Refusal::MissingSignature)
+            }
+            Err(Refusal::MissingKey) if request.twilio_path => Err(Refusal::MissingSignature),
+            other => other,
+        }
+    }
+
+    /// Whether a connection admitted so may carry a call of `protocol`: with a Twilio auth
+    /// token configured, a Twilio stream needs a valid signature or key, and a signature
+    /// admits only a Twilio stream when keys are configured. `Err` is the close reason (1008).
+    pub fn admits_call(
+        &self,
+        admission: &Admission,
+        protocol: callgate_proto::Protocol,
+    ) -> Result<(), &'static str> {
+        let twilio = protocol == callgate_proto::Protocol::Twilio;
+        if self.twilio.is_some() && twilio && !admission.twilio_signed && admission.key.is_none() {
+            return Err("a Twilio stream needs a valid X-Twilio-Signature or API key");
+        }
+        if admission.twilio_signed && !twilio && !self.keys.is_empty() {
+            return Err("an X-Twilio-Signature admits only a Twilio stream: send an API key");
+        }
+        Ok(())
     }
 
     /// The client behind `peer`: `peer` itself, unless it is a trusted proxy; then the chain
@@ -263,6 +411,7 @@ impl CallAuth {
         Ok(Admission {
             key: Some(key.name.clone()),
             routes: key.routes.clone(),
+            twilio_signed: false,
         })
     }
 }
@@ -402,6 +551,128 @@ impl RefusalLog {
 mod tests {
     use super::*;
 
+    #[test]
+    fn twilio_signatures_are_checked_as_twilio_computes_them() {
+        // Computed independently with Python's hmac/hashlib (section 5 of the shared doc):
+        // base64(HMAC-SHA1("12345", "wss://bot.example.com/twilio?x=1")).
+        let token = TwilioToken::new("12345");
+        let expected = "uSG82fd6iHU0ngeRuQhjdYr5uBc=";
+        assert_eq!(token.sign("wss://bot.example.com/twilio?x=1"), expected);
+        let ok = |host: &str, pq: &str, sig: &str| token.verify(host, pq, sig.as_bytes());
+        assert!(ok("bot.example.com", "/twilio?x=1", expected));
+        assert!(
+            ok("bot.example.com:443", "/twilio?x=1", expected),
+            "default port added"
+        );
+        let with_port = token.sign("wss://bot.example.com:443/twilio");
+        assert!(
+            ok("bot.example.com", "/twilio", &with_port),
+            "default port removed"
+        );
+        let https = token.sign("https://bot.example.com/twilio");
+        assert!(ok("bot.example.com", "/twilio", &https));
+        assert!(
+            !ok("bot.example.com", "/twilio?x=2", expected),
+            "another query"
+        );
+        assert!(
+            !ok("evil.example.com", "/twilio?x=1", expected),
+            "another host"
+        );
+        assert!(
+            !ok("bot.example.com:8443", "/twilio?x=1", expected),
+            "another port"
+        );
+        assert!(!ok("bot.example.com", "/twilio?x=1", "not base64!"));
+        assert!(!TwilioToken::new("54321").verify(
+            "bot.example.com",
+            "/twilio?x=1",
+            expected.as_bytes()
+        ));
+        assert_eq!(format!("{token:?}"), "TwilioToken(..)");
+    }
+
+    #[test]
+    fn a_twilio_signature_admits_without_a_key_and_a_wrong_one_is_refused() {
+        let token = TwilioToken::new("tok");
+        let good = token.sign("wss://cg.example.com/twilio");
+        let auth = CallAuth {
+            keys: vec![CallKey::new("k", Secret::digest_of(b"secret"), None)],
+            twilio: Some(token),
+            ..CallAuth::default()
+        };
+        let req = |sig: Option<&'static str>, path: &'static str| SignedRequest {
+            signature: sig.map(str::as_bytes),
+            host: Some("cg.example.com"),
+            path_and_query: path,
+            twilio_path: path == "/twilio",
+        };
+        let admit = |sig: Option<&'static str>, key: Option<&[u8]>, path: &'static str| {
+            auth.admit_signed(None, None, key, None, req(sig, path))
+        };
+        let signed = auth
+            .admit_signed(
+                None,
+                None,
+                None,
+                None,
+                SignedRequest {
+                    signature: Some(good.as_bytes()),
+                    ..req(None, "/twilio")
+                },
+            )
+            .unwrap();
+        assert!(signed.twilio_signed && signed.key.is_none());
+        assert_eq!(
+            admit(Some("AAAA"), Some(b"secret"), "/twilio"),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(admit(None, None, "/twilio"), Err(Refusal::MissingSignature));
+        assert_eq!(admit(None, None, "/"), Err(Refusal::MissingKey));
+        assert_eq!(admit(None, Some(b"nope"), "/twilio"), Err(Refusal::BadKey));
+        let keyed = admit(None, Some(b"secret"), "/twilio").unwrap();
+        assert_eq!(keyed.key.as_deref(), Some("k"));
+        // A signature admits a Twilio stream only.
+        use callgate_proto::Protocol;
+        assert_eq!(auth.admits_call(&signed, Protocol::Twilio), Ok(()));
+        assert!(auth.admits_call(&signed, Protocol::CallBridge).is_err());
+        assert_eq!(auth.admits_call(&keyed, Protocol::Inbound), Ok(()));
+        // No keys: a Twilio stream needs the signature; other calls need nothing.
+        let open = CallAuth {
+            twilio: Some(TwilioToken::new("tok")),
+            ..CallAuth::default()
+        };
+        let anon = open
+            .admit_signed(None, None, None, None, req(None, "/"))
+            .unwrap();
+        assert!(open.admits_call(&anon, Protocol::Twilio).is_err());
+        assert_eq!(open.admits_call(&anon, Protocol::Inbound), Ok(()));
+        assert_eq!(
+            open.admit_signed(None, None, None, None, req(None, "/twilio")),
+            Err(Refusal::MissingSignature)
+        );
+        // The allowlist still applies to a signed stream.
+        let fenced = CallAuth {
+            allow: vec![net("10.0.0.0/8")],
+            twilio: Some(TwilioToken::new("tok")),
+            ..CallAuth::default()
+        };
+        let outside = "198.51.100.1".parse().ok();
+        assert_eq!(
+            fenced.admit_signed(
+                outside,
+                None,
+                None,
+                None,
+                SignedRequest {
+                    signature: Some(good.as_bytes()),
+                    ..req(None, "/twilio")
+                }
+            ),
+            Err(Refusal::NotAllowed)
+        );
+    }
+
     fn net(s: &str) -> Net {
         s.parse().unwrap()
     }
@@ -531,6 +802,7 @@ mod tests {
             )],
             allow: vec![net("::ffff:10.0.0.0/104"), net("192.0.2.0/24")],
             trusted_proxies: vec![net("0.0.0.0/0")],
+            twilio: None,
         };
         let open: SocketAddr = "0.0.0.0:4143".parse().unwrap();
         let lo: SocketAddr = "127.0.0.1:4144".parse().unwrap();
@@ -582,11 +854,13 @@ mod tests {
             )],
             allow: vec![net("127.0.0.0/8")],
             trusted_proxies: Vec::new(),
+            twilio: None,
         };
         let lo: Option<IpAddr> = Some("127.0.0.1".parse().unwrap());
         let ok = Admission {
             key: Some("callbridge-prod".into()),
             routes: Some(vec!["sales".into()]),
+            twilio_signed: false,
         };
         let key = b"cb-prod-key-0123456789".as_slice();
         assert_eq!(

@@ -7,7 +7,7 @@
 //! at run time ([`RouteHandle::replace`], SIGHUP in the binary): calls already live keep the
 //! route they got, new calls use the new table.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, RwLock};
 
@@ -37,7 +37,7 @@ pub struct RouteSpec {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MatchSpec {
-    /// `callbridge` or `inbound`.
+    /// `callbridge`, `inbound` or `twilio`.
     #[serde(default)]
     pub protocol: Option<OneOrMany>,
     /// CallBridge `agentId`.
@@ -56,6 +56,10 @@ pub struct MatchSpec {
     /// The calling number (inbound `callerId`, CallBridge `caller`); trailing `*` as above.
     #[serde(default)]
     pub caller: Option<OneOrMany>,
+    /// Twilio `customParameters` by name (`custom = { campaign = "spring*" }`); trailing `*`
+    /// as above. Only Twilio calls carry them: other calls never match a route that has this.
+    #[serde(default)]
+    pub custom: Option<BTreeMap<String, OneOrMany>>,
 }
 
 /// A string or a list of strings.
@@ -139,6 +143,8 @@ pub struct CallFacts<'a> {
     pub agent_type: Option<&'a str>,
     /// CallBridge `siteId`.
     pub site_id: Option<&'a str>,
+    /// Twilio `customParameters` (none for the other protocols).
+    pub custom: Option<&'a BTreeMap<String, String>>,
 }
 
 impl<'a> CallFacts<'a> {
@@ -154,6 +160,7 @@ impl<'a> CallFacts<'a> {
                     agent_id: Some(&c.agent_id),
                     agent_type: Some(&c.agent_type),
                     site_id: Some(&c.site_id),
+                    custom: None,
                 }
             }
             Start::Inbound(call) => Self {
@@ -163,6 +170,16 @@ impl<'a> CallFacts<'a> {
                 agent_id: None,
                 agent_type: None,
                 site_id: None,
+                custom: None,
+            },
+            Start::Twilio(s) => Self {
+                protocol: Protocol::Twilio,
+                caller: s.caller(),
+                callee: s.callee(),
+                agent_id: None,
+                agent_type: None,
+                site_id: None,
+                custom: Some(&s.info.custom_parameters),
             },
         }
     }
@@ -222,6 +239,8 @@ struct Matcher {
     site_id: Vec<Pattern>,
     callee: Vec<Pattern>,
     caller: Vec<Pattern>,
+    /// Twilio custom parameters: each name's patterns must match.
+    custom: Vec<(String, Vec<Pattern>)>,
 }
 
 impl Matcher {
@@ -253,17 +272,38 @@ impl Matcher {
             }
             Some(OneOrMany(all)) => all
                 .iter()
-                .map(|p| match p.as_str() {
-                    "callbridge" => Ok(Protocol::CallBridge),
-                    "inbound" => Ok(Protocol::Inbound),
-                    other => Err(RouteError::new(
-                        route,
-                        "match.protocol",
-                        format!("{other:?} is not a protocol (callbridge or inbound)"),
-                    )),
+                .map(|p| {
+                    Protocol::from_name(p).ok_or_else(|| {
+                        RouteError::new(
+                            route,
+                            "match.protocol",
+                            format!("{p:?} is not a protocol (callbridge, inbound or twilio)"),
+                        )
+                    })
                 })
                 .collect::<Result<_, _>>()?,
         };
+        let mut custom = Vec::new();
+        if let Some(table) = &spec.custom {
+            if table.is_empty() {
+                return Err(RouteError::new(
+                    route,
+                    "match.custom",
+                    "an empty table matches every call; leave the key out instead",
+                ));
+            }
+            for (name, value) in table {
+                if name.is_empty() {
+                    return Err(RouteError::new(
+                        route,
+                        "match.custom",
+                        "a parameter name must not be empty",
+                    ));
+                }
+                let field = format!("custom.{name}");
+                custom.push((name.clone(), patterns(&field, &Some(value.clone()))?));
+            }
+        }
         Ok(Self {
             protocol,
             agent_id: patterns("agent_id", &spec.agent_id)?,
@@ -271,6 +311,7 @@ impl Matcher {
             site_id: patterns("site_id", &spec.site_id)?,
             callee: patterns("callee", &spec.callee)?,
             caller: patterns("caller", &spec.caller)?,
+            custom,
         })
     }
 
@@ -284,6 +325,12 @@ impl Matcher {
             && any(&self.site_id, call.site_id)
             && any(&self.callee, Some(call.callee))
             && any(&self.caller, Some(call.caller))
+            && self.custom.iter().all(|(name, patterns)| {
+                any(
+                    patterns,
+                    call.custom.and_then(|c| c.get(name)).map(String::as_str),
+                )
+            })
     }
 
     fn is_default(&self) -> bool {
@@ -312,6 +359,10 @@ impl fmt::Display for Matcher {
                 let all: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
                 parts.push(format!("{key}={}", all.join("|")));
             }
+        }
+        for (name, patterns) in &self.custom {
+            let all: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+            parts.push(format!("custom.{name}={}", all.join("|")));
         }
         f.write_str(&parts.join(" "))
     }
@@ -498,7 +549,73 @@ mod tests {
             agent_id,
             agent_type: agent_id.map(|_| "voice"),
             site_id: agent_id.map(|_| "site-7"),
+            custom: None,
         }
+    }
+
+    #[test]
+    fn twilio_calls_match_on_protocol_and_custom_parameters() {
+        let table = RouteTable::build(
+            &[
+                spec(json!({"name": "spring", "agent": "tone",
+                    "match": {"protocol": "twilio", "custom": {"campaign": "spring*", "lang": ["en", "fr"]}}})),
+                spec(json!({"name": "any-campaign", "agent": "echo",
+                    "match": {"custom": {"campaign": "*"}}})),
+                spec(json!({"name": "twilio", "agent": "echo", "match": {"protocol": "twilio"}})),
+            ],
+            &Catalog::builtin(),
+        )
+        .unwrap();
+        let params = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let route = |custom: &BTreeMap<String, String>| {
+            let f = CallFacts {
+                custom: Some(custom),
+                ..facts(Protocol::Twilio, None, "1")
+            };
+            table.route(&f).map(|r| r.name.to_string())
+        };
+        assert_eq!(
+            route(&params(&[("campaign", "spring-26"), ("lang", "fr")])).as_deref(),
+            Some("spring")
+        );
+        // Every named parameter must match; a missing one never does.
+        assert_eq!(
+            route(&params(&[("campaign", "spring-26"), ("lang", "de")])).as_deref(),
+            Some("any-campaign")
+        );
+        assert_eq!(route(&params(&[("lang", "en")])).as_deref(), Some("twilio"));
+        // Other protocols carry no custom parameters.
+        assert!(table.route(&facts(Protocol::Inbound, None, "1")).is_none());
+        assert_eq!(
+            table.routes()[0].describe_match(),
+            "protocol=twilio custom.campaign=spring* custom.lang=en|fr"
+        );
+        let e = RouteTable::build(
+            &[spec(
+                json!({"name": "c", "agent": "echo", "match": {"custom": {"x": "a*b"}}}),
+            )],
+            &Catalog::builtin(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("match.custom.x") && e.contains("only at the end"),
+            "{e}"
+        );
+        let e = RouteTable::build(
+            &[spec(
+                json!({"name": "c", "agent": "echo", "match": {"custom": {}}}),
+            )],
+            &Catalog::builtin(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("match.custom"), "{e}");
     }
 
     #[test]

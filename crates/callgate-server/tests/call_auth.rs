@@ -29,6 +29,7 @@ async fn keys_guard_the_call_port_before_any_websocket_exists() {
             ],
             allow: vec!["127.0.0.0/8".parse().unwrap()],
             trusted_proxies: vec!["127.0.0.1/32".parse().unwrap()],
+            ..CallAuth::default()
         };
         c.routes = vec![
             parse_spec(

@@ -45,15 +45,25 @@ pub(crate) struct WhichArgs {
     /// The calling number (inbound callerId, CallBridge caller)
     #[arg(long, value_name = "NUMBER", default_value = "")]
     caller: String,
+    /// A Twilio customParameter, for `custom.<name>` matches (repeatable)
+    #[arg(long, value_name = "NAME=VALUE", value_parser = custom_parameter)]
+    custom: Vec<(String, String)>,
     #[command(flatten, next_help_heading = "Settings (as for serve)")]
     settings: Settings,
 }
 
-/// The two phone protocols, as `--protocol` spells them.
+/// The phone protocols, as `--protocol` spells them.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum ProtocolArg {
     Callbridge,
     Inbound,
+    Twilio,
+}
+
+fn custom_parameter(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(n, v)| (n.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{text:?}: write NAME=VALUE"))
 }
 
 /// What a `routes` command found.
@@ -90,16 +100,22 @@ fn which(args: WhichArgs) -> Outcome {
     let protocol = match args.protocol {
         ProtocolArg::Callbridge => Protocol::CallBridge,
         ProtocolArg::Inbound => Protocol::Inbound,
+        ProtocolArg::Twilio => Protocol::Twilio,
     };
-    if protocol == Protocol::Inbound
+    if protocol != Protocol::CallBridge
         && (args.agent_id.is_some() || args.agent_type.is_some() || args.site_id.is_some())
     {
+        return Outcome::Usage(format!(
+            "--agent-id, --agent-type and --site-id are CallBridge fields: {protocol} calls \
+             carry none"
+        ));
+    }
+    if protocol != Protocol::Twilio && !args.custom.is_empty() {
         return Outcome::Usage(
-            "--agent-id, --agent-type and --site-id are CallBridge fields: inbound calls carry \
-             none"
-                .to_owned(),
+            "--custom is a Twilio customParameter: only twilio calls carry them".to_owned(),
         );
     }
+    let custom: std::collections::BTreeMap<String, String> = args.custom.iter().cloned().collect();
     let loaded = match args.settings.load() {
         Ok(loaded) => loaded,
         Err(e) => return Outcome::Config(e),
@@ -108,7 +124,7 @@ fn which(args: WhichArgs) -> Outcome {
     fn field(protocol: Protocol, v: &Option<String>) -> Option<&str> {
         match protocol {
             Protocol::CallBridge => Some(v.as_deref().unwrap_or("")),
-            Protocol::Inbound => None,
+            Protocol::Inbound | Protocol::Twilio => None,
         }
     }
     let facts = CallFacts {
@@ -118,6 +134,7 @@ fn which(args: WhichArgs) -> Outcome {
         agent_id: field(protocol, &args.agent_id),
         agent_type: field(protocol, &args.agent_type),
         site_id: field(protocol, &args.site_id),
+        custom: (protocol == Protocol::Twilio).then_some(&custom),
     };
     match loaded.table.route(&facts) {
         Some(route) => {

@@ -20,7 +20,7 @@ use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
 use callgate_server::auth::{AdminAuth, Role, Secret, Token};
-use callgate_server::call_auth::{CallAuth, CallKey, Net};
+use callgate_server::call_auth::{CallAuth, CallKey, Net, TwilioToken};
 use callgate_server::routes::{RouteSpec, parse_spec};
 use callgate_server::{Config, RouteTable};
 use serde::{Deserialize, Deserializer};
@@ -573,6 +573,10 @@ pub(crate) struct CallAuthFile {
     /// Proxies whose `X-Forwarded-For` is believed.
     #[serde(default)]
     trusted_proxies: Vec<String>,
+    /// The environment variable holding the Twilio account's auth token: Twilio Media
+    /// Streams are admitted by a valid `X-Twilio-Signature`.
+    #[serde(default)]
+    twilio_auth_token_env: Option<String>,
 }
 
 /// One `[call_auth] keys` entry: a name, its secret from exactly one source, and optionally
@@ -646,10 +650,28 @@ impl CallAuthFile {
                 })
                 .collect()
         };
+        let twilio = match &self.twilio_auth_token_env {
+            None => None,
+            Some(var) => {
+                let token = std::env::var(var).map_err(|_| {
+                    anyhow!(
+                        "call_auth.twilio_auth_token_env: the environment variable {var} is not set"
+                    )
+                })?;
+                let token = token.trim();
+                if token.is_empty() {
+                    bail!(
+                        "call_auth.twilio_auth_token_env: the environment variable {var} is empty"
+                    );
+                }
+                Some(TwilioToken::new(token))
+            }
+        };
         Ok(CallAuth {
             keys,
             allow: nets("allow", &self.allow)?,
             trusted_proxies: nets("trusted_proxies", &self.trusted_proxies)?,
+            twilio,
         })
     }
 }

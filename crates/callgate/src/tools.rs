@@ -52,7 +52,8 @@ fn protocol(text: &str) -> anyhow::Result<Protocol> {
     match text {
         "callbridge" => Ok(Protocol::CallBridge),
         "inbound" => Ok(Protocol::Inbound),
-        _ => bail!("invalid protocol {text:?}: callbridge or inbound"),
+        "twilio" => Ok(Protocol::Twilio),
+        _ => bail!("invalid protocol {text:?}: callbridge, inbound or twilio"),
     }
 }
 
@@ -69,7 +70,7 @@ pub(crate) struct SimArgs {
     /// wss://: trust only the CA certificates in this PEM file [default: the system's]
     #[arg(long, value_name = "PEM")]
     ca_file: Option<PathBuf>,
-    /// The protocol to speak: callbridge or inbound
+    /// The protocol to speak: callbridge, inbound or twilio (Twilio Media Streams)
     #[arg(long, default_value = "inbound")]
     protocol: String,
     /// Calling number
@@ -96,9 +97,13 @@ pub(crate) struct SimArgs {
     /// CallBridge callActionId
     #[arg(long, default_value = "1.0E9")]
     call_action_id: String,
+    /// A Twilio customParameter besides from/to (the numbers), NAME=VALUE (repeatable)
+    #[arg(long, value_name = "NAME=VALUE")]
+    custom: Vec<String>,
     /// Audio format both ways (inbound calls use the server's inbound_audio_format)
-    #[arg(long, default_value = "PCM_8000")]
-    format: String,
+    /// [default: PCM_8000; ULAW_8000 for twilio, its only format]
+    #[arg(long)]
+    format: Option<String>,
     /// Format the phone sends (CallBridge phone_output_audio_format) [default: --format]
     #[arg(long)]
     send_format: Option<String>,
@@ -153,11 +158,27 @@ pub(crate) struct SimArgs {
 }
 
 pub(crate) fn sim(args: SimArgs) -> anyhow::Result<()> {
-    let base = format(&args.format)?;
+    let protocol = protocol(&args.protocol)?;
+    let default_format = if protocol == Protocol::Twilio {
+        "ULAW_8000"
+    } else {
+        "PCM_8000"
+    };
+    let base = format(args.format.as_deref().unwrap_or(default_format))?;
+    let custom = args
+        .custom
+        .iter()
+        .map(|c| {
+            c.split_once('=')
+                .map(|(n, v)| (n.to_owned(), v.to_owned()))
+                .ok_or_else(|| anyhow!("invalid --custom {c:?}: write NAME=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let opts = SimOptions {
         url: args.url,
         ca_file: args.ca_file,
-        protocol: protocol(&args.protocol)?,
+        protocol,
+        custom,
         caller: args.caller,
         callee: args.callee,
         call_id: args.id.unwrap_or_else(|| {
@@ -301,7 +322,7 @@ pub(crate) struct LoadArgs {
     /// Calls are named PREFIX-N (their cdrId or sessionId)
     #[arg(long, default_value = "load", value_name = "PREFIX")]
     id_prefix: String,
-    /// callbridge, inbound or mixed
+    /// callbridge, inbound, mixed or twilio (with --format ULAW_8000)
     #[arg(long, default_value = "inbound")]
     protocol: String,
     /// Audio format (20 ms frames of it)
@@ -333,7 +354,8 @@ pub(crate) fn load(args: LoadArgs) -> anyhow::Result<bool> {
             "callbridge" => Mix::CallBridge,
             "inbound" => Mix::Inbound,
             "mixed" => Mix::Mixed,
-            other => bail!("invalid protocol {other:?}: callbridge, inbound or mixed"),
+            "twilio" => Mix::Twilio,
+            other => bail!("invalid protocol {other:?}: callbridge, inbound, mixed or twilio"),
         },
         format: format(&args.format)?,
         server_pid: args.server_pid,

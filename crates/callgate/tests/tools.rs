@@ -112,6 +112,73 @@ async fn sim_plays_a_tone_with_dtmf_records_the_echo_and_sends_a_consistent_cdr(
 }
 
 #[tokio::test]
+async fn sim_plays_twilio_media_streams() {
+    let server = spawn_server(|_| {}).await;
+    let mut timeline = Vec::new();
+    let summary = sim::run(
+        &SimOptions {
+            url: server.url("/twilio"),
+            protocol: Protocol::Twilio,
+            send_format: AudioFormat::Ulaw8000,
+            receive_format: AudioFormat::Ulaw8000,
+            caller: "+14155550100".into(),
+            callee: "+14155550199".into(),
+            custom: vec![("campaign".into(), "spring".into())],
+            source: Source::Tone {
+                hz: 440.0,
+                duration: Duration::from_secs(1),
+            },
+            dtmf: vec![(Digit::D9, Duration::from_millis(300))],
+            ..opts(&server, "CAsim")
+        },
+        |e| timeline.push(e.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.protocol, "twilio");
+    assert_eq!(summary.frames_sent, 50);
+    assert_eq!(summary.frames_received, 50);
+    assert_eq!(
+        summary.rtt.unwrap().samples,
+        50,
+        "every frame echoed byte-exact"
+    );
+    assert_eq!(
+        (summary.ended_by.as_str(), summary.close_code),
+        ("caller", 1000)
+    );
+    // Marks were returned, not reported as unexpected.
+    assert!(
+        !timeline
+            .iter()
+            .any(|e| matches!(e, Timeline::Unexpected { .. })),
+        "{timeline:?}"
+    );
+    let record = server.ended_call("CAsim").await;
+    assert_eq!(record["protocol"], "twilio");
+    assert_eq!(record["caller"], "+14155550100");
+    assert_eq!(record["callee"], "+14155550199");
+    assert_eq!(record["dtmf"], "9");
+    assert_eq!(record["end_reason"], "peer_hangup");
+    assert_eq!(
+        record["call_config"]["customParameters"]["campaign"],
+        "spring"
+    );
+    // Twilio carries mu-law only: another format is refused before dialling.
+    let err = sim::run(
+        &SimOptions {
+            protocol: Protocol::Twilio,
+            ..opts(&server, "CAbad")
+        },
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("ULAW_8000"), "{err}");
+    server.shutdown().await;
+}
+
+#[tokio::test]
 async fn sim_converts_any_wav_to_the_call_format() {
     let server = spawn_server(|c| c.inbound_audio_format = AudioFormat::Ulaw8000).await;
     let dir = TempDir::new("wav");
@@ -277,6 +344,37 @@ async fn load_runs_100_calls_for_3_seconds_with_no_loss() {
     assert_eq!(report.rtt_ms.samples, 15_000);
     assert!(report.server.is_some());
     assert_eq!(server.calls().await.len(), 100);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_runs_twilio_streams_with_no_loss() {
+    let server = spawn_server(|_| {}).await;
+    let options = LoadOptions {
+        url: server.url("/twilio"),
+        calls: 20,
+        duration: Duration::from_secs(2),
+        mix: Mix::Twilio,
+        format: AudioFormat::Ulaw8000,
+        ..LoadOptions::default()
+    };
+    let report = load::run(&options, |_| {}).await.unwrap();
+    assert_eq!(report.calls_ok, 20, "{:?}", report.calls_failed);
+    assert_eq!(report.frames.sent, 20 * 100);
+    assert_eq!(report.frames.received, 20 * 100);
+    assert_eq!(report.frames.lost, 0);
+    assert_eq!(report.frames.corrupt, 0);
+    let calls = server.calls().await;
+    assert_eq!(calls.len(), 20);
+    assert!(calls.iter().all(|c| c["protocol"] == "twilio"));
+    let pcm = LoadOptions {
+        format: AudioFormat::Pcm8000,
+        ..options
+    };
+    assert!(
+        load::run(&pcm, |_| {}).await.is_err(),
+        "Twilio is mu-law only"
+    );
     server.shutdown().await;
 }
 

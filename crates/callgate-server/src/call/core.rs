@@ -27,7 +27,7 @@ use callgate_audio::playout::{Cleared, MarkEnd, PlayoutEvent};
 use callgate_audio::vad::VadEvent;
 use callgate_proto::{
     CallEvent, Close, Command, Digit, Disconnect, EndReason, Error as ProtoError, Frame, Output,
-    Session,
+    Protocol, Session,
 };
 use serde_json::json;
 
@@ -100,6 +100,36 @@ enum Clearer {
     Operator,
 }
 
+/// How often a call whose phone buffers what it is sent (Twilio) is asked to confirm what
+/// played, in frames of continuous audio: every second (and at the end of each utterance).
+const CONFIRM_EVERY_FRAMES: u32 = 50;
+
+/// What the caller heard, on a protocol whose phone side buffers the audio it is sent and
+/// confirms what played with marks (Twilio). There "sent" is not "heard": audio counts as
+/// heard when the mark placed after it comes back, and audio a clear cut off between its
+/// sending and its confirmation was never heard (Twilio dropped it). Positions are on the
+/// heard timeline: the playout's sent total less what clears cut off (`lost_ms`).
+#[derive(Debug, Default)]
+struct Confirmations {
+    /// Frames sent since the last mark was placed.
+    since_mark: u32,
+    /// Marks placed and not returned yet: (number, position when placed).
+    placed: VecDeque<(u64, u64)>,
+    /// Audio confirmed heard, ms.
+    heard_ms: u64,
+    /// Sent audio that clears cut off before its confirmation, ms.
+    lost_ms: u64,
+    /// The agent's marks whose audio was sent, waiting for its confirmation: (id, position).
+    held: VecDeque<(u64, u64)>,
+    /// Hanging up with the goodbye sent and not confirmed: the call ends when it is, or at
+    /// this deadline.
+    goodbye_deadline: Option<Instant>,
+}
+
+/// How long a hang-up waits for the phone to confirm that the goodbye played (Twilio plays
+/// what it buffered; closing the socket before would cut it off).
+const GOODBYE_CONFIRM_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Settings of the core that are not the session's or the media's.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CoreConfig {
@@ -123,6 +153,8 @@ pub(crate) struct CallCore {
     media_events: Vec<MediaEvent>,
     /// Agent audio was refused since the last time it was accepted (reported once per run).
     audio_refused: bool,
+    /// What the phone confirmed playing, when it buffers what it is sent (Twilio).
+    confirms: Option<Box<Confirmations>>,
 }
 
 impl std::fmt::Debug for CallCore {
@@ -143,7 +175,10 @@ impl CallCore {
         journal: Journal,
         config: CoreConfig,
     ) -> Self {
+        let confirms =
+            (session.protocol() == Protocol::Twilio).then(|| Box::new(Confirmations::default()));
         Self {
+            confirms,
             session,
             media,
             phase: Phase::Live,
@@ -234,7 +269,7 @@ impl CallCore {
             }
             AgentCommand::Mark(id) if stale => {
                 // Its audio was dropped before it could be queued.
-                let played_ms = self.media.played_ms();
+                let played_ms = self.played_ms();
                 self.notify(
                     now,
                     AgentEvent::Mark {
@@ -308,10 +343,18 @@ impl CallCore {
 
     /// The next deadline: the session's or the playout's.
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        match (self.session.poll_timeout(), self.media.poll_timeout()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.session.poll_timeout(),
+            self.media.poll_timeout(),
+            // Only while the hang-up waits: once the call ends, nothing is due.
+            match self.phase {
+                Phase::HangingUp(_) => self.confirms.as_ref().and_then(|c| c.goodbye_deadline),
+                Phase::Live | Phase::Ended(_) => None,
+            },
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Whether the connection is finished (the close was sent or the peer is gone).
@@ -382,13 +425,7 @@ impl CallCore {
         loop {
             while let Some(output) = self.session.poll_output() {
                 match output {
-                    Output::Send(frame) => {
-                        if let Frame::Binary(data) = &frame {
-                            self.journal.counters.bytes_out += data.len() as u64;
-                            self.journal.counters.frames_out += 1;
-                        }
-                        self.effects.push_back(Effect::Send(frame));
-                    }
+                    Output::Send(frame) => self.effects.push_back(Effect::Send(frame)),
                     Output::Close(close) => self.effects.push_back(Effect::Close(close)),
                     Output::Event(event) => self.call_event(now, event),
                 }
@@ -397,6 +434,7 @@ impl CallCore {
             let mut again = self.run_playout(now);
             if let Phase::HangingUp(reason) = self.phase
                 && !self.media.is_playing()
+                && self.goodbye_confirmed(now)
             {
                 self.end_now(now, reason);
                 again = true;
@@ -465,6 +503,7 @@ impl CallCore {
                 };
                 self.journal.event(now, EventKind::UnknownMessage, detail);
             }
+            CallEvent::MarkPlayed(n) => self.mark_played(now, n),
             CallEvent::Violation(error) => {
                 self.stats.protocol_errors.push(error.kind());
                 self.journal.event(
@@ -534,12 +573,15 @@ impl CallCore {
     /// Drops everything the caller has not heard, in a new epoch (the agent's own request
     /// already started one), records who did it, and tells the agent.
     fn clear(&mut self, now: Instant, by: Clearer) -> Cleared {
-        let cleared = self.media.clear();
+        let mut cleared = self.media.clear();
         let epoch = match by {
             Clearer::Agent => self.control.epoch(),
             Clearer::Caller | Clearer::Operator => self.control.advance_epoch(),
         };
-        let played_ms = self.media.played_ms();
+        if self.confirms.is_some() {
+            cleared.dropped_ms += self.clear_unconfirmed(now);
+        }
+        let played_ms = self.played_ms();
         let kind = match by {
             Clearer::Caller => EventKind::BargeIn,
             Clearer::Agent => EventKind::AgentClear,
@@ -655,14 +697,29 @@ impl CallCore {
                     if !silence {
                         self.stats.jitter.observe(late.as_secs_f64());
                     }
+                    let bytes = data.len() as u64;
                     // Refused only when the call is over: the frame is dropped.
-                    sent |= self
+                    if self
                         .session
                         .handle_command(now, Command::Audio(data))
-                        .is_ok();
+                        .is_ok()
+                    {
+                        sent = true;
+                        self.journal.counters.bytes_out += bytes;
+                        self.journal.counters.frames_out += 1;
+                        if let Some(c) = &mut self.confirms {
+                            c.since_mark += 1;
+                            if c.since_mark >= CONFIRM_EVERY_FRAMES {
+                                self.place_mark(now);
+                            }
+                        }
+                    }
                 }
                 PlayoutEvent::Mark { id, end } => {
-                    let played_ms = self.media.played_ms();
+                    if end == MarkEnd::Played && self.hold_mark(now, id) {
+                        continue;
+                    }
+                    let played_ms = self.played_ms();
                     let state = match end {
                         MarkEnd::Played => MarkState::Played,
                         MarkEnd::Cleared => MarkState::Cleared,
@@ -680,7 +737,145 @@ impl CallCore {
                 }
             }
         }
+        // The end of an utterance: ask the phone to confirm it all played.
+        if sent
+            && !self.media.is_playing()
+            && self.confirms.as_ref().is_some_and(|c| c.since_mark > 0)
+        {
+            self.place_mark(now);
+        }
         sent
+    }
+
+    /// Whether a hang-up may close now: everything sent was confirmed played (Twilio), or the
+    /// wait for it is over; other protocols play what they are sent at once.
+    fn goodbye_confirmed(&mut self, now: Instant) -> bool {
+        let Some(c) = &mut self.confirms else {
+            return true;
+        };
+        if c.placed.is_empty() && c.since_mark == 0 {
+            c.goodbye_deadline = None;
+            return true;
+        }
+        let deadline = *c.goodbye_deadline.get_or_insert(now + GOODBYE_CONFIRM_WAIT);
+        if now >= deadline {
+            c.goodbye_deadline = None;
+            return true;
+        }
+        false
+    }
+
+    /// Audio the caller heard since the call started, ms: what was sent, or on a protocol that
+    /// confirms what played (Twilio), what was confirmed.
+    fn played_ms(&self) -> u64 {
+        match &self.confirms {
+            Some(c) => c.heard_ms,
+            None => self.media.played_ms(),
+        }
+    }
+
+    /// Where the audio sent so far ends on the heard timeline (Twilio).
+    fn sent_position(&self) -> u64 {
+        let lost = self.confirms.as_ref().map_or(0, |c| c.lost_ms);
+        self.media.played_ms().saturating_sub(lost)
+    }
+
+    /// Asks the phone to confirm the audio sent so far (Twilio: a mark).
+    fn place_mark(&mut self, now: Instant) {
+        let position = self.sent_position();
+        if let Some(n) = self.session.handle_mark(now)
+            && let Some(c) = &mut self.confirms
+        {
+            c.placed.push_back((n, position));
+            c.since_mark = 0;
+        }
+    }
+
+    /// An agent's mark whose audio was all sent: on a protocol that confirms what played, it is
+    /// held until that audio is confirmed (true). Otherwise sent is heard: report it now.
+    fn hold_mark(&mut self, now: Instant, id: u64) -> bool {
+        let Some(c) = &self.confirms else {
+            return false;
+        };
+        let position = self.sent_position();
+        if c.since_mark == 0 && c.placed.is_empty() {
+            // Everything before it is confirmed already.
+            return false;
+        }
+        if c.since_mark > 0 {
+            self.place_mark(now);
+        }
+        match &mut self.confirms {
+            // The session is over if no mark could be placed: report it as the others.
+            Some(c) if !c.placed.is_empty() => {
+                c.held.push_back((id, position));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Twilio returned a mark as played: what was sent before it was heard.
+    fn mark_played(&mut self, now: Instant, n: u64) {
+        let Some(c) = &mut self.confirms else {
+            return;
+        };
+        while let Some(&(placed, position)) = c.placed.front()
+            && placed <= n
+        {
+            c.placed.pop_front();
+            c.heard_ms = c.heard_ms.max(position);
+        }
+        let heard = c.heard_ms;
+        let mut released = Vec::new();
+        while let Some(&(id, position)) = c.held.front()
+            && position <= heard
+        {
+            c.held.pop_front();
+            released.push((id, position));
+        }
+        let at_ms = self.journal.ms(now);
+        for (id, played_ms) in released {
+            self.notify(
+                now,
+                AgentEvent::Mark {
+                    id,
+                    played_ms,
+                    at_ms,
+                    state: MarkState::Played,
+                },
+            );
+        }
+    }
+
+    /// A clear on a protocol that confirms what played: the phone is told to drop what it
+    /// holds, audio sent and not confirmed counts as never heard, and the agent's marks
+    /// waiting for it are cleared. Returns the unconfirmed ms.
+    fn clear_unconfirmed(&mut self, now: Instant) -> u64 {
+        self.session.handle_clear(now);
+        let position = self.sent_position();
+        let Some(c) = &mut self.confirms else {
+            return 0;
+        };
+        let unconfirmed = position.saturating_sub(c.heard_ms);
+        c.lost_ms += unconfirmed;
+        c.since_mark = 0;
+        c.placed.clear();
+        let held: Vec<(u64, u64)> = c.held.drain(..).collect();
+        let played_ms = c.heard_ms;
+        let at_ms = self.journal.ms(now);
+        for (id, _) in held {
+            self.notify(
+                now,
+                AgentEvent::Mark {
+                    id,
+                    played_ms,
+                    at_ms,
+                    state: MarkState::Cleared,
+                },
+            );
+        }
+        unconfirmed
     }
 
     fn operator(&mut self, now: Instant, request: Request) -> Result<Reply, ProtoError> {
@@ -822,7 +1017,11 @@ mod tests {
     impl Call {
         fn new(start: &str, barge_in: bool) -> Self {
             let t0 = Instant::now();
-            let start = detect::first_message(start, None).unwrap();
+            let mut handshake = detect::Handshake::new(None);
+            let start = start
+                .lines()
+                .find_map(|line| handshake.handle_text(line).unwrap())
+                .unwrap();
             let session = Session::new(t0, start, inbound::Config::default());
             let media = Media::new(
                 &MediaConfig {
@@ -955,6 +1154,123 @@ mod tests {
         call.agent(0, AgentCommand::Answer).await;
         assert_eq!(call.texts, [r#"{"event":"answer"}"#]);
         call
+    }
+
+    const TWILIO: &str = concat!(
+        r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#,
+        "\n",
+        r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1","start":{"streamSid":"MZ1","accountSid":"AC1","callSid":"CA1","tracks":["inbound"],"customParameters":{},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#
+    );
+
+    fn twilio_mark(n: u64) -> String {
+        format!(
+            r#"{{"event":"mark","sequenceNumber":"9","streamSid":"MZ1","mark":{{"name":"cg-{n}"}}}}"#
+        )
+    }
+
+    impl Call {
+        fn twilio_events(&self, event: &str) -> Vec<String> {
+            self.texts
+                .iter()
+                .filter(|t| t.contains(&format!(r#""event":"{event}""#)))
+                .cloned()
+                .collect()
+        }
+
+        fn marks(&mut self) -> Vec<(u64, u64, MarkState)> {
+            self.events()
+                .into_iter()
+                .filter_map(|e| match e {
+                    AgentEvent::Mark {
+                        id,
+                        played_ms,
+                        state,
+                        ..
+                    } => Some((id, played_ms, state)),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn twilio_counts_audio_as_heard_when_its_mark_returns() {
+        let mut call = Call::new(TWILIO, true);
+        call.agent(0, AgentCommand::Answer).await;
+        assert!(call.texts.is_empty(), "Twilio expects no answer");
+        call.say(0, 100, 1).await;
+        call.agent(0, AgentCommand::Mark(7)).await;
+        call.run_to(200);
+        assert_eq!(call.twilio_events("media").len(), 5);
+        // The end of the utterance (and the agent's mark) is a mark on the wire.
+        assert_eq!(call.twilio_events("mark").len(), 1);
+        assert!(call.twilio_events("mark")[0].contains(r#""name":"cg-1""#));
+        assert_eq!(
+            call.marks(),
+            [],
+            "sent is not heard: the agent's mark waits"
+        );
+        call.core.handle_text(call.at(210), &twilio_mark(1));
+        call.collect(210);
+        assert_eq!(call.marks(), [(7, 100, MarkState::Played)]);
+        // Two seconds of audio: a mark every second of continuous audio, then the end.
+        call.say(300, 1000, 2).await;
+        call.run_to(700);
+        call.say(700, 1000, 2).await;
+        call.run_to(2400);
+        let marks = call.twilio_events("mark");
+        // One after the first utterance, then one per second; the second one ends the
+        // utterance too.
+        assert_eq!(marks.len(), 1 + 2, "{marks:?}");
+        // Twilio confirms the first second only; the caller barges in.
+        call.core.handle_text(call.at(1400), &twilio_mark(2));
+        call.collect(1400);
+        call.say(2400, 1000, 3).await;
+        call.run_to(2600);
+        call.speech(2600);
+        assert_eq!(call.twilio_events("clear").len(), 1);
+        let barge = call
+            .events()
+            .into_iter()
+            .find_map(|e| match e {
+                AgentEvent::BargeIn(i) => Some(i),
+                _ => None,
+            })
+            .expect("barge-in");
+        // Heard: 100 ms, then the confirmed second; the rest sent was cut off by the clear.
+        assert_eq!(barge.played_ms, 1100);
+        // Sent: 121 frames (2420 ms), of which 1320 ms were never confirmed; the playout
+        // still held 660 ms. Both count as dropped: sent is not heard on Twilio.
+        assert_eq!(call.twilio_events("media").len(), 121);
+        assert_eq!(barge.dropped_ms, (2420 - 1100) + 660, "{barge:?}");
+        // Marks Twilio returns after the clear were dropped, not played: not reported.
+        call.core.handle_text(call.at(2610), &twilio_mark(3));
+        call.collect(2610);
+        assert_eq!(call.marks(), []);
+    }
+
+    #[tokio::test]
+    async fn twilio_hangup_waits_for_the_goodbye_to_be_confirmed() {
+        let mut call = Call::new(TWILIO, false);
+        call.agent(0, AgentCommand::Answer).await;
+        call.say(0, 200, 1).await;
+        call.agent(0, AgentCommand::Hangup).await;
+        call.run_to(300);
+        assert_eq!(call.twilio_events("media").len(), 10);
+        assert_eq!(call.ended, None, "the goodbye is sent, not yet heard");
+        call.core.handle_text(call.at(320), &twilio_mark(1));
+        call.collect(320);
+        assert_eq!(call.ended, Some(EndReason::AgentHangup));
+        assert_eq!(call.closed.as_ref().map(|c| c.code.0), Some(1000));
+        // Without the mark, the wait is bounded.
+        let mut call = Call::new(TWILIO, false);
+        call.agent(0, AgentCommand::Answer).await;
+        call.say(0, 200, 1).await;
+        call.agent(0, AgentCommand::Hangup).await;
+        call.run_to(2000);
+        assert_eq!(call.ended, None);
+        call.run_to(2300);
+        assert_eq!(call.ended, Some(EndReason::AgentHangup));
     }
 
     #[tokio::test]

@@ -48,7 +48,7 @@ use tracing::{Instrument, debug, error, info, warn};
 use self::core::{AgentExit, CallCore, CoreConfig, Effect, Stats};
 use crate::Shared;
 use crate::admission::Pending;
-use crate::call_auth::{Admission, Refusal as CallRefusal};
+use crate::call_auth::{Admission, Refusal as CallRefusal, SignedRequest};
 use crate::live::Mailbox;
 use crate::media::Media;
 use crate::pii::{Pii, Wire};
@@ -117,6 +117,22 @@ pub(crate) async fn serve(
                 return None;
             }
             let start = first_message(&shared, &mut ws, forced, deadline).await?;
+            // What the upgrade could not know: whether the call is a Twilio stream.
+            if let Err(reason) = shared
+                .call_auth
+                .current()
+                .admits_call(&admitted, start.protocol())
+            {
+                refused(&shared, "twilio_auth");
+                debug!(reason, "Refusing the call: not admitted for its protocol.");
+                close(
+                    &mut ws,
+                    Close::new(CloseCode::POLICY, reason),
+                    shared.config.write_timeout,
+                )
+                .await;
+                return None;
+            }
             let Some(slot) = shared.admission.call_slot() else {
                 refuse_call(&shared, &mut ws).await;
                 return None;
@@ -211,11 +227,18 @@ async fn upgrade(
         let headers = req.headers();
         let forwarded = headers.get_all("x-forwarded-for").into_iter();
         let client = auth.client(peer.ip(), forwarded.map(|v| v.as_bytes()));
-        match auth.admit(
+        let signed = SignedRequest {
+            signature: headers.get("x-twilio-signature").map(|v| v.as_bytes()),
+            host: headers.get("host").and_then(|v| v.to_str().ok()),
+            path_and_query: req.uri().path_and_query().map_or("/", |pq| pq.as_str()),
+            twilio_path: Protocol::from_path(req.uri().path()) == Some(Protocol::Twilio),
+        };
+        match auth.admit_signed(
             client,
             headers.get("authorization").map(|v| v.as_bytes()),
             headers.get("x-api-key").map(|v| v.as_bytes()),
             req.uri().query(),
+            signed,
         ) {
             Ok(admission) => {
                 admitted = admission;
@@ -279,6 +302,9 @@ async fn first_message(
     deadline: Instant,
 ) -> Option<Start> {
     let limit = shared.config.handshake_timeout;
+    // Twilio's call starts with its second message (`start`, after `connected`): the
+    // handshake takes messages until a start, all under the one deadline.
+    let mut handshake = detect::Handshake::new(forced);
     let result = loop {
         match timeout_at(deadline, ws.next()).await {
             Err(_) => {
@@ -287,7 +313,11 @@ async fn first_message(
                 });
             }
             Ok(None) => return None,
-            Ok(Some(Ok(Message::Text(text)))) => break detect::first_message(&text, forced),
+            Ok(Some(Ok(Message::Text(text)))) => match handshake.handle_text(&text) {
+                Ok(Some(start)) => break Ok(start),
+                Ok(None) => continue,
+                Err(error) => break Err(error),
+            },
             Ok(Some(Ok(Message::Binary(_)))) => break Err(ProtoError::BinaryBeforeStart),
             Ok(Some(Ok(Message::Close(_)))) => {
                 let _ = timeout(shared.config.write_timeout, SinkExt::close(ws)).await;
@@ -428,6 +458,20 @@ fn describe(
                 format,
             )
         }
+        Start::Twilio(s) => (
+            PhoneInfo::Twilio {
+                call_sid: s.info.call_sid.clone(),
+                stream_sid: s.info.stream_sid.clone(),
+                account_sid: s.info.account_sid.clone(),
+                custom_parameters: s.info.custom_parameters.clone(),
+            },
+            s.caller().to_owned(),
+            s.callee().to_owned(),
+            s.info.call_sid.clone(),
+            twilio_call_config(s),
+            AudioFormat::Ulaw8000,
+            AudioFormat::Ulaw8000,
+        ),
     };
     let config = inbound::Config {
         cdr_timeout: shared.config.cdr_timeout,
@@ -463,6 +507,18 @@ fn describe(
         output_format: output,
     };
     (record, info, session)
+}
+
+/// What a Twilio call's record keeps of its `start` (the record's `call_config` column): the
+/// stream's ids and its `customParameters`, as sent.
+fn twilio_call_config(start: &callgate_proto::twilio::Start) -> Option<String> {
+    serde_json::to_string(&serde_json::json!({
+        "streamSid": start.info.stream_sid,
+        "accountSid": start.info.account_sid,
+        "callSid": start.info.call_sid,
+        "customParameters": start.info.custom_parameters,
+    }))
+    .ok()
 }
 
 /// Runs a call; `_slot` is its place in the call limit, held until it ends.
@@ -599,6 +655,10 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
             "no route for this call (inbound didNumber {:?}) and no default route",
             call.did_number
         ),
+        Start::Twilio(s) => format!(
+            "no route for this call (twilio callee {:?}) and no default route",
+            s.callee()
+        ),
     };
     debug!(reason = %Wire(&reason), "Refusing the call: no route.");
     shared.metrics.calls_unrouted.inc();
@@ -619,6 +679,14 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
             None,
             shared.config.inbound_audio_format,
             shared.config.inbound_audio_format,
+        ),
+        Start::Twilio(s) => (
+            s.caller().to_owned(),
+            s.callee().to_owned(),
+            s.info.call_sid.clone(),
+            twilio_call_config(s),
+            AudioFormat::Ulaw8000,
+            AudioFormat::Ulaw8000,
         ),
     };
     let new_call = NewCall {
