@@ -15,7 +15,7 @@ use std::time::Duration;
 use callgate_audio::wav::MonoAudio;
 use serde::Deserialize;
 
-use crate::spec::Dur;
+use crate::Dur;
 
 /// A synthesis that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -396,9 +396,9 @@ impl Cache {
         let (wav, keyfile) = self.paths(key);
         let tmp = wav.with_extension(format!("tmp{}", std::process::id()));
         // Private (0700/0600 whatever the umask): a prompt's text may be personal.
-        let stored = crate::messages::private_dirs(&self.dir, &self.dir).is_ok()
-            && crate::messages::write_wav(&tmp, audio.rate, &audio.samples).is_ok()
-            && crate::messages::private_file(&keyfile)
+        let stored = crate::files::private_dirs(&self.dir, &self.dir).is_ok()
+            && crate::files::write_wav(&tmp, audio.rate, &audio.samples).is_ok()
+            && crate::files::private_file(&keyfile)
                 .and_then(|mut f| {
                     std::io::Write::write_all(&mut f, key.as_bytes()).map_err(|e| e.to_string())
                 })
@@ -431,6 +431,39 @@ pub async fn speak(
     let (store, stored) = (cache.clone(), audio.clone());
     let _ = tokio::task::spawn_blocking(move || store.put(&key, &stored)).await;
     Ok(audio)
+}
+
+/// Speaks `text` while routes load (through the cache), outside or inside a runtime: on a
+/// thread of its own with a small runtime. The prompt is converted to every call rate now, so
+/// a call only slices it.
+pub fn render_at_load(
+    cache: &Cache,
+    provider: &dyn Provider,
+    voice: &str,
+    text: &str,
+) -> Result<crate::audio::PromptAudio, String> {
+    let audio = std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(speak(cache, provider, voice, text))
+                .map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("speech rendering panicked".into()))
+    })?;
+    let prompt = crate::audio::PromptAudio::new(text, &audio).map_err(|e| e.to_string())?;
+    for format in [
+        callgate_audio::AudioFormat::Pcm8000,
+        callgate_audio::AudioFormat::Pcm16000,
+        callgate_audio::AudioFormat::Pcm24000,
+        callgate_audio::AudioFormat::Pcm48000,
+    ] {
+        prompt.chunks(format);
+    }
+    Ok(prompt)
 }
 
 #[cfg(test)]
