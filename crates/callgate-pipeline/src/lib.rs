@@ -1,0 +1,16 @@
+//! The `pipeline` agent: the caller's speech to text (STT), an LLM's answer streamed, and that
+//! answer spoken (TTS) sentence by sentence, each from any provider that speaks OpenAI's HTTP
+//! APIs (issue 17).
+//!
+//! # Layout (sans-IO pieces: bytes or text in, values out, no clock, no runtime)
+//! - [`sse`]: a server-sent events decoder, bounded.
+//! - [`chat`]: the accumulator of an OpenAI chat completions stream (content deltas, tool calls
+//!   by index, `finish_reason`, usage).
+//! - [`sentences`]: an incremental sentence splitter (Korean and CJK punctuation, closing
+//!   quotes, a clause boundary for very long sentences).
+//! - [`heard`]: an answer's text cut to what the caller heard.
+
+pub mod chat;
+pub mod heard;
+pub mod sentences;
+pub mod sse;
