@@ -9,8 +9,11 @@
 //! - [`sentences`]: an incremental sentence splitter (Korean and CJK punctuation, closing
 //!   quotes, a clause boundary for very long sentences).
 //! - [`heard`]: an answer's text cut to what the caller heard.
+//! - [`core`]: the conversation core of one call (turns, answers, pause and barge-in, tools,
+//!   failures, the record).
 
 pub mod chat;
+pub mod core;
 pub mod heard;
 pub mod sentences;
 pub mod sse;
