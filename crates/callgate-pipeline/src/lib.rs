@@ -16,4 +16,31 @@ pub mod chat;
 pub mod core;
 pub mod heard;
 pub mod sentences;
+pub mod settings;
 pub mod sse;
+
+mod agent;
+mod providers;
+
+use std::sync::Arc;
+
+use callgate_agent::catalog;
+use callgate_agent::{AgentFactory, Catalog};
+use callgate_kit::AgentEnv;
+
+pub use settings::PipelineSettings;
+
+/// The agent's name in routes.
+pub const NAME: &str = "pipeline";
+
+/// Registers the `pipeline` agent in `catalog`; `env` gives the data dir (the speech cache)
+/// and the server's `[tts]` (for the fallback message).
+pub fn register(catalog: &mut Catalog, env: AgentEnv) {
+    catalog.register(NAME, move |settings| {
+        let settings = catalog::parse::<PipelineSettings>(settings)?;
+        let plan = agent::Plan::build(settings, &env)?;
+        Ok(Arc::new(agent::PipelineFactory {
+            plan: Arc::new(plan),
+        }) as Arc<dyn AgentFactory>)
+    });
+}
