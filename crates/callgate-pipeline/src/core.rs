@@ -196,6 +196,9 @@ struct Speech {
     first_audio_ms: Option<u64>,
     /// `hang_up` was called in this answer.
     hang_up: bool,
+    /// The conversation messages holding `hang_up`'s results (rewritten if the caller
+    /// interrupts the goodbye: the call did not end).
+    hang_up_results: Vec<usize>,
 }
 
 impl Speech {
@@ -216,6 +219,7 @@ impl Speech {
             text: String::new(),
             first_audio_ms: None,
             hang_up: false,
+            hang_up_results: Vec::new(),
         }
     }
 }
@@ -548,13 +552,16 @@ impl Core {
         }
         self.messages.push(message);
         let index = self.messages.len() - 1;
+        let mut results = Vec::new();
         for call in &hang_up {
             self.messages
                 .push(json!({"role": "tool", "tool_call_id": call.id,
                                       "content": "{\"ok\": true}"}));
+            results.push(self.messages.len() - 1);
             self.record("tool_call", json!({"name": "hang_up"}));
         }
         let speech = self.speech.get_or_insert_with(Speech::new);
+        speech.hang_up_results = results;
         speech.text_done = true;
         speech.message = Some(index);
         speech.hang_up = !hang_up.is_empty();
@@ -766,6 +773,13 @@ impl Core {
                 text,
                 audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
             });
+        }
+        for &i in &speech.hang_up_results {
+            if let Some(m) = self.messages.get_mut(i) {
+                m["content"] = json!(
+                    "{\"error\": \"the caller spoke before the goodbye was heard: the call goes on\"}"
+                );
+            }
         }
         let heard = heard::cut(&speech.spoken, speech.heard_ms, CUT_MARKER);
         let complete = heard.whole && speech.queue.is_empty() && speech.text_done;

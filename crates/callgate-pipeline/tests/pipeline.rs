@@ -293,3 +293,168 @@ async fn the_llm_and_the_speech_api_failing_each_end_in_the_fallback() {
         server.shutdown().await;
     }
 }
+
+/// Korean speech (espeak-ng) as 16 kHz PCM frames of 20 ms.
+async fn speech_frames(text: &str) -> Vec<Vec<u8>> {
+    let tts = callgate_kit::TtsSettings::default();
+    let http = callgate_kit::http::client().expect("client");
+    let provider = tts.provider(&http).expect("espeak-ng is installed");
+    let audio = provider.synthesize(text, "ko").await.expect("speech");
+    let pcm: Bytes = callgate_kit::audio::resampled_pcm(&audio, 16000).expect("resampled");
+    pcm.chunks(640).map(<[u8]>::to_vec).collect()
+}
+
+/// Reads the phone's audio until `bytes` arrived.
+async fn hear(phone: &mut Phone, bytes: usize) -> usize {
+    let mut heard = 0;
+    while heard < bytes {
+        match phone.recv().await {
+            Received::Binary(b) => heard += b.len(),
+            Received::Text(_) => {}
+            other => panic!("the call ended after {heard} bytes: {other:?}"),
+        }
+    }
+    heard
+}
+
+/// Speaks `frames` as a phone does (one every 20 ms: the agent measures speech on the call's
+/// clock), then silence until `done` holds, reading the agent's audio all along. Returns the
+/// audio bytes heard meanwhile.
+async fn talk_over(
+    phone: &mut Phone,
+    frames: Vec<Vec<u8>>,
+    double: &OpenAiDouble,
+    done: impl Fn(&OpenAiDouble) -> bool,
+) -> usize {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    let mut frames = frames.into_iter();
+    let mut heard = 0;
+    loop {
+        tokio::select! {
+            m = phone.recv() => match m {
+                Received::Binary(b) => heard += b.len(),
+                Received::Text(_) => {}
+                other => panic!("the call ended: {other:?}"),
+            },
+            _ = tick.tick() => {
+                if done(double) {
+                    return heard;
+                }
+                let frame = frames.next().unwrap_or_else(|| vec![0; 640]);
+                phone.binary(frame).await;
+            }
+        }
+    }
+}
+
+/// An answer of two sentences: a short one, then one of about 2.5 s of speech.
+fn long_answer() -> (ChatScript, String) {
+    let second = format!(
+        "{}끝입니다.",
+        "요금 안내를 차례로 말씀드리겠습니다 ".repeat(8)
+    );
+    let script = ChatScript {
+        content: vec!["안녕하세요 고객님. ".into(), second.clone()],
+        tool_calls: vec![ScriptedCall {
+            id: "call_bye".into(),
+            name: "hang_up".into(),
+            arguments: "{}".into(),
+        }],
+    };
+    (script, format!("안녕하세요 고객님. {second}"))
+}
+
+#[tokio::test]
+async fn barge_in_cuts_the_answer_to_what_was_heard_in_the_next_llm_request() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("요금 문의요".into()));
+    let (script, full) = long_answer();
+    double.answer(Reply::Ok(script));
+    double.transcript(Reply::Ok("잠깐만요 질문이 있어요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["네, 말씀하세요.".into()],
+        tool_calls: vec![ScriptedCall {
+            id: "call_end".into(),
+            name: "hang_up".into(),
+            arguments: "{}".into(),
+        }],
+    }));
+    let server = server(&double, json!({})).await;
+    let mut phone = call(&server, "pl-barge").await;
+    say(&mut phone, "요금 문의요").await;
+    // Half a second of the answer, then the caller talks over it.
+    hear(&mut phone, 16_000).await;
+    let words = speech_frames("잠깐만요 질문이 있어요").await;
+    talk_over(&mut phone, words, &double, |d| d.chat_requests().len() >= 2).await;
+    hear_to_the_end(&mut phone).await;
+
+    let chat = double.chat_requests();
+    let messages = chat[1]["messages"].as_array().expect("messages").clone();
+    assert_eq!(messages.len(), 5, "{messages:?}");
+    assert_eq!(messages[2]["role"], "assistant");
+    let kept = messages[2]["content"].as_str().expect("content");
+    assert!(kept.starts_with("안녕하세요 고객님."), "{kept}");
+    assert!(kept.ends_with('…'), "cut and marked: {kept}");
+    assert!(
+        kept.chars().count() < full.chars().count(),
+        "the LLM is not told what the caller never heard: {kept}"
+    );
+    // Its hang_up never took effect, and the LLM is told so.
+    assert_eq!(messages[3]["tool_call_id"], "call_bye");
+    assert!(
+        messages[3]["content"]
+            .as_str()
+            .unwrap_or("")
+            .contains("the call goes on"),
+        "{}",
+        messages[3]
+    );
+    assert_eq!(
+        messages[4],
+        json!({"role": "user", "content": "잠깐만요 질문이 있어요"})
+    );
+    let (_, turns, _) = record(&server, "pl-barge").await;
+    let agent: Vec<&Value> = turns.iter().filter(|t| t["speaker"] == "agent").collect();
+    assert_eq!(agent[0]["interrupted"], true, "{turns:?}");
+    assert_eq!(agent[0]["text"].as_str(), Some(kept));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_backchannel_does_not_interrupt_and_the_answer_is_heard_whole() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("요금 문의요".into()));
+    let (script, full) = long_answer();
+    double.answer(Reply::Ok(script));
+    double.transcript(Reply::Ok("네 네".into()));
+    let server = server(&double, json!({})).await;
+    let mut phone = call(&server, "pl-backchannel").await;
+    say(&mut phone, "요금 문의요").await;
+    let mut heard = hear(&mut phone, 16_000).await;
+    let words = speech_frames("네 네 네 네").await;
+    heard += talk_over(&mut phone, words, &double, |d| d.stt_requests().len() >= 2).await;
+    heard += hear_to_the_end(&mut phone).await;
+    assert_eq!(
+        double.chat_requests().len(),
+        1,
+        "the LLM was not asked again"
+    );
+    // All of the answer was heard: what played before the pause, and the rest after it.
+    let expected = full.chars().count() * 10 * 32;
+    assert!(
+        heard + 2000 >= expected,
+        "heard {heard} of {expected} bytes"
+    );
+    let (_, turns, events) = record(&server, "pl-backchannel").await;
+    assert!(
+        events
+            .iter()
+            .any(|(n, d)| n == "backchannel" && d["resumed"] == true),
+        "{events:?}"
+    );
+    let agent: Vec<&Value> = turns.iter().filter(|t| t["speaker"] == "agent").collect();
+    assert_eq!(agent.len(), 1, "{turns:?}");
+    assert_eq!(agent[0]["interrupted"], false);
+    assert_eq!(agent[0]["text"].as_str(), Some(full.as_str()));
+    server.shutdown().await;
+}
