@@ -4,7 +4,7 @@
 //!
 //! [`Spawner`]: callgate_agent::Spawner
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +14,15 @@ use callgate_agent::{
     Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed,
 };
 use callgate_audio::{Converter, pcm};
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::audio;
-use crate::engine::{Action, Done, Engine, MAX_HTTP_ANSWER};
+use callgate_kit::callbridge::OpenApi;
+use callgate_kit::http::post_json;
+use callgate_kit::outbox::{Outbox, send, sleep};
+
+use crate::engine::{Action, Done, Engine};
 use crate::messages::{Reservation, Store};
 use crate::metrics::FlowMetrics;
 use crate::spec::Flow;
@@ -38,8 +41,8 @@ pub(crate) struct Runtime {
     pub(crate) metrics: Arc<FlowMetrics>,
     pub(crate) http: reqwest::Client,
     pub(crate) providers: HashMap<ProviderName, Arc<dyn Provider>>,
-    /// CallBridge's agent-terminate URL and API key.
-    pub(crate) callbridge: Option<(String, String)>,
+    /// CallBridge's OPEN API with its key.
+    pub(crate) callbridge: Option<OpenApi>,
 }
 
 /// Makes one flow agent per call.
@@ -87,7 +90,7 @@ impl Agent for FlowAgent {
         let input = io.call.input_format;
         let output = io.call.output_format;
         let (done_tx, mut done_rx) = mpsc::channel::<Done>(DONE_QUEUE);
-        let mut outbox: VecDeque<AgentCommand> = VecDeque::new();
+        let mut outbox = Outbox::new(io.epoch());
         let mut echo: Option<Converter> = None;
         let mut saving: Option<(u64, JoinHandle<Result<(), String>>)> = None;
         // The room reserved for the recording in progress; given back when dropped.
@@ -98,7 +101,7 @@ impl Agent for FlowAgent {
         loop {
             while let Some(action) = engine.poll_action() {
                 match action {
-                    Action::Command(command) => outbox.push_back(command),
+                    Action::Command(command) => outbox.push(command),
                     Action::Play(prompt) => {
                         let chunks = if prompt.is_ready(output) {
                             prompt.chunks(output)
@@ -117,17 +120,7 @@ impl Agent for FlowAgent {
                             .into_iter()
                             .map(AgentCommand::Audio),
                     ),
-                    Action::Clear => {
-                        io.clear();
-                        outbox.retain(|c| {
-                            !matches!(
-                                c,
-                                AgentCommand::Audio(_)
-                                    | AgentCommand::Mark(_)
-                                    | AgentCommand::DtmfTone { .. }
-                            )
-                        });
-                    }
+                    Action::Clear => outbox.cleared(io.clear()),
                     Action::Speak {
                         seq,
                         text,
@@ -151,7 +144,7 @@ impl Agent for FlowAgent {
                         let http = self.runtime.http.clone();
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
-                            let result = post(&http, &url, None, &body, timeout).await;
+                            let result = post_json(&http, &url, None, &body, timeout).await;
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
@@ -161,9 +154,7 @@ impl Agent for FlowAgent {
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
                             let result = match &api {
-                                Some((url, key)) => {
-                                    post(&http, url, Some(key), &body, timeout).await
-                                }
+                                Some(api) => api.terminate(&http, &body, timeout).await,
                                 None => Err("CallBridge's OPEN API is not configured".into()),
                             };
                             let _ = tx.send(Done::Http { seq, result }).await;
@@ -220,7 +211,7 @@ impl Agent for FlowAgent {
             let deadline = engine.poll_timeout().filter(|_| !ended).map(|at| {
                 tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(io.now_ms()))
             });
-            let next = outbox.front().cloned();
+            let next = outbox.front();
             tokio::select! {
                 event = io.recv(), if !ended => {
                     let now = io.now_ms();
@@ -246,7 +237,7 @@ impl Agent for FlowAgent {
                                         },
                                     }
                                 };
-                                outbox.push_back(AgentCommand::Audio(data));
+                                outbox.push(AgentCommand::Audio(data));
                             } else if engine.is_recording() {
                                 samples.clear();
                                 pcm::decode(input, &data, &mut samples);
@@ -257,6 +248,10 @@ impl Agent for FlowAgent {
                         Some(AgentEvent::Mark { id, state, .. }) => {
                             engine.handle_mark(now, id, state);
                         }
+                        // The call cut its playout (a barge-in with `--vad`, an operator's
+                        // clear): a flow goes on with what it queued, in the new epoch.
+                        Some(AgentEvent::BargeIn(i)) => outbox.carry_over(i.epoch),
+                        Some(AgentEvent::Cleared(i)) => outbox.carry_over(i.epoch),
                         Some(AgentEvent::Refused { command, reason }) => {
                             tracing::debug!(?command, %reason, "Flow command refused.");
                         }
@@ -281,28 +276,10 @@ impl Agent for FlowAgent {
                     if sent.is_err() {
                         return Ok(());
                     }
-                    outbox.pop_front();
+                    outbox.pop();
                 }
             }
         }
-    }
-}
-
-async fn sleep(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn send(
-    sender: &callgate_agent::AgentSender,
-    command: Option<AgentCommand>,
-) -> Result<(), Error> {
-    match command {
-        // Waits while the playout is full: the call paces the prompt.
-        Some(command) => sender.send(command).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -328,41 +305,4 @@ async fn speak(
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
-}
-
-/// POSTs `body` to `url`: status and body (at most [`MAX_HTTP_ANSWER`] bytes), or why not.
-pub(crate) async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    bearer: Option<&str>,
-    body: &Value,
-    timeout: Duration,
-) -> Result<(u16, Bytes), String> {
-    let describe = |e: reqwest::Error| {
-        if e.is_timeout() {
-            format!("no answer within {timeout:?}")
-        } else {
-            format!("POST {url}: {e}")
-        }
-    };
-    let mut request = http.post(url).json(body).timeout(timeout);
-    if let Some(key) = bearer {
-        request = request.bearer_auth(key);
-    }
-    let mut answer = request.send().await.map_err(describe)?;
-    let status = answer.status().as_u16();
-    if answer
-        .content_length()
-        .is_some_and(|n| n > MAX_HTTP_ANSWER as u64)
-    {
-        return Err(format!("the answer is larger than {MAX_HTTP_ANSWER} bytes"));
-    }
-    let mut data = Vec::new();
-    while let Some(chunk) = answer.chunk().await.map_err(describe)? {
-        if data.len() + chunk.len() > MAX_HTTP_ANSWER {
-            return Err(format!("the answer is larger than {MAX_HTTP_ANSWER} bytes"));
-        }
-        data.extend_from_slice(&chunk);
-    }
-    Ok((status, Bytes::from(data)))
 }

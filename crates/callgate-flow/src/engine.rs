@@ -34,7 +34,7 @@ pub const MAX_INSTANT_STEPS: u32 = 100;
 /// Caller audio below this RMS level (of full scale, about -40 dBFS) is silence to `record`.
 pub const SILENCE_RMS: f64 = 0.01;
 /// The largest webhook answer read.
-pub const MAX_HTTP_ANSWER: usize = 64 * 1024;
+pub const MAX_HTTP_ANSWER: usize = callgate_kit::http::MAX_ANSWER;
 /// How long CallBridge has to end the call after accepting agent-terminate (its announcement
 /// plays first) before the flow hangs up itself.
 pub const TERMINATE_GRACE_MS: u64 = 60_000;
@@ -657,16 +657,10 @@ impl Engine {
                     // The announcement is for a connected call.
                     self.answer();
                     self.seq += 1;
-                    let var = |name: &str| self.var(name).unwrap_or("").to_owned();
-                    let body = json!({
-                        "ivrIp": var("ivrIp"),
-                        "id": var("agentId"),
-                        "cdrId": var("cdrId"),
-                        "callerNo": var("caller"),
-                        "calleeNo": var("callee"),
-                        "actionId": var("callActionId"),
-                        "ment": ment.render(|name| self.var(name)),
-                    });
+                    let body = callgate_kit::callbridge::terminate_body(
+                        |name| self.var(name),
+                        &ment.render(|name| self.var(name)),
+                    );
                     self.state = State::Terminating { seq: self.seq };
                     self.deadline = Some(now + ms(*timeout) + 1000);
                     self.instant_steps = 0;

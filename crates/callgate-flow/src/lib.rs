@@ -25,15 +25,13 @@
 //! (reqwest with rustls on ring) that the other agents do not.
 
 mod agent;
-pub mod audio;
 pub mod demo;
 pub mod engine;
 pub mod messages;
 pub mod metrics;
-pub mod plaintext;
 pub mod spec;
-pub mod template;
-pub mod tts;
+
+pub use callgate_kit::{audio, plaintext, template, tts};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,28 +51,11 @@ use crate::tts::{Provider, ProviderName};
 /// The agent's name in routes.
 pub const NAME: &str = "flow";
 
-/// What the flow agent needs from the server: where to keep recordings and rendered speech,
-/// and the server's text-to-speech settings (`[tts]`).
-#[derive(Debug, Clone, Default)]
-pub struct FlowEnv {
-    /// The server's data dir: `messages/` (recordings) and `tts-cache/` go there.
-    pub data_dir: PathBuf,
-    /// The server's `[tts]` settings; a flow's own `[tts]` overrides them key by key.
-    pub tts: TtsSettings,
-    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate`.
-    pub callbridge: Option<CallBridgeApi>,
-}
+/// What the flow agent needs from the server: the kit's [`AgentEnv`] (data dir, `[tts]`,
+/// `[callbridge]`), shared by every agent.
+pub type FlowEnv = AgentEnv;
 
-/// CallBridge's OPEN API: where it is and the environment variable holding its key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CallBridgeApi {
-    /// The API's base URL (`https://callbridge.example.com/api`): `agent_terminate` POSTs to
-    /// `{base_url}/calls/agent-terminate`.
-    pub base_url: String,
-    /// The environment variable holding the API key (sent as `Authorization: Bearer KEY`).
-    pub api_key_env: String,
-}
+pub use callgate_kit::{AgentEnv, CallBridgeApi};
 
 /// A `flow` route's `[routes.settings]`: `file` or `demo`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
@@ -198,30 +179,14 @@ pub fn load_with(
             data_dir: env.data_dir.clone(),
             http,
             providers,
-            callbridge: env.callbridge.as_ref().and_then(|api| {
-                let key = std::env::var(&api.api_key_env).ok()?;
-                Some((
-                    format!(
-                        "{}/calls/agent-terminate",
-                        api.base_url.trim_end_matches('/')
-                    ),
-                    key,
-                ))
-            }),
+            callbridge: env.callbridge.as_ref().and_then(CallBridgeApi::open),
         }),
     })
 }
 
-/// The HTTP client for webhooks and speech APIs: rustls on ring (installed as the process's
-/// provider if none is). It follows no redirect: a 3xx is the answer (a webhook's error), so
-/// a server cannot send the call's data, or an API key, somewhere else.
+/// The kit's HTTP client (no redirects: a 3xx is a webhook's error).
 fn http_client() -> Result<reqwest::Client, Error> {
-    // `Err`: a provider is installed already, which is all that is needed.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| Error::Http(e.to_string()))
+    callgate_kit::http::client().map_err(|e| Error::Http(e.to_string()))
 }
 
 /// Loads flows: builds providers once and renders fixed speech at load.
@@ -267,20 +232,7 @@ impl spec::Loader for EnvLoader {
         text: &str,
     ) -> Result<PromptAudio, String> {
         let provider = self.provider(tts, provider)?;
-        // At load, outside or inside a runtime: a thread of its own with a small runtime.
-        let audio = std::thread::scope(|s| {
-            s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                rt.block_on(tts::speak(&self.cache, provider.as_ref(), voice, text))
-                    .map_err(|e| e.to_string())
-            })
-            .join()
-            .unwrap_or_else(|_| Err("speech rendering panicked".into()))
-        })?;
-        PromptAudio::new(text, &audio).map_err(|e| e.to_string())
+        tts::render_at_load(&self.cache, provider.as_ref(), voice, text)
     }
 
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String> {
@@ -289,26 +241,8 @@ impl spec::Loader for EnvLoader {
 
     fn check_callbridge_api(&self) -> Result<(), String> {
         let Some(api) = &self.callbridge else {
-            return Err(
-                "agent_terminate needs CallBridge's OPEN API: [callbridge] base_url and \
-                 api_key_env in the server's configuration"
-                    .into(),
-            );
+            return Err(callgate_kit::callbridge::missing("agent_terminate"));
         };
-        let url = reqwest::Url::parse(&api.base_url)
-            .map_err(|e| format!("[callbridge] base_url {:?}: {e}", api.base_url))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
-                "[callbridge] base_url {:?} is not http(s)",
-                api.base_url
-            ));
-        }
-        plaintext::warn_if_exposed("[callbridge] base_url", &api.base_url);
-        std::env::var(&api.api_key_env).map(|_| ()).map_err(|_| {
-            format!(
-                "agent_terminate needs CallBridge's API key in ${} ([callbridge] api_key_env)",
-                api.api_key_env
-            )
-        })
+        api.check("agent_terminate")
     }
 }

@@ -60,18 +60,7 @@ impl fmt::Display for FlowError {
     }
 }
 
-/// A duration written as text (`"5s"`, `"250ms"`, `"1m 30s"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(Dur)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-    }
-}
+pub use callgate_kit::Dur;
 
 /// A string or a list of strings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

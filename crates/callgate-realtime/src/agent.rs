@@ -3,21 +3,22 @@
 //! opened and closed, tools started). All slow work (connecting, JSON, base64, tools) runs on
 //! tasks from the call's `Spawner`; this loop only moves data.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use callgate_agent::catalog::SettingsError;
-use callgate_agent::{
-    Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Epoch, Error, boxed,
-};
-use callgate_flow::FlowEnv;
+use callgate_agent::{Agent, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed};
+use callgate_kit::AgentEnv;
+use callgate_kit::callbridge::OpenApi;
+use callgate_kit::outbox::{Outbox, send, sleep};
+use callgate_kit::tools;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::Plan;
 use crate::core::{Core, Outgoing, Output, ToolDone, ToolKind};
 use crate::link::{self, Endpoint, LinkEvent};
 use crate::metrics::RealtimeMetrics;
-use crate::{Plan, tools};
 
 /// Tool results waiting for the agent. Policy when full: the tool's task waits (a handful
 /// run at once: each is one function call of the model).
@@ -37,15 +38,15 @@ struct Shared {
     http: reqwest::Client,
     /// Each HTTP tool's headers, secrets read at load.
     headers: Vec<Vec<(String, String)>>,
-    /// CallBridge's agent-terminate URL and key.
-    callbridge: Option<(String, String)>,
+    /// CallBridge's OPEN API with its key.
+    callbridge: Option<OpenApi>,
     metrics: Arc<RealtimeMetrics>,
 }
 
 impl RealtimeFactory {
     pub(crate) fn build(
         settings: crate::RealtimeSettings,
-        env: &FlowEnv,
+        env: &AgentEnv,
         metrics: Arc<RealtimeMetrics>,
     ) -> Result<Self, SettingsError> {
         let key = std::env::var(&settings.api_key_env).map_err(|_| {
@@ -56,37 +57,11 @@ impl RealtimeFactory {
         })?;
         let tls = tls_config(settings.ca_file.as_deref())
             .map_err(|e| SettingsError::new("ca_file", e))?;
-        let http = tools::http_client()
+        let http = callgate_kit::http::client()
             .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
-        let headers = settings
-            .tools
-            .iter()
-            .map(|t| {
-                let mut h: Vec<(String, String)> = t
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                h.extend(
-                    t.headers_env
-                        .iter()
-                        .map(|(k, var)| (k.clone(), std::env::var(var).unwrap_or_default())),
-                );
-                h
-            })
-            .collect();
-        callgate_flow::plaintext::warn_if_exposed("realtime url", &settings.url);
-        let callbridge = env.callbridge.as_ref().and_then(|api| {
-            let key = std::env::var(&api.api_key_env).ok()?;
-            callgate_flow::plaintext::warn_if_exposed("[callbridge] base_url", &api.base_url);
-            Some((
-                format!(
-                    "{}/calls/agent-terminate",
-                    api.base_url.trim_end_matches('/')
-                ),
-                key,
-            ))
-        });
+        let headers = tools::Compiled::new(&settings.tools)?.headers;
+        callgate_kit::plaintext::warn_if_exposed("realtime url", &settings.url);
+        let callbridge = env.callbridge.as_ref().and_then(|api| api.open());
         if settings
             .builtin_tools
             .contains(&crate::settings::Builtin::AgentTerminate)
@@ -94,8 +69,7 @@ impl RealtimeFactory {
         {
             return Err(SettingsError::new(
                 "builtin_tools",
-                "agent_terminate needs CallBridge's OPEN API: [callbridge] base_url and \
-                 api_key_env (set) in the server's configuration",
+                callgate_kit::callbridge::missing("agent_terminate"),
             ));
         }
         let endpoint = Arc::new(Endpoint {
@@ -182,12 +156,11 @@ impl Agent for RealtimeAgent {
         let mut links: HashMap<u64, mpsc::Sender<Outgoing>> = HashMap::new();
         // Commands for the call, each with the epoch it was made in: audio made before a
         // clear or a barge-in is dropped by the call even if it is still queued here.
-        let mut outbox: VecDeque<(Epoch, AgentCommand)> = VecDeque::new();
+        let mut outbox = Outbox::new(io.epoch());
         let mut ended = false;
-        // The epoch the core's outputs belong to: the one the driver last learned of. Audio
-        // made from the service's events before the driver read a barge-in (the call has
-        // advanced the epoch already) keeps the old epoch, so the call drops it.
-        let mut epoch = io.epoch();
+        // The outbox stamps the core's outputs with the epoch the driver last learned of.
+        // Audio made from the service's events before the driver read a barge-in (the call
+        // has advanced the epoch already) keeps the old epoch, so the call drops it.
         loop {
             while let Some(output) = core.poll_output() {
                 match output {
@@ -215,14 +188,11 @@ impl Agent for RealtimeAgent {
                         }
                     }
                     Output::Audio(audio) => {
-                        outbox.push_back((epoch, AgentCommand::Audio(audio)));
+                        outbox.push(callgate_agent::AgentCommand::Audio(audio));
                     }
-                    Output::Command(command) => outbox.push_back((epoch, command)),
+                    Output::Command(command) => outbox.push(command),
                     Output::Count(counted) => self.shared.metrics.count(counted),
-                    Output::Clear => {
-                        epoch = io.clear();
-                        outbox.retain(|(_, c)| !is_audio(c));
-                    }
+                    Output::Clear => outbox.cleared(io.clear()),
                     Output::Connect { conn } => {
                         let (tx, rx) = mpsc::channel(link::OUTGOING);
                         links.insert(conn, tx);
@@ -282,7 +252,7 @@ impl Agent for RealtimeAgent {
                 }
             }
             let deadline = core.poll_timeout();
-            let next = outbox.front().cloned();
+            let next = outbox.front();
             tokio::select! {
                 event = io.recv(), if !ended => {
                     let now = Instant::now();
@@ -297,11 +267,8 @@ impl Agent for RealtimeAgent {
                                 ended = true;
                             }
                             match &event {
-                                AgentEvent::BargeIn(i) => {
-                                    epoch = epoch.max(i.epoch);
-                                    outbox.retain(|(_, c)| !is_audio(c));
-                                }
-                                AgentEvent::Cleared(i) => epoch = epoch.max(i.epoch),
+                                AgentEvent::BargeIn(i) => outbox.barged_in(i.epoch),
+                                AgentEvent::Cleared(i) => outbox.advance(i.epoch),
                                 _ => {}
                             }
                             core.handle_call_event(now, event);
@@ -330,31 +297,9 @@ impl Agent for RealtimeAgent {
                             callgate_proto::EndReason::AgentHangup));
                         continue;
                     }
-                    outbox.pop_front();
+                    outbox.pop();
                 }
             }
         }
-    }
-}
-
-fn is_audio(command: &AgentCommand) -> bool {
-    matches!(command, AgentCommand::Audio(_) | AgentCommand::Mark(_))
-}
-
-async fn sleep(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn send(
-    sender: &callgate_agent::AgentSender,
-    command: Option<(Epoch, AgentCommand)>,
-) -> Result<(), Error> {
-    match command {
-        // Waits while the playout is full: the call paces the AI's burst.
-        Some((epoch, command)) => sender.send_in(epoch, command).await,
-        None => std::future::pending().await,
     }
 }

@@ -127,16 +127,7 @@ pub enum ToolKind {
     AgentTerminate,
 }
 
-/// A tool's result.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolDone {
-    /// The call's id.
-    pub call_id: String,
-    /// Whether it succeeded.
-    pub ok: bool,
-    /// What the model is told (a result, or `{"error": ...}`).
-    pub output: String,
-}
+pub use callgate_kit::tools::ToolDone;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -576,7 +567,7 @@ impl Core {
         }
     }
 
-    fn play_prompt(&mut self, prompt: &callgate_flow::audio::PromptAudio) {
+    fn play_prompt(&mut self, prompt: &callgate_kit::audio::PromptAudio) {
         for chunk in prompt.chunks(self.call.output_format) {
             self.queue_audio(chunk);
         }
@@ -618,7 +609,7 @@ impl Core {
             .filter(|b| {
                 **b != Builtin::AgentTerminate || self.call.protocol == Protocol::CallBridge
             })
-            .map(|b| b.declaration())
+            .map(|b| crate::settings::builtin_declaration(*b))
             .collect();
         tools.extend(s.tools.iter().map(|t| {
             json!({"type": "function", "name": t.name, "description": t.description,

@@ -14,30 +14,31 @@
 //!   tools, the record, outages): events and time in, outputs out.
 //! - `link`: one WebSocket connection to the service, on a task of its own (JSON and base64
 //!   off the call task).
-//! - `tools`: HTTP tools and CallBridge's agent-terminate, run off the call task.
 //! - `agent`: the driver: the call's events, the connection, tools and time into the core;
 //!   its outputs carried out.
-//! - [`schema`]: the JSON Schema subset tools' arguments are checked against.
 //! - [`metrics`]: response latency (the service's share and callgate's own), connections,
 //!   outages, tool calls.
+//!
+//! Tools (built-in and HTTP, their schemas), templates, speech, HTTP bounds, the outbox and
+//! CallBridge's OPEN API come from the shared kit, `callgate-kit`.
 
 mod agent;
 pub mod core;
 mod link;
 pub mod metrics;
 pub mod protocol;
-pub mod schema;
 pub mod settings;
-mod tools;
+
+pub use callgate_kit::schema;
 
 use std::sync::Arc;
 
 use callgate_agent::catalog::{self, SettingsError};
 use callgate_agent::{AgentFactory, Catalog};
 use callgate_audio::AudioFormat;
-use callgate_flow::FlowEnv;
-use callgate_flow::audio::PromptAudio;
-use callgate_flow::template::{Template, UrlTemplate};
+use callgate_kit::AgentEnv;
+use callgate_kit::audio::PromptAudio;
+use callgate_kit::template::{Template, UrlTemplate};
 use serde_json::{Value, json};
 
 pub use metrics::RealtimeMetrics;
@@ -123,7 +124,7 @@ pub(crate) fn template(text: &str) -> Result<Template, String> {
 /// Registers the `realtime` agent in `catalog`. `env` gives the data dir (the speech cache),
 /// the server's `[tts]` (for the fallback and hold messages) and CallBridge's OPEN API (for
 /// `agent_terminate`); `metrics` collects every call's figures.
-pub fn register(catalog: &mut Catalog, env: FlowEnv, metrics: Arc<RealtimeMetrics>) {
+pub fn register(catalog: &mut Catalog, env: AgentEnv, metrics: Arc<RealtimeMetrics>) {
     catalog.register(NAME, move |settings| {
         let settings = catalog::parse::<RealtimeSettings>(settings)?;
         let factory = agent::RealtimeFactory::build(settings, &env, metrics.clone())?;
@@ -132,27 +133,12 @@ pub fn register(catalog: &mut Catalog, env: FlowEnv, metrics: Arc<RealtimeMetric
 }
 
 /// Builds a route's plan: the templates and schemas compiled, the messages rendered.
-fn plan(settings: RealtimeSettings, env: &FlowEnv) -> Result<Plan, SettingsError> {
+fn plan(settings: RealtimeSettings, env: &AgentEnv) -> Result<Plan, SettingsError> {
     let instructions =
         template(&settings.instructions).map_err(|e| SettingsError::new("instructions", e))?;
-    let schemas = settings
-        .tools
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            Schema::compile(&t.parameters)
-                .map_err(|(path, e)| SettingsError::new(format!("tools[{i}].parameters{path}"), e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let tool_urls = settings
-        .tools
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            UrlTemplate::parse(&t.url).map_err(|e| SettingsError::new(format!("tools[{i}].url"), e))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let tts = callgate_flow::TtsSettings {
+    let compiled = callgate_kit::tools::Compiled::new(&settings.tools)?;
+    let (schemas, tool_urls) = (compiled.schemas, compiled.urls);
+    let tts = callgate_kit::TtsSettings {
         voice: settings.tts_voice.clone().or_else(|| env.tts.voice.clone()),
         ..env.tts.clone()
     };
@@ -176,45 +162,16 @@ fn plan(settings: RealtimeSettings, env: &FlowEnv) -> Result<Plan, SettingsError
     })
 }
 
-/// Speaks `text` now (through the speech cache) and prepares it for every call format.
+/// Speaks `text` now (through the speech cache), prepared for every call format.
 fn render(
-    tts: &callgate_flow::TtsSettings,
-    env: &FlowEnv,
+    tts: &callgate_kit::TtsSettings,
+    env: &AgentEnv,
     text: &str,
 ) -> Result<Arc<PromptAudio>, String> {
-    let http = tools::http_client().map_err(|e| e.to_string())?;
+    let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
     let provider = tts.provider(&http).map_err(|e| e.to_string())?;
-    let cache = callgate_flow::tts::Cache::new(&env.data_dir);
-    let voice = tts.voice();
-    // At load, inside or outside a runtime: a thread of its own with a small runtime.
-    let audio = std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(callgate_flow::tts::speak(
-                &cache,
-                provider.as_ref(),
-                &voice,
-                text,
-            ))
-            .map_err(|e| e.to_string())
-        })
-        .join()
-        .unwrap_or_else(|_| Err("speech rendering panicked".into()))
-    })?;
-    let prompt = PromptAudio::new(text, &audio).map_err(|e| e.to_string())?;
-    // Converted to every call rate now: a call only slices it.
-    for format in [
-        AudioFormat::Pcm8000,
-        AudioFormat::Pcm16000,
-        AudioFormat::Pcm24000,
-        AudioFormat::Pcm48000,
-    ] {
-        prompt.chunks(format);
-    }
-    Ok(Arc::new(prompt))
+    let cache = callgate_kit::tts::Cache::new(&env.data_dir);
+    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text).map(Arc::new)
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a

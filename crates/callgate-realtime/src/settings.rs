@@ -1,23 +1,20 @@
 //! A `realtime` route's `[routes.settings]`: parsed into [`RealtimeSettings`] and validated once,
 //! when the routes are loaded (errors name the field: `tools[1].parameters.properties.n`).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use callgate_agent::catalog::{Settings, SettingsError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use callgate_flow::template::UrlTemplate;
-
-use crate::schema::Schema;
+pub use callgate_kit::tools::{Builtin, HttpTool, Method};
 
 /// The Realtime endpoint used when `url` is not given.
 pub const DEFAULT_URL: &str = "wss://api.openai.com/v1/realtime";
 /// The model used when `model` is not given.
 pub const DEFAULT_MODEL: &str = "gpt-realtime";
 
-pub use callgate_flow::spec::Dur;
+pub use callgate_kit::Dur;
 
 /// The audio format on the Realtime connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -88,41 +85,6 @@ pub enum ToolChoice {
     Required,
 }
 
-/// An HTTP tool's method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Method {
-    /// Arguments as query parameters.
-    Get,
-    /// Arguments as the JSON body.
-    #[default]
-    Post,
-    /// Arguments as the JSON body.
-    Put,
-    /// Arguments as the JSON body.
-    Patch,
-    /// Arguments as query parameters.
-    Delete,
-}
-
-impl Method {
-    /// As reqwest takes it.
-    pub fn http(self) -> reqwest::Method {
-        match self {
-            Self::Get => reqwest::Method::GET,
-            Self::Post => reqwest::Method::POST,
-            Self::Put => reqwest::Method::PUT,
-            Self::Patch => reqwest::Method::PATCH,
-            Self::Delete => reqwest::Method::DELETE,
-        }
-    }
-
-    /// Whether the arguments go in the query (GET, DELETE) rather than the body.
-    pub fn uses_query(self) -> bool {
-        matches!(self, Self::Get | Self::Delete)
-    }
-}
-
 /// Voice activity detection on the service (`audio.input.turn_detection`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -184,87 +146,10 @@ impl Default for Transcription {
     }
 }
 
-/// A tool callgate carries out itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Builtin {
-    /// End the call after the goodbye has played.
-    HangUp,
-    /// Send DTMF keys (protocol DTMF on inbound calls, an in-band tone on CallBridge).
-    SendDtmf,
-    /// End a CallBridge call through CallBridge's OPEN API (with an announcement).
-    AgentTerminate,
-}
-
-impl Builtin {
-    /// The tool's name as the model sees it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::HangUp => "hang_up",
-            Self::SendDtmf => "send_dtmf",
-            Self::AgentTerminate => "agent_terminate",
-        }
-    }
-
-    /// The tool's declaration in `session.update`.
-    pub fn declaration(self) -> Value {
-        let (description, parameters) = match self {
-            Self::HangUp => (
-                "End the phone call. Say goodbye first: the call ends once your goodbye has \
-                 played.",
-                json!({"type": "object", "properties": {"reason": {"type": "string",
-                    "description": "Why the call ends, in a few words."}}}),
-            ),
-            Self::SendDtmf => (
-                "Press telephone keys on the line (for example to navigate another phone menu).",
-                json!({"type": "object", "properties": {"digits": {"type": "string",
-                    "description": "The keys to press: 0-9, * and #."}},
-                    "required": ["digits"]}),
-            ),
-            Self::AgentTerminate => (
-                "End the call through the call center, which can announce a closing message \
-                 before the line drops.",
-                json!({"type": "object", "properties": {"message": {"type": "string",
-                    "description": "What the call center announces before hanging up."}}}),
-            ),
-        };
-        json!({"type": "function", "name": self.name(), "description": description,
-               "parameters": parameters})
-    }
-}
-
-/// An HTTP tool declared in the route.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpTool {
-    /// The function name the model calls (`[a-zA-Z0-9_-]`, at most 64 characters).
-    pub name: String,
-    /// What it does, for the model.
-    pub description: String,
-    /// The arguments' JSON schema (an object schema).
-    #[serde(default = "empty_object_schema")]
-    pub parameters: Value,
-    /// Where the request goes (`http` or `https`): a URL template over the call's variables
-    /// (`https://crm.example.com/customers/{{caller}}`), values percent-encoded as data; no
-    /// variable in the scheme, host or port.
-    pub url: String,
-    /// `POST` (default; arguments as the JSON body), `PUT`, `PATCH`, `GET` or `DELETE`
-    /// (arguments as query parameters).
-    #[serde(default)]
-    pub method: Method,
-    /// Headers sent as given.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Headers whose value is read from an environment variable at load (secrets).
-    #[serde(default)]
-    pub headers_env: BTreeMap<String, String>,
-    /// How long the request may take (default 10s).
-    #[serde(default)]
-    pub timeout: Option<Dur>,
-}
-
-fn empty_object_schema() -> Value {
-    json!({"type": "object", "properties": {}})
+/// A built-in tool's declaration in `session.update` (the Realtime API's flat form).
+pub fn builtin_declaration(tool: Builtin) -> Value {
+    json!({"type": "function", "name": tool.name(), "description": tool.description(),
+           "parameters": tool.parameters()})
 }
 
 /// A `realtime` route's settings.
@@ -393,46 +278,7 @@ impl Settings for RealtimeSettings {
                  server_vad",
             ));
         }
-        let mut names: Vec<&str> = self.builtin_tools.iter().map(|b| b.name()).collect();
-        for (i, tool) in self.tools.iter().enumerate() {
-            let field = |f: &str| format!("tools[{i}].{f}");
-            if tool.name.is_empty()
-                || tool.name.len() > 64
-                || !tool
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(SettingsError::new(
-                    field("name"),
-                    "1-64 characters of a-z, A-Z, 0-9, _ and -",
-                ));
-            }
-            if names.contains(&tool.name.as_str()) {
-                return Err(SettingsError::new(
-                    field("name"),
-                    format!("{:?} is already a tool", tool.name),
-                ));
-            }
-            names.push(&tool.name);
-            UrlTemplate::parse(&tool.url).map_err(|e| SettingsError::new(field("url"), e))?;
-            let schema = Schema::compile(&tool.parameters)
-                .map_err(|(path, e)| SettingsError::new(field(&format!("parameters{path}")), e))?;
-            if !schema.is_object() {
-                return Err(SettingsError::new(
-                    field("parameters"),
-                    "must be an object schema (type = \"object\")",
-                ));
-            }
-            for (header, var) in &tool.headers_env {
-                if std::env::var(var).is_err() {
-                    return Err(SettingsError::new(
-                        field(&format!("headers_env.{header}")),
-                        format!("${var} is not set"),
-                    ));
-                }
-            }
-        }
+        callgate_kit::tools::check(&self.builtin_tools, &self.tools)?;
         for (field, d) in [
             ("max_duration", self.max_duration),
             ("reconnect_within", self.reconnect_within),

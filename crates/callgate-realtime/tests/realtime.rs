@@ -13,7 +13,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use callgate_agent::Catalog;
-use callgate_flow::FlowEnv;
+use callgate_kit::AgentEnv;
 use callgate_realtime::RealtimeMetrics;
 use callgate_realtime::metrics::RealtimeCollector;
 use callgate_server::routes::parse_spec;
@@ -55,7 +55,7 @@ async fn server(double: &Double, settings: Value) -> TestServer {
     let metrics = RealtimeMetrics::new();
     callgate_realtime::register(
         &mut catalog,
-        FlowEnv {
+        AgentEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,

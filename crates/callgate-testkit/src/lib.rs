@@ -7,6 +7,7 @@
 
 pub mod audio;
 pub mod http;
+pub mod openai;
 pub mod phone;
 pub mod realtime;
 pub mod tls;

@@ -353,7 +353,7 @@ pub fn encode(value: &str, out: &mut String) {
 
 /// Whether `name` can name a variable or a step: letters, digits, `_` and `-` (steps) — for
 /// variables `-` is not allowed.
-pub(crate) fn is_name(name: &str) -> bool {
+pub fn is_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 

@@ -1,5 +1,6 @@
 //! Text-to-speech: a [`Provider`] trait, `espeak-ng` run as a subprocess, an OpenAI-compatible
-//! `POST {base_url}/v1/audio/speech` provider, and a [`Cache`] of rendered audio in the data
+//! `POST {base_url}/audio/speech` provider (`base_url` with its version path, as the OpenAI SDKs
+//! take it), and a [`Cache`] of rendered audio in the data
 //! dir keyed by provider, voice, text and format.
 //!
 //! espeak-ng is GPL-3: it is run as a program (`espeak-ng -v VOICE -w FILE TEXT`), never
@@ -15,7 +16,7 @@ use std::time::Duration;
 use callgate_audio::wav::MonoAudio;
 use serde::Deserialize;
 
-use crate::spec::Dur;
+use crate::Dur;
 
 /// A synthesis that failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,7 +81,9 @@ pub struct TtsSettings {
     /// The voice (espeak-ng: `en-us`, `ko`...; OpenAI: `alloy`...).
     #[serde(default)]
     pub voice: Option<String>,
-    /// OpenAI-compatible: the API's base URL (default `https://api.openai.com`).
+    /// OpenAI-compatible: the API's base URL with its version path, as the OpenAI SDKs take it
+    /// (default `https://api.openai.com/v1`). One without a version path (the old form,
+    /// `https://api.openai.com`) still works, as `{base_url}/v1`, with a warning.
     #[serde(default)]
     pub base_url: Option<String>,
     /// OpenAI-compatible: the model (default `gpt-4o-mini-tts`).
@@ -154,12 +157,19 @@ impl TtsSettings {
                         "response_format {format:?}: callgate reads pcm or wav"
                     )));
                 }
-                let base_url = self
+                let given = self
                     .base_url
                     .clone()
-                    .unwrap_or_else(|| "https://api.openai.com".into())
-                    .trim_end_matches('/')
-                    .to_owned();
+                    .unwrap_or_else(|| "https://api.openai.com/v1".into());
+                let (base_url, old_form) = versioned(&given);
+                if old_form {
+                    tracing::warn!(
+                        base_url = %given,
+                        used = %base_url,
+                        "[tts] base_url has no version path: write it as the OpenAI SDKs \
+                         take it (https://api.openai.com/v1); /v1 is added for now."
+                    );
+                }
                 crate::plaintext::warn_if_exposed("[tts] base_url", &base_url);
                 Ok(Arc::new(OpenAi {
                     http: http.clone(),
@@ -246,7 +256,23 @@ impl Provider for Espeak {
     }
 }
 
-/// An OpenAI-compatible `POST {base_url}/v1/audio/speech`.
+/// `base_url` as the API's root with its version path, and whether it was the old form (no
+/// version path: `/v1` added).
+pub fn versioned(base_url: &str) -> (String, bool) {
+    let trimmed = base_url.trim_end_matches('/');
+    let last = trimmed.rsplit('/').next().unwrap_or("");
+    let has_version = trimmed.matches('/').count() > 2
+        && last.len() >= 2
+        && last.starts_with('v')
+        && last[1..].starts_with(|c: char| c.is_ascii_digit());
+    if has_version {
+        (trimmed.to_owned(), false)
+    } else {
+        (format!("{trimmed}/v1"), true)
+    }
+}
+
+/// An OpenAI-compatible `POST {base_url}/audio/speech`.
 #[derive(Debug, Clone)]
 pub struct OpenAi {
     http: reqwest::Client,
@@ -262,7 +288,7 @@ const MAX_SPEECH_BYTES: usize = 32 * 1024 * 1024;
 
 impl OpenAi {
     async fn request(&self, text: &str, voice: &str) -> Result<MonoAudio, TtsError> {
-        let url = format!("{}/v1/audio/speech", self.base_url);
+        let url = format!("{}/audio/speech", self.base_url);
         let body = serde_json::json!({
             "model": self.model,
             "voice": voice,
@@ -396,9 +422,9 @@ impl Cache {
         let (wav, keyfile) = self.paths(key);
         let tmp = wav.with_extension(format!("tmp{}", std::process::id()));
         // Private (0700/0600 whatever the umask): a prompt's text may be personal.
-        let stored = crate::messages::private_dirs(&self.dir, &self.dir).is_ok()
-            && crate::messages::write_wav(&tmp, audio.rate, &audio.samples).is_ok()
-            && crate::messages::private_file(&keyfile)
+        let stored = crate::files::private_dirs(&self.dir, &self.dir).is_ok()
+            && crate::files::write_wav(&tmp, audio.rate, &audio.samples).is_ok()
+            && crate::files::private_file(&keyfile)
                 .and_then(|mut f| {
                     std::io::Write::write_all(&mut f, key.as_bytes()).map_err(|e| e.to_string())
                 })
@@ -433,9 +459,66 @@ pub async fn speak(
     Ok(audio)
 }
 
+/// Speaks `text` while routes load (through the cache), outside or inside a runtime: on a
+/// thread of its own with a small runtime. The prompt is converted to every call rate now, so
+/// a call only slices it.
+pub fn render_at_load(
+    cache: &Cache,
+    provider: &dyn Provider,
+    voice: &str,
+    text: &str,
+) -> Result<crate::audio::PromptAudio, String> {
+    let audio = std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(speak(cache, provider, voice, text))
+                .map_err(|e| e.to_string())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("speech rendering panicked".into()))
+    })?;
+    let prompt = crate::audio::PromptAudio::new(text, &audio).map_err(|e| e.to_string())?;
+    for format in [
+        callgate_audio::AudioFormat::Pcm8000,
+        callgate_audio::AudioFormat::Pcm16000,
+        callgate_audio::AudioFormat::Pcm24000,
+        callgate_audio::AudioFormat::Pcm48000,
+    ] {
+        prompt.chunks(format);
+    }
+    Ok(prompt)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_urls_keep_their_version_path_and_the_old_form_gets_v1() {
+        assert_eq!(
+            versioned("https://api.openai.com/v1"),
+            ("https://api.openai.com/v1".into(), false)
+        );
+        assert_eq!(
+            versioned("http://localhost:11434/v1/"),
+            ("http://localhost:11434/v1".into(), false)
+        );
+        assert_eq!(
+            versioned("https://example.com/api/v2beta"),
+            ("https://example.com/api/v2beta".into(), false)
+        );
+        assert_eq!(
+            versioned("https://api.openai.com"),
+            ("https://api.openai.com/v1".into(), true)
+        );
+        assert_eq!(
+            versioned("http://127.0.0.1:8080/voice"),
+            ("http://127.0.0.1:8080/voice/v1".into(), true)
+        );
+    }
 
     #[test]
     fn pcm_answers_are_24k_and_nonsense_is_refused() {

@@ -1,0 +1,397 @@
+//! The driver of one `pipeline` call: the call's events, the providers' answers and time into
+//! the [`Core`]; its outputs carried out (requests started and cancelled on the call's
+//! `Spawner`, commands to the call through the kit's epoch-aware outbox). It decides nothing.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use callgate_agent::catalog::SettingsError;
+use callgate_agent::{
+    Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, CallInfo, Error, boxed,
+};
+use callgate_audio::pcm;
+use callgate_audio::vad::{Vad, VadConfig, VadEvent};
+use callgate_kit::AgentEnv;
+use callgate_kit::audio::PromptAudio;
+use callgate_kit::outbox::{Outbox, send};
+use callgate_kit::template::Template;
+use callgate_kit::tools::{Compiled, ToolDone};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::core::{Config, Core, Output};
+use crate::providers::{self, Api, Msg};
+use crate::settings::PipelineSettings;
+
+/// Provider answers waiting for the driver. Policy when full: the provider's task waits (one
+/// STT, one LLM and one TTS request run at a time, and tools).
+const MESSAGES: usize = 64;
+
+/// What every call of a route shares.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    settings: PipelineSettings,
+    instructions: Template,
+    greeting: Template,
+    tools: Compiled,
+    declarations: Vec<Value>,
+    http: reqwest::Client,
+    stt: Api,
+    llm: Api,
+    /// Speech streamed from an OpenAI-compatible API.
+    tts: Option<(Api, crate::settings::TtsSettings)>,
+    /// Or a kit provider (espeak-ng, the server's `[tts]`) and its voice.
+    speaker: Option<(Arc<dyn callgate_kit::tts::Provider>, String)>,
+    fallback: Arc<PromptAudio>,
+}
+
+impl Plan {
+    pub(crate) fn build(settings: PipelineSettings, env: &AgentEnv) -> Result<Self, SettingsError> {
+        let instructions = Template::parse(&settings.instructions)
+            .map_err(|e| SettingsError::new("instructions", e))?;
+        let greeting =
+            Template::parse(&settings.greeting).map_err(|e| SettingsError::new("greeting", e))?;
+        let tools = Compiled::new(&settings.tools)?;
+        let function = |name: &str, description: &str, parameters: Value| {
+            json!({"type": "function", "function": {"name": name, "description": description,
+                   "parameters": parameters}})
+        };
+        let mut declarations: Vec<Value> = settings
+            .builtin_tools
+            .iter()
+            .map(|b| function(b.name(), b.description(), b.parameters()))
+            .collect();
+        declarations.extend(
+            settings
+                .tools
+                .iter()
+                .map(|t| function(&t.name, &t.description, t.parameters.clone())),
+        );
+        let http = callgate_kit::http::client()
+            .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
+        let s = &settings;
+        let stt = Api::new(&s.stt.base_url, s.stt.api_key_env.as_ref(), s.stt.timeout.0);
+        let llm = Api::new(&s.llm.base_url, s.llm.api_key_env.as_ref(), s.llm.timeout.0);
+        let (tts, speaker) = match &s.tts {
+            Some(t) if t.provider == "openai" => (
+                Some((
+                    Api::new(&t.base_url, t.api_key_env.as_ref(), t.timeout.0),
+                    t.clone(),
+                )),
+                None,
+            ),
+            Some(t) => {
+                let espeak = callgate_kit::TtsSettings {
+                    provider: Some(callgate_kit::tts::ProviderName::EspeakNg),
+                    timeout: Some(t.timeout),
+                    ..Default::default()
+                };
+                let p = espeak
+                    .provider(&http)
+                    .map_err(|e| SettingsError::new("tts.provider", e.to_string()))?;
+                (None, Some((p, t.voice.clone())))
+            }
+            None => {
+                let p = env
+                    .tts
+                    .provider(&http)
+                    .map_err(|e| SettingsError::new("tts", format!("the server's [tts]: {e}")))?;
+                (None, Some((p, env.tts.voice())))
+            }
+        };
+        // The fallback never goes through a provider that may be the one failing: the
+        // server's `[tts]` (espeak-ng unless it says otherwise), rendered now.
+        let provider = env
+            .tts
+            .provider(&http)
+            .map_err(|e| SettingsError::new("fallback_message", e.to_string()))?;
+        let cache = callgate_kit::tts::Cache::new(&env.data_dir);
+        let fallback = callgate_kit::tts::render_at_load(
+            &cache,
+            provider.as_ref(),
+            &env.tts.voice(),
+            &settings.fallback_message,
+        )
+        .map_err(|e| SettingsError::new("fallback_message", e))?;
+        Ok(Self {
+            instructions,
+            greeting,
+            tools,
+            declarations,
+            http,
+            stt,
+            llm,
+            tts,
+            speaker,
+            fallback: Arc::new(fallback),
+            settings,
+        })
+    }
+}
+
+/// Makes one pipeline agent per call of a route.
+#[derive(Debug)]
+pub(crate) struct PipelineFactory {
+    pub(crate) plan: Arc<Plan>,
+}
+
+impl AgentFactory for PipelineFactory {
+    fn name(&self) -> &str {
+        crate::NAME
+    }
+
+    fn start(&self, io: AgentIo) -> AgentRun {
+        boxed(
+            PipelineAgent {
+                plan: self.plan.clone(),
+            },
+            io,
+        )
+    }
+}
+
+#[derive(Debug)]
+struct PipelineAgent {
+    plan: Arc<Plan>,
+}
+
+fn lookup<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> + 'a {
+    move |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+}
+
+impl Agent for PipelineAgent {
+    async fn run(self, mut io: AgentIo) -> Result<(), Error> {
+        let plan = self.plan.clone();
+        let s = &plan.settings;
+        let call = io.call.clone();
+        let input = call.input_format;
+        let output = call.output_format;
+        let vars = call.variables();
+        let config = Config {
+            instructions: plan.instructions.render(lookup(&vars)),
+            greeting: plan.greeting.render(lookup(&vars)),
+            end_of_speech_ms: millis(s.turn.end_of_speech.0),
+            min_barge_in_ms: millis(s.turn.min_barge_in.0),
+            backchannels: s.turn.backchannels.clone(),
+            tools: plan.declarations.clone(),
+            output_bytes_per_ms: (output.frame_bytes_20ms() / 20) as u64,
+            input_samples_per_ms: u64::from(input.sample_rate() / 1000),
+            max_duration_ms: io.now_ms() + millis(s.max_duration.0),
+        };
+        let mut vad = Vad::new(
+            input.sample_rate(),
+            VadConfig {
+                stop_frames: 5,
+                ..VadConfig::default()
+            },
+        )
+        .map_err(|e| Error::Failed(e.to_string()))?;
+        let sender = io.sender();
+        let spawner = io.spawner();
+        let (tx, mut rx) = mpsc::channel::<Msg>(MESSAGES);
+        let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+        let mut outbox = Outbox::new(io.epoch());
+        outbox.push(AgentCommand::Answer);
+        let mut core = Core::new(config, io.now_ms());
+        let mut voiced = false;
+        let mut samples = Vec::new();
+        let mut ended = false;
+        loop {
+            while let Some(out) = core.poll_output() {
+                match out {
+                    Output::Transcribe { req, samples } => {
+                        let (plan, tx) = (plan.clone(), tx.clone());
+                        let rate = input.sample_rate();
+                        let h = spawner.spawn(async move {
+                            let s = &plan.settings.stt;
+                            let result = providers::transcribe(
+                                &plan.http,
+                                &plan.stt,
+                                &s.model,
+                                s.language.as_deref(),
+                                &samples,
+                                rate,
+                            )
+                            .await;
+                            let _ = tx.send(Msg::Transcript(req, result)).await;
+                        });
+                        running.insert(req, h.abort_handle());
+                    }
+                    Output::Complete { req, messages } => {
+                        let (plan, tx) = (plan.clone(), tx.clone());
+                        let h = spawner.spawn(async move {
+                            let body = providers::chat_body(
+                                &plan.settings.llm,
+                                &messages,
+                                &plan.declarations,
+                            );
+                            let result =
+                                providers::complete(&plan.http, &plan.llm, &body, req, &tx).await;
+                            let _ = tx.send(Msg::LlmDone(req, result)).await;
+                        });
+                        running.insert(req, h.abort_handle());
+                    }
+                    Output::Speak { req, text } => {
+                        let (plan, tx) = (plan.clone(), tx.clone());
+                        let h = spawner.spawn(async move {
+                            let result = match (&plan.tts, &plan.speaker) {
+                                (Some((api, s)), _) => {
+                                    providers::speak_openai(
+                                        &plan.http, api, s, &text, output, req, &tx,
+                                    )
+                                    .await
+                                }
+                                (None, Some((p, voice))) => {
+                                    providers::speak_with(p, voice, &text, output, req, &tx).await
+                                }
+                                (None, None) => Err(crate::core::Failure {
+                                    reason: "tts: no provider".into(),
+                                    retryable: false,
+                                }),
+                            };
+                            let _ = tx.send(Msg::TtsDone(req, result)).await;
+                        });
+                        running.insert(req, h.abort_handle());
+                    }
+                    Output::Cancel { req } => {
+                        if let Some(h) = running.remove(&req) {
+                            h.abort();
+                        }
+                    }
+                    Output::Tool(tool) => {
+                        let (plan, tx, call) = (plan.clone(), tx.clone(), call.clone());
+                        spawner.spawn(async move {
+                            let done = run_tool(&plan, &call, tool).await;
+                            let _ = tx.send(Msg::Tool(done)).await;
+                        });
+                    }
+                    Output::Clear => outbox.cleared(io.clear()),
+                    Output::Command(command) => outbox.push(command),
+                    Output::Fallback => {
+                        let prompt = plan.fallback.clone();
+                        let chunks = spawner
+                            .spawn_blocking(move || prompt.chunks(output))
+                            .await
+                            .unwrap_or_default();
+                        outbox.extend(chunks.into_iter().map(AgentCommand::Audio));
+                        outbox.push(AgentCommand::Hangup);
+                    }
+                }
+            }
+            if ended {
+                return Ok(());
+            }
+            let wait = core
+                .poll_timeout()
+                .map(|at| Duration::from_millis(at.saturating_sub(io.now_ms())));
+            let next = outbox.front();
+            tokio::select! {
+                event = io.recv() => {
+                    let now = io.now_ms();
+                    match event {
+                        None | Some(AgentEvent::Ended(_)) => {
+                            ended = true;
+                            for (_, h) in running.drain() {
+                                h.abort();
+                            }
+                        }
+                        Some(AgentEvent::Audio(data)) => {
+                            samples.clear();
+                            pcm::decode(input, &data, &mut samples);
+                            match vad.process(&samples) {
+                                Some(VadEvent::SpeechStarted { .. }) => voiced = true,
+                                Some(VadEvent::SpeechStopped { .. }) => voiced = false,
+                                None => {}
+                            }
+                            core.handle_audio(now, &samples, voiced);
+                        }
+                        Some(AgentEvent::Mark { id, played_ms, state, .. }) => {
+                            core.handle_mark(now, id, played_ms, state);
+                        }
+                        Some(AgentEvent::BargeIn(i)) => {
+                            outbox.barged_in(i.epoch);
+                            core.handle_cleared(now, i.played_ms);
+                        }
+                        Some(AgentEvent::Cleared(i)) => {
+                            outbox.advance(i.epoch);
+                            core.handle_cleared(now, i.played_ms);
+                        }
+                        Some(AgentEvent::Refused { command, reason }) => {
+                            tracing::debug!(?command, %reason, "Pipeline command refused.");
+                        }
+                        Some(_) => {}
+                    }
+                }
+                Some(msg) = rx.recv() => {
+                    let now = io.now_ms();
+                    match msg {
+                        Msg::Transcript(req, result) => {
+                            running.remove(&req);
+                            core.handle_transcript(now, req, result);
+                        }
+                        Msg::LlmDelta(req, text) => core.handle_llm_delta(now, req, &text),
+                        Msg::LlmDone(req, result) => {
+                            running.remove(&req);
+                            core.handle_llm_done(now, req, result);
+                        }
+                        Msg::TtsAudio(req, audio) => core.handle_tts_audio(now, req, &audio),
+                        Msg::TtsDone(req, result) => {
+                            running.remove(&req);
+                            core.handle_tts_done(now, req, result);
+                        }
+                        Msg::Tool(done) => core.handle_tool_done(now, done),
+                    }
+                }
+                () = sleep_for(wait) => core.handle_timeout(io.now_ms()),
+                sent = send(&sender, next), if !outbox.is_empty() => {
+                    if sent.is_err() {
+                        return Ok(());
+                    }
+                    outbox.pop();
+                }
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn sleep_for(wait: Option<Duration>) {
+    match wait {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs an HTTP tool the model called (arguments checked against its schema first).
+async fn run_tool(plan: &Plan, call: &CallInfo, tool: crate::chat::ToolCall) -> ToolDone {
+    let fail = |error: String| ToolDone {
+        call_id: tool.id.clone(),
+        ok: false,
+        output: json!({ "error": error }).to_string(),
+    };
+    let Some(i) = plan.settings.tools.iter().position(|t| t.name == tool.name) else {
+        return fail(format!("no tool named {:?}", tool.name));
+    };
+    let arguments: Value = match serde_json::from_str(&tool.arguments) {
+        Ok(v) => v,
+        Err(e) => return fail(format!("the arguments are not JSON: {e}")),
+    };
+    if let Err(e) = plan.tools.schemas[i].validate(&arguments) {
+        return fail(format!("invalid arguments: {e}"));
+    }
+    callgate_kit::tools::run_http(
+        &plan.http,
+        &plan.settings.tools[i],
+        &plan.tools.urls[i],
+        &plan.tools.headers[i],
+        call,
+        tool.id.clone(),
+        &arguments,
+    )
+    .await
+}

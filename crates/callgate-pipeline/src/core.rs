@@ -1,0 +1,1481 @@
+//! The conversation core of one `pipeline` call, in quinn-proto's shape: time passed in as the
+//! call clock's milliseconds, `handle_*` for inputs, [`Core::poll_output`] and
+//! [`Core::poll_timeout`] for outputs; no channels, atomics, runtime types or clock inside.
+//!
+//! - **Turns** from per-frame voice activity: speech that stays silent for `end_of_speech`
+//!   ends the caller's turn; its audio goes to speech-to-text.
+//! - **Answers** stream: each sentence of the LLM's answer goes to text-to-speech as soon as it
+//!   is complete, and its audio to the call as it arrives.
+//! - **Pause, resume, barge-in**: caller speech over the agent for `min_barge_in` pauses the
+//!   answer at once (the playout is cleared, the answer's audio held). When the transcript is
+//!   only backchannels the answer resumes from the position the call reported; otherwise the
+//!   held audio is dropped, the running LLM and TTS requests are cancelled, and the answer kept
+//!   in the conversation is cut to what was heard.
+//! - **Tools**: `hang_up` ends the call once the goodbye has played (the LLM is not asked
+//!   again); other tools' results go back to the LLM.
+//! - **Failures**: a provider failing is retried once where safe (nothing of its answer used
+//!   yet), then the fallback message plays and the call hangs up; the record says why.
+//! - **The record**: transcript turns on the call clock, a `turn_latency` event per answer,
+//!   usage at the end.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use callgate_agent::{AgentCommand, MarkState, RecordEvent, Speaker, Turn};
+use serde_json::{Value, json};
+
+use crate::chat::{Answer, ToolCall};
+use crate::heard::{self, Spoken};
+use crate::sentences::Splitter;
+
+/// The longest caller turn sent to speech-to-text, ms (a longer one is ended there).
+pub const MAX_TURN_MS: u64 = 30_000;
+/// The most tool rounds (LLM asked again after tools) in one answer.
+pub const MAX_TOOL_ROUNDS: u32 = 4;
+/// A sentence longer than this many characters is cut at a clause for speech.
+pub const MAX_SENTENCE_CHARS: usize = 160;
+/// What ends an answer's text cut by a barge-in, for the LLM to read.
+pub const CUT_MARKER: &str = "…";
+
+/// How the core is set up (from the route's settings).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The system prompt, rendered for this call.
+    pub instructions: String,
+    /// Spoken at the answer and the assistant's first message (empty: none).
+    pub greeting: String,
+    /// Silence that ends the caller's turn, ms.
+    pub end_of_speech_ms: u64,
+    /// Speech over the agent this long pauses it, ms.
+    pub min_barge_in_ms: u64,
+    /// Words that never interrupt (compared normalised).
+    pub backchannels: Vec<String>,
+    /// The tools' declarations for the LLM (chat completions form).
+    pub tools: Vec<Value>,
+    /// Bytes of the call's output audio per ms.
+    pub output_bytes_per_ms: u64,
+    /// Caller audio samples per ms.
+    pub input_samples_per_ms: u64,
+    /// The longest call, ms.
+    pub max_duration_ms: u64,
+}
+
+/// A request to a provider.
+pub type ReqId = u64;
+
+/// Which provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// Speech-to-text.
+    Stt,
+    /// The LLM.
+    Llm,
+    /// Text-to-speech.
+    Tts,
+}
+
+impl Provider {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Stt => "stt",
+            Self::Llm => "llm",
+            Self::Tts => "tts",
+        }
+    }
+}
+
+/// What the core asks the driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Transcribe the caller's turn (16-bit mono PCM at the input rate).
+    Transcribe {
+        /// The request.
+        req: ReqId,
+        /// The samples.
+        samples: Vec<i16>,
+    },
+    /// Ask the LLM (streaming) with these chat messages.
+    Complete {
+        /// The request.
+        req: ReqId,
+        /// The conversation.
+        messages: Vec<Value>,
+    },
+    /// Speak this text (audio back through [`Core::handle_tts_audio`]).
+    Speak {
+        /// The request.
+        req: ReqId,
+        /// The sentence.
+        text: String,
+    },
+    /// Abandon a running request (its answers are ignored if they still come).
+    Cancel {
+        /// The request.
+        req: ReqId,
+    },
+    /// Run a tool the model called (not `hang_up`: the core does that).
+    Tool(ToolCall),
+    /// Clear the call's playout now (its report comes back as `handle_cleared`).
+    Clear,
+    /// A command for the call.
+    Command(AgentCommand),
+    /// Play the fallback message, then hang up.
+    Fallback,
+}
+
+/// A provider's failure, as the driver saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// What happened (timeout, HTTP 503, refused...).
+    pub reason: String,
+    /// Whether asking again may help (timeouts, 5xx, refused connections; not 4xx).
+    pub retryable: bool,
+}
+
+/// One running provider request.
+#[derive(Debug, Clone, PartialEq)]
+struct Running {
+    req: ReqId,
+    provider: Provider,
+    /// Whether this is the retry already.
+    retried: bool,
+    /// Whether any of its answer was used (then a retry would repeat it).
+    used: bool,
+}
+
+/// The caller's side of the turn.
+#[derive(Debug, Clone, PartialEq)]
+enum Caller {
+    /// Silent.
+    Quiet,
+    /// Speaking since `start_ms`; the last voiced frame ended at `last_voice_ms`.
+    Speaking {
+        start_ms: u64,
+        last_voice_ms: u64,
+        samples: Vec<i16>,
+    },
+}
+
+/// The phase of the call: a hangup cannot be undone by a later event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Live,
+    /// Done: nothing more is asked of anyone.
+    Over,
+}
+
+/// The answer being spoken.
+#[derive(Debug)]
+struct Speech {
+    splitter: Splitter,
+    /// Sentences waiting for speech.
+    queue: VecDeque<String>,
+    /// The sentence being spoken, and its audio bytes so far.
+    speaking: Option<(String, u64)>,
+    /// Sentences spoken (text and audio length).
+    spoken: Vec<Spoken>,
+    /// Every byte of this answer's audio (held for a resume after a pause).
+    audio: Vec<u8>,
+    /// The mark sent before its first byte, and the call's played count there once reached.
+    start_mark: Option<(u64, Option<u64>)>,
+    /// A clear was asked for and the call has not reported it yet.
+    clear_pending: bool,
+    /// Paused: the caller talks over it; audio held.
+    paused: bool,
+    /// Heard of it, ms, as of the last clear.
+    heard_ms: u64,
+    /// The LLM finished (no more sentences will come).
+    text_done: bool,
+    /// The end mark, once every sentence was sent.
+    end_mark: Option<u64>,
+    /// The conversation message holding this answer (to cut it).
+    message: Option<usize>,
+    /// Text of the answer so far.
+    text: String,
+    /// The first audio's time on the call clock.
+    first_audio_ms: Option<u64>,
+    /// `hang_up` was called in this answer.
+    hang_up: bool,
+    /// The conversation messages holding `hang_up`'s results (rewritten if the caller
+    /// interrupts the goodbye: the call did not end).
+    hang_up_results: Vec<usize>,
+}
+
+impl Speech {
+    fn new() -> Self {
+        Self {
+            splitter: Splitter::new(MAX_SENTENCE_CHARS),
+            queue: VecDeque::new(),
+            speaking: None,
+            spoken: Vec::new(),
+            audio: Vec::new(),
+            start_mark: None,
+            clear_pending: false,
+            paused: false,
+            heard_ms: 0,
+            text_done: false,
+            end_mark: None,
+            message: None,
+            text: String::new(),
+            first_audio_ms: None,
+            hang_up: false,
+            hang_up_results: Vec::new(),
+        }
+    }
+}
+
+/// Latency of one answer, from the end of the caller's speech.
+#[derive(Debug, Clone, Copy, Default)]
+struct Latency {
+    end_of_speech_ms: u64,
+    detected_after_ms: u64,
+    stt_ms: Option<u64>,
+    llm_first_token_ms: Option<u64>,
+    tts_first_audio_ms: Option<u64>,
+    first_frame_ms: Option<u64>,
+}
+
+/// Usage of the whole call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Caller audio sent to speech-to-text, ms.
+    pub stt_ms: u64,
+    /// LLM input tokens.
+    pub llm_input_tokens: u64,
+    /// LLM output tokens.
+    pub llm_output_tokens: u64,
+    /// Characters sent to text-to-speech.
+    pub tts_characters: u64,
+}
+
+/// The conversation core of one call.
+#[derive(Debug)]
+pub struct Core {
+    config: Config,
+    phase: Phase,
+    caller: Caller,
+    messages: Vec<Value>,
+    running: Vec<Running>,
+    speech: Option<Speech>,
+    /// The caller's turn waiting for its transcript: (request, start, end).
+    turn: Option<(ReqId, u64, u64)>,
+    latency: Option<Latency>,
+    usage: Usage,
+    tool_rounds: u32,
+    /// Tool calls waiting for results.
+    tools_pending: Vec<ToolCall>,
+    /// The caller's words, waiting for the call's report of the clear they caused.
+    awaiting_clear: Option<String>,
+    /// The last turn's samples, kept for one retry of its transcription.
+    last_samples: Vec<i16>,
+    next_req: u64,
+    next_mark: u64,
+    out: VecDeque<Output>,
+}
+
+impl Core {
+    /// A core for a call answered at `now`: the greeting (if any) is spoken first.
+    pub fn new(config: Config, now: u64) -> Self {
+        let mut core = Self {
+            messages: vec![json!({"role": "system", "content": config.instructions})],
+            config,
+            phase: Phase::Live,
+            caller: Caller::Quiet,
+            running: Vec::new(),
+            speech: None,
+            turn: None,
+            latency: None,
+            usage: Usage::default(),
+            tool_rounds: 0,
+            tools_pending: Vec::new(),
+            last_samples: Vec::new(),
+            awaiting_clear: None,
+            next_req: 1,
+            next_mark: 1,
+            out: VecDeque::new(),
+        };
+        let greeting = core.config.greeting.trim().to_owned();
+        if !greeting.is_empty() {
+            let mut speech = Speech::new();
+            speech.splitter.push(&greeting);
+            speech.text = greeting.clone();
+            speech.text_done = true;
+            core.messages
+                .push(json!({"role": "assistant", "content": greeting}));
+            speech.message = Some(core.messages.len() - 1);
+            core.speech = Some(speech);
+            core.pump_speech(now);
+        }
+        core
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Core::handle_timeout`] is due (call clock ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        if self.phase == Phase::Over {
+            return None;
+        }
+        let turn_end = match &self.caller {
+            Caller::Speaking { last_voice_ms, .. } => {
+                Some(last_voice_ms + self.config.end_of_speech_ms)
+            }
+            Caller::Quiet => None,
+        };
+        Some(turn_end.map_or(self.config.max_duration_ms, |t| {
+            t.min(self.config.max_duration_ms)
+        }))
+    }
+
+    /// Whether the call is over for the core.
+    pub fn is_over(&self) -> bool {
+        self.phase == Phase::Over
+    }
+
+    /// The usage so far.
+    pub fn usage(&self) -> Usage {
+        self.usage
+    }
+
+    /// The conversation as the LLM will read it.
+    pub fn messages(&self) -> &[Value] {
+        &self.messages
+    }
+
+    /// One frame of caller audio (`samples` at the input rate) ending at `now`, and whether
+    /// it holds speech.
+    pub fn handle_audio(&mut self, now: u64, samples: &[i16], voiced: bool) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        match &mut self.caller {
+            Caller::Quiet if voiced => {
+                let frame_ms = samples.len() as u64 / self.config.input_samples_per_ms.max(1);
+                self.caller = Caller::Speaking {
+                    start_ms: now.saturating_sub(frame_ms),
+                    last_voice_ms: now,
+                    samples: samples.to_vec(),
+                };
+            }
+            Caller::Quiet => return,
+            Caller::Speaking {
+                last_voice_ms,
+                samples: held,
+                ..
+            } => {
+                held.extend_from_slice(samples);
+                if voiced {
+                    *last_voice_ms = now;
+                }
+            }
+        }
+        let Caller::Speaking {
+            start_ms,
+            last_voice_ms,
+            samples: held,
+        } = &self.caller
+        else {
+            return;
+        };
+        let (start_ms, last_voice_ms) = (*start_ms, *last_voice_ms);
+        let long = held.len() as u64 >= MAX_TURN_MS * self.config.input_samples_per_ms;
+        if long {
+            self.end_turn(now);
+            return;
+        }
+        if last_voice_ms.saturating_sub(start_ms) >= self.config.min_barge_in_ms {
+            self.pause(now);
+        }
+    }
+
+    /// Time passed: a turn may have ended, the call may have lasted long enough.
+    pub fn handle_timeout(&mut self, now: u64) {
+        if self.phase == Phase::Over {
+            return;
+        }
+        if now >= self.config.max_duration_ms {
+            self.record(
+                "max_duration",
+                json!({"after_ms": self.config.max_duration_ms}),
+            );
+            self.hang_up_now();
+            return;
+        }
+        if let Caller::Speaking { last_voice_ms, .. } = &self.caller
+            && now >= last_voice_ms + self.config.end_of_speech_ms
+        {
+            self.end_turn(now);
+        }
+    }
+
+    /// The transcript of the caller's turn (`req`), or why there is none.
+    pub fn handle_transcript(&mut self, now: u64, req: ReqId, result: Result<String, Failure>) {
+        let Some(running) = self.finish_req(req) else {
+            return;
+        };
+        let text = match result {
+            Ok(text) => text.trim().to_owned(),
+            Err(failure) => {
+                if self.retry(&running, &failure) {
+                    // Transcribing again repeats nothing the caller heard: always safe.
+                    let req = self.next_req;
+                    self.next_req += 1;
+                    if let Some(turn) = &mut self.turn {
+                        turn.0 = req;
+                    }
+                    self.running.push(Running {
+                        req,
+                        provider: Provider::Stt,
+                        retried: true,
+                        used: false,
+                    });
+                    self.out.push_back(Output::Transcribe {
+                        req,
+                        samples: self.last_samples.clone(),
+                    });
+                    return;
+                }
+                return self.fail(now, Provider::Stt, &failure.reason);
+            }
+        };
+        let Some((_, start_ms, end_ms)) = self.turn.take() else {
+            return;
+        };
+        if let Some(l) = &mut self.latency {
+            l.stt_ms = Some(now.saturating_sub(l.end_of_speech_ms));
+        }
+        if text.is_empty() {
+            // Noise: nothing was said; a paused answer goes on.
+            self.resume(now);
+            return;
+        }
+        self.out
+            .push_back(Output::Command(AgentCommand::Transcript(Box::new(Turn {
+                speaker: Speaker::Caller,
+                text: text.clone(),
+                start_ms,
+                end_ms,
+                interrupted: false,
+            }))));
+        if self.speech.is_some() && self.is_backchannel(&text) {
+            // A backchannel never interrupts: a paused answer goes on where it paused.
+            let paused = self.speech.as_ref().is_some_and(|s| s.paused);
+            self.record("backchannel", json!({"resumed": paused}));
+            self.resume(now);
+            return;
+        }
+        if let Some(speech) = &mut self.speech
+            && speech.start_mark.is_some()
+            && (!speech.paused || speech.clear_pending)
+        {
+            // What the caller heard is the call's count: wait for its report of the clear.
+            if !speech.paused {
+                speech.paused = true;
+                speech.clear_pending = true;
+                self.out.push_back(Output::Clear);
+            }
+            self.awaiting_clear = Some(text);
+            return;
+        }
+        self.take_turn(now, text);
+    }
+
+    /// The caller's words end the answer (cut to what was heard) and go to the LLM.
+    fn take_turn(&mut self, now: u64, text: String) {
+        self.interrupt(now);
+        self.messages.push(json!({"role": "user", "content": text}));
+        self.tool_rounds = 0;
+        self.ask_llm(now);
+    }
+
+    /// More of the LLM's answer to `req`.
+    pub fn handle_llm_delta(&mut self, now: u64, req: ReqId, text: &str) {
+        if !self.is_running(req) || self.phase != Phase::Live {
+            return;
+        }
+        if let Some(r) = self.running.iter_mut().find(|r| r.req == req) {
+            r.used = true;
+        }
+        if let Some(l) = &mut self.latency
+            && l.llm_first_token_ms.is_none()
+        {
+            l.llm_first_token_ms = Some(now.saturating_sub(l.end_of_speech_ms));
+        }
+        let speech = self.speech.get_or_insert_with(Speech::new);
+        speech.text.push_str(text);
+        speech.splitter.push(text);
+        self.pump_speech(now);
+    }
+
+    /// The LLM's answer to `req` is complete, or failed.
+    pub fn handle_llm_done(&mut self, now: u64, req: ReqId, result: Result<Answer, Failure>) {
+        let Some(running) = self.finish_req(req) else {
+            return;
+        };
+        let answer = match result {
+            Ok(answer) => answer,
+            Err(failure) => {
+                if self.retry(&running, &failure) {
+                    self.speech = None;
+                    return self.ask_llm_again(now, true);
+                }
+                return self.fail(now, Provider::Llm, &failure.reason);
+            }
+        };
+        if let Some(u) = answer.usage {
+            self.usage.llm_input_tokens += u.prompt_tokens;
+            self.usage.llm_output_tokens += u.completion_tokens;
+            self.count(&[
+                ("llm_input_tokens", u.prompt_tokens as f64),
+                ("llm_output_tokens", u.completion_tokens as f64),
+            ]);
+        }
+        let mut message = json!({"role": "assistant", "content": answer.content});
+        let (hang_up, others): (Vec<ToolCall>, Vec<ToolCall>) = answer
+            .tool_calls
+            .into_iter()
+            .partition(|c| c.name == "hang_up");
+        let calls: Vec<&ToolCall> = hang_up.iter().chain(others.iter()).collect();
+        if !calls.is_empty() {
+            message["tool_calls"] = Value::Array(
+                calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect(),
+            );
+        }
+        self.messages.push(message);
+        let index = self.messages.len() - 1;
+        let mut results = Vec::new();
+        for call in &hang_up {
+            self.messages
+                .push(json!({"role": "tool", "tool_call_id": call.id,
+                                      "content": "{\"ok\": true}"}));
+            results.push(self.messages.len() - 1);
+            self.record("tool_call", json!({"name": "hang_up"}));
+        }
+        let speech = self.speech.get_or_insert_with(Speech::new);
+        speech.hang_up_results = results;
+        speech.text_done = true;
+        speech.message = Some(index);
+        speech.hang_up = !hang_up.is_empty();
+        if !speech.hang_up && !others.is_empty() && self.tool_rounds < MAX_TOOL_ROUNDS {
+            self.tool_rounds += 1;
+            for call in &others {
+                self.record("tool_call", json!({"name": call.name}));
+                self.out.push_back(Output::Tool(call.clone()));
+            }
+            self.tools_pending = others;
+        }
+        self.pump_speech(now);
+    }
+
+    /// A tool's result.
+    pub fn handle_tool_done(&mut self, now: u64, done: callgate_kit::tools::ToolDone) {
+        let Some(i) = self.tools_pending.iter().position(|c| c.id == done.call_id) else {
+            return;
+        };
+        self.tools_pending.remove(i);
+        self.messages
+            .push(json!({"role": "tool", "tool_call_id": done.call_id,
+                                  "content": done.output}));
+        if self.tools_pending.is_empty() && self.phase == Phase::Live {
+            self.ask_llm_again(now, false);
+        }
+    }
+
+    /// Audio of the sentence being spoken for `req` (the call's output format).
+    pub fn handle_tts_audio(&mut self, now: u64, req: ReqId, audio: &[u8]) {
+        if !self.is_running(req) || self.phase == Phase::Over {
+            return;
+        }
+        if let Some(r) = self.running.iter_mut().find(|r| r.req == req) {
+            r.used = true;
+        }
+        if let Some(l) = &mut self.latency
+            && l.tts_first_audio_ms.is_none()
+        {
+            l.tts_first_audio_ms = Some(now.saturating_sub(l.end_of_speech_ms));
+        }
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        if speech.start_mark.is_none() {
+            let id = self.next_mark;
+            self.next_mark += 1;
+            speech.start_mark = Some((id, None));
+            self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+        }
+        speech.first_audio_ms.get_or_insert(now);
+        speech.audio.extend_from_slice(audio);
+        if let Some((_, bytes)) = &mut speech.speaking {
+            *bytes += audio.len() as u64;
+        }
+        if !speech.paused {
+            self.out.push_back(Output::Command(AgentCommand::Audio(
+                Bytes::copy_from_slice(audio),
+            )));
+            if let Some(l) = &mut self.latency
+                && l.first_frame_ms.is_none()
+            {
+                l.first_frame_ms = Some(now.saturating_sub(l.end_of_speech_ms));
+                let l = *l;
+                self.record(
+                    "turn_latency",
+                    json!({"end_of_speech_wait_ms": l.detected_after_ms,
+                           "stt_ms": l.stt_ms, "llm_first_token_ms": l.llm_first_token_ms,
+                           "tts_first_audio_ms": l.tts_first_audio_ms,
+                           "first_frame_ms": l.first_frame_ms}),
+                );
+            }
+        }
+    }
+
+    /// The sentence of `req` is fully spoken, or its speech failed.
+    pub fn handle_tts_done(&mut self, now: u64, req: ReqId, result: Result<(), Failure>) {
+        let Some(running) = self.finish_req(req) else {
+            return;
+        };
+        if let Err(failure) = result {
+            if self.retry(&running, &failure)
+                && let Some(speech) = &mut self.speech
+                && let Some((text, _)) = speech.speaking.take()
+            {
+                speech.queue.push_front(text);
+                self.speak_next(now, true);
+                return;
+            }
+            return self.fail(now, Provider::Tts, &failure.reason);
+        }
+        if let Some(speech) = &mut self.speech
+            && let Some((text, bytes)) = speech.speaking.take()
+        {
+            speech.spoken.push(Spoken {
+                text,
+                audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
+            });
+        }
+        self.pump_speech(now);
+    }
+
+    /// The call reports a mark.
+    pub fn handle_mark(&mut self, now: u64, id: u64, played_ms: u64, state: MarkState) {
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        if let Some((start, base)) = &mut speech.start_mark
+            && *start == id
+        {
+            *base = Some(played_ms);
+        }
+        if speech.end_mark == Some(id) && state == MarkState::Played && !speech.paused {
+            self.answer_heard(now);
+        }
+    }
+
+    /// The call cleared the playout (at the core's request, or a barge-in of its own):
+    /// `played_ms` is all the agent audio the caller has heard.
+    pub fn handle_cleared(&mut self, now: u64, played_ms: u64) {
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        let base = speech.start_mark.and_then(|(_, base)| base);
+        speech.heard_ms = base.map_or(0, |b| played_ms.saturating_sub(b));
+        // A clear the core did not ask for (the call's own barge-in) is held as a pause.
+        speech.paused = true;
+        speech.clear_pending = false;
+        if let Some(text) = self.awaiting_clear.take() {
+            self.take_turn(now, text);
+        }
+    }
+
+    fn pause(&mut self, _now: u64) {
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        if speech.paused || speech.start_mark.is_none() {
+            return;
+        }
+        speech.paused = true;
+        speech.clear_pending = true;
+        self.out.push_back(Output::Clear);
+    }
+
+    /// The answer goes on from where the caller stopped hearing it.
+    fn resume(&mut self, _now: u64) {
+        let bytes_per_ms = self.config.output_bytes_per_ms.max(1);
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        if !speech.paused {
+            return;
+        }
+        speech.paused = false;
+        let from = usize::try_from(speech.heard_ms * bytes_per_ms)
+            .unwrap_or(usize::MAX)
+            .min(speech.audio.len());
+        // A new base: the rest is heard from a new mark.
+        let id = self.next_mark;
+        self.next_mark += 1;
+        // The audio before `from` was heard: counted in the new base by subtracting it.
+        speech.start_mark = Some((id, None));
+        speech.heard_ms = 0;
+        let rest = speech.audio.split_off(from);
+        let skipped: Vec<u8> = std::mem::replace(&mut speech.audio, rest);
+        self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+        if !speech.audio.is_empty() {
+            self.out
+                .push_back(Output::Command(AgentCommand::Audio(Bytes::from(
+                    speech.audio.clone(),
+                ))));
+        }
+        // What was heard before the pause stays heard: the spoken list keeps its texts; the
+        // offset is folded into the first sentences' lengths.
+        let mut skip_ms = skipped.len() as u64 / bytes_per_ms;
+        for s in &mut speech.spoken {
+            let take = skip_ms.min(s.audio_ms);
+            s.audio_ms -= take;
+            skip_ms -= take;
+        }
+        if speech.end_mark.is_some() {
+            let id = self.next_mark;
+            self.next_mark += 1;
+            speech.end_mark = Some(id);
+            self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+        }
+    }
+
+    /// The caller took the turn: the answer (if any) stops, cut to what was heard.
+    fn interrupt(&mut self, now: u64) {
+        let Some(mut speech) = self.speech.take() else {
+            return;
+        };
+        for r in std::mem::take(&mut self.running) {
+            if matches!(r.provider, Provider::Llm | Provider::Tts) {
+                self.out.push_back(Output::Cancel { req: r.req });
+            } else {
+                self.running.push(r);
+            }
+        }
+        self.tools_pending.clear();
+        if !speech.paused && speech.start_mark.is_some() {
+            // Not heard since the clear: nothing more is.
+            self.out.push_back(Output::Clear);
+        }
+        if let Some((text, bytes)) = speech.speaking.take() {
+            speech.spoken.push(Spoken {
+                text,
+                audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
+            });
+        }
+        for &i in &speech.hang_up_results {
+            if let Some(m) = self.messages.get_mut(i) {
+                m["content"] = json!(
+                    "{\"error\": \"the caller spoke before the goodbye was heard: the call goes on\"}"
+                );
+            }
+        }
+        let heard = heard::cut(&speech.spoken, speech.heard_ms, CUT_MARKER);
+        let complete = heard.whole && speech.queue.is_empty() && speech.text_done;
+        let text = if complete {
+            speech.text.trim().to_owned()
+        } else if heard.whole && !heard.text.is_empty() {
+            // Every sentence spoken was heard, but the answer had more to say.
+            format!("{}{CUT_MARKER}", heard.text)
+        } else {
+            heard.text.clone()
+        };
+        match speech.message {
+            Some(i) => {
+                if let Some(m) = self.messages.get_mut(i) {
+                    m["content"] = json!(text);
+                }
+            }
+            None if !text.is_empty() => {
+                self.messages
+                    .push(json!({"role": "assistant", "content": text}));
+            }
+            None => {}
+        }
+        // A cut answer whose tool calls never ran: the conversation must still pair each
+        // call with a result.
+        if let Some(i) = speech.message
+            && let Some(calls) = self.messages[i].get("tool_calls").cloned()
+        {
+            let answered: Vec<String> = self.messages[i + 1..]
+                .iter()
+                .filter_map(|m| m.get("tool_call_id").and_then(Value::as_str))
+                .map(str::to_owned)
+                .collect();
+            for call in calls.as_array().into_iter().flatten() {
+                let id = call["id"].as_str().unwrap_or_default();
+                if !answered.iter().any(|a| a == id) {
+                    self.messages
+                        .push(json!({"role": "tool", "tool_call_id": id,
+                        "content": "{\"error\": \"interrupted by the caller\"}"}));
+                }
+            }
+        }
+        if !text.is_empty() {
+            self.out
+                .push_back(Output::Command(AgentCommand::Transcript(Box::new(Turn {
+                    speaker: Speaker::Agent,
+                    text,
+                    start_ms: speech.first_audio_ms.unwrap_or(now),
+                    end_ms: now,
+                    interrupted: true,
+                }))));
+        }
+    }
+
+    /// The whole answer was heard.
+    fn answer_heard(&mut self, now: u64) {
+        let Some(speech) = self.speech.take() else {
+            return;
+        };
+        if !speech.text.trim().is_empty() {
+            self.out
+                .push_back(Output::Command(AgentCommand::Transcript(Box::new(Turn {
+                    speaker: Speaker::Agent,
+                    text: speech.text.trim().to_owned(),
+                    start_ms: speech.first_audio_ms.unwrap_or(now),
+                    end_ms: now,
+                    interrupted: false,
+                }))));
+        }
+        if speech.hang_up {
+            self.hang_up_now();
+        }
+    }
+
+    /// Hangs up after what is queued (a mark tells when it played).
+    fn hang_up_now(&mut self) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        for r in std::mem::take(&mut self.running) {
+            self.out.push_back(Output::Cancel { req: r.req });
+        }
+        self.phase = Phase::Over;
+        self.out.push_back(Output::Command(AgentCommand::Hangup));
+    }
+
+    /// Sentences ready go to speech; the end of the answer is marked.
+    fn pump_speech(&mut self, now: u64) {
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        while let Some(s) = speech.splitter.poll_sentence() {
+            speech.queue.push_back(s);
+        }
+        if speech.text_done
+            && let Some(rest) = speech.splitter.finish()
+        {
+            speech.queue.push_back(rest);
+        }
+        if speech.speaking.is_none() && !speech.queue.is_empty() {
+            self.speak_next(now, false);
+            return;
+        }
+        let speech = self.speech.as_mut().expect("checked above");
+        let finished = speech.text_done
+            && speech.speaking.is_none()
+            && speech.queue.is_empty()
+            && speech.end_mark.is_none()
+            && self.tools_pending.is_empty();
+        if finished {
+            if speech.start_mark.is_none() {
+                // Nothing was said (a tool-only answer): nothing to wait for.
+                let hang_up = speech.hang_up;
+                self.speech = None;
+                if hang_up {
+                    self.hang_up_now();
+                }
+                return;
+            }
+            let id = self.next_mark;
+            self.next_mark += 1;
+            speech.end_mark = Some(id);
+            self.out.push_back(Output::Command(AgentCommand::Mark(id)));
+        }
+    }
+
+    fn speak_next(&mut self, _now: u64, retried: bool) {
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        let Some(text) = speech.queue.pop_front() else {
+            return;
+        };
+        let req = self.next_req;
+        self.next_req += 1;
+        let characters = text.chars().count() as u64;
+        self.usage.tts_characters += characters;
+        self.count(&[("tts_characters", characters as f64)]);
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        speech.speaking = Some((text.clone(), 0));
+        self.running.push(Running {
+            req,
+            provider: Provider::Tts,
+            retried,
+            used: false,
+        });
+        self.out.push_back(Output::Speak { req, text });
+    }
+
+    fn end_turn(&mut self, now: u64) {
+        let Caller::Speaking {
+            start_ms,
+            last_voice_ms,
+            samples,
+        } = std::mem::replace(&mut self.caller, Caller::Quiet)
+        else {
+            return;
+        };
+        let req = self.next_req;
+        self.next_req += 1;
+        let ms = samples.len() as u64 / self.config.input_samples_per_ms.max(1);
+        self.usage.stt_ms += ms;
+        self.count(&[("stt_seconds", ms as f64 / 1000.0)]);
+        self.turn = Some((req, start_ms, last_voice_ms));
+        // Counted from the end of the turn as detected (the caller's last voiced frame plus
+        // `end_of_speech`, or the longest turn): the silence waited is stated beside it.
+        self.latency = Some(Latency {
+            end_of_speech_ms: now,
+            detected_after_ms: now.saturating_sub(last_voice_ms),
+            ..Latency::default()
+        });
+        self.running.push(Running {
+            req,
+            provider: Provider::Stt,
+            retried: false,
+            used: false,
+        });
+        self.last_samples = samples.clone();
+        self.out.push_back(Output::Transcribe { req, samples });
+        // Speech shorter than min_barge_in never paused the answer; it is transcribed all the
+        // same, and words that are not backchannels interrupt.
+    }
+
+    /// Asks the LLM with the conversation as it is.
+    fn ask_llm(&mut self, now: u64) {
+        self.ask_llm_again(now, false);
+    }
+
+    fn ask_llm_again(&mut self, _now: u64, retried: bool) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        if let Some(speech) = &mut self.speech {
+            // After tools the answer goes on, in a new assistant message.
+            speech.text_done = false;
+            speech.message = None;
+        }
+        let req = self.next_req;
+        self.next_req += 1;
+        self.running.push(Running {
+            req,
+            provider: Provider::Llm,
+            retried,
+            used: false,
+        });
+        self.out.push_back(Output::Complete {
+            req,
+            messages: self.messages.clone(),
+        });
+    }
+
+    fn is_running(&self, req: ReqId) -> bool {
+        self.running.iter().any(|r| r.req == req)
+    }
+
+    /// Takes `req` off the running list; `None` for a request cancelled or unknown.
+    fn finish_req(&mut self, req: ReqId) -> Option<Running> {
+        let i = self.running.iter().position(|r| r.req == req)?;
+        Some(self.running.remove(i))
+    }
+
+    /// Whether to retry after `failure`: once, when retrying may help and repeats nothing.
+    fn retry(&mut self, running: &Running, failure: &Failure) -> bool {
+        let again = failure.retryable && !running.retried && !running.used;
+        self.record(
+            "provider_error",
+            json!({"provider": running.provider.as_str(), "reason": failure.reason,
+                   "retry": again}),
+        );
+        again
+    }
+
+    /// A provider failed for good: the fallback message, then the call ends.
+    fn fail(&mut self, _now: u64, provider: Provider, reason: &str) {
+        if self.phase != Phase::Live {
+            return;
+        }
+        for r in std::mem::take(&mut self.running) {
+            self.out.push_back(Output::Cancel { req: r.req });
+        }
+        if self.speech.as_ref().is_some_and(|s| s.start_mark.is_some()) {
+            self.out.push_back(Output::Clear);
+        }
+        self.speech = None;
+        self.record(
+            "provider_failed",
+            json!({"provider": provider.as_str(), "reason": reason}),
+        );
+        self.phase = Phase::Over;
+        self.out.push_back(Output::Fallback);
+    }
+
+    fn record(&mut self, name: &str, detail: Value) {
+        self.out
+            .push_back(Output::Command(AgentCommand::Event(Box::new(
+                RecordEvent {
+                    name: name.to_owned(),
+                    detail,
+                },
+            ))));
+    }
+
+    /// Adds to the call's usage counters (the call sums them per name), as it is spent.
+    fn count(&mut self, counters: &[(&str, f64)]) {
+        self.out.push_back(Output::Command(AgentCommand::Usage(
+            counters.iter().map(|&(k, v)| (k.to_owned(), v)).collect(),
+        )));
+    }
+
+    /// Whether `text` is only backchannel words ("네", "uh-huh").
+    fn is_backchannel(&self, text: &str) -> bool {
+        let words: Vec<String> = normalise(text)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        !words.is_empty()
+            && words.iter().all(|w| {
+                self.config
+                    .backchannels
+                    .iter()
+                    .any(|b| normalise(b).split_whitespace().any(|bw| bw == w))
+            })
+    }
+}
+
+/// Lower case, punctuation as space.
+pub fn normalise(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_alphanumeric() || c == '-' {
+                c.to_lowercase().next().unwrap_or(c)
+            } else {
+                ' '
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::Usage as ChatUsage;
+
+    const FRAME: u64 = 20;
+
+    fn config() -> Config {
+        Config {
+            instructions: "You answer calls.".into(),
+            greeting: String::new(),
+            end_of_speech_ms: 600,
+            min_barge_in_ms: 300,
+            backchannels: vec!["네".into(), "예".into(), "uh-huh".into()],
+            tools: Vec::new(),
+            output_bytes_per_ms: 16,
+            input_samples_per_ms: 8,
+            max_duration_ms: 3_600_000,
+        }
+    }
+
+    fn drain(core: &mut Core) -> Vec<Output> {
+        std::iter::from_fn(|| core.poll_output()).collect()
+    }
+
+    /// The caller speaks from `from` for `ms`, then is silent until the turn ends; returns
+    /// the outputs and the time the turn ended.
+    fn speak(core: &mut Core, from: u64, ms: u64) -> (Vec<Output>, u64) {
+        let mut out = Vec::new();
+        let mut t = from;
+        while t < from + ms {
+            t += FRAME;
+            core.handle_audio(t, &[1000; 160], true);
+            out.extend(drain(core));
+        }
+        let end = core.poll_timeout().unwrap();
+        while t + FRAME < end {
+            t += FRAME;
+            core.handle_audio(t, &[0; 160], false);
+        }
+        core.handle_timeout(end);
+        out.extend(drain(core));
+        (out, end)
+    }
+
+    fn req_of(out: &[Output], f: impl Fn(&Output) -> Option<ReqId>) -> ReqId {
+        out.iter().find_map(f).expect("the request")
+    }
+
+    fn transcribe_req(out: &[Output]) -> ReqId {
+        req_of(out, |o| match o {
+            Output::Transcribe { req, .. } => Some(*req),
+            _ => None,
+        })
+    }
+
+    fn complete(out: &[Output]) -> (ReqId, Vec<Value>) {
+        out.iter()
+            .find_map(|o| match o {
+                Output::Complete { req, messages } => Some((*req, messages.clone())),
+                _ => None,
+            })
+            .expect("an LLM request")
+    }
+
+    fn speaks(out: &[Output]) -> Vec<(ReqId, String)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Speak { req, text } => Some((*req, text.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn events(out: &[Output], name: &str) -> Vec<Value> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Event(e)) if e.name == name => Some(e.detail.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn marks(out: &[Output]) -> Vec<u64> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Mark(id)) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn audio_bytes(out: &[Output]) -> usize {
+        out.iter()
+            .map(|o| match o {
+                Output::Command(AgentCommand::Audio(a)) => a.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    fn answer(content: &str) -> Answer {
+        Answer {
+            content: content.into(),
+            tool_calls: Vec::new(),
+            finish_reason: Some("stop".into()),
+            usage: Some(ChatUsage {
+                prompt_tokens: 20,
+                completion_tokens: 5,
+            }),
+        }
+    }
+
+    /// A call where the caller asked and the answer "안녕하세요. 요금은 삼만 원입니다." is
+    /// streaming: the first sentence's second of audio has been sent and its start mark
+    /// reached at played 0. Returns the core, the LLM request and the TTS request.
+    fn answering() -> (Core, ReqId, ReqId, u64) {
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 1000);
+        let stt = transcribe_req(&out);
+        core.handle_transcript(end + 200, stt, Ok("요금 문의요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        core.handle_llm_delta(end + 300, llm, "안녕하세요. 요금은");
+        let out = drain(&mut core);
+        let (tts, first) = speaks(&out)[0].clone();
+        assert_eq!(first, "안녕하세요.");
+        core.handle_tts_audio(end + 400, tts, &[7; 16 * 1000]);
+        let out = drain(&mut core);
+        let start = marks(&out)[0];
+        core.handle_mark(end + 400, start, 0, MarkState::Played);
+        (core, llm, tts, end)
+    }
+
+    #[test]
+    fn a_turn_is_transcribed_answered_and_spoken_sentence_by_sentence() {
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 1000);
+        // The turn ends after 600 ms of silence from the last voiced frame.
+        assert_eq!(end, 1000 + 600);
+        let Some(Output::Transcribe { samples, .. }) =
+            out.iter().find(|o| matches!(o, Output::Transcribe { .. }))
+        else {
+            panic!("no transcription in {out:?}");
+        };
+        assert!(samples.len() >= 8 * 1000, "{}", samples.len());
+        let stt = transcribe_req(&out);
+        core.handle_transcript(1800, stt, Ok("요금 문의요".into()));
+        let out = drain(&mut core);
+        let (llm, messages) = complete(&out);
+        assert_eq!(
+            messages[1],
+            json!({"role": "user", "content": "요금 문의요"})
+        );
+        // The first sentence goes to speech before the LLM has finished.
+        core.handle_llm_delta(1900, llm, "안녕하세요. 요금은");
+        let (tts1, text) = speaks(&drain(&mut core))[0].clone();
+        assert_eq!(text, "안녕하세요.");
+        core.handle_llm_delta(1950, llm, " 삼만 원입니다.");
+        assert!(
+            speaks(&drain(&mut core)).is_empty(),
+            "one sentence at a time"
+        );
+        core.handle_tts_audio(2000, tts1, &[7; 1600]);
+        let out = drain(&mut core);
+        assert_eq!(audio_bytes(&out), 1600);
+        let latency = &events(&out, "turn_latency")[0];
+        assert_eq!(
+            latency,
+            &json!({"end_of_speech_wait_ms": 600, "stt_ms": 200, "llm_first_token_ms": 300,
+                    "tts_first_audio_ms": 400, "first_frame_ms": 400})
+        );
+        let start = marks(&out)[0];
+        core.handle_llm_done(2050, llm, Ok(answer("안녕하세요. 요금은 삼만 원입니다.")));
+        core.handle_tts_done(2100, tts1, Ok(()));
+        let (tts2, text) = speaks(&drain(&mut core))[0].clone();
+        assert_eq!(text, "요금은 삼만 원입니다.");
+        core.handle_tts_audio(2200, tts2, &[8; 3200]);
+        core.handle_tts_done(2300, tts2, Ok(()));
+        let out = drain(&mut core);
+        let end_mark = *marks(&out).last().expect("the end mark");
+        assert_ne!(end_mark, start);
+        core.handle_mark(2400, start, 0, MarkState::Played);
+        core.handle_mark(2600, end_mark, 300, MarkState::Played);
+        let out = drain(&mut core);
+        let turns: Vec<&Turn> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Transcript(t)) => Some(&**t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(turns.len(), 1);
+        assert_eq!(turns[0].text, "안녕하세요. 요금은 삼만 원입니다.");
+        assert!(!turns[0].interrupted);
+        assert_eq!(
+            core.usage(),
+            Usage {
+                stt_ms: core.usage().stt_ms,
+                llm_input_tokens: 20,
+                llm_output_tokens: 5,
+                tts_characters: 6 + 12,
+            }
+        );
+        assert!(core.usage().stt_ms >= 1000);
+    }
+
+    #[test]
+    fn barge_in_pauses_at_once_then_cuts_the_answer_to_what_was_heard_and_cancels() {
+        let (mut core, llm, tts, end) = answering();
+        // 300 ms of speech over the agent pauses it: the playout is cleared at once.
+        let (out, end2) = speak(&mut core, end + 500, 1000);
+        let clear_at = out
+            .iter()
+            .position(|o| *o == Output::Clear)
+            .expect("a clear");
+        assert_eq!(
+            out.iter().filter(|o| **o == Output::Clear).count(),
+            1,
+            "{out:?}"
+        );
+        assert!(clear_at < out.len());
+        // The call heard 500 ms of the sentence's 1000.
+        core.handle_cleared(end + 820, 500);
+        let stt = transcribe_req(&out);
+        core.handle_tts_done(end2, tts, Ok(()));
+        core.handle_transcript(end2 + 100, stt, Ok("잠깐만요, 다른 질문이요".into()));
+        let out = drain(&mut core);
+        assert!(out.contains(&Output::Cancel { req: llm }), "{out:?}");
+        let (_, messages) = complete(&out);
+        let n = messages.len();
+        assert_eq!(messages[n - 2]["role"], "assistant");
+        let said = messages[n - 2]["content"].as_str().unwrap();
+        assert!(said.ends_with(CUT_MARKER), "{said}");
+        assert!(!said.contains("요금은"), "never heard: {said}");
+        assert_eq!(messages[n - 1]["content"], "잠깐만요, 다른 질문이요");
+        let cut = out.iter().find_map(|o| match o {
+            Output::Command(AgentCommand::Transcript(t)) if t.speaker == Speaker::Agent => {
+                Some(t.clone())
+            }
+            _ => None,
+        });
+        assert!(cut.expect("the agent's turn").interrupted);
+        // Audio from the cut answer still arriving is ignored.
+        core.handle_llm_delta(end2 + 200, llm, "더 있습니다.");
+        assert!(drain(&mut core).is_empty());
+    }
+
+    #[test]
+    fn a_backchannel_resumes_where_the_answer_paused_and_asks_nothing() {
+        let (mut core, _llm, _tts, end) = answering();
+        let (out, end2) = speak(&mut core, end + 500, 400);
+        assert!(out.contains(&Output::Clear));
+        core.handle_cleared(end + 820, 250);
+        let stt = transcribe_req(&out);
+        core.handle_transcript(end2 + 100, stt, Ok("네.".into()));
+        let out = drain(&mut core);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Complete { .. } | Output::Cancel { .. })),
+            "{out:?}"
+        );
+        // The held audio from 250 ms on is sent again after a new mark.
+        assert_eq!(audio_bytes(&out), 16 * (1000 - 250));
+        assert_eq!(marks(&out).len(), 1);
+        assert_eq!(events(&out, "backchannel"), vec![json!({"resumed": true})]);
+    }
+
+    #[test]
+    fn hang_up_waits_for_the_goodbye_and_the_llm_is_not_asked_again() {
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        core.handle_transcript(end + 100, transcribe_req(&out), Ok("끊을게요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        core.handle_llm_delta(end + 200, llm, "안녕히 계세요.");
+        let mut done = answer("안녕히 계세요.");
+        done.tool_calls.push(ToolCall {
+            id: "call_1".into(),
+            name: "hang_up".into(),
+            arguments: "{}".into(),
+        });
+        done.finish_reason = Some("tool_calls".into());
+        core.handle_llm_done(end + 250, llm, Ok(done));
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_tts_audio(end + 300, tts, &[1; 800]);
+        core.handle_tts_done(end + 350, tts, Ok(()));
+        let out = drain(&mut core);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
+        );
+        let m = marks(&out);
+        core.handle_mark(end + 300, m[0], 0, MarkState::Played);
+        assert!(
+            !drain(&mut core)
+                .iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
+        );
+        core.handle_mark(end + 400, m[1], 50, MarkState::Played);
+        let out = drain(&mut core);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
+        );
+        assert!(!out.iter().any(|o| matches!(o, Output::Complete { .. })));
+        assert!(core.is_over());
+        let tool_result = core.messages().last().unwrap();
+        assert_eq!(tool_result["tool_call_id"], "call_1");
+    }
+
+    #[test]
+    fn other_tools_run_and_the_llm_is_asked_again_with_their_results() {
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        core.handle_transcript(end + 100, transcribe_req(&out), Ok("잔액은요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        let mut done = answer("");
+        done.tool_calls.push(ToolCall {
+            id: "call_9".into(),
+            name: "balance".into(),
+            arguments: "{}".into(),
+        });
+        core.handle_llm_done(end + 200, llm, Ok(done));
+        let out = drain(&mut core);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Tool(c) if c.id == "call_9"))
+        );
+        assert!(!out.iter().any(|o| matches!(o, Output::Complete { .. })));
+        core.handle_tool_done(
+            end + 300,
+            callgate_kit::tools::ToolDone {
+                call_id: "call_9".into(),
+                ok: true,
+                output: "{\"balance\": 3}".into(),
+            },
+        );
+        let (_, messages) = complete(&drain(&mut core));
+        let last = messages.last().unwrap();
+        assert_eq!(last["role"], "tool");
+        assert_eq!(last["tool_call_id"], "call_9");
+        assert_eq!(
+            messages[messages.len() - 2]["tool_calls"][0]["id"],
+            "call_9"
+        );
+    }
+
+    #[test]
+    fn a_failing_provider_is_retried_once_then_the_fallback_plays() {
+        let retryable = || Failure {
+            reason: "HTTP 503".into(),
+            retryable: true,
+        };
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        let first = transcribe_req(&out);
+        core.handle_transcript(end + 100, first, Err(retryable()));
+        let out = drain(&mut core);
+        let second = transcribe_req(&out);
+        assert_ne!(first, second);
+        core.handle_transcript(end + 200, second, Err(retryable()));
+        let out = drain(&mut core);
+        assert_eq!(out.last(), Some(&Output::Fallback));
+        assert_eq!(
+            events(&out, "provider_failed"),
+            vec![json!({"provider": "stt", "reason": "HTTP 503"})]
+        );
+        assert!(core.is_over());
+
+        // An LLM that failed after its first words is not asked again (they were spoken).
+        let (mut core, llm, _tts, end) = answering();
+        core.handle_llm_done(end + 600, llm, Err(retryable()));
+        let out = drain(&mut core);
+        assert!(!out.iter().any(|o| matches!(o, Output::Complete { .. })));
+        assert!(out.contains(&Output::Fallback));
+        assert!(out.contains(&Output::Clear));
+
+        // A TTS refusing (4xx) is not retried.
+        let (mut core, _llm, tts, end) = answering();
+        core.handle_tts_done(
+            end + 600,
+            tts,
+            Err(Failure {
+                reason: "HTTP 400".into(),
+                retryable: false,
+            }),
+        );
+        assert!(drain(&mut core).contains(&Output::Fallback));
+    }
+
+    #[test]
+    fn the_greeting_is_spoken_first_and_is_the_assistants_first_message() {
+        let mut c = config();
+        c.greeting = "안녕하세요, 콜게이트입니다. 무엇을 도와드릴까요?".into();
+        let mut core = Core::new(c, 0);
+        let out = drain(&mut core);
+        assert_eq!(speaks(&out)[0].1, "안녕하세요, 콜게이트입니다.");
+        assert_eq!(core.messages()[1]["role"], "assistant");
+    }
+}
