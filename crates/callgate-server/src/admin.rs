@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use callgate_audio::{AudioFormat, Resampler, pcm};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
-use callgate_store::{CallFilter, CallId, CallRecord, Page};
+use callgate_store::{CallFilter, CallId, CallRecord, Page, UnixMillis};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -49,6 +49,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/admin/drain", post(drain))
         .route("/api/admin/undrain", post(undrain))
         .route("/metrics", get(metrics))
+        .route("/api/nodes", get(nodes))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))
@@ -368,6 +369,26 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         shared.metrics.render(),
     )
         .into_response()
+}
+
+/// `GET /api/nodes`: the cluster's roster, `{"nodes":[{"id","admin_url","version",
+/// "started_at","heartbeat_at","state","live_calls"}]}` by ID (with SQLite, this node only).
+async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let timeout = shared.config.node_timeout;
+    let read = shared.clone();
+    let nodes = shared
+        .tasks
+        .spawn_blocking(move || {
+            let mut roster = read
+                .roster
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            roster.nodes(timeout, UnixMillis::now())
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::store)?;
+    Ok(Json(json!({ "nodes": nodes })).into_response())
 }
 
 async fn list_calls(

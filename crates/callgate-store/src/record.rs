@@ -126,6 +126,10 @@ pub struct NewCall {
     pub agent: Option<String>,
     /// The name of the API key the phone system presented; `None` without call keys.
     pub key_name: Option<String>,
+    /// The node that holds the call (its `node_id`); `None` only in journals written before
+    /// records carried it.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// How a call ended.
@@ -208,6 +212,8 @@ pub struct CallRecord {
     pub usage: Option<Box<RawValue>>,
     /// The name of the API key the phone system presented, or null.
     pub key_name: Option<String>,
+    /// The node that held the call (its `node_id`); null for records from before nodes.
+    pub node: Option<String>,
 }
 
 impl CallRecord {
@@ -229,7 +235,8 @@ impl CallRecord {
             + opt(&self.hangup_by)
             + opt(&self.route)
             + opt(&self.agent)
-            + opt(&self.key_name);
+            + opt(&self.key_name)
+            + opt(&self.node);
         total as u64
     }
 }
@@ -258,6 +265,7 @@ impl PartialEq for CallRecord {
             && self.recording == other.recording
             && self.route == other.route
             && self.key_name == other.key_name
+            && self.node == other.node
             && self.agent == other.agent
             && raw(&self.usage) == raw(&other.usage)
     }

@@ -93,6 +93,19 @@ CREATE TABLE call_transcript (
 ALTER TABLE calls ADD COLUMN key_name TEXT;
 "#,
     },
+    // The node that holds the call: a node closes only its own leftovers at start, and the
+    // admin API filters by node.
+    Migration {
+        version: 5,
+        name: "calls.node, nodes",
+        sql: concat!(
+            r#"
+ALTER TABLE calls ADD COLUMN node TEXT;
+CREATE INDEX calls_node ON calls (node, started_at DESC, id DESC);
+"#,
+            nodes_sql!()
+        ),
+    },
 ];
 
 /// Call records in one SQLite database: the writer's connection.
@@ -297,7 +310,7 @@ pub fn schema_status(data_dir: &Path) -> Result<SchemaStatus, Error> {
 pub(crate) const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
      phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
      end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
-     route, agent, usage, key_name";
+     route, agent, usage, key_name, node";
 
 fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
     let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
@@ -331,6 +344,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
         agent: row.get(21)?,
         usage: row.get::<_, Option<String>>(22)?.and_then(raw_json),
         key_name: row.get(23)?,
+        node: row.get(24)?,
     })
 }
 
@@ -403,8 +417,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO calls (id, protocol, caller, callee, external_id, call_config, \
                  phone_output_audio_format, phone_input_audio_format, started_at, recording, \
-                 route, agent, key_name) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 route, agent, key_name, node) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?
             .execute(params![
                 c.id.as_str(),
@@ -420,6 +434,7 @@ impl Store for SqliteStore {
                 c.route,
                 c.agent,
                 c.key_name,
+                c.node,
             ])?;
         Ok(())
     }
@@ -572,11 +587,11 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
-    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
+    fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error> {
         let n = self.conn.execute(
             "UPDATE calls SET ended_at = MAX(?1, started_at), end_reason = 'interrupted', \
-             hangup_by = 'server' WHERE ended_at IS NULL",
-            [at.0],
+             hangup_by = 'server' WHERE ended_at IS NULL AND (node = ?2 OR node IS NULL)",
+            params![at.0, node],
         )?;
         Ok(n as u64)
     }
