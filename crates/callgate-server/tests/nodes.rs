@@ -79,3 +79,68 @@ async fn advertise_admin_is_what_other_nodes_are_told() {
     assert_eq!(node["admin_url"], "http://10.0.0.5:4144");
     server.shutdown().await;
 }
+
+/// `GET /api/calls` with the cluster filters, and their bad values refused as 400 `bad_query`.
+#[tokio::test]
+async fn the_listing_filters_by_live_node_time_and_numbers() {
+    let server = spawn_server(|c| c.node_id = "node-z".into()).await;
+    let before = "2000-01-01T00:00:00Z";
+    let mut phones = Vec::new();
+    for id in ["f-1", "f-2"] {
+        let mut phone = server.phone("/").await;
+        phone.text(incoming_call(id)).await;
+        assert_eq!(phone.recv_json().await["event"], "answer");
+        phones.push(phone);
+    }
+    // f-1 ends (the caller hangs up); f-2 stays live.
+    let mut first = phones.remove(0);
+    first.text(r#"{"event":"hangup"}"#).await;
+    first.text(callgate_testkit::cdr("f-1")).await;
+    assert_eq!(first.closed().await.0, 1000);
+    server.ended_call("f-1").await;
+    server.call("f-2").await;
+    let ids = |body: &Value| {
+        let mut ids: Vec<String> = body["calls"]
+            .as_array()
+            .expect("calls")
+            .iter()
+            .map(|c| c["external_id"].as_str().expect("id").to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let get = |q: String| {
+        let server = &server;
+        async move {
+            let (status, body) = server.get(&format!("/api/calls?{q}")).await;
+            assert_eq!(status, 200, "{q}: {body}");
+            body
+        }
+    };
+    assert_eq!(ids(&get("live=true".into()).await), ["f-2"]);
+    assert_eq!(ids(&get("live=false".into()).await), ["f-1", "f-2"]);
+    assert_eq!(ids(&get("node=node-z".into()).await), ["f-1", "f-2"]);
+    assert!(ids(&get("node=other".into()).await).is_empty());
+    assert_eq!(ids(&get(format!("since={before}")).await), ["f-1", "f-2"]);
+    assert!(ids(&get(format!("until={before}")).await).is_empty());
+    // incoming_call's callerId is 01099998888, its didNumber 0212345678.
+    assert_eq!(ids(&get("caller=010999*&live=true".into()).await), ["f-2"]);
+    assert_eq!(ids(&get("caller=01099998888".into()).await), ["f-1", "f-2"]);
+    assert!(ids(&get("caller=010999".into()).await).is_empty());
+    assert_eq!(ids(&get("callee=0212345678".into()).await), ["f-1", "f-2"]);
+    assert!(ids(&get("callee=03*".into()).await).is_empty());
+    for bad in [
+        "live=yes",
+        "node=a%20b",
+        "since=yesterday",
+        "until=2026-11-21",
+        "caller=*",
+        "callee=0*2",
+    ] {
+        let (status, body) = server.get(&format!("/api/calls?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["code"], "bad_query", "{bad}: {body}");
+    }
+    drop(phones);
+    server.shutdown().await;
+}

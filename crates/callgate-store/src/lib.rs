@@ -47,7 +47,7 @@ pub use stats::{LATENCY_BUCKETS, LatencyHistogram, Stats};
 
 pub use record::{
     CallFilter, CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, TextMatch, TranscriptEntry, UnixMillis,
 };
 pub use sqlite::{SqliteReader, SqliteStore};
 pub use writer::StoreHandle;

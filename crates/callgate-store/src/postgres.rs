@@ -121,6 +121,8 @@ CREATE TABLE call_transcript (
 ALTER TABLE calls ADD COLUMN node TEXT;
 CREATE INDEX calls_node ON calls (node, started_at DESC, id DESC);
 CREATE INDEX calls_node_open ON calls (node) WHERE ended_at IS NULL;
+CREATE INDEX calls_caller ON calls ((caller COLLATE "C"), started_at DESC, id DESC);
+CREATE INDEX calls_callee ON calls ((callee COLLATE "C"), started_at DESC, id DESC);
 "#,
             nodes_sql!()
         ),
@@ -1408,11 +1410,47 @@ impl Reader for PgReader {
         let limit = i64::from(f.limit);
         let mut sql = format!("SELECT {RECORD_COLUMNS} FROM calls WHERE TRUE");
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 5] = [
+        let (since, until) = (f.since.map(|t| t.0), f.until.map(|t| t.0));
+        let (caller, callee) = (
+            crate::sqlite::text_value(&f.caller),
+            crate::sqlite::text_value(&f.callee),
+        );
+        let caller_end = crate::sqlite::prefix_end(&f.caller);
+        let callee_end = crate::sqlite::prefix_end(&f.callee);
+        let exact = |m: &Option<crate::TextMatch>| matches!(m, Some(crate::TextMatch::Exact(_)));
+        let (caller_op, callee_op) = (
+            if exact(&f.caller) {
+                "caller COLLATE \"C\" = "
+            } else {
+                "caller COLLATE \"C\" >= "
+            },
+            if exact(&f.callee) {
+                "callee COLLATE \"C\" = "
+            } else {
+                "callee COLLATE \"C\" >= "
+            },
+        );
+        if f.live {
+            sql.push_str(" AND ended_at IS NULL");
+        }
+        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 12] = [
             ("route = ", f.route.as_ref().map(|v| v as _)),
             ("agent = ", f.agent.as_ref().map(|v| v as _)),
             ("protocol = ", f.protocol.as_ref().map(|v| v as _)),
             ("end_reason = ", f.end_reason.as_ref().map(|v| v as _)),
+            ("node = ", f.node.as_ref().map(|v| v as _)),
+            ("started_at >= ", since.as_ref().map(|v| v as _)),
+            ("started_at < ", until.as_ref().map(|v| v as _)),
+            (caller_op, caller.as_ref().map(|v| v as _)),
+            (
+                "caller COLLATE \"C\" < ",
+                caller_end.as_ref().map(|v| v as _),
+            ),
+            (callee_op, callee.as_ref().map(|v| v as _)),
+            (
+                "callee COLLATE \"C\" < ",
+                callee_end.as_ref().map(|v| v as _),
+            ),
             (
                 "(started_at, id) < (SELECT started_at, id FROM calls WHERE id = ",
                 before.as_ref().map(|v| v as _),
