@@ -504,8 +504,20 @@ impl Server {
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
         }
+
         admin_stop.cancel();
         let _ = admin_handle.await;
+        // The admin API's roster connection is closed off the runtime (the PostgreSQL
+        // client blocks when dropped).
+        let roster = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            roster
+                .roster
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .disconnect();
+        })
+        .await;
         info!("Server stopped.");
         Ok(())
     }

@@ -339,6 +339,15 @@ impl Registry {
         })
     }
 
+    /// Closes the PostgreSQL connection, if open. Call it off any async runtime (the client
+    /// blocks on a runtime of its own, also when it is dropped); then drop the registry
+    /// anywhere.
+    pub fn disconnect(&mut self) {
+        if let Backend::Postgres { conn, .. } = &mut self.0 {
+            *conn = None;
+        }
+    }
+
     /// Removes this node's row (a clean exit: its calls have ended and are written).
     pub fn leave(&mut self, me: &NodeInfo) -> Result<(), Error> {
         match &mut self.0 {
