@@ -21,7 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use callgate_audio::{AudioFormat, Resampler, pcm};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
-use callgate_store::{CallFilter, CallId, CallRecord, Page};
+use callgate_store::{CallFilter, CallId, CallRecord, Page, TextMatch, UnixMillis};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
@@ -49,6 +49,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/admin/drain", post(drain))
         .route("/api/admin/undrain", post(undrain))
         .route("/metrics", get(metrics))
+        .route("/api/nodes", get(nodes))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))
@@ -370,19 +371,45 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// `GET /api/nodes`: the cluster's roster, `{"nodes":[{"id","admin_url","version",
+/// "started_at","heartbeat_at","state","live_calls"}]}` by ID (with SQLite, this node only).
+async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+    let timeout = shared.config.node_timeout;
+    let read = shared.clone();
+    let nodes = shared
+        .tasks
+        .spawn_blocking(move || {
+            let mut roster = read
+                .roster
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            roster.nodes(timeout, UnixMillis::now())
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::store)?;
+    Ok(Json(json!({ "nodes": nodes })).into_response())
+}
+
 async fn list_calls(
     State(shared): State<Arc<Shared>>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-    const KEYS: [&str; 6] = [
+    const KEYS: [&str; 12] = [
         "limit",
         "route",
         "agent",
         "protocol",
         "end_reason",
         "before",
+        "live",
+        "node",
+        "since",
+        "until",
+        "caller",
+        "callee",
     ];
     if let Some(key) = query.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(ApiError::new(
@@ -405,6 +432,23 @@ async fn list_calls(
             None => None,
             Some(text) => Some(CallId::parse(text).ok_or_else(|| bad_call_id("before", text))?),
         },
+        live: match query.get("live").map(String::as_str) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => return Err(bad_filter("live", other, "true or false")),
+        },
+        node: match query.get("node") {
+            None => None,
+            Some(node) => {
+                crate::config::check_node_id(node)
+                    .map_err(|problem| bad_filter("node", node, &problem))?;
+                Some(node.clone())
+            }
+        },
+        since: time_filter(&query, "since")?,
+        until: time_filter(&query, "until")?,
+        caller: text_filter(&query, "caller")?,
+        callee: text_filter(&query, "callee")?,
         // Records hold up to a few MiB each: read no more than the reply can hold.
         max_bytes: Some(MAX_LIST_BYTES as u64),
     };
@@ -423,6 +467,50 @@ async fn list_calls(
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })??;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// A 400 `bad_query` naming the filter, its value and what it takes.
+fn bad_filter(key: &str, value: &str, takes: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+        format!("invalid {key} {value:?}: {takes}"),
+    )
+}
+
+/// `since=` / `until=`: an RFC 3339 time.
+fn time_filter(query: &HashMap<String, String>, key: &str) -> Result<Option<UnixMillis>, ApiError> {
+    query
+        .get(key)
+        .map(|text| {
+            UnixMillis::parse_rfc3339(text).ok_or_else(|| {
+                bad_filter(
+                    key,
+                    text,
+                    "an RFC 3339 time, like 2026-11-21T10:49:53Z or 2026-11-21T19:49:53+09:00",
+                )
+            })
+        })
+        .transpose()
+}
+
+/// `caller=` / `callee=`: the number, or a prefix with a trailing `*`.
+fn text_filter(query: &HashMap<String, String>, key: &str) -> Result<Option<TextMatch>, ApiError> {
+    query
+        .get(key)
+        .map(|text| {
+            if text.chars().any(char::is_control) {
+                return Err(bad_filter(key, text, "no control characters"));
+            }
+            TextMatch::parse(text).ok_or_else(|| {
+                bad_filter(
+                    key,
+                    text,
+                    "a number, or a prefix followed by one trailing `*`",
+                )
+            })
+        })
+        .transpose()
 }
 
 /// The most bytes one `GET /api/calls` reply holds (at least one record, whatever its size);

@@ -43,6 +43,15 @@ pub struct Config {
     /// The PostgreSQL store (`store_url`); `None`: SQLite in `data_dir`. Its local journal
     /// lives in `data_dir` either way.
     pub store_url: Option<callgate_store::PgUrl>,
+    /// This node's name, written into every record it makes (`node`); at start it closes as
+    /// `interrupted` only the records it (or no node) left open.
+    pub node_id: String,
+    /// The URL other nodes use to reach this node's admin API (`http://10.0.0.5:4144`);
+    /// `None`: derived from the admin address bound.
+    pub advertise_admin: Option<String>,
+    /// A node whose heartbeat is older than this is dead: another node closes its open
+    /// records as `interrupted`.
+    pub node_timeout: Duration,
     /// How many calls may be live at once; more are refused with 1013.
     pub max_calls: usize,
     /// How many connections may be pending at once (accepted, not a call yet: upgrading,
@@ -106,6 +115,9 @@ impl Default for Config {
             routes: Vec::new(),
             data_dir: PathBuf::from("./data"),
             store_url: None,
+            node_id: "callgate".into(),
+            advertise_admin: None,
+            node_timeout: Duration::from_secs(10),
             max_calls: 1000,
             max_pending: 512,
             max_pending_per_ip: 128,
@@ -159,6 +171,52 @@ pub fn admin_exposure(listen: SocketAddr, auth: &AdminAuth) -> Result<(), Config
     })
 }
 
+/// The shortest `node_timeout`: more than two heartbeats.
+pub const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `advertise_admin` is a full `http://` or `https://` URL with a host, and no path beyond `/`.
+pub fn check_admin_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || authority.contains(['/', '?', '#', '@'])
+        || authority
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{url:?} must be scheme://host:port, like http://10.0.0.5:4144"
+        ));
+    }
+    Ok(())
+}
+
+/// The longest `node_id`.
+pub const MAX_NODE_ID: usize = 64;
+
+/// A node ID is 1 to [`MAX_NODE_ID`] ASCII letters, digits, `.`, `-` or `_` (a host name
+/// fits): it goes into records, logs and the URL filter `node=`.
+pub fn check_node_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_NODE_ID {
+        return Err(format!(
+            "must be 1 to {MAX_NODE_ID} characters, not {}",
+            id.len()
+        ));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
+    {
+        return Err(format!(
+            "{c:?} is not allowed: use ASCII letters, digits, '.', '-' and '_'"
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
     /// Checks values that parse but cannot work, including the routes and their agents
     /// (built-in ones).
@@ -203,6 +261,21 @@ impl Config {
                 problem: problem.to_owned(),
             })
         };
+        if let Err(problem) = check_node_id(&self.node_id) {
+            return bad("node_id", &problem);
+        }
+        if self.node_timeout < MIN_NODE_TIMEOUT {
+            return bad(
+                "node_timeout",
+                "must be at least 5s: a node heartbeats every 2s, and one late heartbeat must \
+                 not make it dead",
+            );
+        }
+        if let Some(url) = &self.advertise_admin
+            && let Err(problem) = check_admin_url(url)
+        {
+            return bad("advertise_admin", &problem);
+        }
         for (key, value) in [
             ("max_calls", self.max_calls),
             ("max_pending", self.max_pending),

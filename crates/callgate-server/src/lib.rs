@@ -41,6 +41,7 @@ mod drain;
 mod live;
 mod media;
 pub mod metrics;
+pub mod nodes;
 mod pii;
 mod record;
 mod retention;
@@ -62,7 +63,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::{Config, ConfigError};
 pub use drain::{Phase, StopReason, UndrainRefused};
@@ -157,6 +158,11 @@ pub(crate) struct Shared {
     pub(crate) ws_config: WebSocketConfig,
     pub(crate) media: media::MediaConfig,
     pub(crate) admission: Arc<admission::Admission>,
+    /// This node in the roster.
+    pub(crate) node: callgate_store::NodeInfo,
+    /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
+    /// Policy: readers take turns on it, on the blocking pool.
+    pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
 }
 
 /// A bound, not yet running server.
@@ -168,6 +174,8 @@ pub struct Server {
     admin_tls: Option<Arc<rustls::ServerConfig>>,
     certificates: tls::Certificates,
     control: mpsc::Receiver<Control>,
+    /// The heartbeat thread's roster connection.
+    registry: callgate_store::Registry,
 }
 
 impl Server {
@@ -216,9 +224,10 @@ impl Server {
         let admin_tls = admin_cert.as_ref().map(setup).transpose()?;
         // Off the runtime: the PostgreSQL client blocks (it runs a runtime of its own).
         let location = config.store_location();
+        let node = config.node_id.clone();
         let store = tokio::task::spawn_blocking(move || {
             let mut store = location.open()?;
-            let interrupted = store.end_interrupted(UnixMillis::now())?;
+            let interrupted = store.end_interrupted(&node, UnixMillis::now())?;
             Ok::<_, callgate_store::Error>((store, interrupted))
         })
         .await
@@ -230,6 +239,11 @@ impl Server {
                 "Closed call records left open by an unclean stop as interrupted."
             );
         }
+        let registry = |config: &Config| match &config.store_url {
+            Some(url) => Ok(callgate_store::Registry::postgres(url.clone())),
+            None => callgate_store::Registry::sqlite(&config.data_dir),
+        };
+        let (registry, roster) = (registry(&config)?, registry(&config)?);
         let store = StoreHandle::start(store, STORE_TIMEOUT)?;
         let calls = TcpListener::bind(config.listen)
             .await
@@ -282,7 +296,10 @@ impl Server {
             tasks.clone(),
             metrics.clone(),
         );
+        let node = nodes::info(&config, admin_bound, admin_tls.is_some());
         let shared = Arc::new(Shared {
+            node,
+            roster: std::sync::Mutex::new(roster),
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
             config,
@@ -308,6 +325,7 @@ impl Server {
             admin_tls,
             certificates,
             control,
+            registry,
         })
     }
 
@@ -368,6 +386,7 @@ impl Server {
             admin_tls,
             certificates,
             control,
+            registry,
         } = self;
         if !shared.call_auth.current().is_enabled()
             && calls.local_addr().is_ok_and(|a| !a.ip().is_loopback())
@@ -426,6 +445,13 @@ impl Server {
                 .tasks
                 .spawn(retention::run(shared.clone(), retention));
         }
+        let heartbeat = match nodes::Heartbeat::start(shared.clone(), registry) {
+            Ok(h) => Some(h),
+            Err(error) => {
+                error!(%error, "Cannot start the node heartbeat thread; this node stays out of the roster.");
+                None
+            }
+        };
         let reason = accept(&shared, calls, shutdown, control).await;
 
         shared.phase.store(Phase::Stopping);
@@ -474,8 +500,24 @@ impl Server {
             }
         }
         shared.store.close().await;
+        // Its records are written: leave the roster (other nodes stop showing it).
+        if let Some(heartbeat) = heartbeat {
+            heartbeat.stop().await;
+        }
+
         admin_stop.cancel();
         let _ = admin_handle.await;
+        // The admin API's roster connection is closed off the runtime (the PostgreSQL
+        // client blocks when dropped).
+        let roster = shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            roster
+                .roster
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .disconnect();
+        })
+        .await;
         info!("Server stopped.");
         Ok(())
     }

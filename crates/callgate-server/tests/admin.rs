@@ -690,6 +690,7 @@ async fn records_past_their_retention_are_deleted_in_the_background() {
                     route: None,
                     agent: None,
                     key_name: None,
+                    node: None,
                 })
                 .unwrap();
             store

@@ -7,7 +7,7 @@ use callgate_testkit::audio::{frames, speechlike_pcm16};
 use callgate_testkit::{Received, callbridge_start, cdr, incoming_call, spawn_server};
 use serde_json::json;
 
-const RECORD_FIELDS: [&str; 23] = [
+const RECORD_FIELDS: [&str; 24] = [
     "id",
     "protocol",
     "caller",
@@ -31,6 +31,7 @@ const RECORD_FIELDS: [&str; 23] = [
     "agent",
     "usage",
     "key_name",
+    "node",
 ];
 
 fn assert_fields(record: &serde_json::Value) {

@@ -188,8 +188,8 @@ impl Store for AnyStore {
         each!(self, s => s.append_transcript(id, entries))
     }
 
-    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
-        each!(self, s => s.end_interrupted(at))
+    fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error> {
+        each!(self, s => s.end_interrupted(node, at))
     }
 
     fn delete_call(&mut self, id: &CallId) -> Result<bool, Error> {

@@ -30,6 +30,8 @@
 
 pub mod backend;
 mod journal;
+#[macro_use]
+pub mod nodes;
 pub mod postgres;
 pub mod reader;
 pub mod record;
@@ -39,12 +41,13 @@ pub mod writer;
 
 pub use backend::{AnyReader, AnyStore, Location};
 pub use journal::JOURNAL_MAX_BYTES;
+pub use nodes::{Beat, LostNode, NodeInfo, NodeRecord, NodeState, Registry};
 pub use postgres::{PgReader, PgStore, PgUrl};
 pub use stats::{LATENCY_BUCKETS, LatencyHistogram, Stats};
 
 pub use record::{
     CallFilter, CallId, CallRecord, Counters, Ended, EventRecord, NewCall, NewEvent,
-    NewTranscriptEntry, TranscriptEntry, UnixMillis,
+    NewTranscriptEntry, TextMatch, TranscriptEntry, UnixMillis,
 };
 pub use sqlite::{SqliteReader, SqliteStore};
 pub use writer::StoreHandle;
@@ -187,8 +190,10 @@ pub trait Store: Send + 'static {
     /// The writer is about to stop, after its last batch: last chance for background work
     /// (the PostgreSQL store tries its journal once more, whatever its backoff says).
     fn closing(&mut self) {}
-    /// Ends every record left open (by a crash) with end reason `interrupted`.
-    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error>;
+    /// Ends every record `node` left open (by a crash) with end reason `interrupted`, and
+    /// records with no node (written before records carried one). Other nodes' records are
+    /// left alone: with a shared database they may be live.
+    fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error>;
     /// Deletes an ended call's record, events and transcript; false if there is no ended
     /// call with this id (a live call is never deleted).
     fn delete_call(&mut self, id: &CallId) -> Result<bool, Error>;

@@ -55,10 +55,11 @@ use crate::{
 /// Schema migrations, applied in order; the table `callgate_schema` lists those applied.
 /// Never edit one that has shipped: append a new one. (Numbered on their own: the SQLite
 /// file's versions are its own.)
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "calls, call_events, call_transcript",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "calls, call_events, call_transcript",
+        sql: r#"
 CREATE TABLE calls (
     id          TEXT COLLATE "C" PRIMARY KEY,
     protocol    TEXT NOT NULL,
@@ -109,7 +110,24 @@ CREATE TABLE call_transcript (
     PRIMARY KEY (call_id, seq)
 );
 "#,
-}];
+    },
+    // The node that holds the call: a node closes only its own leftovers at start (the
+    // database is shared), and the admin API filters by node.
+    Migration {
+        version: 2,
+        name: "calls.node, nodes",
+        sql: concat!(
+            r#"
+ALTER TABLE calls ADD COLUMN node TEXT;
+CREATE INDEX calls_node ON calls (node, started_at DESC, id DESC);
+CREATE INDEX calls_node_open ON calls (node) WHERE ended_at IS NULL;
+CREATE INDEX calls_caller ON calls ((caller COLLATE "C"), started_at DESC, id DESC);
+CREATE INDEX calls_callee ON calls ((callee COLLATE "C"), started_at DESC, id DESC);
+"#,
+            nodes_sql!()
+        ),
+    },
+];
 
 /// Key of the advisory lock that serialises migrations of nodes starting together.
 const MIGRATION_LOCK: i64 = 0x6361_6c6c_6761_7465; // "callgate"
@@ -239,7 +257,7 @@ impl PgUrl {
         Ok(Self { config, tls, shown })
     }
 
-    fn connect(&self) -> Result<Conn, postgres::Error> {
+    pub(crate) fn connect(&self) -> Result<Conn, postgres::Error> {
         let mut client = match &self.tls {
             None => self.config.connect(NoTls)?,
             Some(tls) => self.config.connect(RustlsConnect(tls.clone()))?,
@@ -425,8 +443,8 @@ impl TlsStream for RustlsStream {
 }
 
 /// One connection and its prepared statements.
-struct Conn {
-    client: Client,
+pub(crate) struct Conn {
+    pub(crate) client: Client,
     statements: HashMap<String, Statement>,
 }
 
@@ -440,7 +458,7 @@ impl Conn {
         Ok(s)
     }
 
-    fn execute(
+    pub(crate) fn execute(
         &mut self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
@@ -449,7 +467,7 @@ impl Conn {
         self.client.execute(&s, params)
     }
 
-    fn query(
+    pub(crate) fn query(
         &mut self,
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
@@ -982,8 +1000,8 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
             let n = c.execute(
                 "INSERT INTO calls (id, protocol, caller, callee, external_id, call_config, \
                  phone_output_audio_format, phone_input_audio_format, started_at, recording, \
-                 route, agent, key_name) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+                 route, agent, key_name, node) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
                  ON CONFLICT (id) DO NOTHING",
                 &[
                     &clean(call.id.as_str()),
@@ -999,6 +1017,7 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
                     &clean_opt(&call.route),
                     &clean_opt(&call.agent),
                     &clean_opt(&call.key_name),
+                    &clean_opt(&call.node),
                 ],
             )?;
             if n == 0 && !replay {
@@ -1262,12 +1281,13 @@ impl Store for PgStore {
         Ok(())
     }
 
-    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
+    fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error> {
         self.direct(|c| {
             Ok(c.execute(
                 "UPDATE calls SET ended_at = GREATEST($1, started_at), \
-                 end_reason = 'interrupted', hangup_by = 'server' WHERE ended_at IS NULL",
-                &[&at.0],
+                 end_reason = 'interrupted', hangup_by = 'server' \
+                 WHERE ended_at IS NULL AND (node = $2 OR node IS NULL)",
+                &[&at.0, &node],
             )?)
         })
     }
@@ -1355,6 +1375,7 @@ fn record(row: &Row) -> Result<CallRecord, postgres::Error> {
         agent: row.try_get(21)?,
         usage: row.try_get::<_, Option<String>>(22)?.and_then(raw_json),
         key_name: row.try_get(23)?,
+        node: row.try_get(24)?,
     })
 }
 
@@ -1389,11 +1410,47 @@ impl Reader for PgReader {
         let limit = i64::from(f.limit);
         let mut sql = format!("SELECT {RECORD_COLUMNS} FROM calls WHERE TRUE");
         let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
-        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 5] = [
+        let (since, until) = (f.since.map(|t| t.0), f.until.map(|t| t.0));
+        let (caller, callee) = (
+            crate::sqlite::text_value(&f.caller),
+            crate::sqlite::text_value(&f.callee),
+        );
+        let caller_end = crate::sqlite::prefix_end(&f.caller);
+        let callee_end = crate::sqlite::prefix_end(&f.callee);
+        let exact = |m: &Option<crate::TextMatch>| matches!(m, Some(crate::TextMatch::Exact(_)));
+        let (caller_op, callee_op) = (
+            if exact(&f.caller) {
+                "caller COLLATE \"C\" = "
+            } else {
+                "caller COLLATE \"C\" >= "
+            },
+            if exact(&f.callee) {
+                "callee COLLATE \"C\" = "
+            } else {
+                "callee COLLATE \"C\" >= "
+            },
+        );
+        if f.live {
+            sql.push_str(" AND ended_at IS NULL");
+        }
+        let filters: [(&str, Option<&(dyn ToSql + Sync)>); 12] = [
             ("route = ", f.route.as_ref().map(|v| v as _)),
             ("agent = ", f.agent.as_ref().map(|v| v as _)),
             ("protocol = ", f.protocol.as_ref().map(|v| v as _)),
             ("end_reason = ", f.end_reason.as_ref().map(|v| v as _)),
+            ("node = ", f.node.as_ref().map(|v| v as _)),
+            ("started_at >= ", since.as_ref().map(|v| v as _)),
+            ("started_at < ", until.as_ref().map(|v| v as _)),
+            (caller_op, caller.as_ref().map(|v| v as _)),
+            (
+                "caller COLLATE \"C\" < ",
+                caller_end.as_ref().map(|v| v as _),
+            ),
+            (callee_op, callee.as_ref().map(|v| v as _)),
+            (
+                "callee COLLATE \"C\" < ",
+                callee_end.as_ref().map(|v| v as _),
+            ),
             (
                 "(started_at, id) < (SELECT started_at, id FROM calls WHERE id = ",
                 before.as_ref().map(|v| v as _),

@@ -25,7 +25,7 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 /// A request to the readers.
 pub(crate) enum Read {
-    List(CallFilter, Reply<Vec<CallRecord>>),
+    List(Box<CallFilter>, Reply<Vec<CallRecord>>),
     Call(CallId, Reply<Option<CallRecord>>),
     Events(CallId, Page, Reply<Option<Vec<EventRecord>>>),
     Transcript(CallId, Page, Reply<Option<Vec<TranscriptEntry>>>),

@@ -67,6 +67,73 @@ impl UnixMillis {
         Self(i64::try_from(ms).unwrap_or(i64::MAX))
     }
 
+    /// Parses an RFC 3339 time (`2026-11-21T10:49:53Z`, `2026-11-21T19:49:53.5+09:00`; a
+    /// space or `t` for `T`, `z` for `Z`); `None` if it is not one. Fractions beyond
+    /// milliseconds are cut.
+    pub fn parse_rfc3339(text: &str) -> Option<Self> {
+        let b = text.as_bytes();
+        let num = |r: std::ops::Range<usize>| -> Option<i64> {
+            let s = text.get(r)?;
+            (!s.is_empty() && s.bytes().all(|c| c.is_ascii_digit()))
+                .then(|| s.parse().ok())
+                .flatten()
+        };
+        if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[13] != b':' || b[16] != b':' {
+            return None;
+        }
+        if !matches!(b[10], b'T' | b't' | b' ') {
+            return None;
+        }
+        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+        let mut i = 19;
+        let mut millis = 0;
+        if b[i] == b'.' {
+            let start = i + 1;
+            i = start;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            let digits = text.get(start..i)?;
+            if digits.is_empty() {
+                return None;
+            }
+            let ms: String = digits.chars().chain("00".chars()).take(3).collect();
+            millis = ms.parse::<i64>().ok()?;
+        }
+        let offset_minutes = match text.get(i..)? {
+            "Z" | "z" => 0,
+            tz if tz.len() == 6 && tz.as_bytes()[3] == b':' => {
+                let sign = match tz.as_bytes()[0] {
+                    b'+' => 1,
+                    b'-' => -1,
+                    _ => return None,
+                };
+                let (h, m) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+                if h > 23 || m > 59 {
+                    return None;
+                }
+                sign * (h * 60 + m)
+            }
+            _ => return None,
+        };
+        if hour > 23 || minute > 59 || second > 60 {
+            return None;
+        }
+        let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+        let date = time::Date::from_calendar_date(
+            i32::try_from(year).ok()?,
+            month,
+            u8::try_from(day).ok()?,
+        )
+        .ok()?;
+        let days = i64::from(date.to_julian_day()) - 2_440_588;
+        // A leap second counts as the second before the next minute.
+        let seconds =
+            days * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset_minutes * 60;
+        Some(Self(seconds * 1000 + millis))
+    }
+
     /// RFC 3339 with milliseconds, UTC (`2026-11-21T10:49:53.123Z`).
     pub fn to_rfc3339(self) -> String {
         let nanos = i128::from(self.0) * 1_000_000;
@@ -126,6 +193,10 @@ pub struct NewCall {
     pub agent: Option<String>,
     /// The name of the API key the phone system presented; `None` without call keys.
     pub key_name: Option<String>,
+    /// The node that holds the call (its `node_id`); `None` only in journals written before
+    /// records carried it.
+    #[serde(default)]
+    pub node: Option<String>,
 }
 
 /// How a call ended.
@@ -208,6 +279,8 @@ pub struct CallRecord {
     pub usage: Option<Box<RawValue>>,
     /// The name of the API key the phone system presented, or null.
     pub key_name: Option<String>,
+    /// The node that held the call (its `node_id`); null for records from before nodes.
+    pub node: Option<String>,
 }
 
 impl CallRecord {
@@ -229,7 +302,8 @@ impl CallRecord {
             + opt(&self.hangup_by)
             + opt(&self.route)
             + opt(&self.agent)
-            + opt(&self.key_name);
+            + opt(&self.key_name)
+            + opt(&self.node);
         total as u64
     }
 }
@@ -258,6 +332,7 @@ impl PartialEq for CallRecord {
             && self.recording == other.recording
             && self.route == other.route
             && self.key_name == other.key_name
+            && self.node == other.node
             && self.agent == other.agent
             && raw(&self.usage) == raw(&other.usage)
     }
@@ -334,11 +409,58 @@ pub struct CallFilter {
     /// The page cursor: only calls after this one in the listing order (the ID of the last
     /// call of the previous page). An ID that names no call yields an empty page.
     pub before: Option<CallId>,
+    /// Only calls still open (live on some node).
+    pub live: bool,
+    /// Only calls held by this node.
+    pub node: Option<String>,
+    /// Only calls started at or after this time.
+    pub since: Option<UnixMillis>,
+    /// Only calls started before this time.
+    pub until: Option<UnixMillis>,
+    /// Only calls from this calling number.
+    pub caller: Option<TextMatch>,
+    /// Only calls to this called number.
+    pub callee: Option<TextMatch>,
     /// Stop reading once the records read hold more than this many bytes of text
     /// ([`CallRecord::text_bytes`]), after one record more (so a caller cutting the page by
     /// size knows there is a next one): a page of large records is cut while it is read, not
     /// read whole and cut afterwards. `None`: no limit.
     pub max_bytes: Option<u64>,
+}
+
+/// How a text filter matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TextMatch {
+    /// The whole value.
+    Exact(String),
+    /// Values that start with this (not empty).
+    Prefix(String),
+}
+
+impl TextMatch {
+    /// `abc` is exact, `abc*` a prefix; `None` for `*` alone or a `*` anywhere else.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text.strip_suffix('*') {
+            Some(p) if !p.is_empty() && !p.contains('*') => Some(Self::Prefix(p.to_owned())),
+            None if !text.contains('*') => Some(Self::Exact(text.to_owned())),
+            _ => None,
+        }
+    }
+
+    /// The end of a prefix's range in byte order: the prefix with its last character
+    /// incremented (`01` → `02`), so `value >= prefix AND value < end` is read from an index;
+    /// `None`: no end (a prefix of `char::MAX` only).
+    pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
+        let mut chars: Vec<char> = prefix.chars().collect();
+        while let Some(last) = chars.pop() {
+            let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
+            if let Some(next) = next {
+                chars.push(next);
+                return Some(chars.into_iter().collect());
+            }
+        }
+        None
+    }
 }
 
 impl CallFilter {
@@ -409,5 +531,47 @@ mod tests {
             assert_eq!(CallId::parse(bad), None, "{bad:?}");
         }
         assert!(CallId::parse("01890a5d-ac96-774b-bcce-b302099a8057").is_some());
+    }
+}
+
+#[cfg(test)]
+mod rfc3339_tests {
+    use super::UnixMillis;
+
+    #[test]
+    fn rfc3339_times_parse_with_offsets_and_fractions() {
+        let p = UnixMillis::parse_rfc3339;
+        assert_eq!(p("1970-01-01T00:00:00Z"), Some(UnixMillis(0)));
+        assert_eq!(
+            p("2026-11-21T10:49:53.123Z"),
+            Some(UnixMillis(1_795_258_193_123))
+        );
+        assert_eq!(
+            p("2026-11-21T19:49:53.123+09:00"),
+            p("2026-11-21T10:49:53.123Z")
+        );
+        assert_eq!(
+            p("2026-11-21t10:49:53.1z"),
+            Some(UnixMillis(1_795_258_193_100))
+        );
+        assert_eq!(
+            p("2026-11-21T10:49:53.123456-00:30"),
+            Some(UnixMillis(1_795_259_993_123))
+        );
+        let t = UnixMillis(1_795_258_193_123);
+        assert_eq!(p(&t.to_rfc3339()), Some(t));
+        for bad in [
+            "",
+            "2026-11-21",
+            "2026-11-21T10:49:53",
+            "2026-13-01T00:00:00Z",
+            "2026-02-30T00:00:00Z",
+            "2026-11-21T24:00:00Z",
+            "2026-11-21T10:49:53+0900",
+            "2026-11-21T10:49:53.Z",
+            "2026-11-21T10:49:5aZ",
+        ] {
+            assert_eq!(p(bad), None, "{bad}");
+        }
     }
 }

@@ -11,7 +11,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 use crate::record::{AudioFormats, raw_json};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, Migration, NewCall,
-    NewEvent, NewTranscriptEntry, Page, Reader, SchemaStatus, Store, TranscriptEntry, UnixMillis,
+    NewEvent, NewTranscriptEntry, Page, Reader, SchemaStatus, Store, TextMatch, TranscriptEntry,
+    UnixMillis,
 };
 
 /// Schema migrations, applied in order; `PRAGMA user_version` is how many have run.
@@ -92,6 +93,21 @@ CREATE TABLE call_transcript (
         sql: r#"
 ALTER TABLE calls ADD COLUMN key_name TEXT;
 "#,
+    },
+    // The node that holds the call: a node closes only its own leftovers at start, and the
+    // admin API filters by node.
+    Migration {
+        version: 5,
+        name: "calls.node, nodes",
+        sql: concat!(
+            r#"
+ALTER TABLE calls ADD COLUMN node TEXT;
+CREATE INDEX calls_node ON calls (node, started_at DESC, id DESC);
+CREATE INDEX calls_caller ON calls (caller, started_at DESC, id DESC);
+CREATE INDEX calls_callee ON calls (callee, started_at DESC, id DESC);
+"#,
+            nodes_sql!()
+        ),
     },
 ];
 
@@ -297,7 +313,7 @@ pub fn schema_status(data_dir: &Path) -> Result<SchemaStatus, Error> {
 pub(crate) const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
      phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
      end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
-     route, agent, usage, key_name";
+     route, agent, usage, key_name, node";
 
 fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
     let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
@@ -331,6 +347,7 @@ fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
         agent: row.get(21)?,
         usage: row.get::<_, Option<String>>(22)?.and_then(raw_json),
         key_name: row.get(23)?,
+        node: row.get(24)?,
     })
 }
 
@@ -344,6 +361,28 @@ fn list_sql(f: &CallFilter) -> String {
         (f.agent.is_some(), " AND agent = :agent"),
         (f.protocol.is_some(), " AND protocol = :protocol"),
         (f.end_reason.is_some(), " AND end_reason = :end_reason"),
+        (f.live, " AND ended_at IS NULL"),
+        (f.node.is_some(), " AND node = :node"),
+        (f.since.is_some(), " AND started_at >= :since"),
+        (f.until.is_some(), " AND started_at < :until"),
+        (
+            matches!(f.caller, Some(TextMatch::Exact(_))),
+            " AND caller = :caller",
+        ),
+        (
+            matches!(f.caller, Some(TextMatch::Prefix(_))),
+            " AND caller >= :caller",
+        ),
+        (prefix_end(&f.caller).is_some(), " AND caller < :caller_end"),
+        (
+            matches!(f.callee, Some(TextMatch::Exact(_))),
+            " AND callee = :callee",
+        ),
+        (
+            matches!(f.callee, Some(TextMatch::Prefix(_))),
+            " AND callee >= :callee",
+        ),
+        (prefix_end(&f.callee).is_some(), " AND callee < :callee_end"),
         (
             f.before.is_some(),
             " AND (started_at, id) < (SELECT started_at, id FROM calls WHERE id = :before)",
@@ -356,6 +395,22 @@ fn list_sql(f: &CallFilter) -> String {
     }
     sql.push_str(" ORDER BY started_at DESC, id DESC LIMIT :limit");
     sql
+}
+
+/// The value a text filter compares with.
+pub(crate) fn text_value(m: &Option<TextMatch>) -> Option<&str> {
+    match m {
+        Some(TextMatch::Exact(v) | TextMatch::Prefix(v)) => Some(v),
+        None => None,
+    }
+}
+
+/// The end of a prefix filter's range, if it is one and has an end.
+pub(crate) fn prefix_end(m: &Option<TextMatch>) -> Option<String> {
+    match m {
+        Some(TextMatch::Prefix(p)) => TextMatch::prefix_end(p),
+        _ => None,
+    }
 }
 
 fn count(v: i64) -> u64 {
@@ -403,8 +458,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO calls (id, protocol, caller, callee, external_id, call_config, \
                  phone_output_audio_format, phone_input_audio_format, started_at, recording, \
-                 route, agent, key_name) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                 route, agent, key_name, node) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )?
             .execute(params![
                 c.id.as_str(),
@@ -420,6 +475,7 @@ impl Store for SqliteStore {
                 c.route,
                 c.agent,
                 c.key_name,
+                c.node,
             ])?;
         Ok(())
     }
@@ -572,11 +628,11 @@ impl Store for SqliteStore {
         Ok(ids)
     }
 
-    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
+    fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error> {
         let n = self.conn.execute(
             "UPDATE calls SET ended_at = MAX(?1, started_at), end_reason = 'interrupted', \
-             hangup_by = 'server' WHERE ended_at IS NULL",
-            [at.0],
+             hangup_by = 'server' WHERE ended_at IS NULL AND (node = ?2 OR node IS NULL)",
+            params![at.0, node],
         )?;
         Ok(n as u64)
     }
@@ -599,11 +655,21 @@ impl Reader for SqliteReader {
     fn list_calls(&mut self, f: &CallFilter) -> Result<Vec<CallRecord>, Error> {
         let mut stmt = self.conn.prepare_cached(&list_sql(f))?;
         let before = f.before.as_ref().map(CallId::as_str);
-        let values: [(&str, &dyn ToSql); 6] = [
+        let (caller, callee) = (text_value(&f.caller), text_value(&f.callee));
+        let (caller_end, callee_end) = (prefix_end(&f.caller), prefix_end(&f.callee));
+        let (since, until) = (f.since.map(|t| t.0), f.until.map(|t| t.0));
+        let values: [(&str, &dyn ToSql); 13] = [
             (":route", &f.route),
             (":agent", &f.agent),
             (":protocol", &f.protocol),
             (":end_reason", &f.end_reason),
+            (":node", &f.node),
+            (":since", &since),
+            (":until", &until),
+            (":caller", &caller),
+            (":caller_end", &caller_end),
+            (":callee", &callee),
+            (":callee_end", &callee_end),
             (":before", &before),
             (":limit", &f.limit),
         ];
@@ -719,5 +785,31 @@ mod tests {
         let p = plan(&store, &by_agent);
         assert!(p.contains("USING INDEX calls_agent"), "{p}");
         assert!(!p.contains("TEMP B-TREE"), "{p}");
+        let by_node = CallFilter {
+            node: Some("node-a".into()),
+            ..CallFilter::newest(50)
+        };
+        let p = plan(&store, &by_node);
+        assert!(p.contains("USING INDEX calls_node"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
+        let by_caller = CallFilter {
+            caller: Some(TextMatch::Exact("0101".into())),
+            ..CallFilter::newest(50)
+        };
+        let p = plan(&store, &by_caller);
+        assert!(p.contains("USING INDEX calls_caller"), "{p}");
+        assert!(!p.contains("TEMP B-TREE"), "{p}");
+        let by_prefix = CallFilter {
+            callee: Some(TextMatch::Prefix("02".into())),
+            ..CallFilter::newest(50)
+        };
+        let p = plan(&store, &by_prefix);
+        assert!(p.contains("calls_callee"), "{p}");
+        let live = CallFilter {
+            live: true,
+            ..CallFilter::newest(50)
+        };
+        let p = plan(&store, &live);
+        assert!(p.contains("calls_open"), "{p}");
     }
 }

@@ -279,7 +279,10 @@ impl StoreHandle {
 
     /// The calls `filter` selects, newest first (read by a reader thread).
     pub async fn list_calls(&self, filter: CallFilter) -> Result<Vec<CallRecord>, Error> {
-        ask(&self.reads, self.timeout, |r| Read::List(filter, r)).await
+        ask(&self.reads, self.timeout, |r| {
+            Read::List(Box::new(filter), r)
+        })
+        .await
     }
 
     /// One call (read by a reader thread).

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use callgate_store::{
     CallFilter, CallId, CallRecord, Counters, Ended, NewCall, NewEvent, NewTranscriptEntry, Page,
-    Reader, Store, UnixMillis,
+    Reader, Store, TextMatch, UnixMillis,
 };
 use common::Backend;
 use proptest::prelude::*;
@@ -104,6 +104,16 @@ fn routing(r: u8) -> (Option<String>, Option<String>) {
     }
 }
 
+/// The node holding call `i`: this node (`a`, the one that ends its leftovers), another
+/// node, or none (a record from before nodes).
+fn node_of(i: u8) -> Option<String> {
+    match i % 3 {
+        0 => Some("a".to_owned()),
+        1 => Some("b".to_owned()),
+        _ => None,
+    }
+}
+
 fn new_call(i: u8, t: i64, r: u8) -> NewCall {
     let (route, agent) = routing(r);
     NewCall {
@@ -120,6 +130,7 @@ fn new_call(i: u8, t: i64, r: u8) -> NewCall {
         route,
         agent,
         key_name: None,
+        node: node_of(i),
     }
 }
 
@@ -133,7 +144,7 @@ fn filter(spec: FilterSpec) -> CallFilter {
         protocol: pick(&PROTOCOLS, protocol),
         end_reason: pick(&["peer_hangup", "interrupted", "no_such_reason"], reason),
         before: (before < 7).then(|| id(before)),
-        max_bytes: None,
+        ..CallFilter::default()
     }
 }
 
@@ -295,9 +306,12 @@ fn matches_the_model(
                     }
                 }
                 Op::EndInterrupted(t) => {
-                    let n = store.end_interrupted(UnixMillis(t)).unwrap();
+                    let n = store.end_interrupted("a", UnixMillis(t)).unwrap();
                     let mut expected = 0;
-                    for m in model.values_mut().filter(|m| m.ended_at.is_none()) {
+                    // Another node's open records may be live: they stay open.
+                    for (_, m) in model.iter_mut().filter(|(i, m)| {
+                        m.ended_at.is_none() && node_of(**i).as_deref() != Some("b")
+                    }) {
                         m.ended_at = Some(t.max(m.started_at));
                         m.end_reason = Some("interrupted".into());
                         expected += 1;
@@ -650,3 +664,116 @@ fn a_listing_with_a_byte_budget_stops_one_record_past_it(backend: &Backend) {
     };
     assert_eq!(reader.list_calls(&ample).unwrap().len(), 10);
 }
+
+/// The cluster filters: live, node, since/until, caller/callee exact or by prefix.
+fn the_cluster_filters_select_what_they_name(backend: &Backend) {
+    let mut store = backend.open();
+    let mk = |i: u8, t: i64, node: &str, caller: &str, callee: &str| NewCall {
+        node: Some(node.into()),
+        caller: caller.into(),
+        callee: callee.into(),
+        ..new_call(i, t, 1)
+    };
+    let calls = [
+        mk(1, 1_000, "a", "0101", "0201"),
+        mk(2, 2_000, "b", "01012", "0202"),
+        mk(3, 3_000, "a", "0102", "0301"),
+        mk(4, 4_000, "b", "0101", "02"),
+    ];
+    for c in &calls {
+        store.insert_call(c).unwrap();
+    }
+    store
+        .end_call(
+            &calls[0].id,
+            &Ended {
+                at: UnixMillis(1_500),
+                reason: "peer_hangup".into(),
+                hangup_by: "peer".into(),
+                counters: Default::default(),
+                dtmf: String::new(),
+                usage: None,
+            },
+        )
+        .unwrap();
+    let reader = &mut store.open_reader().unwrap();
+    let mut list = |f: CallFilter| -> Vec<String> {
+        let mut ids: Vec<String> = reader
+            .list_calls(&CallFilter { limit: 50, ..f })
+            .unwrap()
+            .iter()
+            .map(|r| r.external_id.clone())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let ext = |is: &[u8]| is.iter().map(|i| format!("ext-{i}")).collect::<Vec<_>>();
+    assert_eq!(
+        list(CallFilter {
+            live: true,
+            ..Default::default()
+        }),
+        ext(&[2, 3, 4])
+    );
+    assert_eq!(
+        list(CallFilter {
+            node: Some("a".into()),
+            ..Default::default()
+        }),
+        ext(&[1, 3])
+    );
+    assert_eq!(
+        list(CallFilter {
+            since: Some(UnixMillis(2_000)),
+            until: Some(UnixMillis(4_000)),
+            ..Default::default()
+        }),
+        ext(&[2, 3])
+    );
+    let m = |t: &str| TextMatch::parse(t);
+    assert_eq!(
+        list(CallFilter {
+            caller: m("0101"),
+            ..Default::default()
+        }),
+        ext(&[1, 4])
+    );
+    assert_eq!(
+        list(CallFilter {
+            caller: m("0101*"),
+            ..Default::default()
+        }),
+        ext(&[1, 2, 4])
+    );
+    assert_eq!(
+        list(CallFilter {
+            callee: m("02*"),
+            ..Default::default()
+        }),
+        ext(&[1, 2, 4])
+    );
+    assert_eq!(
+        list(CallFilter {
+            callee: m("020*"),
+            ..Default::default()
+        }),
+        ext(&[1, 2])
+    );
+    assert_eq!(
+        list(CallFilter {
+            live: true,
+            node: Some("b".into()),
+            callee: m("02"),
+            ..Default::default()
+        }),
+        ext(&[4])
+    );
+    assert_eq!(TextMatch::parse("*"), None);
+    assert_eq!(TextMatch::parse("0*1"), None);
+}
+
+on_both!(
+    sqlite_cluster_filters,
+    postgres_cluster_filters,
+    the_cluster_filters_select_what_they_name
+);

@@ -46,6 +46,7 @@ fn new_call(n: i64) -> NewCall {
         route: Some("default".into()),
         agent: Some("echo".into()),
         key_name: None,
+        node: None,
     }
 }
 

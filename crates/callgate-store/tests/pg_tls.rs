@@ -29,6 +29,7 @@ fn round_trip(url: PgUrl) -> Result<(), callgate_store::Error> {
             route: None,
             agent: None,
             key_name: None,
+            node: None,
         };
         store.insert_call(&call)?;
         let listed = store.open_reader()?.list_calls(&CallFilter::newest(1000))?;

@@ -41,6 +41,7 @@ fn one_call(store: &mut SqliteStore) -> CallId {
                 route: None,
                 agent: None,
                 key_name: None,
+                node: None,
             })?;
             s.append_events(
                 &id,

@@ -62,6 +62,7 @@ fn new_call(i: u32) -> NewCall {
         route: Some("sales".into()),
         agent: Some("echo".into()),
         key_name: None,
+        node: None,
     }
 }
 
@@ -308,8 +309,8 @@ impl Store for GatedStore {
         self.inner.delete_ended_before(before, limit)
     }
 
-    fn end_interrupted(&mut self, at: UnixMillis) -> Result<u64, Error> {
-        self.inner.end_interrupted(at)
+    fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error> {
+        self.inner.end_interrupted(node, at)
     }
 }
 

@@ -77,6 +77,16 @@ settings! {
         /// Keep call records in PostgreSQL: postgres://user:password@host:port/db?sslmode=disable|require|verify-full [default: none, SQLite in the data directory]
         #[arg(long, env = "CALLGATE_STORE_URL", value_name = "URL")]
         store_url: Option<String>,
+        /// This node's name in the cluster, written into every call record it makes: 1-64 of A-Z a-z 0-9 . - _ [default: the host name]
+        #[arg(long, env = "CALLGATE_NODE_ID", value_name = "NAME")]
+        node_id: Option<String>,
+        /// The URL other nodes use to reach this node's admin API, e.g. http://10.0.0.5:4144 [default: from admin_listen; its port with node_id as host when it listens on all addresses]
+        #[arg(long, env = "CALLGATE_ADVERTISE_ADMIN", value_name = "URL")]
+        advertise_admin: Option<String>,
+        /// A node whose heartbeat (every 2s) lapsed this long is dead: another node closes its open records as interrupted; at least 5s [default: 10s]
+        #[arg(long, env = "CALLGATE_NODE_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
+        #[serde(deserialize_with = "from_text")]
+        node_timeout: Option<Duration>,
         /// PEM file of the CA that signed PostgreSQL's certificate (with sslmode=verify-full)
         #[arg(long, env = "CALLGATE_STORE_CA_FILE", value_name = "FILE", value_parser = text::<PathBuf>())]
         #[serde(deserialize_with = "from_text")]
@@ -316,6 +326,15 @@ impl Settings {
             }
             None => None,
         };
+        c.node_id = match &self.node_id {
+            Some(v) => v.clone(),
+            None => host_name()
+                .context("node_id is not set and the host name could not be read: set node_id")?,
+        };
+        c.advertise_admin.clone_from(&self.advertise_admin);
+        if let Some(v) = self.node_timeout {
+            c.node_timeout = v;
+        }
         if let Some(v) = self.max_calls {
             c.max_calls = v;
         }
@@ -678,6 +697,19 @@ impl CallAuthFile {
 
 /// The `realtime` agent's metrics: one set for the process, shared by every reload of the
 /// routes (the server's `/metrics` encodes it on each scrape).
+/// The host name, the default `node_id`: the kernel's (Linux), else `$HOSTNAME`.
+fn host_name() -> anyhow::Result<String> {
+    let name = match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        Ok(name) => name,
+        Err(e) => std::env::var("HOSTNAME").map_err(|_| anyhow!(e))?,
+    };
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("the host name is empty");
+    }
+    Ok(name.to_owned())
+}
+
 fn realtime_metrics() -> Arc<callgate_realtime::RealtimeMetrics> {
     static METRICS: std::sync::OnceLock<Arc<callgate_realtime::RealtimeMetrics>> =
         std::sync::OnceLock::new();
@@ -934,5 +966,40 @@ mod tests {
         assert!(e.contains("--agent (or CALLGATE_AGENT)"), "{e}");
         let merged = Settings::default().merge(file).unwrap();
         assert_eq!(merged.validate().unwrap().table.routes().len(), 1);
+    }
+
+    #[test]
+    fn node_id_is_a_flag_a_key_or_the_host_name_and_is_checked() {
+        let merged = flags(&["--node-id", "node-a"])
+            .unwrap()
+            .or(toml::from_str("node_id = \"node-b\"\n").unwrap());
+        assert_eq!(merged.validate().unwrap().config.node_id, "node-a");
+        let file: Settings = toml::from_str("node_id = \"node-b\"\n").unwrap();
+        assert_eq!(file.validate().unwrap().config.node_id, "node-b");
+        let file: Settings =
+            toml::from_str("node_timeout = \"30s\"\nadvertise_admin = \"http://10.0.0.5:4144\"\n")
+                .unwrap();
+        let config = file.validate().unwrap().config;
+        assert_eq!(config.node_timeout, Duration::from_secs(30));
+        assert_eq!(
+            config.advertise_admin.as_deref(),
+            Some("http://10.0.0.5:4144")
+        );
+        for (key, bad) in [
+            ("node_timeout", "node_timeout = \"4s\""),
+            ("advertise_admin", "advertise_admin = \"10.0.0.5:4144\""),
+            ("advertise_admin", "advertise_admin = \"http://h:1/api\""),
+        ] {
+            let file: Settings = toml::from_str(bad).unwrap();
+            let e = format!("{:#}", file.validate().unwrap_err());
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let default = Settings::default().validate().unwrap().config.node_id;
+        assert_eq!(default, host_name().unwrap());
+        for bad in ["", "a b", "n\u{e9}", &"x".repeat(65)] {
+            let file: Settings = toml::from_str(&format!("node_id = {bad:?}\n")).unwrap();
+            let e = format!("{:#}", file.validate().unwrap_err());
+            assert!(e.contains("node_id"), "{bad:?}: {e}");
+        }
     }
 }

@@ -493,6 +493,7 @@ fn describe(
         route: Some(route.name.to_string()),
         agent: Some(route.agent.to_string()),
         key_name: None,
+        node: Some(shared.config.node_id.clone()),
     };
     let info = CallInfo {
         call_id: id.to_string(),
@@ -703,6 +704,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
         route: None,
         agent: None,
         key_name: key,
+        node: Some(shared.config.node_id.clone()),
     };
     let started_wall = new_call.started_at;
     match shared.store.insert_call(new_call).await {
