@@ -751,6 +751,8 @@ async fn agent_terminate_asks_callbridges_open_api_to_end_the_call() {
         },
     );
     let server = spawn_server_with_catalog(&catalog, |c| {
+        // The live call's events reach the store within 100 ms (the test waits for one).
+        c.progress_interval = Duration::from_millis(100);
         c.routes = vec![
             parse_spec(
                 json!({"name": "cb", "agent": "flow", "settings": {"file": file}}),
@@ -768,6 +770,22 @@ async fn agent_terminate_asks_callbridges_open_api_to_end_the_call() {
     while seen.lock().expect("lock").is_empty() {
         tries += 1;
         assert!(tries < 500, "agent-terminate was called");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // CallBridge answers, then drops the line: close once the step has its answer (closing
+    // as soon as the request arrived raced the answer).
+    let id = server.call("term-1").await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let mut tries = 0;
+    while !flow_steps(&server, &id)
+        .await
+        .iter()
+        .any(|(n, p, _)| n == "bye" && p == "end")
+    {
+        tries += 1;
+        assert!(tries < 500, "the step got its answer");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     phone.close(1000, "terminated").await;
