@@ -1,4 +1,4 @@
-//! The CallBridge agent-session protocol (`../shared/protocols/callbridge.md`).
+//! The CallBridge agent-session protocol (`docs/specs/protocols.md`).
 //!
 //! CallBridge connects, sends one start message (`call_config` + `audio_format`), we reply
 //! `started`, then raw audio flows both ways as binary messages until either side closes. No

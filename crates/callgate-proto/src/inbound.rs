@@ -1,4 +1,4 @@
-//! The inbound-call WebSocket protocol (`../shared/protocols/inbound.md`).
+//! The inbound-call WebSocket protocol (`docs/specs/protocols.md`).
 //!
 //! The gateway connects and sends `incoming_call`; we `answer`; audio flows both ways as binary
 //! messages; either side sends `hangup`; the gateway then sends a `cdr` and closes. We wait for

@@ -1,5 +1,5 @@
 //! Twilio Media Streams, bidirectional (`<Connect><Stream>`), as a phone protocol
-//! (`../shared/protocols/twilio-media-streams.md`, `docs/protocols/twilio.md`).
+//! (`docs/protocols/twilio.md`).
 //!
 //! Twilio is the WebSocket client. It sends `connected`, then `start` (the call's start: ids,
 //! `customParameters`, the media format), then `media` (base64 μ-law 8 kHz), `dtmf`, `mark`

@@ -74,7 +74,7 @@ pub use tasks::Tasks;
 /// How long a store operation may take before the caller gives up.
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 /// WebSocket read buffer per connection. tungstenite's 128 KiB default costs ~130 kB and
-/// ~1.6x CPU per connection (`../shared/DEPENDENCIES.md`); audio frames are a few hundred bytes.
+/// ~1.6x CPU per connection (measured); audio frames are a few hundred bytes.
 /// 1 KiB rather than 4: each read attempt (one per turn of the call's select) prepares the
 /// buffer's spare room, and at 4 KiB that was a quarter of all instructions per echoed frame
 /// (callgrind: 19.4k → 13.9k instructions per frame at 1 KiB); larger messages just take more
