@@ -30,13 +30,18 @@
 //!   [`MAX_CATCH_UP`] late for a frame's. The grid is kept. Audio whose slot passed more than
 //!   [`MAX_CATCH_UP`] ago is dropped (the caller can no longer hear it in time) and counted
 //!   ([`Playout::stalls`], [`Playout::stall_dropped_ms`]); the rest goes out back to back
-//!   until the grid is on real time again. That covers what was queued when the stall began
-//!   and what is pushed in the [`MAX_CATCH_UP`] after the owner woke: the backlog it piled up
+//!   until the grid is on real time again. Marks whose audio was partly dropped this way
+//!   report [`MarkEnd::Cleared`].
+//! - After a stall, audio pushed into an empty queue may be the backlog the owner piled up
 //!   while held up (an echo's caller audio waiting in its socket), which a re-anchored grid
-//!   would play at real-time pace and so carry its delay for the rest of the call. Marks whose
-//!   audio was partly dropped this way report [`MarkEnd::Cleared`]. A gap the owner was woken
-//!   for on time leaves the same door open for one frame: audio pushed in it is that wake's
-//!   backlog (a stall that ended just then), later audio is new.
+//!   would play at real-time pace and so carry its delay for the rest of the call; or it may
+//!   be new (a lone frame, the start of a reply), which must not be dropped for slots nobody
+//!   filled. Only the amount tells them apart, so such audio is *held* for one frame
+//!   ([`HOLD`]: a backlog is read from the socket in one go), then only its newest
+//!   [`MAX_CATCH_UP`] is kept, sent back to back, and the grid is on real time again. The
+//!   door for such audio is open for [`MAX_CATCH_UP`] after a stall and for one frame after
+//!   a gap the owner was woken for on time (a stall that ended just then), and whenever the
+//!   gap's deadline passed with the owner not woken for it.
 //! - Pacing jitter ([`PlayoutEvent::Frame::late`]) is how long after it could leave (the later
 //!   of its earliest time and its data being queued) a frame actually left.
 
@@ -50,6 +55,8 @@ use callgate_proto::AudioFormat;
 pub const FRAME: Duration = Duration::from_millis(20);
 /// The most a late owner catches up by sending frames back to back.
 pub const MAX_CATCH_UP: Duration = Duration::from_millis(100);
+/// How long audio pushed after a stall waits to be told from a backlog (see the module docs).
+pub const HOLD: Duration = FRAME;
 
 /// What to do when a deadline passes with nothing queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -141,6 +148,9 @@ pub struct Playout {
     behind: Option<Behind>,
     /// A gap made the grid idle: the next push counts an underrun.
     gap_pending: bool,
+    /// Audio pushed into an empty queue after a stall waits until then: a backlog or new
+    /// audio, told apart by how much of it came (see the module docs).
+    hold: Option<Instant>,
     /// Bytes dropped because a stall made them too late to play.
     skipped_total: u64,
 }
@@ -168,6 +178,7 @@ impl Playout {
             stalls: 0,
             behind: None,
             gap_pending: false,
+            hold: None,
             skipped_total: 0,
         }
     }
@@ -240,7 +251,8 @@ impl Playout {
         };
         if let Some(behind) = self.behind {
             if now < behind.until {
-                // A stall's backlog: it takes the grid's late slots.
+                // A stall's backlog, or new audio: the amount that comes tells.
+                self.hold = Some(now + HOLD);
                 return;
             }
             // Later audio is new.
@@ -265,8 +277,9 @@ impl Playout {
             return;
         }
         // The gap's deadline passed and the owner was not woken for it: held up. This audio
-        // is the backlog.
+        // may be its backlog, or new audio that came after the gap: the amount tells.
         self.woke(now, now.duration_since(deadline));
+        self.hold = Some(now + HOLD);
     }
 
     /// The owner woke at `now`, `late` after a deadline with nothing queued: a stall (more
@@ -320,6 +333,7 @@ impl Playout {
         self.utterance_sent = 0;
         self.ready_at = None;
         self.behind = None;
+        self.hold = None;
         if self.underrun == Underrun::Nothing {
             self.next_at = None;
         }
@@ -332,7 +346,7 @@ impl Playout {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let at = self.next_at?;
         if self.queued > 0 {
-            return Some(at);
+            return Some(self.hold.unwrap_or(at));
         }
         match (self.behind, self.underrun) {
             // The end of the door left open for a backlog.
@@ -355,6 +369,15 @@ impl Playout {
                 end
             };
             return Some(PlayoutEvent::Mark { id, end });
+        }
+        if let Some(until) = self.hold {
+            if self.queued > 0 && now < until {
+                return None;
+            }
+            self.hold = None;
+            if self.queued > 0 {
+                self.release(now);
+            }
         }
         let mut at = self.next_at?;
         if self.queued == 0 {
@@ -457,7 +480,56 @@ impl Playout {
         let late = resume.duration_since(at);
         // Whole frames only, so the audio that remains stays frame-aligned.
         let frames = (late.as_micros() / FRAME.as_micros()) as usize;
-        let mut skip = (frames * self.frame_bytes).min(self.queued);
+        let skipped = self.drop_front(frames * self.frame_bytes);
+        // The dropped audio's slots are gone; the grid keeps its phase (an echo's audio keeps
+        // coming when its slots come: a grid moved to `resume` would hold it up to a frame).
+        let nanos = skipped * 1_000_000 / self.bytes_per_ms as u64;
+        let resumed = at + Duration::from_nanos(nanos);
+        if self.queued == 0 {
+            self.ready_at = None;
+            self.next_at = Some(resumed);
+            return None;
+        }
+        Some(resumed)
+    }
+
+    /// The hold is over. A backlog is at most what a real-time source sent while the grid was
+    /// behind: of the audio held, only what is both older than [`MAX_CATCH_UP`] by the grid
+    /// (the slots that passed) and beyond the newest [`MAX_CATCH_UP`] of it is dropped, in
+    /// whole frames. A lone frame keeps everything; a long utterance loses no more than a
+    /// stall would have dropped from it. What is kept starts at most [`MAX_CATCH_UP`] behind
+    /// real time, so it goes out back to back and then on the grid.
+    fn release(&mut self, now: Instant) {
+        let at = self.next_at.unwrap_or(now);
+        let late = now
+            .checked_sub(MAX_CATCH_UP)
+            .map_or(Duration::ZERO, |resume| {
+                resume.saturating_duration_since(at)
+            });
+        let by_slots = (late.as_micros() / FRAME.as_micros()) as usize * self.frame_bytes;
+        let keep = (MAX_CATCH_UP.as_millis() / FRAME.as_millis()) as usize * self.frame_bytes;
+        let beyond_newest = self.queued.saturating_sub(keep).div_ceil(self.frame_bytes);
+        let skipped = self.drop_front(by_slots.min(beyond_newest * self.frame_bytes));
+        if skipped > 0 {
+            match &mut self.behind {
+                Some(behind) if behind.counted => {}
+                Some(behind) => {
+                    // The wake for a gap had backlog after all: a stall.
+                    behind.counted = true;
+                    self.stalls += 1;
+                }
+                None => self.stalls += 1,
+            }
+        }
+        let kept = Duration::from_nanos(self.queued as u64 * 1_000_000 / self.bytes_per_ms as u64);
+        let behind_by = kept.min(MAX_CATCH_UP);
+        self.next_at = Some(now.checked_sub(behind_by).unwrap_or(now));
+        self.behind = None;
+    }
+
+    /// Drops up to `bytes` from the front of the queue as too late to play; returns how many.
+    fn drop_front(&mut self, bytes: usize) -> u64 {
+        let mut skip = bytes.min(self.queued);
         let skipped = skip as u64;
         while skip > 0 {
             let Some(front) = self.queue.front_mut() else {
@@ -474,16 +546,7 @@ impl Playout {
             }
         }
         self.skipped_total += skipped;
-        // The dropped audio's slots are gone; the grid keeps its phase (an echo's audio keeps
-        // coming when its slots come: a grid moved to `resume` would hold it up to a frame).
-        let nanos = skipped * 1_000_000 / self.bytes_per_ms as u64;
-        let resumed = at + Duration::from_nanos(nanos);
-        if self.queued == 0 {
-            self.ready_at = None;
-            self.next_at = Some(resumed);
-            return None;
-        }
-        Some(resumed)
+        skipped
     }
 
     /// Up to one frame's worth of bytes from the front of the queue (zero-copy when a queued
@@ -642,14 +705,18 @@ mod tests {
                 p.push(woke, Bytes::from(vec![2u8; 320]));
                 sent += frames(&mut p, woke).len();
             }
-            // Slots 200..400 ms passed (about) 100 ms ago or more: dropped; the last 80 ms went
-            // out back to back, and the grid is on real time again.
+            // Held for a frame, while the backlog is read.
+            assert_eq!(sent, 0, "{timer_first}");
+            assert_eq!(p.poll_timeout(), Some(woke + HOLD));
+            // Then all but the newest 100 ms is dropped; those 100 ms go out back to back, and
+            // the grid is on real time again.
+            let released = woke + HOLD;
+            assert_eq!(frames(&mut p, released).len(), 5, "{timer_first}");
             assert_eq!(
                 (p.stalls(), p.stall_dropped_ms()),
-                (1, 220),
+                (1, 200),
                 "{timer_first}"
             );
-            assert_eq!(sent, 4, "{timer_first}");
             assert_eq!(p.queued_ms(), 0);
             // The caller's next frames come at real-time pace and go out at once, as before.
             let after = echo(&mut p, t0, 520, 50, 3);
@@ -695,8 +762,12 @@ mod tests {
             p.push(woke, Bytes::from(vec![2u8; 320]));
             frames(&mut p, woke);
         }
+        assert_eq!(p.stalls(), 0, "held: backlog or new audio");
+        frames(&mut p, woke + HOLD);
         assert_eq!(p.stalls(), 1, "the backlog came");
-        let after = echo(&mut p, t0, 20 * (10 + backlog), 50, 3);
+        // (The caller's frame due during the hold belongs to the backlog: real time resumes
+        // after it.)
+        let after = echo(&mut p, t0, 20 * (11 + backlog), 50, 3);
         assert!(after.iter().all(|f| f == &[320]), "{after:?}");
     }
 
@@ -758,6 +829,12 @@ mod tests {
             p.push(woke, Bytes::from(vec![2u8; 320]));
             frames(&mut p, woke);
         }
+        // Held for a frame (the backlog is being read), then the newest 100 ms is kept.
+        let released = frames(&mut p, woke + HOLD);
+        let audio = released
+            .iter()
+            .filter(|e| matches!(e, PlayoutEvent::Frame { silence: false, .. }));
+        assert_eq!(audio.count(), 5, "{released:?}");
         assert_eq!(p.stalls(), 1);
         assert!(p.stall_dropped_ms() >= 200, "{}", p.stall_dropped_ms());
         // On real time again: the caller's next frames never wait more than the frame of
@@ -917,5 +994,37 @@ mod tests {
             end: MarkEnd::Cleared
         }));
         assert_eq!(p.played_ms() + p.stall_dropped_ms(), 1000);
+    }
+
+    #[test]
+    fn a_lone_frame_after_a_late_wake_is_played_not_dropped() {
+        // A frame every now and then (a canary, a short reply), with the owner held up when a
+        // gap began: the frame came long after the grid's last slot, but it is one frame, not a
+        // backlog. Both orders in which a late owner can see the deadline and the frame.
+        for timer_first in [true, false] {
+            let t0 = Instant::now() + Duration::from_secs(1);
+            let mut p = Playout::new(
+                AudioFormat::Pcm8000,
+                Duration::from_secs(2),
+                Underrun::Nothing,
+            );
+            echo(&mut p, t0, 0, 1, 1);
+            let deadline = p.poll_timeout().expect("the gap's deadline");
+            let woke = deadline + Duration::from_millis(200);
+            if timer_first {
+                assert!(frames(&mut p, woke).is_empty());
+            }
+            let arrival = woke + Duration::from_millis(if timer_first { 30 } else { 0 });
+            p.push(arrival, Bytes::from(vec![2u8; 320]));
+            let mut sent = sizes(&frames(&mut p, arrival));
+            // Held at most a frame, while a backlog could still be coming.
+            if let Some(next) = p.poll_timeout() {
+                assert!(next <= arrival + FRAME, "{timer_first}");
+                sent.extend(sizes(&frames(&mut p, next)));
+            }
+            assert_eq!(sent, [320], "{timer_first}");
+            assert_eq!(p.stall_dropped_ms(), 0, "{timer_first}");
+            assert_eq!(p.played_ms(), 40, "{timer_first}");
+        }
     }
 }

@@ -358,8 +358,6 @@ async fn an_idle_tls_handshake_is_dropped_at_the_handshake_deadline() {
 }
 
 #[tokio::test]
-#[ignore = "hangs intermittently, also on the base commit 35c71b8 (the canary's echo after \
-            the flood never returns); run with --ignored while the cause is found"]
 async fn a_flood_of_idle_tls_handshakes_evicts_the_oldest_and_costs_live_calls_nothing() {
     let t = Tls::start(|c| {
         c.max_pending = 32;

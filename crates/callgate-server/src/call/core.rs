@@ -1214,6 +1214,7 @@ mod tests {
         call.collect(210);
         assert_eq!(call.marks(), [(7, 100, MarkState::Played)]);
         // Two seconds of audio: a mark every second of continuous audio, then the end.
+        call.run_to(300);
         call.say(300, 1000, 2).await;
         call.run_to(700);
         call.say(700, 1000, 2).await;
@@ -1239,10 +1240,10 @@ mod tests {
             .expect("barge-in");
         // Heard: 100 ms, then the confirmed second; the rest sent was cut off by the clear.
         assert_eq!(barge.played_ms, 1100);
-        // Sent: 121 frames (2420 ms), of which 1320 ms were never confirmed; the playout
+        // Sent: 120 frames (2400 ms), of which 1300 ms were never confirmed; the playout
         // still held 660 ms. Both count as dropped: sent is not heard on Twilio.
-        assert_eq!(call.twilio_events("media").len(), 121);
-        assert_eq!(barge.dropped_ms, (2420 - 1100) + 660, "{barge:?}");
+        assert_eq!(call.twilio_events("media").len(), 120);
+        assert_eq!(barge.dropped_ms, (2400 - 1100) + 660, "{barge:?}");
         // Marks Twilio returns after the clear were dropped, not played: not reported.
         call.core.handle_text(call.at(2610), &twilio_mark(3));
         call.collect(2610);
