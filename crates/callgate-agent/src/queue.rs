@@ -1,6 +1,6 @@
 //! The bounded queue of events toward an agent.
 //!
-//! Policy when full (STYLE.md §5):
+//! Policy when full (docs/contributing.md §5):
 //! - **audio**: never waits. The oldest queued audio frame is dropped and counted: for a live
 //!   call, fresh audio matters more than complete audio.
 //! - **control** (DTMF, end of call): never dropped. It first takes the place of the oldest

@@ -2,8 +2,7 @@
 //! tests and latency benchmark.
 //!
 //! The hosted API cannot be reached from tests, so [`Double`] listens on `127.0.0.1` and answers
-//! Realtime WebSocket connections the way the service is documented to
-//! (`/work/shared/protocols/openai-realtime.md`): the handshake rules (key, no `OpenAI-Beta`
+//! Realtime WebSocket connections the way the service is documented to: the handshake rules (key, no `OpenAI-Beta`
 //! header), `session.created` first, `session.update` validated field by field (GA shape only),
 //! the conversation kept server-side (items, truncation, deletion, function-call outputs), one
 //! response at a time, cancellation, and every documented error with its code, message and the
