@@ -548,7 +548,7 @@ pub async fn run(opts: &SimOptions, mut on: impl FnMut(&Timeline)) -> Result<Sum
                 on(&Timeline::CallerHangup { at_ms: at(Instant::now()) });
                 if let Phone::Inbound(p) = &mut phone
                     && !opts.no_cdr {
-                        p.send_cdr(&cdr(opts, wall_start, dialled, s.answered, Instant::now()));
+                        p.send_cdr(&cdr("caller", opts, wall_start, dialled, s.answered, Instant::now()));
                         s.cdr_sent = true;
                         on(&Timeline::CdrSent { at_ms: at(Instant::now()) });
                     }
@@ -582,8 +582,10 @@ fn hash(data: &[u8]) -> u64 {
     h.finish()
 }
 
-/// A CDR consistent with what happened on this call.
+/// A CDR consistent with what happened on this call; `hangup_by` is `caller` when the sim hung
+/// up, `callee` when the server did.
 fn cdr(
+    hangup_by: &str,
     opts: &SimOptions,
     wall_start: OffsetDateTime,
     dialled: Instant,
@@ -611,7 +613,7 @@ fn cdr(
             "NO ANSWER"
         }
         .into(),
-        hangup_by: "caller".into(),
+        hangup_by: hangup_by.into(),
         hangup_cause_code: "16".into(),
         hangup_cause_text: "Normal Clearing".into(),
     }
@@ -690,7 +692,14 @@ impl State {
                     && !opts.no_cdr
                     && !self.cdr_sent
                 {
-                    p.send_cdr(&cdr(opts, self.wall_start, dialled, self.answered, now));
+                    p.send_cdr(&cdr(
+                        "callee",
+                        opts,
+                        self.wall_start,
+                        dialled,
+                        self.answered,
+                        now,
+                    ));
                     self.cdr_sent = true;
                     on(&Timeline::CdrSent { at_ms });
                 }

@@ -108,6 +108,31 @@ async fn sim_plays_a_tone_with_dtmf_records_the_echo_and_sends_a_consistent_cdr(
     assert_eq!(record["cdr"]["sessionId"], "sim-tone");
     assert_eq!(record["cdr"]["disposition"], "ANSWERED");
     assert_eq!(record["cdr"]["hangupCauseCode"], 16);
+    assert_eq!(record["cdr"]["hangupBy"], "caller");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn sim_says_the_callee_hung_up_when_the_server_did() {
+    let server = spawn_server(|_| {}).await;
+    let options = SimOptions {
+        source: Source::Tone {
+            hz: 440.0,
+            duration: Duration::from_secs(30),
+        },
+        ..opts(&server, "sim-bye")
+    };
+    let hang_up = async {
+        let live = server.call("sim-bye").await;
+        let id = live["id"].as_str().expect("id");
+        let (status, body) = server.post(&format!("/api/calls/{id}/hangup"), "").await;
+        assert_eq!(status, 200, "{body}");
+    };
+    let (summary, ()) = tokio::join!(sim::run(&options, |_| {}), hang_up);
+    summary.expect("sim");
+    let record = server.ended_call("sim-bye").await;
+    assert_eq!(record["end_reason"], "operator_hangup", "{record}");
+    assert_eq!(record["cdr"]["hangupBy"], "callee", "{record}");
     server.shutdown().await;
 }
 
