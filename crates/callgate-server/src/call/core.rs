@@ -1317,7 +1317,12 @@ mod tests {
         call.core.handle_agent_clear(call.at(300));
         call.collect(300);
         assert_eq!(call.ended, Some(EndReason::AgentHangup));
-        assert!(call.frames_tagged(1) <= 17);
+        // What played until the clear (two at 0 ms, one of them the frame of slack, then one
+        // per 20 ms up to 300 ms), and nothing after it.
+        let sent = call.frames_tagged(1);
+        assert_eq!(sent, 17, "frames sent before the clear");
+        call.run_to(1100);
+        assert_eq!(call.frames_tagged(1), sent, "nothing plays after the clear");
     }
 
     #[tokio::test]
