@@ -13,6 +13,7 @@ use bytes::Bytes;
 use callgate_agent::{
     Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed,
 };
+use callgate_audio::vad::{Vad, VadConfig, VadEvent};
 use callgate_audio::{Converter, pcm};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -96,6 +97,13 @@ impl Agent for FlowAgent {
         // The room reserved for the recording in progress; given back when dropped.
         let mut reservation: Option<Reservation> = None;
         let mut samples = Vec::new();
+        // A gather that listens: the voice detector (made at the first one) and the
+        // utterance being recognised (audio pushed as it comes; the recogniser works off
+        // this task, see callgate_kit::stt).
+        let mut vad: Option<Vad> = None;
+        let mut voiced = false;
+        let mut was_listening = false;
+        let mut utterance: Option<(u64, callgate_kit::stt::Utterance)> = None;
         let mut ended = false;
         engine.start(io.now_ms());
         loop {
@@ -199,6 +207,55 @@ impl Agent for FlowAgent {
                         });
                         saving = Some((seq, handle));
                     }
+                    Action::Listen { seq, step, samples } => {
+                        let stt = match &self.flow.steps[step].kind {
+                            crate::spec::StepKind::Gather(g) => {
+                                g.speech.as_ref().map(|l| l.stt.clone())
+                            }
+                            _ => None,
+                        };
+                        let started = stt
+                            .ok_or_else(|| "the step does not listen".to_owned())
+                            .and_then(|stt| {
+                                stt.start(input.sample_rate()).map_err(|e| e.to_string())
+                            });
+                        match started {
+                            Ok(mut u) => {
+                                u.push(&samples);
+                                utterance = Some((seq, u));
+                            }
+                            Err(error) => {
+                                utterance = None;
+                                let _ = done_tx.try_send(Done::Transcript {
+                                    seq,
+                                    result: Err(error),
+                                });
+                            }
+                        }
+                    }
+                    Action::Hear { seq, samples } => {
+                        if let Some((s, u)) = &mut utterance
+                            && *s == seq
+                        {
+                            u.push(&samples);
+                        }
+                    }
+                    Action::Transcribe { seq } => {
+                        if let Some((s, u)) = utterance.take()
+                            && s == seq
+                        {
+                            let tx = done_tx.clone();
+                            spawner.spawn(async move {
+                                let result = u.finish().await.map_err(|e| e.to_string());
+                                let _ = tx.send(Done::Transcript { seq, result }).await;
+                            });
+                        }
+                    }
+                    Action::StopListening { seq } => {
+                        if utterance.as_ref().is_some_and(|(s, _)| *s == seq) {
+                            utterance = None;
+                        }
+                    }
                     Action::Finished => {}
                 }
             }
@@ -221,6 +278,13 @@ impl Agent for FlowAgent {
                             engine.handle_ended(now);
                         }
                         Some(AgentEvent::Audio(data)) => {
+                            let listening = engine.is_listening();
+                            if listening && !was_listening {
+                                // A new attempt: the detector starts afresh.
+                                vad = None;
+                                voiced = false;
+                            }
+                            was_listening = listening;
                             if engine.is_echoing() {
                                 let data = if input == output {
                                     data
@@ -242,6 +306,27 @@ impl Agent for FlowAgent {
                                 samples.clear();
                                 pcm::decode(input, &data, &mut samples);
                                 engine.handle_audio(now, &samples);
+                            } else if listening {
+                                samples.clear();
+                                pcm::decode(input, &data, &mut samples);
+                                if vad.is_none() {
+                                    let config = VadConfig {
+                                        stop_frames: 5,
+                                        ..VadConfig::default()
+                                    };
+                                    vad = Some(
+                                        Vad::new(input.sample_rate(), config)
+                                            .map_err(|e| Error::Failed(e.to_string()))?,
+                                    );
+                                }
+                                if let Some(vad) = &mut vad {
+                                    match vad.process(&samples) {
+                                        Some(VadEvent::SpeechStarted { .. }) => voiced = true,
+                                        Some(VadEvent::SpeechStopped { .. }) => voiced = false,
+                                        None => {}
+                                    }
+                                }
+                                engine.handle_speech(now, &samples, voiced);
                             }
                         }
                         Some(AgentEvent::Dtmf(digit)) => engine.handle_dtmf(now, digit),
