@@ -2253,6 +2253,12 @@ mod tests {
             "spaces do not matter"
         );
         assert_eq!(listen.pick("날씨가 좋네요"), None);
+        assert_eq!(
+            listen.pick("요금이요").map(|p| p.0),
+            Some("billing"),
+            "a particle after"
+        );
+        assert_eq!(listen.pick("과요금"), None, "a phrase begins a word");
 
         let (mut e, mut now) = listening_menu();
         speak(&mut e, &mut now, 10, 10);

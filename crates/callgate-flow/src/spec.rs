@@ -339,24 +339,36 @@ pub struct Listen {
 }
 
 impl Listen {
-    /// The branch a transcript picks: of the phrases it contains (compared normalised, see
-    /// [`crate::stt::normalize`]), the one said first; of two starting at the same place,
-    /// the longer. `None`: no phrase is in it.
+    /// The branch a transcript picks: of its phrases that begin a word of the transcript
+    /// (compared normalised, see [`crate::stt::normalize`]: case, spaces and punctuation do
+    /// not count, and what follows the phrase may be glued to it, as Korean particles are:
+    /// "요금" is in "요금이요"; "네" is not in "좋네요"), the one said first; of two starting
+    /// at the same word, the longer. `None`: no phrase is in it.
     pub fn pick(&self, transcript: &str) -> Option<(&str, Next)> {
-        let heard = crate::stt::normalize(transcript);
+        let mut heard = String::new();
+        let mut starts = Vec::new();
+        for word in transcript.split(|c: char| !c.is_alphanumeric()) {
+            let word = crate::stt::normalize(word);
+            if !word.is_empty() {
+                starts.push(heard.len());
+                heard.push_str(&word);
+            }
+        }
         let mut best: Option<(usize, usize, &str, Next)> = None;
         for (key, phrases, target) in &self.expect {
             for phrase in phrases {
-                if let Some(at) = heard.find(phrase.as_str()) {
-                    let better = match best {
-                        None => true,
-                        Some((b_at, b_len, ..)) => {
-                            at < b_at || (at == b_at && phrase.len() > b_len)
-                        }
-                    };
-                    if better {
-                        best = Some((at, phrase.len(), key, *target));
-                    }
+                let Some(&at) = starts
+                    .iter()
+                    .find(|&&at| heard[at..].starts_with(phrase.as_str()))
+                else {
+                    continue;
+                };
+                let better = match best {
+                    None => true,
+                    Some((b_at, b_len, ..)) => at < b_at || (at == b_at && phrase.len() > b_len),
+                };
+                if better {
+                    best = Some((at, phrase.len(), key, *target));
                 }
             }
         }
