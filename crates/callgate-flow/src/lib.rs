@@ -250,14 +250,12 @@ impl spec::Loader for EnvLoader {
         api.check("agent_terminate")
     }
 
-    fn stt(&self, step: Option<&SttSettings>) -> Result<stt::Stt, String> {
-        let Some(settings) = step.or(self.stt.as_ref()) else {
-            return Err(
-                "`input` has \"speech\" but there is no recogniser: give the step an \
-                        `stt` table or the server's config an [stt] section"
-                    .into(),
-            );
-        };
-        stt::Stt::build(settings, &self.http).map_err(|e| e.to_string())
+    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, String> {
+        match step.or(self.stt.as_ref()) {
+            Some(settings) => stt::Stt::build(settings, &self.http)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
     }
 }

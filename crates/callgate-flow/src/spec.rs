@@ -426,8 +426,8 @@ pub trait Loader {
     /// Checks that CallBridge's OPEN API is configured (for `agent_terminate`).
     fn check_callbridge_api(&self) -> Result<(), String>;
     /// The speech recogniser of a gather that listens: the step's own `stt`, else the
-    /// server's `[stt]` (an error when there is neither).
-    fn stt(&self, step: Option<&SttSettings>) -> Result<Stt, String>;
+    /// server's `[stt]`; `None` when there is neither.
+    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String>;
 }
 
 #[derive(Deserialize)]
@@ -547,6 +547,8 @@ struct GatherSpec {
     end_of_speech: Option<Dur>,
     #[serde(default)]
     stt: Option<SttSettings>,
+    #[serde(default)]
+    speech_optional: bool,
 }
 
 fn default_input() -> Vec<String> {
@@ -1258,9 +1260,10 @@ impl Compiler<'_> {
             return Err(self.err(label, "on", "keys route nothing: `input` has no \"dtmf\""));
         }
         let speech = if speech {
-            Some(self.listen(label, &s)?)
+            self.listen(label, &s)?
         } else {
             for (field, given) in [
+                ("speech_optional", s.speech_optional),
                 ("expect", !s.expect.is_empty()),
                 ("end_of_speech", s.end_of_speech.is_some()),
                 ("stt", s.stt.is_some()),
@@ -1328,8 +1331,9 @@ impl Compiler<'_> {
         Ok((dtmf, speech))
     }
 
-    /// A gather's speech input: its branches, its end of speech and its recogniser.
-    fn listen(&self, label: &str, s: &GatherSpec) -> Result<Listen, FlowError> {
+    /// A gather's speech input: its branches, its end of speech and its recogniser; `None`
+    /// when there is no recogniser and the step says speech is optional.
+    fn listen(&self, label: &str, s: &GatherSpec) -> Result<Option<Listen>, FlowError> {
         let mut expect = Vec::new();
         let mut seen: HashMap<String, String> = HashMap::new();
         for (key, phrases) in &s.expect {
@@ -1383,11 +1387,23 @@ impl Compiler<'_> {
             .loader
             .stt(s.stt.as_ref())
             .map_err(|e| self.err(label, "stt", e))?;
-        Ok(Listen {
+        let Some(stt) = stt else {
+            if s.speech_optional {
+                return Ok(None);
+            }
+            return Err(self.err(
+                label,
+                "input",
+                "\"speech\" needs a recogniser: give the step an `stt` table or the server's \
+                 config an [stt] section (or set speech_optional = true to take keys only \
+                 without one)",
+            ));
+        };
+        Ok(Some(Listen {
             stt,
             expect,
             end_of_speech,
-        })
+        }))
     }
 }
 
@@ -1421,10 +1437,12 @@ pub(crate) mod tests {
         fn check_callbridge_api(&self) -> Result<(), String> {
             Ok(())
         }
-        fn stt(&self, step: Option<&SttSettings>) -> Result<Stt, String> {
+        fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String> {
             let settings = step.cloned().unwrap_or_default();
             let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
-            Stt::build(&settings, &http).map_err(|e| e.to_string())
+            Stt::build(&settings, &http)
+                .map(Some)
+                .map_err(|e| e.to_string())
         }
     }
 
@@ -1545,5 +1563,73 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(flow.warnings.len(), 1);
         assert!(flow.warnings[0].contains("\"lost\" is never reached"));
+    }
+
+    #[test]
+    fn a_gather_that_listens_is_checked_at_load() {
+        let gather = |fields: &str| {
+            format!(
+                "[[step]]\nname = \"menu\"\nkind = \"gather\"\n{fields}\n\
+                 [[step]]\nname = \"billing\"\nkind = \"hangup\"\n"
+            )
+        };
+        let ok = parse(&gather(
+            "input = [\"speech\"]\nexpect = { billing = [\"요금\", \"Billing!\"] }",
+        ))
+        .expect("valid");
+        let StepKind::Gather(g) = &ok.steps[0].kind else {
+            panic!("a gather");
+        };
+        assert!(!g.dtmf);
+        let listen = g.speech.as_ref().expect("listens");
+        assert_eq!(
+            listen.expect[0].1,
+            ["요금", "billing"],
+            "normalised at load"
+        );
+        assert_eq!(listen.end_of_speech, END_OF_SPEECH);
+        for (fields, expected) in [
+            ("input = [\"voice\"]", "input: \"voice\": the inputs are"),
+            ("input = []", "input: give \"dtmf\", \"speech\" or both"),
+            (
+                "input = [\"dtmf\", \"dtmf\"]",
+                "input: \"dtmf\" is given twice",
+            ),
+            (
+                "expect = { billing = [\"요금\"] }",
+                "expect: applies to speech",
+            ),
+            (
+                "speech_optional = true",
+                "speech_optional: applies to speech",
+            ),
+            (
+                "input = [\"speech\"]\non = { \"1\" = \"billing\" }",
+                "on: keys route nothing",
+            ),
+            (
+                "input = [\"speech\"]\nexpect = { nowhere = [\"x\"] }",
+                "expect.nowhere: a branch is the name of the step it goes to",
+            ),
+            (
+                "input = [\"speech\"]\nexpect = { billing = [\"?!\"] }",
+                "expect.billing: \"?!\" has no letter or digit",
+            ),
+            (
+                "input = [\"speech\"]\nexpect = { billing = [\"요금\"], menu = [\"요 금\"] }",
+                "is also a phrase of expect.billing",
+            ),
+            (
+                "input = [\"speech\"]\nend_of_speech = \"50ms\"",
+                "end_of_speech: must be at least 100ms",
+            ),
+            (
+                "input = [\"speech\"]\nstt = { provider = \"whisper\" }",
+                "stt: stt.provider: \"whisper\": openai or vosk",
+            ),
+        ] {
+            let e = error(&gather(fields));
+            assert!(e.contains(expected), "{fields}: {e}");
+        }
     }
 }

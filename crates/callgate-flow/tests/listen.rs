@@ -382,3 +382,37 @@ mod vosk {
         server.shutdown().await;
     }
 }
+
+#[test]
+fn the_korean_demo_menu_listens_when_the_server_has_a_recogniser() {
+    let dir = TempDir::new("menu-ko");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flows/menu-ko.toml");
+    for stt in [None, Some(SttSettings::default())] {
+        let listens = stt.is_some();
+        let env = FlowEnv {
+            data_dir: dir.path().to_path_buf(),
+            tts: Default::default(),
+            callbridge: None,
+            stt,
+        };
+        let factory = callgate_flow::load(&path, &env).expect("menu-ko loads");
+        let menu = factory
+            .flow()
+            .steps
+            .iter()
+            .find(|s| s.name == "menu")
+            .expect("a menu");
+        let callgate_flow::spec::StepKind::Gather(g) = &menu.kind else {
+            panic!("the menu is a gather");
+        };
+        assert!(g.dtmf);
+        assert_eq!(g.speech.is_some(), listens, "speech only with a recogniser");
+        if let Some(listen) = &g.speech {
+            let pick = |said: &str| listen.pick(said).map(|(key, _)| key.to_owned());
+            assert_eq!(pick("메시지 남길게요").as_deref(), Some("message-intro"));
+            assert_eq!(pick("에코 테스트요").as_deref(), Some("echo-intro"));
+            assert_eq!(pick("제 전화번호요").as_deref(), Some("number"));
+            assert_eq!(pick("안녕하세요"), None);
+        }
+    }
+}
