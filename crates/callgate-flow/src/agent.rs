@@ -103,7 +103,8 @@ impl Agent for FlowAgent {
         let mut vad: Option<Vad> = None;
         let mut voiced = false;
         let mut was_listening = false;
-        let mut utterance: Option<(u64, callgate_kit::stt::Utterance)> = None;
+        // (Or why the recogniser could not start: the engine hears it at the speech's end.)
+        let mut utterance: Option<(u64, Result<callgate_kit::stt::Utterance, String>)> = None;
         let mut ended = false;
         engine.start(io.now_ms());
         loop {
@@ -219,37 +220,35 @@ impl Agent for FlowAgent {
                             .and_then(|stt| {
                                 stt.start(input.sample_rate()).map_err(|e| e.to_string())
                             });
-                        match started {
-                            Ok(mut u) => {
+                        utterance = Some((
+                            seq,
+                            started.map(|mut u| {
                                 u.push(&samples);
-                                utterance = Some((seq, u));
-                            }
-                            Err(error) => {
-                                utterance = None;
-                                let _ = done_tx.try_send(Done::Transcript {
-                                    seq,
-                                    result: Err(error),
-                                });
-                            }
-                        }
+                                u
+                            }),
+                        ));
                     }
                     Action::Hear { seq, samples } => {
-                        if let Some((s, u)) = &mut utterance
+                        if let Some((s, Ok(u))) = &mut utterance
                             && *s == seq
                         {
                             u.push(&samples);
                         }
                     }
                     Action::Transcribe { seq } => {
-                        if let Some((s, u)) = utterance.take()
-                            && s == seq
-                        {
-                            let tx = done_tx.clone();
-                            spawner.spawn(async move {
-                                let result = u.finish().await.map_err(|e| e.to_string());
-                                let _ = tx.send(Done::Transcript { seq, result }).await;
-                            });
-                        }
+                        // The engine waits for an answer to every Transcribe: always give one.
+                        let pending = match utterance.take() {
+                            Some((s, pending)) if s == seq => pending,
+                            _ => Err("no utterance was open".to_owned()),
+                        };
+                        let tx = done_tx.clone();
+                        spawner.spawn(async move {
+                            let result = match pending {
+                                Ok(u) => u.finish().await.map_err(|e| e.to_string()),
+                                Err(error) => Err(error),
+                            };
+                            let _ = tx.send(Done::Transcript { seq, result }).await;
+                        });
                     }
                     Action::StopListening { seq } => {
                         if utterance.as_ref().is_some_and(|(s, _)| *s == seq) {
