@@ -13,6 +13,7 @@ use bytes::Bytes;
 use callgate_agent::{
     Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed,
 };
+use callgate_audio::vad::{Vad, VadConfig, VadEvent};
 use callgate_audio::{Converter, pcm};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -96,6 +97,14 @@ impl Agent for FlowAgent {
         // The room reserved for the recording in progress; given back when dropped.
         let mut reservation: Option<Reservation> = None;
         let mut samples = Vec::new();
+        // A gather that listens: the voice detector (made at the first one) and the
+        // utterance being recognised (audio pushed as it comes; the recogniser works off
+        // this task, see callgate_kit::stt).
+        let mut vad: Option<Vad> = None;
+        let mut voiced = false;
+        let mut was_listening = false;
+        // (Or why the recogniser could not start: the engine hears it at the speech's end.)
+        let mut utterance: Option<(u64, Result<callgate_kit::stt::Utterance, String>)> = None;
         let mut ended = false;
         engine.start(io.now_ms());
         loop {
@@ -199,6 +208,53 @@ impl Agent for FlowAgent {
                         });
                         saving = Some((seq, handle));
                     }
+                    Action::Listen { seq, step, samples } => {
+                        let stt = match &self.flow.steps[step].kind {
+                            crate::spec::StepKind::Gather(g) => {
+                                g.speech.as_ref().map(|l| l.stt.clone())
+                            }
+                            _ => None,
+                        };
+                        let started = stt
+                            .ok_or_else(|| "the step does not listen".to_owned())
+                            .and_then(|stt| {
+                                stt.start(input.sample_rate()).map_err(|e| e.to_string())
+                            });
+                        utterance = Some((
+                            seq,
+                            started.map(|mut u| {
+                                u.push(&samples);
+                                u
+                            }),
+                        ));
+                    }
+                    Action::Hear { seq, samples } => {
+                        if let Some((s, Ok(u))) = &mut utterance
+                            && *s == seq
+                        {
+                            u.push(&samples);
+                        }
+                    }
+                    Action::Transcribe { seq } => {
+                        // The engine waits for an answer to every Transcribe: always give one.
+                        let pending = match utterance.take() {
+                            Some((s, pending)) if s == seq => pending,
+                            _ => Err("no utterance was open".to_owned()),
+                        };
+                        let tx = done_tx.clone();
+                        spawner.spawn(async move {
+                            let result = match pending {
+                                Ok(u) => u.finish().await.map_err(|e| e.to_string()),
+                                Err(error) => Err(error),
+                            };
+                            let _ = tx.send(Done::Transcript { seq, result }).await;
+                        });
+                    }
+                    Action::StopListening { seq } => {
+                        if utterance.as_ref().is_some_and(|(s, _)| *s == seq) {
+                            utterance = None;
+                        }
+                    }
                     Action::Finished => {}
                 }
             }
@@ -221,6 +277,13 @@ impl Agent for FlowAgent {
                             engine.handle_ended(now);
                         }
                         Some(AgentEvent::Audio(data)) => {
+                            let listening = engine.is_listening();
+                            if listening && !was_listening {
+                                // A new attempt: the detector starts afresh.
+                                vad = None;
+                                voiced = false;
+                            }
+                            was_listening = listening;
                             if engine.is_echoing() {
                                 let data = if input == output {
                                     data
@@ -242,6 +305,27 @@ impl Agent for FlowAgent {
                                 samples.clear();
                                 pcm::decode(input, &data, &mut samples);
                                 engine.handle_audio(now, &samples);
+                            } else if listening {
+                                samples.clear();
+                                pcm::decode(input, &data, &mut samples);
+                                if vad.is_none() {
+                                    let config = VadConfig {
+                                        stop_frames: 5,
+                                        ..VadConfig::default()
+                                    };
+                                    vad = Some(
+                                        Vad::new(input.sample_rate(), config)
+                                            .map_err(|e| Error::Failed(e.to_string()))?,
+                                    );
+                                }
+                                if let Some(vad) = &mut vad {
+                                    match vad.process(&samples) {
+                                        Some(VadEvent::SpeechStarted { .. }) => voiced = true,
+                                        Some(VadEvent::SpeechStopped { .. }) => voiced = false,
+                                        None => {}
+                                    }
+                                }
+                                engine.handle_speech(now, &samples, voiced);
                             }
                         }
                         Some(AgentEvent::Dtmf(digit)) => engine.handle_dtmf(now, digit),

@@ -40,6 +40,10 @@ pub const MAX_HTTP_ANSWER: usize = callgate_kit::http::MAX_ANSWER;
 pub const TERMINATE_GRACE_MS: u64 = 60_000;
 /// Gap between keys of a `send_dtmf` on the inbound protocol.
 pub const DTMF_GAP_MS: u64 = 100;
+/// Caller audio kept from before the voice detector fired, so a word's start is heard.
+pub const PRE_ROLL_MS: u64 = 300;
+/// The longest the caller may speak to a gather (then what was said is transcribed).
+pub const MAX_SPEECH_MS: u64 = 15_000;
 
 /// Something the driver must do.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,6 +115,34 @@ pub enum Action {
         /// The audio.
         samples: Vec<i16>,
     },
+    /// The caller started speaking to a gather: start an utterance with the recogniser of
+    /// step `step` and push `samples` (the audio from just before the voice was detected).
+    Listen {
+        /// Names the utterance in what follows.
+        seq: u64,
+        /// The gather step (its `Listen` has the recogniser).
+        step: usize,
+        /// The first audio (16-bit, the call's input rate).
+        samples: Vec<i16>,
+    },
+    /// More of the utterance.
+    Hear {
+        /// As in [`Action::Listen`].
+        seq: u64,
+        /// The audio.
+        samples: Vec<i16>,
+    },
+    /// The caller stopped speaking: finish the utterance, off the call task; answer with
+    /// [`Done::Transcript`].
+    Transcribe {
+        /// As in [`Action::Listen`].
+        seq: u64,
+    },
+    /// Drop the utterance (a key came first, or the step ended).
+    StopListening {
+        /// As in [`Action::Listen`].
+        seq: u64,
+    },
     /// The flow is over (a hangup was sent): send what is queued, then stop.
     Finished,
 }
@@ -139,6 +171,13 @@ pub enum Done {
         /// The bytes reserved.
         granted: Option<u64>,
     },
+    /// The text of an utterance ([`Action::Transcribe`]), or why there is none.
+    Transcript {
+        /// As asked.
+        seq: u64,
+        /// The text (empty: nothing recognised) or the error.
+        result: Result<String, String>,
+    },
     /// [`Action::Save`] finished.
     Saved {
         /// As asked.
@@ -166,6 +205,23 @@ struct GatherRun {
     digits: String,
     first_ms: Option<u64>,
     listening: bool,
+    /// The caller is speaking (an utterance is open).
+    speech: Option<SpeechRun>,
+    /// The utterance whose text is awaited: its seq and when it began and ended.
+    awaiting: Option<(u64, u64, u64)>,
+    /// The latest caller audio while nobody speaks (at most [`PRE_ROLL_MS`]).
+    pre_roll: VecDeque<i16>,
+}
+
+#[derive(Debug)]
+struct SpeechRun {
+    seq: u64,
+    start_ms: u64,
+    /// Samples heard since the voice was last detected (silence is counted in audio, not
+    /// in wall time: audio that arrives in a burst ends speech just the same).
+    quiet: u64,
+    /// Samples in the utterance.
+    heard: u64,
 }
 
 #[derive(Debug)]
@@ -316,7 +372,9 @@ impl Engine {
                 self.finish(now, json!({}), *next);
             }
             (State::Gathering(run), StepKind::Gather(_)) => {
-                if run.digits.is_empty() {
+                if run.speech.is_some() {
+                    self.end_speech(now);
+                } else if run.digits.is_empty() {
                     self.gather_failed(now, "no_input", String::new());
                 } else {
                     self.gather_complete(now);
@@ -354,7 +412,15 @@ impl Engine {
     /// The caller pressed a key.
     pub fn handle_dtmf(&mut self, now: u64, digit: Digit) {
         match &mut self.state {
-            State::Gathering(_) => self.gather_digit(now, digit),
+            State::Gathering(_) => {
+                let StepKind::Gather(g) = &self.flow.steps[self.current].kind else {
+                    return;
+                };
+                if g.dtmf {
+                    self.stop_listening();
+                    self.gather_digit(now, digit);
+                }
+            }
             State::Recording(run) if run.terminator == Some(digit) => {
                 self.stop_recording(now, "terminator");
             }
@@ -379,7 +445,7 @@ impl Engine {
             }
             State::Gathering(run) => {
                 run.listening = true;
-                if run.digits.is_empty() {
+                if run.digits.is_empty() && run.speech.is_none() && run.awaiting.is_none() {
                     self.arm_gather_timer(now, true);
                 }
             }
@@ -411,9 +477,89 @@ impl Engine {
         }
     }
 
+    /// Whether the caller's speech is wanted ([`Engine::handle_speech`]): a gather that
+    /// listens, not yet waiting for a transcript.
+    pub fn is_listening(&self) -> bool {
+        let State::Gathering(run) = &self.state else {
+            return false;
+        };
+        matches!(&self.flow.steps[self.current].kind, StepKind::Gather(g) if g.speech.is_some())
+            && run.awaiting.is_none()
+    }
+
+    /// Caller audio (decoded) while listening, with the voice detector's verdict: speech
+    /// that starts over the prompt cuts it (as a key does) and opens an utterance; silence
+    /// for the step's `end_of_speech` ends it.
+    pub fn handle_speech(&mut self, now: u64, samples: &[i16], voiced: bool) {
+        if !self.is_listening() {
+            return;
+        }
+        let flow = self.flow.clone();
+        let StepKind::Gather(g) = &flow.steps[self.current].kind else {
+            return;
+        };
+        let Some(listen) = &g.speech else {
+            return;
+        };
+        let pre_roll_max = (PRE_ROLL_MS * u64::from(self.input_rate) / 1000) as usize;
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        match &mut run.speech {
+            Some(speech) => {
+                let seq = speech.seq;
+                let n = samples.len() as u64;
+                speech.quiet = if voiced { 0 } else { speech.quiet + n };
+                speech.heard += n;
+                let rate = u64::from(self.input_rate);
+                let over = speech.quiet * 1000 >= ms(listen.end_of_speech) * rate
+                    || speech.heard * 1000 >= MAX_SPEECH_MS * rate;
+                self.out.push_back(Action::Hear {
+                    seq,
+                    samples: samples.to_vec(),
+                });
+                if over {
+                    self.end_speech(now);
+                }
+            }
+            None if voiced => {
+                let mut first: Vec<i16> = run.pre_roll.drain(..).collect();
+                first.extend_from_slice(samples);
+                let lead = first.len() as u64 * 1000 / u64::from(self.input_rate.max(1));
+                self.seq += 1;
+                let seq = self.seq;
+                run.speech = Some(SpeechRun {
+                    seq,
+                    start_ms: now.saturating_sub(lead),
+                    quiet: 0,
+                    heard: first.len() as u64,
+                });
+                run.listening = true;
+                self.deadline = Some(now + MAX_SPEECH_MS);
+                self.instant_steps = 0;
+                if self.prompt.is_some() {
+                    // Speaking over the prompt: stop it at once, as a key does.
+                    self.out.push_back(Action::Clear);
+                    self.prompt_over(now, true);
+                }
+                self.out.push_back(Action::Listen {
+                    seq,
+                    step: self.current,
+                    samples: first,
+                });
+            }
+            None => {
+                run.pre_roll.extend(samples);
+                let extra = run.pre_roll.len().saturating_sub(pre_roll_max);
+                run.pre_roll.drain(..extra);
+            }
+        }
+    }
+
     /// Work the driver did.
     pub fn handle_done(&mut self, now: u64, done: Done) {
         match done {
+            Done::Transcript { seq, result } => self.transcript_done(now, seq, result),
             Done::Speech { seq, result } => {
                 let Some(prompt) = &mut self.prompt else {
                     return;
@@ -563,6 +709,9 @@ impl Engine {
                         digits: String::new(),
                         first_ms: None,
                         listening: false,
+                        speech: None,
+                        awaiting: None,
+                        pre_roll: VecDeque::new(),
                     });
                     self.begin_attempt(now, &g.prompt);
                     return;
@@ -863,6 +1012,9 @@ impl Engine {
             run.digits.clear();
             run.first_ms = None;
             run.listening = prompt.is_empty();
+            run.speech = None;
+            run.awaiting = None;
+            run.pre_roll.clear();
         }
         if prompt.is_empty() {
             self.arm_gather_timer(now, true);
@@ -950,6 +1102,112 @@ impl Engine {
     }
 
     fn gather_failed(&mut self, now: u64, why: &'static str, digits: String) {
+        self.gather_failed_with(now, why, digits, None);
+    }
+
+    /// Ends the caller's speech: its text is awaited.
+    fn end_speech(&mut self, now: u64) {
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        let Some(speech) = run.speech.take() else {
+            return;
+        };
+        run.awaiting = Some((speech.seq, speech.start_ms, now));
+        // The recogniser has its own timeout and always answers.
+        self.deadline = None;
+        self.out.push_back(Action::Transcribe { seq: speech.seq });
+    }
+
+    /// Drops an open or awaited utterance (a key came first).
+    fn stop_listening(&mut self) {
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        run.pre_roll.clear();
+        if let Some(speech) = run.speech.take() {
+            self.out
+                .push_back(Action::StopListening { seq: speech.seq });
+        }
+        run.awaiting = None;
+    }
+
+    /// The text of what the caller said to a gather.
+    fn transcript_done(&mut self, now: u64, seq: u64, result: Result<String, String>) {
+        let flow = self.flow.clone();
+        let step = &flow.steps[self.current];
+        let StepKind::Gather(g) = &step.kind else {
+            return;
+        };
+        let Some(listen) = &g.speech else {
+            return;
+        };
+        let State::Gathering(run) = &mut self.state else {
+            return;
+        };
+        let Some((awaited, start_ms, end_ms)) = run.awaiting else {
+            return;
+        };
+        if awaited != seq {
+            return;
+        }
+        run.awaiting = None;
+        let attempt = run.attempt;
+        let text = match result {
+            Ok(text) => text.trim().to_owned(),
+            Err(error) => {
+                self.event(json!({
+                    "name": step.name,
+                    "kind": "gather",
+                    "phase": "error",
+                    "error": format!("speech to text: {error}"),
+                }));
+                self.gather_failed_with(now, "stt_error", String::new(), None);
+                return;
+            }
+        };
+        if crate::stt::normalize(&text).is_empty() {
+            // Noise the voice detector took for speech, or words the recogniser could not
+            // make out: as if nothing was said.
+            self.gather_failed_with(now, "no_input", String::new(), Some(text));
+            return;
+        }
+        self.transcript(Speaker::Caller, text.clone(), start_ms, end_ms, false);
+        self.vars
+            .insert(format!("{}_transcript", g.variable), text.clone());
+        if listen.expect.is_empty() {
+            self.vars.insert(g.variable.clone(), text.clone());
+            self.finish(
+                now,
+                json!({"input": "speech", "transcript": text, "attempt": attempt + 1}),
+                g.next,
+            );
+            return;
+        }
+        match listen.pick(&text) {
+            Some((key, target)) => {
+                self.vars.insert(g.variable.clone(), key.to_owned());
+                self.finish(
+                    now,
+                    json!({"input": "speech", "transcript": text, "match": key,
+                           "attempt": attempt + 1}),
+                    target,
+                );
+            }
+            None => self.gather_failed_with(now, "no_match", String::new(), Some(text)),
+        }
+    }
+
+    /// An attempt failed (`why`: no_input, no_match, stt_error): retry, or leave through
+    /// `no_input` (no_match and stt_error: `no_match`). `transcript`: what the caller said,
+    /// when they spoke.
+    fn gather_failed_with(
+        &mut self,
+        now: u64,
+        why: &'static str,
+        digits: String,
+        transcript: Option<String>,
+    ) {
         let flow = self.flow.clone();
         let step = &flow.steps[self.current];
         let StepKind::Gather(g) = &step.kind else {
@@ -963,27 +1221,31 @@ impl Engine {
         if run.attempt < g.retries {
             run.attempt += 1;
             let attempt = run.attempt;
+            let mut result = json!({"outcome": why, "digits": digits, "attempt": attempt});
+            if let Some(text) = &transcript {
+                result["transcript"] = json!(text);
+            }
             self.event(json!({
                 "name": step.name,
                 "kind": "gather",
                 "phase": "retry",
-                "result": {"outcome": why, "digits": digits, "attempt": attempt},
+                "result": result,
             }));
             self.begin_attempt(now, &g.retry_prompt);
             return;
         }
         let attempts = run.attempt + 1;
-        let target = if why == "no_match" {
-            g.no_match
-        } else {
+        let target = if why == "no_input" {
             g.no_input
+        } else {
+            g.no_match
         };
         self.vars.insert(g.variable.clone(), digits.clone());
-        self.finish(
-            now,
-            json!({"outcome": why, "digits": digits, "attempts": attempts}),
-            target,
-        );
+        let mut result = json!({"outcome": why, "digits": digits, "attempts": attempts});
+        if let Some(text) = transcript {
+            result["transcript"] = json!(text);
+        }
+        self.finish(now, result, target);
     }
 
     // --- record --------------------------------------------------------------------------
@@ -1264,6 +1526,10 @@ mod tests {
                 Action::Save { path, samples, .. } => {
                     format!("save {} {}", path.display(), samples.len())
                 }
+                Action::Listen { seq, samples, .. } => format!("listen {seq} {}", samples.len()),
+                Action::Hear { seq, samples } => format!("hear {seq} {}", samples.len()),
+                Action::Transcribe { seq } => format!("transcribe {seq}"),
+                Action::StopListening { seq } => format!("stop listening {seq}"),
                 Action::Finished => "finished".into(),
             });
         }
@@ -1879,5 +2145,189 @@ mod tests {
         let a = drain(&mut e);
         assert_eq!(a[0], "turn agent:Hi 0101");
         assert!(a.contains(&"Hangup".to_owned()));
+    }
+
+    const LISTENING_MENU: &str = r#"
+        [[step]]
+        name = "menu"
+        kind = "gather"
+        say = "Press 1 or say billing"
+        input = ["dtmf", "speech"]
+        on = { "1" = "billing" }
+        expect = { billing = ["요금", "청구", "billing"], agent = ["상담원"] }
+        end_of_speech = "200ms"
+        retries = 1
+        [[step]]
+        name = "billing"
+        kind = "hangup"
+        [[step]]
+        name = "agent"
+        kind = "hangup"
+    "#;
+
+    /// 20 ms frames at 8 kHz: `voiced` frames of speech, then `quiet` of silence.
+    fn speak(e: &mut Engine, now: &mut u64, voiced: usize, quiet: usize) -> Vec<String> {
+        let frame = [100i16; 160];
+        let mut all = Vec::new();
+        for i in 0..voiced + quiet {
+            *now += 20;
+            e.handle_speech(*now, &frame, i < voiced);
+            all.extend(drain(e));
+        }
+        all
+    }
+
+    fn listening_menu() -> (Engine, u64) {
+        let mut e = engine(LISTENING_MENU, Protocol::CallBridge);
+        e.start(0);
+        let out = drain(&mut e);
+        assert!(out.iter().any(|a| a.starts_with("play Press 1")), "{out:?}");
+        (e, 0)
+    }
+
+    #[test]
+    fn speech_over_the_prompt_cuts_it_and_its_transcript_picks_the_branch() {
+        let (mut e, mut now) = listening_menu();
+        assert!(
+            e.is_listening(),
+            "a gather that listens hears the prompt's time too"
+        );
+        // Silence first: kept as pre-roll, nothing sent.
+        assert!(speak(&mut e, &mut now, 0, 25).is_empty());
+        let out = speak(&mut e, &mut now, 10, 0);
+        assert_eq!(out[0], "clear", "{out:?}");
+        assert!(out.iter().any(|a| a.starts_with("turn agent:")), "{out:?}");
+        // The pre-roll (300 ms) and the first frame open the utterance.
+        assert!(out.contains(&"listen 2 2560".to_owned()), "{out:?}");
+        // 200 ms of silence ends it (10 frames), not before.
+        let out = speak(&mut e, &mut now, 0, 9);
+        assert!(!out.iter().any(|a| a.starts_with("transcribe")), "{out:?}");
+        let out = speak(&mut e, &mut now, 0, 1);
+        assert_eq!(
+            out.last().map(String::as_str),
+            Some("transcribe 2"),
+            "{out:?}"
+        );
+        assert!(!e.is_listening(), "waiting for the text");
+        e.handle_done(
+            now,
+            Done::Transcript {
+                seq: 2,
+                result: Ok("음 요금 문의요.".into()),
+            },
+        );
+        let out = drain(&mut e);
+        assert!(
+            out.contains(&"turn caller:음 요금 문의요.".to_owned()),
+            "{out:?}"
+        );
+        let end = out
+            .iter()
+            .find(|a| a.starts_with("menu:end"))
+            .expect("the end");
+        assert!(end.contains("\"match\":\"billing\""), "{end}");
+        assert!(end.contains("\"transcript\":\"음 요금 문의요.\""), "{end}");
+        assert_eq!(e.var("digits"), Some("billing"));
+        assert_eq!(e.var("digits_transcript"), Some("음 요금 문의요."));
+    }
+
+    #[test]
+    fn the_phrase_said_first_wins_and_unknown_speech_is_no_match() {
+        let (e, _) = listening_menu();
+        let StepKind::Gather(g) = &e.flow.steps[0].kind else {
+            panic!("a gather");
+        };
+        let listen = g.speech.as_ref().expect("listens");
+        assert_eq!(
+            listen.pick("상담원 연결, 요금 말고요").map(|p| p.0),
+            Some("agent")
+        );
+        assert_eq!(
+            listen.pick("요금 말고 상담원").map(|p| p.0),
+            Some("billing")
+        );
+        assert_eq!(listen.pick("BILLING please").map(|p| p.0), Some("billing"));
+        assert_eq!(
+            listen.pick("상담 원"),
+            Some(("agent", Some(2))),
+            "spaces do not matter"
+        );
+        assert_eq!(listen.pick("날씨가 좋네요"), None);
+        assert_eq!(
+            listen.pick("요금이요").map(|p| p.0),
+            Some("billing"),
+            "a particle after"
+        );
+        assert_eq!(listen.pick("과요금"), None, "a phrase begins a word");
+
+        let (mut e, mut now) = listening_menu();
+        speak(&mut e, &mut now, 10, 10);
+        e.handle_done(
+            now,
+            Done::Transcript {
+                seq: 2,
+                result: Ok("날씨가 좋네요".into()),
+            },
+        );
+        let out = drain(&mut e);
+        let retry = out
+            .iter()
+            .find(|a| a.starts_with("menu:retry"))
+            .expect("a retry");
+        assert!(
+            retry.contains("no_match") && retry.contains("날씨가"),
+            "{retry}"
+        );
+        // The last attempt: a recogniser failure goes to no_match (here: the next step).
+        speak(&mut e, &mut now, 10, 10);
+        let seq = e.seq;
+        e.handle_done(
+            now,
+            Done::Transcript {
+                seq,
+                result: Err("HTTP 503".into()),
+            },
+        );
+        let out = drain(&mut e);
+        assert_eq!(out[0], "menu:error:", "{out:?}");
+        let end = out
+            .iter()
+            .find(|a| a.starts_with("menu:end"))
+            .expect("the end");
+        assert!(end.contains("stt_error"), "{end}");
+    }
+
+    #[test]
+    fn a_key_during_speech_wins_and_the_late_transcript_is_ignored() {
+        let (mut e, mut now) = listening_menu();
+        speak(&mut e, &mut now, 5, 0);
+        e.handle_dtmf(now, Digit::D1);
+        let out = drain(&mut e);
+        assert_eq!(out[0], "stop listening 2", "{out:?}");
+        assert!(
+            out.iter().any(|a| a.contains("\"digits\":\"1\"")),
+            "{out:?}"
+        );
+        e.handle_done(
+            now,
+            Done::Transcript {
+                seq: 2,
+                result: Ok("상담원".into()),
+            },
+        );
+        assert!(drain(&mut e).is_empty(), "the flow went on with the key");
+    }
+
+    #[test]
+    fn a_speech_only_gather_ignores_keys() {
+        let flow = LISTENING_MENU
+            .replace("input = [\"dtmf\", \"speech\"]", "input = [\"speech\"]")
+            .replace("on = { \"1\" = \"billing\" }", "");
+        let mut e = engine(&flow, Protocol::CallBridge);
+        e.start(0);
+        drain(&mut e);
+        e.handle_dtmf(0, Digit::D1);
+        assert!(drain(&mut e).is_empty());
+        assert!(e.is_listening());
     }
 }

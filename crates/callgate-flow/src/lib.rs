@@ -31,7 +31,7 @@ pub mod messages;
 pub mod metrics;
 pub mod spec;
 
-pub use callgate_kit::{audio, plaintext, template, tts};
+pub use callgate_kit::{audio, plaintext, stt, template, tts};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,7 @@ use callgate_agent::{AgentFactory, Catalog};
 pub use agent::FlowFactory;
 pub use metrics::FlowMetrics;
 pub use spec::{Flow, FlowError};
+pub use stt::SttSettings;
 pub use tts::TtsSettings;
 
 use crate::audio::PromptAudio;
@@ -165,6 +166,7 @@ pub fn load_with(
         cache: tts::Cache::new(&env.data_dir),
         providers: Mutex::new(HashMap::new()),
         callbridge: env.callbridge.clone(),
+        stt: env.stt.clone(),
     };
     let flow = Flow::load(path, &env.tts, &loader)?;
     let providers = loader
@@ -195,6 +197,8 @@ struct EnvLoader {
     cache: tts::Cache,
     providers: Mutex<HashMap<ProviderName, Arc<dyn Provider>>>,
     callbridge: Option<CallBridgeApi>,
+    /// The server's `[stt]`.
+    stt: Option<SttSettings>,
 }
 
 impl EnvLoader {
@@ -244,5 +248,14 @@ impl spec::Loader for EnvLoader {
             return Err(callgate_kit::callbridge::missing("agent_terminate"));
         };
         api.check("agent_terminate")
+    }
+
+    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, String> {
+        match step.or(self.stt.as_ref()) {
+            Some(settings) => stt::Stt::build(settings, &self.http)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
     }
 }

@@ -31,6 +31,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::audio::PromptAudio;
 use crate::messages::Limits;
+use crate::stt::{Stt, SttSettings};
 use crate::template::{Template, UrlTemplate, is_name};
 use crate::tts::{ProviderName, TtsSettings};
 
@@ -223,6 +224,9 @@ impl StepKind {
             Self::Gather(g) => {
                 let mut all = vec![g.next, g.no_input, g.no_match];
                 all.extend(g.on.iter().map(|(_, t)| *t));
+                if let Some(listen) = &g.speech {
+                    all.extend(listen.expect.iter().map(|(_, _, t)| *t));
+                }
                 all
             }
             Self::Branch { on, next, .. } => {
@@ -317,6 +321,59 @@ pub struct Gather {
     pub no_input: Next,
     /// After the last attempt brought digits no `on` entry has.
     pub no_match: Next,
+    /// The caller may answer with keys (`input` has `dtmf`).
+    pub dtmf: bool,
+    /// How the caller's speech is heard (`input` has `speech`), or none.
+    pub speech: Option<Listen>,
+}
+
+/// A gather's speech input.
+#[derive(Debug)]
+pub struct Listen {
+    /// The recogniser (the step's `stt`, else the server's `[stt]`).
+    pub stt: Stt,
+    /// Step name → its phrases (normalised); empty: any speech goes to `next`.
+    pub expect: Vec<(String, Vec<String>, Next)>,
+    /// Silence that ends the caller's speech.
+    pub end_of_speech: Duration,
+}
+
+impl Listen {
+    /// The branch a transcript picks: of its phrases that begin a word of the transcript
+    /// (compared normalised, see [`crate::stt::normalize`]: case, spaces and punctuation do
+    /// not count, and what follows the phrase may be glued to it, as Korean particles are:
+    /// "요금" is in "요금이요"; "네" is not in "좋네요"), the one said first; of two starting
+    /// at the same word, the longer. `None`: no phrase is in it.
+    pub fn pick(&self, transcript: &str) -> Option<(&str, Next)> {
+        let mut heard = String::new();
+        let mut starts = Vec::new();
+        for word in transcript.split(|c: char| !c.is_alphanumeric()) {
+            let word = crate::stt::normalize(word);
+            if !word.is_empty() {
+                starts.push(heard.len());
+                heard.push_str(&word);
+            }
+        }
+        let mut best: Option<(usize, usize, &str, Next)> = None;
+        for (key, phrases, target) in &self.expect {
+            for phrase in phrases {
+                let Some(&at) = starts
+                    .iter()
+                    .find(|&&at| heard[at..].starts_with(phrase.as_str()))
+                else {
+                    continue;
+                };
+                let better = match best {
+                    None => true,
+                    Some((b_at, b_len, ..)) => at < b_at || (at == b_at && phrase.len() > b_len),
+                };
+                if better {
+                    best = Some((at, phrase.len(), key, *target));
+                }
+            }
+        }
+        best.map(|(_, _, key, target)| (key, target))
+    }
 }
 
 /// A `record` step.
@@ -368,6 +425,9 @@ pub trait Loader {
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String>;
     /// Checks that CallBridge's OPEN API is configured (for `agent_terminate`).
     fn check_callbridge_api(&self) -> Result<(), String>;
+    /// The speech recogniser of a gather that listens: the step's own `stt`, else the
+    /// server's `[stt]`; `None` when there is neither.
+    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String>;
 }
 
 #[derive(Deserialize)]
@@ -479,7 +539,24 @@ struct GatherSpec {
     no_input: Option<String>,
     #[serde(default)]
     no_match: Option<String>,
+    #[serde(default = "default_input")]
+    input: Vec<String>,
+    #[serde(default)]
+    expect: BTreeMap<String, OneOrMany>,
+    #[serde(default)]
+    end_of_speech: Option<Dur>,
+    #[serde(default)]
+    stt: Option<SttSettings>,
+    #[serde(default)]
+    speech_optional: bool,
 }
+
+fn default_input() -> Vec<String> {
+    vec!["dtmf".into()]
+}
+
+/// The default silence that ends the caller's speech (the pipeline's `end_of_speech`).
+pub const END_OF_SPEECH: Duration = Duration::from_millis(600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1178,6 +1255,29 @@ impl Compiler<'_> {
         }
         let next = self.next(label, "next", s.next.as_deref(), following)?;
         let no_input = self.next(label, "no_input", s.no_input.as_deref(), next)?;
+        let (dtmf, speech) = self.inputs(label, &s.input)?;
+        if !dtmf && !s.on.is_empty() {
+            return Err(self.err(label, "on", "keys route nothing: `input` has no \"dtmf\""));
+        }
+        let speech = if speech {
+            self.listen(label, &s)?
+        } else {
+            for (field, given) in [
+                ("speech_optional", s.speech_optional),
+                ("expect", !s.expect.is_empty()),
+                ("end_of_speech", s.end_of_speech.is_some()),
+                ("stt", s.stt.is_some()),
+            ] {
+                if given {
+                    return Err(self.err(
+                        label,
+                        field,
+                        "applies to speech: add \"speech\" to `input`",
+                    ));
+                }
+            }
+            None
+        };
         Ok(Gather {
             prompt,
             retry_prompt,
@@ -1201,7 +1301,109 @@ impl Compiler<'_> {
             next,
             no_input,
             no_match: self.next(label, "no_match", s.no_match.as_deref(), no_input)?,
+            dtmf,
+            speech,
         })
+    }
+
+    /// `input`: `dtmf`, `speech` or both.
+    fn inputs(&self, label: &str, input: &[String]) -> Result<(bool, bool), FlowError> {
+        let (mut dtmf, mut speech) = (false, false);
+        for kind in input {
+            let seen = match kind.as_str() {
+                "dtmf" => std::mem::replace(&mut dtmf, true),
+                "speech" => std::mem::replace(&mut speech, true),
+                other => {
+                    return Err(self.err(
+                        label,
+                        "input",
+                        format!("{other:?}: the inputs are \"dtmf\" and \"speech\""),
+                    ));
+                }
+            };
+            if seen {
+                return Err(self.err(label, "input", format!("{kind:?} is given twice")));
+            }
+        }
+        if !dtmf && !speech {
+            return Err(self.err(label, "input", "give \"dtmf\", \"speech\" or both"));
+        }
+        Ok((dtmf, speech))
+    }
+
+    /// A gather's speech input: its branches, its end of speech and its recogniser; `None`
+    /// when there is no recogniser and the step says speech is optional.
+    fn listen(&self, label: &str, s: &GatherSpec) -> Result<Option<Listen>, FlowError> {
+        let mut expect = Vec::new();
+        let mut seen: HashMap<String, String> = HashMap::new();
+        for (key, phrases) in &s.expect {
+            let field = format!("expect.{key}");
+            let target = self.target(label, &field, key).map_err(|_| {
+                self.err(
+                    label,
+                    &field,
+                    format!(
+                        "a branch is the name of the step it goes to: no step is named {key:?}"
+                    ),
+                )
+            })?;
+            if phrases.0.is_empty() {
+                return Err(self.err(label, &field, "give at least one phrase"));
+            }
+            let mut normalised = Vec::new();
+            for phrase in &phrases.0 {
+                let n = crate::stt::normalize(phrase);
+                if n.is_empty() {
+                    return Err(self.err(
+                        label,
+                        &field,
+                        format!("{phrase:?} has no letter or digit to listen for"),
+                    ));
+                }
+                if let Some(other) = seen.insert(n.clone(), key.clone())
+                    && other != *key
+                {
+                    return Err(self.err(
+                        label,
+                        &field,
+                        format!("{phrase:?} is also a phrase of expect.{other}: which one?"),
+                    ));
+                }
+                normalised.push(n);
+            }
+            expect.push((key.clone(), normalised, target));
+        }
+        let end_of_speech = match s.end_of_speech {
+            Some(d) => {
+                let d = self.duration(label, "end_of_speech", d, Duration::from_secs(10))?;
+                if d < Duration::from_millis(100) {
+                    return Err(self.err(label, "end_of_speech", "must be at least 100ms"));
+                }
+                d
+            }
+            None => END_OF_SPEECH,
+        };
+        let stt = self
+            .loader
+            .stt(s.stt.as_ref())
+            .map_err(|e| self.err(label, "stt", e))?;
+        let Some(stt) = stt else {
+            if s.speech_optional {
+                return Ok(None);
+            }
+            return Err(self.err(
+                label,
+                "input",
+                "\"speech\" needs a recogniser: give the step an `stt` table or the server's \
+                 config an [stt] section (or set speech_optional = true to take keys only \
+                 without one)",
+            ));
+        };
+        Ok(Some(Listen {
+            stt,
+            expect,
+            end_of_speech,
+        }))
     }
 }
 
@@ -1234,6 +1436,13 @@ pub(crate) mod tests {
         }
         fn check_callbridge_api(&self) -> Result<(), String> {
             Ok(())
+        }
+        fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String> {
+            let settings = step.cloned().unwrap_or_default();
+            let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
+            Stt::build(&settings, &http)
+                .map(Some)
+                .map_err(|e| e.to_string())
         }
     }
 
@@ -1354,5 +1563,73 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(flow.warnings.len(), 1);
         assert!(flow.warnings[0].contains("\"lost\" is never reached"));
+    }
+
+    #[test]
+    fn a_gather_that_listens_is_checked_at_load() {
+        let gather = |fields: &str| {
+            format!(
+                "[[step]]\nname = \"menu\"\nkind = \"gather\"\n{fields}\n\
+                 [[step]]\nname = \"billing\"\nkind = \"hangup\"\n"
+            )
+        };
+        let ok = parse(&gather(
+            "input = [\"speech\"]\nexpect = { billing = [\"요금\", \"Billing!\"] }",
+        ))
+        .expect("valid");
+        let StepKind::Gather(g) = &ok.steps[0].kind else {
+            panic!("a gather");
+        };
+        assert!(!g.dtmf);
+        let listen = g.speech.as_ref().expect("listens");
+        assert_eq!(
+            listen.expect[0].1,
+            ["요금", "billing"],
+            "normalised at load"
+        );
+        assert_eq!(listen.end_of_speech, END_OF_SPEECH);
+        for (fields, expected) in [
+            ("input = [\"voice\"]", "input: \"voice\": the inputs are"),
+            ("input = []", "input: give \"dtmf\", \"speech\" or both"),
+            (
+                "input = [\"dtmf\", \"dtmf\"]",
+                "input: \"dtmf\" is given twice",
+            ),
+            (
+                "expect = { billing = [\"요금\"] }",
+                "expect: applies to speech",
+            ),
+            (
+                "speech_optional = true",
+                "speech_optional: applies to speech",
+            ),
+            (
+                "input = [\"speech\"]\non = { \"1\" = \"billing\" }",
+                "on: keys route nothing",
+            ),
+            (
+                "input = [\"speech\"]\nexpect = { nowhere = [\"x\"] }",
+                "expect.nowhere: a branch is the name of the step it goes to",
+            ),
+            (
+                "input = [\"speech\"]\nexpect = { billing = [\"?!\"] }",
+                "expect.billing: \"?!\" has no letter or digit",
+            ),
+            (
+                "input = [\"speech\"]\nexpect = { billing = [\"요금\"], menu = [\"요 금\"] }",
+                "is also a phrase of expect.billing",
+            ),
+            (
+                "input = [\"speech\"]\nend_of_speech = \"50ms\"",
+                "end_of_speech: must be at least 100ms",
+            ),
+            (
+                "input = [\"speech\"]\nstt = { provider = \"whisper\" }",
+                "stt: stt.provider: \"whisper\": openai or vosk",
+            ),
+        ] {
+            let e = error(&gather(fields));
+            assert!(e.contains(expected), "{fields}: {e}");
+        }
     }
 }

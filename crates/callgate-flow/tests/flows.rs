@@ -41,6 +41,7 @@ async fn server_with_flow(dir: &TempDir, flow: &str) -> TestServer {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
+            stt: None,
         },
     );
     let data = dir.path().to_path_buf();
@@ -640,6 +641,7 @@ async fn the_built_in_menu_answers_and_reads_the_callers_number() {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
+            stt: None,
         },
     );
     let server = spawn_server_with_catalog(&catalog, |c| {
@@ -748,6 +750,7 @@ async fn agent_terminate_asks_callbridges_open_api_to_end_the_call() {
                 base_url: format!("http://{addr}/api"),
                 api_key_env: "CARGO_PKG_NAME".into(),
             }),
+            stt: None,
         },
     );
     let server = spawn_server_with_catalog(&catalog, |c| {

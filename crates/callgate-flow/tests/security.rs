@@ -29,6 +29,7 @@ async fn server_with_flow(dir: &TempDir, flow: &str) -> TestServer {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
+            stt: None,
         },
         metrics.clone(),
         |_| {},

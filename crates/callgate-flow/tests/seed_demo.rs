@@ -30,6 +30,7 @@ async fn seed_server(dir: &TempDir) -> TestServer {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
+            stt: None,
         },
     );
     spawn_server_with_catalog(&catalog, |c| {

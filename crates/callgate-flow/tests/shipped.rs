@@ -12,6 +12,7 @@ fn every_shipped_flow_loads_cleanly_from_disk_and_built_in() {
         data_dir: dir.path().to_path_buf(),
         tts: Default::default(),
         callbridge: None,
+        stt: None,
     };
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/flows");
     for name in demo::FLOWS {

@@ -149,6 +149,7 @@ async fn fixed_prompts_are_rendered_at_load_and_errors_name_the_step() {
         data_dir: dir.path().to_path_buf(),
         tts: openai(&base, KEY_ENV),
         callbridge: None,
+        stt: None,
     };
     let file2 = file.clone();
     let env2 = env.clone();
@@ -216,6 +217,7 @@ async fn a_speech_api_redirect_is_not_followed() {
         data_dir: dir.path().to_path_buf(),
         tts: openai(&format!("{base}/moved"), KEY_ENV),
         callbridge: None,
+        stt: None,
     };
     let error = tokio::task::spawn_blocking(move || callgate_flow::load(&file, &env))
         .await
@@ -242,6 +244,7 @@ fn espeak_renders_english_and_korean_at_load() {
         data_dir: dir.path().to_path_buf(),
         tts: TtsSettings::default(),
         callbridge: None,
+        stt: None,
     };
     let factory = callgate_flow::load(&file, &env).expect("espeak-ng is installed");
     assert_eq!(factory.flow().steps.len(), 2);
@@ -274,6 +277,7 @@ async fn speech_with_variables_is_rendered_per_call() {
             data_dir: dir.path().to_path_buf(),
             tts: TtsSettings::default(),
             callbridge: None,
+            stt: None,
         },
     );
     let server = spawn_server_with_catalog(&catalog, |c| {

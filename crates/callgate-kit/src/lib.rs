@@ -9,6 +9,8 @@
 //! - [`audio`]: prompt audio, read once and sliced per call rate.
 //! - [`tts`]: the speech [`tts::Provider`] trait, espeak-ng, an OpenAI-compatible API, the
 //!   cache in the data dir, and [`tts::render_at_load`] (speech rendered when routes load).
+//! - [`stt`]: speech to text ([`stt::Stt`]): an OpenAI-compatible API, or vosk in process
+//!   (cargo feature `vosk`), audio pushed as it arrives ([`stt::Utterance`]).
 //! - [`http`]: the one HTTP client policy (rustls on ring, no redirects) and the one bound on
 //!   an answer's body ([`http::MAX_ANSWER`]).
 //! - [`callbridge`]: CallBridge's OPEN API (`agent-terminate`).
@@ -26,6 +28,7 @@ pub mod http;
 pub mod outbox;
 pub mod plaintext;
 pub mod schema;
+pub mod stt;
 pub mod template;
 pub mod tools;
 pub mod tts;
@@ -36,6 +39,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 pub use callbridge::CallBridgeApi;
+pub use stt::SttSettings;
 pub use tts::TtsSettings;
 
 /// What agents need from the server: where to keep recordings and rendered speech, the
@@ -48,6 +52,9 @@ pub struct AgentEnv {
     pub tts: TtsSettings,
     /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate`.
     pub callbridge: Option<CallBridgeApi>,
+    /// The server's `[stt]` settings: speech to text for flows that listen (none: a gather
+    /// step that listens names its own).
+    pub stt: Option<SttSettings>,
 }
 
 /// A duration written as text (`"5s"`, `"250ms"`, `"1m 30s"`).

@@ -38,7 +38,7 @@ pub(crate) struct Plan {
     tools: Compiled,
     declarations: Vec<Value>,
     http: reqwest::Client,
-    stt: Api,
+    stt: callgate_kit::stt::Stt,
     llm: Api,
     /// Speech streamed from an OpenAI-compatible API.
     tts: Option<(Api, crate::settings::TtsSettings)>,
@@ -72,7 +72,8 @@ impl Plan {
         let http = callgate_kit::http::client()
             .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
         let s = &settings;
-        let stt = Api::new(&s.stt.base_url, s.stt.api_key_env.as_ref(), s.stt.timeout.0);
+        let stt = callgate_kit::stt::Stt::build(&s.stt, &http)
+            .map_err(|e| SettingsError::new("stt", e.to_string()))?;
         let llm = Api::new(&s.llm.base_url, s.llm.api_key_env.as_ref(), s.llm.timeout.0);
         let (tts, speaker) = match &s.tts {
             Some(t) if t.provider == "openai" => (
@@ -205,16 +206,7 @@ impl Agent for PipelineAgent {
                         let (plan, tx) = (plan.clone(), tx.clone());
                         let rate = input.sample_rate();
                         let h = spawner.spawn(async move {
-                            let s = &plan.settings.stt;
-                            let result = providers::transcribe(
-                                &plan.http,
-                                &plan.stt,
-                                &s.model,
-                                s.language.as_deref(),
-                                &samples,
-                                rate,
-                            )
-                            .await;
+                            let result = providers::transcribe(&plan.stt, &samples, rate).await;
                             let _ = tx.send(Msg::Transcript(req, result)).await;
                         });
                         running.insert(req, h.abort_handle());

@@ -1,11 +1,11 @@
-//! The three providers over HTTP, as OpenAI documents them (and OpenAI-compatible servers
-//! serve them): `POST {base_url}/audio/transcriptions` (multipart, a WAV file),
+//! The providers, as OpenAI documents them (and OpenAI-compatible servers serve them): speech
+//! to text through the kit's [`callgate_kit::stt`] (an OpenAI-compatible
+//! `POST {base_url}/audio/transcriptions`, or vosk in process),
 //! `POST {base_url}/chat/completions` (`stream: true`, server-sent events) and
 //! `POST {base_url}/audio/speech` (`response_format = "pcm"`: 24 kHz 16-bit mono, streamed);
 //! and espeak-ng. Each runs on a task of the call's `Spawner`; what it produces goes back to
 //! the driver as [`Msg`]s.
 
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,96 +92,16 @@ async fn status(what: &str, answer: reqwest::Response) -> Result<reqwest::Respon
     })
 }
 
-/// 16-bit mono PCM as a WAV file.
-fn wav(samples: &[i16], rate: u32) -> Result<Vec<u8>, String> {
-    let mut out = Cursor::new(Vec::with_capacity(44 + samples.len() * 2));
-    let spec = hound::WavSpec {
-        channels: 1,
-        sample_rate: rate,
-        bits_per_sample: 16,
-        sample_format: hound::SampleFormat::Int,
-    };
-    let mut w = hound::WavWriter::new(&mut out, spec).map_err(|e| e.to_string())?;
-    for &s in samples {
-        w.write_sample(s).map_err(|e| e.to_string())?;
-    }
-    w.finalize().map_err(|e| e.to_string())?;
-    Ok(out.into_inner())
-}
-
-/// A multipart/form-data body: text fields and one file.
-fn multipart(fields: &[(&str, &str)], file: &[u8]) -> (String, Vec<u8>) {
-    let mut n = 0u32;
-    let boundary = loop {
-        let b = format!("callgate-{n:08x}-7d1f3a5c9e");
-        if !file.windows(b.len()).any(|w| w == b.as_bytes()) {
-            break b;
-        }
-        n += 1;
-    };
-    let mut body = Vec::with_capacity(file.len() + 512);
-    for (name, value) in fields {
-        body.extend_from_slice(
-            format!(
-                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
-            )
-            .as_bytes(),
-        );
-    }
-    body.extend_from_slice(
-        format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; \
-             filename=\"turn.wav\"\r\nContent-Type: audio/wav\r\n\r\n"
-        )
-        .as_bytes(),
-    );
-    body.extend_from_slice(file);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    (format!("multipart/form-data; boundary={boundary}"), body)
-}
-
-/// Transcribes one turn: `{"text": "..."}` back.
+/// Transcribes one turn with the route's provider (the kit's [`callgate_kit::stt::Stt`]).
 pub(crate) async fn transcribe(
-    http: &reqwest::Client,
-    api: &Api,
-    model: &str,
-    language: Option<&str>,
+    stt: &callgate_kit::stt::Stt,
     samples: &[i16],
     rate: u32,
 ) -> Result<String, Failure> {
-    let file = wav(samples, rate).map_err(|reason| Failure {
-        reason,
-        retryable: false,
-    })?;
-    let mut fields = vec![("model", model), ("response_format", "json")];
-    if let Some(language) = language {
-        fields.push(("language", language));
-    }
-    let (content_type, body) = multipart(&fields, &file);
-    let answer = api
-        .post(http, "/audio/transcriptions")
-        .header(reqwest::header::CONTENT_TYPE, content_type)
-        .body(body)
-        .send()
-        .await
-        .map_err(|e| failed("stt", &e))?;
-    let answer = status("stt", answer).await?;
-    let read = callgate_kit::http::read_bounded(answer, callgate_kit::http::MAX_ANSWER)
-        .await
-        .map_err(|e| failed("stt", &e))?;
-    let bad = |why: String| Failure {
-        reason: format!("stt: {why}"),
-        retryable: false,
-    };
-    if read.cut {
-        return Err(bad("the answer is too long".into()));
-    }
-    let value: Value = serde_json::from_slice(&read.body).map_err(|e| bad(e.to_string()))?;
-    value
-        .get("text")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-        .ok_or_else(|| bad("no \"text\" in the answer".into()))
+    stt.transcribe(samples, rate).await.map_err(|e| Failure {
+        reason: format!("stt: {e}"),
+        retryable: e.retryable(),
+    })
 }
 
 /// The chat completions request body.
@@ -334,31 +254,4 @@ pub(crate) async fn speak_with(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_multipart_body_has_the_fields_and_the_file_and_a_boundary_not_in_it() {
-        let file = b"RIFF....callgate-00000000-7d1f3a5c9e....";
-        let (content_type, body) = multipart(&[("model", "m"), ("language", "ko")], file);
-        assert!(
-            content_type.ends_with("callgate-00000001-7d1f3a5c9e"),
-            "{content_type}"
-        );
-        let text = String::from_utf8_lossy(&body);
-        assert!(text.contains("name=\"model\"\r\n\r\nm\r\n"));
-        assert!(text.contains("name=\"language\"\r\n\r\nko\r\n"));
-        assert!(text.contains("filename=\"turn.wav\""));
-        assert!(text.ends_with("--callgate-00000001-7d1f3a5c9e--\r\n"));
-    }
-
-    #[test]
-    fn a_turn_becomes_a_wav_file() {
-        let data = wav(&[1, -1, 300], 8000).unwrap();
-        let r = hound::WavReader::new(Cursor::new(data)).unwrap();
-        assert_eq!((r.spec().sample_rate, r.len()), (8000, 3));
-    }
 }

@@ -13,36 +13,8 @@ use serde::Deserialize;
 /// The default OpenAI-compatible API.
 pub const OPENAI: &str = "https://api.openai.com/v1";
 
-/// `[routes.settings.stt]`: speech to text.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SttSettings {
-    /// `openai`: `POST {base_url}/audio/transcriptions` (multipart WAV).
-    pub provider: String,
-    /// The API, version path included.
-    pub base_url: String,
-    /// The model (`gpt-4o-mini-transcribe`, `whisper-1`, a faster-whisper model...).
-    pub model: String,
-    /// The language (ISO-639-1, `ko`), or none: detected.
-    pub language: Option<String>,
-    /// The environment variable holding the API key (none: no `Authorization`).
-    pub api_key_env: Option<String>,
-    /// How long one transcription may take.
-    pub timeout: Dur,
-}
-
-impl Default for SttSettings {
-    fn default() -> Self {
-        Self {
-            provider: "openai".into(),
-            base_url: OPENAI.into(),
-            model: "gpt-4o-mini-transcribe".into(),
-            language: None,
-            api_key_env: None,
-            timeout: Dur(Duration::from_secs(10)),
-        }
-    }
-}
+/// `[routes.settings.stt]`: speech to text, the kit's shape (`openai` or `vosk`).
+pub use callgate_kit::stt::SttSettings;
 
 /// `[routes.settings.llm]`: an OpenAI-compatible chat completions API.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -219,14 +191,9 @@ impl Settings for PipelineSettings {
                 "must say something: it is what the caller hears when a provider fails",
             ));
         }
-        if self.stt.provider != "openai" {
-            return Err(SettingsError::new(
-                "stt.provider",
-                format!("{:?}: openai (an OpenAI-compatible API)", self.stt.provider),
-            ));
-        }
-        check_url("stt.base_url", &self.stt.base_url)?;
-        check_key("stt.api_key_env", self.stt.api_key_env.as_ref())?;
+        self.stt
+            .check()
+            .map_err(|(field, why)| SettingsError::new(format!("stt.{field}"), why))?;
         check_url("llm.base_url", &self.llm.base_url)?;
         check_key("llm.api_key_env", self.llm.api_key_env.as_ref())?;
         if let Some(tts) = &self.tts {
@@ -248,7 +215,6 @@ impl Settings for PipelineSettings {
             }
         }
         for (field, d) in [
-            ("stt.timeout", self.stt.timeout),
             ("llm.timeout", self.llm.timeout),
             ("turn.end_of_speech", self.turn.end_of_speech),
         ] {

@@ -46,6 +46,7 @@ async fn server(double: &OpenAiDouble, settings: Value) -> TestServer {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
+            stt: None,
         },
     );
     let route = parse_spec(

@@ -59,6 +59,7 @@ async fn server(double: &Double, settings: Value) -> TestServer {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
             callbridge: None,
+            stt: None,
         },
         metrics.clone(),
     );

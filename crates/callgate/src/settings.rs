@@ -208,6 +208,9 @@ settings! {
         /// The `[tts]` table of the file (file only): text-to-speech for flows.
         #[arg(skip)]
         tts: Option<callgate_flow::TtsSettings>,
+        /// The `[stt]` table of the file (file only): speech to text for flows that listen.
+        #[arg(skip)]
+        stt: Option<callgate_flow::SttSettings>,
         /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for flows'
         /// `agent_terminate`.
         #[arg(skip)]
@@ -437,10 +440,16 @@ impl Settings {
         }
         // `Config::validate`, keeping the table it builds.
         c.validate_limits()?;
+        if let Some(stt) = &self.stt {
+            stt.check()
+                .map_err(|(field, why)| anyhow!("stt.{field}: {why}"))
+                .with_context(in_file)?;
+        }
         let flow_env = callgate_flow::FlowEnv {
             data_dir: c.data_dir.clone(),
             tts: self.tts.clone().unwrap_or_default(),
             callbridge: self.callbridge.clone(),
+            stt: self.stt.clone(),
         };
         let table = match c.route_table(&catalog(flow_env)) {
             Ok(table) => table,
