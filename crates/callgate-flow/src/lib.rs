@@ -239,10 +239,10 @@ impl spec::Loader for EnvLoader {
         self.provider(tts, provider).map(|_| ())
     }
 
-    fn check_callbridge_api(&self) -> Result<(), String> {
+    fn check_callbridge_api(&self, what: &str) -> Result<(), String> {
         let Some(api) = &self.callbridge else {
-            return Err(callgate_kit::callbridge::missing("agent_terminate"));
+            return Err(callgate_kit::callbridge::missing(what));
         };
-        api.check("agent_terminate")
+        api.check(what)
     }
 }

@@ -22,6 +22,8 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use callgate_agent::{AgentCommand, MarkState, RecordEvent, Speaker, Turn};
+use callgate_audio::AudioFormat;
+use callgate_proto::{Digit, DtmfDuration, Protocol};
 use serde_json::{Value, json};
 
 use crate::chat::{Answer, ToolCall};
@@ -36,6 +38,11 @@ pub const MAX_TOOL_ROUNDS: u32 = 4;
 pub const MAX_SENTENCE_CHARS: usize = 160;
 /// What ends an answer's text cut by a barge-in, for the LLM to read.
 pub const CUT_MARKER: &str = "…";
+/// How long CallBridge has to drop the line after accepting `agent_terminate` (it announces
+/// first); then the call hangs up itself, ms.
+pub const TERMINATE_GRACE_MS: u64 = 60_000;
+/// One key's tone pressed with `send_dtmf`, ms (then a 60 ms gap).
+pub const TONE_MS: u32 = 100;
 
 /// How the core is set up (from the route's settings).
 #[derive(Debug, Clone)]
@@ -58,6 +65,11 @@ pub struct Config {
     pub input_samples_per_ms: u64,
     /// The longest call, ms.
     pub max_duration_ms: u64,
+    /// The call's protocol: `send_dtmf` presses keys as protocol DTMF on inbound calls and as
+    /// in-band tones on CallBridge and Twilio calls.
+    pub protocol: Protocol,
+    /// The call's output audio format (for in-band tones).
+    pub output_format: AudioFormat,
 }
 
 /// A request to a provider.
@@ -160,16 +172,31 @@ enum Caller {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Live,
+    /// CallBridge accepted `agent_terminate`: it announces and drops the line; what is queued
+    /// plays, the caller is not listened to and the LLM is not asked again. If the line is
+    /// still up at `until_ms`, the call hangs up itself.
+    Terminating {
+        until_ms: u64,
+    },
     /// Done: nothing more is asked of anyone.
     Over,
+}
+
+/// What an answer plays, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    /// A sentence for text-to-speech.
+    Sentence(String),
+    /// Keys pressed with `send_dtmf`, after what was said before the call of the tool.
+    Keys(Vec<Digit>),
 }
 
 /// The answer being spoken.
 #[derive(Debug)]
 struct Speech {
     splitter: Splitter,
-    /// Sentences waiting for speech.
-    queue: VecDeque<String>,
+    /// Sentences (and keys) waiting for speech.
+    queue: VecDeque<Item>,
     /// The sentence being spoken, and its audio bytes so far.
     speaking: Option<(String, u64)>,
     /// Sentences spoken (text and audio length).
@@ -325,9 +352,11 @@ impl Core {
             }
             Caller::Quiet => None,
         };
-        Some(turn_end.map_or(self.config.max_duration_ms, |t| {
-            t.min(self.config.max_duration_ms)
-        }))
+        let limit = match self.phase {
+            Phase::Terminating { until_ms } => until_ms.min(self.config.max_duration_ms),
+            _ => self.config.max_duration_ms,
+        };
+        Some(turn_end.map_or(limit, |t| t.min(limit)))
     }
 
     /// Whether the call is over for the core.
@@ -401,6 +430,14 @@ impl Core {
                 "max_duration",
                 json!({"after_ms": self.config.max_duration_ms}),
             );
+            self.hang_up_now();
+            return;
+        }
+        if let Phase::Terminating { until_ms } = self.phase
+            && now >= until_ms
+        {
+            self.record("terminate_timeout", json!({"after_ms": TERMINATE_GRACE_MS}));
+            self.phase = Phase::Live;
             self.hang_up_now();
             return;
         }
@@ -560,20 +597,123 @@ impl Core {
             results.push(self.messages.len() - 1);
             self.record("tool_call", json!({"name": "hang_up"}));
         }
+        let ending = !hang_up.is_empty();
+        let run = !ending && self.tool_rounds < MAX_TOOL_ROUNDS;
+        // What the answer said before its tools is queued before any key they press.
         let speech = self.speech.get_or_insert_with(Speech::new);
+        while let Some(s) = speech.splitter.poll_sentence() {
+            speech.queue.push_back(Item::Sentence(s));
+        }
+        if let Some(rest) = speech.splitter.finish() {
+            speech.queue.push_back(Item::Sentence(rest));
+        }
         speech.hang_up_results = results;
-        speech.text_done = true;
         speech.message = Some(index);
-        speech.hang_up = !hang_up.is_empty();
-        if !speech.hang_up && !others.is_empty() && self.tool_rounds < MAX_TOOL_ROUNDS {
-            self.tool_rounds += 1;
-            for call in &others {
-                self.record("tool_call", json!({"name": call.name}));
-                self.out.push_back(Output::Tool(call.clone()));
+        speech.hang_up = ending;
+        let mut external = Vec::new();
+        let mut answered_here = false;
+        for call in others {
+            if !run {
+                // Every call of the model gets a result, or the next request is refused.
+                let why = if ending {
+                    "not run: the call is ending"
+                } else {
+                    "not run: too many tool rounds in one answer"
+                };
+                self.tool_message(&call.id, &json!({ "error": why }).to_string());
+                continue;
             }
-            self.tools_pending = others;
+            self.record("tool_call", json!({"name": call.name}));
+            if call.name == "send_dtmf" && self.offers("send_dtmf") {
+                let output = self.send_dtmf(&call.arguments);
+                self.tool_message(&call.id, &output);
+                answered_here = true;
+            } else {
+                external.push(call);
+            }
+        }
+        if run && (answered_here || !external.is_empty()) {
+            self.tool_rounds += 1;
+        }
+        for call in &external {
+            self.out.push_back(Output::Tool(call.clone()));
+        }
+        let again = answered_here && external.is_empty();
+        self.tools_pending = external;
+        if again {
+            // Every result is in: the LLM goes on (the keys play first, they are queued).
+            self.ask_llm_again(now, false);
+        } else if let Some(speech) = &mut self.speech {
+            speech.text_done = true;
         }
         self.pump_speech(now);
+    }
+
+    /// Whether the model is offered the tool `name`.
+    fn offers(&self, name: &str) -> bool {
+        self.config
+            .tools
+            .iter()
+            .any(|t| t["function"]["name"] == name)
+    }
+
+    /// A tool's result in the conversation.
+    fn tool_message(&mut self, call_id: &str, output: &str) {
+        self.messages
+            .push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+    }
+
+    /// `send_dtmf`: the keys queued after what the answer said so far; the result for the
+    /// model.
+    fn send_dtmf(&mut self, arguments: &str) -> String {
+        let args: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+        let digits = args.get("digits").and_then(Value::as_str).unwrap_or("");
+        let keys: Option<Vec<Digit>> = digits.chars().map(Digit::from_char).collect();
+        match keys {
+            Some(keys) if !keys.is_empty() && keys.iter().all(|k| k.is_sendable()) => {
+                self.speech
+                    .get_or_insert_with(Speech::new)
+                    .queue
+                    .push_back(Item::Keys(keys));
+                json!({ "pressed": digits }).to_string()
+            }
+            _ => json!({"error": "digits must be one or more of 0-9, * and #"}).to_string(),
+        }
+    }
+
+    /// Presses `keys` now: protocol DTMF on inbound calls; in-band tones in the answer's
+    /// audio on CallBridge and Twilio calls (they have no DTMF message towards the caller).
+    fn press(&mut self, now: u64, keys: &[Digit]) {
+        match self.config.protocol {
+            Protocol::Inbound => {
+                let Some(duration) = DtmfDuration::from_millis(u64::from(TONE_MS)) else {
+                    return;
+                };
+                for &digit in keys {
+                    self.out
+                        .push_back(Output::Command(AgentCommand::Dtmf { digit, duration }));
+                }
+            }
+            Protocol::CallBridge | Protocol::Twilio => {
+                let format = self.config.output_format;
+                let rate = format.sample_rate();
+                let gap = vec![0i16; rate as usize * 60 / 1000];
+                let mut samples = Vec::new();
+                for &digit in keys {
+                    samples.extend(callgate_audio::dtmf::tone(digit, TONE_MS, rate, 0.25));
+                    samples.extend_from_slice(&gap);
+                }
+                let audio = callgate_audio::pcm::encode(format, &samples);
+                let audio_ms = audio.len() as u64 / self.config.output_bytes_per_ms.max(1);
+                self.play(now, &audio);
+                if let Some(speech) = &mut self.speech {
+                    speech.spoken.push(Spoken {
+                        text: String::new(),
+                        audio_ms,
+                    });
+                }
+            }
+        }
     }
 
     /// A tool's result.
@@ -581,12 +721,39 @@ impl Core {
         let Some(i) = self.tools_pending.iter().position(|c| c.id == done.call_id) else {
             return;
         };
-        self.tools_pending.remove(i);
-        self.messages
-            .push(json!({"role": "tool", "tool_call_id": done.call_id,
-                                  "content": done.output}));
-        if self.tools_pending.is_empty() && self.phase == Phase::Live {
-            self.ask_llm_again(now, false);
+        let call = self.tools_pending.remove(i);
+        self.tool_message(&done.call_id, &done.output);
+        // The answer as the model reads it (a send_sms answer has the masked number and the
+        // result, never the content).
+        let shown: String = done.output.chars().take(2000).collect();
+        self.record(
+            "tool_result",
+            json!({"name": call.name, "ok": done.ok, "output": shown}),
+        );
+        if call.name == "agent_terminate" && done.ok && self.phase == Phase::Live {
+            // CallBridge announces and drops the line: nothing more is asked or heard.
+            self.record("agent_terminate", json!({"accepted": true}));
+            for r in std::mem::take(&mut self.running) {
+                if r.provider == Provider::Stt {
+                    self.out.push_back(Output::Cancel { req: r.req });
+                } else {
+                    self.running.push(r);
+                }
+            }
+            self.caller = Caller::Quiet;
+            self.turn = None;
+            self.phase = Phase::Terminating {
+                until_ms: now + TERMINATE_GRACE_MS,
+            };
+        }
+        if self.tools_pending.is_empty() {
+            if self.phase == Phase::Live {
+                self.ask_llm_again(now, false);
+            } else if let Some(speech) = &mut self.speech {
+                // The answer ends with what was said: its end is marked, then heard.
+                speech.text_done = true;
+                self.pump_speech(now);
+            }
         }
     }
 
@@ -603,6 +770,18 @@ impl Core {
         {
             l.tts_first_audio_ms = Some(now.saturating_sub(l.end_of_speech_ms));
         }
+        if let Some(Speech {
+            speaking: Some((_, bytes)),
+            ..
+        }) = &mut self.speech
+        {
+            *bytes += audio.len() as u64;
+        }
+        self.play(now, audio);
+    }
+
+    /// Audio of the answer for the call (held while the answer is paused).
+    fn play(&mut self, now: u64, audio: &[u8]) {
         let Some(speech) = &mut self.speech else {
             return;
         };
@@ -614,9 +793,6 @@ impl Core {
         }
         speech.first_audio_ms.get_or_insert(now);
         speech.audio.extend_from_slice(audio);
-        if let Some((_, bytes)) = &mut speech.speaking {
-            *bytes += audio.len() as u64;
-        }
         if !speech.paused {
             self.out.push_back(Output::Command(AgentCommand::Audio(
                 Bytes::copy_from_slice(audio),
@@ -647,7 +823,7 @@ impl Core {
                 && let Some(speech) = &mut self.speech
                 && let Some((text, _)) = speech.speaking.take()
             {
-                speech.queue.push_front(text);
+                speech.queue.push_front(Item::Sentence(text));
                 self.speak_next(now, true);
                 return;
             }
@@ -872,12 +1048,12 @@ impl Core {
             return;
         };
         while let Some(s) = speech.splitter.poll_sentence() {
-            speech.queue.push_back(s);
+            speech.queue.push_back(Item::Sentence(s));
         }
         if speech.text_done
             && let Some(rest) = speech.splitter.finish()
         {
-            speech.queue.push_back(rest);
+            speech.queue.push_back(Item::Sentence(rest));
         }
         if speech.speaking.is_none() && !speech.queue.is_empty() {
             self.speak_next(now, false);
@@ -906,12 +1082,17 @@ impl Core {
         }
     }
 
-    fn speak_next(&mut self, _now: u64, retried: bool) {
+    fn speak_next(&mut self, now: u64, retried: bool) {
         let Some(speech) = &mut self.speech else {
             return;
         };
-        let Some(text) = speech.queue.pop_front() else {
-            return;
+        let text = match speech.queue.pop_front() {
+            None => return,
+            Some(Item::Sentence(text)) => text,
+            Some(Item::Keys(keys)) => {
+                self.press(now, &keys);
+                return self.pump_speech(now);
+            }
         };
         let req = self.next_req;
         self.next_req += 1;
@@ -1098,6 +1279,8 @@ mod tests {
             output_bytes_per_ms: 16,
             input_samples_per_ms: 8,
             max_duration_ms: 3_600_000,
+            protocol: Protocol::CallBridge,
+            output_format: AudioFormat::Pcm8000,
         }
     }
 
@@ -1477,5 +1660,214 @@ mod tests {
         let out = drain(&mut core);
         assert_eq!(speaks(&out)[0].1, "안녕하세요, 콜게이트입니다.");
         assert_eq!(core.messages()[1]["role"], "assistant");
+    }
+    fn tool_answer(content: &str, calls: &[(&str, &str, &str)]) -> Answer {
+        let mut done = answer(content);
+        for (id, name, arguments) in calls {
+            done.tool_calls.push(ToolCall {
+                id: (*id).into(),
+                name: (*name).into(),
+                arguments: (*arguments).into(),
+            });
+        }
+        done.finish_reason = Some("tool_calls".into());
+        done
+    }
+
+    fn offering(mut c: Config, names: &[&str]) -> Config {
+        c.tools = names
+            .iter()
+            .map(|n| json!({"type": "function", "function": {"name": n}}))
+            .collect();
+        c
+    }
+
+    /// A core whose caller asked something, and the LLM request for it.
+    fn asked(c: Config) -> (Core, ReqId, u64) {
+        let mut core = Core::new(c, 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        core.handle_transcript(end + 100, transcribe_req(&out), Ok("눌러 주세요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        (core, llm, end)
+    }
+
+    #[test]
+    fn send_dtmf_plays_tones_after_what_was_said_and_the_llm_goes_on() {
+        let (mut core, llm, end) = asked(offering(config(), &["send_dtmf"]));
+        core.handle_llm_delta(end + 200, llm, "연결합니다. ");
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "연결합니다.",
+                &[("call_k", "send_dtmf", "{\"digits\":\"12#\"}")],
+            )),
+        );
+        let out = drain(&mut core);
+        // The keys wait for the sentence before them; the LLM is asked again at once.
+        assert_eq!(audio_bytes(&out), 0, "{out:?}");
+        let (_, messages) = complete(&out);
+        let last = messages.last().unwrap();
+        assert_eq!(last["tool_call_id"], "call_k");
+        assert_eq!(last["content"], "{\"pressed\":\"12#\"}");
+        core.handle_tts_audio(end + 300, tts, &[7; 1600]);
+        core.handle_tts_done(end + 350, tts, Ok(()));
+        let out = drain(&mut core);
+        // The sentence's 1600 bytes, then three tones of 160 ms at 8 kHz (16 bytes a ms).
+        assert_eq!(audio_bytes(&out), 1600 + 3 * 160 * 16, "{out:?}");
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Dtmf { .. })))
+        );
+
+        // Inbound calls press protocol keys; bad digits are the model's error.
+        let mut c = offering(config(), &["send_dtmf"]);
+        c.protocol = Protocol::Inbound;
+        let (mut core, llm, end) = asked(c);
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "",
+                &[
+                    ("k1", "send_dtmf", "{\"digits\":\"9*\"}"),
+                    ("k2", "send_dtmf", "{\"digits\":\"A\"}"),
+                ],
+            )),
+        );
+        let out = drain(&mut core);
+        let keys: Vec<char> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Dtmf { digit, .. }) => Some(digit.as_char()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, ['9', '*']);
+        let (_, messages) = complete(&out);
+        assert!(
+            messages.last().unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .contains("0-9, * and #")
+        );
+    }
+
+    #[test]
+    fn a_builtin_tool_not_offered_goes_to_the_driver_which_refuses_it() {
+        let (mut core, llm, end) = asked(config());
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer("", &[("k", "send_dtmf", "{\"digits\":\"1\"}")])),
+        );
+        let out = drain(&mut core);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Tool(c) if c.id == "k"))
+        );
+        assert_eq!(audio_bytes(&out), 0);
+    }
+
+    #[test]
+    fn agent_terminate_accepted_stops_the_conversation_and_a_refusal_goes_to_the_llm() {
+        let c = offering(config(), &["agent_terminate"]);
+        let (mut core, llm, end) = asked(c.clone());
+        core.handle_llm_delta(end + 200, llm, "안녕히 계세요. ");
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "안녕히 계세요.",
+                &[("t", "agent_terminate", "{\"message\":\"bye\"}")],
+            )),
+        );
+        let out = drain(&mut core);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Tool(c) if c.name == "agent_terminate"))
+        );
+        core.handle_tool_done(
+            end + 300,
+            callgate_kit::tools::ToolDone {
+                call_id: "t".into(),
+                ok: true,
+                output: "{}".into(),
+            },
+        );
+        let out = drain(&mut core);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Complete { .. })),
+            "{out:?}"
+        );
+        assert_eq!(
+            events(&out, "agent_terminate"),
+            vec![json!({"accepted": true})]
+        );
+        // The goodbye still plays; the caller is not listened to any more.
+        core.handle_tts_audio(end + 350, tts, &[7; 800]);
+        assert_eq!(audio_bytes(&drain(&mut core)), 800);
+        for i in 0..100 {
+            core.handle_audio(end + 400 + 20 * i, &[1000; 160], true);
+        }
+        core.handle_timeout(end + 4000);
+        let out = drain(&mut core);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Transcribe { .. } | Output::Clear)),
+            "{out:?}"
+        );
+        // CallBridge never dropped the line: the call hangs up itself after the grace.
+        let at = core.poll_timeout().unwrap();
+        assert_eq!(at, end + 300 + TERMINATE_GRACE_MS);
+        core.handle_timeout(at);
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
+        );
+
+        let (mut core, llm, end) = asked(c);
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer("", &[("t", "agent_terminate", "{}")])),
+        );
+        drain(&mut core);
+        core.handle_tool_done(
+            end + 300,
+            callgate_kit::tools::ToolDone {
+                call_id: "t".into(),
+                ok: false,
+                output: "{\"error\":\"HTTP 500\"}".into(),
+            },
+        );
+        let (_, messages) = complete(&drain(&mut core));
+        assert_eq!(
+            messages.last().unwrap()["content"],
+            "{\"error\":\"HTTP 500\"}"
+        );
+    }
+
+    #[test]
+    fn tool_calls_that_do_not_run_still_get_a_result() {
+        let (mut core, llm, end) = asked(config());
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "안녕히 계세요.",
+                &[("h", "hang_up", "{}"), ("x", "lookup", "{}")],
+            )),
+        );
+        let out = drain(&mut core);
+        assert!(!out.iter().any(|o| matches!(o, Output::Tool(_))), "{out:?}");
+        let ids: Vec<&Value> = core.messages().iter().map(|m| &m["tool_call_id"]).collect();
+        assert!(
+            ids.contains(&&json!("h")) && ids.contains(&&json!("x")),
+            "{ids:?}"
+        );
     }
 }
