@@ -261,6 +261,7 @@ impl Agent for PipelineAgent {
                     }
                     Output::Speak { req, text } => {
                         let (plan, tx) = (plan.clone(), tx.clone());
+                        let tasks = spawner.clone();
                         let h = spawner.spawn(async move {
                             let result = match (&plan.tts, &plan.speaker) {
                                 (Some((api, s)), _) => {
@@ -270,7 +271,8 @@ impl Agent for PipelineAgent {
                                     .await
                                 }
                                 (None, Some((p, voice))) => {
-                                    providers::speak_with(p, voice, &text, output, req, &tx).await
+                                    providers::speak_with(&tasks, p, voice, &text, output, req, &tx)
+                                        .await
                                 }
                                 (None, None) => Err(crate::core::Failure {
                                     reason: "tts: no provider".into(),

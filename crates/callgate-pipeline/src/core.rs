@@ -5,12 +5,14 @@
 //! - **Turns** from per-frame voice activity: speech that stays silent for `end_of_speech`
 //!   ends the caller's turn; its audio goes to speech-to-text.
 //! - **Answers** stream: each sentence of the LLM's answer goes to text-to-speech as soon as it
-//!   is complete, and its audio to the call as it arrives.
+//!   is complete, and its audio to the call as it arrives; the next sentence is synthesized
+//!   while the current one plays (one ahead, its audio held), so sentences follow without a
+//!   gap.
 //! - **Pause, resume, barge-in**: caller speech over the agent for `min_barge_in` pauses the
 //!   answer at once (the playout is cleared, the answer's audio held). When the transcript is
 //!   only backchannels the answer resumes from the position the call reported; otherwise the
-//!   held audio is dropped, the running LLM and TTS requests are cancelled, and the answer kept
-//!   in the conversation is cut to what was heard.
+//!   held audio is dropped, the running LLM and TTS requests are cancelled, and each assistant
+//!   message of the answer (one per tool round) is cut to what was heard of it.
 //! - **Tools**: `hang_up` ends the call once the goodbye has played (the LLM is not asked
 //!   again); other tools' results go back to the LLM.
 //! - **Failures**: a provider failing is retried once where safe (nothing of its answer used
@@ -182,13 +184,35 @@ enum Phase {
     Over,
 }
 
-/// What an answer plays, in order.
+/// What an answer plays, in order; `round` is the LLM round (one per tool round) it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Item {
     /// A sentence for text-to-speech.
-    Sentence(String),
+    Sentence { text: String, round: u32 },
     /// Keys pressed with `send_dtmf`, after what was said before the call of the tool.
-    Keys(Vec<Digit>),
+    Keys { keys: Vec<Digit>, round: u32 },
+}
+
+/// The sentence whose audio goes to the call as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Playing {
+    req: ReqId,
+    text: String,
+    round: u32,
+    /// Its audio so far, bytes.
+    bytes: u64,
+}
+
+/// The next sentence, synthesized while the current one plays (no gap between them): its
+/// audio is held until the current sentence is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ahead {
+    req: ReqId,
+    text: String,
+    round: u32,
+    audio: Vec<u8>,
+    /// Its speech request finished.
+    done: bool,
 }
 
 /// The answer being spoken.
@@ -197,10 +221,14 @@ struct Speech {
     splitter: Splitter,
     /// Sentences (and keys) waiting for speech.
     queue: VecDeque<Item>,
-    /// The sentence being spoken, and its audio bytes so far.
-    speaking: Option<(String, u64)>,
-    /// Sentences spoken (text and audio length).
-    spoken: Vec<Spoken>,
+    /// The sentence being spoken.
+    speaking: Option<Playing>,
+    /// The next one, synthesized ahead.
+    ahead: Option<Ahead>,
+    /// Sentences spoken (text and audio length), with their round.
+    spoken: Vec<(u32, Spoken)>,
+    /// The LLM round now streaming (0, then one more after each tool round).
+    round: u32,
     /// Every byte of this answer's audio (held for a resume after a pause).
     audio: Vec<u8>,
     /// The mark sent before its first byte, and the call's played count there once reached.
@@ -215,8 +243,8 @@ struct Speech {
     text_done: bool,
     /// The end mark, once every sentence was sent.
     end_mark: Option<u64>,
-    /// The conversation message holding this answer (to cut it).
-    message: Option<usize>,
+    /// The conversation messages holding this answer, one per round finished (to cut them).
+    messages: Vec<(u32, usize)>,
     /// Text of the answer so far.
     text: String,
     /// The first audio's time on the call clock.
@@ -234,7 +262,9 @@ impl Speech {
             splitter: Splitter::new(MAX_SENTENCE_CHARS),
             queue: VecDeque::new(),
             speaking: None,
+            ahead: None,
             spoken: Vec::new(),
+            round: 0,
             audio: Vec::new(),
             start_mark: None,
             clear_pending: false,
@@ -242,7 +272,7 @@ impl Speech {
             heard_ms: 0,
             text_done: false,
             end_mark: None,
-            message: None,
+            messages: Vec::new(),
             text: String::new(),
             first_audio_ms: None,
             hang_up: false,
@@ -329,7 +359,7 @@ impl Core {
             speech.text_done = true;
             core.messages
                 .push(json!({"role": "assistant", "content": greeting}));
-            speech.message = Some(core.messages.len() - 1);
+            speech.messages.push((0, core.messages.len() - 1));
             core.speech = Some(speech);
             core.pump_speech(now);
         }
@@ -601,14 +631,15 @@ impl Core {
         let run = !ending && self.tool_rounds < MAX_TOOL_ROUNDS;
         // What the answer said before its tools is queued before any key they press.
         let speech = self.speech.get_or_insert_with(Speech::new);
-        while let Some(s) = speech.splitter.poll_sentence() {
-            speech.queue.push_back(Item::Sentence(s));
+        let round = speech.round;
+        while let Some(text) = speech.splitter.poll_sentence() {
+            speech.queue.push_back(Item::Sentence { text, round });
         }
-        if let Some(rest) = speech.splitter.finish() {
-            speech.queue.push_back(Item::Sentence(rest));
+        if let Some(text) = speech.splitter.finish() {
+            speech.queue.push_back(Item::Sentence { text, round });
         }
         speech.hang_up_results = results;
-        speech.message = Some(index);
+        speech.messages.push((round, index));
         speech.hang_up = ending;
         let mut external = Vec::new();
         let mut answered_here = false;
@@ -671,10 +702,9 @@ impl Core {
         let keys: Option<Vec<Digit>> = digits.chars().map(Digit::from_char).collect();
         match keys {
             Some(keys) if !keys.is_empty() && keys.iter().all(|k| k.is_sendable()) => {
-                self.speech
-                    .get_or_insert_with(Speech::new)
-                    .queue
-                    .push_back(Item::Keys(keys));
+                let speech = self.speech.get_or_insert_with(Speech::new);
+                let round = speech.round;
+                speech.queue.push_back(Item::Keys { keys, round });
                 json!({ "pressed": digits }).to_string()
             }
             _ => json!({"error": "digits must be one or more of 0-9, * and #"}).to_string(),
@@ -683,7 +713,7 @@ impl Core {
 
     /// Presses `keys` now: protocol DTMF on inbound calls; in-band tones in the answer's
     /// audio on CallBridge and Twilio calls (they have no DTMF message towards the caller).
-    fn press(&mut self, now: u64, keys: &[Digit]) {
+    fn press(&mut self, now: u64, keys: &[Digit], round: u32) {
         match self.config.protocol {
             Protocol::Inbound => {
                 let Some(duration) = DtmfDuration::from_millis(u64::from(TONE_MS)) else {
@@ -707,10 +737,13 @@ impl Core {
                 let audio_ms = audio.len() as u64 / self.config.output_bytes_per_ms.max(1);
                 self.play(now, &audio);
                 if let Some(speech) = &mut self.speech {
-                    speech.spoken.push(Spoken {
-                        text: String::new(),
-                        audio_ms,
-                    });
+                    speech.spoken.push((
+                        round,
+                        Spoken {
+                            text: String::new(),
+                            audio_ms,
+                        },
+                    ));
                 }
             }
         }
@@ -762,20 +795,30 @@ impl Core {
         if !self.is_running(req) || self.phase == Phase::Over {
             return;
         }
-        if let Some(r) = self.running.iter_mut().find(|r| r.req == req) {
-            r.used = true;
-        }
         if let Some(l) = &mut self.latency
             && l.tts_first_audio_ms.is_none()
         {
             l.tts_first_audio_ms = Some(now.saturating_sub(l.end_of_speech_ms));
         }
-        if let Some(Speech {
-            speaking: Some((_, bytes)),
-            ..
-        }) = &mut self.speech
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        if let Some(ahead) = &mut speech.ahead
+            && ahead.req == req
         {
-            *bytes += audio.len() as u64;
+            // Held until the sentence before it is done: not used yet (a retry is safe).
+            ahead.audio.extend_from_slice(audio);
+            return;
+        }
+        let Some(playing) = &mut speech.speaking else {
+            return;
+        };
+        if playing.req != req {
+            return;
+        }
+        playing.bytes += audio.len() as u64;
+        if let Some(r) = self.running.iter_mut().find(|r| r.req == req) {
+            r.used = true;
         }
         self.play(now, audio);
     }
@@ -818,26 +861,51 @@ impl Core {
         let Some(running) = self.finish_req(req) else {
             return;
         };
+        let ahead = self
+            .speech
+            .as_ref()
+            .and_then(|s| s.ahead.as_ref())
+            .is_some_and(|a| a.req == req);
         if let Err(failure) = result {
             if self.retry(&running, &failure)
                 && let Some(speech) = &mut self.speech
-                && let Some((text, _)) = speech.speaking.take()
             {
-                speech.queue.push_front(Item::Sentence(text));
-                self.speak_next(now, true);
-                return;
+                let again = if ahead {
+                    speech.ahead.take().map(|a| (a.text, a.round))
+                } else {
+                    speech.speaking.take().map(|p| (p.text, p.round))
+                };
+                if let Some((text, round)) = again {
+                    self.request_speech(text, round, ahead, true);
+                    return;
+                }
             }
             return self.fail(now, Provider::Tts, &failure.reason);
         }
-        if let Some(speech) = &mut self.speech
-            && let Some((text, bytes)) = speech.speaking.take()
-        {
-            speech.spoken.push(Spoken {
-                text,
-                audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
-            });
+        if ahead {
+            if let Some(a) = self.speech.as_mut().and_then(|s| s.ahead.as_mut()) {
+                a.done = true;
+            }
+            return;
         }
+        self.finish_sentence();
         self.pump_speech(now);
+    }
+
+    /// The sentence being spoken is done: it joins what was spoken.
+    fn finish_sentence(&mut self) {
+        let bytes_per_ms = self.config.output_bytes_per_ms.max(1);
+        if let Some(speech) = &mut self.speech
+            && let Some(p) = speech.speaking.take()
+        {
+            speech.spoken.push((
+                p.round,
+                Spoken {
+                    text: p.text,
+                    audio_ms: p.bytes / bytes_per_ms,
+                },
+            ));
+        }
     }
 
     /// The call reports a mark.
@@ -914,10 +982,14 @@ impl Core {
         // What was heard before the pause stays heard: the spoken list keeps its texts; the
         // offset is folded into the first sentences' lengths.
         let mut skip_ms = skipped.len() as u64 / bytes_per_ms;
-        for s in &mut speech.spoken {
+        for (_, s) in &mut speech.spoken {
             let take = skip_ms.min(s.audio_ms);
             s.audio_ms -= take;
             skip_ms -= take;
+        }
+        // The rest of what was heard is of the sentence still being spoken.
+        if let Some(p) = &mut speech.speaking {
+            p.bytes = p.bytes.saturating_sub(skip_ms * bytes_per_ms);
         }
         if speech.end_mark.is_some() {
             let id = self.next_mark;
@@ -944,11 +1016,14 @@ impl Core {
             // Not heard since the clear: nothing more is.
             self.out.push_back(Output::Clear);
         }
-        if let Some((text, bytes)) = speech.speaking.take() {
-            speech.spoken.push(Spoken {
-                text,
-                audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
-            });
+        if let Some(p) = speech.speaking.take() {
+            speech.spoken.push((
+                p.round,
+                Spoken {
+                    text: p.text,
+                    audio_ms: p.bytes / self.config.output_bytes_per_ms.max(1),
+                },
+            ));
         }
         for &i in &speech.hang_up_results {
             if let Some(m) = self.messages.get_mut(i) {
@@ -957,33 +1032,81 @@ impl Core {
                 );
             }
         }
-        let heard = heard::cut(&speech.spoken, speech.heard_ms, CUT_MARKER);
-        let complete = heard.whole && speech.queue.is_empty() && speech.text_done;
-        let text = if complete {
-            speech.text.trim().to_owned()
-        } else if heard.whole && !heard.text.is_empty() {
-            // Every sentence spoken was heard, but the answer had more to say.
-            format!("{}{CUT_MARKER}", heard.text)
-        } else {
-            heard.text.clone()
-        };
-        match speech.message {
-            Some(i) => {
-                if let Some(m) = self.messages.get_mut(i) {
-                    m["content"] = json!(text);
+        // Each round of the answer (one per tool round) is its own assistant message: each is
+        // cut to what was heard of it, and a round after the cut was not heard at all.
+        let mut left = speech.heard_ms;
+        let mut cut_before = false;
+        let mut said = Vec::new();
+        for round in 0..=speech.round {
+            let spoken: Vec<Spoken> = speech
+                .spoken
+                .iter()
+                .filter(|(r, _)| *r == round)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let length: u64 = spoken.iter().map(|s| s.audio_ms).sum();
+            let heard = if cut_before {
+                heard::Heard {
+                    text: String::new(),
+                    whole: false,
                 }
+            } else {
+                heard::cut(&spoken, left, CUT_MARKER)
+            };
+            left = left.saturating_sub(length);
+            let message = speech
+                .messages
+                .iter()
+                .find(|(r, _)| *r == round)
+                .map(|(_, i)| *i);
+            let unsaid = speech
+                .queue
+                .iter()
+                .any(|item| matches!(item, Item::Sentence { round: r, .. } if *r == round))
+                || speech.ahead.as_ref().is_some_and(|a| a.round == round)
+                || message.is_none();
+            let complete = heard.whole && !unsaid;
+            cut_before |= !complete;
+            let text = if complete {
+                message
+                    .and_then(|i| self.messages.get(i))
+                    .and_then(|m| m["content"].as_str())
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            } else if heard.whole && !heard.text.is_empty() {
+                // Every sentence spoken was heard, but the answer had more to say.
+                format!("{}{CUT_MARKER}", heard.text)
+            } else {
+                heard.text
+            };
+            match message {
+                Some(i) => {
+                    if !complete && let Some(m) = self.messages.get_mut(i) {
+                        m["content"] = json!(text);
+                    }
+                }
+                None if !text.is_empty() => {
+                    self.messages
+                        .push(json!({"role": "assistant", "content": text}));
+                }
+                None => {}
             }
-            None if !text.is_empty() => {
-                self.messages
-                    .push(json!({"role": "assistant", "content": text}));
+            if !text.is_empty() {
+                said.push(text);
             }
-            None => {}
         }
         // A cut answer whose tool calls never ran: the conversation must still pair each
         // call with a result.
-        if let Some(i) = speech.message
-            && let Some(calls) = self.messages[i].get("tool_calls").cloned()
-        {
+        for &(_, i) in &speech.messages {
+            let Some(calls) = self
+                .messages
+                .get(i)
+                .and_then(|m| m.get("tool_calls"))
+                .cloned()
+            else {
+                continue;
+            };
             let answered: Vec<String> = self.messages[i + 1..]
                 .iter()
                 .filter_map(|m| m.get("tool_call_id").and_then(Value::as_str))
@@ -998,6 +1121,7 @@ impl Core {
                 }
             }
         }
+        let text = said.join(" ");
         if !text.is_empty() {
             self.out
                 .push_back(Output::Command(AgentCommand::Transcript(Box::new(Turn {
@@ -1042,26 +1166,74 @@ impl Core {
         self.out.push_back(Output::Command(AgentCommand::Hangup));
     }
 
-    /// Sentences ready go to speech; the end of the answer is marked.
+    /// Sentences ready go to speech (the next one synthesized while the current one plays);
+    /// the end of the answer is marked.
     fn pump_speech(&mut self, now: u64) {
         let Some(speech) = &mut self.speech else {
             return;
         };
-        while let Some(s) = speech.splitter.poll_sentence() {
-            speech.queue.push_back(Item::Sentence(s));
+        let round = speech.round;
+        while let Some(text) = speech.splitter.poll_sentence() {
+            speech.queue.push_back(Item::Sentence { text, round });
         }
         if speech.text_done
-            && let Some(rest) = speech.splitter.finish()
+            && let Some(text) = speech.splitter.finish()
         {
-            speech.queue.push_back(Item::Sentence(rest));
+            speech.queue.push_back(Item::Sentence { text, round });
         }
-        if speech.speaking.is_none() && !speech.queue.is_empty() {
-            self.speak_next(now, false);
+        // The current sentence: the one synthesized ahead, else the next item.
+        loop {
+            let Some(speech) = &mut self.speech else {
+                return;
+            };
+            if speech.speaking.is_some() {
+                break;
+            }
+            if let Some(ahead) = speech.ahead.take() {
+                speech.speaking = Some(Playing {
+                    req: ahead.req,
+                    text: ahead.text,
+                    round: ahead.round,
+                    bytes: ahead.audio.len() as u64,
+                });
+                if !ahead.audio.is_empty() {
+                    if let Some(r) = self.running.iter_mut().find(|r| r.req == ahead.req) {
+                        r.used = true;
+                    }
+                    self.play(now, &ahead.audio);
+                }
+                if ahead.done {
+                    self.finish_sentence();
+                    continue;
+                }
+                break;
+            }
+            match speech.queue.pop_front() {
+                None => break,
+                Some(Item::Keys { keys, round }) => self.press(now, &keys, round),
+                Some(Item::Sentence { text, round }) => {
+                    self.request_speech(text, round, false, false);
+                    break;
+                }
+            }
+        }
+        let Some(speech) = &mut self.speech else {
             return;
+        };
+        // The next sentence is synthesized while this one plays: no gap between them.
+        if speech.speaking.is_some()
+            && speech.ahead.is_none()
+            && let Some(Item::Sentence { .. }) = speech.queue.front()
+            && let Some(Item::Sentence { text, round }) = speech.queue.pop_front()
+        {
+            self.request_speech(text, round, true, false);
         }
-        let speech = self.speech.as_mut().expect("checked above");
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
         let finished = speech.text_done
             && speech.speaking.is_none()
+            && speech.ahead.is_none()
             && speech.queue.is_empty()
             && speech.end_mark.is_none()
             && self.tools_pending.is_empty();
@@ -1082,18 +1254,9 @@ impl Core {
         }
     }
 
-    fn speak_next(&mut self, now: u64, retried: bool) {
-        let Some(speech) = &mut self.speech else {
-            return;
-        };
-        let text = match speech.queue.pop_front() {
-            None => return,
-            Some(Item::Sentence(text)) => text,
-            Some(Item::Keys(keys)) => {
-                self.press(now, &keys);
-                return self.pump_speech(now);
-            }
-        };
+    /// Asks for the speech of one sentence: the current one (its audio goes to the call as
+    /// it arrives) or the next (`ahead`: held until the current one is done).
+    fn request_speech(&mut self, text: String, round: u32, ahead: bool, retried: bool) {
         let req = self.next_req;
         self.next_req += 1;
         let characters = text.chars().count() as u64;
@@ -1102,7 +1265,22 @@ impl Core {
         let Some(speech) = &mut self.speech else {
             return;
         };
-        speech.speaking = Some((text.clone(), 0));
+        if ahead {
+            speech.ahead = Some(Ahead {
+                req,
+                text: text.clone(),
+                round,
+                audio: Vec::new(),
+                done: false,
+            });
+        } else {
+            speech.speaking = Some(Playing {
+                req,
+                text: text.clone(),
+                round,
+                bytes: 0,
+            });
+        }
         self.running.push(Running {
             req,
             provider: Provider::Tts,
@@ -1156,9 +1334,11 @@ impl Core {
             return;
         }
         if let Some(speech) = &mut self.speech {
-            // After tools the answer goes on, in a new assistant message.
+            // After tools the answer goes on, in a new assistant message (a new round).
             speech.text_done = false;
-            speech.message = None;
+            if speech.messages.iter().any(|(r, _)| *r == speech.round) {
+                speech.round += 1;
+            }
         }
         let req = self.next_req;
         self.next_req += 1;
@@ -1423,7 +1603,7 @@ mod tests {
         core.handle_llm_delta(1950, llm, " 삼만 원입니다.");
         assert!(
             speaks(&drain(&mut core)).is_empty(),
-            "one sentence at a time"
+            "a sentence goes to speech once it is complete"
         );
         core.handle_tts_audio(2000, tts1, &[7; 1600]);
         let out = drain(&mut core);
@@ -1869,5 +2049,148 @@ mod tests {
             ids.contains(&&json!("h")) && ids.contains(&&json!("x")),
             "{ids:?}"
         );
+    }
+    #[test]
+    fn the_next_sentence_is_synthesized_while_the_current_one_plays_and_follows_it_at_once() {
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        core.handle_transcript(end + 100, transcribe_req(&out), Ok("요금이요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        core.handle_llm_delta(end + 200, llm, "첫 문장입니다. 둘째 문장입니다. 셋째");
+        let out = drain(&mut core);
+        let asked = speaks(&out);
+        // The first sentence and, ahead, the second: before the first has any audio.
+        assert_eq!(
+            asked.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+            ["첫 문장입니다.", "둘째 문장입니다."]
+        );
+        let (first, second) = (asked[0].0, asked[1].0);
+        core.handle_tts_audio(end + 300, first, &[1; 800]);
+        let out = drain(&mut core);
+        assert_eq!(audio_bytes(&out), 800);
+        let start = marks(&out)[0];
+        core.handle_mark(end + 300, start, 0, MarkState::Played);
+        // The second's audio is held while the first still streams...
+        core.handle_tts_audio(end + 350, second, &[2; 480]);
+        core.handle_tts_done(end + 360, second, Ok(()));
+        let out = drain(&mut core);
+        assert_eq!(audio_bytes(&out), 0, "{out:?}");
+        assert!(speaks(&out).is_empty(), "one sentence ahead, no more");
+        core.handle_tts_audio(end + 400, first, &[1; 800]);
+        assert_eq!(audio_bytes(&drain(&mut core)), 800);
+        // ...and follows the first the moment it is done.
+        core.handle_tts_done(end + 410, first, Ok(()));
+        let out = drain(&mut core);
+        let sent: Vec<u8> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Audio(a)) => Some(a.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(
+            sent.len() == 480 && sent.iter().all(|b| *b == 2),
+            "{}",
+            sent.len()
+        );
+        core.handle_llm_done(
+            end + 420,
+            llm,
+            Ok(answer("첫 문장입니다. 둘째 문장입니다. 셋째")),
+        );
+        let out = drain(&mut core);
+        assert_eq!(speaks(&out)[0].1, "셋째");
+        // The played count is still inside the first sentence (100 ms of its 100).
+        core.handle_mark(end + 420, start, 0, MarkState::Played);
+    }
+
+    /// A call whose answer went through a tool round: "잠시만요." (round 0, 1 s of audio), the
+    /// tool, then "잔액은 삼만 원입니다. 더 필요하신 것 있으세요?" (round 1, 1 s each).
+    fn answered_after_a_tool() -> (Core, u64) {
+        let (mut core, llm, end) = asked(config());
+        core.handle_llm_delta(end + 200, llm, "잠시만요. ");
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer("잠시만요.", &[("c1", "balance", "{}")])),
+        );
+        drain(&mut core);
+        core.handle_tts_audio(end + 300, tts, &[1; 16_000]);
+        core.handle_tts_done(end + 300, tts, Ok(()));
+        let out = drain(&mut core);
+        core.handle_mark(end + 300, marks(&out)[0], 0, MarkState::Played);
+        core.handle_tool_done(
+            end + 400,
+            callgate_kit::tools::ToolDone {
+                call_id: "c1".into(),
+                ok: true,
+                output: "{\"balance\": 30000}".into(),
+            },
+        );
+        let (llm2, _) = complete(&drain(&mut core));
+        core.handle_llm_delta(
+            end + 500,
+            llm2,
+            "잔액은 삼만 원입니다. 더 필요하신 것 있으세요?",
+        );
+        core.handle_llm_done(
+            end + 500,
+            llm2,
+            Ok(answer("잔액은 삼만 원입니다. 더 필요하신 것 있으세요?")),
+        );
+        let asked = speaks(&drain(&mut core));
+        for (req, _) in &asked {
+            core.handle_tts_audio(end + 600, *req, &[2; 16_000]);
+            core.handle_tts_done(end + 600, *req, Ok(()));
+        }
+        drain(&mut core);
+        (core, end)
+    }
+
+    #[test]
+    fn a_barge_in_after_a_tool_round_cuts_each_message_of_the_answer_to_what_was_heard() {
+        // Heard: all of round 0 and half of round 1's first sentence.
+        let (mut core, end) = answered_after_a_tool();
+        let (out, end2) = speak(&mut core, end + 2000, 600);
+        assert!(out.contains(&Output::Clear));
+        core.handle_cleared(end2, 1500);
+        core.handle_transcript(end2 + 100, transcribe_req(&out), Ok("그게 아니고요".into()));
+        let (_, messages) = complete(&drain(&mut core));
+        let assistant: Vec<&Value> = messages
+            .iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        assert_eq!(assistant.len(), 2, "{messages:?}");
+        assert_eq!(assistant[0]["content"], "잠시만요.");
+        assert_eq!(assistant[0]["tool_calls"][0]["id"], "c1");
+        let second = assistant[1]["content"].as_str().unwrap();
+        assert!(
+            second.starts_with("잔액은") && second.ends_with(CUT_MARKER),
+            "{second}"
+        );
+        assert!(!second.contains("필요"), "never heard: {second}");
+
+        // Heard: half of round 0: round 1 was never heard at all.
+        let (mut core, end) = answered_after_a_tool();
+        let (out, end2) = speak(&mut core, end + 2000, 600);
+        core.handle_cleared(end2, 500);
+        core.handle_transcript(end2 + 100, transcribe_req(&out), Ok("그게 아니고요".into()));
+        let (_, messages) = complete(&drain(&mut core));
+        let assistant: Vec<&Value> = messages
+            .iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        assert!(
+            assistant[0]["content"]
+                .as_str()
+                .unwrap()
+                .ends_with(CUT_MARKER),
+            "{messages:?}"
+        );
+        assert_eq!(assistant[1]["content"], "", "{messages:?}");
+        // Every tool call still has its result, in order.
+        assert_eq!(messages[3]["tool_call_id"], "c1", "{messages:?}");
     }
 }

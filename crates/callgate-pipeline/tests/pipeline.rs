@@ -725,3 +725,69 @@ async fn send_sms_texts_the_caller_and_the_llm_reads_the_answer_or_the_error() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_next_sentence_is_synthesized_while_the_current_one_still_streams() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("요금 문의요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["요금은 삼만 원입니다. ".into(), "안녕히 계세요.".into()],
+        tool_calls: vec![tool("bye", "hang_up", "{}")],
+    }));
+    // The first sentence's speech stays open after its audio, as a server synthesizing in
+    // real time would: the second is asked for all the same.
+    double.hold_speech(&[true]);
+    let server = server(&double, json!({})).await;
+    let mut phone = call(&server, "pl-ahead").await;
+    say(&mut phone, "요금 문의요").await;
+    double
+        .wait_for("the second sentence's speech request", |d| {
+            d.speech_requests().len() >= 2
+        })
+        .await;
+    let asked: Vec<Value> = double
+        .speech_requests()
+        .iter()
+        .map(|r| r["input"].clone())
+        .collect();
+    assert_eq!(
+        asked,
+        [json!("요금은 삼만 원입니다."), json!("안녕히 계세요.")]
+    );
+    double.release_speech();
+    let heard = hear_to_the_end(&mut phone).await;
+    // Both sentences, in order and whole (10 ms a character, 32 bytes a ms).
+    let expected = (11 + 7) * 10 * 32;
+    assert!(heard + 200 >= expected, "heard {heard} of {expected} bytes");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn espeak_speaks_each_sentence_when_the_route_asks_for_it() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("끊을게요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["네. ".into(), "안녕히 계세요.".into()],
+        tool_calls: vec![tool("bye", "hang_up", "{}")],
+    }));
+    let server = server(
+        &double,
+        json!({"greeting": "안녕하세요.", "tts": {"provider": "espeak", "voice": "ko"}}),
+    )
+    .await;
+    let mut phone = call(&server, "pl-espeak").await;
+    // The greeting (espeak-ng: about a second of speech at 16 kHz, 32 bytes a ms).
+    hear(&mut phone, 10_000).await;
+    say(&mut phone, "끊을게요").await;
+    let heard = hear_to_the_end(&mut phone).await;
+    assert!(heard > 20_000, "both sentences were heard: {heard} bytes");
+    assert!(double.speech_requests().is_empty(), "no speech API asked");
+    let (_, turns, _) = record(&server, "pl-espeak").await;
+    assert!(
+        turns
+            .iter()
+            .any(|t| t["speaker"] == "agent" && t["text"] == "네. 안녕히 계세요."),
+        "{turns:?}"
+    );
+    server.shutdown().await;
+}
