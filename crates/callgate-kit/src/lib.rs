@@ -11,7 +11,7 @@
 //!   cache in the data dir, and [`tts::render_at_load`] (speech rendered when routes load).
 //! - [`http`]: the one HTTP client policy (rustls on ring, no redirects) and the one bound on
 //!   an answer's body ([`http::MAX_ANSWER`]).
-//! - [`callbridge`]: CallBridge's OPEN API (`agent-terminate`).
+//! - [`callbridge`]: CallBridge's OPEN API (`agent-terminate`, `messages/send-direct`).
 //! - [`outbox`]: an agent's queue of commands for the call, stamped with their epoch, and what
 //!   a clear drops.
 //! - [`tools`] and [`schema`]: built-in tools, HTTP tools declared in a route, and the check of
@@ -46,7 +46,7 @@ pub struct AgentEnv {
     pub data_dir: PathBuf,
     /// The server's `[tts]` settings; an agent's own settings override them key by key.
     pub tts: TtsSettings,
-    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate`.
+    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate` and `send_sms`.
     pub callbridge: Option<CallBridgeApi>,
 }
 

@@ -479,3 +479,67 @@ async fn run_tool(plan: &Plan, call: &CallInfo, tool: crate::chat::ToolCall) -> 
     )
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callgate_agent::PhoneInfo;
+    use callgate_audio::AudioFormat;
+    use callgate_proto::Protocol;
+
+    fn call(protocol: Protocol) -> CallInfo {
+        CallInfo {
+            call_id: "c1".into(),
+            protocol,
+            caller: "0101".into(),
+            callee: "0202".into(),
+            external_id: "e".into(),
+            phone: PhoneInfo::Inbound {
+                caller_id: "0101".into(),
+                did_number: "0202".into(),
+                session_id: "e".into(),
+            },
+            route: "r".into(),
+            agent: "pipeline".into(),
+            input_format: AudioFormat::Pcm8000,
+            output_format: AudioFormat::Pcm8000,
+        }
+    }
+
+    #[test]
+    fn open_api_tools_are_offered_on_callbridge_calls_only() {
+        let dir = std::env::temp_dir().join(format!("pipeline-offered-{}", std::process::id()));
+        let env = AgentEnv {
+            data_dir: dir.clone(),
+            tts: Default::default(),
+            callbridge: Some(callgate_kit::CallBridgeApi {
+                base_url: "http://127.0.0.1:9/api".into(),
+                // Set in every process (tests cannot set variables).
+                api_key_env: "PATH".into(),
+            }),
+        };
+        let settings = PipelineSettings {
+            builtin_tools: vec![
+                Builtin::HangUp,
+                Builtin::SendDtmf,
+                Builtin::AgentTerminate,
+                Builtin::SendSms,
+            ],
+            ..PipelineSettings::default()
+        };
+        let plan = Plan::build(settings, &env).expect("a plan");
+        let names = |protocol| -> Vec<String> {
+            offered(&plan, &call(protocol))
+                .iter()
+                .map(|d| d["function"]["name"].as_str().unwrap_or("").to_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(Protocol::CallBridge),
+            ["hang_up", "send_dtmf", "agent_terminate", "send_sms"]
+        );
+        assert_eq!(names(Protocol::Inbound), ["hang_up", "send_dtmf"]);
+        assert_eq!(names(Protocol::Twilio), ["hang_up", "send_dtmf"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

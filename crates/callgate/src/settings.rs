@@ -208,8 +208,8 @@ settings! {
         /// The `[tts]` table of the file (file only): text-to-speech for flows.
         #[arg(skip)]
         tts: Option<callgate_flow::TtsSettings>,
-        /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for flows'
-        /// `agent_terminate`.
+        /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for
+        /// `agent_terminate` and `send_sms` (flow steps, AI agents' built-in tools).
         #[arg(skip)]
         callbridge: Option<callgate_flow::CallBridgeApi>,
     }
