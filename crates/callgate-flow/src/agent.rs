@@ -169,6 +169,21 @@ impl Agent for FlowAgent {
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
+                    Action::SendSms { seq, body, timeout } => {
+                        let http = self.runtime.http.clone();
+                        let api = self.runtime.callbridge.clone();
+                        let tx = done_tx.clone();
+                        spawner.spawn(async move {
+                            let result = match &api {
+                                Some(api) => api
+                                    .send_sms(&http, &body, timeout)
+                                    .await
+                                    .map_err(|e| e.to_string()),
+                                None => Err("CallBridge's OPEN API is not configured".into()),
+                            };
+                            let _ = tx.send(Done::Sms { seq, result }).await;
+                        });
+                    }
                     Action::Reserve {
                         seq,
                         bytes,

@@ -87,6 +87,15 @@ pub enum Action {
         /// How long the request may take.
         timeout: Duration,
     },
+    /// POST `body` to CallBridge's `messages/send-direct` API; answer with [`Done::Sms`].
+    SendSms {
+        /// Answer with this.
+        seq: u64,
+        /// `{agentId, cdrId, messageType, title?, content}`.
+        body: Value,
+        /// How long the request may take.
+        timeout: Duration,
+    },
     /// Reserve room in `data_dir/messages` for a recording: up to `bytes`, at least
     /// `min_bytes`; answer with [`Done::Reserved`]. The driver holds the reservation until
     /// the recording is written ([`Action::Save`]) or the call ends.
@@ -163,6 +172,14 @@ pub enum Done {
         seq: u64,
         /// Status and body, or the failure (connection refused, timeout...).
         result: Result<(u16, Bytes), String>,
+    },
+    /// The answer to [`Action::SendSms`]: the answer's `data`, or why the message was not
+    /// sent.
+    Sms {
+        /// As asked.
+        seq: u64,
+        /// The data or the error.
+        result: Result<Value, String>,
     },
     /// The answer to [`Action::Reserve`]: the bytes reserved, or `None` (no room).
     Reserved {
@@ -258,6 +275,8 @@ enum State {
     Http { seq: u64 },
     /// Waiting for CallBridge's answer to agent-terminate.
     Terminating { seq: u64 },
+    /// Waiting for CallBridge's answer to send-direct.
+    Texting { seq: u64 },
     /// CallBridge accepted agent-terminate: it announces and drops the line; if it has not
     /// by the deadline, the flow hangs up itself.
     AwaitingEnd,
@@ -388,6 +407,14 @@ impl Engine {
                 },
             ) => {
                 let (on_error, timeout) = (*on_error, *timeout);
+                self.finish(
+                    now,
+                    json!({"error": format!("no answer within {timeout:?}")}),
+                    on_error,
+                );
+            }
+            (State::Texting { .. }, StepKind::SendSms(s)) => {
+                let (on_error, timeout) = (s.on_error, s.timeout);
                 self.finish(
                     now,
                     json!({"error": format!("no answer within {timeout:?}")}),
@@ -590,6 +617,31 @@ impl Engine {
                 }
                 self.deadline = None;
                 self.http_answer(now, result);
+            }
+            Done::Sms { seq, result } => {
+                if !matches!(self.state, State::Texting { seq: s } if s == seq) {
+                    return;
+                }
+                self.deadline = None;
+                let StepKind::SendSms(step) = &self.flow.steps[self.current].kind else {
+                    return;
+                };
+                let (next, on_error) = (step.next, step.on_error);
+                match result {
+                    Ok(data) => {
+                        let sent = data
+                            .get("result")
+                            .map(|r| r.as_str().map_or_else(|| r.to_string(), str::to_owned))
+                            .unwrap_or_default();
+                        self.vars.insert("sms_result".into(), sent);
+                        // The answer (the masked number, the result), never the content.
+                        self.finish(now, json!({ "sms": data }), next);
+                    }
+                    Err(error) => {
+                        self.vars.insert("sms_result".into(), String::new());
+                        self.finish(now, json!({ "error": error }), on_error);
+                    }
+                }
             }
             Done::Reserved { seq, granted } => {
                 if !matches!(self.state, State::Reserving { seq: s } if s == seq) {
@@ -817,6 +869,39 @@ impl Engine {
                         seq: self.seq,
                         body,
                         timeout: *timeout,
+                    });
+                    return;
+                }
+                StepKind::SendSms(step) => {
+                    if self.protocol != Protocol::CallBridge {
+                        next = self.result(
+                            json!({"error": "send_sms needs a CallBridge call"}),
+                            step.on_error,
+                        );
+                        continue;
+                    }
+                    let content = step.content.render(|name| self.var(name));
+                    let title = step.title.as_ref().map(|t| t.render(|name| self.var(name)));
+                    let body = callgate_kit::callbridge::Sms::new(&content, title.as_deref())
+                        .and_then(|sms| {
+                            callgate_kit::callbridge::sms_body(|name| self.var(name), &sms)
+                        });
+                    let body = match body {
+                        Ok(body) => body,
+                        Err(error) => {
+                            self.vars.insert("sms_result".into(), String::new());
+                            next = self.result(json!({"error": error.to_string()}), step.on_error);
+                            continue;
+                        }
+                    };
+                    self.seq += 1;
+                    self.state = State::Texting { seq: self.seq };
+                    self.deadline = Some(now + ms(step.timeout) + 1000);
+                    self.instant_steps = 0;
+                    self.out.push_back(Action::SendSms {
+                        seq: self.seq,
+                        body,
+                        timeout: step.timeout,
                     });
                     return;
                 }
@@ -1519,6 +1604,7 @@ mod tests {
                 Action::Speak { text, .. } => format!("speak {text}"),
                 Action::Http { url, .. } => format!("http {url}"),
                 Action::Terminate { body, .. } => format!("terminate {body}"),
+                Action::SendSms { body, .. } => format!("sms {body}"),
                 Action::Reserve {
                     bytes, min_bytes, ..
                 } => format!("reserve {bytes} {min_bytes}"),
@@ -2075,6 +2161,112 @@ mod tests {
             "{a:?}"
         );
         assert!(a.iter().any(|s| s == "fallback:start:"));
+    }
+
+    fn sms_flow(content: &str) -> String {
+        format!(
+            r#"
+            [[step]]
+            name = "ids"
+            kind = "set"
+            vars = {{ agentId = "17", cdrId = "c-1", long = "{long}" }}
+            [[step]]
+            name = "text"
+            kind = "send_sms"
+            content = "{content}"
+            title = "{{{{caller}}}} 안내"
+            timeout = "2s"
+            on_error = "failed"
+            [[step]]
+            name = "done"
+            kind = "hangup"
+            [[step]]
+            name = "failed"
+            kind = "hangup"
+        "#,
+            long = "가".repeat(2001)
+        )
+    }
+
+    #[test]
+    fn send_sms_sends_the_rendered_message_and_branches_on_the_answer() {
+        let text = sms_flow("요금은 {{caller}}원");
+        let mut e = engine(&text, Protocol::CallBridge);
+        e.start(0);
+        let a = drain(&mut e);
+        let sms = a
+            .iter()
+            .find(|s| s.starts_with("sms "))
+            .expect("the request");
+        let body: Value = serde_json::from_str(&sms[4..]).unwrap();
+        assert_eq!(
+            body,
+            json!({"agentId": 17, "cdrId": "c-1", "messageType": "LMS",
+                   "title": "0101 안내", "content": "요금은 0101원"})
+        );
+        e.handle_done(
+            40,
+            Done::Sms {
+                seq: 1,
+                result: Ok(json!({"result": "REQUESTED", "phoneNumber": "010****1234"})),
+            },
+        );
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s == "done:start:"), "{a:?}");
+        assert_eq!(e.var("sms_result"), Some("REQUESTED"));
+
+        // An error, and no answer in time, take on_error.
+        let mut e = engine(&text, Protocol::CallBridge);
+        e.start(0);
+        drain(&mut e);
+        e.handle_done(
+            40,
+            Done::Sms {
+                seq: 1,
+                result: Err("HTTP 500".into()),
+            },
+        );
+        assert!(drain(&mut e).iter().any(|s| s == "failed:start:"));
+        let mut e = engine(&text, Protocol::CallBridge);
+        e.start(0);
+        drain(&mut e);
+        assert_eq!(e.poll_timeout(), Some(3000));
+        e.handle_timeout(3000);
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s.contains("no answer within")), "{a:?}");
+        assert!(a.iter().any(|s| s == "failed:start:"));
+    }
+
+    #[test]
+    fn send_sms_on_an_inbound_call_or_with_too_long_content_sends_nothing() {
+        let mut e = engine(&sms_flow("안녕하세요"), Protocol::Inbound);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(
+            a.iter().any(|s| s.contains("needs a CallBridge call")),
+            "{a:?}"
+        );
+        assert!(a.iter().any(|s| s == "failed:start:"));
+        assert!(!a.iter().any(|s| s.starts_with("sms ")));
+        let mut e = engine(&sms_flow("{{long}}"), Protocol::CallBridge);
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(a.iter().any(|s| s.contains("2001 characters")), "{a:?}");
+        assert!(a.iter().any(|s| s == "failed:start:"));
+        assert!(!a.iter().any(|s| s.starts_with("sms ")));
+        // Fixed text is checked when the flow loads.
+        let fixed = format!(
+            "[[step]]\nname = \"text\"\nkind = \"send_sms\"\ncontent = \"{}\"\n",
+            "가".repeat(2001)
+        );
+        let Err(error) = parse(&fixed) else {
+            panic!("2001 characters were accepted");
+        };
+        let error = error.to_string();
+        assert!(
+            error.contains("content") && error.contains("2001"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -243,11 +243,11 @@ impl spec::Loader for EnvLoader {
         self.provider(tts, provider).map(|_| ())
     }
 
-    fn check_callbridge_api(&self) -> Result<(), String> {
+    fn check_callbridge_api(&self, what: &str) -> Result<(), String> {
         let Some(api) = &self.callbridge else {
-            return Err(callgate_kit::callbridge::missing("agent_terminate"));
+            return Err(callgate_kit::callbridge::missing(what));
         };
-        api.check("agent_terminate")
+        api.check(what)
     }
 
     fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, String> {

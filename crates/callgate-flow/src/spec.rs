@@ -190,6 +190,23 @@ pub enum StepKind {
         /// After a failure (or on an inbound call); the end of the flow (a hangup) by default.
         on_error: Next,
     },
+    /// CallBridge only: send the caller a text message through CallBridge's OPEN API.
+    SendSms(Box<SendSms>),
+}
+
+/// A `send_sms` step.
+#[derive(Debug, Clone)]
+pub struct SendSms {
+    /// The message (template; at most 2,000 characters once rendered).
+    pub content: Template,
+    /// A title (template; at most 40 characters; makes it an LMS).
+    pub title: Option<Template>,
+    /// How long the API request may take.
+    pub timeout: Duration,
+    /// After the message was accepted.
+    pub next: Next,
+    /// After a failure (or on an inbound call); `next` by default.
+    pub on_error: Next,
 }
 
 impl StepKind {
@@ -209,6 +226,7 @@ impl StepKind {
             Self::Record(_) => "record",
             Self::Http(_) => "http",
             Self::AgentTerminate { .. } => "agent_terminate",
+            Self::SendSms(_) => "send_sms",
         }
     }
 
@@ -238,6 +256,7 @@ impl StepKind {
             Self::Record(r) => vec![r.next, r.on_full],
             Self::Http(h) => vec![h.next, h.on_error],
             Self::AgentTerminate { on_error, .. } => vec![*on_error],
+            Self::SendSms(s) => vec![s.next, s.on_error],
         }
     }
 }
@@ -423,8 +442,9 @@ pub trait Loader {
     ) -> Result<PromptAudio, String>;
     /// Checks that speech can be rendered per call with this provider.
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String>;
-    /// Checks that CallBridge's OPEN API is configured (for `agent_terminate`).
-    fn check_callbridge_api(&self) -> Result<(), String>;
+    /// Checks that CallBridge's OPEN API is configured (for `what`: `agent_terminate`,
+    /// `send_sms`).
+    fn check_callbridge_api(&self, what: &str) -> Result<(), String>;
     /// The speech recogniser of a gather that listens: the step's own `stt`, else the
     /// server's `[stt]`; `None` when there is neither.
     fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String>;
@@ -640,6 +660,20 @@ struct AgentTerminateSpec {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct SendSmsSpec {
+    content: String,
+    #[serde(default)]
+    title: Option<String>,
+    #[serde(default = "default_http_timeout")]
+    timeout: Dur,
+    #[serde(default)]
+    next: Option<String>,
+    #[serde(default)]
+    on_error: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HttpSpec {
     url: String,
     #[serde(default = "default_http_timeout")]
@@ -652,7 +686,7 @@ struct HttpSpec {
 
 /// The step kinds, for error messages.
 const KINDS: &str = "answer, play, say, say_digits, pause, gather, set, goto, branch, hangup, \
-                     send_dtmf, echo, record, http, agent_terminate";
+                     send_dtmf, echo, record, http, agent_terminate, send_sms";
 
 /// The longest `max_length` of a recording (its audio is held in memory until written).
 pub const MAX_RECORDING: Duration = Duration::from_secs(600);
@@ -1166,13 +1200,45 @@ impl Compiler<'_> {
             "agent_terminate" => {
                 let s: AgentTerminateSpec = self.fields(label, value)?;
                 self.loader
-                    .check_callbridge_api()
+                    .check_callbridge_api("agent_terminate")
                     .map_err(|p| self.err(label, "", p))?;
                 StepKind::AgentTerminate {
                     ment: Template::parse(&s.ment).map_err(|p| self.err(label, "ment", p))?,
                     timeout: self.duration(label, "timeout", s.timeout, MAX_HTTP_TIMEOUT)?,
                     on_error: self.next(label, "on_error", s.on_error.as_deref(), None)?,
                 }
+            }
+            "send_sms" => {
+                let s: SendSmsSpec = self.fields(label, value)?;
+                self.loader
+                    .check_callbridge_api("send_sms")
+                    .map_err(|p| self.err(label, "", p))?;
+                let content =
+                    Template::parse(&s.content).map_err(|p| self.err(label, "content", p))?;
+                let title = s
+                    .title
+                    .as_deref()
+                    .map(Template::parse)
+                    .transpose()
+                    .map_err(|p| self.err(label, "title", p))?;
+                // Text without variables is checked now (empty, too long); with variables,
+                // when it is rendered (the step's error branch).
+                if content.is_fixed() && title.as_ref().is_none_or(Template::is_fixed) {
+                    let render = |t: &Template| t.render(|_| None);
+                    callgate_kit::callbridge::Sms::new(
+                        &render(&content),
+                        title.as_ref().map(render).as_deref(),
+                    )
+                    .map_err(|e| self.err(label, "content", e.to_string()))?;
+                }
+                let next = self.next(label, "next", s.next.as_deref(), following)?;
+                StepKind::SendSms(Box::new(SendSms {
+                    content,
+                    title,
+                    timeout: self.duration(label, "timeout", s.timeout, MAX_HTTP_TIMEOUT)?,
+                    next,
+                    on_error: self.next(label, "on_error", s.on_error.as_deref(), next)?,
+                }))
             }
             "http" => {
                 let s: HttpSpec = self.fields(label, value)?;
@@ -1434,7 +1500,7 @@ pub(crate) mod tests {
         fn check_provider(&self, _: &TtsSettings, _: ProviderName) -> Result<(), String> {
             Ok(())
         }
-        fn check_callbridge_api(&self) -> Result<(), String> {
+        fn check_callbridge_api(&self, _: &str) -> Result<(), String> {
             Ok(())
         }
         fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String> {

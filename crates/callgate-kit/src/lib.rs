@@ -13,7 +13,7 @@
 //!   (cargo feature `vosk`), audio pushed as it arrives ([`stt::Utterance`]).
 //! - [`http`]: the one HTTP client policy (rustls on ring, no redirects) and the one bound on
 //!   an answer's body ([`http::MAX_ANSWER`]).
-//! - [`callbridge`]: CallBridge's OPEN API (`agent-terminate`).
+//! - [`callbridge`]: CallBridge's OPEN API (`agent-terminate`, `messages/send-direct`).
 //! - [`outbox`]: an agent's queue of commands for the call, stamped with their epoch, and what
 //!   a clear drops.
 //! - [`tools`] and [`schema`]: built-in tools, HTTP tools declared in a route, and the check of
@@ -50,7 +50,7 @@ pub struct AgentEnv {
     pub data_dir: PathBuf,
     /// The server's `[tts]` settings; an agent's own settings override them key by key.
     pub tts: TtsSettings,
-    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate`.
+    /// CallBridge's OPEN API (`[callbridge]`), for `agent_terminate` and `send_sms`.
     pub callbridge: Option<CallBridgeApi>,
     /// The server's `[stt]` settings: speech to text for flows that listen (none: a gather
     /// step that listens names its own).

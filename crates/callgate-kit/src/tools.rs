@@ -1,6 +1,6 @@
 //! Tools an AI agent offers its model: built-in ones callgate carries out itself
 //! ([`Builtin`]) and HTTP tools declared in the route ([`HttpTool`]), checked once at load
-//! ([`check`]) and run off the call task ([`run_http`], [`agent_terminate`]). Each answers with
+//! ([`check`]) and run off the call task ([`run_http`], [`agent_terminate`], [`send_sms`]). Each answers with
 //! a [`ToolDone`] whose `output` the model reads: the answer's body on success (at most
 //! [`crate::http::MAX_ANSWER`] bytes, cut with a note), `{"error": ...}` naming the problem
 //! otherwise.
@@ -43,6 +43,8 @@ pub enum Builtin {
     SendDtmf,
     /// End a CallBridge call through CallBridge's OPEN API (with an announcement).
     AgentTerminate,
+    /// Send the caller a text message through CallBridge's OPEN API (CallBridge calls only).
+    SendSms,
 }
 
 impl Builtin {
@@ -52,6 +54,7 @@ impl Builtin {
             Self::HangUp => "hang_up",
             Self::SendDtmf => "send_dtmf",
             Self::AgentTerminate => "agent_terminate",
+            Self::SendSms => "send_sms",
         }
     }
 
@@ -69,6 +72,10 @@ impl Builtin {
                 "End the call through the call center, which can announce a closing message \
                  before the line drops."
             }
+            Self::SendSms => {
+                "Send the caller a text message (SMS) to the phone they are calling from, for \
+                 example a link, an account number or a summary."
+            }
         }
     }
 
@@ -83,7 +90,19 @@ impl Builtin {
             Self::AgentTerminate => json!({"type": "object", "properties": {"message": {
                 "type": "string",
                 "description": "What the call center announces before hanging up."}}}),
+            Self::SendSms => json!({"type": "object", "properties": {
+                "content": {"type": "string", "maxLength": crate::callbridge::MAX_CONTENT,
+                    "description": "The message text."},
+                "title": {"type": "string", "maxLength": crate::callbridge::MAX_TITLE,
+                    "description": "A short title (optional; makes it a long message)."}},
+                "required": ["content"]}),
         }
+    }
+
+    /// Whether the tool calls CallBridge's OPEN API (offered on CallBridge calls only; the
+    /// server's `[callbridge]` must be set).
+    pub fn needs_open_api(self) -> bool {
+        matches!(self, Self::AgentTerminate | Self::SendSms)
     }
 }
 
@@ -342,6 +361,49 @@ pub async fn agent_terminate(
         .json(&body)
         .timeout(DEFAULT_TIMEOUT);
     finish(call_id, request, DEFAULT_TIMEOUT, "agent_terminate").await
+}
+
+/// Sends the caller a text message through CallBridge's OPEN API: arguments `content` and
+/// `title` (optional). The model reads the answer's `data` (the masked number, the result) or
+/// the error; the content is never logged.
+pub async fn send_sms(
+    http: &reqwest::Client,
+    api: Option<&OpenApi>,
+    call: &CallInfo,
+    call_id: String,
+    arguments: &Value,
+) -> ToolDone {
+    let fail = |call_id: String, error: String| ToolDone {
+        call_id,
+        ok: false,
+        output: json!({ "error": error }).to_string(),
+    };
+    let Some(api) = api else {
+        return fail(call_id, "CallBridge's OPEN API is not configured".into());
+    };
+    let Some(content) = arguments.get("content").and_then(Value::as_str) else {
+        return fail(call_id, "content (a string) is required".into());
+    };
+    let title = arguments.get("title").and_then(Value::as_str);
+    let vars = call.variables();
+    let body = crate::callbridge::Sms::new(content, title).and_then(|sms| {
+        crate::callbridge::sms_body(
+            |name| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| *v),
+            &sms,
+        )
+    });
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return fail(call_id, e.to_string()),
+    };
+    match api.send_sms(http, &body, DEFAULT_TIMEOUT).await {
+        Ok(data) => ToolDone {
+            call_id,
+            ok: true,
+            output: json!({ "sent": true, "data": data }).to_string(),
+        },
+        Err(e) => fail(call_id, e.to_string()),
+    }
 }
 
 async fn finish(

@@ -14,8 +14,10 @@ use callgate_audio::pcm;
 use callgate_audio::vad::{Vad, VadConfig, VadEvent};
 use callgate_kit::AgentEnv;
 use callgate_kit::audio::PromptAudio;
+use callgate_kit::callbridge::OpenApi;
 use callgate_kit::outbox::{Outbox, send};
 use callgate_kit::template::Template;
+use callgate_kit::tools::Builtin;
 use callgate_kit::tools::{Compiled, ToolDone};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -45,6 +47,13 @@ pub(crate) struct Plan {
     /// Or a kit provider (espeak-ng, the server's `[tts]`) and its voice.
     speaker: Option<(Arc<dyn callgate_kit::tts::Provider>, String)>,
     fallback: Arc<PromptAudio>,
+    /// CallBridge's OPEN API with its key (for `agent_terminate` and `send_sms`).
+    callbridge: Option<OpenApi>,
+}
+
+/// The built-in tools that need CallBridge's OPEN API (offered on CallBridge calls only).
+fn needs_open_api(tool: Builtin) -> bool {
+    tool.needs_open_api()
 }
 
 impl Plan {
@@ -71,6 +80,20 @@ impl Plan {
         );
         let http = callgate_kit::http::client()
             .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
+        let callbridge = match settings.builtin_tools.iter().find(|b| needs_open_api(**b)) {
+            Some(tool) => {
+                let api = env.callbridge.as_ref().ok_or_else(|| {
+                    SettingsError::new(
+                        "builtin_tools",
+                        callgate_kit::callbridge::missing(tool.name()),
+                    )
+                })?;
+                api.check(tool.name())
+                    .map_err(|e| SettingsError::new("builtin_tools", e))?;
+                api.open()
+            }
+            None => None,
+        };
         let s = &settings;
         let stt = callgate_kit::stt::Stt::build(&s.stt, &http)
             .map_err(|e| SettingsError::new("stt", e.to_string()))?;
@@ -127,6 +150,7 @@ impl Plan {
             tts,
             speaker,
             fallback: Arc::new(fallback),
+            callbridge,
             settings,
         })
     }
@@ -176,10 +200,12 @@ impl Agent for PipelineAgent {
             end_of_speech_ms: millis(s.turn.end_of_speech.0),
             min_barge_in_ms: millis(s.turn.min_barge_in.0),
             backchannels: s.turn.backchannels.clone(),
-            tools: plan.declarations.clone(),
+            tools: offered(&plan, &call),
             output_bytes_per_ms: (output.frame_bytes_20ms() / 20) as u64,
             input_samples_per_ms: u64::from(input.sample_rate() / 1000),
             max_duration_ms: io.now_ms() + millis(s.max_duration.0),
+            protocol: call.protocol,
+            output_format: output,
         };
         let mut vad = Vad::new(
             input.sample_rate(),
@@ -227,6 +253,7 @@ impl Agent for PipelineAgent {
                     }
                     Output::Speak { req, text } => {
                         let (plan, tx) = (plan.clone(), tx.clone());
+                        let tasks = spawner.clone();
                         let h = spawner.spawn(async move {
                             let result = match (&plan.tts, &plan.speaker) {
                                 (Some((api, s)), _) => {
@@ -236,7 +263,8 @@ impl Agent for PipelineAgent {
                                     .await
                                 }
                                 (None, Some((p, voice))) => {
-                                    providers::speak_with(p, voice, &text, output, req, &tx).await
+                                    providers::speak_with(&tasks, p, voice, &text, output, req, &tx)
+                                        .await
                                 }
                                 (None, None) => Err(crate::core::Failure {
                                     reason: "tts: no provider".into(),
@@ -359,13 +387,69 @@ async fn sleep_for(wait: Option<Duration>) {
     }
 }
 
-/// Runs an HTTP tool the model called (arguments checked against its schema first).
+/// The tools offered on `call`: the OPEN API's only on CallBridge calls.
+fn offered(plan: &Plan, call: &CallInfo) -> Vec<Value> {
+    let callbridge = call.protocol == callgate_proto::Protocol::CallBridge;
+    plan.declarations
+        .iter()
+        .filter(|d| {
+            callbridge
+                || !plan
+                    .settings
+                    .builtin_tools
+                    .iter()
+                    .any(|b| needs_open_api(*b) && d["function"]["name"] == b.name())
+        })
+        .cloned()
+        .collect()
+}
+
+/// Runs a tool the model called: a built-in one that needs the OPEN API (on CallBridge calls
+/// only), or an HTTP tool (arguments checked against its schema first).
 async fn run_tool(plan: &Plan, call: &CallInfo, tool: crate::chat::ToolCall) -> ToolDone {
     let fail = |error: String| ToolDone {
         call_id: tool.id.clone(),
         ok: false,
         output: json!({ "error": error }).to_string(),
     };
+    let builtin = plan
+        .settings
+        .builtin_tools
+        .iter()
+        .copied()
+        .find(|b| needs_open_api(*b) && b.name() == tool.name);
+    if let Some(builtin) = builtin {
+        if call.protocol != callgate_proto::Protocol::CallBridge {
+            return fail(format!("{} works on CallBridge calls only", tool.name));
+        }
+        let arguments: Value = match serde_json::from_str(&tool.arguments) {
+            Ok(v) => v,
+            Err(e) => return fail(format!("the arguments are not JSON: {e}")),
+        };
+        return match builtin {
+            Builtin::AgentTerminate => {
+                callgate_kit::tools::agent_terminate(
+                    &plan.http,
+                    plan.callbridge.as_ref(),
+                    call,
+                    tool.id.clone(),
+                    &arguments,
+                )
+                .await
+            }
+            Builtin::SendSms => {
+                callgate_kit::tools::send_sms(
+                    &plan.http,
+                    plan.callbridge.as_ref(),
+                    call,
+                    tool.id.clone(),
+                    &arguments,
+                )
+                .await
+            }
+            _ => fail(format!("no tool named {:?}", tool.name)),
+        };
+    }
     let Some(i) = plan.settings.tools.iter().position(|t| t.name == tool.name) else {
         return fail(format!("no tool named {:?}", tool.name));
     };
@@ -386,4 +470,69 @@ async fn run_tool(plan: &Plan, call: &CallInfo, tool: crate::chat::ToolCall) -> 
         &arguments,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use callgate_agent::PhoneInfo;
+    use callgate_audio::AudioFormat;
+    use callgate_proto::Protocol;
+
+    fn call(protocol: Protocol) -> CallInfo {
+        CallInfo {
+            call_id: "c1".into(),
+            protocol,
+            caller: "0101".into(),
+            callee: "0202".into(),
+            external_id: "e".into(),
+            phone: PhoneInfo::Inbound {
+                caller_id: "0101".into(),
+                did_number: "0202".into(),
+                session_id: "e".into(),
+            },
+            route: "r".into(),
+            agent: "pipeline".into(),
+            input_format: AudioFormat::Pcm8000,
+            output_format: AudioFormat::Pcm8000,
+        }
+    }
+
+    #[test]
+    fn open_api_tools_are_offered_on_callbridge_calls_only() {
+        let dir = std::env::temp_dir().join(format!("pipeline-offered-{}", std::process::id()));
+        let env = AgentEnv {
+            data_dir: dir.clone(),
+            tts: Default::default(),
+            callbridge: Some(callgate_kit::CallBridgeApi {
+                base_url: "http://127.0.0.1:9/api".into(),
+                // Set in every process (tests cannot set variables).
+                api_key_env: "PATH".into(),
+            }),
+            stt: None,
+        };
+        let settings = PipelineSettings {
+            builtin_tools: vec![
+                Builtin::HangUp,
+                Builtin::SendDtmf,
+                Builtin::AgentTerminate,
+                Builtin::SendSms,
+            ],
+            ..PipelineSettings::default()
+        };
+        let plan = Plan::build(settings, &env).expect("a plan");
+        let names = |protocol| -> Vec<String> {
+            offered(&plan, &call(protocol))
+                .iter()
+                .map(|d| d["function"]["name"].as_str().unwrap_or("").to_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(Protocol::CallBridge),
+            ["hang_up", "send_dtmf", "agent_terminate", "send_sms"]
+        );
+        assert_eq!(names(Protocol::Inbound), ["hang_up", "send_dtmf"]);
+        assert_eq!(names(Protocol::Twilio), ["hang_up", "send_dtmf"]);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

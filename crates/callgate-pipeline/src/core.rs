@@ -5,12 +5,14 @@
 //! - **Turns** from per-frame voice activity: speech that stays silent for `end_of_speech`
 //!   ends the caller's turn; its audio goes to speech-to-text.
 //! - **Answers** stream: each sentence of the LLM's answer goes to text-to-speech as soon as it
-//!   is complete, and its audio to the call as it arrives.
+//!   is complete, and its audio to the call as it arrives; the next sentence is synthesized
+//!   while the current one plays (one ahead, its audio held), so sentences follow without a
+//!   gap.
 //! - **Pause, resume, barge-in**: caller speech over the agent for `min_barge_in` pauses the
 //!   answer at once (the playout is cleared, the answer's audio held). When the transcript is
 //!   only backchannels the answer resumes from the position the call reported; otherwise the
-//!   held audio is dropped, the running LLM and TTS requests are cancelled, and the answer kept
-//!   in the conversation is cut to what was heard.
+//!   held audio is dropped, the running LLM and TTS requests are cancelled, and each assistant
+//!   message of the answer (one per tool round) is cut to what was heard of it.
 //! - **Tools**: `hang_up` ends the call once the goodbye has played (the LLM is not asked
 //!   again); other tools' results go back to the LLM.
 //! - **Failures**: a provider failing is retried once where safe (nothing of its answer used
@@ -22,6 +24,8 @@ use std::collections::VecDeque;
 
 use bytes::Bytes;
 use callgate_agent::{AgentCommand, MarkState, RecordEvent, Speaker, Turn};
+use callgate_audio::AudioFormat;
+use callgate_proto::{Digit, DtmfDuration, Protocol};
 use serde_json::{Value, json};
 
 use crate::chat::{Answer, ToolCall};
@@ -36,6 +40,11 @@ pub const MAX_TOOL_ROUNDS: u32 = 4;
 pub const MAX_SENTENCE_CHARS: usize = 160;
 /// What ends an answer's text cut by a barge-in, for the LLM to read.
 pub const CUT_MARKER: &str = "…";
+/// How long CallBridge has to drop the line after accepting `agent_terminate` (it announces
+/// first); then the call hangs up itself, ms.
+pub const TERMINATE_GRACE_MS: u64 = 60_000;
+/// One key's tone pressed with `send_dtmf`, ms (then a 60 ms gap).
+pub const TONE_MS: u32 = 100;
 
 /// How the core is set up (from the route's settings).
 #[derive(Debug, Clone)]
@@ -58,6 +67,11 @@ pub struct Config {
     pub input_samples_per_ms: u64,
     /// The longest call, ms.
     pub max_duration_ms: u64,
+    /// The call's protocol: `send_dtmf` presses keys as protocol DTMF on inbound calls and as
+    /// in-band tones on CallBridge and Twilio calls.
+    pub protocol: Protocol,
+    /// The call's output audio format (for in-band tones).
+    pub output_format: AudioFormat,
 }
 
 /// A request to a provider.
@@ -160,20 +174,61 @@ enum Caller {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Live,
+    /// CallBridge accepted `agent_terminate`: it announces and drops the line; what is queued
+    /// plays, the caller is not listened to and the LLM is not asked again. If the line is
+    /// still up at `until_ms`, the call hangs up itself.
+    Terminating {
+        until_ms: u64,
+    },
     /// Done: nothing more is asked of anyone.
     Over,
+}
+
+/// What an answer plays, in order; `round` is the LLM round (one per tool round) it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Item {
+    /// A sentence for text-to-speech.
+    Sentence { text: String, round: u32 },
+    /// Keys pressed with `send_dtmf`, after what was said before the call of the tool.
+    Keys { keys: Vec<Digit>, round: u32 },
+}
+
+/// The sentence whose audio goes to the call as it arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Playing {
+    req: ReqId,
+    text: String,
+    round: u32,
+    /// Its audio so far, bytes.
+    bytes: u64,
+}
+
+/// The next sentence, synthesized while the current one plays (no gap between them): its
+/// audio is held until the current sentence is done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Ahead {
+    req: ReqId,
+    text: String,
+    round: u32,
+    audio: Vec<u8>,
+    /// Its speech request finished.
+    done: bool,
 }
 
 /// The answer being spoken.
 #[derive(Debug)]
 struct Speech {
     splitter: Splitter,
-    /// Sentences waiting for speech.
-    queue: VecDeque<String>,
-    /// The sentence being spoken, and its audio bytes so far.
-    speaking: Option<(String, u64)>,
-    /// Sentences spoken (text and audio length).
-    spoken: Vec<Spoken>,
+    /// Sentences (and keys) waiting for speech.
+    queue: VecDeque<Item>,
+    /// The sentence being spoken.
+    speaking: Option<Playing>,
+    /// The next one, synthesized ahead.
+    ahead: Option<Ahead>,
+    /// Sentences spoken (text and audio length), with their round.
+    spoken: Vec<(u32, Spoken)>,
+    /// The LLM round now streaming (0, then one more after each tool round).
+    round: u32,
     /// Every byte of this answer's audio (held for a resume after a pause).
     audio: Vec<u8>,
     /// The mark sent before its first byte, and the call's played count there once reached.
@@ -188,8 +243,8 @@ struct Speech {
     text_done: bool,
     /// The end mark, once every sentence was sent.
     end_mark: Option<u64>,
-    /// The conversation message holding this answer (to cut it).
-    message: Option<usize>,
+    /// The conversation messages holding this answer, one per round finished (to cut them).
+    messages: Vec<(u32, usize)>,
     /// Text of the answer so far.
     text: String,
     /// The first audio's time on the call clock.
@@ -207,7 +262,9 @@ impl Speech {
             splitter: Splitter::new(MAX_SENTENCE_CHARS),
             queue: VecDeque::new(),
             speaking: None,
+            ahead: None,
             spoken: Vec::new(),
+            round: 0,
             audio: Vec::new(),
             start_mark: None,
             clear_pending: false,
@@ -215,7 +272,7 @@ impl Speech {
             heard_ms: 0,
             text_done: false,
             end_mark: None,
-            message: None,
+            messages: Vec::new(),
             text: String::new(),
             first_audio_ms: None,
             hang_up: false,
@@ -302,7 +359,7 @@ impl Core {
             speech.text_done = true;
             core.messages
                 .push(json!({"role": "assistant", "content": greeting}));
-            speech.message = Some(core.messages.len() - 1);
+            speech.messages.push((0, core.messages.len() - 1));
             core.speech = Some(speech);
             core.pump_speech(now);
         }
@@ -325,9 +382,11 @@ impl Core {
             }
             Caller::Quiet => None,
         };
-        Some(turn_end.map_or(self.config.max_duration_ms, |t| {
-            t.min(self.config.max_duration_ms)
-        }))
+        let limit = match self.phase {
+            Phase::Terminating { until_ms } => until_ms.min(self.config.max_duration_ms),
+            _ => self.config.max_duration_ms,
+        };
+        Some(turn_end.map_or(limit, |t| t.min(limit)))
     }
 
     /// Whether the call is over for the core.
@@ -401,6 +460,14 @@ impl Core {
                 "max_duration",
                 json!({"after_ms": self.config.max_duration_ms}),
             );
+            self.hang_up_now();
+            return;
+        }
+        if let Phase::Terminating { until_ms } = self.phase
+            && now >= until_ms
+        {
+            self.record("terminate_timeout", json!({"after_ms": TERMINATE_GRACE_MS}));
+            self.phase = Phase::Live;
             self.hang_up_now();
             return;
         }
@@ -560,20 +627,126 @@ impl Core {
             results.push(self.messages.len() - 1);
             self.record("tool_call", json!({"name": "hang_up"}));
         }
+        let ending = !hang_up.is_empty();
+        let run = !ending && self.tool_rounds < MAX_TOOL_ROUNDS;
+        // What the answer said before its tools is queued before any key they press.
         let speech = self.speech.get_or_insert_with(Speech::new);
+        let round = speech.round;
+        while let Some(text) = speech.splitter.poll_sentence() {
+            speech.queue.push_back(Item::Sentence { text, round });
+        }
+        if let Some(text) = speech.splitter.finish() {
+            speech.queue.push_back(Item::Sentence { text, round });
+        }
         speech.hang_up_results = results;
-        speech.text_done = true;
-        speech.message = Some(index);
-        speech.hang_up = !hang_up.is_empty();
-        if !speech.hang_up && !others.is_empty() && self.tool_rounds < MAX_TOOL_ROUNDS {
-            self.tool_rounds += 1;
-            for call in &others {
-                self.record("tool_call", json!({"name": call.name}));
-                self.out.push_back(Output::Tool(call.clone()));
+        speech.messages.push((round, index));
+        speech.hang_up = ending;
+        let mut external = Vec::new();
+        let mut answered_here = false;
+        for call in others {
+            if !run {
+                // Every call of the model gets a result, or the next request is refused.
+                let why = if ending {
+                    "not run: the call is ending"
+                } else {
+                    "not run: too many tool rounds in one answer"
+                };
+                self.tool_message(&call.id, &json!({ "error": why }).to_string());
+                continue;
             }
-            self.tools_pending = others;
+            self.record("tool_call", json!({"name": call.name}));
+            if call.name == "send_dtmf" && self.offers("send_dtmf") {
+                let output = self.send_dtmf(&call.arguments);
+                self.tool_message(&call.id, &output);
+                answered_here = true;
+            } else {
+                external.push(call);
+            }
+        }
+        if run && (answered_here || !external.is_empty()) {
+            self.tool_rounds += 1;
+        }
+        for call in &external {
+            self.out.push_back(Output::Tool(call.clone()));
+        }
+        let again = answered_here && external.is_empty();
+        self.tools_pending = external;
+        if again {
+            // Every result is in: the LLM goes on (the keys play first, they are queued).
+            self.ask_llm_again(now, false);
+        } else if let Some(speech) = &mut self.speech {
+            speech.text_done = true;
         }
         self.pump_speech(now);
+    }
+
+    /// Whether the model is offered the tool `name`.
+    fn offers(&self, name: &str) -> bool {
+        self.config
+            .tools
+            .iter()
+            .any(|t| t["function"]["name"] == name)
+    }
+
+    /// A tool's result in the conversation.
+    fn tool_message(&mut self, call_id: &str, output: &str) {
+        self.messages
+            .push(json!({"role": "tool", "tool_call_id": call_id, "content": output}));
+    }
+
+    /// `send_dtmf`: the keys queued after what the answer said so far; the result for the
+    /// model.
+    fn send_dtmf(&mut self, arguments: &str) -> String {
+        let args: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+        let digits = args.get("digits").and_then(Value::as_str).unwrap_or("");
+        let keys: Option<Vec<Digit>> = digits.chars().map(Digit::from_char).collect();
+        match keys {
+            Some(keys) if !keys.is_empty() && keys.iter().all(|k| k.is_sendable()) => {
+                let speech = self.speech.get_or_insert_with(Speech::new);
+                let round = speech.round;
+                speech.queue.push_back(Item::Keys { keys, round });
+                json!({ "pressed": digits }).to_string()
+            }
+            _ => json!({"error": "digits must be one or more of 0-9, * and #"}).to_string(),
+        }
+    }
+
+    /// Presses `keys` now: protocol DTMF on inbound calls; in-band tones in the answer's
+    /// audio on CallBridge and Twilio calls (they have no DTMF message towards the caller).
+    fn press(&mut self, now: u64, keys: &[Digit], round: u32) {
+        match self.config.protocol {
+            Protocol::Inbound => {
+                let Some(duration) = DtmfDuration::from_millis(u64::from(TONE_MS)) else {
+                    return;
+                };
+                for &digit in keys {
+                    self.out
+                        .push_back(Output::Command(AgentCommand::Dtmf { digit, duration }));
+                }
+            }
+            Protocol::CallBridge | Protocol::Twilio => {
+                let format = self.config.output_format;
+                let rate = format.sample_rate();
+                let gap = vec![0i16; rate as usize * 60 / 1000];
+                let mut samples = Vec::new();
+                for &digit in keys {
+                    samples.extend(callgate_audio::dtmf::tone(digit, TONE_MS, rate, 0.25));
+                    samples.extend_from_slice(&gap);
+                }
+                let audio = callgate_audio::pcm::encode(format, &samples);
+                let audio_ms = audio.len() as u64 / self.config.output_bytes_per_ms.max(1);
+                self.play(now, &audio);
+                if let Some(speech) = &mut self.speech {
+                    speech.spoken.push((
+                        round,
+                        Spoken {
+                            text: String::new(),
+                            audio_ms,
+                        },
+                    ));
+                }
+            }
+        }
     }
 
     /// A tool's result.
@@ -581,12 +754,39 @@ impl Core {
         let Some(i) = self.tools_pending.iter().position(|c| c.id == done.call_id) else {
             return;
         };
-        self.tools_pending.remove(i);
-        self.messages
-            .push(json!({"role": "tool", "tool_call_id": done.call_id,
-                                  "content": done.output}));
-        if self.tools_pending.is_empty() && self.phase == Phase::Live {
-            self.ask_llm_again(now, false);
+        let call = self.tools_pending.remove(i);
+        self.tool_message(&done.call_id, &done.output);
+        // The answer as the model reads it (a send_sms answer has the masked number and the
+        // result, never the content).
+        let shown: String = done.output.chars().take(2000).collect();
+        self.record(
+            "tool_result",
+            json!({"name": call.name, "ok": done.ok, "output": shown}),
+        );
+        if call.name == "agent_terminate" && done.ok && self.phase == Phase::Live {
+            // CallBridge announces and drops the line: nothing more is asked or heard.
+            self.record("agent_terminate", json!({"accepted": true}));
+            for r in std::mem::take(&mut self.running) {
+                if r.provider == Provider::Stt {
+                    self.out.push_back(Output::Cancel { req: r.req });
+                } else {
+                    self.running.push(r);
+                }
+            }
+            self.caller = Caller::Quiet;
+            self.turn = None;
+            self.phase = Phase::Terminating {
+                until_ms: now + TERMINATE_GRACE_MS,
+            };
+        }
+        if self.tools_pending.is_empty() {
+            if self.phase == Phase::Live {
+                self.ask_llm_again(now, false);
+            } else if let Some(speech) = &mut self.speech {
+                // The answer ends with what was said: its end is marked, then heard.
+                speech.text_done = true;
+                self.pump_speech(now);
+            }
         }
     }
 
@@ -595,14 +795,36 @@ impl Core {
         if !self.is_running(req) || self.phase == Phase::Over {
             return;
         }
-        if let Some(r) = self.running.iter_mut().find(|r| r.req == req) {
-            r.used = true;
-        }
         if let Some(l) = &mut self.latency
             && l.tts_first_audio_ms.is_none()
         {
             l.tts_first_audio_ms = Some(now.saturating_sub(l.end_of_speech_ms));
         }
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
+        if let Some(ahead) = &mut speech.ahead
+            && ahead.req == req
+        {
+            // Held until the sentence before it is done: not used yet (a retry is safe).
+            ahead.audio.extend_from_slice(audio);
+            return;
+        }
+        let Some(playing) = &mut speech.speaking else {
+            return;
+        };
+        if playing.req != req {
+            return;
+        }
+        playing.bytes += audio.len() as u64;
+        if let Some(r) = self.running.iter_mut().find(|r| r.req == req) {
+            r.used = true;
+        }
+        self.play(now, audio);
+    }
+
+    /// Audio of the answer for the call (held while the answer is paused).
+    fn play(&mut self, now: u64, audio: &[u8]) {
         let Some(speech) = &mut self.speech else {
             return;
         };
@@ -614,9 +836,6 @@ impl Core {
         }
         speech.first_audio_ms.get_or_insert(now);
         speech.audio.extend_from_slice(audio);
-        if let Some((_, bytes)) = &mut speech.speaking {
-            *bytes += audio.len() as u64;
-        }
         if !speech.paused {
             self.out.push_back(Output::Command(AgentCommand::Audio(
                 Bytes::copy_from_slice(audio),
@@ -642,26 +861,51 @@ impl Core {
         let Some(running) = self.finish_req(req) else {
             return;
         };
+        let ahead = self
+            .speech
+            .as_ref()
+            .and_then(|s| s.ahead.as_ref())
+            .is_some_and(|a| a.req == req);
         if let Err(failure) = result {
             if self.retry(&running, &failure)
                 && let Some(speech) = &mut self.speech
-                && let Some((text, _)) = speech.speaking.take()
             {
-                speech.queue.push_front(text);
-                self.speak_next(now, true);
-                return;
+                let again = if ahead {
+                    speech.ahead.take().map(|a| (a.text, a.round))
+                } else {
+                    speech.speaking.take().map(|p| (p.text, p.round))
+                };
+                if let Some((text, round)) = again {
+                    self.request_speech(text, round, ahead, true);
+                    return;
+                }
             }
             return self.fail(now, Provider::Tts, &failure.reason);
         }
-        if let Some(speech) = &mut self.speech
-            && let Some((text, bytes)) = speech.speaking.take()
-        {
-            speech.spoken.push(Spoken {
-                text,
-                audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
-            });
+        if ahead {
+            if let Some(a) = self.speech.as_mut().and_then(|s| s.ahead.as_mut()) {
+                a.done = true;
+            }
+            return;
         }
+        self.finish_sentence();
         self.pump_speech(now);
+    }
+
+    /// The sentence being spoken is done: it joins what was spoken.
+    fn finish_sentence(&mut self) {
+        let bytes_per_ms = self.config.output_bytes_per_ms.max(1);
+        if let Some(speech) = &mut self.speech
+            && let Some(p) = speech.speaking.take()
+        {
+            speech.spoken.push((
+                p.round,
+                Spoken {
+                    text: p.text,
+                    audio_ms: p.bytes / bytes_per_ms,
+                },
+            ));
+        }
     }
 
     /// The call reports a mark.
@@ -738,10 +982,14 @@ impl Core {
         // What was heard before the pause stays heard: the spoken list keeps its texts; the
         // offset is folded into the first sentences' lengths.
         let mut skip_ms = skipped.len() as u64 / bytes_per_ms;
-        for s in &mut speech.spoken {
+        for (_, s) in &mut speech.spoken {
             let take = skip_ms.min(s.audio_ms);
             s.audio_ms -= take;
             skip_ms -= take;
+        }
+        // The rest of what was heard is of the sentence still being spoken.
+        if let Some(p) = &mut speech.speaking {
+            p.bytes = p.bytes.saturating_sub(skip_ms * bytes_per_ms);
         }
         if speech.end_mark.is_some() {
             let id = self.next_mark;
@@ -768,11 +1016,14 @@ impl Core {
             // Not heard since the clear: nothing more is.
             self.out.push_back(Output::Clear);
         }
-        if let Some((text, bytes)) = speech.speaking.take() {
-            speech.spoken.push(Spoken {
-                text,
-                audio_ms: bytes / self.config.output_bytes_per_ms.max(1),
-            });
+        if let Some(p) = speech.speaking.take() {
+            speech.spoken.push((
+                p.round,
+                Spoken {
+                    text: p.text,
+                    audio_ms: p.bytes / self.config.output_bytes_per_ms.max(1),
+                },
+            ));
         }
         for &i in &speech.hang_up_results {
             if let Some(m) = self.messages.get_mut(i) {
@@ -781,33 +1032,81 @@ impl Core {
                 );
             }
         }
-        let heard = heard::cut(&speech.spoken, speech.heard_ms, CUT_MARKER);
-        let complete = heard.whole && speech.queue.is_empty() && speech.text_done;
-        let text = if complete {
-            speech.text.trim().to_owned()
-        } else if heard.whole && !heard.text.is_empty() {
-            // Every sentence spoken was heard, but the answer had more to say.
-            format!("{}{CUT_MARKER}", heard.text)
-        } else {
-            heard.text.clone()
-        };
-        match speech.message {
-            Some(i) => {
-                if let Some(m) = self.messages.get_mut(i) {
-                    m["content"] = json!(text);
+        // Each round of the answer (one per tool round) is its own assistant message: each is
+        // cut to what was heard of it, and a round after the cut was not heard at all.
+        let mut left = speech.heard_ms;
+        let mut cut_before = false;
+        let mut said = Vec::new();
+        for round in 0..=speech.round {
+            let spoken: Vec<Spoken> = speech
+                .spoken
+                .iter()
+                .filter(|(r, _)| *r == round)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let length: u64 = spoken.iter().map(|s| s.audio_ms).sum();
+            let heard = if cut_before {
+                heard::Heard {
+                    text: String::new(),
+                    whole: false,
                 }
+            } else {
+                heard::cut(&spoken, left, CUT_MARKER)
+            };
+            left = left.saturating_sub(length);
+            let message = speech
+                .messages
+                .iter()
+                .find(|(r, _)| *r == round)
+                .map(|(_, i)| *i);
+            let unsaid = speech
+                .queue
+                .iter()
+                .any(|item| matches!(item, Item::Sentence { round: r, .. } if *r == round))
+                || speech.ahead.as_ref().is_some_and(|a| a.round == round)
+                || message.is_none();
+            let complete = heard.whole && !unsaid;
+            cut_before |= !complete;
+            let text = if complete {
+                message
+                    .and_then(|i| self.messages.get(i))
+                    .and_then(|m| m["content"].as_str())
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned()
+            } else if heard.whole && !heard.text.is_empty() {
+                // Every sentence spoken was heard, but the answer had more to say.
+                format!("{}{CUT_MARKER}", heard.text)
+            } else {
+                heard.text
+            };
+            match message {
+                Some(i) => {
+                    if !complete && let Some(m) = self.messages.get_mut(i) {
+                        m["content"] = json!(text);
+                    }
+                }
+                None if !text.is_empty() => {
+                    self.messages
+                        .push(json!({"role": "assistant", "content": text}));
+                }
+                None => {}
             }
-            None if !text.is_empty() => {
-                self.messages
-                    .push(json!({"role": "assistant", "content": text}));
+            if !text.is_empty() {
+                said.push(text);
             }
-            None => {}
         }
         // A cut answer whose tool calls never ran: the conversation must still pair each
         // call with a result.
-        if let Some(i) = speech.message
-            && let Some(calls) = self.messages[i].get("tool_calls").cloned()
-        {
+        for &(_, i) in &speech.messages {
+            let Some(calls) = self
+                .messages
+                .get(i)
+                .and_then(|m| m.get("tool_calls"))
+                .cloned()
+            else {
+                continue;
+            };
             let answered: Vec<String> = self.messages[i + 1..]
                 .iter()
                 .filter_map(|m| m.get("tool_call_id").and_then(Value::as_str))
@@ -822,6 +1121,7 @@ impl Core {
                 }
             }
         }
+        let text = said.join(" ");
         if !text.is_empty() {
             self.out
                 .push_back(Output::Command(AgentCommand::Transcript(Box::new(Turn {
@@ -866,26 +1166,74 @@ impl Core {
         self.out.push_back(Output::Command(AgentCommand::Hangup));
     }
 
-    /// Sentences ready go to speech; the end of the answer is marked.
+    /// Sentences ready go to speech (the next one synthesized while the current one plays);
+    /// the end of the answer is marked.
     fn pump_speech(&mut self, now: u64) {
         let Some(speech) = &mut self.speech else {
             return;
         };
-        while let Some(s) = speech.splitter.poll_sentence() {
-            speech.queue.push_back(s);
+        let round = speech.round;
+        while let Some(text) = speech.splitter.poll_sentence() {
+            speech.queue.push_back(Item::Sentence { text, round });
         }
         if speech.text_done
-            && let Some(rest) = speech.splitter.finish()
+            && let Some(text) = speech.splitter.finish()
         {
-            speech.queue.push_back(rest);
+            speech.queue.push_back(Item::Sentence { text, round });
         }
-        if speech.speaking.is_none() && !speech.queue.is_empty() {
-            self.speak_next(now, false);
+        // The current sentence: the one synthesized ahead, else the next item.
+        loop {
+            let Some(speech) = &mut self.speech else {
+                return;
+            };
+            if speech.speaking.is_some() {
+                break;
+            }
+            if let Some(ahead) = speech.ahead.take() {
+                speech.speaking = Some(Playing {
+                    req: ahead.req,
+                    text: ahead.text,
+                    round: ahead.round,
+                    bytes: ahead.audio.len() as u64,
+                });
+                if !ahead.audio.is_empty() {
+                    if let Some(r) = self.running.iter_mut().find(|r| r.req == ahead.req) {
+                        r.used = true;
+                    }
+                    self.play(now, &ahead.audio);
+                }
+                if ahead.done {
+                    self.finish_sentence();
+                    continue;
+                }
+                break;
+            }
+            match speech.queue.pop_front() {
+                None => break,
+                Some(Item::Keys { keys, round }) => self.press(now, &keys, round),
+                Some(Item::Sentence { text, round }) => {
+                    self.request_speech(text, round, false, false);
+                    break;
+                }
+            }
+        }
+        let Some(speech) = &mut self.speech else {
             return;
+        };
+        // The next sentence is synthesized while this one plays: no gap between them.
+        if speech.speaking.is_some()
+            && speech.ahead.is_none()
+            && let Some(Item::Sentence { .. }) = speech.queue.front()
+            && let Some(Item::Sentence { text, round }) = speech.queue.pop_front()
+        {
+            self.request_speech(text, round, true, false);
         }
-        let speech = self.speech.as_mut().expect("checked above");
+        let Some(speech) = &mut self.speech else {
+            return;
+        };
         let finished = speech.text_done
             && speech.speaking.is_none()
+            && speech.ahead.is_none()
             && speech.queue.is_empty()
             && speech.end_mark.is_none()
             && self.tools_pending.is_empty();
@@ -906,13 +1254,9 @@ impl Core {
         }
     }
 
-    fn speak_next(&mut self, _now: u64, retried: bool) {
-        let Some(speech) = &mut self.speech else {
-            return;
-        };
-        let Some(text) = speech.queue.pop_front() else {
-            return;
-        };
+    /// Asks for the speech of one sentence: the current one (its audio goes to the call as
+    /// it arrives) or the next (`ahead`: held until the current one is done).
+    fn request_speech(&mut self, text: String, round: u32, ahead: bool, retried: bool) {
         let req = self.next_req;
         self.next_req += 1;
         let characters = text.chars().count() as u64;
@@ -921,7 +1265,22 @@ impl Core {
         let Some(speech) = &mut self.speech else {
             return;
         };
-        speech.speaking = Some((text.clone(), 0));
+        if ahead {
+            speech.ahead = Some(Ahead {
+                req,
+                text: text.clone(),
+                round,
+                audio: Vec::new(),
+                done: false,
+            });
+        } else {
+            speech.speaking = Some(Playing {
+                req,
+                text: text.clone(),
+                round,
+                bytes: 0,
+            });
+        }
         self.running.push(Running {
             req,
             provider: Provider::Tts,
@@ -975,9 +1334,11 @@ impl Core {
             return;
         }
         if let Some(speech) = &mut self.speech {
-            // After tools the answer goes on, in a new assistant message.
+            // After tools the answer goes on, in a new assistant message (a new round).
             speech.text_done = false;
-            speech.message = None;
+            if speech.messages.iter().any(|(r, _)| *r == speech.round) {
+                speech.round += 1;
+            }
         }
         let req = self.next_req;
         self.next_req += 1;
@@ -1098,6 +1459,8 @@ mod tests {
             output_bytes_per_ms: 16,
             input_samples_per_ms: 8,
             max_duration_ms: 3_600_000,
+            protocol: Protocol::CallBridge,
+            output_format: AudioFormat::Pcm8000,
         }
     }
 
@@ -1240,7 +1603,7 @@ mod tests {
         core.handle_llm_delta(1950, llm, " 삼만 원입니다.");
         assert!(
             speaks(&drain(&mut core)).is_empty(),
-            "one sentence at a time"
+            "a sentence goes to speech once it is complete"
         );
         core.handle_tts_audio(2000, tts1, &[7; 1600]);
         let out = drain(&mut core);
@@ -1477,5 +1840,357 @@ mod tests {
         let out = drain(&mut core);
         assert_eq!(speaks(&out)[0].1, "안녕하세요, 콜게이트입니다.");
         assert_eq!(core.messages()[1]["role"], "assistant");
+    }
+    fn tool_answer(content: &str, calls: &[(&str, &str, &str)]) -> Answer {
+        let mut done = answer(content);
+        for (id, name, arguments) in calls {
+            done.tool_calls.push(ToolCall {
+                id: (*id).into(),
+                name: (*name).into(),
+                arguments: (*arguments).into(),
+            });
+        }
+        done.finish_reason = Some("tool_calls".into());
+        done
+    }
+
+    fn offering(mut c: Config, names: &[&str]) -> Config {
+        c.tools = names
+            .iter()
+            .map(|n| json!({"type": "function", "function": {"name": n}}))
+            .collect();
+        c
+    }
+
+    /// A core whose caller asked something, and the LLM request for it.
+    fn asked(c: Config) -> (Core, ReqId, u64) {
+        let mut core = Core::new(c, 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        core.handle_transcript(end + 100, transcribe_req(&out), Ok("눌러 주세요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        (core, llm, end)
+    }
+
+    #[test]
+    fn send_dtmf_plays_tones_after_what_was_said_and_the_llm_goes_on() {
+        let (mut core, llm, end) = asked(offering(config(), &["send_dtmf"]));
+        core.handle_llm_delta(end + 200, llm, "연결합니다. ");
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "연결합니다.",
+                &[("call_k", "send_dtmf", "{\"digits\":\"12#\"}")],
+            )),
+        );
+        let out = drain(&mut core);
+        // The keys wait for the sentence before them; the LLM is asked again at once.
+        assert_eq!(audio_bytes(&out), 0, "{out:?}");
+        let (_, messages) = complete(&out);
+        let last = messages.last().unwrap();
+        assert_eq!(last["tool_call_id"], "call_k");
+        assert_eq!(last["content"], "{\"pressed\":\"12#\"}");
+        core.handle_tts_audio(end + 300, tts, &[7; 1600]);
+        core.handle_tts_done(end + 350, tts, Ok(()));
+        let out = drain(&mut core);
+        // The sentence's 1600 bytes, then three tones of 160 ms at 8 kHz (16 bytes a ms).
+        assert_eq!(audio_bytes(&out), 1600 + 3 * 160 * 16, "{out:?}");
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Dtmf { .. })))
+        );
+
+        // Inbound calls press protocol keys; bad digits are the model's error.
+        let mut c = offering(config(), &["send_dtmf"]);
+        c.protocol = Protocol::Inbound;
+        let (mut core, llm, end) = asked(c);
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "",
+                &[
+                    ("k1", "send_dtmf", "{\"digits\":\"9*\"}"),
+                    ("k2", "send_dtmf", "{\"digits\":\"A\"}"),
+                ],
+            )),
+        );
+        let out = drain(&mut core);
+        let keys: Vec<char> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Dtmf { digit, .. }) => Some(digit.as_char()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(keys, ['9', '*']);
+        let (_, messages) = complete(&out);
+        assert!(
+            messages.last().unwrap()["content"]
+                .as_str()
+                .unwrap()
+                .contains("0-9, * and #")
+        );
+    }
+
+    #[test]
+    fn a_builtin_tool_not_offered_goes_to_the_driver_which_refuses_it() {
+        let (mut core, llm, end) = asked(config());
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer("", &[("k", "send_dtmf", "{\"digits\":\"1\"}")])),
+        );
+        let out = drain(&mut core);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Tool(c) if c.id == "k"))
+        );
+        assert_eq!(audio_bytes(&out), 0);
+    }
+
+    #[test]
+    fn agent_terminate_accepted_stops_the_conversation_and_a_refusal_goes_to_the_llm() {
+        let c = offering(config(), &["agent_terminate"]);
+        let (mut core, llm, end) = asked(c.clone());
+        core.handle_llm_delta(end + 200, llm, "안녕히 계세요. ");
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "안녕히 계세요.",
+                &[("t", "agent_terminate", "{\"message\":\"bye\"}")],
+            )),
+        );
+        let out = drain(&mut core);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Tool(c) if c.name == "agent_terminate"))
+        );
+        core.handle_tool_done(
+            end + 300,
+            callgate_kit::tools::ToolDone {
+                call_id: "t".into(),
+                ok: true,
+                output: "{}".into(),
+            },
+        );
+        let out = drain(&mut core);
+        assert!(
+            !out.iter().any(|o| matches!(o, Output::Complete { .. })),
+            "{out:?}"
+        );
+        assert_eq!(
+            events(&out, "agent_terminate"),
+            vec![json!({"accepted": true})]
+        );
+        // The goodbye still plays; the caller is not listened to any more.
+        core.handle_tts_audio(end + 350, tts, &[7; 800]);
+        assert_eq!(audio_bytes(&drain(&mut core)), 800);
+        for i in 0..100 {
+            core.handle_audio(end + 400 + 20 * i, &[1000; 160], true);
+        }
+        core.handle_timeout(end + 4000);
+        let out = drain(&mut core);
+        assert!(
+            !out.iter()
+                .any(|o| matches!(o, Output::Transcribe { .. } | Output::Clear)),
+            "{out:?}"
+        );
+        // CallBridge never dropped the line: the call hangs up itself after the grace.
+        let at = core.poll_timeout().unwrap();
+        assert_eq!(at, end + 300 + TERMINATE_GRACE_MS);
+        core.handle_timeout(at);
+        assert!(
+            drain(&mut core)
+                .iter()
+                .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
+        );
+
+        let (mut core, llm, end) = asked(c);
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer("", &[("t", "agent_terminate", "{}")])),
+        );
+        drain(&mut core);
+        core.handle_tool_done(
+            end + 300,
+            callgate_kit::tools::ToolDone {
+                call_id: "t".into(),
+                ok: false,
+                output: "{\"error\":\"HTTP 500\"}".into(),
+            },
+        );
+        let (_, messages) = complete(&drain(&mut core));
+        assert_eq!(
+            messages.last().unwrap()["content"],
+            "{\"error\":\"HTTP 500\"}"
+        );
+    }
+
+    #[test]
+    fn tool_calls_that_do_not_run_still_get_a_result() {
+        let (mut core, llm, end) = asked(config());
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer(
+                "안녕히 계세요.",
+                &[("h", "hang_up", "{}"), ("x", "lookup", "{}")],
+            )),
+        );
+        let out = drain(&mut core);
+        assert!(!out.iter().any(|o| matches!(o, Output::Tool(_))), "{out:?}");
+        let ids: Vec<&Value> = core.messages().iter().map(|m| &m["tool_call_id"]).collect();
+        assert!(
+            ids.contains(&&json!("h")) && ids.contains(&&json!("x")),
+            "{ids:?}"
+        );
+    }
+    #[test]
+    fn the_next_sentence_is_synthesized_while_the_current_one_plays_and_follows_it_at_once() {
+        let mut core = Core::new(config(), 0);
+        let (out, end) = speak(&mut core, 0, 500);
+        core.handle_transcript(end + 100, transcribe_req(&out), Ok("요금이요".into()));
+        let (llm, _) = complete(&drain(&mut core));
+        core.handle_llm_delta(end + 200, llm, "첫 문장입니다. 둘째 문장입니다. 셋째");
+        let out = drain(&mut core);
+        let asked = speaks(&out);
+        // The first sentence and, ahead, the second: before the first has any audio.
+        assert_eq!(
+            asked.iter().map(|(_, t)| t.as_str()).collect::<Vec<_>>(),
+            ["첫 문장입니다.", "둘째 문장입니다."]
+        );
+        let (first, second) = (asked[0].0, asked[1].0);
+        core.handle_tts_audio(end + 300, first, &[1; 800]);
+        let out = drain(&mut core);
+        assert_eq!(audio_bytes(&out), 800);
+        let start = marks(&out)[0];
+        core.handle_mark(end + 300, start, 0, MarkState::Played);
+        // The second's audio is held while the first still streams...
+        core.handle_tts_audio(end + 350, second, &[2; 480]);
+        core.handle_tts_done(end + 360, second, Ok(()));
+        let out = drain(&mut core);
+        assert_eq!(audio_bytes(&out), 0, "{out:?}");
+        assert!(speaks(&out).is_empty(), "one sentence ahead, no more");
+        core.handle_tts_audio(end + 400, first, &[1; 800]);
+        assert_eq!(audio_bytes(&drain(&mut core)), 800);
+        // ...and follows the first the moment it is done.
+        core.handle_tts_done(end + 410, first, Ok(()));
+        let out = drain(&mut core);
+        let sent: Vec<u8> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Command(AgentCommand::Audio(a)) => Some(a.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(
+            sent.len() == 480 && sent.iter().all(|b| *b == 2),
+            "{}",
+            sent.len()
+        );
+        core.handle_llm_done(
+            end + 420,
+            llm,
+            Ok(answer("첫 문장입니다. 둘째 문장입니다. 셋째")),
+        );
+        let out = drain(&mut core);
+        assert_eq!(speaks(&out)[0].1, "셋째");
+        // The played count is still inside the first sentence (100 ms of its 100).
+        core.handle_mark(end + 420, start, 0, MarkState::Played);
+    }
+
+    /// A call whose answer went through a tool round: "잠시만요." (round 0, 1 s of audio), the
+    /// tool, then "잔액은 삼만 원입니다. 더 필요하신 것 있으세요?" (round 1, 1 s each).
+    fn answered_after_a_tool() -> (Core, u64) {
+        let (mut core, llm, end) = asked(config());
+        core.handle_llm_delta(end + 200, llm, "잠시만요. ");
+        let (tts, _) = speaks(&drain(&mut core))[0].clone();
+        core.handle_llm_done(
+            end + 250,
+            llm,
+            Ok(tool_answer("잠시만요.", &[("c1", "balance", "{}")])),
+        );
+        drain(&mut core);
+        core.handle_tts_audio(end + 300, tts, &[1; 16_000]);
+        core.handle_tts_done(end + 300, tts, Ok(()));
+        let out = drain(&mut core);
+        core.handle_mark(end + 300, marks(&out)[0], 0, MarkState::Played);
+        core.handle_tool_done(
+            end + 400,
+            callgate_kit::tools::ToolDone {
+                call_id: "c1".into(),
+                ok: true,
+                output: "{\"balance\": 30000}".into(),
+            },
+        );
+        let (llm2, _) = complete(&drain(&mut core));
+        core.handle_llm_delta(
+            end + 500,
+            llm2,
+            "잔액은 삼만 원입니다. 더 필요하신 것 있으세요?",
+        );
+        core.handle_llm_done(
+            end + 500,
+            llm2,
+            Ok(answer("잔액은 삼만 원입니다. 더 필요하신 것 있으세요?")),
+        );
+        let asked = speaks(&drain(&mut core));
+        for (req, _) in &asked {
+            core.handle_tts_audio(end + 600, *req, &[2; 16_000]);
+            core.handle_tts_done(end + 600, *req, Ok(()));
+        }
+        drain(&mut core);
+        (core, end)
+    }
+
+    #[test]
+    fn a_barge_in_after_a_tool_round_cuts_each_message_of_the_answer_to_what_was_heard() {
+        // Heard: all of round 0 and half of round 1's first sentence.
+        let (mut core, end) = answered_after_a_tool();
+        let (out, end2) = speak(&mut core, end + 2000, 600);
+        assert!(out.contains(&Output::Clear));
+        core.handle_cleared(end2, 1500);
+        core.handle_transcript(end2 + 100, transcribe_req(&out), Ok("그게 아니고요".into()));
+        let (_, messages) = complete(&drain(&mut core));
+        let assistant: Vec<&Value> = messages
+            .iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        assert_eq!(assistant.len(), 2, "{messages:?}");
+        assert_eq!(assistant[0]["content"], "잠시만요.");
+        assert_eq!(assistant[0]["tool_calls"][0]["id"], "c1");
+        let second = assistant[1]["content"].as_str().unwrap();
+        assert!(
+            second.starts_with("잔액은") && second.ends_with(CUT_MARKER),
+            "{second}"
+        );
+        assert!(!second.contains("필요"), "never heard: {second}");
+
+        // Heard: half of round 0: round 1 was never heard at all.
+        let (mut core, end) = answered_after_a_tool();
+        let (out, end2) = speak(&mut core, end + 2000, 600);
+        core.handle_cleared(end2, 500);
+        core.handle_transcript(end2 + 100, transcribe_req(&out), Ok("그게 아니고요".into()));
+        let (_, messages) = complete(&drain(&mut core));
+        let assistant: Vec<&Value> = messages
+            .iter()
+            .filter(|m| m["role"] == "assistant")
+            .collect();
+        assert!(
+            assistant[0]["content"]
+                .as_str()
+                .unwrap()
+                .ends_with(CUT_MARKER),
+            "{messages:?}"
+        );
+        assert_eq!(assistant[1]["content"], "", "{messages:?}");
+        // Every tool call still has its result, in order.
+        assert_eq!(messages[3]["tool_call_id"], "c1", "{messages:?}");
     }
 }

@@ -33,7 +33,10 @@ pub fn cut(spoken: &[Spoken], heard_ms: u64, marker: &str) -> Heard {
     for sentence in spoken {
         if left >= sentence.audio_ms {
             left -= sentence.audio_ms;
-            parts.push(sentence.text.clone());
+            // Keys pressed in-band have audio but no text.
+            if !sentence.text.is_empty() {
+                parts.push(sentence.text.clone());
+            }
             continue;
         }
         let partial = cut_sentence(&sentence.text, left, sentence.audio_ms);

@@ -225,8 +225,11 @@ pub(crate) async fn speak_openai(
 }
 
 /// Speaks one sentence with a kit provider (espeak-ng, or the server's `[tts]`): the whole
-/// sentence, then its audio.
+/// sentence, then its audio. The provider runs its engine as the kit does (espeak-ng as a
+/// subprocess off the async workers, with its timeout); the resampling to the call's rate runs
+/// on the call's `spawner` (tracked by the server, like every task of the call).
 pub(crate) async fn speak_with(
+    spawner: &callgate_agent::Spawner,
     provider: &Arc<dyn callgate_kit::tts::Provider>,
     voice: &str,
     text: &str,
@@ -245,9 +248,13 @@ pub(crate) async fn speak_with(
         reason: format!("tts: {e}"),
         retryable: false,
     })?;
-    let chunks = tokio::task::spawn_blocking(move || prompt.chunks(output))
+    let chunks = spawner
+        .spawn_blocking(move || prompt.chunks(output))
         .await
-        .unwrap_or_default();
+        .map_err(|e| Failure {
+            reason: format!("tts: {e}"),
+            retryable: false,
+        })?;
     for chunk in chunks {
         if tx.send(Msg::TtsAudio(req, chunk)).await.is_err() {
             break;

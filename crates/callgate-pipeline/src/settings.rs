@@ -111,7 +111,8 @@ pub struct PipelineSettings {
     pub instructions: String,
     /// Spoken at the answer (a template; empty: the agent waits for the caller).
     pub greeting: String,
-    /// Built-in tools offered to the model (`hang_up`).
+    /// Built-in tools offered to the model (`hang_up`, `send_dtmf`, `agent_terminate`;
+    /// `agent_terminate` on CallBridge calls only, and it needs the server's `[callbridge]`).
     pub builtin_tools: Vec<Builtin>,
     /// HTTP tools.
     pub tools: Vec<HttpTool>,
@@ -172,15 +173,6 @@ impl Settings for PipelineSettings {
             .map_err(|e| SettingsError::new("instructions", e))?;
         callgate_kit::template::Template::parse(&self.greeting)
             .map_err(|e| SettingsError::new("greeting", e))?;
-        if let Some(b) = self.builtin_tools.iter().find(|b| **b != Builtin::HangUp) {
-            return Err(SettingsError::new(
-                "builtin_tools",
-                format!(
-                    "{:?}: the pipeline agent offers hang_up (and HTTP tools)",
-                    b.name()
-                ),
-            ));
-        }
         callgate_kit::tools::check(&self.builtin_tools, &self.tools)?;
         if self.max_duration.0.is_zero() {
             return Err(SettingsError::new("max_duration", "must be more than zero"));

@@ -20,6 +20,15 @@ fn key() -> String {
 
 /// A server whose only route runs `pipeline` against `double` with `settings` over these.
 async fn server(double: &OpenAiDouble, settings: Value) -> TestServer {
+    server_with(double, settings, None).await
+}
+
+/// Like [`server`], with CallBridge's OPEN API at `callbridge` (its key in `PATH`).
+async fn server_with(
+    double: &OpenAiDouble,
+    settings: Value,
+    callbridge: Option<&str>,
+) -> TestServer {
     let api = |extra: Value| {
         let mut v = json!({"base_url": double.base_url(), "api_key_env": "PATH",
                            "timeout": "5s"});
@@ -45,7 +54,10 @@ async fn server(double: &OpenAiDouble, settings: Value) -> TestServer {
         AgentEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
-            callbridge: None,
+            callbridge: callbridge.map(|base_url| callgate_kit::CallBridgeApi {
+                base_url: base_url.to_owned(),
+                api_key_env: "PATH".into(),
+            }),
             stt: None,
         },
     );
@@ -67,7 +79,7 @@ async fn call(server: &TestServer, cdr: &str) -> Phone {
             json!({
                 "call_config": {"siteId": "1", "caller": "01012341234", "callee": "0701",
                                 "cdrId": cdr, "callActionId": "1", "ivrIp": "10.0.0.1:1",
-                                "agentId": "a", "agentType": "voice"},
+                                "agentId": "17", "agentType": "voice"},
                 "audio_format": {"phone_output_audio_format": "PCM_16000",
                                  "phone_input_audio_format": "PCM_16000"}
             })
@@ -457,5 +469,326 @@ async fn a_backchannel_does_not_interrupt_and_the_answer_is_heard_whole() {
     assert_eq!(agent.len(), 1, "{turns:?}");
     assert_eq!(agent[0]["interrupted"], false);
     assert_eq!(agent[0]["text"].as_str(), Some(full.as_str()));
+    server.shutdown().await;
+}
+
+fn tool(id: &str, name: &str, arguments: &str) -> ScriptedCall {
+    ScriptedCall {
+        id: id.into(),
+        name: name.into(),
+        arguments: arguments.into(),
+    }
+}
+
+/// Reads the phone's audio until the call ends: the bytes.
+async fn record_to_the_end(phone: &mut Phone) -> Vec<u8> {
+    let mut audio = Vec::new();
+    loop {
+        match phone.recv().await {
+            Received::Binary(b) => audio.extend_from_slice(&b),
+            Received::Text(_) => {}
+            Received::Close(..) | Received::Eof => return audio,
+        }
+    }
+}
+
+/// The keys pressed in 16 kHz PCM, each with the byte offset where it was detected.
+fn keys_in(audio: &[u8]) -> Vec<(char, usize)> {
+    let mut detector = callgate_audio::dtmf::Detector::new(16000);
+    let mut found = Vec::new();
+    let mut out = Vec::new();
+    for (i, frame) in audio.chunks(640).enumerate() {
+        let samples: Vec<i16> = frame
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        detector.process(&samples, &mut out);
+        found.extend(out.drain(..).map(|d| (d.as_char(), i * 640)));
+    }
+    found
+}
+
+/// The last message of the `n`th chat request.
+fn last_message(double: &OpenAiDouble, n: usize) -> Value {
+    let chat = double.chat_requests();
+    chat[n]["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .cloned()
+        .expect("a message")
+}
+
+#[tokio::test]
+async fn send_dtmf_presses_the_keys_after_what_was_said_and_the_llm_goes_on() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("내선 12번 눌러 주세요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["연결해 드리겠습니다. ".into()],
+        tool_calls: vec![tool("k1", "send_dtmf", "{\"digits\":\"12#\"}")],
+    }));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["눌렀습니다.".into()],
+        tool_calls: vec![tool("bye", "hang_up", "{}")],
+    }));
+    let server = server(&double, json!({"builtin_tools": ["hang_up", "send_dtmf"]})).await;
+    let mut phone = call(&server, "pl-dtmf").await;
+    say(&mut phone, "내선 12번 눌러 주세요").await;
+    let audio = record_to_the_end(&mut phone).await;
+    let keys = keys_in(&audio);
+    assert_eq!(
+        keys.iter().map(|(k, _)| *k).collect::<String>(),
+        "12#",
+        "{keys:?}"
+    );
+    // In-band, after the first sentence's speech (10 chars: 100 ms, 3200 bytes at 16 kHz).
+    assert!(keys[0].1 >= 3000, "{keys:?}");
+    assert_eq!(
+        last_message(&double, 1),
+        json!({"role": "tool", "tool_call_id": "k1", "content": "{\"pressed\":\"12#\"}"})
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn open_api_tools_are_refused_at_load_without_callbridge() {
+    for tool in ["agent_terminate", "send_sms"] {
+        let mut catalog = Catalog::builtin();
+        callgate_pipeline::register(&mut catalog, AgentEnv::default());
+        let Err(error) = catalog.build("pipeline", &json!({"builtin_tools": [tool]})) else {
+            panic!("{tool} was accepted without [callbridge]");
+        };
+        let text = error.to_string();
+        assert!(
+            text.contains(tool) && text.contains("[callbridge]"),
+            "{tool}: {text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn agent_terminate_asks_callbridge_to_end_the_call_with_the_announcement() {
+    let double = OpenAiDouble::start(&key()).await;
+    let api = callgate_testkit::openapi::OpenApiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("이제 끊을게요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec![
+            "네, 알겠습니다. ".into(),
+            "오늘 상담은 여기까지입니다. 안녕히 계세요.".into(),
+        ],
+        tool_calls: vec![tool(
+            "t1",
+            "agent_terminate",
+            "{\"message\":\"이용해 주셔서 감사합니다\"}",
+        )],
+    }));
+    let server = server_with(
+        &double,
+        json!({"builtin_tools": ["agent_terminate"]}),
+        Some(api.base_url()),
+    )
+    .await;
+    let mut phone = call(&server, "pl-term").await;
+    say(&mut phone, "이제 끊을게요").await;
+    api.wait_for("agent-terminate", |a| !a.requests().is_empty())
+        .await;
+    // The goodbye still plays (CallBridge announces, then drops the line: here, the phone).
+    hear(&mut phone, 20 * 10 * 32).await;
+    phone.close(1000, "terminated").await;
+    let request = api.requests()[0].clone();
+    assert_eq!(request.endpoint, "terminate");
+    assert_eq!(request.authorization, format!("Bearer {}", key()));
+    assert_eq!(
+        request.body,
+        json!({"ivrIp": "10.0.0.1:1", "id": "17", "cdrId": "pl-term",
+               "callerNo": "01012341234", "calleeNo": "0701", "actionId": "1",
+               "ment": "이용해 주셔서 감사합니다"})
+    );
+    let (_, _, events) = record(&server, "pl-term").await;
+    assert!(
+        events
+            .iter()
+            .any(|(n, d)| n == "agent_terminate" && d["accepted"] == true),
+        "{events:?}"
+    );
+    assert_eq!(
+        double.chat_requests().len(),
+        1,
+        "the LLM is not asked again"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn send_sms_texts_the_caller_and_the_llm_reads_the_answer_or_the_error() {
+    use callgate_testkit::openapi::{Answer, OpenApiDouble};
+    let double = OpenAiDouble::start(&key()).await;
+    let api = OpenApiDouble::start(&key()).await;
+    let secret = "계좌번호 123-456-789";
+    double.transcript(Reply::Ok("계좌번호 문자로 보내 주세요".into()));
+    let sms = |id: &str, arguments: String| {
+        Reply::Ok(ChatScript {
+            content: Vec::new(),
+            tool_calls: vec![tool(id, "send_sms", &arguments)],
+        })
+    };
+    // Sent; refused (HTTP 500); an unreadable answer; content too long (no request).
+    double.answer(sms("s1", json!({ "content": secret }).to_string()));
+    double.answer(sms(
+        "s2",
+        json!({"content": "다시", "title": "안내"}).to_string(),
+    ));
+    double.answer(sms("s3", json!({ "content": "한 번 더" }).to_string()));
+    double.answer(sms(
+        "s4",
+        json!({ "content": "가".repeat(2001) }).to_string(),
+    ));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["문자를 보냈습니다. 안녕히 계세요.".into()],
+        tool_calls: vec![tool("bye", "hang_up", "{}")],
+    }));
+    api.answer(Answer::Ok);
+    api.answer(Answer::Status(500));
+    api.answer(Answer::Garbage);
+    let server = server_with(
+        &double,
+        json!({"builtin_tools": ["hang_up", "send_sms"]}),
+        Some(api.base_url()),
+    )
+    .await;
+    let mut phone = call(&server, "pl-sms").await;
+    say(&mut phone, "계좌번호 문자로 보내 주세요").await;
+    hear_to_the_end(&mut phone).await;
+
+    let sent = api.messages();
+    assert_eq!(
+        sent.len(),
+        3,
+        "too long content is refused before a request: {sent:?}"
+    );
+    assert_eq!(
+        sent[0],
+        json!({"agentId": 17, "cdrId": "pl-sms", "messageType": "SMS", "content": secret})
+    );
+    assert_eq!(
+        sent[1],
+        json!({"agentId": 17, "cdrId": "pl-sms", "messageType": "LMS", "title": "안내",
+               "content": "다시"})
+    );
+    assert_eq!(api.requests()[0].authorization, format!("Bearer {}", key()));
+    let result = |n: usize| {
+        let m = last_message(&double, n);
+        serde_json::from_str::<Value>(m["content"].as_str().expect("content")).expect("JSON")
+    };
+    assert_eq!(result(1)["data"]["phoneNumber"], "010****1234");
+    assert!(
+        result(2)["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("HTTP 500"),
+        "{}",
+        result(2)
+    );
+    assert!(
+        result(3)["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not readable"),
+        "{}",
+        result(3)
+    );
+    assert!(
+        result(4)["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("2001 characters"),
+        "{}",
+        result(4)
+    );
+    let (record, _, events) = record(&server, "pl-sms").await;
+    let answers: Vec<&Value> = events
+        .iter()
+        .filter(|(n, d)| n == "tool_result" && d["name"] == "send_sms")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(answers.len(), 4, "{events:?}");
+    assert_eq!(answers[0]["ok"], true);
+    assert!(
+        answers[0]["output"]
+            .as_str()
+            .unwrap_or("")
+            .contains("010****1234")
+    );
+    assert_eq!(answers[1]["ok"], false);
+    assert!(
+        !record.to_string().contains("123-456-789")
+            && !format!("{events:?}").contains("123-456-789"),
+        "the content is not in the record"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_next_sentence_is_synthesized_while_the_current_one_still_streams() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("요금 문의요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["요금은 삼만 원입니다. ".into(), "안녕히 계세요.".into()],
+        tool_calls: vec![tool("bye", "hang_up", "{}")],
+    }));
+    // The first sentence's speech stays open after its audio, as a server synthesizing in
+    // real time would: the second is asked for all the same.
+    double.hold_speech(&[true]);
+    let server = server(&double, json!({})).await;
+    let mut phone = call(&server, "pl-ahead").await;
+    say(&mut phone, "요금 문의요").await;
+    double
+        .wait_for("the second sentence's speech request", |d| {
+            d.speech_requests().len() >= 2
+        })
+        .await;
+    let asked: Vec<Value> = double
+        .speech_requests()
+        .iter()
+        .map(|r| r["input"].clone())
+        .collect();
+    assert_eq!(
+        asked,
+        [json!("요금은 삼만 원입니다."), json!("안녕히 계세요.")]
+    );
+    double.release_speech();
+    let heard = hear_to_the_end(&mut phone).await;
+    // Both sentences, in order and whole (10 ms a character, 32 bytes a ms).
+    let expected = (11 + 7) * 10 * 32;
+    assert!(heard + 200 >= expected, "heard {heard} of {expected} bytes");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn espeak_speaks_each_sentence_when_the_route_asks_for_it() {
+    let double = OpenAiDouble::start(&key()).await;
+    double.transcript(Reply::Ok("끊을게요".into()));
+    double.answer(Reply::Ok(ChatScript {
+        content: vec!["네. ".into(), "안녕히 계세요.".into()],
+        tool_calls: vec![tool("bye", "hang_up", "{}")],
+    }));
+    let server = server(
+        &double,
+        json!({"greeting": "안녕하세요.", "tts": {"provider": "espeak", "voice": "ko"}}),
+    )
+    .await;
+    let mut phone = call(&server, "pl-espeak").await;
+    // The greeting (espeak-ng: about a second of speech at 16 kHz, 32 bytes a ms).
+    hear(&mut phone, 10_000).await;
+    say(&mut phone, "끊을게요").await;
+    let heard = hear_to_the_end(&mut phone).await;
+    assert!(heard > 20_000, "both sentences were heard: {heard} bytes");
+    assert!(double.speech_requests().is_empty(), "no speech API asked");
+    let (_, turns, _) = record(&server, "pl-espeak").await;
+    assert!(
+        turns
+            .iter()
+            .any(|t| t["speaker"] == "agent" && t["text"] == "네. 안녕히 계세요."),
+        "{turns:?}"
+    );
     server.shutdown().await;
 }

@@ -62,14 +62,12 @@ impl RealtimeFactory {
         let headers = tools::Compiled::new(&settings.tools)?.headers;
         callgate_kit::plaintext::warn_if_exposed("realtime url", &settings.url);
         let callbridge = env.callbridge.as_ref().and_then(|api| api.open());
-        if settings
-            .builtin_tools
-            .contains(&crate::settings::Builtin::AgentTerminate)
+        if let Some(tool) = settings.builtin_tools.iter().find(|b| b.needs_open_api())
             && callbridge.is_none()
         {
             return Err(SettingsError::new(
                 "builtin_tools",
-                callgate_kit::callbridge::missing("agent_terminate"),
+                callgate_kit::callbridge::missing(tool.name()),
             ));
         }
         let endpoint = Arc::new(Endpoint {
@@ -225,6 +223,16 @@ impl Agent for RealtimeAgent {
                                 }
                                 ToolKind::AgentTerminate => {
                                     tools::agent_terminate(
+                                        &shared.http,
+                                        shared.callbridge.as_ref(),
+                                        &info,
+                                        call.call_id,
+                                        &call.arguments,
+                                    )
+                                    .await
+                                }
+                                ToolKind::SendSms => {
+                                    tools::send_sms(
                                         &shared.http,
                                         shared.callbridge.as_ref(),
                                         &info,

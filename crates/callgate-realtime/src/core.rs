@@ -125,6 +125,8 @@ pub enum ToolKind {
     Http(usize),
     /// CallBridge's agent-terminate.
     AgentTerminate,
+    /// CallBridge's messages/send-direct (a text message to the caller).
+    SendSms,
 }
 
 pub use callgate_kit::tools::ToolDone;
@@ -606,9 +608,7 @@ impl Core {
         let mut tools: Vec<Value> = s
             .builtin_tools
             .iter()
-            .filter(|b| {
-                **b != Builtin::AgentTerminate || self.call.protocol == Protocol::CallBridge
-            })
+            .filter(|b| !b.needs_open_api() || self.call.protocol == Protocol::CallBridge)
             .map(|b| crate::settings::builtin_declaration(*b))
             .collect();
         tools.extend(s.tools.iter().map(|t| {
@@ -1433,7 +1433,7 @@ impl Core {
         }
         let pending = PendingTool {
             name: name.clone(),
-            arguments: arguments.clone(),
+            arguments: recorded_arguments(&name, &arguments),
             started: now,
             conn: self.current_conn().unwrap_or(0),
         };
@@ -1485,6 +1485,14 @@ impl Core {
                 self.out.push_back(Output::Tool(ToolCall {
                     call_id,
                     tool: ToolKind::AgentTerminate,
+                    arguments: args,
+                }));
+            }
+            Some(Builtin::SendSms) if self.call.protocol == Protocol::CallBridge => {
+                self.tools.insert(call_id.clone(), pending);
+                self.out.push_back(Output::Tool(ToolCall {
+                    call_id,
+                    tool: ToolKind::SendSms,
                     arguments: args,
                 }));
             }
@@ -1748,6 +1756,20 @@ impl Wire {
             output: Self::choose_format(setting, output),
         }
     }
+}
+
+/// A tool's arguments as the record keeps them: a text message's content is the caller's
+/// business, so `send_sms` keeps its length (and title) only.
+fn recorded_arguments(name: &str, arguments: &str) -> String {
+    if name != Builtin::SendSms.name() {
+        return arguments.to_owned();
+    }
+    let args: Value = serde_json::from_str(arguments).unwrap_or(Value::Null);
+    let chars = args
+        .get("content")
+        .and_then(Value::as_str)
+        .map(|c| c.chars().count());
+    json!({"content_chars": chars, "title": args.get("title")}).to_string()
 }
 
 #[cfg(test)]

@@ -39,6 +39,11 @@ async fn double(config: DoubleConfig) -> Double {
 
 /// A server whose only route runs `realtime` with `settings` (over the defaults below).
 async fn server(double: &Double, settings: Value) -> TestServer {
+    server_with(double, settings, None).await
+}
+
+/// Like [`server`], with CallBridge's OPEN API at `callbridge` (its key in `PATH`).
+async fn server_with(double: &Double, settings: Value, callbridge: Option<&str>) -> TestServer {
     let mut all = json!({
         "url": double.url(),
         "api_key_env": "PATH",
@@ -58,7 +63,10 @@ async fn server(double: &Double, settings: Value) -> TestServer {
         AgentEnv {
             data_dir: dir.path().to_path_buf(),
             tts: Default::default(),
-            callbridge: None,
+            callbridge: callbridge.map(|base_url| callgate_kit::CallBridgeApi {
+                base_url: base_url.to_owned(),
+                api_key_env: "PATH".into(),
+            }),
             stt: None,
         },
         metrics.clone(),
@@ -869,4 +877,101 @@ async fn wss_reaches_a_service_signed_by_the_ca_file_and_an_untrusted_one_is_not
         "only the trusted call reached the service"
     );
     server2.shutdown().await;
+}
+
+#[tokio::test]
+async fn send_sms_texts_the_caller_through_callbridge_and_the_record_keeps_no_content() {
+    use callgate_testkit::openapi::{Answer, OpenApiDouble};
+    let api = OpenApiDouble::start(&key()).await;
+    let mut double = double(DoubleConfig::default()).await;
+    let server = server_with(
+        &double,
+        json!({"builtin_tools": ["hang_up", "send_sms"]}),
+        Some(api.base_url()),
+    )
+    .await;
+    let mut phone = server.phone("/").await;
+    let mut start: Value = serde_json::from_str(&start("rt-sms", "PCM_8000")).expect("JSON");
+    start["call_config"]["agentId"] = json!("17");
+    phone.text(start.to_string()).await;
+    assert_eq!(phone.recv_json().await["type"], "started");
+    let (mut s, update) = session(&mut double).await;
+    let names: Vec<&str> = update["session"]["tools"]
+        .as_array()
+        .expect("tools")
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert_eq!(names, ["hang_up", "send_sms"]);
+
+    let secret = "계좌번호 123-456-789";
+    api.answer(Answer::Ok);
+    api.answer(Answer::Status(500));
+    let mut outputs = Vec::new();
+    for arguments in [
+        json!({ "content": secret }),
+        json!({"content": "다시", "title": "안내"}),
+        json!({ "content": "가".repeat(2001) }),
+    ] {
+        s.begin_response().await;
+        s.call_function("send_sms", "", &arguments.to_string(), None)
+            .await;
+        let output = s.expect("conversation.item.create").await;
+        outputs.push(
+            output["item"]["output"]
+                .as_str()
+                .expect("output")
+                .to_owned(),
+        );
+        s.expect("response.create").await;
+        s.finish_response().await;
+    }
+    assert!(outputs[0].contains("010****1234"), "{}", outputs[0]);
+    assert!(outputs[1].contains("HTTP 500"), "{}", outputs[1]);
+    assert!(outputs[2].contains("2001 characters"), "{}", outputs[2]);
+    let sent = api.messages();
+    assert_eq!(
+        sent,
+        [
+            json!({"agentId": 17, "cdrId": "rt-sms", "messageType": "SMS", "content": secret}),
+            json!({"agentId": 17, "cdrId": "rt-sms", "messageType": "LMS", "title": "안내",
+                   "content": "다시"}),
+        ],
+        "too long content is refused before a request"
+    );
+
+    phone.close(1000, "bye").await;
+    let record = server.ended_call("rt-sms").await;
+    let events = agent_events(&server, record["id"].as_str().expect("id")).await;
+    let calls: Vec<&Value> = events
+        .iter()
+        .filter(|(n, d)| n == "tool_call" && d["name"] == "send_sms")
+        .map(|(_, d)| d)
+        .collect();
+    assert_eq!(calls.len(), 3, "{events:?}");
+    assert_eq!(calls[0]["ok"], true);
+    assert!(
+        calls[0]["output"]
+            .as_str()
+            .unwrap_or("")
+            .contains("REQUESTED")
+    );
+    assert!(
+        !format!("{events:?}").contains("123-456-789"),
+        "the content is not in the record: {events:?}"
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn open_api_tools_need_callbridge_to_load() {
+    let double = double(DoubleConfig::default()).await;
+    let mut catalog = Catalog::builtin();
+    callgate_realtime::register(&mut catalog, AgentEnv::default(), RealtimeMetrics::new());
+    let settings = json!({"url": double.url(), "api_key_env": "PATH",
+                          "builtin_tools": ["send_sms"]});
+    let Err(error) = catalog.build("realtime", &settings) else {
+        panic!("send_sms was accepted without [callbridge]");
+    };
+    assert!(error.to_string().contains("send_sms"), "{error}");
 }

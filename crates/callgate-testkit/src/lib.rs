@@ -8,6 +8,7 @@
 pub mod audio;
 pub mod http;
 pub mod openai;
+pub mod openapi;
 pub mod phone;
 pub mod realtime;
 pub mod tls;

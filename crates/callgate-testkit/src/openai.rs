@@ -76,6 +76,11 @@ struct Inner {
     transcripts: VecDeque<Reply<String>>,
     answers: VecDeque<Reply<ChatScript>>,
     speech: VecDeque<Reply<()>>,
+    /// Speech answers held open after their audio, in order (see `hold_speech`).
+    holds: VecDeque<bool>,
+    /// What unscripted transcriptions and chat requests answer (benchmarks), and whether
+    /// requests are kept.
+    always: Option<(String, ChatScript)>,
     stt: Vec<SttRequest>,
     chat: Vec<Value>,
     speak: Vec<Value>,
@@ -86,6 +91,8 @@ struct Shared {
     key: String,
     inner: Mutex<Inner>,
     changed: Notify,
+    /// Ends a held speech answer.
+    release: Notify,
 }
 
 /// The double: where it listens and what it was asked.
@@ -105,6 +112,7 @@ impl OpenAiDouble {
             key: key.to_owned(),
             inner: Mutex::new(Inner::default()),
             changed: Notify::new(),
+            release: Notify::new(),
         });
         let app = Router::new()
             .route("/v1/audio/transcriptions", post(transcriptions))
@@ -146,6 +154,23 @@ impl OpenAiDouble {
     /// Scripts the next speech answer (unscripted ones succeed).
     pub fn speech(&self, reply: Reply<()>) {
         self.with(|i| i.speech.push_back(reply));
+    }
+
+    /// The next speech answers: `true` sends its audio, then keeps the answer open (as a
+    /// server synthesizing in real time would) until [`OpenAiDouble::release_speech`].
+    pub fn hold_speech(&self, holds: &[bool]) {
+        self.with(|i| i.holds.extend(holds.iter().copied()));
+    }
+
+    /// Ends the held speech answer (the first one waiting, or the next one held).
+    pub fn release_speech(&self) {
+        self.shared.release.notify_one();
+    }
+
+    /// From now on, every unscripted transcription answers `transcript` and every unscripted
+    /// chat request `answer`, and requests are no longer kept (a benchmark's long run).
+    pub fn always(&self, transcript: &str, answer: ChatScript) {
+        self.with(|i| i.always = Some((transcript.to_owned(), answer)));
     }
 
     /// The transcription requests so far.
@@ -268,13 +293,18 @@ async fn transcriptions(
     };
     let reply = {
         let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.stt.push(SttRequest {
-            model: field("model").unwrap_or_default(),
-            language: field("language"),
-            rate: wav.0,
-            samples: wav.1,
-        });
-        inner.transcripts.pop_front()
+        if inner.always.is_none() {
+            inner.stt.push(SttRequest {
+                model: field("model").unwrap_or_default(),
+                language: field("language"),
+                rate: wav.0,
+                samples: wav.1,
+            });
+        }
+        inner
+            .transcripts
+            .pop_front()
+            .or_else(|| inner.always.as_ref().map(|(t, _)| Reply::Ok(t.clone())))
     };
     shared.changed.notify_waiters();
     match reply {
@@ -302,8 +332,13 @@ async fn completions(
     let usage = body["stream_options"]["include_usage"] == json!(true);
     let reply = {
         let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.chat.push(body);
-        inner.answers.pop_front()
+        if inner.always.is_none() {
+            inner.chat.push(body);
+        }
+        inner
+            .answers
+            .pop_front()
+            .or_else(|| inner.always.as_ref().map(|(_, a)| Reply::Ok(a.clone())))
     };
     shared.changed.notify_waiters();
     let script = match reply {
@@ -372,9 +407,15 @@ async fn speech(
     let pcm = body["response_format"] == json!("pcm");
     let reply = {
         let mut inner = shared.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.speak.push(body);
-        inner.speech.pop_front()
+        if inner.always.is_none() {
+            inner.speak.push(body);
+        }
+        (
+            inner.speech.pop_front(),
+            inner.holds.pop_front().unwrap_or(false),
+        )
     };
+    let (reply, hold) = reply;
     shared.changed.notify_waiters();
     if let Some(Reply::Status(code)) = reply {
         return error(code, "scripted failure");
@@ -392,8 +433,17 @@ async fn speech(
         .chunks(4801)
         .map(|c| Ok(Bytes::copy_from_slice(c)))
         .collect();
+    let held = futures_util::stream::once(async move {
+        if hold {
+            shared.release.notified().await;
+        }
+        Ok::<_, std::io::Error>(Bytes::new())
+    });
+    use futures_util::StreamExt;
     Response::builder()
         .header("content-type", "application/octet-stream")
-        .body(Body::from_stream(futures_util::stream::iter(parts)))
+        .body(Body::from_stream(
+            futures_util::stream::iter(parts).chain(held),
+        ))
         .unwrap_or_else(|_| error(500, "response"))
 }

@@ -211,8 +211,8 @@ settings! {
         /// The `[stt]` table of the file (file only): speech to text for flows that listen.
         #[arg(skip)]
         stt: Option<callgate_flow::SttSettings>,
-        /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for flows'
-        /// `agent_terminate`.
+        /// The `[callbridge]` table of the file (file only): CallBridge's OPEN API, for
+        /// `agent_terminate` and `send_sms` (flow steps, AI agents' built-in tools).
         #[arg(skip)]
         callbridge: Option<callgate_flow::CallBridgeApi>,
     }
