@@ -51,6 +51,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
         .route("/api/stream", get(crate::events::stream))
+        .route("/api/webhooks/deliveries", get(deliveries))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))
@@ -374,6 +375,38 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `GET /api/nodes`: the cluster's roster, `{"nodes":[{"id","admin_url","version",
 /// "started_at","heartbeat_at","state","live_calls"}]}` by ID (with SQLite, this node only).
+/// The most rows `GET /api/webhooks/deliveries` returns.
+const MAX_DELIVERIES: u32 = 1000;
+
+/// `GET /api/webhooks/deliveries?limit=N`: this node's webhook deliveries waiting (pending)
+/// or given up (failed), oldest first, and how many are pending.
+async fn deliveries(
+    State(shared): State<Arc<Shared>>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) =
+        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    if let Some(key) = query.keys().find(|k| k.as_str() != "limit") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("unknown parameter {key:?} (this endpoint takes limit)"),
+        ));
+    }
+    let limit = limit(&query, 100, MAX_DELIVERIES)?;
+    let node = shared.node.id.clone();
+    let (rows, pending) = crate::webhooks::with_outbox(&shared.deliveries.outbox, move |o| {
+        Ok((o.list(&node, limit)?, o.pending(&node)?))
+    })
+    .await
+    .map_err(ApiError::store)?;
+    shared
+        .metrics
+        .webhook_pending
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    Ok(Json(json!({ "deliveries": rows, "pending": pending })))
+}
+
 async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
     let timeout = shared.config.node_timeout;
     let read = shared.clone();

@@ -5,8 +5,8 @@
 //! `call.ended`) are made by the store writer from the operations of each batch, and handed
 //! to the hub (its [`Tap`]) after the batch committed: one place, and nothing is announced
 //! that the store does not hold. Node events (`node.serving`, `node.draining`,
-//! `node.stopping`, `node.lost`) come from the accept loop's phase changes and the
-//! heartbeat's sweep. A call task never touches the hub: it only offers its writes to the
+//! `node.stopping`, `node.lost`), from the accept loop's phase changes and the heartbeat's
+//! sweep, take the same path (`StoreHandle::announce`), so webhooks get them too. A call task never touches the hub: it only offers its writes to the
 //! store writer, as before.
 //!
 //! # Policies
@@ -32,11 +32,10 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use callgate_store::UnixMillis;
-use callgate_store::notice::{Kind, Notice, Tap};
+use callgate_store::notice::{Notice, Tap};
 use futures_util::Stream;
-use serde_json::{Map, Value, json};
-use tokio::sync::broadcast;
+use serde_json::json;
+use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
@@ -55,6 +54,8 @@ pub(crate) struct Hub {
     tx: broadcast::Sender<Arc<Notice>>,
     /// Cancelled when the server stops: streams send what they hold, then end.
     closed: CancellationToken,
+    /// Woken after each batch published (webhook deliveries wait on it).
+    wake: Arc<Notify>,
     /// Set once the server's metrics exist (the store, which feeds the hub, starts first).
     metrics: OnceLock<Arc<Metrics>>,
 }
@@ -82,6 +83,7 @@ impl Hub {
             ring: Mutex::new(VecDeque::with_capacity(REPLAY)),
             tx: broadcast::channel(CLIENT_QUEUE).0,
             closed: CancellationToken::new(),
+            wake: Arc::new(Notify::new()),
             metrics: OnceLock::new(),
         }
     }
@@ -117,10 +119,9 @@ impl Hub {
         let _ = self.tx.send(notice);
     }
 
-    /// A node event: `data` carries `node` and the event's fields.
-    pub(crate) fn node(&self, kind: Kind, node: &str, mut data: Map<String, Value>) {
-        data.insert("node".into(), node.into());
-        self.publish_one(Notice::new(kind, UnixMillis::now(), data));
+    /// Notified after each publish: the webhook deliveries look for new rows.
+    pub(crate) fn wake(&self) -> Arc<Notify> {
+        self.wake.clone()
     }
 
     /// A new stream, resuming after `last_event_id` if given.
@@ -154,6 +155,7 @@ impl Tap for Hub {
         for n in notices {
             self.publish_one(n.clone());
         }
+        self.wake.notify_waiters();
     }
 }
 
@@ -272,6 +274,10 @@ impl Drop for ClientGuard {
 
 #[cfg(test)]
 mod tests {
+    use callgate_store::UnixMillis;
+    use callgate_store::notice::Kind;
+    use serde_json::Map;
+
     use super::*;
 
     fn hub() -> Hub {

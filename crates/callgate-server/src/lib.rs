@@ -51,6 +51,7 @@ mod retention;
 pub mod routes;
 pub mod tasks;
 pub mod tls;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -169,6 +170,8 @@ pub(crate) struct Shared {
     /// The event hub: the live event stream (`GET /api/stream`) reads it; the store writer
     /// and the node's phase changes feed it.
     pub(crate) events: Arc<events::Hub>,
+    /// Webhook delivery: the outbox connection (also read by `GET /api/webhooks/deliveries`).
+    pub(crate) deliveries: Arc<webhooks::Deliveries>,
 }
 
 /// A bound, not yet running server.
@@ -251,7 +254,25 @@ impl Server {
         };
         let (registry, roster) = (registry(&config)?, registry(&config)?);
         let events = Arc::new(events::Hub::new());
-        let store = StoreHandle::start_with_tap(store, STORE_TIMEOUT, events.clone())?;
+        let store = StoreHandle::start_with_events(
+            store,
+            STORE_TIMEOUT,
+            callgate_store::writer::Events {
+                tap: Some(events.clone()),
+                node: config.node_id.clone(),
+                webhooks: config.webhooks.iter().map(|e| e.subscription()).collect(),
+            },
+        )?;
+        let outbox = match &config.store_url {
+            Some(url) => callgate_store::outbox::Outbox::postgres(url.clone()),
+            None => callgate_store::outbox::Outbox::sqlite(&config.data_dir)?,
+        };
+        let deliveries = Arc::new(webhooks::Deliveries {
+            outbox: Arc::new(std::sync::Mutex::new(outbox)),
+            wake: events.wake(),
+            node: config.node_id.clone(),
+            retry: config.webhook_retry,
+        });
         let calls = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -309,6 +330,7 @@ impl Server {
             node,
             roster: std::sync::Mutex::new(roster),
             events,
+            deliveries,
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
             config,
@@ -449,6 +471,13 @@ impl Server {
             ));
         }
 
+        for endpoint in shared.config.webhooks.clone() {
+            shared.tasks.spawn(shared.deliveries.clone().run(
+                endpoint,
+                shared.metrics.clone(),
+                shared.cancel.clone(),
+            ));
+        }
         if let Some(retention) = shared.config.retention {
             shared
                 .tasks
@@ -524,6 +553,12 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || {
             roster
                 .roster
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .disconnect();
+            roster
+                .deliveries
+                .outbox
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .disconnect();
@@ -657,8 +692,24 @@ impl Shared {
         if kind(before) != kind(phase) {
             let mut data = serde_json::Map::new();
             data.insert("phase".into(), phase.as_str().into());
-            self.events.node(kind(phase), &self.node.id, data);
+            self.announce_node(kind(phase), &self.node.id, data);
         }
+    }
+
+    /// A node event, through the store writer (published after its next commit, and in the
+    /// webhook outbox like the call events): `data` gets `node`.
+    pub(crate) fn announce_node(
+        &self,
+        kind: callgate_store::notice::Kind,
+        node: &str,
+        mut data: serde_json::Map<String, serde_json::Value>,
+    ) {
+        data.insert("node".into(), node.into());
+        self.store.announce(callgate_store::notice::Notice::new(
+            kind,
+            UnixMillis::now(),
+            data,
+        ));
     }
 }
 

@@ -122,7 +122,7 @@ fn run(shared: &Shared, mut registry: Registry, stopped: &Receiver<()>) {
                             let mut data = serde_json::Map::new();
                             data.insert("closed".into(), l.closed.into());
                             data.insert("closed_by".into(), me.id.as_str().into());
-                            shared.events.node(
+                            shared.announce_node(
                                 callgate_store::notice::Kind::NodeLost,
                                 &l.node,
                                 data,

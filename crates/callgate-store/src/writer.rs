@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::notice::{Calls, Notice, Tap};
+use crate::outbox::{NewDelivery, Subscription};
 use crate::reader::{self, READER_QUEUE, READERS, Read, Reply};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
@@ -45,6 +46,8 @@ enum Op {
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
     Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
     Delete(CallId, Reply<bool>),
+    /// An event that is not a call write (a node's): published and enqueued like the others.
+    Announce(Box<Notice>),
     DeleteBefore(UnixMillis, u32, Reply<Vec<CallId>>),
     /// Nothing to do but run a batch, which drains the overflow (see [`StoreHandle::end_now`]).
     Wake,
@@ -97,27 +100,28 @@ impl StoreHandle {
         readers: Vec<R>,
         timeout: Duration,
     ) -> Result<Self, Error> {
-        Self::start_tapped(store, readers, timeout, None)
+        Self::start_tapped(store, readers, timeout, Events::default())
     }
 
-    /// Like [`StoreHandle::start`], handing the notices of every committed batch to `tap`
-    /// (on the writer thread, after the commit: see [`crate::notice`]).
-    pub fn start_with_tap<S: Store>(
+    /// Like [`StoreHandle::start`], handing the notices of every committed batch to
+    /// `events.tap` (on the writer thread, after the commit: see [`crate::notice`]), and
+    /// adding those its webhooks subscribe to to the outbox, in the same transaction.
+    pub fn start_with_events<S: Store>(
         store: S,
         timeout: Duration,
-        tap: Arc<dyn Tap>,
+        events: Events,
     ) -> Result<Self, Error> {
         let readers = (0..READERS)
             .map(|_| store.open_reader())
             .collect::<Result<Vec<_>, _>>()?;
-        Self::start_tapped(store, readers, timeout, Some(tap))
+        Self::start_tapped(store, readers, timeout, events)
     }
 
     fn start_tapped<R: Reader>(
         mut store: impl Store,
         readers: Vec<R>,
         timeout: Duration,
-        tap: Option<Arc<dyn Tap>>,
+        events: Events,
     ) -> Result<Self, Error> {
         let stats = Arc::new(Stats::default());
         store.attach_stats(stats.clone());
@@ -163,7 +167,7 @@ impl StoreHandle {
         thread::Builder::new()
             .name("callgate-store".into())
             .spawn(move || {
-                writer(store, rx, drained, &writer_stats, tap);
+                writer(store, rx, drained, &writer_stats, events);
                 drop(stop);
             })
             .map_err(|source| Error::Thread {
@@ -239,6 +243,13 @@ impl StoreHandle {
     /// Appends events and waits for the commit.
     pub async fn append_events(&self, id: CallId, events: Vec<NewEvent>) -> Result<(), Error> {
         self.ask(|r| Op::Events(id, events, Some(r))).await
+    }
+
+    /// Publishes an event that is no call write (a node's), after the next commit, and adds
+    /// it to the outbox for the webhooks that take it. Not awaited; dropped (logged) if the
+    /// writer is backed up.
+    pub fn announce(&self, notice: Notice) {
+        self.offer(Op::Announce(Box::new(notice)));
     }
 
     /// Appends events without waiting; gives them back if the writer is backed up, so the
@@ -387,13 +398,39 @@ fn reply<T: Send + 'static>(tx: Reply<T>, result: Result<T, Error>) -> Done {
     })
 }
 
+/// Where the writer's events go.
+#[derive(Default)]
+pub struct Events {
+    /// Receives the events of each committed batch.
+    pub tap: Option<Arc<dyn Tap>>,
+    /// This node's name (the outbox rows' `node`: it delivers them).
+    pub node: String,
+    /// The webhook endpoints and the events each takes (none: no outbox rows).
+    pub webhooks: Vec<Subscription>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("tap", &self.tap.is_some())
+            .field("node", &self.node)
+            .field("webhooks", &self.webhooks)
+            .finish()
+    }
+}
+
 fn writer(
     mut store: impl Store,
     mut rx: mpsc::Receiver<Op>,
     overflow: Overflow,
     stats: &Stats,
-    tap: Option<Arc<dyn Tap>>,
+    events: Events,
 ) {
+    let Events {
+        tap,
+        node,
+        webhooks,
+    } = events;
     let mut batch = Vec::with_capacity(BATCH);
     let mut calls = Calls::default();
     let mut notices: Vec<Notice> = Vec::new();
@@ -431,6 +468,14 @@ fn writer(
             }
             for (id, ended) in ends {
                 done.push(apply(s, Op::End(id, ended, None), &mut calls, &mut notices));
+            }
+            // In the same transaction: an event is in the outbox if and only if the store
+            // holds what it reports.
+            if !webhooks.is_empty() && !notices.is_empty() {
+                let rows = NewDelivery::for_notices(&node, &webhooks, &notices);
+                if !rows.is_empty() {
+                    s.enqueue_deliveries(&rows)?;
+                }
             }
             Ok(())
         });
@@ -529,6 +574,10 @@ fn apply(store: &mut impl Store, op: Op, calls: &mut Calls, notices: &mut Vec<No
         }
         Op::Delete(id, tx) => reply(tx, store.delete_call(&id)),
         Op::DeleteBefore(before, limit, tx) => reply(tx, store.delete_ended_before(before, limit)),
+        Op::Announce(notice) => {
+            notices.push(*notice);
+            Box::new(|_| {})
+        }
         Op::Wake | Op::Tick => Box::new(|_| {}),
         Op::Close(tx) => {
             let _ = tx.send(());
