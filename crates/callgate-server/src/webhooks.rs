@@ -349,18 +349,21 @@ impl Deliveries {
             woken.as_mut().enable();
             let (node, url) = (self.node.clone(), endpoint.url.clone());
             let head = with_outbox(&self.outbox, move |o| o.head(&node, &url)).await;
-            let wait = match head {
+            // `(wait, wake)`: how long to sleep, and whether new events cut it short (only
+            // when the queue was empty: a head waiting for its retry time stays first).
+            let (wait, wake) = match head {
                 Err(error) => {
                     tracing::warn!(%error, url = %endpoint.url, "Cannot read the webhook outbox; trying again.");
-                    Some(IDLE_POLL)
+                    (IDLE_POLL, false)
                 }
-                Ok(None) => Some(IDLE_POLL),
+                Ok(None) => (IDLE_POLL, true),
                 Ok(Some(row)) => {
                     let now = UnixMillis::now();
                     match row.next_attempt {
-                        Some(due) if due > now => Some(Duration::from_millis(
-                            u64::try_from(due.0 - now.0).unwrap_or(0),
-                        )),
+                        Some(due) if due > now => (
+                            Duration::from_millis(u64::try_from(due.0 - now.0).unwrap_or(0)),
+                            false,
+                        ),
                         _ => {
                             let outcome = tokio::select! {
                                 o = attempt(&http, &endpoint, &row) => o,
@@ -369,19 +372,21 @@ impl Deliveries {
                             failing = self
                                 .settle(&endpoint, &row, outcome, &metrics, failing)
                                 .await;
-                            None
+                            (Duration::ZERO, false)
                         }
                     }
                 }
             };
-            if let Some(wait) = wait {
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = &mut woken => {}
-                    () = stop.cancelled() => return,
-                }
-            } else if stop.is_cancelled() {
+            if stop.is_cancelled() {
                 return;
+            }
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = &mut woken, if wake => {}
+                () = stop.cancelled() => return,
             }
         }
     }
