@@ -1,5 +1,6 @@
-//! Webhooks (`[[webhooks]]`): the events of [`crate::events`], POSTed to each endpoint as
-//! [Standard Webhooks](https://www.standardwebhooks.com/) messages, at least once, in order.
+//! Webhooks (`[[webhooks]]`): the events of the live stream (`events`), POSTed to each
+//! endpoint as [Standard Webhooks](https://www.standardwebhooks.com/) messages, at least once,
+//! in order.
 //!
 //! # Delivery
 //! The store writer adds a row to the outbox for each event an endpoint subscribes to, in
@@ -17,7 +18,7 @@
 //!   answers holds one connection, for at most its timeout, and delays only its own queue.
 //! - The delivery tasks touch the database through their own connection, on the blocking
 //!   pool, never the store writer's queue or a call task: a dead receiver never slows calls.
-//! - New rows wake the tasks (the event hub's publish); a due time or [`IDLE_POLL`] wakes
+//! - New rows wake the tasks (the event hub's publish); a due time or `IDLE_POLL` (5 s) wakes
 //!   them otherwise (rows from before a restart, rows the PostgreSQL journal replayed).
 
 use std::sync::{Arc, Mutex};
