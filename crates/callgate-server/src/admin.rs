@@ -51,7 +51,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
         .route("/api/stream", get(crate::events::stream))
-        .route("/api/webhooks/deliveries", get(deliveries))
+        .route("/api/webhooks/deliveries", get(crate::webhooks::deliveries))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))
@@ -224,14 +224,14 @@ async fn json_errors(response: Response) -> Response {
 
 /// An API error: status, stable code and a message naming the problem.
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -239,7 +239,7 @@ impl ApiError {
         }
     }
 
-    fn store(error: callgate_store::Error) -> Self {
+    pub(crate) fn store(error: callgate_store::Error) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -375,38 +375,6 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `GET /api/nodes`: the cluster's roster, `{"nodes":[{"id","admin_url","version",
 /// "started_at","heartbeat_at","state","live_calls"}]}` by ID (with SQLite, this node only).
-/// The most rows `GET /api/webhooks/deliveries` returns.
-const MAX_DELIVERIES: u32 = 1000;
-
-/// `GET /api/webhooks/deliveries?limit=N`: this node's webhook deliveries waiting (pending)
-/// or given up (failed), oldest first, and how many are pending.
-async fn deliveries(
-    State(shared): State<Arc<Shared>>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-    if let Some(key) = query.keys().find(|k| k.as_str() != "limit") {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!("unknown parameter {key:?} (this endpoint takes limit)"),
-        ));
-    }
-    let limit = limit(&query, 100, MAX_DELIVERIES)?;
-    let node = shared.node.id.clone();
-    let (rows, pending) = crate::webhooks::with_outbox(&shared.deliveries.outbox, move |o| {
-        Ok((o.list(&node, limit)?, o.pending(&node)?))
-    })
-    .await
-    .map_err(ApiError::store)?;
-    shared
-        .metrics
-        .webhook_pending
-        .set(i64::try_from(pending).unwrap_or(i64::MAX));
-    Ok(Json(json!({ "deliveries": rows, "pending": pending })))
-}
-
 async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
     let timeout = shared.config.node_timeout;
     let read = shared.clone();
@@ -670,7 +638,11 @@ fn page(query: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result
 }
 
 /// `?limit=N`: `default` when absent, else a whole number from 1 to `max` (else a 400).
-fn limit(query: &HashMap<String, String>, default: u32, max: u32) -> Result<u32, ApiError> {
+pub(crate) fn limit(
+    query: &HashMap<String, String>,
+    default: u32,
+    max: u32,
+) -> Result<u32, ApiError> {
     let Some(text) = query.get("limit") else {
         return Ok(default);
     };

@@ -454,6 +454,50 @@ impl Deliveries {
     }
 }
 
+// GET /api/webhooks/deliveries (registered in `admin`, behind its authorization: read role).
+
+/// The most rows `GET /api/webhooks/deliveries` returns.
+const MAX_DELIVERIES: u32 = 1000;
+
+/// `GET /api/webhooks/deliveries?limit=N`: this node's webhook deliveries waiting (pending)
+/// or given up (failed), oldest first, and how many are pending.
+pub(crate) async fn deliveries(
+    axum::extract::State(shared): axum::extract::State<Arc<crate::Shared>>,
+    query: Result<
+        axum::extract::Query<std::collections::HashMap<String, String>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<axum::Json<serde_json::Value>, crate::admin::ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| {
+        crate::admin::ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "bad_query",
+            e.body_text(),
+        )
+    })?;
+    if let Some(key) = query.keys().find(|k| k.as_str() != "limit") {
+        return Err(crate::admin::ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "bad_query",
+            format!("unknown parameter {key:?} (this endpoint takes limit)"),
+        ));
+    }
+    let limit = crate::admin::limit(&query, 100, MAX_DELIVERIES)?;
+    let node = shared.node.id.clone();
+    let (rows, pending) = with_outbox(&shared.deliveries.outbox, move |o| {
+        Ok((o.list(&node, limit)?, o.pending(&node)?))
+    })
+    .await
+    .map_err(crate::admin::ApiError::store)?;
+    shared
+        .metrics
+        .webhook_pending
+        .set(i64::try_from(pending).unwrap_or(i64::MAX));
+    Ok(axum::Json(
+        serde_json::json!({ "deliveries": rows, "pending": pending }),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

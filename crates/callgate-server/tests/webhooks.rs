@@ -260,6 +260,10 @@ async fn a_receiver_down_for_a_while_gets_every_event_signed_and_in_order() {
     }
     let after = deliveries(&server).await;
     assert_eq!(after["pending"], 0, "{after}");
+    let (status, bad) = server.get("/api/webhooks/deliveries?nope=1").await;
+    assert_eq!((status, &bad["code"]), (400, &json!("bad_query")), "{bad}");
+    let (status, bad) = server.get("/api/webhooks/deliveries?limit=0").await;
+    assert_eq!((status, &bad["code"]), (400, &json!("bad_limit")), "{bad}");
     let metrics = server.metrics_text().await;
     assert!(
         metrics.contains(r#"callgate_webhook_attempts_total{result="delivered"} 5"#),
