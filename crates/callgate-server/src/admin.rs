@@ -50,6 +50,8 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/admin/undrain", post(undrain))
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
+        .route("/api/stream", get(crate::events::stream))
+        .route("/api/webhooks/deliveries", get(crate::webhooks::deliveries))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))
@@ -222,14 +224,14 @@ async fn json_errors(response: Response) -> Response {
 
 /// An API error: status, stable code and a message naming the problem.
 #[derive(Debug)]
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -237,7 +239,7 @@ impl ApiError {
         }
     }
 
-    fn store(error: callgate_store::Error) -> Self {
+    pub(crate) fn store(error: callgate_store::Error) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -636,7 +638,11 @@ fn page(query: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result
 }
 
 /// `?limit=N`: `default` when absent, else a whole number from 1 to `max` (else a 400).
-fn limit(query: &HashMap<String, String>, default: u32, max: u32) -> Result<u32, ApiError> {
+pub(crate) fn limit(
+    query: &HashMap<String, String>,
+    default: u32,
+    max: u32,
+) -> Result<u32, ApiError> {
     let Some(text) = query.get("limit") else {
         return Ok(default);
     };

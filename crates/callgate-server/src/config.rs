@@ -99,6 +99,10 @@ pub struct Config {
     /// More metrics for `/metrics`, encoded on each scrape (agents' own: the `realtime`
     /// agent's latency, connections, tool calls).
     pub metrics: Vec<std::sync::Arc<dyn prometheus_client::collector::Collector>>,
+    /// Where events are POSTed (`[[webhooks]]`), each with the events it takes.
+    pub webhooks: Vec<crate::webhooks::Endpoint>,
+    /// When failed webhook deliveries are tried again, and when they are given up.
+    pub webhook_retry: crate::webhooks::Retry,
 }
 
 impl Default for Config {
@@ -138,6 +142,8 @@ impl Default for Config {
             record: false,
             retention: None,
             metrics: Vec::new(),
+            webhooks: Vec::new(),
+            webhook_retry: crate::webhooks::Retry::default(),
         }
     }
 }
@@ -263,6 +269,9 @@ impl Config {
         };
         if let Err(problem) = check_node_id(&self.node_id) {
             return bad("node_id", &problem);
+        }
+        if let Err(problem) = crate::webhooks::check(&self.webhooks) {
+            return bad("webhooks", &problem.to_string());
         }
         if self.node_timeout < MIN_NODE_TIMEOUT {
             return bad(

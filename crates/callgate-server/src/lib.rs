@@ -10,6 +10,8 @@
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - `events`: the event hub (fed by the store writer after each commit, and by the node's
+//!   phase changes) and `GET /api/stream`, the live event stream.
 //! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tasks`]: the only place that spawns tasks; everything is tracked.
@@ -38,6 +40,7 @@ mod call;
 pub mod call_auth;
 pub mod config;
 mod drain;
+mod events;
 mod live;
 mod media;
 pub mod metrics;
@@ -48,6 +51,7 @@ mod retention;
 pub mod routes;
 pub mod tasks;
 pub mod tls;
+pub mod webhooks;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -163,6 +167,11 @@ pub(crate) struct Shared {
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
     /// Policy: readers take turns on it, on the blocking pool.
     pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
+    /// The event hub: the live event stream (`GET /api/stream`) reads it; the store writer
+    /// and the node's phase changes feed it.
+    pub(crate) events: Arc<events::Hub>,
+    /// Webhook delivery: the outbox connection (also read by `GET /api/webhooks/deliveries`).
+    pub(crate) deliveries: Arc<webhooks::Deliveries>,
 }
 
 /// A bound, not yet running server.
@@ -244,7 +253,26 @@ impl Server {
             None => callgate_store::Registry::sqlite(&config.data_dir),
         };
         let (registry, roster) = (registry(&config)?, registry(&config)?);
-        let store = StoreHandle::start(store, STORE_TIMEOUT)?;
+        let events = Arc::new(events::Hub::new());
+        let store = StoreHandle::start_with_events(
+            store,
+            STORE_TIMEOUT,
+            callgate_store::writer::Events {
+                tap: Some(events.clone()),
+                node: config.node_id.clone(),
+                webhooks: config.webhooks.iter().map(|e| e.subscription()).collect(),
+            },
+        )?;
+        let outbox = match &config.store_url {
+            Some(url) => callgate_store::outbox::Outbox::postgres(url.clone()),
+            None => callgate_store::outbox::Outbox::sqlite(&config.data_dir)?,
+        };
+        let deliveries = Arc::new(webhooks::Deliveries {
+            outbox: Arc::new(std::sync::Mutex::new(outbox)),
+            wake: events.wake(),
+            node: config.node_id.clone(),
+            retry: config.webhook_retry,
+        });
         let calls = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -266,6 +294,10 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
+        let mut collectors = config.metrics.clone();
+        collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
+        let metrics = Arc::new(Metrics::with_collectors(&collectors));
+        events.attach_metrics(metrics.clone());
         let media = media::MediaConfig {
             lead: config.playout_lead,
             underrun: config.playout_underrun,
@@ -284,9 +316,6 @@ impl Server {
                 }
             },
         };
-        let mut collectors = config.metrics.clone();
-        collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
-        let metrics = Arc::new(Metrics::with_collectors(&collectors));
         let call_auth = config.call_auth.clone();
         let admin_auth = config.admin_auth.clone();
         let tasks = Tasks::new();
@@ -300,6 +329,8 @@ impl Server {
         let shared = Arc::new(Shared {
             node,
             roster: std::sync::Mutex::new(roster),
+            events,
+            deliveries,
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
             config,
@@ -440,6 +471,13 @@ impl Server {
             ));
         }
 
+        for endpoint in shared.config.webhooks.clone() {
+            shared.tasks.spawn(shared.deliveries.clone().run(
+                endpoint,
+                shared.metrics.clone(),
+                shared.cancel.clone(),
+            ));
+        }
         if let Some(retention) = shared.config.retention {
             shared
                 .tasks
@@ -454,7 +492,7 @@ impl Server {
         };
         let reason = accept(&shared, calls, shutdown, control).await;
 
-        shared.phase.store(Phase::Stopping);
+        shared.set_phase(Phase::Stopping);
         let live_calls = shared.live.len();
         // Upgrades answered 503 while draining (a load balancer retried them elsewhere).
         let refused_draining = shared
@@ -504,6 +542,8 @@ impl Server {
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
         }
+        // Every event is published: the streams end once they have sent them.
+        shared.events.close();
 
         admin_stop.cancel();
         let _ = admin_handle.await;
@@ -513,6 +553,12 @@ impl Server {
         let _ = tokio::task::spawn_blocking(move || {
             roster
                 .roster
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .disconnect();
+            roster
+                .deliveries
+                .outbox
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .disconnect();
@@ -607,23 +653,63 @@ impl Lifecycle {
 pub(crate) struct PhaseCell(AtomicU8);
 
 impl PhaseCell {
-    pub(crate) fn store(&self, phase: Phase) {
+    /// Sets the phase; returns the one before.
+    pub(crate) fn store(&self, phase: Phase) -> Phase {
         let n = match phase {
             Phase::Serving => 0,
             Phase::Draining { exiting: false } => 1,
             Phase::Draining { exiting: true } => 2,
             Phase::Stopping => 3,
         };
-        self.0.store(n, Ordering::Relaxed);
+        Self::from_u8(self.0.swap(n, Ordering::Relaxed))
     }
 
     pub(crate) fn load(&self) -> Phase {
-        match self.0.load(Ordering::Relaxed) {
+        Self::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    fn from_u8(n: u8) -> Phase {
+        match n {
             0 => Phase::Serving,
             1 => Phase::Draining { exiting: false },
             2 => Phase::Draining { exiting: true },
             _ => Phase::Stopping,
         }
+    }
+}
+
+impl Shared {
+    /// Sets the node's phase, announcing a change of state (`node.serving`,
+    /// `node.draining`, `node.stopping`) on the event stream.
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        use callgate_store::notice::Kind;
+        let kind = |p: Phase| match p {
+            Phase::Serving => Kind::NodeServing,
+            Phase::Draining { .. } => Kind::NodeDraining,
+            Phase::Stopping => Kind::NodeStopping,
+        };
+        let before = self.phase.store(phase);
+        if kind(before) != kind(phase) {
+            let mut data = serde_json::Map::new();
+            data.insert("phase".into(), phase.as_str().into());
+            self.announce_node(kind(phase), &self.node.id, data);
+        }
+    }
+
+    /// A node event, through the store writer (published after its next commit, and in the
+    /// webhook outbox like the call events): `data` gets `node`.
+    pub(crate) fn announce_node(
+        &self,
+        kind: callgate_store::notice::Kind,
+        node: &str,
+        mut data: serde_json::Map<String, serde_json::Value>,
+    ) {
+        data.insert("node".into(), node.into());
+        self.store.announce(callgate_store::notice::Notice::new(
+            kind,
+            UnixMillis::now(),
+            data,
+        ));
     }
 }
 
@@ -689,22 +775,22 @@ async fn accept(
             }
             Input::Control(Control::Terminate(reply)) => {
                 drain.handle_terminate(now);
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(drain.phase());
             }
             Input::Control(Control::Interrupt(reply)) => {
                 drain.handle_interrupt(now);
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(drain.phase());
             }
             Input::Control(Control::Drain(reply)) => {
                 drain.handle_drain(now);
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(drain.phase());
             }
             Input::Control(Control::Undrain(reply)) => {
                 let result = drain.handle_undrain(now).map(|()| drain.phase());
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(result);
             }
             Input::Timer => drain.handle_timeout(now),
@@ -719,7 +805,7 @@ async fn accept(
             }
         }
         let after = drain.phase();
-        shared.phase.store(after);
+        shared.set_phase(after);
         if after != before {
             log_phase(shared, after);
         }

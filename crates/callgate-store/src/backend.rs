@@ -192,6 +192,10 @@ impl Store for AnyStore {
         each!(self, s => s.end_interrupted(node, at))
     }
 
+    fn enqueue_deliveries(&mut self, rows: &[crate::outbox::NewDelivery]) -> Result<(), Error> {
+        each!(self, s => s.enqueue_deliveries(rows))
+    }
+
     fn delete_call(&mut self, id: &CallId) -> Result<bool, Error> {
         each!(self, s => s.delete_call(id))
     }

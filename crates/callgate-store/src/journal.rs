@@ -74,6 +74,10 @@ pub(crate) enum Op {
     Delete {
         id: CallId,
     },
+    /// Webhook outbox rows (inserted once, whatever the replays).
+    Outbox {
+        rows: Vec<crate::outbox::NewDelivery>,
+    },
 }
 
 /// The journal file: its length and how much of it has been replayed.

@@ -11,6 +11,10 @@
 //!   and migrations for `callgate migrate`.
 //! - [`writer`]: [`StoreHandle`], the async front. One writer thread owns the [`Store`] behind
 //!   a bounded channel, commits whatever is queued in one transaction, and only writes.
+//! - [`notice`]: what the writer announces after each commit (call started, answered, DTMF,
+//!   transcript turns, ended) to its [`notice::Tap`]: the live event stream and webhooks.
+//! - [`outbox`]: the webhook outbox: rows added in the writer's transactions, delivered by
+//!   the server through an [`outbox::Outbox`] connection of its own.
 //! - [`reader`]: the reader threads ([`reader::READERS`]), each with its own read-only
 //!   [`Reader`], behind their own bounded channel. Listings and lookups never wait for the
 //!   writer's transactions, and never delay a write.
@@ -32,6 +36,8 @@ pub mod backend;
 mod journal;
 #[macro_use]
 pub mod nodes;
+pub mod notice;
+pub mod outbox;
 pub mod postgres;
 pub mod reader;
 pub mod record;
@@ -194,6 +200,8 @@ pub trait Store: Send + 'static {
     /// records with no node (written before records carried one). Other nodes' records are
     /// left alone: with a shared database they may be live.
     fn end_interrupted(&mut self, node: &str, at: UnixMillis) -> Result<u64, Error>;
+    /// Adds rows to the webhook outbox (a row already there is left as it is).
+    fn enqueue_deliveries(&mut self, rows: &[outbox::NewDelivery]) -> Result<(), Error>;
     /// Deletes an ended call's record, events and transcript; false if there is no ended
     /// call with this id (a live call is never deleted).
     fn delete_call(&mut self, id: &CallId) -> Result<bool, Error>;

@@ -127,6 +127,12 @@ CREATE INDEX calls_callee ON calls ((callee COLLATE "C"), started_at DESC, id DE
             nodes_sql!()
         ),
     },
+    // Webhooks: events waiting for their endpoints.
+    Migration {
+        version: 3,
+        name: "webhook_outbox",
+        sql: crate::outbox::outbox_sql!("BIGSERIAL PRIMARY KEY", "BOOLEAN"),
+    },
 ];
 
 /// Key of the advisory lock that serialises migrations of nodes starting together.
@@ -1145,6 +1151,23 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
             }
             Ok(n)
         }
+        Op::Outbox { rows } => {
+            let mut n = 0;
+            for r in rows {
+                n += c.execute(
+                    crate::outbox::INSERT,
+                    &[
+                        &clean(&r.node),
+                        &clean(&r.endpoint),
+                        &clean(&r.event_id),
+                        &clean(&r.event_type),
+                        &clean(&r.body),
+                        &r.created_at,
+                    ],
+                )?;
+            }
+            Ok(n)
+        }
         Op::Delete { id } => Ok(c.execute(
             "DELETE FROM calls WHERE id = $1 AND ended_at IS NOT NULL",
             &[&id.as_str()],
@@ -1199,6 +1222,13 @@ impl Store for PgStore {
         let id = call.id.clone();
         self.write(Op::Insert { call: call.clone() })?;
         self.remember(&id, Seqs::default());
+        Ok(())
+    }
+
+    fn enqueue_deliveries(&mut self, rows: &[crate::outbox::NewDelivery]) -> Result<(), Error> {
+        self.write(Op::Outbox {
+            rows: rows.to_vec(),
+        })?;
         Ok(())
     }
 

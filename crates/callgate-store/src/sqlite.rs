@@ -109,6 +109,12 @@ CREATE INDEX calls_callee ON calls (callee, started_at DESC, id DESC);
             nodes_sql!()
         ),
     },
+    // Webhooks: events waiting for their endpoints.
+    Migration {
+        version: 6,
+        name: "webhook_outbox",
+        sql: crate::outbox::outbox_sql!("INTEGER PRIMARY KEY AUTOINCREMENT", "BOOLEAN"),
+    },
 ];
 
 /// Call records in one SQLite database: the writer's connection.
@@ -477,6 +483,23 @@ impl Store for SqliteStore {
                 c.key_name,
                 c.node,
             ])?;
+        Ok(())
+    }
+
+    fn enqueue_deliveries(&mut self, rows: &[crate::outbox::NewDelivery]) -> Result<(), Error> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(&crate::outbox::INSERT.replace('$', "?"))?;
+        for r in rows {
+            stmt.execute(params![
+                r.node,
+                r.endpoint,
+                r.event_id,
+                r.event_type,
+                r.body,
+                r.created_at
+            ])?;
+        }
         Ok(())
     }
 

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::notice::{Calls, Notice, Tap};
+use crate::outbox::{NewDelivery, Subscription};
 use crate::reader::{self, READER_QUEUE, READERS, Read, Reply};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
@@ -44,6 +46,8 @@ enum Op {
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
     Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
     Delete(CallId, Reply<bool>),
+    /// An event that is not a call write (a node's): published and enqueued like the others.
+    Announce(Box<Notice>),
     DeleteBefore(UnixMillis, u32, Reply<Vec<CallId>>),
     /// Nothing to do but run a batch, which drains the overflow (see [`StoreHandle::end_now`]).
     Wake,
@@ -92,9 +96,32 @@ impl StoreHandle {
     /// Like [`StoreHandle::start`], with readers of the caller's choosing: one thread each.
     /// With no readers, every read fails with [`Error::Closed`].
     pub fn start_with_readers<R: Reader>(
+        store: impl Store,
+        readers: Vec<R>,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        Self::start_tapped(store, readers, timeout, Events::default())
+    }
+
+    /// Like [`StoreHandle::start`], handing the notices of every committed batch to
+    /// `events.tap` (on the writer thread, after the commit: see [`crate::notice`]), and
+    /// adding those its webhooks subscribe to to the outbox, in the same transaction.
+    pub fn start_with_events<S: Store>(
+        store: S,
+        timeout: Duration,
+        events: Events,
+    ) -> Result<Self, Error> {
+        let readers = (0..READERS)
+            .map(|_| store.open_reader())
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::start_tapped(store, readers, timeout, events)
+    }
+
+    fn start_tapped<R: Reader>(
         mut store: impl Store,
         readers: Vec<R>,
         timeout: Duration,
+        events: Events,
     ) -> Result<Self, Error> {
         let stats = Arc::new(Stats::default());
         store.attach_stats(stats.clone());
@@ -140,7 +167,7 @@ impl StoreHandle {
         thread::Builder::new()
             .name("callgate-store".into())
             .spawn(move || {
-                writer(store, rx, drained, &writer_stats);
+                writer(store, rx, drained, &writer_stats, events);
                 drop(stop);
             })
             .map_err(|source| Error::Thread {
@@ -216,6 +243,13 @@ impl StoreHandle {
     /// Appends events and waits for the commit.
     pub async fn append_events(&self, id: CallId, events: Vec<NewEvent>) -> Result<(), Error> {
         self.ask(|r| Op::Events(id, events, Some(r))).await
+    }
+
+    /// Publishes an event that is no call write (a node's), after the next commit, and adds
+    /// it to the outbox for the webhooks that take it. Not awaited; dropped (logged) if the
+    /// writer is backed up.
+    pub fn announce(&self, notice: Notice) {
+        self.offer(Op::Announce(Box::new(notice)));
     }
 
     /// Appends events without waiting; gives them back if the writer is backed up, so the
@@ -364,8 +398,42 @@ fn reply<T: Send + 'static>(tx: Reply<T>, result: Result<T, Error>) -> Done {
     })
 }
 
-fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow, stats: &Stats) {
+/// Where the writer's events go.
+#[derive(Default)]
+pub struct Events {
+    /// Receives the events of each committed batch.
+    pub tap: Option<Arc<dyn Tap>>,
+    /// This node's name (the outbox rows' `node`: it delivers them).
+    pub node: String,
+    /// The webhook endpoints and the events each takes (none: no outbox rows).
+    pub webhooks: Vec<Subscription>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("tap", &self.tap.is_some())
+            .field("node", &self.node)
+            .field("webhooks", &self.webhooks)
+            .finish()
+    }
+}
+
+fn writer(
+    mut store: impl Store,
+    mut rx: mpsc::Receiver<Op>,
+    overflow: Overflow,
+    stats: &Stats,
+    events: Events,
+) {
+    let Events {
+        tap,
+        node,
+        webhooks,
+    } = events;
     let mut batch = Vec::with_capacity(BATCH);
+    let mut calls = Calls::default();
+    let mut notices: Vec<Notice> = Vec::new();
     while let Some(op) = rx.blocking_recv() {
         if matches!(op, Op::Tick) {
             store.tick();
@@ -395,11 +463,19 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
             for op in ops {
                 match op {
                     Op::Close(tx) => close = Some(tx),
-                    op => done.push(apply(s, op)),
+                    op => done.push(apply(s, op, &mut calls, &mut notices)),
                 }
             }
             for (id, ended) in ends {
-                done.push(apply(s, Op::End(id, ended, None)));
+                done.push(apply(s, Op::End(id, ended, None), &mut calls, &mut notices));
+            }
+            // In the same transaction: an event is in the outbox if and only if the store
+            // holds what it reports.
+            if !webhooks.is_empty() && !notices.is_empty() {
+                let rows = NewDelivery::for_notices(&node, &webhooks, &notices);
+                if !rows.is_empty() {
+                    s.enqueue_deliveries(&rows)?;
+                }
             }
             Ok(())
         });
@@ -412,6 +488,11 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
         for d in done {
             d(commit_error.as_deref());
         }
+        // Only what the store holds is announced.
+        if let (Some(tap), None, false) = (&tap, &commit_error, notices.is_empty()) {
+            tap.publish(&notices);
+        }
+        notices.clear();
         if let Some(tx) = close {
             store.closing();
             let _ = tx.send(());
@@ -420,16 +501,28 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
     }
 }
 
-fn apply(store: &mut impl Store, op: Op) -> Done {
+/// Applies one operation inside the batch's transaction, adding the notices of what it
+/// wrote (if it wrote it) to `notices`.
+fn apply(store: &mut impl Store, op: Op, calls: &mut Calls, notices: &mut Vec<Notice>) -> Done {
     let log = |what: &str, r: Result<(), Error>| {
         if let Err(error) = r {
             tracing::error!(%error, what, "Store write failed.");
         }
     };
     match op {
-        Op::Insert(call, tx) => reply(tx, store.insert_call(&call)),
+        Op::Insert(call, tx) => {
+            let r = store.insert_call(&call);
+            if r.is_ok() {
+                notices.push(calls.started(&call));
+            }
+            reply(tx, r)
+        }
         Op::Answered(id, at) => {
-            log("answered", store.mark_answered(&id, at));
+            let r = store.mark_answered(&id, at);
+            if r.is_ok() {
+                notices.push(calls.answered(&id, at));
+            }
+            log("answered", r);
             Box::new(|_| {})
         }
         Op::Progress(id, counters, dtmf, usage) => {
@@ -441,6 +534,9 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         }
         Op::End(id, ended, tx) => {
             let r = store.end_call(&id, &ended);
+            if r.is_ok() {
+                notices.extend(calls.ended(&id, &ended));
+            }
             match tx {
                 Some(tx) => reply(tx, r),
                 None => {
@@ -452,6 +548,9 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         Op::Cdr(id, raw, tx) => reply(tx, store.set_cdr(&id, &raw)),
         Op::Events(id, events, tx) => {
             let r = store.append_events(&id, &events);
+            if r.is_ok() {
+                calls.events(&id, &events, notices);
+            }
             match tx {
                 Some(tx) => reply(tx, r),
                 None => {
@@ -462,6 +561,9 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         }
         Op::Transcript(id, entries, tx) => {
             let r = store.append_transcript(&id, &entries);
+            if r.is_ok() {
+                calls.transcript(&id, &entries, notices);
+            }
             match tx {
                 Some(tx) => reply(tx, r),
                 None => {
@@ -472,6 +574,10 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         }
         Op::Delete(id, tx) => reply(tx, store.delete_call(&id)),
         Op::DeleteBefore(before, limit, tx) => reply(tx, store.delete_ended_before(before, limit)),
+        Op::Announce(notice) => {
+            notices.push(*notice);
+            Box::new(|_| {})
+        }
         Op::Wake | Op::Tick => Box::new(|_| {}),
         Op::Close(tx) => {
             let _ = tx.send(());

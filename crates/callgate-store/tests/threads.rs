@@ -297,6 +297,13 @@ impl Store for GatedStore {
     ) -> Result<(), Error> {
         self.inner.append_transcript(id, entries)
     }
+    fn enqueue_deliveries(
+        &mut self,
+        rows: &[callgate_store::outbox::NewDelivery],
+    ) -> Result<(), Error> {
+        self.inner.enqueue_deliveries(rows)
+    }
+
     fn delete_call(&mut self, id: &CallId) -> Result<bool, Error> {
         self.inner.delete_call(id)
     }

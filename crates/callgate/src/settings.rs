@@ -205,6 +205,9 @@ settings! {
         /// The `[[routes]]` tables of the file (file only), parsed by `routes::parse_spec`.
         #[arg(skip)]
         routes: Option<Vec<toml::Value>>,
+        /// The `[[webhooks]]` tables of the file (file only): where events are POSTed.
+        #[arg(skip)]
+        webhooks: Option<Vec<WebhookFile>>,
         /// The `[tts]` table of the file (file only): text-to-speech for flows.
         #[arg(skip)]
         tts: Option<callgate_flow::TtsSettings>,
@@ -409,6 +412,14 @@ impl Settings {
         if let Some(call_auth) = &self.call_auth {
             c.call_auth = call_auth.auth().with_context(in_file)?;
         }
+        c.webhooks = self
+            .webhooks
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, w)| w.endpoint(i))
+            .collect::<anyhow::Result<_>>()
+            .with_context(in_file)?;
         c.tls = tls_files(
             "tls",
             "--tls",
@@ -585,6 +596,40 @@ impl AdminFile {
             tokens,
             behind_own_auth: self.behind_auth,
         })
+    }
+}
+
+/// The default time one webhook attempt may take.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One `[[webhooks]]` table.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WebhookFile {
+    /// Where events are POSTed.
+    url: String,
+    /// The event types it takes (`*`: all) [default: all].
+    events: Option<Vec<String>>,
+    /// The environment variable holding the secret, `whsec_` and base64.
+    secret_env: String,
+    /// How long one attempt may take [default: 10s].
+    #[serde(default, deserialize_with = "from_text")]
+    timeout: Option<Duration>,
+}
+
+impl WebhookFile {
+    fn endpoint(&self, i: usize) -> anyhow::Result<callgate_server::webhooks::Endpoint> {
+        let at = format!("webhooks[{i}] ({:?})", self.url);
+        let var = &self.secret_env;
+        let secret = std::env::var(var)
+            .map_err(|_| anyhow!("{at}: secret_env: the environment variable {var} is not set"))?;
+        let timeout = self.timeout.unwrap_or(WEBHOOK_TIMEOUT);
+        if timeout.is_zero() || timeout > Duration::from_secs(300) {
+            bail!("{at}: timeout: must be more than 0 and at most 5m");
+        }
+        let events = self.events.clone().unwrap_or_else(|| vec!["*".to_owned()]);
+        callgate_server::webhooks::Endpoint::parse(&self.url, &events, &secret, timeout)
+            .map_err(|e| anyhow!("{at}: {e}"))
     }
 }
 
@@ -945,6 +990,31 @@ mod tests {
         assert!(e.contains("cdr_timeout") && e.contains("\"soon\""), "{e}");
         // TOML booleans are real booleans.
         assert!(toml::from_str::<Settings>("vad = \"yes\"\n").is_err());
+    }
+
+    #[test]
+    fn webhooks_are_checked_at_start_naming_the_table_and_field() {
+        let load = |toml: &str| {
+            let f: Settings = toml::from_str(toml).map_err(|e| e.to_string())?;
+            f.validate().map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        let table = |extra: &str| {
+            format!("agent = \"echo\"\n[[webhooks]]\nurl = \"http://127.0.0.1:9/h\"\n{extra}")
+        };
+        let e = load(&table("secret_env = \"CALLGATE_NO_SUCH_VARIABLE_42\"\n")).unwrap_err();
+        assert!(
+            e.contains("webhooks[0]") && e.contains("CALLGATE_NO_SUCH_VARIABLE_42 is not set"),
+            "{e}"
+        );
+        // PATH is set on every machine, and is no whsec_ secret.
+        let e = load(&table("secret_env = \"PATH\"\n")).unwrap_err();
+        assert!(e.contains("webhooks[0]") && e.contains("whsec_"), "{e}");
+        let e = load(&table("secret_env = \"PATH\"\nevents = [\"call.nope\"]\n")).unwrap_err();
+        assert!(e.contains("\"call.nope\" is not an event type"), "{e}");
+        let e = load(&table("secret_env = \"PATH\"\ntimeout = \"0s\"\n")).unwrap_err();
+        assert!(e.contains("timeout"), "{e}");
+        let e = load(&table("secret = \"whsec_x\"\n")).unwrap_err();
+        assert!(e.contains("unknown field `secret`"), "{e}");
     }
 
     #[test]
