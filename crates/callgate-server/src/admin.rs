@@ -69,6 +69,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .merge(play)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            crate::forward::layer,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(middleware::from_fn(request_timeout))
         .layer(middleware::map_response(json_errors))
@@ -76,8 +80,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Bearer tokens (when configured): reading needs `read`, acting on calls (and drain,
-/// undrain) `operator`; `/healthz` and `/readyz` stay open for load balancers.
-async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+/// undrain) `operator`; `/healthz` and `/readyz` stay open for load balancers. A request
+/// forwarded by another node is `operator` with the cluster secret, refused without it.
+async fn authorize(
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if request.headers().contains_key(crate::forward::TOKEN_HEADER) {
+        return crate::forward::accept(&shared, request, next).await;
+    }
     let auth = shared.admin_auth.current();
     let open = matches!(request.uri().path(), "/healthz" | "/readyz");
     if !auth.is_enabled() || open {
@@ -94,6 +106,8 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
     match auth.check(header, needed) {
         Ok(name) => {
             tracing::debug!(token = name, method = %request.method(), "Admin request.");
+            let caller = crate::forward::Caller(name.to_owned());
+            request.extensions_mut().insert(caller);
             next.run(request).await
         }
         Err(refusal) => {

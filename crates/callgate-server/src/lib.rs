@@ -38,6 +38,7 @@ mod call;
 pub mod call_auth;
 pub mod config;
 mod drain;
+pub mod forward;
 mod live;
 mod media;
 pub mod metrics;
@@ -109,6 +110,9 @@ pub enum Error {
     /// has both protocol versions).
     #[error("TLS setup: {0}")]
     TlsSetup(String),
+    /// The HTTP client that forwards operator requests to other nodes could not be built.
+    #[error("cannot build the HTTP client towards other nodes: {0}")]
+    HttpClient(reqwest::Error),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -163,6 +167,8 @@ pub(crate) struct Shared {
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
     /// Policy: readers take turns on it, on the blocking pool.
     pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
+    /// The client that forwards operator requests to the node holding the call.
+    pub(crate) forwarder: forward::Forwarder,
 }
 
 /// A bound, not yet running server.
@@ -297,7 +303,17 @@ impl Server {
             metrics.clone(),
         );
         let node = nodes::info(&config, admin_bound, admin_tls.is_some());
+        if config.store_url.is_some() && config.cluster_secret.is_none() {
+            warn!(
+                node = %node.id,
+                "The store is PostgreSQL but no cluster secret is set ([cluster] token_env): \
+                 operator requests for calls held by other nodes cannot be forwarded (they are \
+                 answered 421 call_on_other_node). Set the same secret on every node."
+            );
+        }
+        let forwarder = forward::Forwarder::new().map_err(Error::HttpClient)?;
         let shared = Arc::new(Shared {
+            forwarder,
             node,
             roster: std::sync::Mutex::new(roster),
             media,
