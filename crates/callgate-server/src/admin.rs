@@ -982,6 +982,16 @@ async fn recording(
     Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
 }
 
+/// Whether `file` can name a flow's message: a step's name (A-Z a-z 0-9 - _) and `.wav`.
+pub(crate) fn message_name(file: &str) -> bool {
+    file.strip_suffix(".wav").is_some_and(|stem| {
+        !stem.is_empty()
+            && stem
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
 /// A message a flow's `record` step left: `DATA_DIR/messages/{id}/{file}` (`file` is a step's
 /// name and `.wav`, as listed in the call's `flow_step` events).
 async fn message(
@@ -996,13 +1006,7 @@ async fn message(
             format!("call {:?} has no message {file:?}", id.as_str()),
         )
     };
-    let valid = file.strip_suffix(".wav").is_some_and(|stem| {
-        !stem.is_empty()
-            && stem
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    });
-    if !valid {
+    if !message_name(&file) {
         return Err(no_message());
     }
     // The call must exist: its id then names a directory the server wrote (no path tricks).

@@ -275,10 +275,11 @@ async fn local_file(shared: &Shared, target: &Target, recorded: bool) -> bool {
             .join(target.id.as_str())
             .join(file),
     };
-    // The handler checks the message's name; an odd one is never forwarded either.
-    let odd = target.message.as_deref().is_some_and(|f| {
-        f.is_empty() || f.starts_with('.') || f.contains(['/', '\\']) || f.contains("..")
-    });
+    // A name that cannot be a message is the handler's 404, never forwarded.
+    let odd = target
+        .message
+        .as_deref()
+        .is_some_and(|f| !crate::admin::message_name(f));
     odd || tokio::fs::try_exists(&path).await.unwrap_or(false)
 }
 
