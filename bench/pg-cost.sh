@@ -7,7 +7,9 @@
 #           set up per second, the answer time, and the server's CPU per call;
 #   echo:   ECHO_CALLS calls of ECHO_S streaming 20 ms frames: the server's CPU per frame and
 #           the round trip.
-# The machine may be shared: compare the two columns of one run (ratios), not runs.
+# The machine may be shared: compare the two columns of one run (ratios), not runs. All calls
+# come from one address: the node's per-address budget of pending connections is raised
+# (--max-pending-per-ip 1000), or many slots re-dialling at once would be turned away (503).
 #
 #   bench/pg-cost.sh                                     # 2 rounds
 #   CALLGATE_BIN=target/release/callgate ROUNDS=3 bench/pg-cost.sh
@@ -81,7 +83,7 @@ run() {
         store=(--store-url "$CALLGATE_TEST_PG&options=-csearch_path%3D$run")
     fi
     "$BIN" serve --agent echo --listen "127.0.0.1:$CALL_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
-        --data-dir "$OUT/$run" --node-id "$run" --max-calls 5000 "${store[@]}" \
+        --data-dir "$OUT/$run" --node-id "$run" --max-calls 5000 --max-pending-per-ip 1000 "${store[@]}" \
         >>"$OUT/$run.log" 2>&1 &
     NODE_PID=$!
     for _ in $(seq 1 300); do
