@@ -71,6 +71,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .merge(play)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            shared.clone(),
+            crate::forward::layer,
+        ))
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(middleware::from_fn(request_timeout))
         .layer(middleware::map_response(json_errors))
@@ -78,8 +82,16 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Bearer tokens (when configured): reading needs `read`, acting on calls (and drain,
-/// undrain) `operator`; `/healthz` and `/readyz` stay open for load balancers.
-async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+/// undrain) `operator`; `/healthz` and `/readyz` stay open for load balancers. A request
+/// forwarded by another node is `operator` with the cluster secret, refused without it.
+async fn authorize(
+    State(shared): State<Arc<Shared>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    if request.headers().contains_key(crate::forward::TOKEN_HEADER) {
+        return crate::forward::accept(&shared, request, next).await;
+    }
     let auth = shared.admin_auth.current();
     let open = matches!(request.uri().path(), "/healthz" | "/readyz");
     if !auth.is_enabled() || open {
@@ -96,6 +108,8 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
     match auth.check(header, needed) {
         Ok(name) => {
             tracing::debug!(token = name, method = %request.method(), "Admin request.");
+            let caller = crate::forward::Caller(name.to_owned());
+            request.extensions_mut().insert(caller);
             next.run(request).await
         }
         Err(refusal) => {
@@ -974,6 +988,16 @@ async fn recording(
     Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
 }
 
+/// Whether `file` can name a flow's message: a step's name (A-Z a-z 0-9 - _) and `.wav`.
+pub(crate) fn message_name(file: &str) -> bool {
+    file.strip_suffix(".wav").is_some_and(|stem| {
+        !stem.is_empty()
+            && stem
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
 /// A message a flow's `record` step left: `DATA_DIR/messages/{id}/{file}` (`file` is a step's
 /// name and `.wav`, as listed in the call's `flow_step` events).
 async fn message(
@@ -988,13 +1012,7 @@ async fn message(
             format!("call {:?} has no message {file:?}", id.as_str()),
         )
     };
-    let valid = file.strip_suffix(".wav").is_some_and(|stem| {
-        !stem.is_empty()
-            && stem
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    });
-    if !valid {
+    if !message_name(&file) {
         return Err(no_message());
     }
     // The call must exist: its id then names a directory the server wrote (no path tricks).

@@ -52,6 +52,10 @@ pub struct Config {
     /// A node whose heartbeat is older than this is dead: another node closes its open
     /// records as `interrupted`.
     pub node_timeout: Duration,
+    /// The cluster secret (`[cluster] token_env`): operator requests for a call another node
+    /// holds are forwarded to it with this secret, and requests forwarded by other nodes are
+    /// accepted only with it. `None`: nothing is forwarded, nor accepted.
+    pub cluster_secret: Option<crate::forward::ClusterSecret>,
     /// How many calls may be live at once; more are refused with 1013.
     pub max_calls: usize,
     /// How many connections may be pending at once (accepted, not a call yet: upgrading,
@@ -122,6 +126,7 @@ impl Default for Config {
             node_id: "callgate".into(),
             advertise_admin: None,
             node_timeout: Duration::from_secs(10),
+            cluster_secret: None,
             max_calls: 1000,
             max_pending: 512,
             max_pending_per_ip: 128,

@@ -41,6 +41,7 @@ pub mod call_auth;
 pub mod config;
 mod drain;
 mod events;
+pub mod forward;
 mod live;
 mod media;
 pub mod metrics;
@@ -113,6 +114,9 @@ pub enum Error {
     /// has both protocol versions).
     #[error("TLS setup: {0}")]
     TlsSetup(String),
+    /// The HTTP client that forwards operator requests to other nodes could not be built.
+    #[error("cannot build the HTTP client towards other nodes: {0}")]
+    HttpClient(reqwest::Error),
     /// A listener could not bind.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -172,6 +176,8 @@ pub(crate) struct Shared {
     pub(crate) events: Arc<events::Hub>,
     /// Webhook delivery: the outbox connection (also read by `GET /api/webhooks/deliveries`).
     pub(crate) deliveries: Arc<webhooks::Deliveries>,
+    /// The client that forwards operator requests to the node holding the call.
+    pub(crate) forwarder: forward::Forwarder,
 }
 
 /// A bound, not yet running server.
@@ -326,7 +332,17 @@ impl Server {
             metrics.clone(),
         );
         let node = nodes::info(&config, admin_bound, admin_tls.is_some());
+        if config.store_url.is_some() && config.cluster_secret.is_none() {
+            warn!(
+                node = %node.id,
+                "The store is PostgreSQL but no cluster secret is set ([cluster] token_env): \
+                 operator requests for calls held by other nodes cannot be forwarded (they are \
+                 answered 421 call_on_other_node). Set the same secret on every node."
+            );
+        }
+        let forwarder = forward::Forwarder::new().map_err(Error::HttpClient)?;
         let shared = Arc::new(Shared {
+            forwarder,
             node,
             roster: std::sync::Mutex::new(roster),
             events,

@@ -1096,10 +1096,17 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
                 }
             };
             let mut n = 0;
+            // A `node_lost` event (added by another node's sweep while this node was cut
+            // off: `nodes::Registry::sweep`) took the next number of the call's log; an event
+            // numbered at or after it by this node moves one place up. A record is closed
+            // once, so a log holds at most one `node_lost`: the shift is the same on every
+            // attempt and every replay of the journal, and the write stays idempotent.
             for (i, e) in events.iter().enumerate() {
                 n += c.execute(
                     "INSERT INTO call_events (call_id, seq, at, kind, detail) \
-                     SELECT $1, $2, $3, $4, $5 WHERE EXISTS (SELECT 1 FROM calls WHERE id = $1) \
+                     SELECT $1, $2 + (SELECT COUNT(*) FROM call_events \
+                         WHERE call_id = $1 AND kind = 'node_lost' AND seq <= $2), $3, $4, $5 \
+                     WHERE EXISTS (SELECT 1 FROM calls WHERE id = $1) \
                      ON CONFLICT (call_id, seq) DO NOTHING",
                     &[
                         &id.as_str(),

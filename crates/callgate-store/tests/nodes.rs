@@ -236,7 +236,37 @@ fn postgres_a_dead_node_is_closed_once_by_one_survivor_and_stays_closed() {
                 .unwrap(),
             Beat::Refreshed
         );
+        // Its call's task still logs events: this writer numbered the call's log up to 1
+        // before the sweep added node_lost as 2. They are kept, after node_lost, none lost
+        // to the sweep's number.
+        let late = |kind: &str, at: i64| callgate_store::NewEvent {
+            at: UnixMillis(at),
+            kind: kind.into(),
+            detail: "{}".into(),
+        };
+        store
+            .append_events(&a_live[0].id, &[late("late_1", 31_500)])
+            .unwrap();
+        store
+            .append_events(
+                &a_live[0].id,
+                &[late("late_2", 31_600), late("late_3", 31_700)],
+            )
+            .unwrap();
         store.end_call(&a_live[0].id, &ended(32_000)).unwrap();
+        let log = reader.events(&a_live[0].id, Page::all()).unwrap().unwrap();
+        assert_eq!(
+            log.iter()
+                .map(|e| (e.seq, e.kind.as_str()))
+                .collect::<Vec<_>>(),
+            [
+                (1, "dtmf"),
+                (2, "node_lost"),
+                (3, "late_1"),
+                (4, "late_2"),
+                (5, "late_3")
+            ]
+        );
         let r = reader.call(&a_live[0].id).unwrap().unwrap();
         assert_eq!(r.end_reason.as_deref(), Some("interrupted"));
         assert_eq!(r.ended_at, Some(UnixMillis(12_000)));

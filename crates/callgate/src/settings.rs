@@ -21,6 +21,7 @@ use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
 use callgate_server::auth::{AdminAuth, Role, Secret, Token};
 use callgate_server::call_auth::{CallAuth, CallKey, Net, TwilioToken};
+use callgate_server::forward::ClusterSecret;
 use callgate_server::routes::{RouteSpec, parse_spec};
 use callgate_server::{Config, RouteTable};
 use serde::{Deserialize, Deserializer};
@@ -87,6 +88,13 @@ settings! {
         #[arg(long, env = "CALLGATE_NODE_TIMEOUT", value_name = "DURATION", value_parser = text::<Duration>())]
         #[serde(deserialize_with = "from_text")]
         node_timeout: Option<Duration>,
+        /// The environment variable that holds the cluster secret (32 bytes or more, the same on every node): operator requests for calls held by another node are forwarded to it with this secret (file: `[cluster] token_env`) [default: none, no forwarding]
+        #[arg(long, env = "CALLGATE_CLUSTER_TOKEN_ENV", value_name = "VAR")]
+        #[serde(skip)]
+        cluster_token_env: Option<String>,
+        /// The `[cluster]` table of the file: the cluster secret's variable (as --cluster-token-env).
+        #[arg(skip)]
+        cluster: Option<ClusterFile>,
         /// PEM file of the CA that signed PostgreSQL's certificate (with sslmode=verify-full)
         #[arg(long, env = "CALLGATE_STORE_CA_FILE", value_name = "FILE", value_parser = text::<PathBuf>())]
         #[serde(deserialize_with = "from_text")]
@@ -341,6 +349,13 @@ impl Settings {
         if let Some(v) = self.node_timeout {
             c.node_timeout = v;
         }
+        c.cluster_secret = cluster_secret(
+            self.cluster_token_env
+                .as_deref()
+                .or(self.cluster.as_ref().and_then(|c| c.token_env.as_deref())),
+            |var| std::env::var(var).ok(),
+        )
+        .with_context(in_file)?;
         if let Some(v) = self.max_calls {
             c.max_calls = v;
         }
@@ -494,6 +509,34 @@ impl Settings {
             },
         })
     }
+}
+
+/// The file's `[cluster]` table.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClusterFile {
+    /// The environment variable holding the cluster secret.
+    token_env: Option<String>,
+}
+
+/// The cluster secret from the variable named `var` (flag, `CALLGATE_CLUSTER_TOKEN_ENV` or
+/// `[cluster] token_env`): it must be set, and at least 32 bytes long.
+fn cluster_secret(
+    var: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<ClusterSecret>> {
+    let Some(var) = var else {
+        return Ok(None);
+    };
+    if var.is_empty() {
+        bail!("cluster.token_env: give the name of an environment variable");
+    }
+    let text = env(var).ok_or_else(|| {
+        anyhow!("cluster.token_env: the environment variable {var} is not set (or not UTF-8)")
+    })?;
+    ClusterSecret::new(&text)
+        .map(Some)
+        .map_err(|e| anyhow!("cluster.token_env: {var}: {e}"))
 }
 
 /// The file's `[admin]` table.
@@ -1079,6 +1122,41 @@ mod tests {
             let file: Settings = toml::from_str(&format!("node_id = {bad:?}\n")).unwrap();
             let e = format!("{:#}", file.validate().unwrap_err());
             assert!(e.contains("node_id"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_cluster_secret_comes_from_the_variable_named_by_flag_or_file() {
+        let merged = flags(&["--cluster-token-env", "FROM_FLAG"])
+            .unwrap()
+            .or(toml::from_str("[cluster]\ntoken_env = \"FROM_FILE\"\n").unwrap());
+        assert_eq!(merged.cluster_token_env.as_deref(), Some("FROM_FLAG"));
+        let file: Settings = toml::from_str("[cluster]\ntoken_env = \"FROM_FILE\"\n").unwrap();
+        assert_eq!(
+            file.cluster.as_ref().and_then(|c| c.token_env.as_deref()),
+            Some("FROM_FILE")
+        );
+        assert!(toml::from_str::<Settings>("[cluster]\ntoken = \"x\"\n").is_err());
+        let long = "k".repeat(32);
+        let env = |var: &str| match var {
+            "LONG" => Some(format!("  {long}\n")),
+            "SHORT" => Some("k".repeat(31)),
+            "SPACE" => Some(format!("{long} {long}")),
+            _ => None,
+        };
+        assert!(cluster_secret(None, env).unwrap().is_none());
+        assert!(cluster_secret(Some("LONG"), env).unwrap().is_some());
+        for (var, says) in [
+            ("SHORT", "31 bytes long; use at least 32"),
+            ("SPACE", "visible ASCII"),
+            ("UNSET", "UNSET is not set"),
+            ("", "name of an environment variable"),
+        ] {
+            let e = format!("{:#}", cluster_secret(Some(var), env).unwrap_err());
+            assert!(
+                e.contains("cluster.token_env") && e.contains(says),
+                "{var}: {e}"
+            );
         }
     }
 }
