@@ -646,6 +646,11 @@ mod tests {
         )
     }
 
+    #[allow(clippy::disallowed_methods, reason = "the tests' origin of time")]
+    fn origin() -> Instant {
+        Instant::now()
+    }
+
     fn ms(t0: Instant, ms: u64) -> Instant {
         t0 + Duration::from_millis(ms)
     }
@@ -704,7 +709,7 @@ mod tests {
 
     #[test]
     fn connected_then_start_then_media_with_twilios_counters() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = core(t0);
         c.handle_call_event(ms(t0, 10), AgentEvent::Audio(Bytes::from(vec![1u8; 160])));
         c.handle_opened(ms(t0, 40));
@@ -762,7 +767,7 @@ mod tests {
 
     #[test]
     fn marks_come_back_in_order_only_when_the_call_reports_them_played() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = open(t0);
         c.handle_bot(
             ms(t0, 50),
@@ -815,7 +820,7 @@ mod tests {
 
     #[test]
     fn a_clear_drops_the_queue_and_echoes_every_pending_mark_at_once() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = open(t0);
         c.handle_bot(
             ms(t0, 50),
@@ -881,7 +886,7 @@ mod tests {
 
     #[test]
     fn a_barge_in_echoes_the_pending_marks_as_twilio_would() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = open(t0);
         c.handle_bot(
             ms(t0, 50),
@@ -914,7 +919,7 @@ mod tests {
 
     #[test]
     fn a_bot_that_closes_hangs_up_after_its_audio_one_that_drops_gets_the_fallback() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = open(t0);
         c.handle_bot(
             ms(t0, 50),
@@ -980,7 +985,7 @@ mod tests {
 
     #[test]
     fn the_end_of_the_call_sends_stop_and_closes() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = open(t0);
         c.handle_bot(ms(t0, 50), BotMessage::Mark("never".into()), 10);
         c.handle_call_event(ms(t0, 70), AgentEvent::Ended(EndReason::PeerHangup));
@@ -1011,7 +1016,7 @@ mod tests {
 
     #[test]
     fn invalid_messages_are_counted_not_fatal_and_a_full_queue_stops_reading() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut c = open(t0);
         for _ in 0..20 {
             c.handle_bot(
