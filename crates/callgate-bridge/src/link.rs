@@ -145,6 +145,8 @@ pub(crate) async fn run(
             }
         }
     };
+    // Answer the bot's close (or end ours) on the wire, bounded, before reporting.
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
     let _ = events.send(LinkEvent::Closed(closed)).await;
 }
 
