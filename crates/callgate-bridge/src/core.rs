@@ -183,7 +183,7 @@ impl Core {
         epoch: Epoch,
         now: Instant,
     ) -> Self {
-        let mut core = Self {
+        Self {
             ids,
             custom_parameters,
             phase: Phase::Connecting { since: now },
@@ -203,9 +203,7 @@ impl Core {
             counters: Counters::default(),
             reported: (0, 0, 0),
             next_usage: None,
-        };
-        core.urgent.push_back(AgentCommand::Answer);
-        core
+        }
     }
 
     /// The figures so far.
@@ -230,6 +228,8 @@ impl Core {
             return;
         };
         self.phase = Phase::Open { stream_start: now };
+        // The bot picked up: the call is answered now, so the caller's audio flows to it.
+        self.urgent.push_back(AgentCommand::Answer);
         self.send(twilio::connected_json());
         self.sequence = 1;
         let start = ToBot::Start {
@@ -558,6 +558,10 @@ impl Core {
     }
 
     fn fall_back(&mut self, why: &str) {
+        if matches!(self.phase, Phase::Connecting { .. }) {
+            // Never answered: answer to play the fallback.
+            self.urgent.push_back(AgentCommand::Answer);
+        }
         self.phase = Phase::BotGone;
         self.marks.clear();
         self.record(json!({
@@ -712,6 +716,7 @@ mod tests {
         let t0 = origin();
         let mut c = core(t0);
         c.handle_call_event(ms(t0, 10), AgentEvent::Audio(Bytes::from(vec![1u8; 160])));
+        assert!(c.front().is_none(), "not answered before the bot picks up");
         c.handle_opened(ms(t0, 40));
         let out = sent(&mut c);
         assert_eq!(
