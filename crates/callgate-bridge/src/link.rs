@@ -3,9 +3,9 @@
 //! continuously, turning each frame into a [`BotMessage`] (JSON parsed, audio base64-decoded
 //! here, off the call task), and writes the text the core made.
 //!
-//! Channels: toward the agent, [`EVENTS`] deep; policy when full: this task waits, so the
-//! bot's socket is not read (TCP pushes back); the agent stops taking events only while 120 s
-//! of the bot's audio wait for the playout. From the agent, [`OUTGOING`] deep; policy when
+//! Channels: toward the agent, [`EVENTS`] deep; policy when full: the bot's socket is not read
+//! further (TCP pushes back) while the caller's audio is still written to it; the agent stops
+//! taking events only while 120 s of the bot's audio wait for the playout. From the agent, [`OUTGOING`] deep; policy when
 //! full: the agent treats the bot as dropped (it has not read 10 s of the caller's audio).
 
 use std::sync::Arc;
@@ -85,9 +85,18 @@ pub(crate) async fn run(
         return;
     }
     let (mut sink, mut stream) = ws.split();
+    // A message read but not yet taken by the agent: the socket is not read further until it
+    // is (TCP pushes back), while the caller's audio keeps being written.
+    let mut pending: Option<LinkEvent> = None;
     let closed = loop {
         tokio::select! {
-            frame = stream.next() => {
+            permit = events.reserve(), if pending.is_some() => {
+                let Ok(permit) = permit else { return };
+                if let Some(event) = pending.take() {
+                    permit.send(event);
+                }
+            }
+            frame = stream.next(), if pending.is_none() => {
                 let (message, bytes) = match frame {
                     Some(Ok(Message::Text(text))) => (parse(text.as_str()), text.len()),
                     Some(Ok(Message::Binary(data))) => (
@@ -116,9 +125,7 @@ pub(crate) async fn run(
                         close_frame: false,
                     },
                 };
-                if events.send(LinkEvent::Message { message, bytes }).await.is_err() {
-                    return;
-                }
+                pending = Some(LinkEvent::Message { message, bytes });
             }
             text = outgoing.recv() => {
                 let Some(text) = text else {
@@ -147,6 +154,11 @@ pub(crate) async fn run(
     };
     // Answer the bot's close (or end ours) on the wire, bounded, before reporting.
     let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+    if let Some(event) = pending
+        && events.send(event).await.is_err()
+    {
+        return;
+    }
     let _ = events.send(LinkEvent::Closed(closed)).await;
 }
 
