@@ -10,7 +10,9 @@
 # CPU per frame beside it (it is the user's process, not callgate's). callgate is pinned to CPU 0,
 # the load generator and the bot to CPU 1. Results: bench/BRIDGE.md.
 #
-# Knobs (environment): BR_SIZES ("100 500"), BR_DURATION (20s), BR_OUT (bench/BRIDGE.md).
+# Knobs (environment): BR_SIZES ("100 500"), BR_DURATION (20s), BR_OUT (bench/BRIDGE.md),
+# BR_BUILD (1; 0 uses the release binaries already built), BR_BOT_CPU (1: the bot shares the
+# load generator's core; 0: callgate's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${BR_SIZES:-"100 500"}
@@ -18,14 +20,18 @@ DURATION=${BR_DURATION:-20s}
 OUT=${BR_OUT:-bench/BRIDGE.md}
 RAW=bench/results/bridge-$(date -u +%Y%m%dT%H%M%SZ)
 PORT=4180
+BOT_CPU=${BR_BOT_CPU:-1}
 mkdir -p "$RAW"
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-echo "==> building (release)"
-cargo build --release --locked -p callgate
-cargo build --release --locked -p callgate-testkit --example twilio-echo-bot
+if [ "${BR_BUILD:-1}" = 1 ]; then
+  echo "==> building (release)"
+  # One invocation: the two packages share one feature set, so nothing is built twice.
+  cargo build --release --locked -p callgate -p callgate-testkit --bin callgate \
+    --example twilio-echo-bot
+fi
 CALLGATE=target/release/callgate
 BOT=target/release/examples/twilio-echo-bot
 
@@ -37,7 +43,7 @@ for n in $SIZES; do
     echo "==> $n calls, $agent"
     BPID=""
     if [ "$agent" = bridge ]; then
-      taskset -c 1 "$BOT" >"$WORK/bot.out" 2>"$WORK/bot.log" &
+      taskset -c "$BOT_CPU" "$BOT" >"$WORK/bot.out" 2>"$WORK/bot.log" &
       BPID=$!
       for _ in $(seq 100); do grep -q listening "$WORK/bot.out" && break; sleep 0.1; done
       BOT_PORT=$(awk '/listening/ {print $2}' "$WORK/bot.out")
@@ -80,9 +86,9 @@ TOML
   done
 done
 
-python3 - "$OUT" "$DURATION" "$RAW" "${rows[@]}" <<'PY'
+python3 - "$OUT" "$DURATION" "$RAW" "$BOT_CPU" "${rows[@]}" <<'PY'
 import json, sys, subprocess, datetime
-out, duration, raw, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+out, duration, raw, bot_cpu, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 res = {}
 for i in range(0, len(rows), 4):
     n, agent, load, bot = rows[i:i + 4]
@@ -95,7 +101,7 @@ lines = []
 for (n, agent), (r, b) in res.items():
     server = r.get("server") or {}
     frames = r.get("frames") or {}
-    rtt = r.get("rtt") or r.get("round_trip") or {}
+    rtt = r.get("rtt_ms") or {}
     cpu = server.get("cpu_us_per_frame")
     echo_cpu = ((res.get((n, "echo")) or ({}, {}))[0].get("server") or {}).get("cpu_us_per_frame")
     ratio = "1.00" if agent == "echo" else ("n/a" if not cpu or not echo_cpu else f"{cpu / echo_cpu:.2f}")
@@ -110,7 +116,7 @@ for (n, agent), (r, b) in res.items():
     lines.append(
         f"| {n} | {agent} | {fmt(cpu)} | {ratio} | {'n/a' if rss is None else f'{rss / 1024:.1f} kB'} | "
         f"{frames.get('sent', 'n/a')} | {frames.get('lost', 'n/a')} | {frames.get('corrupt', 'n/a')} | "
-        f"{fmt(p('p50_ms'))} | {fmt(p('p99_ms'))} | {bot_us} | {calls_ok}/{r.get('calls', n)} |")
+        f"{fmt(p('p50'))} | {fmt(p('p99'))} | {bot_us} | {calls_ok}/{r.get('calls', n)} |")
 cpu_model = ""
 try:
     cpu_model = [l for l in open("/proc/cpuinfo") if l.startswith("model name")][0].split(":")[1].strip()
@@ -122,7 +128,7 @@ with open(out, "w") as f:
 
 Run {datetime.datetime.utcnow().strftime('%Y-%m-%d %H:%M')} UTC on commit {rev}, {cpu_model}, 2 cores
 shared with other work (ratios within one run are the figures to read, not absolute µs).
-callgate (release) pinned to CPU 0; `callgate load` and the bot share CPU 1. {duration} of
+callgate (release) pinned to CPU 0, `callgate load` to CPU 1, the bot to CPU {bot_cpu}. {duration} of
 μ-law 8 kHz per call, inbound protocol, 20 ms stamped frames echoed.
 
 - **echo**: the `echo` agent sends every frame back.
