@@ -815,12 +815,13 @@ fn realtime_metrics() -> Arc<callgate_realtime::RealtimeMetrics> {
         .clone()
 }
 
-/// The agents `serve` can run: the built-in ones, `flow`, `realtime` and `pipeline`. A flow's warnings
+/// The agents `serve` can run: the built-in ones, `flow`, `realtime`, `pipeline` and `bridge`. A flow's warnings
 /// (unreachable steps) go to stderr: the configuration is loaded before logging is set up.
 pub(crate) fn catalog(flow_env: callgate_flow::FlowEnv) -> Catalog {
     let mut catalog = Catalog::builtin();
     callgate_realtime::register(&mut catalog, flow_env.clone(), realtime_metrics());
     callgate_pipeline::register(&mut catalog, flow_env.clone());
+    callgate_bridge::register(&mut catalog, flow_env.clone());
     callgate_flow::register_with(&mut catalog, flow_env, |warning| {
         eprintln!("callgate: warning: {warning}");
     });
