@@ -10,6 +10,8 @@
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - `console`: the operator's web console at `/` (embedded files); `session`: its sign-in,
+//!   admin tokens exchanged for session cookies.
 //! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tasks`]: the only place that spawns tasks; everything is tracked.
@@ -37,6 +39,7 @@ pub mod auth;
 mod call;
 pub mod call_auth;
 pub mod config;
+mod console;
 mod drain;
 mod live;
 mod media;
@@ -46,6 +49,7 @@ mod pii;
 mod record;
 mod retention;
 pub mod routes;
+mod session;
 pub mod tasks;
 pub mod tls;
 
@@ -163,6 +167,8 @@ pub(crate) struct Shared {
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
     /// Policy: readers take turns on it, on the blocking pool.
     pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
+    /// The console's signed-in browsers (in memory: a restart signs everyone out).
+    pub(crate) sessions: session::Sessions,
 }
 
 /// A bound, not yet running server.
@@ -317,6 +323,7 @@ impl Server {
             control: control_tx,
             connections: watch::Sender::new(0),
             ws_config,
+            sessions: session::Sessions::default(),
         });
         Ok(Self {
             shared,

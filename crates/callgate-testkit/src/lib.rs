@@ -6,6 +6,7 @@
 //! Tests synchronise on what the server sends (messages, closes, records), never on sleeps.
 
 pub mod audio;
+pub mod browser;
 pub mod http;
 pub mod openai;
 pub mod phone;
