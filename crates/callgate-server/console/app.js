@@ -107,6 +107,8 @@
           onEvent(body);
         });
       }
+      // The server no longer holds the events after our Last-Event-ID: re-read the state.
+      source.addEventListener('reset', () => onResync());
       source.addEventListener('open', () => {
         if (poll) { clearInterval(poll); poll = null; }
         onMode('stream');
@@ -196,7 +198,7 @@
       if (!row) {
         const status = h('span', { class: 'status' });
         row = {
-          call: {}, start: Date.now(),
+          call: {}, start: Date.now(), added: performance.now(),
           el: h('tr', { 'data-call-id': id }),
           cells: {
             started: h('td', { class: 'num' }), protocol: h('td'), caller: h('td', { class: 'num' }),
@@ -233,16 +235,24 @@
       counted();
     }
 
+    // Calls the stream said ended: a list read before the end must not bring them back.
+    const ended = new Set();
     let loading = null;
     async function resync() {
       if (loading) return loading;
       loading = (async () => {
         try {
+          const asked = performance.now();
           const body = await api('GET', '/api/calls?live=true&limit=' + LIVE_LIMIT);
           const seen = new Set();
           // Newest first from the API: insert oldest first so the newest ends on top.
-          for (const call of body.calls.slice().reverse()) { upsert(call); seen.add(call.id); }
-          for (const id of [...rows.keys()]) if (!seen.has(id)) remove(id);
+          for (const call of body.calls.slice().reverse()) {
+            if (!ended.has(call.id)) upsert(call);
+            seen.add(call.id);
+          }
+          // A row the stream added after the list was asked for is newer than the list.
+          for (const [id, row] of [...rows]) if (!seen.has(id) && row.added < asked) remove(id);
+          if (ended.size > 10000) ended.clear();
         } catch (e) {
           mode.textContent = t('error.load', { error: e.message });
         } finally {
@@ -258,11 +268,9 @@
       if (!id) return;
       switch (ev.type) {
         case 'call.started': {
-          const row = upsert(Object.assign({ id }, d, { id }));
-          if (!d.caller && !d.protocol) {
-            api('GET', '/api/calls/' + id).then((call) => { if (rows.has(id)) upsert(call); }, () => {});
-          }
-          if (!d.started_at && ev.timestamp) row.start = Date.parse(ev.timestamp);
+          // The event's time is the record's start; a row the list already drew keeps its own.
+          const start = rows.has(id) ? {} : { started_at: ev.timestamp };
+          upsert(Object.assign(start, d, { id }));
           break;
         }
         case 'call.answered': {
@@ -283,6 +291,7 @@
           break;
         }
         case 'call.ended':
+          ended.add(id);
           remove(id);
           break;
         default:
@@ -296,7 +305,10 @@
     onCleanup(() => clearInterval(tick));
     counted();
     resync();
-    subscribe(onEvent, resync, (m) => { mode.textContent = '· ' + t(m === 'stream' ? 'live.stream' : 'live.polling'); });
+    subscribe(onEvent, resync, (m) => {
+      mode.textContent = '· ' + t(m === 'stream' ? 'live.stream' : 'live.polling');
+      mode.setAttribute('data-live-mode', m);
+    });
   }
 
   // ---- Calls ---------------------------------------------------------------------------

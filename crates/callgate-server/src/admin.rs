@@ -51,6 +51,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/admin/undrain", post(undrain))
         .route("/metrics", get(metrics))
         .route("/api/nodes", get(nodes))
+        .route("/api/stream", get(crate::events::stream))
         .route("/api/calls", get(list_calls))
         .route("/api/calls/{id}", get(call).delete(delete_call))
         .route("/api/calls/{id}/events", get(events))

@@ -12,6 +12,8 @@
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
 //! - `console`: the operator's web console at `/` (embedded files); `session`: its sign-in,
 //!   admin tokens exchanged for session cookies.
+//! - `events`: the event hub (fed by the store writer after each commit, and by the node's
+//!   phase changes) and `GET /api/stream`, the live event stream.
 //! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
 //! - [`metrics`]: the Prometheus registry.
 //! - [`tasks`]: the only place that spawns tasks; everything is tracked.
@@ -41,6 +43,7 @@ pub mod call_auth;
 pub mod config;
 mod console;
 mod drain;
+mod events;
 mod live;
 mod media;
 pub mod metrics;
@@ -169,6 +172,9 @@ pub(crate) struct Shared {
     pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
     /// The console's signed-in browsers (in memory: a restart signs everyone out).
     pub(crate) sessions: session::Sessions,
+    /// The event hub: the live event stream (`GET /api/stream`) reads it; the store writer
+    /// and the node's phase changes feed it.
+    pub(crate) events: Arc<events::Hub>,
 }
 
 /// A bound, not yet running server.
@@ -250,7 +256,8 @@ impl Server {
             None => callgate_store::Registry::sqlite(&config.data_dir),
         };
         let (registry, roster) = (registry(&config)?, registry(&config)?);
-        let store = StoreHandle::start(store, STORE_TIMEOUT)?;
+        let events = Arc::new(events::Hub::new());
+        let store = StoreHandle::start_with_tap(store, STORE_TIMEOUT, events.clone())?;
         let calls = TcpListener::bind(config.listen)
             .await
             .map_err(|source| Error::Bind {
@@ -272,6 +279,10 @@ impl Server {
             .write_buffer_size(0)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_message_size));
+        let mut collectors = config.metrics.clone();
+        collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
+        let metrics = Arc::new(Metrics::with_collectors(&collectors));
+        events.attach_metrics(metrics.clone());
         let media = media::MediaConfig {
             lead: config.playout_lead,
             underrun: config.playout_underrun,
@@ -290,9 +301,6 @@ impl Server {
                 }
             },
         };
-        let mut collectors = config.metrics.clone();
-        collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
-        let metrics = Arc::new(Metrics::with_collectors(&collectors));
         let call_auth = config.call_auth.clone();
         let admin_auth = config.admin_auth.clone();
         let tasks = Tasks::new();
@@ -306,6 +314,7 @@ impl Server {
         let shared = Arc::new(Shared {
             node,
             roster: std::sync::Mutex::new(roster),
+            events,
             media,
             admission: admission::Admission::new(&config, metrics.clone()),
             config,
@@ -461,7 +470,7 @@ impl Server {
         };
         let reason = accept(&shared, calls, shutdown, control).await;
 
-        shared.phase.store(Phase::Stopping);
+        shared.set_phase(Phase::Stopping);
         let live_calls = shared.live.len();
         // Upgrades answered 503 while draining (a load balancer retried them elsewhere).
         let refused_draining = shared
@@ -511,6 +520,8 @@ impl Server {
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
         }
+        // Every event is published: the streams end once they have sent them.
+        shared.events.close();
 
         admin_stop.cancel();
         let _ = admin_handle.await;
@@ -614,22 +625,46 @@ impl Lifecycle {
 pub(crate) struct PhaseCell(AtomicU8);
 
 impl PhaseCell {
-    pub(crate) fn store(&self, phase: Phase) {
+    /// Sets the phase; returns the one before.
+    pub(crate) fn store(&self, phase: Phase) -> Phase {
         let n = match phase {
             Phase::Serving => 0,
             Phase::Draining { exiting: false } => 1,
             Phase::Draining { exiting: true } => 2,
             Phase::Stopping => 3,
         };
-        self.0.store(n, Ordering::Relaxed);
+        Self::from_u8(self.0.swap(n, Ordering::Relaxed))
     }
 
     pub(crate) fn load(&self) -> Phase {
-        match self.0.load(Ordering::Relaxed) {
+        Self::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    fn from_u8(n: u8) -> Phase {
+        match n {
             0 => Phase::Serving,
             1 => Phase::Draining { exiting: false },
             2 => Phase::Draining { exiting: true },
             _ => Phase::Stopping,
+        }
+    }
+}
+
+impl Shared {
+    /// Sets the node's phase, announcing a change of state (`node.serving`,
+    /// `node.draining`, `node.stopping`) on the event stream.
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        use callgate_store::notice::Kind;
+        let kind = |p: Phase| match p {
+            Phase::Serving => Kind::NodeServing,
+            Phase::Draining { .. } => Kind::NodeDraining,
+            Phase::Stopping => Kind::NodeStopping,
+        };
+        let before = self.phase.store(phase);
+        if kind(before) != kind(phase) {
+            let mut data = serde_json::Map::new();
+            data.insert("phase".into(), phase.as_str().into());
+            self.events.node(kind(phase), &self.node.id, data);
         }
     }
 }
@@ -696,22 +731,22 @@ async fn accept(
             }
             Input::Control(Control::Terminate(reply)) => {
                 drain.handle_terminate(now);
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(drain.phase());
             }
             Input::Control(Control::Interrupt(reply)) => {
                 drain.handle_interrupt(now);
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(drain.phase());
             }
             Input::Control(Control::Drain(reply)) => {
                 drain.handle_drain(now);
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(drain.phase());
             }
             Input::Control(Control::Undrain(reply)) => {
                 let result = drain.handle_undrain(now).map(|()| drain.phase());
-                shared.phase.store(drain.phase());
+                shared.set_phase(drain.phase());
                 let _ = reply.send(result);
             }
             Input::Timer => drain.handle_timeout(now),
@@ -726,7 +761,7 @@ async fn accept(
             }
         }
         let after = drain.phase();
-        shared.phase.store(after);
+        shared.set_phase(after);
         if after != before {
             log_phase(shared, after);
         }

@@ -85,6 +85,21 @@ pub struct Metrics {
     pub tls_reloads: Family<Labels2, Counter>,
     /// TLS handshakes that failed or did not finish in time, by port (`call`, `admin`).
     pub tls_handshakes_failed: Family<Labels1, Counter>,
+    /// Events announced to the live stream and webhooks, by type (`call.started`...).
+    pub events_published: Family<Labels1, Counter>,
+    /// Clients reading `GET /api/stream` now.
+    pub stream_clients: Gauge,
+    /// Stream clients dropped because they fell too far behind.
+    pub stream_dropped: Counter,
+    /// Webhook delivery attempts, by result (`delivered`, `refused`: an answer other than
+    /// 2xx, `timeout`, `unreachable`).
+    pub webhook_attempts: Family<Labels1, Counter>,
+    /// Webhook deliveries waiting in the outbox (pending or retrying), as last counted.
+    pub webhook_pending: Gauge,
+    /// Webhook deliveries given up after the retry period (kept as failed in the outbox).
+    pub webhook_failed: Counter,
+    /// Time from an event to its successful delivery, seconds.
+    pub webhook_delay: Histogram,
 }
 
 impl Metrics {
@@ -130,6 +145,13 @@ impl Metrics {
             agent_commands_refused: Family::default(),
             tls_reloads: Family::default(),
             tls_handshakes_failed: Family::default(),
+            events_published: Family::default(),
+            stream_clients: Gauge::default(),
+            stream_dropped: Counter::default(),
+            webhook_attempts: Family::default(),
+            webhook_pending: Gauge::default(),
+            webhook_failed: Counter::default(),
+            webhook_delay: Histogram::new([0.05, 0.25, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0]),
             registry: Registry::default(),
         };
         registry.register("calls_live", "Calls live now", m.calls_live.clone());
@@ -242,6 +264,41 @@ impl Metrics {
             "tls_handshakes_failed",
             "TLS handshakes that failed or timed out, by port",
             m.tls_handshakes_failed.clone(),
+        );
+        registry.register(
+            "events_published",
+            "Events announced to the live stream and webhooks, by type",
+            m.events_published.clone(),
+        );
+        registry.register(
+            "event_stream_clients",
+            "Clients reading the live event stream",
+            m.stream_clients.clone(),
+        );
+        registry.register(
+            "event_stream_dropped",
+            "Live event stream clients dropped for falling too far behind",
+            m.stream_dropped.clone(),
+        );
+        registry.register(
+            "webhook_attempts",
+            "Webhook delivery attempts, by result",
+            m.webhook_attempts.clone(),
+        );
+        registry.register(
+            "webhook_pending",
+            "Webhook deliveries waiting in the outbox",
+            m.webhook_pending.clone(),
+        );
+        registry.register(
+            "webhook_failed",
+            "Webhook deliveries given up after the retry period",
+            m.webhook_failed.clone(),
+        );
+        registry.register(
+            "webhook_delay_seconds",
+            "Time from an event to its delivery",
+            m.webhook_delay.clone(),
         );
         Self { registry, ..m }
     }

@@ -119,6 +119,14 @@ fn run(shared: &Shared, mut registry: Registry, stopped: &Receiver<()>) {
                                 closed_by = %me.id,
                                 "A node's heartbeat lapsed: declared it dead and closed its open records as interrupted."
                             );
+                            let mut data = serde_json::Map::new();
+                            data.insert("closed".into(), l.closed.into());
+                            data.insert("closed_by".into(), me.id.as_str().into());
+                            shared.events.node(
+                                callgate_store::notice::Kind::NodeLost,
+                                &l.node,
+                                data,
+                            );
                         }
                     }
                     Err(error) => {

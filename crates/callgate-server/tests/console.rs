@@ -569,12 +569,19 @@ async fn chromium_an_operator_watches_live_calls_and_hangs_one_up() {
     let cookie = sign_in(server.admin_addr, READ).await;
     let browser = Browser::start("en-US").await;
     sign_in_page(&browser, &server, OPERATOR).await;
-    assert!(browser.wait_for("table.live", PAGE).await);
+    assert!(
+        browser.wait_for("[data-live-mode=stream]", PAGE).await,
+        "Live follows the event stream"
+    );
     watch_rows(&browser).await;
 
     // A call appears within 1 s of the phone's first message...
     let (mut phone, sent, id) = place_call(&server, &cookie, "live-1").await;
     let added = seen(&browser, &id, "added").await;
+    eprintln!(
+        "on Live {:.0} ms after the phone's first message",
+        added - sent
+    );
     assert!(
         added - sent < 1000.0,
         "on Live {:.0} ms after the phone's first message",
@@ -591,6 +598,10 @@ async fn chromium_an_operator_watches_live_calls_and_hangs_one_up() {
     let hung = epoch_ms();
     phone.text(r#"{"event":"hangup"}"#).await;
     let removed = seen(&browser, &id, "removed").await;
+    eprintln!(
+        "off Live {:.0} ms after the phone's hang-up",
+        removed - hung
+    );
     assert!(
         removed - hung < 1000.0,
         "left Live {:.0} ms after the hang-up",
@@ -619,6 +630,10 @@ async fn chromium_an_operator_watches_live_calls_and_hangs_one_up() {
         }
     }
     let heard = epoch_ms();
+    eprintln!(
+        "the phone heard the hang-up {:.0} ms after the click",
+        heard - clicked
+    );
     assert!(
         heard - clicked < 1000.0,
         "the phone heard the hang-up {:.0} ms after the click",

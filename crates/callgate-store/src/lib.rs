@@ -11,6 +11,8 @@
 //!   and migrations for `callgate migrate`.
 //! - [`writer`]: [`StoreHandle`], the async front. One writer thread owns the [`Store`] behind
 //!   a bounded channel, commits whatever is queued in one transaction, and only writes.
+//! - [`notice`]: what the writer announces after each commit (call started, answered, DTMF,
+//!   transcript turns, ended) to its [`notice::Tap`]: the live event stream and webhooks.
 //! - [`reader`]: the reader threads ([`reader::READERS`]), each with its own read-only
 //!   [`Reader`], behind their own bounded channel. Listings and lookups never wait for the
 //!   writer's transactions, and never delay a write.
@@ -32,6 +34,7 @@ pub mod backend;
 mod journal;
 #[macro_use]
 pub mod nodes;
+pub mod notice;
 pub mod postgres;
 pub mod reader;
 pub mod record;

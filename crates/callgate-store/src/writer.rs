@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::notice::{Calls, Notice, Tap};
 use crate::reader::{self, READER_QUEUE, READERS, Read, Reply};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, NewCall, NewEvent,
@@ -92,9 +93,31 @@ impl StoreHandle {
     /// Like [`StoreHandle::start`], with readers of the caller's choosing: one thread each.
     /// With no readers, every read fails with [`Error::Closed`].
     pub fn start_with_readers<R: Reader>(
+        store: impl Store,
+        readers: Vec<R>,
+        timeout: Duration,
+    ) -> Result<Self, Error> {
+        Self::start_tapped(store, readers, timeout, None)
+    }
+
+    /// Like [`StoreHandle::start`], handing the notices of every committed batch to `tap`
+    /// (on the writer thread, after the commit: see [`crate::notice`]).
+    pub fn start_with_tap<S: Store>(
+        store: S,
+        timeout: Duration,
+        tap: Arc<dyn Tap>,
+    ) -> Result<Self, Error> {
+        let readers = (0..READERS)
+            .map(|_| store.open_reader())
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::start_tapped(store, readers, timeout, Some(tap))
+    }
+
+    fn start_tapped<R: Reader>(
         mut store: impl Store,
         readers: Vec<R>,
         timeout: Duration,
+        tap: Option<Arc<dyn Tap>>,
     ) -> Result<Self, Error> {
         let stats = Arc::new(Stats::default());
         store.attach_stats(stats.clone());
@@ -140,7 +163,7 @@ impl StoreHandle {
         thread::Builder::new()
             .name("callgate-store".into())
             .spawn(move || {
-                writer(store, rx, drained, &writer_stats);
+                writer(store, rx, drained, &writer_stats, tap);
                 drop(stop);
             })
             .map_err(|source| Error::Thread {
@@ -364,8 +387,16 @@ fn reply<T: Send + 'static>(tx: Reply<T>, result: Result<T, Error>) -> Done {
     })
 }
 
-fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow, stats: &Stats) {
+fn writer(
+    mut store: impl Store,
+    mut rx: mpsc::Receiver<Op>,
+    overflow: Overflow,
+    stats: &Stats,
+    tap: Option<Arc<dyn Tap>>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut calls = Calls::default();
+    let mut notices: Vec<Notice> = Vec::new();
     while let Some(op) = rx.blocking_recv() {
         if matches!(op, Op::Tick) {
             store.tick();
@@ -395,11 +426,11 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
             for op in ops {
                 match op {
                     Op::Close(tx) => close = Some(tx),
-                    op => done.push(apply(s, op)),
+                    op => done.push(apply(s, op, &mut calls, &mut notices)),
                 }
             }
             for (id, ended) in ends {
-                done.push(apply(s, Op::End(id, ended, None)));
+                done.push(apply(s, Op::End(id, ended, None), &mut calls, &mut notices));
             }
             Ok(())
         });
@@ -412,6 +443,11 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
         for d in done {
             d(commit_error.as_deref());
         }
+        // Only what the store holds is announced.
+        if let (Some(tap), None, false) = (&tap, &commit_error, notices.is_empty()) {
+            tap.publish(&notices);
+        }
+        notices.clear();
         if let Some(tx) = close {
             store.closing();
             let _ = tx.send(());
@@ -420,16 +456,28 @@ fn writer(mut store: impl Store, mut rx: mpsc::Receiver<Op>, overflow: Overflow,
     }
 }
 
-fn apply(store: &mut impl Store, op: Op) -> Done {
+/// Applies one operation inside the batch's transaction, adding the notices of what it
+/// wrote (if it wrote it) to `notices`.
+fn apply(store: &mut impl Store, op: Op, calls: &mut Calls, notices: &mut Vec<Notice>) -> Done {
     let log = |what: &str, r: Result<(), Error>| {
         if let Err(error) = r {
             tracing::error!(%error, what, "Store write failed.");
         }
     };
     match op {
-        Op::Insert(call, tx) => reply(tx, store.insert_call(&call)),
+        Op::Insert(call, tx) => {
+            let r = store.insert_call(&call);
+            if r.is_ok() {
+                notices.push(calls.started(&call));
+            }
+            reply(tx, r)
+        }
         Op::Answered(id, at) => {
-            log("answered", store.mark_answered(&id, at));
+            let r = store.mark_answered(&id, at);
+            if r.is_ok() {
+                notices.push(calls.answered(&id, at));
+            }
+            log("answered", r);
             Box::new(|_| {})
         }
         Op::Progress(id, counters, dtmf, usage) => {
@@ -441,6 +489,9 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         }
         Op::End(id, ended, tx) => {
             let r = store.end_call(&id, &ended);
+            if r.is_ok() {
+                notices.extend(calls.ended(&id, &ended));
+            }
             match tx {
                 Some(tx) => reply(tx, r),
                 None => {
@@ -452,6 +503,9 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         Op::Cdr(id, raw, tx) => reply(tx, store.set_cdr(&id, &raw)),
         Op::Events(id, events, tx) => {
             let r = store.append_events(&id, &events);
+            if r.is_ok() {
+                calls.events(&id, &events, notices);
+            }
             match tx {
                 Some(tx) => reply(tx, r),
                 None => {
@@ -462,6 +516,9 @@ fn apply(store: &mut impl Store, op: Op) -> Done {
         }
         Op::Transcript(id, entries, tx) => {
             let r = store.append_transcript(&id, &entries);
+            if r.is_ok() {
+                calls.transcript(&id, &entries, notices);
+            }
             match tx {
                 Some(tx) => reply(tx, r),
                 None => {
