@@ -1,7 +1,8 @@
 //! Test helpers (not published): a server on 127.0.0.1:0 with its own data dir, a raw
 //! WebSocket phone for driving either protocol byte by byte, a small HTTP client for the admin
 //! API, and audio generators; [`realtime`] is a local double of the OpenAI Realtime API (GA) for
-//! the `realtime` agent's tests and benchmark.
+//! the `realtime` agent's tests and benchmark; [`browser`] drives a real headless Chromium over
+//! WebDriver for the console's tests.
 //!
 //! Tests synchronise on what the server sends (messages, closes, records), never on sleeps.
 
