@@ -11,15 +11,21 @@
 #      serve measured on each read once every call is up.
 # The echo round trip p50/p99 of both runs side by side is the cost to the calls.
 #
-# Knobs (environment): CONSOLE_CALLS (1000), CONSOLE_DURATION (40s of audio per call),
+# Knobs (environment): CONSOLE_CALLS (1000), CONSOLE_DURATION (40s of audio per call; keep it
+# over the ramp (CALLS / 200 s) plus the 20 s read window),
 # CONSOLE_CALLGATE (target/release/callgate, built when missing; a debug binary works too and
-# is labelled so), CONSOLE_OUT (bench/CONSOLE.md).
+# is labelled so), CONSOLE_OUT (bench/CONSOLE.md), CONSOLE_MODE (echo: the calls stream audio
+# and their echo is timed; silent: `load --mode playout` against the echo agent, calls that
+# are up and quiet, for sizes a debug build cannot echo in real time: the Live data figures
+# then stand alone and the cost table says n/a).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CALLS=${CONSOLE_CALLS:-1000}
 DURATION=${CONSOLE_DURATION:-40s}
 CALLGATE=${CONSOLE_CALLGATE:-target/release/callgate}
 OUT=${CONSOLE_OUT:-bench/CONSOLE.md}
+MODE=${CONSOLE_MODE:-echo}
+case "$MODE" in echo) LOAD_MODE=echo ;; silent) LOAD_MODE=playout ;; *) echo "CONSOLE_MODE: echo or silent" >&2; exit 64 ;; esac
 PORT=4180
 ADMIN="http://127.0.0.1:$((PORT + 1))"
 WORK=$(mktemp -d)
@@ -51,7 +57,7 @@ run() { # $1: label; $2: watch (0/1)
   SPID=$!
   for _ in $(seq 200); do curl -sf "$ADMIN/healthz" >/dev/null && break; sleep 0.1; done
   "$CALLGATE" load --url "ws://127.0.0.1:$PORT/" --calls "$CALLS" --ramp 200 --duration "$DURATION" \
-    --protocol inbound --server-pid "$SPID" --json >"$WORK/load-$1.json" 2>"$WORK/load-$1.log" &
+    --protocol inbound --mode "$LOAD_MODE" --server-pid "$SPID" --json >"$WORK/load-$1.json" 2>"$WORK/load-$1.log" &
   LPID=$!
   if [ "$2" = 1 ]; then
     curl -sN "$ADMIN/api/stream" >"$WORK/stream.txt" &
@@ -72,7 +78,7 @@ run() { # $1: label; $2: watch (0/1)
     page=$(curl -s -o /dev/null -w '%{time_total} %{size_download}' "$ADMIN/")
     echo "$page" >"$WORK/page.txt"
   fi
-  wait "$LPID"
+  wait "$LPID" || echo "load: some calls failed (see the report)" >&2
   if [ "$2" = 1 ]; then
     kill "$CPID" 2>/dev/null || true
     wait "$CPID" 2>/dev/null || true
@@ -86,9 +92,10 @@ run quiet 0
 echo "==> $CALLS calls, a console watching"
 run watched 1
 
-python3 - "$WORK" "$CALLS" "$build" "$OUT" "$DURATION" <<'PY'
+python3 - "$WORK" "$CALLS" "$build" "$OUT" "$DURATION" "$MODE" <<'PY'
 import json, statistics, sys
-work, calls, build, out, duration = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+work, calls, build, out, duration, mode = sys.argv[1:7]
+calls = int(calls)
 quiet = json.load(open(f"{work}/load-quiet.json"))
 watched = json.load(open(f"{work}/load-watched.json"))
 rows = [line.split() for line in open(f"{work}/live.txt") if line.strip()]
@@ -105,7 +112,8 @@ lines = [
     "# The console at %d live calls" % calls,
     "",
     "Produced by `bench/console.sh` (%s build, 2 shared cores; the server and the load on the "
-    "same machine). Each call streams %s of audio, echoed by the server." % (build, duration),
+    "same machine). Each call lasts %s%s." % (build, duration,
+        ", streaming audio the server echoes" if mode == "echo" else ", silent (`load --mode playout` against the echo agent)"),
     "",
     "## The Live page's data",
     "",
@@ -131,6 +139,9 @@ lines = [
 ]
 for name, r in (("nobody watching", quiet), ("a console watching", watched)):
     rtt = r["rtt_ms"]
+    if not rtt["samples"]:
+        lines.append("| %s | %d/%d | n/a (silent calls) | | | |" % (name, r["calls_ok"], r["calls"]))
+        continue
     cpu = r.get("server") or {}
     cpu_text = ", ".join("%s %s" % (k, round(v, 2) if isinstance(v, float) else v)
                          for k, v in cpu.items() if "cpu" in k)

@@ -565,7 +565,10 @@ async fn chromium_an_operator_watches_live_calls_and_hangs_one_up() {
         return;
     }
     let _one = CHROMIUM.lock().await;
-    let server = spawn_server(|c| c.admin_auth = tokens()).await;
+    let server = callgate_testkit::spawn_server_with_agent(Arc::new(Chatty), |c| {
+        c.admin_auth = tokens();
+    })
+    .await;
     let cookie = sign_in(server.admin_addr, READ).await;
     let browser = Browser::start("en-US").await;
     sign_in_page(&browser, &server, OPERATOR).await;
@@ -592,6 +595,17 @@ async fn chromium_an_operator_watches_live_calls_and_hangs_one_up() {
         browser
             .wait_for(&format!("{row} [data-action=hangup]"), PAGE)
             .await
+    );
+    // The agent's greeting turn is the call's last line.
+    assert!(
+        browser
+            .wait_until(
+                "document.querySelector(args[0]).textContent.includes('Hello, this is the front desk.')",
+                json!([format!("{row} td.last")]),
+                PAGE
+            )
+            .await,
+        "the last transcript line on Live"
     );
     shot(&browser, "live-operator").await;
     // ...and leaves within 1 s of the phone's hang-up.
