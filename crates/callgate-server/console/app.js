@@ -35,7 +35,7 @@
       else if (k === 'text') el.textContent = v;
       else el.setAttribute(k, v === true ? '' : String(v));
     }
-    for (const c of children.flat()) {
+    for (const c of children.flat(Infinity)) {
       if (c === null || c === undefined || c === false) continue;
       el.append(c instanceof Node ? c : document.createTextNode(String(c)));
     }
@@ -485,13 +485,13 @@
         }
       }
 
-      main.replaceChildren(head,
+      main.replaceChildren(...[head,
         live && isOperator() ? operatorPanel(id) : null,
         h('div', { class: 'columns' },
           h('section', null, h('h2', null, t('call.record')), record,
             h('h2', null, t('call.cdr')), call.cdr ? h('pre', { 'data-cdr': '' }, JSON.stringify(call.cdr, null, 2)) : h('p', { class: 'muted' }, t('call.no_cdr'))),
           h('section', null, recording, h('h2', null, t('call.timeline')), timeline,
-            messages.length ? [h('h2', null, t('call.messages')), messages] : null)));
+            messages.length ? [h('h2', null, t('call.messages')), messages] : null))].filter(Boolean));
     }
 
     render();

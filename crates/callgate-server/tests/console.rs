@@ -809,6 +809,28 @@ async fn chromium_a_finished_calls_page_shows_its_transcript_timeline_and_record
         texts.contains("event:"),
         "events on the same timeline: {texts}"
     );
+    let record = browser
+        .execute(
+            "return [...document.querySelectorAll('dl.record dd')].map((dd) => dd.textContent);",
+            json!([]),
+        )
+        .await
+        .to_string();
+    assert!(
+        record.contains("01099998888") && record.contains(&id),
+        "the record: {record}"
+    );
+    let page = browser
+        .execute(
+            "return document.getElementById('main').textContent;",
+            json!([]),
+        )
+        .await
+        .to_string();
+    assert!(
+        !page.contains("[object"),
+        "nothing is drawn as an object's name: {page}"
+    );
     // The recording plays: the browser read its header through the session (no token here:
     // this server has none) and knows its length; the waveform was computed from it.
     let loaded = browser
