@@ -14,7 +14,8 @@
 # Knobs (environment): CONSOLE_CALLS (1000), CONSOLE_DURATION (40s of audio per call; keep it
 # over the ramp (CALLS / 200 s) plus the 20 s read window),
 # CONSOLE_CALLGATE (target/release/callgate, built when missing; a debug binary works too and
-# is labelled so), CONSOLE_OUT (bench/CONSOLE.md), CONSOLE_MODE (echo: the calls stream audio
+# is labelled so), CONSOLE_PORT (14190, and the next one for the admin API), CONSOLE_OUT
+# (bench/CONSOLE.md), CONSOLE_MODE (echo: the calls stream audio
 # and their echo is timed; silent: `load --mode playout` against the echo agent, calls that
 # are up and quiet, for sizes a debug build cannot echo in real time: the Live data figures
 # then stand alone and the cost table says n/a).
@@ -26,7 +27,7 @@ CALLGATE=${CONSOLE_CALLGATE:-target/release/callgate}
 OUT=${CONSOLE_OUT:-bench/CONSOLE.md}
 MODE=${CONSOLE_MODE:-echo}
 case "$MODE" in echo) LOAD_MODE=echo ;; silent) LOAD_MODE=playout ;; *) echo "CONSOLE_MODE: echo or silent" >&2; exit 64 ;; esac
-PORT=4180
+PORT=${CONSOLE_PORT:-14190}
 ADMIN="http://127.0.0.1:$((PORT + 1))"
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -66,13 +67,14 @@ run() { # $1: label; $2: watch (0/1)
     # The Live page's data, every 0.5 s, for 20 s, once every call is up.
     : >"$WORK/live.txt"
     t0=$(date +%s.%N)
+    events_before=$(grep -c '^event: call\.' "$WORK/stream.txt" || true)
     for _ in $(seq 40); do
       curl -s -o /dev/null -w '%{time_total} %{size_download} %{http_code}\n' \
         "$ADMIN/api/calls?live=true&limit=1000" >>"$WORK/live.txt"
       sleep 0.5
     done
     t1=$(date +%s.%N)
-    events_window=$(grep -c '^event: call\.' "$WORK/stream.txt" || true)
+    events_window=$(( $(grep -c '^event: call\.' "$WORK/stream.txt" || true) - events_before ))
     echo "$t0 $t1 $events_window" >"$WORK/window.txt"
     # The page itself and one asset, cold.
     page=$(curl -s -o /dev/null -w '%{time_total} %{size_download}' "$ADMIN/")
@@ -128,8 +130,9 @@ lines = [
     "",
     "## The event stream",
     "",
-    "%d call events during the %.0f s window at %d live calls: %.3f events per second per call "
-    "(%d events in the whole run, start and end of every call included)."
+    "%d call events during the %.0f s window with all %d calls up: %.3f events per second per "
+    "call (%d events in the whole run: started, answered and ended of every call, and any "
+    "DTMF or transcript turn)."
     % (int(events), window_s, calls, int(events) / window_s / calls, total_events),
     "",
     "## What watching costs the calls",
