@@ -14,7 +14,7 @@
 # Knobs (environment): CONSOLE_CALLS (1000), CONSOLE_DURATION (40s of audio per call; keep it
 # over the ramp (CALLS / 200 s) plus the 20 s read window),
 # CONSOLE_CALLGATE (target/release/callgate, built when missing; a debug binary works too and
-# is labelled so), CONSOLE_PORT (14190, and the next one for the admin API), CONSOLE_OUT
+# is labelled so), CONSOLE_PORT (14590, and the next one for the admin API), CONSOLE_OUT
 # (bench/CONSOLE.md), CONSOLE_MODE (echo: the calls stream audio
 # and their echo is timed; silent: `load --mode playout` against the echo agent, calls that
 # are up and quiet, for sizes a debug build cannot echo in real time: the Live data figures
@@ -27,7 +27,7 @@ CALLGATE=${CONSOLE_CALLGATE:-target/release/callgate}
 OUT=${CONSOLE_OUT:-bench/CONSOLE.md}
 MODE=${CONSOLE_MODE:-echo}
 case "$MODE" in echo) LOAD_MODE=echo ;; silent) LOAD_MODE=playout ;; *) echo "CONSOLE_MODE: echo or silent" >&2; exit 64 ;; esac
-PORT=${CONSOLE_PORT:-14190}
+PORT=${CONSOLE_PORT:-14590}
 ADMIN="http://127.0.0.1:$((PORT + 1))"
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
