@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 
 use crate::auth::{Refusal, Role};
 use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
+use crate::session::Denied;
 use crate::{Control, Phase, Shared, UndrainRefused};
 
 /// Default number of records `GET /api/calls` returns.
@@ -69,6 +70,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .layer(middleware::from_fn_with_state(MAX_PLAY_BYTES, body_limit));
     small
         .merge(play)
+        .merge(crate::console::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -81,8 +83,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Bearer tokens (when configured): reading needs `read`, acting on calls (and drain,
-/// undrain) `operator`; `/healthz` and `/readyz` stay open for load balancers. A request
+/// Bearer tokens or the console's session cookie (when tokens are configured): reading needs
+/// `read`, acting on calls (and drain, undrain) `operator`; `/healthz` and `/readyz` stay open
+/// for load balancers, the console's page and sign-in for browsers. Browser requests from
+/// other sites are refused whatever the configuration ([`crate::session`]). A request
 /// forwarded by another node is `operator` with the cluster secret, refused without it.
 async fn authorize(
     State(shared): State<Arc<Shared>>,
@@ -93,55 +97,74 @@ async fn authorize(
         return crate::forward::accept(&shared, request, next).await;
     }
     let auth = shared.admin_auth.current();
-    let open = matches!(request.uri().path(), "/healthz" | "/readyz");
-    if !auth.is_enabled() || open {
-        return next.run(request).await;
-    }
+    let path = request.uri().path();
+    let open = matches!(path, "/healthz" | "/readyz") || crate::console::is_open(path);
     let needed = match *request.method() {
         axum::http::Method::GET | axum::http::Method::HEAD => Role::Read,
         _ => Role::Operator,
     };
-    let header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    match auth.check(header, needed) {
-        Ok(name) => {
-            tracing::debug!(token = name, method = %request.method(), "Admin request.");
-            let caller = crate::forward::Caller(name.to_owned());
-            request.extensions_mut().insert(caller);
-            next.run(request).await
-        }
-        Err(refusal) => {
-            let (status, code, message, reason) = match refusal {
-                Refusal::Unauthenticated => (
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "a valid `Authorization: Bearer` token is needed",
-                    "unauthenticated",
-                ),
-                Refusal::Forbidden => (
-                    StatusCode::FORBIDDEN,
-                    "forbidden",
-                    "this token's role may not do this (acting on calls needs `operator`)",
-                    "forbidden",
-                ),
-            };
-            shared
-                .metrics
-                .admin_refused
-                .get_or_create(&[("reason", reason)])
-                .inc();
-            let mut response = ApiError::new(status, code, message).into_response();
-            if status == StatusCode::UNAUTHORIZED {
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    axum::http::HeaderValue::from_static("Bearer"),
-                );
+    let checked = if open {
+        Ok(None)
+    } else if !auth.is_enabled() {
+        crate::session::check_origin(request.headers(), false).map(|()| None)
+    } else {
+        crate::session::authenticate(
+            &shared.sessions,
+            &auth,
+            request.headers(),
+            request.method(),
+            needed,
+            tokio::time::Instant::now(),
+        )
+        .map(Some)
+    };
+    let denied = match checked {
+        Ok(identity) => {
+            if let Some(identity) = identity {
+                tracing::debug!(token = identity.name, method = %request.method(), "Admin request.");
+                // Who asked, for the owner's log when the request is forwarded.
+                request
+                    .extensions_mut()
+                    .insert(crate::forward::Caller(identity.name));
             }
-            response
+            return next.run(request).await;
         }
+        Err(denied) => denied,
+    };
+    let (status, code, message, reason) = match denied {
+        Denied::Auth(Refusal::Unauthenticated) => (
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer` token (or console session) is needed",
+            "unauthenticated",
+        ),
+        Denied::Auth(Refusal::Forbidden) => (
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this token's role may not do this (acting on calls needs `operator`)",
+            "forbidden",
+        ),
+        Denied::CrossSite => (
+            StatusCode::FORBIDDEN,
+            "cross_site",
+            "a browser request from another site (or a change by session cookie with no \
+             Origin) is refused",
+            "cross_site",
+        ),
+    };
+    shared
+        .metrics
+        .admin_refused
+        .get_or_create(&[("reason", reason)])
+        .inc();
+    let mut response = ApiError::new(status, code, message).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
     }
+    response
 }
 
 /// A request whose `Content-Length` is over the endpoint's `limit` gets a 413 before anything
@@ -970,6 +993,7 @@ fn unexpected(reply: Reply) -> ApiError {
 async fn recording(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let record = find(&shared, &id).await?;
     let not_recorded = || {
@@ -985,7 +1009,7 @@ async fn recording(
     let path =
         crate::media::recording_path(&shared.config.data_dir.join("recordings"), id.as_str());
     let data = tokio::fs::read(&path).await.map_err(|_| not_recorded())?;
-    Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
+    Ok(crate::console::ranged(&headers, data.into(), "audio/wav"))
 }
 
 /// Whether `file` can name a flow's message: a step's name (A-Z a-z 0-9 - _) and `.wav`.

@@ -243,20 +243,26 @@ impl AdminAuth {
     pub fn check(&self, authorization: Option<&[u8]>, needed: Role) -> Result<&str, Refusal> {
         let presented = authorization
             .and_then(bearer)
-            .map(digest)
+            .map(Secret::digest_of)
             .ok_or(Refusal::Unauthenticated)?;
-        // Every token is compared: the time does not say which one matched, or how far.
-        let mut found = None;
-        for token in &self.tokens {
-            if same(&token.digest, &presented) && found.is_none() {
-                found = Some(token);
-            }
-        }
-        let token = found.ok_or(Refusal::Unauthenticated)?;
+        let token = self.token(&presented).ok_or(Refusal::Unauthenticated)?;
         if token.role < needed {
             return Err(Refusal::Forbidden);
         }
         Ok(&token.name)
+    }
+
+    /// The configured token whose secret has this digest (a console session keeps the digest
+    /// of the token it was opened with, so a rotated token ends its sessions too).
+    pub(crate) fn token(&self, presented: &Secret) -> Option<&Token> {
+        // Every token is compared: the time does not say which one matched, or how far.
+        let mut found = None;
+        for token in &self.tokens {
+            if same(&token.digest, &presented.0) && found.is_none() {
+                found = Some(token);
+            }
+        }
+        found
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - `console`: the operator's web console at `/` (embedded files); `session`: its sign-in,
+//!   admin tokens exchanged for session cookies.
 //! - `events`: the event hub (fed by the store writer after each commit, and by the node's
 //!   phase changes) and `GET /api/stream`, the live event stream.
 //! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
@@ -39,6 +41,7 @@ pub mod auth;
 mod call;
 pub mod call_auth;
 pub mod config;
+mod console;
 mod drain;
 mod events;
 pub mod forward;
@@ -50,6 +53,7 @@ mod pii;
 mod record;
 mod retention;
 pub mod routes;
+mod session;
 pub mod tasks;
 pub mod tls;
 pub mod webhooks;
@@ -171,6 +175,8 @@ pub(crate) struct Shared {
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
     /// Policy: readers take turns on it, on the blocking pool.
     pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
+    /// The console's signed-in browsers (in memory: a restart signs everyone out).
+    pub(crate) sessions: session::Sessions,
     /// The event hub: the live event stream (`GET /api/stream`) reads it; the store writer
     /// and the node's phase changes feed it.
     pub(crate) events: Arc<events::Hub>,
@@ -364,6 +370,7 @@ impl Server {
             control: control_tx,
             connections: watch::Sender::new(0),
             ws_config,
+            sessions: session::Sessions::default(),
         });
         Ok(Self {
             shared,

@@ -2,11 +2,13 @@
 //! WebSocket phone for driving either protocol byte by byte, a small HTTP client for the admin
 //! API, and audio generators; [`realtime`] is a local double of the OpenAI Realtime API (GA) for
 //! the `realtime` agent's tests and benchmark; [`twilio_bot`] is a Twilio Media Streams bot
-//! double for the `bridge` agent's.
+//! double for the `bridge` agent's; [`browser`] drives a real headless Chromium over WebDriver
+//! for the console's tests.
 //!
 //! Tests synchronise on what the server sends (messages, closes, records), never on sleeps.
 
 pub mod audio;
+pub mod browser;
 pub mod http;
 pub mod openai;
 pub mod openapi;
