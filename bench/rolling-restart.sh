@@ -9,7 +9,11 @@
 #   CALLS=200 DURATION=60s FOR=5m bench/rolling-restart.sh
 #   CALLS=20 DURATION=5s FOR=40s SETTLE=5 bench/rolling-restart.sh   # the short version (CI)
 #
+#   STORE_URL=postgres://... bench/rolling-restart.sh   # both nodes on one PostgreSQL (a cluster)
+#
 # Knobs (environment): CALLGATE_BIN (default target/debug/callgate, built if missing),
+# STORE_URL (unset: each node its own SQLite; set: both nodes share that PostgreSQL store, as
+# node ids `a` and `b`, and the records are read through one node's API, which serves them all),
 # CALLS, DURATION (each call), FOR (the load's total), RAMP (calls per second), SETTLE (seconds
 # between a restarted node being ready and the next drain), BURST (calls placed at once right
 # after each SIGTERM, default 20), ROLL (0: no restart at all, the control run), OUT (where logs and the JSON
@@ -71,6 +75,7 @@ start_node() {
     "$BIN" serve --agent echo \
         --listen "127.0.0.1:${CALL_PORT[$n]}" --admin-listen "127.0.0.1:${ADMIN_PORT[$n]}" \
         --data-dir "$OUT/$n" --max-calls 5000 \
+        ${STORE_URL:+--store-url "$STORE_URL" --node-id "$n"} \
         >>"$OUT/$n.log" 2>&1 &
     PID[$n]=$!
     # Ready when /readyz says so (a bench script may poll: nothing here is asserted on time).
@@ -180,19 +185,21 @@ snapshot_metrics a "$OUT/metrics-a-end.txt"
 snapshot_metrics b "$OUT/metrics-b-end.txt"
 
 # Every record of both nodes (paged), checked against the load's own count.
-python3 - "$OUT" "${ADMIN_PORT[a]}" "${ADMIN_PORT[b]}" <<'EOF' | tee "$OUT/figures.txt"
+python3 - "$OUT" "${STORE_URL:+shared}" "${ADMIN_PORT[a]}" "${ADMIN_PORT[b]}" <<'EOF' | tee "$OUT/figures.txt"
 import json, sys, urllib.request
-out, ports = sys.argv[1], sys.argv[2:]
+out, shared, ports = sys.argv[1], sys.argv[2] == "shared", sys.argv[3:]
+# One shared store: any node's API lists every call of the cluster, each with its `node`.
+read_from = ports[:1] if shared else ports
 import glob
 report = json.load(open(f"{out}/load.json"))
 bursts = [json.load(open(p)) for p in sorted(glob.glob(f"{out}/burst-*.json"))]
 records = []
-for port in ports:
+for port in read_from:
     before = None
     while True:
         url = f"http://127.0.0.1:{port}/api/calls?limit=1000" + (f"&before={before}" if before else "")
         page = json.load(urllib.request.urlopen(url))
-        records += [dict(r, node=port) for r in page["calls"]]
+        records += [r if shared else dict(r, node=port) for r in page["calls"]]
         before = page["next"]
         if not before:
             break
@@ -203,7 +210,8 @@ twice = len(ids) - len(set(ids))
 reasons = {}
 for r in records:
     reasons[r["end_reason"] or "open"] = reasons.get(r["end_reason"] or "open", 0) + 1
-per_node = {p: sum(1 for r in records if r["node"] == p) for p in ports}
+nodes = ["a", "b"] if shared else ports
+per_node = {p: sum(1 for r in records if r["node"] == p) for p in nodes}
 drains = [line.split() for line in open(f"{out}/drains.txt")]
 f = report["frames"]
 print(f"calls placed      {report['calls']}")
@@ -232,11 +240,13 @@ for path in glob.glob(f"{out}/metrics-*.txt"):
         name, value = line.split()
         lost_audio[name] = lost_audio.get(name, 0) + float(value)
 print("server audio loss " + ", ".join(f"{k.removeprefix('callgate_')} {v:g}" for k, v in sorted(lost_audio.items())))
-print(f"records           {len(records)} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}); per admin port {per_node}")
+print(f"records           {len(records)} ({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}); "
+      + (f"in the shared store, per node {per_node}" if shared else f"per admin port {per_node}"))
 print(f"records twice     {twice}")
 ok = (all(r["calls_refused"] == 0 and r["calls_dropped"] == 0 and r["frames"]["lost"] == 0
           and r["frames"]["corrupt"] == 0 for r in [report] + bursts)
       and len(records) == placed and reasons == {"peer_hangup": len(records)}
+      and sum(per_node.values()) == len(records)
       and twice == 0)
 print("RESULT            " + ("PASS: nothing refused or dropped, no frame lost, every record ended by the caller" if ok else "FAIL"))
 sys.exit(0 if ok else 1)

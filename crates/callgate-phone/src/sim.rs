@@ -288,7 +288,9 @@ pub fn prepare_audio(source: &Source, format: AudioFormat) -> Result<Vec<Bytes>,
 }
 
 /// The WAV file of what the caller heard, with the time axis kept: a gap in the received
-/// audio is silence in the file.
+/// audio is silence in the file. A message that comes less than its own length late is
+/// jitter (scheduling, the network), not a gap: it follows the audio before it without a
+/// sliver of silence, so the file drifts from arrival times by less than one message.
 struct Recording {
     writer: hound::WavWriter<std::io::BufWriter<std::fs::File>>,
     format: AudioFormat,
@@ -313,7 +315,12 @@ impl Recording {
         pcm::decode(self.format, data, &mut self.scratch);
         let end = (since_dial.as_secs_f64() * f64::from(self.format.sample_rate())) as u64;
         let start = end.saturating_sub(self.scratch.len() as u64);
-        let silence = start.saturating_sub(self.written);
+        let late = start.saturating_sub(self.written);
+        let silence = if late < self.scratch.len() as u64 {
+            0
+        } else {
+            late
+        };
         let err = |e: hound::Error| Error::Recording(e.to_string());
         for _ in 0..silence {
             self.writer.write_sample(0i16).map_err(err)?;
