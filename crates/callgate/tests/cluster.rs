@@ -7,65 +7,15 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use callgate_testkit::{Phone, Received, TempDir, http, incoming_call};
-use common::Proc;
+use common::{Proc, Schema};
 use serde_json::Value;
 
-const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
 const SECRET: &str = "cluster-process-test-secret-0123456789";
 const NODE_TIMEOUT_S: i64 = 5;
-
-/// A schema of the test's own, dropped at the end.
-struct Schema {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl Schema {
-    fn new(test: &str) -> Option<Self> {
-        let Ok(admin) = std::env::var("CALLGATE_TEST_PG") else {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: PostgreSQL tests need CALLGATE_TEST_PG=postgres://... \
-                 (start one with `eval \"$(scripts/pg-test-server start)\"`)"
-            );
-            return None;
-        };
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .as_nanos();
-        let name = format!("p_{}_{nanos}", std::process::id());
-        Self::psql(&admin, &format!("CREATE SCHEMA {name}"));
-        let sep = if admin.contains('?') { '&' } else { '?' };
-        let url = format!("{admin}{sep}options=-csearch_path%3D{name}");
-        Some(Self { admin, name, url })
-    }
-
-    fn psql(admin: &str, sql: &str) {
-        let out = Command::new(PSQL)
-            .args([admin, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        Self::psql(&self.admin, &format!("DROP SCHEMA {} CASCADE", self.name));
-    }
-}
 
 /// A node of the cluster: `callgate serve` on the schema as `id`, with the cluster secret
 /// and the extra environment `env`.

@@ -4,13 +4,21 @@
 //! The script checks that no call was refused or dropped, no frame lost, and that every record
 //! on both nodes ended by the caller.
 //!
+//! Twice: each node with its own SQLite, and both nodes as a cluster on one PostgreSQL
+//! (`CALLGATE_TEST_PG`, a schema of the test's own), where the records are read through one
+//! node's API and each must name the node that held it.
+//!
 //! Runs only with `CALLGATE_TEST_HAPROXY=1`: it needs `haproxy` and `curl`, and the fixed
-//! ports of `deploy/haproxy.cfg` (14143, 14243-14244, 14343-14344, 14404) free. About a minute.
+//! ports of `deploy/haproxy.cfg` (14143, 14243-14244, 14343-14344, 14404) free (the tests
+//! run one at a time: `.config/nextest.toml`). About a minute each.
+
+mod common;
 
 use std::path::Path;
 use std::process::Command;
 
 use callgate_testkit::TempDir;
+use common::Schema;
 
 #[test]
 fn a_rolling_restart_through_haproxy_refuses_and_drops_no_call() {
@@ -20,6 +28,25 @@ fn a_rolling_restart_through_haproxy_refuses_and_drops_no_call() {
         );
         return;
     }
+    roll(None);
+}
+
+#[test]
+fn a_rolling_restart_of_a_cluster_on_postgresql_refuses_and_drops_no_call() {
+    if std::env::var_os("CALLGATE_TEST_HAPROXY").is_none() {
+        eprintln!(
+            "skipped: set CALLGATE_TEST_HAPROXY=1 to run the rolling restart through HAProxy"
+        );
+        return;
+    }
+    let Some(schema) = Schema::new("rolling_restart_postgresql") else {
+        return;
+    };
+    roll(Some(&schema.url));
+}
+
+/// Runs the short version of the script, on PostgreSQL when `store_url` is given.
+fn roll(store_url: Option<&str>) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/rolling-restart.sh");
     let out = TempDir::new("rolling-restart");
     let status = Command::new("bash")
@@ -33,6 +60,7 @@ fn a_rolling_restart_through_haproxy_refuses_and_drops_no_call() {
             ("RAMP", "20"),
         ])
         .env("OUT", out.path())
+        .env("STORE_URL", store_url.unwrap_or_default())
         .env_remove("SUMMARY")
         .status()
         .expect("run bench/rolling-restart.sh");
