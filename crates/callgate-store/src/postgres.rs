@@ -990,6 +990,28 @@ fn clean_opt(s: &Option<String>) -> Option<Cow<'_, str>> {
     s.as_deref().map(clean)
 }
 
+/// The sequence number of a batch's first row in `table` (`call_events`, `call_transcript`):
+/// the one the batch was given, or the call's next one in the store.
+fn first_seq_of(
+    c: &mut Conn,
+    table: &'static str,
+    id: &str,
+    given: Option<u64>,
+) -> Result<i64, Error> {
+    if let Some(s) = given {
+        return Ok(as_i64(s));
+    }
+    let rows = c.query(
+        &format!("SELECT COALESCE(MAX(seq), 0) + 1 FROM {table} WHERE call_id = $1"),
+        &[&id],
+    )?;
+    Ok(rows
+        .first()
+        .map(|r| r.try_get::<_, i64>(0))
+        .transpose()?
+        .unwrap_or(1))
+}
+
 fn as_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
@@ -1082,19 +1104,7 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
             first_seq,
             events,
         } => {
-            let first = match first_seq {
-                Some(s) => as_i64(*s),
-                None => {
-                    let row = c.query(
-                        "SELECT COALESCE(MAX(seq), 0) + 1 FROM call_events WHERE call_id = $1",
-                        &[&id.as_str()],
-                    )?;
-                    row.first()
-                        .map(|r| r.try_get::<_, i64>(0))
-                        .transpose()?
-                        .unwrap_or(1)
-                }
-            };
+            let first = first_seq_of(c, "call_events", id.as_str(), *first_seq)?;
             let mut n = 0;
             // A `node_lost` event (added by another node's sweep while this node was cut
             // off: `nodes::Registry::sweep`) took the next number of the call's log; an event
@@ -1124,19 +1134,7 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
             first_seq,
             entries,
         } => {
-            let first = match first_seq {
-                Some(s) => as_i64(*s),
-                None => {
-                    let row = c.query(
-                        "SELECT COALESCE(MAX(seq), 0) + 1 FROM call_transcript WHERE call_id = $1",
-                        &[&id.as_str()],
-                    )?;
-                    row.first()
-                        .map(|r| r.try_get::<_, i64>(0))
-                        .transpose()?
-                        .unwrap_or(1)
-                }
-            };
+            let first = first_seq_of(c, "call_transcript", id.as_str(), *first_seq)?;
             let mut n = 0;
             for (i, e) in entries.iter().enumerate() {
                 n += c.execute(
