@@ -3,59 +3,12 @@
 //! in the roster, and a node whose heartbeat stopped has its open records closed by a
 //! survivor with `node_lost`, the survivor's own calls untouched.
 
-use std::io::Write;
-use std::process::Command;
 use std::time::Duration;
 
 use callgate_store::{CallId, NewCall, NodeInfo, NodeState, PgUrl, Registry, Store, UnixMillis};
+use callgate_testkit::pg::Schema;
 use callgate_testkit::{TestServer, incoming_call, spawn_server};
 use serde_json::Value;
-
-const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
-
-/// A schema of the test's own, dropped at the end.
-struct Schema {
-    admin: String,
-    name: String,
-    url: PgUrl,
-}
-
-impl Schema {
-    fn new() -> Option<Self> {
-        let Ok(admin) = std::env::var("CALLGATE_TEST_PG") else {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED cluster: PostgreSQL tests need CALLGATE_TEST_PG=postgres://... \
-                 (start one with `eval \"$(scripts/pg-test-server start)\"`)"
-            );
-            return None;
-        };
-        let name = format!("c_{}", uuid::Uuid::now_v7().simple());
-        Self::psql(&admin, &format!("CREATE SCHEMA {name}"));
-        let sep = if admin.contains('?') { '&' } else { '?' };
-        let url = PgUrl::parse(&format!("{admin}{sep}options=-csearch_path%3D{name}"), None)
-            .expect("url");
-        Some(Self { admin, name, url })
-    }
-
-    fn psql(admin: &str, sql: &str) {
-        let out = Command::new(PSQL)
-            .args([admin, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        Self::psql(&self.admin, &format!("DROP SCHEMA {} CASCADE", self.name));
-    }
-}
 
 async fn node(url: &PgUrl, id: &str) -> TestServer {
     let (url, id) = (url.clone(), id.to_owned());
@@ -83,11 +36,12 @@ async fn until(server: &TestServer, path: &str, want: impl Fn(&Value) -> bool) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_node_answers_for_any_call_and_a_silent_node_is_closed_by_a_survivor() {
-    let Some(schema) = Schema::new() else {
+    let Some(schema) = Schema::new("cluster") else {
         return;
     };
-    let a = node(&schema.url, "node-a").await;
-    let b = node(&schema.url, "node-b").await;
+    let url = PgUrl::parse(&schema.url, None).expect("url");
+    let a = node(&url, "node-a").await;
+    let b = node(&url, "node-b").await;
 
     // A call held by A is listed and read by B, live, with its node.
     let mut phone = a.phone("/").await;
@@ -128,7 +82,7 @@ async fn any_node_answers_for_any_call_and_a_silent_node_is_closed_by_a_survivor
 
     // A node that stops heartbeating (as a killed process does): "ghost" registered once,
     // long ago, with a live call of its own.
-    let url = schema.url.clone();
+    let url = url.clone();
     let ghost_call = std::thread::spawn(move || {
         let mut roster = Registry::postgres(url.clone());
         let ghost = NodeInfo {

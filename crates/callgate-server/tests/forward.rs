@@ -4,61 +4,15 @@
 //! wrong secret; a node without a secret, an owner that does not answer and a dead owner are
 //! clear JSON errors naming the node; a forwarded request is never forwarded again.
 
-use std::io::Write;
-use std::process::Command;
 use std::time::Duration;
 
 use callgate_server::forward::{ClusterSecret, FORWARDED_BY, NODE_HEADER, TOKEN_HEADER};
 use callgate_store::{CallId, NewCall, NodeInfo, NodeState, PgUrl, Registry, Store, UnixMillis};
+use callgate_testkit::pg::Schema;
 use callgate_testkit::{TestServer, incoming_call, spawn_server};
 use serde_json::{Value, json};
 
-const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
 const SECRET: &str = "forward-test-secret-0123456789abcdef";
-
-/// A schema of the test's own, dropped at the end.
-struct Schema {
-    admin: String,
-    name: String,
-    url: PgUrl,
-}
-
-impl Schema {
-    fn new(test: &str) -> Option<Self> {
-        let Ok(admin) = std::env::var("CALLGATE_TEST_PG") else {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: PostgreSQL tests need CALLGATE_TEST_PG=postgres://... \
-                 (start one with `eval \"$(scripts/pg-test-server start)\"`)"
-            );
-            return None;
-        };
-        let name = format!("f_{}", uuid::Uuid::now_v7().simple());
-        Self::psql(&admin, &format!("CREATE SCHEMA {name}"));
-        let sep = if admin.contains('?') { '&' } else { '?' };
-        let url = PgUrl::parse(&format!("{admin}{sep}options=-csearch_path%3D{name}"), None)
-            .expect("url");
-        Some(Self { admin, name, url })
-    }
-
-    fn psql(admin: &str, sql: &str) {
-        let out = Command::new(PSQL)
-            .args([admin, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        Self::psql(&self.admin, &format!("DROP SCHEMA {} CASCADE", self.name));
-    }
-}
 
 /// A node on the schema, with `secret` (None: no cluster secret) and recording on.
 async fn node(url: &PgUrl, id: &str, secret: Option<&str>) -> TestServer {
@@ -146,8 +100,9 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
     let Some(schema) = Schema::new("forward") else {
         return;
     };
-    let a = node(&schema.url, "node-a", Some(SECRET)).await;
-    let b = node(&schema.url, "node-b", Some(SECRET)).await;
+    let url = PgUrl::parse(&schema.url, None).expect("url");
+    let a = node(&url, "node-a", Some(SECRET)).await;
+    let b = node(&url, "node-b", Some(SECRET)).await;
 
     let mut phone = a.phone("/").await;
     phone.text(incoming_call("forwarded")).await;
@@ -232,18 +187,13 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
     assert_eq!(status, 401);
     assert_eq!(json_of(&body)["code"], "cluster_token_refused");
     // A node with another secret is refused by the owner: a 502 naming it.
-    let c = node(
-        &schema.url,
-        "node-c",
-        Some("another-secret-0123456789abcdef-xyz"),
-    )
-    .await;
+    let c = node(&url, "node-c", Some("another-secret-0123456789abcdef-xyz")).await;
     let (status, _, body) = send(&c, "POST", &format!("/api/calls/{id}/hangup"), vec![], &[]).await;
     assert_eq!(status, 502, "{}", json_of(&body));
     assert_eq!(json_of(&body)["code"], "cluster_token_refused");
     assert_eq!(json_of(&body)["node"], "node-a");
     // A node without a secret says where the call is.
-    let d = node(&schema.url, "node-d", None).await;
+    let d = node(&url, "node-d", None).await;
     let (status, _, body) = send(&d, "POST", &format!("/api/calls/{id}/hangup"), vec![], &[]).await;
     assert_eq!(status, 421, "{}", json_of(&body));
     let body = json_of(&body);
@@ -362,13 +312,14 @@ async fn an_owner_that_does_not_answer_or_is_dead_is_a_502_naming_it() {
     let Some(schema) = Schema::new("forward_unreachable") else {
         return;
     };
-    let b = node(&schema.url, "node-b", Some(SECRET)).await;
+    let url = PgUrl::parse(&schema.url, None).expect("url");
+    let b = node(&url, "node-b", Some(SECRET)).await;
     // A port nobody listens on: bound, then closed.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let gone = format!("http://{}", closed.local_addr().expect("addr"));
     drop(closed);
     let now = UnixMillis::now();
-    let silent = fake_node(&schema.url, "silent", &gone, now, false);
+    let silent = fake_node(&url, "silent", &gone, now, false);
     let (status, _, body) = send(
         &b,
         "POST",
@@ -385,13 +336,7 @@ async fn an_owner_that_does_not_answer_or_is_dead_is_a_502_naming_it() {
 
     // A node whose heartbeat lapsed long ago is dead: not even tried. (Its call is closed by
     // B's sweep sooner or later; its recording is still only on it.)
-    let dead = fake_node(
-        &schema.url,
-        "dead",
-        &gone,
-        UnixMillis(now.0 - 10 * 60_000),
-        true,
-    );
+    let dead = fake_node(&url, "dead", &gone, UnixMillis(now.0 - 10 * 60_000), true);
     let (status, _, body) = send(
         &b,
         "GET",

@@ -14,6 +14,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use callgate_server::tasks::Tasks;
 use callgate_server::webhooks::{Endpoint, Retry};
+use callgate_testkit::pg::Schema;
 use callgate_testkit::{TempDir, TestServer, cdr, incoming_call, spawn_server, spawn_server_in};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -275,46 +276,6 @@ async fn a_receiver_down_for_a_while_gets_every_event_signed_and_in_order() {
     receiver.stop.cancel();
 }
 
-/// A PostgreSQL schema of the test's own (`CALLGATE_TEST_PG`), dropped at the end.
-struct Schema {
-    admin: String,
-    name: String,
-    url: callgate_store::PgUrl,
-}
-
-impl Schema {
-    fn new() -> Option<Self> {
-        let Ok(admin) = std::env::var("CALLGATE_TEST_PG") else {
-            eprintln!("SKIPPED webhooks on PostgreSQL: CALLGATE_TEST_PG is not set");
-            return None;
-        };
-        let name = format!("w_{}", uuid::Uuid::now_v7().simple());
-        Self::psql(&admin, &format!("CREATE SCHEMA {name}"));
-        let sep = if admin.contains('?') { '&' } else { '?' };
-        let url = format!("{admin}{sep}options=-csearch_path%3D{name}");
-        let url = callgate_store::PgUrl::parse(&url, None).expect("url");
-        Some(Self { admin, name, url })
-    }
-
-    fn psql(admin: &str, sql: &str) {
-        let out = std::process::Command::new("/usr/lib/postgresql/15/bin/psql")
-            .args([admin, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        Self::psql(&self.admin, &format!("DROP SCHEMA {} CASCADE", self.name));
-    }
-}
-
 #[tokio::test]
 async fn events_waiting_when_callgate_stops_are_delivered_after_it_restarts() {
     restart(None).await;
@@ -322,8 +283,11 @@ async fn events_waiting_when_callgate_stops_are_delivered_after_it_restarts() {
 
 #[tokio::test]
 async fn on_postgresql_events_waiting_when_callgate_stops_are_delivered_after_it_restarts() {
-    let Some(schema) = Schema::new() else { return };
-    restart(Some(schema.url.clone())).await;
+    let Some(schema) = Schema::new("webhooks") else {
+        return;
+    };
+    let url = callgate_store::PgUrl::parse(&schema.url, None).expect("url");
+    restart(Some(url.clone())).await;
 }
 
 async fn restart(store_url: Option<callgate_store::PgUrl>) {

@@ -12,6 +12,7 @@ pub mod browser;
 pub mod http;
 pub mod openai;
 pub mod openapi;
+pub mod pg;
 pub mod phone;
 pub mod realtime;
 pub mod tls;

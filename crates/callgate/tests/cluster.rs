@@ -10,8 +10,9 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use callgate_testkit::pg::Schema;
 use callgate_testkit::{Phone, Received, TempDir, http, incoming_call};
-use common::{Proc, Schema};
+use common::Proc;
 use serde_json::Value;
 
 const SECRET: &str = "cluster-process-test-secret-0123456789";

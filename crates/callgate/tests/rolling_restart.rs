@@ -12,13 +12,11 @@
 //! ports of `deploy/haproxy.cfg` (14143, 14243-14244, 14343-14344, 14404) free (the tests
 //! run one at a time: `.config/nextest.toml`). About a minute each.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
 use callgate_testkit::TempDir;
-use common::Schema;
+use callgate_testkit::pg::Schema;
 
 #[test]
 fn a_rolling_restart_through_haproxy_refuses_and_drops_no_call() {

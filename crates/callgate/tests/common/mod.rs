@@ -3,12 +3,12 @@
 
 #![allow(dead_code, reason = "each test binary uses part of this module")]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use callgate_testkit::{Phone, TempDir, http, incoming_call};
 
@@ -148,57 +148,5 @@ impl Proc {
         assert_eq!(record["external_id"], id, "{record}");
         phone.close(1000, "done").await;
         record
-    }
-}
-
-pub(crate) const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
-
-/// A schema of the test's own, dropped at the end.
-pub(crate) struct Schema {
-    admin: String,
-    name: String,
-    /// The URL of the schema (`search_path` set), for `--store-url`.
-    pub(crate) url: String,
-}
-
-impl Schema {
-    /// A new schema on `CALLGATE_TEST_PG`, or `None` (after saying SKIPPED) without it.
-    pub(crate) fn new(test: &str) -> Option<Self> {
-        let Ok(admin) = std::env::var("CALLGATE_TEST_PG") else {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED {test}: PostgreSQL tests need CALLGATE_TEST_PG=postgres://... \
-                 (start one with `eval \"$(scripts/pg-test-server start)\"`)"
-            );
-            return None;
-        };
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .expect("clock")
-            .as_nanos();
-        let name = format!("p_{}_{nanos}", std::process::id());
-        Self::psql(&admin, &format!("CREATE SCHEMA {name}"));
-        let sep = if admin.contains('?') { '&' } else { '?' };
-        let url = format!("{admin}{sep}options=-csearch_path%3D{name}");
-        Some(Self { admin, name, url })
-    }
-
-    /// Runs `sql` with Debian's psql as the admin URL's user.
-    pub(crate) fn psql(admin: &str, sql: &str) {
-        let out = Command::new(PSQL)
-            .args([admin, "-v", "ON_ERROR_STOP=1", "-c", sql])
-            .output()
-            .expect("psql runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        Self::psql(&self.admin, &format!("DROP SCHEMA {} CASCADE", self.name));
     }
 }
