@@ -9,6 +9,11 @@
 //! Queue policy: every read is awaited with the handle's timeout (waiting for room in the
 //! queue counts against it); on expiry the caller gets [`Error::Timeout`] and a
 //! reader that later picks up the abandoned request skips it. Reads are never dropped silently.
+//!
+//! Priority: on Linux the reader threads run at nice [`READER_NICE`]. A read of a thousand live
+//! calls for the console takes a few milliseconds of CPU; on a machine with no CPU to spare it
+//! would take them from the call tasks, which run at the default priority and must keep 20 ms
+//! audio frames on time. The reads then wait instead; on an idle machine nothing changes.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -33,11 +38,15 @@ pub(crate) enum Read {
     Close(Reply<()>),
 }
 
+/// The nice value (Linux) of the reader threads: below the call tasks' default 0.
+pub const READER_NICE: i32 = 10;
+
 /// The queue the reader threads share.
 pub(crate) type Queue = Arc<Mutex<mpsc::Receiver<Read>>>;
 
 /// One reader thread's loop: it returns once the queue is closed and empty.
 pub(crate) fn run(mut reader: impl Reader, queue: Queue) {
+    lower_priority();
     loop {
         let read = {
             // The lock is held only while waiting for the next request, so free threads
@@ -59,6 +68,16 @@ pub(crate) fn run(mut reader: impl Reader, queue: Queue) {
     }
 }
 
+/// Lowers the calling thread's priority to [`READER_NICE`] (on Linux, `setpriority` on the
+/// calling task changes that thread only). Refused (a sandbox without the right): the reads run
+/// at the default priority, as on other systems.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(error) = rustix::process::setpriority_process(None, READER_NICE) {
+        tracing::debug!(%error, "store reader: could not lower its priority");
+    }
+}
+
 fn answer(reader: &mut impl Reader, read: Read) {
     fn send<T>(tx: Reply<T>, query: impl FnOnce() -> Result<T, Error>) {
         // The asker timed out and left: no one would see the answer.
@@ -74,5 +93,30 @@ fn answer(reader: &mut impl Reader, read: Read) {
         Read::Events(id, page, tx) => send(tx, || reader.events(&id, page)),
         Read::Transcript(id, page, tx) => send(tx, || reader.transcript(&id, page)),
         Read::Close(_) => {}
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_thread_lowers_its_own_priority_and_only_its_own() {
+        let before = rustix::process::getpriority_process(None).expect("own priority");
+        let reader = std::thread::spawn(|| {
+            lower_priority();
+            rustix::process::getpriority_process(None).expect("reader's priority")
+        })
+        .join()
+        .expect("reader thread");
+        // A process already running at READER_NICE or lower priority cannot tell.
+        if before < READER_NICE {
+            assert_eq!(reader, READER_NICE, "the reader thread runs at READER_NICE");
+        }
+        assert_eq!(
+            rustix::process::getpriority_process(None).expect("own priority"),
+            before,
+            "the other threads (the caller's) keep their priority"
+        );
     }
 }
