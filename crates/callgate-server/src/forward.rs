@@ -338,21 +338,42 @@ async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response
 
 /// Sends `request` to `owner` and relays its answer.
 async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Request) -> Response {
+    let (result, response) = send(shared, target, owner, request).await;
+    shared
+        .metrics
+        .admin_forwarded
+        .get_or_create(&[("result", result)])
+        .inc();
+    response
+}
+
+/// Sends `request` to `owner`: the answer, and how it went for
+/// `callgate_admin_forwarded_total{result}` (`relayed`: the owner's answer, whatever its
+/// status; `unreachable`; `token_refused`; `no_secret`).
+async fn send(
+    shared: &Arc<Shared>,
+    target: &Target,
+    owner: &str,
+    request: Request,
+) -> (&'static str, Response) {
     let admin_url = match owner_url(shared, owner).await {
         Ok(url) => url,
-        Err(response) => return response,
+        Err(response) => return ("unreachable", response),
     };
     let Some(secret) = &shared.config.cluster_secret else {
-        return error(
-            StatusCode::MISDIRECTED_REQUEST,
-            "call_on_other_node",
-            format!(
-                "call {:?} is held by node {owner:?} ({admin_url}); this node has no cluster \
+        return (
+            "no_secret",
+            error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "call_on_other_node",
+                format!(
+                    "call {:?} is held by node {owner:?} ({admin_url}); this node has no cluster \
                  secret ([cluster] token_env) to forward the request: set one on every node, \
                  or send the request to that node",
-                target.id.as_str()
+                    target.id.as_str()
+                ),
+                json!({ "node": owner, "admin_url": admin_url }),
             ),
-            json!({ "node": owner, "admin_url": admin_url }),
         );
     };
     let caller = request
@@ -366,12 +387,13 @@ async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Re
         crate::admin::MAX_BODY_BYTES
     };
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
-        return error(
+        let response = error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("the request body is over this endpoint's limit of {limit} bytes"),
             json!({}),
         );
+        return ("too_large", response);
     };
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", admin_url.trim_end_matches('/'));
@@ -383,8 +405,11 @@ async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Re
         .header(FORWARDED_BY, shared.node.id.as_str())
         .header(FORWARDED_FOR, caller.as_str())
         .body(body);
-    if let Some(ct) = parts.headers.get(header::CONTENT_TYPE) {
-        outgoing = outgoing.header(header::CONTENT_TYPE, ct.clone());
+    // The body's type, and a recording's byte range (the console's player seeks with it).
+    for name in [header::CONTENT_TYPE, header::RANGE] {
+        if let Some(value) = parts.headers.get(&name) {
+            outgoing = outgoing.header(name, value.clone());
+        }
     }
     info!(
         call_id = %target.id.as_str(),
@@ -407,14 +432,19 @@ async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Re
         )
     };
     let answer = match tokio::time::timeout(ANSWER_TIMEOUT, outgoing.send()).await {
-        Err(_) => return unreachable(format!("no answer within {ANSWER_TIMEOUT:?}")),
-        Ok(Err(e)) => return unreachable(describe(&e)),
+        Err(_) => {
+            return (
+                "unreachable",
+                unreachable(format!("no answer within {ANSWER_TIMEOUT:?}")),
+            );
+        }
+        Ok(Err(e)) => return ("unreachable", unreachable(describe(&e))),
         Ok(Ok(answer)) => answer,
     };
     let status = answer.status();
     if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
         warn!(node = %owner, %status, "The call's node refused this node's cluster secret.");
-        return error(
+        let refused = error(
             StatusCode::BAD_GATEWAY,
             "cluster_token_refused",
             format!(
@@ -423,8 +453,9 @@ async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Re
             ),
             json!({ "node": owner, "admin_url": admin_url }),
         );
+        return ("token_refused", refused);
     }
-    relay(answer, owner)
+    ("relayed", relay(answer, owner))
 }
 
 /// An error's text with its causes (reqwest's own text hides the interesting part).
@@ -440,9 +471,11 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// The headers of the owner's answer that are relayed.
-const RELAYED: [header::HeaderName; 5] = [
+const RELAYED: [header::HeaderName; 7] = [
     header::CONTENT_TYPE,
     header::CONTENT_LENGTH,
+    header::CONTENT_RANGE,
+    header::ACCEPT_RANGES,
     header::CONTENT_DISPOSITION,
     header::RETRY_AFTER,
     header::CACHE_CONTROL,

@@ -100,6 +100,9 @@ pub struct Metrics {
     pub webhook_failed: Counter,
     /// Time from an event to its successful delivery, seconds.
     pub webhook_delay: Histogram,
+    /// Operator requests for another node's call, by result (`relayed`: the owner answered,
+    /// whatever its status; `unreachable`; `token_refused`; `no_secret`; `too_large`).
+    pub admin_forwarded: Family<Labels1, Counter>,
 }
 
 impl Metrics {
@@ -152,6 +155,7 @@ impl Metrics {
             webhook_pending: Gauge::default(),
             webhook_failed: Counter::default(),
             webhook_delay: Histogram::new([0.05, 0.25, 1.0, 5.0, 30.0, 60.0, 300.0, 3600.0]),
+            admin_forwarded: Family::default(),
             registry: Registry::default(),
         };
         registry.register("calls_live", "Calls live now", m.calls_live.clone());
@@ -299,6 +303,11 @@ impl Metrics {
             "webhook_delay_seconds",
             "Time from an event to its delivery",
             m.webhook_delay.clone(),
+        );
+        registry.register(
+            "admin_forwarded",
+            "Operator requests for another node's call, by result",
+            m.admin_forwarded.clone(),
         );
         Self { registry, ..m }
     }

@@ -59,6 +59,15 @@ async fn send(
     (status, headers, body)
 }
 
+/// `callgate_admin_forwarded_total{result}` of `server`.
+fn forwarded(server: &TestServer, result: &'static str) -> u64 {
+    server
+        .metrics
+        .admin_forwarded
+        .get_or_create(&[("result", result)])
+        .get()
+}
+
 fn json_of(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)))
 }
@@ -200,6 +209,8 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
     assert_eq!(body["code"], "call_on_other_node");
     assert_eq!(body["node"], "node-a");
     assert_eq!(body["admin_url"], format!("http://{}", a.admin_addr));
+    assert_eq!(forwarded(&c, "token_refused"), 1);
+    assert_eq!(forwarded(&d, "no_secret"), 1);
     // None of them touched the call.
     let (_, record) = a.get(&format!("/api/calls/{id}")).await;
     assert!(record["ended_at"].is_null(), "{record}");
@@ -247,6 +258,15 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
     assert_eq!(headers["content-type"], "audio/wav");
     assert_eq!(headers[NODE_HEADER], "node-a");
     assert_eq!(body, at_a.1);
+    // A byte range (the console's player seeks with one): B passes it on, relays A's 206.
+    let (status, headers, body) = send(&b, "GET", &own, vec![], &[("range", "bytes=4-11")]).await;
+    assert_eq!(status, 206);
+    assert_eq!(
+        headers["content-range"],
+        format!("bytes 4-11/{}", at_a.1.len()).as_str()
+    );
+    assert_eq!(headers["accept-ranges"], "bytes");
+    assert_eq!(body, at_a.1[4..12]);
     // A message that is not there: A's 404, relayed.
     let (status, _, body) = send(
         &b,
@@ -258,6 +278,14 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
     .await;
     assert_eq!(status, 404);
     assert_eq!(json_of(&body)["code"], "no_message");
+    // DTMF, the refused DTMF, play, clear, hangup, the recording, its range, the message: the
+    // loop-guarded clear and the ended call's hangup were answered by B itself.
+    assert_eq!(
+        forwarded(&b, "relayed"),
+        8,
+        "B counts each request it relayed"
+    );
+    assert_eq!(forwarded(&a, "relayed"), 0, "A forwarded nothing");
 
     for n in [a, b, c, d] {
         n.shutdown().await;
@@ -350,6 +378,8 @@ async fn an_owner_that_does_not_answer_or_is_dead_is_a_502_naming_it() {
     assert_eq!(body["code"], "node_unreachable");
     assert_eq!(body["node"], "dead");
     assert_eq!(body["state"], "dead");
+    assert_eq!(forwarded(&b, "unreachable"), 2);
+    assert_eq!(forwarded(&b, "relayed"), 0);
     b.shutdown().await;
     drop(schema);
 }
