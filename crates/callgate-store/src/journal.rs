@@ -102,7 +102,7 @@ impl Journal {
             path: dir.join(FILE_NAME).display().to_string(),
             source,
         };
-        crate::sqlite::private_dir(dir).map_err(io)?;
+        crate::files::private_dir(dir).map_err(io)?;
         let path = dir.join(FILE_NAME);
         let file = private_options()
             .read(true)

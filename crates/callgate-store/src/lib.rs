@@ -33,11 +33,13 @@
 //! speaker) are strings here.
 
 pub mod backend;
+mod files;
 mod journal;
 #[macro_use]
 pub mod nodes;
 pub mod notice;
 pub mod outbox;
+mod pg;
 pub mod postgres;
 pub mod reader;
 pub mod record;

@@ -24,7 +24,7 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 
-use crate::postgres::Conn;
+use crate::pg::Conn;
 use crate::{Error, PgUrl, UnixMillis};
 
 /// What a node is doing.

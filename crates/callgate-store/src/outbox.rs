@@ -18,7 +18,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::notice::{Kind, Notice};
-use crate::postgres::Conn;
+use crate::pg::Conn;
 use crate::{Error, PgUrl, UnixMillis};
 
 /// The SQL of the outbox table, the same text for both backends but for the key (a macro,

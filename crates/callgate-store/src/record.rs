@@ -495,6 +495,28 @@ pub(crate) fn raw_json(text: String) -> Option<Box<RawValue>> {
     RawValue::from_string(text).ok()
 }
 
+/// The columns of `calls`, in the order both backends' row mappers read them.
+pub(crate) const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
+     phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
+     end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
+     route, agent, usage, key_name, node";
+
+/// The value a text filter compares with.
+pub(crate) fn text_value(m: &Option<TextMatch>) -> Option<&str> {
+    match m {
+        Some(TextMatch::Exact(v) | TextMatch::Prefix(v)) => Some(v),
+        None => None,
+    }
+}
+
+/// The end of a prefix filter's range, if it is one and has an end.
+pub(crate) fn prefix_end(m: &Option<TextMatch>) -> Option<String> {
+    match m {
+        Some(TextMatch::Prefix(p)) => TextMatch::prefix_end(p),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

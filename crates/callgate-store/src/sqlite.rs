@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, params};
 
-use crate::record::{AudioFormats, raw_json};
+use crate::files::{private_dir, private_file};
+use crate::record::{AudioFormats, RECORD_COLUMNS, prefix_end, raw_json, text_value};
 use crate::{
     CallFilter, CallId, CallRecord, Counters, Ended, Error, EventRecord, Migration, NewCall,
     NewEvent, NewTranscriptEntry, Page, Reader, SchemaStatus, Store, TextMatch, TranscriptEntry,
@@ -171,35 +172,6 @@ impl Drop for SqliteStore {
     }
 }
 
-/// Creates `dir` (and its parents) and makes it private to this user (0700), whatever the
-/// umask; an existing directory is tightened too.
-pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        builder.mode(0o700).create(dir)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-    }
-    #[cfg(not(unix))]
-    builder.create(dir)
-}
-
-/// Creates `path` if missing and makes it readable and writable by this user only (0600).
-fn private_file(path: &Path) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.append(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        options.mode(0o600).open(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-    }
-    #[cfg(not(unix))]
-    options.open(path).map(drop)
-}
-
 /// How long a connection waits for a lock held by another before it reports busy.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -316,11 +288,6 @@ pub fn schema_status(data_dir: &Path) -> Result<SchemaStatus, Error> {
     Ok(SchemaStatus::new("sqlite", current, MIGRATIONS))
 }
 
-pub(crate) const RECORD_COLUMNS: &str = "id, protocol, caller, callee, external_id, call_config, \
-     phone_output_audio_format, phone_input_audio_format, started_at, answered_at, ended_at, \
-     end_reason, hangup_by, bytes_in, bytes_out, frames_in, frames_out, dtmf, cdr, recording, \
-     route, agent, usage, key_name, node";
-
 fn record(row: &Row<'_>) -> rusqlite::Result<CallRecord> {
     let count = |i: usize| -> rusqlite::Result<u64> { Ok(row.get::<_, i64>(i)?.max(0) as u64) };
     let time = |i: usize| -> rusqlite::Result<Option<UnixMillis>> {
@@ -401,22 +368,6 @@ fn list_sql(f: &CallFilter) -> String {
     }
     sql.push_str(" ORDER BY started_at DESC, id DESC LIMIT :limit");
     sql
-}
-
-/// The value a text filter compares with.
-pub(crate) fn text_value(m: &Option<TextMatch>) -> Option<&str> {
-    match m {
-        Some(TextMatch::Exact(v) | TextMatch::Prefix(v)) => Some(v),
-        None => None,
-    }
-}
-
-/// The end of a prefix filter's range, if it is one and has an end.
-pub(crate) fn prefix_end(m: &Option<TextMatch>) -> Option<String> {
-    match m {
-        Some(TextMatch::Prefix(p)) => TextMatch::prefix_end(p),
-        _ => None,
-    }
 }
 
 fn count(v: i64) -> u64 {
