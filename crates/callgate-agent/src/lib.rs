@@ -35,6 +35,7 @@ pub mod catalog;
 mod commands;
 pub mod echo;
 pub mod queue;
+mod settings;
 mod spawner;
 pub mod tone;
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use callgate_audio::pcm;
 use callgate_proto::AudioFormat;
 
-use crate::catalog::{Settings, SettingsError};
+use crate::settings::{Settings, SettingsError};
 use crate::{Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed};
 
 /// Audio per command, ms.
