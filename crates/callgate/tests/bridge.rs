@@ -1,8 +1,9 @@
 //! The `bridge` agent through both halves of Twilio Media Streams, with the real binary:
 //! `callgate sim --protocol twilio` (its library) → `callgate serve` (a `bridge` route) → a
-//! Twilio bot on 127.0.0.1 (the testkit's echo bot, or a Python bot written as a Pipecat user
+//! Twilio bot on 127.0.0.1 (the testkit's echo bot; a Python bot written as a Pipecat user
 //! writes one, `examples/bridge/echo_bot.py`, when `CALLGATE_TEST_PYTHON` names a Python that
-//! has the `websockets` package; `.ci/run` makes such a venv).
+//! has the `websockets` package; a Node bot with `ws`, `examples/bridge/echo_bot.js`, when
+//! `CALLGATE_TEST_NODE_PATH` names a `node_modules` that holds `ws`; `.ci/run` makes both).
 
 mod common;
 
@@ -141,20 +142,51 @@ fn python() -> Option<String> {
         .filter(|p| !p.is_empty())
 }
 
+/// The `node_modules` directory that holds `ws`, from `CALLGATE_TEST_NODE_PATH`.
+fn node_path() -> Option<String> {
+    std::env::var("CALLGATE_TEST_NODE_PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
+/// An example bot of `examples/bridge/`.
+fn example(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples/bridge")
+        .join(file)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     let Some(python) = python() else {
         eprintln!("CALLGATE_TEST_PYTHON is not set: the Python bot test is skipped");
         return;
     };
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/bridge/echo_bot.py");
-    let mut child = Command::new(python)
-        .arg(&script)
+    let mut bot = Command::new(python);
+    bot.arg(example("echo_bot.py"));
+    an_example_bot_answers_a_callbridge_call(bot, "py").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_bot_written_with_ws_answers_a_callbridge_call() {
+    let Some(node_path) = node_path() else {
+        eprintln!("CALLGATE_TEST_NODE_PATH is not set: the Node bot test is skipped");
+        return;
+    };
+    let mut bot = Command::new("node");
+    bot.arg(example("echo_bot.js")).env("NODE_PATH", node_path);
+    an_example_bot_answers_a_callbridge_call(bot, "js").await;
+}
+
+/// `examples/bridge/echo_bot.*` (run by `bot`) behind a CallBridge call: the caller hears
+/// its replies and its goodbye, the marks come back in order once played, the bot's close
+/// ends the call.
+async fn an_example_bot_answers_a_callbridge_call(mut bot: Command, label: &str) {
+    let mut child = bot
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start the Python bot");
+        .expect("start the bot");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, lines) = std::sync::mpsc::channel::<Value>();
     std::thread::spawn(move || {
@@ -171,7 +203,7 @@ async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     };
     let listening = next();
     let port = listening["port"].as_u64().expect("port");
-    let data = TempDir::new("bridge-python");
+    let data = TempDir::new(&format!("bridge-{label}"));
     let proc = serve(
         &data,
         &format!("ws://127.0.0.1:{port}/calls/{{{{cdrId}}}}"),
@@ -179,7 +211,7 @@ async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     );
     let mut phone = Phone::connect(&proc.url()).await;
     phone
-        .text(callgate_testkit::callbridge_start("cdr-py"))
+        .text(callgate_testkit::callbridge_start(&format!("cdr-{label}")))
         .await;
     assert_eq!(phone.recv_json().await["type"], "started");
     // One second of the caller, in real time; the bot echoes it in five 200 ms replies.
@@ -212,8 +244,8 @@ async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     assert_eq!(close, 1000);
     let start = next();
     assert_eq!(start["event"], "start");
-    assert_eq!(start["path"], "/calls/cdr-py");
-    assert_eq!(start["params"]["cdrId"], "cdr-py");
+    assert_eq!(start["path"], format!("/calls/cdr-{label}"));
+    assert_eq!(start["params"]["cdrId"], format!("cdr-{label}"));
     assert!(start["signature"].is_string(), "{start}");
     let marks: Vec<String> = (0..5)
         .map(|_| next()["name"].as_str().expect("a mark").to_owned())
