@@ -88,11 +88,73 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// for load balancers, the console's page and sign-in for browsers. Browser requests from
 /// other sites are refused whatever the configuration ([`crate::session`]). A request
 /// forwarded by another node is `operator` with the cluster secret, refused without it.
-async fn authorize(
-    State(shared): State<Arc<Shared>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+///
+/// A client whose credentials were refused [`crate::failures::MAX_FAILURES`] times within a
+/// minute gets `429 too_many_failures` for any request that needs one until that minute ends
+/// ([`crate::failures`]); every `401` answered here (a token, a console sign-in, a cluster
+/// secret) counts.
+async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let client = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::failures::Peer>>()
+        .map(|peer| crate::failures::client(peer.0.0.ip()));
+    let guarded = client.filter(|_| needs_credential(&shared, &request));
+    let now = tokio::time::Instant::now();
+    if let Some(client) = guarded {
+        let checked = shared
+            .auth_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .check(client, now);
+        if let Err(retry_after) = checked {
+            shared
+                .metrics
+                .admin_refused
+                .get_or_create(&[("reason", "too_many_failures")])
+                .inc();
+            let mut response = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_failures",
+                format!(
+                    "too many refused credentials from this address: try again in {} s",
+                    retry_after.as_secs().max(1)
+                ),
+            )
+            .into_response();
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+            return response;
+        }
+    }
+    let response = check_and_run(shared.clone(), request, next).await;
+    if let Some(client) = guarded
+        && response.status() == StatusCode::UNAUTHORIZED
+    {
+        tracing::debug!(%client, "Admin credentials refused.");
+        shared
+            .auth_failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .failed(client, now);
+    }
+    response
+}
+
+/// Whether `request` presents (or must present) a credential: a cluster secret, a console
+/// sign-in, or anything but the open paths while tokens are configured.
+fn needs_credential(shared: &Shared, request: &Request) -> bool {
+    let path = request.uri().path();
+    request.headers().contains_key(crate::forward::TOKEN_HEADER)
+        || (path == "/api/session" && request.method() == axum::http::Method::POST)
+        || (shared.admin_auth.current().is_enabled()
+            && !matches!(path, "/healthz" | "/readyz")
+            && !crate::console::is_open(path))
+}
+
+/// [`authorize`]'s checks, then the handler.
+async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) -> Response {
     if request.headers().contains_key(crate::forward::TOKEN_HEADER) {
         return crate::forward::accept(&shared, request, next).await;
     }

@@ -44,6 +44,7 @@ pub mod config;
 mod console;
 mod drain;
 mod events;
+mod failures;
 pub mod forward;
 mod live;
 mod media;
@@ -177,6 +178,9 @@ pub(crate) struct Shared {
     pub(crate) roster: std::sync::Mutex<callgate_store::Registry>,
     /// The console's signed-in browsers (in memory: a restart signs everyone out).
     pub(crate) sessions: session::Sessions,
+    /// Failed authentications by client (the admin middleware's lockout). Policy: taken
+    /// briefly, only by requests that need a credential.
+    pub(crate) auth_failures: std::sync::Mutex<failures::AuthFailures>,
     /// The event hub: the live event stream (`GET /api/stream`) reads it; the store writer
     /// and the node's phase changes feed it.
     pub(crate) events: Arc<events::Hub>,
@@ -371,6 +375,7 @@ impl Server {
             connections: watch::Sender::new(0),
             ws_config,
             sessions: session::Sessions::default(),
+            auth_failures: std::sync::Mutex::default(),
         });
         Ok(Self {
             shared,
@@ -602,9 +607,16 @@ fn serve_admin<L>(
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    failures::Peer:
+        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
 {
-    let server =
-        axum::serve(listener, router).with_graceful_shutdown(stop.clone().cancelled_owned());
+    // The peer's address reaches the handlers (the lockout of clients that fail to
+    // authenticate counts by it).
+    let server = axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<failures::Peer>(),
+    )
+    .with_graceful_shutdown(stop.clone().cancelled_owned());
     tasks.spawn(async move {
         if let Err(error) = server.await {
             warn!(%error, "Admin API stopped with an error.");

@@ -882,3 +882,69 @@ async fn request_bodies_are_bounded_per_endpoint() {
     assert!(response.starts_with("HTTP/1.1 404"), "{response}");
     server.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_that_keeps_failing_to_authenticate_is_locked_out_for_a_minute() {
+    use callgate_server::auth::{Role, Token};
+    use callgate_testkit::http::request_with;
+    const OPS: &str = "ops-token-0123456789abcdef";
+    let server = spawn_server(|c| {
+        c.admin_auth.tokens = vec![Token::from_secret("ops", Role::Operator, OPS).unwrap()];
+    })
+    .await;
+    let addr = server.admin_addr;
+    let with = |token: &str| format!("Bearer {token}");
+    // Ten wrong tokens and ten wrong console sign-ins: twenty refusals, each a 401.
+    for i in 0..10 {
+        let wrong = with(&format!("guess-{i}-0123456789abcdef"));
+        let (status, body) = request_with(
+            addr,
+            "GET",
+            "/api/calls",
+            None,
+            &[("Authorization", &wrong)],
+        )
+        .await;
+        assert_eq!(status, 401, "guess {i}: {body}");
+        let sign_in = format!(r#"{{"token":"guess-{i}-0123456789abcdef"}}"#);
+        let (status, body) = request_with(
+            addr,
+            "POST",
+            "/api/session",
+            Some(&sign_in),
+            &[("Origin", &format!("http://{addr}"))],
+        )
+        .await;
+        assert_eq!(status, 401, "sign-in {i}: {body}");
+    }
+    // Now even the right token is refused before it is looked at, with a JSON reason.
+    let (status, body) = request_with(
+        addr,
+        "GET",
+        "/api/calls",
+        None,
+        &[("Authorization", &with(OPS))],
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["code"], "too_many_failures");
+    assert!(
+        body["error"].as_str().unwrap().contains("try again in"),
+        "{body}"
+    );
+    // Load balancers' probes need no credential and are not refused.
+    assert_eq!(
+        request_with(addr, "GET", "/healthz", None, &[]).await.0,
+        200
+    );
+    assert_eq!(
+        server
+            .metrics
+            .admin_refused
+            .get_or_create(&[("reason", "too_many_failures")])
+            .get(),
+        1
+    );
+    server.shutdown().await;
+}
