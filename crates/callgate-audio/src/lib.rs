@@ -11,8 +11,8 @@
 //! - [`playout`]: the playout clock: one 20 ms frame every 20 ms, clear, marks, played ms.
 //! - [`vad`]: voice activity (earshot) with hysteresis, for barge-in.
 //! - [`dtmf`]: in-band DTMF: a tone generator and a Goertzel detector.
-//! - [`record`]: the stereo call recording (caller left, agent right): [`record::Recorder`]
-//!   per call queues sample batches, never blocking; [`record::Recordings`], one per server,
+//! - [`recording`]: the stereo call recording (caller left, agent right): [`recording::Recorder`]
+//!   per call queues sample batches, never blocking; [`recording::Recordings`], one per server,
 //!   writes every recording to disk on its own thread.
 //!
 //! Samples are `i16` everywhere at the edges; the resampler works in `f32` inside.
@@ -22,7 +22,7 @@ pub mod dtmf;
 pub mod g711;
 pub mod pcm;
 pub mod playout;
-pub mod record;
+pub mod recording;
 pub mod resample;
 pub mod vad;
 pub mod wav;
@@ -51,7 +51,7 @@ pub enum Error {
     /// A WAV file in a sample format we do not read.
     #[error("unsupported WAV sample format: {0}")]
     UnsupportedWav(String),
-    /// A recording was refused: [`record::Config::max_open`] recordings are open already.
+    /// A recording was refused: [`recording::Config::max_open`] recordings are open already.
     #[error("too many recordings open (limit {limit})")]
     TooManyRecordings {
         /// The limit.

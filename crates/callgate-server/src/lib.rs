@@ -66,7 +66,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use callgate_agent::{AgentFactory, Catalog};
-use callgate_audio::record::{Config as RecordConfig, Recordings};
+use callgate_audio::recording::{Config as RecordConfig, Recordings};
 use callgate_store::{Store, StoreHandle, UnixMillis};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};

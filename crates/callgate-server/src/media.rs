@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate_audio::playout::{Cleared, Playout, PlayoutEvent, Underrun};
-use callgate_audio::record::{Finished, Recorder, Recordings};
+use callgate_audio::recording::{Finished, Recorder, Recordings};
 use callgate_audio::vad::{Vad, VadConfig, VadEvent};
 use callgate_audio::{AudioFormat, Converter, Resampler, dtmf, pcm};
 use callgate_proto::{Digit, DtmfDuration};

@@ -398,7 +398,7 @@ impl CallCore {
     }
 
     /// The finished recording, once the call has ended (resolves when it is on disk).
-    pub(crate) fn take_recording(&mut self) -> Option<callgate_audio::record::Finished> {
+    pub(crate) fn take_recording(&mut self) -> Option<callgate_audio::recording::Finished> {
         self.media.take_finished()
     }
 
