@@ -168,38 +168,17 @@ impl Agent for RealtimeAgent {
             .unwrap_or(start);
         let mut core = Core::new(self.plan.clone(), io.call.clone(), io.epoch(), began, start);
         let sender = io.sender();
-        let spawner = io.spawner();
         let (link_tx, mut link_rx) = mpsc::channel::<LinkEvent>(link::EVENTS);
         let (tool_tx, mut tool_rx) = mpsc::channel::<ToolDone>(TOOL_RESULTS);
-        let mut links = Links::default();
+        let mut hands = Hands {
+            links: HashMap::new(),
+            link_events: link_tx,
+            tool_results: tool_tx,
+            spawner: io.spawner(),
+        };
         loop {
             while let Some(output) = core.poll_output() {
-                match output {
-                    Output::Send { conn, message } => {
-                        if let Err(lost) = links.send(conn, message) {
-                            core.handle_lost(now(), conn, lost);
-                        }
-                    }
-                    Output::Clear => core.handle_cleared(io.clear()),
-                    Output::Connect { conn } => {
-                        let (tx, rx) = mpsc::channel(link::OUTGOING);
-                        links.open.insert(conn, tx);
-                        let endpoint = self.shared.endpoint.clone();
-                        let events = link_tx.clone();
-                        spawner.spawn(link::run(conn, endpoint, rx, events));
-                    }
-                    // Dropping the sender closes the connection (1000).
-                    Output::Close { conn } => drop(links.open.remove(&conn)),
-                    Output::Tool(call) => {
-                        self.run_tool(&spawner, &io.call, call, tool_tx.clone());
-                    }
-                    Output::Count(counted) => self.shared.metrics.count(counted),
-                    Output::Latency { backend, callgate } => {
-                        let m = &self.shared.metrics;
-                        m.backend_latency.observe(backend.as_secs_f64());
-                        m.callgate_latency.observe(callgate.as_secs_f64());
-                    }
-                }
+                hands.carry_out(&self, &io, &mut core, output);
             }
             if core.is_finished() {
                 // The connections close as their senders drop.
@@ -221,7 +200,7 @@ impl Agent for RealtimeAgent {
                         core.handle_server(now(), conn, event, received);
                     }
                     LinkEvent::Lost { conn, lost } => {
-                        links.open.remove(&conn);
+                        hands.links.remove(&conn);
                         core.handle_lost(now(), conn, lost);
                     }
                 },
@@ -238,28 +217,64 @@ impl Agent for RealtimeAgent {
     }
 }
 
-/// The open connections' outgoing channels, by connection.
-#[derive(Debug, Default)]
-struct Links {
-    open: HashMap<u64, mpsc::Sender<Outgoing>>,
+/// What carries the core's outputs out: the open connections' outgoing channels, and the
+/// senders the connections' and tools' tasks report on.
+#[derive(Debug)]
+struct Hands {
+    /// Each open connection's outgoing channel ([`link::OUTGOING`] deep), by connection.
+    links: HashMap<u64, mpsc::Sender<Outgoing>>,
+    link_events: mpsc::Sender<LinkEvent>,
+    tool_results: mpsc::Sender<ToolDone>,
+    spawner: Spawner,
 }
 
-impl Links {
+impl Hands {
+    /// Carries out one output of `core`.
+    fn carry_out(&mut self, agent: &RealtimeAgent, io: &AgentIo, core: &mut Core, output: Output) {
+        match output {
+            Output::Send { conn, message } => {
+                if let Err(lost) = self.send(conn, message) {
+                    core.handle_lost(now(), conn, lost);
+                }
+            }
+            Output::Clear => core.handle_cleared(io.clear()),
+            Output::Connect { conn } => {
+                let (tx, rx) = mpsc::channel(link::OUTGOING);
+                self.links.insert(conn, tx);
+                let endpoint = agent.shared.endpoint.clone();
+                let events = self.link_events.clone();
+                self.spawner.spawn(link::run(conn, endpoint, rx, events));
+            }
+            // Dropping the sender closes the connection (1000).
+            Output::Close { conn } => drop(self.links.remove(&conn)),
+            Output::Tool(call) => {
+                let results = self.tool_results.clone();
+                agent.run_tool(&self.spawner, &io.call, call, results);
+            }
+            Output::Count(counted) => agent.shared.metrics.count(counted),
+            Output::Latency { backend, callgate } => {
+                let m = &agent.shared.metrics;
+                m.backend_latency.observe(backend.as_secs_f64());
+                m.callgate_latency.observe(callgate.as_secs_f64());
+            }
+        }
+    }
+
     /// Hands `message` to connection `conn`'s task; a connection whose task cannot keep up
     /// is reported lost (its channel holds 10 s of the caller's audio). A connection that
     /// is gone drops it: its own report says why.
     fn send(&mut self, conn: u64, message: Outgoing) -> Result<(), Lost> {
-        let Some(tx) = self.open.get(&conn) else {
+        let Some(tx) = self.links.get(&conn) else {
             return Ok(());
         };
         match tx.try_send(message) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.open.remove(&conn);
+                self.links.remove(&conn);
                 Ok(())
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                self.open.remove(&conn);
+                self.links.remove(&conn);
                 Err(Lost::Broken(
                     "the service stopped reading (10 s of audio unread)".into(),
                 ))
