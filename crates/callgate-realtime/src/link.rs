@@ -95,74 +95,121 @@ pub(crate) async fn run(
     if events.send(LinkEvent::Opened { conn }).await.is_err() {
         return;
     }
+    if let Some(lost) = serve(conn, ws, &mut outgoing, &events).await {
+        let _ = events.send(LinkEvent::Lost { conn, lost }).await;
+    }
+}
+
+/// Serves open connection `conn` until it is lost (`Some`), or until `outgoing` closes (it
+/// closes with 1000) or the agent is gone (`None`).
+async fn serve(
+    conn: u64,
+    ws: tokio_tungstenite::WebSocketStream<Stream>,
+    outgoing: &mut mpsc::Receiver<Outgoing>,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Option<Lost> {
     let (mut sink, mut stream) = ws.split();
     let mut heard = clock();
     let mut ping = tokio::time::interval_at(heard + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let lost = loop {
+    loop {
         tokio::select! {
             _ = ping.tick() => {
-                if heard.elapsed() >= SILENCE_LIMIT {
-                    break Lost::Broken(format!("no word from the service for {SILENCE_LIMIT:?}"));
+                let silent = heard.elapsed();
+                if silent >= SILENCE_LIMIT {
+                    let reason = format!("no word from the service for {SILENCE_LIMIT:?}");
+                    return Some(Lost::Broken(reason));
                 }
-                if heard.elapsed() >= PING_EVERY {
-                    let sent = tokio::time::timeout(WRITE_LIMIT, sink.send(Message::Ping(Default::default()))).await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        break Lost::Broken("cannot ping the service".into());
+                if silent >= PING_EVERY {
+                    let ping = sink.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(WRITE_LIMIT, ping).await, Ok(Ok(()))) {
+                        return Some(Lost::Broken("cannot ping the service".into()));
                     }
                 }
             }
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    heard = clock();
-                    let received = heard.into_std();
-                    let event = match protocol::parse(text.as_str()) {
-                        Ok(event) => event,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "Unreadable event from the AI service.");
-                            continue;
+            frame = stream.next() => {
+                heard = clock();
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        if !forward(conn, text.as_str(), heard.into_std(), events).await {
+                            return None;
                         }
-                    };
-                    if events.send(LinkEvent::Event { conn, event, received }).await.is_err() {
-                        return;
                     }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame
-                        .map(|f| (u16::from(f.code), f.reason.to_string()))
-                        .unwrap_or((1005, String::new()));
-                    // Whether the code means a configuration error is the core's decision.
-                    break Lost::Closed { code, reason };
-                }
-                Some(Ok(_)) => heard = clock(),
-                Some(Err(e)) => break Lost::Broken(format!("connection error: {e}")),
-                None => break Lost::Broken("the connection ended without a close".into()),
-            },
-            message = outgoing.recv() => {
-                let text = match message {
-                    Some(Outgoing::Append(audio)) => client::append(&audio),
-                    Some(Outgoing::Text(text)) => text,
+                    Some(Ok(Message::Close(frame))) => return Some(closed(frame)),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Some(Lost::Broken(format!("connection error: {e}"))),
                     None => {
-                        let _ = sink
-                            .send(Message::Close(Some(tungstenite::protocol::CloseFrame {
-                                code: CloseCode::Normal,
-                                reason: "call ended".into(),
-                            })))
-                            .await;
-                        return;
+                        let reason = "the connection ended without a close";
+                        return Some(Lost::Broken(reason.into()));
                     }
+                }
+            }
+            message = outgoing.recv() => {
+                let Some(message) = message else {
+                    let _ = sink
+                        .send(Message::Close(Some(tungstenite::protocol::CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "call ended".into(),
+                        })))
+                        .await;
+                    return None;
                 };
-                match tokio::time::timeout(WRITE_LIMIT, sink.send(Message::text(text))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Lost::Broken(format!("cannot write: {e}")),
-                    Err(_) => break Lost::Broken(format!(
-                        "a write to the service took more than {WRITE_LIMIT:?}"
-                    )),
+                if let Err(lost) = write(&mut sink, message).await {
+                    return Some(lost);
                 }
             }
         }
+    }
+}
+
+/// A text frame from the service, read at `received`, parsed and handed to the agent;
+/// `false` when the agent is gone. An unreadable event is skipped.
+async fn forward(
+    conn: u64,
+    text: &str,
+    received: std::time::Instant,
+    events: &mpsc::Sender<LinkEvent>,
+) -> bool {
+    let event = match protocol::parse(text) {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::debug!(error = %e, "Unreadable event from the AI service.");
+            return true;
+        }
     };
-    let _ = events.send(LinkEvent::Lost { conn, lost }).await;
+    let event = LinkEvent::Event {
+        conn,
+        event,
+        received,
+    };
+    events.send(event).await.is_ok()
+}
+
+/// The service's close frame, as a loss (1005: no code). Whether the code means a
+/// configuration error is the core's decision.
+fn closed(frame: Option<tungstenite::protocol::CloseFrame>) -> Lost {
+    let (code, reason) = frame
+        .map(|f| (u16::from(f.code), f.reason.to_string()))
+        .unwrap_or((1005, String::new()));
+    Lost::Closed { code, reason }
+}
+
+/// Writes `message` to the service, within [`WRITE_LIMIT`].
+async fn write(
+    sink: &mut (impl futures_util::Sink<Message, Error = tungstenite::Error> + Unpin),
+    message: Outgoing,
+) -> Result<(), Lost> {
+    let text = match message {
+        Outgoing::Append(audio) => client::append(&audio),
+        Outgoing::Text(text) => text,
+    };
+    match tokio::time::timeout(WRITE_LIMIT, sink.send(Message::text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Lost::Broken(format!("cannot write: {e}"))),
+        Err(_) => Err(Lost::Broken(format!(
+            "a write to the service took more than {WRITE_LIMIT:?}"
+        ))),
+    }
 }
 
 type Stream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
