@@ -214,7 +214,43 @@ async fn write(
 
 type Stream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
+/// Connects to the service: the transport, then the upgrade with the key.
 async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStream<Stream>, Lost> {
+    let stream = transport(endpoint).await?;
+    let mut request = endpoint
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| Lost::Unusable(format!("bad url: {e}")))?;
+    let bearer = format!("Bearer {}", endpoint.key)
+        .parse()
+        .map_err(|_| Lost::Unusable("the API key is not a valid header value".into()))?;
+    request.headers_mut().insert("authorization", bearer);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .max_message_size(Some(MAX_FRAME))
+        .max_frame_size(Some(MAX_FRAME));
+    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            // A 401's body quotes part of the key: only other answers are kept.
+            let body = match status {
+                401 => String::new(),
+                _ => response
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).chars().take(200).collect())
+                    .unwrap_or_default(),
+            };
+            Err(Lost::Refused { status, body })
+        }
+        Err(e) => Err(Lost::Broken(format!("WebSocket upgrade failed: {e}"))),
+    }
+}
+
+/// TCP to the URL's host, and TLS over it for `wss://`.
+async fn transport(endpoint: &Endpoint) -> Result<Stream, Lost> {
     let url =
         reqwest::Url::parse(&endpoint.url).map_err(|e| Lost::Unusable(format!("bad url: {e}")))?;
     let host = url
@@ -249,34 +285,5 @@ async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStre
     } else {
         Either::Left(tcp)
     };
-    let mut request = endpoint
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| Lost::Unusable(format!("bad url: {e}")))?;
-    let bearer = format!("Bearer {}", endpoint.key)
-        .parse()
-        .map_err(|_| Lost::Unusable("the API key is not a valid header value".into()))?;
-    request.headers_mut().insert("authorization", bearer);
-    let config = WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .max_message_size(Some(MAX_FRAME))
-        .max_frame_size(Some(MAX_FRAME));
-    match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(tungstenite::Error::Http(response)) => {
-            let status = response.status().as_u16();
-            // A 401's body quotes part of the key: only other answers are kept.
-            let body = match status {
-                401 => String::new(),
-                _ => response
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).chars().take(200).collect())
-                    .unwrap_or_default(),
-            };
-            Err(Lost::Refused { status, body })
-        }
-        Err(e) => Err(Lost::Broken(format!("WebSocket upgrade failed: {e}"))),
-    }
+    Ok(stream)
 }
