@@ -334,3 +334,34 @@ impl RealtimeAgent {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_that_cannot_be_used_is_a_typed_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("callgate-rt-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = tls_config(Some(&empty)).unwrap_err();
+        assert_eq!(
+            error,
+            crate::Error::CaFile {
+                path: empty.clone(),
+                problem: "no certificate in it".into(),
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            format!("{}: no certificate in it", empty.display())
+        );
+        let missing = dir.join("missing.pem");
+        assert!(matches!(
+            tls_config(Some(&missing)),
+            Err(crate::Error::CaFile { path, .. }) if path == missing
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
