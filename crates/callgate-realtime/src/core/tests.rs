@@ -1034,3 +1034,63 @@ fn the_agent_is_finished_when_the_call_ends_not_when_it_hangs_up() {
     assert!(t.core.is_finished());
     assert_eq!(t.core.front(), None, "nothing is sent to an ended call");
 }
+
+/// Fires the core's next deadline. The core must consume what fired: a deadline can be due
+/// again at the same instant only as a new step (the first retry is at once), and a few
+/// steps settle it; a deadline left due would have the driver wake again and again without
+/// time passing.
+fn fire_next(t: &mut T) -> Option<Instant> {
+    let at = t.core.poll_timeout()?;
+    t.now = t.now.max(at);
+    for _ in 0..3 {
+        t.core.handle_timeout(t.now);
+        t.drain();
+        match t.core.poll_timeout() {
+            Some(next) if next <= t.now => continue,
+            _ => return Some(at),
+        }
+    }
+    panic!("a deadline is still due at {:?} after 3 steps", t.now);
+}
+
+#[test]
+fn every_deadline_is_consumed_when_it_fires() {
+    let mut s = settings();
+    s.greeting = false;
+    s.session_max = crate::settings::Dur(Duration::from_secs(60));
+    s.max_duration = crate::settings::Dur(Duration::from_secs(300));
+    let mut t = T::new(s, Protocol::Inbound);
+    // The first connection never answers: its set-up deadline, then the retry at once.
+    let first = fire_next(&mut t).expect("the set-up deadline");
+    assert_eq!(first, t.t0 + settings().connect_timeout.0);
+    assert!(t.other.contains(&Output::Close { conn: 1 }));
+    assert!(t.other.contains(&Output::Connect { conn: 2 }));
+    t.ready();
+    let ready_at = t.now;
+    // Renewal due at a quiet moment: it starts; its new session never answers.
+    t.other.clear();
+    let renew = fire_next(&mut t).expect("the renewal");
+    assert_eq!(renew, ready_at + Duration::from_secs(60));
+    assert_eq!(t.other, vec![Output::Connect { conn: 3 }]);
+    fire_next(&mut t).expect("the renewal's set-up deadline");
+    assert_eq!(t.events("backend_renewal_failed").len(), 1);
+    assert_eq!(t.core.current_conn(), Some(2));
+    // Then max_duration: the call hangs up, and nothing more is due.
+    while !t.commands.contains(&AgentCommand::Hangup) {
+        fire_next(&mut t).expect("max_duration");
+    }
+    assert_eq!(t.events("max_duration").len(), 1);
+    // What is left (the renewal's retry) fires once, and no renewal starts while hanging up.
+    t.other.clear();
+    for _ in 0..3 {
+        if fire_next(&mut t).is_none() {
+            break;
+        }
+    }
+    assert_eq!(t.core.poll_timeout(), None);
+    assert!(
+        !t.other.iter().any(|o| matches!(o, Output::Connect { .. })),
+        "{:?}",
+        t.other
+    );
+}
