@@ -1,28 +1,41 @@
 //! The driver of one AI call: feeds the core the call's events, the connections' events, the
 //! tools' results and time, and carries out its outputs (commands to the call, connections
 //! opened and closed, tools started). All slow work (connecting, JSON, base64, tools) runs on
-//! tasks from the call's `Spawner`; this loop only moves data.
+//! tasks from the call's `Spawner`; this loop only moves data and time, and decides nothing.
+//!
+//! The clock is read here only ([`now`]): tokio's, so `tokio::time::pause` drives a whole call
+//! in a test.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use callgate_agent::catalog::SettingsError;
-use callgate_agent::{Agent, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed};
+use callgate_agent::{
+    Agent, AgentEvent, AgentFactory, AgentIo, AgentRun, CallInfo, Error, Spawner, boxed,
+};
 use callgate_kit::AgentEnv;
 use callgate_kit::callbridge::OpenApi;
-use callgate_kit::outbox::{Outbox, send, sleep};
+use callgate_kit::outbox::{send, sleep};
 use callgate_kit::tools;
 use tokio::sync::mpsc;
-use tokio::time::Instant;
 
 use crate::Plan;
-use crate::core::{Core, Outgoing, Output, ToolDone, ToolKind};
+use crate::core::{Core, Lost, Outgoing, Output, ToolCall, ToolDone, ToolKind};
 use crate::link::{self, Endpoint, LinkEvent};
 use crate::metrics::RealtimeMetrics;
 
 /// Tool results waiting for the agent. Policy when full: the tool's task waits (a handful
 /// run at once: each is one function call of the model).
 const TOOL_RESULTS: usize = 16;
+
+/// The time now, for the core: tokio's clock (paused in tests), as a `std` instant.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the driver is where the clock is read: the core takes time as an argument"
+)]
+pub(crate) fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
 
 /// Makes one realtime agent per call of a route.
 #[derive(Debug)]
@@ -56,7 +69,7 @@ impl RealtimeFactory {
             )
         })?;
         let tls = tls_config(settings.ca_file.as_deref())
-            .map_err(|e| SettingsError::new("ca_file", e))?;
+            .map_err(|e| SettingsError::new("ca_file", e.to_string()))?;
         let http = callgate_kit::http::client()
             .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
         let headers = tools::Compiled::new(&settings.tools)?.headers;
@@ -91,26 +104,31 @@ impl RealtimeFactory {
 }
 
 /// TLS for `wss://`: the platform's trusted roots, or only the authorities in `ca_file`.
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+fn tls_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<Arc<rustls::ClientConfig>, crate::Error> {
     use rustls_pki_types::pem::PemObject;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match ca_file {
         None => {
             use rustls_platform_verifier::ConfigVerifierExt;
-            rustls::ClientConfig::with_platform_verifier().map_err(|e| e.to_string())?
+            rustls::ClientConfig::with_platform_verifier()
+                .map_err(|e| crate::Error::PlatformRoots(e.to_string()))?
         }
         Some(path) => {
+            let bad = |problem: String| crate::Error::CaFile {
+                path: path.to_owned(),
+                problem,
+            };
             let mut roots = rustls::RootCertStore::empty();
             let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|e| bad(e.to_string()))?;
             for cert in certs {
-                let cert = cert.map_err(|e| format!("{}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                let cert = cert.map_err(|e| bad(e.to_string()))?;
+                roots.add(cert).map_err(|e| bad(e.to_string()))?;
             }
             if roots.is_empty() {
-                return Err(format!("{}: no certificate in it", path.display()));
+                return Err(bad("no certificate in it".into()));
             }
             rustls::ClientConfig::builder()
                 .with_root_certificates(roots)
@@ -144,170 +162,206 @@ struct RealtimeAgent {
 
 impl Agent for RealtimeAgent {
     async fn run(self, mut io: AgentIo) -> Result<(), Error> {
-        let now = Instant::now();
-        let started = now - std::time::Duration::from_millis(io.now_ms());
-        let mut core = Core::new(self.plan.clone(), io.call.clone(), started, now);
+        let start = now();
+        let began = start
+            .checked_sub(std::time::Duration::from_millis(io.now_ms()))
+            .unwrap_or(start);
+        let mut core = Core::new(self.plan.clone(), io.call.clone(), io.epoch(), began, start);
         let sender = io.sender();
-        let spawner = io.spawner();
         let (link_tx, mut link_rx) = mpsc::channel::<LinkEvent>(link::EVENTS);
         let (tool_tx, mut tool_rx) = mpsc::channel::<ToolDone>(TOOL_RESULTS);
-        let mut links: HashMap<u64, mpsc::Sender<Outgoing>> = HashMap::new();
-        // Commands for the call, each with the epoch it was made in: audio made before a
-        // clear or a barge-in is dropped by the call even if it is still queued here.
-        let mut outbox = Outbox::new(io.epoch());
-        let mut ended = false;
-        // The outbox stamps the core's outputs with the epoch the driver last learned of.
-        // Audio made from the service's events before the driver read a barge-in (the call
-        // has advanced the epoch already) keeps the old epoch, so the call drops it.
+        let mut hands = Hands {
+            links: HashMap::new(),
+            link_events: link_tx,
+            tool_results: tool_tx,
+            spawner: io.spawner(),
+        };
         loop {
             while let Some(output) = core.poll_output() {
-                match output {
-                    Output::Send { conn, message } => {
-                        let Some(tx) = links.get(&conn) else { continue };
-                        match tx.try_send(message) {
-                            Ok(()) => {}
-                            // The connection's task ended: its own report says why.
-                            Err(mpsc::error::TrySendError::Closed(_)) => {
-                                links.remove(&conn);
-                            }
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                links.remove(&conn);
-                                core.handle_lost(
-                                    Instant::now(),
-                                    conn,
-                                    crate::core::Lost {
-                                        fatal: false,
-                                        reason: "the service stopped reading (10 s of audio \
-                                                 unread)"
-                                            .into(),
-                                    },
-                                );
-                            }
-                        }
-                    }
-                    Output::Audio(audio) => {
-                        outbox.push(callgate_agent::AgentCommand::Audio(audio));
-                    }
-                    Output::Command(command) => outbox.push(command),
-                    Output::Count(counted) => self.shared.metrics.count(counted),
-                    Output::Clear => outbox.cleared(io.clear()),
-                    Output::Connect { conn } => {
-                        let (tx, rx) = mpsc::channel(link::OUTGOING);
-                        links.insert(conn, tx);
-                        let endpoint = self.shared.endpoint.clone();
-                        let events = link_tx.clone();
-                        spawner.spawn(link::run(conn, endpoint, rx, events));
-                    }
-                    Output::Close { conn } => {
-                        // Dropping the sender closes the connection (1000).
-                        links.remove(&conn);
-                    }
-                    Output::Tool(call) => {
-                        let shared = self.shared.clone();
-                        let plan = self.plan.clone();
-                        let info = io.call.clone();
-                        let tx = tool_tx.clone();
-                        spawner.spawn(async move {
-                            let done = match call.tool {
-                                ToolKind::Http(i) => {
-                                    tools::run_http(
-                                        &shared.http,
-                                        &plan.settings.tools[i],
-                                        &plan.tool_urls[i],
-                                        &shared.headers[i],
-                                        &info,
-                                        call.call_id,
-                                        &call.arguments,
-                                    )
-                                    .await
-                                }
-                                ToolKind::AgentTerminate => {
-                                    tools::agent_terminate(
-                                        &shared.http,
-                                        shared.callbridge.as_ref(),
-                                        &info,
-                                        call.call_id,
-                                        &call.arguments,
-                                    )
-                                    .await
-                                }
-                                ToolKind::SendSms => {
-                                    tools::send_sms(
-                                        &shared.http,
-                                        shared.callbridge.as_ref(),
-                                        &info,
-                                        call.call_id,
-                                        &call.arguments,
-                                    )
-                                    .await
-                                }
-                            };
-                            let _ = tx.send(done).await;
-                        });
-                    }
-                    Output::Latency { backend, callgate } => {
-                        let m = &self.shared.metrics;
-                        m.backend_latency.observe(backend.as_secs_f64());
-                        m.callgate_latency.observe(callgate.as_secs_f64());
-                    }
-                }
+                hands.carry_out(&self, &io, &mut core, output);
             }
             if core.is_finished() {
-                // Closing every connection: their tasks send `1000` and end.
-                links.clear();
-                if outbox.is_empty() || ended {
-                    return Ok(());
-                }
+                // The connections close as their senders drop.
+                return Ok(());
             }
-            let deadline = core.poll_timeout();
-            let next = outbox.front();
+            let deadline = core.poll_timeout().map(tokio::time::Instant::from_std);
+            let next = core.front();
+            let has_next = next.is_some();
             tokio::select! {
-                event = io.recv(), if !ended => {
-                    let now = Instant::now();
-                    match event {
-                        None => {
-                            ended = true;
-                            core.handle_call_event(now, AgentEvent::Ended(
-                                callgate_proto::EndReason::AgentHangup));
-                        }
-                        Some(event) => {
-                            if matches!(event, AgentEvent::Ended(_)) {
-                                ended = true;
-                            }
-                            match &event {
-                                AgentEvent::BargeIn(i) => outbox.barged_in(i.epoch),
-                                AgentEvent::Cleared(i) => outbox.advance(i.epoch),
-                                _ => {}
-                            }
-                            core.handle_call_event(now, event);
-                        }
-                    }
+                event = io.recv() => {
+                    // The call's channel closed: it is over for the agent.
+                    let event = event.unwrap_or(AgentEvent::Ended(
+                        callgate_proto::EndReason::AgentHangup));
+                    core.handle_call_event(now(), event);
                 }
-                Some(event) = link_rx.recv() => {
-                    let now = Instant::now();
-                    match event {
-                        LinkEvent::Opened { conn } => core.handle_opened(now, conn),
-                        LinkEvent::Event { conn, event, received } => {
-                            core.handle_server(now, conn, event, received);
-                        }
-                        LinkEvent::Lost { conn, lost } => {
-                            links.remove(&conn);
-                            core.handle_lost(now, conn, lost);
-                        }
+                Some(event) = link_rx.recv() => match event {
+                    LinkEvent::Opened { conn } => core.handle_opened(now(), conn),
+                    LinkEvent::Event { conn, event, received } => {
+                        core.handle_server(now(), conn, event, received);
                     }
-                }
-                Some(done) = tool_rx.recv() => core.handle_tool_done(Instant::now(), done),
-                () = sleep(deadline), if deadline.is_some() => core.handle_timeout(Instant::now()),
-                sent = send(&sender, next), if !outbox.is_empty() && !ended => {
-                    if sent.is_err() {
-                        ended = true;
-                        core.handle_call_event(Instant::now(), AgentEvent::Ended(
-                            callgate_proto::EndReason::AgentHangup));
-                        continue;
+                    LinkEvent::Lost { conn, lost } => {
+                        hands.links.remove(&conn);
+                        core.handle_lost(now(), conn, lost);
                     }
-                    outbox.pop();
-                }
+                },
+                Some(done) = tool_rx.recv() => core.handle_tool_done(now(), done),
+                () = sleep(deadline), if deadline.is_some() => core.handle_timeout(now()),
+                sent = send(&sender, next), if has_next => match sent {
+                    Ok(()) => core.pop(),
+                    // The call is gone.
+                    Err(_) => core.handle_call_event(now(), AgentEvent::Ended(
+                        callgate_proto::EndReason::AgentHangup)),
+                },
             }
         }
+    }
+}
+
+/// What carries the core's outputs out: the open connections' outgoing channels, and the
+/// senders the connections' and tools' tasks report on.
+#[derive(Debug)]
+struct Hands {
+    /// Each open connection's outgoing channel ([`link::OUTGOING`] deep), by connection.
+    links: HashMap<u64, mpsc::Sender<Outgoing>>,
+    link_events: mpsc::Sender<LinkEvent>,
+    tool_results: mpsc::Sender<ToolDone>,
+    spawner: Spawner,
+}
+
+impl Hands {
+    /// Carries out one output of `core`.
+    fn carry_out(&mut self, agent: &RealtimeAgent, io: &AgentIo, core: &mut Core, output: Output) {
+        match output {
+            Output::Send { conn, message } => {
+                if let Err(lost) = self.send(conn, message) {
+                    core.handle_lost(now(), conn, lost);
+                }
+            }
+            Output::Clear => core.handle_cleared(io.clear()),
+            Output::Connect { conn } => {
+                let (tx, rx) = mpsc::channel(link::OUTGOING);
+                self.links.insert(conn, tx);
+                let endpoint = agent.shared.endpoint.clone();
+                let events = self.link_events.clone();
+                self.spawner.spawn(link::run(conn, endpoint, rx, events));
+            }
+            // Dropping the sender closes the connection (1000).
+            Output::Close { conn } => drop(self.links.remove(&conn)),
+            Output::Tool(call) => {
+                let results = self.tool_results.clone();
+                agent.run_tool(&self.spawner, &io.call, call, results);
+            }
+            Output::Count(counted) => agent.shared.metrics.count(counted),
+            Output::Latency { backend, callgate } => {
+                let m = &agent.shared.metrics;
+                m.backend_latency.observe(backend.as_secs_f64());
+                m.callgate_latency.observe(callgate.as_secs_f64());
+            }
+        }
+    }
+
+    /// Hands `message` to connection `conn`'s task; a connection whose task cannot keep up
+    /// is reported lost (its channel holds 10 s of the caller's audio). A connection that
+    /// is gone drops it: its own report says why.
+    fn send(&mut self, conn: u64, message: Outgoing) -> Result<(), Lost> {
+        let Some(tx) = self.links.get(&conn) else {
+            return Ok(());
+        };
+        match tx.try_send(message) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.links.remove(&conn);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.links.remove(&conn);
+                Err(Lost::Broken(
+                    "the service stopped reading (10 s of audio unread)".into(),
+                ))
+            }
+        }
+    }
+}
+
+impl RealtimeAgent {
+    /// Runs `call` on a task of the call's; its result comes back on `results`.
+    fn run_tool(
+        &self,
+        spawner: &Spawner,
+        info: &CallInfo,
+        call: ToolCall,
+        results: mpsc::Sender<ToolDone>,
+    ) {
+        let shared = self.shared.clone();
+        let plan = self.plan.clone();
+        let info = info.clone();
+        spawner.spawn(async move {
+            let done = match call.tool {
+                ToolKind::Http(i) => {
+                    tools::run_http(
+                        &shared.http,
+                        &plan.settings.tools[i],
+                        &plan.tool_urls[i],
+                        &shared.headers[i],
+                        &info,
+                        call.call_id,
+                        &call.arguments,
+                    )
+                    .await
+                }
+                ToolKind::AgentTerminate => {
+                    tools::agent_terminate(
+                        &shared.http,
+                        shared.callbridge.as_ref(),
+                        &info,
+                        call.call_id,
+                        &call.arguments,
+                    )
+                    .await
+                }
+                ToolKind::SendSms => {
+                    tools::send_sms(
+                        &shared.http,
+                        shared.callbridge.as_ref(),
+                        &info,
+                        call.call_id,
+                        &call.arguments,
+                    )
+                    .await
+                }
+            };
+            let _ = results.send(done).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_that_cannot_be_used_is_a_typed_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("callgate-rt-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let empty = dir.join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").unwrap();
+        let error = tls_config(Some(&empty)).unwrap_err();
+        assert_eq!(
+            error,
+            crate::Error::CaFile {
+                path: empty.clone(),
+                problem: "no certificate in it".into(),
+            }
+        );
+        assert_eq!(
+            error.to_string(),
+            format!("{}: no certificate in it", empty.display())
+        );
+        let missing = dir.join("missing.pem");
+        assert!(matches!(
+            tls_config(Some(&missing)),
+            Err(crate::Error::CaFile { path, .. }) if path == missing
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

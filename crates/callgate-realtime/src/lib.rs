@@ -10,12 +10,13 @@
 //! # Layout
 //! - [`settings`]: the route's settings and their validation.
 //! - [`protocol`]: the Realtime events callgate reads and sends.
-//! - [`core`]: the sans-IO core of one call (session, timeline, barge-in and truncation,
-//!   tools, the record, outages): events and time in, outputs out.
+//! - [`core`]: the sans-IO core of one call, one module per concern (the session's link,
+//!   the response, the playback timeline, tools, turns) and one timer table: events and time
+//!   in, outputs out. It never reads the clock (this crate's `clippy.toml` bans it).
 //! - `link`: one WebSocket connection to the service, on a task of its own (JSON and base64
 //!   off the call task).
 //! - `agent`: the driver: the call's events, the connection, tools and time into the core;
-//!   its outputs carried out.
+//!   its outputs carried out. It reads the clock and decides nothing.
 //! - [`metrics`]: response latency (the service's share and callgate's own), connections,
 //!   outages, tool calls.
 //!
@@ -116,9 +117,34 @@ impl Plan {
     }
 }
 
+/// What can go wrong when a route's realtime settings are compiled (each becomes a
+/// [`SettingsError`] naming the setting).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A template does not parse (the problem, in words).
+    #[error("{0}")]
+    Template(String),
+    /// A message could not be spoken at load: the HTTP client, the speech provider or the
+    /// synthesis failed.
+    #[error("{0}")]
+    Speech(String),
+    /// The platform's trusted certificate authorities cannot be loaded.
+    #[error("{0}")]
+    PlatformRoots(String),
+    /// The `ca_file` cannot be used.
+    #[error("{}: {problem}", path.display())]
+    CaFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
 /// Checks a template's syntax.
-pub(crate) fn template(text: &str) -> Result<Template, String> {
-    Template::parse(text)
+pub(crate) fn template(text: &str) -> Result<Template, Error> {
+    Template::parse(text).map_err(Error::Template)
 }
 
 /// Registers the `realtime` agent in `catalog`. `env` gives the data dir (the speech cache),
@@ -134,8 +160,8 @@ pub fn register(catalog: &mut Catalog, env: AgentEnv, metrics: Arc<RealtimeMetri
 
 /// Builds a route's plan: the templates and schemas compiled, the messages rendered.
 fn plan(settings: RealtimeSettings, env: &AgentEnv) -> Result<Plan, SettingsError> {
-    let instructions =
-        template(&settings.instructions).map_err(|e| SettingsError::new("instructions", e))?;
+    let instructions = template(&settings.instructions)
+        .map_err(|e| SettingsError::new("instructions", e.to_string()))?;
     let compiled = callgate_kit::tools::Compiled::new(&settings.tools)?;
     let (schemas, tool_urls) = (compiled.schemas, compiled.urls);
     let tts = callgate_kit::TtsSettings {
@@ -143,13 +169,13 @@ fn plan(settings: RealtimeSettings, env: &AgentEnv) -> Result<Plan, SettingsErro
         ..env.tts.clone()
     };
     let fallback = render(&tts, env, &settings.fallback_message)
-        .map_err(|e| SettingsError::new("fallback_message", e))?;
+        .map_err(|e| SettingsError::new("fallback_message", e.to_string()))?;
     let hold = if settings.hold_message.trim().is_empty() {
         None
     } else {
         Some(
             render(&tts, env, &settings.hold_message)
-                .map_err(|e| SettingsError::new("hold_message", e))?,
+                .map_err(|e| SettingsError::new("hold_message", e.to_string()))?,
         )
     };
     Ok(Plan {
@@ -167,11 +193,14 @@ fn render(
     tts: &callgate_kit::TtsSettings,
     env: &AgentEnv,
     text: &str,
-) -> Result<Arc<PromptAudio>, String> {
-    let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
-    let provider = tts.provider(&http).map_err(|e| e.to_string())?;
+) -> Result<Arc<PromptAudio>, Error> {
+    let speech = |e: &dyn std::fmt::Display| Error::Speech(e.to_string());
+    let http = callgate_kit::http::client().map_err(|e| speech(&e))?;
+    let provider = tts.provider(&http).map_err(|e| speech(&e))?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
-    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text).map(Arc::new)
+    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
+        .map(Arc::new)
+        .map_err(Error::Speech)
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a

@@ -47,7 +47,7 @@ pub(crate) enum LinkEvent {
     Event {
         conn: u64,
         event: ServerEvent,
-        received: Instant,
+        received: std::time::Instant,
     },
     /// The connection ended or could not be opened.
     Lost { conn: u64, lost: Lost },
@@ -63,6 +63,15 @@ pub(crate) struct Endpoint {
     pub(crate) connect_timeout: Duration,
 }
 
+/// tokio's clock (paused in tests): this task is driver code, so it may read the clock.
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the connection's task is I/O: it times pings and stamps what it reads"
+)]
+fn clock() -> Instant {
+    Instant::now()
+}
+
 /// Runs connection `conn` until it ends or `outgoing` closes (then it closes with 1000).
 pub(crate) async fn run(
     conn: u64,
@@ -72,10 +81,10 @@ pub(crate) async fn run(
 ) {
     let attempt = tokio::time::timeout(endpoint.connect_timeout, connect(&endpoint)).await;
     let ws = match attempt.unwrap_or_else(|_| {
-        Err(Lost {
-            fatal: false,
-            reason: format!("no connection within {:?}", endpoint.connect_timeout),
-        })
+        Err(Lost::Broken(format!(
+            "no connection within {:?}",
+            endpoint.connect_timeout
+        )))
     }) {
         Ok(ws) => ws,
         Err(lost) => {
@@ -86,137 +95,136 @@ pub(crate) async fn run(
     if events.send(LinkEvent::Opened { conn }).await.is_err() {
         return;
     }
+    if let Some(lost) = serve(conn, ws, &mut outgoing, &events).await {
+        let _ = events.send(LinkEvent::Lost { conn, lost }).await;
+    }
+}
+
+/// Serves open connection `conn` until it is lost (`Some`), or until `outgoing` closes (it
+/// closes with 1000) or the agent is gone (`None`).
+async fn serve(
+    conn: u64,
+    ws: tokio_tungstenite::WebSocketStream<Stream>,
+    outgoing: &mut mpsc::Receiver<Outgoing>,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Option<Lost> {
     let (mut sink, mut stream) = ws.split();
-    let mut heard = Instant::now();
-    let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+    let mut heard = clock();
+    let mut ping = tokio::time::interval_at(heard + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let lost = loop {
+    loop {
         tokio::select! {
             _ = ping.tick() => {
-                if heard.elapsed() >= SILENCE_LIMIT {
-                    break Lost {
-                        fatal: false,
-                        reason: format!("no word from the service for {SILENCE_LIMIT:?}"),
-                    };
+                let silent = heard.elapsed();
+                if silent >= SILENCE_LIMIT {
+                    let reason = format!("no word from the service for {SILENCE_LIMIT:?}");
+                    return Some(Lost::Broken(reason));
                 }
-                if heard.elapsed() >= PING_EVERY {
-                    let sent = tokio::time::timeout(WRITE_LIMIT, sink.send(Message::Ping(Default::default()))).await;
-                    if !matches!(sent, Ok(Ok(()))) {
-                        break Lost { fatal: false, reason: "cannot ping the service".into() };
+                if silent >= PING_EVERY {
+                    let ping = sink.send(Message::Ping(Default::default()));
+                    if !matches!(tokio::time::timeout(WRITE_LIMIT, ping).await, Ok(Ok(()))) {
+                        return Some(Lost::Broken("cannot ping the service".into()));
                     }
                 }
             }
-            frame = stream.next() => match frame {
-                Some(Ok(Message::Text(text))) => {
-                    let received = Instant::now();
-                    heard = received;
-                    let event = match protocol::parse(text.as_str()) {
-                        Ok(event) => event,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "Unreadable event from the AI service.");
-                            continue;
+            frame = stream.next() => {
+                heard = clock();
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        if !forward(conn, text.as_str(), heard.into_std(), events).await {
+                            return None;
                         }
-                    };
-                    if events.send(LinkEvent::Event { conn, event, received }).await.is_err() {
-                        return;
                     }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    let (code, reason) = frame
-                        .map(|f| (u16::from(f.code), f.reason.to_string()))
-                        .unwrap_or((1005, String::new()));
-                    break Lost {
-                        // 3000: bad key; 4000: the retired beta shape; 1008: policy.
-                        fatal: matches!(code, 3000 | 4000 | 1008),
-                        reason: format!("the service closed the connection ({code} {reason})"),
-                    };
-                }
-                Some(Ok(_)) => heard = Instant::now(),
-                Some(Err(e)) => break Lost { fatal: false, reason: format!("connection error: {e}") },
-                None => break Lost {
-                    fatal: false,
-                    reason: "the connection ended without a close".into(),
-                },
-            },
-            message = outgoing.recv() => {
-                let text = match message {
-                    Some(Outgoing::Append(audio)) => client::append(&audio),
-                    Some(Outgoing::Text(text)) => text,
+                    Some(Ok(Message::Close(frame))) => return Some(closed(frame)),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Some(Lost::Broken(format!("connection error: {e}"))),
                     None => {
-                        let _ = sink
-                            .send(Message::Close(Some(tungstenite::protocol::CloseFrame {
-                                code: CloseCode::Normal,
-                                reason: "call ended".into(),
-                            })))
-                            .await;
-                        return;
+                        let reason = "the connection ended without a close";
+                        return Some(Lost::Broken(reason.into()));
                     }
+                }
+            }
+            message = outgoing.recv() => {
+                let Some(message) = message else {
+                    let _ = sink
+                        .send(Message::Close(Some(tungstenite::protocol::CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "call ended".into(),
+                        })))
+                        .await;
+                    return None;
                 };
-                match tokio::time::timeout(WRITE_LIMIT, sink.send(Message::text(text))).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => break Lost { fatal: false, reason: format!("cannot write: {e}") },
-                    Err(_) => break Lost {
-                        fatal: false,
-                        reason: format!("a write to the service took more than {WRITE_LIMIT:?}"),
-                    },
+                if let Err(lost) = write(&mut sink, message).await {
+                    return Some(lost);
                 }
             }
         }
+    }
+}
+
+/// A text frame from the service, read at `received`, parsed and handed to the agent;
+/// `false` when the agent is gone. An unreadable event is skipped.
+async fn forward(
+    conn: u64,
+    text: &str,
+    received: std::time::Instant,
+    events: &mpsc::Sender<LinkEvent>,
+) -> bool {
+    let event = match protocol::parse(text) {
+        Ok(event) => event,
+        Err(e) => {
+            tracing::debug!(error = %e, "Unreadable event from the AI service.");
+            return true;
+        }
     };
-    let _ = events.send(LinkEvent::Lost { conn, lost }).await;
+    let event = LinkEvent::Event {
+        conn,
+        event,
+        received,
+    };
+    events.send(event).await.is_ok()
+}
+
+/// The service's close frame, as a loss (1005: no code). Whether the code means a
+/// configuration error is the core's decision.
+fn closed(frame: Option<tungstenite::protocol::CloseFrame>) -> Lost {
+    let (code, reason) = frame
+        .map(|f| (u16::from(f.code), f.reason.to_string()))
+        .unwrap_or((1005, String::new()));
+    Lost::Closed { code, reason }
+}
+
+/// Writes `message` to the service, within [`WRITE_LIMIT`].
+async fn write(
+    sink: &mut (impl futures_util::Sink<Message, Error = tungstenite::Error> + Unpin),
+    message: Outgoing,
+) -> Result<(), Lost> {
+    let text = match message {
+        Outgoing::Append(audio) => client::append(&audio),
+        Outgoing::Text(text) => text,
+    };
+    match tokio::time::timeout(WRITE_LIMIT, sink.send(Message::text(text))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Lost::Broken(format!("cannot write: {e}"))),
+        Err(_) => Err(Lost::Broken(format!(
+            "a write to the service took more than {WRITE_LIMIT:?}"
+        ))),
+    }
 }
 
 type Stream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
 
+/// Connects to the service: the transport, then the upgrade with the key.
 async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStream<Stream>, Lost> {
-    let transient = |reason: String| Lost {
-        fatal: false,
-        reason,
-    };
-    let fatal = |reason: String| Lost {
-        fatal: true,
-        reason,
-    };
-    let url = reqwest::Url::parse(&endpoint.url).map_err(|e| fatal(format!("bad url: {e}")))?;
-    let host = url
-        .host_str()
-        .ok_or_else(|| fatal("the url has no host".into()))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let tls = url.scheme() == "wss";
-    let port = url.port().unwrap_or(if tls { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| transient(format!("cannot connect to {host}:{port}: {e}")))?;
-    let _ = tcp.set_nodelay(true);
-    let stream: Stream = if tls {
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| fatal(format!("bad host name {host:?}: {e}")))?;
-        let connector = tokio_rustls::TlsConnector::from(endpoint.tls.clone());
-        let tls = connector.connect(name, tcp).await.map_err(|e| {
-            // A certificate the platform does not trust will not start working by retrying.
-            let certificate = e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
-            Lost {
-                fatal: certificate,
-                reason: format!("TLS with {host}: {e}"),
-            }
-        })?;
-        Either::Right(tls)
-    } else {
-        Either::Left(tcp)
-    };
+    let stream = transport(endpoint).await?;
     let mut request = endpoint
         .url
         .as_str()
         .into_client_request()
-        .map_err(|e| fatal(format!("bad url: {e}")))?;
+        .map_err(|e| Lost::Unusable(format!("bad url: {e}")))?;
     let bearer = format!("Bearer {}", endpoint.key)
         .parse()
-        .map_err(|_| fatal("the API key is not a valid header value".into()))?;
+        .map_err(|_| Lost::Unusable("the API key is not a valid header value".into()))?;
     request.headers_mut().insert("authorization", bearer);
     let config = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
@@ -235,14 +243,47 @@ async fn connect(endpoint: &Endpoint) -> Result<tokio_tungstenite::WebSocketStre
                     .map(|b| String::from_utf8_lossy(b).chars().take(200).collect())
                     .unwrap_or_default(),
             };
-            let reason = format!("the service refused the connection: HTTP {status} {body}");
-            // 401/403/404: a key or URL problem; 429 and 5xx: try again.
-            if status == 429 || status >= 500 {
-                Err(transient(reason))
-            } else {
-                Err(fatal(reason))
-            }
+            Err(Lost::Refused { status, body })
         }
-        Err(e) => Err(transient(format!("WebSocket upgrade failed: {e}"))),
+        Err(e) => Err(Lost::Broken(format!("WebSocket upgrade failed: {e}"))),
     }
+}
+
+/// TCP to the URL's host, and TLS over it for `wss://`.
+async fn transport(endpoint: &Endpoint) -> Result<Stream, Lost> {
+    let url =
+        reqwest::Url::parse(&endpoint.url).map_err(|e| Lost::Unusable(format!("bad url: {e}")))?;
+    let host = url
+        .host_str()
+        .ok_or_else(|| Lost::Unusable("the url has no host".into()))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let tls = url.scheme() == "wss";
+    let port = url.port().unwrap_or(if tls { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| Lost::Broken(format!("cannot connect to {host}:{port}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Stream = if tls {
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| Lost::Unusable(format!("bad host name {host:?}: {e}")))?;
+        let connector = tokio_rustls::TlsConnector::from(endpoint.tls.clone());
+        let tls = connector.connect(name, tcp).await.map_err(|e| {
+            let certificate = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+            let reason = format!("TLS with {host}: {e}");
+            if certificate {
+                Lost::Untrusted(reason)
+            } else {
+                Lost::Broken(reason)
+            }
+        })?;
+        Either::Right(tls)
+    } else {
+        Either::Left(tcp)
+    };
+    Ok(stream)
 }

@@ -252,7 +252,8 @@ impl Settings for RealtimeSettings {
                 format!("${} is not set: it must hold the API key", self.api_key_env),
             ));
         }
-        crate::template(&self.instructions).map_err(|e| SettingsError::new("instructions", e))?;
+        crate::template(&self.instructions)
+            .map_err(|e| SettingsError::new("instructions", e.to_string()))?;
         let td = &self.turn_detection;
         if td.threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
             return Err(SettingsError::new(
