@@ -293,6 +293,30 @@ pub struct RecordEvent {
     pub detail: serde_json::Value,
 }
 
+impl RecordEvent {
+    /// The entry [`AgentCommand::Event`] writes: `{"name", "detail"}`.
+    pub fn entry(self) -> serde_json::Value {
+        serde_json::json!({ "name": self.name, "detail": self.detail })
+    }
+
+    /// The entry [`AgentCommand::FlatEvent`] writes: the detail's fields with `name` beside
+    /// them (`name` wins over a field of the same name); a detail that is not an object is
+    /// written as [`RecordEvent::entry`] writes it.
+    pub fn flat_entry(self) -> serde_json::Value {
+        match self.detail {
+            serde_json::Value::Object(mut fields) => {
+                fields.insert("name".into(), serde_json::Value::String(self.name));
+                serde_json::Value::Object(fields)
+            }
+            detail => Self {
+                name: self.name,
+                detail,
+            }
+            .entry(),
+        }
+    }
+}
+
 /// What an agent asks of its call.
 #[derive(Debug, Clone, PartialEq)]
 pub enum AgentCommand {
@@ -322,8 +346,13 @@ pub enum AgentCommand {
     /// Add a turn to the call's transcript (boxed: it is rare, and every command in the
     /// channel is as large as the largest variant).
     Transcript(Box<Turn>),
-    /// Add an entry of the agent's own to the call's event log (stored as kind `agent`).
+    /// Add an entry of the agent's own to the call's event log (stored as kind `agent`, as
+    /// `{"name", "detail"}`: [`RecordEvent::entry`]).
     Event(Box<RecordEvent>),
+    /// Like [`AgentCommand::Event`], written flat: the detail's fields beside `name`, so that
+    /// readers find them at one level (`{"name": "flow_step", "step": "menu", ...}`:
+    /// [`RecordEvent::flat_entry`]).
+    FlatEvent(Box<RecordEvent>),
     /// Add to the call's usage counters (summed per name: `input_tokens`, `audio_seconds`...).
     Usage(Vec<(String, f64)>),
 }
@@ -625,6 +654,33 @@ mod tests {
             input_format: AudioFormat::Pcm8000,
             output_format: AudioFormat::Pcm8000,
         }
+    }
+
+    #[test]
+    fn an_event_is_nested_and_a_flat_event_has_its_fields_beside_the_name() {
+        let event = |detail| RecordEvent {
+            name: "flow_step".into(),
+            detail,
+        };
+        let fields = serde_json::json!({"step": "menu", "phase": "end", "digits": "2"});
+        assert_eq!(
+            event(fields.clone()).entry(),
+            serde_json::json!({"name": "flow_step", "detail": fields})
+        );
+        assert_eq!(
+            event(fields).flat_entry(),
+            serde_json::json!({"name": "flow_step", "step": "menu", "phase": "end", "digits": "2"})
+        );
+        // The entry's name is the event's, whatever the fields say.
+        assert_eq!(
+            event(serde_json::json!({"name": "x", "n": 1})).flat_entry(),
+            serde_json::json!({"name": "flow_step", "n": 1})
+        );
+        // A detail that is not an object has no fields to put beside the name.
+        assert_eq!(
+            event(serde_json::json!(7)).flat_entry(),
+            serde_json::json!({"name": "flow_step", "detail": 7})
+        );
     }
 
     #[tokio::test]

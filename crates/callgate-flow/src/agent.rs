@@ -93,7 +93,7 @@ impl Agent for FlowAgent {
         let (done_tx, mut done_rx) = mpsc::channel::<Done>(DONE_QUEUE);
         let mut outbox = Outbox::new(io.epoch());
         let mut echo: Option<Converter> = None;
-        let mut saving: Option<(u64, JoinHandle<Result<(), String>>)> = None;
+        let mut saving: Option<(u64, JoinHandle<Result<(), crate::Error>>)> = None;
         // The room reserved for the recording in progress; given back when dropped.
         let mut reservation: Option<Reservation> = None;
         let mut samples = Vec::new();
@@ -104,7 +104,7 @@ impl Agent for FlowAgent {
         let mut voiced = false;
         let mut was_listening = false;
         // (Or why the recogniser could not start: the engine hears it at the speech's end.)
-        let mut utterance: Option<(u64, Result<callgate_kit::stt::Utterance, String>)> = None;
+        let mut utterance: Option<(u64, Result<callgate_kit::stt::Utterance, crate::Error>)> = None;
         let mut ended = false;
         engine.start(io.now_ms());
         loop {
@@ -153,7 +153,9 @@ impl Agent for FlowAgent {
                         let http = self.runtime.http.clone();
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
-                            let result = post_json(&http, &url, None, &body, timeout).await;
+                            let result = post_json(&http, &url, None, &body, timeout)
+                                .await
+                                .map_err(crate::Error::Request);
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
@@ -163,8 +165,13 @@ impl Agent for FlowAgent {
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
                             let result = match &api {
-                                Some(api) => api.terminate(&http, &body, timeout).await,
-                                None => Err("CallBridge's OPEN API is not configured".into()),
+                                Some(api) => api
+                                    .terminate(&http, &body, timeout)
+                                    .await
+                                    .map_err(crate::Error::CallBridge),
+                                None => Err(crate::Error::CallBridge(
+                                    "CallBridge's OPEN API is not configured".into(),
+                                )),
                             };
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
@@ -178,8 +185,10 @@ impl Agent for FlowAgent {
                                 Some(api) => api
                                     .send_sms(&http, &body, timeout)
                                     .await
-                                    .map_err(|e| e.to_string()),
-                                None => Err("CallBridge's OPEN API is not configured".into()),
+                                    .map_err(|e| crate::Error::CallBridge(e.to_string())),
+                                None => Err(crate::Error::CallBridge(
+                                    "CallBridge's OPEN API is not configured".into(),
+                                )),
                             };
                             let _ = tx.send(Done::Sms { seq, result }).await;
                         });
@@ -218,7 +227,11 @@ impl Agent for FlowAgent {
                         // Awaited by this loop (not a cancellable task): a message left just
                         // before the caller hung up is still written.
                         let handle = spawner.spawn_blocking(move || {
-                            let held = held.ok_or("no room was reserved for the recording")?;
+                            let held = held.ok_or_else(|| {
+                                crate::Error::Storage(
+                                    "no room was reserved for the recording".into(),
+                                )
+                            })?;
                             store.write(held, &full, rate, &samples).map(|_| ())
                         });
                         saving = Some((seq, handle));
@@ -231,9 +244,10 @@ impl Agent for FlowAgent {
                             _ => None,
                         };
                         let started = stt
-                            .ok_or_else(|| "the step does not listen".to_owned())
+                            .ok_or_else(|| crate::Error::Stt("the step does not listen".to_owned()))
                             .and_then(|stt| {
-                                stt.start(input.sample_rate()).map_err(|e| e.to_string())
+                                stt.start(input.sample_rate())
+                                    .map_err(|e| crate::Error::Stt(e.to_string()))
                             });
                         utterance = Some((
                             seq,
@@ -254,12 +268,15 @@ impl Agent for FlowAgent {
                         // The engine waits for an answer to every Transcribe: always give one.
                         let pending = match utterance.take() {
                             Some((s, pending)) if s == seq => pending,
-                            _ => Err("no utterance was open".to_owned()),
+                            _ => Err(crate::Error::Stt("no utterance was open".to_owned())),
                         };
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
                             let result = match pending {
-                                Ok(u) => u.finish().await.map_err(|e| e.to_string()),
+                                Ok(u) => u
+                                    .finish()
+                                    .await
+                                    .map_err(|e| crate::Error::Stt(e.to_string())),
                                 Err(error) => Err(error),
                             };
                             let _ = tx.send(Done::Transcript { seq, result }).await;
@@ -368,7 +385,7 @@ impl Agent for FlowAgent {
                     }
                 }, if saving.is_some() => {
                     let seq = saving.take().map_or(0, |(seq, _)| seq);
-                    let result = joined.unwrap_or_else(|e| Err(e.to_string()));
+                    let result = joined.unwrap_or_else(|e| Err(crate::Error::Storage(e.to_string())));
                     engine.handle_done(io.now_ms(), Done::Saved { seq, result });
                 }
                 sent = send(&sender, next), if !outbox.is_empty() => {
@@ -389,19 +406,19 @@ async fn speak(
     voice: &str,
     text: &str,
     rate: u32,
-) -> Result<Bytes, String> {
+) -> Result<Bytes, crate::Error> {
     let provider = runtime
         .providers
         .get(&provider)
-        .ok_or_else(|| format!("provider {provider:?} is not configured"))?;
+        .ok_or_else(|| crate::Error::Speech(format!("provider {provider:?} is not configured")))?;
     // Not cached: a text with variables is per call (often a phone number: personal data that
     // should not pile up on disk, one file per caller).
     let audio = provider
         .synthesize(text, voice)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::Error::Speech(e.to_string()))?;
     tokio::task::spawn_blocking(move || audio::resampled_pcm(&audio, rate))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        .map_err(|e| crate::Error::Speech(e.to_string()))?
+        .map_err(|e| crate::Error::Speech(e.to_string()))
 }

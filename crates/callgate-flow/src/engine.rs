@@ -21,6 +21,7 @@ use callgate_audio::pcm;
 use callgate_proto::{Digit, Protocol};
 use serde_json::{Value, json};
 
+use crate::Error;
 use crate::audio::PromptAudio;
 use crate::messages::WAV_HEADER_BYTES;
 use crate::spec::{Flow, Next, Prompt, PromptPart, StepKind};
@@ -164,14 +165,14 @@ pub enum Done {
         /// As asked.
         seq: u64,
         /// The audio or the error.
-        result: Result<Bytes, String>,
+        result: Result<Bytes, Error>,
     },
     /// The answer to [`Action::Http`]: status and body, or why there is none.
     Http {
         /// As asked.
         seq: u64,
         /// Status and body, or the failure (connection refused, timeout...).
-        result: Result<(u16, Bytes), String>,
+        result: Result<(u16, Bytes), Error>,
     },
     /// The answer to [`Action::SendSms`]: the answer's `data`, or why the message was not
     /// sent.
@@ -179,7 +180,7 @@ pub enum Done {
         /// As asked.
         seq: u64,
         /// The data or the error.
-        result: Result<Value, String>,
+        result: Result<Value, Error>,
     },
     /// The answer to [`Action::Reserve`]: the bytes reserved, or `None` (no room).
     Reserved {
@@ -193,14 +194,14 @@ pub enum Done {
         /// As asked.
         seq: u64,
         /// The text (empty: nothing recognised) or the error.
-        result: Result<String, String>,
+        result: Result<String, Error>,
     },
     /// [`Action::Save`] finished.
     Saved {
         /// As asked.
         seq: u64,
         /// Or why it failed.
-        result: Result<(), String>,
+        result: Result<(), Error>,
     },
 }
 
@@ -213,7 +214,10 @@ struct PromptRun {
     /// The mark sent after the last part.
     mark: Option<u64>,
     start_ms: u64,
+    /// What the parts queued so far say (a file's name in brackets).
     label: Vec<String>,
+    /// What the whole prompt says, when the flow gives it (`text`): the transcript's turn.
+    words: Option<String>,
 }
 
 #[derive(Debug)]
@@ -597,12 +601,11 @@ impl Engine {
                 prompt.speech = None;
                 match result {
                     Ok(pcm) => self.out.push_back(Action::PlayPcm(pcm)),
-                    Err(error) => self.event(json!({
-                        "name": self.flow.steps[self.current].name,
-                        "kind": self.flow.steps[self.current].kind.name(),
-                        "phase": "error",
-                        "error": format!("speech: {error}"),
-                    })),
+                    Err(error) => self.event(
+                        self.current,
+                        "error",
+                        json!({ "error": format!("speech: {error}") }),
+                    ),
                 }
                 self.pump_prompt(now);
             }
@@ -639,7 +642,7 @@ impl Engine {
                     }
                     Err(error) => {
                         self.vars.insert("sms_result".into(), String::new());
-                        self.finish(now, json!({ "error": error }), on_error);
+                        self.finish(now, json!({ "error": error.to_string() }), on_error);
                     }
                 }
             }
@@ -679,7 +682,7 @@ impl Engine {
                         );
                         self.finish(now, json!({"path": path, "ms": ms}), next);
                     }
-                    Err(error) => self.finish(now, json!({"error": error}), next),
+                    Err(error) => self.finish(now, json!({"error": error.to_string()}), next),
                 }
             }
         }
@@ -716,15 +719,16 @@ impl Engine {
             }
             self.instant_steps += 1;
             if self.instant_steps > MAX_INSTANT_STEPS {
-                self.event(json!({
-                    "name": self.flow.steps[index].name,
-                    "kind": self.flow.steps[index].kind.name(),
-                    "phase": "error",
-                    "error": format!(
-                        "{MAX_INSTANT_STEPS} steps ran without waiting for anything: \
-                         a loop? hanging up"
-                    ),
-                }));
+                self.event(
+                    index,
+                    "error",
+                    json!({
+                        "error": format!(
+                            "{MAX_INSTANT_STEPS} steps ran without waiting for anything: \
+                             a loop? hanging up"
+                        ),
+                    }),
+                );
                 self.hangup(now);
                 return;
             }
@@ -733,7 +737,7 @@ impl Engine {
             self.deadline = None;
             let flow = self.flow.clone();
             let step = &flow.steps[index];
-            self.event(json!({"name": step.name, "kind": step.kind.name(), "phase": "start"}));
+            self.event(index, "start", json!({}));
             match &step.kind {
                 StepKind::Answer { next: n } => {
                     self.answer();
@@ -939,17 +943,12 @@ impl Engine {
         }
     }
 
-    /// Logs the current step's result and says where to go (for steps that end at once).
+    /// Logs the current step's result (its fields, and `next`) and says where to go (for
+    /// steps that end at once).
     fn result(&mut self, result: Value, next: Next) -> Next {
-        let step = &self.flow.steps[self.current];
-        let next_name = next.map(|i| self.flow.steps[i].name.clone());
-        self.event(json!({
-            "name": step.name,
-            "kind": step.kind.name(),
-            "phase": "end",
-            "result": result,
-            "next": next_name,
-        }));
+        let mut fields = result;
+        fields["next"] = json!(next.map(|i| self.flow.steps[i].name.clone()));
+        self.event(self.current, "end", fields);
         next
     }
 
@@ -1010,6 +1009,7 @@ impl Engine {
             mark: None,
             start_ms: now,
             label: Vec::new(),
+            words: prompt.words.clone(),
         });
         self.instant_steps = 0;
         self.pump_prompt(now);
@@ -1025,6 +1025,10 @@ impl Engine {
                 return;
             }
             match prompt.parts.pop_front() {
+                Some(PromptPart::File(audio)) => {
+                    prompt.label.push(format!("[{}]", audio.label));
+                    self.out.push_back(Action::Play(audio));
+                }
                 Some(PromptPart::Audio(audio)) => {
                     prompt.label.push(audio.label.clone());
                     self.out.push_back(Action::Play(audio));
@@ -1083,7 +1087,7 @@ impl Engine {
     /// The prompt has been heard (or cut short): write its turn.
     fn prompt_over(&mut self, now: u64, interrupted: bool) {
         if let Some(prompt) = self.prompt.take() {
-            let label = prompt.label.join(" ");
+            let label = prompt.words.unwrap_or_else(|| prompt.label.join(" "));
             if !label.is_empty() {
                 self.transcript(Speaker::Agent, label, prompt.start_ms, now, interrupted);
             }
@@ -1218,7 +1222,7 @@ impl Engine {
     }
 
     /// The text of what the caller said to a gather.
-    fn transcript_done(&mut self, now: u64, seq: u64, result: Result<String, String>) {
+    fn transcript_done(&mut self, now: u64, seq: u64, result: Result<String, Error>) {
         let flow = self.flow.clone();
         let step = &flow.steps[self.current];
         let StepKind::Gather(g) = &step.kind else {
@@ -1241,12 +1245,11 @@ impl Engine {
         let text = match result {
             Ok(text) => text.trim().to_owned(),
             Err(error) => {
-                self.event(json!({
-                    "name": step.name,
-                    "kind": "gather",
-                    "phase": "error",
-                    "error": format!("speech to text: {error}"),
-                }));
+                self.event(
+                    self.current,
+                    "error",
+                    json!({ "error": format!("speech to text: {error}") }),
+                );
                 self.gather_failed_with(now, "stt_error", String::new(), None);
                 return;
             }
@@ -1310,12 +1313,7 @@ impl Engine {
             if let Some(text) = &transcript {
                 result["transcript"] = json!(text);
             }
-            self.event(json!({
-                "name": step.name,
-                "kind": "gather",
-                "phase": "retry",
-                "result": result,
-            }));
+            self.event(self.current, "retry", result);
             self.begin_attempt(now, &g.retry_prompt);
             return;
         }
@@ -1387,12 +1385,11 @@ impl Engine {
         let ms = run.samples.len() as u64 * 1000 / u64::from(self.input_rate.max(1));
         self.message_bytes += WAV_HEADER_BYTES + 2 * run.samples.len() as u64;
         self.seq += 1;
-        self.event(json!({
-            "name": name,
-            "kind": "record",
-            "phase": "stopped",
-            "result": {"reason": why, "ms": ms, "started_ms": run.start_ms, "at_ms": now},
-        }));
+        self.event(
+            self.current,
+            "stopped",
+            json!({"reason": why, "ms": ms, "started_ms": run.start_ms, "at_ms": now}),
+        );
         self.state = State::Saving {
             seq: self.seq,
             path: path.clone(),
@@ -1408,7 +1405,7 @@ impl Engine {
 
     // --- http ----------------------------------------------------------------------------
 
-    fn http_answer(&mut self, now: u64, result: Result<(u16, Bytes), String>) {
+    fn http_answer(&mut self, now: u64, result: Result<(u16, Bytes), Error>) {
         let flow = self.flow.clone();
         let StepKind::Http(h) = &flow.steps[self.current].kind else {
             return;
@@ -1422,7 +1419,7 @@ impl Engine {
         };
         let (status, body) = match result {
             Ok(answer) => answer,
-            Err(error) => return fail(self, None, error),
+            Err(error) => return fail(self, None, error.to_string()),
         };
         if !(200..300).contains(&status) {
             return fail(self, Some(status), format!("HTTP {status}"));
@@ -1490,7 +1487,7 @@ impl Engine {
         self.finish(now, json!({"status": status, "vars": detail}), next);
     }
 
-    fn terminate_answer(&mut self, now: u64, result: Result<(u16, Bytes), String>) {
+    fn terminate_answer(&mut self, now: u64, result: Result<(u16, Bytes), Error>) {
         let StepKind::AgentTerminate { on_error, .. } = self.flow.steps[self.current].kind else {
             return;
         };
@@ -1509,7 +1506,7 @@ impl Engine {
                     on_error,
                 );
             }
-            Err(error) => self.finish(now, json!({"error": error}), on_error),
+            Err(error) => self.finish(now, json!({"error": error.to_string()}), on_error),
         }
     }
 
@@ -1519,10 +1516,20 @@ impl Engine {
         self.out.push_back(Action::Command(command));
     }
 
-    fn event(&mut self, detail: Value) {
-        self.command(AgentCommand::Event(Box::new(RecordEvent {
+    /// Writes a `flow_step` entry, flat (docs/events.md): `step`, `kind`, `phase`, then
+    /// `fields` (an object: the phase's own fields).
+    fn event(&mut self, index: usize, phase: &'static str, fields: Value) {
+        let step = &self.flow.steps[index];
+        let mut detail = match fields {
+            Value::Object(fields) => fields,
+            _ => serde_json::Map::new(),
+        };
+        detail.insert("step".into(), json!(step.name));
+        detail.insert("kind".into(), json!(step.kind.name()));
+        detail.insert("phase".into(), json!(phase));
+        self.command(AgentCommand::FlatEvent(Box::new(RecordEvent {
             name: FLOW_STEP.into(),
-            detail,
+            detail: Value::Object(detail),
         })));
     }
 
@@ -1584,15 +1591,21 @@ mod tests {
         let mut all = Vec::new();
         while let Some(a) = e.poll_action() {
             all.push(match a {
-                Action::Command(AgentCommand::Event(ev)) => format!(
-                    "{}:{}:{}",
-                    ev.detail["name"].as_str().unwrap_or(""),
-                    ev.detail["phase"].as_str().unwrap_or(""),
-                    ev.detail
-                        .get("result")
-                        .map(|r| r.to_string())
-                        .unwrap_or_default()
-                ),
+                Action::Command(AgentCommand::FlatEvent(ev)) => {
+                    // step:phase:{the phase's own fields}
+                    let mut fields = ev.detail.as_object().cloned().unwrap_or_default();
+                    let mut take = |key: &str| match fields.remove(key) {
+                        Some(Value::String(s)) => s,
+                        _ => String::new(),
+                    };
+                    let (step, phase) = (take("step"), take("phase"));
+                    let _ = (take("kind"), take("next"));
+                    let fields = match phase.as_str() {
+                        "start" | "error" => String::new(),
+                        _ => Value::Object(fields).to_string(),
+                    };
+                    format!("{step}:{phase}:{fields}")
+                }
                 Action::Command(AgentCommand::Mark(id)) => format!("mark {id}"),
                 Action::Command(AgentCommand::Transcript(t)) => {
                     format!("turn {}:{}", t.speaker.as_str(), t.text)
@@ -1710,6 +1723,105 @@ mod tests {
             "{a:?}"
         );
         assert!(a.iter().any(|s| s == "speak You chose one, 0101"), "{a:?}");
+    }
+
+    /// The `flow_step` details the engine wrote, in order.
+    fn entries(e: &mut Engine) -> Vec<Value> {
+        std::iter::from_fn(|| e.poll_action())
+            .filter_map(|a| match a {
+                Action::Command(AgentCommand::FlatEvent(ev)) if ev.name == FLOW_STEP => {
+                    Some(ev.detail)
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flow_step_entries_are_flat() {
+        let mut e = engine(MENU, Protocol::Inbound);
+        e.start(0);
+        e.handle_mark(100, 1, MarkState::Played);
+        e.handle_timeout(5100);
+        e.handle_mark(5900, 2, MarkState::Played);
+        e.handle_dtmf(6000, Digit::D2);
+        let all = entries(&mut e);
+        assert_eq!(
+            all[0],
+            json!({"step": "menu", "kind": "gather", "phase": "start"})
+        );
+        assert_eq!(
+            all[1],
+            json!({"step": "menu", "kind": "gather", "phase": "retry",
+                   "outcome": "no_input", "digits": "", "attempt": 1})
+        );
+        assert_eq!(
+            all[2],
+            json!({"step": "menu", "kind": "gather", "phase": "end",
+                   "digits": "2", "attempt": 2, "next": "two"})
+        );
+        assert_eq!(
+            all[4],
+            json!({"step": "two", "kind": "set", "phase": "end",
+                   "vars": {"x": "2!"}, "next": "bye"})
+        );
+        for entry in &all {
+            assert!(
+                entry.get("result").is_none() && entry.get("detail").is_none(),
+                "nothing nests: {entry}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_prompt_says_its_words_and_a_file_without_them_its_name_in_brackets() {
+        let dir = std::env::temp_dir().join(format!(
+            "callgate-flow-words-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for name in ["hello.wav", "beep.wav"] {
+            callgate_kit::files::write_wav(&dir.join(name), 8000, &[1000; 800]).expect("wav");
+        }
+        let text = r#"
+            [[step]]
+            name = "hello"
+            kind = "play"
+            file = ["hello.wav", "beep.wav"]
+            text = "Hello there."
+            [[step]]
+            name = "bare"
+            kind = "play"
+            file = ["hello.wav", "beep.wav"]
+        "#;
+        let flow = Flow::parse(
+            &dir.join("words.toml"),
+            text,
+            &crate::tts::TtsSettings::default(),
+            &crate::spec::tests::FakeLoader,
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut e = Engine::new(Arc::new(flow.expect("valid")), &call(Protocol::Inbound));
+        e.start(0);
+        let a = drain(&mut e);
+        assert!(a.contains(&"play hello.wav".to_owned()), "{a:?}");
+        e.handle_mark(200, 1, MarkState::Played);
+        let a = drain(&mut e);
+        assert_eq!(a[0], "turn agent:Hello there.", "the words, not the files");
+        // Cut short, the turn is the same words, marked interrupted.
+        e.handle_mark(250, 2, MarkState::Cleared);
+        let turns: Vec<Turn> = std::iter::from_fn(|| e.poll_action())
+            .filter_map(|a| match a {
+                Action::Command(AgentCommand::Transcript(t)) => Some(*t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            turns[0].text, "[hello.wav] [beep.wav]",
+            "no words: the files"
+        );
+        assert!(turns[0].interrupted);
     }
 
     #[test]
@@ -2014,7 +2126,7 @@ mod tests {
             name = "failed"
             kind = "hangup"
         "#;
-        let run = |answer: Option<Result<(u16, Bytes), String>>| -> (Vec<String>, Engine) {
+        let run = |answer: Option<Result<(u16, Bytes), Error>>| -> (Vec<String>, Engine) {
             let mut e = engine(text, Protocol::Inbound);
             e.start(0);
             let a = drain(&mut e);
@@ -2051,7 +2163,7 @@ mod tests {
             Ok((200, Bytes::from_static(b"[1]"))),
             Ok((200, Bytes::from_static(br#"{"next":"nowhere"}"#))),
             Ok((200, Bytes::from_static(br#"{"variables":{"a":[1]}}"#))),
-            Err("connection refused".to_owned()),
+            Err(Error::Request("connection refused".to_owned())),
         ] {
             let (a, _) = run(Some(bad.clone()));
             assert_eq!(went(&a), "failed:start:", "{bad:?}: {a:?}");
@@ -2223,7 +2335,7 @@ mod tests {
             40,
             Done::Sms {
                 seq: 1,
-                result: Err("HTTP 500".into()),
+                result: Err(Error::CallBridge("HTTP 500".into())),
             },
         );
         assert!(drain(&mut e).iter().any(|s| s == "failed:start:"));
@@ -2477,7 +2589,7 @@ mod tests {
             now,
             Done::Transcript {
                 seq,
-                result: Err("HTTP 503".into()),
+                result: Err(Error::Stt("HTTP 503".into())),
             },
         );
         let out = drain(&mut e);

@@ -135,7 +135,9 @@ pub fn register_with_metrics(
     });
 }
 
-/// Why a flow could not be loaded.
+/// What goes wrong in the flow crate: a flow that cannot be loaded, what the loader could not
+/// give it, and the work done for a call off its task (the engine writes its text into the
+/// step's result). The reasons other crates give as text are kept as they are written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -145,6 +147,27 @@ pub enum Error {
     /// The HTTP client could not be built.
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
+    /// A file could not be read (why).
+    #[error("{0}")]
+    Read(String),
+    /// A path under [`demo::ROOT`] that names no built-in file.
+    #[error("no such built-in file")]
+    NoBuiltIn,
+    /// Speech could not be rendered, or its provider is missing or could not be built.
+    #[error("{0}")]
+    Speech(String),
+    /// CallBridge's OPEN API is not configured, or its request failed.
+    #[error("{0}")]
+    CallBridge(String),
+    /// Speech to text could not start, or failed.
+    #[error("{0}")]
+    Stt(String),
+    /// A webhook request failed (no connection, a timeout, an answer too large).
+    #[error("{0}")]
+    Request(String),
+    /// A recording could not be stored.
+    #[error("{0}")]
+    Storage(String),
 }
 
 /// Reads, validates and prepares the flow at `path` (its fixed speech rendered, through the
@@ -202,7 +225,7 @@ struct EnvLoader {
 }
 
 impl EnvLoader {
-    fn provider(&self, tts: &TtsSettings, name: ProviderName) -> Result<Arc<dyn Provider>, String> {
+    fn provider(&self, tts: &TtsSettings, name: ProviderName) -> Result<Arc<dyn Provider>, Error> {
         let mut providers = self.providers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = providers.get(&name) {
             return Ok(p.clone());
@@ -211,21 +234,23 @@ impl EnvLoader {
             provider: Some(name),
             ..tts.clone()
         };
-        let provider = settings.provider(&self.http).map_err(|e| e.to_string())?;
+        let provider = settings
+            .provider(&self.http)
+            .map_err(|e| Error::Speech(e.to_string()))?;
         providers.insert(name, provider.clone());
         Ok(provider)
     }
 }
 
 impl spec::Loader for EnvLoader {
-    fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
+    fn read(&self, path: &Path) -> Result<Vec<u8>, Error> {
         if let Ok(rest) = path.strip_prefix(demo::ROOT) {
             let name = rest.to_string_lossy().replace('\\', "/");
             return demo::file(&name)
                 .map(<[u8]>::to_vec)
-                .ok_or_else(|| "no such built-in file".to_owned());
+                .ok_or(Error::NoBuiltIn);
         }
-        std::fs::read(path).map_err(|e| e.to_string())
+        std::fs::read(path).map_err(|e| Error::Read(e.to_string()))
     }
 
     fn speak(
@@ -234,27 +259,27 @@ impl spec::Loader for EnvLoader {
         provider: ProviderName,
         voice: &str,
         text: &str,
-    ) -> Result<PromptAudio, String> {
+    ) -> Result<PromptAudio, Error> {
         let provider = self.provider(tts, provider)?;
-        tts::render_at_load(&self.cache, provider.as_ref(), voice, text)
+        tts::render_at_load(&self.cache, provider.as_ref(), voice, text).map_err(Error::Speech)
     }
 
-    fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String> {
+    fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), Error> {
         self.provider(tts, provider).map(|_| ())
     }
 
-    fn check_callbridge_api(&self, what: &str) -> Result<(), String> {
+    fn check_callbridge_api(&self, what: &str) -> Result<(), Error> {
         let Some(api) = &self.callbridge else {
-            return Err(callgate_kit::callbridge::missing(what));
+            return Err(Error::CallBridge(callgate_kit::callbridge::missing(what)));
         };
-        api.check(what)
+        api.check(what).map_err(Error::CallBridge)
     }
 
-    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, String> {
+    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, Error> {
         match step.or(self.stt.as_ref()) {
             Some(settings) => stt::Stt::build(settings, &self.http)
                 .map(Some)
-                .map_err(|e| e.to_string()),
+                .map_err(|e| Error::Stt(e.to_string())),
             None => Ok(None),
         }
     }

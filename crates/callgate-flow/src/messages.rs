@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::Error;
 use crate::metrics::FlowMetrics;
 
 /// The default `max_call_bytes`: 2 MiB, 65 s of 16 kHz audio (131 s at 8 kHz).
@@ -147,19 +148,19 @@ impl Store {
         path: &Path,
         rate: u32,
         samples: &[i16],
-    ) -> Result<u64, String> {
+    ) -> Result<u64, Error> {
         let bytes = WAV_HEADER_BYTES + 2 * samples.len() as u64;
         if bytes > reservation.bytes {
-            return Err(format!(
+            return Err(Error::Storage(format!(
                 "{}: {bytes} bytes is more than the {} reserved",
                 path.display(),
                 reservation.bytes
-            ));
+            )));
         }
         if let Some(parent) = path.parent() {
-            private_dirs(&self.dir, parent)?;
+            private_dirs(&self.dir, parent).map_err(Error::Storage)?;
         }
-        write_wav(path, rate, samples)?;
+        write_wav(path, rate, samples).map_err(Error::Storage)?;
         let mut usage = self.lock();
         usage.stored += bytes;
         self.metrics.messages_stored_bytes.set(gauge(usage.stored));

@@ -29,6 +29,7 @@ use callgate_proto::{Digit, DtmfDuration};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
+use crate::Error;
 use crate::audio::PromptAudio;
 use crate::messages::Limits;
 use crate::stt::{Stt, SttSettings};
@@ -266,6 +267,9 @@ impl StepKind {
 pub struct Prompt {
     /// The parts.
     pub parts: Vec<PromptPart>,
+    /// What the prompt's files say (`text` beside `play`/`file`), for the transcript; `None`:
+    /// each part as [`PromptPart::transcript`] has it.
+    pub words: Option<String>,
 }
 
 impl Prompt {
@@ -273,27 +277,15 @@ impl Prompt {
     pub fn is_empty(&self) -> bool {
         self.parts.is_empty()
     }
-
-    /// What it says, for the transcript.
-    pub fn label(&self) -> String {
-        let all: Vec<String> = self
-            .parts
-            .iter()
-            .map(|p| match p {
-                PromptPart::Audio(a) => a.label.clone(),
-                PromptPart::Speak { text, .. } | PromptPart::Digits { text, .. } => {
-                    text.to_string()
-                }
-            })
-            .collect();
-        all.join(" ")
-    }
 }
 
 /// One piece of a prompt.
 #[derive(Debug, Clone)]
 pub enum PromptPart {
-    /// Audio ready at load: a file, or speech whose text has no variables.
+    /// A recorded file, ready at load; the transcript shows its name in brackets
+    /// (`[prompts/en/welcome.wav]`) unless the prompt has `words`.
+    File(Arc<PromptAudio>),
+    /// Speech whose text has no variables, rendered at load; the transcript has its text.
     Audio(Arc<PromptAudio>),
     /// Keys read out one by one from recorded digit files (`say_digits`): no TTS needed.
     Digits {
@@ -431,7 +423,7 @@ pub struct Http {
 /// What loading a flow needs from its surroundings.
 pub trait Loader {
     /// Reads a file (the flow, its audio).
-    fn read(&self, path: &Path) -> Result<Vec<u8>, String>;
+    fn read(&self, path: &Path) -> Result<Vec<u8>, Error>;
     /// Renders fixed speech at load (cached in the data dir).
     fn speak(
         &self,
@@ -439,15 +431,15 @@ pub trait Loader {
         provider: ProviderName,
         voice: &str,
         text: &str,
-    ) -> Result<PromptAudio, String>;
+    ) -> Result<PromptAudio, Error>;
     /// Checks that speech can be rendered per call with this provider.
-    fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String>;
+    fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), Error>;
     /// Checks that CallBridge's OPEN API is configured (for `what`: `agent_terminate`,
     /// `send_sms`).
-    fn check_callbridge_api(&self, what: &str) -> Result<(), String>;
+    fn check_callbridge_api(&self, what: &str) -> Result<(), Error>;
     /// The speech recogniser of a gather that listens: the step's own `stt`, else the
     /// server's `[stt]`; `None` when there is neither.
-    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String>;
+    fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, Error>;
 }
 
 #[derive(Deserialize)]
@@ -474,6 +466,8 @@ struct NextOnly {
 #[serde(deny_unknown_fields)]
 struct PlaySpec {
     file: OneOrMany,
+    #[serde(default)]
+    text: Option<String>,
     #[serde(default)]
     next: Option<String>,
 }
@@ -534,7 +528,11 @@ struct GatherSpec {
     #[serde(default)]
     say: Option<String>,
     #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
     retry_play: Option<OneOrMany>,
+    #[serde(default)]
+    retry_text: Option<String>,
     #[serde(default)]
     retry_say: Option<String>,
     #[serde(default)]
@@ -917,6 +915,24 @@ impl Compiler<'_> {
         }
     }
 
+    /// The words a file prompt says (`text`, `retry_text`): any text but blank.
+    fn words(
+        &self,
+        label: &str,
+        field: &str,
+        text: Option<&String>,
+    ) -> Result<Option<String>, FlowError> {
+        match text.map(|t| t.trim()) {
+            None => Ok(None),
+            Some("") => Err(self.err(
+                label,
+                field,
+                "is empty: give the words the files say, or leave it out",
+            )),
+            Some(words) => Ok(Some(words.to_owned())),
+        }
+    }
+
     fn file_prompt(
         &mut self,
         label: &str,
@@ -932,7 +948,7 @@ impl Compiler<'_> {
             };
             let path = self.dir.join(file);
             if let Some(audio) = self.files.get(&path) {
-                parts.push(PromptPart::Audio(audio.clone()));
+                parts.push(PromptPart::File(audio.clone()));
                 continue;
             }
             let bytes = self
@@ -950,9 +966,9 @@ impl Compiler<'_> {
                 .map_err(|e| self.err(label, &field, format!("{}: {e}", path.display())))?;
             let prompt = Arc::new(prompt);
             self.files.insert(path, prompt.clone());
-            parts.push(PromptPart::Audio(prompt));
+            parts.push(PromptPart::File(prompt));
         }
-        Ok(Prompt { parts })
+        Ok(Prompt { parts, words: None })
     }
 
     fn say_prompt(
@@ -979,20 +995,22 @@ impl Compiler<'_> {
             let audio = self
                 .loader
                 .speak(&self.tts, provider, &voice, text)
-                .map_err(|p| self.err(label, field, p))?;
+                .map_err(|p| self.err(label, field, p.to_string()))?;
             return Ok(Prompt {
                 parts: vec![PromptPart::Audio(Arc::new(audio))],
+                words: None,
             });
         }
         self.loader
             .check_provider(&self.tts, provider)
-            .map_err(|p| self.err(label, field, p))?;
+            .map_err(|p| self.err(label, field, p.to_string()))?;
         Ok(Prompt {
             parts: vec![PromptPart::Speak {
                 text: template,
                 voice,
                 provider,
             }],
+            words: None,
         })
     }
 
@@ -1026,9 +1044,13 @@ impl Compiler<'_> {
                 if s.file.0.is_empty() {
                     return Err(self.err(label, "file", "no file given"));
                 }
+                let words = self.words(label, "text", s.text.as_ref())?;
                 StepKind::Play {
                     kind: "play",
-                    prompt: self.file_prompt(label, "file", &s.file.0)?,
+                    prompt: Prompt {
+                        words,
+                        ..self.file_prompt(label, "file", &s.file.0)?
+                    },
                     next: self.next(label, "next", s.next.as_deref(), following)?,
                 }
             }
@@ -1068,7 +1090,7 @@ impl Compiler<'_> {
                     // 0-9 are required; * and # only when present.
                     if key.is_ascii_digit() || self.loader.read(&self.dir.join(&rel)).is_ok() {
                         let prompt = self.file_prompt(label, "dir", &[rel])?;
-                        if let Some(PromptPart::Audio(a)) = prompt.parts.into_iter().next() {
+                        if let Some(PromptPart::File(a)) = prompt.parts.into_iter().next() {
                             files.insert(key, a);
                         }
                     }
@@ -1080,6 +1102,7 @@ impl Compiler<'_> {
                             text,
                             files: Arc::new(files),
                         }],
+                        words: None,
                     },
                     next: self.next(label, "next", s.next.as_deref(), following)?,
                 }
@@ -1201,7 +1224,7 @@ impl Compiler<'_> {
                 let s: AgentTerminateSpec = self.fields(label, value)?;
                 self.loader
                     .check_callbridge_api("agent_terminate")
-                    .map_err(|p| self.err(label, "", p))?;
+                    .map_err(|p| self.err(label, "", p.to_string()))?;
                 StepKind::AgentTerminate {
                     ment: Template::parse(&s.ment).map_err(|p| self.err(label, "ment", p))?,
                     timeout: self.duration(label, "timeout", s.timeout, MAX_HTTP_TIMEOUT)?,
@@ -1212,7 +1235,7 @@ impl Compiler<'_> {
                 let s: SendSmsSpec = self.fields(label, value)?;
                 self.loader
                     .check_callbridge_api("send_sms")
-                    .map_err(|p| self.err(label, "", p))?;
+                    .map_err(|p| self.err(label, "", p.to_string()))?;
                 let content =
                     Template::parse(&s.content).map_err(|p| self.err(label, "content", p))?;
                 let title = s
@@ -1285,12 +1308,32 @@ impl Compiler<'_> {
         if s.retry_play.is_some() && s.retry_say.is_some() {
             return Err(self.err(label, "retry_say", "give retry_play or retry_say, not both"));
         }
+        if s.text.is_some() && s.play.0.is_empty() {
+            return Err(self.err(
+                label,
+                "text",
+                "gives the words of `play`'s files: there is no `play` (`say` is spoken as written)",
+            ));
+        }
+        if s.retry_text.is_some() && s.retry_play.is_none() {
+            return Err(self.err(
+                label,
+                "retry_text",
+                "gives the words of `retry_play`'s files: there is no `retry_play`",
+            ));
+        }
         let prompt = match &s.say {
             Some(text) => self.say_prompt(label, "say", text, s.voice.as_deref(), None)?,
-            None => self.file_prompt(label, "play", &s.play.0)?,
+            None => Prompt {
+                words: self.words(label, "text", s.text.as_ref())?,
+                ..self.file_prompt(label, "play", &s.play.0)?
+            },
         };
         let retry_prompt = match (&s.retry_play, &s.retry_say) {
-            (Some(files), _) => self.file_prompt(label, "retry_play", &files.0)?,
+            (Some(files), _) => Prompt {
+                words: self.words(label, "retry_text", s.retry_text.as_ref())?,
+                ..self.file_prompt(label, "retry_play", &files.0)?
+            },
             (_, Some(text)) => {
                 self.say_prompt(label, "retry_say", text, s.voice.as_deref(), None)?
             }
@@ -1452,7 +1495,7 @@ impl Compiler<'_> {
         let stt = self
             .loader
             .stt(s.stt.as_ref())
-            .map_err(|e| self.err(label, "stt", e))?;
+            .map_err(|e| self.err(label, "stt", e.to_string()))?;
         let Some(stt) = stt else {
             if s.speech_optional {
                 return Ok(None);
@@ -1481,8 +1524,8 @@ pub(crate) mod tests {
     pub(crate) struct FakeLoader;
 
     impl Loader for FakeLoader {
-        fn read(&self, path: &Path) -> Result<Vec<u8>, String> {
-            std::fs::read(path).map_err(|e| e.to_string())
+        fn read(&self, path: &Path) -> Result<Vec<u8>, Error> {
+            std::fs::read(path).map_err(|e| Error::Read(e.to_string()))
         }
         fn speak(
             &self,
@@ -1490,25 +1533,25 @@ pub(crate) mod tests {
             _: ProviderName,
             _: &str,
             text: &str,
-        ) -> Result<PromptAudio, String> {
+        ) -> Result<PromptAudio, Error> {
             let audio = callgate_audio::wav::MonoAudio {
                 rate: 8000,
                 samples: vec![1000; 800],
             };
-            PromptAudio::new(text, &audio).map_err(|e| e.to_string())
+            PromptAudio::new(text, &audio).map_err(|e| Error::Speech(e.to_string()))
         }
-        fn check_provider(&self, _: &TtsSettings, _: ProviderName) -> Result<(), String> {
+        fn check_provider(&self, _: &TtsSettings, _: ProviderName) -> Result<(), Error> {
             Ok(())
         }
-        fn check_callbridge_api(&self, _: &str) -> Result<(), String> {
+        fn check_callbridge_api(&self, _: &str) -> Result<(), Error> {
             Ok(())
         }
-        fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, String> {
+        fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, Error> {
             let settings = step.cloned().unwrap_or_default();
-            let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
+            let http = callgate_kit::http::client().map_err(|e| Error::Http(e.to_string()))?;
             Stt::build(&settings, &http)
                 .map(Some)
-                .map_err(|e| e.to_string())
+                .map_err(|e| Error::Stt(e.to_string()))
         }
     }
 

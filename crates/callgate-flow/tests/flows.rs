@@ -101,9 +101,9 @@ async fn flow_steps(server: &TestServer, id: &str) -> Vec<(String, String, Value
         .iter()
         .filter(|e| e["kind"] == "agent" && e["detail"]["name"] == "flow_step")
         .map(|e| {
-            let d = &e["detail"]["detail"];
+            let d = &e["detail"];
             (
-                d["name"].as_str().unwrap_or("").to_owned(),
+                d["step"].as_str().unwrap_or("").to_owned(),
                 d["phase"].as_str().unwrap_or("").to_owned(),
                 d.clone(),
             )
@@ -142,6 +142,7 @@ file = "four.wav"
 name = "menu"
 kind = "gather"
 play = "five.wav"
+text = "Press 1 or 2."
 retry_play = "six.wav"
 retries = 1
 first_digit_timeout = "300ms"
@@ -224,7 +225,7 @@ async fn typing_over_the_menu_cuts_it_and_a_key_chooses_the_branch() {
         .find(|(n, p, _)| n == "menu" && p == "end")
         .expect("the menu's result");
     assert_eq!(menu_end.2["kind"], "gather");
-    assert_eq!(menu_end.2["result"]["digits"], "2");
+    assert_eq!(menu_end.2["digits"], "2");
     assert_eq!(menu_end.2["next"], "two");
     let names: Vec<&str> = steps
         .iter()
@@ -237,7 +238,15 @@ async fn typing_over_the_menu_cuts_it_and_a_key_chooses_the_branch() {
         turns.contains(&("caller".into(), "2".into())),
         "the digits are in the transcript: {turns:?}"
     );
-    assert!(turns.contains(&("agent".into(), "five.wav".into())));
+    // A prompt with its words has them in the transcript; one without, its file's name.
+    assert!(
+        turns.contains(&("agent".into(), "Press 1 or 2.".into())),
+        "{turns:?}"
+    );
+    assert!(
+        turns.contains(&("agent".into(), "[four.wav]".into())),
+        "{turns:?}"
+    );
     server.shutdown().await;
 }
 
@@ -262,13 +271,13 @@ async fn no_input_retries_with_the_reprompt_then_takes_the_no_input_branch() {
         .iter()
         .find(|(n, p, _)| n == "menu" && p == "retry")
         .expect("a retry");
-    assert_eq!(retry.2["result"]["outcome"], "no_input");
+    assert_eq!(retry.2["outcome"], "no_input");
     let end = steps
         .iter()
         .find(|(n, p, _)| n == "menu" && p == "end")
         .expect("the menu's result");
-    assert_eq!(end.2["result"]["outcome"], "no_input");
-    assert_eq!(end.2["result"]["attempts"], 2);
+    assert_eq!(end.2["outcome"], "no_input");
+    assert_eq!(end.2["attempts"], 2);
     assert_eq!(end.2["next"], "nobody");
 
     // A wrong key is retried too; the right one on the retry is taken.
@@ -307,8 +316,8 @@ async fn no_input_retries_with_the_reprompt_then_takes_the_no_input_branch() {
         .iter()
         .find(|(n, p, _)| n == "menu" && p == "retry")
         .expect("a retry");
-    assert_eq!(retry.2["result"]["outcome"], "no_match");
-    assert_eq!(retry.2["result"]["digits"], "9");
+    assert_eq!(retry.2["outcome"], "no_match");
+    assert_eq!(retry.2["digits"], "9");
     server.shutdown().await;
 }
 
@@ -388,7 +397,7 @@ async fn a_recorded_message_is_exactly_what_the_caller_sent_and_is_served() {
         .find(|(n, p, _)| n == "message" && p == "end")
         .expect("the recording's result");
     let path = format!("messages/{id}/message.wav");
-    assert_eq!(end.2["result"], json!({"path": path, "ms": 1500}));
+    assert_eq!((&end.2["path"], &end.2["ms"]), (&json!(path), &json!(1500)));
     let audio = callgate_audio::wav::read_mono(&dir.path().join(&path)).expect("the WAV");
     assert_eq!(audio.rate, 8000);
     let mut expected = Vec::new();
@@ -450,7 +459,7 @@ async fn a_message_is_kept_when_the_caller_hangs_up() {
         assert!(tries < 300, "the recording's result was written");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert_eq!(end.2["result"]["ms"], 600);
+    assert_eq!(end.2["ms"], 600);
     server.shutdown().await;
 }
 
@@ -594,18 +603,18 @@ async fn webhooks_success_failure_timeout_and_nonsense_each_take_their_branch() 
             .unwrap_or_else(|| panic!("no end of {name}: {steps:?}"))
     };
     assert_eq!(end("lookup")["next"], "good", "the answer chose the step");
-    assert_eq!(end("lookup")["result"]["status"], 200);
+    assert_eq!(end("lookup")["status"], 200);
     assert_eq!(
-        end("good")["result"]["vars"]["greeting"],
+        end("good")["vars"]["greeting"],
         "Hello Kim, 42",
         "the answer's variables are in templates"
     );
     assert_eq!(end("jump")["next"], "fail", "goto");
     assert_eq!(end("fail")["next"], "slow");
-    assert_eq!(end("fail")["result"]["status"], 500);
+    assert_eq!(end("fail")["status"], 500);
     assert_eq!(end("slow")["next"], "bad");
     assert!(
-        end("slow")["result"]["error"]
+        end("slow")["error"]
             .as_str()
             .unwrap_or("")
             .contains("no answer within"),
@@ -614,7 +623,7 @@ async fn webhooks_success_failure_timeout_and_nonsense_each_take_their_branch() 
     );
     assert_eq!(end("bad")["next"], "done");
     assert!(
-        end("bad")["result"]["error"]
+        end("bad")["error"]
             .as_str()
             .unwrap_or("")
             .contains("not JSON")
@@ -700,6 +709,17 @@ async fn the_built_in_menu_answers_and_reads_the_callers_number() {
         turns.contains(&("agent".into(), "01099998888".into())),
         "the number read out: {turns:?}"
     );
+    // The shipped prompts carry their words.
+    for words in [
+        "Welcome to callgate.",
+        "You are calling from",
+        "Thank you for calling. Goodbye.",
+    ] {
+        assert!(
+            turns.contains(&("agent".into(), words.into())),
+            "{words:?} in {turns:?}"
+        );
+    }
     server.shutdown().await;
 }
 
@@ -807,6 +827,6 @@ async fn agent_terminate_asks_callbridges_open_api_to_end_the_call() {
         .iter()
         .find(|(n, p, _)| n == "bye" && p == "end")
         .expect("the step's result");
-    assert_eq!(end.2["result"]["status"], 200);
+    assert_eq!(end.2["status"], 200);
     server.shutdown().await;
 }

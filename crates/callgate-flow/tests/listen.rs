@@ -172,8 +172,8 @@ async fn outcome(server: &TestServer, session: &str) -> (Value, Vec<(String, Str
         .as_array()
         .expect("events")
         .iter()
-        .map(|e| &e["detail"]["detail"])
-        .find(|d| d["name"] == "menu" && d["phase"] == "end")
+        .map(|e| &e["detail"])
+        .find(|d| d["step"] == "menu" && d["phase"] == "end")
         .cloned()
         .expect("the menu's end");
     let (_, t) = server.get(&format!("/api/calls/{id}/transcript")).await;
@@ -234,9 +234,9 @@ async fn korean_speech_over_the_menu_cuts_it_and_picks_the_billing_branch() {
     );
     let (end, turns) = outcome(&server, "ko-1").await;
     assert_eq!(end["next"], "billing", "{end}");
-    assert_eq!(end["result"]["input"], "speech");
-    assert_eq!(end["result"]["match"], "billing");
-    assert_eq!(end["result"]["transcript"], "요금 문의요.");
+    assert_eq!(end["input"], "speech");
+    assert_eq!(end["match"], "billing");
+    assert_eq!(end["transcript"], "요금 문의요.");
     assert!(
         turns.contains(&("caller".into(), "요금 문의요.".into())),
         "the caller's words are in the transcript: {turns:?}"
@@ -259,8 +259,8 @@ async fn unknown_speech_is_no_match_and_keys_still_work() {
     assert_eq!(keys.trim_start_matches('5'), "9", "no_match plays");
     let (end, turns) = outcome(&server, "ko-2").await;
     assert_eq!(end["next"], "sorry", "{end}");
-    assert_eq!(end["result"]["outcome"], "no_match");
-    assert_eq!(end["result"]["transcript"], "날씨가 좋네요");
+    assert_eq!(end["outcome"], "no_match");
+    assert_eq!(end["transcript"], "날씨가 좋네요");
     assert!(turns.contains(&("caller".into(), "날씨가 좋네요".into())));
 
     let mut phone = server.phone("/").await;
@@ -272,7 +272,7 @@ async fn unknown_speech_is_no_match_and_keys_still_work() {
     hang_up(&mut phone, "ko-3").await;
     assert_eq!(keys.trim_start_matches('5'), "7", "key 1 is billing");
     let (end, _) = outcome(&server, "ko-3").await;
-    assert_eq!(end["result"]["digits"], "1", "{end}");
+    assert_eq!(end["digits"], "1", "{end}");
     assert_eq!(
         double.stt_requests().len(),
         1,
@@ -316,8 +316,8 @@ async fn a_failing_recogniser_is_in_the_record_and_the_caller_is_asked_again() {
         .as_array()
         .expect("events")
         .iter()
-        .map(|e| &e["detail"]["detail"])
-        .filter(|d| d["name"] == "menu")
+        .map(|e| &e["detail"])
+        .filter(|d| d["name"] == "flow_step" && d["step"] == "menu")
         .collect();
     let error = details
         .iter()
@@ -331,9 +331,9 @@ async fn a_failing_recogniser_is_in_the_record_and_the_caller_is_asked_again() {
         .iter()
         .find(|d| d["phase"] == "retry")
         .expect("a retry");
-    assert_eq!(retry["result"]["outcome"], "stt_error");
+    assert_eq!(retry["outcome"], "stt_error");
     let end = details.iter().find(|d| d["phase"] == "end").expect("end");
-    assert_eq!(end["result"]["match"], "billing", "{end}");
+    assert_eq!(end["match"], "billing", "{end}");
     server.shutdown().await;
 }
 
@@ -364,8 +364,8 @@ mod vosk {
         hang_up(&mut phone, "vosk-1").await;
         assert_eq!(keys.trim_start_matches('5'), "8", "the agent branch plays");
         let (end, turns) = outcome(&server, "vosk-1").await;
-        assert_eq!(end["result"]["match"], "agent", "{end}");
-        assert_eq!(end["result"]["transcript"], "네 네");
+        assert_eq!(end["match"], "agent", "{end}");
+        assert_eq!(end["transcript"], "네 네");
         assert!(
             turns.contains(&("caller".into(), "네 네".into())),
             "{turns:?}"
@@ -378,7 +378,7 @@ mod vosk {
         hang_up(&mut phone, "vosk-2").await;
         assert_eq!(keys.trim_start_matches('5'), "9", "no_match plays");
         let (end, _) = outcome(&server, "vosk-2").await;
-        assert_eq!(end["result"]["outcome"], "no_match", "{end}");
+        assert_eq!(end["outcome"], "no_match", "{end}");
         server.shutdown().await;
     }
 }

@@ -88,11 +88,11 @@ async fn outcome(server: &TestServer, cdr: &str) -> (Value, String, String) {
         .as_array()
         .expect("events")
         .iter()
-        .map(|e| e["detail"]["detail"].clone())
-        .find(|d| d["name"] == "text" && d["phase"] == "end")
+        .map(|e| e["detail"].clone())
+        .find(|d| d["name"] == "flow_step" && d["step"] == "text" && d["phase"] == "end")
         .expect("the step's result");
     (
-        end["result"].clone(),
+        end.clone(),
         end["next"].as_str().unwrap_or("").to_owned(),
         log.to_string(),
     )

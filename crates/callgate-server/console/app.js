@@ -476,7 +476,8 @@
 
       const messages = [];
       for (const e of events) {
-        const path = e.detail && e.detail.result && e.detail.result.path;
+        // A flow's record step: its flow_step entry is flat (docs/events.md).
+        const path = e.detail && e.detail.name === 'flow_step' && e.detail.path;
         if (typeof path === 'string' && path.startsWith('messages/')) {
           const file = path.split('/').pop();
           if (/^[A-Za-z0-9_-]+\.wav$/.test(file)) {

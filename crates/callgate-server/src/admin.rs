@@ -230,14 +230,16 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
 }
 
 /// A request whose `Content-Length` is over the endpoint's `limit` gets a 413 before anything
-/// reads its body (a chunked body is cut at the limit by `DefaultBodyLimit` when read).
+/// reads its body (a chunked body is cut at the limit by `DefaultBodyLimit` when read). The
+/// 413 closes the connection (`Connection: close`): the rest of the body is never read as a
+/// request, and the connection lingers while the client sends it (`http_guard`).
 async fn body_limit(State(limit): State<usize>, request: Request, next: Next) -> Response {
     let length = request
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    match length {
+    let mut response = match length {
         Some(n) if n > limit as u64 => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
@@ -245,7 +247,14 @@ async fn body_limit(State(limit): State<usize>, request: Request, next: Next) ->
         )
         .into_response(),
         _ => next.run(request).await,
+    };
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
     }
+    response
 }
 
 /// A call id from the path (`{id}`), checked before anything looks it up: a UUIDv7, as the
@@ -300,6 +309,8 @@ async fn json_errors(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
+    // `Connection: close` (a refused body) survives the rewrite.
+    let connection = response.headers().get(header::CONNECTION).cloned();
     let body = axum::body::to_bytes(response.into_body(), MAX_ERROR_TEXT)
         .await
         .unwrap_or_default();
@@ -318,7 +329,11 @@ async fn json_errors(response: Response) -> Response {
         s if s.is_client_error() => "bad_request",
         _ => "internal",
     };
-    ApiError::new(status, code, message).into_response()
+    let mut response = ApiError::new(status, code, message).into_response();
+    if let Some(value) = connection {
+        response.headers_mut().insert(header::CONNECTION, value);
+    }
+    response
 }
 
 /// An API error: status, stable code and a message naming the problem.
@@ -542,7 +557,7 @@ async fn list_calls(
             None => None,
             Some(node) => {
                 crate::config::check_node_id(node)
-                    .map_err(|problem| bad_filter("node", node, &problem))?;
+                    .map_err(|problem| bad_filter("node", node, &problem.to_string()))?;
                 Some(node.clone())
             }
         },

@@ -31,15 +31,33 @@ impl Role {
 }
 
 impl std::str::FromStr for Role {
-    type Err = String;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "read" => Ok(Self::Read),
             "operator" => Ok(Self::Operator),
-            other => Err(format!("unknown role {other:?} (read or operator)")),
+            other => Err(Error::UnknownRole(other.to_owned())),
         }
     }
+}
+
+/// Why a role, a secret or a digest from the configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A role that is neither `read` nor `operator`.
+    #[error("unknown role {0:?} (read or operator)")]
+    UnknownRole(String),
+    /// A secret shorter than [`MIN_SECRET`] characters.
+    #[error("the secret is {0} characters long; use at least {MIN_SECRET}")]
+    ShortSecret(usize),
+    /// A SHA-256 digest that is not 64 characters long (its length in bytes).
+    #[error("a SHA-256 digest is 64 hex digits, this one has {0} bytes")]
+    DigestLength(usize),
+    /// A SHA-256 digest with a character that is not a hex digit.
+    #[error("a SHA-256 digest is 64 hex digits (0-9, a-f)")]
+    DigestNotHex,
 }
 
 /// A secret (token or key), kept only as its SHA-256 digest.
@@ -55,31 +73,25 @@ impl fmt::Debug for Secret {
 impl Secret {
     /// A secret as given (from an environment variable or a file; surrounding whitespace is
     /// not part of it). At least [`MIN_SECRET`] characters.
-    pub fn from_text(secret: &str) -> Result<Self, String> {
+    pub fn from_text(secret: &str) -> Result<Self, Error> {
         let secret = secret.trim();
         if secret.len() < MIN_SECRET {
-            return Err(format!(
-                "the secret is {} characters long; use at least {MIN_SECRET}",
-                secret.len()
-            ));
+            return Err(Error::ShortSecret(secret.len()));
         }
         Ok(Self::digest_of(secret.as_bytes()))
     }
 
     /// A secret given as the hex SHA-256 digest of it: exactly 64 ASCII hex digits (either
     /// case), nothing else (no sign, no separators; surrounding whitespace is ignored).
-    pub fn from_sha256_hex(hex: &str) -> Result<Self, String> {
+    pub fn from_sha256_hex(hex: &str) -> Result<Self, Error> {
         let hex = hex.trim().as_bytes();
         if hex.len() != 64 {
-            return Err(format!(
-                "a SHA-256 digest is 64 hex digits, this one has {} bytes",
-                hex.len()
-            ));
+            return Err(Error::DigestLength(hex.len()));
         }
         let mut digest = [0u8; 32];
         for (byte, pair) in digest.iter_mut().zip(hex.chunks_exact(2)) {
             let (Some(high), Some(low)) = (hex_digit(pair[0]), hex_digit(pair[1])) else {
-                return Err("a SHA-256 digest is 64 hex digits (0-9, a-f)".to_owned());
+                return Err(Error::DigestNotHex);
             };
             *byte = (high << 4) | low;
         }
@@ -141,12 +153,12 @@ pub const MIN_SECRET: usize = 16;
 
 impl Token {
     /// A token from its secret (taken from an environment variable or a file).
-    pub fn from_secret(name: &str, role: Role, secret: &str) -> Result<Self, String> {
+    pub fn from_secret(name: &str, role: Role, secret: &str) -> Result<Self, Error> {
         Ok(Self::new(name, role, Secret::from_text(secret)?))
     }
 
     /// A token given as the hex SHA-256 digest of its secret.
-    pub fn from_sha256_hex(name: &str, role: Role, hex: &str) -> Result<Self, String> {
+    pub fn from_sha256_hex(name: &str, role: Role, hex: &str) -> Result<Self, Error> {
         Ok(Self::new(name, role, Secret::from_sha256_hex(hex)?))
     }
 

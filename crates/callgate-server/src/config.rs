@@ -185,12 +185,30 @@ pub fn admin_exposure(listen: SocketAddr, auth: &AdminAuth) -> Result<(), Config
 /// The shortest `node_timeout`: more than two heartbeats.
 pub const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a value [`check_admin_url`] or [`check_node_id`] checks is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValueError {
+    /// An `advertise_admin` URL that is not `http://` or `https://`.
+    #[error("{0:?} must start with http:// or https://")]
+    UrlScheme(String),
+    /// An `advertise_admin` URL that is more than scheme, host and port.
+    #[error("{0:?} must be scheme://host:port, like http://10.0.0.5:4144")]
+    UrlShape(String),
+    /// A node ID that is empty or longer than [`MAX_NODE_ID`] (its length).
+    #[error("must be 1 to {MAX_NODE_ID} characters, not {0}")]
+    NodeIdLength(usize),
+    /// A node ID with a character it may not have.
+    #[error("{0:?} is not allowed: use ASCII letters, digits, '.', '-' and '_'")]
+    NodeIdChar(char),
+}
+
 /// `advertise_admin` is a full `http://` or `https://` URL with a host, and no path beyond `/`.
-pub fn check_admin_url(url: &str) -> Result<(), String> {
+pub fn check_admin_url(url: &str) -> Result<(), ValueError> {
     let rest = url
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"))
-        .ok_or_else(|| format!("{url:?} must start with http:// or https://"))?;
+        .ok_or_else(|| ValueError::UrlScheme(url.to_owned()))?;
     let authority = rest.strip_suffix('/').unwrap_or(rest);
     if authority.is_empty()
         || authority.contains(['/', '?', '#', '@'])
@@ -198,9 +216,7 @@ pub fn check_admin_url(url: &str) -> Result<(), String> {
             .chars()
             .any(|c| c.is_whitespace() || c.is_control())
     {
-        return Err(format!(
-            "{url:?} must be scheme://host:port, like http://10.0.0.5:4144"
-        ));
+        return Err(ValueError::UrlShape(url.to_owned()));
     }
     Ok(())
 }
@@ -210,20 +226,15 @@ pub const MAX_NODE_ID: usize = 64;
 
 /// A node ID is 1 to [`MAX_NODE_ID`] ASCII letters, digits, `.`, `-` or `_` (a host name
 /// fits): it goes into records, logs and the URL filter `node=`.
-pub fn check_node_id(id: &str) -> Result<(), String> {
+pub fn check_node_id(id: &str) -> Result<(), ValueError> {
     if id.is_empty() || id.len() > MAX_NODE_ID {
-        return Err(format!(
-            "must be 1 to {MAX_NODE_ID} characters, not {}",
-            id.len()
-        ));
+        return Err(ValueError::NodeIdLength(id.len()));
     }
     if let Some(c) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_')))
     {
-        return Err(format!(
-            "{c:?} is not allowed: use ASCII letters, digits, '.', '-' and '_'"
-        ));
+        return Err(ValueError::NodeIdChar(c));
     }
     Ok(())
 }
@@ -273,7 +284,7 @@ impl Config {
             })
         };
         if let Err(problem) = check_node_id(&self.node_id) {
-            return bad("node_id", &problem);
+            return bad("node_id", &problem.to_string());
         }
         if let Err(problem) = crate::webhooks::check(&self.webhooks) {
             return bad("webhooks", &problem.to_string());
@@ -288,7 +299,7 @@ impl Config {
         if let Some(url) = &self.advertise_admin
             && let Err(problem) = check_admin_url(url)
         {
-            return bad("advertise_admin", &problem);
+            return bad("advertise_admin", &problem.to_string());
         }
         for (key, value) in [
             ("max_calls", self.max_calls),

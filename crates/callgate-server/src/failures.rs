@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use axum::serve::IncomingStream;
 use tokio::time::Instant;
 
 /// Failures a client may have within [`WINDOW`].
@@ -25,23 +24,9 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 pub(crate) const MAX_CLIENTS: usize = 4096;
 
 /// The admin connection's peer address, for handlers (`ConnectInfo<Peer>`), on both the plain
-/// and the TLS listener.
+/// and the TLS listener (`serve_admin` adds it to each connection's requests).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<IncomingStream<'_, crate::tls::AdminListener>>
-    for Peer
-{
-    fn connect_info(stream: IncomingStream<'_, crate::tls::AdminListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
 
 /// The key a peer address is counted under: IPv4 as is (an IPv4-mapped IPv6 address too), an
 /// IPv6 address by its /64.

@@ -10,6 +10,9 @@
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - `http_guard`: what each admin connection passes through before hyper: request heads
+//!   checked whole (a bad one gets the API's JSON error, not hyper's empty one), and a
+//!   lingering close so a client still sending reads its answer.
 //! - `console`: the operator's web console at `/` (embedded files); `session`: its sign-in,
 //!   admin tokens exchanged for session cookies.
 //! - `events`: the event hub (fed by the store writer after each commit, and by the node's
@@ -46,6 +49,7 @@ mod drain;
 mod events;
 mod failures;
 pub mod forward;
+mod http_guard;
 mod live;
 mod media;
 pub mod metrics;
@@ -597,30 +601,48 @@ impl Server {
     }
 }
 
-/// Serves the admin API on `listener` (plain or TLS) until `stop`.
+/// Serves the admin API on `listener` (plain or TLS) until `stop`, then lets each connection
+/// finish what it is answering. Each connection passes through [`http_guard::Guarded`] and is
+/// served as HTTP/1.1 with half-closes allowed: when the guard ends a connection's stream
+/// after a bad request, the requests before it are still answered, then the refusal.
 fn serve_admin<L>(
     tasks: &Tasks,
-    listener: L,
+    mut listener: L,
     router: axum::Router,
     stop: &CancellationToken,
 ) -> tokio::task::JoinHandle<()>
 where
-    L: axum::serve::Listener,
-    L::Addr: std::fmt::Debug,
-    failures::Peer:
-        for<'a> axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+    L::Io: std::fmt::Debug,
 {
-    // The peer's address reaches the handlers (the lockout of clients that fail to
-    // authenticate counts by it).
-    let server = axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<failures::Peer>(),
-    )
-    .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let stop = stop.clone();
+    let connections = tasks.clone();
     tasks.spawn(async move {
-        if let Err(error) = server.await {
-            warn!(%error, "Admin API stopped with an error.");
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.half_close(true)
+            .timer(hyper_util::rt::TokioTimer::new());
+        loop {
+            let (io, peer) = tokio::select! {
+                () = stop.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let io = hyper_util::rt::TokioIo::new(http_guard::Guarded::new(io));
+            // The peer's address reaches the handlers (the lockout of clients that fail to
+            // authenticate counts by it).
+            let peer = axum::extract::ConnectInfo(failures::Peer(peer));
+            let service = hyper_util::service::TowerToHyperService::new(
+                router.clone().layer(axum::Extension(peer)),
+            );
+            let connection = graceful.watch(http.serve_connection(io, service));
+            connections.spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, "Admin connection ended with an error.");
+                }
+            });
         }
+        drop(listener);
+        graceful.shutdown().await;
     })
 }
 

@@ -185,6 +185,18 @@ impl<'a> CallFacts<'a> {
     }
 }
 
+/// Why a `match` pattern is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PatternError {
+    /// An empty pattern.
+    #[error("an empty pattern matches nothing; leave the key out instead")]
+    Empty,
+    /// A `*` that is not the last character (the pattern as written).
+    #[error("{0:?}: `*` is allowed only at the end (a prefix match)")]
+    StarInside(String),
+}
+
 /// An exact value, or a prefix (written with a trailing `*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Pattern {
@@ -193,18 +205,16 @@ enum Pattern {
 }
 
 impl Pattern {
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str) -> Result<Self, PatternError> {
         if text.is_empty() {
-            return Err("an empty pattern matches nothing; leave the key out instead".into());
+            return Err(PatternError::Empty);
         }
         let (body, prefix) = match text.strip_suffix('*') {
             Some(body) => (body, true),
             None => (text, false),
         };
         if body.contains('*') {
-            return Err(format!(
-                "{text:?}: `*` is allowed only at the end (a prefix match)"
-            ));
+            return Err(PatternError::StarInside(text.to_owned()));
         }
         Ok(if prefix {
             Self::Prefix(body.to_owned())
@@ -259,7 +269,9 @@ impl Matcher {
             all.iter()
                 .map(|p| Pattern::parse(p))
                 .collect::<Result<_, _>>()
-                .map_err(|problem| RouteError::new(route, format!("match.{field}"), problem))
+                .map_err(|problem| {
+                    RouteError::new(route, format!("match.{field}"), problem.to_string())
+                })
         };
         let protocol = match &spec.protocol {
             None => Vec::new(),

@@ -239,11 +239,10 @@ impl CallCore {
             // transcript turn usually comes after the end).
             match stamped.command {
                 AgentCommand::Transcript(turn) => self.journal.turn(now, *turn),
-                AgentCommand::Event(e) => self.journal.event(
-                    now,
-                    EventKind::Agent,
-                    json!({ "name": e.name, "detail": e.detail }),
-                ),
+                AgentCommand::Event(e) => self.journal.event(now, EventKind::Agent, e.entry()),
+                AgentCommand::FlatEvent(e) => {
+                    self.journal.event(now, EventKind::Agent, e.flat_entry());
+                }
                 _ => {}
             }
             return;
@@ -291,12 +290,9 @@ impl CallCore {
             }
             AgentCommand::Hangup => self.hang_up(now, EndReason::AgentHangup),
             AgentCommand::Transcript(turn) => self.journal.turn(now, *turn),
-            AgentCommand::Event(e) => {
-                self.journal.event(
-                    now,
-                    EventKind::Agent,
-                    json!({ "name": e.name, "detail": e.detail }),
-                );
+            AgentCommand::Event(e) => self.journal.event(now, EventKind::Agent, e.entry()),
+            AgentCommand::FlatEvent(e) => {
+                self.journal.event(now, EventKind::Agent, e.flat_entry());
             }
             AgentCommand::Usage(amounts) => self.journal.usage(amounts),
         }

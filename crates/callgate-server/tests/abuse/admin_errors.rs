@@ -66,9 +66,9 @@ async fn round(admin: SocketAddr, cases: &[Case]) -> Result<(), String> {
 /// Item 10: the 413 and invalid-UTF-8 path errors were `text/plain`. Here every kind of error
 /// the admin API gives (axum's own rejections included), again and again from several
 /// clients at once while the canary runs: each has its status, a JSON body with `error` and
-/// `code`, and `application/json`. What the HTTP layer itself refuses before the API sees a
-/// request (a URI over 64 KiB, a head of 1 MB, bytes that are not HTTP) gets its status
-/// with an empty body: there is no API yet to answer in JSON (docs/limits.md).
+/// `code`, and `application/json`. What the HTTP layer refuses before the API sees a request
+/// (a URI over 64 KiB, a head of 1 MB, bytes that are not HTTP) is JSON too: the admin port
+/// checks each head before hyper reads it (`http_guard`, docs/limits.md).
 #[tokio::test]
 async fn every_admin_error_is_json() {
     let strength = Strength::get();
@@ -187,7 +187,7 @@ async fn every_admin_error_is_json() {
         "too_large",
     );
     let over_limit = round(admin, std::slice::from_ref(&over)).await;
-    // Refused by the HTTP layer, with an empty body.
+    // Refused before the API sees them (hyper answered these with empty bodies).
     let long_uri = format!(
         "GET /api/calls/{} HTTP/1.1\r\nHost: callgate\r\nConnection: close\r\n\r\n",
         "a".repeat(70_000)
@@ -196,7 +196,7 @@ async fn every_admin_error_is_json() {
         "GET /healthz HTTP/1.1\r\nHost: callgate\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(1_000_000)
     );
-    let layer: Vec<(u16, usize)> = futures_util::future::join_all(
+    let layer: Vec<(u16, String)> = futures_util::future::join_all(
         [
             long_uri.as_str(),
             big_head.as_str(),
@@ -204,7 +204,11 @@ async fn every_admin_error_is_json() {
         ]
         .map(|head| async move {
             let r = admin_request(admin, head, &[]).await;
-            (r.status, r.body.len())
+            let code = r.json().map_or_else(
+                |e| format!("not JSON: {e}"),
+                |v| v["code"].as_str().unwrap_or("no code").to_owned(),
+            );
+            (r.status, code)
         }),
     )
     .await;
@@ -220,7 +224,12 @@ async fn every_admin_error_is_json() {
     }
     rig.expect(over_limit.is_ok(), format!("{over_limit:?}"));
     rig.expect(
-        layer == [(414, 0), (431, 0), (400, 0)],
+        layer
+            == [
+                (414, "uri_too_long".to_owned()),
+                (431, "headers_too_large".to_owned()),
+                (400, "bad_request".to_owned()),
+            ],
         format!("the HTTP layer: {layer:?}"),
     );
     rig.finish(canary).await;
