@@ -9,7 +9,8 @@
 //!   (session, media, agent wiring, record journal) that makes every decision.
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
-//! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles; `openapi`: its
+//!   OpenAPI 3.1 document (`GET /api/openapi.json`), generated from the handlers' types.
 //! - `console`: the operator's web console at `/` (embedded files); `session`: its sign-in,
 //!   admin tokens exchanged for session cookies.
 //! - `events`: the event hub (fed by the store writer after each commit, and by the node's
@@ -49,6 +50,7 @@ mod live;
 mod media;
 pub mod metrics;
 pub mod nodes;
+mod openapi;
 mod pii;
 mod record;
 mod retention;
