@@ -5,25 +5,41 @@
 //! [`MAX_PLAY_BYTES`] for `POST /play`; a larger `Content-Length` is a 413 at once, a longer
 //! chunked body a 413 when it is read) and its call id ([`ValidId`]: a malformed one is a 400
 //! before any lookup).
+//!
+//! # Described by its own types
+//! [`endpoints`] is the one table of the API: each handler carries its `#[utoipa::path]`
+//! (method, path, parameters, bodies, answers) and is registered through `utoipa_axum`'s
+//! `routes!`, which adds it to the router and to the OpenAPI document together, so no route
+//! is served without being described ([`crate::openapi`] serves the document). Request bodies,
+//! query strings and JSON answers are typed structs deriving `ToSchema`/`IntoParams`; the
+//! fields of each answer are in alphabetical order, so its bytes are those of the `json!`
+//! maps they replaced.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use callgate_audio::{AudioFormat, Resampler, pcm};
 use callgate_proto::{Command, Digit, DtmfDuration, EndReason, Error as ProtoError};
-use callgate_store::{CallFilter, CallId, CallRecord, Page, TextMatch, UnixMillis};
-use serde_json::{Value, json};
+use callgate_store::{
+    CallFilter, CallId, CallRecord, EventRecord, NodeRecord, NodeState, Page, TextMatch,
+    TranscriptEntry, UnixMillis,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::oneshot;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{Refusal, Role};
 use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
@@ -43,36 +59,51 @@ pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 /// DTMF tone length when the request gives none.
 pub(crate) const DEFAULT_DTMF_MS: u64 = 200;
 
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    let small = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/api/admin/drain", post(drain))
-        .route("/api/admin/undrain", post(undrain))
-        .route("/metrics", get(metrics))
-        .route("/api/nodes", get(nodes))
-        .route("/api/stream", get(crate::events::stream))
-        .route("/api/webhooks/deliveries", get(crate::webhooks::deliveries))
-        .route("/api/calls", get(list_calls))
-        .route("/api/calls/{id}", get(call).delete(delete_call))
-        .route("/api/calls/{id}/events", get(events))
-        .route("/api/calls/{id}/transcript", get(transcript))
-        .route("/api/calls/{id}/hangup", post(hangup))
-        .route("/api/calls/{id}/dtmf", post(dtmf))
-        .route("/api/calls/{id}/clear", post(clear))
-        .route("/api/calls/{id}/recording", get(recording))
-        .route("/api/calls/{id}/messages/{file}", get(message))
+/// Every endpoint the admin port serves, each with its description: the one table the router
+/// and the OpenAPI document are both built from. A handler joins it only through `routes!`,
+/// which needs its `#[utoipa::path]`; handlers sharing a path go in one `routes!`.
+pub(crate) fn endpoints() -> OpenApiRouter<Arc<Shared>> {
+    let small = OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(drain))
+        .routes(routes!(undrain))
+        .routes(routes!(metrics))
+        .routes(routes!(nodes))
+        .routes(routes!(crate::events::stream))
+        .routes(routes!(crate::webhooks::deliveries))
+        .routes(routes!(crate::openapi::document))
+        .routes(routes!(list_calls))
+        .routes(routes!(call, delete_call))
+        .routes(routes!(events))
+        .routes(routes!(transcript))
+        .routes(routes!(hangup))
+        .routes(routes!(dtmf))
+        .routes(routes!(clear))
+        .routes(routes!(recording))
+        .routes(routes!(message))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(MAX_BODY_BYTES, body_limit));
-    let play = Router::new()
-        .route("/api/calls/{id}/play", post(play))
+    let play = OpenApiRouter::new()
+        .routes(routes!(play))
         .layer(DefaultBodyLimit::max(MAX_PLAY_BYTES))
         .layer(middleware::from_fn_with_state(MAX_PLAY_BYTES, body_limit));
-    small
-        .merge(play)
-        .merge(crate::console::routes())
+    small.merge(play).merge(crate::console::routes())
+}
+
+/// The routes the admin port serves (with their fallbacks) and the document describing them;
+/// [`router`] only adds layers, which serve no route of their own.
+fn served() -> (Router<Arc<Shared>>, utoipa::openapi::OpenApi) {
+    let (api, document) = endpoints().split_for_parts();
+    let api = api
         .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .method_not_allowed_fallback(method_not_allowed);
+    (api, document)
+}
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let (api, document) = served();
+    api.layer(Extension(crate::openapi::Document::new(document)))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
             crate::forward::layer,
@@ -129,8 +160,9 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
         }
     }
     let response = check_and_run(shared.clone(), request, next).await;
+    let refused = response.status() == StatusCode::UNAUTHORIZED;
     if let Some(client) = guarded
-        && response.status() == StatusCode::UNAUTHORIZED
+        && refused
     {
         tracing::debug!(%client, "Admin credentials refused.");
         shared
@@ -159,12 +191,8 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
         return crate::forward::accept(&shared, request, next).await;
     }
     let auth = shared.admin_auth.current();
-    let path = request.uri().path();
-    let open = matches!(path, "/healthz" | "/readyz") || crate::console::is_open(path);
-    let needed = match *request.method() {
-        axum::http::Method::GET | axum::http::Method::HEAD => Role::Read,
-        _ => Role::Operator,
-    };
+    let open = is_open(request.uri().path());
+    let needed = role_needed(request.method());
     let checked = if open {
         Ok(None)
     } else if !auth.is_enabled() {
@@ -229,6 +257,21 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
     response
 }
 
+/// Whether `path` is served without credentials: the probes for load balancers, the console's
+/// page, assets and sign-in. (Also what the OpenAPI document says of each path.)
+pub(crate) fn is_open(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz") || crate::console::is_open(path)
+}
+
+/// The role a request needs when tokens are configured: reading `read`, anything else
+/// `operator`.
+pub(crate) fn role_needed(method: &axum::http::Method) -> Role {
+    match *method {
+        axum::http::Method::GET | axum::http::Method::HEAD => Role::Read,
+        _ => Role::Operator,
+    }
+}
+
 /// A request whose `Content-Length` is over the endpoint's `limit` gets a 413 before anything
 /// reads its body (a chunked body is cut at the limit by `DefaultBodyLimit` when read). The
 /// 413 closes the connection (`Connection: close`): the rest of the body is never read as a
@@ -259,7 +302,12 @@ async fn body_limit(State(limit): State<usize>, request: Request, next: Next) ->
 
 /// A call id from the path (`{id}`), checked before anything looks it up: a UUIDv7, as the
 /// store makes them. Anything else is a 400 `bad_call_id`.
-struct ValidId(CallId);
+#[derive(IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+struct ValidId(
+    /// The call's id (a UUIDv7, as `GET /api/calls` lists them).
+    CallId,
+);
 
 /// The most of a malformed id shown back in the error.
 const MAX_ID_SHOWN: usize = 64;
@@ -364,9 +412,172 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({ "error": self.message, "code": self.code }));
-        (self.status, body).into_response()
+        let body = ErrorBody::new(self.code, self.message);
+        (self.status, Json(body)).into_response()
     }
+}
+
+/// Every error's body: `{"code", "error"}`, and, for a request about a call another node
+/// holds, that node (`node`, `admin_url`, `state`).
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    /// The admin URL of the node that holds the call (forwarding errors only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) admin_url: Option<String>,
+    /// A stable code, for programs (see the document's list).
+    #[schema(schema_with = code_schema)]
+    pub(crate) code: &'static str,
+    /// What went wrong, for people: names the field or value at fault.
+    pub(crate) error: String,
+    /// The node that holds the call, or whose cluster secret was refused (forwarding errors
+    /// only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) node: Option<String>,
+    /// That node's state in the roster (`dead`), or null when it is not in the roster
+    /// (`node_unreachable` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<NodeState>)]
+    pub(crate) state: Option<Option<NodeState>>,
+}
+
+impl ErrorBody {
+    /// A body with no forwarding fields.
+    pub(crate) fn new(code: &'static str, error: String) -> Self {
+        Self {
+            admin_url: None,
+            code,
+            error,
+            node: None,
+            state: None,
+        }
+    }
+}
+
+/// Every stable error code the admin API answers with, and what it means.
+pub(crate) const ERROR_CODES: [(&str, &str); 40] = [
+    (
+        "bad_request",
+        "a request axum refused before its handler (bad path encoding...)",
+    ),
+    (
+        "bad_query",
+        "an unknown query parameter, or a filter's value it does not take",
+    ),
+    (
+        "bad_limit",
+        "`limit` is not a whole number within the endpoint's range",
+    ),
+    ("bad_after", "`after` is not a sequence number"),
+    (
+        "bad_call_id",
+        "a call id (path, `before`) that is not a UUIDv7",
+    ),
+    (
+        "bad_json",
+        "the body is not JSON (or not the JSON the endpoint takes)",
+    ),
+    (
+        "missing_field",
+        "a required field of the JSON body is missing",
+    ),
+    ("invalid_digit", "a DTMF digit other than 0-9 * #"),
+    ("invalid_duration", "a DTMF duration outside 1..=1000 ms"),
+    ("bad_wav", "the body of `play` is not a PCM WAV file"),
+    (
+        "bad_rate",
+        "the WAV's sample rate is outside 8000..=192000 Hz",
+    ),
+    ("too_long", "the WAV lasts longer than 600 s"),
+    ("empty_wav", "the WAV holds no audio"),
+    ("unauthorized", "no valid bearer token or console session"),
+    (
+        "forbidden",
+        "the token's role may not do this (acting needs `operator`)",
+    ),
+    (
+        "cross_site",
+        "a browser request from another site, or a cookie change with no Origin",
+    ),
+    (
+        "cluster_token_refused",
+        "a forwarded request with the wrong cluster secret",
+    ),
+    ("not_found", "no such endpoint (or console asset)"),
+    (
+        "method_not_allowed",
+        "the endpoint does not take this method",
+    ),
+    ("too_large", "the body is over the endpoint's limit"),
+    (
+        "uri_too_long",
+        "the request target is over 8 KiB (refused before the request is parsed)",
+    ),
+    (
+        "headers_too_large",
+        "the request head is over 64 KiB or 100 fields (refused before it is parsed)",
+    ),
+    (
+        "too_many_failures",
+        "this address had 20 credentials refused within a minute: wait for `Retry-After`",
+    ),
+    (
+        "unsupported_media_type",
+        "axum refused the body's content type",
+    ),
+    ("unprocessable", "axum refused the body's content"),
+    ("call_not_found", "no call with this id"),
+    ("no_recording", "the call has no recording"),
+    ("no_message", "the call has no such flow message"),
+    ("call_not_live", "the call has ended"),
+    (
+        "call_live",
+        "the call is still live (delete it once it has ended)",
+    ),
+    (
+        "unsupported",
+        "the call's protocol cannot do this (DTMF on CallBridge)",
+    ),
+    (
+        "queue_full",
+        "the call already holds as much operator audio as it may",
+    ),
+    ("stopping", "the server is stopping"),
+    (
+        "exiting",
+        "the process was told to exit: it cannot be undrained",
+    ),
+    (
+        "call_busy",
+        "the call has too many operator requests waiting",
+    ),
+    (
+        "call_on_other_node",
+        "another node holds the call and this one cannot forward",
+    ),
+    (
+        "node_unreachable",
+        "the node that holds the call did not answer",
+    ),
+    ("store_unavailable", "the call store failed"),
+    (
+        "timeout",
+        "the request took longer than the admin API's timeout",
+    ),
+    ("internal", "a fault of the server"),
+];
+
+/// The schema of [`ErrorBody::code`]: a string, one of [`ERROR_CODES`].
+fn code_schema() -> utoipa::openapi::schema::Object {
+    use std::fmt::Write as _;
+    let mut description = String::from("A stable code:");
+    for (code, meaning) in ERROR_CODES {
+        let _ = write!(description, "\n- `{code}`: {meaning}");
+    }
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(ERROR_CODES.iter().map(|(code, _)| *code)))
+        .description(Some(description))
+        .build()
 }
 
 async fn request_timeout(request: Request, next: Next) -> Response {
@@ -393,21 +604,101 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The answer of `GET /healthz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// Calls on the line now.
+    live_calls: usize,
+    /// `ok` or `draining` (200), `stopping` (503).
+    status: HealthStatus,
+}
+
+/// The word of `GET /healthz`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum HealthStatus {
+    /// Serving calls.
+    Ok,
+    /// Taking no new calls; live calls go on.
+    Draining,
+    /// Ending its calls to exit.
+    Stopping,
+}
+
 /// Liveness: 200 while the process serves or drains (`status` `ok` or `draining`), 503
 /// `stopping` once it is ending its calls to exit.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Serving or draining", body = Health),
+        (status = 503, description = "Stopping: ending its calls to exit", body = Health),
+    )
+)]
 async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
     let phase = shared.phase.load();
     let (status, word) = match phase {
-        Phase::Serving => (StatusCode::OK, "ok"),
-        Phase::Draining { .. } => (StatusCode::OK, "draining"),
-        Phase::Stopping => (StatusCode::SERVICE_UNAVAILABLE, "stopping"),
+        Phase::Serving => (StatusCode::OK, HealthStatus::Ok),
+        Phase::Draining { .. } => (StatusCode::OK, HealthStatus::Draining),
+        Phase::Stopping => (StatusCode::SERVICE_UNAVAILABLE, HealthStatus::Stopping),
     };
-    let body = json!({ "status": word, "live_calls": shared.live.len() });
+    let body = Health {
+        live_calls: shared.live.len(),
+        status: word,
+    };
     (status, Json(body)).into_response()
 }
 
+/// Where the node is: what `/readyz`, drain and undrain show.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct PhaseBody {
+    /// Whether the process ends once its live calls have (a terminate), rather than staying
+    /// up drained until an undrain.
+    exiting: bool,
+    /// Calls on the line now.
+    live_calls: usize,
+    /// `serving`, `draining` or `stopping`.
+    status: PhaseName,
+}
+
+/// The name of a [`Phase`].
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum PhaseName {
+    /// Taking calls.
+    Serving,
+    /// Taking no new calls; live calls go on.
+    Draining,
+    /// Ending the remaining calls and stopping.
+    Stopping,
+}
+
+impl PhaseBody {
+    fn new(shared: &Shared, phase: Phase) -> Self {
+        Self {
+            exiting: matches!(phase, Phase::Draining { exiting: true } | Phase::Stopping),
+            live_calls: shared.live.len(),
+            status: match phase {
+                Phase::Serving => PhaseName::Serving,
+                Phase::Draining { .. } => PhaseName::Draining,
+                Phase::Stopping => PhaseName::Stopping,
+            },
+        }
+    }
+}
+
 /// Readiness, for load balancers: 200 while the node takes calls, 503 while it drains or
-/// stops. `{"status": "serving"|"draining"|"stopping", "exiting": bool, "live_calls": N}`.
+/// stops.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Taking calls", body = PhaseBody),
+        (status = 503, description = "Draining or stopping: send calls elsewhere", body = PhaseBody),
+    )
+)]
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let phase = shared.phase.load();
     let status = if phase.takes_calls() {
@@ -415,16 +706,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (status, Json(phase_body(&shared, phase))).into_response()
-}
-
-/// What `/readyz`, drain and undrain show.
-fn phase_body(shared: &Shared, phase: Phase) -> Value {
-    json!({
-        "status": phase.as_str(),
-        "exiting": matches!(phase, Phase::Draining { exiting: true } | Phase::Stopping),
-        "live_calls": shared.live.len(),
-    })
+    (status, Json(PhaseBody::new(&shared, phase))).into_response()
 }
 
 /// The server is stopping: it takes no drain requests any more.
@@ -438,7 +720,16 @@ fn stopping() -> ApiError {
 
 /// `POST /api/admin/drain`: take no new calls (`/readyz` 503, upgrades 503) and stay up; live
 /// calls go on. Idempotent.
-async fn drain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    post,
+    path = "/api/admin/drain",
+    tag = "node",
+    responses(
+        (status = 200, description = "Draining (or already)", body = PhaseBody),
+        (status = 409, description = "`stopping`: the server is stopping", body = ErrorBody),
+    )
+)]
+async fn drain(State(shared): State<Arc<Shared>>) -> Result<Json<PhaseBody>, ApiError> {
     let (reply, answer) = oneshot::channel();
     shared
         .control
@@ -450,12 +741,21 @@ async fn drain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiErro
         return Err(stopping());
     }
     tracing::info!("Drain requested through the admin API.");
-    Ok(Json(phase_body(&shared, phase)))
+    Ok(Json(PhaseBody::new(&shared, phase)))
 }
 
 /// `POST /api/admin/undrain`: take calls again after a drain. Refused (409 `exiting`) once the
 /// process was told to exit (SIGTERM).
-async fn undrain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    post,
+    path = "/api/admin/undrain",
+    tag = "node",
+    responses(
+        (status = 200, description = "Serving again", body = PhaseBody),
+        (status = 409, description = "`exiting` (told to exit) or `stopping`", body = ErrorBody),
+    )
+)]
+async fn undrain(State(shared): State<Arc<Shared>>) -> Result<Json<PhaseBody>, ApiError> {
     let (reply, answer) = oneshot::channel();
     shared
         .control
@@ -465,7 +765,7 @@ async fn undrain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiEr
     match answer.await.map_err(|_| stopping())? {
         Ok(phase) => {
             tracing::info!("Undrain requested through the admin API.");
-            Ok(Json(phase_body(&shared, phase)))
+            Ok(Json(PhaseBody::new(&shared, phase)))
         }
         Err(refused @ UndrainRefused::Exiting) => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -476,6 +776,16 @@ async fn undrain(State(shared): State<Arc<Shared>>) -> Result<Json<Value>, ApiEr
     }
 }
 
+/// The Prometheus metrics, in the OpenMetrics text format.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "node",
+    responses(
+        (status = 200, description = "The metrics (OpenMetrics text)", body = String,
+            content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    )
+)]
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     (
         [(
@@ -487,9 +797,25 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         .into_response()
 }
 
+/// The answer of `GET /api/nodes`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct NodeList {
+    /// The roster, by id.
+    nodes: Vec<NodeRecord>,
+}
+
 /// `GET /api/nodes`: the cluster's roster, `{"nodes":[{"id","admin_url","version",
 /// "started_at","heartbeat_at","state","live_calls"}]}` by ID (with SQLite, this node only).
-async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/api/nodes",
+    tag = "node",
+    responses(
+        (status = 200, description = "The nodes (with SQLite, this node only)", body = NodeList),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
+async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Json<NodeList>, ApiError> {
     let timeout = shared.config.node_timeout;
     let read = shared.clone();
     let nodes = shared
@@ -504,67 +830,136 @@ async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Response, ApiError> 
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
         .map_err(ApiError::store)?;
-    Ok(Json(json!({ "nodes": nodes })).into_response())
+    Ok(Json(NodeList { nodes }))
 }
 
+/// The query string of `GET /api/calls`. Each value is kept as its text and parsed by the
+/// handler, so that a bad one is refused with its own code and names what it takes; the
+/// document shows the type each one takes.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct CallsQuery {
+    /// How many records, 1 to 1000 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// Only calls taken by this route.
+    route: Option<String>,
+    /// Only calls handled by this agent.
+    agent: Option<String>,
+    /// Only calls of this protocol (`callbridge`, `inbound`).
+    protocol: Option<String>,
+    /// Only calls that ended for this reason (`operator_hangup`...).
+    end_reason: Option<String>,
+    /// The page after this call: the `next` of the previous page.
+    #[param(value_type = Option<CallId>)]
+    before: Option<String>,
+    /// `true`: only calls not ended yet.
+    #[param(value_type = Option<bool>)]
+    live: Option<String>,
+    /// Only calls held by this node (its `node_id`).
+    node: Option<String>,
+    /// Only calls started at or after this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
+    since: Option<String>,
+    /// Only calls started before this time (RFC 3339).
+    #[param(value_type = Option<String>, format = DateTime)]
+    until: Option<String>,
+    /// Only calls from this number, or from numbers starting with the text before a trailing
+    /// `*`.
+    caller: Option<String>,
+    /// Only calls to this number, or to numbers starting with the text before a trailing `*`.
+    callee: Option<String>,
+    /// Any other key, refused by name ([`refuse_unknown`]).
+    #[serde(flatten)]
+    #[param(ignore)]
+    unknown: BTreeMap<String, String>,
+}
+
+/// The answer of `GET /api/calls`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct CallList {
+    /// The records, newest first, as the store holds them (CDRs byte for byte).
+    #[schema(value_type = Vec<CallRecord>)]
+    calls: Vec<Box<RawValue>>,
+    /// The `before` of the next page; null on the last page.
+    next: Option<CallId>,
+}
+
+/// A query string refused by axum (a key given twice...): 400 `bad_query`.
+pub(crate) fn bad_query(rejection: QueryRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_query", rejection.body_text())
+}
+
+/// A 400 `bad_query` naming the first key of `unknown` (the keys a query struct `Q` does not
+/// have) and the keys `Q` takes, as its document lists them: a typo is refused, never
+/// ignored.
+pub(crate) fn refuse_unknown<Q: IntoParams>(
+    unknown: &BTreeMap<String, String>,
+) -> Result<(), ApiError> {
+    let Some(key) = unknown.keys().next() else {
+        return Ok(());
+    };
+    let known: Vec<String> = Q::into_params(|| None)
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    Err(ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "bad_query",
+        format!(
+            "unknown query parameter {key:?} (known: {})",
+            known.join(", ")
+        ),
+    ))
+}
+
+/// The call records, newest first, filtered and paged.
+#[utoipa::path(
+    get,
+    path = "/api/calls",
+    tag = "calls",
+    params(CallsQuery),
+    responses(
+        (status = 200, description = "One page of records", body = CallList),
+        (status = 400, description = "`bad_query`, `bad_limit` or `bad_call_id` (`before`)",
+            body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn list_calls(
     State(shared): State<Arc<Shared>>,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<CallsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-    const KEYS: [&str; 12] = [
-        "limit",
-        "route",
-        "agent",
-        "protocol",
-        "end_reason",
-        "before",
-        "live",
-        "node",
-        "since",
-        "until",
-        "caller",
-        "callee",
-    ];
-    if let Some(key) = query.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!(
-                "unknown query parameter {key:?} (known: {})",
-                KEYS.join(", ")
-            ),
-        ));
-    }
-    let limit = limit(&query, DEFAULT_LIMIT, MAX_LIMIT)?;
+    let Query(query) = query.map_err(bad_query)?;
+    refuse_unknown::<CallsQuery>(&query.unknown)?;
+    let limit = limit(query.limit.as_deref(), DEFAULT_LIMIT, MAX_LIMIT)?;
     let filter = CallFilter {
         limit,
-        route: query.get("route").cloned(),
-        agent: query.get("agent").cloned(),
-        protocol: query.get("protocol").cloned(),
-        end_reason: query.get("end_reason").cloned(),
-        before: match query.get("before") {
+        route: query.route,
+        agent: query.agent,
+        protocol: query.protocol,
+        end_reason: query.end_reason,
+        before: match query.before {
             None => None,
-            Some(text) => Some(CallId::parse(text).ok_or_else(|| bad_call_id("before", text))?),
+            Some(text) => Some(CallId::parse(&text).ok_or_else(|| bad_call_id("before", &text))?),
         },
-        live: match query.get("live").map(String::as_str) {
+        live: match query.live.as_deref() {
             None | Some("false") => false,
             Some("true") => true,
             Some(other) => return Err(bad_filter("live", other, "true or false")),
         },
-        node: match query.get("node") {
+        node: match query.node {
             None => None,
             Some(node) => {
-                crate::config::check_node_id(node)
-                    .map_err(|problem| bad_filter("node", node, &problem.to_string()))?;
-                Some(node.clone())
+                crate::config::check_node_id(&node)
+                    .map_err(|problem| bad_filter("node", &node, &problem.to_string()))?;
+                Some(node)
             }
         },
-        since: time_filter(&query, "since")?,
-        until: time_filter(&query, "until")?,
-        caller: text_filter(&query, "caller")?,
-        callee: text_filter(&query, "callee")?,
+        since: time_filter(query.since.as_deref(), "since")?,
+        until: time_filter(query.until.as_deref(), "until")?,
+        caller: text_filter(query.caller.as_deref(), "caller")?,
+        callee: text_filter(query.callee.as_deref(), "callee")?,
         // Records hold up to a few MiB each: read no more than the reply can hold.
         max_bytes: Some(MAX_LIST_BYTES as u64),
     };
@@ -595,38 +990,34 @@ fn bad_filter(key: &str, value: &str, takes: &str) -> ApiError {
 }
 
 /// `since=` / `until=`: an RFC 3339 time.
-fn time_filter(query: &HashMap<String, String>, key: &str) -> Result<Option<UnixMillis>, ApiError> {
-    query
-        .get(key)
-        .map(|text| {
-            UnixMillis::parse_rfc3339(text).ok_or_else(|| {
-                bad_filter(
-                    key,
-                    text,
-                    "an RFC 3339 time, like 2026-11-21T10:49:53Z or 2026-11-21T19:49:53+09:00",
-                )
-            })
+fn time_filter(text: Option<&str>, key: &str) -> Result<Option<UnixMillis>, ApiError> {
+    text.map(|text| {
+        UnixMillis::parse_rfc3339(text).ok_or_else(|| {
+            bad_filter(
+                key,
+                text,
+                "an RFC 3339 time, like 2026-11-21T10:49:53Z or 2026-11-21T19:49:53+09:00",
+            )
         })
-        .transpose()
+    })
+    .transpose()
 }
 
 /// `caller=` / `callee=`: the number, or a prefix with a trailing `*`.
-fn text_filter(query: &HashMap<String, String>, key: &str) -> Result<Option<TextMatch>, ApiError> {
-    query
-        .get(key)
-        .map(|text| {
-            if text.chars().any(char::is_control) {
-                return Err(bad_filter(key, text, "no control characters"));
-            }
-            TextMatch::parse(text).ok_or_else(|| {
-                bad_filter(
-                    key,
-                    text,
-                    "a number, or a prefix followed by one trailing `*`",
-                )
-            })
+fn text_filter(text: Option<&str>, key: &str) -> Result<Option<TextMatch>, ApiError> {
+    text.map(|text| {
+        if text.chars().any(char::is_control) {
+            return Err(bad_filter(key, text, "no control characters"));
+        }
+        TextMatch::parse(text).ok_or_else(|| {
+            bad_filter(
+                key,
+                text,
+                "a number, or a prefix followed by one trailing `*`",
+            )
         })
-        .transpose()
+    })
+    .transpose()
 }
 
 /// The most bytes one `GET /api/calls` reply holds (at least one record, whatever its size);
@@ -636,34 +1027,30 @@ pub(crate) const MAX_LIST_BYTES: usize = 8 * 1024 * 1024;
 /// `{"calls":[...],"next":ID|null}`: `next` is set when the page is full or was cut at
 /// [`MAX_LIST_BYTES`].
 fn list_body(calls: Vec<CallRecord>, limit: u32) -> Result<String, ApiError> {
-    let mut body = String::from(r#"{"calls":["#);
-    let mut last: Option<&CallRecord> = None;
+    let internal = |e: serde_json::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    };
+    let full = calls.len() == limit as usize;
+    // The reply's length so far: `{"calls":[`, the records and their commas.
+    let mut size = r#"{"calls":["#.len();
+    let mut kept = Vec::with_capacity(calls.len());
+    let mut last = None;
     let mut cut = false;
-    for (i, call) in calls.iter().enumerate() {
-        let json = serde_json::to_string(call).map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })?;
-        if i > 0 && body.len() + json.len() > MAX_LIST_BYTES {
+    for call in calls {
+        let json = serde_json::value::to_raw_value(&call).map_err(internal)?;
+        if !kept.is_empty() && size + json.get().len() > MAX_LIST_BYTES {
             cut = true;
             break;
         }
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&json);
-        last = Some(call);
+        size += json.get().len() + usize::from(!kept.is_empty());
+        kept.push(json);
+        last = Some(call.id);
     }
-    let full = calls.len() == limit as usize;
-    let next = match last {
-        Some(call) if cut || full => {
-            serde_json::to_string(call.id.as_str()).unwrap_or_else(|_| "null".to_owned())
-        }
-        _ => "null".to_owned(),
+    let list = CallList {
+        calls: kept,
+        next: last.filter(|_| cut || full),
     };
-    body.push_str(r#"],"next":"#);
-    body.push_str(&next);
-    body.push('}');
-    Ok(body)
+    serde_json::to_string(&list).map_err(internal)
 }
 
 fn no_call(id: &CallId) -> ApiError {
@@ -684,6 +1071,19 @@ async fn find(shared: &Shared, id: &CallId) -> Result<CallRecord, ApiError> {
         .ok_or_else(|| no_call(id))
 }
 
+/// One call's record.
+#[utoipa::path(
+    get,
+    path = "/api/calls/{id}",
+    tag = "calls",
+    params(ValidId),
+    responses(
+        (status = 200, description = "The record", body = CallRecord),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn call(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
@@ -692,11 +1092,44 @@ async fn call(
     Ok(Json(record))
 }
 
+/// The answer of an operator action: the call and what was done.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Done {
+    /// The call.
+    id: CallId,
+    /// What was done.
+    status: DoneStatus,
+}
+
+/// What an operator action did.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DoneStatus {
+    /// The record, events, transcript and files are gone.
+    Deleted,
+    /// The call was told to hang up.
+    HangupSent,
+}
+
 /// Deletes an ended call: its record, events, transcript and recording.
+#[utoipa::path(
+    delete,
+    path = "/api/calls/{id}",
+    tag = "calls",
+    params(ValidId),
+    responses(
+        (status = 200, description = "Deleted", body = Done,
+            example = json!({"id": "0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192", "status": "deleted"})),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 409, description = "`call_live`: hang it up first", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn delete_call(
     State(shared): State<Arc<Shared>>,
     ValidId(call_id): ValidId,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Done>, ApiError> {
     let id = call_id.as_str();
     if shared.live.get(&call_id).is_some() {
         return Err(ApiError::new(
@@ -717,27 +1150,36 @@ async fn delete_call(
     }
     crate::retention::delete_files(&shared.config.data_dir, &call_id).await;
     tracing::info!(call_id = %id, "Call record deleted by an operator.");
-    Ok(Json(json!({ "id": id, "status": "deleted" })))
+    Ok(Json(Done {
+        id: call_id,
+        status: DoneStatus::Deleted,
+    }))
 }
 
 /// The most entries one page of an event log or transcript holds.
 pub(crate) const MAX_PAGE: u32 = 1000;
 
+/// The query string of an event log or transcript page (kept as text: see [`CallsQuery`]).
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PageQuery {
+    /// The page after this sequence number: the `next` of the previous page (default 0).
+    #[param(value_type = Option<u64>)]
+    after: Option<String>,
+    /// How many entries, 1 to 1000 (default 1000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// Any other key, refused by name ([`refuse_unknown`]).
+    #[serde(flatten)]
+    #[param(ignore)]
+    unknown: BTreeMap<String, String>,
+}
+
 /// `?after=SEQ&limit=N` of an event log or transcript (anything else is a 400).
-fn page(query: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result<Page, ApiError> {
-    let Query(query) =
-        query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
-    if let Some(key) = query
-        .keys()
-        .find(|k| !["after", "limit"].contains(&k.as_str()))
-    {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!("unknown query parameter {key:?} (known: after, limit)"),
-        ));
-    }
-    let after = match query.get("after") {
+fn page(query: Result<Query<PageQuery>, QueryRejection>) -> Result<Page, ApiError> {
+    let Query(query) = query.map_err(bad_query)?;
+    refuse_unknown::<PageQuery>(&query.unknown)?;
+    let after = match query.after {
         None => 0,
         Some(text) => text.parse::<u64>().map_err(|_| {
             ApiError::new(
@@ -747,17 +1189,13 @@ fn page(query: Result<Query<HashMap<String, String>>, QueryRejection>) -> Result
             )
         })?,
     };
-    let limit = limit(&query, MAX_PAGE, MAX_PAGE)?;
+    let limit = limit(query.limit.as_deref(), MAX_PAGE, MAX_PAGE)?;
     Ok(Page { after, limit })
 }
 
 /// `?limit=N`: `default` when absent, else a whole number from 1 to `max` (else a 400).
-pub(crate) fn limit(
-    query: &HashMap<String, String>,
-    default: u32,
-    max: u32,
-) -> Result<u32, ApiError> {
-    let Some(text) = query.get("limit") else {
+pub(crate) fn limit(text: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+    let Some(text) = text else {
         return Ok(default);
     };
     match text.parse::<u32>() {
@@ -777,9 +1215,9 @@ fn next_after(page: Page, last: Option<u64>, len: usize) -> Option<u64> {
 
 /// A JSON reply built on the blocking pool: a page holds up to a few MiB of the phone's text
 /// (1,000 entries of up to 4 KiB), tens of milliseconds of an async worker in a debug build.
-async fn json_off_workers(
+async fn json_off_workers<T: Serialize>(
     shared: &Shared,
-    build: impl FnOnce() -> Value + Send + 'static,
+    build: impl FnOnce() -> T + Send + 'static,
 ) -> Result<Response, ApiError> {
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let body = shared
@@ -791,10 +1229,35 @@ async fn json_off_workers(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// One page of a call's event log.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventsPage {
+    /// The events, oldest first.
+    events: Vec<EventRecord>,
+    /// The call.
+    id: CallId,
+    /// The `after` of the next page; null on the last page.
+    next: Option<u64>,
+}
+
+/// A call's event log (`call.started`, DTMF, flow steps, the end...), one page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/calls/{id}/events",
+    tag = "calls",
+    params(ValidId, PageQuery),
+    responses(
+        (status = 200, description = "One page of the event log", body = EventsPage),
+        (status = 400, description = "`bad_call_id`, `bad_query`, `bad_after` or `bad_limit`",
+            body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn events(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let page = page(query)?;
     let events = shared
@@ -804,17 +1267,41 @@ async fn events(
         .map_err(ApiError::store)?
         .ok_or_else(|| no_call(&id))?;
     let next = next_after(page, events.last().map(|e| e.seq), events.len());
-    json_off_workers(
-        &shared,
-        move || json!({ "id": id, "events": events, "next": next }),
-    )
-    .await
+    json_off_workers(&shared, move || EventsPage { events, id, next }).await
 }
 
+/// One page of a call's transcript.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TranscriptPage {
+    /// The turns, in order.
+    entries: Vec<TranscriptEntry>,
+    /// The call.
+    id: CallId,
+    /// The `after` of the next page; null on the last page.
+    next: Option<u64>,
+    /// The agent's usage (tokens, audio seconds...) as stored, or null.
+    #[schema(value_type = Option<Object>)]
+    usage: Option<Box<RawValue>>,
+}
+
+/// A call's transcript: each finished turn of the caller and the agent, on the call's clock.
+#[utoipa::path(
+    get,
+    path = "/api/calls/{id}/transcript",
+    tag = "calls",
+    params(ValidId, PageQuery),
+    responses(
+        (status = 200, description = "One page of the transcript", body = TranscriptPage),
+        (status = 400, description = "`bad_call_id`, `bad_query`, `bad_after` or `bad_limit`",
+            body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn transcript(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let page = page(query)?;
     let entries = shared
@@ -825,10 +1312,12 @@ async fn transcript(
         .ok_or_else(|| no_call(&id))?;
     let next = next_after(page, entries.last().map(|e| e.seq), entries.len());
     let record = find(&shared, &id).await?;
-    json_off_workers(
-        &shared,
-        move || json!({ "id": id, "entries": entries, "usage": record.usage, "next": next }),
-    )
+    json_off_workers(&shared, move || TranscriptPage {
+        entries,
+        id,
+        next,
+        usage: record.usage,
+    })
     .await
 }
 
@@ -890,24 +1379,97 @@ async fn act(shared: &Shared, call_id: &CallId, request: CallRequest) -> Result<
     }
 }
 
+/// Hangs up a live call (its end reason: `operator_hangup`).
+#[utoipa::path(
+    post,
+    path = "/api/calls/{id}/hangup",
+    tag = "actions",
+    params(ValidId),
+    responses(
+        (status = 200, description = "The call was told to hang up", body = Done,
+            example = json!({"id": "0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192", "status": "hangup_sent"})),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 409, description = "`call_not_live`", body = ErrorBody),
+        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
+        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn hangup(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Done>, ApiError> {
     act(
         &shared,
         &id,
         CallRequest::Command(Command::Hangup(EndReason::OperatorHangup)),
     )
     .await?;
-    Ok(Json(json!({ "id": id, "status": "hangup_sent" })))
+    Ok(Json(Done {
+        id,
+        status: DoneStatus::HangupSent,
+    }))
 }
 
+/// The body of `POST /api/calls/{id}/dtmf`. Other fields are ignored.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct DtmfRequest {
+    /// The digit to send: one of 0-9, `*`, `#`.
+    #[schema(required = true, value_type = String, pattern = "^[0-9*#]$", example = "5")]
+    digit: Option<String>,
+    /// The tone's length, ms, 1 to 1000 (default 200).
+    #[schema(minimum = 1, maximum = 1000, default = 200)]
+    duration: Option<u64>,
+}
+
+/// The answer of `POST /api/calls/{id}/dtmf`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct DtmfSent {
+    /// The digit sent.
+    digit: String,
+    /// Its length, ms.
+    duration: u16,
+    /// The call.
+    id: CallId,
+    /// `dtmf_sent`.
+    status: DtmfStatus,
+}
+
+/// What `POST /api/calls/{id}/dtmf` did.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum DtmfStatus {
+    /// The call was told to send the digit.
+    DtmfSent,
+}
+
+/// Sends a DTMF digit to the phone of a live inbound call.
+#[utoipa::path(
+    post,
+    path = "/api/calls/{id}/dtmf",
+    tag = "actions",
+    params(ValidId),
+    request_body = DtmfRequest,
+    responses(
+        (status = 200, description = "The call was told to send the digit", body = DtmfSent),
+        (status = 400, description = "`bad_call_id` or `bad_json`", body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 409, description = "`call_not_live` or `unsupported` (CallBridge has no DTMF)",
+            body = ErrorBody),
+        (status = 413, description = "`too_large`", body = ErrorBody),
+        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
+        (status = 422, description = "`missing_field`, `invalid_digit` or `invalid_duration`",
+            body = ErrorBody),
+        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn dtmf(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<DtmfSent>, ApiError> {
     let bad =
         |code, message: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message);
     let body: Value = serde_json::from_slice(&body).map_err(|e| {
@@ -917,22 +1479,7 @@ async fn dtmf(
             format!("body is not JSON: {e}"),
         )
     })?;
-    let digit_text = match body.get("digit") {
-        Some(Value::String(s)) => s.clone(),
-        Some(_) => return Err(bad("invalid_digit", "digit must be a string".into())),
-        None => return Err(bad("missing_field", "missing digit".into())),
-    };
-    let digit = Digit::parse_sendable(&digit_text).ok_or_else(|| {
-        bad(
-            "invalid_digit",
-            format!("invalid DTMF digit {digit_text:?} (allowed: 0-9 * #)"),
-        )
-    })?;
-    let duration = match body.get("duration") {
-        None | Some(Value::Null) => DtmfDuration::from_millis(DEFAULT_DTMF_MS),
-        Some(v) => v.as_u64().and_then(DtmfDuration::from_millis),
-    }
-    .ok_or_else(|| {
+    let bad_duration = || {
         bad(
             "invalid_duration",
             format!(
@@ -940,26 +1487,78 @@ async fn dtmf(
                 body.get("duration").unwrap_or(&Value::Null)
             ),
         )
+    };
+    let missing = || bad("missing_field", "missing digit".into());
+    if !body.is_object() {
+        return Err(missing());
+    }
+    let request: DtmfRequest =
+        serde_path_to_error::deserialize(&body).map_err(|e| match e.path().iter().next() {
+            Some(serde_path_to_error::Segment::Map { key }) if key == "digit" => {
+                bad("invalid_digit", "digit must be a string".into())
+            }
+            Some(serde_path_to_error::Segment::Map { key }) if key == "duration" => bad_duration(),
+            _ => missing(),
+        })?;
+    let digit_text = request.digit.ok_or_else(missing)?;
+    let digit = Digit::parse_sendable(&digit_text).ok_or_else(|| {
+        bad(
+            "invalid_digit",
+            format!("invalid DTMF digit {digit_text:?} (allowed: 0-9 * #)"),
+        )
     })?;
+    let duration = DtmfDuration::from_millis(request.duration.unwrap_or(DEFAULT_DTMF_MS))
+        .ok_or_else(bad_duration)?;
     act(
         &shared,
         &id,
         CallRequest::Command(Command::Dtmf { digit, duration }),
     )
     .await?;
-    Ok(Json(json!({
-        "id": id,
-        "digit": digit.to_string(),
-        "duration": duration.as_millis(),
-        "status": "dtmf_sent",
-    })))
+    Ok(Json(DtmfSent {
+        digit: digit.to_string(),
+        duration: duration.as_millis(),
+        id,
+        status: DtmfStatus::DtmfSent,
+    }))
 }
 
+/// The answer of `POST /api/calls/{id}/play`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Played {
+    /// The call.
+    id: CallId,
+    /// How much audio was queued, ms (it plays after what is queued already).
+    queued_ms: u64,
+}
+
+/// Plays a WAV file (PCM, mono or stereo, 8 to 192 kHz, up to 600 s) to the phone of a live
+/// call, after the operator audio already queued.
+#[utoipa::path(
+    post,
+    path = "/api/calls/{id}/play",
+    tag = "actions",
+    params(ValidId),
+    request_body(content = inline(Wav), content_type = "audio/wav",
+        description = "A PCM WAV file (up to 32 MiB)"),
+    responses(
+        (status = 200, description = "Queued", body = Played),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 409, description = "`call_not_live` or `queue_full`", body = ErrorBody),
+        (status = 413, description = "`too_large`", body = ErrorBody),
+        (status = 415, description = "`bad_wav`", body = ErrorBody),
+        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
+        (status = 422, description = "`bad_rate`, `too_long` or `empty_wav`", body = ErrorBody),
+        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn play(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Played>, ApiError> {
     // The call first: no work for a call that is not there.
     let format = live_mailbox(&shared, &id).await?.format();
     // Decoding and resampling are CPU work proportional to the body: off the async workers
@@ -972,7 +1571,7 @@ async fn play(
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })??;
     match act(&shared, &id, CallRequest::Play { audio }).await? {
-        Reply::Queued { ms } => Ok(Json(json!({ "id": id, "queued_ms": ms }))),
+        Reply::Queued { ms } => Ok(Json(Played { id, queued_ms: ms })),
         // A live call: `call_not_live` would send the operator away.
         Reply::QueueFull => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -986,6 +1585,24 @@ async fn play(
         other => Err(unexpected(other)),
     }
 }
+
+/// The bytes of a WAV file, as the body of `play` and the answer of `recording` and
+/// `messages`: a type for the document only (those bodies are read and written as bytes).
+pub(crate) enum Wav {}
+
+impl utoipa::PartialSchema for Wav {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Binary)))
+            .content_media_type("audio/wav")
+            .description(Some("A WAV file (RIFF, PCM)"))
+            .into()
+    }
+}
+
+impl ToSchema for Wav {}
 
 /// Sample rates a played WAV may have (a 1 Hz file would be resampled 8000-fold).
 const PLAY_RATES: std::ops::RangeInclusive<u32> = 8000..=192_000;
@@ -1042,19 +1659,46 @@ fn operator_audio(body: &[u8], format: AudioFormat) -> Result<bytes::Bytes, ApiE
     Ok(pcm::encode(format, &out))
 }
 
+/// The answer of `POST /api/calls/{id}/clear`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Cleared {
+    /// Audio dropped from the queue, ms.
+    dropped_ms: u64,
+    /// The call.
+    id: CallId,
+    /// Audio of the operator's that had played, ms.
+    played_ms: u64,
+}
+
+/// Drops the operator audio queued for a live call (what is playing stops).
+#[utoipa::path(
+    post,
+    path = "/api/calls/{id}/clear",
+    tag = "actions",
+    params(ValidId),
+    responses(
+        (status = 200, description = "Cleared", body = Cleared),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found`", body = ErrorBody),
+        (status = 409, description = "`call_not_live`", body = ErrorBody),
+        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
+        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn clear(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Cleared>, ApiError> {
     match act(&shared, &id, CallRequest::Clear).await? {
         Reply::Cleared {
             dropped_ms,
             played_ms,
-        } => Ok(Json(json!({
-            "id": id,
-            "dropped_ms": dropped_ms,
-            "played_ms": played_ms,
-        }))),
+        } => Ok(Json(Cleared {
+            dropped_ms,
+            id,
+            played_ms,
+        })),
         other => Err(unexpected(other)),
     }
 }
@@ -1067,6 +1711,29 @@ fn unexpected(reply: Reply) -> ApiError {
     )
 }
 
+/// The call's stereo recording (caller left, agent right), a WAV file; answers `Range`
+/// requests (206, 416) so players can seek.
+#[utoipa::path(
+    get,
+    path = "/api/calls/{id}/recording",
+    tag = "calls",
+    params(
+        ValidId,
+        ("Range" = Option<String>, Header, description = "One byte range, `bytes=first-last`, `bytes=first-` or `bytes=-suffix`"),
+    ),
+    responses(
+        (status = 200, description = "The whole WAV file", body = inline(Wav), content_type = "audio/wav"),
+        (status = 206, description = "The range asked for", body = inline(Wav), content_type = "audio/wav",
+            headers(("Content-Range" = String, description = "`bytes first-last/length`"))),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found` or `no_recording`", body = ErrorBody),
+        (status = 416, description = "The range starts past the end",
+            headers(("Content-Range" = String, description = "`bytes */length`"))),
+        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
+        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn recording(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
@@ -1101,6 +1768,24 @@ pub(crate) fn message_name(file: &str) -> bool {
 
 /// A message a flow's `record` step left: `DATA_DIR/messages/{id}/{file}` (`file` is a step's
 /// name and `.wav`, as listed in the call's `flow_step` events).
+#[utoipa::path(
+    get,
+    path = "/api/calls/{id}/messages/{file}",
+    tag = "calls",
+    params(
+        ValidId,
+        ("file" = String, Path, description = "The `record` step's name and `.wav`",
+            pattern = "^[A-Za-z0-9_-]+\\.wav$", example = "voicemail.wav"),
+    ),
+    responses(
+        (status = 200, description = "The message, a WAV file", body = inline(Wav), content_type = "audio/wav"),
+        (status = 400, description = "`bad_call_id`", body = ErrorBody),
+        (status = 404, description = "`call_not_found` or `no_message`", body = ErrorBody),
+        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
+        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = ErrorBody),
+    )
+)]
 async fn message(
     State(shared): State<Arc<Shared>>,
     ValidId(id): ValidId,
@@ -1126,4 +1811,145 @@ async fn message(
         .join(&file);
     let data = tokio::fs::read(&path).await.map_err(|_| no_message())?;
     Ok(([(header::CONTENT_TYPE, "audio/wav")], data).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The paths the router serves, read from the router itself: axum's `Debug` of a router
+    /// is the only way it lists them (its route table, path by path). Empty if that output
+    /// ever changes shape, which fails the test below rather than passing it.
+    fn served_paths(router: &Router<Arc<Shared>>) -> BTreeSet<String> {
+        let text = format!("{router:?}");
+        let routes = text
+            .split_once("path_router:")
+            .and_then(|(_, rest)| rest.split_once("fallback_router:"))
+            .map_or("", |(routes, _)| routes);
+        routes
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn every_path_the_router_serves_is_in_the_document() {
+        let (router, document) = served();
+        let served = served_paths(&router);
+        let described: BTreeSet<String> = document.paths.paths.keys().cloned().collect();
+        assert!(served.contains("/api/calls/{id}/play"), "{served:?}");
+        assert!(served.contains("/api/openapi.json"), "{served:?}");
+        assert!(served.contains("/"), "{served:?}");
+        assert_eq!(served, described);
+    }
+
+    #[test]
+    fn a_route_added_beside_the_table_is_caught() {
+        let (router, document) = served();
+        let router = router.route("/api/undocumented", axum::routing::get(|| async {}));
+        let described: BTreeSet<String> = document.paths.paths.keys().cloned().collect();
+        assert_ne!(served_paths(&router), described);
+    }
+
+    /// Every quoted code right after a status constant (`, ` or `=> `) in the admin API's
+    /// source: how `ApiError::new`, the refusals and the forwarding errors name them.
+    fn codes_in(source: &str) -> Vec<String> {
+        let mut codes = Vec::new();
+        for (i, _) in source.match_indices("StatusCode::") {
+            let rest = &source[i..];
+            let Some(end) = rest.find([',', '=']) else {
+                continue;
+            };
+            let after = rest[end..].trim_start_matches([',', '=', '>']).trim_start();
+            if let Some(code) = after
+                .strip_prefix('"')
+                .and_then(|quoted| quoted.split('"').next())
+            {
+                codes.push(code.to_owned());
+            }
+        }
+        codes
+    }
+
+    #[test]
+    fn every_error_code_the_source_uses_is_listed() {
+        let sources = [
+            include_str!("admin.rs"),
+            include_str!("console.rs"),
+            include_str!("forward.rs"),
+            include_str!("webhooks.rs"),
+            include_str!("events.rs"),
+            include_str!("openapi.rs"),
+        ];
+        // The connection guard's refusals are written as `code: "..."`.
+        let guard: BTreeSet<String> = include_str!("http_guard.rs")
+            .match_indices("code: \"")
+            .filter_map(|(i, _)| include_str!("http_guard.rs")[i + 7..].split('"').next())
+            .map(str::to_owned)
+            .collect();
+        assert!(guard.contains("uri_too_long"), "{guard:?}");
+        let listed: BTreeSet<&str> = ERROR_CODES.iter().map(|(code, _)| *code).collect();
+        assert_eq!(listed.len(), ERROR_CODES.len(), "no code twice");
+        let mut used: BTreeSet<String> = sources.iter().flat_map(|s| codes_in(s)).collect();
+        used.extend(guard);
+        assert!(used.contains("call_not_found") && used.contains("node_unreachable"));
+        for code in &used {
+            assert!(
+                listed.contains(code.as_str()),
+                "{code} is not in ERROR_CODES"
+            );
+        }
+    }
+
+    #[test]
+    fn error_bodies_keep_their_bytes() {
+        let body = ErrorBody::new("call_not_found", "no call".into());
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"call_not_found","error":"no call"}"#
+        );
+        let body = ErrorBody {
+            node: Some("b".into()),
+            state: Some(None),
+            ..ErrorBody::new("node_unreachable", "gone".into())
+        };
+        assert_eq!(
+            serde_json::to_string(&body).unwrap(),
+            r#"{"code":"node_unreachable","error":"gone","node":"b","state":null}"#
+        );
+    }
+
+    #[test]
+    fn the_document_lists_the_error_codes_and_security() {
+        let (_, document) = served();
+        let document = crate::openapi::finish(document);
+        let json = serde_json::to_value(&document).unwrap();
+        let code = &json["components"]["schemas"]["ErrorBody"]["properties"]["code"];
+        let listed: Vec<&str> = code["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert_eq!(listed.len(), ERROR_CODES.len());
+        assert!(listed.contains(&"call_not_live"));
+        let hangup = &json["paths"]["/api/calls/{id}/hangup"]["post"]["security"];
+        assert_eq!(
+            *hangup,
+            serde_json::json!([{"bearer": ["operator"]}, {"session": ["operator"]}, {}])
+        );
+        let calls = &json["paths"]["/api/calls"]["get"]["security"];
+        assert_eq!(
+            *calls,
+            serde_json::json!([{"bearer": ["read"]}, {"session": ["read"]}, {}])
+        );
+        let health = &json["paths"]["/healthz"]["get"]["security"];
+        assert_eq!(*health, serde_json::json!([{}]));
+        assert_eq!(json["openapi"], "3.1.0");
+    }
 }

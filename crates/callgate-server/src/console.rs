@@ -10,17 +10,18 @@
 
 use std::sync::{Arc, LazyLock};
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::Shared;
-use crate::admin::ApiError;
+use crate::admin::{ApiError, ErrorBody};
 use crate::auth::{Refusal, Secret};
 use crate::session::{self, Denied};
 
@@ -88,11 +89,11 @@ static BUILT: LazyLock<Built> = LazyLock::new(|| {
 
 /// The console's routes (merged into the admin router, under its authorization layer, which
 /// lets them through: see [`is_open`]).
-pub(crate) fn routes() -> Router<Arc<Shared>> {
-    Router::new()
-        .route("/", get(index))
-        .route("/assets/{version}/{file}", get(asset))
-        .route("/api/session", get(whoami).post(sign_in).delete(sign_out))
+pub(crate) fn routes() -> OpenApiRouter<Arc<Shared>> {
+    OpenApiRouter::new()
+        .routes(routes!(index))
+        .routes(routes!(asset))
+        .routes(routes!(whoami, sign_in, sign_out))
 }
 
 /// Whether `path` is served without credentials: the page and its assets (they hold no
@@ -107,6 +108,17 @@ fn size() -> usize {
     INDEX.len() + ASSETS.iter().map(|(_, _, b)| b.len()).sum::<usize>()
 }
 
+/// The console's page (HTML; its scripts and styles are under `/assets/`).
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "console",
+    responses(
+        (status = 200, description = "The page", body = String, content_type = "text/html; charset=utf-8",
+            headers(("ETag" = String), ("Content-Security-Policy" = String))),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+    )
+)]
 async fn index(headers: HeaderMap) -> Response {
     let built = &*BUILT;
     cached(
@@ -118,6 +130,23 @@ async fn index(headers: HeaderMap) -> Response {
     )
 }
 
+/// One of the console's files (`app.js`, `i18n.js`, `app.css`, `icon.svg`) under the version the
+/// page names; cached for a year.
+#[utoipa::path(
+    get,
+    path = "/assets/{version}/{file}",
+    tag = "console",
+    params(
+        ("version" = String, Path, description = "The digest of the console's files, as the page names it"),
+        ("file" = String, Path, description = "The file's name", example = "app.js"),
+    ),
+    responses(
+        (status = 200, description = "The file (JavaScript, CSS or SVG)", body = String,
+            content_type = "text/javascript; charset=utf-8"),
+        (status = 304, description = "Not modified (`If-None-Match`)"),
+        (status = 404, description = "`not_found`: no such file, or another version", body = ErrorBody),
+    )
+)]
 async fn asset(Path((version, file)): Path<(String, String)>, headers: HeaderMap) -> Response {
     let built = &*BUILT;
     let found = ASSETS.iter().find(|(name, _, _)| *name == file);
@@ -213,13 +242,70 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
+/// Who a browser is, as the session endpoints answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SessionInfo {
+    /// Whether tokens are configured (with none, everyone on the admin port is an operator).
+    auth: bool,
+    /// How long the new session lasts, seconds (sign-in only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<u64>,
+    /// The admin token's name; null with no tokens configured.
+    name: Option<String>,
+    /// `read` or `operator`.
+    #[schema(value_type = String, example = "operator")]
+    role: &'static str,
+}
+
+/// The body of `POST /api/session`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub(crate) struct SignIn {
+    /// An admin token (its secret).
+    token: String,
+}
+
+/// The answer of `DELETE /api/session`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct SignedOut {
+    /// Whether a session was open (and is now ended).
+    ended: bool,
+    /// `signed_out`.
+    status: SignedOutStatus,
+}
+
+/// What `DELETE /api/session` did.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum SignedOutStatus {
+    /// The session cookie is removed.
+    SignedOut,
+}
+
 /// With no tokens configured, everyone on the (loopback) admin port is an operator.
 fn open_session() -> Response {
-    no_store(axum::Json(json!({ "role": "operator", "name": null, "auth": false })).into_response())
+    no_store(
+        axum::Json(SessionInfo {
+            auth: false,
+            expires_in: None,
+            name: None,
+            role: crate::auth::Role::Operator.as_str(),
+        })
+        .into_response(),
+    )
 }
 
 /// `GET /api/session`: who this browser is (`{"role","name","auth":true}`), 401 when it is
 /// not signed in.
+#[utoipa::path(
+    get,
+    path = "/api/session",
+    tag = "console",
+    responses(
+        (status = 200, description = "Signed in (or no tokens configured)", body = SessionInfo),
+        (status = 401, description = "`unauthorized`: not signed in", body = ErrorBody),
+        (status = 403, description = "`cross_site` or `forbidden`", body = ErrorBody),
+    )
+)]
 async fn whoami(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     let auth = shared.admin_auth.current();
     if !auth.is_enabled() {
@@ -235,11 +321,12 @@ async fn whoami(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
         now,
     ) {
         Ok(identity) => no_store(
-            axum::Json(json!({
-                "role": identity.role.as_str(),
-                "name": identity.name,
-                "auth": true,
-            }))
+            axum::Json(SessionInfo {
+                auth: true,
+                expires_in: None,
+                name: Some(identity.name),
+                role: identity.role.as_str(),
+            })
             .into_response(),
         ),
         Err(denied) => refused(&shared, denied),
@@ -247,14 +334,31 @@ async fn whoami(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
 }
 
 /// `POST /api/session {"token": "..."}`: a session cookie for a configured admin token.
+#[utoipa::path(
+    post,
+    path = "/api/session",
+    tag = "console",
+    request_body = SignIn,
+    responses(
+        (status = 200, description = "Signed in: the answer sets the session cookie", body = SessionInfo,
+            headers(("Set-Cookie" = String, description = "`callgate_session=...; HttpOnly; SameSite=Strict; Path=/`"))),
+        (status = 400, description = "`bad_json`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: no such token", body = ErrorBody),
+        (status = 403, description = "`cross_site`: no `Origin` naming this host", body = ErrorBody),
+        (status = 500, description = "`internal`", body = ErrorBody),
+    )
+)]
 async fn sign_in(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     if let Err(denied) = session::check_origin(&headers, true) {
         return refused(&shared, denied);
     }
     let auth = shared.admin_auth.current();
+    // An object with a string `token` (not an array, which serde would also take).
     let token = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
-        .and_then(|v| v.get("token").and_then(|t| t.as_str()).map(str::to_owned));
+        .filter(serde_json::Value::is_object)
+        .and_then(|v| serde_json::from_value::<SignIn>(v).ok())
+        .map(|s| s.token);
     let Some(token) = token else {
         return no_store(
             ApiError::new(
@@ -291,12 +395,12 @@ async fn sign_in(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     );
     let cookie = session::set_cookie(&id, shared.config.admin_tls.is_some());
     let mut response = no_store(
-        axum::Json(json!({
-            "role": found.role.as_str(),
-            "name": found.name,
-            "auth": true,
-            "expires_in": session::SESSION_TTL.as_secs(),
-        }))
+        axum::Json(SessionInfo {
+            auth: true,
+            expires_in: Some(session::SESSION_TTL.as_secs()),
+            name: Some(found.name.clone()),
+            role: found.role.as_str(),
+        })
         .into_response(),
     );
     if let Ok(value) = HeaderValue::from_str(&cookie) {
@@ -306,6 +410,16 @@ async fn sign_in(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
 }
 
 /// `DELETE /api/session`: signs out (the session ends, the cookie is removed).
+#[utoipa::path(
+    delete,
+    path = "/api/session",
+    tag = "console",
+    responses(
+        (status = 200, description = "Signed out: the answer removes the cookie", body = SignedOut,
+            headers(("Set-Cookie" = String))),
+        (status = 403, description = "`cross_site`: no `Origin` naming this host", body = ErrorBody),
+    )
+)]
 async fn sign_out(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     if let Err(denied) = session::check_origin(&headers, true) {
         return refused(&shared, denied);
@@ -314,8 +428,13 @@ async fn sign_out(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp
     if ended {
         tracing::info!("Console sign-out.");
     }
-    let mut response =
-        no_store(axum::Json(json!({ "status": "signed_out", "ended": ended })).into_response());
+    let mut response = no_store(
+        axum::Json(SignedOut {
+            ended,
+            status: SignedOutStatus::SignedOut,
+        })
+        .into_response(),
+    );
     if let Ok(value) =
         HeaderValue::from_str(&session::clear_cookie(shared.config.admin_tls.is_some()))
     {

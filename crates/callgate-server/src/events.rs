@@ -34,9 +34,10 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use callgate_store::notice::{Notice, Tap};
 use futures_util::Stream;
-use serde_json::json;
+use serde::Serialize;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
 
 use crate::Shared;
 use crate::metrics::Metrics;
@@ -176,7 +177,89 @@ struct Client {
     _guard: ClientGuard,
 }
 
+/// The `data:` of an event of the stream: the very body a webhook carries (Standard Webhooks
+/// shape). Written by `Notice::body`; this type describes it for the OpenAPI document, and a
+/// test checks that the two agree.
+#[derive(Debug, Serialize, ToSchema)]
+#[allow(
+    dead_code,
+    reason = "describes the bytes `Notice::body` writes, for the document only"
+)]
+pub(crate) struct EventMessage {
+    /// The event's fields: for a call `call_id`, `external_id` and the event's own (see
+    /// docs/events.md); for a node `node` and its own.
+    data: serde_json::Map<String, serde_json::Value>,
+    /// When it happened (RFC 3339, UTC, milliseconds).
+    #[schema(format = DateTime)]
+    timestamp: String,
+    /// The event's type, also the SSE `event:`.
+    #[schema(schema_with = kind_schema)]
+    r#type: String,
+}
+
+/// The schema of [`EventMessage::type`]: one of the event types.
+fn kind_schema() -> utoipa::openapi::schema::Object {
+    use callgate_store::notice::Kind;
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(Kind::ALL.iter().map(|k| k.as_str())))
+        .build()
+}
+
+/// The `data:` of `event: reset`: the client's `Last-Event-ID` is no longer held (it missed
+/// events; re-read `/api/calls`), and every event held follows.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StreamReset<'a> {
+    /// The id the client sent.
+    last_event_id: Option<&'a str>,
+}
+
+/// The `data:` of `event: dropped`, the last event of a client too far behind.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StreamDropped {
+    /// How many events a client may fall behind.
+    limit: usize,
+    /// How many events it missed.
+    missed: u64,
+    /// `too_slow`.
+    #[schema(value_type = String, example = "too_slow")]
+    reason: &'static str,
+}
+
+/// The schemas of the stream's `data:` payloads, for the document's components (an SSE body
+/// is text: no operation refers to them on its own).
+pub(crate) fn schemas() -> Vec<(
+    String,
+    utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+)> {
+    use utoipa::PartialSchema as _;
+    vec![
+        (EventMessage::name().into_owned(), EventMessage::schema()),
+        (StreamReset::name().into_owned(), StreamReset::schema()),
+        (StreamDropped::name().into_owned(), StreamDropped::schema()),
+    ]
+}
+
 /// `GET /api/stream`: the live event stream (see the module docs for its policies).
+#[utoipa::path(
+    get,
+    path = "/api/stream",
+    tag = "events",
+    params(
+        ("Last-Event-ID" = Option<String>, Header,
+            description = "Resume after this event (the `id:` of the last event received)"),
+    ),
+    responses(
+        (status = 200, content_type = "text/event-stream", body = String,
+            description = "Server-sent events until the server stops. Each event: `event:` its \
+                type (`call.started`, `call.answered`, `call.dtmf`, `call.transcript`, \
+                `call.ended`, `node.serving`, `node.draining`, `node.stopping`, `node.lost`), \
+                `id:` its id (for `Last-Event-ID`), `data:` an `EventMessage` (JSON). Also \
+                `event: reset` (data: `StreamReset`) when the `Last-Event-ID` is no longer \
+                held, `event: dropped` (data: `StreamDropped`) before the stream of a client \
+                too far behind ends, and a `: keep-alive` comment every 15 s."),
+    )
+)]
 pub(crate) async fn stream(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -193,7 +276,10 @@ pub(crate) async fn stream(
         pending.push_back(
             Event::default()
                 .event("reset")
-                .data(json!({ "last_event_id": last }).to_string()),
+                .json_data(StreamReset {
+                    last_event_id: last,
+                })
+                .unwrap_or_else(|_| Event::default().event("reset")),
         );
     }
     pending.extend(sub.replay.iter().map(|n| sse_event(n)));
@@ -241,11 +327,16 @@ async fn next_live(c: &mut Client) -> Option<Event> {
                 "Dropping an event stream client that fell too far behind."
             );
             c.done = true;
+            let data = StreamDropped {
+                limit: CLIENT_QUEUE,
+                missed,
+                reason: "too_slow",
+            };
             Some(
-                Event::default().event("dropped").data(
-                    json!({ "reason": "too_slow", "missed": missed, "limit": CLIENT_QUEUE })
-                        .to_string(),
-                ),
+                Event::default()
+                    .event("dropped")
+                    .json_data(data)
+                    .unwrap_or_else(|_| Event::default().event("dropped")),
             )
         }
         Err(RecvError::Closed) => None,
@@ -288,6 +379,45 @@ mod tests {
         let mut data = Map::new();
         data.insert("i".into(), i.into());
         Notice::new(Kind::CallDtmf, UnixMillis(0), data)
+    }
+
+    #[test]
+    fn the_documented_event_message_is_what_notices_write() {
+        use utoipa::PartialSchema as _;
+        let schema = serde_json::to_value(EventMessage::schema()).unwrap();
+        let documented: Vec<&str> = schema["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut data = Map::new();
+        data.insert("call_id".into(), "x".into());
+        for kind in Kind::ALL {
+            let body: serde_json::Value =
+                serde_json::from_str(&Notice::new(kind, UnixMillis(0), data.clone()).body())
+                    .unwrap();
+            let written: Vec<&str> = body
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(String::as_str)
+                .collect();
+            assert_eq!(written, documented, "{}", kind.as_str());
+            let kinds = schema["properties"]["type"]["enum"].as_array().unwrap();
+            assert!(
+                kinds.contains(&body["type"]),
+                "{} is documented",
+                kind.as_str()
+            );
+            assert!(body["data"].is_object() && body["timestamp"].is_string());
+        }
+        let required = schema["required"].as_array().unwrap();
+        assert_eq!(
+            required.len(),
+            documented.len(),
+            "every field is always there"
+        );
     }
 
     #[test]

@@ -31,10 +31,10 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use callgate_store::{CallId, NodeState, UnixMillis};
-use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::admin::ErrorBody;
 use crate::auth::{Secret, same_digest};
 
 /// The request header that carries the cluster secret from one node to another.
@@ -162,12 +162,23 @@ impl Target {
     }
 }
 
-/// A JSON error with the admin API's shape plus `extra` fields.
-fn error(status: StatusCode, code: &str, message: String, extra: Value) -> Response {
-    let mut body = json!({ "error": message, "code": code });
-    if let (Some(body), Value::Object(extra)) = (body.as_object_mut(), extra) {
-        body.extend(extra);
-    }
+/// What a forwarding error says of the node that holds the call.
+#[derive(Debug, Default)]
+struct Extra<'a> {
+    node: Option<&'a str>,
+    admin_url: Option<&'a str>,
+    /// `Some(None)`: the node is not in the roster (shown as `"state": null`).
+    state: Option<Option<NodeState>>,
+}
+
+/// A JSON error with the admin API's shape plus the `extra` fields.
+fn error(status: StatusCode, code: &'static str, message: String, extra: Extra<'_>) -> Response {
+    let body = ErrorBody {
+        admin_url: extra.admin_url.map(str::to_owned),
+        node: extra.node.map(str::to_owned),
+        state: extra.state,
+        ..ErrorBody::new(code, message)
+    };
     (status, axum::Json(body)).into_response()
 }
 
@@ -205,7 +216,10 @@ pub(crate) async fn accept(shared: &Shared, mut request: Request, next: Next) ->
                 "the `{TOKEN_HEADER}` header does not hold this node's cluster secret \
                  ([cluster] token_env)"
             ),
-            json!({ "node": shared.node.id }),
+            Extra {
+                node: Some(&shared.node.id),
+                ..Extra::default()
+            },
         );
     }
     info!(
@@ -304,7 +318,10 @@ async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
                 format!("cannot read the node roster to reach node {owner:?}: {e}"),
-                json!({ "node": owner }),
+                Extra {
+                    node: Some(owner),
+                    ..Extra::default()
+                },
             ));
         }
         Err(e) => {
@@ -312,7 +329,7 @@ async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 e.to_string(),
-                json!({}),
+                Extra::default(),
             ));
         }
     };
@@ -321,7 +338,11 @@ async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response
             StatusCode::BAD_GATEWAY,
             "node_unreachable",
             format!("the call is held by node {owner:?}, which is not in the node roster"),
-            json!({ "node": owner, "state": Value::Null }),
+            Extra {
+                node: Some(owner),
+                state: Some(None),
+                ..Extra::default()
+            },
         )),
         Some(n) if n.state == NodeState::Dead => Err(error(
             StatusCode::BAD_GATEWAY,
@@ -330,7 +351,11 @@ async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response
                 "the call is held by node {owner:?}, which is dead (no heartbeat for \
                  node_timeout)"
             ),
-            json!({ "node": owner, "admin_url": n.admin_url, "state": "dead" }),
+            Extra {
+                node: Some(owner),
+                admin_url: Some(&n.admin_url),
+                state: Some(Some(NodeState::Dead)),
+            },
         )),
         Some(n) => Ok(n.admin_url),
     }
@@ -372,7 +397,11 @@ async fn send(
                  or send the request to that node",
                     target.id.as_str()
                 ),
-                json!({ "node": owner, "admin_url": admin_url }),
+                Extra {
+                    node: Some(owner),
+                    admin_url: Some(&admin_url),
+                    ..Extra::default()
+                },
             ),
         );
     };
@@ -391,7 +420,7 @@ async fn send(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
             format!("the request body is over this endpoint's limit of {limit} bytes"),
-            json!({}),
+            Extra::default(),
         );
         return ("too_large", response);
     };
@@ -428,7 +457,11 @@ async fn send(
             format!(
                 "the call is held by node {owner:?} ({admin_url}), which did not answer: {why}"
             ),
-            json!({ "node": owner, "admin_url": admin_url }),
+            Extra {
+                node: Some(owner),
+                admin_url: Some(&admin_url),
+                ..Extra::default()
+            },
         )
     };
     let answer = match tokio::time::timeout(ANSWER_TIMEOUT, outgoing.send()).await {
@@ -451,7 +484,11 @@ async fn send(
                 "node {owner:?} refused this node's cluster secret: every node needs the same \
                  [cluster] secret"
             ),
-            json!({ "node": owner, "admin_url": admin_url }),
+            Extra {
+                node: Some(owner),
+                admin_url: Some(&admin_url),
+                ..Extra::default()
+            },
         );
         return ("token_refused", refused);
     }

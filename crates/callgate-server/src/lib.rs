@@ -9,7 +9,8 @@
 //!   (session, media, agent wiring, record journal) that makes every decision.
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `record`: the call record accumulator and its drop guard.
-//! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles.
+//! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles; `openapi`: its
+//!   OpenAPI 3.1 document (`GET /api/openapi.json`), generated from the handlers' types.
 //! - `http_guard`: what each admin connection passes through before hyper: request heads
 //!   checked whole (a bad one gets the API's JSON error, not hyper's empty one), and a
 //!   lingering close so a client still sending reads its answer.
@@ -54,6 +55,7 @@ mod live;
 mod media;
 pub mod metrics;
 pub mod nodes;
+mod openapi;
 mod pii;
 mod record;
 mod retention;

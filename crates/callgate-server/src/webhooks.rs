@@ -459,30 +459,49 @@ impl Deliveries {
 /// The most rows `GET /api/webhooks/deliveries` returns.
 const MAX_DELIVERIES: u32 = 1000;
 
+/// The query string of `GET /api/webhooks/deliveries` (kept as text: a bad value is refused
+/// with its own code).
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct DeliveriesQuery {
+    /// How many rows, 1 to 1000 (default 100).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    limit: Option<String>,
+    /// Any other key, refused by name.
+    #[serde(flatten)]
+    #[param(ignore)]
+    unknown: std::collections::BTreeMap<String, String>,
+}
+
+/// The answer of `GET /api/webhooks/deliveries`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct DeliveryList {
+    /// The rows, oldest first.
+    deliveries: Vec<Delivery>,
+    /// How many of this node's deliveries are pending (not given up).
+    pending: u64,
+}
+
 /// `GET /api/webhooks/deliveries?limit=N`: this node's webhook deliveries waiting (pending)
 /// or given up (failed), oldest first, and how many are pending.
+#[utoipa::path(
+    get,
+    path = "/api/webhooks/deliveries",
+    tag = "events",
+    params(DeliveriesQuery),
+    responses(
+        (status = 200, description = "Pending and failed deliveries", body = DeliveryList),
+        (status = 400, description = "`bad_query` or `bad_limit`", body = crate::admin::ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = crate::admin::ErrorBody),
+    )
+)]
 pub(crate) async fn deliveries(
     axum::extract::State(shared): axum::extract::State<Arc<crate::Shared>>,
-    query: Result<
-        axum::extract::Query<std::collections::HashMap<String, String>>,
-        axum::extract::rejection::QueryRejection,
-    >,
-) -> Result<axum::Json<serde_json::Value>, crate::admin::ApiError> {
-    let axum::extract::Query(query) = query.map_err(|e| {
-        crate::admin::ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "bad_query",
-            e.body_text(),
-        )
-    })?;
-    if let Some(key) = query.keys().find(|k| k.as_str() != "limit") {
-        return Err(crate::admin::ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "bad_query",
-            format!("unknown parameter {key:?} (this endpoint takes limit)"),
-        ));
-    }
-    let limit = crate::admin::limit(&query, 100, MAX_DELIVERIES)?;
+    query: Result<axum::extract::Query<DeliveriesQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<axum::Json<DeliveryList>, crate::admin::ApiError> {
+    let axum::extract::Query(query) = query.map_err(crate::admin::bad_query)?;
+    crate::admin::refuse_unknown::<DeliveriesQuery>(&query.unknown)?;
+    let limit = crate::admin::limit(query.limit.as_deref(), 100, MAX_DELIVERIES)?;
     let node = shared.node.id.clone();
     let (rows, pending) = with_outbox(&shared.deliveries.outbox, move |o| {
         Ok((o.list(&node, limit)?, o.pending(&node)?))
@@ -493,9 +512,10 @@ pub(crate) async fn deliveries(
         .metrics
         .webhook_pending
         .set(i64::try_from(pending).unwrap_or(i64::MAX));
-    Ok(axum::Json(
-        serde_json::json!({ "deliveries": rows, "pending": pending }),
-    ))
+    Ok(axum::Json(DeliveryList {
+        deliveries: rows,
+        pending,
+    }))
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use crate::{Error, PgUrl, UnixMillis};
 
 /// What a node is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NodeState {
     /// Taking calls.
@@ -60,6 +61,7 @@ impl NodeState {
 
 /// A node as `GET /api/nodes` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeRecord {
     /// `node_id`.
     pub id: String,

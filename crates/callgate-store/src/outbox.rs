@@ -107,6 +107,7 @@ impl NewDelivery {
 
 /// A row of the outbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Delivery {
     /// Its place in the outbox (per-endpoint order).
     #[serde(skip)]
@@ -130,6 +131,7 @@ pub struct Delivery {
     /// When the next attempt is due (null once given up).
     pub next_attempt: Option<UnixMillis>,
     /// `pending` or `failed` (given up).
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "pending"))]
     pub state: &'static str,
 }
 

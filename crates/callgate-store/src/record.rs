@@ -9,6 +9,15 @@ use time::format_description::well_known::Rfc3339;
 
 /// A call's ID: a UUIDv7, so IDs sort by creation time.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "openapi",
+    derive(utoipa::ToSchema),
+    schema(
+        value_type = String,
+        format = "uuid",
+        example = "0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192"
+    )
+)]
 #[serde(transparent)]
 pub struct CallId(String);
 
@@ -144,6 +153,23 @@ impl UnixMillis {
     }
 }
 
+/// Serialised as [`UnixMillis::to_rfc3339`]: an RFC 3339 string.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for UnixMillis {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+            .description(Some("RFC 3339 with milliseconds, UTC"))
+            .examples([serde_json::json!("2026-11-21T10:49:53.123Z")])
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for UnixMillis {}
+
 impl Serialize for UnixMillis {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_rfc3339())
@@ -232,6 +258,7 @@ pub struct NewEvent {
 
 /// A call record as the admin API shows it.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CallRecord {
     /// Our ID.
     pub id: CallId,
@@ -244,6 +271,7 @@ pub struct CallRecord {
     /// cdrId (CallBridge) or sessionId (inbound).
     pub external_id: String,
     /// CallBridge's call_config fields (`siteId`, `cdrId`...), or null for inbound.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub call_config: Option<Box<RawValue>>,
     /// The call's audio formats.
     pub audio_format: AudioFormats,
@@ -268,6 +296,7 @@ pub struct CallRecord {
     /// Digits received, in order.
     pub dtmf: String,
     /// The phone system's CDR as sent, or null.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub cdr: Option<Box<RawValue>>,
     /// Whether a recording exists (`GET /api/calls/{id}/recording`).
     pub recording: bool,
@@ -276,6 +305,7 @@ pub struct CallRecord {
     /// The agent that handled the call; null for calls refused before routing and old records.
     pub agent: Option<String>,
     /// The agent's usage as stored (a JSON object), or null.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub usage: Option<Box<RawValue>>,
     /// The name of the API key the phone system presented, or null.
     pub key_name: Option<String>,
@@ -340,6 +370,7 @@ impl PartialEq for CallRecord {
 
 /// The two audio formats, named as CallBridge names them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AudioFormats {
     /// What the phone side sends.
     pub phone_output_audio_format: String,
@@ -349,6 +380,7 @@ pub struct AudioFormats {
 
 /// One entry of a call's event log.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventRecord {
     /// Position in the log, from 1.
     pub seq: u64,
@@ -377,6 +409,7 @@ pub struct NewTranscriptEntry {
 
 /// One utterance of a call's transcript, as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TranscriptEntry {
     /// Position in the transcript, from 1.
     pub seq: u64,
