@@ -153,7 +153,9 @@ impl Agent for FlowAgent {
                         let http = self.runtime.http.clone();
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
-                            let result = post_json(&http, &url, None, &body, timeout).await;
+                            let result = post_json(&http, &url, None, &body, timeout)
+                                .await
+                                .map_err(String::from);
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
@@ -163,7 +165,10 @@ impl Agent for FlowAgent {
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
                             let result = match &api {
-                                Some(api) => api.terminate(&http, &body, timeout).await,
+                                Some(api) => api
+                                    .terminate(&http, &body, timeout)
+                                    .await
+                                    .map_err(String::from),
                                 None => Err("CallBridge's OPEN API is not configured".into()),
                             };
                             let _ = tx.send(Done::Http { seq, result }).await;

@@ -236,7 +236,7 @@ impl spec::Loader for EnvLoader {
         text: &str,
     ) -> Result<PromptAudio, String> {
         let provider = self.provider(tts, provider)?;
-        tts::render_at_load(&self.cache, provider.as_ref(), voice, text)
+        tts::render_at_load(&self.cache, provider.as_ref(), voice, text).map_err(String::from)
     }
 
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), String> {
@@ -247,7 +247,7 @@ impl spec::Loader for EnvLoader {
         let Some(api) = &self.callbridge else {
             return Err(callgate_kit::callbridge::missing(what));
         };
-        api.check(what)
+        api.check(what).map_err(String::from)
     }
 
     fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, String> {

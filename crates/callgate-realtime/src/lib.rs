@@ -118,7 +118,7 @@ impl Plan {
 
 /// Checks a template's syntax.
 pub(crate) fn template(text: &str) -> Result<Template, String> {
-    Template::parse(text)
+    Template::parse(text).map_err(String::from)
 }
 
 /// Registers the `realtime` agent in `catalog`. `env` gives the data dir (the speech cache),
@@ -171,7 +171,9 @@ fn render(
     let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
     let provider = tts.provider(&http).map_err(|e| e.to_string())?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
-    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text).map(Arc::new)
+    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
+        .map(Arc::new)
+        .map_err(String::from)
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a
