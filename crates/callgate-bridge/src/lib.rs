@@ -296,4 +296,5 @@ fn render(
     let provider = tts.provider(&http).map_err(|e| e.to_string())?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
     callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
+        .map_err(String::from)
 }

@@ -28,7 +28,8 @@ impl BotUrl {
             return Err(format!("{text:?} is not a ws:// or wss:// URL"));
         };
         let http = format!("{}://{rest}", if tls { "https" } else { "http" });
-        let template = UrlTemplate::parse(&http).map_err(|e| e.replace("http(s)", "ws(s)"))?;
+        let template =
+            UrlTemplate::parse(&http).map_err(|e| e.to_string().replace("http(s)", "ws(s)"))?;
         Ok(Self { tls, template })
     }
 

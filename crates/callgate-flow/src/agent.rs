@@ -155,7 +155,7 @@ impl Agent for FlowAgent {
                         spawner.spawn(async move {
                             let result = post_json(&http, &url, None, &body, timeout)
                                 .await
-                                .map_err(crate::Error::Request);
+                                .map_err(|e| crate::Error::Request(String::from(e)));
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
@@ -168,7 +168,7 @@ impl Agent for FlowAgent {
                                 Some(api) => api
                                     .terminate(&http, &body, timeout)
                                     .await
-                                    .map_err(crate::Error::CallBridge),
+                                    .map_err(|e| crate::Error::CallBridge(String::from(e))),
                                 None => Err(crate::Error::CallBridge(
                                     "CallBridge's OPEN API is not configured".into(),
                                 )),

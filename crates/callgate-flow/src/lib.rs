@@ -261,7 +261,8 @@ impl spec::Loader for EnvLoader {
         text: &str,
     ) -> Result<PromptAudio, Error> {
         let provider = self.provider(tts, provider)?;
-        tts::render_at_load(&self.cache, provider.as_ref(), voice, text).map_err(Error::Speech)
+        tts::render_at_load(&self.cache, provider.as_ref(), voice, text)
+            .map_err(|e| Error::Speech(String::from(e)))
     }
 
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), Error> {
@@ -272,7 +273,8 @@ impl spec::Loader for EnvLoader {
         let Some(api) = &self.callbridge else {
             return Err(Error::CallBridge(callgate_kit::callbridge::missing(what)));
         };
-        api.check(what).map_err(Error::CallBridge)
+        api.check(what)
+            .map_err(|e| Error::CallBridge(String::from(e)))
     }
 
     fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, Error> {

@@ -158,9 +158,9 @@ impl Store {
             )));
         }
         if let Some(parent) = path.parent() {
-            private_dirs(&self.dir, parent).map_err(Error::Storage)?;
+            private_dirs(&self.dir, parent).map_err(|e| Error::Storage(e.to_string()))?;
         }
-        write_wav(path, rate, samples).map_err(Error::Storage)?;
+        write_wav(path, rate, samples).map_err(|e| Error::Storage(e.to_string()))?;
         let mut usage = self.lock();
         usage.stored += bytes;
         self.metrics.messages_stored_bytes.set(gauge(usage.stored));

@@ -449,16 +449,12 @@ async fn a_message_is_kept_when_the_caller_hangs_up() {
     phone.closed().await;
     let record = server.ended_call("rec-2").await;
     let id = record["id"].as_str().expect("id");
-    let mut tries = 0;
-    let end = loop {
-        let steps = flow_steps(&server, id).await;
-        if let Some(end) = steps.into_iter().find(|(n, p, _)| n == "vm" && p == "end") {
-            break end;
-        }
-        tries += 1;
-        assert!(tries < 300, "the recording's result was written");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let end = server
+        .until_stored("the recording's result", async || {
+            let steps = flow_steps(&server, id).await;
+            steps.into_iter().find(|(n, p, _)| n == "vm" && p == "end")
+        })
+        .await;
     assert_eq!(end.2["ms"], 600);
     server.shutdown().await;
 }
@@ -788,31 +784,29 @@ async fn agent_terminate_asks_callbridges_open_api_to_end_the_call() {
     let mut phone = server.phone("/").await;
     phone.text(callbridge_start("term-1")).await;
     assert_eq!(phone.recv_json().await["type"], "started");
-    // CallBridge announces and drops the line once asked: wait for the request, then close.
-    let mut tries = 0;
-    while seen.lock().expect("lock").is_empty() {
-        tries += 1;
-        assert!(tries < 500, "agent-terminate was called");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // CallBridge answers, then drops the line: close once the step has its answer (closing
-    // as soon as the request arrived raced the answer).
+    // CallBridge answers, then drops the line: close once the step has its answer, which
+    // it has only after the request arrived (closing as soon as the request arrived raced
+    // the answer).
     let id = server.call("term-1").await["id"]
         .as_str()
         .expect("id")
         .to_owned();
-    let mut tries = 0;
-    while !flow_steps(&server, &id)
-        .await
-        .iter()
-        .any(|(n, p, _)| n == "bye" && p == "end")
-    {
-        tries += 1;
-        assert!(tries < 500, "the step got its answer");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    server
+        .until_stored("the step's answer", async || {
+            let steps = flow_steps(&server, &id).await;
+            steps
+                .iter()
+                .any(|(n, p, _)| n == "bye" && p == "end")
+                .then_some(())
+        })
+        .await;
     phone.close(1000, "terminated").await;
-    let (auth, body) = seen.lock().expect("lock")[0].clone();
+    let (auth, body) = seen
+        .lock()
+        .expect("lock")
+        .first()
+        .cloned()
+        .expect("agent-terminate was called");
     assert_eq!(auth, format!("Bearer {key}"));
     assert_eq!(
         body,

@@ -30,26 +30,62 @@ pub struct CallBridgeApi {
     pub api_key_env: String,
 }
 
+/// Why `[callbridge]` cannot work for an agent that calls the API.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// `base_url` is not a URL.
+    #[error("[callbridge] base_url {url:?}: {problem}")]
+    BaseUrl {
+        /// The setting.
+        url: String,
+        /// What the URL parser said.
+        problem: String,
+    },
+    /// `base_url` is a URL, but not http(s).
+    #[error("[callbridge] base_url {url:?} is not http(s)")]
+    NotHttp {
+        /// The setting.
+        url: String,
+    },
+    /// The variable `api_key_env` names is not set.
+    #[error("{what} needs CallBridge's API key in ${var} ([callbridge] api_key_env)")]
+    NoKey {
+        /// The feature that needs it (a step, a tool).
+        what: String,
+        /// The variable.
+        var: String,
+    },
+}
+
+impl From<SettingsError> for String {
+    /// The message, for callers whose own errors are still text.
+    fn from(e: SettingsError) -> Self {
+        e.to_string()
+    }
+}
+
 impl CallBridgeApi {
     /// Checks the settings for an agent that will call the API (`what` names the feature in
     /// the error): an http(s) base URL and the key's variable set. Warns when the key would
     /// cross the network in clear text.
-    pub fn check(&self, what: &str) -> Result<(), String> {
-        let url = reqwest::Url::parse(&self.base_url)
-            .map_err(|e| format!("[callbridge] base_url {:?}: {e}", self.base_url))?;
+    pub fn check(&self, what: &str) -> Result<(), SettingsError> {
+        let url = reqwest::Url::parse(&self.base_url).map_err(|e| SettingsError::BaseUrl {
+            url: self.base_url.clone(),
+            problem: e.to_string(),
+        })?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(format!(
-                "[callbridge] base_url {:?} is not http(s)",
-                self.base_url
-            ));
+            return Err(SettingsError::NotHttp {
+                url: self.base_url.clone(),
+            });
         }
         crate::plaintext::warn_if_exposed("[callbridge] base_url", &self.base_url);
-        std::env::var(&self.api_key_env).map(|_| ()).map_err(|_| {
-            format!(
-                "{what} needs CallBridge's API key in ${} ([callbridge] api_key_env)",
-                self.api_key_env
-            )
-        })
+        std::env::var(&self.api_key_env)
+            .map(|_| ())
+            .map_err(|_| SettingsError::NoKey {
+                what: what.to_owned(),
+                var: self.api_key_env.clone(),
+            })
     }
 
     /// The API with its key read now; `None` when the key's variable is not set.
@@ -144,7 +180,7 @@ impl OpenApi {
         http: &reqwest::Client,
         body: &Value,
         timeout: Duration,
-    ) -> Result<(u16, Bytes), String> {
+    ) -> Result<(u16, Bytes), crate::http::Error> {
         crate::http::post_json(http, &self.terminate_url(), Some(&self.key), body, timeout).await
     }
 }

@@ -15,6 +15,36 @@ use serde_json::Value;
 /// The most of an HTTP answer's body callgate reads, bytes (webhooks, tools, OPEN API).
 pub const MAX_ANSWER: usize = 64 * 1024;
 
+/// Why a request of [`post_json`] brought no whole answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// No answer in time.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The request failed (unreachable, refused, reset...).
+    #[error("POST {url}: {source}")]
+    Request {
+        /// Where it went.
+        url: String,
+        /// What the client said.
+        source: reqwest::Error,
+    },
+    /// The answer's body is longer than [`MAX_ANSWER`] (its JSON would be cut).
+    #[error("the answer is larger than {max} bytes")]
+    TooLarge {
+        /// The bound, bytes.
+        max: usize,
+    },
+}
+
+impl From<Error> for String {
+    /// The message, for callers whose own errors are still text.
+    fn from(e: Error) -> Self {
+        e.to_string()
+    }
+}
+
 /// The HTTP client for webhooks, tools and speech/LLM APIs (no redirects; rustls on ring).
 pub fn client() -> Result<reqwest::Client, reqwest::Error> {
     // `Err`: a provider is installed already, which is all that is needed.
@@ -63,12 +93,15 @@ pub async fn post_json(
     bearer: Option<&str>,
     body: &Value,
     timeout: Duration,
-) -> Result<(u16, Bytes), String> {
-    let describe = |e: reqwest::Error| {
-        if e.is_timeout() {
-            format!("no answer within {timeout:?}")
+) -> Result<(u16, Bytes), Error> {
+    let describe = |source: reqwest::Error| {
+        if source.is_timeout() {
+            Error::Timeout(timeout)
         } else {
-            format!("POST {url}: {e}")
+            Error::Request {
+                url: url.to_owned(),
+                source,
+            }
         }
     };
     let mut request = http.post(url).json(body).timeout(timeout);
@@ -81,11 +114,11 @@ pub async fn post_json(
         .content_length()
         .is_some_and(|n| n > MAX_ANSWER as u64)
     {
-        return Err(format!("the answer is larger than {MAX_ANSWER} bytes"));
+        return Err(Error::TooLarge { max: MAX_ANSWER });
     }
     let read = read_bounded(answer, MAX_ANSWER).await.map_err(describe)?;
     if read.cut {
-        return Err(format!("the answer is larger than {MAX_ANSWER} bytes"));
+        return Err(Error::TooLarge { max: MAX_ANSWER });
     }
     Ok((status, read.body))
 }
@@ -126,7 +159,11 @@ mod tests {
         })
         .await
         .unwrap_err();
-        assert!(over.contains("larger than 65536"), "{over}");
+        assert!(
+            matches!(over, Error::TooLarge { max: MAX_ANSWER }),
+            "{over}"
+        );
+        assert_eq!(over.to_string(), "the answer is larger than 65536 bytes");
     }
 
     #[tokio::test]

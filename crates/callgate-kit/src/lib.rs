@@ -20,6 +20,14 @@
 //!   a model's arguments against a tool's JSON schema.
 //! - [`plaintext`]: the warning for an API key that would cross the network in clear text.
 //! - [`files`]: private files and directories (0700/0600 whatever the umask).
+//!
+//! # Errors
+//! Each module that can fail says why with its own type, since what can go wrong differs:
+//! [`template::ParseError`], [`schema::Invalid`], [`http::Error`],
+//! [`callbridge::SettingsError`], [`files::Error`], [`tts::RenderError`] (and the older
+//! [`tts::TtsError`], [`callbridge::SmsError`]). Their messages are what users read in a
+//! configuration error or a call's event log. Each converts into a `String` for the agent
+//! crates whose own errors are still text; new code keeps the type.
 
 pub mod audio;
 pub mod callbridge;

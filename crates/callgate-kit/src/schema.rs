@@ -34,6 +34,68 @@ pub struct Schema(Value);
 /// Where a problem is (`.properties.n.type`) and what it is.
 pub type SchemaError = (String, String);
 
+/// Arguments a schema refuses: the first wrong place (`$.order.qty`) and what is wrong there.
+/// The message is `$.order.qty: must be at most 10`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{path}: {problem}")]
+pub struct Invalid {
+    /// Where, from `$` (the arguments): `.name` for a property, `[i]` for an item.
+    pub path: String,
+    /// What is wrong there.
+    pub problem: Problem,
+}
+
+/// What is wrong at one place of the arguments.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Problem {
+    /// The schema there is `false`.
+    #[error("not allowed")]
+    NotAllowed,
+    /// The value is not of the type (or types) given.
+    #[error("must be of type {0}")]
+    Type(Value),
+    /// The value is none of `enum`'s.
+    #[error("must be one of {0}")]
+    Enum(Value),
+    /// The value is not `const`'s.
+    #[error("must be {0}")]
+    Const(Value),
+    /// The value matches none of `anyOf`'s schemas.
+    #[error("matches none of anyOf")]
+    AnyOf,
+    /// Below `minimum`.
+    #[error("must be at least {0}")]
+    Minimum(f64),
+    /// Above `maximum`.
+    #[error("must be at most {0}")]
+    Maximum(f64),
+    /// At or below `exclusiveMinimum`.
+    #[error("must be more than {0}")]
+    ExclusiveMinimum(f64),
+    /// At or above `exclusiveMaximum`.
+    #[error("must be less than {0}")]
+    ExclusiveMaximum(f64),
+    /// Fewer characters than `minLength`.
+    #[error("must be at least {0} characters")]
+    MinLength(u64),
+    /// More characters than `maxLength`.
+    #[error("must be at most {0} characters")]
+    MaxLength(u64),
+    /// Fewer items than `minItems`.
+    #[error("must have at least {0} items")]
+    MinItems(u64),
+    /// More items than `maxItems`.
+    #[error("must have at most {0} items")]
+    MaxItems(u64),
+    /// A property `required` names is missing.
+    #[error("missing required property {0:?}")]
+    Required(String),
+    /// A property the schema does not know, where `additionalProperties` is `false`.
+    #[error("is not a known property")]
+    Unknown,
+}
+
 impl Schema {
     /// Checks that `schema` uses only what the validator enforces.
     pub fn compile(schema: &Value) -> Result<Self, SchemaError> {
@@ -51,7 +113,7 @@ impl Schema {
 
     /// Checks `value`; the error names the first wrong place (`$.order.qty: must be at most
     /// 10`).
-    pub fn validate(&self, value: &Value) -> Result<(), String> {
+    pub fn validate(&self, value: &Value) -> Result<(), Invalid> {
         validate(&self.0, value, &mut "$".to_owned())
     }
 }
@@ -160,14 +222,19 @@ fn type_matches(t: &str, value: &Value) -> bool {
     }
 }
 
-fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), String> {
+fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), Invalid> {
+    let fail = |path: &str, problem: Problem| {
+        Err(Invalid {
+            path: path.to_owned(),
+            problem,
+        })
+    };
     let o: &Map<String, Value> = match schema {
         Value::Bool(true) => return Ok(()),
-        Value::Bool(false) => return Err(format!("{path}: not allowed")),
+        Value::Bool(false) => return fail(path, Problem::NotAllowed),
         Value::Object(o) => o,
         _ => return Ok(()),
     };
-    let fail = |path: &str, problem: String| Err(format!("{path}: {problem}"));
     if let Some(t) = o.get("type") {
         let ok = match t {
             Value::String(t) => type_matches(t, value),
@@ -177,50 +244,47 @@ fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), Stri
             _ => true,
         };
         if !ok {
-            return fail(path, format!("must be of type {t}"));
+            return fail(path, Problem::Type(t.clone()));
         }
     }
     if let Some(Value::Array(options)) = o.get("enum")
         && !options.contains(value)
     {
-        return fail(
-            path,
-            format!("must be one of {}", Value::Array(options.clone())),
-        );
+        return fail(path, Problem::Enum(Value::Array(options.clone())));
     }
     if let Some(c) = o.get("const")
         && c != value
     {
-        return fail(path, format!("must be {c}"));
+        return fail(path, Problem::Const(c.clone()));
     }
     if let Some(Value::Array(options)) = o.get("anyOf")
         && !options
             .iter()
             .any(|s| validate(s, value, &mut path.clone()).is_ok())
     {
-        return fail(path, "matches none of anyOf".into());
+        return fail(path, Problem::AnyOf);
     }
     if let Some(n) = value.as_f64() {
         let bound = |k: &str| o.get(k).and_then(Value::as_f64);
         if let Some(m) = bound("minimum")
             && n < m
         {
-            return fail(path, format!("must be at least {m}"));
+            return fail(path, Problem::Minimum(m));
         }
         if let Some(m) = bound("maximum")
             && n > m
         {
-            return fail(path, format!("must be at most {m}"));
+            return fail(path, Problem::Maximum(m));
         }
         if let Some(m) = bound("exclusiveMinimum")
             && n <= m
         {
-            return fail(path, format!("must be more than {m}"));
+            return fail(path, Problem::ExclusiveMinimum(m));
         }
         if let Some(m) = bound("exclusiveMaximum")
             && n >= m
         {
-            return fail(path, format!("must be less than {m}"));
+            return fail(path, Problem::ExclusiveMaximum(m));
         }
     }
     let limit = |k: &str| o.get(k).and_then(Value::as_u64);
@@ -229,12 +293,12 @@ fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), Stri
         if let Some(m) = limit("minLength")
             && n < m
         {
-            return fail(path, format!("must be at least {m} characters"));
+            return fail(path, Problem::MinLength(m));
         }
         if let Some(m) = limit("maxLength")
             && n > m
         {
-            return fail(path, format!("must be at most {m} characters"));
+            return fail(path, Problem::MaxLength(m));
         }
     }
     if let Some(items) = value.as_array() {
@@ -242,12 +306,12 @@ fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), Stri
         if let Some(m) = limit("minItems")
             && n < m
         {
-            return fail(path, format!("must have at least {m} items"));
+            return fail(path, Problem::MinItems(m));
         }
         if let Some(m) = limit("maxItems")
             && n > m
         {
-            return fail(path, format!("must have at most {m} items"));
+            return fail(path, Problem::MaxItems(m));
         }
         if let Some(item_schema) = o.get("items") {
             for (i, item) in items.iter().enumerate() {
@@ -263,7 +327,7 @@ fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), Stri
         if let Some(Value::Array(required)) = o.get("required") {
             for name in required.iter().filter_map(Value::as_str) {
                 if !fields.contains_key(name) {
-                    return fail(path, format!("missing required property {name:?}"));
+                    return fail(path, Problem::Required(name.to_owned()));
                 }
             }
         }
@@ -275,7 +339,7 @@ fn validate(schema: &Value, value: &Value, path: &mut String) -> Result<(), Stri
                 Some(s) => validate(s, v, path)?,
                 None => match o.get("additionalProperties") {
                     Some(Value::Bool(false)) => {
-                        return fail(path, "is not a known property".into());
+                        return fail(path, Problem::Unknown);
                     }
                     Some(s) => validate(s, v, path)?,
                     None => {}
@@ -314,7 +378,14 @@ mod tests {
         assert!(s.is_object());
         s.validate(&json!({"order_id": "A123", "qty": 2, "kind": "pickup", "notes": null}))
             .unwrap();
-        let e = |v: Value| s.validate(&v).unwrap_err();
+        let e = |v: Value| s.validate(&v).unwrap_err().to_string();
+        assert_eq!(
+            s.validate(&json!({"order_id": "A123", "qty": 11})),
+            Err(Invalid {
+                path: "$.qty".into(),
+                problem: Problem::Maximum(10.0),
+            })
+        );
         assert_eq!(e(json!({})), "$: missing required property \"order_id\"");
         assert_eq!(
             e(json!({"order_id": "A1"})),

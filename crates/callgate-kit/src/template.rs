@@ -14,6 +14,72 @@
 
 use std::fmt;
 
+/// Why a template, or a URL template, cannot be parsed. The message names the template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ParseError {
+    /// A `{{` with no `}}` after it.
+    #[error("unclosed `{{{{` in {text:?}")]
+    Unclosed {
+        /// The template.
+        text: String,
+    },
+    /// A variable whose name is not letters, digits and `_`.
+    #[error("{{{{{name}}}}} in {text:?}: a variable name is letters, digits and _")]
+    Name {
+        /// The name as written (trimmed).
+        name: String,
+        /// The template.
+        text: String,
+    },
+    /// A variable in a URL's scheme, authority or fragment.
+    #[error(
+        "{{{{{name}}}}} is in the URL's {place}: a call's values could choose where the \
+         request goes; a variable may only be in the path or the query"
+    )]
+    Place {
+        /// The variable.
+        name: String,
+        /// Where it is (`scheme`, `user, host or port`, `fragment (never sent)`).
+        place: &'static str,
+    },
+    /// Not an `http` or `https` URL.
+    #[error("{text:?} is not an http(s) URL")]
+    NotHttp {
+        /// The template.
+        text: String,
+    },
+    /// The URL as written, each variable an ordinary value, cannot be rendered.
+    #[error("{text:?}: {source}")]
+    Render {
+        /// The template.
+        text: String,
+        /// Why.
+        source: UrlError,
+    },
+    /// The URL has no host.
+    #[error("{text:?} has no host")]
+    NoHost {
+        /// The template.
+        text: String,
+    },
+    /// The URL as written is not a valid URL.
+    #[error("{text:?} is not a valid URL: {problem}")]
+    Url {
+        /// The template.
+        text: String,
+        /// What the URL parser said.
+        problem: String,
+    },
+}
+
+impl From<ParseError> for String {
+    /// The message, for callers whose own errors are still text.
+    fn from(e: ParseError) -> Self {
+        e.to_string()
+    }
+}
+
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
@@ -28,7 +94,7 @@ enum Part {
 
 impl Template {
     /// Parses `text`; the error says what is wrong.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
         let mut parts = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find("{{") {
@@ -37,13 +103,14 @@ impl Template {
             }
             let after = &rest[open + 2..];
             let Some(close) = after.find("}}") else {
-                return Err(format!("unclosed `{{{{` in {text:?}"));
+                return Err(ParseError::Unclosed { text: text.into() });
             };
             let name = after[..close].trim();
             if !is_name(name) {
-                return Err(format!(
-                    "{{{{{name}}}}} in {text:?}: a variable name is letters, digits and _"
-                ));
+                return Err(ParseError::Name {
+                    name: name.into(),
+                    text: text.into(),
+                });
             }
             parts.push(Part::Var(name.to_owned()));
             rest = &after[close + 2..];
@@ -123,7 +190,7 @@ pub enum UrlError {
 impl UrlTemplate {
     /// Parses `text`, an `http` or `https` URL template; the error says what is wrong (a
     /// variable in the scheme, the authority or the fragment; not a URL).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
         let template = Template::parse(text)?;
         // The template as a stream of characters and variables.
         let mut tokens: Vec<Token<'_>> = Vec::new();
@@ -133,12 +200,11 @@ impl UrlTemplate {
                 Part::Var(name) => tokens.push(Token::Var(name)),
             }
         }
-        let place_err = |name: &str, place: &str| {
-            format!(
-                "{{{{{name}}}}} is in the URL's {place}: a call's values could choose where the \
-                 request goes; a variable may only be in the path or the query"
-            )
+        let place_err = |name: &str, place: &'static str| ParseError::Place {
+            name: name.into(),
+            place,
         };
+        let not_http = || ParseError::NotHttp { text: text.into() };
         let mut i = 0;
         let mut origin = String::new();
         // The scheme, then `://`.
@@ -152,13 +218,13 @@ impl UrlTemplate {
         }
         let scheme = origin.to_ascii_lowercase();
         if !matches!(scheme.as_str(), "http" | "https") {
-            return Err(format!("{text:?} is not an http(s) URL"));
+            return Err(not_http());
         }
         for expected in [':', '/', '/'] {
             match tokens.get(i) {
                 Some(Token::Char(c)) if *c == expected => origin.push(*c),
                 Some(Token::Var(name)) => return Err(place_err(name, "scheme")),
-                _ => return Err(format!("{text:?} is not an http(s) URL")),
+                _ => return Err(not_http()),
             }
             i += 1;
         }
@@ -218,11 +284,17 @@ impl UrlTemplate {
         // The URL as written, each variable an ordinary value, must be a valid URL.
         let sample = url
             .render(|_| Some("x"))
-            .map_err(|e| format!("{text:?}: {e}"))?;
+            .map_err(|source| ParseError::Render {
+                text: text.into(),
+                source,
+            })?;
         match reqwest::Url::parse(&sample) {
             Ok(u) if u.host_str().is_some_and(|h| !h.is_empty()) => Ok(url),
-            Ok(_) => Err(format!("{text:?} has no host")),
-            Err(e) => Err(format!("{text:?} is not a valid URL: {e}")),
+            Ok(_) => Err(ParseError::NoHost { text: text.into() }),
+            Err(e) => Err(ParseError::Url {
+                text: text.into(),
+                problem: e.to_string(),
+            }),
         }
     }
 
@@ -381,15 +453,19 @@ mod tests {
 
     #[test]
     fn bad_templates_say_why() {
-        assert!(
-            Template::parse("a {{caller")
-                .unwrap_err()
-                .contains("unclosed")
+        assert_eq!(
+            Template::parse("a {{caller"),
+            Err(ParseError::Unclosed {
+                text: "a {{caller".into()
+            })
         );
-        assert!(
-            Template::parse("{{a b}}")
-                .unwrap_err()
-                .contains("variable name")
+        assert_eq!(
+            Template::parse("a {{caller").unwrap_err().to_string(),
+            "unclosed `{{` in \"a {{caller\""
+        );
+        assert_eq!(
+            Template::parse("{{a b}}").unwrap_err().to_string(),
+            "{{a b}} in \"{{a b}}\": a variable name is letters, digits and _"
         );
         assert!(Template::parse("{{}}").is_err());
     }
@@ -478,7 +554,11 @@ mod tests {
             ("http://h/x#{{f}}", "fragment"),
         ] {
             let e = UrlTemplate::parse(text).unwrap_err();
-            assert!(e.contains(place), "{text}: {e}");
+            assert!(
+                matches!(&e, ParseError::Place { place: p, .. } if p.starts_with(place)),
+                "{text}: {e}"
+            );
+            assert!(e.to_string().contains(place), "{text}: {e}");
         }
         for text in ["ftp://h/x", "h/x", "http:/h", "http://", "http://h/{{x"] {
             assert!(UrlTemplate::parse(text).is_err(), "{text}");

@@ -47,6 +47,31 @@ pub enum TtsError {
     Config(String),
 }
 
+/// Why speech could not be rendered while routes load ([`render_at_load`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RenderError {
+    /// The synthesis failed.
+    #[error(transparent)]
+    Speech(#[from] TtsError),
+    /// The rendering thread could not start its runtime.
+    #[error(transparent)]
+    Runtime(std::io::Error),
+    /// The rendering thread panicked.
+    #[error("speech rendering panicked")]
+    Panicked,
+    /// The audio could not be converted to the call rates.
+    #[error(transparent)]
+    Audio(#[from] callgate_audio::Error),
+}
+
+impl From<RenderError> for String {
+    /// The message, for callers whose own errors are still text.
+    fn from(e: RenderError) -> Self {
+        e.to_string()
+    }
+}
+
 /// A boxed synthesis (the one place a `dyn Provider` needs a boxed future).
 pub type Synthesis<'a> = Pin<Box<dyn Future<Output = Result<MonoAudio, TtsError>> + Send + 'a>>;
 
@@ -425,10 +450,7 @@ impl Cache {
         let stored = crate::files::private_dirs(&self.dir, &self.dir).is_ok()
             && crate::files::write_wav(&tmp, audio.rate, &audio.samples).is_ok()
             && crate::files::private_file(&keyfile)
-                .and_then(|mut f| {
-                    std::io::Write::write_all(&mut f, key.as_bytes()).map_err(|e| e.to_string())
-                })
-                .is_ok()
+                .is_ok_and(|mut f| std::io::Write::write_all(&mut f, key.as_bytes()).is_ok())
             && std::fs::rename(&tmp, &wav).is_ok();
         if !stored {
             let _ = std::fs::remove_file(&tmp);
@@ -467,20 +489,19 @@ pub fn render_at_load(
     provider: &dyn Provider,
     voice: &str,
     text: &str,
-) -> Result<crate::audio::PromptAudio, String> {
+) -> Result<crate::audio::PromptAudio, RenderError> {
     let audio = std::thread::scope(|s| {
         s.spawn(|| {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .map_err(|e| e.to_string())?;
-            rt.block_on(speak(cache, provider, voice, text))
-                .map_err(|e| e.to_string())
+                .map_err(RenderError::Runtime)?;
+            Ok(rt.block_on(speak(cache, provider, voice, text))?)
         })
         .join()
-        .unwrap_or_else(|_| Err("speech rendering panicked".into()))
+        .unwrap_or(Err(RenderError::Panicked))
     })?;
-    let prompt = crate::audio::PromptAudio::new(text, &audio).map_err(|e| e.to_string())?;
+    let prompt = crate::audio::PromptAudio::new(text, &audio)?;
     for format in [
         callgate_audio::AudioFormat::Pcm8000,
         callgate_audio::AudioFormat::Pcm16000,

@@ -318,10 +318,52 @@ impl Live {
     }
 }
 
+/// Why a generated call failed. Its text is the stable code the report counts it under
+/// (`calls_failed`: `no_answer`, `closed_1008_mid_call`...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum Failure {
+    /// The upgrade was refused with this HTTP status.
+    #[error("refused_{0}")]
+    Refused(u16),
+    /// The connection or the upgrade failed otherwise.
+    #[error("connect_failed")]
+    ConnectFailed,
+    /// A message could not be sent.
+    #[error("send_failed")]
+    SendFailed,
+    /// No answer within the answer timeout.
+    #[error("no_answer")]
+    NoAnswer,
+    /// The server closed with this code before answering.
+    #[error("closed_{0}_before_answer")]
+    ClosedBeforeAnswer(u16),
+    /// The connection dropped before the answer.
+    #[error("dropped_before_answer")]
+    DroppedBeforeAnswer,
+    /// The server closed with this code during the call.
+    #[error("closed_{0}_mid_call")]
+    ClosedMidCall(u16),
+    /// The server hung up during the call.
+    #[error("server_hung_up")]
+    ServerHungUp,
+    /// The connection dropped during the call.
+    #[error("dropped_mid_call")]
+    DroppedMidCall,
+    /// A playout call heard no audio at all.
+    #[error("no_audio")]
+    NoAudio,
+    /// The task generating the call failed (panicked).
+    #[error("generator_task_failed")]
+    GeneratorTaskFailed,
+    /// The call was still running at the run's hard stop.
+    #[error("generator_deadline")]
+    GeneratorDeadline,
+}
+
 /// What one call measured.
 #[derive(Default)]
 struct CallResult {
-    failure: Option<String>,
+    failure: Option<Failure>,
     connect_us: Option<u32>,
     answer_us: Option<u32>,
     rtts: Vec<u32>,
@@ -418,7 +460,7 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
             joined = set.join_next() => match joined {
                 Some(Ok(r)) => results.extend(r),
                 Some(Err(_)) => results.push(CallResult {
-                    failure: Some("generator_task_failed".into()),
+                    failure: Some(Failure::GeneratorTaskFailed),
                     ..CallResult::default()
                 }),
                 None => break,
@@ -445,7 +487,7 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
                 set.abort_all();
                 for _ in 0..unfinished {
                     results.push(CallResult {
-                        failure: Some("generator_deadline".into()),
+                        failure: Some(Failure::GeneratorDeadline),
                         ..CallResult::default()
                     });
                 }
@@ -488,7 +530,7 @@ pub async fn run(opts: &LoadOptions, mut progress: impl FnMut(&Progress)) -> Res
                 } else {
                     report.calls_refused += 1;
                 }
-                *report.calls_failed.entry(reason).or_default() += 1;
+                *report.calls_failed.entry(reason.to_string()).or_default() += 1;
             }
         }
         connect.extend(r.connect_us);
@@ -557,8 +599,8 @@ async fn one_call(
         Err(error) => {
             live.failed.fetch_add(1, Ordering::Relaxed);
             r.failure = Some(match error {
-                Error::Refused { status, .. } => format!("refused_{status}"),
-                _ => "connect_failed".into(),
+                Error::Refused { status, .. } => Failure::Refused(status),
+                _ => Failure::ConnectFailed,
             });
             return r;
         }
@@ -626,11 +668,11 @@ async fn stream(
     ws: &mut Ws,
     call: &Ctx<'_>,
     dial: Instant,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let Ctx {
         idx, opts, live, ..
     } = *call;
-    let send_err = |_| "send_failed".to_owned();
+    let send_err = |_| Failure::SendFailed;
     // Start, then wait for the answer.
     let started = conn::drain(phone, ws).await.map_err(send_err)?;
     let answer_deadline = dial + opts.answer_timeout;
@@ -638,16 +680,16 @@ async fn stream(
     while !started.events.contains(&PhoneEvent::Answered) {
         let message = tokio::select! {
             m = ws.next() => m,
-            _ = sleep_until(answer_deadline) => return Err("no_answer".into()),
+            _ = sleep_until(answer_deadline) => return Err(Failure::NoAnswer),
         };
         match message {
             Some(Ok(m)) => {
                 if let Some((code, _)) = conn::close_of(&m) {
-                    return Err(format!("closed_{code}_before_answer"));
+                    return Err(Failure::ClosedBeforeAnswer(code));
                 }
                 phone.handle(m);
             }
-            _ => return Err("dropped_before_answer".into()),
+            _ => return Err(Failure::DroppedBeforeAnswer),
         }
         let drained = conn::drain(phone, ws).await.map_err(send_err)?;
         if drained.events.contains(&PhoneEvent::Answered) {
@@ -692,7 +734,7 @@ async fn echo_loop(
     phone: &mut Phone,
     ws: &mut Ws,
     call: &Ctx<'_>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let Ctx {
         idx,
         opts,
@@ -721,12 +763,12 @@ async fn echo_loop(
                 Some(Ok(m)) => {
                     if let Some((code, _)) = conn::close_of(&m) {
                         r.frames.lost = r.frames.unanswered();
-                        return Err(format!("closed_{code}_mid_call"));
+                        return Err(Failure::ClosedMidCall(code));
                     }
                     phone.handle(m);
-                    let drained = conn::drain(phone, ws).await.map_err(|_| "send_failed".to_owned())?;
+                    let drained = conn::drain(phone, ws).await.map_err(|_| Failure::SendFailed)?;
                     if drained.events.contains(&PhoneEvent::Hangup) {
-                        return Err("server_hung_up".into());
+                        return Err(Failure::ServerHungUp);
                     }
                     // Twilio's audio comes in text messages.
                     for event in drained.events {
@@ -737,7 +779,7 @@ async fn echo_loop(
                 }
                 Some(Err(_)) | None => {
                     r.frames.lost = r.frames.unanswered();
-                    return Err("dropped_mid_call".into());
+                    return Err(Failure::DroppedMidCall);
                 }
             },
             _ = sleep_until(deadline), if seq < total => {
@@ -750,7 +792,7 @@ async fn echo_loop(
                 let sent_ns = now.duration_since(t_run).as_nanos() as u64;
                 let frame = stamp::build(idx, seq, sent_ns, frame_len);
                 phone.send_audio(Bytes::from(frame));
-                conn::drain(phone, ws).await.map_err(|_| "send_failed".to_owned())?;
+                conn::drain(phone, ws).await.map_err(|_| Failure::SendFailed)?;
                 r.frames.sent += 1;
                 seq += 1;
             }
@@ -768,7 +810,7 @@ async fn listen_loop(
     phone: &mut Phone,
     ws: &mut Ws,
     call: &Ctx<'_>,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let Ctx { opts, live, .. } = *call;
     let end = Instant::now() + opts.duration;
     let frame_bytes = opts.format.frame_bytes_20ms() as f64;
@@ -786,10 +828,10 @@ async fn listen_loop(
                 }
                 Some(Ok(m)) => {
                     if let Some((code, _)) = conn::close_of(&m) {
-                        return Err(format!("closed_{code}_mid_call"));
+                        return Err(Failure::ClosedMidCall(code));
                     }
                     phone.handle(m);
-                    let drained = conn::drain(phone, ws).await.map_err(|_| "send_failed".to_owned())?;
+                    let drained = conn::drain(phone, ws).await.map_err(|_| Failure::SendFailed)?;
                     // Twilio's audio comes in text messages.
                     for event in drained.events {
                         if let PhoneEvent::Audio(b) = event {
@@ -800,13 +842,13 @@ async fn listen_loop(
                         }
                     }
                 }
-                Some(Err(_)) | None => return Err("dropped_mid_call".into()),
+                Some(Err(_)) | None => return Err(Failure::DroppedMidCall),
             },
             _ = sleep_until(end) => break,
         }
     }
     let Some(&(first, _)) = arrivals.first() else {
-        return Err("no_audio".into());
+        return Err(Failure::NoAudio);
     };
     // How late each frame arrived against the grid anchored at the call's first frame: the
     // caller plays frame k at first + 20k ms, so a frame that arrives before that is on time
@@ -848,5 +890,33 @@ fn receive(
             }
         }
         _ => r.frames.corrupt += 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_keep_the_codes_the_report_counts_them_under() {
+        for (failure, code) in [
+            (Failure::Refused(503), "refused_503"),
+            (Failure::ConnectFailed, "connect_failed"),
+            (Failure::SendFailed, "send_failed"),
+            (Failure::NoAnswer, "no_answer"),
+            (
+                Failure::ClosedBeforeAnswer(1013),
+                "closed_1013_before_answer",
+            ),
+            (Failure::DroppedBeforeAnswer, "dropped_before_answer"),
+            (Failure::ClosedMidCall(1008), "closed_1008_mid_call"),
+            (Failure::ServerHungUp, "server_hung_up"),
+            (Failure::DroppedMidCall, "dropped_mid_call"),
+            (Failure::NoAudio, "no_audio"),
+            (Failure::GeneratorTaskFailed, "generator_task_failed"),
+            (Failure::GeneratorDeadline, "generator_deadline"),
+        ] {
+            assert_eq!(failure.to_string(), code);
+        }
     }
 }

@@ -144,7 +144,7 @@ pub enum Error {
 
 /// Checks a template's syntax.
 pub(crate) fn template(text: &str) -> Result<Template, Error> {
-    Template::parse(text).map_err(Error::Template)
+    Template::parse(text).map_err(|e| Error::Template(String::from(e)))
 }
 
 /// Registers the `realtime` agent in `catalog`. `env` gives the data dir (the speech cache),
@@ -200,7 +200,7 @@ fn render(
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
     callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
         .map(Arc::new)
-        .map_err(Error::Speech)
+        .map_err(|e| Error::Speech(String::from(e)))
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a

@@ -676,15 +676,11 @@ async fn a_dropped_connection_is_reestablished_with_the_conversation_so_far() {
         .as_str()
         .expect("id")
         .to_owned();
-    let mut recorded = false;
-    for _ in 0..1000 {
-        if transcript(&server, &id).await.len() == 2 {
-            recorded = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(recorded, "both turns recorded");
+    server
+        .until_stored("both turns in the transcript", async || {
+            (transcript(&server, &id).await.len() == 2).then_some(())
+        })
+        .await;
     s.drop_abruptly();
     // A new session, configured the same, seeded with the conversation as text.
     let (mut s2, update) = session(&mut double).await;

@@ -432,6 +432,12 @@ impl Server {
         self.shared.metrics.clone()
     }
 
+    /// The store writer's commit counter: wait on it for a write to show up in the records
+    /// (tests do) instead of polling them.
+    pub fn commits(&self) -> callgate_store::writer::Commits {
+        self.shared.store.commits()
+    }
+
     /// Drain and stop the running server from outside (the binary's signals).
     pub fn lifecycle(&self) -> Lifecycle {
         Lifecycle {

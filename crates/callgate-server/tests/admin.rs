@@ -712,16 +712,13 @@ async fn records_past_their_retention_are_deleted_in_the_background() {
         c.retention = Some(std::time::Duration::from_secs(24 * 3600));
     })
     .await;
-    // The first sweep runs at start.
-    let mut left = Vec::new();
-    for _ in 0..500 {
-        left = server.calls().await;
-        if left.len() == 1 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(left.len(), 1, "{left:?}");
+    // The first sweep runs at start, through the store writer.
+    let left = server
+        .until_stored("the sweep of the old record", async || {
+            let left = server.calls().await;
+            (left.len() == 1).then_some(left)
+        })
+        .await;
     assert_eq!(left[0]["external_id"], "new");
     // The sweep deletes the record first, then the files: wait for the files too.
     let data_dir = server.config.data_dir.clone();

@@ -20,7 +20,9 @@ async fn node(url: &PgUrl, id: &str) -> TestServer {
     .await
 }
 
-/// Polls `path` on `server` until `want` holds (heartbeats and sweeps run every 2 s).
+/// Polls `path` on `server` until `want` holds (heartbeats and sweeps run every 2 s). For the
+/// roster and the sweep's closes, which the heartbeat thread writes outside the store writer
+/// (either node may sweep), so no one node's commits announce them.
 async fn until(server: &TestServer, path: &str, want: impl Fn(&Value) -> bool) -> Value {
     let mut last = Value::Null;
     for _ in 0..1500 {
@@ -47,10 +49,17 @@ async fn any_node_answers_for_any_call_and_a_silent_node_is_closed_by_a_survivor
     let mut phone = a.phone("/").await;
     phone.text(incoming_call("held-by-a")).await;
     assert_eq!(phone.recv_json().await["event"], "answer");
-    let listed = until(&b, "/api/calls?live=true&node=node-a", |body| {
-        body["calls"].as_array().is_some_and(|c| c.len() == 1)
-    })
-    .await;
+    // A's writer commits the record; B reads it from the shared database.
+    let listed = a
+        .until_stored(
+            "the call listed live on node-a, read through B",
+            async || {
+                let (status, body) = b.get("/api/calls?live=true&node=node-a").await;
+                (status == 200 && body["calls"].as_array().is_some_and(|c| c.len() == 1))
+                    .then_some(body)
+            },
+        )
+        .await;
     let record = &listed["calls"][0];
     assert_eq!(record["external_id"], "held-by-a");
     assert_eq!(record["node"], "node-a");

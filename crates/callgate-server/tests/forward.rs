@@ -72,20 +72,6 @@ fn json_of(body: &[u8]) -> Value {
     serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)))
 }
 
-/// Polls `path` on `server` until `want` holds.
-async fn until(server: &TestServer, path: &str, want: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..1500 {
-        let (status, body) = server.get(path).await;
-        if status == 200 && want(&body) {
-            return body;
-        }
-        last = body;
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{path} never matched; last {last}");
-}
-
 /// A WAV of `ms` milliseconds of a quiet tone at 8 kHz.
 fn wav(ms: u32) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
@@ -116,10 +102,17 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
     let mut phone = a.phone("/").await;
     phone.text(incoming_call("forwarded")).await;
     assert_eq!(phone.recv_json().await["event"], "answer");
-    let listed = until(&b, "/api/calls?live=true&node=node-a", |body| {
-        body["calls"].as_array().is_some_and(|c| c.len() == 1)
-    })
-    .await;
+    // A's writer commits the record; B reads it from the shared database.
+    let listed = a
+        .until_stored(
+            "the call listed live on node-a, read through B",
+            async || {
+                let (status, body) = b.get("/api/calls?live=true&node=node-a").await;
+                (status == 200 && body["calls"].as_array().is_some_and(|c| c.len() == 1))
+                    .then_some(body)
+            },
+        )
+        .await;
     let id = listed["calls"][0]["id"].as_str().expect("id").to_owned();
 
     // DTMF through B reaches A's phone; the answer is A's, marked with who gave it.
@@ -229,10 +222,12 @@ async fn operator_actions_on_another_nodes_call_are_forwarded_and_answered_as_if
             }
         }
     }
-    let ended = until(&b, &format!("/api/calls/{id}"), |r| {
-        !r["ended_at"].is_null()
-    })
-    .await;
+    let ended = a
+        .until_stored("the end of the call, read through B", async || {
+            let (status, r) = b.get(&format!("/api/calls/{id}")).await;
+            (status == 200 && !r["ended_at"].is_null()).then_some(r)
+        })
+        .await;
     assert_eq!(ended["end_reason"], "operator_hangup");
     assert_eq!(ended["hangup_by"], "operator");
     // Ended: B answers itself, without asking A.

@@ -16,13 +16,18 @@
 //!   is full the end goes to an overflow list the writer drains into its next batch. That list
 //!   holds at most one end per live call. An end is lost only if the writer is gone; the
 //!   record is then ended as `interrupted` at the next start.
+//!
+//! After each batch that committed, the writer bumps a commit counter ([`Commits`], from
+//! [`StoreHandle::commits`]): anyone may wait for "the store holds more than when I last
+//! looked" (tests waiting for a record) without polling. It costs one counter update per
+//! batch, never one per operation; it holds one value, so it is bounded whoever watches.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::notice::{Calls, Notice, Tap};
 use crate::outbox::{NewDelivery, Subscription};
@@ -80,6 +85,39 @@ pub struct StoreHandle {
     timeout: Duration,
     /// What the writer and the backend count, for the metrics.
     stats: Arc<Stats>,
+    /// The writer's commit counter ([`StoreHandle::commits`]).
+    commits: watch::Receiver<u64>,
+}
+
+/// The writer's commit counter: how many batches it has committed since it started. A
+/// reader of the store who did not find what it looked for waits for the next commit
+/// ([`Commits::changed`]) and looks again; a commit that happens while it looks is not
+/// missed, since [`Commits::mark_seen`] comes before the look.
+///
+/// Policy: one value, overwritten by each commit (a watcher that falls behind sees the
+/// latest count, never a queue); the writer never waits for a watcher.
+#[derive(Debug, Clone)]
+pub struct Commits(watch::Receiver<u64>);
+
+impl Commits {
+    /// Batches committed so far.
+    pub fn count(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// Notes the current count as seen, and returns it: [`Commits::changed`] then waits for
+    /// a commit after this one. Call it before reading the store.
+    pub fn mark_seen(&mut self) -> u64 {
+        *self.0.borrow_and_update()
+    }
+
+    /// Waits for a commit after the last count seen (at once if one happened already), and
+    /// returns the new count; [`Error::Closed`] once the writer has stopped (no commit will
+    /// come). Not bounded here: callers put their own bound around it.
+    pub async fn changed(&mut self) -> Result<u64, Error> {
+        self.0.changed().await.map_err(|_| Error::Closed)?;
+        Ok(*self.0.borrow_and_update())
+    }
 }
 
 impl StoreHandle {
@@ -164,10 +202,11 @@ impl StoreHandle {
                 })?;
         }
         let writer_stats = stats.clone();
+        let (committed, commits) = watch::channel(0);
         thread::Builder::new()
             .name("callgate-store".into())
             .spawn(move || {
-                writer(store, rx, drained, &writer_stats, events);
+                writer(store, rx, drained, &writer_stats, events, &committed);
                 drop(stop);
             })
             .map_err(|source| Error::Thread {
@@ -180,7 +219,14 @@ impl StoreHandle {
             reads,
             timeout,
             stats,
+            commits,
         })
+    }
+
+    /// The writer's commit counter, bumped after each committed batch: wait on it instead of
+    /// polling the store for a write to show up.
+    pub fn commits(&self) -> Commits {
+        Commits(self.commits.clone())
     }
 
     /// What the store counts (journal backlog, write latency, failures), for the metrics.
@@ -425,6 +471,7 @@ fn writer(
     overflow: Overflow,
     stats: &Stats,
     events: Events,
+    committed: &watch::Sender<u64>,
 ) {
     let Events {
         tap,
@@ -487,6 +534,11 @@ fn writer(
         }
         for d in done {
             d(commit_error.as_deref());
+        }
+        // After the replies: whoever wakes on the count finds the batch's writes readable,
+        // and its awaited writes answered. `send_modify` notifies even with no watcher.
+        if commit_error.is_none() {
+            committed.send_modify(|n| *n += 1);
         }
         // Only what the store holds is announced.
         if let (Some(tap), None, false) = (&tap, &commit_error, notices.is_empty()) {

@@ -384,3 +384,58 @@ async fn a_drop_guard_end_lands_even_when_the_queue_is_full(backend: Backend) {
     assert_eq!(events.len(), WRITER_QUEUE + 1);
     handle.close().await;
 }
+
+on_both!(
+    sqlite_the_commit_counter_moves_after_the_commit_and_wakes_a_waiter,
+    postgres_the_commit_counter_moves_after_the_commit_and_wakes_a_waiter,
+    the_commit_counter_moves_after_the_commit_and_wakes_a_waiter
+);
+
+async fn the_commit_counter_moves_after_the_commit_and_wakes_a_waiter(backend: Backend) {
+    let (inner, _backend) = open(backend);
+    let armed = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Gate::default());
+    let (entered, mut entered_rx) = mpsc::channel(1);
+    let store = GatedStore {
+        inner,
+        armed: armed.clone(),
+        entered,
+        gate: gate.clone(),
+    };
+    let handle = StoreHandle::start(store, TIMEOUT).unwrap();
+    let mut commits = handle.commits();
+    let before = commits.mark_seen();
+    armed.store(true, Ordering::SeqCst);
+    let call = new_call(1);
+    let id = call.id.clone();
+    let write = handle.insert_call(call);
+    let watch = async {
+        // The writer holds the insert's batch at the door of its transaction: nothing is
+        // committed, so the count has not moved and a read finds nothing.
+        entered_rx.recv().await.unwrap();
+        assert_eq!(commits.count(), before);
+        assert!(handle.call(id.clone()).await.unwrap().is_none());
+        gate.open();
+        let after = tokio::time::timeout(TIMEOUT, commits.changed())
+            .await
+            .expect("a commit wakes the waiter")
+            .unwrap();
+        assert_eq!(after, before + 1);
+        // Whoever wakes on the count finds the write.
+        assert!(handle.call(id.clone()).await.unwrap().is_some());
+    };
+    let (written, ()) = tokio::join!(write, watch);
+    written.unwrap();
+    handle.close().await;
+    // Once the writer has stopped, waiting says so instead of waiting forever.
+    let closed = tokio::time::timeout(TIMEOUT, async {
+        loop {
+            if let Err(e) = commits.changed().await {
+                return e;
+            }
+        }
+    })
+    .await
+    .expect("the end of the writer wakes the waiter");
+    assert!(matches!(closed, Error::Closed), "{closed:?}");
+}

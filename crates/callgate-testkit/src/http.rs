@@ -1,9 +1,23 @@
-//! A minimal HTTP/1.1 client for the admin API (one request per connection).
+//! A minimal HTTP/1.1 client for the admin API (one request per connection). Every request
+//! is bounded by [`WAIT`], connect included: a server that never answers fails the test with
+//! the request's name.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// The longest a request may take, from connect to the end of the answer (a bound, not a
+/// pace: the largest bodies the tests send take a fraction of it).
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// `work`, or a panic naming the request if it takes longer than [`WAIT`].
+async fn bounded<T>(method: &str, path: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path} was not answered within {WAIT:?}"))
+}
 
 /// Sends one request and returns the status code and body.
 pub async fn request(
@@ -23,7 +37,7 @@ pub async fn request_with(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let stream = TcpStream::connect(addr)
+    let stream = bounded(method, path, TcpStream::connect(addr))
         .await
         .expect("connect to admin API");
     request_on(stream, addr, method, path, body.map(str::as_bytes), headers).await
@@ -38,7 +52,7 @@ pub async fn request_tls(
     body: Option<&str>,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let stream = crate::tls::connect(addr, connector)
+    let stream = bounded(method, path, crate::tls::connect(addr, connector))
         .await
         .expect("TLS connect to the admin API");
     request_on(stream, addr, method, path, body.map(str::as_bytes), headers).await
@@ -92,7 +106,7 @@ pub async fn exchange(
     body: Option<&[u8]>,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let stream = TcpStream::connect(addr)
+    let stream = bounded(method, path, TcpStream::connect(addr))
         .await
         .expect("connect to admin API");
     exchange_on(stream, addr, method, path, body, headers).await
@@ -100,6 +114,22 @@ pub async fn exchange(
 
 /// Sends one request with a raw body over `stream` and returns the whole answer.
 pub async fn exchange_on(
+    stream: impl AsyncRead + AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Answer {
+    bounded(
+        method,
+        path,
+        exchange_unbounded(stream, addr, method, path, body, headers),
+    )
+    .await
+}
+
+async fn exchange_unbounded(
     mut stream: impl AsyncRead + AsyncWrite + Unpin,
     addr: SocketAddr,
     method: &str,

@@ -6,6 +6,11 @@
 //! for the console's tests.
 //!
 //! Tests synchronise on what the server sends (messages, closes, records), never on sleeps.
+//! A test waiting for the store to hold something (a record, an end, a flow's step) looks
+//! again after each commit of the store writer ([`TestServer::until_stored`]); a test
+//! running the server as a child process waits on its live event stream ([`sse`]). Every
+//! wait here is bounded: a failure fails with a message naming what was awaited, never
+//! hangs.
 
 pub mod audio;
 pub mod browser;
@@ -15,6 +20,7 @@ pub mod openapi;
 pub mod pg;
 pub mod phone;
 pub mod realtime;
+pub mod sse;
 pub mod tls;
 pub mod twilio_bot;
 
@@ -25,11 +31,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use callgate_server::{Config, Server, Tasks};
+use callgate_store::writer::Commits;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use phone::{Phone, Received};
+
+/// How long a test waits for the store to hold what it expects: a bound, not a pace (the
+/// wait ends at the commit that brings it).
+pub const STORE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a test waits for a server to stop once told to (its calls' grace and the store's
+/// last commit included).
+pub const STOP_WAIT: Duration = Duration::from_secs(60);
 
 /// A data directory removed when dropped.
 #[derive(Debug)]
@@ -83,6 +98,8 @@ pub struct TestServer {
     pub certificates: callgate_server::tls::Certificates,
     /// Drain, terminate or interrupt the server as the binary's signals do.
     pub lifecycle: callgate_server::Lifecycle,
+    /// The store writer's commit counter, which [`TestServer::until_stored`] waits on.
+    commits: Commits,
     stop: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), callgate_server::Error>>,
     dir: Option<TempDir>,
@@ -156,6 +173,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
     let admin_auth = server.admin_auth();
     let certificates = server.certificates();
     let lifecycle = server.lifecycle();
+    let commits = server.commits();
     let handle = Tasks::new().spawn(server.run(async move {
         let _ = stopped.await;
     }));
@@ -169,6 +187,7 @@ fn start(server: Server, config: Config, dir: Option<TempDir>) -> TestServer {
         admin_auth,
         certificates,
         lifecycle,
+        commits,
         stop: Some(stop),
         handle,
         dir,
@@ -220,42 +239,70 @@ impl TestServer {
 
     /// The record of the call with this external ID, once it has ended.
     pub async fn ended_call(&self, external_id: &str) -> Value {
-        for _ in 0..500 {
-            if let Some(c) = self
-                .calls()
+        self.until_stored(&format!("the end of call {external_id}"), async || {
+            self.calls()
                 .await
                 .into_iter()
                 .find(|c| c["external_id"] == external_id && !c["ended_at"].is_null())
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("call {external_id} did not end");
+        })
+        .await
     }
 
     /// The record of the call with this external ID.
     pub async fn call(&self, external_id: &str) -> Value {
-        for _ in 0..500 {
-            if let Some(c) = self
-                .calls()
+        self.until_stored(&format!("the record of call {external_id}"), async || {
+            self.calls()
                 .await
                 .into_iter()
                 .find(|c| c["external_id"] == external_id)
-            {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("no call {external_id}");
+        })
+        .await
     }
 
-    /// Triggers shutdown and waits for the server to stop.
+    /// What `look` finds in the records, once it finds something: it looks now, then again
+    /// after each commit of the store writer (never on a timer). Panics, naming `what`, after
+    /// [`STORE_WAIT`] or when the writer stops first.
+    pub async fn until_stored<T>(&self, what: &str, mut look: impl AsyncFnMut() -> Option<T>) -> T {
+        let mut commits = self.commits.clone();
+        let wait = async {
+            loop {
+                // Before the look: a commit that lands while it reads wakes the wait below.
+                let seen = commits.mark_seen();
+                if let Some(found) = look().await {
+                    return Ok(found);
+                }
+                if commits.changed().await.is_err() {
+                    return Err(seen);
+                }
+            }
+        };
+        match tokio::time::timeout(STORE_WAIT, wait).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(seen)) => panic!(
+                "waited for {what}: the store writer stopped (after {seen} commits) without it"
+            ),
+            Err(_) => panic!(
+                "waited {STORE_WAIT:?} for {what}: none of the store's commits brought it \
+                 ({} so far)",
+                self.commits.count()
+            ),
+        }
+    }
+
+    /// Triggers shutdown and waits (at most [`STOP_WAIT`]) for the server to stop.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let result = (&mut self.handle).await.expect("server task");
+        self.until_stopped().await;
+    }
+
+    /// Waits at most [`STOP_WAIT`] for the server task to end, and checks it ran well.
+    async fn until_stopped(&mut self) {
+        let result = tokio::time::timeout(STOP_WAIT, &mut self.handle)
+            .await
+            .unwrap_or_else(|_| panic!("the server did not stop within {STOP_WAIT:?}"))
+            .expect("server task");
         result.expect("server ran");
     }
 
@@ -275,8 +322,7 @@ impl TestServer {
     /// [`TestServer::lifecycle`]); hands back the data
     /// dir so a test can start another server on it.
     pub async fn stopped(mut self) -> TempDir {
-        let result = (&mut self.handle).await.expect("server task");
-        result.expect("server ran");
+        self.until_stopped().await;
         self.dir.take().expect("the server owns its data dir")
     }
 }

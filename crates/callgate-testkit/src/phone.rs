@@ -11,8 +11,16 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
-/// How long a phone waits for the server before a test fails.
+/// How long a phone waits for the server before a test fails: every await of a phone
+/// (connect, send, close, receive) is bounded by it.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// `work`, or a panic naming `what` if it takes longer than [`WAIT`].
+async fn bounded<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("phone: {what} took longer than {WAIT:?}"))
+}
 
 /// What arrived from the server.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,7 +69,9 @@ impl Phone {
     /// Connects to a `ws://` URL.
     pub async fn connect(url: &str) -> Self {
         let request = url.into_client_request().expect("a ws:// URL");
-        let ws = connect_plain(request).await.expect("WebSocket connect");
+        let ws = bounded("the WebSocket connect", connect_plain(request))
+            .await
+            .expect("WebSocket connect");
         Self { ws }
     }
 
@@ -85,7 +95,7 @@ impl Phone {
                 HeaderValue::from_str(value).expect("header value"),
             );
         }
-        match connect_plain(request).await {
+        match bounded("the WebSocket connect", connect_plain(request)).await {
             Ok(ws) => Ok(Self { ws }),
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
                 response.status().as_u16(),
@@ -101,23 +111,26 @@ impl Phone {
 
     /// Sends a text message.
     pub async fn text(&mut self, text: impl Into<String>) {
-        self.ws
-            .send(Message::Text(text.into().into()))
-            .await
-            .expect("send text");
+        bounded(
+            "sending text",
+            self.ws.send(Message::Text(text.into().into())),
+        )
+        .await
+        .expect("send text");
     }
 
     /// Sends a binary message.
     pub async fn binary(&mut self, data: impl Into<Bytes>) {
-        self.ws
-            .send(Message::Binary(data.into()))
+        bounded("sending binary", self.ws.send(Message::Binary(data.into())))
             .await
             .expect("send binary");
     }
 
     /// Sends a binary message, returning false if the connection is gone.
     pub async fn try_binary(&mut self, data: impl Into<Bytes>) -> bool {
-        self.ws.send(Message::Binary(data.into())).await.is_ok()
+        bounded("sending binary", self.ws.send(Message::Binary(data.into())))
+            .await
+            .is_ok()
     }
 
     /// Closes with this code.
@@ -126,7 +139,7 @@ impl Phone {
             code: code.into(),
             reason: reason.into(),
         };
-        let _ = self.ws.close(Some(frame)).await;
+        let _ = bounded("sending a close", self.ws.close(Some(frame))).await;
     }
 
     /// Drops the TCP connection without a close frame.
@@ -137,9 +150,7 @@ impl Phone {
     /// The next message (pings and pongs skipped), waiting at most [`WAIT`].
     pub async fn recv(&mut self) -> Received {
         loop {
-            let next = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("server answered in time");
+            let next = bounded("waiting for the server", self.ws.next()).await;
             return match next {
                 Some(Ok(Message::Text(t))) => Received::Text(t.to_string()),
                 Some(Ok(Message::Binary(b))) => Received::Binary(b),

@@ -136,10 +136,12 @@ pub async fn connect(
 }
 
 /// The certificate the server at `addr` presents to a new connection from a client that
-/// trusts `ca`.
+/// trusts `ca` (the handshake bounded by [`crate::phone::WAIT`]).
 pub async fn presented(addr: std::net::SocketAddr, ca: &TestCa) -> CertificateDer<'static> {
-    let stream = connect(addr, &ca.connector())
+    let wait = crate::phone::WAIT;
+    let stream = tokio::time::timeout(wait, connect(addr, &ca.connector()))
         .await
+        .unwrap_or_else(|_| panic!("no TLS handshake with {addr} within {wait:?}"))
         .expect("TLS handshake with a client trusting the test CA");
     let (_, connection) = stream.get_ref();
     connection

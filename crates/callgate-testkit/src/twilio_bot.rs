@@ -8,6 +8,10 @@
 //! byte for byte (the echo bot of the round-trip tests and `examples/twilio-echo-bot.rs`).
 //! With [`BotConfig::auth_token`] the upgrade is refused (403) unless its signature is
 //! Twilio's for that token, as a bot that validates Twilio requests does.
+//!
+//! Every await of the test's side ([`Bot::accept`], [`BotConn::recv`], the sends) is bounded
+//! by [`crate::phone::WAIT`]: a connection or message that never comes fails the test with a
+//! message.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +28,15 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::phone::WAIT;
+
+/// `work`, or a panic naming `what` if it takes longer than [`WAIT`].
+async fn bounded<T>(what: &str, work: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, work)
+        .await
+        .unwrap_or_else(|_| panic!("bot double: {what} took longer than {WAIT:?}"))
+}
 
 /// How the double behaves.
 #[derive(Debug, Clone, Default)]
@@ -103,9 +116,11 @@ impl Bot {
         format!("ws://{}{path}", self.addr)
     }
 
-    /// The next connection.
+    /// The next connection (at most [`crate::phone::WAIT`]).
     pub async fn accept(&mut self) -> BotConn {
-        self.conns.recv().await.expect("the bot double runs")
+        bounded("waiting for a connection from callgate", self.conns.recv())
+            .await
+            .expect("the bot double runs")
     }
 
     /// Upgrades refused for a bad or missing signature.
@@ -243,9 +258,10 @@ async fn serve(
 }
 
 impl BotConn {
-    /// The next message callgate sent; `None` once the connection ended.
+    /// The next message callgate sent (at most [`crate::phone::WAIT`]); `None` once the
+    /// connection ended.
     pub async fn recv(&mut self) -> Option<Value> {
-        let v = self.messages.recv().await?;
+        let v = bounded("waiting for a message from callgate", self.messages.recv()).await?;
         if v["event"] == "start" {
             self.stream_sid = v["streamSid"].as_str().unwrap_or_default().to_owned();
         }
@@ -281,7 +297,11 @@ impl BotConn {
     }
 
     async fn act(&self, action: Action) {
-        let _ = self.actions.send(action).await;
+        let _ = bounded(
+            "handing an action to the connection",
+            self.actions.send(action),
+        )
+        .await;
     }
 
     /// Sends any text, as it is.

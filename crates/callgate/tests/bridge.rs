@@ -79,7 +79,7 @@ async fn sim_twilio_through_a_bridge_route_to_an_echo_bot_round_trips_byte_exact
     assert_eq!(summary.frames_sent, 50);
     // The caller's audio from before the bot's socket opened is dropped and counted (the
     // sim starts talking at once); everything after it comes back byte for byte.
-    let record = proc.last_call().await;
+    let record = proc.ended_call("CA-sim").await;
     let events = bridge_events(&proc, record["id"].as_str().expect("id")).await;
     let dropped = events[0]["audio_dropped_before_open_frames"]
         .as_u64()
@@ -131,7 +131,7 @@ async fn sim_twilio_hears_the_bots_goodbye_then_the_hang_up() {
         summary["audio_received_ms"], 500,
         "the whole goodbye: {summary}"
     );
-    let record = proc.last_call().await;
+    let record = proc.ended_call("CA-bye").await;
     assert_eq!(record["end_reason"], "agent_hangup");
 }
 
@@ -254,7 +254,7 @@ async fn an_example_bot_answers_a_callbridge_call(mut bot: Command, label: &str)
         marks,
         ["reply-1", "reply-2", "reply-3", "reply-4", "reply-5"]
     );
-    let record = proc.last_call().await;
+    let record = proc.ended_call("cdr-py").await;
     assert_eq!(record["end_reason"], "agent_hangup");
     let events = bridge_events(&proc, record["id"].as_str().expect("id")).await;
     let bye = events

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use callgate_testkit::pg::Schema;
+use callgate_testkit::sse::EventStream;
 use callgate_testkit::{Phone, Received, TempDir, http, incoming_call};
 use common::Proc;
 use serde_json::Value;
@@ -53,7 +54,9 @@ async fn call_api(
     )
 }
 
-/// Polls `path` until `want` holds (heartbeats and sweeps run every 2 s).
+/// Polls `path` until `want` holds: for the roster, which the heartbeat thread writes every
+/// 2 s outside the store writer, so no event announces it. What the store writer commits
+/// (calls started, ended, a node declared lost) is awaited on the event stream instead.
 async fn until(
     admin: SocketAddr,
     path: &str,
@@ -139,13 +142,20 @@ async fn any_node_lists_reads_and_hangs_up_a_call_the_other_node_holds() {
     );
     let bearer_b = format!("Bearer {ops_b}");
     let as_b: &[(&str, &str)] = &[("Authorization", &bearer_b)];
+    let bearer_a = format!("Bearer {ops_a}");
+    // What A commits (the call's start and end) is announced on A's stream.
+    let mut a_events = EventStream::open(a.admin, &[("Authorization", bearer_a.as_str())]).await;
 
     let mut phone = live_call(&a, "held-by-a").await;
+    a_events.wait_for_call("call.started", "held-by-a").await;
     // B lists it live on A, and reads it.
-    let listed = until(b.admin, "/api/calls?live=true&node=node-a", as_b, |body| {
-        body["calls"].as_array().is_some_and(|c| c.len() == 1)
-    })
-    .await;
+    let (status, listed) = call_api(b.admin, "GET", "/api/calls?live=true&node=node-a", as_b).await;
+    assert_eq!(status, 200, "{listed}");
+    assert_eq!(
+        listed["calls"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
     let id = listed["calls"][0]["id"].as_str().expect("id").to_owned();
     assert_eq!(listed["calls"][0]["external_id"], "held-by-a");
     let (status, record) = call_api(b.admin, "GET", &format!("/api/calls/{id}"), as_b).await;
@@ -181,10 +191,9 @@ async fn any_node_lists_reads_and_hangs_up_a_call_the_other_node_holds() {
             }
         }
     }
-    let ended = until(b.admin, &format!("/api/calls/{id}"), as_b, |r| {
-        !r["ended_at"].is_null()
-    })
-    .await;
+    a_events.wait_for_call("call.ended", "held-by-a").await;
+    let (status, ended) = call_api(b.admin, "GET", &format!("/api/calls/{id}"), as_b).await;
+    assert_eq!(status, 200, "{ended}");
     assert_eq!(ended["end_reason"], "operator_hangup");
     assert_eq!(ended["node"], "node-a");
     // Both sides logged it, A naming who forwarded it and for which token.
@@ -244,22 +253,34 @@ async fn kill_9_of_a_node_its_calls_are_closed_by_the_other_once_and_stay_closed
     let (data_a, data_b) = (TempDir::new("kill-a"), TempDir::new("kill-b"));
     let mut a = node(&schema, &data_a, "node-a", None, &[]);
     let b = node(&schema, &data_b, "node-b", None, &[]);
+    let (mut a_events, mut b_events) = (
+        EventStream::open(a.admin, &[]).await,
+        EventStream::open(b.admin, &[]).await,
+    );
     let mut a_phones = vec![live_call(&a, "a-1").await, live_call(&a, "a-2").await];
     let mut b_phone = live_call(&b, "b-1").await;
-    let on_a = until(b.admin, "/api/calls?live=true&node=node-a", &[], |body| {
-        body["calls"].as_array().is_some_and(|c| c.len() == 2)
-    })
-    .await;
+    a_events.wait_for_call("call.started", "a-1").await;
+    a_events.wait_for_call("call.started", "a-2").await;
+    b_events.wait_for_call("call.started", "b-1").await;
+    drop(a_events);
+    let listed = |path: &'static str, n: usize| async move {
+        let (status, body) = call_api(b.admin, "GET", path, &[]).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["calls"].as_array().map(Vec::len),
+            Some(n),
+            "{path}: {body}"
+        );
+        body
+    };
+    let on_a = listed("/api/calls?live=true&node=node-a", 2).await;
     let a_ids: Vec<String> = on_a["calls"]
         .as_array()
         .expect("calls")
         .iter()
         .map(|c| c["id"].as_str().expect("id").to_owned())
         .collect();
-    let on_b = until(b.admin, "/api/calls?live=true&node=node-b", &[], |body| {
-        body["calls"].as_array().is_some_and(|c| c.len() == 1)
-    })
-    .await;
+    let on_b = listed("/api/calls?live=true&node=node-b", 1).await;
     let b_id = on_b["calls"][0]["id"].as_str().expect("id").to_owned();
 
     let killed_at = now_ms();
@@ -286,13 +307,18 @@ async fn kill_9_of_a_node_its_calls_are_closed_by_the_other_once_and_stay_closed
         _ => panic!("{status} {body}"),
     }
 
-    // B closes A's calls as interrupted, once, with node_lost naming both.
-    let mut closed = Vec::new();
-    for id in &a_ids {
-        let r = until(b.admin, &format!("/api/calls/{id}"), &[], |r| {
-            !r["ended_at"].is_null()
+    // B closes A's calls as interrupted, once, with node_lost naming both, and then says
+    // so on its stream (the sweep's closes and the roster's `dead` are one transaction).
+    b_events
+        .wait_for("node.lost of node-a", |e| {
+            e.event == "node.lost" && e.data["data"]["node"] == "node-a"
         })
         .await;
+    let mut closed = Vec::new();
+    for id in &a_ids {
+        let (status, r) = call_api(b.admin, "GET", &format!("/api/calls/{id}"), &[]).await;
+        assert_eq!(status, 200, "{r}");
+        assert!(!r["ended_at"].is_null(), "{r}");
         assert_eq!(r["end_reason"], "interrupted", "{r}");
         assert_eq!(r["hangup_by"], "server");
         assert_eq!(r["node"], "node-a");
@@ -315,13 +341,14 @@ async fn kill_9_of_a_node_its_calls_are_closed_by_the_other_once_and_stay_closed
         );
         closed.push(r);
     }
-    let roster = until(b.admin, "/api/nodes", &[], |body| {
-        body["nodes"].as_array().is_some_and(|n| {
-            n.iter()
-                .any(|n| n["id"] == "node-a" && n["state"] == "dead")
-        })
-    })
-    .await;
+    let (status, roster) = call_api(b.admin, "GET", "/api/nodes", &[]).await;
+    assert_eq!(status, 200, "{roster}");
+    assert!(
+        roster["nodes"].as_array().is_some_and(|n| n
+            .iter()
+            .any(|n| n["id"] == "node-a" && n["state"] == "dead")),
+        "{roster}"
+    );
     assert_eq!(roster["nodes"].as_array().expect("nodes").len(), 2);
     // B's own call goes on.
     let (_, mine) = call_api(b.admin, "GET", &format!("/api/calls/{b_id}"), &[]).await;
@@ -355,10 +382,9 @@ async fn kill_9_of_a_node_its_calls_are_closed_by_the_other_once_and_stay_closed
     // B's call is still live and untouched by A's start; it ends by the caller.
     echoes(&mut b_phone).await;
     b_phone.text(r#"{"event":"hangup"}"#).await;
-    let done = until(a2.admin, &format!("/api/calls/{b_id}"), &[], |r| {
-        !r["ended_at"].is_null()
-    })
-    .await;
+    b_events.wait_for_call("call.ended", "b-1").await;
+    let (status, done) = call_api(a2.admin, "GET", &format!("/api/calls/{b_id}"), &[]).await;
+    assert_eq!(status, 200, "{done}");
     assert_eq!(done["end_reason"], "peer_hangup", "{done}");
     drop((a, a2, b));
     drop(schema);

@@ -288,7 +288,7 @@ async fn a_call_no_route_takes_is_refused_with_1008_and_recorded_as_no_route() {
     );
     let report: serde_json::Value = serde_json::from_str(&stdout).expect("sim --json");
     assert_eq!(report["summary"]["close_code"], 1008, "{report}");
-    let record = server.last_call().await;
+    let record = server.ended_call("nowhere").await;
     assert_eq!(record["external_id"], "nowhere", "{record}");
     assert_eq!(record["end_reason"], "no_route");
     assert!(record["route"].is_null(), "{record}");

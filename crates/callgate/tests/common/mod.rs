@@ -139,6 +139,12 @@ impl Proc {
         v["calls"][0].clone()
     }
 
+    /// The record of the call `external_id` once it has ended: the end is awaited on the
+    /// server's live event stream (`call.ended`), never polled.
+    pub(crate) async fn ended_call(&self, external_id: &str) -> serde_json::Value {
+        callgate_testkit::sse::ended_call(self.admin, &[], external_id).await
+    }
+
     /// Places an inbound call, waits for the answer and returns its record (route chosen).
     pub(crate) async fn inbound_call(&self, id: &str) -> serde_json::Value {
         let mut phone = Phone::connect(&self.url()).await;
