@@ -254,7 +254,7 @@ async fn an_example_bot_answers_a_callbridge_call(mut bot: Command, label: &str)
         marks,
         ["reply-1", "reply-2", "reply-3", "reply-4", "reply-5"]
     );
-    let record = proc.ended_call("cdr-py").await;
+    let record = proc.ended_call(&format!("cdr-{label}")).await;
     assert_eq!(record["end_reason"], "agent_hangup");
     let events = bridge_events(&proc, record["id"].as_str().expect("id")).await;
     let bye = events
