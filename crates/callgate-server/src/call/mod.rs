@@ -614,8 +614,11 @@ async fn run_call(
         // The agent's tasks end with the call (and shutdown waits for them).
         let agent_tasks = CancellationToken::new();
         let spawner = Spawner::new(shared.tasks.tracker(), agent_tasks.clone());
-        let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
-        // The agent's future is owned and polled by this task (see `Call::run`).
+        let (io, mut side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
+        // The agent's future is owned and polled by this task (see `Call::run`), after every
+        // turn that queued events for it: those pushes need not wake this task again.
+        side.events
+            .polled_by(poll_fn(|cx| Poll::Ready(cx.waker().clone())).await);
         let agent: AgentFuture = Box::pin(AssertUnwindSafe(route.factory.start(io)).catch_unwind());
         let core = CallCore::new(
             session,
