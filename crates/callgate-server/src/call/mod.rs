@@ -888,11 +888,14 @@ impl Call {
                 _ = &mut cancelled, if !shutting_down => Input::Shutdown,
                 r = poll_agent(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
-                c = commands.recv(), if take_commands => Input::Agent(c),
+                c = poll_fn(|cx| commands.poll_recv(cx)), if take_commands => Input::Agent(c),
                 _ = &mut clear_signal => Input::AgentClear,
                 _ = &mut posted => Input::Operator,
                 _ = &mut timer => Input::Timer,
             };
+            // This task polls the agent and looks for commands again before it sleeps: what
+            // the agent sends until then need not wake it.
+            commands.busy();
             let now = now();
             match input {
                 Input::Shutdown => {
