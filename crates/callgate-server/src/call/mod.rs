@@ -16,7 +16,8 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use callgate_agent::queue;
@@ -28,6 +29,7 @@ use callgate_proto::{
 };
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
+use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -413,6 +415,68 @@ enum Input {
     Operator,
     /// The timer fired: a session deadline, a playout slot or progress.
     Timer,
+}
+
+/// The waker of a call's rare inputs (shutdown, operator requests, the agent's clear
+/// requests): it raises a flag, then wakes the call task. The task polls those three only when
+/// the flag is up, instead of in every turn (polling a waiting `Notified` takes a lock).
+#[derive(Debug)]
+struct Rare {
+    /// One of the rare inputs woke the task (up at first, so that all three register).
+    raised: AtomicBool,
+    /// The call task.
+    task: AtomicWaker,
+}
+
+impl Default for Rare {
+    fn default() -> Self {
+        Self {
+            raised: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Wake for Rare {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.raised.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Polls the rare inputs (the first of each pair that is ready gives its input) if the flag
+/// says one of them woke the task. They are polled with the flag-raising waker; one that is
+/// ready raises the flag again, so the others are looked at in the next turn too.
+fn poll_rare<const N: usize>(
+    cx: &mut Context<'_>,
+    rare: &Rare,
+    rare_waker: &Waker,
+    inputs: [Option<RareInput<'_>>; N],
+) -> Poll<Input> {
+    rare.task.register(cx.waker());
+    if !rare.raised.swap(false, Ordering::AcqRel) {
+        return Poll::Pending;
+    }
+    let mut rcx = Context::from_waker(rare_waker);
+    for (future, input) in inputs.into_iter().flatten() {
+        if future.poll(&mut rcx).is_ready() {
+            rare.raised.store(true, Ordering::Release);
+            return Poll::Ready(input);
+        }
+    }
+    Poll::Pending
+}
+
+/// A rare input for [`poll_rare`]: its future, and the input it gives when it is ready.
+type RareInput<'a> = (Pin<&'a mut dyn Future<Output = ()>>, Input);
+
+/// A rare input's future, as [`poll_rare`] takes it.
+fn rare_input<F: Future<Output = ()>>(future: Pin<&mut F>) -> Pin<&mut dyn Future<Output = ()>> {
+    future
 }
 
 /// The call's clock (tokio's, so `tokio::time::pause` drives a whole call), as the std
@@ -865,6 +929,9 @@ impl Call {
         tokio::pin!(posted);
         let clear_signal = control.notified();
         tokio::pin!(clear_signal);
+        // The three rare inputs are polled only when one of them woke the task (see `Rare`).
+        let rare = Arc::new(Rare::default());
+        let rare_waker = Waker::from(rare.clone());
         let mut closed_by_us = false;
 
         while !self.core.is_closed() {
@@ -885,12 +952,21 @@ impl Call {
             // Not biased: a phone's burst must not starve the agent's output (or the reverse),
             // so the branches are polled in random order.
             let input = tokio::select! {
-                _ = &mut cancelled, if !shutting_down => Input::Shutdown,
+                input = poll_fn(|cx| {
+                    poll_rare(
+                        cx,
+                        &rare,
+                        &rare_waker,
+                        [
+                            (!shutting_down).then(|| (rare_input(cancelled.as_mut()), Input::Shutdown)),
+                            Some((rare_input(posted.as_mut()), Input::Operator)),
+                            Some((rare_input(clear_signal.as_mut()), Input::AgentClear)),
+                        ],
+                    )
+                }) => input,
                 r = poll_agent(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
                 c = poll_fn(|cx| commands.poll_recv(cx)), if take_commands => Input::Agent(c),
-                _ = &mut clear_signal => Input::AgentClear,
-                _ = &mut posted => Input::Operator,
                 _ = &mut timer => Input::Timer,
             };
             // This task polls the agent and looks for commands again before it sleeps: what
@@ -923,8 +999,9 @@ impl Call {
                 }
                 Input::Timer => {
                     self.core.handle_timeout(now);
-                    if Instant::now() >= next_progress {
-                        next_progress = Instant::now() + interval;
+                    let at = Instant::from_std(now);
+                    if at >= next_progress {
+                        next_progress = at + interval;
                         self.progress();
                     }
                     self.check_liveness(ws).await;
