@@ -1129,7 +1129,14 @@ impl Call {
 
     /// Writes one message under `write_timeout`; a failure ends the call as the peer's.
     async fn write(&mut self, ws: &mut Ws, message: Message) {
-        let failure = match timeout(self.shared.config.write_timeout, ws.send(message)).await {
+        let mut send = std::pin::pin!(ws.send(message));
+        // Almost every write completes at once: the timer (a clock read and a timer entry)
+        // is set up only for one that has to wait.
+        let sent = match poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => timeout(self.shared.config.write_timeout, send).await,
+        };
+        let failure = match sent {
             Ok(Ok(())) => None,
             Ok(Err(error)) => {
                 debug!(%error, "Write failed.");
