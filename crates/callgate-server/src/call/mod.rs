@@ -80,6 +80,9 @@ const AGENT_COMMANDS_PER_TURN: usize = 16;
 const RECORDING_FINISH_WAIT: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
+/// How much later than needed the call's timer may stay armed rather than be re-armed (it
+/// then wakes the call early, finds nothing due and is re-armed).
+const TIMER_SLACK: Duration = Duration::from_millis(50);
 
 /// Serves one accepted connection: TLS handshake (on a TLS port), upgrade and first message
 /// under one deadline (`handshake_timeout` from accept), then a call slot, then the call.
@@ -944,7 +947,12 @@ impl Call {
             } else {
                 deadline
             };
-            if timer.deadline() != deadline {
+            // Moved earlier at once; moved later only by more than TIMER_SLACK: an echo moves
+            // the playout's gap deadline 20 ms later with every frame, and re-arming the timer
+            // each time costs more than the rare early wake-up (which finds nothing due and
+            // re-arms it).
+            let armed = timer.deadline();
+            if deadline < armed || deadline > armed + TIMER_SLACK || timer.is_elapsed() {
                 timer.as_mut().reset(deadline);
             }
             // Audio from the agent is taken only while the playout has room: its backpressure.
