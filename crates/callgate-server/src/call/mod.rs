@@ -2,11 +2,21 @@
 //! all belong to the task running [`serve`].
 //!
 //! This module is the I/O around the call: the upgrade, the first message, routing, and one
-//! `select!` over the socket, the agent (its future and its commands), the agent's clear
-//! requests, operator requests, the earliest deadline, the progress tick and shutdown. Every
-//! decision is the sans-IO [`core::CallCore`]'s: the loop feeds it inputs with the time and
-//! carries out its effects (frames, the close, record writes) before awaiting anything else.
-//! Only this task writes to the socket, and every write has a timeout.
+//! `select!` over the socket, the agent (its future and its commands), the rare inputs (the
+//! agent's clear requests, operator requests, shutdown) and the earliest deadline (playout,
+//! session, liveness ping, progress tick). Every decision is the sans-IO [`core::CallCore`]'s:
+//! the loop feeds it inputs with the time and carries out its effects (frames, the close,
+//! record writes, what the agent is told, the shared epoch) before awaiting anything else. It
+//! owns the agent's channels; the core holds none. Only this task writes to the socket, and a
+//! write that has to wait does so under `write_timeout`.
+//!
+//! # Wake-ups
+//! The CPU an echoed frame costs is mostly wake-ups and polls, so the loop keeps them to one
+//! turn per input: pushes to the agent's event queue do not wake this task, which polls the
+//! agent right after a turn that told it something (`EventSender::polled_by`); the command
+//! channel keeps this task's waker only while it sleeps (`Commands::busy` when a turn starts);
+//! the rare inputs share a flag-raising waker ([`Rare`]) and are polled only when it is up; the
+//! timer is moved later only by more than [`TIMER_SLACK`].
 
 pub(crate) mod core;
 
@@ -20,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use callgate_agent::queue;
+use callgate_agent::queue::{self, EventSender, Pushed, SendError};
 use callgate_agent::{AgentControl, AgentRun, CallInfo, Commands, PhoneInfo, Spawner, Stamped};
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
@@ -690,8 +700,6 @@ async fn run_call(
         let core = CallCore::new(
             session,
             media,
-            side.events,
-            side.control.clone(),
             Journal::new(started.into_std(), started_wall),
             CoreConfig {
                 barge_in: shared.config.barge_in,
@@ -703,6 +711,9 @@ async fn run_call(
             core,
             record,
             socket_open: true,
+            events: Some(side.events),
+            control: side.control.clone(),
+            told_agent: false,
         });
         call.run(&mut ws, side.commands, side.control, agent, operator)
             .await;
@@ -808,7 +819,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
     .await;
 }
 
-/// The state the call task owns besides the socket and channels.
+/// The state the call task owns besides the socket and the agent's future and commands.
 struct Call {
     shared: Arc<Shared>,
     core: CallCore,
@@ -817,6 +828,12 @@ struct Call {
     socket_open: bool,
     /// How far behind the phone reads.
     liveness: Liveness,
+    /// The agent's event queue, until the core closes it (or the agent stopped reading it).
+    events: Option<EventSender>,
+    /// The epoch shared with the agent, and its clear requests.
+    control: AgentControl,
+    /// Something was queued for the agent since it was last polled after a turn.
+    told_agent: bool,
 }
 
 /// Measures how far behind the phone reads, at any audio format and whatever the socket
@@ -992,11 +1009,11 @@ impl Call {
                 }
                 Input::Socket(message) => self.socket_input(now, message),
                 // More of what the agent queued is taken right below, bounded per turn.
-                Input::Agent(Some(command)) => self.core.handle_agent_command(now, command),
+                Input::Agent(Some(command)) => self.agent_command(now, command),
                 Input::Agent(None) => commands_open = false,
                 Input::AgentClear => {
                     clear_signal.set(control.notified());
-                    self.core.handle_agent_clear(now);
+                    self.agent_clear(now);
                 }
                 Input::Operator => {
                     posted.set(operator.notified());
@@ -1021,7 +1038,10 @@ impl Call {
             // Let the agent react to what this turn queued for it, and carry out its commands,
             // in this same turn: an echo costs one trip through the select, not two.
             if !self.core.is_closed() {
-                if let Some(a) = agent.as_mut()
+                // Only if this turn told it something: otherwise it has nothing new to react
+                // to (what wakes it on its own wakes this task, whose select polls it).
+                if std::mem::take(&mut self.told_agent)
+                    && let Some(a) = agent.as_mut()
                     && let Poll::Ready(outcome) =
                         poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await
                 {
@@ -1034,7 +1054,7 @@ impl Call {
                         break;
                     }
                     match commands.try_recv() {
-                        Some(command) => self.core.handle_agent_command(now, command),
+                        Some(command) => self.agent_command(now, command),
                         None => {
                             drained = true;
                             break;
@@ -1067,13 +1087,14 @@ impl Call {
         // The agent sees its queue close and returns; give it a moment (taking what it still
         // writes to the record), then drop it, which cancels it wherever it is.
         self.core.finish();
+        self.events = None;
         if let Some(mut agent) = agent {
             let wait = async {
                 loop {
                     tokio::select! {
                         _ = &mut agent => break,
                         Some(command) = commands.recv() => {
-                            self.core.handle_agent_command(now(), command);
+                            self.agent_command(now(), command);
                         }
                     }
                 }
@@ -1083,7 +1104,7 @@ impl Call {
             }
         }
         while let Some(command) = commands.try_recv() {
-            self.core.handle_agent_command(now(), command);
+            self.agent_command(now(), command);
         }
         if !self.core.has_ended() {
             // Every session path emits Ended before it closes; this is the safety net.
@@ -1096,6 +1117,19 @@ impl Call {
         }
         self.merge_stats();
         Box::pin(self.record.flush(self.core.journal())).await;
+    }
+
+    /// A command from the agent. A clear the agent asked for before sending it applies first.
+    fn agent_command(&mut self, now: std::time::Instant, command: Stamped) {
+        self.agent_clear(now);
+        self.core.handle_agent_command(now, command);
+    }
+
+    /// Hands the agent's clear request, if it made one, to the core with the agent's epoch.
+    fn agent_clear(&mut self, now: std::time::Instant) {
+        if self.control.take_clear_request() {
+            self.core.handle_agent_clear(now, self.control.epoch());
+        }
     }
 
     /// Whether the phone's reading is watched: while the call is live (after its end, e.g.
@@ -1231,6 +1265,33 @@ impl Call {
                     Box::pin(self.record.end(now(), reason, self.core.journal())).await;
                 }
                 Effect::Cdr(raw) => Box::pin(self.record.cdr(raw)).await,
+                Effect::AgentAudio(data) => {
+                    self.told_agent = true;
+                    if let Some(events) = &self.events
+                        && events.push_audio(data) == Pushed::DroppedOldest
+                    {
+                        self.core.handle_agent_audio_dropped();
+                    }
+                }
+                Effect::AgentEvent(event) => {
+                    self.told_agent = true;
+                    if let Some(events) = &self.events
+                        && events.try_send_control(event) == Err(SendError::Full)
+                    {
+                        // Not reading: it is told nothing more (its queue closes) and the core
+                        // ends the call.
+                        self.events = None;
+                        self.core.handle_agent_stuck(now());
+                    }
+                }
+                Effect::AdvanceEpoch => {
+                    let epoch = self.control.advance_epoch();
+                    self.core.handle_epoch(now(), epoch);
+                }
+                Effect::CloseAgent => {
+                    self.told_agent = true;
+                    self.events = None;
+                }
             }
         }
         self.record.offer(self.core.journal());
