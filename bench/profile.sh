@@ -8,8 +8,10 @@
 # the other: /proc/PID/stat (user and system CPU) with `perf stat` (context switches, CPU
 # migrations, system calls by tracepoint), then `strace -c -f` (system calls by name; strace
 # slows the server, so its window is not used for time), then with PROF_RECORD=1
-# `perf record` (a flat profile: the top symbols, user and kernel). Frames per window = calls x 50 x
-# seconds (the generator sends in real time; its own report says whether it kept up).
+# `perf record` (a flat profile: the top symbols, user and kernel). Frames in the perf window =
+# the messages the server sent in it (`sendto` + `write` + `writev`: one per echoed frame, plus
+# callgate's liveness pings, 1 per 62 frames), so a generator that fell behind does not skew
+# the per-frame figures.
 #
 # Counts per frame (system calls, switches) do not move with a noisy machine; times do.
 #
@@ -96,14 +98,15 @@ name, calls, window, hz = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int
 b = [int(x) for x in sys.argv[5].split()]
 a = [int(x) for x in sys.argv[6].split()]
 out = sys.argv[7]
-frames = calls * 50 * window
-user_us = (a[0] - b[0]) / hz * 1e6 / frames
-sys_us = (a[1] - b[1]) / hz * 1e6 / frames
 stat = {}
 for line in open(f"{out}/{name}.perf-stat"):
     f = line.strip().split(",")
     if len(f) > 2 and f[0] and f[0][0].isdigit():
         stat[f[2]] = float(f[0])
+sent = sum(stat.get(f"syscalls:sys_enter_{s}", 0.0) for s in ("sendto", "write", "writev"))
+frames = sent if sent > 0 else calls * 50 * window
+user_us = (a[0] - b[0]) / hz * 1e6 / frames
+sys_us = (a[1] - b[1]) / hz * 1e6 / frames
 per = lambda k: stat.get(k, 0.0) / frames
 load = json.load(open(f"{out}/{name}.load.json"))
 row = {
