@@ -79,6 +79,10 @@ def fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
+# Everything from this line on in RESULTS.md is written by hand and kept by --write.
+KEEP_MARKER = "<!-- Kept by bench/report.py --write: hand-written sections follow. -->"
+
+
 def write(run_dir, target):
     fixed = {}
     for path in glob.glob(os.path.join(run_dir, "fixed-*.json")):
@@ -164,8 +168,16 @@ def write(run_dir, target):
             lines.append(f"| {name} | {best if best else '< ' + str(runs[0][0])} | {failure or 'none up to ' + str(runs[-1][0])} |")
     lines += playout_section(run_dir)
     lines.append("")
+    # Hand-written sections after the marker (the step-by-step record of a change) are kept.
+    kept = ""
+    if os.path.exists(target):
+        with open(target) as f:
+            previous = f.read()
+        at = previous.find(KEEP_MARKER)
+        if at >= 0:
+            kept = "\n" + previous[at:]
     with open(target, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + kept)
 
 
 def playout_runs(run_dir):

@@ -5,14 +5,21 @@
 //! than real time waits here; control commands wait behind audio, in order.
 //!
 //! Many senders (the agent and the tasks it spawned, through cloned [`AgentSender`]s), one
-//! receiver (the call task). A small mutex-guarded queue that grows on demand instead of a
+//! receiver (the call task).
+//!
+//! Wake-ups: the receiver's waker is kept in the channel while it waits, and a push wakes it
+//! only then. The call task polls its agent's future itself, so most pushes happen while it
+//! runs: it says so ([`Receiver::busy`]) when a turn starts, and looks again before it sleeps,
+//! so those pushes wake nothing (a wake-up would only poll the whole call again for nothing). A small mutex-guarded queue that grows on demand instead of a
 //! tokio mpsc channel: a tokio channel preallocates a block of 32 slots per call (~1.5 KB),
 //! while most agents keep one command in flight at a time.
 //!
 //! [`AgentSender`]: crate::AgentSender
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use tokio::sync::Notify;
 
@@ -25,16 +32,14 @@ struct State {
     items: VecDeque<Stamped>,
     senders: usize,
     receiver_alive: bool,
-    /// The receiver is (about to be) waiting for a command: a push must wake it. Pushes made
-    /// while the call is busy anyway (the same turn that polls the agent) wake nothing.
-    receiver_waiting: bool,
+    /// The receiver's task, while it waits for a command (or the last sender's drop): a push
+    /// takes and wakes it. Pushes made while the call is busy anyway (the turn that polls the
+    /// agent) find none and wake nothing.
+    waiter: Option<Waker>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// The receiver waits here for a command (or the last sender's drop). Woken with
-    /// `notify_waiters`, which stores no permit: no wake-up without a waiter.
-    readable: Notify,
     /// Senders wait here for room (or the receiver's drop).
     writable: Notify,
 }
@@ -53,9 +58,8 @@ pub(crate) fn channel() -> (Sender, Receiver) {
             items: VecDeque::new(),
             senders: 1,
             receiver_alive: true,
-            receiver_waiting: false,
+            waiter: None,
         }),
-        readable: Notify::new(),
         writable: Notify::new(),
     });
     (
@@ -113,10 +117,10 @@ impl Sender {
             return Ok(Push::Full(command));
         }
         state.items.push_back(command);
-        let wake = std::mem::take(&mut state.receiver_waiting);
+        let waiter = state.waiter.take();
         drop(state);
-        if wake {
-            self.shared.readable.notify_waiters();
+        if let Some(w) = waiter {
+            w.wake();
         }
         Ok(Push::Done)
     }
@@ -135,10 +139,14 @@ impl Drop for Sender {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.senders -= 1;
-        let last = state.senders == 0;
+        let waiter = if state.senders == 0 {
+            state.waiter.take()
+        } else {
+            None
+        };
         drop(state);
-        if last {
-            self.shared.readable.notify_waiters();
+        if let Some(w) = waiter {
+            w.wake();
         }
     }
 }
@@ -156,40 +164,48 @@ pub(crate) struct Receiver {
 
 impl Receiver {
     /// The next command; `None` once every sender is gone and the queue is empty.
-    /// Cancel-safe.
+    /// Cancel-safe: a receive dropped while it waits leaves no wake-up behind.
     pub(crate) async fn recv(&mut self) -> Option<Stamped> {
-        loop {
-            match self.pop(false) {
-                Pop::Command(c) => return Some(c),
-                Pop::Closed => return None,
-                Pop::Empty => {}
+        /// Clears the waiter if the receive is dropped while it waits.
+        struct Waiting(Arc<Shared>);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.lock().waiter = None;
             }
-            // Registered before looking again (and saying so), so a push in between wakes it.
-            let ready = self.shared.readable.notified();
-            tokio::pin!(ready);
-            ready.as_mut().enable();
-            match self.pop(true) {
-                Pop::Command(c) => return Some(c),
-                Pop::Closed => return None,
-                Pop::Empty => ready.await,
-            }
+        }
+        let _waiting = Waiting(self.shared.clone());
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next command: one lock; when there is none, the waker is kept (cloned
+    /// only if it is not the one kept already) and the next push wakes it.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Stamped>> {
+        match self.pop(Some(cx.waker())) {
+            Pop::Command(c) => Poll::Ready(Some(c)),
+            Pop::Closed => Poll::Ready(None),
+            Pop::Empty => Poll::Pending,
         }
     }
 
     /// The next command if one is waiting.
     pub(crate) fn try_recv(&mut self) -> Option<Stamped> {
-        match self.pop(false) {
+        match self.pop(None) {
             Pop::Command(c) => Some(c),
             Pop::Closed | Pop::Empty => None,
         }
     }
 
-    /// Takes the next command; `wait`: if there is none, marks the receiver as waiting.
-    fn pop(&self, wait: bool) -> Pop {
+    /// The receiver's task is running and polls again before it sleeps: pushes until then
+    /// need not wake it.
+    pub(crate) fn busy(&mut self) {
+        self.shared.lock().waiter = None;
+    }
+
+    /// Takes the next command; with `waker`, if there is none, keeps it for the next push.
+    fn pop(&self, waker: Option<&Waker>) -> Pop {
         let mut state = self.shared.lock();
         match state.items.pop_front() {
             Some(c) => {
-                state.receiver_waiting = false;
                 let was_full = state.items.len() + 1 == COMMAND_QUEUE;
                 drop(state);
                 if was_full {
@@ -199,7 +215,12 @@ impl Receiver {
             }
             None if state.senders == 0 => Pop::Closed,
             None => {
-                state.receiver_waiting = wait;
+                if let Some(waker) = waker {
+                    match &mut state.waiter {
+                        Some(w) if w.will_wake(waker) => {}
+                        slot => *slot = Some(waker.clone()),
+                    }
+                }
                 Pop::Empty
             }
         }
@@ -304,6 +325,20 @@ mod tests {
         // The call is busy (it will look with try_recv): a push wakes nothing.
         assert!(poll_once(pin!(tx.send(audio(2)))).is_ready());
         assert_eq!(rx.try_recv(), Some(audio(2)));
+        // Polled and pending, then busy (a turn started): a push wakes nothing; once pending
+        // again, the next push wakes it.
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        rx.busy();
+        assert!(poll_once(pin!(tx.send(audio(4)))).is_ready());
+        assert_eq!(woken(), 1, "a busy receiver is not woken");
+        assert_eq!(
+            rx.poll_recv(&mut Context::from_waker(&waker)),
+            Poll::Ready(Some(audio(4)))
+        );
+        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        assert!(poll_once(pin!(tx.send(audio(5)))).is_ready());
+        assert_eq!(woken(), 2, "a pending receiver is woken");
+        assert_eq!(rx.try_recv(), Some(audio(5)));
         {
             // A receive that was cancelled while waiting leaves no wake-up behind either.
             let mut recv = pin!(rx.recv());
@@ -314,7 +349,7 @@ mod tests {
             );
         }
         assert!(poll_once(pin!(tx.send(audio(3)))).is_ready());
-        assert_eq!(woken(), 1);
+        assert_eq!(woken(), 2);
         assert_eq!(rx.try_recv(), Some(audio(3)));
     }
 

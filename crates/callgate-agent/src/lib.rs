@@ -561,6 +561,22 @@ impl Commands {
     pub fn try_recv(&mut self) -> Option<Stamped> {
         self.rx.try_recv()
     }
+
+    /// Polls for the next command, like [`Commands::recv`] without a future to keep: one lock,
+    /// and the waker is kept until a push (or the last sender's drop) wakes it.
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Stamped>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// Says that the call's task is running and polls for commands again before it sleeps
+    /// (as the call task does every turn): commands pushed until then (by the agent it polls
+    /// itself) need not wake it, which would only poll the whole call again for nothing.
+    pub fn busy(&mut self) {
+        self.rx.busy();
+    }
 }
 
 /// The call's ends of the wiring to its agent.

@@ -9,11 +9,16 @@
 //!
 //! One sender (the call task) and one receiver (the agent). Dropping the sender closes the
 //! queue: the receiver drains what is left, then gets `None`.
+//!
+//! Wake-ups: a push wakes the receiver's task only if it waits, and not when that task is the
+//! sender's own driver (see [`EventSender::polled_by`]): the call task polls its agent's future
+//! itself, right after queueing what the agent is to read, so waking it from inside its own
+//! turn would only poll the whole call a second time for nothing (once per audio frame).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard};
-
-use tokio::sync::Notify;
+use std::task::{Context, Poll, Waker};
 
 use crate::AgentEvent;
 
@@ -38,11 +43,12 @@ struct State {
     lost: u64,
     sender_alive: bool,
     receiver_alive: bool,
+    /// The receiver's task, while it waits for an event.
+    waiter: Option<Waker>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    readable: Notify,
 }
 
 impl Shared {
@@ -62,12 +68,13 @@ pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
             lost: 0,
             sender_alive: true,
             receiver_alive: true,
+            waiter: None,
         }),
-        readable: Notify::new(),
     });
     (
         EventSender {
             shared: shared.clone(),
+            driver: None,
         },
         EventReceiver { shared },
     )
@@ -76,6 +83,9 @@ pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
 /// The call's end of the queue.
 pub struct EventSender {
     shared: Arc<Shared>,
+    /// The task that polls the receiver's future after every push (see
+    /// [`EventSender::polled_by`]).
+    driver: Option<Waker>,
 }
 
 /// The result of queueing audio.
@@ -90,6 +100,14 @@ pub enum Pushed {
 }
 
 impl EventSender {
+    /// Says that the task whose waker is `driver` polls the receiving agent's future itself
+    /// after every push (as the call task does with an agent it runs): a receiver waiting in
+    /// that task is not woken by a push, which would only poll the task again for nothing.
+    /// A receiver waiting in any other task is woken as usual.
+    pub fn polled_by(&mut self, driver: Waker) {
+        self.driver = Some(driver);
+    }
+
     /// Queues caller audio without waiting (see the module policy).
     pub fn push_audio(&self, data: bytes::Bytes) -> Pushed {
         let mut state = self.shared.lock();
@@ -116,8 +134,7 @@ impl EventSender {
             }
         }
         state.items.push_back(AgentEvent::Audio(data));
-        drop(state);
-        self.shared.readable.notify_one();
+        self.wake(state);
         result
     }
 
@@ -141,16 +158,36 @@ impl EventSender {
             state.lost += 1;
         }
         state.items.push_back(event);
-        drop(state);
-        self.shared.readable.notify_one();
+        self.wake(state);
         Ok(())
+    }
+
+    /// Wakes the waiting receiver, unless it waits in the task that polls it next anyway.
+    fn wake(&self, mut state: MutexGuard<'_, State>) {
+        let Some(waiter) = &state.waiter else {
+            return;
+        };
+        if self.driver.as_ref().is_some_and(|d| d.will_wake(waiter)) {
+            return;
+        }
+        let waiter = state.waiter.take();
+        drop(state);
+        if let Some(w) = waiter {
+            w.wake();
+        }
     }
 }
 
 impl Drop for EventSender {
     fn drop(&mut self) {
-        self.shared.lock().sender_alive = false;
-        self.shared.readable.notify_one();
+        let mut state = self.shared.lock();
+        state.sender_alive = false;
+        let waiter = state.waiter.take();
+        drop(state);
+        // Always woken: the driver that dropped its sender may not poll the agent again.
+        if let Some(w) = waiter {
+            w.wake();
+        }
     }
 }
 
@@ -169,25 +206,35 @@ impl EventReceiver {
     /// The next event, or `None` once the sender is gone and the queue is empty. Caller audio
     /// dropped because the queue was full is reported first, as [`AgentEvent::AudioLost`].
     pub async fn recv(&mut self) -> Option<AgentEvent> {
-        loop {
-            match self.poll_next() {
-                Next::Event(event) => return Some(event),
-                Next::Closed => return None,
-                Next::Empty => self.shared.readable.notified().await,
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Polls for the next event (see [`EventReceiver::recv`]): one lock, and the waker is
+    /// stored only when it is not the one already stored.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<AgentEvent>> {
+        let mut state = self.shared.lock();
+        match Self::next(&mut state) {
+            Next::Event(event) => Poll::Ready(Some(event)),
+            Next::Closed => Poll::Ready(None),
+            Next::Empty => {
+                match &mut state.waiter {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    slot => *slot = Some(cx.waker().clone()),
+                }
+                Poll::Pending
             }
         }
     }
 
     /// The next event if one is queued (`None` when the queue is empty or closed).
     pub fn try_recv(&mut self) -> Option<AgentEvent> {
-        match self.poll_next() {
+        match Self::next(&mut self.shared.lock()) {
             Next::Event(event) => Some(event),
             Next::Closed | Next::Empty => None,
         }
     }
 
-    fn poll_next(&mut self) -> Next {
-        let mut state = self.shared.lock();
+    fn next(state: &mut State) -> Next {
         if state.lost > 0 {
             let frames = std::mem::take(&mut state.lost);
             return Next::Event(AgentEvent::AudioLost { frames });
@@ -223,10 +270,69 @@ impl std::fmt::Debug for EventReceiver {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::Wake;
+
     use bytes::Bytes;
     use callgate_proto::{Digit, EndReason};
 
     use super::*;
+
+    struct Count(AtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        (count.clone(), Waker::from(count))
+    }
+
+    #[test]
+    fn a_push_wakes_a_waiting_receiver_unless_it_waits_in_the_driver() {
+        let (mut tx, mut rx) = channel(4);
+        let (agent_task, agent_waker) = counter();
+        let woken = |c: &Count| c.0.load(Ordering::SeqCst);
+        let mut cx = Context::from_waker(&agent_waker);
+        // The agent runs in a task of its own: every push to a waiting receiver wakes it.
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.push_audio(Bytes::from_static(b"a"));
+        assert_eq!(woken(&agent_task), 1);
+        // A push while it is not waiting wakes nothing.
+        tx.push_audio(Bytes::from_static(b"b"));
+        assert_eq!(woken(&agent_task), 1);
+        assert_eq!(rx.try_recv(), Some(audio_of(b"a")));
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(_))));
+        // The agent runs in the driver's task, which polls it after every push: no wake-up.
+        tx.polled_by(agent_waker.clone());
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.push_audio(Bytes::from_static(b"c"));
+        tx.try_send_control(AgentEvent::Dtmf(Digit::D1)).unwrap();
+        assert_eq!(woken(&agent_task), 1, "the driver polls its agent itself");
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(_))));
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(_))));
+        // Polled from another task (an agent that moved its events into a spawned task): woken.
+        let (other_task, other_waker) = counter();
+        assert!(
+            rx.poll_recv(&mut Context::from_waker(&other_waker))
+                .is_pending()
+        );
+        tx.push_audio(Bytes::from_static(b"d"));
+        assert_eq!(woken(&other_task), 1);
+        // Closing the queue always wakes the receiver, whichever task it waits in.
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(_))));
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        drop(tx);
+        assert_eq!(woken(&agent_task), 2);
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
+    }
+
+    fn audio_of(b: &'static [u8]) -> AgentEvent {
+        AgentEvent::Audio(Bytes::from_static(b))
+    }
 
     fn audio(n: u8) -> AgentEvent {
         AgentEvent::Audio(Bytes::from(vec![n]))

@@ -1,13 +1,36 @@
 //! The call core: every decision of a live call, sans-IO.
 //!
 //! [`CallCore`] owns the protocol [`Session`], the call's [`Media`] (playout clock, VAD, DTMF
-//! detection, recording), the agent's event queue and the [`Journal`]. Inputs are
-//! `handle_*(now, ..)` calls; effects come out of [`CallCore::poll_output`] (frames to send,
-//! the close, and the record writes that need awaiting); [`CallCore::poll_timeout`] is the
-//! next deadline. Time is always an argument: a test drives a whole call on a virtual clock.
+//! detection, recording) and the [`Journal`]. It is a plain state machine, in the shape of
+//! quinn-proto's `Connection`: inputs are `handle_*(now, ..)` calls; outputs come out of
+//! [`CallCore::poll_output`] (frames to send, the close, the record writes that need awaiting,
+//! and what the agent is to be told) and [`CallCore::poll_timeout`] (the next deadline). It
+//! holds no channel, no atomic and no runtime type, and never reads the clock: time is an
+//! argument, so its tests are plain `#[test]`s that drive a whole call on a test clock.
+//!
+//! The driver (`call::Call`) owns the sockets and the agent's channels and moves bytes, events
+//! and time; it decides nothing:
+//! - [`Effect::AgentAudio`] and [`Effect::AgentEvent`] go into the agent's event queue. Audio
+//!   the full queue drops is reported back with [`CallCore::handle_agent_audio_dropped`]; a
+//!   queue full of unread control events with [`CallCore::handle_agent_stuck`] (the core ends
+//!   the call).
+//! - Epochs are shared with the agent, which starts one when it clears ([`AgentIo::clear`]).
+//!   The driver hands the agent's clear requests in with the agent's epoch
+//!   ([`CallCore::handle_agent_clear`]), before the next agent command; for a clear of the
+//!   core's own (barge-in, an operator's), [`Effect::AdvanceEpoch`] asks it to advance the
+//!   shared epoch and hand the new one back ([`CallCore::handle_epoch`]) before the next
+//!   effect.
 //!
 //! Drive invariant (as in callgate-proto): after every `handle_*`, drain `poll_output` before
 //! awaiting anything.
+//!
+//! The clock ban: clippy reads one `clippy.toml` per crate and has one switch for all of its
+//! `disallowed-methods`, so a module cannot carry a ban of its own, and a crate-wide ban of the
+//! clock would hit every test of this crate that times something. The ban is therefore a test
+//! over this module's source (`the_core_reads_no_clock_and_holds_no_runtime_types`), with the
+//! same list a `clippy.toml` would carry.
+//!
+//! [`AgentIo::clear`]: callgate_agent::AgentIo::clear
 //!
 //! # Phases
 //! `Live` → `HangingUp(reason)` (the agent hung up with audio queued: it plays, then the call
@@ -19,9 +42,8 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
-use callgate_agent::queue::{EventSender, Pushed, SendError};
 use callgate_agent::{
-    AgentCommand, AgentControl, AgentEvent, CommandKind, Interruption, MarkState, Stamped,
+    AgentCommand, AgentEvent, CommandKind, Epoch, Interruption, MarkState, Stamped,
 };
 use callgate_audio::playout::{Cleared, MarkEnd, PlayoutEvent};
 use callgate_audio::vad::VadEvent;
@@ -50,6 +72,18 @@ pub(crate) enum Effect {
     Ended(EndReason),
     /// The phone system's CDR, verbatim: store it and wait for the commit.
     Cdr(String),
+    /// Queue caller audio for the agent (its queue drops the oldest audio when full: report
+    /// that with [`CallCore::handle_agent_audio_dropped`]).
+    AgentAudio(Bytes),
+    /// Queue a control event for the agent. If its queue is full of control events it has not
+    /// read, close the queue and report it with [`CallCore::handle_agent_stuck`].
+    AgentEvent(AgentEvent),
+    /// The core cleared the playout on its own (barge-in, an operator's clear): advance the
+    /// epoch shared with the agent and hand the new one to [`CallCore::handle_epoch`] before
+    /// the next effect.
+    AdvanceEpoch,
+    /// Close the agent's event queue: the agent ends once it has read what is queued.
+    CloseAgent,
 }
 
 /// How the agent's future ended.
@@ -143,9 +177,14 @@ pub(crate) struct CallCore {
     media: Box<Media>,
     phase: Phase,
     answered: bool,
-    /// Events to the agent; dropped when the call ends, which ends the agent.
-    agent: Option<EventSender>,
-    control: AgentControl,
+    /// Whether the agent's event queue is open (closed when the call ends, which ends the
+    /// agent, or when the agent stopped reading it).
+    agent_open: bool,
+    /// The newest epoch the core knows: agent commands from an older one are stale.
+    epoch: Epoch,
+    /// Clears of the core's own waiting for their new epoch ([`Effect::AdvanceEpoch`]), in
+    /// order: who cleared, and what the agent is told once the epoch is known.
+    epoch_waits: VecDeque<(Clearer, Interruption)>,
     journal: Journal,
     stats: Stats,
     config: CoreConfig,
@@ -170,8 +209,6 @@ impl CallCore {
     pub(crate) fn new(
         session: Session,
         media: Box<Media>,
-        agent: EventSender,
-        control: AgentControl,
         journal: Journal,
         config: CoreConfig,
     ) -> Self {
@@ -183,8 +220,9 @@ impl CallCore {
             media,
             phase: Phase::Live,
             answered: false,
-            agent: Some(agent),
-            control,
+            agent_open: true,
+            epoch: Epoch::default(),
+            epoch_waits: VecDeque::new(),
             journal,
             stats: Stats::default(),
             config,
@@ -247,9 +285,8 @@ impl CallCore {
             }
             return;
         }
-        // A clear the agent asked for before sending this applies before it.
-        self.apply_agent_clear(now);
-        let stale = stamped.epoch < self.control.epoch();
+        // (A clear the agent asked for before sending this was handed in before it.)
+        let stale = stamped.epoch < self.epoch;
         match stamped.command {
             AgentCommand::Answer => {
                 if let Err(error) = self.session.handle_command(now, Command::Answer) {
@@ -269,15 +306,12 @@ impl CallCore {
             AgentCommand::Mark(id) if stale => {
                 // Its audio was dropped before it could be queued.
                 let played_ms = self.played_ms();
-                self.notify(
-                    now,
-                    AgentEvent::Mark {
-                        id,
-                        played_ms,
-                        at_ms: self.journal.ms(now),
-                        state: MarkState::Cleared,
-                    },
-                );
+                self.notify(AgentEvent::Mark {
+                    id,
+                    played_ms,
+                    at_ms: self.journal.ms(now),
+                    state: MarkState::Cleared,
+                });
             }
             AgentCommand::Mark(id) => self.media.mark(id),
             AgentCommand::Dtmf { digit, duration } => {
@@ -299,9 +333,51 @@ impl CallCore {
         self.process(now);
     }
 
-    /// The agent may have asked for a clear.
-    pub(crate) fn handle_agent_clear(&mut self, now: Instant) {
-        self.apply_agent_clear(now);
+    /// The agent asked for a clear; `epoch` is its epoch now (the one its clear started, or a
+    /// later one). The driver hands this in before the agent's next command.
+    pub(crate) fn handle_agent_clear(&mut self, now: Instant, epoch: Epoch) {
+        self.epoch = self.epoch.max(epoch);
+        self.clear(now, Clearer::Agent);
+        self.process(now);
+    }
+
+    /// The epoch shared with the agent was advanced for the oldest clear of the core's own
+    /// ([`Effect::AdvanceEpoch`]): it is `epoch`. The agent is told of the clear next.
+    pub(crate) fn handle_epoch(&mut self, now: Instant, epoch: Epoch) {
+        self.epoch = self.epoch.max(epoch);
+        if let Some((by, mut interruption)) = self.epoch_waits.pop_front() {
+            interruption.epoch = epoch;
+            let event = match by {
+                Clearer::Caller => AgentEvent::BargeIn(interruption),
+                Clearer::Agent | Clearer::Operator => AgentEvent::Cleared(interruption),
+            };
+            // Ahead of what the clear queued after it (the cleared marks), as it happened.
+            if self.agent_open {
+                self.effects.push_front(Effect::AgentEvent(event));
+            }
+        }
+        self.process(now);
+    }
+
+    /// The agent's queue dropped its oldest audio to take more (the agent is behind).
+    pub(crate) fn handle_agent_audio_dropped(&mut self) {
+        self.stats.agent_audio_dropped += 1;
+    }
+
+    /// The agent's queue is full of control events it has not read: the agent is stuck, and
+    /// the call ends as `agent_failed`. The driver has closed the queue.
+    pub(crate) fn handle_agent_stuck(&mut self, now: Instant) {
+        if !self.agent_open {
+            return;
+        }
+        self.agent_open = false;
+        tracing::warn!("Agent stopped taking events; ending the call.");
+        self.journal.event(
+            now,
+            EventKind::AgentFailed,
+            json!({ "message": "agent stopped taking events" }),
+        );
+        self.end_now(now, EndReason::AgentFailed);
         self.process(now);
     }
 
@@ -408,10 +484,11 @@ impl CallCore {
         self.media.sync();
     }
 
-    /// Closes what the call holds that outlives nothing: the recording, the agent's queue.
+    /// Closes what the call holds that outlives nothing: the recording. The driver closes the
+    /// agent's queue (nothing more is told to the agent).
     pub(crate) fn finish(&mut self) {
         self.media.finish();
-        drop(self.agent.take());
+        self.agent_open = false;
     }
 
     // ---- decisions ----
@@ -455,9 +532,9 @@ impl CallCore {
                 self.media.finish();
                 self.journal
                     .event(now, EventKind::Ended, json!({ "reason": reason.as_str() }));
-                self.notify(now, AgentEvent::Ended(reason));
+                self.notify(AgentEvent::Ended(reason));
                 // Closing the queue ends the agent once it has read everything.
-                drop(self.agent.take());
+                self.close_agent();
                 self.effects.push_back(Effect::Ended(reason));
             }
             CallEvent::Cdr(report) => {
@@ -516,10 +593,8 @@ impl CallCore {
         self.journal.counters.frames_in += 1;
         let mut events = std::mem::take(&mut self.media_events);
         let for_agent = self.media.caller_audio(data, &mut events);
-        if let Some(agent) = &self.agent
-            && agent.push_audio(for_agent) == Pushed::DroppedOldest
-        {
-            self.stats.agent_audio_dropped += 1;
+        if self.agent_open {
+            self.effects.push_back(Effect::AgentAudio(for_agent));
         }
         for event in events.drain(..) {
             self.media_event(now, event);
@@ -540,7 +615,7 @@ impl CallCore {
             MediaEvent::Speech(VadEvent::SpeechStarted { at_ms }) => {
                 self.journal
                     .event(now, EventKind::SpeechStarted, json!({ "at_ms": at_ms }));
-                self.notify(now, AgentEvent::SpeechStarted { at_ms });
+                self.notify(AgentEvent::SpeechStarted { at_ms });
                 if self.config.barge_in && self.phase == Phase::Live && self.media.is_playing() {
                     self.barge_in(now);
                 }
@@ -548,7 +623,7 @@ impl CallCore {
             MediaEvent::Speech(VadEvent::SpeechStopped { at_ms }) => {
                 self.journal
                     .event(now, EventKind::SpeechStopped, json!({ "at_ms": at_ms }));
-                self.notify(now, AgentEvent::SpeechStopped { at_ms });
+                self.notify(AgentEvent::SpeechStopped { at_ms });
             }
             MediaEvent::InbandDtmf(digit) => self.dtmf(now, digit, "inband"),
         }
@@ -560,20 +635,11 @@ impl CallCore {
         self.clear(now, Clearer::Caller);
     }
 
-    fn apply_agent_clear(&mut self, now: Instant) {
-        if self.control.take_clear_request() {
-            self.clear(now, Clearer::Agent);
-        }
-    }
-
     /// Drops everything the caller has not heard, in a new epoch (the agent's own request
-    /// already started one), records who did it, and tells the agent.
+    /// already started one; for the core's own, the driver advances it: see
+    /// [`Effect::AdvanceEpoch`]), records who did it, and tells the agent.
     fn clear(&mut self, now: Instant, by: Clearer) -> Cleared {
         let mut cleared = self.media.clear();
-        let epoch = match by {
-            Clearer::Agent => self.control.epoch(),
-            Clearer::Caller | Clearer::Operator => self.control.advance_epoch(),
-        };
         if self.confirms.is_some() {
             cleared.dropped_ms += self.clear_unconfirmed(now);
         }
@@ -592,13 +658,15 @@ impl CallCore {
             played_ms,
             dropped_ms: cleared.dropped_ms,
             at_ms: self.journal.ms(now),
-            epoch,
+            epoch: self.epoch,
         };
-        let event = match by {
-            Clearer::Caller => AgentEvent::BargeIn(interruption),
-            Clearer::Agent | Clearer::Operator => AgentEvent::Cleared(interruption),
-        };
-        self.notify(now, event);
+        match by {
+            Clearer::Agent => self.notify(AgentEvent::Cleared(interruption)),
+            Clearer::Caller | Clearer::Operator => {
+                self.epoch_waits.push_back((by, interruption));
+                self.effects.push_back(Effect::AdvanceEpoch);
+            }
+        }
         cleared
     }
 
@@ -614,7 +682,7 @@ impl CallCore {
             EventKind::Dtmf,
             json!({ "digit": digit.to_string(), "source": source }),
         );
-        self.notify(now, AgentEvent::Dtmf(digit));
+        self.notify(AgentEvent::Dtmf(digit));
     }
 
     /// Whether agent audio may be queued now; says why not to the agent (once per run).
@@ -650,7 +718,7 @@ impl CallCore {
             EventKind::AgentCommandRefused,
             json!({ "command": name, "message": reason }),
         );
-        self.notify(now, AgentEvent::Refused { command, reason });
+        self.notify(AgentEvent::Refused { command, reason });
     }
 
     /// Ends the call once the queued audio has played: at once if none is queued.
@@ -721,15 +789,12 @@ impl CallCore {
                         MarkEnd::Cleared => MarkState::Cleared,
                     };
                     let at_ms = self.journal.ms(now);
-                    self.notify(
-                        now,
-                        AgentEvent::Mark {
-                            id,
-                            played_ms,
-                            at_ms,
-                            state,
-                        },
-                    );
+                    self.notify(AgentEvent::Mark {
+                        id,
+                        played_ms,
+                        at_ms,
+                        state,
+                    });
                 }
             }
         }
@@ -832,15 +897,12 @@ impl CallCore {
         }
         let at_ms = self.journal.ms(now);
         for (id, played_ms) in released {
-            self.notify(
-                now,
-                AgentEvent::Mark {
-                    id,
-                    played_ms,
-                    at_ms,
-                    state: MarkState::Played,
-                },
-            );
+            self.notify(AgentEvent::Mark {
+                id,
+                played_ms,
+                at_ms,
+                state: MarkState::Played,
+            });
         }
     }
 
@@ -861,15 +923,12 @@ impl CallCore {
         let played_ms = c.heard_ms;
         let at_ms = self.journal.ms(now);
         for (id, _) in held {
-            self.notify(
-                now,
-                AgentEvent::Mark {
-                    id,
-                    played_ms,
-                    at_ms,
-                    state: MarkState::Cleared,
-                },
-            );
+            self.notify(AgentEvent::Mark {
+                id,
+                played_ms,
+                at_ms,
+                state: MarkState::Cleared,
+            });
         }
         unconfirmed
     }
@@ -912,25 +971,18 @@ impl CallCore {
         }
     }
 
-    /// Sends a control event to the agent. A queue full of unread control events means the
-    /// agent is stuck: the call ends as `agent_failed`.
-    fn notify(&mut self, now: Instant, event: AgentEvent) {
-        let Some(agent) = &self.agent else {
-            return;
-        };
-        match agent.try_send_control(event) {
-            Ok(()) | Err(SendError::Closed) => {}
-            Err(SendError::Full) => {
-                tracing::warn!("Agent stopped taking events; ending the call.");
-                self.journal.event(
-                    now,
-                    EventKind::AgentFailed,
-                    json!({ "message": "agent stopped taking events" }),
-                );
-                // No more events: the agent is not reading them.
-                drop(self.agent.take());
-                self.end_now(now, EndReason::AgentFailed);
-            }
+    /// Tells the agent something (a control event: never dropped; a queue full of unread ones
+    /// comes back as [`CallCore::handle_agent_stuck`]).
+    fn notify(&mut self, event: AgentEvent) {
+        if self.agent_open {
+            self.effects.push_back(Effect::AgentEvent(event));
+        }
+    }
+
+    /// Closes the agent's event queue.
+    fn close_agent(&mut self) {
+        if std::mem::replace(&mut self.agent_open, false) {
+            self.effects.push_back(Effect::CloseAgent);
         }
     }
 }
@@ -976,14 +1028,16 @@ fn command_name(command: CommandKind) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    //! The call's decisions on a virtual clock: every test passes the time in, so a whole
-    //! call (seconds of playout) runs in microseconds and exactly the same way every time.
+    //! The call's decisions on a test clock: every test passes the time in, so a whole call
+    //! (seconds of playout) runs in microseconds and exactly the same way every time. The
+    //! harness is the driver: it feeds the core, carries out its effects, and holds the
+    //! agent's side (the real event queue, the commands the agent sent, the shared epoch).
+    //! Plain `#[test]`s: nothing here needs a runtime.
 
     use std::time::Duration;
 
-    use callgate_agent::{
-        AgentIo, Commands, Epoch, PhoneInfo, RecordEvent, Spawner, Speaker, Turn,
-    };
+    use callgate_agent::queue::{self, EventReceiver, EventSender, Pushed, SendError};
+    use callgate_agent::{Epoch, RecordEvent, Speaker, Turn};
     use callgate_audio::playout::Underrun;
     use callgate_proto::detect;
     use callgate_proto::{AudioFormat, DtmfDuration, inbound};
@@ -1000,8 +1054,13 @@ mod tests {
 
     struct Call {
         core: CallCore,
-        io: AgentIo,
-        commands: Commands,
+        /// The agent's end of its event queue, and the call's (until the core closes it).
+        events: EventReceiver,
+        to_agent: Option<EventSender>,
+        /// Commands the agent sent that the call has not taken yet.
+        commands: VecDeque<Stamped>,
+        /// The epoch shared by the agent and the call.
+        epoch: Epoch,
         t0: Instant,
         /// Audio frames sent to the phone: (ms, first byte).
         audio: Vec<(u64, u8)>,
@@ -1012,6 +1071,7 @@ mod tests {
 
     impl Call {
         fn new(start: &str, barge_in: bool) -> Self {
+            // The test clock's origin: every later time is t0 plus a number of ms.
             let t0 = Instant::now();
             let mut handshake = detect::Handshake::new(None);
             let start = start
@@ -1034,40 +1094,19 @@ mod tests {
                 t0,
             )
             .unwrap();
-            let info = callgate_agent::CallInfo {
-                call_id: "call".into(),
-                protocol: session.protocol(),
-                caller: "1".into(),
-                callee: "2".into(),
-                external_id: "s-1".into(),
-                phone: PhoneInfo::Inbound {
-                    caller_id: "1".into(),
-                    did_number: "2".into(),
-                    session_id: "s-1".into(),
-                },
-                route: "default".into(),
-                agent: "test".into(),
-                input_format: AudioFormat::Pcm8000,
-                output_format: AudioFormat::Pcm8000,
-            };
-            let (io, side) = callgate_agent::wire(
-                info,
-                50,
-                Spawner::detached(),
-                tokio::time::Instant::from_std(t0),
-            );
+            let (to_agent, events) = queue::channel(50);
             let core = CallCore::new(
                 session,
                 Box::new(media),
-                side.events,
-                side.control,
                 Journal::new(t0, UnixMillis(0)),
                 CoreConfig { barge_in },
             );
             Self {
                 core,
-                io,
-                commands: side.commands,
+                events,
+                to_agent: Some(to_agent),
+                commands: VecDeque::new(),
+                epoch: Epoch::default(),
                 t0,
                 audio: Vec::new(),
                 texts: Vec::new(),
@@ -1080,15 +1119,29 @@ mod tests {
             self.t0 + Duration::from_millis(ms)
         }
 
-        /// The agent sends `command` at `ms`; the call takes what the agent queued.
-        async fn agent(&mut self, ms: u64, command: AgentCommand) {
-            self.io.send(command).await.unwrap();
+        /// The agent sends `command` at `ms` (in the current epoch); the call takes what the
+        /// agent queued.
+        fn agent(&mut self, ms: u64, command: AgentCommand) {
+            self.send_in(self.epoch, command);
             self.take_commands(ms);
+        }
+
+        /// The agent sends `command` stamped with `epoch` (the call takes it later).
+        fn send_in(&mut self, epoch: Epoch, command: AgentCommand) {
+            self.commands.push_back(Stamped { epoch, command });
+        }
+
+        /// The agent clears at `ms` (`AgentIo::clear`): a new epoch, handed to the call.
+        fn clear(&mut self, ms: u64) -> Epoch {
+            self.epoch = Epoch(self.epoch.0 + 1);
+            self.core.handle_agent_clear(self.at(ms), self.epoch);
+            self.collect(ms);
+            self.epoch
         }
 
         fn take_commands(&mut self, ms: u64) {
             while self.core.takes_agent_commands() {
-                let Some(c) = self.commands.try_recv() else {
+                let Some(c) = self.commands.pop_front() else {
                     break;
                 };
                 self.core.handle_agent_command(self.at(ms), c);
@@ -1097,9 +1150,9 @@ mod tests {
         }
 
         /// `n` ms of agent audio whose bytes are all `tag`.
-        async fn say(&mut self, ms: u64, n: usize, tag: u8) {
+        fn say(&mut self, ms: u64, n: usize, tag: u8) {
             let bytes = Bytes::from(vec![tag; n * FRAME / 20]);
-            self.agent(ms, AgentCommand::Audio(bytes)).await;
+            self.agent(ms, AgentCommand::Audio(bytes));
         }
 
         /// Runs the clock to `ms`, firing every deadline on the way.
@@ -1116,6 +1169,7 @@ mod tests {
             self.collect(ms);
         }
 
+        /// Carries out the core's effects at `ms`, as the driver does.
         fn collect(&mut self, ms: u64) {
             while let Some(effect) = self.core.poll_output() {
                 match effect {
@@ -1124,12 +1178,33 @@ mod tests {
                     Effect::Close(close) => self.closed = Some(close),
                     Effect::Ended(reason) => self.ended = Some(reason),
                     Effect::Answered | Effect::Cdr(_) => {}
+                    Effect::AgentAudio(data) => {
+                        if let Some(tx) = &self.to_agent
+                            && tx.push_audio(data) == Pushed::DroppedOldest
+                        {
+                            self.core.handle_agent_audio_dropped();
+                        }
+                    }
+                    Effect::AgentEvent(event) => {
+                        if let Some(tx) = &self.to_agent
+                            && tx.try_send_control(event) == Err(SendError::Full)
+                        {
+                            self.to_agent = None;
+                            self.core.handle_agent_stuck(self.at(ms));
+                        }
+                    }
+                    Effect::AdvanceEpoch => {
+                        self.epoch = Epoch(self.epoch.0 + 1);
+                        self.core.handle_epoch(self.at(ms), self.epoch);
+                    }
+                    Effect::CloseAgent => self.to_agent = None,
                 }
             }
         }
 
+        /// What the agent has been told since it last looked.
         fn events(&mut self) -> Vec<AgentEvent> {
-            std::iter::from_fn(|| self.io.try_recv()).collect()
+            std::iter::from_fn(|| self.events.try_recv()).collect()
         }
 
         fn speech(&mut self, ms: u64) {
@@ -1145,9 +1220,9 @@ mod tests {
         }
     }
 
-    async fn answered(barge_in: bool) -> Call {
+    fn answered(barge_in: bool) -> Call {
         let mut call = Call::new(INBOUND, barge_in);
-        call.agent(0, AgentCommand::Answer).await;
+        call.agent(0, AgentCommand::Answer);
         assert_eq!(call.texts, [r#"{"event":"answer"}"#]);
         call
     }
@@ -1189,13 +1264,13 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn twilio_counts_audio_as_heard_when_its_mark_returns() {
+    #[test]
+    fn twilio_counts_audio_as_heard_when_its_mark_returns() {
         let mut call = Call::new(TWILIO, true);
-        call.agent(0, AgentCommand::Answer).await;
+        call.agent(0, AgentCommand::Answer);
         assert!(call.texts.is_empty(), "Twilio expects no answer");
-        call.say(0, 100, 1).await;
-        call.agent(0, AgentCommand::Mark(7)).await;
+        call.say(0, 100, 1);
+        call.agent(0, AgentCommand::Mark(7));
         call.run_to(200);
         assert_eq!(call.twilio_events("media").len(), 5);
         // The end of the utterance (and the agent's mark) is a mark on the wire.
@@ -1211,9 +1286,9 @@ mod tests {
         assert_eq!(call.marks(), [(7, 100, MarkState::Played)]);
         // Two seconds of audio: a mark every second of continuous audio, then the end.
         call.run_to(300);
-        call.say(300, 1000, 2).await;
+        call.say(300, 1000, 2);
         call.run_to(700);
-        call.say(700, 1000, 2).await;
+        call.say(700, 1000, 2);
         call.run_to(2400);
         let marks = call.twilio_events("mark");
         // One after the first utterance, then one per second; the second one ends the
@@ -1222,7 +1297,7 @@ mod tests {
         // Twilio confirms the first second only; the caller barges in.
         call.core.handle_text(call.at(1400), &twilio_mark(2));
         call.collect(1400);
-        call.say(2400, 1000, 3).await;
+        call.say(2400, 1000, 3);
         call.run_to(2600);
         call.speech(2600);
         assert_eq!(call.twilio_events("clear").len(), 1);
@@ -1246,12 +1321,12 @@ mod tests {
         assert_eq!(call.marks(), []);
     }
 
-    #[tokio::test]
-    async fn twilio_hangup_waits_for_the_goodbye_to_be_confirmed() {
+    #[test]
+    fn twilio_hangup_waits_for_the_goodbye_to_be_confirmed() {
         let mut call = Call::new(TWILIO, false);
-        call.agent(0, AgentCommand::Answer).await;
-        call.say(0, 200, 1).await;
-        call.agent(0, AgentCommand::Hangup).await;
+        call.agent(0, AgentCommand::Answer);
+        call.say(0, 200, 1);
+        call.agent(0, AgentCommand::Hangup);
         call.run_to(300);
         assert_eq!(call.twilio_events("media").len(), 10);
         assert_eq!(call.ended, None, "the goodbye is sent, not yet heard");
@@ -1261,20 +1336,20 @@ mod tests {
         assert_eq!(call.closed.as_ref().map(|c| c.code.0), Some(1000));
         // Without the mark, the wait is bounded.
         let mut call = Call::new(TWILIO, false);
-        call.agent(0, AgentCommand::Answer).await;
-        call.say(0, 200, 1).await;
-        call.agent(0, AgentCommand::Hangup).await;
+        call.agent(0, AgentCommand::Answer);
+        call.say(0, 200, 1);
+        call.agent(0, AgentCommand::Hangup);
         call.run_to(2000);
         assert_eq!(call.ended, None);
         call.run_to(2300);
         assert_eq!(call.ended, Some(EndReason::AgentHangup));
     }
 
-    #[tokio::test]
-    async fn hangup_with_audio_queued_ends_when_the_audio_has_played() {
-        let mut call = answered(false).await;
-        call.say(0, 500, 1).await;
-        call.agent(0, AgentCommand::Hangup).await;
+    #[test]
+    fn hangup_with_audio_queued_ends_when_the_audio_has_played() {
+        let mut call = answered(false);
+        call.say(0, 500, 1);
+        call.agent(0, AgentCommand::Hangup);
         call.run_to(400);
         assert_eq!(call.ended, None, "the goodbye is still playing");
         call.run_to(600);
@@ -1285,11 +1360,11 @@ mod tests {
         assert!(call.audio.last().unwrap().0 >= 460);
     }
 
-    #[tokio::test]
-    async fn barge_in_during_a_goodbye_does_not_cancel_the_hangup() {
-        let mut call = answered(true).await;
-        call.say(0, 1000, 1).await;
-        call.agent(0, AgentCommand::Hangup).await;
+    #[test]
+    fn barge_in_during_a_goodbye_does_not_cancel_the_hangup() {
+        let mut call = answered(true);
+        call.say(0, 1000, 1);
+        call.agent(0, AgentCommand::Hangup);
         call.run_to(300);
         call.speech(300);
         call.run_to(1100);
@@ -1303,15 +1378,13 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_clear_during_a_goodbye_ends_the_call_at_once() {
-        let mut call = answered(true).await;
-        call.say(0, 1000, 1).await;
-        call.agent(0, AgentCommand::Hangup).await;
+    #[test]
+    fn a_clear_during_a_goodbye_ends_the_call_at_once() {
+        let mut call = answered(true);
+        call.say(0, 1000, 1);
+        call.agent(0, AgentCommand::Hangup);
         call.run_to(300);
-        call.io.clear();
-        call.core.handle_agent_clear(call.at(300));
-        call.collect(300);
+        call.clear(300);
         assert_eq!(call.ended, Some(EndReason::AgentHangup));
         // What played until the clear (two at 0 ms, one of them the frame of slack, then one
         // per 20 ms up to 300 ms), and nothing after it.
@@ -1321,10 +1394,10 @@ mod tests {
         assert_eq!(call.frames_tagged(1), sent, "nothing plays after the clear");
     }
 
-    #[tokio::test]
-    async fn an_agent_that_returns_hangs_up_after_its_last_words() {
-        let mut call = answered(false).await;
-        call.say(0, 200, 1).await;
+    #[test]
+    fn an_agent_that_returns_hangs_up_after_its_last_words() {
+        let mut call = answered(false);
+        call.say(0, 200, 1);
         call.core.handle_agent_exit(call.at(0), AgentExit::Returned);
         call.collect(0);
         assert_eq!(call.ended, None);
@@ -1333,16 +1406,16 @@ mod tests {
         assert_eq!(call.frames_tagged(1), 10);
     }
 
-    #[tokio::test]
-    async fn barge_in_clears_within_a_frame_and_reports_totals() {
-        let mut call = answered(true).await;
-        call.say(0, 300, 1).await;
+    #[test]
+    fn barge_in_clears_within_a_frame_and_reports_totals() {
+        let mut call = answered(true);
+        call.say(0, 300, 1);
         // A gap: the caller hears nothing for 700 ms (the clock runs through it: an owner
         // that slept through the gap's deadline would be stalled). Positions count audio, not
         // time.
         call.run_to(1000);
-        call.agent(1000, AgentCommand::Mark(1)).await;
-        call.say(1000, 1000, 2).await;
+        call.agent(1000, AgentCommand::Mark(1));
+        call.say(1000, 1000, 2);
         call.run_to(1200);
         call.speech(1200);
         let sent_at_barge_in = call.audio.len();
@@ -1376,22 +1449,25 @@ mod tests {
         // What the caller heard of the second utterance: totals subtract exactly.
         assert_eq!(barge.played_ms - mark.unwrap().0, 240);
         assert_eq!(call.frames_tagged(2) * 20, 240);
-        assert_eq!(barge.epoch, call.io.epoch());
+        assert_eq!(barge.epoch, call.epoch);
+        assert_eq!(
+            barge.epoch,
+            Epoch(1),
+            "the barge-in started the first new epoch"
+        );
     }
 
-    #[tokio::test]
-    async fn marks_across_clears_say_whether_their_audio_played() {
-        let mut call = answered(false).await;
-        call.say(0, 200, 1).await;
-        call.agent(0, AgentCommand::Mark(1)).await;
-        call.say(0, 200, 2).await;
-        call.agent(0, AgentCommand::Mark(2)).await;
+    #[test]
+    fn marks_across_clears_say_whether_their_audio_played() {
+        let mut call = answered(false);
+        call.say(0, 200, 1);
+        call.agent(0, AgentCommand::Mark(1));
+        call.say(0, 200, 2);
+        call.agent(0, AgentCommand::Mark(2));
         call.run_to(100);
-        let epoch = call.io.clear();
-        call.core.handle_agent_clear(call.at(100));
-        call.collect(100);
-        call.say(100, 100, 3).await;
-        call.agent(100, AgentCommand::Mark(3)).await;
+        let epoch = call.clear(100);
+        call.say(100, 100, 3);
+        call.agent(100, AgentCommand::Mark(3));
         call.run_to(400);
         let events = call.events();
         let marks: Vec<(u64, u64, MarkState)> = events
@@ -1429,23 +1505,19 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn nothing_from_before_a_clear_plays_after_it() {
-        let mut call = answered(true).await;
-        let old: Epoch = call.io.epoch();
-        call.say(0, 400, 1).await;
+    #[test]
+    fn nothing_from_before_a_clear_plays_after_it() {
+        let mut call = answered(true);
+        let old: Epoch = call.epoch;
+        call.say(0, 400, 1);
         call.run_to(100);
         call.speech(100);
         // The agent's pipeline still delivers audio it produced for the old response.
-        let sender = call.io.sender();
-        sender
-            .send_in(old, AgentCommand::Audio(Bytes::from(vec![1u8; FRAME * 10])))
-            .await
-            .unwrap();
-        sender.send_in(old, AgentCommand::Mark(9)).await.unwrap();
+        call.send_in(old, AgentCommand::Audio(Bytes::from(vec![1u8; FRAME * 10])));
+        call.send_in(old, AgentCommand::Mark(9));
         call.take_commands(100);
         // New audio in the new epoch plays.
-        call.say(100, 100, 2).await;
+        call.say(100, 100, 2);
         call.run_to(600);
         assert_eq!(
             call.frames_tagged(1),
@@ -1463,17 +1535,17 @@ mod tests {
         )));
     }
 
-    #[tokio::test]
-    async fn operator_audio_plays_ahead_of_what_the_agent_sends_next() {
-        let mut call = answered(false).await;
-        call.say(0, 100, 1).await;
+    #[test]
+    fn operator_audio_plays_ahead_of_what_the_agent_sends_next() {
+        let mut call = answered(false);
+        call.say(0, 100, 1);
         // 100 ms of operator audio, in the phone's format.
         let audio = Bytes::from(vec![2u8; FRAME * 5]);
         let reply = call
             .core
             .handle_operator(call.at(0), Request::Play { audio });
         assert_eq!(reply, Ok(Reply::Queued { ms: 100 }));
-        call.say(0, 100, 3).await;
+        call.say(0, 100, 3);
         call.run_to(400);
         let order: Vec<u8> = call.audio.iter().map(|(_, t)| *t).collect();
         let mut dedup = order.clone();
@@ -1486,9 +1558,9 @@ mod tests {
         assert_eq!(order.len(), 15);
     }
 
-    #[tokio::test]
-    async fn operator_audio_past_ten_minutes_is_refused_as_a_full_queue() {
-        let mut call = answered(false).await;
+    #[test]
+    fn operator_audio_past_ten_minutes_is_refused_as_a_full_queue() {
+        let mut call = answered(false);
         let minute = Bytes::from(vec![2u8; FRAME * 50 * 60]);
         for _ in 0..10 {
             let reply = call.core.handle_operator(
@@ -1507,10 +1579,10 @@ mod tests {
         assert!(!call.core.has_ended());
     }
 
-    #[tokio::test]
-    async fn an_agent_failing_mid_utterance_ends_the_call_at_once() {
-        let mut call = answered(false).await;
-        call.say(0, 1000, 1).await;
+    #[test]
+    fn an_agent_failing_mid_utterance_ends_the_call_at_once() {
+        let mut call = answered(false);
+        call.say(0, 1000, 1);
         call.run_to(200);
         call.core
             .handle_agent_exit(call.at(200), AgentExit::Failed("backend gone".into()));
@@ -1530,19 +1602,18 @@ mod tests {
         assert_eq!(call.frames_tagged(1), 12);
     }
 
-    #[tokio::test]
-    async fn refused_commands_are_told_to_the_agent_once_per_run() {
+    #[test]
+    fn refused_commands_are_told_to_the_agent_once_per_run() {
         let mut call = Call::new(CALLBRIDGE, false);
-        call.say(0, 100, 1).await;
-        call.say(0, 100, 1).await;
+        call.say(0, 100, 1);
+        call.say(0, 100, 1);
         call.agent(
             0,
             AgentCommand::Dtmf {
                 digit: Digit::D1,
                 duration: DtmfDuration::from_millis(100).unwrap(),
             },
-        )
-        .await;
+        );
         let refused: Vec<CommandKind> = call
             .events()
             .into_iter()
@@ -1552,8 +1623,8 @@ mod tests {
             })
             .collect();
         assert_eq!(refused, [CommandKind::Audio, CommandKind::Dtmf]);
-        call.agent(0, AgentCommand::Answer).await;
-        call.say(0, 100, 1).await;
+        call.agent(0, AgentCommand::Answer);
+        call.say(0, 100, 1);
         call.run_to(200);
         assert_eq!(call.frames_tagged(1), 5);
         let kinds: Vec<&str> = call
@@ -1565,9 +1636,9 @@ mod tests {
         assert_eq!(kinds, ["agent_command_refused", "agent_command_refused"]);
     }
 
-    #[tokio::test]
-    async fn the_agent_writes_the_record() {
-        let mut call = answered(false).await;
+    #[test]
+    fn the_agent_writes_the_record() {
+        let mut call = answered(false);
         let turn = Turn {
             speaker: Speaker::Agent,
             text: "Hello".into(),
@@ -1575,20 +1646,16 @@ mod tests {
             end_ms: 800,
             interrupted: false,
         };
-        call.agent(0, AgentCommand::Transcript(Box::new(turn)))
-            .await;
+        call.agent(0, AgentCommand::Transcript(Box::new(turn)));
         call.agent(
             0,
             AgentCommand::Event(Box::new(RecordEvent {
                 name: "tool_call".into(),
                 detail: json!({"tool": "lookup"}),
             })),
-        )
-        .await;
-        call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 12.0)]))
-            .await;
-        call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 30.0)]))
-            .await;
+        );
+        call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 12.0)]));
+        call.agent(0, AgentCommand::Usage(vec![("input_tokens".into(), 30.0)]));
         let journal = call.core.journal();
         assert_eq!(journal.pending_transcript()[0].text, "Hello");
         assert_eq!(
@@ -1603,9 +1670,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn what_one_call_stores_is_capped_and_the_cap_is_recorded() {
-        let mut call = answered(false).await;
+    #[test]
+    fn what_one_call_stores_is_capped_and_the_cap_is_recorded() {
+        let mut call = answered(false);
         let long = format!(r#"{{"event":"x","pad":"{}"}}"#, "y".repeat(10_000));
         call.core.handle_text(call.at(0), &long);
         for k in 0..MAX_EVENTS + 50 {
@@ -1647,9 +1714,9 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_agent_that_stops_reading_its_events_is_failed() {
-        let mut call = answered(false).await;
+    #[test]
+    fn an_agent_that_stops_reading_its_events_is_failed() {
+        let mut call = answered(false);
         // 50 queued events, all control (DTMF): the 51st finds no room.
         for k in 0..51 {
             call.core
@@ -1657,5 +1724,71 @@ mod tests {
             call.collect(k);
         }
         assert_eq!(call.ended, Some(EndReason::AgentFailed));
+    }
+    #[test]
+    fn a_barge_in_during_an_agent_clear_drops_what_the_agent_sent_before_hearing_of_it() {
+        let mut call = answered(true);
+        call.say(0, 400, 1);
+        call.run_to(100);
+        // The agent clears (epoch 1) and sends a new answer; before the call hears of the
+        // clear, the caller speaks over the old answer.
+        call.epoch = Epoch(1);
+        let new_answer = call.epoch;
+        call.speech(100);
+        assert_eq!(
+            call.epoch,
+            Epoch(2),
+            "the barge-in's epoch comes after the agent's"
+        );
+        call.send_in(
+            new_answer,
+            AgentCommand::Audio(Bytes::from(vec![2u8; FRAME * 5])),
+        );
+        // The driver hands the agent's clear in before its next command.
+        call.core.handle_agent_clear(call.at(100), call.epoch);
+        call.take_commands(100);
+        call.run_to(400);
+        assert_eq!(
+            call.frames_tagged(2),
+            0,
+            "sent before the agent heard of the barge-in"
+        );
+        let epochs: Vec<(bool, Epoch)> = call
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                AgentEvent::BargeIn(i) => Some((true, i.epoch)),
+                AgentEvent::Cleared(i) => Some((false, i.epoch)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(epochs, [(true, Epoch(2)), (false, Epoch(2))]);
+    }
+
+    #[test]
+    fn the_core_reads_no_clock_and_holds_no_runtime_types() {
+        // What a clippy.toml would ban in this module (the module docs say why it is a test).
+        let source = include_str!("core.rs");
+        let code = &source[..source
+            .find("#[cfg(test)]\nmod tests")
+            .expect("the tests module")];
+        for banned in [
+            "Instant::now",
+            "SystemTime::now",
+            "UnixMillis::now",
+            "tokio",
+            "Atomic",
+            "Mutex",
+            "mpsc",
+            "Notify",
+            "EventSender",
+            "AgentControl",
+        ] {
+            assert!(
+                !code.contains(banned),
+                "call/core.rs uses `{banned}`: the core takes time as an argument and holds no \
+                 channel, atomic or runtime type"
+            );
+        }
     }
 }

@@ -2,11 +2,21 @@
 //! all belong to the task running [`serve`].
 //!
 //! This module is the I/O around the call: the upgrade, the first message, routing, and one
-//! `select!` over the socket, the agent (its future and its commands), the agent's clear
-//! requests, operator requests, the earliest deadline, the progress tick and shutdown. Every
-//! decision is the sans-IO [`core::CallCore`]'s: the loop feeds it inputs with the time and
-//! carries out its effects (frames, the close, record writes) before awaiting anything else.
-//! Only this task writes to the socket, and every write has a timeout.
+//! `select!` over the socket, the agent (its future and its commands), the rare inputs (the
+//! agent's clear requests, operator requests, shutdown) and the earliest deadline (playout,
+//! session, liveness ping, progress tick). Every decision is the sans-IO [`core::CallCore`]'s:
+//! the loop feeds it inputs with the time and carries out its effects (frames, the close,
+//! record writes, what the agent is told, the shared epoch) before awaiting anything else. It
+//! owns the agent's channels; the core holds none. Only this task writes to the socket, and a
+//! write that has to wait does so under `write_timeout`.
+//!
+//! # Wake-ups
+//! The CPU an echoed frame costs is mostly wake-ups and polls, so the loop keeps them to one
+//! turn per input: pushes to the agent's event queue do not wake this task, which polls the
+//! agent right after a turn that told it something (`EventSender::polled_by`); the command
+//! channel keeps this task's waker only while it sleeps (`Commands::busy` when a turn starts);
+//! the rare inputs share a flag-raising waker ([`Rare`]) and are polled only when it is up; the
+//! timer is moved later only by more than [`TIMER_SLACK`].
 
 pub(crate) mod core;
 
@@ -16,10 +26,11 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use callgate_agent::queue;
+use callgate_agent::queue::{self, EventSender, Pushed, SendError};
 use callgate_agent::{AgentControl, AgentRun, CallInfo, Commands, PhoneInfo, Spawner, Stamped};
 use callgate_proto::detect::{self, Start};
 use callgate_proto::{
@@ -28,6 +39,7 @@ use callgate_proto::{
 };
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::future::CatchUnwind;
+use futures_util::task::AtomicWaker;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -78,6 +90,9 @@ const AGENT_COMMANDS_PER_TURN: usize = 16;
 const RECORDING_FINISH_WAIT: Duration = Duration::from_secs(2);
 /// How long an ended call waits for its agent before cancelling it.
 const AGENT_EXIT_WAIT: Duration = Duration::from_secs(1);
+/// How much later than needed the call's timer may stay armed rather than be re-armed (it
+/// then wakes the call early, finds nothing due and is re-armed).
+const TIMER_SLACK: Duration = Duration::from_millis(50);
 
 /// Serves one accepted connection: TLS handshake (on a TLS port), upgrade and first message
 /// under one deadline (`handshake_timeout` from accept), then a call slot, then the call.
@@ -415,6 +430,68 @@ enum Input {
     Timer,
 }
 
+/// The waker of a call's rare inputs (shutdown, operator requests, the agent's clear
+/// requests): it raises a flag, then wakes the call task. The task polls those three only when
+/// the flag is up, instead of in every turn (polling a waiting `Notified` takes a lock).
+#[derive(Debug)]
+struct Rare {
+    /// One of the rare inputs woke the task (up at first, so that all three register).
+    raised: AtomicBool,
+    /// The call task.
+    task: AtomicWaker,
+}
+
+impl Default for Rare {
+    fn default() -> Self {
+        Self {
+            raised: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Wake for Rare {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.raised.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Polls the rare inputs (the first of each pair that is ready gives its input) if the flag
+/// says one of them woke the task. They are polled with the flag-raising waker; one that is
+/// ready raises the flag again, so the others are looked at in the next turn too.
+fn poll_rare<const N: usize>(
+    cx: &mut Context<'_>,
+    rare: &Rare,
+    rare_waker: &Waker,
+    inputs: [Option<RareInput<'_>>; N],
+) -> Poll<Input> {
+    rare.task.register(cx.waker());
+    if !rare.raised.swap(false, Ordering::AcqRel) {
+        return Poll::Pending;
+    }
+    let mut rcx = Context::from_waker(rare_waker);
+    for (future, input) in inputs.into_iter().flatten() {
+        if future.poll(&mut rcx).is_ready() {
+            rare.raised.store(true, Ordering::Release);
+            return Poll::Ready(input);
+        }
+    }
+    Poll::Pending
+}
+
+/// A rare input for [`poll_rare`]: its future, and the input it gives when it is ready.
+type RareInput<'a> = (Pin<&'a mut dyn Future<Output = ()>>, Input);
+
+/// A rare input's future, as [`poll_rare`] takes it.
+fn rare_input<F: Future<Output = ()>>(future: Pin<&mut F>) -> Pin<&mut dyn Future<Output = ()>> {
+    future
+}
+
 /// The call's clock (tokio's, so `tokio::time::pause` drives a whole call), as the std
 /// `Instant` the sans-IO parts take.
 fn now() -> std::time::Instant {
@@ -614,14 +691,15 @@ async fn run_call(
         // The agent's tasks end with the call (and shutdown waits for them).
         let agent_tasks = CancellationToken::new();
         let spawner = Spawner::new(shared.tasks.tracker(), agent_tasks.clone());
-        let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
-        // The agent's future is owned and polled by this task (see `Call::run`).
+        let (io, mut side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
+        // The agent's future is owned and polled by this task (see `Call::run`), after every
+        // turn that queued events for it: those pushes need not wake this task again.
+        side.events
+            .polled_by(poll_fn(|cx| Poll::Ready(cx.waker().clone())).await);
         let agent: AgentFuture = Box::pin(AssertUnwindSafe(route.factory.start(io)).catch_unwind());
         let core = CallCore::new(
             session,
             media,
-            side.events,
-            side.control.clone(),
             Journal::new(started.into_std(), started_wall),
             CoreConfig {
                 barge_in: shared.config.barge_in,
@@ -633,6 +711,9 @@ async fn run_call(
             core,
             record,
             socket_open: true,
+            events: Some(side.events),
+            control: side.control.clone(),
+            told_agent: false,
         });
         call.run(&mut ws, side.commands, side.control, agent, operator)
             .await;
@@ -738,7 +819,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
     .await;
 }
 
-/// The state the call task owns besides the socket and channels.
+/// The state the call task owns besides the socket and the agent's future and commands.
 struct Call {
     shared: Arc<Shared>,
     core: CallCore,
@@ -747,6 +828,12 @@ struct Call {
     socket_open: bool,
     /// How far behind the phone reads.
     liveness: Liveness,
+    /// The agent's event queue, until the core closes it (or the agent stopped reading it).
+    events: Option<EventSender>,
+    /// The epoch shared with the agent, and its clear requests.
+    control: AgentControl,
+    /// Something was queued for the agent since it was last polled after a turn.
+    told_agent: bool,
 }
 
 /// Measures how far behind the phone reads, at any audio format and whatever the socket
@@ -862,6 +949,9 @@ impl Call {
         tokio::pin!(posted);
         let clear_signal = control.notified();
         tokio::pin!(clear_signal);
+        // The three rare inputs are polled only when one of them woke the task (see `Rare`).
+        let rare = Arc::new(Rare::default());
+        let rare_waker = Waker::from(rare.clone());
         let mut closed_by_us = false;
 
         while !self.core.is_closed() {
@@ -874,7 +964,12 @@ impl Call {
             } else {
                 deadline
             };
-            if timer.deadline() != deadline {
+            // Moved earlier at once; moved later only by more than TIMER_SLACK: an echo moves
+            // the playout's gap deadline 20 ms later with every frame, and re-arming the timer
+            // each time costs more than the rare early wake-up (which finds nothing due and
+            // re-arms it).
+            let armed = timer.deadline();
+            if deadline < armed || deadline > armed + TIMER_SLACK || timer.is_elapsed() {
                 timer.as_mut().reset(deadline);
             }
             // Audio from the agent is taken only while the playout has room: its backpressure.
@@ -882,14 +977,26 @@ impl Call {
             // Not biased: a phone's burst must not starve the agent's output (or the reverse),
             // so the branches are polled in random order.
             let input = tokio::select! {
-                _ = &mut cancelled, if !shutting_down => Input::Shutdown,
+                input = poll_fn(|cx| {
+                    poll_rare(
+                        cx,
+                        &rare,
+                        &rare_waker,
+                        [
+                            (!shutting_down).then(|| (rare_input(cancelled.as_mut()), Input::Shutdown)),
+                            Some((rare_input(posted.as_mut()), Input::Operator)),
+                            Some((rare_input(clear_signal.as_mut()), Input::AgentClear)),
+                        ],
+                    )
+                }) => input,
                 r = poll_agent(&mut agent) => Input::AgentDone(r),
                 m = ws.next(), if self.socket_open => Input::Socket(m),
-                c = commands.recv(), if take_commands => Input::Agent(c),
-                _ = &mut clear_signal => Input::AgentClear,
-                _ = &mut posted => Input::Operator,
+                c = poll_fn(|cx| commands.poll_recv(cx)), if take_commands => Input::Agent(c),
                 _ = &mut timer => Input::Timer,
             };
+            // This task polls the agent and looks for commands again before it sleeps: what
+            // the agent sends until then need not wake it.
+            commands.busy();
             let now = now();
             match input {
                 Input::Shutdown => {
@@ -902,11 +1009,11 @@ impl Call {
                 }
                 Input::Socket(message) => self.socket_input(now, message),
                 // More of what the agent queued is taken right below, bounded per turn.
-                Input::Agent(Some(command)) => self.core.handle_agent_command(now, command),
+                Input::Agent(Some(command)) => self.agent_command(now, command),
                 Input::Agent(None) => commands_open = false,
                 Input::AgentClear => {
                     clear_signal.set(control.notified());
-                    self.core.handle_agent_clear(now);
+                    self.agent_clear(now);
                 }
                 Input::Operator => {
                     posted.set(operator.notified());
@@ -917,8 +1024,9 @@ impl Call {
                 }
                 Input::Timer => {
                     self.core.handle_timeout(now);
-                    if Instant::now() >= next_progress {
-                        next_progress = Instant::now() + interval;
+                    let at = Instant::from_std(now);
+                    if at >= next_progress {
+                        next_progress = at + interval;
                         self.progress();
                     }
                     self.check_liveness(ws).await;
@@ -930,7 +1038,10 @@ impl Call {
             // Let the agent react to what this turn queued for it, and carry out its commands,
             // in this same turn: an echo costs one trip through the select, not two.
             if !self.core.is_closed() {
-                if let Some(a) = agent.as_mut()
+                // Only if this turn told it something: otherwise it has nothing new to react
+                // to (what wakes it on its own wakes this task, whose select polls it).
+                if std::mem::take(&mut self.told_agent)
+                    && let Some(a) = agent.as_mut()
                     && let Poll::Ready(outcome) =
                         poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await
                 {
@@ -943,7 +1054,7 @@ impl Call {
                         break;
                     }
                     match commands.try_recv() {
-                        Some(command) => self.core.handle_agent_command(now, command),
+                        Some(command) => self.agent_command(now, command),
                         None => {
                             drained = true;
                             break;
@@ -976,13 +1087,14 @@ impl Call {
         // The agent sees its queue close and returns; give it a moment (taking what it still
         // writes to the record), then drop it, which cancels it wherever it is.
         self.core.finish();
+        self.events = None;
         if let Some(mut agent) = agent {
             let wait = async {
                 loop {
                     tokio::select! {
                         _ = &mut agent => break,
                         Some(command) = commands.recv() => {
-                            self.core.handle_agent_command(now(), command);
+                            self.agent_command(now(), command);
                         }
                     }
                 }
@@ -992,7 +1104,7 @@ impl Call {
             }
         }
         while let Some(command) = commands.try_recv() {
-            self.core.handle_agent_command(now(), command);
+            self.agent_command(now(), command);
         }
         if !self.core.has_ended() {
             // Every session path emits Ended before it closes; this is the safety net.
@@ -1005,6 +1117,19 @@ impl Call {
         }
         self.merge_stats();
         Box::pin(self.record.flush(self.core.journal())).await;
+    }
+
+    /// A command from the agent. A clear the agent asked for before sending it applies first.
+    fn agent_command(&mut self, now: std::time::Instant, command: Stamped) {
+        self.agent_clear(now);
+        self.core.handle_agent_command(now, command);
+    }
+
+    /// Hands the agent's clear request, if it made one, to the core with the agent's epoch.
+    fn agent_clear(&mut self, now: std::time::Instant) {
+        if self.control.take_clear_request() {
+            self.core.handle_agent_clear(now, self.control.epoch());
+        }
     }
 
     /// Whether the phone's reading is watched: while the call is live (after its end, e.g.
@@ -1046,7 +1171,14 @@ impl Call {
 
     /// Writes one message under `write_timeout`; a failure ends the call as the peer's.
     async fn write(&mut self, ws: &mut Ws, message: Message) {
-        let failure = match timeout(self.shared.config.write_timeout, ws.send(message)).await {
+        let mut send = std::pin::pin!(ws.send(message));
+        // Almost every write completes at once: the timer (a clock read and a timer entry)
+        // is set up only for one that has to wait.
+        let sent = match poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+            Poll::Ready(result) => Ok(result),
+            Poll::Pending => timeout(self.shared.config.write_timeout, send).await,
+        };
+        let failure = match sent {
             Ok(Ok(())) => None,
             Ok(Err(error)) => {
                 debug!(%error, "Write failed.");
@@ -1133,6 +1265,33 @@ impl Call {
                     Box::pin(self.record.end(now(), reason, self.core.journal())).await;
                 }
                 Effect::Cdr(raw) => Box::pin(self.record.cdr(raw)).await,
+                Effect::AgentAudio(data) => {
+                    self.told_agent = true;
+                    if let Some(events) = &self.events
+                        && events.push_audio(data) == Pushed::DroppedOldest
+                    {
+                        self.core.handle_agent_audio_dropped();
+                    }
+                }
+                Effect::AgentEvent(event) => {
+                    self.told_agent = true;
+                    if let Some(events) = &self.events
+                        && events.try_send_control(event) == Err(SendError::Full)
+                    {
+                        // Not reading: it is told nothing more (its queue closes) and the core
+                        // ends the call.
+                        self.events = None;
+                        self.core.handle_agent_stuck(now());
+                    }
+                }
+                Effect::AdvanceEpoch => {
+                    let epoch = self.control.advance_epoch();
+                    self.core.handle_epoch(now(), epoch);
+                }
+                Effect::CloseAgent => {
+                    self.told_agent = true;
+                    self.events = None;
+                }
             }
         }
         self.record.offer(self.core.journal());
