@@ -2,7 +2,9 @@
 //! `callgate sim --protocol twilio` (its library) → `callgate serve` (a `bridge` route) → a
 //! Twilio bot on 127.0.0.1 (the testkit's echo bot, or a Python bot written as a Pipecat user
 //! writes one, `examples/bridge/echo_bot.py`, when `CALLGATE_TEST_PYTHON` names a Python that
-//! has the `websockets` package; `.ci/run` makes such a venv).
+//! has the `websockets` package; the same bot in Node with `ws`, `examples/bridge/echo_bot.js`,
+//! when `CALLGATE_TEST_NODE_MODULES` names a `node_modules` that has `ws`; `.ci/run` makes
+//! both).
 
 mod common;
 
@@ -141,6 +143,13 @@ fn python() -> Option<String> {
         .filter(|p| !p.is_empty())
 }
 
+/// A directory whose `node_modules` has `ws`, from `CALLGATE_TEST_NODE_MODULES`.
+fn node_modules() -> Option<String> {
+    std::env::var("CALLGATE_TEST_NODE_MODULES")
+        .ok()
+        .filter(|p| !p.is_empty())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     let Some(python) = python() else {
@@ -149,12 +158,33 @@ async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     };
     let script =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/bridge/echo_bot.py");
-    let mut child = Command::new(python)
-        .arg(&script)
+    let mut command = Command::new(python);
+    command.arg(&script);
+    a_bot_answers_a_callbridge_call(command, "cdr-py").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_bot_written_with_ws_answers_a_callbridge_call() {
+    let Some(modules) = node_modules() else {
+        eprintln!("CALLGATE_TEST_NODE_MODULES is not set: the Node bot test is skipped");
+        return;
+    };
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/bridge/echo_bot.js");
+    let mut command = Command::new("node");
+    command.arg(&script).env("NODE_PATH", modules);
+    a_bot_answers_a_callbridge_call(command, "cdr-node").await;
+}
+
+/// The bot `command` starts (`examples/bridge/echo_bot.*`: it prints `listening` with its
+/// port, then one JSON line per event) answers a CallBridge call: five echoed replies, each
+/// mark back once heard, the goodbye, then its close hangs up.
+async fn a_bot_answers_a_callbridge_call(mut command: Command, cdr: &str) {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("start the Python bot");
+        .expect("start the bot");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, lines) = std::sync::mpsc::channel::<Value>();
     std::thread::spawn(move || {
@@ -171,16 +201,14 @@ async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     };
     let listening = next();
     let port = listening["port"].as_u64().expect("port");
-    let data = TempDir::new("bridge-python");
+    let data = TempDir::new("bridge-script");
     let proc = serve(
         &data,
         &format!("ws://127.0.0.1:{port}/calls/{{{{cdrId}}}}"),
         "twilio_auth_token_env = \"PATH\"",
     );
     let mut phone = Phone::connect(&proc.url()).await;
-    phone
-        .text(callgate_testkit::callbridge_start("cdr-py"))
-        .await;
+    phone.text(callgate_testkit::callbridge_start(cdr)).await;
     assert_eq!(phone.recv_json().await["type"], "started");
     // One second of the caller, in real time; the bot echoes it in five 200 ms replies.
     let caller = callgate_testkit::audio::speechlike_pcm16(1000, 8000, 7);
@@ -212,8 +240,8 @@ async fn a_python_bot_written_like_a_pipecat_bot_answers_a_callbridge_call() {
     assert_eq!(close, 1000);
     let start = next();
     assert_eq!(start["event"], "start");
-    assert_eq!(start["path"], "/calls/cdr-py");
-    assert_eq!(start["params"]["cdrId"], "cdr-py");
+    assert_eq!(start["path"], format!("/calls/{cdr}"));
+    assert_eq!(start["params"]["cdrId"], cdr);
     assert!(start["signature"].is_string(), "{start}");
     let marks: Vec<String> = (0..5)
         .map(|_| next()["name"].as_str().expect("a mark").to_owned())
