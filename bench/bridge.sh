@@ -11,8 +11,13 @@
 # the load generator and the bot to CPU 1. Results: bench/BRIDGE.md.
 #
 # Knobs (environment): BR_SIZES ("100 500"), BR_DURATION (20s), BR_OUT (bench/BRIDGE.md),
-# BR_BUILD (1; 0 uses the release binaries already built), BR_BOT_CPU (1: the bot shares the
-# load generator's core; 0: callgate's).
+# BR_BUILD (1; 0 uses the release binaries already built), BR_BIN_DIR (target/release: where
+# the binaries are; BR_BOT: the bot, if elsewhere), BR_BOT_CPU (1: the bot shares the load generator's core; 0: callgate's),
+# BR_PERF (0; 1: `perf stat -e task-clock,context-switches` on callgate during the load, per
+# frame in the table), BR_STRACE (0; 1: `strace -c -f` on callgate during the load, syscalls
+# per frame in the table; strace slows callgate down, so its runs' CPU figures are not the
+# ones to quote), BR_RECORD (0; 1: `perf record -e cpu-clock` on callgate during the load, a
+# flat profile per run in BR_PROFILE_DIR (/tmp): `perf report -i FILE --no-children`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZES=${BR_SIZES:-"100 500"}
@@ -32,8 +37,12 @@ if [ "${BR_BUILD:-1}" = 1 ]; then
   cargo build --release --locked -p callgate -p callgate-testkit --bin callgate \
     --example twilio-echo-bot
 fi
-CALLGATE=target/release/callgate
-BOT=target/release/examples/twilio-echo-bot
+BIN_DIR=${BR_BIN_DIR:-target/release}
+CALLGATE=$BIN_DIR/callgate
+BOT=${BR_BOT:-$BIN_DIR/examples/twilio-echo-bot}
+PERF=${BR_PERF:-0}
+STRACE=${BR_STRACE:-0}
+RECORD=${BR_RECORD:-0}
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
@@ -73,15 +82,35 @@ TOML
     done
     bot_before=0
     [ -n "$BPID" ] && bot_before=$(cpu_ticks "$BPID")
+    PPID_STAT=""
+    SPID_TRACE=""
+    : >"$WORK/perf-$n-$agent.txt"
+    : >"$WORK/strace-$n-$agent.txt"
+    if [ "$PERF" = 1 ]; then
+      perf stat -e task-clock,context-switches -x, -o "$WORK/perf-$n-$agent.txt" -p "$SPID" &
+      PPID_STAT=$!
+    fi
+    if [ "$RECORD" = 1 ]; then
+      perf record -q -e cpu-clock -F 1999 -o "${BR_PROFILE_DIR:-/tmp}/profile-$n-$agent.data" \
+        -p "$SPID" 2>/dev/null &
+      PPID_STAT="$PPID_STAT $!"
+    fi
+    if [ "$STRACE" = 1 ]; then
+      strace -c -f -qq -o "$WORK/strace-$n-$agent.txt" -p "$SPID" &
+      SPID_TRACE=$!
+      sleep 0.5
+    fi
     taskset -c 1 "$CALLGATE" load --url "ws://127.0.0.1:$PORT/" --calls "$n" --ramp 100 \
       --duration "$DURATION" --protocol inbound --format ULAW_8000 --server-pid "$SPID" --json \
       >"$WORK/load-$n-$agent.json" 2>/dev/null || true
+    for p in $PPID_STAT $SPID_TRACE; do kill -INT "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
     bot_ticks=0
     [ -n "$BPID" ] && bot_ticks=$(( $(cpu_ticks "$BPID") - bot_before ))
     echo "{\"bot_cpu_ticks\": $bot_ticks, \"ticks_per_s\": $(getconf CLK_TCK)}" >"$WORK/bot-$n-$agent.json"
     kill "$SPID" $BPID 2>/dev/null || true
     wait "$SPID" $BPID 2>/dev/null || true
-    cp "$WORK/load-$n-$agent.json" "$WORK/bot-$n-$agent.json" "$RAW/"
+    cp "$WORK/load-$n-$agent.json" "$WORK/bot-$n-$agent.json" "$WORK/perf-$n-$agent.txt" \
+      "$WORK/strace-$n-$agent.txt" "$RAW/"
     rows+=("$n" "$agent" "$RAW/load-$n-$agent.json" "$RAW/bot-$n-$agent.json")
   done
 done
@@ -90,13 +119,41 @@ python3 - "$OUT" "$DURATION" "$RAW" "$BOT_CPU" "${rows[@]}" <<'PY'
 import json, sys, subprocess, datetime
 out, duration, raw, bot_cpu, rows = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
 res = {}
+paths = {}
 for i in range(0, len(rows), 4):
     n, agent, load, bot = rows[i:i + 4]
+    paths[(n, agent)] = load
     try:
         report = json.load(open(load))
     except Exception:
         report = {}
     res[(n, agent)] = (report, json.load(open(bot)))
+def perf_stat(load):
+    """task-clock ms and context switches from `perf stat -x,` (None if it did not run)."""
+    out = {}
+    try:
+        for line in open(load.replace("load-", "perf-").replace(".json", ".txt")):
+            f = line.strip().split(",")
+            if len(f) > 2 and f[2] in ("task-clock", "context-switches"):
+                try:
+                    out[f[2]] = float(f[0])
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return out
+
+def syscalls(load):
+    """Total syscalls from `strace -c` (None if it did not run)."""
+    try:
+        for line in open(load.replace("load-", "strace-").replace(".json", ".txt")):
+            f = line.split()
+            if f and f[-1] == "total":
+                return int(f[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
 lines = []
 for (n, agent), (r, b) in res.items():
     server = r.get("server") or {}
@@ -109,6 +166,9 @@ for (n, agent), (r, b) in res.items():
     bot_us = "–"
     if agent == "bridge" and echoed:
         bot_us = f"{b['bot_cpu_ticks'] / b['ticks_per_s'] * 1e6 / echoed:.1f}"
+    per = lambda v: "–" if v is None or not echoed else f"{v / echoed:.2f}"
+    cs = per(perf_stat(paths[(n, agent)]).get("context-switches"))
+    sc = per(syscalls(paths[(n, agent)]))
     rss = server.get("rss_per_call_bytes")
     calls_ok = r.get("calls_ok", r.get("completed", "n/a"))
     p = lambda k: rtt.get(k)
@@ -116,7 +176,7 @@ for (n, agent), (r, b) in res.items():
     lines.append(
         f"| {n} | {agent} | {fmt(cpu)} | {ratio} | {'n/a' if rss is None else f'{rss / 1024:.1f} kB'} | "
         f"{frames.get('sent', 'n/a')} | {frames.get('lost', 'n/a')} | {frames.get('corrupt', 'n/a')} | "
-        f"{fmt(p('p50'))} | {fmt(p('p99'))} | {bot_us} | {calls_ok}/{r.get('calls', n)} |")
+        f"{fmt(p('p50'))} | {fmt(p('p99'))} | {bot_us} | {cs} | {sc} | {calls_ok}/{r.get('calls', n)} |")
 cpu_model = ""
 try:
     cpu_model = [l for l in open("/proc/cpuinfo") if l.startswith("model name")][0].split(":")[1].strip()
@@ -142,8 +202,11 @@ ratio is against the echo agent at the same size in the same run (target ≤ 2.5
 is callgate's peak RSS growth ÷ calls. "bot µs/frame" is the bot process's own CPU, for scale.
 Raw load reports: `{raw}/`.
 
-| calls | agent | CPU µs/frame | × echo | RSS/call | frames sent | lost | corrupt | p50 ms | p99 ms | bot µs/frame | calls ok |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+"cs/frame" is callgate's context switches per echoed frame (`perf stat`, with `BR_PERF=1`),
+"syscalls/frame" its system calls (`strace -c -f`, with `BR_STRACE=1`); "–": not measured.
+
+| calls | agent | CPU µs/frame | × echo | RSS/call | frames sent | lost | corrupt | p50 ms | p99 ms | bot µs/frame | cs/frame | syscalls/frame | calls ok |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
 """ + "\n".join(lines) + "\n")
 print(open(out).read())
 PY

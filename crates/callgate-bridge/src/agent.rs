@@ -1,7 +1,7 @@
 //! The driver of one bridged call: feeds the core the call's events, the link's events and
 //! time, and carries out its outputs (text to the link, the link closed, the call cleared,
-//! commands to the call as it takes them). The connection runs on a task from the call's
-//! `Spawner`; this loop only moves data.
+//! commands to the call as it takes them). The bot's connection is polled here too, on the
+//! call's own task (`link`); this loop only moves data.
 
 use std::sync::Arc;
 
@@ -9,24 +9,26 @@ use callgate_agent::{
     Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed,
 };
 use callgate_audio::AudioFormat;
-use callgate_kit::outbox::{send, sleep};
-use tokio::sync::mpsc;
+use callgate_kit::outbox::send;
 use tokio::time::Instant;
 
 use crate::Plan;
-use crate::core::{BotClosed, Core, Output, StreamIds};
-use crate::link::{self, Endpoint, LinkEvent};
+use crate::core::{ConnectFailure, Core, Output, StreamIds};
+use crate::link::{Endpoint, Link, LinkEvent};
+use crate::metrics::BridgeMetrics;
 
 /// Makes one bridge agent per call of a route.
 #[derive(Debug)]
 pub(crate) struct BridgeFactory {
     plan: Arc<Plan>,
+    metrics: Arc<BridgeMetrics>,
 }
 
 impl BridgeFactory {
-    pub(crate) fn new(plan: Plan) -> Self {
+    pub(crate) fn new(plan: Plan, metrics: Arc<BridgeMetrics>) -> Self {
         Self {
             plan: Arc::new(plan),
+            metrics,
         }
     }
 }
@@ -45,6 +47,7 @@ impl AgentFactory for BridgeFactory {
         boxed(
             BridgeAgent {
                 plan: self.plan.clone(),
+                metrics: self.metrics.clone(),
             },
             io,
         )
@@ -54,9 +57,10 @@ impl AgentFactory for BridgeFactory {
 #[derive(Debug)]
 struct BridgeAgent {
     plan: Arc<Plan>,
+    metrics: Arc<BridgeMetrics>,
 }
 
-/// How long the driver waits, at the end, for the link to send `stop` and close.
+/// How long the driver waits, at the end, for `stop` and the close to be written.
 const LINK_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn now() -> std::time::Instant {
@@ -79,52 +83,38 @@ impl Agent for BridgeAgent {
             now(),
         );
         let sender = io.sender();
-        let (link_tx, mut link_rx) = mpsc::channel::<LinkEvent>(link::EVENTS);
-        let mut to_bot: Option<mpsc::Sender<String>> = None;
-        match plan.request_for(&io.call) {
-            Ok((url, headers)) => {
-                let (tx, rx) = mpsc::channel(link::OUTGOING);
-                to_bot = Some(tx);
-                let endpoint = Endpoint {
-                    url,
-                    headers,
-                    tls: plan.tls.clone(),
-                    connect_timeout: plan.settings.connect_timeout.0,
-                };
-                io.spawner().spawn(link::run(endpoint, rx, link_tx));
-            }
+        let mut link = match plan.request_for(&io.call) {
+            Ok((url, headers)) => Link::connect(Endpoint {
+                url,
+                headers,
+                tls: plan.tls.clone(),
+                connect_timeout: plan.settings.connect_timeout.0,
+            }),
             Err(e) => {
-                drop(link_tx);
-                core.handle_connect_failed(now(), format!("the url cannot be made: {e}"));
+                let failure = ConnectFailure {
+                    kind: "url",
+                    reason: format!("the url cannot be made: {e}"),
+                };
+                core.handle_connect_failed(now(), failure);
+                Link::none()
             }
-        }
+        };
         let mut ended = false;
+        // One timer for the core's deadline, reset only when the deadline moves: a timer made
+        // per turn would be registered and removed again for every frame.
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             while let Some(output) = core.poll_output() {
                 match output {
+                    // Queued; written when `link.next` is polled below (one write per turn).
                     Output::Send(text) => {
-                        let Some(tx) = &to_bot else { continue };
-                        match tx.try_send(text) {
-                            Ok(()) => {}
-                            // The link ended: its own report says why.
-                            Err(mpsc::error::TrySendError::Closed(_)) => to_bot = None,
-                            Err(mpsc::error::TrySendError::Full(_)) => {
-                                to_bot = None;
-                                core.handle_bot_closed(
-                                    now(),
-                                    BotClosed {
-                                        code: None,
-                                        reason: "the bot stopped reading (10 s of audio \
-                                                 unread)"
-                                            .into(),
-                                        close_frame: false,
-                                    },
-                                );
-                            }
+                        if let Err(closed) = link.send(text) {
+                            core.handle_bot_closed(now(), closed);
                         }
                     }
-                    // Dropping the sender closes the connection (1000) after what was queued.
-                    Output::CloseBot => to_bot = None,
+                    Output::CloseBot => link.close(LINK_CLOSE_WAIT).await,
                     Output::Clear => core.handle_cleared(io.clear()),
                 }
             }
@@ -138,19 +128,21 @@ impl Agent for BridgeAgent {
                         break;
                     }
                 }
-                // The link writes what it was given (`stop`) and closes; wait for it, bounded,
-                // before the call's end cancels its task.
-                to_bot = None;
-                drop(to_bot);
-                let _ = tokio::time::timeout(LINK_CLOSE_WAIT, async {
-                    while link_rx.recv().await.is_some() {}
-                })
-                .await;
+                self.metrics.merge(&core.take_stats());
+                // `stop` and the close, if the core did not close already (bounded).
+                link.close(LINK_CLOSE_WAIT).await;
                 return Ok(());
             }
             let deadline = core.poll_timeout().map(Instant::from_std);
+            if let Some(at) = deadline
+                && armed != Some(at)
+            {
+                timer.as_mut().reset(at);
+                armed = Some(at);
+            }
             let next = core.front();
             let has_next = next.is_some();
+            let read = core.accepts_bot_input();
             tokio::select! {
                 event = io.recv() => {
                     let event = event.unwrap_or(AgentEvent::Ended(
@@ -160,21 +152,19 @@ impl Agent for BridgeAgent {
                     }
                     core.handle_call_event(now(), event);
                 }
-                Some(event) = link_rx.recv(), if core.accepts_bot_input() => match event {
+                event = link.next(read) => match event {
                     LinkEvent::Opened => core.handle_opened(now()),
                     LinkEvent::Message { message, bytes } => {
                         core.handle_bot(now(), message, bytes);
                     }
-                    LinkEvent::Closed(closed) => {
-                        to_bot = None;
-                        core.handle_bot_closed(now(), closed);
-                    }
-                    LinkEvent::Failed(reason) => {
-                        to_bot = None;
-                        core.handle_connect_failed(now(), reason);
-                    }
+                    LinkEvent::Closed(closed) => core.handle_bot_closed(now(), closed),
+                    LinkEvent::Failed(failure) => core.handle_connect_failed(now(), failure),
                 },
-                () = sleep(deadline), if deadline.is_some() => core.handle_timeout(now()),
+                () = &mut timer, if deadline.is_some() => {
+                    core.handle_timeout(now());
+                    // Every second: the shared metrics are told what this call counted.
+                    self.metrics.merge(&core.take_stats());
+                }
                 sent = send(&sender, next), if has_next => {
                     if sent.is_err() {
                         ended = true;

@@ -32,7 +32,7 @@ use callgate_agent::{AgentCommand, AgentEvent, Epoch, MarkState, RecordEvent};
 use callgate_kit::outbox::Outbox;
 use callgate_proto::EndReason;
 use callgate_proto::twilio::{
-    self, Counter, DtmfInfo, MarkInfo, MediaFormat, MediaIn, StartInfo, StopInfo, ToBot,
+    self, Counter, DtmfInfo, MarkInfo, MediaFormat, StartInfo, StopInfo, ToBot,
 };
 use serde_json::json;
 
@@ -145,6 +145,51 @@ pub struct Counters {
     pub marks_echoed: u64,
 }
 
+/// What one call counted for the shared metrics since the driver last took it
+/// ([`Core::take_stats`]; `crate::metrics::BridgeMetrics::merge`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// The bot's socket opened, this long after the call started.
+    pub connected: Option<Duration>,
+    /// The bot could not be reached: `url`, `connect`, `tls`, `upgrade`, `timeout`, `closed`.
+    pub connect_failure: Option<&'static str>,
+    /// The bot's connection ended: `bot` (its close: 1000, 1001 or none), `bot_error` (another
+    /// code), `lost` (no close frame, or it stopped reading), `callgate` (the call ended).
+    pub disconnect: Option<&'static str>,
+    /// The fallback started.
+    pub fallback: bool,
+    /// Invalid messages from the bot, by kind.
+    pub invalid: Vec<(&'static str, u64)>,
+    /// Marks echoed as played.
+    pub marks_played: u64,
+    /// Marks echoed as cleared.
+    pub marks_cleared: u64,
+    /// Clears, by who asked (`bot`, `callgate`: a barge-in, `operator`).
+    pub clears: Vec<(&'static str, u64)>,
+    /// Text bytes sent to the bot.
+    pub bytes_to_bot: u64,
+    /// Text bytes received from the bot.
+    pub bytes_from_bot: u64,
+}
+
+impl Stats {
+    fn add(list: &mut Vec<(&'static str, u64)>, key: &'static str) {
+        match list.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => list.push((key, 1)),
+        }
+    }
+}
+
+/// Why the bot's connection could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectFailure {
+    /// A stable code: `url`, `connect`, `tls`, `upgrade`, `timeout`.
+    pub kind: &'static str,
+    /// In words.
+    pub reason: String,
+}
+
 /// One bridged call.
 #[derive(Debug)]
 pub struct Core {
@@ -171,6 +216,9 @@ pub struct Core {
     counters: Counters,
     reported: (u64, u64, u64),
     next_usage: Option<Instant>,
+    stats: Stats,
+    /// Bytes each way the metrics were told of.
+    stats_bytes: (u64, u64),
 }
 
 impl Core {
@@ -203,7 +251,18 @@ impl Core {
             counters: Counters::default(),
             reported: (0, 0, 0),
             next_usage: None,
+            stats: Stats::default(),
+            stats_bytes: (0, 0),
         }
+    }
+
+    /// What the call counted since the last call, for the shared metrics.
+    pub fn take_stats(&mut self) -> Stats {
+        let (to, from) = self.stats_bytes;
+        self.stats.bytes_to_bot = self.counters.bytes_to_bot - to;
+        self.stats.bytes_from_bot = self.counters.bytes_from_bot - from;
+        self.stats_bytes = (self.counters.bytes_to_bot, self.counters.bytes_from_bot);
+        std::mem::take(&mut self.stats)
     }
 
     /// The figures so far.
@@ -245,7 +304,9 @@ impl Core {
             },
         };
         self.send(start.to_json());
-        let latency = now.saturating_duration_since(since).as_millis() as u64;
+        let latency = now.saturating_duration_since(since);
+        self.stats.connected = Some(latency);
+        let latency = latency.as_millis() as u64;
         self.record(json!({
             "what": "connected",
             "latency_ms": latency,
@@ -256,23 +317,34 @@ impl Core {
     }
 
     /// The bot could not be reached (connect, TLS or upgrade failed, or took too long).
-    pub fn handle_connect_failed(&mut self, now: Instant, reason: String) {
+    pub fn handle_connect_failed(&mut self, now: Instant, failure: ConnectFailure) {
         let Phase::Connecting { since } = self.phase else {
             return;
         };
+        let ConnectFailure { kind, reason } = failure;
+        self.stats.connect_failure = Some(kind);
         let after = now.saturating_duration_since(since).as_millis() as u64;
         self.record(json!({"what": "unreachable", "reason": reason, "after_ms": after}));
         self.fall_back(&format!("bot unreachable: {reason}"));
     }
 
     /// The bot's connection ended (its close frame, or the connection lost).
-    pub fn handle_bot_closed(&mut self, _now: Instant, closed: BotClosed) {
+    pub fn handle_bot_closed(&mut self, now: Instant, closed: BotClosed) {
         if !matches!(self.phase, Phase::Open { .. }) {
             if matches!(self.phase, Phase::Connecting { .. }) {
-                self.handle_connect_failed(_now, closed.reason);
+                let failure = ConnectFailure {
+                    kind: "closed",
+                    reason: closed.reason,
+                };
+                self.handle_connect_failed(now, failure);
             }
             return;
         }
+        self.stats.disconnect = Some(match (closed.is_hangup(), closed.close_frame) {
+            (true, _) => "bot",
+            (false, true) => "bot_error",
+            (false, false) => "lost",
+        });
         self.record(json!({
             "what": "disconnect",
             "by": "bot",
@@ -327,6 +399,7 @@ impl Core {
             }
             BotMessage::Invalid { kind, message } => {
                 self.counters.invalid += 1;
+                Stats::add(&mut self.stats.invalid, kind);
                 let n = self.counters.invalid;
                 if n <= INVALID_EVENTS_KEPT {
                     tracing::debug!(kind, %message, "Invalid message from the bot.");
@@ -375,6 +448,7 @@ impl Core {
                 self.played_ms = self.played_ms.max(i.played_ms);
                 self.outbox.barged_in(i.epoch);
                 self.queued_audio = 0;
+                Stats::add(&mut self.stats.clears, "callgate");
                 self.record(json!({
                     "what": "clear", "by": "callgate", "cause": "barge_in",
                     "played_ms": i.played_ms, "dropped_ms": i.dropped_ms,
@@ -390,6 +464,7 @@ impl Core {
                 } else {
                     "operator"
                 };
+                Stats::add(&mut self.stats.clears, by);
                 if by == "operator" {
                     // An operator's clear drops the bot's audio as a barge-in does.
                     self.outbox.cleared(i.epoch);
@@ -478,17 +553,8 @@ impl Core {
         };
         self.chunk += 1;
         self.counters.frames_to_bot += 1;
-        let message = ToBot::Media {
-            sequence_number: Counter(seq),
-            stream_sid: self.ids.stream_sid.clone(),
-            media: MediaIn {
-                track: "inbound".into(),
-                chunk: Counter(self.chunk),
-                timestamp: Counter(timestamp),
-                payload: BASE64.encode(frame),
-            },
-        };
-        self.send(message.to_json());
+        let text = media_json(&self.ids.stream_sid, seq, self.chunk, timestamp, frame);
+        self.send(text);
     }
 
     /// Echoes pending marks in order: up to and including `upto`'s id (reported by the call
@@ -505,6 +571,10 @@ impl Core {
                 break;
             };
             self.counters.marks_echoed += 1;
+            match state {
+                MarkState::Played => self.stats.marks_played += 1,
+                MarkState::Cleared => self.stats.marks_cleared += 1,
+            }
             self.record(json!({
                 "what": "mark",
                 "name": mark.name,
@@ -542,6 +612,7 @@ impl Core {
                     };
                     self.send(stop.to_json());
                 }
+                self.stats.disconnect = Some("callgate");
                 self.record(json!({
                     "what": "disconnect", "by": "callgate", "code": 1000,
                     "reason": reason.as_str(),
@@ -564,6 +635,7 @@ impl Core {
         }
         self.phase = Phase::BotGone;
         self.marks.clear();
+        self.stats.fallback = true;
         self.record(json!({
             "what": "fallback",
             "reason": why,
@@ -623,10 +695,48 @@ impl Core {
     }
 }
 
+/// The caller's `media` message, written by hand: the one message sent 50 times a second, of
+/// a fixed shape, so it is built in one allocation with the base64 encoded in place (no
+/// intermediate strings, no serializer). Byte for byte what `ToBot::Media` serialises to (a
+/// test checks it); `stream_sid` is `MZ` and hex digits, nothing to escape.
+fn media_json(stream_sid: &str, seq: u64, chunk: u64, timestamp: u64, frame: &[u8]) -> String {
+    let mut s = String::with_capacity(128 + stream_sid.len() + frame.len().div_ceil(3) * 4);
+    s.push_str(r#"{"event":"media","sequenceNumber":""#);
+    push_u64(&mut s, seq);
+    s.push_str(r#"","streamSid":""#);
+    s.push_str(stream_sid);
+    s.push_str(r#"","media":{"track":"inbound","chunk":""#);
+    push_u64(&mut s, chunk);
+    s.push_str(r#"","timestamp":""#);
+    push_u64(&mut s, timestamp);
+    s.push_str(r#"","payload":""#);
+    BASE64.encode_string(frame, &mut s);
+    s.push_str(r#""}}"#);
+    s
+}
+
+/// Appends `n` in decimal.
+fn push_u64(s: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        s.push(char::from(d));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use callgate_agent::Interruption;
     use callgate_proto::Digit;
+    use callgate_proto::twilio::MediaIn;
     use serde_json::Value;
 
     use super::*;
@@ -768,6 +878,91 @@ mod tests {
             out[4]["dtmf"],
             serde_json::json!({"track":"inbound_track","digit":"5"})
         );
+    }
+
+    #[test]
+    fn the_hand_written_media_is_byte_for_byte_what_the_serializer_writes() {
+        for (seq, chunk, ts, frame) in [
+            (2u64, 1u64, 0u64, vec![0u8; 160]),
+            (10, 9, 1_060, (0..=255).collect::<Vec<u8>>()),
+            (u64::MAX, 1_000_000, 86_400_000, vec![0xFF, 0x7F]),
+            (7, 3, 40, Vec::new()),
+        ] {
+            let serde = ToBot::Media {
+                sequence_number: Counter(seq),
+                stream_sid: ids().stream_sid,
+                media: MediaIn {
+                    track: "inbound".into(),
+                    chunk: Counter(chunk),
+                    timestamp: Counter(ts),
+                    payload: BASE64.encode(&frame),
+                },
+            }
+            .to_json();
+            assert_eq!(media_json(&ids().stream_sid, seq, chunk, ts, &frame), serde);
+        }
+    }
+
+    #[test]
+    fn each_thing_is_counted_once_for_the_metrics_and_taken_once() {
+        let t0 = origin();
+        let mut c = core(t0);
+        c.handle_opened(ms(t0, 40));
+        c.handle_call_event(ms(t0, 60), AgentEvent::Audio(Bytes::from(vec![1u8; 160])));
+        c.handle_bot(ms(t0, 70), BotMessage::Mark("a".into()), 30);
+        c.handle_bot(ms(t0, 80), BotMessage::Clear, 20);
+        for _ in 0..2 {
+            let invalid = BotMessage::Invalid {
+                kind: "not_json",
+                message: "x".into(),
+            };
+            c.handle_bot(ms(t0, 90), invalid, 5);
+        }
+        c.handle_call_event(
+            ms(t0, 100),
+            AgentEvent::Cleared(Interruption {
+                played_ms: 0,
+                dropped_ms: 0,
+                at_ms: 100,
+                epoch: Epoch(1),
+            }),
+        );
+        c.handle_call_event(ms(t0, 120), AgentEvent::Ended(EndReason::PeerHangup));
+        let to_bot = c.counters().bytes_to_bot;
+        let stats = c.take_stats();
+        assert_eq!(
+            stats,
+            Stats {
+                connected: Some(Duration::from_millis(40)),
+                connect_failure: None,
+                disconnect: Some("callgate"),
+                fallback: false,
+                invalid: vec![("not_json", 2)],
+                marks_played: 0,
+                marks_cleared: 1,
+                clears: vec![("bot", 1)],
+                bytes_to_bot: to_bot,
+                bytes_from_bot: 60,
+            }
+        );
+        assert!(
+            to_bot > 300,
+            "connected, start, media, mark, stop: {to_bot}"
+        );
+        assert_eq!(c.take_stats(), Stats::default(), "nothing counted twice");
+
+        let mut c = core(t0);
+        c.handle_bot_closed(
+            ms(t0, 5),
+            BotClosed {
+                code: Some(1011),
+                reason: "no".into(),
+                close_frame: true,
+            },
+        );
+        let stats = c.take_stats();
+        assert_eq!(stats.connect_failure, Some("closed"));
+        assert!(stats.fallback);
     }
 
     #[test]
@@ -979,7 +1174,13 @@ mod tests {
 
         let mut c = core(t0);
         commands(&mut c);
-        c.handle_connect_failed(ms(t0, 3000), "connection refused".into());
+        c.handle_connect_failed(
+            ms(t0, 3000),
+            ConnectFailure {
+                kind: "connect",
+                reason: "connection refused".into(),
+            },
+        );
         let cmds = commands(&mut c);
         assert_eq!(audio(&cmds), b"fallback");
         let recorded = events(&cmds);

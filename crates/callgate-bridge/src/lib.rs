@@ -14,7 +14,10 @@
 //! - [`url`]: the bot URL template (`ws://`/`wss://`) and `X-Twilio-Signature`.
 //! - [`core`]: the sans-IO core of one call: the messages to the bot (counters, timestamps),
 //!   the bot's audio queue, marks and clears, the end and the fallback, the record.
-//! - `link`: the bot's WebSocket on a task of its own (JSON and base64 off the call task).
+//! - `link`: the bot's WebSocket, polled by the driver on the call's own task (no second task,
+//!   no channel hop per frame).
+//! - [`metrics`]: the shared metrics (connects, failures, disconnects, marks, clears, bytes),
+//!   merged from each call's counts every second and at its end.
 //! - `agent`: the driver: the call's events, the link's events and time into the core; its
 //!   outputs carried out.
 //!
@@ -30,6 +33,7 @@
 mod agent;
 pub mod core;
 mod link;
+pub mod metrics;
 pub mod settings;
 pub mod url;
 
@@ -44,6 +48,7 @@ use callgate_kit::AgentEnv;
 use callgate_kit::audio::PromptAudio;
 use callgate_kit::template::Template;
 
+pub use metrics::{BridgeCollector, BridgeMetrics};
 pub use settings::BridgeSettings;
 
 use crate::settings::FallbackKind;
@@ -68,13 +73,19 @@ pub struct Plan {
     tls: Arc<rustls::ClientConfig>,
 }
 
-/// Registers the `bridge` agent in `catalog`. `env` gives the data dir (the speech cache) and
-/// the server's `[tts]` (for the fallback message).
+/// Registers the `bridge` agent in `catalog`, counting into the process's metrics
+/// ([`BridgeMetrics::process`]). `env` gives the data dir (the speech cache) and the server's
+/// `[tts]` (for the fallback message).
 pub fn register(catalog: &mut Catalog, env: AgentEnv) {
+    register_with(catalog, env, BridgeMetrics::process());
+}
+
+/// [`register`], counting into `metrics` (expose them with a [`BridgeCollector`]).
+pub fn register_with(catalog: &mut Catalog, env: AgentEnv, metrics: Arc<BridgeMetrics>) {
     catalog.register(NAME, move |settings| {
         let settings = catalog::parse::<BridgeSettings>(settings)?;
         let plan = plan(settings, &env)?;
-        Ok(Arc::new(agent::BridgeFactory::new(plan)) as Arc<dyn AgentFactory>)
+        Ok(Arc::new(agent::BridgeFactory::new(plan, metrics.clone())) as Arc<dyn AgentFactory>)
     });
 }
 

@@ -6,13 +6,19 @@
 //! Secrets come from `PATH` (`twilio_auth_token_env = "PATH"`): tests cannot set variables
 //! (process-global), and PATH is always set.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use callgate_agent::Catalog;
+use callgate_bridge::metrics::{By, Direction, Reason};
+use callgate_bridge::{BridgeCollector, BridgeMetrics};
 use callgate_kit::AgentEnv;
 use callgate_server::routes::parse_spec;
 use callgate_testkit::twilio_bot::{Bot, BotConfig};
-use callgate_testkit::{Phone, Received, TempDir, TestServer, spawn_server_with_catalog};
+use callgate_testkit::{
+    Phone, Received, TempDir, TestServer, spawn_server_in, spawn_server_with_catalog,
+};
 use serde_json::{Value, json};
 
 fn path_var() -> String {
@@ -29,13 +35,22 @@ async fn server_with(
     settings: Value,
     tweak: impl FnOnce(&mut callgate_server::Config),
 ) -> TestServer {
+    server_counting(settings, BridgeMetrics::new(), tweak).await
+}
+
+/// [`server_with`], the agent counting into `metrics` (exposed on the server's `/metrics`).
+async fn server_counting(
+    settings: Value,
+    metrics: Arc<BridgeMetrics>,
+    tweak: impl FnOnce(&mut callgate_server::Config),
+) -> TestServer {
     let mut all = json!({"fallback": "hangup"});
     for (k, v) in settings.as_object().expect("an object") {
         all[k] = v.clone();
     }
     let dir = TempDir::new("bridge-env");
     let mut catalog = Catalog::builtin();
-    callgate_bridge::register(
+    callgate_bridge::register_with(
         &mut catalog,
         AgentEnv {
             data_dir: dir.path().to_path_buf(),
@@ -43,6 +58,7 @@ async fn server_with(
             callbridge: None,
             stt: None,
         },
+        metrics.clone(),
     );
     let route = parse_spec(
         json!({"name": "bot", "agent": "bridge", "settings": all}),
@@ -51,6 +67,7 @@ async fn server_with(
     .expect("route");
     spawn_server_with_catalog(&catalog, move |c| {
         c.routes = vec![route];
+        c.metrics.push(Arc::new(BridgeCollector(metrics)));
         tweak(c);
     })
     .await
@@ -464,11 +481,12 @@ async fn an_unreachable_bot_gets_the_fallback() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let server = server(json!({
+    let metrics = BridgeMetrics::new();
+    let settings = json!({
         "url": format!("ws://127.0.0.1:{port}/"), "fallback": "wav",
         "fallback_wav": fallback_wav(&dir),
-    }))
-    .await;
+    });
+    let server = server_counting(settings, metrics.clone(), |_| {}).await;
     let mut phone = twilio_call(&server, "CA-down").await;
     let heard = listen(&mut phone, true, |_| false).await;
     assert_eq!(heard.audio.len(), 8000, "the fallback, then the hang-up");
@@ -484,6 +502,105 @@ async fn an_unreachable_bot_gets_the_fallback() {
         "{events:?}"
     );
     assert_eq!(events[1]["what"], "fallback");
+    // Counted as the call ended (its figures are merged before the agent returns, and the
+    // call's end waits for the agent).
+    server.shutdown().await;
+    let refused = Reason { reason: "connect" };
+    assert_eq!(metrics.connect_failures.get_or_create(&refused).get(), 1);
+    assert_eq!(metrics.fallbacks.get(), 1);
+    assert_eq!(metrics.connects.get(), 0);
+}
+
+/// The length of `message` as callgate wrote it: compact JSON (the key order does not change
+/// the length).
+fn wire_len(message: &Value) -> u64 {
+    message.to_string().len() as u64
+}
+
+#[tokio::test]
+async fn the_last_seconds_usage_and_the_metrics_count_every_byte_each_way() {
+    let mut bot = Bot::start(BotConfig {
+        echo: true,
+        ..Default::default()
+    })
+    .await;
+    let metrics = BridgeMetrics::new();
+    let server = server_counting(json!({"url": bot.url("/")}), metrics.clone(), |_| {}).await;
+    let mut phone = twilio_call(&server, "CA-usage").await;
+    let mut conn = bot.accept().await;
+    let mut to_bot = 0;
+    let mut from_bot = 0;
+    for _ in 0..2 {
+        to_bot += wire_len(&conn.recv().await.expect("connected, start"));
+    }
+    // A short call: it ends well within the first second of usage reports, so without the
+    // last report after the end the record would have no usage at all.
+    let sent = frames(5, 1);
+    for f in &sent {
+        phone_media(&mut phone, f).await;
+    }
+    let heard = listen(&mut phone, true, |h| h.audio.len() >= 5 * 160).await;
+    assert_eq!(heard.audio, sent.concat());
+    phone
+        .text(
+            json!({"event": "stop", "streamSid": "MZphone", "sequenceNumber": "9",
+                     "stop": {"accountSid": "ACphone", "callSid": "CA-usage"}})
+            .to_string(),
+        )
+        .await;
+    while let Some(m) = conn.recv().await {
+        to_bot += wire_len(&m);
+        if m["event"] == "media" {
+            // The echo bot's answer: the same payload under its stream's id.
+            let reply = json!({"event": "media", "streamSid": conn.stream_sid(),
+                               "media": {"payload": m["media"]["payload"]}});
+            from_bot += wire_len(&reply);
+        }
+    }
+    let id = server.ended_call("CA-usage").await["id"].clone();
+    // Everything the call task writes is committed once the server has stopped; a second
+    // server on the same data reads it back.
+    let mut server = server;
+    server.begin_shutdown();
+    let dir = server.stopped().await;
+    let metrics_after = metrics.clone();
+    let again = spawn_server_in(dir, move |c| {
+        c.metrics.push(Arc::new(BridgeCollector(metrics_after)));
+    })
+    .await;
+    let (_, record) = again
+        .get(&format!("/api/calls/{}", id.as_str().unwrap()))
+        .await;
+    assert_eq!(
+        record["usage"]["bridge_bytes_to_bot"],
+        json!(to_bot as f64),
+        "connected, start, 5 media and stop: {record}"
+    );
+    assert_eq!(
+        record["usage"]["bridge_bytes_from_bot"],
+        json!(from_bot as f64)
+    );
+    // The same figures in the metrics, with the connection's life.
+    let to = Direction {
+        direction: "to_bot",
+    };
+    let from = Direction {
+        direction: "from_bot",
+    };
+    assert_eq!(metrics.bytes.get_or_create(&to).get(), to_bot);
+    assert_eq!(metrics.bytes.get_or_create(&from).get(), from_bot);
+    assert_eq!(metrics.connects.get(), 1);
+    let by_callgate = By { by: "callgate" };
+    assert_eq!(metrics.disconnects.get_or_create(&by_callgate).get(), 1);
+    let text = again.metrics_text().await;
+    for line in [
+        format!("callgate_bridge_bytes_total{{direction=\"to_bot\"}} {to_bot}"),
+        "callgate_bridge_connects_total 1".to_owned(),
+        "callgate_bridge_connect_latency_seconds_count 1".to_owned(),
+        "callgate_bridge_disconnects_total{by=\"callgate\"} 1".to_owned(),
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
 }
 
 #[tokio::test]

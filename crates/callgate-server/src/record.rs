@@ -361,8 +361,8 @@ impl Record {
                 .as_secs_f64(),
         );
         self.metrics.calls_live.dec();
-        self.flush(journal).await;
         self.remember(journal);
+        self.flush(journal).await;
         let ended = self.ended_value(reason);
         if let Err(error) = self.store.end_call(self.id.clone(), ended).await {
             self.metrics.store_errors.inc();
@@ -378,7 +378,9 @@ impl Record {
         }
     }
 
-    /// Writes pending events and transcript and waits for the commit.
+    /// Writes pending events and transcript and waits for the commit; once the record has
+    /// ended, also the usage if the agent added to it since (an agent hears of the end after
+    /// the record ends, so its last figures come later: they are not lost).
     pub(crate) async fn flush(&mut self, journal: &mut Journal) {
         if !journal.events.is_empty() {
             let events = std::mem::take(&mut journal.events);
@@ -393,6 +395,16 @@ impl Record {
                 self.metrics.store_errors.inc();
                 tracing::error!(%error, "Could not write the call's transcript.");
             }
+        }
+        if self.ended
+            && let Some(usage) = journal.usage_json()
+            && self.last.usage.as_ref() != Some(&usage)
+        {
+            if let Err(error) = self.store.set_usage(self.id.clone(), usage.clone()).await {
+                self.metrics.store_errors.inc();
+                tracing::error!(%error, "Could not write the call's final usage.");
+            }
+            self.last.usage = Some(usage);
         }
     }
 

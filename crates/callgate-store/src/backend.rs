@@ -176,6 +176,10 @@ impl Store for AnyStore {
         each!(self, s => s.set_cdr(id, raw))
     }
 
+    fn set_usage(&mut self, id: &CallId, usage: &str) -> Result<(), Error> {
+        each!(self, s => s.set_usage(id, usage))
+    }
+
     fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error> {
         each!(self, s => s.append_events(id, events))
     }

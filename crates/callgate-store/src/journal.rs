@@ -61,6 +61,11 @@ pub(crate) enum Op {
         id: CallId,
         raw: String,
     },
+    /// A call's usage replaced (after its end too).
+    Usage {
+        id: CallId,
+        usage: String,
+    },
     Events {
         id: CallId,
         first_seq: Option<u64>,

@@ -175,6 +175,9 @@ pub trait Store: Send + 'static {
     fn end_call(&mut self, id: &CallId, ended: &Ended) -> Result<(), Error>;
     /// Stores the phone system's CDR, verbatim.
     fn set_cdr(&mut self, id: &CallId, raw: &str) -> Result<(), Error>;
+    /// Replaces the call's usage (a JSON object), ended or not: an agent's last figures can
+    /// arrive after its call's record ended (the agent hears of the end after the record).
+    fn set_usage(&mut self, id: &CallId, usage: &str) -> Result<(), Error>;
     /// Appends to the call's event log, in order.
     fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error>;
     /// Appends to the call's transcript, in order.

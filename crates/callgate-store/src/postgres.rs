@@ -713,6 +713,10 @@ fn exec(c: &mut Conn, op: &Op, replay: bool) -> Result<u64, Error> {
             "UPDATE calls SET cdr = $2 WHERE id = $1",
             &[&id.as_str(), &clean(raw)],
         )?),
+        Op::Usage { id, usage } => Ok(c.execute(
+            "UPDATE calls SET usage = $2 WHERE id = $1",
+            &[&id.as_str(), &clean(usage)],
+        )?),
         Op::Events {
             id,
             first_seq,
@@ -884,6 +888,14 @@ impl Store for PgStore {
         self.write(Op::Cdr {
             id: id.clone(),
             raw: raw.to_owned(),
+        })?;
+        Ok(())
+    }
+
+    fn set_usage(&mut self, id: &CallId, usage: &str) -> Result<(), Error> {
+        self.write(Op::Usage {
+            id: id.clone(),
+            usage: usage.to_owned(),
         })?;
         Ok(())
     }

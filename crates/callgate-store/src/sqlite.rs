@@ -518,6 +518,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn set_usage(&mut self, id: &CallId, usage: &str) -> Result<(), Error> {
+        self.conn
+            .prepare_cached("UPDATE calls SET usage = ?2 WHERE id = ?1")?
+            .execute(params![id.as_str(), usage])?;
+        Ok(())
+    }
+
     fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error> {
         let next: i64 = self
             .conn

@@ -6,7 +6,7 @@
 //! of call starts costs one commit, not one each. Replies are sent only after the commit.
 //!
 //! Channel policy, by operation:
-//! - start, end, CDR, events and transcript: awaited, with the handle's timeout (waiting for
+//! - start, end, CDR, late usage, events and transcript: awaited, with the handle's timeout (waiting for
 //!   room counts against it); the caller learns of a failure.
 //! - answer time and progress (periodic counters, DTMF, usage): `try_send`; dropped (logged)
 //!   when the queue is full, since the next progress or the end supersedes it.
@@ -48,6 +48,7 @@ enum Op {
     Progress(CallId, Counters, String, Option<String>),
     End(CallId, Ended, Option<Reply<()>>),
     Cdr(CallId, String, Reply<()>),
+    Usage(CallId, String, Reply<()>),
     Events(CallId, Vec<NewEvent>, Option<Reply<()>>),
     Transcript(CallId, Vec<NewTranscriptEntry>, Option<Reply<()>>),
     Delete(CallId, Reply<bool>),
@@ -284,6 +285,12 @@ impl StoreHandle {
     /// Stores the CDR verbatim and waits for the commit.
     pub async fn set_cdr(&self, id: CallId, raw: String) -> Result<(), Error> {
         self.ask(|r| Op::Cdr(id, raw, r)).await
+    }
+
+    /// Replaces the call's usage (a JSON object), even after its end, and waits for the
+    /// commit: an agent's last figures, reported after the record ended.
+    pub async fn set_usage(&self, id: CallId, usage: String) -> Result<(), Error> {
+        self.ask(|r| Op::Usage(id, usage, r)).await
     }
 
     /// Appends events and waits for the commit.
@@ -598,6 +605,7 @@ fn apply(store: &mut impl Store, op: Op, calls: &mut Calls, notices: &mut Vec<No
             }
         }
         Op::Cdr(id, raw, tx) => reply(tx, store.set_cdr(&id, &raw)),
+        Op::Usage(id, usage, tx) => reply(tx, store.set_usage(&id, &usage)),
         Op::Events(id, events, tx) => {
             let r = store.append_events(&id, &events);
             if r.is_ok() {

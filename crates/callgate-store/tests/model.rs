@@ -500,6 +500,12 @@ async fn the_writer_commits_in_order_and_close_flushes(backend: Backend) {
     assert_eq!(r.bytes_in, 7);
     assert_eq!(r.dtmf, "12");
     assert_eq!(r.usage.map(|u| u.get().to_owned()), Some(usage(3)));
+    // An agent's last figures come after the end: they replace the usage, nothing else.
+    handle.set_usage(id(1), usage(9)).await.unwrap();
+    let r = handle.call(id(1)).await.unwrap().unwrap();
+    assert_eq!(r.usage.map(|u| u.get().to_owned()), Some(usage(9)));
+    assert_eq!((r.bytes_in, r.dtmf.as_str()), (7, "12"));
+    assert_eq!(r.end_reason.as_deref(), Some("peer_hangup"));
     assert_eq!(
         handle
             .events(id(1), Page::all())

@@ -287,6 +287,9 @@ impl Store for GatedStore {
     fn set_cdr(&mut self, id: &CallId, raw: &str) -> Result<(), Error> {
         self.inner.set_cdr(id, raw)
     }
+    fn set_usage(&mut self, id: &CallId, usage: &str) -> Result<(), Error> {
+        self.inner.set_usage(id, usage)
+    }
     fn append_events(&mut self, id: &CallId, events: &[NewEvent]) -> Result<(), Error> {
         self.inner.append_events(id, events)
     }

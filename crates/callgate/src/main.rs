@@ -218,6 +218,12 @@ fn serve(args: settings::Settings) -> ExitCode {
             .push(std::sync::Arc::new(callgate_flow::metrics::FlowCollector(
                 callgate_flow::FlowMetrics::process(),
             )));
+        // The bridge agent's metrics (bot connections, marks, clears, bytes): likewise.
+        config
+            .metrics
+            .push(std::sync::Arc::new(callgate_bridge::BridgeCollector(
+                callgate_bridge::BridgeMetrics::process(),
+            )));
         let server = match callgate_server::Server::bind_with_routes(config, table).await {
             Ok(server) => server,
             Err(e) if e.is_config() => {

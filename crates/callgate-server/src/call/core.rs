@@ -274,9 +274,10 @@ impl CallCore {
     pub(crate) fn handle_agent_command(&mut self, now: Instant, stamped: Stamped) {
         if matches!(self.phase, Phase::Ended(_)) {
             // The call is over; what the agent still writes to the record is kept (its last
-            // transcript turn usually comes after the end).
+            // transcript turn and usage usually come after the end).
             match stamped.command {
                 AgentCommand::Transcript(turn) => self.journal.turn(now, *turn),
+                AgentCommand::Usage(amounts) => self.journal.usage(amounts),
                 AgentCommand::Event(e) => self.journal.event(now, EventKind::Agent, e.entry()),
                 AgentCommand::FlatEvent(e) => {
                     self.journal.event(now, EventKind::Agent, e.flat_entry());
