@@ -792,8 +792,6 @@ impl CallAuthFile {
     }
 }
 
-/// The `realtime` agent's metrics: one set for the process, shared by every reload of the
-/// routes (the server's `/metrics` encodes it on each scrape).
 /// The host name, the default `node_id`: the kernel's (Linux), else `$HOSTNAME`.
 fn host_name() -> anyhow::Result<String> {
     let name = match std::fs::read_to_string("/proc/sys/kernel/hostname") {
@@ -807,6 +805,8 @@ fn host_name() -> anyhow::Result<String> {
     Ok(name.to_owned())
 }
 
+/// The `realtime` agent's metrics: one set for the process, shared by every reload of the
+/// routes (the server's `/metrics` encodes it on each scrape).
 fn realtime_metrics() -> Arc<callgate_realtime::RealtimeMetrics> {
     static METRICS: std::sync::OnceLock<Arc<callgate_realtime::RealtimeMetrics>> =
         std::sync::OnceLock::new();
@@ -815,8 +815,9 @@ fn realtime_metrics() -> Arc<callgate_realtime::RealtimeMetrics> {
         .clone()
 }
 
-/// The agents `serve` can run: the built-in ones, `flow`, `realtime`, `pipeline` and `bridge`. A flow's warnings
-/// (unreachable steps) go to stderr: the configuration is loaded before logging is set up.
+/// The agents `serve` can run: the built-in ones, `flow`, `realtime`, `pipeline` and `bridge`.
+/// A flow's warnings (unreachable steps) go to stderr: the configuration is loaded before
+/// logging is set up.
 pub(crate) fn catalog(flow_env: callgate_flow::FlowEnv) -> Catalog {
     let mut catalog = Catalog::builtin();
     callgate_realtime::register(&mut catalog, flow_env.clone(), realtime_metrics());
