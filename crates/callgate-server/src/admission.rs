@@ -261,7 +261,7 @@ pub(crate) async fn refuse_draining(
 ) {
     let deadline = pending.accepted + shared.config.handshake_timeout;
     let refuse = async {
-        let stream = crate::call::tls_handshake(&shared, stream, deadline).await?;
+        let stream = crate::tls::call_handshake(&shared, stream, deadline).await?;
         #[allow(
             clippy::result_large_err,
             reason = "the callback's signature is tungstenite's"

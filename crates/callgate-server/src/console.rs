@@ -21,7 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::Shared;
-use crate::admin::{ApiError, ErrorBody};
+use crate::admin::error::{ApiError, ErrorBody};
 use crate::auth::{Refusal, Secret};
 use crate::session::{self, Denied};
 

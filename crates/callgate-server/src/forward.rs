@@ -34,7 +34,7 @@ use callgate_store::{CallId, NodeState, UnixMillis};
 use tracing::{info, warn};
 
 use crate::Shared;
-use crate::admin::ErrorBody;
+use crate::admin::error::ErrorBody;
 use crate::auth::{Secret, same_digest};
 
 /// The request header that carries the cluster secret from one node to another.

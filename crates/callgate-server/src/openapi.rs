@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{InfoBuilder, OpenApi, SecurityRequirement};
 
-use crate::admin::ApiError;
+use crate::admin::error::ApiError;
 
 /// The name of the bearer token scheme in the document.
 pub(crate) const BEARER: &str = "bearer";
@@ -47,7 +47,7 @@ impl Document {
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object),
         (status = 500, description = "`internal`: the document could not be serialised",
-            body = crate::admin::ErrorBody),
+            body = crate::admin::error::ErrorBody),
     )
 )]
 pub(crate) async fn document(Extension(document): Extension<Document>) -> Response {

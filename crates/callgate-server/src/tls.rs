@@ -602,6 +602,43 @@ impl axum::serve::Listener for AdminListener {
     }
 }
 
+/// On a TLS port, the TLS handshake, under the connection's handshake deadline; the
+/// connection holds only its pending place meanwhile. A failed or late handshake is dropped.
+pub(crate) async fn call_handshake(
+    shared: &crate::Shared,
+    stream: TcpStream,
+    deadline: tokio::time::Instant,
+) -> Option<CallStream> {
+    let Some(acceptor) = &shared.tls else {
+        return Some(CallStream::Left(stream));
+    };
+    let failed = || {
+        shared
+            .metrics
+            .connections_refused
+            .get_or_create(&[("reason", "tls_handshake")])
+            .inc();
+        shared
+            .metrics
+            .tls_handshakes_failed
+            .get_or_create(&[("port", Port::Call.as_str())])
+            .inc();
+    };
+    match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(CallStream::Right(Box::new(tls))),
+        Ok(Err(error)) => {
+            debug!(error = %Wire(&error.to_string()), "TLS handshake failed.");
+            failed();
+            None
+        }
+        Err(_) => {
+            debug!("TLS handshake timed out.");
+            failed();
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

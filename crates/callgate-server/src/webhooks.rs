@@ -491,14 +491,14 @@ pub(crate) struct DeliveryList {
     params(DeliveriesQuery),
     responses(
         (status = 200, description = "Pending and failed deliveries", body = DeliveryList),
-        (status = 400, description = "`bad_query` or `bad_limit`", body = crate::admin::ErrorBody),
-        (status = 503, description = "`store_unavailable`", body = crate::admin::ErrorBody),
+        (status = 400, description = "`bad_query` or `bad_limit`", body = crate::admin::error::ErrorBody),
+        (status = 503, description = "`store_unavailable`", body = crate::admin::error::ErrorBody),
     )
 )]
 pub(crate) async fn deliveries(
     axum::extract::State(shared): axum::extract::State<Arc<crate::Shared>>,
     query: Result<axum::extract::Query<DeliveriesQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<axum::Json<DeliveryList>, crate::admin::ApiError> {
+) -> Result<axum::Json<DeliveryList>, crate::admin::error::ApiError> {
     let axum::extract::Query(query) = query.map_err(crate::admin::bad_query)?;
     crate::admin::refuse_unknown::<DeliveriesQuery>(&query.unknown)?;
     let limit = crate::admin::limit(query.limit.as_deref(), 100, MAX_DELIVERIES)?;
@@ -507,7 +507,7 @@ pub(crate) async fn deliveries(
         Ok((o.list(&node, limit)?, o.pending(&node)?))
     })
     .await
-    .map_err(crate::admin::ApiError::store)?;
+    .map_err(crate::admin::error::ApiError::store)?;
     shared
         .metrics
         .webhook_pending

@@ -124,7 +124,7 @@ pub(crate) async fn serve(
                 shared.refusal_log.note(refusal, peer.ip());
                 return None;
             }
-            let stream = tls_handshake(&shared, stream, deadline).await?;
+            let stream = crate::tls::call_handshake(&shared, stream, deadline).await?;
             let (mut ws, forced, admitted) = upgrade(&shared, stream, deadline, peer).await?;
             // No call slot is free: refuse now rather than wait for the first message.
             if shared.admission.calls_full() {
@@ -169,39 +169,6 @@ pub(crate) async fn serve(
     }
     .instrument(span)
     .await
-}
-
-/// On a TLS port, the TLS handshake, under the connection's handshake deadline; the
-/// connection holds only its pending place meanwhile. A failed or late handshake is dropped.
-pub(crate) async fn tls_handshake(
-    shared: &Shared,
-    stream: TcpStream,
-    deadline: Instant,
-) -> Option<CallStream> {
-    let Some(acceptor) = &shared.tls else {
-        return Some(CallStream::Left(stream));
-    };
-    let failed = || {
-        refused(shared, "tls_handshake");
-        shared
-            .metrics
-            .tls_handshakes_failed
-            .get_or_create(&[("port", crate::tls::Port::Call.as_str())])
-            .inc();
-    };
-    match timeout_at(deadline, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => Some(CallStream::Right(Box::new(tls))),
-        Ok(Err(error)) => {
-            debug!(error = %Wire(&error.to_string()), "TLS handshake failed.");
-            failed();
-            None
-        }
-        Err(_) => {
-            debug!("TLS handshake timed out.");
-            failed();
-            None
-        }
-    }
 }
 
 /// Refuses a connection because the call limit is reached: close 1013.
