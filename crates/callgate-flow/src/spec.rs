@@ -268,7 +268,7 @@ pub struct Prompt {
     /// The parts.
     pub parts: Vec<PromptPart>,
     /// What the prompt's files say (`text` beside `play`/`file`), for the transcript; `None`:
-    /// each part as [`PromptPart::transcript`] has it.
+    /// each part as its [`PromptPart`] variant says (a file by its name in brackets).
     pub words: Option<String>,
 }
 
