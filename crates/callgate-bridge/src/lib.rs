@@ -91,7 +91,7 @@ pub fn register_with(catalog: &mut Catalog, env: AgentEnv, metrics: Arc<BridgeMe
 
 /// Builds a route's plan: templates compiled, secrets read, the fallback rendered.
 pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsError> {
-    let url = BotUrl::parse(&settings.url).map_err(|e| SettingsError::new("url", e))?;
+    let url = BotUrl::parse(&settings.url).map_err(|e| SettingsError::new("url", e.to_string()))?;
     let mut headers: Vec<(String, String)> = settings
         .headers
         .iter()
@@ -146,7 +146,7 @@ pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsEr
                 ..env.tts.clone()
             };
             render(&tts, env, &settings.fallback_message)
-                .map_err(|e| SettingsError::new("fallback_message", e))?
+                .map_err(|e| SettingsError::new("fallback_message", e.to_string()))?
                 .chunks(AudioFormat::Ulaw8000)
         }
         FallbackKind::Wav => {
@@ -179,7 +179,10 @@ pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsEr
 
 impl Plan {
     /// The bot's URL for a call, and the upgrade's headers (the signature included).
-    pub fn request_for(&self, call: &CallInfo) -> Result<(String, Vec<(String, String)>), String> {
+    pub fn request_for(
+        &self,
+        call: &CallInfo,
+    ) -> Result<(String, Vec<(String, String)>), crate::url::UrlError> {
         let vars = call.variables();
         let url = self
             .url
@@ -302,10 +305,24 @@ fn render(
     tts: &callgate_kit::TtsSettings,
     env: &AgentEnv,
     text: &str,
-) -> Result<PromptAudio, String> {
-    let http = callgate_kit::http::client().map_err(|e| e.to_string())?;
-    let provider = tts.provider(&http).map_err(|e| e.to_string())?;
+) -> Result<PromptAudio, SpeechError> {
+    let http = callgate_kit::http::client().map_err(|e| SpeechError::Http(e.to_string()))?;
+    let provider = tts.provider(&http).map_err(SpeechError::Provider)?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
     callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
-        .map_err(String::from)
+        .map_err(SpeechError::Render)
+}
+
+/// Why the fallback message could not be spoken at load.
+#[derive(Debug, thiserror::Error)]
+enum SpeechError {
+    /// The HTTP client could not be made (its TLS roots).
+    #[error("{0}")]
+    Http(String),
+    /// The text-to-speech provider cannot be used.
+    #[error("{0}")]
+    Provider(callgate_kit::tts::TtsError),
+    /// The speech could not be rendered.
+    #[error("{0}")]
+    Render(callgate_kit::tts::RenderError),
 }

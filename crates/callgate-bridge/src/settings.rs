@@ -101,7 +101,8 @@ impl Settings for BridgeSettings {
                 "the bot's ws:// or wss:// URL is required",
             ));
         }
-        crate::url::BotUrl::parse(&self.url).map_err(|e| SettingsError::new("url", e))?;
+        crate::url::BotUrl::parse(&self.url)
+            .map_err(|e| SettingsError::new("url", e.to_string()))?;
         if self.connect_timeout.0.is_zero() || self.connect_timeout.0 > Duration::from_secs(60) {
             return Err(SettingsError::new(
                 "connect_timeout",

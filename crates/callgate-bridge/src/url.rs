@@ -16,26 +16,43 @@ pub struct BotUrl {
     template: UrlTemplate,
 }
 
+/// A bot URL that cannot work, or a call whose values do not make one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// Neither `ws://` nor `wss://`.
+    #[error("{0:?} is not a ws:// or wss:// URL")]
+    Scheme(String),
+    /// The template breaks a URL template's rules (said in ws terms).
+    #[error("{0}")]
+    Template(String),
+    /// A call's values do not make a valid URL.
+    #[error("{0}")]
+    Render(String),
+}
+
 impl BotUrl {
     /// Parses `text`, which must start with `ws://` or `wss://`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, UrlError> {
         let lower = text.get(..6).unwrap_or(text).to_ascii_lowercase();
         let (tls, rest) = if lower.starts_with("wss://") {
             (true, &text[6..])
         } else if lower.starts_with("ws://") {
             (false, &text[5..])
         } else {
-            return Err(format!("{text:?} is not a ws:// or wss:// URL"));
+            return Err(UrlError::Scheme(text.to_owned()));
         };
         let http = format!("{}://{rest}", if tls { "https" } else { "http" });
-        let template =
-            UrlTemplate::parse(&http).map_err(|e| e.to_string().replace("http(s)", "ws(s)"))?;
+        let template = UrlTemplate::parse(&http)
+            .map_err(|e| UrlError::Template(e.to_string().replace("http(s)", "ws(s)")))?;
         Ok(Self { tls, template })
     }
 
     /// The URL for a call, each variable replaced by `lookup(name)`.
-    pub fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> Result<String, String> {
-        let http = self.template.render(lookup).map_err(|e| e.to_string())?;
+    pub fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> Result<String, UrlError> {
+        let http = self
+            .template
+            .render(lookup)
+            .map_err(|e| UrlError::Render(e.to_string()))?;
         let rest = http.split_once("://").map_or(http.as_str(), |(_, r)| r);
         Ok(format!("{}://{rest}", if self.tls { "wss" } else { "ws" }))
     }

@@ -298,7 +298,7 @@ impl OpenAi {
     }
 
     async fn transcribe(&self, samples: &[i16], rate: u32) -> Result<String, SttError> {
-        let file = wav(samples, rate).map_err(SttError::Engine)?;
+        let file = wav(samples, rate).map_err(|e| SttError::Engine(e.to_string()))?;
         let mut fields = vec![("model", self.model.as_str()), ("response_format", "json")];
         if let Some(language) = &self.language {
             fields.push(("language", language));
@@ -351,7 +351,7 @@ impl OpenAi {
 }
 
 /// 16-bit mono PCM as a WAV file.
-fn wav(samples: &[i16], rate: u32) -> Result<Vec<u8>, String> {
+fn wav(samples: &[i16], rate: u32) -> Result<Vec<u8>, hound::Error> {
     let mut out = Cursor::new(Vec::with_capacity(44 + samples.len() * 2));
     let spec = hound::WavSpec {
         channels: 1,
@@ -359,11 +359,11 @@ fn wav(samples: &[i16], rate: u32) -> Result<Vec<u8>, String> {
         bits_per_sample: 16,
         sample_format: hound::SampleFormat::Int,
     };
-    let mut w = hound::WavWriter::new(&mut out, spec).map_err(|e| e.to_string())?;
+    let mut w = hound::WavWriter::new(&mut out, spec)?;
     for &s in samples {
-        w.write_sample(s).map_err(|e| e.to_string())?;
+        w.write_sample(s)?;
     }
-    w.finalize().map_err(|e| e.to_string())?;
+    w.finalize()?;
     Ok(out.into_inner())
 }
 

@@ -69,24 +69,30 @@ impl std::fmt::Debug for ClusterSecret {
     }
 }
 
+/// Why a cluster secret was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    /// Shorter than [`MIN_CLUSTER_SECRET`] bytes (it has this many).
+    #[error(
+        "the cluster secret is {0} bytes long; use at least {MIN_CLUSTER_SECRET} \
+         (e.g. `openssl rand -hex 32`)"
+    )]
+    TooShort(usize),
+    /// Something else than visible ASCII.
+    #[error("the cluster secret must be visible ASCII characters (it travels in an HTTP header)")]
+    NotVisibleAscii,
+}
+
 impl ClusterSecret {
     /// The secret as given (surrounding whitespace is not part of it): at least
     /// [`MIN_CLUSTER_SECRET`] bytes, and valid in an HTTP header (visible ASCII).
-    pub fn new(text: &str) -> Result<Self, String> {
+    pub fn new(text: &str) -> Result<Self, SecretError> {
         let text = text.trim();
         if text.len() < MIN_CLUSTER_SECRET {
-            return Err(format!(
-                "the cluster secret is {} bytes long; use at least {MIN_CLUSTER_SECRET} \
-                 (e.g. `openssl rand -hex 32`)",
-                text.len()
-            ));
+            return Err(SecretError::TooShort(text.len()));
         }
         if !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(
-                "the cluster secret must be visible ASCII characters (it travels in an HTTP \
-                 header)"
-                    .to_owned(),
-            );
+            return Err(SecretError::NotVisibleAscii);
         }
         Ok(Self {
             text: Arc::from(text),

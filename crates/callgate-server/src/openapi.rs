@@ -26,14 +26,12 @@ pub(crate) const SESSION: &str = "session";
 
 /// The serialised document, shared by every request.
 #[derive(Debug, Clone)]
-pub(crate) struct Document(Arc<Result<Bytes, String>>);
+pub(crate) struct Document(Arc<Result<Bytes, serde_json::Error>>);
 
 impl Document {
     /// The finished document of the routes `api` describes, serialised.
     pub(crate) fn new(api: OpenApi) -> Self {
-        let bytes = serde_json::to_vec(&finish(api))
-            .map(Bytes::from)
-            .map_err(|e| e.to_string());
+        let bytes = serde_json::to_vec(&finish(api)).map(Bytes::from);
         Self(Arc::new(bytes))
     }
 }
