@@ -222,6 +222,14 @@ async fn events(admin: SocketAddr, id: &str) -> Vec<(String, Value)> {
         .collect()
 }
 
+#[test]
+fn times_with_a_short_fraction_or_none_are_read() {
+    let base = parse_ms("2026-12-07T21:01:29Z");
+    assert_eq!(parse_ms("2026-12-07T21:01:29.9Z"), base + 900);
+    assert_eq!(parse_ms("2026-12-07T21:01:29.09Z"), base + 90);
+    assert_eq!(parse_ms("2026-12-07T21:01:29.123Z"), base + 123);
+}
+
 fn now_ms() -> i64 {
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -230,11 +238,18 @@ fn now_ms() -> i64 {
     i64::try_from(ms).expect("ms")
 }
 
-/// RFC 3339 UTC with milliseconds (as the API writes times) to Unix milliseconds.
+/// RFC 3339 UTC (as the API writes times: the fraction of a second has its trailing zeros
+/// cut, `...29.9Z`, or is absent) to Unix milliseconds.
 fn parse_ms(text: &str) -> i64 {
     let p = |r: std::ops::Range<usize>| -> i64 { text[r].parse().expect("number") };
     let (y, mo, d) = (p(0..4), p(5..7), p(8..10));
-    let (h, mi, s, ms) = (p(11..13), p(14..16), p(17..19), p(20..23));
+    let (h, mi, s) = (p(11..13), p(14..16), p(17..19));
+    let ms = match text[19..].trim_end_matches('Z').strip_prefix('.') {
+        Some(fraction) => format!("{fraction:0<3}")[..3]
+            .parse()
+            .expect("milliseconds"),
+        None => 0,
+    };
     // Days from the civil date (Howard Hinnant's algorithm).
     let y = if mo <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);
