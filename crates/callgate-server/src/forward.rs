@@ -380,7 +380,8 @@ async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Re
 
 /// Sends `request` to `owner`: the answer, and how it went for
 /// `callgate_admin_forwarded_total{result}` (`relayed`: the owner's answer, whatever its
-/// status; `unreachable`; `token_refused`; `no_secret`).
+/// status; `unreachable`; `token_refused`; `no_secret`; `too_large`: a body over the
+/// endpoint's limit).
 async fn send(
     shared: &Arc<Shared>,
     target: &Target,

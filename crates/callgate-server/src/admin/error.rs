@@ -10,7 +10,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 /// The most of a non-JSON error body (axum's own rejections) kept in the JSON error.
-pub(crate) const MAX_ERROR_TEXT: usize = 1024;
+const MAX_ERROR_TEXT: usize = 1024;
 
 /// Every error is JSON, axum's own rejections included (a body over the limit, a path that is
 /// not UTF-8, a bad query string): their text becomes the message, the status the code.
