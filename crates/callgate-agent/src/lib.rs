@@ -437,6 +437,17 @@ impl AgentIo {
         self.spawner.clone()
     }
 
+    /// When the call began: the zero of every `at_ms` in events. On tokio's clock (a paused
+    /// test runtime moves it), as [`AgentIo::now`] is.
+    pub fn started_at(&self) -> std::time::Instant {
+        self.started.into_std()
+    }
+
+    /// Now, on the clock of [`AgentIo::started_at`]: what a driver hands its sans-IO core.
+    pub fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
     /// Milliseconds since the call began, on the same clock as `at_ms` in events.
     pub fn now_ms(&self) -> u64 {
         tokio::time::Instant::now()

@@ -7,7 +7,6 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use callgate_agent::{
@@ -85,7 +84,7 @@ struct FlowAgent {
 
 impl Agent for FlowAgent {
     async fn run(self, mut io: AgentIo) -> Result<(), Error> {
-        let mut engine = Engine::new(self.flow.clone(), &io.call);
+        let mut engine = Engine::new(self.flow.clone(), &io.call, io.started_at());
         let sender = io.sender();
         let spawner = io.spawner();
         let input = io.call.input_format;
@@ -106,9 +105,9 @@ impl Agent for FlowAgent {
         // (Or why the recogniser could not start: the engine hears it at the speech's end.)
         let mut utterance: Option<(u64, Result<callgate_kit::stt::Utterance, crate::Error>)> = None;
         let mut ended = false;
-        engine.start(io.now_ms());
+        engine.start(io.now());
         loop {
-            while let Some(action) = engine.poll_action() {
+            while let Some(action) = engine.poll_output() {
                 match action {
                     Action::Command(command) => outbox.push(command),
                     Action::Play(prompt) => {
@@ -209,7 +208,7 @@ impl Agent for FlowAgent {
                         }
                         let granted = held.as_ref().map(Reservation::bytes);
                         reservation = held;
-                        engine.handle_done(io.now_ms(), Done::Reserved { seq, granted });
+                        engine.handle_done(io.now(), Done::Reserved { seq, granted });
                     }
                     Action::MessageRefused { reason } => {
                         tracing::debug!(reason, "A record step stored nothing.");
@@ -296,13 +295,14 @@ impl Agent for FlowAgent {
             if ended && saving.is_none() && outbox.is_empty() {
                 return Ok(());
             }
-            let deadline = engine.poll_timeout().filter(|_| !ended).map(|at| {
-                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(io.now_ms()))
-            });
+            let deadline = engine
+                .poll_timeout()
+                .filter(|_| !ended)
+                .map(tokio::time::Instant::from_std);
             let next = outbox.front();
             tokio::select! {
                 event = io.recv(), if !ended => {
-                    let now = io.now_ms();
+                    let now = io.now();
                     match event {
                         None | Some(AgentEvent::Ended(_)) => {
                             ended = true;
@@ -375,9 +375,9 @@ impl Agent for FlowAgent {
                     }
                 }
                 () = sleep(deadline), if deadline.is_some() => {
-                    engine.handle_timeout(io.now_ms());
+                    engine.handle_timeout(io.now());
                 }
-                Some(done) = done_rx.recv() => engine.handle_done(io.now_ms(), done),
+                Some(done) = done_rx.recv() => engine.handle_done(io.now(), done),
                 joined = async {
                     match &mut saving {
                         Some((_, handle)) => handle.await,
@@ -386,7 +386,7 @@ impl Agent for FlowAgent {
                 }, if saving.is_some() => {
                     let seq = saving.take().map_or(0, |(seq, _)| seq);
                     let result = joined.unwrap_or_else(|e| Err(crate::Error::Storage(e.to_string())));
-                    engine.handle_done(io.now_ms(), Done::Saved { seq, result });
+                    engine.handle_done(io.now(), Done::Saved { seq, result });
                 }
                 sent = send(&sender, next), if !outbox.is_empty() => {
                     if sent.is_err() {

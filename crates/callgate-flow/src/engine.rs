@@ -1,19 +1,20 @@
 //! The step engine: a sans-IO state machine that runs one call through a [`Flow`].
 //!
-//! Inputs, each given the time as ms since the call began: [`Engine::start`],
+//! Inputs, each given the time (`now`, read by the driver): [`Engine::start`],
 //! [`Engine::handle_dtmf`], [`Engine::handle_mark`], [`Engine::handle_audio`] (while
 //! recording), [`Engine::handle_timeout`], [`Engine::handle_done`] (speech, webhook and file
 //! work the driver did off the call task) and [`Engine::handle_ended`]. Effects come out of
-//! [`Engine::poll_action`]; [`Engine::poll_timeout`] is the next deadline. The invariant:
-//! after every `handle_*`, drain `poll_action` before awaiting anything.
+//! [`Engine::poll_output`]; [`Engine::poll_timeout`] is the next deadline. The invariant:
+//! after every `handle_*`, drain `poll_output` before awaiting anything.
 //!
 //! The engine never reads a clock and does no I/O, so its tests run whole flows in
-//! microseconds; the driver (`agent`) moves bytes and time.
+//! microseconds on a made-up clock; the driver (`agent`) moves bytes and time. Inside, times
+//! are ms since the call began (the zero of every `at_ms` the call records).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use callgate_agent::{AgentCommand, CallInfo, MarkState, RecordEvent, Speaker, Turn};
@@ -292,6 +293,8 @@ enum State {
 #[derive(Debug)]
 pub struct Engine {
     flow: Arc<Flow>,
+    /// When the call began: times are kept as ms since then.
+    origin: Instant,
     protocol: Protocol,
     call_id: String,
     input_rate: u32,
@@ -312,9 +315,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine for one call.
-    pub fn new(flow: Arc<Flow>, call: &CallInfo) -> Self {
+    /// An engine for one call that began at `origin` (the zero of every `at_ms` the call
+    /// records, and of the engine's own ms).
+    pub fn new(flow: Arc<Flow>, call: &CallInfo, origin: Instant) -> Self {
         Self {
+            origin,
             current: flow.start,
             flow,
             protocol: call.protocol,
@@ -340,19 +345,26 @@ impl Engine {
     }
 
     /// Starts the flow at its first step.
-    pub fn start(&mut self, now: u64) {
+    pub fn start(&mut self, now: Instant) {
+        let now = self.ms(now);
         let start = self.flow.start;
         self.enter(now, Some(start));
     }
 
     /// The next effect.
-    pub fn poll_action(&mut self) -> Option<Action> {
+    pub fn poll_output(&mut self) -> Option<Action> {
         self.out.pop_front()
     }
 
-    /// When [`Engine::handle_timeout`] is due, ms since the call began.
-    pub fn poll_timeout(&self) -> Option<u64> {
+    /// When [`Engine::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
+            .map(|ms| self.origin + Duration::from_millis(ms))
+    }
+
+    /// `now` as the engine counts time: ms since the call began.
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Whether caller audio should be sent back (an `echo` step).
@@ -380,7 +392,8 @@ impl Engine {
     }
 
     /// The deadline passed.
-    pub fn handle_timeout(&mut self, now: u64) {
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.ms(now);
         let Some(deadline) = self.deadline else {
             return;
         };
@@ -441,7 +454,8 @@ impl Engine {
     }
 
     /// The caller pressed a key.
-    pub fn handle_dtmf(&mut self, now: u64, digit: Digit) {
+    pub fn handle_dtmf(&mut self, now: Instant, digit: Digit) {
+        let now = self.ms(now);
         match &mut self.state {
             State::Gathering(_) => {
                 let StepKind::Gather(g) = &self.flow.steps[self.current].kind else {
@@ -460,7 +474,8 @@ impl Engine {
     }
 
     /// A mark came back.
-    pub fn handle_mark(&mut self, now: u64, id: u64, state: MarkState) {
+    pub fn handle_mark(&mut self, now: Instant, id: u64, state: MarkState) {
+        let now = self.ms(now);
         let Some(prompt) = &self.prompt else {
             return;
         };
@@ -485,7 +500,8 @@ impl Engine {
     }
 
     /// Caller audio (decoded), while recording.
-    pub fn handle_audio(&mut self, now: u64, samples: &[i16]) {
+    pub fn handle_audio(&mut self, now: Instant, samples: &[i16]) {
+        let now = self.ms(now);
         let State::Recording(run) = &mut self.state else {
             return;
         };
@@ -521,7 +537,8 @@ impl Engine {
     /// Caller audio (decoded) while listening, with the voice detector's verdict: speech
     /// that starts over the prompt cuts it (as a key does) and opens an utterance; silence
     /// for the step's `end_of_speech` ends it.
-    pub fn handle_speech(&mut self, now: u64, samples: &[i16], voiced: bool) {
+    pub fn handle_speech(&mut self, now: Instant, samples: &[i16], voiced: bool) {
+        let now = self.ms(now);
         if !self.is_listening() {
             return;
         }
@@ -588,7 +605,8 @@ impl Engine {
     }
 
     /// Work the driver did.
-    pub fn handle_done(&mut self, now: u64, done: Done) {
+    pub fn handle_done(&mut self, now: Instant, done: Done) {
+        let now = self.ms(now);
         match done {
             Done::Transcript { seq, result } => self.transcript_done(now, seq, result),
             Done::Speech { seq, result } => {
@@ -690,7 +708,8 @@ impl Engine {
 
     /// The call ended: a recording in progress is kept (a caller who hangs up after the
     /// message is the usual end of one); everything else stops.
-    pub fn handle_ended(&mut self, now: u64) {
+    pub fn handle_ended(&mut self, now: Instant) {
+        let now = self.ms(now);
         self.ended = true;
         if matches!(self.state, State::Recording(_)) {
             self.stop_recording(now, "hangup");
@@ -1567,6 +1586,18 @@ mod tests {
     use super::*;
     use crate::spec::tests::parse;
 
+    /// The test calls' start: every test reads the same clock, made once.
+    #[allow(clippy::disallowed_methods)] // the test clock's origin
+    fn t0() -> Instant {
+        static T0: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+        *T0
+    }
+
+    /// `ms` into the test call.
+    fn at(ms: u64) -> Instant {
+        t0() + Duration::from_millis(ms)
+    }
+
     fn call(protocol: Protocol) -> CallInfo {
         CallInfo {
             call_id: "c1".into(),
@@ -1589,7 +1620,7 @@ mod tests {
     /// Drains the actions, summarised as short strings.
     fn drain(e: &mut Engine) -> Vec<String> {
         let mut all = Vec::new();
-        while let Some(a) = e.poll_action() {
+        while let Some(a) = e.poll_output() {
             all.push(match a {
                 Action::Command(AgentCommand::FlatEvent(ev)) => {
                     // step:phase:{the phase's own fields}
@@ -1636,7 +1667,7 @@ mod tests {
     }
 
     fn engine(text: &str, protocol: Protocol) -> Engine {
-        Engine::new(Arc::new(parse(text).unwrap()), &call(protocol))
+        Engine::new(Arc::new(parse(text).unwrap()), &call(protocol), t0())
     }
 
     const MENU: &str = r#"
@@ -1666,7 +1697,7 @@ mod tests {
     #[test]
     fn a_gather_retries_after_no_input_then_gives_up() {
         let mut e = engine(MENU, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert_eq!(a[0], "menu:start:");
         assert_eq!(a[1], "Answer");
@@ -1677,17 +1708,17 @@ mod tests {
             None,
             "the timer starts when the prompt has played"
         );
-        e.handle_mark(800, 1, MarkState::Played);
+        e.handle_mark(at(800), 1, MarkState::Played);
         assert_eq!(drain(&mut e), ["turn agent:Press 1 or 2"]);
-        assert_eq!(e.poll_timeout(), Some(5800));
-        e.handle_timeout(5800);
+        assert_eq!(e.poll_timeout(), Some(at(5800)));
+        e.handle_timeout(at(5800));
         let a = drain(&mut e);
         assert!(a[0].starts_with("menu:retry:"), "{a:?}");
         assert!(a[0].contains("no_input"), "{a:?}");
         assert_eq!(a[1..], ["play Press 1 or 2", "mark 2"]);
-        e.handle_mark(6600, 2, MarkState::Played);
+        e.handle_mark(at(6600), 2, MarkState::Played);
         drain(&mut e);
-        e.handle_timeout(11600);
+        e.handle_timeout(at(11600));
         let a = drain(&mut e);
         assert!(
             a[0].starts_with("menu:end:") && a[0].contains("\"attempts\":2"),
@@ -1700,9 +1731,9 @@ mod tests {
     #[test]
     fn typing_over_the_prompt_clears_it_and_a_wrong_key_retries() {
         let mut e = engine(MENU, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
-        e.handle_dtmf(300, Digit::D9);
+        e.handle_dtmf(at(300), Digit::D9);
         let a = drain(&mut e);
         assert_eq!(a[0], "clear");
         assert_eq!(a[1], "turn agent:Press 1 or 2");
@@ -1712,9 +1743,9 @@ mod tests {
             "{a:?}"
         );
         // The cleared prompt's mark is ignored; the retry's is awaited.
-        e.handle_mark(310, 1, MarkState::Cleared);
+        e.handle_mark(at(310), 1, MarkState::Cleared);
         assert!(drain(&mut e).is_empty());
-        e.handle_dtmf(400, Digit::D1);
+        e.handle_dtmf(at(400), Digit::D1);
         let a = drain(&mut e);
         assert_eq!(a[0], "clear");
         assert!(
@@ -1727,7 +1758,7 @@ mod tests {
 
     /// The `flow_step` details the engine wrote, in order.
     fn entries(e: &mut Engine) -> Vec<Value> {
-        std::iter::from_fn(|| e.poll_action())
+        std::iter::from_fn(|| e.poll_output())
             .filter_map(|a| match a {
                 Action::Command(AgentCommand::FlatEvent(ev)) if ev.name == FLOW_STEP => {
                     Some(ev.detail)
@@ -1740,11 +1771,11 @@ mod tests {
     #[test]
     fn flow_step_entries_are_flat() {
         let mut e = engine(MENU, Protocol::Inbound);
-        e.start(0);
-        e.handle_mark(100, 1, MarkState::Played);
-        e.handle_timeout(5100);
-        e.handle_mark(5900, 2, MarkState::Played);
-        e.handle_dtmf(6000, Digit::D2);
+        e.start(at(0));
+        e.handle_mark(at(100), 1, MarkState::Played);
+        e.handle_timeout(at(5100));
+        e.handle_mark(at(5900), 2, MarkState::Played);
+        e.handle_dtmf(at(6000), Digit::D2);
         let all = entries(&mut e);
         assert_eq!(
             all[0],
@@ -1802,16 +1833,20 @@ mod tests {
             &crate::spec::tests::FakeLoader,
         );
         let _ = std::fs::remove_dir_all(&dir);
-        let mut e = Engine::new(Arc::new(flow.expect("valid")), &call(Protocol::Inbound));
-        e.start(0);
+        let mut e = Engine::new(
+            Arc::new(flow.expect("valid")),
+            &call(Protocol::Inbound),
+            t0(),
+        );
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(a.contains(&"play hello.wav".to_owned()), "{a:?}");
-        e.handle_mark(200, 1, MarkState::Played);
+        e.handle_mark(at(200), 1, MarkState::Played);
         let a = drain(&mut e);
         assert_eq!(a[0], "turn agent:Hello there.", "the words, not the files");
         // Cut short, the turn is the same words, marked interrupted.
-        e.handle_mark(250, 2, MarkState::Cleared);
-        let turns: Vec<Turn> = std::iter::from_fn(|| e.poll_action())
+        e.handle_mark(at(250), 2, MarkState::Cleared);
+        let turns: Vec<Turn> = std::iter::from_fn(|| e.poll_output())
             .filter_map(|a| match a {
                 Action::Command(AgentCommand::Transcript(t)) => Some(*t),
                 _ => None,
@@ -1827,10 +1862,10 @@ mod tests {
     #[test]
     fn set_and_templates_use_gathered_digits() {
         let mut e = engine(MENU, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
-        e.handle_mark(100, 1, MarkState::Played);
-        e.handle_dtmf(200, Digit::D2);
+        e.handle_mark(at(100), 1, MarkState::Played);
+        e.handle_dtmf(at(200), Digit::D2);
         drain(&mut e);
         assert_eq!(e.var("x"), Some("2!"));
         assert_eq!(e.var("caller"), Some("0101"));
@@ -1851,23 +1886,23 @@ mod tests {
             kind = "hangup"
         "#;
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
         assert_eq!(
             e.poll_timeout(),
-            Some(5000),
+            Some(at(5000)),
             "no prompt: the first-digit timer runs"
         );
-        e.handle_dtmf(1000, Digit::D4);
-        assert_eq!(e.poll_timeout(), Some(3000));
-        e.handle_dtmf(1500, Digit::D2);
-        e.handle_dtmf(1600, Digit::Pound);
+        e.handle_dtmf(at(1000), Digit::D4);
+        assert_eq!(e.poll_timeout(), Some(at(3000)));
+        e.handle_dtmf(at(1500), Digit::D2);
+        e.handle_dtmf(at(1600), Digit::Pound);
         drain(&mut e);
         assert_eq!(e.var("digits"), Some("42"));
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
-        e.handle_dtmf(1000, Digit::D7);
-        e.handle_timeout(3000);
+        e.start(at(0));
+        e.handle_dtmf(at(1000), Digit::D7);
+        e.handle_timeout(at(3000));
         assert_eq!(
             e.var("digits"),
             Some("7"),
@@ -1879,11 +1914,11 @@ mod tests {
     fn send_dtmf_is_protocol_dtmf_on_inbound_and_tones_on_callbridge() {
         let text = "[[step]]\nname = \"k\"\nkind = \"send_dtmf\"\ndigits = \"12\"\n";
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(a.iter().any(|s| s.starts_with("Dtmf { digit: D1")), "{a:?}");
-        assert_eq!(e.poll_timeout(), Some(300));
-        e.handle_timeout(300);
+        assert_eq!(e.poll_timeout(), Some(at(300)));
+        e.handle_timeout(at(300));
         let a = drain(&mut e);
         assert!(a[0].starts_with("Dtmf { digit: D2"), "{a:?}");
         assert!(
@@ -1891,7 +1926,7 @@ mod tests {
             "runs off the end: hang up"
         );
         let mut e = engine(text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert_eq!(
             a.iter().filter(|s| s.starts_with("DtmfTone")).count(),
@@ -1910,17 +1945,17 @@ mod tests {
             max_length = "10s"
         "#;
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         assert!(
             drain(&mut e).contains(&"reserve 160044 16044".to_owned()),
             "10 s at 8 kHz, at least 1 s"
         );
         assert!(!e.is_recording(), "not before the room is reserved");
-        e.handle_done(0, reserved(1, 160_044));
+        e.handle_done(at(0), reserved(1, 160_044));
         assert!(e.is_recording());
-        e.handle_audio(20, &[5000i16; 160]);
+        e.handle_audio(at(20), &[5000i16; 160]);
         for i in 0..50 {
-            e.handle_audio(40 + i * 20, &[0i16; 160]);
+            e.handle_audio(at(40 + i * 20), &[0i16; 160]);
         }
         let a = drain(&mut e);
         assert!(
@@ -1932,7 +1967,7 @@ mod tests {
             "{a:?}"
         );
         e.handle_done(
-            1100,
+            at(1100),
             Done::Saved {
                 seq: 2,
                 result: Ok(()),
@@ -1947,16 +1982,16 @@ mod tests {
         assert_eq!(e.var("recording"), Some("messages/c1/msg.wav"));
 
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
-        e.handle_done(0, reserved(1, 160_044));
-        e.handle_audio(20, &[5000i16; 160]);
-        e.handle_dtmf(40, Digit::Pound);
+        e.start(at(0));
+        e.handle_done(at(0), reserved(1, 160_044));
+        e.handle_audio(at(20), &[5000i16; 160]);
+        e.handle_dtmf(at(40), Digit::Pound);
         assert!(drain(&mut e).iter().any(|s| s.contains("terminator")));
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
-        e.handle_done(0, reserved(1, 160_044));
-        e.handle_audio(20, &[5000i16; 160]);
-        e.handle_ended(40);
+        e.start(at(0));
+        e.handle_done(at(0), reserved(1, 160_044));
+        e.handle_audio(at(20), &[5000i16; 160]);
+        e.handle_ended(at(40));
         assert!(
             drain(&mut e).iter().any(|s| s.starts_with("save")),
             "kept at hangup"
@@ -1998,11 +2033,11 @@ mod tests {
         // The store has room for only half a second more than the minimum: the recording
         // stops at the room, as `limit`.
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         assert!(drain(&mut e).contains(&"reserve 32044 16044".to_owned()));
-        e.handle_done(0, reserved(1, 24_044));
+        e.handle_done(at(0), reserved(1, 24_044));
         for i in 0..100 {
-            e.handle_audio(20 + i * 20, &[5000i16; 160]);
+            e.handle_audio(at(20 + i * 20), &[5000i16; 160]);
         }
         let a = drain(&mut e);
         assert!(
@@ -2014,7 +2049,7 @@ mod tests {
             "{a:?}"
         );
         e.handle_done(
-            2000,
+            at(2000),
             Done::Saved {
                 seq: 2,
                 result: Ok(()),
@@ -2025,7 +2060,7 @@ mod tests {
         assert!(a.contains(&"reserve 24000 16044".to_owned()), "{a:?}");
         // The store is full: nothing is recorded, the variable is empty, on_full is taken.
         e.handle_done(
-            2000,
+            at(2000),
             Done::Reserved {
                 seq: 3,
                 granted: None,
@@ -2042,14 +2077,14 @@ mod tests {
 
         // A call whose share is spent is refused without asking the store.
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
-        e.handle_done(0, reserved(1, 32_044));
+        e.handle_done(at(0), reserved(1, 32_044));
         for i in 0..100 {
-            e.handle_audio(20 + i * 20, &[5000i16; 160]);
+            e.handle_audio(at(20 + i * 20), &[5000i16; 160]);
         }
         e.handle_done(
-            2000,
+            at(2000),
             Done::Saved {
                 seq: 2,
                 result: Ok(()),
@@ -2079,14 +2114,14 @@ mod tests {
             next = "msg"
         "#;
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(a.iter().any(|s| s == "msg:error:"), "{a:?}");
         assert!(e.is_finished());
         // The same when the store is what refuses: each answer comes back at once.
         let text = text.replace("max_call_bytes = 100", "max_call_bytes = 1000000");
         let mut e = engine(&text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let mut rounds = 0;
         loop {
             let a = drain(&mut e);
@@ -2097,7 +2132,7 @@ mod tests {
             rounds += 1;
             assert!(rounds <= MAX_INSTANT_STEPS, "the loop was not stopped");
             e.handle_done(
-                0,
+                at(0),
                 Done::Reserved {
                     seq: e.seq,
                     granted: None,
@@ -2128,15 +2163,15 @@ mod tests {
         "#;
         let run = |answer: Option<Result<(u16, Bytes), Error>>| -> (Vec<String>, Engine) {
             let mut e = engine(text, Protocol::Inbound);
-            e.start(0);
+            e.start(at(0));
             let a = drain(&mut e);
             assert!(
                 a.contains(&"http http://example.invalid/0101".to_owned()),
                 "{a:?}"
             );
             match answer {
-                Some(result) => e.handle_done(50, Done::Http { seq: 1, result }),
-                None => e.handle_timeout(3000),
+                Some(result) => e.handle_done(at(50), Done::Http { seq: 1, result }),
+                None => e.handle_timeout(at(3000)),
             }
             (drain(&mut e), e)
         };
@@ -2190,8 +2225,8 @@ mod tests {
         for (caller, failed) in [("..", true), (".", true), ("...", false), ("0101", false)] {
             let mut info = call(Protocol::Inbound);
             info.caller = caller.into();
-            let mut e = Engine::new(Arc::new(parse(text).unwrap()), &info);
-            e.start(0);
+            let mut e = Engine::new(Arc::new(parse(text).unwrap()), &info, t0());
+            e.start(at(0));
             let a = drain(&mut e);
             let requested = a.iter().any(|s| s.starts_with("http "));
             assert_eq!(requested, !failed, "{caller:?}: {a:?}");
@@ -2220,7 +2255,7 @@ mod tests {
             kind = "hangup"
         "#;
         let mut e = engine(text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         let body = a
             .iter()
@@ -2231,7 +2266,7 @@ mod tests {
             "{body}"
         );
         e.handle_done(
-            40,
+            at(40),
             Done::Http {
                 seq: 1,
                 result: Ok((200, Bytes::new())),
@@ -2247,18 +2282,18 @@ mod tests {
             !a.contains(&"Hangup".to_owned()),
             "CallBridge drops the line"
         );
-        assert_eq!(e.poll_timeout(), Some(40 + TERMINATE_GRACE_MS));
-        e.handle_timeout(40 + TERMINATE_GRACE_MS);
+        assert_eq!(e.poll_timeout(), Some(at(40 + TERMINATE_GRACE_MS)));
+        e.handle_timeout(at(40 + TERMINATE_GRACE_MS));
         assert!(
             drain(&mut e).contains(&"Hangup".to_owned()),
             "unless it does not"
         );
 
         let mut e = engine(text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
         e.handle_done(
-            40,
+            at(40),
             Done::Http {
                 seq: 1,
                 result: Ok((401, Bytes::new())),
@@ -2266,7 +2301,7 @@ mod tests {
         );
         assert!(drain(&mut e).iter().any(|s| s == "fallback:start:"));
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(
             a.iter().any(|s| s.contains("needs a CallBridge call")),
@@ -2304,7 +2339,7 @@ mod tests {
     fn send_sms_sends_the_rendered_message_and_branches_on_the_answer() {
         let text = sms_flow("요금은 {{caller}}원");
         let mut e = engine(&text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         let sms = a
             .iter()
@@ -2317,7 +2352,7 @@ mod tests {
                    "title": "0101 안내", "content": "요금은 0101원"})
         );
         e.handle_done(
-            40,
+            at(40),
             Done::Sms {
                 seq: 1,
                 result: Ok(json!({"result": "REQUESTED", "phoneNumber": "010****1234"})),
@@ -2329,10 +2364,10 @@ mod tests {
 
         // An error, and no answer in time, take on_error.
         let mut e = engine(&text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
         e.handle_done(
-            40,
+            at(40),
             Done::Sms {
                 seq: 1,
                 result: Err(Error::CallBridge("HTTP 500".into())),
@@ -2340,10 +2375,10 @@ mod tests {
         );
         assert!(drain(&mut e).iter().any(|s| s == "failed:start:"));
         let mut e = engine(&text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
-        assert_eq!(e.poll_timeout(), Some(3000));
-        e.handle_timeout(3000);
+        assert_eq!(e.poll_timeout(), Some(at(3000)));
+        e.handle_timeout(at(3000));
         let a = drain(&mut e);
         assert!(a.iter().any(|s| s.contains("no answer within")), "{a:?}");
         assert!(a.iter().any(|s| s == "failed:start:"));
@@ -2352,7 +2387,7 @@ mod tests {
     #[test]
     fn send_sms_on_an_inbound_call_or_with_too_long_content_sends_nothing() {
         let mut e = engine(&sms_flow("안녕하세요"), Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(
             a.iter().any(|s| s.contains("needs a CallBridge call")),
@@ -2361,7 +2396,7 @@ mod tests {
         assert!(a.iter().any(|s| s == "failed:start:"));
         assert!(!a.iter().any(|s| s.starts_with("sms ")));
         let mut e = engine(&sms_flow("{{long}}"), Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(a.iter().any(|s| s.contains("2001 characters")), "{a:?}");
         assert!(a.iter().any(|s| s == "failed:start:"));
@@ -2392,14 +2427,14 @@ mod tests {
                 .collect()
         };
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         assert_eq!(commands(&mut e), ["Answer"]);
         assert_eq!(
             e.poll_timeout(),
-            Some(2000),
+            Some(at(2000)),
             "DTMF two seconds after the answer"
         );
-        e.handle_timeout(2000);
+        e.handle_timeout(at(2000));
         let a = commands(&mut e);
         assert_eq!(a.len(), 1, "{a:?}");
         assert!(
@@ -2407,24 +2442,24 @@ mod tests {
             "{a:?}"
         );
         assert!(e.is_echoing(), "the echo starts with the DTMF");
-        assert_eq!(e.poll_timeout(), Some(12000), "ten seconds of echo");
-        e.handle_timeout(12000);
+        assert_eq!(e.poll_timeout(), Some(at(12000)), "ten seconds of echo");
+        e.handle_timeout(at(12000));
         assert_eq!(commands(&mut e), ["Hangup", "finished"]);
 
         let mut e = engine(text, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         assert_eq!(commands(&mut e), ["Answer"]);
-        e.handle_timeout(2000);
+        e.handle_timeout(at(2000));
         assert!(commands(&mut e).is_empty(), "no DTMF on CallBridge");
         assert!(e.is_echoing());
-        assert_eq!(e.poll_timeout(), Some(12000));
+        assert_eq!(e.poll_timeout(), Some(at(12000)));
     }
 
     #[test]
     fn a_goto_loop_is_stopped() {
         let text = "[[step]]\nname = \"a\"\nkind = \"goto\"\nnext = \"a\"\n";
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert!(a.iter().any(|s| s.starts_with("a:error")), "{a:?}");
         assert!(e.is_finished());
@@ -2434,18 +2469,18 @@ mod tests {
     fn per_call_speech_waits_for_rendering() {
         let text = "[[step]]\nname = \"hi\"\nkind = \"say\"\ntext = \"Hi {{caller}}\"\n";
         let mut e = engine(text, Protocol::Inbound);
-        e.start(0);
+        e.start(at(0));
         let a = drain(&mut e);
         assert_eq!(a.last().unwrap(), "speak Hi 0101");
         e.handle_done(
-            30,
+            at(30),
             Done::Speech {
                 seq: 1,
                 result: Ok(Bytes::from_static(&[0, 0])),
             },
         );
         assert_eq!(drain(&mut e), ["play pcm", "mark 2"]);
-        e.handle_mark(100, 2, MarkState::Played);
+        e.handle_mark(at(100), 2, MarkState::Played);
         let a = drain(&mut e);
         assert_eq!(a[0], "turn agent:Hi 0101");
         assert!(a.contains(&"Hangup".to_owned()));
@@ -2475,7 +2510,7 @@ mod tests {
         let mut all = Vec::new();
         for i in 0..voiced + quiet {
             *now += 20;
-            e.handle_speech(*now, &frame, i < voiced);
+            e.handle_speech(at(*now), &frame, i < voiced);
             all.extend(drain(e));
         }
         all
@@ -2483,7 +2518,7 @@ mod tests {
 
     fn listening_menu() -> (Engine, u64) {
         let mut e = engine(LISTENING_MENU, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         let out = drain(&mut e);
         assert!(out.iter().any(|a| a.starts_with("play Press 1")), "{out:?}");
         (e, 0)
@@ -2514,7 +2549,7 @@ mod tests {
         );
         assert!(!e.is_listening(), "waiting for the text");
         e.handle_done(
-            now,
+            at(now),
             Done::Transcript {
                 seq: 2,
                 result: Ok("음 요금 문의요.".into()),
@@ -2567,7 +2602,7 @@ mod tests {
         let (mut e, mut now) = listening_menu();
         speak(&mut e, &mut now, 10, 10);
         e.handle_done(
-            now,
+            at(now),
             Done::Transcript {
                 seq: 2,
                 result: Ok("날씨가 좋네요".into()),
@@ -2586,7 +2621,7 @@ mod tests {
         speak(&mut e, &mut now, 10, 10);
         let seq = e.seq;
         e.handle_done(
-            now,
+            at(now),
             Done::Transcript {
                 seq,
                 result: Err(Error::Stt("HTTP 503".into())),
@@ -2605,7 +2640,7 @@ mod tests {
     fn a_key_during_speech_wins_and_the_late_transcript_is_ignored() {
         let (mut e, mut now) = listening_menu();
         speak(&mut e, &mut now, 5, 0);
-        e.handle_dtmf(now, Digit::D1);
+        e.handle_dtmf(at(now), Digit::D1);
         let out = drain(&mut e);
         assert_eq!(out[0], "stop listening 2", "{out:?}");
         assert!(
@@ -2613,7 +2648,7 @@ mod tests {
             "{out:?}"
         );
         e.handle_done(
-            now,
+            at(now),
             Done::Transcript {
                 seq: 2,
                 result: Ok("상담원".into()),
@@ -2628,9 +2663,9 @@ mod tests {
             .replace("input = [\"dtmf\", \"speech\"]", "input = [\"speech\"]")
             .replace("on = { \"1\" = \"billing\" }", "");
         let mut e = engine(&flow, Protocol::CallBridge);
-        e.start(0);
+        e.start(at(0));
         drain(&mut e);
-        e.handle_dtmf(0, Digit::D1);
+        e.handle_dtmf(at(0), Digit::D1);
         assert!(drain(&mut e).is_empty());
         assert!(e.is_listening());
     }

@@ -70,6 +70,7 @@ struct Usage {
 impl Store {
     /// The store of `data_dir/messages` for this process (opened, and the directory counted,
     /// on first use; blocking file I/O).
+    #[allow(clippy::disallowed_methods)] // the rescan timer: housekeeping, not the engine
     pub fn shared(data_dir: &Path, metrics: Arc<FlowMetrics>) -> Arc<Self> {
         static STORES: OnceLock<Mutex<HashMap<PathBuf, Weak<Store>>>> = OnceLock::new();
         let dir = data_dir.join("messages");
@@ -115,6 +116,7 @@ impl Store {
     /// Whether a full store should count the directory again ([`RESCAN_EVERY`]); `true`
     /// claims the rescan (the caller then runs [`Store::rescan`]), so many callers meeting a
     /// full store at once start one scan, not one each.
+    #[allow(clippy::disallowed_methods)] // the rescan timer: housekeeping, not the engine
     pub fn claim_rescan(&self) -> bool {
         let mut usage = self.lock();
         if usage.scanned_at.elapsed() < RESCAN_EVERY {

@@ -221,7 +221,7 @@ impl Agent for PipelineAgent {
         let mut running: HashMap<u64, AbortHandle> = HashMap::new();
         let mut outbox = Outbox::new(io.epoch());
         outbox.push(AgentCommand::Answer);
-        let mut core = Core::new(config, io.now_ms());
+        let mut core = Core::new(config, io.started_at(), io.now());
         let mut voiced = false;
         let mut samples = Vec::new();
         let mut ended = false;
@@ -303,13 +303,11 @@ impl Agent for PipelineAgent {
             if ended {
                 return Ok(());
             }
-            let wait = core
-                .poll_timeout()
-                .map(|at| Duration::from_millis(at.saturating_sub(io.now_ms())));
+            let wait = core.poll_timeout().map(tokio::time::Instant::from_std);
             let next = outbox.front();
             tokio::select! {
                 event = io.recv() => {
-                    let now = io.now_ms();
+                    let now = io.now();
                     match event {
                         None | Some(AgentEvent::Ended(_)) => {
                             ended = true;
@@ -345,7 +343,7 @@ impl Agent for PipelineAgent {
                     }
                 }
                 Some(msg) = rx.recv() => {
-                    let now = io.now_ms();
+                    let now = io.now();
                     match msg {
                         Msg::Transcript(req, result) => {
                             running.remove(&req);
@@ -364,7 +362,7 @@ impl Agent for PipelineAgent {
                         Msg::Tool(done) => core.handle_tool_done(now, done),
                     }
                 }
-                () = sleep_for(wait) => core.handle_timeout(io.now_ms()),
+                () = sleep_until(wait) => core.handle_timeout(io.now()),
                 sent = send(&sender, next), if !outbox.is_empty() => {
                     if sent.is_err() {
                         return Ok(());
@@ -380,9 +378,9 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-async fn sleep_for(wait: Option<Duration>) {
-    match wait {
-        Some(d) => tokio::time::sleep(d).await,
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

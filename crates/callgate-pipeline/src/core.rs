@@ -21,6 +21,7 @@
 //!   usage at the end.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use bytes::Bytes;
 use callgate_agent::{AgentCommand, MarkState, RecordEvent, Speaker, Turn};
@@ -309,6 +310,8 @@ pub struct Usage {
 #[derive(Debug)]
 pub struct Core {
     config: Config,
+    /// When the call began: times are kept as ms since then (the call clock).
+    origin: Instant,
     phase: Phase,
     caller: Caller,
     messages: Vec<Value>,
@@ -331,9 +334,13 @@ pub struct Core {
 }
 
 impl Core {
-    /// A core for a call answered at `now`: the greeting (if any) is spoken first.
-    pub fn new(config: Config, now: u64) -> Self {
+    /// A core for a call that began at `origin` (the zero of the call clock's ms: `at_ms`,
+    /// `Config::max_duration_ms`), answered at `now`: the greeting (if any) is spoken first.
+    pub fn new(config: Config, origin: Instant, now: Instant) -> Self {
+        let now =
+            u64::try_from(now.saturating_duration_since(origin).as_millis()).unwrap_or(u64::MAX);
         let mut core = Self {
+            origin,
             messages: vec![json!({"role": "system", "content": config.instructions})],
             config,
             phase: Phase::Live,
@@ -371,8 +378,19 @@ impl Core {
         self.out.pop_front()
     }
 
-    /// When [`Core::handle_timeout`] is due (call clock ms).
-    pub fn poll_timeout(&self) -> Option<u64> {
+    /// When [`Core::handle_timeout`] is due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timeout_ms()
+            .map(|ms| self.origin + std::time::Duration::from_millis(ms))
+    }
+
+    /// `now` on the call clock: ms since the call began.
+    fn ms(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// When [`Core::handle_timeout`] is due, on the call clock.
+    fn timeout_ms(&self) -> Option<u64> {
         if self.phase == Phase::Over {
             return None;
         }
@@ -406,7 +424,8 @@ impl Core {
 
     /// One frame of caller audio (`samples` at the input rate) ending at `now`, and whether
     /// it holds speech.
-    pub fn handle_audio(&mut self, now: u64, samples: &[i16], voiced: bool) {
+    pub fn handle_audio(&mut self, now: Instant, samples: &[i16], voiced: bool) {
+        let now = self.ms(now);
         if self.phase != Phase::Live {
             return;
         }
@@ -451,7 +470,8 @@ impl Core {
     }
 
     /// Time passed: a turn may have ended, the call may have lasted long enough.
-    pub fn handle_timeout(&mut self, now: u64) {
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let now = self.ms(now);
         if self.phase == Phase::Over {
             return;
         }
@@ -479,7 +499,8 @@ impl Core {
     }
 
     /// The transcript of the caller's turn (`req`), or why there is none.
-    pub fn handle_transcript(&mut self, now: u64, req: ReqId, result: Result<String, Failure>) {
+    pub fn handle_transcript(&mut self, now: Instant, req: ReqId, result: Result<String, Failure>) {
+        let now = self.ms(now);
         let Some(running) = self.finish_req(req) else {
             return;
         };
@@ -559,7 +580,8 @@ impl Core {
     }
 
     /// More of the LLM's answer to `req`.
-    pub fn handle_llm_delta(&mut self, now: u64, req: ReqId, text: &str) {
+    pub fn handle_llm_delta(&mut self, now: Instant, req: ReqId, text: &str) {
+        let now = self.ms(now);
         if !self.is_running(req) || self.phase != Phase::Live {
             return;
         }
@@ -578,7 +600,8 @@ impl Core {
     }
 
     /// The LLM's answer to `req` is complete, or failed.
-    pub fn handle_llm_done(&mut self, now: u64, req: ReqId, result: Result<Answer, Failure>) {
+    pub fn handle_llm_done(&mut self, now: Instant, req: ReqId, result: Result<Answer, Failure>) {
+        let now = self.ms(now);
         let Some(running) = self.finish_req(req) else {
             return;
         };
@@ -750,7 +773,8 @@ impl Core {
     }
 
     /// A tool's result.
-    pub fn handle_tool_done(&mut self, now: u64, done: callgate_kit::tools::ToolDone) {
+    pub fn handle_tool_done(&mut self, now: Instant, done: callgate_kit::tools::ToolDone) {
+        let now = self.ms(now);
         let Some(i) = self.tools_pending.iter().position(|c| c.id == done.call_id) else {
             return;
         };
@@ -791,7 +815,8 @@ impl Core {
     }
 
     /// Audio of the sentence being spoken for `req` (the call's output format).
-    pub fn handle_tts_audio(&mut self, now: u64, req: ReqId, audio: &[u8]) {
+    pub fn handle_tts_audio(&mut self, now: Instant, req: ReqId, audio: &[u8]) {
+        let now = self.ms(now);
         if !self.is_running(req) || self.phase == Phase::Over {
             return;
         }
@@ -857,7 +882,8 @@ impl Core {
     }
 
     /// The sentence of `req` is fully spoken, or its speech failed.
-    pub fn handle_tts_done(&mut self, now: u64, req: ReqId, result: Result<(), Failure>) {
+    pub fn handle_tts_done(&mut self, now: Instant, req: ReqId, result: Result<(), Failure>) {
+        let now = self.ms(now);
         let Some(running) = self.finish_req(req) else {
             return;
         };
@@ -909,7 +935,8 @@ impl Core {
     }
 
     /// The call reports a mark.
-    pub fn handle_mark(&mut self, now: u64, id: u64, played_ms: u64, state: MarkState) {
+    pub fn handle_mark(&mut self, now: Instant, id: u64, played_ms: u64, state: MarkState) {
+        let now = self.ms(now);
         let Some(speech) = &mut self.speech else {
             return;
         };
@@ -925,7 +952,8 @@ impl Core {
 
     /// The call cleared the playout (at the core's request, or a barge-in of its own):
     /// `played_ms` is all the agent audio the caller has heard.
-    pub fn handle_cleared(&mut self, now: u64, played_ms: u64) {
+    pub fn handle_cleared(&mut self, now: Instant, played_ms: u64) {
+        let now = self.ms(now);
         let Some(speech) = &mut self.speech else {
             return;
         };
@@ -1446,6 +1474,24 @@ mod tests {
     use super::*;
     use crate::chat::Usage as ChatUsage;
 
+    /// The test calls' start: every test reads the same clock, made once.
+    #[allow(clippy::disallowed_methods)] // the test clock's origin
+    fn t0() -> Instant {
+        static T0: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+        *T0
+    }
+
+    /// `ms` into the test call.
+    fn at(ms: u64) -> Instant {
+        t0() + std::time::Duration::from_millis(ms)
+    }
+
+    /// The core's deadline on the test call's clock.
+    fn timeout_ms(core: &Core) -> Option<u64> {
+        core.poll_timeout()
+            .map(|i| i.duration_since(t0()).as_millis() as u64)
+    }
+
     const FRAME: u64 = 20;
 
     fn config() -> Config {
@@ -1475,15 +1521,15 @@ mod tests {
         let mut t = from;
         while t < from + ms {
             t += FRAME;
-            core.handle_audio(t, &[1000; 160], true);
+            core.handle_audio(at(t), &[1000; 160], true);
             out.extend(drain(core));
         }
-        let end = core.poll_timeout().unwrap();
+        let end = timeout_ms(core).unwrap();
         while t + FRAME < end {
             t += FRAME;
-            core.handle_audio(t, &[0; 160], false);
+            core.handle_audio(at(t), &[0; 160], false);
         }
-        core.handle_timeout(end);
+        core.handle_timeout(at(end));
         out.extend(drain(core));
         (out, end)
     }
@@ -1560,25 +1606,25 @@ mod tests {
     /// streaming: the first sentence's second of audio has been sent and its start mark
     /// reached at played 0. Returns the core, the LLM request and the TTS request.
     fn answering() -> (Core, ReqId, ReqId, u64) {
-        let mut core = Core::new(config(), 0);
+        let mut core = Core::new(config(), t0(), at(0));
         let (out, end) = speak(&mut core, 0, 1000);
         let stt = transcribe_req(&out);
-        core.handle_transcript(end + 200, stt, Ok("요금 문의요".into()));
+        core.handle_transcript(at(end + 200), stt, Ok("요금 문의요".into()));
         let (llm, _) = complete(&drain(&mut core));
-        core.handle_llm_delta(end + 300, llm, "안녕하세요. 요금은");
+        core.handle_llm_delta(at(end + 300), llm, "안녕하세요. 요금은");
         let out = drain(&mut core);
         let (tts, first) = speaks(&out)[0].clone();
         assert_eq!(first, "안녕하세요.");
-        core.handle_tts_audio(end + 400, tts, &[7; 16 * 1000]);
+        core.handle_tts_audio(at(end + 400), tts, &[7; 16 * 1000]);
         let out = drain(&mut core);
         let start = marks(&out)[0];
-        core.handle_mark(end + 400, start, 0, MarkState::Played);
+        core.handle_mark(at(end + 400), start, 0, MarkState::Played);
         (core, llm, tts, end)
     }
 
     #[test]
     fn a_turn_is_transcribed_answered_and_spoken_sentence_by_sentence() {
-        let mut core = Core::new(config(), 0);
+        let mut core = Core::new(config(), t0(), at(0));
         let (out, end) = speak(&mut core, 0, 1000);
         // The turn ends after 600 ms of silence from the last voiced frame.
         assert_eq!(end, 1000 + 600);
@@ -1589,7 +1635,7 @@ mod tests {
         };
         assert!(samples.len() >= 8 * 1000, "{}", samples.len());
         let stt = transcribe_req(&out);
-        core.handle_transcript(1800, stt, Ok("요금 문의요".into()));
+        core.handle_transcript(at(1800), stt, Ok("요금 문의요".into()));
         let out = drain(&mut core);
         let (llm, messages) = complete(&out);
         assert_eq!(
@@ -1597,15 +1643,15 @@ mod tests {
             json!({"role": "user", "content": "요금 문의요"})
         );
         // The first sentence goes to speech before the LLM has finished.
-        core.handle_llm_delta(1900, llm, "안녕하세요. 요금은");
+        core.handle_llm_delta(at(1900), llm, "안녕하세요. 요금은");
         let (tts1, text) = speaks(&drain(&mut core))[0].clone();
         assert_eq!(text, "안녕하세요.");
-        core.handle_llm_delta(1950, llm, " 삼만 원입니다.");
+        core.handle_llm_delta(at(1950), llm, " 삼만 원입니다.");
         assert!(
             speaks(&drain(&mut core)).is_empty(),
             "a sentence goes to speech once it is complete"
         );
-        core.handle_tts_audio(2000, tts1, &[7; 1600]);
+        core.handle_tts_audio(at(2000), tts1, &[7; 1600]);
         let out = drain(&mut core);
         assert_eq!(audio_bytes(&out), 1600);
         let latency = &events(&out, "turn_latency")[0];
@@ -1615,17 +1661,21 @@ mod tests {
                     "tts_first_audio_ms": 400, "first_frame_ms": 400})
         );
         let start = marks(&out)[0];
-        core.handle_llm_done(2050, llm, Ok(answer("안녕하세요. 요금은 삼만 원입니다.")));
-        core.handle_tts_done(2100, tts1, Ok(()));
+        core.handle_llm_done(
+            at(2050),
+            llm,
+            Ok(answer("안녕하세요. 요금은 삼만 원입니다.")),
+        );
+        core.handle_tts_done(at(2100), tts1, Ok(()));
         let (tts2, text) = speaks(&drain(&mut core))[0].clone();
         assert_eq!(text, "요금은 삼만 원입니다.");
-        core.handle_tts_audio(2200, tts2, &[8; 3200]);
-        core.handle_tts_done(2300, tts2, Ok(()));
+        core.handle_tts_audio(at(2200), tts2, &[8; 3200]);
+        core.handle_tts_done(at(2300), tts2, Ok(()));
         let out = drain(&mut core);
         let end_mark = *marks(&out).last().expect("the end mark");
         assert_ne!(end_mark, start);
-        core.handle_mark(2400, start, 0, MarkState::Played);
-        core.handle_mark(2600, end_mark, 300, MarkState::Played);
+        core.handle_mark(at(2400), start, 0, MarkState::Played);
+        core.handle_mark(at(2600), end_mark, 300, MarkState::Played);
         let out = drain(&mut core);
         let turns: Vec<&Turn> = out
             .iter()
@@ -1665,10 +1715,10 @@ mod tests {
         );
         assert!(clear_at < out.len());
         // The call heard 500 ms of the sentence's 1000.
-        core.handle_cleared(end + 820, 500);
+        core.handle_cleared(at(end + 820), 500);
         let stt = transcribe_req(&out);
-        core.handle_tts_done(end2, tts, Ok(()));
-        core.handle_transcript(end2 + 100, stt, Ok("잠깐만요, 다른 질문이요".into()));
+        core.handle_tts_done(at(end2), tts, Ok(()));
+        core.handle_transcript(at(end2 + 100), stt, Ok("잠깐만요, 다른 질문이요".into()));
         let out = drain(&mut core);
         assert!(out.contains(&Output::Cancel { req: llm }), "{out:?}");
         let (_, messages) = complete(&out);
@@ -1686,7 +1736,7 @@ mod tests {
         });
         assert!(cut.expect("the agent's turn").interrupted);
         // Audio from the cut answer still arriving is ignored.
-        core.handle_llm_delta(end2 + 200, llm, "더 있습니다.");
+        core.handle_llm_delta(at(end2 + 200), llm, "더 있습니다.");
         assert!(drain(&mut core).is_empty());
     }
 
@@ -1695,9 +1745,9 @@ mod tests {
         let (mut core, _llm, _tts, end) = answering();
         let (out, end2) = speak(&mut core, end + 500, 400);
         assert!(out.contains(&Output::Clear));
-        core.handle_cleared(end + 820, 250);
+        core.handle_cleared(at(end + 820), 250);
         let stt = transcribe_req(&out);
-        core.handle_transcript(end2 + 100, stt, Ok("네.".into()));
+        core.handle_transcript(at(end2 + 100), stt, Ok("네.".into()));
         let out = drain(&mut core);
         assert!(
             !out.iter()
@@ -1712,11 +1762,11 @@ mod tests {
 
     #[test]
     fn hang_up_waits_for_the_goodbye_and_the_llm_is_not_asked_again() {
-        let mut core = Core::new(config(), 0);
+        let mut core = Core::new(config(), t0(), at(0));
         let (out, end) = speak(&mut core, 0, 500);
-        core.handle_transcript(end + 100, transcribe_req(&out), Ok("끊을게요".into()));
+        core.handle_transcript(at(end + 100), transcribe_req(&out), Ok("끊을게요".into()));
         let (llm, _) = complete(&drain(&mut core));
-        core.handle_llm_delta(end + 200, llm, "안녕히 계세요.");
+        core.handle_llm_delta(at(end + 200), llm, "안녕히 계세요.");
         let mut done = answer("안녕히 계세요.");
         done.tool_calls.push(ToolCall {
             id: "call_1".into(),
@@ -1724,23 +1774,23 @@ mod tests {
             arguments: "{}".into(),
         });
         done.finish_reason = Some("tool_calls".into());
-        core.handle_llm_done(end + 250, llm, Ok(done));
+        core.handle_llm_done(at(end + 250), llm, Ok(done));
         let (tts, _) = speaks(&drain(&mut core))[0].clone();
-        core.handle_tts_audio(end + 300, tts, &[1; 800]);
-        core.handle_tts_done(end + 350, tts, Ok(()));
+        core.handle_tts_audio(at(end + 300), tts, &[1; 800]);
+        core.handle_tts_done(at(end + 350), tts, Ok(()));
         let out = drain(&mut core);
         assert!(
             !out.iter()
                 .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
         );
         let m = marks(&out);
-        core.handle_mark(end + 300, m[0], 0, MarkState::Played);
+        core.handle_mark(at(end + 300), m[0], 0, MarkState::Played);
         assert!(
             !drain(&mut core)
                 .iter()
                 .any(|o| matches!(o, Output::Command(AgentCommand::Hangup)))
         );
-        core.handle_mark(end + 400, m[1], 50, MarkState::Played);
+        core.handle_mark(at(end + 400), m[1], 50, MarkState::Played);
         let out = drain(&mut core);
         assert!(
             out.iter()
@@ -1754,9 +1804,9 @@ mod tests {
 
     #[test]
     fn other_tools_run_and_the_llm_is_asked_again_with_their_results() {
-        let mut core = Core::new(config(), 0);
+        let mut core = Core::new(config(), t0(), at(0));
         let (out, end) = speak(&mut core, 0, 500);
-        core.handle_transcript(end + 100, transcribe_req(&out), Ok("잔액은요".into()));
+        core.handle_transcript(at(end + 100), transcribe_req(&out), Ok("잔액은요".into()));
         let (llm, _) = complete(&drain(&mut core));
         let mut done = answer("");
         done.tool_calls.push(ToolCall {
@@ -1764,7 +1814,7 @@ mod tests {
             name: "balance".into(),
             arguments: "{}".into(),
         });
-        core.handle_llm_done(end + 200, llm, Ok(done));
+        core.handle_llm_done(at(end + 200), llm, Ok(done));
         let out = drain(&mut core);
         assert!(
             out.iter()
@@ -1772,7 +1822,7 @@ mod tests {
         );
         assert!(!out.iter().any(|o| matches!(o, Output::Complete { .. })));
         core.handle_tool_done(
-            end + 300,
+            at(end + 300),
             callgate_kit::tools::ToolDone {
                 call_id: "call_9".into(),
                 ok: true,
@@ -1795,14 +1845,14 @@ mod tests {
             reason: "HTTP 503".into(),
             retryable: true,
         };
-        let mut core = Core::new(config(), 0);
+        let mut core = Core::new(config(), t0(), at(0));
         let (out, end) = speak(&mut core, 0, 500);
         let first = transcribe_req(&out);
-        core.handle_transcript(end + 100, first, Err(retryable()));
+        core.handle_transcript(at(end + 100), first, Err(retryable()));
         let out = drain(&mut core);
         let second = transcribe_req(&out);
         assert_ne!(first, second);
-        core.handle_transcript(end + 200, second, Err(retryable()));
+        core.handle_transcript(at(end + 200), second, Err(retryable()));
         let out = drain(&mut core);
         assert_eq!(out.last(), Some(&Output::Fallback));
         assert_eq!(
@@ -1813,7 +1863,7 @@ mod tests {
 
         // An LLM that failed after its first words is not asked again (they were spoken).
         let (mut core, llm, _tts, end) = answering();
-        core.handle_llm_done(end + 600, llm, Err(retryable()));
+        core.handle_llm_done(at(end + 600), llm, Err(retryable()));
         let out = drain(&mut core);
         assert!(!out.iter().any(|o| matches!(o, Output::Complete { .. })));
         assert!(out.contains(&Output::Fallback));
@@ -1822,7 +1872,7 @@ mod tests {
         // A TTS refusing (4xx) is not retried.
         let (mut core, _llm, tts, end) = answering();
         core.handle_tts_done(
-            end + 600,
+            at(end + 600),
             tts,
             Err(Failure {
                 reason: "HTTP 400".into(),
@@ -1836,7 +1886,7 @@ mod tests {
     fn the_greeting_is_spoken_first_and_is_the_assistants_first_message() {
         let mut c = config();
         c.greeting = "안녕하세요, 콜게이트입니다. 무엇을 도와드릴까요?".into();
-        let mut core = Core::new(c, 0);
+        let mut core = Core::new(c, t0(), at(0));
         let out = drain(&mut core);
         assert_eq!(speaks(&out)[0].1, "안녕하세요, 콜게이트입니다.");
         assert_eq!(core.messages()[1]["role"], "assistant");
@@ -1864,9 +1914,13 @@ mod tests {
 
     /// A core whose caller asked something, and the LLM request for it.
     fn asked(c: Config) -> (Core, ReqId, u64) {
-        let mut core = Core::new(c, 0);
+        let mut core = Core::new(c, t0(), at(0));
         let (out, end) = speak(&mut core, 0, 500);
-        core.handle_transcript(end + 100, transcribe_req(&out), Ok("눌러 주세요".into()));
+        core.handle_transcript(
+            at(end + 100),
+            transcribe_req(&out),
+            Ok("눌러 주세요".into()),
+        );
         let (llm, _) = complete(&drain(&mut core));
         (core, llm, end)
     }
@@ -1874,10 +1928,10 @@ mod tests {
     #[test]
     fn send_dtmf_plays_tones_after_what_was_said_and_the_llm_goes_on() {
         let (mut core, llm, end) = asked(offering(config(), &["send_dtmf"]));
-        core.handle_llm_delta(end + 200, llm, "연결합니다. ");
+        core.handle_llm_delta(at(end + 200), llm, "연결합니다. ");
         let (tts, _) = speaks(&drain(&mut core))[0].clone();
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer(
                 "연결합니다.",
@@ -1891,8 +1945,8 @@ mod tests {
         let last = messages.last().unwrap();
         assert_eq!(last["tool_call_id"], "call_k");
         assert_eq!(last["content"], "{\"pressed\":\"12#\"}");
-        core.handle_tts_audio(end + 300, tts, &[7; 1600]);
-        core.handle_tts_done(end + 350, tts, Ok(()));
+        core.handle_tts_audio(at(end + 300), tts, &[7; 1600]);
+        core.handle_tts_done(at(end + 350), tts, Ok(()));
         let out = drain(&mut core);
         // The sentence's 1600 bytes, then three tones of 160 ms at 8 kHz (16 bytes a ms).
         assert_eq!(audio_bytes(&out), 1600 + 3 * 160 * 16, "{out:?}");
@@ -1906,7 +1960,7 @@ mod tests {
         c.protocol = Protocol::Inbound;
         let (mut core, llm, end) = asked(c);
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer(
                 "",
@@ -1938,7 +1992,7 @@ mod tests {
     fn a_builtin_tool_not_offered_goes_to_the_driver_which_refuses_it() {
         let (mut core, llm, end) = asked(config());
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer("", &[("k", "send_dtmf", "{\"digits\":\"1\"}")])),
         );
@@ -1954,10 +2008,10 @@ mod tests {
     fn agent_terminate_accepted_stops_the_conversation_and_a_refusal_goes_to_the_llm() {
         let c = offering(config(), &["agent_terminate"]);
         let (mut core, llm, end) = asked(c.clone());
-        core.handle_llm_delta(end + 200, llm, "안녕히 계세요. ");
+        core.handle_llm_delta(at(end + 200), llm, "안녕히 계세요. ");
         let (tts, _) = speaks(&drain(&mut core))[0].clone();
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer(
                 "안녕히 계세요.",
@@ -1970,7 +2024,7 @@ mod tests {
                 .any(|o| matches!(o, Output::Tool(c) if c.name == "agent_terminate"))
         );
         core.handle_tool_done(
-            end + 300,
+            at(end + 300),
             callgate_kit::tools::ToolDone {
                 call_id: "t".into(),
                 ok: true,
@@ -1987,12 +2041,12 @@ mod tests {
             vec![json!({"accepted": true})]
         );
         // The goodbye still plays; the caller is not listened to any more.
-        core.handle_tts_audio(end + 350, tts, &[7; 800]);
+        core.handle_tts_audio(at(end + 350), tts, &[7; 800]);
         assert_eq!(audio_bytes(&drain(&mut core)), 800);
         for i in 0..100 {
-            core.handle_audio(end + 400 + 20 * i, &[1000; 160], true);
+            core.handle_audio(at(end + 400 + 20 * i), &[1000; 160], true);
         }
-        core.handle_timeout(end + 4000);
+        core.handle_timeout(at(end + 4000));
         let out = drain(&mut core);
         assert!(
             !out.iter()
@@ -2000,9 +2054,9 @@ mod tests {
             "{out:?}"
         );
         // CallBridge never dropped the line: the call hangs up itself after the grace.
-        let at = core.poll_timeout().unwrap();
-        assert_eq!(at, end + 300 + TERMINATE_GRACE_MS);
-        core.handle_timeout(at);
+        let due = timeout_ms(&core).unwrap();
+        assert_eq!(due, end + 300 + TERMINATE_GRACE_MS);
+        core.handle_timeout(at(due));
         assert!(
             drain(&mut core)
                 .iter()
@@ -2011,13 +2065,13 @@ mod tests {
 
         let (mut core, llm, end) = asked(c);
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer("", &[("t", "agent_terminate", "{}")])),
         );
         drain(&mut core);
         core.handle_tool_done(
-            end + 300,
+            at(end + 300),
             callgate_kit::tools::ToolDone {
                 call_id: "t".into(),
                 ok: false,
@@ -2035,7 +2089,7 @@ mod tests {
     fn tool_calls_that_do_not_run_still_get_a_result() {
         let (mut core, llm, end) = asked(config());
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer(
                 "안녕히 계세요.",
@@ -2052,11 +2106,11 @@ mod tests {
     }
     #[test]
     fn the_next_sentence_is_synthesized_while_the_current_one_plays_and_follows_it_at_once() {
-        let mut core = Core::new(config(), 0);
+        let mut core = Core::new(config(), t0(), at(0));
         let (out, end) = speak(&mut core, 0, 500);
-        core.handle_transcript(end + 100, transcribe_req(&out), Ok("요금이요".into()));
+        core.handle_transcript(at(end + 100), transcribe_req(&out), Ok("요금이요".into()));
         let (llm, _) = complete(&drain(&mut core));
-        core.handle_llm_delta(end + 200, llm, "첫 문장입니다. 둘째 문장입니다. 셋째");
+        core.handle_llm_delta(at(end + 200), llm, "첫 문장입니다. 둘째 문장입니다. 셋째");
         let out = drain(&mut core);
         let asked = speaks(&out);
         // The first sentence and, ahead, the second: before the first has any audio.
@@ -2065,21 +2119,21 @@ mod tests {
             ["첫 문장입니다.", "둘째 문장입니다."]
         );
         let (first, second) = (asked[0].0, asked[1].0);
-        core.handle_tts_audio(end + 300, first, &[1; 800]);
+        core.handle_tts_audio(at(end + 300), first, &[1; 800]);
         let out = drain(&mut core);
         assert_eq!(audio_bytes(&out), 800);
         let start = marks(&out)[0];
-        core.handle_mark(end + 300, start, 0, MarkState::Played);
+        core.handle_mark(at(end + 300), start, 0, MarkState::Played);
         // The second's audio is held while the first still streams...
-        core.handle_tts_audio(end + 350, second, &[2; 480]);
-        core.handle_tts_done(end + 360, second, Ok(()));
+        core.handle_tts_audio(at(end + 350), second, &[2; 480]);
+        core.handle_tts_done(at(end + 360), second, Ok(()));
         let out = drain(&mut core);
         assert_eq!(audio_bytes(&out), 0, "{out:?}");
         assert!(speaks(&out).is_empty(), "one sentence ahead, no more");
-        core.handle_tts_audio(end + 400, first, &[1; 800]);
+        core.handle_tts_audio(at(end + 400), first, &[1; 800]);
         assert_eq!(audio_bytes(&drain(&mut core)), 800);
         // ...and follows the first the moment it is done.
-        core.handle_tts_done(end + 410, first, Ok(()));
+        core.handle_tts_done(at(end + 410), first, Ok(()));
         let out = drain(&mut core);
         let sent: Vec<u8> = out
             .iter()
@@ -2095,34 +2149,34 @@ mod tests {
             sent.len()
         );
         core.handle_llm_done(
-            end + 420,
+            at(end + 420),
             llm,
             Ok(answer("첫 문장입니다. 둘째 문장입니다. 셋째")),
         );
         let out = drain(&mut core);
         assert_eq!(speaks(&out)[0].1, "셋째");
         // The played count is still inside the first sentence (100 ms of its 100).
-        core.handle_mark(end + 420, start, 0, MarkState::Played);
+        core.handle_mark(at(end + 420), start, 0, MarkState::Played);
     }
 
     /// A call whose answer went through a tool round: "잠시만요." (round 0, 1 s of audio), the
     /// tool, then "잔액은 삼만 원입니다. 더 필요하신 것 있으세요?" (round 1, 1 s each).
     fn answered_after_a_tool() -> (Core, u64) {
         let (mut core, llm, end) = asked(config());
-        core.handle_llm_delta(end + 200, llm, "잠시만요. ");
+        core.handle_llm_delta(at(end + 200), llm, "잠시만요. ");
         let (tts, _) = speaks(&drain(&mut core))[0].clone();
         core.handle_llm_done(
-            end + 250,
+            at(end + 250),
             llm,
             Ok(tool_answer("잠시만요.", &[("c1", "balance", "{}")])),
         );
         drain(&mut core);
-        core.handle_tts_audio(end + 300, tts, &[1; 16_000]);
-        core.handle_tts_done(end + 300, tts, Ok(()));
+        core.handle_tts_audio(at(end + 300), tts, &[1; 16_000]);
+        core.handle_tts_done(at(end + 300), tts, Ok(()));
         let out = drain(&mut core);
-        core.handle_mark(end + 300, marks(&out)[0], 0, MarkState::Played);
+        core.handle_mark(at(end + 300), marks(&out)[0], 0, MarkState::Played);
         core.handle_tool_done(
-            end + 400,
+            at(end + 400),
             callgate_kit::tools::ToolDone {
                 call_id: "c1".into(),
                 ok: true,
@@ -2131,19 +2185,19 @@ mod tests {
         );
         let (llm2, _) = complete(&drain(&mut core));
         core.handle_llm_delta(
-            end + 500,
+            at(end + 500),
             llm2,
             "잔액은 삼만 원입니다. 더 필요하신 것 있으세요?",
         );
         core.handle_llm_done(
-            end + 500,
+            at(end + 500),
             llm2,
             Ok(answer("잔액은 삼만 원입니다. 더 필요하신 것 있으세요?")),
         );
         let asked = speaks(&drain(&mut core));
         for (req, _) in &asked {
-            core.handle_tts_audio(end + 600, *req, &[2; 16_000]);
-            core.handle_tts_done(end + 600, *req, Ok(()));
+            core.handle_tts_audio(at(end + 600), *req, &[2; 16_000]);
+            core.handle_tts_done(at(end + 600), *req, Ok(()));
         }
         drain(&mut core);
         (core, end)
@@ -2155,8 +2209,12 @@ mod tests {
         let (mut core, end) = answered_after_a_tool();
         let (out, end2) = speak(&mut core, end + 2000, 600);
         assert!(out.contains(&Output::Clear));
-        core.handle_cleared(end2, 1500);
-        core.handle_transcript(end2 + 100, transcribe_req(&out), Ok("그게 아니고요".into()));
+        core.handle_cleared(at(end2), 1500);
+        core.handle_transcript(
+            at(end2 + 100),
+            transcribe_req(&out),
+            Ok("그게 아니고요".into()),
+        );
         let (_, messages) = complete(&drain(&mut core));
         let assistant: Vec<&Value> = messages
             .iter()
@@ -2175,8 +2233,12 @@ mod tests {
         // Heard: half of round 0: round 1 was never heard at all.
         let (mut core, end) = answered_after_a_tool();
         let (out, end2) = speak(&mut core, end + 2000, 600);
-        core.handle_cleared(end2, 500);
-        core.handle_transcript(end2 + 100, transcribe_req(&out), Ok("그게 아니고요".into()));
+        core.handle_cleared(at(end2), 500);
+        core.handle_transcript(
+            at(end2 + 100),
+            transcribe_req(&out),
+            Ok("그게 아니고요".into()),
+        );
         let (_, messages) = complete(&drain(&mut core));
         let assistant: Vec<&Value> = messages
             .iter()
