@@ -119,32 +119,37 @@ impl Plan {
 
 /// What can go wrong when a route's realtime settings are compiled (each becomes a
 /// [`SettingsError`] naming the setting).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A template does not parse (the problem, in words).
-    #[error("{0}")]
-    Template(String),
-    /// A message could not be spoken at load: the HTTP client, the speech provider or the
-    /// synthesis failed.
-    #[error("{0}")]
-    Speech(String),
+    /// A template does not parse.
+    #[error(transparent)]
+    Template(#[from] callgate_kit::template::ParseError),
+    /// The HTTP client (for speech rendered at load) could not be built.
+    #[error(transparent)]
+    HttpClient(#[from] callgate_kit::http::ClientError),
+    /// The speech provider cannot be used.
+    #[error(transparent)]
+    Tts(#[from] callgate_kit::tts::TtsError),
+    /// A message could not be spoken at load.
+    #[error(transparent)]
+    Render(#[from] callgate_kit::tts::RenderError),
     /// The platform's trusted certificate authorities cannot be loaded.
     #[error("{0}")]
-    PlatformRoots(String),
+    PlatformRoots(#[source] rustls::Error),
     /// The `ca_file` cannot be used.
     #[error("{}: {problem}", path.display())]
     CaFile {
         /// The file.
         path: std::path::PathBuf,
-        /// What is wrong with it.
+        /// What is wrong with it, in the PEM reader's or rustls's words.
         problem: String,
     },
 }
 
 /// Checks a template's syntax.
 pub(crate) fn template(text: &str) -> Result<Template, Error> {
-    Template::parse(text).map_err(|e| Error::Template(String::from(e)))
+    Ok(Template::parse(text)?)
 }
 
 /// Registers the `realtime` agent in `catalog`. `env` gives the data dir (the speech cache),
@@ -194,13 +199,11 @@ fn render(
     env: &AgentEnv,
     text: &str,
 ) -> Result<Arc<PromptAudio>, Error> {
-    let speech = |e: &dyn std::fmt::Display| Error::Speech(e.to_string());
-    let http = callgate_kit::http::client().map_err(|e| speech(&e))?;
-    let provider = tts.provider(&http).map_err(|e| speech(&e))?;
+    let http = callgate_kit::http::client()?;
+    let provider = tts.provider(&http)?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
-    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
-        .map(Arc::new)
-        .map_err(|e| Error::Speech(String::from(e)))
+    let audio = callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)?;
+    Ok(Arc::new(audio))
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a
