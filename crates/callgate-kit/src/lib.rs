@@ -20,6 +20,7 @@
 //!   a model's arguments against a tool's JSON schema.
 //! - [`plaintext`]: the warning for an API key that would cross the network in clear text.
 //! - [`files`]: private files and directories (0700/0600 whatever the umask).
+//! - [`metrics`]: what an agent's metrics collector writes on each scrape.
 //!
 //! # Errors
 //! Each module that can fail says why with its own type, since what can go wrong differs:
@@ -36,6 +37,7 @@ pub mod audio;
 pub mod callbridge;
 pub mod files;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod plaintext;
 pub mod schema;
