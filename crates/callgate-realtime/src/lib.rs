@@ -50,9 +50,10 @@ use crate::schema::Schema;
 /// The agent's name in routes.
 pub const NAME: &str = "realtime";
 
-/// An audio format of the Realtime API.
+/// An audio format on the Realtime connection (the service's side of the call; the phone's
+/// side has the call's own formats, `CallInfo::input_format` and `output_format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WireFormat {
+pub enum ServiceFormat {
     /// `audio/pcm` at 24 kHz.
     Pcm24k,
     /// `audio/pcmu` (G.711 µ-law, 8 kHz).
@@ -61,9 +62,9 @@ pub enum WireFormat {
     Pcma,
 }
 
-impl WireFormat {
-    /// The same audio as a call format.
-    pub fn format(self) -> AudioFormat {
+impl ServiceFormat {
+    /// The same audio as a phone format (`AudioFormat`), for the converters between the sides.
+    pub fn phone_format(self) -> AudioFormat {
         match self {
             Self::Pcm24k => AudioFormat::Pcm24000,
             Self::Pcmu => AudioFormat::Ulaw8000,
@@ -89,13 +90,13 @@ impl WireFormat {
     }
 }
 
-/// The formats of one call's Realtime session.
+/// The service formats of one call's Realtime session, each way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Wire {
-    /// What callgate appends (the caller).
-    pub input: WireFormat,
+pub struct SessionFormats {
+    /// What callgate appends (the caller's audio).
+    pub input: ServiceFormat,
     /// What the service speaks.
-    pub output: WireFormat,
+    pub output: ServiceFormat,
 }
 
 /// What every call of a route shares: its settings, compiled.

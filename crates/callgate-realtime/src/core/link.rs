@@ -549,7 +549,7 @@ impl Core {
             crate::settings::NoiseReduction::Off => Value::Null,
             kind => json!({ "type": kind }),
         };
-        let wire = self.formats.wire;
+        let formats = self.formats.session;
         json!({
             "type": "realtime",
             "model": s.model,
@@ -557,12 +557,12 @@ impl Core {
             "output_modalities": ["audio"],
             "audio": {
                 "input": {
-                    "format": wire.input.json(),
+                    "format": formats.input.json(),
                     "transcription": transcription,
                     "noise_reduction": noise,
                     "turn_detection": s.turn_detection_json(),
                 },
-                "output": {"format": wire.output.json(), "voice": s.voice},
+                "output": {"format": formats.output.json(), "voice": s.voice},
             },
             "tools": tools,
             "tool_choice": s.tool_choice,

@@ -62,7 +62,7 @@ use callgate_kit::outbox::Outbox;
 use serde_json::{Value, json};
 
 use crate::protocol::ServerEvent;
-use crate::{Plan, Wire};
+use crate::{Plan, ServiceFormat, SessionFormats};
 
 pub use callgate_kit::tools::ToolDone;
 pub use timeline::cut_text;
@@ -245,10 +245,12 @@ enum Phase {
     Ended,
 }
 
-/// The audio formats of the call's two legs and the converters between them.
+/// The audio formats of the call's two sides (the phone's, the service's) and the converters
+/// between them.
 #[derive(Debug)]
 struct Formats {
-    wire: Wire,
+    /// The service formats of the session.
+    session: SessionFormats,
     /// Samples per second of the phone's output.
     phone_rate: u64,
     /// Caller audio (phone input) to the session's input format.
@@ -258,17 +260,17 @@ struct Formats {
 }
 
 impl Formats {
-    fn new(setting: crate::settings::WireAudio, call: &CallInfo) -> Self {
-        let wire = Wire::choose(setting, call.input_format, call.output_format);
+    fn new(setting: crate::settings::AudioSetting, call: &CallInfo) -> Self {
+        let session = SessionFormats::choose(setting, call.input_format, call.output_format);
         // The formats were checked when the call started; identical rates cannot fail.
-        let to_service = Converter::new(call.input_format, wire.input.format())
+        let to_service = Converter::new(call.input_format, session.input.phone_format())
             .or_else(|_| Converter::new(call.input_format, call.input_format))
             .expect("an identity converter");
-        let from_service = Converter::new(wire.output.format(), call.output_format)
+        let from_service = Converter::new(session.output.phone_format(), call.output_format)
             .or_else(|_| Converter::new(call.output_format, call.output_format))
             .expect("an identity converter");
         Self {
-            wire,
+            session,
             phone_rate: u64::from(call.output_format.sample_rate()),
             to_service,
             from_service,
@@ -397,7 +399,7 @@ impl Core {
         if self.session.is_ready() {
             self.append(now, chunk);
         } else {
-            let max = MAX_BUFFERED_MS * self.formats.wire.input.bytes_per_ms();
+            let max = MAX_BUFFERED_MS * self.formats.session.input.bytes_per_ms();
             self.session.input.buffer(chunk, max);
         }
     }
@@ -591,10 +593,11 @@ impl Core {
     }
 }
 
-impl Wire {
-    fn choose_format(setting: crate::settings::WireAudio, phone: AudioFormat) -> crate::WireFormat {
-        use crate::WireFormat as W;
-        use crate::settings::WireAudio as S;
+impl ServiceFormat {
+    /// The service format `setting` gives a side of the call whose phone format is `phone`.
+    fn choose(setting: crate::settings::AudioSetting, phone: AudioFormat) -> Self {
+        use crate::ServiceFormat as W;
+        use crate::settings::AudioSetting as S;
         match setting {
             S::Pcm => W::Pcm24k,
             S::Pcmu => W::Pcmu,
@@ -606,16 +609,18 @@ impl Wire {
             },
         }
     }
+}
 
-    /// The formats for a call whose phone leg sends `input` and plays `output`.
+impl SessionFormats {
+    /// The session's formats for a call whose phone sends `input` and plays `output`.
     pub fn choose(
-        setting: crate::settings::WireAudio,
+        setting: crate::settings::AudioSetting,
         input: AudioFormat,
         output: AudioFormat,
     ) -> Self {
         Self {
-            input: Self::choose_format(setting, input),
-            output: Self::choose_format(setting, output),
+            input: ServiceFormat::choose(setting, input),
+            output: ServiceFormat::choose(setting, output),
         }
     }
 }
