@@ -180,6 +180,14 @@ impl Agent for RealtimeAgent {
                 hands.carry_out(&self, &io, &mut core, output);
             }
             if core.is_finished() {
+                // The record's last entries (the core kept only those); an ended call takes
+                // them without pacing.
+                while let Some((epoch, command)) = core.front() {
+                    core.pop();
+                    if sender.send_in(epoch, command).await.is_err() {
+                        break;
+                    }
+                }
                 // The connections close as their senders drop.
                 return Ok(());
             }

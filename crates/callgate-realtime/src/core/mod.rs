@@ -11,9 +11,10 @@
 //! [`Core::handle_timeout`]. Outputs: effects for the driver in [`Core::poll_output`], the
 //! commands for the call in order, each with its epoch, in [`Core::front`] / [`Core::pop`]
 //! (sent whenever the call takes them), and the next deadline in [`Core::poll_timeout`]. The
-//! driver loop: after every `handle_*`, drain `poll_output`; return once
-//! [`Core::is_finished`]; otherwise wait for the next input, the deadline, or the call taking
-//! `front`.
+//! driver loop: after every `handle_*`, drain `poll_output`; once [`Core::is_finished`], send
+//! what `front` still gives (the record's last entries: the turns still playing and the tools
+//! still running when the call ended) and return; otherwise wait for the next input, the
+//! deadline, or the call taking `front`.
 //!
 //! # Layout: one module per concern, each with its state enum
 //! - `link`: the session and its connection ([`Lost`] and which losses are fatal, outage,
@@ -350,11 +351,9 @@ impl Core {
         self.timers.next()
     }
 
-    /// The next command for the call, with its epoch; none once the call has ended.
+    /// The next command for the call, with its epoch. Once the call has ended, only what its
+    /// record still takes (transcript turns, events, usage).
     pub fn front(&self) -> Option<(Epoch, AgentCommand)> {
-        if self.phase == Phase::Ended {
-            return None;
-        }
         self.outbox.front()
     }
 
@@ -363,8 +362,9 @@ impl Core {
         self.outbox.pop();
     }
 
-    /// Whether the agent is done: the call has ended, so nothing queued here can reach it and
-    /// no event will come. The driver returns then (its connections close as it drops them).
+    /// Whether the agent is done: the call has ended, so no event will come and only the
+    /// record's last entries are left in [`Core::front`]. The driver sends those and returns
+    /// (its connections close as it drops them).
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Ended
     }
@@ -578,8 +578,8 @@ impl Core {
         }
     }
 
-    /// The call ended: what was playing and the tools still running are recorded, the
-    /// connections close.
+    /// The call ended: what was playing and the tools still running are recorded (the only
+    /// commands left for the call, which keeps them in the record), the connections close.
     fn end(&mut self, now: Instant) {
         if self.phase == Phase::Ended {
             return;
@@ -589,6 +589,7 @@ impl Core {
         self.tools_ended(now);
         self.session_ended();
         self.timers.stop_all();
+        self.outbox.ended();
         self.phase = Phase::Ended;
     }
 }

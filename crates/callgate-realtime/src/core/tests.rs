@@ -1,7 +1,7 @@
 //! The core's tests: plain `#[test]`s on a virtual clock (the test advances `now`), no
 //! runtime.
 
-use callgate_agent::{Interruption, MarkState, PhoneInfo, Turn};
+use callgate_agent::{Interruption, MarkState, PhoneInfo, Speaker, Turn};
 use callgate_proto::Protocol;
 use callgate_proto::callbridge::CallConfig;
 
@@ -1032,7 +1032,54 @@ fn the_agent_is_finished_when_the_call_ends_not_when_it_hangs_up() {
     }
     assert!(closed.contains(&Output::Close { conn: 1 }), "{closed:?}");
     assert!(t.core.is_finished());
-    assert_eq!(t.core.front(), None, "nothing is sent to an ended call");
+    // What is left for the call is only what its record takes: the tool that never answered.
+    let Some((_, AgentCommand::Event(e))) = t.core.front() else {
+        panic!(
+            "the unanswered tool is left for the record: {:?}",
+            t.core.front()
+        );
+    };
+    assert_eq!(e.name, "tool_call");
+    assert_eq!(e.detail["ok"], false);
+    assert_eq!(
+        e.detail["output"],
+        "the call ended before the tool answered"
+    );
+    t.core.pop();
+    assert_eq!(
+        t.core.front(),
+        None,
+        "nothing else is sent to an ended call"
+    );
+}
+
+#[test]
+fn the_answer_still_playing_when_the_call_ends_reaches_the_record() {
+    let mut t = T::new(settings(), Protocol::Inbound);
+    t.ready();
+    t.speak(
+        "r1",
+        "a1",
+        2000,
+        "Our opening hours are nine to five on weekdays.",
+    );
+    t.done("r1");
+    t.at(100);
+    t.started("a1", 0, 100);
+    assert!(t.turns().is_empty(), "still playing: no turn yet");
+    t.at(700);
+    t.call_event(AgentEvent::Ended(callgate_proto::EndReason::PeerHangup));
+    assert!(t.core.is_finished());
+    let turns = t.turns();
+    assert_eq!(turns.len(), 1, "{turns:?}");
+    assert_eq!(turns[0].speaker, Speaker::Agent);
+    assert_eq!(
+        turns[0].text,
+        "Our opening hours are nine to five on weekdays."
+    );
+    assert_eq!((turns[0].start_ms, turns[0].end_ms), (100, 700));
+    assert!(turns[0].interrupted);
+    assert_eq!(t.core.front(), None);
 }
 
 /// Fires the core's next deadline. The core must consume what fired: a deadline can be due
