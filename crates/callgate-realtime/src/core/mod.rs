@@ -568,6 +568,7 @@ impl Core {
         if matches!(self.phase, Phase::Live | Phase::Terminating) {
             self.phase = Phase::HangingUp;
             self.timers.stop(Timer::MaxDuration);
+            self.renewal_stopped();
             self.command(AgentCommand::Hangup);
         }
     }

@@ -1082,6 +1082,29 @@ fn the_answer_still_playing_when_the_call_ends_reaches_the_record() {
     assert_eq!(t.core.front(), None);
 }
 
+#[test]
+fn a_session_set_up_again_while_hanging_up_is_never_renewed() {
+    let mut s = settings();
+    s.max_duration = crate::settings::Dur(Duration::from_secs(120));
+    let mut t = T::new(s, Protocol::Inbound);
+    t.ready();
+    t.at(120_000);
+    t.core.handle_timeout(t.now);
+    t.drain();
+    assert_eq!(t.commands.last(), Some(&AgentCommand::Hangup));
+    // The connection drops during the goodbye: it is set up again, and serves to the end.
+    t.lost(1, false, "reset");
+    fire_next(&mut t).expect("the reconnection");
+    assert_eq!(t.core.current_conn(), Some(2));
+    t.ready();
+    assert!(t.core.session.is_ready());
+    assert_eq!(
+        t.core.poll_timeout(),
+        None,
+        "no renewal is due while hanging up"
+    );
+}
+
 /// Fires the core's next deadline. The core must consume what fired: a deadline can be due
 /// again at the same instant only as a new step (the first retry is at once), and a few
 /// steps settle it; a deadline left due would have the driver wake again and again without
@@ -1127,14 +1150,12 @@ fn every_deadline_is_consumed_when_it_fires() {
         fire_next(&mut t).expect("max_duration");
     }
     assert_eq!(t.events("max_duration").len(), 1);
-    // What is left (the renewal's retry) fires once, and no renewal starts while hanging up.
+    // Hanging up: no renewal is due any more (the renewal's retry was set), so no deadline
+    // is left to fire, and none fires once the call has ended.
+    assert_eq!(t.core.poll_timeout(), None, "no deadline while hanging up");
     t.other.clear();
-    for _ in 0..3 {
-        if fire_next(&mut t).is_none() {
-            break;
-        }
-    }
-    assert_eq!(t.core.poll_timeout(), None);
+    t.call_event(AgentEvent::Ended(callgate_proto::EndReason::AgentHangup));
+    assert_eq!(t.core.poll_timeout(), None, "no deadline after the end");
     assert!(
         !t.other.iter().any(|o| matches!(o, Output::Connect { .. })),
         "{:?}",
