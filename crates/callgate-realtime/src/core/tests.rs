@@ -66,6 +66,20 @@ fn call(protocol: Protocol) -> CallInfo {
     }
 }
 
+/// An HTTP tool of the route (its URL is never reached: the driver runs tools, not the core).
+fn http_tool(name: &str, description: &str, parameters: Value) -> HttpTool {
+    HttpTool {
+        name: name.into(),
+        description: description.into(),
+        parameters,
+        url: "http://127.0.0.1:1/".into(),
+        method: crate::settings::Method::Post,
+        headers: Default::default(),
+        headers_env: Default::default(),
+        timeout: None,
+    }
+}
+
 /// A core on a virtual clock, with its outputs collected.
 struct T {
     core: Core,
@@ -236,6 +250,34 @@ impl T {
         }));
     }
 
+    /// The service calls the function `name` (`call_id`) in `response` (`None`: outside one).
+    fn function_call(
+        &mut self,
+        response: Option<&str>,
+        call_id: &str,
+        name: &str,
+        arguments: &str,
+    ) {
+        self.server(ServerEvent::FunctionCall {
+            response_id: response.map(str::to_owned),
+            item_id: None,
+            call_id: call_id.into(),
+            name: Some(name.into()),
+            arguments: arguments.into(),
+        });
+    }
+
+    /// Whether 100 ms more audio of `item` in `response` is played (a cut response's is not).
+    fn late_audio_plays(&mut self, response: &str, item: &str) -> bool {
+        let before = self.audio;
+        self.server(ServerEvent::AudioDelta {
+            response_id: response.into(),
+            item_id: item.into(),
+            audio: Bytes::from(vec![0u8; 800]),
+        });
+        self.audio != before
+    }
+
     fn turns(&self) -> Vec<Turn> {
         self.commands
             .iter()
@@ -348,13 +390,7 @@ fn barge_in_truncates_each_item_at_exactly_what_was_heard() {
     assert_eq!(truncate["item_id"], "item_2");
     assert_eq!(truncate["audio_end_ms"], 500);
     // Later audio of the cancelled response is not played.
-    let before = t.audio;
-    t.server(ServerEvent::AudioDelta {
-        response_id: "resp_2".into(),
-        item_id: "item_2".into(),
-        audio: Bytes::from(vec![0u8; 800]),
-    });
-    assert_eq!(t.audio, before);
+    assert!(!t.late_audio_plays("resp_2", "item_2"));
 }
 
 #[test]
@@ -483,28 +519,17 @@ fn reconnecting_gives_up_after_reconnect_within() {
 #[test]
 fn tools_answer_after_the_response_is_done_and_bad_arguments_never_run() {
     let mut s = settings();
-    s.tools.push(HttpTool {
-        name: "lookup".into(),
-        description: "Look up an order".into(),
-        parameters: json!({"type": "object", "properties": {"id": {"type": "string"}},
+    s.tools.push(http_tool(
+        "lookup",
+        "Look up an order",
+        json!({"type": "object", "properties": {"id": {"type": "string"}},
                            "required": ["id"]}),
-        url: "http://127.0.0.1:1/".into(),
-        method: crate::settings::Method::Post,
-        headers: Default::default(),
-        headers_env: Default::default(),
-        timeout: None,
-    });
+    ));
     let mut t = T::new(s, Protocol::Inbound);
     t.ready();
     t.sent.clear();
     t.server(ServerEvent::ResponseCreated { id: "r1".into() });
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "call_bad".into(),
-        name: Some("lookup".into()),
-        arguments: "{\"order\": 1}".into(),
-    });
+    t.function_call(Some("r1"), "call_bad", "lookup", "{\"order\": 1}");
     let output = t
         .sent
         .iter()
@@ -520,13 +545,7 @@ fn tools_answer_after_the_response_is_done_and_bad_arguments_never_run() {
         !t.sent.iter().any(|v| v["type"] == "response.create"),
         "not before response.done"
     );
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "call_ok".into(),
-        name: Some("lookup".into()),
-        arguments: "{\"id\": \"A1\"}".into(),
-    });
+    t.function_call(Some("r1"), "call_ok", "lookup", "{\"id\": \"A1\"}");
     assert!(matches!(t.other.last(), Some(Output::Tool(c)) if c.call_id == "call_ok"));
     t.done("r1");
     assert!(
@@ -557,13 +576,7 @@ fn hang_up_waits_for_the_goodbye() {
     let mut t = T::new(settings(), Protocol::Inbound);
     t.ready();
     t.speak("r1", "item_1", 1000, "Goodbye!");
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "call_h".into(),
-        name: Some("hang_up".into()),
-        arguments: "{}".into(),
-    });
+    t.function_call(Some("r1"), "call_h", "hang_up", "{}");
     assert!(!t.commands.contains(&AgentCommand::Hangup));
     t.done("r1");
     let audio_at = t
@@ -675,13 +688,7 @@ fn a_response_cancelled_before_it_was_named_is_cancelled_by_name() {
     assert_eq!(cancel["type"], "response.cancel");
     assert_eq!(cancel["response_id"], "r1");
     // Its audio is not played.
-    let before = t.audio;
-    t.server(ServerEvent::AudioDelta {
-        response_id: "r1".into(),
-        item_id: "i1".into(),
-        audio: Bytes::from(vec![0u8; 800]),
-    });
-    assert_eq!(t.audio, before);
+    assert!(!t.late_audio_plays("r1", "i1"));
 }
 
 #[test]
@@ -691,13 +698,7 @@ fn a_refused_create_for_tool_outputs_is_asked_again_after_the_running_response()
     let mut t = T::new(s, Protocol::Inbound);
     t.ready();
     t.server(ServerEvent::ResponseCreated { id: "r1".into() });
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "c1".into(),
-        name: Some("send_dtmf".into()),
-        arguments: "{\"digits\": \"12#\"}".into(),
-    });
+    t.function_call(Some("r1"), "c1", "send_dtmf", "{\"digits\": \"12#\"}");
     let dtmf = t
         .commands
         .iter()
@@ -785,26 +786,12 @@ fn max_duration_hangs_up_after_the_audio_queued() {
 #[test]
 fn a_tool_answer_after_a_reconnection_is_recorded_not_sent() {
     let mut s = settings();
-    s.tools.push(HttpTool {
-        name: "slow".into(),
-        description: "d".into(),
-        parameters: json!({"type": "object"}),
-        url: "http://127.0.0.1:1/".into(),
-        method: crate::settings::Method::Post,
-        headers: Default::default(),
-        headers_env: Default::default(),
-        timeout: None,
-    });
+    s.tools
+        .push(http_tool("slow", "d", json!({"type": "object"})));
     let mut t = T::new(s, Protocol::Inbound);
     t.ready();
     t.server(ServerEvent::ResponseCreated { id: "r1".into() });
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "c1".into(),
-        name: Some("slow".into()),
-        arguments: "{}".into(),
-    });
+    t.function_call(Some("r1"), "c1", "slow", "{}");
     t.lost(1, false, "reset");
     t.core.handle_timeout(t.now);
     t.drain();
@@ -1012,13 +999,7 @@ fn the_agent_is_finished_when_the_call_ends_not_when_it_hangs_up() {
     s.builtin_tools.push(Builtin::SendSms);
     let mut t = T::new(s, Protocol::CallBridge);
     t.ready();
-    t.server(ServerEvent::FunctionCall {
-        response_id: None,
-        item_id: None,
-        call_id: "c1".into(),
-        name: Some("send_sms".into()),
-        arguments: "{\"content\": \"hi\"}".into(),
-    });
+    t.function_call(None, "c1", "send_sms", "{\"content\": \"hi\"}");
     assert!(matches!(t.other.last(), Some(Output::Tool(_))));
     t.other.clear();
     assert!(!t.core.is_finished());
