@@ -5,11 +5,9 @@
 
 use std::sync::Arc;
 
-use callgate_agent::{
-    Agent, AgentCommand, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed,
-};
+use callgate_agent::{Agent, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed};
 use callgate_audio::AudioFormat;
-use callgate_kit::outbox::send;
+use callgate_kit::outbox::{kept_after_end, send};
 use tokio::time::Instant;
 
 use crate::Plan;
@@ -122,9 +120,7 @@ impl Agent for BridgeAgent {
                 // What the record still needs is kept by an ended call; the rest is not.
                 while let Some((epoch, command)) = core.front() {
                     core.pop();
-                    if matches!(command, AgentCommand::Event(_) | AgentCommand::Usage(_))
-                        && sender.send_in(epoch, command).await.is_err()
-                    {
+                    if kept_after_end(&command) && sender.send_in(epoch, command).await.is_err() {
                         break;
                     }
                 }

@@ -322,7 +322,7 @@ fn render(
     env: &AgentEnv,
     text: &str,
 ) -> Result<PromptAudio, SpeechError> {
-    let http = callgate_kit::http::client().map_err(|e| SpeechError::Http(e.to_string()))?;
+    let http = callgate_kit::http::client().map_err(SpeechError::Http)?;
     let provider = tts.provider(&http).map_err(SpeechError::Provider)?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
     callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
@@ -333,12 +333,12 @@ fn render(
 #[derive(Debug, thiserror::Error)]
 enum SpeechError {
     /// The HTTP client could not be made (its TLS roots).
-    #[error("{0}")]
-    Http(String),
+    #[error(transparent)]
+    Http(callgate_kit::http::ClientError),
     /// The text-to-speech provider cannot be used.
-    #[error("{0}")]
+    #[error(transparent)]
     Provider(callgate_kit::tts::TtsError),
     /// The speech could not be rendered.
-    #[error("{0}")]
+    #[error(transparent)]
     Render(callgate_kit::tts::RenderError),
 }

@@ -7,8 +7,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+use callgate_kit::metrics::{Described, encode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -158,48 +159,57 @@ impl BridgeMetrics {
 pub struct BridgeCollector(pub Arc<BridgeMetrics>);
 
 impl Collector for BridgeCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let m = &self.0;
-        let mut one = |name: &str, help: &str, metric: &dyn EncodeMetric| {
-            let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-            metric.encode(e)
-        };
-        one(
-            "bridge_connect_latency_seconds",
-            "From the call's start to the bot's WebSocket open",
-            &m.connect_latency,
-        )?;
-        one("bridge_connects", "Bot connections opened", &m.connects)?;
-        one(
-            "bridge_connect_failures",
-            "Bot connections that could not be opened, by reason",
-            &m.connect_failures,
-        )?;
-        one(
-            "bridge_disconnects",
-            "Bot connections ended, by who ended them",
-            &m.disconnects,
-        )?;
-        one(
-            "bridge_fallbacks",
-            "Bridged calls that played the fallback because the bot was unreachable or dropped",
-            &m.fallbacks,
-        )?;
-        one(
-            "bridge_invalid_messages",
-            "Invalid messages from bots, by kind",
-            &m.invalid_messages,
-        )?;
-        one("bridge_marks", "Bot marks echoed back, by state", &m.marks)?;
-        one(
-            "bridge_clears",
-            "Clears of the bot's audio, by who asked",
-            &m.clears,
-        )?;
-        one(
-            "bridge_bytes",
-            "WebSocket text bytes between callgate and bots, by direction",
-            &m.bytes,
+        encode(
+            encoder,
+            &[
+                Described {
+                    name: "bridge_connect_latency_seconds",
+                    help: "From the call's start to the bot's WebSocket open",
+                    metric: &m.connect_latency,
+                },
+                Described {
+                    name: "bridge_connects",
+                    help: "Bot connections opened",
+                    metric: &m.connects,
+                },
+                Described {
+                    name: "bridge_connect_failures",
+                    help: "Bot connections that could not be opened, by reason",
+                    metric: &m.connect_failures,
+                },
+                Described {
+                    name: "bridge_disconnects",
+                    help: "Bot connections ended, by who ended them",
+                    metric: &m.disconnects,
+                },
+                Described {
+                    name: "bridge_fallbacks",
+                    help: "Bridged calls that played the fallback because the bot was unreachable or dropped",
+                    metric: &m.fallbacks,
+                },
+                Described {
+                    name: "bridge_invalid_messages",
+                    help: "Invalid messages from bots, by kind",
+                    metric: &m.invalid_messages,
+                },
+                Described {
+                    name: "bridge_marks",
+                    help: "Bot marks echoed back, by state",
+                    metric: &m.marks,
+                },
+                Described {
+                    name: "bridge_clears",
+                    help: "Clears of the bot's audio, by who asked",
+                    metric: &m.clears,
+                },
+                Described {
+                    name: "bridge_bytes",
+                    help: "WebSocket text bytes between callgate and bots, by direction",
+                    metric: &m.bytes,
+                },
+            ],
         )
     }
 }

@@ -26,8 +26,8 @@ pub enum UrlError {
     #[error("{0}")]
     Template(String),
     /// A call's values do not make a valid URL.
-    #[error("{0}")]
-    Render(String),
+    #[error(transparent)]
+    Render(#[from] callgate_kit::template::UrlError),
 }
 
 impl BotUrl {
@@ -49,10 +49,7 @@ impl BotUrl {
 
     /// The URL for a call, each variable replaced by `lookup(name)`.
     pub fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> Result<String, UrlError> {
-        let http = self
-            .template
-            .render(lookup)
-            .map_err(|e| UrlError::Render(e.to_string()))?;
+        let http = self.template.render(lookup)?;
         let rest = http.split_once("://").map_or(http.as_str(), |(_, r)| r);
         Ok(format!("{}://{rest}", if self.tls { "wss" } else { "ws" }))
     }

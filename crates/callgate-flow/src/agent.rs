@@ -154,7 +154,7 @@ impl Agent for FlowAgent {
                         spawner.spawn(async move {
                             let result = post_json(&http, &url, None, &body, timeout)
                                 .await
-                                .map_err(|e| crate::Error::Request(String::from(e)));
+                                .map_err(crate::Error::Request);
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
                     }
@@ -167,10 +167,8 @@ impl Agent for FlowAgent {
                                 Some(api) => api
                                     .terminate(&http, &body, timeout)
                                     .await
-                                    .map_err(|e| crate::Error::CallBridge(String::from(e))),
-                                None => Err(crate::Error::CallBridge(
-                                    "CallBridge's OPEN API is not configured".into(),
-                                )),
+                                    .map_err(crate::Error::Request),
+                                None => Err(crate::Error::NoOpenApi),
                             };
                             let _ = tx.send(Done::Http { seq, result }).await;
                         });
@@ -184,10 +182,8 @@ impl Agent for FlowAgent {
                                 Some(api) => api
                                     .send_sms(&http, &body, timeout)
                                     .await
-                                    .map_err(|e| crate::Error::CallBridge(e.to_string())),
-                                None => Err(crate::Error::CallBridge(
-                                    "CallBridge's OPEN API is not configured".into(),
-                                )),
+                                    .map_err(crate::Error::Sms),
+                                None => Err(crate::Error::NoOpenApi),
                             };
                             let _ = tx.send(Done::Sms { seq, result }).await;
                         });
@@ -226,11 +222,7 @@ impl Agent for FlowAgent {
                         // Awaited by this loop (not a cancellable task): a message left just
                         // before the caller hung up is still written.
                         let handle = spawner.spawn_blocking(move || {
-                            let held = held.ok_or_else(|| {
-                                crate::Error::Storage(
-                                    "no room was reserved for the recording".into(),
-                                )
-                            })?;
+                            let held = held.ok_or(crate::Error::NotReserved)?;
                             store.write(held, &full, rate, &samples).map(|_| ())
                         });
                         saving = Some((seq, handle));
@@ -243,11 +235,8 @@ impl Agent for FlowAgent {
                             _ => None,
                         };
                         let started = stt
-                            .ok_or_else(|| crate::Error::Stt("the step does not listen".to_owned()))
-                            .and_then(|stt| {
-                                stt.start(input.sample_rate())
-                                    .map_err(|e| crate::Error::Stt(e.to_string()))
-                            });
+                            .ok_or(crate::Error::NotListening)
+                            .and_then(|stt| Ok(stt.start(input.sample_rate())?));
                         utterance = Some((
                             seq,
                             started.map(|mut u| {
@@ -267,15 +256,12 @@ impl Agent for FlowAgent {
                         // The engine waits for an answer to every Transcribe: always give one.
                         let pending = match utterance.take() {
                             Some((s, pending)) if s == seq => pending,
-                            _ => Err(crate::Error::Stt("no utterance was open".to_owned())),
+                            _ => Err(crate::Error::NoUtterance),
                         };
                         let tx = done_tx.clone();
                         spawner.spawn(async move {
                             let result = match pending {
-                                Ok(u) => u
-                                    .finish()
-                                    .await
-                                    .map_err(|e| crate::Error::Stt(e.to_string())),
+                                Ok(u) => u.finish().await.map_err(crate::Error::Stt),
                                 Err(error) => Err(error),
                             };
                             let _ = tx.send(Done::Transcript { seq, result }).await;
@@ -385,7 +371,7 @@ impl Agent for FlowAgent {
                     }
                 }, if saving.is_some() => {
                     let seq = saving.take().map_or(0, |(seq, _)| seq);
-                    let result = joined.unwrap_or_else(|e| Err(crate::Error::Storage(e.to_string())));
+                    let result = joined.unwrap_or_else(|e| Err(crate::Error::Task(e)));
                     engine.handle_done(io.now(), Done::Saved { seq, result });
                 }
                 sent = send(&sender, next), if !outbox.is_empty() => {
@@ -410,15 +396,9 @@ async fn speak(
     let provider = runtime
         .providers
         .get(&provider)
-        .ok_or_else(|| crate::Error::Speech(format!("provider {provider:?} is not configured")))?;
+        .ok_or(crate::Error::NoProvider(provider))?;
     // Not cached: a text with variables is per call (often a phone number: personal data that
     // should not pile up on disk, one file per caller).
-    let audio = provider
-        .synthesize(text, voice)
-        .await
-        .map_err(|e| crate::Error::Speech(e.to_string()))?;
-    tokio::task::spawn_blocking(move || audio::resampled_pcm(&audio, rate))
-        .await
-        .map_err(|e| crate::Error::Speech(e.to_string()))?
-        .map_err(|e| crate::Error::Speech(e.to_string()))
+    let audio = provider.synthesize(text, voice).await?;
+    Ok(tokio::task::spawn_blocking(move || audio::resampled_pcm(&audio, rate)).await??)
 }

@@ -159,7 +159,7 @@ pub enum Action {
 }
 
 /// Work the driver did for the engine.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub enum Done {
     /// Speech for [`Action::Speak`]: 16-bit PCM at the call's output rate, or why not.
     Speech {
@@ -2198,10 +2198,13 @@ mod tests {
             Ok((200, Bytes::from_static(b"[1]"))),
             Ok((200, Bytes::from_static(br#"{"next":"nowhere"}"#))),
             Ok((200, Bytes::from_static(br#"{"variables":{"a":[1]}}"#))),
-            Err(Error::Request("connection refused".to_owned())),
+            Err(Error::Request(callgate_kit::http::Error::Timeout(
+                Duration::from_secs(3),
+            ))),
         ] {
-            let (a, _) = run(Some(bad.clone()));
-            assert_eq!(went(&a), "failed:start:", "{bad:?}: {a:?}");
+            let shown = format!("{bad:?}");
+            let (a, _) = run(Some(bad));
+            assert_eq!(went(&a), "failed:start:", "{shown}: {a:?}");
         }
         let (a, _) = run(None);
         assert_eq!(went(&a), "failed:start:", "our own guard: {a:?}");
@@ -2370,7 +2373,11 @@ mod tests {
             at(40),
             Done::Sms {
                 seq: 1,
-                result: Err(Error::CallBridge("HTTP 500".into())),
+                result: Err(Error::Sms(callgate_kit::callbridge::SmsError::Refused {
+                    status: 500,
+                    code: None,
+                    message: String::new(),
+                })),
             },
         );
         assert!(drain(&mut e).iter().any(|s| s == "failed:start:"));
@@ -2624,7 +2631,10 @@ mod tests {
             at(now),
             Done::Transcript {
                 seq,
-                result: Err(Error::Stt("HTTP 503".into())),
+                result: Err(Error::Stt(callgate_kit::stt::SttError::Status {
+                    status: 503,
+                    body: String::new(),
+                })),
             },
         );
         let out = drain(&mut e);

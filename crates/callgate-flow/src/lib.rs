@@ -137,37 +137,75 @@ pub fn register_with_metrics(
 
 /// What goes wrong in the flow crate: a flow that cannot be loaded, what the loader could not
 /// give it, and the work done for a call off its task (the engine writes its text into the
-/// step's result). The reasons other crates give as text are kept as they are written.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// step's result). The kit's errors are kept as they are, source and all.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The flow file is wrong.
     #[error(transparent)]
     Flow(#[from] FlowError),
     /// The HTTP client could not be built.
-    #[error("cannot build the HTTP client: {0}")]
-    Http(String),
-    /// A file could not be read (why).
+    #[error(transparent)]
+    Http(#[from] callgate_kit::http::ClientError),
+    /// A file could not be read.
     #[error("{0}")]
-    Read(String),
+    Read(#[source] std::io::Error),
     /// A path under [`demo::ROOT`] that names no built-in file.
     #[error("no such built-in file")]
     NoBuiltIn,
-    /// Speech could not be rendered, or its provider is missing or could not be built.
-    #[error("{0}")]
-    Speech(String),
-    /// CallBridge's OPEN API is not configured, or its request failed.
-    #[error("{0}")]
-    CallBridge(String),
+    /// A speech provider could not be built, or its synthesis failed.
+    #[error(transparent)]
+    Tts(#[from] tts::TtsError),
+    /// Fixed speech could not be rendered at load.
+    #[error(transparent)]
+    Render(#[from] tts::RenderError),
+    /// Speech could not be made into audio at the call's rate.
+    #[error(transparent)]
+    Audio(#[from] callgate_audio::Error),
+    /// A step speaks with a provider the flow did not set up.
+    #[error("provider {0:?} is not configured")]
+    NoProvider(ProviderName),
+    /// `[callbridge]` cannot work for a step that needs CallBridge's OPEN API.
+    #[error(transparent)]
+    CallBridge(#[from] callgate_kit::callbridge::SettingsError),
+    /// A step needs CallBridge's OPEN API and the call has none (no key).
+    #[error("CallBridge's OPEN API is not configured")]
+    NoOpenApi,
+    /// A text message was not sent.
+    #[error(transparent)]
+    Sms(#[from] callgate_kit::callbridge::SmsError),
     /// Speech to text could not start, or failed.
-    #[error("{0}")]
-    Stt(String),
-    /// A webhook request failed (no connection, a timeout, an answer too large).
-    #[error("{0}")]
-    Request(String),
-    /// A recording could not be stored.
-    #[error("{0}")]
-    Storage(String),
+    #[error(transparent)]
+    Stt(#[from] stt::SttError),
+    /// A transcript was asked of a step that does not listen.
+    #[error("the step does not listen")]
+    NotListening,
+    /// A transcript was asked with no utterance open.
+    #[error("no utterance was open")]
+    NoUtterance,
+    /// A webhook or `agent-terminate` request failed (no connection, a timeout, an answer
+    /// too large).
+    #[error(transparent)]
+    Request(#[from] callgate_kit::http::Error),
+    /// A recording could not be written.
+    #[error(transparent)]
+    Storage(#[from] callgate_kit::files::Error),
+    /// A recording is larger than the room reserved for it.
+    #[error("{}: {bytes} bytes is more than the {reserved} reserved", path.display())]
+    OverReservation {
+        /// The recording's file.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// The room reserved.
+        reserved: u64,
+    },
+    /// A recording came with no room reserved for it.
+    #[error("no room was reserved for the recording")]
+    NotReserved,
+    /// The task doing the work stopped (it panicked, or the call's tasks were cancelled).
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// Reads, validates and prepares the flow at `path` (its fixed speech rendered, through the
@@ -211,7 +249,7 @@ pub fn load_with(
 
 /// The kit's HTTP client (no redirects: a 3xx is a webhook's error).
 fn http_client() -> Result<reqwest::Client, Error> {
-    callgate_kit::http::client().map_err(|e| Error::Http(e.to_string()))
+    Ok(callgate_kit::http::client()?)
 }
 
 /// Loads flows: builds providers once and renders fixed speech at load.
@@ -234,9 +272,7 @@ impl EnvLoader {
             provider: Some(name),
             ..tts.clone()
         };
-        let provider = settings
-            .provider(&self.http)
-            .map_err(|e| Error::Speech(e.to_string()))?;
+        let provider = settings.provider(&self.http)?;
         providers.insert(name, provider.clone());
         Ok(provider)
     }
@@ -250,7 +286,7 @@ impl spec::Loader for EnvLoader {
                 .map(<[u8]>::to_vec)
                 .ok_or(Error::NoBuiltIn);
         }
-        std::fs::read(path).map_err(|e| Error::Read(e.to_string()))
+        std::fs::read(path).map_err(Error::Read)
     }
 
     fn speak(
@@ -261,8 +297,12 @@ impl spec::Loader for EnvLoader {
         text: &str,
     ) -> Result<PromptAudio, Error> {
         let provider = self.provider(tts, provider)?;
-        tts::render_at_load(&self.cache, provider.as_ref(), voice, text)
-            .map_err(|e| Error::Speech(String::from(e)))
+        Ok(tts::render_at_load(
+            &self.cache,
+            provider.as_ref(),
+            voice,
+            text,
+        )?)
     }
 
     fn check_provider(&self, tts: &TtsSettings, provider: ProviderName) -> Result<(), Error> {
@@ -273,15 +313,12 @@ impl spec::Loader for EnvLoader {
         let Some(api) = &self.callbridge else {
             return Err(Error::CallBridge(callgate_kit::callbridge::missing(what)));
         };
-        api.check(what)
-            .map_err(|e| Error::CallBridge(String::from(e)))
+        Ok(api.check(what)?)
     }
 
     fn stt(&self, step: Option<&SttSettings>) -> Result<Option<stt::Stt>, Error> {
         match step.or(self.stt.as_ref()) {
-            Some(settings) => stt::Stt::build(settings, &self.http)
-                .map(Some)
-                .map_err(|e| Error::Stt(e.to_string())),
+            Some(settings) => Ok(Some(stt::Stt::build(settings, &self.http)?)),
             None => Ok(None),
         }
     }

@@ -153,16 +153,16 @@ impl Store {
     ) -> Result<u64, Error> {
         let bytes = WAV_HEADER_BYTES + 2 * samples.len() as u64;
         if bytes > reservation.bytes {
-            return Err(Error::Storage(format!(
-                "{}: {bytes} bytes is more than the {} reserved",
-                path.display(),
-                reservation.bytes
-            )));
+            return Err(Error::OverReservation {
+                path: path.to_owned(),
+                bytes,
+                reserved: reservation.bytes,
+            });
         }
         if let Some(parent) = path.parent() {
-            private_dirs(&self.dir, parent).map_err(|e| Error::Storage(e.to_string()))?;
+            private_dirs(&self.dir, parent)?;
         }
-        write_wav(path, rate, samples).map_err(|e| Error::Storage(e.to_string()))?;
+        write_wav(path, rate, samples)?;
         let mut usage = self.lock();
         usage.stored += bytes;
         self.metrics.messages_stored_bytes.set(gauge(usage.stored));
@@ -268,7 +268,7 @@ mod tests {
         assert_eq!(store.used(), (1000, 3000));
         let samples = vec![7i16; 500];
         let path = dir.join("messages/c1/m.wav");
-        assert_eq!(store.write(a, &path, 8000, &samples), Ok(1044));
+        assert_eq!(store.write(a, &path, 8000, &samples).unwrap(), 1044);
         assert_eq!(store.used(), (2044, 0), "written, the rest released");
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 1044);
         assert_eq!(metrics.messages_stored_bytes.get(), 2044);
@@ -283,10 +283,17 @@ mod tests {
         assert_eq!(store.used(), (1044, 0));
         // Too large for its reservation: refused, nothing written.
         let small = store.try_reserve(100, 1, 5000).unwrap();
+        let refused = store.write(small, &dir.join("messages/c2/x.wav"), 8000, &samples);
         assert!(
-            store
-                .write(small, &dir.join("messages/c2/x.wav"), 8000, &samples)
-                .is_err()
+            matches!(
+                refused,
+                Err(Error::OverReservation {
+                    bytes: 1044,
+                    reserved: 100,
+                    ..
+                })
+            ),
+            "{refused:?}"
         );
         assert_eq!(store.used(), (1044, 0));
         let _ = std::fs::remove_dir_all(&dir);

@@ -4,8 +4,9 @@
 
 use std::sync::{Arc, OnceLock};
 
+use callgate_kit::metrics::{Described, encode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -58,31 +59,32 @@ impl FlowMetrics {
 pub struct FlowCollector(pub Arc<FlowMetrics>);
 
 impl Collector for FlowCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let m = &self.0;
-        let mut one = |name: &str, help: &str, metric: &dyn EncodeMetric| {
-            let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-            metric.encode(e)
-        };
-        one(
-            "flow_messages_refused",
-            "Record steps that stored nothing, by reason (full, call_limit)",
-            &m.messages_refused,
-        )?;
-        one(
-            "flow_messages_saved",
-            "Recordings written by record steps",
-            &m.messages_saved,
-        )?;
-        one(
-            "flow_messages_saved_bytes",
-            "Bytes of the recordings written by record steps",
-            &m.messages_saved_bytes,
-        )?;
-        one(
-            "flow_messages_stored_bytes",
-            "Bytes in data_dir/messages as callgate counts them",
-            &m.messages_stored_bytes,
+        encode(
+            encoder,
+            &[
+                Described {
+                    name: "flow_messages_refused",
+                    help: "Record steps that stored nothing, by reason (full, call_limit)",
+                    metric: &m.messages_refused,
+                },
+                Described {
+                    name: "flow_messages_saved",
+                    help: "Recordings written by record steps",
+                    metric: &m.messages_saved,
+                },
+                Described {
+                    name: "flow_messages_saved_bytes",
+                    help: "Bytes of the recordings written by record steps",
+                    metric: &m.messages_saved_bytes,
+                },
+                Described {
+                    name: "flow_messages_stored_bytes",
+                    help: "Bytes in data_dir/messages as callgate counts them",
+                    metric: &m.messages_stored_bytes,
+                },
+            ],
         )
     }
 }

@@ -1525,7 +1525,7 @@ pub(crate) mod tests {
 
     impl Loader for FakeLoader {
         fn read(&self, path: &Path) -> Result<Vec<u8>, Error> {
-            std::fs::read(path).map_err(|e| Error::Read(e.to_string()))
+            std::fs::read(path).map_err(Error::Read)
         }
         fn speak(
             &self,
@@ -1538,7 +1538,7 @@ pub(crate) mod tests {
                 rate: 8000,
                 samples: vec![1000; 800],
             };
-            PromptAudio::new(text, &audio).map_err(|e| Error::Speech(e.to_string()))
+            Ok(PromptAudio::new(text, &audio)?)
         }
         fn check_provider(&self, _: &TtsSettings, _: ProviderName) -> Result<(), Error> {
             Ok(())
@@ -1548,10 +1548,8 @@ pub(crate) mod tests {
         }
         fn stt(&self, step: Option<&SttSettings>) -> Result<Option<Stt>, Error> {
             let settings = step.cloned().unwrap_or_default();
-            let http = callgate_kit::http::client().map_err(|e| Error::Http(e.to_string()))?;
-            Stt::build(&settings, &http)
-                .map(Some)
-                .map_err(|e| Error::Stt(e.to_string()))
+            let http = callgate_kit::http::client()?;
+            Ok(Some(Stt::build(&settings, &http)?))
         }
     }
 

@@ -126,7 +126,10 @@ async fn the_openai_compatible_provider_follows_the_api_and_reports_errors() {
         .provider(&client())
         .expect("provider");
     let failed = tts::speak(&cache, gone.as_ref(), "alloy", "Hi").await;
-    assert!(matches!(failed, Err(TtsError::Failed(_))), "{failed:?}");
+    assert!(
+        matches!(&failed, Err(TtsError::Request { url, .. }) if url.ends_with("/audio/speech")),
+        "{failed:?}"
+    );
 
     let missing = openai(&base, "CALLGATE_TEST_NO_SUCH_VARIABLE").provider(&client());
     assert!(

@@ -56,6 +56,15 @@ pub enum SettingsError {
         /// The variable.
         var: String,
     },
+    /// There is no `[callbridge]` at all.
+    #[error(
+        "{what} needs CallBridge's OPEN API: [callbridge] base_url and api_key_env (set) in \
+         the server's configuration"
+    )]
+    Missing {
+        /// The feature that needs it (a step, a tool).
+        what: String,
+    },
 }
 
 impl From<SettingsError> for String {
@@ -100,11 +109,10 @@ impl CallBridgeApi {
 }
 
 /// The error for an agent that needs the API when `[callbridge]` is missing.
-pub fn missing(what: &str) -> String {
-    format!(
-        "{what} needs CallBridge's OPEN API: [callbridge] base_url and api_key_env (set) in \
-         the server's configuration"
-    )
+pub fn missing(what: &str) -> SettingsError {
+    SettingsError::Missing {
+        what: what.to_owned(),
+    }
 }
 
 /// CallBridge's OPEN API with its key.

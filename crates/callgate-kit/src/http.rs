@@ -45,13 +45,19 @@ impl From<Error> for String {
     }
 }
 
+/// Why the HTTP client could not be built (its TLS set-up).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct ClientError(#[source] reqwest::Error);
+
 /// The HTTP client for webhooks, tools and speech/LLM APIs (no redirects; rustls on ring).
-pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+pub fn client() -> Result<reqwest::Client, ClientError> {
     // `Err`: a provider is installed already, which is all that is needed.
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
+        .map_err(ClientError)
 }
 
 /// An answer's body, read up to a bound.

@@ -20,19 +20,24 @@
 //!   a model's arguments against a tool's JSON schema.
 //! - [`plaintext`]: the warning for an API key that would cross the network in clear text.
 //! - [`files`]: private files and directories (0700/0600 whatever the umask).
+//! - [`metrics`]: what an agent's metrics collector writes on each scrape.
 //!
 //! # Errors
 //! Each module that can fail says why with its own type, since what can go wrong differs:
-//! [`template::ParseError`], [`schema::Invalid`], [`http::Error`],
-//! [`callbridge::SettingsError`], [`files::Error`], [`tts::RenderError`] (and the older
-//! [`tts::TtsError`], [`callbridge::SmsError`]). Their messages are what users read in a
-//! configuration error or a call's event log. Each converts into a `String` for the agent
-//! crates whose own errors are still text; new code keeps the type.
+//! [`template::ParseError`], [`schema::Invalid`], [`http::Error`], [`http::ClientError`],
+//! [`callbridge::SettingsError`], [`files::Error`], [`stt::SttError`], [`tts::TtsError`],
+//! [`tts::RenderError`] (and the older [`callbridge::SmsError`], compared whole in its tests,
+//! which keeps the client's words when the API cannot be reached). Their messages are what users read in a configuration error
+//! or a call's event log. The agent crates keep them as the sources of their own errors
+//! (`#[from]`), so the chain is never cut to text; some also convert into a `String`, for a
+//! route's settings error (`callgate_agent::catalog::SettingsError` holds the problem in
+//! words).
 
 pub mod audio;
 pub mod callbridge;
 pub mod files;
 pub mod http;
+pub mod metrics;
 pub mod outbox;
 pub mod plaintext;
 pub mod schema;

@@ -21,6 +21,18 @@ pub fn drops_on_clear(command: &AgentCommand) -> bool {
     )
 }
 
+/// Whether a call that has ended still takes `command`: what goes into its record (transcript
+/// turns, events, usage). An ended call drops everything else.
+pub fn kept_after_end(command: &AgentCommand) -> bool {
+    matches!(
+        command,
+        AgentCommand::Transcript(_)
+            | AgentCommand::Event(_)
+            | AgentCommand::FlatEvent(_)
+            | AgentCommand::Usage(_)
+    )
+}
+
 /// Commands waiting for the call, stamped with their epoch. Unbounded by count on purpose:
 /// what goes in is bounded by the agent (prompt audio it holds anyway, one answer's speech);
 /// the call's playout is the bound on what goes out.
@@ -82,6 +94,12 @@ impl Outbox {
         for (e, _) in &mut self.queue {
             *e = epoch;
         }
+    }
+
+    /// The call has ended: only what it still takes ([`kept_after_end`]) stays, in order,
+    /// for the agent to send before it returns.
+    pub fn ended(&mut self) {
+        self.queue.retain(|(_, c)| kept_after_end(c));
     }
 
     /// The command to send next, if any.
@@ -150,6 +168,26 @@ mod tests {
         // An older epoch reported late never moves the outbox back.
         out.advance(Epoch(2));
         assert_eq!(out.epoch(), Epoch(4));
+    }
+
+    #[test]
+    fn the_end_keeps_only_what_the_record_takes_in_order() {
+        let mut out = Outbox::new(Epoch(1));
+        let event = AgentCommand::Event(Box::new(callgate_agent::RecordEvent {
+            name: "tool_call".into(),
+            detail: serde_json::json!({"ok": false}),
+        }));
+        let usage = AgentCommand::Usage(vec![("output_tokens".into(), 3.0)]);
+        out.push(AgentCommand::Audio(Bytes::from_static(b"ab")));
+        out.push(event.clone());
+        out.push(AgentCommand::Hangup);
+        out.push(AgentCommand::Mark(2));
+        out.push(usage.clone());
+        out.ended();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out.front(), Some((Epoch(1), event)));
+        out.pop();
+        assert_eq!(out.front(), Some((Epoch(1), usage)));
     }
 
     #[test]

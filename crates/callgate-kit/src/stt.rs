@@ -113,15 +113,16 @@ impl SttSettings {
 }
 
 /// A transcription that failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SttError {
-    /// The settings cannot work (found when the provider is built).
+    /// The settings cannot work (found when the provider is built): the setting and the
+    /// problem, in words.
     #[error("{0}")]
     Config(String),
     /// The provider could not be reached (refused, reset, DNS).
     #[error("cannot reach the provider: {0}")]
-    Unreachable(String),
+    Unreachable(#[source] reqwest::Error),
     /// No answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
@@ -133,13 +134,22 @@ pub enum SttError {
         /// The start of the answer's body.
         body: String,
     },
-    /// The answer was not what the API documents.
+    /// The answer broke off while it was read.
     #[error("bad answer: {0}")]
-    BadAnswer(String),
+    Read(#[source] reqwest::Error),
+    /// The answer is not JSON.
+    #[error("bad answer: {0}")]
+    Json(#[source] serde_json::Error),
+    /// The answer is JSON, but not what the API documents (or longer than the bound).
+    #[error("bad answer: {0}")]
+    BadAnswer(&'static str),
     /// The recogniser fell too far behind the call's audio and dropped the utterance.
     #[error("the recogniser is overloaded")]
     Overloaded,
-    /// The in-process recogniser failed.
+    /// The utterance could not be written as a WAV file for the API.
+    #[error("cannot write the audio as WAV: {0}")]
+    Wav(#[source] hound::Error),
+    /// The in-process recogniser failed (what it said).
     #[error("recogniser: {0}")]
     Engine(String),
 }
@@ -298,7 +308,7 @@ impl OpenAi {
     }
 
     async fn transcribe(&self, samples: &[i16], rate: u32) -> Result<String, SttError> {
-        let file = wav(samples, rate).map_err(|e| SttError::Engine(e.to_string()))?;
+        let file = wav(samples, rate).map_err(SttError::Wav)?;
         let mut fields = vec![("model", self.model.as_str()), ("response_format", "json")];
         if let Some(language) = &self.language {
             fields.push(("language", language));
@@ -317,9 +327,9 @@ impl OpenAi {
             if e.is_timeout() {
                 SttError::Timeout(self.timeout)
             } else if e.is_connect() || e.is_request() {
-                SttError::Unreachable(e.to_string())
+                SttError::Unreachable(e)
             } else {
-                SttError::BadAnswer(e.to_string())
+                SttError::Read(e)
             }
         };
         let answer = request.send().await.map_err(failed)?;
@@ -338,15 +348,14 @@ impl OpenAi {
             .await
             .map_err(failed)?;
         if read.cut {
-            return Err(SttError::BadAnswer("the answer is too long".into()));
+            return Err(SttError::BadAnswer("the answer is too long"));
         }
-        let value: Value =
-            serde_json::from_slice(&read.body).map_err(|e| SttError::BadAnswer(e.to_string()))?;
+        let value: Value = serde_json::from_slice(&read.body).map_err(SttError::Json)?;
         value
             .get("text")
             .and_then(Value::as_str)
             .map(str::to_owned)
-            .ok_or_else(|| SttError::BadAnswer("no \"text\" in the answer".into()))
+            .ok_or(SttError::BadAnswer("no \"text\" in the answer"))
     }
 }
 
@@ -496,6 +505,28 @@ mod tests {
         assert_eq!(u.audio_ms(), MAX_UTTERANCE.as_millis() as u64);
     }
 
+    #[tokio::test]
+    async fn an_unreachable_provider_keeps_the_client_error_as_the_source() {
+        // A port nothing listens on any more.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let http = crate::http::client().unwrap();
+        let settings = SttSettings {
+            base_url: format!("http://{addr}/v1"),
+            ..Default::default()
+        };
+        let stt = Stt::build(&settings, &http).unwrap();
+        let error = stt.transcribe(&[0; 160], 8000).await.unwrap_err();
+        assert!(matches!(error, SttError::Unreachable(_)), "{error:?}");
+        assert!(error.retryable());
+        let source = std::error::Error::source(&error).expect("the client's error");
+        assert!(
+            source.downcast_ref::<reqwest::Error>().is_some(),
+            "{source:?}"
+        );
+    }
+
     #[test]
     fn only_server_trouble_is_retryable() {
         assert!(SttError::Timeout(Duration::from_secs(1)).retryable());
@@ -513,6 +544,6 @@ mod tests {
             }
             .retryable()
         );
-        assert!(!SttError::BadAnswer(String::new()).retryable());
+        assert!(!SttError::BadAnswer("no \"text\" in the answer").retryable());
     }
 }

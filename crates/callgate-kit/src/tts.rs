@@ -19,15 +19,37 @@ use serde::Deserialize;
 use crate::Dur;
 
 /// A synthesis that failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TtsError {
     /// The espeak-ng program could not be run (not installed?).
     #[error("cannot run espeak-ng ({0}); install it (Debian: apt-get install espeak-ng)")]
-    NotInstalled(String),
-    /// The engine ran but failed.
+    NotInstalled(#[source] std::io::Error),
+    /// `espeak-ng --version` ran and failed.
+    #[error(
+        "cannot run espeak-ng (espeak-ng --version: {0}); install it (Debian: apt-get install \
+         espeak-ng)"
+    )]
+    Broken(std::process::ExitStatus),
+    /// espeak-ng ran but failed: the voice and what it wrote to stderr.
+    #[error("speech synthesis failed: espeak-ng -v {voice}: {stderr}")]
+    Failed {
+        /// The voice asked for.
+        voice: String,
+        /// What espeak-ng said.
+        stderr: String,
+    },
+    /// The request to the provider failed (unreachable, reset...).
+    #[error("speech synthesis failed: POST {url}: {source}")]
+    Request {
+        /// Where it went.
+        url: String,
+        /// What the client said.
+        source: reqwest::Error,
+    },
+    /// The synthesis task stopped before it answered.
     #[error("speech synthesis failed: {0}")]
-    Failed(String),
+    Task(#[source] tokio::task::JoinError),
     /// The provider did not answer in time.
     #[error("speech synthesis timed out after {0:?}")]
     Timeout(Duration),
@@ -39,10 +61,13 @@ pub enum TtsError {
         /// The start of the answer's body.
         body: String,
     },
-    /// The provider's audio could not be read.
+    /// The provider's audio is not audio (too large, empty, an odd number of PCM bytes).
     #[error("speech provider sent unreadable audio: {0}")]
-    BadAudio(String),
-    /// The provider's settings cannot work.
+    BadAudio(&'static str),
+    /// The provider's WAV file could not be read.
+    #[error("speech provider sent unreadable audio: {0}")]
+    Wav(#[source] callgate_audio::Error),
+    /// The provider's settings cannot work: the setting and the problem, in words.
     #[error("{0}")]
     Config(String),
 }
@@ -228,8 +253,8 @@ impl Espeak {
             .status()
         {
             Ok(s) if s.success() => Ok(()),
-            Ok(s) => Err(TtsError::NotInstalled(format!("espeak-ng --version: {s}"))),
-            Err(e) => Err(TtsError::NotInstalled(e.to_string())),
+            Ok(s) => Err(TtsError::Broken(s)),
+            Err(e) => Err(TtsError::NotInstalled(e)),
         }
     }
 
@@ -247,14 +272,14 @@ impl Espeak {
             .arg(text)
             .stdin(std::process::Stdio::null())
             .output()
-            .map_err(|e| TtsError::NotInstalled(e.to_string()))?;
+            .map_err(TtsError::NotInstalled)?;
         let result = if output.status.success() {
-            callgate_audio::wav::read_mono(&file).map_err(|e| TtsError::BadAudio(e.to_string()))
+            callgate_audio::wav::read_mono(&file).map_err(TtsError::Wav)
         } else {
-            Err(TtsError::Failed(format!(
-                "espeak-ng -v {voice}: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )))
+            Err(TtsError::Failed {
+                voice: voice.to_owned(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            })
         };
         let _ = std::fs::remove_file(&file);
         result
@@ -274,7 +299,7 @@ impl Provider for Espeak {
             let work = tokio::task::spawn_blocking(move || Espeak::run(&text, &voice));
             match tokio::time::timeout(timeout, work).await {
                 Ok(Ok(result)) => result,
-                Ok(Err(e)) => Err(TtsError::Failed(e.to_string())),
+                Ok(Err(e)) => Err(TtsError::Task(e)),
                 Err(_) => Err(TtsError::Timeout(timeout)),
             }
         })
@@ -328,27 +353,15 @@ impl OpenAi {
             .timeout(self.timeout)
             .send()
             .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    TtsError::Timeout(self.timeout)
-                } else {
-                    TtsError::Failed(format!("POST {url}: {e}"))
-                }
-            })?;
+            .map_err(|e| self.failed(&url, e))?;
         let status = answer.status();
         if answer
             .content_length()
             .is_some_and(|n| n > MAX_SPEECH_BYTES as u64)
         {
-            return Err(TtsError::BadAudio("the answer is too large".into()));
+            return Err(TtsError::BadAudio("the answer is too large"));
         }
-        let bytes = answer.bytes().await.map_err(|e| {
-            if e.is_timeout() {
-                TtsError::Timeout(self.timeout)
-            } else {
-                TtsError::Failed(format!("POST {url}: {e}"))
-            }
-        })?;
+        let bytes = answer.bytes().await.map_err(|e| self.failed(&url, e))?;
         if !status.is_success() {
             let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
             return Err(TtsError::Status {
@@ -357,9 +370,21 @@ impl OpenAi {
             });
         }
         if bytes.len() > MAX_SPEECH_BYTES {
-            return Err(TtsError::BadAudio("the answer is too large".into()));
+            return Err(TtsError::BadAudio("the answer is too large"));
         }
         decode(&self.format, &bytes)
+    }
+
+    /// A request to `url` that brought no answer: a timeout, or why not.
+    fn failed(&self, url: &str, source: reqwest::Error) -> TtsError {
+        if source.is_timeout() {
+            TtsError::Timeout(self.timeout)
+        } else {
+            TtsError::Request {
+                url: url.to_owned(),
+                source,
+            }
+        }
     }
 }
 
@@ -368,7 +393,7 @@ impl OpenAi {
 fn decode(format: &str, bytes: &[u8]) -> Result<MonoAudio, TtsError> {
     let audio = if format == "pcm" {
         if !bytes.len().is_multiple_of(2) {
-            return Err(TtsError::BadAudio("odd number of PCM bytes".into()));
+            return Err(TtsError::BadAudio("odd number of PCM bytes"));
         }
         let mut samples = Vec::with_capacity(bytes.len() / 2);
         callgate_audio::pcm::le_bytes_to_samples(bytes, &mut samples);
@@ -378,12 +403,11 @@ fn decode(format: &str, bytes: &[u8]) -> Result<MonoAudio, TtsError> {
         }
     } else {
         let reader = hound::WavReader::new(std::io::Cursor::new(bytes))
-            .map_err(|e| TtsError::BadAudio(e.to_string()))?;
-        callgate_audio::wav::read_mono_from(reader)
-            .map_err(|e| TtsError::BadAudio(e.to_string()))?
+            .map_err(|e| TtsError::Wav(e.into()))?;
+        callgate_audio::wav::read_mono_from(reader).map_err(TtsError::Wav)?
     };
     if audio.samples.is_empty() {
-        return Err(TtsError::BadAudio("no audio".into()));
+        return Err(TtsError::BadAudio("no audio"));
     }
     Ok(audio)
 }
@@ -549,10 +573,7 @@ mod tests {
             (24000, &[1i16, 2][..])
         );
         assert!(matches!(decode("pcm", &[1]), Err(TtsError::BadAudio(_))));
-        assert!(matches!(
-            decode("wav", b"nonsense"),
-            Err(TtsError::BadAudio(_))
-        ));
+        assert!(matches!(decode("wav", b"nonsense"), Err(TtsError::Wav(_))));
         assert!(matches!(decode("pcm", &[]), Err(TtsError::BadAudio(_))));
     }
 

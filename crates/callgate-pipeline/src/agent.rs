@@ -78,8 +78,8 @@ impl Plan {
                 .iter()
                 .map(|t| function(&t.name, &t.description, t.parameters.clone())),
         );
-        let http = callgate_kit::http::client()
-            .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
+        let http =
+            callgate_kit::http::client().map_err(|e| SettingsError::new("", e.to_string()))?;
         let callbridge = match settings.builtin_tools.iter().find(|b| needs_open_api(**b)) {
             Some(tool) => {
                 let api = env.callbridge.as_ref().ok_or_else(|| {

@@ -70,8 +70,8 @@ impl RealtimeFactory {
         })?;
         let tls = tls_config(settings.ca_file.as_deref())
             .map_err(|e| SettingsError::new("ca_file", e.to_string()))?;
-        let http = callgate_kit::http::client()
-            .map_err(|e| SettingsError::new("", format!("cannot build the HTTP client: {e}")))?;
+        let http =
+            callgate_kit::http::client().map_err(|e| SettingsError::new("", e.to_string()))?;
         let headers = tools::Compiled::new(&settings.tools)?.headers;
         callgate_kit::plaintext::warn_if_exposed("realtime url", &settings.url);
         let callbridge = env.callbridge.as_ref().and_then(|api| api.open());
@@ -112,8 +112,7 @@ fn tls_config(
     let config = match ca_file {
         None => {
             use rustls_platform_verifier::ConfigVerifierExt;
-            rustls::ClientConfig::with_platform_verifier()
-                .map_err(|e| crate::Error::PlatformRoots(e.to_string()))?
+            rustls::ClientConfig::with_platform_verifier().map_err(crate::Error::PlatformRoots)?
         }
         Some(path) => {
             let bad = |problem: String| crate::Error::CaFile {
@@ -181,6 +180,14 @@ impl Agent for RealtimeAgent {
                 hands.carry_out(&self, &io, &mut core, output);
             }
             if core.is_finished() {
+                // The record's last entries (the core kept only those); an ended call takes
+                // them without pacing.
+                while let Some((epoch, command)) = core.front() {
+                    core.pop();
+                    if sender.send_in(epoch, command).await.is_err() {
+                        break;
+                    }
+                }
                 // The connections close as their senders drop.
                 return Ok(());
             }
@@ -346,12 +353,13 @@ mod tests {
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "not a certificate\n").unwrap();
         let error = tls_config(Some(&empty)).unwrap_err();
-        assert_eq!(
-            error,
-            crate::Error::CaFile {
-                path: empty.clone(),
-                problem: "no certificate in it".into(),
-            }
+        assert!(
+            matches!(
+                &error,
+                crate::Error::CaFile { path, problem }
+                    if *path == empty && problem == "no certificate in it"
+            ),
+            "{error:?}"
         );
         assert_eq!(
             error.to_string(),

@@ -50,9 +50,10 @@ use crate::schema::Schema;
 /// The agent's name in routes.
 pub const NAME: &str = "realtime";
 
-/// An audio format of the Realtime API.
+/// An audio format on the Realtime connection (the service's side of the call; the phone's
+/// side has the call's own formats, `CallInfo::input_format` and `output_format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WireFormat {
+pub enum ServiceFormat {
     /// `audio/pcm` at 24 kHz.
     Pcm24k,
     /// `audio/pcmu` (G.711 µ-law, 8 kHz).
@@ -61,9 +62,9 @@ pub enum WireFormat {
     Pcma,
 }
 
-impl WireFormat {
-    /// The same audio as a call format.
-    pub fn format(self) -> AudioFormat {
+impl ServiceFormat {
+    /// The same audio as a phone format (`AudioFormat`), for the converters between the sides.
+    pub fn phone_format(self) -> AudioFormat {
         match self {
             Self::Pcm24k => AudioFormat::Pcm24000,
             Self::Pcmu => AudioFormat::Ulaw8000,
@@ -89,13 +90,13 @@ impl WireFormat {
     }
 }
 
-/// The formats of one call's Realtime session.
+/// The service formats of one call's Realtime session, each way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Wire {
-    /// What callgate appends (the caller).
-    pub input: WireFormat,
+pub struct SessionFormats {
+    /// What callgate appends (the caller's audio).
+    pub input: ServiceFormat,
     /// What the service speaks.
-    pub output: WireFormat,
+    pub output: ServiceFormat,
 }
 
 /// What every call of a route shares: its settings, compiled.
@@ -119,32 +120,37 @@ impl Plan {
 
 /// What can go wrong when a route's realtime settings are compiled (each becomes a
 /// [`SettingsError`] naming the setting).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A template does not parse (the problem, in words).
-    #[error("{0}")]
-    Template(String),
-    /// A message could not be spoken at load: the HTTP client, the speech provider or the
-    /// synthesis failed.
-    #[error("{0}")]
-    Speech(String),
+    /// A template does not parse.
+    #[error(transparent)]
+    Template(#[from] callgate_kit::template::ParseError),
+    /// The HTTP client (for speech rendered at load) could not be built.
+    #[error(transparent)]
+    HttpClient(#[from] callgate_kit::http::ClientError),
+    /// The speech provider cannot be used.
+    #[error(transparent)]
+    Tts(#[from] callgate_kit::tts::TtsError),
+    /// A message could not be spoken at load.
+    #[error(transparent)]
+    Render(#[from] callgate_kit::tts::RenderError),
     /// The platform's trusted certificate authorities cannot be loaded.
     #[error("{0}")]
-    PlatformRoots(String),
+    PlatformRoots(#[source] rustls::Error),
     /// The `ca_file` cannot be used.
     #[error("{}: {problem}", path.display())]
     CaFile {
         /// The file.
         path: std::path::PathBuf,
-        /// What is wrong with it.
+        /// What is wrong with it, in the PEM reader's or rustls's words.
         problem: String,
     },
 }
 
 /// Checks a template's syntax.
 pub(crate) fn template(text: &str) -> Result<Template, Error> {
-    Template::parse(text).map_err(|e| Error::Template(String::from(e)))
+    Ok(Template::parse(text)?)
 }
 
 /// Registers the `realtime` agent in `catalog`. `env` gives the data dir (the speech cache),
@@ -194,13 +200,11 @@ fn render(
     env: &AgentEnv,
     text: &str,
 ) -> Result<Arc<PromptAudio>, Error> {
-    let speech = |e: &dyn std::fmt::Display| Error::Speech(e.to_string());
-    let http = callgate_kit::http::client().map_err(|e| speech(&e))?;
-    let provider = tts.provider(&http).map_err(|e| speech(&e))?;
+    let http = callgate_kit::http::client()?;
+    let provider = tts.provider(&http)?;
     let cache = callgate_kit::tts::Cache::new(&env.data_dir);
-    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
-        .map(Arc::new)
-        .map_err(|e| Error::Speech(String::from(e)))
+    let audio = callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)?;
+    Ok(Arc::new(audio))
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use callgate_kit::metrics::{Described, encode};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
@@ -95,42 +96,47 @@ impl RealtimeMetrics {
 pub struct RealtimeCollector(pub Arc<RealtimeMetrics>);
 
 impl Collector for RealtimeCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+    fn encode(&self, encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let m = &self.0;
-        let mut one = |name: &str, help: &str, metric: &dyn EncodeMetric| {
-            let e = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
-            metric.encode(e)
-        };
-        one(
-            "realtime_backend_latency_seconds",
-            "End of the caller's speech to the AI's first audio arriving",
-            &m.backend_latency,
-        )?;
-        one(
-            "realtime_callgate_latency_seconds",
-            "The AI's first audio arriving to its first frame leaving for the phone",
-            &m.callgate_latency,
-        )?;
-        one(
-            "realtime_connects",
-            "AI sessions set up, by result",
-            &m.connects,
-        )?;
-        one(
-            "realtime_outages",
-            "AI connections lost mid-call",
-            &m.outages,
-        )?;
-        one(
-            "realtime_fallbacks",
-            "Calls that played the fallback message because the AI was unreachable",
-            &m.fallbacks,
-        )?;
-        one("realtime_tool_calls", "Tool calls by result", &m.tool_calls)?;
-        one(
-            "realtime_barge_ins",
-            "Times the caller's speech cut the AI's audio",
-            &m.barge_ins,
+        encode(
+            encoder,
+            &[
+                Described {
+                    name: "realtime_backend_latency_seconds",
+                    help: "End of the caller's speech to the AI's first audio arriving",
+                    metric: &m.backend_latency,
+                },
+                Described {
+                    name: "realtime_callgate_latency_seconds",
+                    help: "The AI's first audio arriving to its first frame leaving for the phone",
+                    metric: &m.callgate_latency,
+                },
+                Described {
+                    name: "realtime_connects",
+                    help: "AI sessions set up, by result",
+                    metric: &m.connects,
+                },
+                Described {
+                    name: "realtime_outages",
+                    help: "AI connections lost mid-call",
+                    metric: &m.outages,
+                },
+                Described {
+                    name: "realtime_fallbacks",
+                    help: "Calls that played the fallback message because the AI was unreachable",
+                    metric: &m.fallbacks,
+                },
+                Described {
+                    name: "realtime_tool_calls",
+                    help: "Tool calls by result",
+                    metric: &m.tool_calls,
+                },
+                Described {
+                    name: "realtime_barge_ins",
+                    help: "Times the caller's speech cut the AI's audio",
+                    metric: &m.barge_ins,
+                },
+            ],
         )
     }
 }

@@ -16,10 +16,11 @@ pub const DEFAULT_MODEL: &str = "gpt-realtime";
 
 pub use callgate_kit::Dur;
 
-/// The audio format on the Realtime connection.
+/// The `audio` setting: which [`ServiceFormat`](crate::ServiceFormat) a call's session uses
+/// (`auto`: chosen per call from the phone's formats).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum WireAudio {
+pub enum AudioSetting {
     /// G.711 when the phone leg is at 8 kHz (µ-law, or A-law when the phone sends A-law),
     /// 24 kHz PCM otherwise.
     #[default]
@@ -172,8 +173,8 @@ pub struct RealtimeSettings {
     pub greeting: bool,
     /// What the AI is told to do when it speaks first.
     pub greeting_prompt: String,
-    /// The audio format on the Realtime connection.
-    pub audio: WireAudio,
+    /// The service format: the audio format on the Realtime connection.
+    pub audio: AudioSetting,
     /// `near_field`, `far_field` or `off` (default `off`).
     pub noise_reduction: NoiseReduction,
     /// The service's voice activity detection.
@@ -216,7 +217,7 @@ impl Default for RealtimeSettings {
             voice: "marin".into(),
             greeting: true,
             greeting_prompt: "The call has just been answered. Greet the caller briefly.".into(),
-            audio: WireAudio::Auto,
+            audio: AudioSetting::Auto,
             noise_reduction: NoiseReduction::Off,
             turn_detection: TurnDetection::default(),
             transcription: Transcription::default(),

@@ -388,7 +388,8 @@ async fn tool_server() -> (String, Arc<Mutex<Vec<(Value, String)>>>) {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 "late"
             }),
-        );
+        )
+        .route("/never", post(std::future::pending::<&'static str>));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -490,6 +491,56 @@ async fn tools_are_called_on_a_real_http_server_validated_and_bounded() {
     assert_eq!(calls[1]["ok"], false);
     assert_eq!(calls[2]["ok"], false);
     assert!(calls[2]["duration_ms"].as_f64().unwrap_or(0.0) >= 300.0);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hang_up_mid_answer_keeps_the_answer_and_the_unanswered_tool_in_the_record() {
+    let (base, _) = tool_server().await;
+    let mut double = double(DoubleConfig::default()).await;
+    let server = server(
+        &double,
+        json!({"tools": [{"name": "never", "description": "Never answers",
+                          "url": format!("{base}/never"), "timeout": "60s"}]}),
+    )
+    .await;
+    let mut phone = call(&server, "rt-end", "PCM_8000").await;
+    let (mut s, _) = session(&mut double).await;
+    // A tool that is still running when the call ends.
+    s.begin_response().await;
+    s.call_function("never", "", "{}", None).await;
+    // A 4 s answer: the caller hears a second of it, then hangs up.
+    let text = "Our opening hours are nine to six on weekdays.";
+    s.begin_response().await;
+    s.speak(&Format::Pcmu.tone(4000, 5), text).await;
+    s.finish_response().await;
+    hear(&mut phone, 16 * 1000).await;
+    phone.close(1000, "bye").await;
+    let record = server.ended_call("rt-end").await;
+    let id = record["id"].as_str().expect("id").to_owned();
+    // Both are written after the end, while the call still polls its agent.
+    let turns = server
+        .until_stored("the answer's turn", async || {
+            let turns = transcript(&server, &id).await;
+            (!turns.is_empty()).then_some(turns)
+        })
+        .await;
+    assert_eq!(turns.len(), 1, "{turns:?}");
+    assert_eq!(turns[0]["speaker"], "agent");
+    assert_eq!(turns[0]["text"], text);
+    assert_eq!(turns[0]["interrupted"], true);
+    let tool = server
+        .until_stored("the unanswered tool", async || {
+            let events = agent_events(&server, &id).await;
+            events
+                .into_iter()
+                .find(|(n, _)| n == "tool_call")
+                .map(|(_, d)| d)
+        })
+        .await;
+    assert_eq!(tool["name"], "never");
+    assert_eq!(tool["ok"], false);
+    assert_eq!(tool["output"], "the call ended before the tool answered");
     server.shutdown().await;
 }
 

@@ -203,7 +203,10 @@ fn feed(job: &Job) {
         if s.abandoned || s.failed.is_some() {
             s.pending.clear();
             s.recognizer = None;
-            if let (Some(done), Some(e)) = (s.done.take(), s.failed.clone()) {
+            // `finish` waits for this one answer (the stream is over once it has it).
+            if let Some(done) = s.done.take()
+                && let Some(e) = s.failed.take()
+            {
                 let _ = done.send(Err(e));
             }
             return;

@@ -361,8 +361,10 @@ impl Core {
         self.session.link = Link::Ready { conn };
         self.timers.stop(Timer::Setup);
         self.session.input.appended_bytes = 0;
-        self.timers
-            .set(Timer::Renew, now + self.plan.settings.session_max.0);
+        if !self.hanging_up() {
+            self.timers
+                .set(Timer::Renew, now + self.plan.settings.session_max.0);
+        }
         let first = matches!(self.session.service, Service::Starting { .. });
         let down_ms = self.session.down_since().map_or(0, |since| {
             now.saturating_duration_since(since).as_millis() as u64
@@ -486,6 +488,17 @@ impl Core {
         }
     }
 
+    /// The call hangs up: the session serving it serves it to the end, so no renewal is
+    /// due, and one being set up is closed (its deadlines with it).
+    pub(super) fn renewal_stopped(&mut self) {
+        if let Some(conn) = self.session.renewal_conn() {
+            self.close(conn);
+        }
+        self.session.renewal = Renewal::Idle;
+        self.timers.stop(Timer::Renew);
+        self.timers.stop(Timer::RenewalSetup);
+    }
+
     /// An event of the session being set up for a renewal.
     pub(super) fn renewal_event(&mut self, now: Instant, conn: u64, event: ServerEvent) {
         match event {
@@ -549,7 +562,7 @@ impl Core {
             crate::settings::NoiseReduction::Off => Value::Null,
             kind => json!({ "type": kind }),
         };
-        let wire = self.formats.wire;
+        let formats = self.formats.session;
         json!({
             "type": "realtime",
             "model": s.model,
@@ -557,12 +570,12 @@ impl Core {
             "output_modalities": ["audio"],
             "audio": {
                 "input": {
-                    "format": wire.input.json(),
+                    "format": formats.input.json(),
                     "transcription": transcription,
                     "noise_reduction": noise,
                     "turn_detection": s.turn_detection_json(),
                 },
-                "output": {"format": wire.output.json(), "voice": s.voice},
+                "output": {"format": formats.output.json(), "voice": s.voice},
             },
             "tools": tools,
             "tool_choice": s.tool_choice,

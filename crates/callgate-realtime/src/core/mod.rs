@@ -11,9 +11,10 @@
 //! [`Core::handle_timeout`]. Outputs: effects for the driver in [`Core::poll_output`], the
 //! commands for the call in order, each with its epoch, in [`Core::front`] / [`Core::pop`]
 //! (sent whenever the call takes them), and the next deadline in [`Core::poll_timeout`]. The
-//! driver loop: after every `handle_*`, drain `poll_output`; return once
-//! [`Core::is_finished`]; otherwise wait for the next input, the deadline, or the call taking
-//! `front`.
+//! driver loop: after every `handle_*`, drain `poll_output`; once [`Core::is_finished`], send
+//! what `front` still gives (the record's last entries: the turns still playing and the tools
+//! still running when the call ended) and return; otherwise wait for the next input, the
+//! deadline, or the call taking `front`.
 //!
 //! # Layout: one module per concern, each with its state enum
 //! - `link`: the session and its connection ([`Lost`] and which losses are fatal, outage,
@@ -62,7 +63,7 @@ use callgate_kit::outbox::Outbox;
 use serde_json::{Value, json};
 
 use crate::protocol::ServerEvent;
-use crate::{Plan, Wire};
+use crate::{Plan, ServiceFormat, SessionFormats};
 
 pub use callgate_kit::tools::ToolDone;
 pub use timeline::cut_text;
@@ -245,10 +246,12 @@ enum Phase {
     Ended,
 }
 
-/// The audio formats of the call's two legs and the converters between them.
+/// The audio formats of the call's two sides (the phone's, the service's) and the converters
+/// between them.
 #[derive(Debug)]
 struct Formats {
-    wire: Wire,
+    /// The service formats of the session.
+    session: SessionFormats,
     /// Samples per second of the phone's output.
     phone_rate: u64,
     /// Caller audio (phone input) to the session's input format.
@@ -258,17 +261,17 @@ struct Formats {
 }
 
 impl Formats {
-    fn new(setting: crate::settings::WireAudio, call: &CallInfo) -> Self {
-        let wire = Wire::choose(setting, call.input_format, call.output_format);
+    fn new(setting: crate::settings::AudioSetting, call: &CallInfo) -> Self {
+        let session = SessionFormats::choose(setting, call.input_format, call.output_format);
         // The formats were checked when the call started; identical rates cannot fail.
-        let to_service = Converter::new(call.input_format, wire.input.format())
+        let to_service = Converter::new(call.input_format, session.input.phone_format())
             .or_else(|_| Converter::new(call.input_format, call.input_format))
             .expect("an identity converter");
-        let from_service = Converter::new(wire.output.format(), call.output_format)
+        let from_service = Converter::new(session.output.phone_format(), call.output_format)
             .or_else(|_| Converter::new(call.output_format, call.output_format))
             .expect("an identity converter");
         Self {
-            wire,
+            session,
             phone_rate: u64::from(call.output_format.sample_rate()),
             to_service,
             from_service,
@@ -348,11 +351,9 @@ impl Core {
         self.timers.next()
     }
 
-    /// The next command for the call, with its epoch; none once the call has ended.
+    /// The next command for the call, with its epoch. Once the call has ended, only what its
+    /// record still takes (transcript turns, events, usage).
     pub fn front(&self) -> Option<(Epoch, AgentCommand)> {
-        if self.phase == Phase::Ended {
-            return None;
-        }
         self.outbox.front()
     }
 
@@ -361,8 +362,9 @@ impl Core {
         self.outbox.pop();
     }
 
-    /// Whether the agent is done: the call has ended, so nothing queued here can reach it and
-    /// no event will come. The driver returns then (its connections close as it drops them).
+    /// Whether the agent is done: the call has ended, so no event will come and only the
+    /// record's last entries are left in [`Core::front`]. The driver sends those and returns
+    /// (its connections close as it drops them).
     pub fn is_finished(&self) -> bool {
         self.phase == Phase::Ended
     }
@@ -397,7 +399,7 @@ impl Core {
         if self.session.is_ready() {
             self.append(now, chunk);
         } else {
-            let max = MAX_BUFFERED_MS * self.formats.wire.input.bytes_per_ms();
+            let max = MAX_BUFFERED_MS * self.formats.session.input.bytes_per_ms();
             self.session.input.buffer(chunk, max);
         }
     }
@@ -566,6 +568,7 @@ impl Core {
         if matches!(self.phase, Phase::Live | Phase::Terminating) {
             self.phase = Phase::HangingUp;
             self.timers.stop(Timer::MaxDuration);
+            self.renewal_stopped();
             self.command(AgentCommand::Hangup);
         }
     }
@@ -576,8 +579,8 @@ impl Core {
         }
     }
 
-    /// The call ended: what was playing and the tools still running are recorded, the
-    /// connections close.
+    /// The call ended: what was playing and the tools still running are recorded (the only
+    /// commands left for the call, which keeps them in the record), the connections close.
     fn end(&mut self, now: Instant) {
         if self.phase == Phase::Ended {
             return;
@@ -587,14 +590,16 @@ impl Core {
         self.tools_ended(now);
         self.session_ended();
         self.timers.stop_all();
+        self.outbox.ended();
         self.phase = Phase::Ended;
     }
 }
 
-impl Wire {
-    fn choose_format(setting: crate::settings::WireAudio, phone: AudioFormat) -> crate::WireFormat {
-        use crate::WireFormat as W;
-        use crate::settings::WireAudio as S;
+impl ServiceFormat {
+    /// The service format `setting` gives a side of the call whose phone format is `phone`.
+    fn choose(setting: crate::settings::AudioSetting, phone: AudioFormat) -> Self {
+        use crate::ServiceFormat as W;
+        use crate::settings::AudioSetting as S;
         match setting {
             S::Pcm => W::Pcm24k,
             S::Pcmu => W::Pcmu,
@@ -606,16 +611,18 @@ impl Wire {
             },
         }
     }
+}
 
-    /// The formats for a call whose phone leg sends `input` and plays `output`.
+impl SessionFormats {
+    /// The session's formats for a call whose phone sends `input` and plays `output`.
     pub fn choose(
-        setting: crate::settings::WireAudio,
+        setting: crate::settings::AudioSetting,
         input: AudioFormat,
         output: AudioFormat,
     ) -> Self {
         Self {
-            input: Self::choose_format(setting, input),
-            output: Self::choose_format(setting, output),
+            input: ServiceFormat::choose(setting, input),
+            output: ServiceFormat::choose(setting, output),
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The core's tests: plain `#[test]`s on a virtual clock (the test advances `now`), no
 //! runtime.
 
-use callgate_agent::{Interruption, MarkState, PhoneInfo, Turn};
+use callgate_agent::{Interruption, MarkState, PhoneInfo, Speaker, Turn};
 use callgate_proto::Protocol;
 use callgate_proto::callbridge::CallConfig;
 
@@ -63,6 +63,20 @@ fn call(protocol: Protocol) -> CallInfo {
         agent: "realtime".into(),
         input_format: AudioFormat::Pcm8000,
         output_format: AudioFormat::Pcm8000,
+    }
+}
+
+/// An HTTP tool of the route (its URL is never reached: the driver runs tools, not the core).
+fn http_tool(name: &str, description: &str, parameters: Value) -> HttpTool {
+    HttpTool {
+        name: name.into(),
+        description: description.into(),
+        parameters,
+        url: "http://127.0.0.1:1/".into(),
+        method: crate::settings::Method::Post,
+        headers: Default::default(),
+        headers_env: Default::default(),
+        timeout: None,
     }
 }
 
@@ -236,6 +250,34 @@ impl T {
         }));
     }
 
+    /// The service calls the function `name` (`call_id`) in `response` (`None`: outside one).
+    fn function_call(
+        &mut self,
+        response: Option<&str>,
+        call_id: &str,
+        name: &str,
+        arguments: &str,
+    ) {
+        self.server(ServerEvent::FunctionCall {
+            response_id: response.map(str::to_owned),
+            item_id: None,
+            call_id: call_id.into(),
+            name: Some(name.into()),
+            arguments: arguments.into(),
+        });
+    }
+
+    /// Whether 100 ms more audio of `item` in `response` is played (a cut response's is not).
+    fn late_audio_plays(&mut self, response: &str, item: &str) -> bool {
+        let before = self.audio;
+        self.server(ServerEvent::AudioDelta {
+            response_id: response.into(),
+            item_id: item.into(),
+            audio: Bytes::from(vec![0u8; 800]),
+        });
+        self.audio != before
+    }
+
     fn turns(&self) -> Vec<Turn> {
         self.commands
             .iter()
@@ -348,13 +390,7 @@ fn barge_in_truncates_each_item_at_exactly_what_was_heard() {
     assert_eq!(truncate["item_id"], "item_2");
     assert_eq!(truncate["audio_end_ms"], 500);
     // Later audio of the cancelled response is not played.
-    let before = t.audio;
-    t.server(ServerEvent::AudioDelta {
-        response_id: "resp_2".into(),
-        item_id: "item_2".into(),
-        audio: Bytes::from(vec![0u8; 800]),
-    });
-    assert_eq!(t.audio, before);
+    assert!(!t.late_audio_plays("resp_2", "item_2"));
 }
 
 #[test]
@@ -483,28 +519,17 @@ fn reconnecting_gives_up_after_reconnect_within() {
 #[test]
 fn tools_answer_after_the_response_is_done_and_bad_arguments_never_run() {
     let mut s = settings();
-    s.tools.push(HttpTool {
-        name: "lookup".into(),
-        description: "Look up an order".into(),
-        parameters: json!({"type": "object", "properties": {"id": {"type": "string"}},
+    s.tools.push(http_tool(
+        "lookup",
+        "Look up an order",
+        json!({"type": "object", "properties": {"id": {"type": "string"}},
                            "required": ["id"]}),
-        url: "http://127.0.0.1:1/".into(),
-        method: crate::settings::Method::Post,
-        headers: Default::default(),
-        headers_env: Default::default(),
-        timeout: None,
-    });
+    ));
     let mut t = T::new(s, Protocol::Inbound);
     t.ready();
     t.sent.clear();
     t.server(ServerEvent::ResponseCreated { id: "r1".into() });
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "call_bad".into(),
-        name: Some("lookup".into()),
-        arguments: "{\"order\": 1}".into(),
-    });
+    t.function_call(Some("r1"), "call_bad", "lookup", "{\"order\": 1}");
     let output = t
         .sent
         .iter()
@@ -520,13 +545,7 @@ fn tools_answer_after_the_response_is_done_and_bad_arguments_never_run() {
         !t.sent.iter().any(|v| v["type"] == "response.create"),
         "not before response.done"
     );
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "call_ok".into(),
-        name: Some("lookup".into()),
-        arguments: "{\"id\": \"A1\"}".into(),
-    });
+    t.function_call(Some("r1"), "call_ok", "lookup", "{\"id\": \"A1\"}");
     assert!(matches!(t.other.last(), Some(Output::Tool(c)) if c.call_id == "call_ok"));
     t.done("r1");
     assert!(
@@ -557,13 +576,7 @@ fn hang_up_waits_for_the_goodbye() {
     let mut t = T::new(settings(), Protocol::Inbound);
     t.ready();
     t.speak("r1", "item_1", 1000, "Goodbye!");
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "call_h".into(),
-        name: Some("hang_up".into()),
-        arguments: "{}".into(),
-    });
+    t.function_call(Some("r1"), "call_h", "hang_up", "{}");
     assert!(!t.commands.contains(&AgentCommand::Hangup));
     t.done("r1");
     let audio_at = t
@@ -675,13 +688,7 @@ fn a_response_cancelled_before_it_was_named_is_cancelled_by_name() {
     assert_eq!(cancel["type"], "response.cancel");
     assert_eq!(cancel["response_id"], "r1");
     // Its audio is not played.
-    let before = t.audio;
-    t.server(ServerEvent::AudioDelta {
-        response_id: "r1".into(),
-        item_id: "i1".into(),
-        audio: Bytes::from(vec![0u8; 800]),
-    });
-    assert_eq!(t.audio, before);
+    assert!(!t.late_audio_plays("r1", "i1"));
 }
 
 #[test]
@@ -691,13 +698,7 @@ fn a_refused_create_for_tool_outputs_is_asked_again_after_the_running_response()
     let mut t = T::new(s, Protocol::Inbound);
     t.ready();
     t.server(ServerEvent::ResponseCreated { id: "r1".into() });
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "c1".into(),
-        name: Some("send_dtmf".into()),
-        arguments: "{\"digits\": \"12#\"}".into(),
-    });
+    t.function_call(Some("r1"), "c1", "send_dtmf", "{\"digits\": \"12#\"}");
     let dtmf = t
         .commands
         .iter()
@@ -785,26 +786,12 @@ fn max_duration_hangs_up_after_the_audio_queued() {
 #[test]
 fn a_tool_answer_after_a_reconnection_is_recorded_not_sent() {
     let mut s = settings();
-    s.tools.push(HttpTool {
-        name: "slow".into(),
-        description: "d".into(),
-        parameters: json!({"type": "object"}),
-        url: "http://127.0.0.1:1/".into(),
-        method: crate::settings::Method::Post,
-        headers: Default::default(),
-        headers_env: Default::default(),
-        timeout: None,
-    });
+    s.tools
+        .push(http_tool("slow", "d", json!({"type": "object"})));
     let mut t = T::new(s, Protocol::Inbound);
     t.ready();
     t.server(ServerEvent::ResponseCreated { id: "r1".into() });
-    t.server(ServerEvent::FunctionCall {
-        response_id: Some("r1".into()),
-        item_id: None,
-        call_id: "c1".into(),
-        name: Some("slow".into()),
-        arguments: "{}".into(),
-    });
+    t.function_call(Some("r1"), "c1", "slow", "{}");
     t.lost(1, false, "reset");
     t.core.handle_timeout(t.now);
     t.drain();
@@ -1012,13 +999,7 @@ fn the_agent_is_finished_when_the_call_ends_not_when_it_hangs_up() {
     s.builtin_tools.push(Builtin::SendSms);
     let mut t = T::new(s, Protocol::CallBridge);
     t.ready();
-    t.server(ServerEvent::FunctionCall {
-        response_id: None,
-        item_id: None,
-        call_id: "c1".into(),
-        name: Some("send_sms".into()),
-        arguments: "{\"content\": \"hi\"}".into(),
-    });
+    t.function_call(None, "c1", "send_sms", "{\"content\": \"hi\"}");
     assert!(matches!(t.other.last(), Some(Output::Tool(_))));
     t.other.clear();
     assert!(!t.core.is_finished());
@@ -1032,7 +1013,77 @@ fn the_agent_is_finished_when_the_call_ends_not_when_it_hangs_up() {
     }
     assert!(closed.contains(&Output::Close { conn: 1 }), "{closed:?}");
     assert!(t.core.is_finished());
-    assert_eq!(t.core.front(), None, "nothing is sent to an ended call");
+    // What is left for the call is only what its record takes: the tool that never answered.
+    let Some((_, AgentCommand::Event(e))) = t.core.front() else {
+        panic!(
+            "the unanswered tool is left for the record: {:?}",
+            t.core.front()
+        );
+    };
+    assert_eq!(e.name, "tool_call");
+    assert_eq!(e.detail["ok"], false);
+    assert_eq!(
+        e.detail["output"],
+        "the call ended before the tool answered"
+    );
+    t.core.pop();
+    assert_eq!(
+        t.core.front(),
+        None,
+        "nothing else is sent to an ended call"
+    );
+}
+
+#[test]
+fn the_answer_still_playing_when_the_call_ends_reaches_the_record() {
+    let mut t = T::new(settings(), Protocol::Inbound);
+    t.ready();
+    t.speak(
+        "r1",
+        "a1",
+        2000,
+        "Our opening hours are nine to five on weekdays.",
+    );
+    t.done("r1");
+    t.at(100);
+    t.started("a1", 0, 100);
+    assert!(t.turns().is_empty(), "still playing: no turn yet");
+    t.at(700);
+    t.call_event(AgentEvent::Ended(callgate_proto::EndReason::PeerHangup));
+    assert!(t.core.is_finished());
+    let turns = t.turns();
+    assert_eq!(turns.len(), 1, "{turns:?}");
+    assert_eq!(turns[0].speaker, Speaker::Agent);
+    assert_eq!(
+        turns[0].text,
+        "Our opening hours are nine to five on weekdays."
+    );
+    assert_eq!((turns[0].start_ms, turns[0].end_ms), (100, 700));
+    assert!(turns[0].interrupted);
+    assert_eq!(t.core.front(), None);
+}
+
+#[test]
+fn a_session_set_up_again_while_hanging_up_is_never_renewed() {
+    let mut s = settings();
+    s.max_duration = crate::settings::Dur(Duration::from_secs(120));
+    let mut t = T::new(s, Protocol::Inbound);
+    t.ready();
+    t.at(120_000);
+    t.core.handle_timeout(t.now);
+    t.drain();
+    assert_eq!(t.commands.last(), Some(&AgentCommand::Hangup));
+    // The connection drops during the goodbye: it is set up again, and serves to the end.
+    t.lost(1, false, "reset");
+    fire_next(&mut t).expect("the reconnection");
+    assert_eq!(t.core.current_conn(), Some(2));
+    t.ready();
+    assert!(t.core.session.is_ready());
+    assert_eq!(
+        t.core.poll_timeout(),
+        None,
+        "no renewal is due while hanging up"
+    );
 }
 
 /// Fires the core's next deadline. The core must consume what fired: a deadline can be due
@@ -1080,14 +1131,12 @@ fn every_deadline_is_consumed_when_it_fires() {
         fire_next(&mut t).expect("max_duration");
     }
     assert_eq!(t.events("max_duration").len(), 1);
-    // What is left (the renewal's retry) fires once, and no renewal starts while hanging up.
+    // Hanging up: no renewal is due any more (the renewal's retry was set), so no deadline
+    // is left to fire, and none fires once the call has ended.
+    assert_eq!(t.core.poll_timeout(), None, "no deadline while hanging up");
     t.other.clear();
-    for _ in 0..3 {
-        if fire_next(&mut t).is_none() {
-            break;
-        }
-    }
-    assert_eq!(t.core.poll_timeout(), None);
+    t.call_event(AgentEvent::Ended(callgate_proto::EndReason::AgentHangup));
+    assert_eq!(t.core.poll_timeout(), None, "no deadline after the end");
     assert!(
         !t.other.iter().any(|o| matches!(o, Output::Connect { .. })),
         "{:?}",

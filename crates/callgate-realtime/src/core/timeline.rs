@@ -48,7 +48,7 @@ struct Spoken {
     /// Samples (phone output) sent for it.
     sent: u64,
     /// Bytes received from the service (its output format).
-    wire_bytes: u64,
+    service_bytes: u64,
     /// Its transcript so far.
     text: String,
 }
@@ -163,7 +163,7 @@ impl Core {
             stage: Stage::Announced,
             started: None,
             sent: 0,
-            wire_bytes: 0,
+            service_bytes: 0,
             text: String::new(),
         }
     }
@@ -217,7 +217,7 @@ impl Core {
             }
         };
         let phone = self.formats.from_service.convert(audio);
-        self.timeline.items[pos].wire_bytes += audio.len() as u64;
+        self.timeline.items[pos].service_bytes += audio.len() as u64;
         if phone.is_empty() {
             return;
         }
@@ -363,7 +363,7 @@ impl Core {
     /// (or deleted, if nothing of it was heard) on its session, and reported.
     fn settle_item(&mut self, item: Spoken, i: &Interruption) -> Option<serde_json::Value> {
         let sent_ms = item.sent * 1000 / self.formats.phone_rate;
-        let received_ms = item.wire_bytes / self.formats.wire.output.bytes_per_ms();
+        let received_ms = item.service_bytes / self.formats.session.output.bytes_per_ms();
         // The call's own counts: heard since the call began now, minus the same count when
         // the item's first sample played.
         let heard_ms = match item.started {

@@ -3,8 +3,9 @@
 //!
 //! Which slots may be set follows the states: [`Timer::Setup`] while a connection is being set
 //! up, [`Timer::Retry`] while waiting to reconnect, [`Timer::Renew`] and
-//! [`Timer::RenewalSetup`] while a session serves the call, [`Timer::MaxDuration`] until the
-//! call hangs up. The code that changes a state sets or stops its slot.
+//! [`Timer::RenewalSetup`] while a session serves the call and it has not hung up,
+//! [`Timer::MaxDuration`] until the call hangs up; none once it has ended. The code that
+//! changes a state sets or stops its slot.
 
 use std::time::Instant;
 

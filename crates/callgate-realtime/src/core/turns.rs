@@ -101,7 +101,7 @@ impl Core {
     /// `input_audio_buffer.speech_started`: the caller speaks; over the agent, a barge-in.
     pub(super) fn speech_started(&mut self, item_id: String, audio_start_ms: u64) {
         self.turns.caller = Caller::Speaking;
-        let bytes_per_ms = self.formats.wire.input.bytes_per_ms();
+        let bytes_per_ms = self.formats.session.input.bytes_per_ms();
         let start_ms = self.session.input.to_call_ms(audio_start_ms, bytes_per_ms);
         self.turns.speech.push_back(Speech {
             item_id,
@@ -117,7 +117,7 @@ impl Core {
     /// `input_audio_buffer.speech_stopped`, read at `received`: the caller's turn ended.
     pub(super) fn speech_stopped(&mut self, item_id: String, audio_end_ms: u64, received: Instant) {
         self.turns.caller = Caller::Silent;
-        let bytes_per_ms = self.formats.wire.input.bytes_per_ms();
+        let bytes_per_ms = self.formats.session.input.bytes_per_ms();
         let end_ms = self.session.input.to_call_ms(audio_end_ms, bytes_per_ms);
         if let Some(s) = self.turns.speech.iter_mut().find(|s| s.item_id == item_id) {
             s.end_ms = Some(end_ms);
