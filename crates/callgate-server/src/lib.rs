@@ -3,12 +3,12 @@
 //! # Layout
 //! - [`Server`]: binds both listeners ([`Server::bind`]) and runs until shutdown
 //!   ([`Server::run`]). The binary and the tests call the same two functions.
-//! - `admission`: the budgets: call slots, and connections that are not calls yet (in all and
-//!   per source); a call slot is taken only once the first message makes a connection a call.
-//! - `call`: one owning task per call: the I/O loop around `call::core`, the sans-IO call core
-//!   (session, media, agent wiring, record journal) that makes every decision.
+//! - `call`: the whole call, one owning task per call: admission (the budgets: call slots,
+//!   and connections that are not calls yet), accept and upgrade, set-up and routing, the I/O
+//!   loop around the sans-IO call core that makes every decision, the call's audio, and its
+//!   record (the journal the core writes and the record's drop guard).
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
-//! - `record`: the call record accumulator and its drop guard.
+//! - `live`: the live calls' operator mailboxes, where the admin API reaches a call.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles; `openapi`: its
 //!   OpenAPI 3.1 document (`GET /api/openapi.json`), generated from the handlers' types.
 //! - `http_guard`: what each admin connection passes through before hyper: request heads
@@ -40,7 +40,6 @@
 //! last → stop the admin API.
 
 mod admin;
-mod admission;
 pub mod auth;
 mod call;
 pub mod call_auth;
@@ -52,18 +51,20 @@ mod failures;
 pub mod forward;
 mod http_guard;
 mod live;
-mod media;
 pub mod metrics;
 pub mod nodes;
 mod openapi;
 mod pii;
-mod record;
 mod retention;
 pub mod routes;
 mod session;
 pub mod tasks;
 pub mod tls;
 pub mod webhooks;
+
+/// Where a call's recording is and how much operator audio a call takes: the admin API reads
+/// them too.
+pub(crate) use call::media;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -175,8 +176,8 @@ pub(crate) struct Shared {
     /// Connections the server serves (pending upgrades and calls): what a drain waits for.
     pub(crate) connections: watch::Sender<usize>,
     pub(crate) ws_config: WebSocketConfig,
-    pub(crate) media: media::MediaConfig,
-    pub(crate) admission: Arc<admission::Admission>,
+    pub(crate) media: call::media::MediaConfig,
+    pub(crate) admission: Arc<call::admission::Admission>,
     /// This node in the roster.
     pub(crate) node: callgate_store::NodeInfo,
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
@@ -320,7 +321,7 @@ impl Server {
         collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
         let metrics = Arc::new(Metrics::with_collectors(&collectors));
         events.attach_metrics(metrics.clone());
-        let media = media::MediaConfig {
+        let media = call::media::MediaConfig {
             lead: config.playout_lead,
             underrun: config.playout_underrun,
             vad: config.vad,
@@ -364,7 +365,7 @@ impl Server {
             events,
             deliveries,
             media,
-            admission: admission::Admission::new(&config, metrics.clone()),
+            admission: call::admission::Admission::new(&config, metrics.clone()),
             config,
             store,
             metrics,
@@ -778,23 +779,6 @@ impl Shared {
     }
 }
 
-/// A connection the server serves, counted from accept until its task ends (a drain waits for
-/// the count to reach zero).
-struct Counted(Arc<Shared>);
-
-impl Counted {
-    fn new(shared: &Arc<Shared>) -> Self {
-        shared.connections.send_modify(|n| *n += 1);
-        Self(shared.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.connections.send_modify(|n| *n -= 1);
-    }
-}
-
 /// What woke the accept loop.
 enum Input {
     Shutdown,
@@ -807,8 +791,8 @@ enum Input {
 /// Accepts connections and drives the drain ([`drain::Drain`]) until the server must stop;
 /// returns why. While serving, each connection takes a place in the budget of connections that
 /// are not calls yet (`admission`), or is turned away at once; it takes a call slot only once
-/// its first message makes it a call (see `call::serve`). While draining, each new connection
-/// gets `503` with `Retry-After` to its upgrade request (`admission::refuse_draining`).
+/// its first message makes it a call (see `call::take`). While draining, each new connection
+/// gets `503` with `Retry-After` to its upgrade request (`call::admission`).
 async fn accept(
     shared: &Arc<Shared>,
     listener: TcpListener,
@@ -861,7 +845,7 @@ async fn accept(
             Input::Timer => drain.handle_timeout(now),
             Input::Connections => {}
             Input::Accepted(Ok((stream, peer))) => {
-                take(shared, drain.phase(), stream, peer);
+                call::take(shared, drain.phase(), stream, peer);
             }
             Input::Accepted(Err(error)) => {
                 // Typically EMFILE: back off instead of spinning.
@@ -889,41 +873,6 @@ async fn accept(
                     "Draining: calls left."
                 ),
             }
-        }
-    }
-}
-
-/// A new connection: served, or refused while draining.
-fn take(shared: &Arc<Shared>, phase: Phase, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let refuse = |reason: &'static str| {
-        shared
-            .metrics
-            .connections_refused
-            .get_or_create(&[("reason", reason)])
-            .inc();
-    };
-    match shared.admission.admit(peer.ip()) {
-        Ok(pending) if phase.takes_calls() => {
-            let counted = Counted::new(shared);
-            let serve = call::serve(shared.clone(), stream, peer, pending);
-            shared.tasks.spawn(async move {
-                serve.await;
-                drop(counted);
-            });
-        }
-        Ok(pending) => {
-            refuse("draining");
-            shared.tasks.spawn(admission::refuse_draining(
-                shared.clone(),
-                stream,
-                peer,
-                pending,
-            ));
-        }
-        Err(refusal) => {
-            refuse(refusal.as_str());
-            // A TLS client could not read a plain 503: it just sees the connection close.
-            admission::turn_away(stream, shared.tls.is_none());
         }
     }
 }

@@ -13,7 +13,7 @@
 //!
 //! Handshakes hold no more than any connection that is not a request or a call yet: on the
 //! call port the handshake runs in the connection's own task, inside the pending budget and
-//! under the one handshake deadline (`admission`, `call::serve`); on the admin port
+//! under the one handshake deadline (`call::admission`, `call::accept`); on the admin port
 //! `AdminListener` runs at most [`MAX_ADMIN_HANDSHAKES`] at once, each under the handshake
 //! deadline, and a new connection evicts the oldest handshake when that many are running.
 
