@@ -154,30 +154,24 @@ impl Error {
     }
 }
 
-/// What every call task and admin handler shares.
+/// What the admin API, the accept loop and the node's background tasks share. Calls get the
+/// narrower [`call::CallContext`] (`call`); both hold the same store, metrics, live calls,
+/// tasks and cancel token.
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) store: StoreHandle,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) routes: RouteHandle,
-    pub(crate) call_auth: call_auth::CallAuthHandle,
     pub(crate) admin_auth: auth::AdminAuthHandle,
-    /// The call port's TLS (`None`: plain `ws://`).
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
-    pub(crate) refusal_log: call_auth::RefusalLog,
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
-    pub(crate) live: live::LiveCalls,
+    pub(crate) live: Arc<live::LiveCalls>,
     /// Where the node is (serving, draining, stopping), as the accept loop last decided.
     pub(crate) phase: PhaseCell,
     /// Requests to the accept loop (drain, undrain, terminate, interrupt). Bounded
     /// ([`CONTROL_QUEUE`]); senders wait: they are operators and signals, rare and few.
     pub(crate) control: mpsc::Sender<Control>,
-    /// Connections the server serves (pending upgrades and calls): what a drain waits for.
-    pub(crate) connections: watch::Sender<usize>,
-    pub(crate) ws_config: WebSocketConfig,
-    pub(crate) media: call::media::MediaConfig,
-    pub(crate) admission: Arc<call::admission::Admission>,
+    /// What every call uses: the call port's side of the server.
+    pub(crate) call: Arc<call::CallContext>,
     /// This node in the roster.
     pub(crate) node: callgate_store::NodeInfo,
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
@@ -358,29 +352,40 @@ impl Server {
             );
         }
         let forwarder = forward::Forwarder::new().map_err(Error::HttpClient)?;
+        let cancel = CancellationToken::new();
+        let live = Arc::new(live::LiveCalls::default());
+        let call = Arc::new(call::CallContext {
+            settings: call::Settings::of(&config),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            routes: RouteHandle::new(table),
+            call_auth: call_auth::CallAuthHandle::new(call_auth),
+            refusal_log: call_auth::RefusalLog::default(),
+            tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
+            ws_config,
+            tasks: tasks.clone(),
+            cancel: cancel.clone(),
+            live: live.clone(),
+            connections: watch::Sender::new(0),
+            media,
+            admission: call::admission::Admission::new(&config, metrics.clone()),
+        });
         let shared = Arc::new(Shared {
             forwarder,
             node,
             roster: std::sync::Mutex::new(roster),
             events,
             deliveries,
-            media,
-            admission: call::admission::Admission::new(&config, metrics.clone()),
             config,
             store,
             metrics,
-            routes: RouteHandle::new(table),
-            call_auth: call_auth::CallAuthHandle::new(call_auth),
             admin_auth: auth::AdminAuthHandle::new(admin_auth, admin_bound),
-            tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
-            refusal_log: call_auth::RefusalLog::default(),
             tasks,
-            cancel: CancellationToken::new(),
-            live: live::LiveCalls::default(),
+            cancel,
+            live,
             phase: PhaseCell::default(),
             control: control_tx,
-            connections: watch::Sender::new(0),
-            ws_config,
+            call,
             sessions: session::Sessions::default(),
             auth_failures: std::sync::Mutex::default(),
         });
@@ -409,7 +414,7 @@ impl Server {
 
     /// The call-port keys and allowlist in force; replace them to rotate keys (SIGHUP).
     pub fn call_auth(&self) -> call_auth::CallAuthHandle {
-        self.shared.call_auth.clone()
+        self.shared.call.call_auth.clone()
     }
 
     /// The admin API's tokens in force; replace them to rotate tokens (SIGHUP).
@@ -425,7 +430,7 @@ impl Server {
 
     /// The route table in force; replace it to change routing for new calls (SIGHUP).
     pub fn routes(&self) -> RouteHandle {
-        self.shared.routes.clone()
+        self.shared.call.routes.clone()
     }
 
     /// The metrics registry.
@@ -460,7 +465,7 @@ impl Server {
             control,
             registry,
         } = self;
-        if !shared.call_auth.current().is_enabled()
+        if !shared.call.call_auth.current().is_enabled()
             && calls.local_addr().is_ok_and(|a| !a.ip().is_loopback())
         {
             warn!(
@@ -471,10 +476,10 @@ impl Server {
         }
         if let (Ok(call_addr), Ok(admin_addr)) = (calls.local_addr(), admin.local_addr()) {
             for weakness in call_auth::weaknesses(
-                &shared.call_auth.current(),
+                &shared.call.call_auth.current(),
                 shared.admin_auth.current().is_enabled(),
                 call_addr,
-                shared.tls.is_some(),
+                shared.call.tls.is_some(),
                 admin_addr,
                 admin_tls.is_some(),
             ) {
@@ -484,8 +489,8 @@ impl Server {
         info!(
             calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-            routes = shared.routes.current().routes().len(),
-            call_tls = shared.tls.is_some(),
+            routes = shared.call.routes.current().routes().len(),
+            call_tls = shared.call.tls.is_some(),
             admin_tls = admin_tls.is_some(),
             "Server listening."
         );
@@ -571,7 +576,7 @@ impl Server {
                 "Shutdown grace period ran out; remaining call records will be closed as interrupted at the next start."
             );
         }
-        if let Some((_, recordings)) = &shared.media.recording {
+        if let Some((_, recordings)) = &shared.call.media.recording {
             match tokio::time::timeout(grace, recordings.close()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => warn!(%error, "Recordings could not all be completed."),
@@ -801,7 +806,7 @@ async fn accept(
 ) -> StopReason {
     tokio::pin!(shutdown);
     let mut drain = drain::Drain::new(shared.config.drain_timeout);
-    let mut connections = shared.connections.subscribe();
+    let mut connections = shared.call.connections.subscribe();
     let mut shutdown_fired = false;
     loop {
         let timer = drain.poll_timeout();
@@ -845,7 +850,7 @@ async fn accept(
             Input::Timer => drain.handle_timeout(now),
             Input::Connections => {}
             Input::Accepted(Ok((stream, peer))) => {
-                call::take(shared, drain.phase(), stream, peer);
+                call::take(&shared.call, drain.phase(), stream, peer);
             }
             Input::Accepted(Err(error)) => {
                 // Typically EMFILE: back off instead of spinning.

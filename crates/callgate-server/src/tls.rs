@@ -602,24 +602,23 @@ impl axum::serve::Listener for AdminListener {
     }
 }
 
-/// On a TLS port, the TLS handshake, under the connection's handshake deadline; the
+/// On a TLS port (`tls`), the TLS handshake, under the connection's handshake deadline; the
 /// connection holds only its pending place meanwhile. A failed or late handshake is dropped.
 pub(crate) async fn call_handshake(
-    shared: &crate::Shared,
+    tls: Option<&TlsAcceptor>,
+    metrics: &Metrics,
     stream: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Option<CallStream> {
-    let Some(acceptor) = &shared.tls else {
+    let Some(acceptor) = tls else {
         return Some(CallStream::Left(stream));
     };
     let failed = || {
-        shared
-            .metrics
+        metrics
             .connections_refused
             .get_or_create(&[("reason", "tls_handshake")])
             .inc();
-        shared
-            .metrics
+        metrics
             .tls_handshakes_failed
             .get_or_create(&[("port", Port::Call.as_str())])
             .inc();

@@ -20,14 +20,15 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug};
 
+use super::CallContext;
 use super::Ws;
 use super::admission::{self, Pending};
 use super::close::close;
 use super::setup::run_call;
+use crate::Phase;
 use crate::call_auth::{Admission, Refusal as CallRefusal, SignedRequest};
 use crate::pii::Wire;
 use crate::tls::CallStream;
-use crate::{Phase, Shared};
 
 /// The kernel send buffer of a call's socket (Linux doubles it: 128 KiB, 1.3 s of PCM_48000).
 /// Left to itself the kernel grows it to megabytes, which a phone that stopped reading fills
@@ -38,27 +39,26 @@ const SEND_BUFFER: usize = 64 * 1024;
 /// A new connection: served while the node takes calls, refused while it drains (`503` with
 /// `Retry-After` to its upgrade request), or turned away at once when the pending budget has
 /// no place for it.
-pub(crate) fn take(shared: &Arc<Shared>, phase: Phase, stream: TcpStream, peer: SocketAddr) {
+pub(crate) fn take(ctx: &Arc<CallContext>, phase: Phase, stream: TcpStream, peer: SocketAddr) {
     let refuse = |reason: &'static str| {
-        shared
-            .metrics
+        ctx.metrics
             .connections_refused
             .get_or_create(&[("reason", reason)])
             .inc();
     };
-    match shared.admission.admit(peer.ip()) {
+    match ctx.admission.admit(peer.ip()) {
         Ok(pending) if phase.takes_calls() => {
-            let counted = Counted::new(shared);
-            let serve = serve(shared.clone(), stream, peer, pending);
-            shared.tasks.spawn(async move {
+            let counted = Counted::new(ctx);
+            let serve = serve(ctx.clone(), stream, peer, pending);
+            ctx.tasks.spawn(async move {
                 serve.await;
                 drop(counted);
             });
         }
         Ok(pending) => {
             refuse("draining");
-            shared.tasks.spawn(admission::refuse_draining(
-                shared.clone(),
+            ctx.tasks.spawn(admission::refuse_draining(
+                ctx.clone(),
                 stream,
                 peer,
                 pending,
@@ -67,19 +67,19 @@ pub(crate) fn take(shared: &Arc<Shared>, phase: Phase, stream: TcpStream, peer: 
         Err(refusal) => {
             refuse(refusal.as_str());
             // A TLS client could not read a plain 503: it just sees the connection close.
-            admission::turn_away(stream, shared.tls.is_none());
+            admission::turn_away(stream, ctx.tls.is_none());
         }
     }
 }
 
 /// A connection the server serves, counted from accept until its task ends (a drain waits for
 /// the count to reach zero).
-struct Counted(Arc<Shared>);
+struct Counted(Arc<CallContext>);
 
 impl Counted {
-    fn new(shared: &Arc<Shared>) -> Self {
-        shared.connections.send_modify(|n| *n += 1);
-        Self(shared.clone())
+    fn new(ctx: &Arc<CallContext>) -> Self {
+        ctx.connections.send_modify(|n| *n += 1);
+        Self(ctx.clone())
     }
 }
 
@@ -93,53 +93,55 @@ impl Drop for Counted {
 /// under one deadline (`handshake_timeout` from accept), then a call slot, then the call.
 /// Until its first message makes it a call, the connection holds only its place in the
 /// pending budget (`pending`), never a call's slot; at shutdown it is simply dropped.
-async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, pending: Pending) {
+async fn serve(ctx: Arc<CallContext>, stream: TcpStream, peer: SocketAddr, pending: Pending) {
     let span = tracing::debug_span!("conn", %peer);
     async move {
-        let deadline = pending.accepted + shared.config.handshake_timeout;
+        let deadline = pending.accepted + ctx.settings.handshake_timeout;
         let _ = stream.set_nodelay(true);
         if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
             debug!(%error, "Cannot bound the socket's send buffer.");
         }
-        let cancel = shared.cancel.clone();
+        let cancel = ctx.cancel.clone();
         // The setup future is boxed: it is large and finishes before the call, so it must not
         // size the task's allocation for the whole call.
         let setup = Box::pin(async {
             // On a TLS port an address the allowlist can never admit is dropped before the
             // handshake, which would cost more than anything it could send. (On a plain port
             // the upgrade answers it 403 with a reason, as cheaply.)
-            if shared.tls.is_some() && !shared.call_auth.current().may_come_from(peer.ip()) {
+            if ctx.tls.is_some() && !ctx.call_auth.current().may_come_from(peer.ip()) {
                 let refusal = CallRefusal::NotAllowed;
-                refused(&shared, refusal.as_str());
-                shared.refusal_log.note(refusal, peer.ip());
+                refused(&ctx, refusal.as_str());
+                ctx.refusal_log.note(refusal, peer.ip());
                 return None;
             }
-            let stream = crate::tls::call_handshake(&shared, stream, deadline).await?;
-            let (mut ws, forced, admitted) = upgrade(&shared, stream, deadline, peer).await?;
+            let stream =
+                crate::tls::call_handshake(ctx.tls.as_ref(), &ctx.metrics, stream, deadline)
+                    .await?;
+            let (mut ws, forced, admitted) = upgrade(&ctx, stream, deadline, peer).await?;
             // No call slot is free: refuse now rather than wait for the first message.
-            if shared.admission.calls_full() {
-                refuse_call(&shared, &mut ws).await;
+            if ctx.admission.calls_full() {
+                refuse_call(&ctx, &mut ws).await;
                 return None;
             }
-            let start = first_message(&shared, &mut ws, forced, deadline).await?;
+            let start = first_message(&ctx, &mut ws, forced, deadline).await?;
             // What the upgrade could not know: whether the call is a Twilio stream.
-            if let Err(reason) = shared
+            if let Err(reason) = ctx
                 .call_auth
                 .current()
                 .admits_call(&admitted, start.protocol())
             {
-                refused(&shared, "twilio_auth");
+                refused(&ctx, "twilio_auth");
                 debug!(reason, "Refusing the call: not admitted for its protocol.");
                 close(
                     &mut ws,
                     Close::new(CloseCode::POLICY, reason),
-                    shared.config.write_timeout,
+                    ctx.settings.write_timeout,
                 )
                 .await;
                 return None;
             }
-            let Some(slot) = shared.admission.call_slot() else {
-                refuse_call(&shared, &mut ws).await;
+            let Some(slot) = ctx.admission.call_slot() else {
+                refuse_call(&ctx, &mut ws).await;
                 return None;
             };
             Some((ws, start, slot, admitted))
@@ -154,7 +156,7 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, pending
         };
         drop(pending);
         if let Some((ws, start, slot, admitted)) = call {
-            Box::pin(run_call(shared, ws, start, peer, slot, admitted)).await;
+            Box::pin(run_call(ctx, ws, start, peer, slot, admitted)).await;
         }
     }
     .instrument(span)
@@ -162,29 +164,26 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, pending
 }
 
 /// Refuses a connection because the call limit is reached: close 1013.
-async fn refuse_call(shared: &Shared, ws: &mut Ws) {
-    refused(shared, "call_limit");
-    let reason = format!(
-        "call limit reached ({} live calls)",
-        shared.config.max_calls
-    );
+async fn refuse_call(ctx: &CallContext, ws: &mut Ws) {
+    refused(ctx, "call_limit");
+    let reason = format!("call limit reached ({} live calls)", ctx.settings.max_calls);
     debug!("Refusing the call: call limit reached.");
     close(
         ws,
         Close::new(CloseCode::TRY_AGAIN_LATER, reason),
-        shared.config.write_timeout,
+        ctx.settings.write_timeout,
     )
     .await;
 }
 
 async fn upgrade(
-    shared: &Shared,
+    ctx: &CallContext,
     stream: CallStream,
     deadline: Instant,
     peer: SocketAddr,
 ) -> Option<(Ws, Option<Protocol>, Admission)> {
     let mut path = String::new();
-    let auth = shared.call_auth.current();
+    let auth = ctx.call_auth.current();
     let mut admitted = Admission::default();
     let mut refusal = None;
     #[allow(
@@ -223,23 +222,23 @@ async fn upgrade(
         }
     };
     let accept =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(shared.ws_config));
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ctx.ws_config));
     let result = timeout_at(deadline, accept).await;
     if let Some((r, client)) = refusal {
-        refused(shared, r.as_str());
-        shared.refusal_log.note(r, client);
+        refused(ctx, r.as_str());
+        ctx.refusal_log.note(r, client);
         return None;
     }
     match result {
         Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path), admitted)),
         Ok(Err(error)) => {
             debug!(error = %Wire(&error.to_string()), "WebSocket upgrade failed.");
-            refused(shared, "websocket_handshake");
+            refused(ctx, "websocket_handshake");
             None
         }
         Err(_) => {
             debug!("WebSocket upgrade timed out.");
-            refused(shared, "websocket_handshake");
+            refused(ctx, "websocket_handshake");
             None
         }
     }
@@ -257,9 +256,8 @@ fn refusal_response(r: CallRefusal) -> ErrorResponse {
     response
 }
 
-fn refused(shared: &Shared, reason: &'static str) {
-    shared
-        .metrics
+fn refused(ctx: &CallContext, reason: &'static str) {
+    ctx.metrics
         .connections_refused
         .get_or_create(&[("reason", reason)])
         .inc();
@@ -268,12 +266,12 @@ fn refused(shared: &Shared, reason: &'static str) {
 /// Waits for the start message until `deadline` (the handshake's, from accept). On a bad
 /// one, closes with its code and reason.
 async fn first_message(
-    shared: &Shared,
+    ctx: &CallContext,
     ws: &mut Ws,
     forced: Option<Protocol>,
     deadline: Instant,
 ) -> Option<Start> {
-    let limit = shared.config.handshake_timeout;
+    let limit = ctx.settings.handshake_timeout;
     // Twilio's call starts with its second message (`start`, after `connected`): the
     // handshake takes messages until a start, all under the one deadline.
     let mut handshake = detect::Handshake::new(forced);
@@ -292,7 +290,7 @@ async fn first_message(
             },
             Ok(Some(Ok(Message::Binary(_)))) => break Err(ProtoError::BinaryBeforeStart),
             Ok(Some(Ok(Message::Close(_)))) => {
-                let _ = timeout(shared.config.write_timeout, SinkExt::close(ws)).await;
+                let _ = timeout(ctx.settings.write_timeout, SinkExt::close(ws)).await;
                 return None;
             }
             Ok(Some(Ok(_))) => continue,
@@ -308,8 +306,7 @@ async fn first_message(
     match result {
         Ok(start) => Some(start),
         Err(error) => {
-            shared
-                .metrics
+            ctx.metrics
                 .protocol_errors
                 .get_or_create(&[("kind", error.kind())])
                 .inc();
@@ -321,7 +318,7 @@ async fn first_message(
             close(
                 ws,
                 Close::new(error.close_code(), error.to_string()),
-                shared.config.write_timeout,
+                ctx.settings.write_timeout,
             )
             .await;
             None

@@ -40,8 +40,9 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::debug;
 
+use super::CallContext;
+use crate::Metrics;
 use crate::config::Config;
-use crate::{Metrics, Shared};
 
 /// What a connection over the pending budget is sent if its socket takes it at once.
 const TURNED_AWAY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
@@ -254,24 +255,22 @@ const DRAINING_REASON: &str = "draining: this node takes no new calls; try anoth
 /// WebSocket exists. It holds its place in the pending budget meanwhile; at shutdown it is
 /// dropped.
 pub(crate) async fn refuse_draining(
-    shared: Arc<Shared>,
+    ctx: Arc<CallContext>,
     stream: TcpStream,
     peer: SocketAddr,
     pending: Pending,
 ) {
-    let deadline = pending.accepted + shared.config.handshake_timeout;
+    let deadline = pending.accepted + ctx.settings.handshake_timeout;
     let refuse = async {
-        let stream = crate::tls::call_handshake(&shared, stream, deadline).await?;
+        let stream =
+            crate::tls::call_handshake(ctx.tls.as_ref(), &ctx.metrics, stream, deadline).await?;
         #[allow(
             clippy::result_large_err,
             reason = "the callback's signature is tungstenite's"
         )]
         let callback = |_: &Upgrade, _: Response| Err(draining_response());
-        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
-            callback,
-            Some(shared.ws_config),
-        );
+        let upgrade =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ctx.ws_config));
         // The upgrade always fails: that is the refusal. Only how is worth a debug line.
         if let Ok(Err(error)) = timeout_at(deadline, upgrade).await {
             debug!(%peer, %error, "Refused an upgrade: draining.");
@@ -279,7 +278,7 @@ pub(crate) async fn refuse_draining(
         Some(())
     };
     tokio::select! {
-        _ = shared.cancel.cancelled() => {}
+        _ = ctx.cancel.cancelled() => {}
         _ = pending.evicted() => {}
         _ = refuse => {}
     }

@@ -2,7 +2,7 @@
 //! commands), the rare inputs (the agent's clear requests, operator requests, shutdown) and
 //! the earliest deadline (playout, session, liveness ping, progress tick). It feeds each input
 //! to the sans-IO [`CallCore`] with the time and carries out the core's effects (frames, the
-//! close, record writes, what the agent is told, the shared epoch) before awaiting anything
+//! close, record writes, what the agent is told, the ctx epoch) before awaiting anything
 //! else; it decides nothing itself. Only this task writes to the socket, and a write that has
 //! to wait does so under `write_timeout`.
 //!
@@ -34,13 +34,13 @@ use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, error, info, warn};
 
+use super::CallContext;
 use super::accept::fatal_read_error;
 use super::close::close;
 use super::core::{AgentExit, CallCore, Effect, Stats};
 use super::liveness::{Check, Liveness};
 use super::record::Record;
 use super::{Ws, now};
-use crate::Shared;
 use crate::live::Mailbox;
 
 /// The most agent commands carried out per turn, so one chatty agent cannot starve its own
@@ -130,7 +130,7 @@ fn rare_input<F: Future<Output = ()>>(future: Pin<&mut F>) -> Pin<&mut dyn Futur
 
 /// The state the call task owns besides the socket and the agent's future and commands.
 pub(super) struct Call {
-    shared: Arc<Shared>,
+    ctx: Arc<CallContext>,
     core: CallCore,
     record: Record,
     /// Whether the socket may still yield messages.
@@ -139,7 +139,7 @@ pub(super) struct Call {
     liveness: Liveness,
     /// The agent's event queue, until the core closes it (or the agent stopped reading it).
     events: Option<EventSender>,
-    /// The epoch shared with the agent, and its clear requests.
+    /// The epoch ctx with the agent, and its clear requests.
     control: AgentControl,
     /// Something was queued for the agent since it was last polled after a turn.
     told_agent: bool,
@@ -149,15 +149,15 @@ impl Call {
     /// A call's driver state, before its loop runs: the agent is told events through
     /// `events`, and shares its epoch and clear requests through `control`.
     pub(super) fn new(
-        shared: Arc<Shared>,
+        ctx: Arc<CallContext>,
         core: CallCore,
         record: Record,
         events: EventSender,
         control: AgentControl,
     ) -> Self {
         Self {
-            liveness: Liveness::new(Instant::now(), shared.config.write_timeout),
-            shared,
+            liveness: Liveness::new(Instant::now(), ctx.settings.write_timeout),
+            ctx,
             core,
             record,
             socket_open: true,
@@ -177,7 +177,7 @@ impl Call {
         agent: AgentFuture,
         operator: Arc<Mailbox>,
     ) {
-        let interval = self.shared.config.progress_interval;
+        let interval = self.ctx.settings.progress_interval;
         let mut next_progress = Instant::now() + interval;
         // One timer for everything time-driven (session deadline, playout slot, progress),
         // reset only when the earliest deadline moves: no timer is created per turn.
@@ -188,7 +188,7 @@ impl Call {
         let mut exit: Option<AgentExit> = None;
         let mut commands_open = true;
         let mut shutting_down = false;
-        let cancel = self.shared.cancel.clone();
+        let cancel = self.ctx.cancel.clone();
         // Created once: re-creating it every turn would register a waiter every turn.
         let cancelled = cancel.cancelled();
         tokio::pin!(cancelled);
@@ -326,11 +326,7 @@ impl Call {
             // The peer closed (or vanished): flush tungstenite's close reply if it can be sent.
             // `SinkExt::close` flushes the queued reply; the inherent `close` would try to send
             // a second close frame and fail.
-            let _ = Box::pin(timeout(
-                self.shared.config.write_timeout,
-                SinkExt::close(ws),
-            ))
-            .await;
+            let _ = Box::pin(timeout(self.ctx.settings.write_timeout, SinkExt::close(ws))).await;
         }
         // The agent sees its queue close and returns; give it a moment (taking what it still
         // writes to the record), then drop it, which cancels it wherever it is.
@@ -410,7 +406,7 @@ impl Call {
     }
 
     fn stalled(&self, detected_by: &'static str) {
-        self.shared
+        self.ctx
             .metrics
             .send_timeouts
             .get_or_create(&[("detected_by", detected_by)])
@@ -424,7 +420,7 @@ impl Call {
         // is set up only for one that has to wait.
         let sent = match poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
             Poll::Ready(result) => Ok(result),
-            Poll::Pending => timeout(self.shared.config.write_timeout, send).await,
+            Poll::Pending => timeout(self.ctx.settings.write_timeout, send).await,
         };
         let failure = match sent {
             Ok(Ok(())) => None,
@@ -472,7 +468,7 @@ impl Call {
 
     /// Carries out the core's effects. Returns true if it sent a close frame.
     async fn drain(&mut self, ws: &mut Ws) -> bool {
-        let write_timeout = self.shared.config.write_timeout;
+        let write_timeout = self.ctx.settings.write_timeout;
         while let Some(effect) = self.core.poll_output() {
             match effect {
                 Effect::Send(frame) => {
@@ -551,7 +547,7 @@ impl Call {
         self.record.progress(self.core.journal());
         self.core.sync_recording();
         self.merge_stats();
-        self.shared
+        self.ctx
             .metrics
             .playout_queue_depth
             .observe(self.core.queued_ms() as f64 / 1000.0);
@@ -560,7 +556,7 @@ impl Call {
     /// Adds the call's own counts to the server's metrics.
     fn merge_stats(&mut self) {
         let mut stats: Stats = self.core.take_stats();
-        let m = &self.shared.metrics;
+        let m = &self.ctx.metrics;
         m.playout_jitter.merge(&mut stats.jitter);
         let dropped = self.core.take_recording_dropped();
         if dropped > 0 {

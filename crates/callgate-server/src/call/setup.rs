@@ -19,20 +19,20 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info};
 
+use super::CallContext;
 use super::Ws;
 use super::close::close;
 use super::core::{CallCore, CoreConfig};
 use super::driver::{AgentFuture, Call};
 use super::media::Media;
 use super::record::{EventKind, Journal, Record};
-use crate::Shared;
 use crate::call_auth::Admission;
 use crate::pii::{Pii, Wire};
 use crate::routes::{CallFacts, Route};
 
 /// Describes a new call: its record, the agent's view of it, and its session.
 fn describe(
-    shared: &Shared,
+    ctx: &CallContext,
     id: &CallId,
     start: Start,
     route: &Route,
@@ -52,7 +52,7 @@ fn describe(
             )
         }
         Start::Inbound(call) => {
-            let format: AudioFormat = shared.config.inbound_audio_format;
+            let format: AudioFormat = ctx.settings.inbound_audio_format;
             (
                 PhoneInfo::Inbound {
                     caller_id: call.caller_id.clone(),
@@ -83,7 +83,7 @@ fn describe(
         ),
     };
     let config = inbound::Config {
-        cdr_timeout: shared.config.cdr_timeout,
+        cdr_timeout: ctx.settings.cdr_timeout,
     };
     let session = Session::new(now, start, config);
     let protocol = session.protocol();
@@ -102,7 +102,7 @@ fn describe(
         route: Some(route.name.to_string()),
         agent: Some(route.agent.to_string()),
         key_name: None,
-        node: Some(shared.config.node_id.clone()),
+        node: Some(ctx.settings.node_id.clone()),
     };
     let info = CallInfo {
         call_id: id.to_string(),
@@ -133,7 +133,7 @@ fn twilio_call_config(start: &callgate_proto::twilio::Start) -> Option<String> {
 
 /// Runs a call; `_slot` is its place in the call limit, held until it ends.
 pub(super) async fn run_call(
-    shared: Arc<Shared>,
+    ctx: Arc<CallContext>,
     mut ws: Ws,
     start: Start,
     peer: SocketAddr,
@@ -143,19 +143,18 @@ pub(super) async fn run_call(
     let id = CallId::new();
     let protocol = start.protocol();
     let span = tracing::info_span!("call", call_id = %id, %protocol, %peer);
-    let routes = shared.routes.current();
+    let routes = ctx.routes.current();
     // A key limited to some routes only ever reaches those.
     let facts = CallFacts::of(&start);
     let Some(route) = routes
         .route_for(&facts, admitted.routes.as_deref())
         .cloned()
     else {
-        return Box::pin(no_route(shared, ws, id, start, admitted.key).instrument(span)).await;
+        return Box::pin(no_route(ctx, ws, id, start, admitted.key).instrument(span)).await;
     };
     drop(routes);
     let started = Instant::now();
-    let (mut new_call, mut info, session) =
-        describe(&shared, &id, start, &route, started.into_std());
+    let (mut new_call, mut info, session) = describe(&ctx, &id, start, &route, started.into_std());
     new_call.key_name = admitted.key;
     let (phone_in, phone_out) = (info.input_format, info.output_format);
     let agent_format = route.factory.audio_format();
@@ -164,7 +163,7 @@ pub(super) async fn run_call(
         info.output_format = format;
     }
     let call = async move {
-        let reveal = shared.config.log_pii;
+        let reveal = ctx.settings.log_pii;
         info!(
             caller = %Pii::new(&info.caller, reveal),
             callee = %Pii::new(&info.callee, reveal),
@@ -174,7 +173,7 @@ pub(super) async fn run_call(
             "Call started."
         );
         let media = Media::new(
-            &shared.media,
+            &ctx.media,
             id.as_str(),
             phone_in,
             phone_out,
@@ -191,7 +190,7 @@ pub(super) async fn run_call(
                 close(
                     &mut ws,
                     Close::new(CloseCode::INTERNAL, "call audio setup failed"),
-                    shared.config.write_timeout,
+                    ctx.settings.write_timeout,
                 )
                 .await;
                 return;
@@ -200,13 +199,13 @@ pub(super) async fn run_call(
         new_call.recording = media.is_recorded();
         let started_wall = new_call.started_at;
         // A call exists only once its record does: refuse it if the store cannot take it.
-        if let Err(error) = Box::pin(shared.store.insert_call(new_call)).await {
-            shared.metrics.store_errors.inc();
+        if let Err(error) = Box::pin(ctx.store.insert_call(new_call)).await {
+            ctx.metrics.store_errors.inc();
             error!(%error, "Could not insert the call record; refusing the call.");
             close(
                 &mut ws,
                 Close::new(CloseCode::INTERNAL, "call record store unavailable"),
-                shared.config.write_timeout,
+                ctx.settings.write_timeout,
             )
             .await;
             return;
@@ -214,15 +213,15 @@ pub(super) async fn run_call(
         let record = Record::new(
             id.clone(),
             protocol,
-            shared.store.clone(),
-            shared.metrics.clone(),
-            shared.cancel.clone(),
+            ctx.store.clone(),
+            ctx.metrics.clone(),
+            ctx.cancel.clone(),
             started.into_std(),
         );
-        let operator = shared.live.register(id.clone(), phone_out);
+        let operator = ctx.live.register(id.clone(), phone_out);
         // The agent's tasks end with the call (and shutdown waits for them).
         let agent_tasks = CancellationToken::new();
-        let spawner = Spawner::new(shared.tasks.tracker(), agent_tasks.clone());
+        let spawner = Spawner::new(ctx.tasks.tracker(), agent_tasks.clone());
         let (io, mut side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
         // The agent's future is owned and polled by this task (see `Call::run`), after every
         // turn that queued events for it: those pushes need not wake this task again.
@@ -234,11 +233,11 @@ pub(super) async fn run_call(
             media,
             Journal::new(started.into_std(), started_wall),
             CoreConfig {
-                barge_in: shared.config.barge_in,
+                barge_in: ctx.settings.barge_in,
             },
         );
         let mut call = Box::new(Call::new(
-            shared.clone(),
+            ctx.clone(),
             core,
             record,
             side.events,
@@ -247,7 +246,7 @@ pub(super) async fn run_call(
         call.run(&mut ws, side.commands, side.control, agent, operator)
             .await;
         agent_tasks.cancel();
-        shared.live.remove(&id);
+        ctx.live.remove(&id);
     };
     // Boxed: the call's state lives in one heap allocation, not nested in this one.
     Box::pin(call.instrument(span)).await
@@ -255,7 +254,13 @@ pub(super) async fn run_call(
 
 /// Refuses a call no route takes: its record says `no_route`, the phone gets close 1008 with
 /// a reason naming what was matched (CallBridge: no `started`; inbound: no `answer`).
-async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key: Option<String>) {
+async fn no_route(
+    ctx: Arc<CallContext>,
+    mut ws: Ws,
+    id: CallId,
+    start: Start,
+    key: Option<String>,
+) {
     let facts = CallFacts::of(&start);
     let reason = match &start {
         Start::CallBridge(s) => format!(
@@ -272,7 +277,7 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
         ),
     };
     debug!(reason = %Wire(&reason), "Refusing the call: no route.");
-    shared.metrics.calls_unrouted.inc();
+    ctx.metrics.calls_unrouted.inc();
     let started = Instant::now().into_std();
     let (caller, callee, external_id, call_config, input, output) = match &start {
         Start::CallBridge(s) => (
@@ -288,8 +293,8 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
             call.did_number.clone(),
             call.session_id.clone(),
             None,
-            shared.config.inbound_audio_format,
-            shared.config.inbound_audio_format,
+            ctx.settings.inbound_audio_format,
+            ctx.settings.inbound_audio_format,
         ),
         Start::Twilio(s) => (
             s.caller().to_owned(),
@@ -314,17 +319,17 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
         route: None,
         agent: None,
         key_name: key,
-        node: Some(shared.config.node_id.clone()),
+        node: Some(ctx.settings.node_id.clone()),
     };
     let started_wall = new_call.started_at;
-    match shared.store.insert_call(new_call).await {
+    match ctx.store.insert_call(new_call).await {
         Ok(()) => {
             let mut record = Record::new(
                 id,
                 facts.protocol,
-                shared.store.clone(),
-                shared.metrics.clone(),
-                shared.cancel.clone(),
+                ctx.store.clone(),
+                ctx.metrics.clone(),
+                ctx.cancel.clone(),
                 started,
             );
             let mut journal = Journal::new(started, started_wall);
@@ -336,14 +341,14 @@ async fn no_route(shared: Arc<Shared>, mut ws: Ws, id: CallId, start: Start, key
             record.end(started, EndReason::NoRoute, &mut journal).await;
         }
         Err(error) => {
-            shared.metrics.store_errors.inc();
+            ctx.metrics.store_errors.inc();
             error!(%error, "Could not record a call no route takes.");
         }
     }
     close(
         &mut ws,
         Close::new(CloseCode::POLICY, reason),
-        shared.config.write_timeout,
+        ctx.settings.write_timeout,
     )
     .await;
 }
