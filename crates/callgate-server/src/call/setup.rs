@@ -19,104 +19,141 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, error, info};
 
-use super::CallContext;
 use super::Ws;
 use super::close::close;
 use super::core::{CallCore, CoreConfig};
 use super::driver::{AgentFuture, Call};
 use super::media::Media;
 use super::record::{EventKind, Journal, Record};
+use super::{CallContext, Settings};
 use crate::call_auth::Admission;
 use crate::pii::{Pii, Wire};
 use crate::routes::{CallFacts, Route};
 
-/// Describes a new call: its record, the agent's view of it, and its session.
-fn describe(
-    ctx: &CallContext,
+/// The audio formats on a call's line, named by whose audio each carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct LineFormats {
+    /// What the phone sends: the caller's voice (the protocols' `phone_output`).
+    pub(super) caller_audio: AudioFormat,
+    /// What the phone plays: the agent's audio (the protocols' `phone_input`).
+    pub(super) agent_audio: AudioFormat,
+}
+
+impl LineFormats {
+    /// The formats a call's start message says (CallBridge), or the protocol fixes (Twilio:
+    /// mu-law at 8 kHz), or the configuration gives (inbound: `inbound`, both ways).
+    pub(super) fn of(start: &Start, inbound: AudioFormat) -> Self {
+        match start {
+            Start::CallBridge(s) => Self {
+                caller_audio: s.audio_format.phone_output,
+                agent_audio: s.audio_format.phone_input,
+            },
+            Start::Inbound(_) => Self {
+                caller_audio: inbound,
+                agent_audio: inbound,
+            },
+            Start::Twilio(_) => Self {
+                caller_audio: AudioFormat::Ulaw8000,
+                agent_audio: AudioFormat::Ulaw8000,
+            },
+        }
+    }
+}
+
+/// A new call's record: what its start message says of it (caller, callee, the phone
+/// system's id, its call configuration, the line's formats), the route that took it (`None`:
+/// none did, and the call is refused as `no_route`), the key it was admitted with, and this
+/// node. Routed or not, a call's record comes from here, so the two say the same of a call.
+pub(super) fn new_call(
     id: &CallId,
-    start: Start,
-    route: &Route,
-    now: std::time::Instant,
-) -> (NewCall, CallInfo, Session) {
-    let (phone, caller, callee, external_id, call_config, input, output) = match &start {
+    start: &Start,
+    route: Option<&Route>,
+    key: Option<String>,
+    settings: &Settings,
+) -> NewCall {
+    let (caller, callee, external_id, call_config) = match start {
         Start::CallBridge(s) => {
             let cc = &s.call_config;
             (
-                PhoneInfo::CallBridge(cc.clone()),
                 cc.caller.clone(),
                 cc.callee.clone(),
                 cc.cdr_id.clone(),
                 serde_json::to_string(cc).ok(),
-                s.audio_format.phone_output,
-                s.audio_format.phone_input,
             )
         }
-        Start::Inbound(call) => {
-            let format: AudioFormat = ctx.settings.inbound_audio_format;
-            (
-                PhoneInfo::Inbound {
-                    caller_id: call.caller_id.clone(),
-                    did_number: call.did_number.clone(),
-                    session_id: call.session_id.clone(),
-                },
-                call.caller_id.clone(),
-                call.did_number.clone(),
-                call.session_id.clone(),
-                None,
-                format,
-                format,
-            )
-        }
+        Start::Inbound(call) => (
+            call.caller_id.clone(),
+            call.did_number.clone(),
+            call.session_id.clone(),
+            None,
+        ),
         Start::Twilio(s) => (
-            PhoneInfo::Twilio {
-                call_sid: s.info.call_sid.clone(),
-                stream_sid: s.info.stream_sid.clone(),
-                account_sid: s.info.account_sid.clone(),
-                custom_parameters: s.info.custom_parameters.clone(),
-            },
             s.caller().to_owned(),
             s.callee().to_owned(),
             s.info.call_sid.clone(),
             twilio_call_config(s),
-            AudioFormat::Ulaw8000,
-            AudioFormat::Ulaw8000,
         ),
     };
-    let config = inbound::Config {
-        cdr_timeout: ctx.settings.cdr_timeout,
-    };
-    let session = Session::new(now, start, config);
-    let protocol = session.protocol();
-    let record = NewCall {
+    let formats = LineFormats::of(start, settings.inbound_audio_format);
+    NewCall {
         id: id.clone(),
-        protocol: protocol.as_str().to_owned(),
-        caller: caller.clone(),
-        callee: callee.clone(),
-        external_id: external_id.clone(),
-        call_config,
-        phone_output_audio_format: input.as_str().to_owned(),
-        phone_input_audio_format: output.as_str().to_owned(),
-        started_at: UnixMillis::now(),
-        // Set once the call's audio (and so its recorder) exists.
-        recording: false,
-        route: Some(route.name.to_string()),
-        agent: Some(route.agent.to_string()),
-        key_name: None,
-        node: Some(ctx.settings.node_id.clone()),
-    };
-    let info = CallInfo {
-        call_id: id.to_string(),
-        protocol,
+        protocol: start.protocol().as_str().to_owned(),
         caller,
         callee,
         external_id,
+        call_config,
+        phone_output_audio_format: formats.caller_audio.as_str().to_owned(),
+        phone_input_audio_format: formats.agent_audio.as_str().to_owned(),
+        started_at: UnixMillis::now(),
+        // Set once the call's audio (and so its recorder) exists.
+        recording: false,
+        route: route.map(|r| r.name.to_string()),
+        agent: route.map(|r| r.agent.to_string()),
+        key_name: key,
+        node: Some(settings.node_id.clone()),
+    }
+}
+
+/// The agent's view of a routed call (from its record) and the call's protocol session.
+fn describe(
+    settings: &Settings,
+    record: &NewCall,
+    start: Start,
+    route: &Route,
+    formats: LineFormats,
+    now: std::time::Instant,
+) -> (CallInfo, Session) {
+    let phone = match &start {
+        Start::CallBridge(s) => PhoneInfo::CallBridge(s.call_config.clone()),
+        Start::Inbound(call) => PhoneInfo::Inbound {
+            caller_id: call.caller_id.clone(),
+            did_number: call.did_number.clone(),
+            session_id: call.session_id.clone(),
+        },
+        Start::Twilio(s) => PhoneInfo::Twilio {
+            call_sid: s.info.call_sid.clone(),
+            stream_sid: s.info.stream_sid.clone(),
+            account_sid: s.info.account_sid.clone(),
+            custom_parameters: s.info.custom_parameters.clone(),
+        },
+    };
+    let config = inbound::Config {
+        cdr_timeout: settings.cdr_timeout,
+    };
+    let session = Session::new(now, start, config);
+    let info = CallInfo {
+        call_id: record.id.to_string(),
+        protocol: session.protocol(),
+        caller: record.caller.clone(),
+        callee: record.callee.clone(),
+        external_id: record.external_id.clone(),
         phone,
         route: route.name.to_string(),
         agent: route.agent.to_string(),
-        input_format: input,
-        output_format: output,
+        input_format: formats.caller_audio,
+        output_format: formats.agent_audio,
     };
-    (record, info, session)
+    (info, session)
 }
 
 /// What a Twilio call's record keeps of its `start` (the record's `call_config` column): the
@@ -154,9 +191,16 @@ pub(super) async fn run_call(
     };
     drop(routes);
     let started = Instant::now();
-    let (mut new_call, mut info, session) = describe(&ctx, &id, start, &route, started.into_std());
-    new_call.key_name = admitted.key;
-    let (phone_in, phone_out) = (info.input_format, info.output_format);
+    let formats = LineFormats::of(&start, ctx.settings.inbound_audio_format);
+    let mut new_call = new_call(&id, &start, Some(&route), admitted.key, &ctx.settings);
+    let (mut info, session) = describe(
+        &ctx.settings,
+        &new_call,
+        start,
+        &route,
+        formats,
+        started.into_std(),
+    );
     let agent_format = route.factory.audio_format();
     if let Some(format) = agent_format {
         info.input_format = format;
@@ -175,8 +219,8 @@ pub(super) async fn run_call(
         let media = Media::new(
             &ctx.media,
             id.as_str(),
-            phone_in,
-            phone_out,
+            formats.caller_audio,
+            formats.agent_audio,
             agent_format,
             started.into_std(),
         )
@@ -218,7 +262,7 @@ pub(super) async fn run_call(
             ctx.cancel.clone(),
             started.into_std(),
         );
-        let operator = ctx.live.register(id.clone(), phone_out);
+        let operator = ctx.live.register(id.clone(), formats.agent_audio);
         // The agent's tasks end with the call (and shutdown waits for them).
         let agent_tasks = CancellationToken::new();
         let spawner = Spawner::new(ctx.tasks.tracker(), agent_tasks.clone());
@@ -261,7 +305,6 @@ async fn no_route(
     start: Start,
     key: Option<String>,
 ) {
-    let facts = CallFacts::of(&start);
     let reason = match &start {
         Start::CallBridge(s) => format!(
             "no route for this call (callbridge agentId {:?}, agentType {:?}, siteId {:?}) and no default route",
@@ -279,54 +322,14 @@ async fn no_route(
     debug!(reason = %Wire(&reason), "Refusing the call: no route.");
     ctx.metrics.calls_unrouted.inc();
     let started = Instant::now().into_std();
-    let (caller, callee, external_id, call_config, input, output) = match &start {
-        Start::CallBridge(s) => (
-            s.call_config.caller.clone(),
-            s.call_config.callee.clone(),
-            s.call_config.cdr_id.clone(),
-            serde_json::to_string(&s.call_config).ok(),
-            s.audio_format.phone_output,
-            s.audio_format.phone_input,
-        ),
-        Start::Inbound(call) => (
-            call.caller_id.clone(),
-            call.did_number.clone(),
-            call.session_id.clone(),
-            None,
-            ctx.settings.inbound_audio_format,
-            ctx.settings.inbound_audio_format,
-        ),
-        Start::Twilio(s) => (
-            s.caller().to_owned(),
-            s.callee().to_owned(),
-            s.info.call_sid.clone(),
-            twilio_call_config(s),
-            AudioFormat::Ulaw8000,
-            AudioFormat::Ulaw8000,
-        ),
-    };
-    let new_call = NewCall {
-        id: id.clone(),
-        protocol: facts.protocol.as_str().to_owned(),
-        caller,
-        callee,
-        external_id,
-        call_config,
-        phone_output_audio_format: input.as_str().to_owned(),
-        phone_input_audio_format: output.as_str().to_owned(),
-        started_at: UnixMillis::now(),
-        recording: false,
-        route: None,
-        agent: None,
-        key_name: key,
-        node: Some(ctx.settings.node_id.clone()),
-    };
+    let protocol = start.protocol();
+    let new_call = new_call(&id, &start, None, key, &ctx.settings);
     let started_wall = new_call.started_at;
     match ctx.store.insert_call(new_call).await {
         Ok(()) => {
             let mut record = Record::new(
                 id,
-                facts.protocol,
+                protocol,
                 ctx.store.clone(),
                 ctx.metrics.clone(),
                 ctx.cancel.clone(),
@@ -351,4 +354,117 @@ async fn no_route(
         ctx.settings.write_timeout,
     )
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use callgate_agent::echo::EchoFactory;
+    use callgate_proto::detect::Handshake;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::routes::RouteTable;
+
+    fn start(messages: &[&str]) -> Start {
+        let mut handshake = Handshake::new(None);
+        messages
+            .iter()
+            .find_map(|m| handshake.handle_text(m).expect("a valid start"))
+            .expect("a start message")
+    }
+
+    #[test]
+    fn an_unrouted_calls_record_says_what_a_routed_ones_does() {
+        let settings = Settings::of(&Config {
+            node_id: "node-a".into(),
+            inbound_audio_format: AudioFormat::Pcm16000,
+            ..Config::default()
+        });
+        let callbridge = start(&[
+            r#"{"call_config":{"siteId":"s","caller":"010","callee":"070","cdrId":"cdr-1","callActionId":"1.5E9","ivrIp":"10.0.0.1:5","agentId":"a","agentType":"voice"},"audio_format":{"phone_output_audio_format":"PCM_16000","phone_input_audio_format":"PCM_8000"}}"#,
+        ]);
+        let inbound = start(&[
+            r#"{"event":"incoming_call","callerId":"0101","didNumber":"0202","sessionId":"s-1"}"#,
+        ]);
+        let twilio = start(&[
+            r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#,
+            r#"{"event":"start","sequenceNumber":"1","streamSid":"MZ1","start":{"streamSid":"MZ1","accountSid":"AC1","callSid":"CA1","tracks":["inbound"],"customParameters":{"from":"+1555","to":"+1666"},"mediaFormat":{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}}}"#,
+        ]);
+        // What each start message says: caller, callee, external id, caller audio, agent audio.
+        let expected = [
+            (
+                &callbridge,
+                "callbridge",
+                "010",
+                "070",
+                "cdr-1",
+                "PCM_16000",
+                "PCM_8000",
+            ),
+            (
+                &inbound,
+                "inbound",
+                "0101",
+                "0202",
+                "s-1",
+                "PCM_16000",
+                "PCM_16000",
+            ),
+            (
+                &twilio,
+                "twilio",
+                "+1555",
+                "+1666",
+                "CA1",
+                "ULAW_8000",
+                "ULAW_8000",
+            ),
+        ];
+        let table = RouteTable::single("main", Arc::new(EchoFactory));
+        for (start, protocol, caller, callee, external, caller_audio, agent_audio) in expected {
+            let route = table
+                .route_for(&CallFacts::of(start), None)
+                .expect("the default route");
+            let id = CallId::new();
+            let routed = new_call(&id, start, Some(route), Some("k".into()), &settings);
+            let unrouted = new_call(&id, start, None, Some("k".into()), &settings);
+            for record in [&routed, &unrouted] {
+                assert_eq!(record.protocol, protocol);
+                assert_eq!(
+                    (
+                        record.caller.as_str(),
+                        record.callee.as_str(),
+                        record.external_id.as_str()
+                    ),
+                    (caller, callee, external),
+                    "{protocol}"
+                );
+                assert_eq!(
+                    (
+                        record.phone_output_audio_format.as_str(),
+                        record.phone_input_audio_format.as_str()
+                    ),
+                    (caller_audio, agent_audio),
+                    "{protocol}: phone_output is the caller's audio"
+                );
+                assert_eq!(record.key_name.as_deref(), Some("k"));
+                assert_eq!(record.node.as_deref(), Some("node-a"));
+            }
+            assert_eq!(routed.call_config, unrouted.call_config, "{protocol}");
+            assert_eq!(routed.call_config.is_some(), protocol != "inbound");
+            assert_eq!(
+                (routed.route.as_deref(), routed.agent.as_deref()),
+                (Some("main"), Some("echo"))
+            );
+            assert_eq!((unrouted.route, unrouted.agent), (None, None));
+            // Everything else is the same.
+            let unrouted = NewCall {
+                route: routed.route.clone(),
+                agent: routed.agent.clone(),
+                started_at: routed.started_at,
+                ..new_call(&id, start, None, Some("k".into()), &settings)
+            };
+            assert_eq!(unrouted, routed, "{protocol}");
+        }
+    }
 }
