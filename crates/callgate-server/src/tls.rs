@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::Metrics;
-use crate::pii::Wire;
+use crate::pii::Escaped;
 use crate::tasks::Tasks;
 
 /// The largest certificate or key file read (a chain is a few KiB): a bigger file is refused
@@ -564,7 +564,7 @@ impl AdminListener {
                         .tls_handshakes_failed
                         .get_or_create(&[("port", Port::Admin.as_str())])
                         .inc();
-                    debug!(%peer, error = %Wire(&error), "Admin TLS handshake failed.");
+                    debug!(%peer, error = %Escaped(&error), "Admin TLS handshake failed.");
                     None
                 }
             }
@@ -626,7 +626,7 @@ pub(crate) async fn call_handshake(
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(CallStream::Right(Box::new(tls))),
         Ok(Err(error)) => {
-            debug!(error = %Wire(&error.to_string()), "TLS handshake failed.");
+            debug!(error = %Escaped(&error.to_string()), "TLS handshake failed.");
             failed();
             None
         }

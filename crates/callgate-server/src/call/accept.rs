@@ -27,7 +27,7 @@ use super::close::close;
 use super::setup::run_call;
 use crate::Phase;
 use crate::call_auth::{Admission, Refusal as CallRefusal, SignedRequest};
-use crate::pii::Wire;
+use crate::pii::Escaped;
 use crate::tls::CallStream;
 
 /// The kernel send buffer of a call's socket (Linux doubles it: 128 KiB, 1.3 s of PCM_48000).
@@ -232,7 +232,7 @@ async fn upgrade(
     match result {
         Ok(Ok(ws)) => Some((ws, Protocol::from_path(&path), admitted)),
         Ok(Err(error)) => {
-            debug!(error = %Wire(&error.to_string()), "WebSocket upgrade failed.");
+            debug!(error = %Escaped(&error.to_string()), "WebSocket upgrade failed.");
             refused(ctx, "websocket_handshake");
             None
         }
@@ -297,7 +297,7 @@ async fn first_message(
             Ok(Some(Err(error))) => match fatal_read_error(&error) {
                 Some(e) => break Err(e),
                 None => {
-                    debug!(error = %Wire(&error.to_string()), "Connection lost before the start message.");
+                    debug!(error = %Escaped(&error.to_string()), "Connection lost before the start message.");
                     return None;
                 }
             },
@@ -311,7 +311,7 @@ async fn first_message(
                 .get_or_create(&[("kind", error.kind())])
                 .inc();
             debug!(
-                error = %Wire(&error.to_string()),
+                error = %Escaped(&error.to_string()),
                 code = error.close_code().0,
                 "Refusing connection: bad start."
             );

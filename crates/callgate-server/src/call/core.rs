@@ -1045,7 +1045,7 @@ mod tests {
     use callgate_store::UnixMillis;
 
     use super::*;
-    use crate::call::media::MediaConfig;
+    use crate::call::media::{LineFormats, MediaConfig};
     use crate::call::record::MAX_EVENTS;
 
     const INBOUND: &str = r#"{"event":"incoming_call","callerId":"01011112222","didNumber":"0212345678","sessionId":"s-1"}"#;
@@ -1089,8 +1089,10 @@ mod tests {
                     recording: None,
                 },
                 "call",
-                AudioFormat::Pcm8000,
-                AudioFormat::Pcm8000,
+                LineFormats {
+                    caller_audio: AudioFormat::Pcm8000,
+                    agent_audio: AudioFormat::Pcm8000,
+                },
                 None,
                 t0,
             )

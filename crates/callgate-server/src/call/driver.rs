@@ -2,7 +2,7 @@
 //! commands), the rare inputs (the agent's clear requests, operator requests, shutdown) and
 //! the earliest deadline (playout, session, liveness ping, progress tick). It feeds each input
 //! to the sans-IO [`CallCore`] with the time and carries out the core's effects (frames, the
-//! close, record writes, what the agent is told, the ctx epoch) before awaiting anything
+//! close, record writes, what the agent is told, the shared epoch) before awaiting anything
 //! else; it decides nothing itself. Only this task writes to the socket, and a write that has
 //! to wait does so under `write_timeout`.
 //!
@@ -139,7 +139,7 @@ pub(super) struct Call {
     liveness: Liveness,
     /// The agent's event queue, until the core closes it (or the agent stopped reading it).
     events: Option<EventSender>,
-    /// The epoch ctx with the agent, and its clear requests.
+    /// The epoch shared with the agent, and its clear requests.
     control: AgentControl,
     /// Something was queued for the agent since it was last polled after a turn.
     told_agent: bool,

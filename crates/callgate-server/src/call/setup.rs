@@ -11,7 +11,7 @@ use std::task::Poll;
 use callgate_agent::queue;
 use callgate_agent::{CallInfo, PhoneInfo, Spawner};
 use callgate_proto::detect::Start;
-use callgate_proto::{AudioFormat, Close, CloseCode, EndReason, Session, inbound};
+use callgate_proto::{Close, CloseCode, EndReason, Session, inbound};
 use callgate_store::{CallId, NewCall, UnixMillis};
 use futures_util::FutureExt;
 use tokio::sync::OwnedSemaphorePermit;
@@ -23,42 +23,12 @@ use super::Ws;
 use super::close::close;
 use super::core::{CallCore, CoreConfig};
 use super::driver::{AgentFuture, Call};
-use super::media::Media;
+use super::media::{LineFormats, Media};
 use super::record::{EventKind, Journal, Record};
 use super::{CallContext, Settings};
 use crate::call_auth::Admission;
-use crate::pii::{Pii, Wire};
+use crate::pii::{Escaped, Pii};
 use crate::routes::{CallFacts, Route};
-
-/// The audio formats on a call's line, named by whose audio each carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct LineFormats {
-    /// What the phone sends: the caller's voice (the protocols' `phone_output`).
-    pub(super) caller_audio: AudioFormat,
-    /// What the phone plays: the agent's audio (the protocols' `phone_input`).
-    pub(super) agent_audio: AudioFormat,
-}
-
-impl LineFormats {
-    /// The formats a call's start message says (CallBridge), or the protocol fixes (Twilio:
-    /// mu-law at 8 kHz), or the configuration gives (inbound: `inbound`, both ways).
-    pub(super) fn of(start: &Start, inbound: AudioFormat) -> Self {
-        match start {
-            Start::CallBridge(s) => Self {
-                caller_audio: s.audio_format.phone_output,
-                agent_audio: s.audio_format.phone_input,
-            },
-            Start::Inbound(_) => Self {
-                caller_audio: inbound,
-                agent_audio: inbound,
-            },
-            Start::Twilio(_) => Self {
-                caller_audio: AudioFormat::Ulaw8000,
-                agent_audio: AudioFormat::Ulaw8000,
-            },
-        }
-    }
-}
 
 /// A new call's record: what its start message says of it (caller, callee, the phone
 /// system's id, its call configuration, the line's formats), the route that took it (`None`:
@@ -211,7 +181,7 @@ pub(super) async fn run_call(
         info!(
             caller = %Pii::new(&info.caller, reveal),
             callee = %Pii::new(&info.callee, reveal),
-            external_id = %Wire(&info.external_id),
+            external_id = %Escaped(&info.external_id),
             route = %route.name,
             agent = %route.agent,
             "Call started."
@@ -219,8 +189,7 @@ pub(super) async fn run_call(
         let media = Media::new(
             &ctx.media,
             id.as_str(),
-            formats.caller_audio,
-            formats.agent_audio,
+            formats,
             agent_format,
             started.into_std(),
         )
@@ -319,7 +288,7 @@ async fn no_route(
             s.callee()
         ),
     };
-    debug!(reason = %Wire(&reason), "Refusing the call: no route.");
+    debug!(reason = %Escaped(&reason), "Refusing the call: no route.");
     ctx.metrics.calls_unrouted.inc();
     let started = Instant::now().into_std();
     let protocol = start.protocol();
@@ -359,6 +328,7 @@ async fn no_route(
 #[cfg(test)]
 mod tests {
     use callgate_agent::echo::EchoFactory;
+    use callgate_proto::AudioFormat;
     use callgate_proto::detect::Handshake;
 
     use super::*;
