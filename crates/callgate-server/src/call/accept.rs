@@ -13,10 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_tungstenite::tungstenite::error::CapacityError;
-use tokio_tungstenite::tungstenite::handshake::server::{
-    ErrorResponse, Request as Upgrade, Response,
-};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Response};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug};
 
@@ -24,6 +21,7 @@ use super::CallContext;
 use super::Ws;
 use super::admission::{self, Pending};
 use super::close::close;
+use super::refusal;
 use super::setup::run_call;
 use crate::Phase;
 use crate::call_auth::{Admission, Refusal as CallRefusal, SignedRequest};
@@ -67,7 +65,7 @@ pub(crate) fn take(ctx: &Arc<CallContext>, phase: Phase, stream: TcpStream, peer
         Err(refusal) => {
             refuse(refusal.as_str());
             // A TLS client could not read a plain 503: it just sees the connection close.
-            admission::turn_away(stream, ctx.tls.is_none());
+            admission::turn_away(stream, refusal, ctx.tls.is_none());
         }
     }
 }
@@ -185,7 +183,7 @@ async fn upgrade(
     let mut path = String::new();
     let auth = ctx.call_auth.current();
     let mut admitted = Admission::default();
-    let mut refusal = None;
+    let mut denied = None;
     #[allow(
         clippy::result_large_err,
         reason = "the callback's signature is tungstenite's"
@@ -216,15 +214,15 @@ async fn upgrade(
                 Ok(resp)
             }
             Err(r) => {
-                refusal = Some((r, client.unwrap_or(peer.ip())));
-                Err(refusal_response(r))
+                denied = Some((r, client.unwrap_or(peer.ip())));
+                Err(refusal::unauthorized(r))
             }
         }
     };
     let accept =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ctx.ws_config));
     let result = timeout_at(deadline, accept).await;
-    if let Some((r, client)) = refusal {
+    if let Some((r, client)) = denied {
         refused(ctx, r.as_str());
         ctx.refusal_log.note(r, client);
         return None;
@@ -242,18 +240,6 @@ async fn upgrade(
             None
         }
     }
-}
-
-/// The HTTP answer to a refused upgrade: 401 (with `WWW-Authenticate`) or 403, a short reason.
-fn refusal_response(r: CallRefusal) -> ErrorResponse {
-    let mut response = ErrorResponse::new(Some(r.reason().to_owned()));
-    *response.status_mut() = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN);
-    if r.status() == 401 {
-        response
-            .headers_mut()
-            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-    }
-    response
 }
 
 fn refused(ctx: &CallContext, reason: &'static str) {

@@ -8,6 +8,8 @@
 //!   draining node's `503` and the turned-away connection.
 //! - [`accept`]: a new connection taken ([`take`]) or turned away; TLS handshake, upgrade
 //!   (the call port's keys and allowlist), first message, call slot, under one deadline.
+//! - [`refusal`]: the call port's HTTP refusals (401, 403, 503), JSON like the admin API's
+//!   errors, and their codes.
 //! - [`setup`]: routing, the record's first insert, the agent's view of the call, its audio;
 //!   a call no route takes is refused and recorded here.
 //! - [`driver`]: the I/O loop of a live call (`Call`), which feeds the core and carries out
@@ -30,6 +32,7 @@ mod driver;
 mod liveness;
 pub(crate) mod media;
 pub(crate) mod record;
+mod refusal;
 mod setup;
 
 pub(crate) use accept::take;
