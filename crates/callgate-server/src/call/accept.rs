@@ -12,17 +12,16 @@ use callgate_proto::{Close, CloseCode, Error as ProtoError, Protocol};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
-use tokio_tungstenite::tungstenite::error::CapacityError;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Response};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{Instrument, debug};
 
 use super::CallContext;
-use super::Ws;
 use super::admission::{self, Pending};
 use super::close::close;
 use super::refusal;
 use super::setup::run_call;
+use super::{Ws, fatal_read_error};
 use crate::Phase;
 use crate::call_auth::{Admission, Refusal as CallRefusal, SignedRequest};
 use crate::pii::Escaped;
@@ -309,19 +308,5 @@ async fn first_message(
             .await;
             None
         }
-    }
-}
-
-/// A read error that is the peer's protocol fault (we answer it with a close code), as opposed
-/// to the connection simply going away.
-pub(super) fn fatal_read_error(error: &WsError) -> Option<ProtoError> {
-    match error {
-        WsError::Capacity(CapacityError::MessageTooLong { max_size, .. }) => {
-            Some(ProtoError::MessageTooBig { max: *max_size })
-        }
-        WsError::Utf8(_) => Some(ProtoError::InvalidJson {
-            detail: "text message is not valid UTF-8".into(),
-        }),
-        _ => None,
     }
 }

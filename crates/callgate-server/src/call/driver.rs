@@ -35,12 +35,11 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tracing::{debug, error, info, warn};
 
 use super::CallContext;
-use super::accept::fatal_read_error;
 use super::close::close;
 use super::core::{AgentExit, CallCore, Effect, Stats};
 use super::liveness::{Check, Liveness};
 use super::record::Record;
-use super::{Ws, now};
+use super::{Ws, fatal_read_error, now};
 use crate::live::Mailbox;
 
 /// The most agent commands carried out per turn, so one chatty agent cannot starve its own

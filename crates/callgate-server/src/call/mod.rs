@@ -40,11 +40,13 @@ pub(crate) use accept::take;
 use std::sync::Arc;
 use std::time::Duration;
 
-use callgate_proto::AudioFormat;
+use callgate_proto::{AudioFormat, Error as ProtoError};
 use callgate_store::StoreHandle;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::error::CapacityError;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -136,6 +138,20 @@ impl Settings {
 
 /// A call's WebSocket.
 type Ws = WebSocketStream<CallStream>;
+
+/// A read error that is the peer's protocol fault (we answer it with a close code), as opposed
+/// to the connection simply going away.
+fn fatal_read_error(error: &WsError) -> Option<ProtoError> {
+    match error {
+        WsError::Capacity(CapacityError::MessageTooLong { max_size, .. }) => {
+            Some(ProtoError::MessageTooBig { max: *max_size })
+        }
+        WsError::Utf8(_) => Some(ProtoError::InvalidJson {
+            detail: "text message is not valid UTF-8".into(),
+        }),
+        _ => None,
+    }
+}
 
 /// The call's clock (tokio's, so `tokio::time::pause` drives a whole call), as the std
 /// `Instant` the sans-IO parts take.
