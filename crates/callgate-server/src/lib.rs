@@ -368,7 +368,7 @@ impl Server {
             live: live.clone(),
             connections: watch::Sender::new(0),
             media,
-            admission: call::admission::Admission::new(&config, metrics.clone()),
+            budgets: call::admission::Budgets::new(&config, metrics.clone()),
         });
         let shared = Arc::new(Shared {
             forwarder,

@@ -43,7 +43,7 @@ pub(crate) fn take(ctx: &Arc<CallContext>, phase: Phase, stream: TcpStream, peer
             .get_or_create(&[("reason", reason)])
             .inc();
     };
-    match ctx.admission.admit(peer.ip()) {
+    match ctx.budgets.admit(peer.ip()) {
         Ok(pending) if phase.takes_calls() => {
             let counted = Counted::new(ctx);
             let serve = serve(ctx.clone(), stream, peer, pending);
@@ -116,7 +116,7 @@ async fn serve(ctx: Arc<CallContext>, stream: TcpStream, peer: SocketAddr, pendi
                     .await?;
             let (mut ws, forced, admitted) = upgrade(&ctx, stream, deadline, peer).await?;
             // No call slot is free: refuse now rather than wait for the first message.
-            if ctx.admission.calls_full() {
+            if ctx.budgets.calls_full() {
                 refuse_call(&ctx, &mut ws).await;
                 return None;
             }
@@ -137,7 +137,7 @@ async fn serve(ctx: Arc<CallContext>, stream: TcpStream, peer: SocketAddr, pendi
                 .await;
                 return None;
             }
-            let Some(slot) = ctx.admission.call_slot() else {
+            let Some(slot) = ctx.budgets.call_slot() else {
                 refuse_call(&ctx, &mut ws).await;
                 return None;
             };

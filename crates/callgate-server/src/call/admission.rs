@@ -43,7 +43,7 @@ use crate::config::Config;
 
 /// The server's budgets: call slots and pending connections.
 #[derive(Debug)]
-pub(crate) struct Admission {
+pub(crate) struct Budgets {
     calls: Arc<Semaphore>,
     pending: Mutex<PendingState>,
     max_pending: usize,
@@ -130,7 +130,7 @@ impl Source {
 /// A connection's place in the pending budget, from accept until it becomes a call or ends.
 #[derive(Debug)]
 pub(crate) struct Pending {
-    admission: Arc<Admission>,
+    budgets: Arc<Budgets>,
     source: Source,
     /// When the connection was accepted: the handshake deadline counts from here.
     pub(crate) accepted: Instant,
@@ -149,7 +149,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         // Marks its queue entry as gone.
         self.evicted.cancel();
-        let mut state = self.admission.lock();
+        let mut state = self.budgets.lock();
         state.total -= 1;
         if let Some(n) = state.per_source.get_mut(&self.source) {
             *n -= 1;
@@ -158,11 +158,11 @@ impl Drop for Pending {
             }
         }
         drop(state);
-        self.admission.metrics.connections_pending.dec();
+        self.budgets.metrics.connections_pending.dec();
     }
 }
 
-impl Admission {
+impl Budgets {
     pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             calls: Arc::new(Semaphore::new(config.max_calls)),
@@ -220,7 +220,7 @@ impl Admission {
                 .inc();
         }
         Ok(Pending {
-            admission: self.clone(),
+            budgets: self.clone(),
             source,
             accepted,
             evicted: token,
@@ -300,14 +300,14 @@ pub(crate) async fn refuse_draining(
 mod tests {
     use super::*;
 
-    fn admission(max_pending: usize, per_ip: usize) -> Arc<Admission> {
+    fn budgets(max_pending: usize, per_ip: usize) -> Arc<Budgets> {
         let config = Config {
             max_calls: 1,
             max_pending,
             max_pending_per_ip: per_ip,
             ..Config::default()
         };
-        Admission::new(&config, Arc::new(Metrics::new()))
+        Budgets::new(&config, Arc::new(Metrics::new()))
     }
 
     fn evicted(p: &Pending) -> bool {
@@ -316,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_source_over_its_budget_is_turned_away() {
-        let a = admission(10, 2);
+        let a = budgets(10, 2);
         let one: IpAddr = "10.0.0.1".parse().unwrap();
         let p1 = a.admit(one).unwrap();
         let _p2 = a.admit("::ffff:10.0.0.1".parse().unwrap()).unwrap();
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_full_budget_evicts_the_oldest_and_never_runs_over_twice() {
-        let a = admission(2, 10);
+        let a = budgets(2, 10);
         let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
         let p1 = a.admit(ip(1)).unwrap();
         let p2 = a.admit(ip(2)).unwrap();
@@ -350,7 +350,7 @@ mod tests {
 
     #[test]
     fn ipv6_sources_are_counted_per_64() {
-        let a = admission(10, 1);
+        let a = budgets(10, 1);
         let _p = a.admit("2001:db8::1".parse().unwrap()).unwrap();
         assert_eq!(
             a.admit("2001:db8::ffff:2".parse().unwrap()).unwrap_err(),
@@ -387,7 +387,7 @@ mod tests {
 
     #[test]
     fn pending_connections_hold_no_call_slot() {
-        let a = admission(10, 10);
+        let a = budgets(10, 10);
         let _pending: Vec<_> = (0..5)
             .map(|_| a.admit("10.0.0.1".parse().unwrap()).unwrap())
             .collect();

@@ -92,7 +92,7 @@ pub(crate) struct CallContext {
     /// What every call's audio is set up with.
     pub(crate) media: media::MediaConfig,
     /// The budgets: pending connections and call slots.
-    pub(crate) admission: Arc<admission::Admission>,
+    pub(crate) budgets: Arc<admission::Budgets>,
 }
 
 /// The configuration values a call reads (plain data, copied from the [`Config`]).
