@@ -3,12 +3,12 @@
 //! # Layout
 //! - [`Server`]: binds both listeners ([`Server::bind`]) and runs until shutdown
 //!   ([`Server::run`]). The binary and the tests call the same two functions.
-//! - `admission`: the budgets: call slots, and connections that are not calls yet (in all and
-//!   per source); a call slot is taken only once the first message makes a connection a call.
-//! - `call`: one owning task per call: the I/O loop around `call::core`, the sans-IO call core
-//!   (session, media, agent wiring, record journal) that makes every decision.
+//! - `call`: the whole call, one owning task per call: admission (the budgets: call slots,
+//!   and connections that are not calls yet), accept and upgrade, set-up and routing, the I/O
+//!   loop around the sans-IO call core that makes every decision, the call's audio, and its
+//!   record (the journal the core writes and the record's drop guard).
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
-//! - `record`: the call record accumulator and its drop guard.
+//! - `live`: the live calls' operator mailboxes, where the admin API reaches a call.
 //! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles; `openapi`: its
 //!   OpenAPI 3.1 document (`GET /api/openapi.json`), generated from the handlers' types.
 //! - `http_guard`: what each admin connection passes through before hyper: request heads
@@ -40,7 +40,6 @@
 //! last → stop the admin API.
 
 mod admin;
-mod admission;
 pub mod auth;
 mod call;
 pub mod call_auth;
@@ -52,18 +51,20 @@ mod failures;
 pub mod forward;
 mod http_guard;
 mod live;
-mod media;
 pub mod metrics;
 pub mod nodes;
 mod openapi;
 mod pii;
-mod record;
 mod retention;
 pub mod routes;
 mod session;
 pub mod tasks;
 pub mod tls;
 pub mod webhooks;
+
+/// Where a call's recording is and how much operator audio a call takes: the admin API reads
+/// them too.
+pub(crate) use call::media;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -153,30 +154,24 @@ impl Error {
     }
 }
 
-/// What every call task and admin handler shares.
+/// What the admin API, the accept loop and the node's background tasks share. Calls get the
+/// narrower [`call::CallContext`] (`call`); both hold the same store, metrics, live calls,
+/// tasks and cancel token.
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) store: StoreHandle,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) routes: RouteHandle,
-    pub(crate) call_auth: call_auth::CallAuthHandle,
     pub(crate) admin_auth: auth::AdminAuthHandle,
-    /// The call port's TLS (`None`: plain `ws://`).
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
-    pub(crate) refusal_log: call_auth::RefusalLog,
     pub(crate) tasks: Tasks,
     pub(crate) cancel: CancellationToken,
-    pub(crate) live: live::LiveCalls,
+    pub(crate) live: Arc<live::LiveCalls>,
     /// Where the node is (serving, draining, stopping), as the accept loop last decided.
     pub(crate) phase: PhaseCell,
     /// Requests to the accept loop (drain, undrain, terminate, interrupt). Bounded
     /// ([`CONTROL_QUEUE`]); senders wait: they are operators and signals, rare and few.
     pub(crate) control: mpsc::Sender<Control>,
-    /// Connections the server serves (pending upgrades and calls): what a drain waits for.
-    pub(crate) connections: watch::Sender<usize>,
-    pub(crate) ws_config: WebSocketConfig,
-    pub(crate) media: media::MediaConfig,
-    pub(crate) admission: Arc<admission::Admission>,
+    /// What every call uses: the call port's side of the server.
+    pub(crate) call: Arc<call::CallContext>,
     /// This node in the roster.
     pub(crate) node: callgate_store::NodeInfo,
     /// The roster's connection for `GET /api/nodes` (the heartbeat thread has its own).
@@ -320,7 +315,7 @@ impl Server {
         collectors.push(Arc::new(metrics::StoreCollector(store.stats())));
         let metrics = Arc::new(Metrics::with_collectors(&collectors));
         events.attach_metrics(metrics.clone());
-        let media = media::MediaConfig {
+        let media = call::media::MediaConfig {
             lead: config.playout_lead,
             underrun: config.playout_underrun,
             vad: config.vad,
@@ -357,29 +352,40 @@ impl Server {
             );
         }
         let forwarder = forward::Forwarder::new().map_err(Error::HttpClient)?;
+        let cancel = CancellationToken::new();
+        let live = Arc::new(live::LiveCalls::default());
+        let call = Arc::new(call::CallContext {
+            settings: call::Settings::of(&config),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            routes: RouteHandle::new(table),
+            call_auth: call_auth::CallAuthHandle::new(call_auth),
+            refusal_log: call_auth::RefusalLog::default(),
+            tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
+            ws_config,
+            tasks: tasks.clone(),
+            cancel: cancel.clone(),
+            live: live.clone(),
+            connections: watch::Sender::new(0),
+            media,
+            budgets: call::admission::Budgets::new(&config, metrics.clone()),
+        });
         let shared = Arc::new(Shared {
             forwarder,
             node,
             roster: std::sync::Mutex::new(roster),
             events,
             deliveries,
-            media,
-            admission: admission::Admission::new(&config, metrics.clone()),
             config,
             store,
             metrics,
-            routes: RouteHandle::new(table),
-            call_auth: call_auth::CallAuthHandle::new(call_auth),
             admin_auth: auth::AdminAuthHandle::new(admin_auth, admin_bound),
-            tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
-            refusal_log: call_auth::RefusalLog::default(),
             tasks,
-            cancel: CancellationToken::new(),
-            live: live::LiveCalls::default(),
+            cancel,
+            live,
             phase: PhaseCell::default(),
             control: control_tx,
-            connections: watch::Sender::new(0),
-            ws_config,
+            call,
             sessions: session::Sessions::default(),
             auth_failures: std::sync::Mutex::default(),
         });
@@ -408,7 +414,7 @@ impl Server {
 
     /// The call-port keys and allowlist in force; replace them to rotate keys (SIGHUP).
     pub fn call_auth(&self) -> call_auth::CallAuthHandle {
-        self.shared.call_auth.clone()
+        self.shared.call.call_auth.clone()
     }
 
     /// The admin API's tokens in force; replace them to rotate tokens (SIGHUP).
@@ -424,7 +430,7 @@ impl Server {
 
     /// The route table in force; replace it to change routing for new calls (SIGHUP).
     pub fn routes(&self) -> RouteHandle {
-        self.shared.routes.clone()
+        self.shared.call.routes.clone()
     }
 
     /// The metrics registry.
@@ -459,7 +465,7 @@ impl Server {
             control,
             registry,
         } = self;
-        if !shared.call_auth.current().is_enabled()
+        if !shared.call.call_auth.current().is_enabled()
             && calls.local_addr().is_ok_and(|a| !a.ip().is_loopback())
         {
             warn!(
@@ -470,10 +476,10 @@ impl Server {
         }
         if let (Ok(call_addr), Ok(admin_addr)) = (calls.local_addr(), admin.local_addr()) {
             for weakness in call_auth::weaknesses(
-                &shared.call_auth.current(),
+                &shared.call.call_auth.current(),
                 shared.admin_auth.current().is_enabled(),
                 call_addr,
-                shared.tls.is_some(),
+                shared.call.tls.is_some(),
                 admin_addr,
                 admin_tls.is_some(),
             ) {
@@ -483,8 +489,8 @@ impl Server {
         info!(
             calls = %calls.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
             admin = %admin.local_addr().map_or_else(|_| "?".into(), |a| a.to_string()),
-            routes = shared.routes.current().routes().len(),
-            call_tls = shared.tls.is_some(),
+            routes = shared.call.routes.current().routes().len(),
+            call_tls = shared.call.tls.is_some(),
             admin_tls = admin_tls.is_some(),
             "Server listening."
         );
@@ -570,7 +576,7 @@ impl Server {
                 "Shutdown grace period ran out; remaining call records will be closed as interrupted at the next start."
             );
         }
-        if let Some((_, recordings)) = &shared.media.recording {
+        if let Some((_, recordings)) = &shared.call.media.recording {
             match tokio::time::timeout(grace, recordings.close()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => warn!(%error, "Recordings could not all be completed."),
@@ -778,23 +784,6 @@ impl Shared {
     }
 }
 
-/// A connection the server serves, counted from accept until its task ends (a drain waits for
-/// the count to reach zero).
-struct Counted(Arc<Shared>);
-
-impl Counted {
-    fn new(shared: &Arc<Shared>) -> Self {
-        shared.connections.send_modify(|n| *n += 1);
-        Self(shared.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.connections.send_modify(|n| *n -= 1);
-    }
-}
-
 /// What woke the accept loop.
 enum Input {
     Shutdown,
@@ -807,8 +796,8 @@ enum Input {
 /// Accepts connections and drives the drain ([`drain::Drain`]) until the server must stop;
 /// returns why. While serving, each connection takes a place in the budget of connections that
 /// are not calls yet (`admission`), or is turned away at once; it takes a call slot only once
-/// its first message makes it a call (see `call::serve`). While draining, each new connection
-/// gets `503` with `Retry-After` to its upgrade request (`admission::refuse_draining`).
+/// its first message makes it a call (see `call::take`). While draining, each new connection
+/// gets `503` with `Retry-After` to its upgrade request (`call::admission`).
 async fn accept(
     shared: &Arc<Shared>,
     listener: TcpListener,
@@ -817,7 +806,7 @@ async fn accept(
 ) -> StopReason {
     tokio::pin!(shutdown);
     let mut drain = drain::Drain::new(shared.config.drain_timeout);
-    let mut connections = shared.connections.subscribe();
+    let mut connections = shared.call.connections.subscribe();
     let mut shutdown_fired = false;
     loop {
         let timer = drain.poll_timeout();
@@ -861,7 +850,7 @@ async fn accept(
             Input::Timer => drain.handle_timeout(now),
             Input::Connections => {}
             Input::Accepted(Ok((stream, peer))) => {
-                take(shared, drain.phase(), stream, peer);
+                call::take(&shared.call, drain.phase(), stream, peer);
             }
             Input::Accepted(Err(error)) => {
                 // Typically EMFILE: back off instead of spinning.
@@ -889,41 +878,6 @@ async fn accept(
                     "Draining: calls left."
                 ),
             }
-        }
-    }
-}
-
-/// A new connection: served, or refused while draining.
-fn take(shared: &Arc<Shared>, phase: Phase, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let refuse = |reason: &'static str| {
-        shared
-            .metrics
-            .connections_refused
-            .get_or_create(&[("reason", reason)])
-            .inc();
-    };
-    match shared.admission.admit(peer.ip()) {
-        Ok(pending) if phase.takes_calls() => {
-            let counted = Counted::new(shared);
-            let serve = call::serve(shared.clone(), stream, peer, pending);
-            shared.tasks.spawn(async move {
-                serve.await;
-                drop(counted);
-            });
-        }
-        Ok(pending) => {
-            refuse("draining");
-            shared.tasks.spawn(admission::refuse_draining(
-                shared.clone(),
-                stream,
-                peer,
-                pending,
-            ));
-        }
-        Err(refusal) => {
-            refuse(refusal.as_str());
-            // A TLS client could not read a plain 503: it just sees the connection close.
-            admission::turn_away(stream, shared.tls.is_none());
         }
     }
 }

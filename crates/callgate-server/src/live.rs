@@ -51,7 +51,8 @@ pub(crate) struct Operator {
 pub(crate) struct Mailbox {
     inner: Mutex<Inner>,
     notify: Notify,
-    /// The format the call's phone plays (what operator audio is converted to).
+    /// The call's agent audio format: what its phone plays, and what operator audio is
+    /// converted to.
     format: AudioFormat,
 }
 
@@ -71,7 +72,7 @@ pub(crate) enum Refused {
 }
 
 impl Mailbox {
-    /// The format the call's phone plays.
+    /// The call's agent audio format (what its phone plays).
     pub(crate) fn format(&self) -> AudioFormat {
         self.format
     }
@@ -130,7 +131,8 @@ impl LiveCalls {
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers a call; the returned mailbox is the call task's operator input.
+    /// Registers a call whose phone plays agent audio in `format`; the returned mailbox is the
+    /// call task's operator input.
     pub(crate) fn register(&self, id: CallId, format: AudioFormat) -> Arc<Mailbox> {
         let mailbox = Arc::new(Mailbox {
             inner: Mutex::default(),

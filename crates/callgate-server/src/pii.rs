@@ -1,4 +1,4 @@
-//! Text from the wire in logs: escaped and bounded ([`Wire`]); phone numbers also redacted
+//! Text from the network in logs: escaped and bounded ([`Escaped`]); phone numbers also redacted
 //! unless the operator turned `log_pii` on ([`Pii`]).
 //!
 //! Anything a peer sent (ids, numbers, refusal reasons that quote a field, errors) is logged
@@ -7,7 +7,7 @@
 
 use std::fmt::{self, Write as _};
 
-/// The most characters of one value from the wire a log line shows; the rest is summarised
+/// The most characters of one value from the network a log line shows; the rest is summarised
 /// as the number of bytes left out.
 pub(crate) const MAX_SHOWN: usize = 128;
 
@@ -16,9 +16,9 @@ pub(crate) const MAX_SHOWN: usize = 128;
 /// `\u{1b}`), and cut after [`MAX_SHOWN`] characters (`…(+1048000 bytes)`). Nothing is
 /// formatted unless the log line is enabled.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Wire<'a>(pub(crate) &'a str);
+pub(crate) struct Escaped<'a>(pub(crate) &'a str);
 
-impl fmt::Display for Wire<'_> {
+impl fmt::Display for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_char('"')?;
         for (shown, (at, c)) in self.0.char_indices().enumerate() {
@@ -57,7 +57,7 @@ fn hidden(c: char) -> bool {
 /// A value that is personal data (a phone number). Redacted, it displays as `***34`: the last
 /// two characters kept when they are ASCII letters or digits (so an operator can still tell
 /// calls apart; a value of 4 characters or fewer shows none), and nothing that tells its
-/// length. With `log_pii` it displays as [`Wire`] text.
+/// length. With `log_pii` it displays as [`Escaped`] text.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Pii<'a> {
     value: &'a str,
@@ -73,7 +73,7 @@ impl<'a> Pii<'a> {
 impl fmt::Display for Pii<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.reveal {
-            return Wire(self.value).fmt(f);
+            return Escaped(self.value).fmt(f);
         }
         f.write_str("***")?;
         if self.value.chars().nth(4).is_none() {
@@ -105,7 +105,7 @@ mod tests {
 
     #[test]
     fn wire_text_is_escaped() {
-        let shown = Wire("a\nb\r\t\"c\\ \u{1b}[31m \u{202e} \u{85} ok é").to_string();
+        let shown = Escaped("a\nb\r\t\"c\\ \u{1b}[31m \u{202e} \u{85} ok é").to_string();
         assert_eq!(shown, r#""a\nb\r\t\"c\\ \u{1b}[31m \u{202e} \u{85} ok é""#);
         assert!(!shown.chars().any(char::is_control));
     }
@@ -113,16 +113,16 @@ mod tests {
     #[test]
     fn wire_text_is_bounded() {
         let long = "x".repeat(MAX_SHOWN + 1000);
-        let shown = Wire(&long).to_string();
+        let shown = Escaped(&long).to_string();
         assert_eq!(
             shown,
             format!("\"{}\"…(+1000 bytes)", "x".repeat(MAX_SHOWN))
         );
         // The bound counts the value's characters; an escaped one takes at most 10 bytes.
         let newlines = "\n".repeat(10_000);
-        assert!(Wire(&newlines).to_string().len() < 2 * MAX_SHOWN + 32);
+        assert!(Escaped(&newlines).to_string().len() < 2 * MAX_SHOWN + 32);
         assert_eq!(
-            Wire(&"y".repeat(MAX_SHOWN)).to_string().len(),
+            Escaped(&"y".repeat(MAX_SHOWN)).to_string().len(),
             MAX_SHOWN + 2
         );
     }

@@ -13,7 +13,7 @@
 //!
 //! Handshakes hold no more than any connection that is not a request or a call yet: on the
 //! call port the handshake runs in the connection's own task, inside the pending budget and
-//! under the one handshake deadline (`admission`, `call::serve`); on the admin port
+//! under the one handshake deadline (`call::admission`, `call::accept`); on the admin port
 //! `AdminListener` runs at most [`MAX_ADMIN_HANDSHAKES`] at once, each under the handshake
 //! deadline, and a new connection evicts the oldest handshake when that many are running.
 
@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::Metrics;
-use crate::pii::Wire;
+use crate::pii::Escaped;
 use crate::tasks::Tasks;
 
 /// The largest certificate or key file read (a chain is a few KiB): a bigger file is refused
@@ -564,7 +564,7 @@ impl AdminListener {
                         .tls_handshakes_failed
                         .get_or_create(&[("port", Port::Admin.as_str())])
                         .inc();
-                    debug!(%peer, error = %Wire(&error), "Admin TLS handshake failed.");
+                    debug!(%peer, error = %Escaped(&error), "Admin TLS handshake failed.");
                     None
                 }
             }
@@ -602,24 +602,23 @@ impl axum::serve::Listener for AdminListener {
     }
 }
 
-/// On a TLS port, the TLS handshake, under the connection's handshake deadline; the
+/// On a TLS port (`tls`), the TLS handshake, under the connection's handshake deadline; the
 /// connection holds only its pending place meanwhile. A failed or late handshake is dropped.
 pub(crate) async fn call_handshake(
-    shared: &crate::Shared,
+    tls: Option<&TlsAcceptor>,
+    metrics: &Metrics,
     stream: TcpStream,
     deadline: tokio::time::Instant,
 ) -> Option<CallStream> {
-    let Some(acceptor) = &shared.tls else {
+    let Some(acceptor) = tls else {
         return Some(CallStream::Left(stream));
     };
     let failed = || {
-        shared
-            .metrics
+        metrics
             .connections_refused
             .get_or_create(&[("reason", "tls_handshake")])
             .inc();
-        shared
-            .metrics
+        metrics
             .tls_handshakes_failed
             .get_or_create(&[("port", Port::Call.as_str())])
             .inc();
@@ -627,7 +626,7 @@ pub(crate) async fn call_handshake(
     match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => Some(CallStream::Right(Box::new(tls))),
         Ok(Err(error)) => {
-            debug!(error = %Wire(&error.to_string()), "TLS handshake failed.");
+            debug!(error = %Escaped(&error.to_string()), "TLS handshake failed.");
             failed();
             None
         }

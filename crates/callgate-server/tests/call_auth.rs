@@ -50,7 +50,9 @@ async fn keys_guard_the_call_port_before_any_websocket_exists() {
         .await
         .err()
         .expect("refused");
-    assert_eq!((status, body.as_str()), (401, "invalid API key"));
+    assert_eq!(status, 401);
+    let body: serde_json::Value = serde_json::from_str(&body).expect("a JSON refusal");
+    assert_eq!(body, json!({"code": "bad_key", "error": "invalid API key"}));
     // Each form of the key is accepted.
     let bearer = format!("Bearer {PROD}");
     let shouted = format!("BEARER {PROD}");

@@ -117,7 +117,32 @@ async fn routes_choose_the_agent_and_the_record_names_them() {
     let (code, reason) = other.closed().await;
     assert_eq!(code, 1008, "no `started` before the close");
     assert!(reason.contains("agentId \"support\""), "{reason}");
-    assert_eq!(server.ended_call("r-other").await["end_reason"], "no_route");
+    let unrouted = server.ended_call("r-other").await;
+    assert_eq!(unrouted["end_reason"], "no_route");
+    // Routed or not, a record says the same of its call: these two CallBridge calls differ
+    // only in their agentId and cdrId.
+    let routed = server.ended_call("r-sales").await;
+    for field in [
+        "protocol",
+        "caller",
+        "callee",
+        "audio_format",
+        "node",
+        "key_name",
+    ] {
+        assert_eq!(routed[field], unrouted[field], "{field}");
+    }
+    assert_eq!(unrouted["caller"], "01012341234");
+    assert_eq!(unrouted["node"], server.config.node_id.as_str());
+    assert_eq!(
+        unrouted["audio_format"]["phone_output_audio_format"],
+        "PCM_8000"
+    );
+    assert_eq!(unrouted["external_id"], "r-other");
+    let mut config = routed["call_config"].clone();
+    config["cdrId"] = json!("r-other");
+    config["agentId"] = json!("support");
+    assert_eq!(unrouted["call_config"], config);
     let metrics = server.metrics_text().await;
     assert!(
         metrics.contains("callgate_calls_unrouted_total 2"),

@@ -329,7 +329,12 @@ async fn x_twilio_signature_admits_streams_and_refuses_bad_or_missing_ones() {
         .await
         .err()
         .expect("refused");
-        assert_eq!(refused, (401, "invalid X-Twilio-Signature".to_owned()));
+        assert_eq!(refused.0, 401);
+        let body: Value = serde_json::from_str(&refused.1).expect("a JSON refusal");
+        assert_eq!(
+            body,
+            json!({"code": "bad_twilio_signature", "error": "invalid X-Twilio-Signature"})
+        );
     }
     // Missing on /twilio: refused.
     let refused = Phone::try_connect(&server.url("/twilio"), &[])

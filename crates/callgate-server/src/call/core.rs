@@ -8,8 +8,8 @@
 //! holds no channel, no atomic and no runtime type, and never reads the clock: time is an
 //! argument, so its tests are plain `#[test]`s that drive a whole call on a test clock.
 //!
-//! The driver (`call::Call`) owns the sockets and the agent's channels and moves bytes, events
-//! and time; it decides nothing:
+//! The driver (`call::driver::Call`) owns the sockets and the agent's channels and moves
+//! bytes, events and time; it decides nothing:
 //! - [`Effect::AgentAudio`] and [`Effect::AgentEvent`] go into the agent's event queue. Audio
 //!   the full queue drops is reported back with [`CallCore::handle_agent_audio_dropped`]; a
 //!   queue full of unread control events with [`CallCore::handle_agent_stuck`] (the core ends
@@ -53,10 +53,10 @@ use callgate_proto::{
 };
 use serde_json::json;
 
+use super::media::{Media, MediaEvent};
+use super::record::{EventKind, Journal, MAX_TEXT};
 use crate::live::{Reply, Request};
-use crate::media::{Media, MediaEvent};
 use crate::metrics::LocalHistogram;
-use crate::record::{EventKind, Journal, MAX_TEXT};
 
 /// What the I/O loop must do for the core.
 #[derive(Debug, Clone, PartialEq)]
@@ -1045,8 +1045,8 @@ mod tests {
     use callgate_store::UnixMillis;
 
     use super::*;
-    use crate::media::MediaConfig;
-    use crate::record::MAX_EVENTS;
+    use crate::call::media::{LineFormats, MediaConfig};
+    use crate::call::record::MAX_EVENTS;
 
     const INBOUND: &str = r#"{"event":"incoming_call","callerId":"01011112222","didNumber":"0212345678","sessionId":"s-1"}"#;
     const CALLBRIDGE: &str = r#"{"call_config":{"siteId":"s","caller":"010","callee":"070","cdrId":"1","callActionId":"1.5E9","ivrIp":"10.0.0.1:5","agentId":"a","agentType":"voice"},"audio_format":{"phone_output_audio_format":"PCM_8000","phone_input_audio_format":"PCM_8000"}}"#;
@@ -1089,8 +1089,10 @@ mod tests {
                     recording: None,
                 },
                 "call",
-                AudioFormat::Pcm8000,
-                AudioFormat::Pcm8000,
+                LineFormats {
+                    caller_audio: AudioFormat::Pcm8000,
+                    agent_audio: AudioFormat::Pcm8000,
+                },
                 None,
                 t0,
             )

@@ -17,9 +17,9 @@
 //! away).
 //!
 //! While the node drains, a new connection still takes a place in the pending budget, but only
-//! to be answered `HTTP/1.1 503` with `Retry-After` to its upgrade request
-//! ([`refuse_draining`]): a load balancer can then retry the call on another node, and no
-//! WebSocket ever exists.
+//! to be answered `HTTP/1.1 503` with `Retry-After` (and the JSON body of the call port's
+//! refusals, code `draining`) to its upgrade request ([`refuse_draining`]): a load balancer
+//! can then retry the call on another node, and no WebSocket ever exists.
 //!
 //! The budget's state sits behind a lock taken twice per connection (at accept and when it
 //! stops being pending), never on a call's per-frame path.
@@ -28,28 +28,22 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, timeout_at};
-use tokio_tungstenite::tungstenite::handshake::server::{
-    ErrorResponse, Request as Upgrade, Response,
-};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode, header};
+use tokio_tungstenite::tungstenite::handshake::server::{Request as Upgrade, Response};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::debug;
 
+use super::{CallContext, refusal};
+use crate::Metrics;
 use crate::config::Config;
-use crate::{Metrics, Shared};
-
-/// What a connection over the pending budget is sent if its socket takes it at once.
-const TURNED_AWAY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n\
-Content-Length: 0\r\nConnection: close\r\n\r\n";
 
 /// The server's budgets: call slots and pending connections.
 #[derive(Debug)]
-pub(crate) struct Admission {
+pub(crate) struct Budgets {
     calls: Arc<Semaphore>,
     pending: Mutex<PendingState>,
     max_pending: usize,
@@ -80,12 +74,39 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    /// The metric label.
+    /// The metric label, and the code of the refusal's JSON body.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Self::PendingLimit => "pending_limit",
             Self::PendingPerIp => "pending_per_ip",
         }
+    }
+
+    /// What the refusal's JSON body says.
+    fn message(self) -> &'static str {
+        match self {
+            Self::PendingLimit => "too many connections are waiting to become calls; try again",
+            Self::PendingPerIp => {
+                "too many connections from this address are waiting to become calls; try again"
+            }
+        }
+    }
+
+    /// The whole answer (head and JSON body) of a connection turned away: 503 with
+    /// `Retry-After`. Built once per reason, so a flood of them costs no allocation.
+    fn answer(self) -> &'static [u8] {
+        static PENDING_LIMIT: LazyLock<Vec<u8>> =
+            LazyLock::new(|| Refusal::PendingLimit.answer_bytes());
+        static PENDING_PER_IP: LazyLock<Vec<u8>> =
+            LazyLock::new(|| Refusal::PendingPerIp.answer_bytes());
+        match self {
+            Self::PendingLimit => PENDING_LIMIT.as_slice(),
+            Self::PendingPerIp => PENDING_PER_IP.as_slice(),
+        }
+    }
+
+    fn answer_bytes(self) -> Vec<u8> {
+        refusal::service_unavailable(self.as_str(), self.message())
     }
 }
 
@@ -109,7 +130,7 @@ impl Source {
 /// A connection's place in the pending budget, from accept until it becomes a call or ends.
 #[derive(Debug)]
 pub(crate) struct Pending {
-    admission: Arc<Admission>,
+    budgets: Arc<Budgets>,
     source: Source,
     /// When the connection was accepted: the handshake deadline counts from here.
     pub(crate) accepted: Instant,
@@ -128,7 +149,7 @@ impl Drop for Pending {
     fn drop(&mut self) {
         // Marks its queue entry as gone.
         self.evicted.cancel();
-        let mut state = self.admission.lock();
+        let mut state = self.budgets.lock();
         state.total -= 1;
         if let Some(n) = state.per_source.get_mut(&self.source) {
             *n -= 1;
@@ -137,11 +158,11 @@ impl Drop for Pending {
             }
         }
         drop(state);
-        self.admission.metrics.connections_pending.dec();
+        self.budgets.metrics.connections_pending.dec();
     }
 }
 
-impl Admission {
+impl Budgets {
     pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             calls: Arc::new(Semaphore::new(config.max_calls)),
@@ -199,7 +220,7 @@ impl Admission {
                 .inc();
         }
         Ok(Pending {
-            admission: self.clone(),
+            budgets: self.clone(),
             source,
             accepted,
             evicted: token,
@@ -220,11 +241,11 @@ impl Admission {
 
 /// What a connection over the pending budget gets, at accept, without a task or a buffer of
 /// its own: whatever it has already sent is read and discarded (a few KiB at most, so that
-/// closing sends a FIN rather than a reset), `HTTP/1.1 503` with `Retry-After: 1` is written if
-/// the socket takes it at once and `answer` (not on a TLS port: the client could not read it),
-/// and the socket is closed. A client whose upgrade request arrives after that sees the
-/// connection closed, or reset.
-pub(crate) fn turn_away(stream: TcpStream, answer: bool) {
+/// closing sends a FIN rather than a reset), `HTTP/1.1 503` with `Retry-After: 1` and the
+/// refusal's JSON body is written if the socket takes it at once and `answer` (not on a TLS
+/// port: the client could not read it), and the socket is closed. A client whose upgrade
+/// request arrives after that sees the connection closed, or reset.
+pub(crate) fn turn_away(stream: TcpStream, why: Refusal, answer: bool) {
     // Straight to the (non-blocking) socket: tokio's `try_read`/`try_write` answer WouldBlock
     // until the runtime has polled a new socket's readiness, which it has not yet here.
     let socket = socket2::SockRef::from(&stream);
@@ -236,17 +257,9 @@ pub(crate) fn turn_away(stream: TcpStream, answer: bool) {
         }
     }
     if answer {
-        let _ = (&*socket).write(TURNED_AWAY);
+        let _ = (&*socket).write(why.answer());
     }
 }
-
-/// `Retry-After` of the 503 a draining node answers upgrades with, seconds. Short: a caller
-/// behind a load balancer is retried on another node at once; one dialling this node directly
-/// learns it is draining.
-pub(crate) const DRAINING_RETRY_AFTER: &str = "1";
-
-/// What a draining node's 503 says.
-const DRAINING_REASON: &str = "draining: this node takes no new calls; try another node";
 
 /// A connection accepted while the node drains: its TLS handshake (on a TLS port) and its
 /// upgrade request are read under the handshake deadline, and the request is answered
@@ -254,24 +267,22 @@ const DRAINING_REASON: &str = "draining: this node takes no new calls; try anoth
 /// WebSocket exists. It holds its place in the pending budget meanwhile; at shutdown it is
 /// dropped.
 pub(crate) async fn refuse_draining(
-    shared: Arc<Shared>,
+    ctx: Arc<CallContext>,
     stream: TcpStream,
     peer: SocketAddr,
     pending: Pending,
 ) {
-    let deadline = pending.accepted + shared.config.handshake_timeout;
+    let deadline = pending.accepted + ctx.settings.handshake_timeout;
     let refuse = async {
-        let stream = crate::tls::call_handshake(&shared, stream, deadline).await?;
+        let stream =
+            crate::tls::call_handshake(ctx.tls.as_ref(), &ctx.metrics, stream, deadline).await?;
         #[allow(
             clippy::result_large_err,
             reason = "the callback's signature is tungstenite's"
         )]
-        let callback = |_: &Upgrade, _: Response| Err(draining_response());
-        let upgrade = tokio_tungstenite::accept_hdr_async_with_config(
-            stream,
-            callback,
-            Some(shared.ws_config),
-        );
+        let callback = |_: &Upgrade, _: Response| Err(refusal::draining());
+        let upgrade =
+            tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ctx.ws_config));
         // The upgrade always fails: that is the refusal. Only how is worth a debug line.
         if let Ok(Err(error)) = timeout_at(deadline, upgrade).await {
             debug!(%peer, %error, "Refused an upgrade: draining.");
@@ -279,46 +290,24 @@ pub(crate) async fn refuse_draining(
         Some(())
     };
     tokio::select! {
-        _ = shared.cancel.cancelled() => {}
+        _ = ctx.cancel.cancelled() => {}
         _ = pending.evicted() => {}
         _ = refuse => {}
     }
-}
-
-/// The answer to an upgrade while draining.
-fn draining_response() -> ErrorResponse {
-    let mut response = ErrorResponse::new(Some(DRAINING_REASON.to_owned()));
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::RETRY_AFTER,
-        HeaderValue::from_static(DRAINING_RETRY_AFTER),
-    );
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    // tungstenite writes the body after the head but no length: say where it ends.
-    headers.insert(
-        header::CONTENT_LENGTH,
-        HeaderValue::from(DRAINING_REASON.len()),
-    );
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn admission(max_pending: usize, per_ip: usize) -> Arc<Admission> {
+    fn budgets(max_pending: usize, per_ip: usize) -> Arc<Budgets> {
         let config = Config {
             max_calls: 1,
             max_pending,
             max_pending_per_ip: per_ip,
             ..Config::default()
         };
-        Admission::new(&config, Arc::new(Metrics::new()))
+        Budgets::new(&config, Arc::new(Metrics::new()))
     }
 
     fn evicted(p: &Pending) -> bool {
@@ -327,7 +316,7 @@ mod tests {
 
     #[test]
     fn a_source_over_its_budget_is_turned_away() {
-        let a = admission(10, 2);
+        let a = budgets(10, 2);
         let one: IpAddr = "10.0.0.1".parse().unwrap();
         let p1 = a.admit(one).unwrap();
         let _p2 = a.admit("::ffff:10.0.0.1".parse().unwrap()).unwrap();
@@ -339,7 +328,7 @@ mod tests {
 
     #[test]
     fn a_full_budget_evicts_the_oldest_and_never_runs_over_twice() {
-        let a = admission(2, 10);
+        let a = budgets(2, 10);
         let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
         let p1 = a.admit(ip(1)).unwrap();
         let p2 = a.admit(ip(2)).unwrap();
@@ -361,7 +350,7 @@ mod tests {
 
     #[test]
     fn ipv6_sources_are_counted_per_64() {
-        let a = admission(10, 1);
+        let a = budgets(10, 1);
         let _p = a.admit("2001:db8::1".parse().unwrap()).unwrap();
         assert_eq!(
             a.admit("2001:db8::ffff:2".parse().unwrap()).unwrap_err(),
@@ -371,8 +360,34 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_turned_away_reads_a_json_503_with_retry_after() {
+        for why in [Refusal::PendingLimit, Refusal::PendingPerIp] {
+            let answer = std::str::from_utf8(why.answer()).unwrap();
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            assert!(
+                head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+                "{head}"
+            );
+            assert!(head.contains("\r\nRetry-After: 1\r\n"), "{head}");
+            assert!(
+                head.contains("\r\nContent-Type: application/json\r\n"),
+                "{head}"
+            );
+            let length = format!("\r\nContent-Length: {}\r\n", body.len());
+            assert!(head.contains(&length), "{head}");
+            let body: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(body["code"], why.as_str());
+            assert_eq!(body["error"], why.message());
+            let listed = refusal::REFUSAL_CODES
+                .iter()
+                .find(|(c, ..)| *c == why.as_str());
+            assert_eq!(listed.map(|(_, status, _)| *status), Some(503));
+        }
+    }
+
+    #[test]
     fn pending_connections_hold_no_call_slot() {
-        let a = admission(10, 10);
+        let a = budgets(10, 10);
         let _pending: Vec<_> = (0..5)
             .map(|_| a.admit("10.0.0.1".parse().unwrap()).unwrap())
             .collect();

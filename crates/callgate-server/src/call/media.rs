@@ -16,6 +16,7 @@ use callgate_audio::playout::{Cleared, Playout, PlayoutEvent, Underrun};
 use callgate_audio::recording::{Finished, Recorder, Recordings};
 use callgate_audio::vad::{Vad, VadConfig, VadEvent};
 use callgate_audio::{AudioFormat, Converter, Resampler, dtmf, pcm};
+use callgate_proto::detect::Start;
 use callgate_proto::{Digit, DtmfDuration};
 
 /// What the call configures for every call's audio.
@@ -27,6 +28,36 @@ pub(crate) struct MediaConfig {
     pub(crate) inband_dtmf: bool,
     /// Where recordings go and the writer thread that writes them; `None`: not recording.
     pub(crate) recording: Option<(PathBuf, Arc<Recordings>)>,
+}
+
+/// The audio formats on a call's line, named by whose audio each carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LineFormats {
+    /// What the phone sends: the caller's voice (the protocols' `phone_output`).
+    pub(crate) caller_audio: AudioFormat,
+    /// What the phone plays: the agent's audio (the protocols' `phone_input`).
+    pub(crate) agent_audio: AudioFormat,
+}
+
+impl LineFormats {
+    /// The formats a call's start message says (CallBridge), or the protocol fixes (Twilio:
+    /// mu-law at 8 kHz), or the configuration gives (inbound: `inbound`, both ways).
+    pub(crate) fn of(start: &Start, inbound: AudioFormat) -> Self {
+        match start {
+            Start::CallBridge(s) => Self {
+                caller_audio: s.audio_format.phone_output,
+                agent_audio: s.audio_format.phone_input,
+            },
+            Start::Inbound(_) => Self {
+                caller_audio: inbound,
+                agent_audio: inbound,
+            },
+            Start::Twilio(_) => Self {
+                caller_audio: AudioFormat::Ulaw8000,
+                agent_audio: AudioFormat::Ulaw8000,
+            },
+        }
+    }
 }
 
 /// The most operator audio one call queues (ms): more is refused until it has played.
@@ -44,16 +75,16 @@ pub(crate) enum MediaEvent {
 /// The audio side of one call.
 pub(crate) struct Media {
     started: Instant,
-    /// What the phone sends (the caller's voice).
-    phone_in: AudioFormat,
-    /// What the phone plays.
-    phone_out: AudioFormat,
+    /// The line's formats: caller audio as the phone sends it, agent audio as it plays it.
+    line: LineFormats,
     // The optional parts are boxed: most calls use none of them, and inline they would
     // make every call's state a kilobyte larger.
-    from_phone: Option<Box<Converter>>,
-    to_phone: Option<Box<Converter>>,
+    /// Caller audio from the line's format to the agent's.
+    caller_to_agent: Option<Box<Converter>>,
+    /// Agent audio from the agent's format to the line's.
+    agent_to_line: Option<Box<Converter>>,
     playout: Playout,
-    /// Operator audio (in `phone_out`) waiting for room in the playout.
+    /// Operator audio (in the line's agent audio format) waiting for room in the playout.
     operator: VecDeque<Bytes>,
     vad: Option<Box<Vad>>,
     dtmf: Option<Box<dtmf::Detector>>,
@@ -76,8 +107,7 @@ pub(crate) struct Media {
 impl std::fmt::Debug for Media {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Media")
-            .field("phone_in", &self.phone_in)
-            .field("phone_out", &self.phone_out)
+            .field("line", &self.line)
             .finish_non_exhaustive()
     }
 }
@@ -88,13 +118,13 @@ pub(crate) fn recording_path(dir: &std::path::Path, call_id: &str) -> PathBuf {
 }
 
 impl Media {
-    /// The audio side of a call whose phone sends `phone_in` and plays `phone_out`, for an
-    /// agent working in `agent_format` (`None`: the phone's formats, untouched).
+    /// The audio side of a call whose line carries caller and agent audio in `line`'s
+    /// formats, for an agent working in `agent_format` (`None`: the line's formats,
+    /// untouched).
     pub(crate) fn new(
         config: &MediaConfig,
         call_id: &str,
-        phone_in: AudioFormat,
-        phone_out: AudioFormat,
+        line: LineFormats,
         agent_format: Option<AudioFormat>,
         now: Instant,
     ) -> Result<Self, callgate_audio::Error> {
@@ -105,11 +135,14 @@ impl Media {
                 Some(Box::new(Converter::new(from, to)?))
             })
         };
-        let (from_phone, to_phone) = match agent_format {
-            Some(agent) => (converter(phone_in, agent)?, converter(agent, phone_out)?),
+        let (caller_to_agent, agent_to_line) = match agent_format {
+            Some(agent) => (
+                converter(line.caller_audio, agent)?,
+                converter(agent, line.agent_audio)?,
+            ),
             None => (None, None),
         };
-        let rate = phone_in.sample_rate();
+        let rate = line.caller_audio.sample_rate();
         let (recording, recorder) = match &config.recording {
             Some((dir, writer)) => {
                 let path = recording_path(dir, call_id);
@@ -124,18 +157,20 @@ impl Media {
             }
             None => (None, None),
         };
-        let agent_to_record = if recorder.is_some() && phone_out.sample_rate() != rate {
-            Some(Box::new(Resampler::new(phone_out.sample_rate(), rate)?))
+        let agent_to_record = if recorder.is_some() && line.agent_audio.sample_rate() != rate {
+            Some(Box::new(Resampler::new(
+                line.agent_audio.sample_rate(),
+                rate,
+            )?))
         } else {
             None
         };
         Ok(Self {
             started: now,
-            phone_in,
-            phone_out,
-            from_phone,
-            to_phone,
-            playout: Playout::new(phone_out, config.lead, config.underrun),
+            line,
+            caller_to_agent,
+            agent_to_line,
+            playout: Playout::new(line.agent_audio, config.lead, config.underrun),
             operator: VecDeque::new(),
             vad: match config.vad {
                 Some(c) => Some(Box::new(Vad::new(rate, c)?)),
@@ -217,7 +252,7 @@ impl Media {
         let analyse = self.vad.is_some() || self.dtmf.is_some() || self.recorder.is_some();
         if analyse {
             self.samples.clear();
-            pcm::decode(self.phone_in, data, &mut self.samples);
+            pcm::decode(self.line.caller_audio, data, &mut self.samples);
             if let Some(r) = &mut self.recorder
                 && let Err(error) = r.caller(&self.samples)
             {
@@ -235,7 +270,7 @@ impl Media {
                 events.extend(self.digits.iter().map(|&k| MediaEvent::InbandDtmf(k)));
             }
         }
-        match &mut self.from_phone {
+        match &mut self.caller_to_agent {
             Some(c) => c.convert(data),
             None => data.clone(),
         }
@@ -243,7 +278,7 @@ impl Media {
 
     /// Agent audio (in the agent's format) for the caller.
     pub(crate) fn agent_audio(&mut self, now: Instant, data: Bytes) {
-        let data = match &mut self.to_phone {
+        let data = match &mut self.agent_to_line {
             Some(c) => c.convert(&data),
             None => data,
         };
@@ -252,9 +287,10 @@ impl Media {
 
     /// An in-band DTMF tone for the caller.
     pub(crate) fn agent_tone(&mut self, now: Instant, digit: Digit, duration: DtmfDuration) {
-        let rate = self.phone_out.sample_rate();
+        let rate = self.line.agent_audio.sample_rate();
         let tone = dtmf::tone(digit, u32::from(duration.as_millis()), rate, 0.25);
-        self.playout.push(now, pcm::encode(self.phone_out, &tone));
+        self.playout
+            .push(now, pcm::encode(self.line.agent_audio, &tone));
     }
 
     /// A mark after the audio queued so far.
@@ -271,8 +307,9 @@ impl Media {
         cleared
     }
 
-    /// Queues an operator announcement (already in the phone's format); returns its duration,
-    /// ms, or `None` if the operator queue would then hold more than [`MAX_OPERATOR_MS`].
+    /// Queues an operator announcement (already in the line's agent audio format); returns
+    /// its duration, ms, or `None` if the operator queue would then hold more than
+    /// [`MAX_OPERATOR_MS`].
     pub(crate) fn operator_play(&mut self, audio: Bytes) -> Option<u64> {
         let ms = self.ms_of(audio.len());
         let waiting: u64 = self.operator.iter().map(|b| self.ms_of(b.len())).sum();
@@ -280,7 +317,7 @@ impl Media {
             return None;
         }
         // Fed to the playout as it has room, one second at a time.
-        let step = self.phone_out.frame_bytes_20ms() * 50;
+        let step = self.line.agent_audio.frame_bytes_20ms() * 50;
         let mut rest = audio;
         while !rest.is_empty() {
             let n = step.min(rest.len());
@@ -313,7 +350,7 @@ impl Media {
 
     fn record_agent(&mut self, at: Instant, data: &Bytes) {
         self.samples.clear();
-        pcm::decode(self.phone_out, data, &mut self.samples);
+        pcm::decode(self.line.agent_audio, data, &mut self.samples);
         let samples = match &mut self.agent_to_record {
             Some(r) => {
                 self.scratch.clear();
@@ -322,7 +359,7 @@ impl Media {
             }
             None => &self.samples,
         };
-        let rate = f64::from(self.phone_in.sample_rate());
+        let rate = f64::from(self.line.caller_audio.sample_rate());
         let index = (at.saturating_duration_since(self.started).as_secs_f64() * rate) as u64;
         if let Some(r) = &mut self.recorder
             && let Err(error) = r.agent(index, samples)
@@ -360,6 +397,6 @@ impl Media {
     }
 
     fn ms_of(&self, bytes: usize) -> u64 {
-        (bytes / (self.phone_out.frame_bytes_20ms() / 20)) as u64
+        (bytes / (self.line.agent_audio.frame_bytes_20ms() / 20)) as u64
     }
 }
