@@ -10,7 +10,7 @@
 //! [`endpoints`] is the one table of the API: each handler carries its `#[utoipa::path]`
 //! (method, path, parameters, bodies, answers) and is registered through `utoipa_axum`'s
 //! `routes!`, which adds it to the router and to the OpenAPI document together, so no route
-//! is served without being described ([`crate::openapi`] serves the document). Request bodies,
+//! is served without being described ([`openapi`] serves the document). Request bodies,
 //! query strings and JSON answers are typed structs deriving `ToSchema`/`IntoParams`; the
 //! fields of each answer are in alphabetical order, so its bytes are those of the `json!`
 //! maps they replaced.
@@ -41,13 +41,20 @@ use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+mod console;
 pub(crate) mod error;
+pub(crate) mod failures;
+pub mod forward;
+pub(crate) mod http_guard;
+mod openapi;
+pub(crate) mod session;
+mod webhooks;
 
 use self::error::json_errors;
 pub(crate) use self::error::{ApiError, ErrorBody};
+use self::session::Denied;
 use crate::auth::{Refusal, Role};
 use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
-use crate::session::Denied;
 use crate::{Control, Phase, Shared, UndrainRefused};
 
 /// Default number of records `GET /api/calls` returns.
@@ -75,8 +82,8 @@ pub(crate) fn endpoints() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(metrics))
         .routes(routes!(nodes))
         .routes(routes!(crate::events::stream))
-        .routes(routes!(crate::webhooks::deliveries))
-        .routes(routes!(crate::openapi::document))
+        .routes(routes!(webhooks::deliveries))
+        .routes(routes!(openapi::document))
         .routes(routes!(list_calls))
         .routes(routes!(call, delete_call))
         .routes(routes!(events))
@@ -92,7 +99,7 @@ pub(crate) fn endpoints() -> OpenApiRouter<Arc<Shared>> {
         .routes(routes!(play))
         .layer(DefaultBodyLimit::max(MAX_PLAY_BYTES))
         .layer(middleware::from_fn_with_state(MAX_PLAY_BYTES, body_limit));
-    small.merge(play).merge(crate::console::routes())
+    small.merge(play).merge(console::routes())
 }
 
 /// The routes the admin port serves (with their fallbacks) and the document describing them;
@@ -107,10 +114,10 @@ fn served() -> (Router<Arc<Shared>>, utoipa::openapi::OpenApi) {
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     let (api, document) = served();
-    api.layer(Extension(crate::openapi::Document::new(document)))
+    api.layer(Extension(openapi::Document::new(document)))
         .layer(middleware::from_fn_with_state(
             shared.clone(),
-            crate::forward::layer,
+            forward::layer,
         ))
         .layer(middleware::from_fn_with_state(shared.clone(), authorize))
         .layer(middleware::from_fn(request_timeout))
@@ -121,18 +128,18 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 /// Bearer tokens or the console's session cookie (when tokens are configured): reading needs
 /// `read`, acting on calls (and drain, undrain) `operator`; `/healthz` and `/readyz` stay open
 /// for load balancers, the console's page and sign-in for browsers. Browser requests from
-/// other sites are refused whatever the configuration ([`crate::session`]). A request
+/// other sites are refused whatever the configuration ([`session`]). A request
 /// forwarded by another node is `operator` with the cluster secret, refused without it.
 ///
-/// A client whose credentials were refused [`crate::failures::MAX_FAILURES`] times within a
+/// A client whose credentials were refused [`failures::MAX_FAILURES`] times within a
 /// minute gets `429 too_many_failures` for any request that needs one until that minute ends
-/// ([`crate::failures`]); every `401` answered here (a token, a console sign-in, a cluster
+/// ([`failures`]); every `401` answered here (a token, a console sign-in, a cluster
 /// secret) counts.
 async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
     let client = request
         .extensions()
-        .get::<axum::extract::ConnectInfo<crate::failures::Peer>>()
-        .map(|peer| crate::failures::client(peer.0.0.ip()));
+        .get::<axum::extract::ConnectInfo<failures::Peer>>()
+        .map(|peer| failures::client(peer.0.0.ip()));
     let guarded = client.filter(|_| needs_credential(&shared, &request));
     let now = tokio::time::Instant::now();
     if let Some(client) = guarded {
@@ -182,17 +189,17 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
 /// sign-in, or anything but the open paths while tokens are configured.
 fn needs_credential(shared: &Shared, request: &Request) -> bool {
     let path = request.uri().path();
-    request.headers().contains_key(crate::forward::TOKEN_HEADER)
+    request.headers().contains_key(forward::TOKEN_HEADER)
         || (path == "/api/session" && request.method() == axum::http::Method::POST)
         || (shared.admin_auth.current().is_enabled()
             && !matches!(path, "/healthz" | "/readyz")
-            && !crate::console::is_open(path))
+            && !console::is_open(path))
 }
 
 /// [`authorize`]'s checks, then the handler.
 async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) -> Response {
-    if request.headers().contains_key(crate::forward::TOKEN_HEADER) {
-        return crate::forward::accept(&shared, request, next).await;
+    if request.headers().contains_key(forward::TOKEN_HEADER) {
+        return forward::accept(&shared, request, next).await;
     }
     let auth = shared.admin_auth.current();
     let open = is_open(request.uri().path());
@@ -200,9 +207,9 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
     let checked = if open {
         Ok(None)
     } else if !auth.is_enabled() {
-        crate::session::check_origin(request.headers(), false).map(|()| None)
+        session::check_origin(request.headers(), false).map(|()| None)
     } else {
-        crate::session::authenticate(
+        session::authenticate(
             &shared.sessions,
             &auth,
             request.headers(),
@@ -219,7 +226,7 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
                 // Who asked, for the owner's log when the request is forwarded.
                 request
                     .extensions_mut()
-                    .insert(crate::forward::Caller(identity.name));
+                    .insert(forward::Caller(identity.name));
             }
             return next.run(request).await;
         }
@@ -264,7 +271,7 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
 /// Whether `path` is served without credentials: the probes for load balancers, the console's
 /// page, assets and sign-in. (Also what the OpenAPI document says of each path.)
 pub(crate) fn is_open(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz") || crate::console::is_open(path)
+    matches!(path, "/healthz" | "/readyz") || console::is_open(path)
 }
 
 /// The role a request needs when tokens are configured: reading `read`, anything else
@@ -1520,7 +1527,7 @@ async fn recording(
     let path =
         crate::media::recording_path(&shared.config.data_dir.join("recordings"), id.as_str());
     let data = tokio::fs::read(&path).await.map_err(|_| not_recorded())?;
-    Ok(crate::console::ranged(&headers, data.into(), "audio/wav"))
+    Ok(console::ranged(&headers, data.into(), "audio/wav"))
 }
 
 /// Whether `file` can name a flow's message: a step's name (A-Z a-z 0-9 - _) and `.wav`.
@@ -1649,16 +1656,16 @@ mod tests {
         let sources = [
             include_str!("mod.rs"),
             include_str!("error.rs"),
-            include_str!("../console.rs"),
-            include_str!("../forward.rs"),
-            include_str!("../webhooks.rs"),
+            include_str!("console.rs"),
+            include_str!("forward.rs"),
+            include_str!("webhooks.rs"),
             include_str!("../events.rs"),
-            include_str!("../openapi.rs"),
+            include_str!("openapi.rs"),
         ];
         // The connection guard's refusals are written as `code: "..."`.
-        let guard: BTreeSet<String> = include_str!("../http_guard.rs")
+        let guard: BTreeSet<String> = include_str!("http_guard.rs")
             .match_indices("code: \"")
-            .filter_map(|(i, _)| include_str!("../http_guard.rs")[i + 7..].split('"').next())
+            .filter_map(|(i, _)| include_str!("http_guard.rs")[i + 7..].split('"').next())
             .map(str::to_owned)
             .collect();
         assert!(guard.contains("uri_too_long"), "{guard:?}");
@@ -1696,7 +1703,7 @@ mod tests {
     #[test]
     fn the_document_lists_the_error_codes_and_security() {
         let (_, document) = served();
-        let document = crate::openapi::finish(document);
+        let document = openapi::finish(document);
         let json = serde_json::to_value(&document).unwrap();
         let code = &json["components"]["schemas"]["ErrorBody"]["properties"]["code"];
         let listed: Vec<&str> = code["enum"]

@@ -91,7 +91,7 @@ pub(crate) fn finish(mut api: OpenApi) -> OpenApi {
     components.add_security_scheme(
         SESSION,
         SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
-            crate::session::COOKIE,
+            crate::admin::session::COOKIE,
             "The console's session, from `POST /api/session` (HttpOnly, SameSite=Strict); a \
              change made with it needs an `Origin` naming this host",
         ))),
