@@ -1,5 +1,6 @@
 //! The operator's web console, served by the admin port: the page at `/`, its assets under
-//! `/assets/{version}/`, and the sign-in endpoints (`/api/session`, see [`crate::admin::session`]).
+//! `/assets/{version}/`, and the sign-in endpoints (`/api/session`, see
+//! [`crate::admin::session`]).
 //!
 //! The assets are plain files in `crates/callgate-server/console/` embedded in the binary (no
 //! JavaScript toolchain at build time). `{version}` is a digest of all of them, so an asset

@@ -34,7 +34,9 @@ use callgate_store::{CallId, NodeState, UnixMillis};
 use tracing::{info, warn};
 
 use crate::Shared;
+use crate::admin::calls::message_name;
 use crate::admin::error::ErrorBody;
+use crate::admin::limits::{MAX_BODY_BYTES, MAX_PLAY_BYTES};
 use crate::auth::{Secret, same_digest};
 
 /// The request header that carries the cluster secret from one node to another.
@@ -296,10 +298,7 @@ async fn local_file(shared: &Shared, target: &Target, recorded: bool) -> bool {
             .join(file),
     };
     // A name that cannot be a message is the handler's 404, never forwarded.
-    let odd = target
-        .message
-        .as_deref()
-        .is_some_and(|f| !crate::admin::message_name(f));
+    let odd = target.message.as_deref().is_some_and(|f| !message_name(f));
     odd || tokio::fs::try_exists(&path).await.unwrap_or(false)
 }
 
@@ -418,9 +417,9 @@ async fn send(
         .map_or_else(|| "-".to_owned(), |c| c.0.clone());
     let (parts, body) = request.into_parts();
     let limit = if target.live && parts.uri.path().ends_with("/play") {
-        crate::admin::MAX_PLAY_BYTES
+        MAX_PLAY_BYTES
     } else {
-        crate::admin::MAX_BODY_BYTES
+        MAX_BODY_BYTES
     };
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
         let response = error(

@@ -13,7 +13,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::Shared;
 use crate::admin::error::{ApiError, ErrorBody};
-use crate::admin::{bad_query, limit, refuse_unknown};
+use crate::admin::params::{bad_query, limit, refuse_unknown};
 use crate::webhooks::with_outbox;
 
 /// The most rows `GET /api/webhooks/deliveries` returns.
