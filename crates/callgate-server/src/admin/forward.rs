@@ -9,7 +9,8 @@
 //! the body itself, streamed as it comes (a recording is never held whole in memory).
 //!
 //! # Trust
-//! The forwarding node authenticates with the cluster secret (`[cluster] token_env`), in a
+//! The forwarding node authenticates with the cluster secret (`[cluster] token_env`,
+//! [`crate::auth::ClusterSecret`]), in a
 //! header of its own ([`TOKEN_HEADER`]); the client's own `Authorization` is never passed on.
 //! The receiving node accepts that header only with exactly its own secret (compared by
 //! SHA-256 digest without an early exit, as admin tokens are), and then treats the request
@@ -37,7 +38,6 @@ use crate::Shared;
 use crate::admin::calls::message_name;
 use crate::admin::error::ErrorBody;
 use crate::admin::limits::{MAX_BODY_BYTES, MAX_PLAY_BYTES};
-use crate::auth::{Secret, same_digest};
 
 /// The request header that carries the cluster secret from one node to another.
 pub const TOKEN_HEADER: &str = "x-callgate-cluster-token";
@@ -48,8 +48,6 @@ pub const FORWARDED_BY: &str = "x-callgate-forwarded-by";
 pub const FORWARDED_FOR: &str = "x-callgate-forwarded-for";
 /// The response header naming the node that answered a forwarded request.
 pub const NODE_HEADER: &str = "x-callgate-node";
-/// The shortest cluster secret accepted, bytes.
-pub const MIN_CLUSTER_SECRET: usize = 32;
 /// How long connecting to the owner may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the owner may take to answer (status and headers; the body may stream longer).
@@ -57,57 +55,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
 /// The longest the owner's body may pause between two reads while it streams.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The cluster secret: sent to other nodes as it is, compared by its digest.
-#[derive(Clone)]
-pub struct ClusterSecret {
-    text: Arc<str>,
-    digest: Secret,
-}
-
-impl std::fmt::Debug for ClusterSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClusterSecret(..)")
-    }
-}
-
-/// Why a cluster secret was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SecretError {
-    /// Shorter than [`MIN_CLUSTER_SECRET`] bytes (it has this many).
-    #[error(
-        "the cluster secret is {0} bytes long; use at least {MIN_CLUSTER_SECRET} \
-         (e.g. `openssl rand -hex 32`)"
-    )]
-    TooShort(usize),
-    /// Something else than visible ASCII.
-    #[error("the cluster secret must be visible ASCII characters (it travels in an HTTP header)")]
-    NotVisibleAscii,
-}
-
-impl ClusterSecret {
-    /// The secret as given (surrounding whitespace is not part of it): at least
-    /// [`MIN_CLUSTER_SECRET`] bytes, and valid in an HTTP header (visible ASCII).
-    pub fn new(text: &str) -> Result<Self, SecretError> {
-        let text = text.trim();
-        if text.len() < MIN_CLUSTER_SECRET {
-            return Err(SecretError::TooShort(text.len()));
-        }
-        if !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(SecretError::NotVisibleAscii);
-        }
-        Ok(Self {
-            text: Arc::from(text),
-            digest: Secret::digest_of(text.as_bytes()),
-        })
-    }
-
-    /// Whether `presented` is this secret (the time taken does not depend on where they
-    /// differ).
-    fn matches(&self, presented: &[u8]) -> bool {
-        same_digest(&Secret::digest_of(presented.trim_ascii()), &self.digest)
-    }
-}
 
 /// The HTTP client towards other nodes (the secret it presents is the configuration's).
 #[derive(Debug)]
@@ -436,7 +383,7 @@ async fn send(
         .forwarder
         .http
         .request(parts.method.clone(), &url)
-        .header(TOKEN_HEADER, secret.text.as_ref())
+        .header(TOKEN_HEADER, secret.text())
         .header(FORWARDED_BY, shared.node.id.as_str())
         .header(FORWARDED_FOR, caller.as_str())
         .body(body);
