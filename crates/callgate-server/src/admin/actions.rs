@@ -18,6 +18,7 @@ use utoipa::ToSchema;
 use crate::Shared;
 use crate::admin::calls::{Done, DoneStatus, Wav, no_call};
 use crate::admin::error::{ApiError, ErrorBody};
+use crate::admin::forward::Forwarding;
 use crate::admin::params::ValidId;
 use crate::live::{Mailbox, Operator, Refused, Reply, Request as CallRequest};
 
@@ -94,8 +95,7 @@ async fn act(shared: &Shared, call_id: &CallId, request: CallRequest) -> Result<
         (status = 400, description = "`bad_call_id`", body = ErrorBody),
         (status = 404, description = "`call_not_found`", body = ErrorBody),
         (status = 409, description = "`call_not_live`", body = ErrorBody),
-        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
-        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        Forwarding,
         (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
     )
 )]
@@ -161,10 +161,9 @@ pub(crate) enum DtmfStatus {
         (status = 409, description = "`call_not_live` or `unsupported` (CallBridge has no DTMF)",
             body = ErrorBody),
         (status = 413, description = "`too_large`", body = ErrorBody),
-        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
         (status = 422, description = "`missing_field`, `invalid_digit` or `invalid_duration`",
             body = ErrorBody),
-        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        Forwarding,
         (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
     )
 )]
@@ -251,9 +250,8 @@ pub(crate) struct Played {
         (status = 409, description = "`call_not_live` or `queue_full`", body = ErrorBody),
         (status = 413, description = "`too_large`", body = ErrorBody),
         (status = 415, description = "`bad_wav`", body = ErrorBody),
-        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
         (status = 422, description = "`bad_rate`, `too_long` or `empty_wav`", body = ErrorBody),
-        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        Forwarding,
         (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
     )
 )]
@@ -366,8 +364,7 @@ pub(crate) struct Cleared {
         (status = 400, description = "`bad_call_id`", body = ErrorBody),
         (status = 404, description = "`call_not_found`", body = ErrorBody),
         (status = 409, description = "`call_not_live`", body = ErrorBody),
-        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
-        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        Forwarding,
         (status = 503, description = "`call_busy` or `store_unavailable`", body = ErrorBody),
     )
 )]

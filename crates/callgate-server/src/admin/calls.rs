@@ -19,8 +19,10 @@ use utoipa::{IntoParams, ToSchema};
 use crate::Shared;
 use crate::admin::console::ranged;
 use crate::admin::error::{ApiError, ErrorBody};
+use crate::admin::forward::Forwarding;
 use crate::admin::params::{
-    PageQuery, ValidId, bad_call_id, bad_query, limit, next_after, page, refuse_unknown,
+    PageQuery, ValidId, bad_call_id, bad_query, limit, message_name, next_after, page,
+    refuse_unknown,
 };
 use crate::config::check_node_id;
 
@@ -468,8 +470,7 @@ impl ToSchema for Wav {}
         (status = 404, description = "`call_not_found` or `no_recording`", body = ErrorBody),
         (status = 416, description = "The range starts past the end",
             headers(("Content-Range" = String, description = "`bytes */length`"))),
-        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
-        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        Forwarding,
         (status = 503, description = "`store_unavailable`", body = ErrorBody),
     )
 )]
@@ -495,16 +496,6 @@ pub(crate) async fn recording(
     Ok(ranged(&headers, data.into(), "audio/wav"))
 }
 
-/// Whether `file` can name a flow's message: a step's name (A-Z a-z 0-9 - _) and `.wav`.
-pub(crate) fn message_name(file: &str) -> bool {
-    file.strip_suffix(".wav").is_some_and(|stem| {
-        !stem.is_empty()
-            && stem
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    })
-}
-
 /// A message a flow's `record` step left: `DATA_DIR/messages/{id}/{file}` (`file` is a step's
 /// name and `.wav`, as listed in the call's `flow_step` events).
 #[utoipa::path(
@@ -520,8 +511,7 @@ pub(crate) fn message_name(file: &str) -> bool {
         (status = 200, description = "The message, a WAV file", body = inline(Wav), content_type = "audio/wav"),
         (status = 400, description = "`bad_call_id`", body = ErrorBody),
         (status = 404, description = "`call_not_found` or `no_message`", body = ErrorBody),
-        (status = 421, description = "`call_on_other_node`", body = ErrorBody),
-        (status = 502, description = "`node_unreachable` or `cluster_token_refused`", body = ErrorBody),
+        Forwarding,
         (status = 503, description = "`store_unavailable`", body = ErrorBody),
     )
 )]

@@ -10,8 +10,8 @@
 //!
 //! # Trust
 //! The forwarding node authenticates with the cluster secret (`[cluster] token_env`,
-//! [`crate::auth::ClusterSecret`]), in a
-//! header of its own ([`TOKEN_HEADER`]); the client's own `Authorization` is never passed on.
+//! [`crate::auth::ClusterSecret`]), in a header of its own ([`TOKEN_HEADER`]); the client's
+//! own `Authorization` is never passed on.
 //! The receiving node accepts that header only with exactly its own secret (compared by
 //! SHA-256 digest without an early exit, as admin tokens are), and then treats the request
 //! as `operator`. A request that carries the header is never forwarded again (loop guard):
@@ -23,6 +23,7 @@
 //! secret is a `502 cluster_token_refused` (the client's token was fine; the nodes disagree).
 //! A node without a secret answers `421 call_on_other_node`, naming the owner and its URL.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,11 +34,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use callgate_store::{CallId, NodeState, UnixMillis};
 use tracing::{info, warn};
+use utoipa::ToSchema;
+use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, ResponsesBuilder};
 
 use crate::Shared;
-use crate::admin::calls::message_name;
 use crate::admin::error::ErrorBody;
 use crate::admin::limits::{MAX_BODY_BYTES, MAX_PLAY_BYTES};
+use crate::admin::params::message_name;
 
 /// The request header that carries the cluster secret from one node to another.
 pub const TOKEN_HEADER: &str = "x-callgate-cluster-token";
@@ -80,13 +83,36 @@ impl Forwarder {
 #[derive(Debug, Clone)]
 pub(crate) struct Forwarded;
 
+/// What the forwarding may answer instead of the handler, in the OpenAPI document of every
+/// operation it forwards: `responses(..., Forwarding, ...)` beside the handler's own.
+pub(crate) enum Forwarding {}
+
+impl utoipa::IntoResponses for Forwarding {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name(ErrorBody::name()))),
+            )
+        };
+        ResponsesBuilder::new()
+            .response("421", error("`call_on_other_node`"))
+            .response(
+                "502",
+                error("`node_unreachable` or `cluster_token_refused`"),
+            )
+            .build()
+            .into()
+    }
+}
+
 /// The admin token a request was authenticated with (its name), for the audit log.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller(pub(crate) String);
 
 /// An operator request that may be forwarded: its call and what it does.
 #[derive(Debug)]
-struct Target {
+pub(crate) struct Target {
     id: CallId,
     /// The action acts on the live call (hangup, dtmf, play, clear); otherwise it reads a
     /// file (recording, message).
@@ -97,7 +123,7 @@ struct Target {
 
 impl Target {
     /// `/api/calls/{id}/{action}[/{file}]` with the action's method, else `None`.
-    fn parse(method: &Method, path: &str) -> Option<Self> {
+    pub(crate) fn parse(method: &Method, path: &str) -> Option<Self> {
         let rest = path.strip_prefix("/api/calls/")?;
         let mut parts = rest.split('/');
         let id = CallId::parse(parts.next()?)?;

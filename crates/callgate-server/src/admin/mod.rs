@@ -183,6 +183,40 @@ mod tests {
         assert_ne!(served_paths(&router), described);
     }
 
+    /// The operations the forwarding layer sends to the node that holds the call are exactly
+    /// those whose document lists its answers (421, 502: [`forward::Forwarding`]).
+    #[test]
+    fn the_forwarded_operations_document_the_forwarding_answers() {
+        let (_, document) = served();
+        let mut forwarded = Vec::new();
+        for (path, item) in &document.paths.paths {
+            let concrete = path
+                .replace("{id}", "0196f3a4-7c1e-7d2a-9b3c-4d5e6f708192")
+                .replace("{file}", "voicemail.wav")
+                .replace("{version}", "0");
+            let operations = [
+                (axum::http::Method::GET, &item.get),
+                (axum::http::Method::POST, &item.post),
+                (axum::http::Method::PUT, &item.put),
+                (axum::http::Method::DELETE, &item.delete),
+                (axum::http::Method::PATCH, &item.patch),
+            ];
+            for (method, operation) in operations {
+                let Some(operation) = operation else {
+                    continue;
+                };
+                let answers = &operation.responses.responses;
+                let documented = answers.contains_key("421") && answers.contains_key("502");
+                let forwards = forward::Target::parse(&method, &concrete).is_some();
+                assert_eq!(forwards, documented, "{method} {path}");
+                if forwards {
+                    forwarded.push(format!("{method} {path}"));
+                }
+            }
+        }
+        assert_eq!(forwarded.len(), 6, "{forwarded:?}");
+    }
+
     /// Every quoted code right after a status constant (`, ` or `=> `) in the admin API's
     /// source: how `ApiError::new`, the refusals and the forwarding errors name them.
     fn codes_in(source: &str) -> Vec<String> {

@@ -1,5 +1,6 @@
 //! What the admin API reads from a request's path and query string, checked before a handler
-//! acts: call ids, `limit`, pages (`after`), and query strings with no key it does not know.
+//! acts: call ids, flow message names, `limit`, pages (`after`), and query strings with no key
+//! it does not know.
 
 use std::collections::BTreeMap;
 
@@ -139,4 +140,14 @@ pub(crate) fn limit(text: Option<&str>, default: u32, max: u32) -> Result<u32, A
 /// The cursor of the page after `seqs` (`?after=`), when this page is full.
 pub(crate) fn next_after(page: Page, last: Option<u64>, len: usize) -> Option<u64> {
     (len == page.limit as usize).then_some(last).flatten()
+}
+
+/// Whether `file` can name a flow's message: a step's name (A-Z a-z 0-9 - _) and `.wav`.
+pub(crate) fn message_name(file: &str) -> bool {
+    file.strip_suffix(".wav").is_some_and(|stem| {
+        !stem.is_empty()
+            && stem
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
 }
