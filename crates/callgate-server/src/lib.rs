@@ -14,7 +14,7 @@
 //!   operator's web console at `/` and its sign-in (session cookies), the forwarding of
 //!   operator requests to the node that holds the call ([`forward`]), and the guard each admin
 //!   connection passes through before hyper (request heads checked whole, a lingering close).
-//!   [`auth`]: its bearer tokens and roles.
+//!   [`auth`]: its bearer tokens and roles, and the cluster secret.
 //! - `events`: the event hub (fed by the store writer after each commit, and by the node's
 //!   phase changes) and `GET /api/stream`, the live event stream.
 //! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
