@@ -1,4 +1,5 @@
-//! Who may use the admin API: bearer tokens, each with a role.
+//! Who may use the admin API: bearer tokens, each with a role, and the cluster secret other
+//! nodes present with the operator requests they forward.
 //!
 //! Tokens are kept as SHA-256 digests only (a configuration may give the digest itself), and a
 //! presented token is compared by digest against every configured one without stopping at the
@@ -9,7 +10,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use crate::config::ConfigError;
+use crate::config::error::ConfigError;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -58,6 +59,15 @@ pub enum Error {
     /// A SHA-256 digest with a character that is not a hex digit.
     #[error("a SHA-256 digest is 64 hex digits (0-9, a-f)")]
     DigestNotHex,
+    /// A cluster secret shorter than [`MIN_CLUSTER_SECRET`] bytes (it has this many).
+    #[error(
+        "the cluster secret is {0} bytes long; use at least {MIN_CLUSTER_SECRET} \
+         (e.g. `openssl rand -hex 32`)"
+    )]
+    ShortClusterSecret(usize),
+    /// A cluster secret with something else than visible ASCII.
+    #[error("the cluster secret must be visible ASCII characters (it travels in an HTTP header)")]
+    ClusterSecretNotAscii,
 }
 
 /// A secret (token or key), kept only as its SHA-256 digest.
@@ -184,6 +194,52 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The shortest cluster secret accepted, bytes.
+pub const MIN_CLUSTER_SECRET: usize = 32;
+
+/// The cluster secret (`[cluster] token_env`): sent as it is to the other nodes an operator
+/// request is forwarded to, and compared by its digest when another node presents it.
+#[derive(Clone)]
+pub struct ClusterSecret {
+    text: Arc<str>,
+    digest: Secret,
+}
+
+impl fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+impl ClusterSecret {
+    /// The secret as given (surrounding whitespace is not part of it): at least
+    /// [`MIN_CLUSTER_SECRET`] bytes, and valid in an HTTP header (visible ASCII).
+    pub fn new(text: &str) -> Result<Self, Error> {
+        let text = text.trim();
+        if text.len() < MIN_CLUSTER_SECRET {
+            return Err(Error::ShortClusterSecret(text.len()));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::ClusterSecretNotAscii);
+        }
+        Ok(Self {
+            text: Arc::from(text),
+            digest: Secret::digest_of(text.as_bytes()),
+        })
+    }
+
+    /// The secret itself, as this node presents it to others.
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `presented` is this secret (the time taken does not depend on where they
+    /// differ).
+    pub(crate) fn matches(&self, presented: &[u8]) -> bool {
+        same_digest(&Secret::digest_of(presented.trim_ascii()), &self.digest)
+    }
+}
+
 /// The admin API's tokens.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct AdminAuth {
@@ -191,6 +247,25 @@ pub struct AdminAuth {
     pub tokens: Vec<Token>,
     /// The operator says a proxy in front of the admin API authenticates every request.
     pub behind_own_auth: bool,
+}
+
+/// Refuses admin tokens that would leave the admin API open on `listen`: no token, no proxy
+/// said to authenticate in front of it, and an address that is not loopback. Checked at start
+/// against the configured address and, on every reload, against the address really bound
+/// ([`AdminAuthHandle::replace`]).
+pub fn admin_exposure(listen: SocketAddr, auth: &AdminAuth) -> Result<(), ConfigError> {
+    if auth.is_enabled() || auth.behind_own_auth || listen.ip().is_loopback() {
+        return Ok(());
+    }
+    Err(ConfigError {
+        key: "admin.tokens",
+        problem: format!(
+            "the admin API would listen on {listen} (not loopback) with no token: anyone who \
+             can reach it could read every record and hang up calls. Configure [admin] tokens, \
+             or set admin.behind_auth = true if a proxy in front of it authenticates every \
+             request"
+        ),
+    })
 }
 
 /// The admin tokens in force, replaceable while the server runs (SIGHUP rotates them): each
@@ -221,9 +296,9 @@ impl AdminAuthHandle {
     }
 
     /// Whether `auth` may be put in force on the address really bound: not with no token off
-    /// loopback (see [`crate::config::admin_exposure`]).
+    /// loopback (see [`admin_exposure`]).
     pub fn check(&self, auth: &AdminAuth) -> Result<(), ConfigError> {
-        crate::config::admin_exposure(self.bound, auth)
+        admin_exposure(self.bound, auth)
     }
 
     /// Puts `auth` in force for the requests that start from now on, unless [`Self::check`]

@@ -9,13 +9,12 @@
 //!   record (the journal the core writes and the record's drop guard).
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `live`: the live calls' operator mailboxes, where the admin API reaches a call.
-//! - `admin`: the admin HTTP API (axum); [`auth`]: its bearer tokens and roles; `openapi`: its
-//!   OpenAPI 3.1 document (`GET /api/openapi.json`), generated from the handlers' types.
-//! - `http_guard`: what each admin connection passes through before hyper: request heads
-//!   checked whole (a bad one gets the API's JSON error, not hyper's empty one), and a
-//!   lingering close so a client still sending reads its answer.
-//! - `console`: the operator's web console at `/` (embedded files); `session`: its sign-in,
-//!   admin tokens exchanged for session cookies.
+//! - `admin`: the admin HTTP API (axum) and all that only it uses: its authorization, its
+//!   OpenAPI 3.1 document (`GET /api/openapi.json`, generated from the handlers' types), the
+//!   operator's web console at `/` and its sign-in (session cookies), the forwarding of
+//!   operator requests to the node that holds the call ([`forward`]), and the guard each admin
+//!   connection passes through before hyper (request heads checked whole, a lingering close).
+//!   [`auth`]: its bearer tokens and roles, and the cluster secret.
 //! - `events`: the event hub (fed by the store writer after each commit, and by the node's
 //!   phase changes) and `GET /api/stream`, the live event stream.
 //! - [`tls`]: native TLS on both ports, certificates reloaded without dropping connections.
@@ -44,27 +43,17 @@ pub mod auth;
 mod call;
 pub mod call_auth;
 pub mod config;
-mod console;
 mod drain;
 mod events;
-mod failures;
-pub mod forward;
-mod http_guard;
 mod live;
 pub mod metrics;
 pub mod nodes;
-mod openapi;
 mod pii;
 mod retention;
 pub mod routes;
-mod session;
 pub mod tasks;
 pub mod tls;
 pub mod webhooks;
-
-/// Where a call's recording is and how much operator audio a call takes: the admin API reads
-/// them too.
-pub(crate) use call::media;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -82,6 +71,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::admin::{failures, http_guard, session};
+
+pub use admin::forward;
 pub use config::{Config, ConfigError};
 pub use drain::{Phase, StopReason, UndrainRefused};
 pub use metrics::Metrics;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use callgate_store::{CallId, UnixMillis};
 
 use crate::Shared;
-use crate::media::recording_path;
+use crate::call::media::recording_path;
 
 /// Calls deleted per store transaction.
 pub(crate) const BATCH: u32 = 200;

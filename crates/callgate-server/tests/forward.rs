@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use callgate_server::forward::{ClusterSecret, FORWARDED_BY, NODE_HEADER, TOKEN_HEADER};
+use callgate_server::auth::ClusterSecret;
+use callgate_server::forward::{FORWARDED_BY, NODE_HEADER, TOKEN_HEADER};
 use callgate_store::{CallId, NewCall, NodeInfo, NodeState, PgUrl, Registry, Store, UnixMillis};
 use callgate_testkit::pg::Schema;
 use callgate_testkit::{TestServer, incoming_call, spawn_server};

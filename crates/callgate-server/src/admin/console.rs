@@ -1,5 +1,6 @@
 //! The operator's web console, served by the admin port: the page at `/`, its assets under
-//! `/assets/{version}/`, and the sign-in endpoints (`/api/session`, see [`crate::session`]).
+//! `/assets/{version}/`, and the sign-in endpoints (`/api/session`, see
+//! [`crate::admin::session`]).
 //!
 //! The assets are plain files in `crates/callgate-server/console/` embedded in the binary (no
 //! JavaScript toolchain at build time). `{version}` is a digest of all of them, so an asset
@@ -22,33 +23,33 @@ use utoipa_axum::routes;
 
 use crate::Shared;
 use crate::admin::error::{ApiError, ErrorBody};
+use crate::admin::session::{self, Denied};
 use crate::auth::{Refusal, Secret};
-use crate::session::{self, Denied};
 
 /// The page's template; `{{version}}` becomes [`Built::version`].
-const INDEX: &str = include_str!("../console/index.html");
+const INDEX: &str = include_str!("../../console/index.html");
 
 /// The assets: name, content type, bytes.
 const ASSETS: [(&str, &str, &[u8]); 4] = [
     (
         "app.js",
         "text/javascript; charset=utf-8",
-        include_bytes!("../console/app.js"),
+        include_bytes!("../../console/app.js"),
     ),
     (
         "i18n.js",
         "text/javascript; charset=utf-8",
-        include_bytes!("../console/i18n.js"),
+        include_bytes!("../../console/i18n.js"),
     ),
     (
         "app.css",
         "text/css; charset=utf-8",
-        include_bytes!("../console/app.css"),
+        include_bytes!("../../console/app.css"),
     ),
     (
         "icon.svg",
         "image/svg+xml",
-        include_bytes!("../console/icon.svg"),
+        include_bytes!("../../console/icon.svg"),
     ),
 ];
 

@@ -9,8 +9,9 @@
 //! the body itself, streamed as it comes (a recording is never held whole in memory).
 //!
 //! # Trust
-//! The forwarding node authenticates with the cluster secret (`[cluster] token_env`), in a
-//! header of its own ([`TOKEN_HEADER`]); the client's own `Authorization` is never passed on.
+//! The forwarding node authenticates with the cluster secret (`[cluster] token_env`,
+//! [`crate::auth::ClusterSecret`]), in a header of its own ([`TOKEN_HEADER`]); the client's
+//! own `Authorization` is never passed on.
 //! The receiving node accepts that header only with exactly its own secret (compared by
 //! SHA-256 digest without an early exit, as admin tokens are), and then treats the request
 //! as `operator`. A request that carries the header is never forwarded again (loop guard):
@@ -22,6 +23,7 @@
 //! secret is a `502 cluster_token_refused` (the client's token was fine; the nodes disagree).
 //! A node without a secret answers `421 call_on_other_node`, naming the owner and its URL.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,10 +34,13 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use callgate_store::{CallId, NodeState, UnixMillis};
 use tracing::{info, warn};
+use utoipa::ToSchema;
+use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, ResponsesBuilder};
 
 use crate::Shared;
 use crate::admin::error::ErrorBody;
-use crate::auth::{Secret, same_digest};
+use crate::admin::limits::{MAX_BODY_BYTES, MAX_PLAY_BYTES};
+use crate::admin::params::message_name;
 
 /// The request header that carries the cluster secret from one node to another.
 pub const TOKEN_HEADER: &str = "x-callgate-cluster-token";
@@ -46,8 +51,6 @@ pub const FORWARDED_BY: &str = "x-callgate-forwarded-by";
 pub const FORWARDED_FOR: &str = "x-callgate-forwarded-for";
 /// The response header naming the node that answered a forwarded request.
 pub const NODE_HEADER: &str = "x-callgate-node";
-/// The shortest cluster secret accepted, bytes.
-pub const MIN_CLUSTER_SECRET: usize = 32;
 /// How long connecting to the owner may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the owner may take to answer (status and headers; the body may stream longer).
@@ -55,57 +58,6 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(8);
 /// The longest the owner's body may pause between two reads while it streams.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The cluster secret: sent to other nodes as it is, compared by its digest.
-#[derive(Clone)]
-pub struct ClusterSecret {
-    text: Arc<str>,
-    digest: Secret,
-}
-
-impl std::fmt::Debug for ClusterSecret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ClusterSecret(..)")
-    }
-}
-
-/// Why a cluster secret was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SecretError {
-    /// Shorter than [`MIN_CLUSTER_SECRET`] bytes (it has this many).
-    #[error(
-        "the cluster secret is {0} bytes long; use at least {MIN_CLUSTER_SECRET} \
-         (e.g. `openssl rand -hex 32`)"
-    )]
-    TooShort(usize),
-    /// Something else than visible ASCII.
-    #[error("the cluster secret must be visible ASCII characters (it travels in an HTTP header)")]
-    NotVisibleAscii,
-}
-
-impl ClusterSecret {
-    /// The secret as given (surrounding whitespace is not part of it): at least
-    /// [`MIN_CLUSTER_SECRET`] bytes, and valid in an HTTP header (visible ASCII).
-    pub fn new(text: &str) -> Result<Self, SecretError> {
-        let text = text.trim();
-        if text.len() < MIN_CLUSTER_SECRET {
-            return Err(SecretError::TooShort(text.len()));
-        }
-        if !text.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(SecretError::NotVisibleAscii);
-        }
-        Ok(Self {
-            text: Arc::from(text),
-            digest: Secret::digest_of(text.as_bytes()),
-        })
-    }
-
-    /// Whether `presented` is this secret (the time taken does not depend on where they
-    /// differ).
-    fn matches(&self, presented: &[u8]) -> bool {
-        same_digest(&Secret::digest_of(presented.trim_ascii()), &self.digest)
-    }
-}
 
 /// The HTTP client towards other nodes (the secret it presents is the configuration's).
 #[derive(Debug)]
@@ -131,13 +83,36 @@ impl Forwarder {
 #[derive(Debug, Clone)]
 pub(crate) struct Forwarded;
 
+/// What the forwarding may answer instead of the handler, in the OpenAPI document of every
+/// operation it forwards: `responses(..., Forwarding, ...)` beside the handler's own.
+pub(crate) enum Forwarding {}
+
+impl utoipa::IntoResponses for Forwarding {
+    fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        let error = |description: &str| {
+            ResponseBuilder::new().description(description).content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name(ErrorBody::name()))),
+            )
+        };
+        ResponsesBuilder::new()
+            .response("421", error("`call_on_other_node`"))
+            .response(
+                "502",
+                error("`node_unreachable` or `cluster_token_refused`"),
+            )
+            .build()
+            .into()
+    }
+}
+
 /// The admin token a request was authenticated with (its name), for the audit log.
 #[derive(Debug, Clone)]
 pub(crate) struct Caller(pub(crate) String);
 
 /// An operator request that may be forwarded: its call and what it does.
 #[derive(Debug)]
-struct Target {
+pub(crate) struct Target {
     id: CallId,
     /// The action acts on the live call (hangup, dtmf, play, clear); otherwise it reads a
     /// file (recording, message).
@@ -148,7 +123,7 @@ struct Target {
 
 impl Target {
     /// `/api/calls/{id}/{action}[/{file}]` with the action's method, else `None`.
-    fn parse(method: &Method, path: &str) -> Option<Self> {
+    pub(crate) fn parse(method: &Method, path: &str) -> Option<Self> {
         let rest = path.strip_prefix("/api/calls/")?;
         let mut parts = rest.split('/');
         let id = CallId::parse(parts.next()?)?;
@@ -284,7 +259,7 @@ pub(crate) async fn layer(
 async fn local_file(shared: &Shared, target: &Target, recorded: bool) -> bool {
     let path = match &target.message {
         None if !recorded => return true, // the handler's 404 `no_recording`
-        None => crate::media::recording_path(
+        None => crate::call::media::recording_path(
             &shared.config.data_dir.join("recordings"),
             target.id.as_str(),
         ),
@@ -296,10 +271,7 @@ async fn local_file(shared: &Shared, target: &Target, recorded: bool) -> bool {
             .join(file),
     };
     // A name that cannot be a message is the handler's 404, never forwarded.
-    let odd = target
-        .message
-        .as_deref()
-        .is_some_and(|f| !crate::admin::message_name(f));
+    let odd = target.message.as_deref().is_some_and(|f| !message_name(f));
     odd || tokio::fs::try_exists(&path).await.unwrap_or(false)
 }
 
@@ -418,9 +390,9 @@ async fn send(
         .map_or_else(|| "-".to_owned(), |c| c.0.clone());
     let (parts, body) = request.into_parts();
     let limit = if target.live && parts.uri.path().ends_with("/play") {
-        crate::admin::MAX_PLAY_BYTES
+        MAX_PLAY_BYTES
     } else {
-        crate::admin::MAX_BODY_BYTES
+        MAX_BODY_BYTES
     };
     let Ok(body) = axum::body::to_bytes(body, limit).await else {
         let response = error(
@@ -437,7 +409,7 @@ async fn send(
         .forwarder
         .http
         .request(parts.method.clone(), &url)
-        .header(TOKEN_HEADER, secret.text.as_ref())
+        .header(TOKEN_HEADER, secret.text())
         .header(FORWARDED_BY, shared.node.id.as_str())
         .header(FORWARDED_FOR, caller.as_str())
         .body(body);

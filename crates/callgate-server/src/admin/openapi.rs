@@ -2,11 +2,11 @@
 //!
 //! The document is not written here: `utoipa` builds it from the handlers' own
 //! `#[utoipa::path]` attributes and the `ToSchema`/`IntoParams` types they take and answer
-//! with, collected by [`crate::admin::endpoints`] as the router is built. This module only adds
-//! what no handler knows: the title, the security schemes and which of them each operation
-//! takes, decided by the same functions the authorization layer runs
-//! ([`crate::admin::is_open`], [`crate::admin::role_needed`]). The document is serialised once,
-//! when the router is built, and served as those bytes.
+//! with, collected by the admin API's table of endpoints as the router is built. This module
+//! only adds what no handler knows: the title, the security schemes and which of them each
+//! operation takes, decided by the same functions the authorization layer runs
+//! ([`is_open`], [`role_needed`]). The document is serialised once, when the router is built,
+//! and served as those bytes.
 
 use std::sync::Arc;
 
@@ -17,7 +17,9 @@ use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{InfoBuilder, OpenApi, SecurityRequirement};
 
-use crate::admin::error::ApiError;
+use crate::admin::authorize::{is_open, role_needed};
+use crate::admin::error::{ApiError, ErrorBody};
+use crate::admin::session::COOKIE;
 
 /// The name of the bearer token scheme in the document.
 pub(crate) const BEARER: &str = "bearer";
@@ -45,7 +47,7 @@ impl Document {
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API", body = Object),
         (status = 500, description = "`internal`: the document could not be serialised",
-            body = crate::admin::error::ErrorBody),
+            body = ErrorBody),
     )
 )]
 pub(crate) async fn document(Extension(document): Extension<Document>) -> Response {
@@ -91,7 +93,7 @@ pub(crate) fn finish(mut api: OpenApi) -> OpenApi {
     components.add_security_scheme(
         SESSION,
         SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::with_description(
-            crate::session::COOKIE,
+            COOKIE,
             "The console's session, from `POST /api/session` (HttpOnly, SameSite=Strict); a \
              change made with it needs an `Origin` naming this host",
         ))),
@@ -120,10 +122,10 @@ pub(crate) fn finish(mut api: OpenApi) -> OpenApi {
 /// What `method` on `path` takes: nothing on the open paths; else a token or a session of the
 /// role the authorization layer asks, or nothing at all when no tokens are configured (`{}`).
 fn security(path: &str, method: &Method) -> Vec<SecurityRequirement> {
-    if crate::admin::is_open(path) {
+    if is_open(path) {
         return vec![SecurityRequirement::default()];
     }
-    let role = [crate::admin::role_needed(method).as_str()];
+    let role = [role_needed(method).as_str()];
     vec![
         SecurityRequirement::new(BEARER, role),
         SecurityRequirement::new(SESSION, role),

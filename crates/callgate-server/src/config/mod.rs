@@ -1,4 +1,9 @@
 //! The server's validated configuration: plain data, built once before anything binds.
+//!
+//! The settings' own types live with what uses them ([`crate::auth`], [`crate::call_auth`],
+//! [`crate::webhooks`], [`crate::routes`], [`crate::tls`]); they report a setting that cannot
+//! work as a [`ConfigError`], which has a module of its own (`config/error.rs`) so that they
+//! need nothing else of this one: the imports run one way, from here to them to it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,8 +14,12 @@ use callgate_audio::playout::Underrun;
 use callgate_audio::vad::VadConfig;
 use callgate_proto::AudioFormat;
 
-use crate::auth::AdminAuth;
+use crate::auth::admin_exposure;
 use crate::routes::{DEFAULT_ROUTE, RouteError, RouteSpec, RouteTable};
+
+pub(crate) mod error;
+
+pub use error::ConfigError;
 
 /// The most calls or pending connections a budget can count.
 const MAX_COUNT: usize = 1_000_000;
@@ -55,7 +64,7 @@ pub struct Config {
     /// The cluster secret (`[cluster] token_env`): operator requests for a call another node
     /// holds are forwarded to it with this secret, and requests forwarded by other nodes are
     /// accepted only with it. `None`: nothing is forwarded, nor accepted.
-    pub cluster_secret: Option<crate::forward::ClusterSecret>,
+    pub cluster_secret: Option<crate::auth::ClusterSecret>,
     /// How many calls may be live at once; more are refused with 1013.
     pub max_calls: usize,
     /// How many connections may be pending at once (accepted, not a call yet: upgrading,
@@ -151,35 +160,6 @@ impl Default for Config {
             webhook_retry: crate::webhooks::Retry::default(),
         }
     }
-}
-
-/// A setting that cannot work.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid setting {key}: {problem}")]
-pub struct ConfigError {
-    /// The setting's name as in the TOML file (`max_calls`).
-    pub key: &'static str,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-/// Refuses admin tokens that would leave the admin API open on `listen`: no token, no proxy
-/// said to authenticate in front of it, and an address that is not loopback. Checked at start
-/// against the configured address and, on every reload, against the address really bound
-/// ([`crate::auth::AdminAuthHandle::replace`]).
-pub fn admin_exposure(listen: SocketAddr, auth: &AdminAuth) -> Result<(), ConfigError> {
-    if auth.is_enabled() || auth.behind_own_auth || listen.ip().is_loopback() {
-        return Ok(());
-    }
-    Err(ConfigError {
-        key: "admin.tokens",
-        problem: format!(
-            "the admin API would listen on {listen} (not loopback) with no token: anyone who \
-             can reach it could read every record and hang up calls. Configure [admin] tokens, \
-             or set admin.behind_auth = true if a proxy in front of it authenticates every \
-             request"
-        ),
-    })
 }
 
 /// The shortest `node_timeout`: more than two heartbeats.
