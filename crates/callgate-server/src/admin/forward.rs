@@ -32,7 +32,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use callgate_store::{CallId, NodeState, UnixMillis};
+use callgate_store::{CallId, NodeState};
 use tracing::{info, warn};
 use utoipa::ToSchema;
 use utoipa::openapi::{Content, Ref, RefOr, ResponseBuilder, ResponsesBuilder};
@@ -277,19 +277,7 @@ async fn local_file(shared: &Shared, target: &Target, recorded: bool) -> bool {
 
 /// The admin URL of `owner` from the roster, or the error to answer.
 async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response> {
-    let timeout = shared.config.node_timeout;
-    let read = shared.clone();
-    let nodes = shared
-        .tasks
-        .spawn_blocking(move || {
-            let mut roster = read
-                .roster
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            roster.nodes(timeout, UnixMillis::now())
-        })
-        .await;
-    let nodes = match nodes {
+    let nodes = match super::node::read_roster(shared).await {
         Ok(Ok(nodes)) => nodes,
         Ok(Err(e)) => {
             return Err(error(

@@ -229,9 +229,22 @@ pub(crate) struct NodeList {
     )
 )]
 pub(crate) async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Json<NodeList>, ApiError> {
+    let nodes = read_roster(&shared)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(ApiError::store)?;
+    Ok(Json(NodeList { nodes }))
+}
+
+/// The roster as the store has it now (nodes silent for `node_timeout` marked so), read on the
+/// blocking pool: the roster's connection is shared, readers take turns on it.
+pub(super) async fn read_roster(
+    shared: &Arc<Shared>,
+) -> Result<Result<Vec<callgate_store::NodeRecord>, callgate_store::Error>, tokio::task::JoinError>
+{
     let timeout = shared.config.node_timeout;
     let read = shared.clone();
-    let nodes = shared
+    shared
         .tasks
         .spawn_blocking(move || {
             let mut roster = read
@@ -241,7 +254,4 @@ pub(crate) async fn nodes(State(shared): State<Arc<Shared>>) -> Result<Json<Node
             roster.nodes(timeout, UnixMillis::now())
         })
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(ApiError::store)?;
-    Ok(Json(NodeList { nodes }))
 }
