@@ -37,6 +37,8 @@ pub mod echo;
 pub mod queue;
 mod settings;
 mod spawner;
+#[cfg(test)]
+mod testing;
 pub mod tone;
 
 use std::future::Future;
