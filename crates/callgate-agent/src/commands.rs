@@ -30,14 +30,16 @@
 //! [`AgentSender`]: crate::AgentSender
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
-use crate::Stamped;
+use crate::{Epoch, Error, Stamped};
 
 /// Capacity of an agent's command channel.
 pub const COMMAND_QUEUE: usize = 64;
@@ -104,7 +106,7 @@ pub(crate) fn channel() -> (Sender, Receiver) {
 
 /// The receiver is gone: the call has ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Closed;
+struct Closed;
 
 /// What a push found.
 enum Push {
@@ -119,24 +121,19 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    /// Queues `command`, waiting while the channel is full. Cancel-safe: a dropped send
-    /// queues nothing.
-    pub(crate) async fn send(&self, command: Stamped) -> Result<(), Closed> {
-        // The common case costs one lock: room, push, wake the receiver only if it waits.
-        let mut command = match self.push(command)? {
-            Push::Done => return Ok(()),
-            Push::Full(c) => c,
-        };
-        loop {
-            // Registered before looking again, so a pop in between is not missed.
-            let room = self.shared.writable.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            command = match self.push(command)? {
-                Push::Done => return Ok(()),
-                Push::Full(c) => c,
-            };
-            room.await;
+    /// Queues `command`, waiting while the channel is full. With `stamp`, the command is
+    /// stamped with that epoch when the send is first polled (the epoch current when it
+    /// runs, as an `async fn` would read it). Cancel-safe: a dropped send queues nothing.
+    pub(crate) fn send<'a>(
+        &'a self,
+        command: Stamped,
+        stamp: Option<&'a AtomicU64>,
+    ) -> Sending<'a> {
+        Sending {
+            sender: self,
+            command: Some(command),
+            stamp,
+            room: None,
         }
     }
 
@@ -186,6 +183,59 @@ impl Drop for Sender {
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sender").finish_non_exhaustive()
+    }
+}
+
+/// A send in progress ([`Sender::send`]): written out rather than an `async fn`, so that
+/// the common send (room in the channel) is one small struct and one lock, with no nested
+/// state machines moving the command from one to the next.
+pub(crate) struct Sending<'a> {
+    sender: &'a Sender,
+    /// The command, until it is queued.
+    command: Option<Stamped>,
+    /// Where the command's epoch is read at the first poll, if it is to be read then.
+    stamp: Option<&'a AtomicU64>,
+    /// Registered for room while the channel is full (boxed: only a send that waits needs
+    /// it, and every send would otherwise carry it).
+    room: Option<Pin<Box<Notified<'a>>>>,
+}
+
+impl Future for Sending<'_> {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        if let (Some(stamp), Some(command)) = (this.stamp.take(), this.command.as_mut()) {
+            command.epoch = Epoch(stamp.load(Ordering::Acquire));
+        }
+        loop {
+            if let Some(room) = &mut this.room {
+                if room.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.room = None;
+            }
+            // Polled again after it completed: nothing left to send.
+            let Some(command) = this.command.take() else {
+                return Poll::Ready(Ok(()));
+            };
+            let command = match this.sender.push(command) {
+                Err(Closed) => return Poll::Ready(Err(Error::CallGone)),
+                Ok(Push::Done) => return Poll::Ready(Ok(())),
+                Ok(Push::Full(command)) => command,
+            };
+            // Registered before looking again, so a pop in between is not missed.
+            let mut room = Box::pin(this.sender.shared.writable.notified());
+            room.as_mut().enable();
+            match this.sender.push(command) {
+                Err(Closed) => return Poll::Ready(Err(Error::CallGone)),
+                Ok(Push::Done) => return Poll::Ready(Ok(())),
+                Ok(Push::Full(command)) => {
+                    this.command = Some(command);
+                    this.room = Some(room);
+                }
+            }
+        }
     }
 }
 
@@ -341,11 +391,11 @@ mod tests {
     async fn a_full_channel_makes_senders_wait_and_keeps_order() {
         let (tx, mut rx) = channel();
         for n in 0..COMMAND_QUEUE {
-            tx.send(audio(n as u8)).await.unwrap();
+            tx.send(audio(n as u8), None).await.unwrap();
         }
         let tx2 = tx.clone();
         {
-            let mut waiting = pin!(tx2.send(audio(200)));
+            let mut waiting = pin!(tx2.send(audio(200), None));
             assert!(poll_once(waiting.as_mut()).is_pending(), "no room");
             assert_eq!(rx.try_recv(), Some(audio(0)));
             assert_eq!(poll_once(waiting.as_mut()), Poll::Ready(Ok(())));
@@ -381,7 +431,7 @@ mod tests {
                     .poll(&mut Context::from_waker(&waker))
                     .is_pending()
             );
-            assert!(poll_once(pin!(tx.send(audio(1)))).is_ready());
+            assert!(poll_once(pin!(tx.send(audio(1), None))).is_ready());
             assert_eq!(woken(), 1, "the waiting receiver is woken");
             assert_eq!(
                 recv.as_mut().poll(&mut Context::from_waker(&waker)),
@@ -389,20 +439,20 @@ mod tests {
             );
         }
         // The call is busy (it will look with try_recv): a push wakes nothing.
-        assert!(poll_once(pin!(tx.send(audio(2)))).is_ready());
+        assert!(poll_once(pin!(tx.send(audio(2), None))).is_ready());
         assert_eq!(rx.try_recv(), Some(audio(2)));
         // Polled and pending, then busy (a turn started): a push wakes nothing; once pending
         // again, the next push wakes it.
         assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
         rx.busy();
-        assert!(poll_once(pin!(tx.send(audio(4)))).is_ready());
+        assert!(poll_once(pin!(tx.send(audio(4), None))).is_ready());
         assert_eq!(woken(), 1, "a busy receiver is not woken");
         assert_eq!(
             rx.poll_recv(&mut Context::from_waker(&waker)),
             Poll::Ready(Some(audio(4)))
         );
         assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
-        assert!(poll_once(pin!(tx.send(audio(5)))).is_ready());
+        assert!(poll_once(pin!(tx.send(audio(5), None))).is_ready());
         assert_eq!(woken(), 2, "a pending receiver is woken");
         assert_eq!(rx.try_recv(), Some(audio(5)));
         {
@@ -414,7 +464,7 @@ mod tests {
                     .is_pending()
             );
         }
-        assert!(poll_once(pin!(tx.send(audio(3)))).is_ready());
+        assert!(poll_once(pin!(tx.send(audio(3), None))).is_ready());
         assert_eq!(woken(), 2);
         assert_eq!(rx.try_recv(), Some(audio(3)));
     }
@@ -432,14 +482,14 @@ mod tests {
             assert!(rx.poll_recv(&mut cx).is_pending());
             assert!(rx.poll_recv(&mut cx).is_pending(), "still nothing there");
             assert_eq!(woken(), usize::from(round - 1));
-            assert!(poll_once(pin!(tx.send(audio(round)))).is_ready());
+            assert!(poll_once(pin!(tx.send(audio(round), None))).is_ready());
             assert_eq!(
                 woken(),
                 usize::from(round),
                 "the push wakes the waiting receiver"
             );
             // One push, one wake-up.
-            assert!(poll_once(pin!(tx.send(audio(0)))).is_ready());
+            assert!(poll_once(pin!(tx.send(audio(0), None))).is_ready());
             assert_eq!(woken(), usize::from(round));
             assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio(round))));
             assert_eq!(rx.try_recv(), Some(audio(0)));
@@ -448,7 +498,7 @@ mod tests {
         // Busy, then waiting again: armed again, woken again.
         assert!(rx.poll_recv(&mut cx).is_pending());
         rx.busy();
-        assert!(poll_once(pin!(tx.send(audio(7)))).is_ready());
+        assert!(poll_once(pin!(tx.send(audio(7), None))).is_ready());
         assert_eq!(woken(), 3, "a busy receiver is not woken");
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio(7))));
         assert!(rx.poll_recv(&mut cx).is_pending());
@@ -476,7 +526,7 @@ mod tests {
         // it not armed and wakes nothing, so the arming must see it.
         let sender = tx.clone();
         crate::testing::in_the_gap(move || {
-            assert!(poll_once(pin!(sender.send(audio(1)))).is_ready());
+            assert!(poll_once(pin!(sender.send(audio(1), None))).is_ready());
         });
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio(1))));
         assert_eq!(woken(), 0);
@@ -485,7 +535,7 @@ mod tests {
         assert!(rx.poll_recv(&mut cx).is_pending());
         let sender = tx.clone();
         crate::testing::in_the_gap(move || {
-            assert!(poll_once(pin!(sender.send(audio(2)))).is_ready());
+            assert!(poll_once(pin!(sender.send(audio(2), None))).is_ready());
         });
         assert!(rx.poll_recv(&mut cx).is_pending());
         assert_eq!(woken(), 1, "the push in the gap woke the receiver");
@@ -505,7 +555,7 @@ mod tests {
                     epoch: Epoch(u64::from(n)),
                     command: AgentCommand::Answer,
                 };
-                let mut send = pin!(tx.send(command));
+                let mut send = pin!(tx.send(command, None));
                 // Room is made by the receiver: wait for it like a task would.
                 let (parker, waker) = crate::testing::parker();
                 let mut cx = Context::from_waker(&waker);
@@ -543,22 +593,25 @@ mod tests {
     async fn a_dropped_receiver_releases_waiting_senders() {
         let (tx, rx) = channel();
         for n in 0..COMMAND_QUEUE {
-            tx.send(audio(n as u8)).await.unwrap();
+            tx.send(audio(n as u8), None).await.unwrap();
         }
-        let mut waiting = pin!(tx.send(audio(1)));
+        let mut waiting = pin!(tx.send(audio(1), None));
         assert!(poll_once(waiting.as_mut()).is_pending());
         drop(rx);
-        assert_eq!(poll_once(waiting.as_mut()), Poll::Ready(Err(Closed)));
+        assert_eq!(
+            poll_once(waiting.as_mut()),
+            Poll::Ready(Err(Error::CallGone))
+        );
     }
 
     #[tokio::test]
     async fn a_cancelled_send_queues_nothing() {
         let (tx, mut rx) = channel();
         for n in 0..COMMAND_QUEUE {
-            tx.send(audio(n as u8)).await.unwrap();
+            tx.send(audio(n as u8), None).await.unwrap();
         }
         {
-            let mut cancelled = pin!(tx.send(audio(99)));
+            let mut cancelled = pin!(tx.send(audio(99), None));
             assert!(poll_once(cancelled.as_mut()).is_pending());
         }
         for _ in 0..COMMAND_QUEUE {
