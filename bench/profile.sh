@@ -16,14 +16,17 @@
 # Counts per frame (system calls, switches) do not move with a noisy machine; times do.
 #
 # Usage: bench/profile.sh [callgate|floor ...]   (default: callgate floor)
-# Knobs: PROF_CALLS (500), PROF_WINDOW (8), PROF_RECORD (0), PROF_CALLGATE (a callgate binary;
-# default target/release/callgate, built), PROF_OUT (a directory for the raw outputs).
+# Knobs: PROF_CALLS (500), PROF_WINDOW (8), PROF_RECORD (0), PROF_RECORD_ARGS (what `perf
+# record` samples; default `-F 2000`, user time only with call stacks:
+# `-e cpu-clock:u --call-graph dwarf`), PROF_CALLGATE (a callgate binary; default
+# target/release/callgate, built), PROF_OUT (a directory for the raw outputs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CALLS=${PROF_CALLS:-500}
 WINDOW=${PROF_WINDOW:-8}
 RECORD=${PROF_RECORD:-0}
+read -r -a RECORD_ARGS <<<"${PROF_RECORD_ARGS:--F 2000}"
 OUT=${PROF_OUT:-$(mktemp -d)}
 PORT=4190
 mkdir -p "$OUT"
@@ -86,7 +89,7 @@ profile() { # name
   kill -INT "$st" 2>/dev/null || true
   wait "$st" 2>/dev/null || true
   if [ "$RECORD" = 1 ]; then
-    perf record -F 2000 -o "$OUT/$name.perf.data" -p "$pid" -- sleep "$WINDOW" >/dev/null 2>&1 || true
+    perf record "${RECORD_ARGS[@]}" -o "$OUT/$name.perf.data" -p "$pid" -- sleep "$WINDOW" >/dev/null 2>&1 || true
   fi
   wait "$load" || true
   kill "$pid" 2>/dev/null || true

@@ -37,6 +37,8 @@ pub mod echo;
 pub mod queue;
 mod settings;
 mod spawner;
+#[cfg(test)]
+mod testing;
 pub mod tone;
 
 use std::future::Future;
@@ -408,9 +410,14 @@ impl AgentIo {
     }
 
     /// Sends a command in the current epoch, waiting for room in the channel (audio waits
-    /// while the playout is full: that is the agent's backpressure).
-    pub async fn send(&self, command: AgentCommand) -> Result<(), Error> {
-        self.sender.send(command).await
+    /// while the playout is full: that is the agent's backpressure). Like an `async fn`, it
+    /// does nothing until polled, reads the epoch when first polled, and a send dropped
+    /// before it completes sends nothing.
+    pub fn send(
+        &self,
+        command: AgentCommand,
+    ) -> impl Future<Output = Result<(), Error>> + Send + '_ {
+        self.sender.send(command)
     }
 
     /// A cloneable handle for sending commands while another part of the agent waits in
@@ -465,18 +472,26 @@ pub struct AgentSender {
 
 impl AgentSender {
     /// See [`AgentIo::send`].
-    pub async fn send(&self, command: AgentCommand) -> Result<(), Error> {
-        self.send_in(self.epoch(), command).await
+    pub fn send(
+        &self,
+        command: AgentCommand,
+    ) -> impl Future<Output = Result<(), Error>> + Send + '_ {
+        let command = Stamped {
+            epoch: Epoch::default(),
+            command,
+        };
+        self.commands.send(command, Some(&self.control.epoch))
     }
 
     /// Sends a command stamped with `epoch`: audio produced for an epoch that a clear or a
     /// barge-in has since ended is dropped by the call instead of played, wherever it was in
     /// the agent's pipeline. Take the epoch when the audio's production starts.
-    pub async fn send_in(&self, epoch: Epoch, command: AgentCommand) -> Result<(), Error> {
-        self.commands
-            .send(Stamped { epoch, command })
-            .await
-            .map_err(|_| Error::CallGone)
+    pub fn send_in(
+        &self,
+        epoch: Epoch,
+        command: AgentCommand,
+    ) -> impl Future<Output = Result<(), Error>> + Send + '_ {
+        self.commands.send(Stamped { epoch, command }, None)
     }
 
     /// See [`AgentIo::clear`].
@@ -724,6 +739,25 @@ mod tests {
         assert!(!side.control.take_clear_request());
         assert_eq!(side.commands.try_recv().map(|s| s.epoch), Some(old));
         assert_eq!(side.commands.try_recv().map(|s| s.epoch), Some(new));
+    }
+
+    #[test]
+    fn a_send_is_stamped_with_the_epoch_current_when_it_first_runs() {
+        let (io, mut side) = wire(info(), 8, Spawner::detached(), tokio::time::Instant::now());
+        let created_in = io.epoch();
+        let mut send = std::pin::pin!(io.send(AgentCommand::Answer));
+        // Created, not polled: nothing is sent, and a clear before it runs counts.
+        assert_eq!(side.commands.try_recv(), None);
+        let now = io.clear();
+        assert!(now > created_in);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(send.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(side.commands.try_recv().map(|s| s.epoch), Some(now));
+        // A send given its epoch keeps it.
+        let sender = io.sender();
+        let mut send = std::pin::pin!(sender.send_in(created_in, AgentCommand::Answer));
+        assert!(send.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(side.commands.try_recv().map(|s| s.epoch), Some(created_in));
     }
 
     #[tokio::test]

@@ -14,9 +14,21 @@
 //! sender's own driver (see [`EventSender::polled_by`]): the call task polls its agent's future
 //! itself, right after queueing what the agent is to read, so waking it from inside its own
 //! turn would only poll the whole call a second time for nothing (once per audio frame).
+//!
+//! Fast path: a word of flags beside the lock says whether anything is there to read
+//! (`READY`) and whether the receiver's waker is in place for the next push (`ARMED`). The
+//! flags change only with the lock held, except that the receiver sets `ARMED` on its own;
+//! both sides change them with read-modify-write operations, so each sees the other's bit.
+//! A receiver that finds nothing to read, with the waker it is polled with already kept,
+//! returns `Pending` without the lock (the agent's second look after each frame, and the call
+//! task's poll of its agent every turn). It cannot miss a push: the push sets `READY` and
+//! reads `ARMED` in one operation, and the receiver sets `ARMED` and reads `READY` in one,
+//! so whichever comes second sees the first. The waker stays in its slot after a wake-up (a
+//! copy is woken), so the same task waiting again needs neither the lock nor a clone.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -24,6 +36,12 @@ use crate::AgentEvent;
 
 /// Default capacity: 50 frames is one second of 20 ms audio.
 pub const DEFAULT_CAPACITY: usize = 50;
+
+/// Something is there for the receiver: an event, a loss report, or the sender's drop.
+/// Set and cleared only with the lock held, in step with the state.
+const READY: u8 = 1;
+/// The receiver waits, and `State::waiter` holds its waker: the next push wakes it.
+const ARMED: u8 = 2;
 
 /// Why a control event was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -43,12 +61,15 @@ struct State {
     lost: u64,
     sender_alive: bool,
     receiver_alive: bool,
-    /// The receiver's task, while it waits for an event.
+    /// The receiver's task: the last waker it waited with (woken while `ARMED`). Only the
+    /// receiver puts one here; it stays until another replaces it or the sender's drop.
     waiter: Option<Waker>,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// `READY` and `ARMED` (see the module docs).
+    flags: AtomicU8,
 }
 
 impl Shared {
@@ -70,13 +91,14 @@ pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
             receiver_alive: true,
             waiter: None,
         }),
+        flags: AtomicU8::new(0),
     });
     (
         EventSender {
             shared: shared.clone(),
             driver: None,
         },
-        EventReceiver { shared },
+        EventReceiver { shared, kept: None },
     )
 }
 
@@ -126,7 +148,8 @@ impl EventSender {
                     state.lost += 1;
                     result = Pushed::DroppedOldest;
                 }
-                // Full of control events: the newest audio is the one to go.
+                // Full of control events: the newest audio is the one to go (the queue is
+                // not empty, so `READY` is already set).
                 None => {
                     state.lost += 1;
                     return Pushed::DroppedOldest;
@@ -134,7 +157,7 @@ impl EventSender {
             }
         }
         state.items.push_back(AgentEvent::Audio(data));
-        self.wake(state);
+        self.ready(state);
         result
     }
 
@@ -158,23 +181,27 @@ impl EventSender {
             state.lost += 1;
         }
         state.items.push_back(event);
-        self.wake(state);
+        self.ready(state);
         Ok(())
     }
 
-    /// Wakes the waiting receiver, unless it waits in the task that polls it next anyway.
-    fn wake(&self, mut state: MutexGuard<'_, State>) {
+    /// Says that something was queued, and wakes the receiver if it waits, unless it waits
+    /// in the task that polls it next anyway.
+    fn ready(&self, state: MutexGuard<'_, State>) {
+        let flags = &self.shared.flags;
+        if flags.fetch_or(READY, Ordering::AcqRel) & ARMED == 0 {
+            return;
+        }
         let Some(waiter) = &state.waiter else {
             return;
         };
         if self.driver.as_ref().is_some_and(|d| d.will_wake(waiter)) {
             return;
         }
-        let waiter = state.waiter.take();
+        flags.fetch_and(!ARMED, Ordering::AcqRel);
+        let waiter = waiter.clone();
         drop(state);
-        if let Some(w) = waiter {
-            w.wake();
-        }
+        waiter.wake();
     }
 }
 
@@ -182,6 +209,7 @@ impl Drop for EventSender {
     fn drop(&mut self) {
         let mut state = self.shared.lock();
         state.sender_alive = false;
+        self.shared.flags.store(READY, Ordering::Release);
         let waiter = state.waiter.take();
         drop(state);
         // Always woken: the driver that dropped its sender may not poll the agent again.
@@ -200,6 +228,9 @@ impl std::fmt::Debug for EventSender {
 /// The agent's end of the queue.
 pub struct EventReceiver {
     shared: Arc<Shared>,
+    /// A copy of the waker in `State::waiter` (the receiver alone puts one there), to tell
+    /// without the lock whether the task polling now is the one a push would wake.
+    kept: Option<Waker>,
 }
 
 impl EventReceiver {
@@ -209,18 +240,33 @@ impl EventReceiver {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    /// Polls for the next event (see [`EventReceiver::recv`]): one lock, and the waker is
-    /// stored only when it is not the one already stored.
+    /// Polls for the next event (see [`EventReceiver::recv`]). With nothing to read and the
+    /// same waker as last time, no lock is taken; otherwise one, and the waker is cloned only
+    /// when it is not the one kept already.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<AgentEvent>> {
+        let flags = &self.shared.flags;
+        let seen = flags.load(Ordering::Acquire);
+        if seen & READY == 0 && self.kept.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
+            // The waker in the slot is this task's: arming it is all waiting takes.
+            #[cfg(test)]
+            crate::testing::gap();
+            if seen & ARMED != 0 || flags.fetch_or(ARMED, Ordering::AcqRel) & READY == 0 {
+                return Poll::Pending;
+            }
+        }
         let mut state = self.shared.lock();
-        match Self::next(&mut state) {
+        match self.next(&mut state) {
             Next::Event(event) => Poll::Ready(Some(event)),
             Next::Closed => Poll::Ready(None),
             Next::Empty => {
-                match &mut state.waiter {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    slot => *slot = Some(cx.waker().clone()),
+                if !self.kept.as_ref().is_some_and(|k| k.will_wake(cx.waker())) {
+                    let waker = cx.waker().clone();
+                    state.waiter = Some(waker.clone());
+                    self.kept = Some(waker);
                 }
+                // Nothing queued, with the lock held: `READY` is clear, and the next push
+                // (which takes the lock) finds the waker armed.
+                flags.fetch_or(ARMED, Ordering::AcqRel);
                 Poll::Pending
             }
         }
@@ -228,25 +274,32 @@ impl EventReceiver {
 
     /// The next event if one is queued (`None` when the queue is empty or closed).
     pub fn try_recv(&mut self) -> Option<AgentEvent> {
-        match Self::next(&mut self.shared.lock()) {
+        if self.shared.flags.load(Ordering::Acquire) & READY == 0 {
+            return None;
+        }
+        let mut state = self.shared.lock();
+        match self.next(&mut state) {
             Next::Event(event) => Some(event),
             Next::Closed | Next::Empty => None,
         }
     }
 
-    fn next(state: &mut State) -> Next {
-        if state.lost > 0 {
+    /// Takes the next event (with the lock held); clears `READY` when that leaves nothing.
+    fn next(&self, state: &mut State) -> Next {
+        let event = if state.lost > 0 {
             let frames = std::mem::take(&mut state.lost);
-            return Next::Event(AgentEvent::AudioLost { frames });
-        }
-        if let Some(event) = state.items.pop_front() {
-            return Next::Event(event);
-        }
-        if state.sender_alive {
-            Next::Empty
+            AgentEvent::AudioLost { frames }
+        } else if let Some(event) = state.items.pop_front() {
+            event
+        } else if state.sender_alive {
+            return Next::Empty;
         } else {
-            Next::Closed
+            return Next::Closed;
+        };
+        if state.items.is_empty() && state.lost == 0 && state.sender_alive {
+            self.shared.flags.fetch_and(!READY, Ordering::AcqRel);
         }
+        Next::Event(event)
     }
 }
 
@@ -328,6 +381,113 @@ mod tests {
         drop(tx);
         assert_eq!(woken(&agent_task), 2);
         assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(None));
+    }
+
+    #[test]
+    fn a_receiver_waiting_again_with_the_same_waker_is_woken_by_the_next_push() {
+        let (tx, mut rx) = channel(4);
+        let (task, waker) = counter();
+        let woken = || task.0.load(Ordering::SeqCst);
+        let mut cx = Context::from_waker(&waker);
+        for round in 1..=3 {
+            // After the first round the waker is kept: waiting again takes the fast path
+            // (no lock), and must still be seen by the push that follows.
+            assert!(rx.poll_recv(&mut cx).is_pending());
+            assert!(rx.poll_recv(&mut cx).is_pending(), "still nothing to read");
+            assert_eq!(woken(), round - 1);
+            tx.push_audio(Bytes::from(vec![round as u8]));
+            assert_eq!(woken(), round, "the push wakes the waiting receiver");
+            // One push, one wake-up: the next push before the receiver waits again wakes
+            // nothing.
+            tx.push_audio(Bytes::from(vec![0]));
+            assert_eq!(woken(), round);
+            assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio(round as u8))));
+            assert_eq!(rx.try_recv(), Some(audio(0)));
+            assert_eq!(rx.try_recv(), None);
+        }
+        // Polled from another task now: that task is the one woken.
+        let (other, other_waker) = counter();
+        assert!(
+            rx.poll_recv(&mut Context::from_waker(&other_waker))
+                .is_pending()
+        );
+        tx.push_audio(Bytes::new());
+        assert_eq!(other.0.load(Ordering::SeqCst), 1);
+        assert_eq!(woken(), 3);
+    }
+
+    #[test]
+    fn a_push_between_the_receivers_look_and_its_arming_is_not_missed() {
+        let (tx, mut rx) = channel(4);
+        let tx = std::rc::Rc::new(tx);
+        let (task, waker) = counter();
+        let woken = || task.0.load(Ordering::SeqCst);
+        let mut cx = Context::from_waker(&waker);
+        // Waiting once keeps the waker; the push that wakes it disarms it.
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.push_audio(Bytes::from_static(b"a"));
+        assert_eq!(woken(), 1);
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio_of(b"a"))));
+        // Not armed, nothing there: the fast path looks, then arms. A push in between finds
+        // it not armed and wakes nothing, so the arming must see it.
+        let sender = tx.clone();
+        crate::testing::in_the_gap(move || {
+            sender.push_audio(Bytes::from_static(b"b"));
+        });
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio_of(b"b"))));
+        assert_eq!(woken(), 1);
+        // Armed already: the fast path only looks. A push in between finds it armed and
+        // wakes it.
+        let sender = tx.clone();
+        crate::testing::in_the_gap(move || {
+            sender.push_audio(Bytes::from_static(b"c"));
+        });
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        assert_eq!(woken(), 2, "the push in the gap woke the receiver");
+        assert_eq!(rx.poll_recv(&mut cx), Poll::Ready(Some(audio_of(b"c"))));
+    }
+
+    #[test]
+    fn no_push_is_missed_by_a_receiver_in_another_thread() {
+        // The sender and the receiver race on the flags from two threads. A lost wake-up
+        // leaves the receiver waiting while a frame is queued: `wait` then fails.
+        const N: u32 = 200_000;
+        let (mut tx, mut rx) = channel(8);
+        let (got, lost) = std::thread::scope(|s| {
+            let receiver = s.spawn(move || {
+                let (parker, waker) = crate::testing::parker();
+                let mut cx = Context::from_waker(&waker);
+                let (mut got, mut lost, mut last) = (0u64, 0u64, None);
+                loop {
+                    match rx.poll_recv(&mut cx) {
+                        // Anything to read now was there when the wake-up was due.
+                        Poll::Pending => parker.wait(|| rx.try_recv().is_some()),
+                        Poll::Ready(Some(AgentEvent::Audio(data))) => {
+                            let n = u32::from_le_bytes(data[..].try_into().expect("4 bytes"));
+                            assert!(last.is_none_or(|l| n > l), "in order");
+                            last = Some(n);
+                            got += 1;
+                        }
+                        Poll::Ready(Some(AgentEvent::AudioLost { frames })) => lost += frames,
+                        Poll::Ready(Some(other)) => panic!("unexpected {other:?}"),
+                        Poll::Ready(None) => return (got, lost),
+                    }
+                }
+            });
+            // Not the receiver's task: every push to a waiting receiver must wake it.
+            tx.polled_by(Waker::noop().clone());
+            for n in 0..N {
+                let pushed = tx.push_audio(Bytes::copy_from_slice(&n.to_le_bytes()));
+                assert_ne!(pushed, Pushed::Closed);
+            }
+            drop(tx);
+            receiver.join().expect("the receiver thread")
+        });
+        assert_eq!(
+            got + lost,
+            u64::from(N),
+            "every frame was read or reported lost"
+        );
     }
 
     fn audio_of(b: &'static [u8]) -> AgentEvent {
