@@ -10,9 +10,9 @@
 //! The CPU an echoed frame costs is mostly wake-ups and polls, so the loop keeps them to one
 //! turn per input: pushes to the agent's event queue do not wake this task, which polls the
 //! agent right after a turn that told it something (`EventSender::polled_by`); the command
-//! channel keeps this task's waker only while it sleeps (`Commands::busy` when a turn starts);
-//! the rare inputs share a flag-raising waker ([`Rare`]) and are polled only when it is up; the
-//! timer is moved later only by more than [`TIMER_SLACK`].
+//! channel keeps this task's waker but wakes it only while it sleeps (`Commands::busy` when a
+//! turn starts); the rare inputs share a flag-raising waker ([`Rare`]) and are polled only when
+//! it is up; the timer is moved later only by more than [`TIMER_SLACK`].
 
 use std::any::Any;
 use std::future::{Future, pending, poll_fn};
