@@ -136,7 +136,7 @@ pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsEr
         ),
         None => None,
     };
-    let tls = tls_config(settings.ca_file.as_deref())
+    let tls = callgate_kit::tls::client_config(settings.ca_file.as_deref())
         .map_err(|e| SettingsError::new("ca_file", e.to_string()))?;
     let fallback = match settings.fallback {
         FallbackKind::Hangup => Vec::new(),
@@ -268,52 +268,6 @@ pub fn new_stream_sid() -> String {
         sid.push_str(&format!("{b:02x}"));
     }
     sid
-}
-
-/// Why TLS for `wss://` cannot be set up.
-#[derive(Debug, thiserror::Error)]
-enum TlsError {
-    /// The platform's trusted roots cannot be read.
-    #[error("{0}")]
-    Platform(rustls::Error),
-    /// `ca_file` cannot be read or holds a bad certificate.
-    #[error("{}: {message}", path.display())]
-    CaFile {
-        path: std::path::PathBuf,
-        message: String,
-    },
-}
-
-/// TLS for `wss://`: the platform's trusted roots, or only the authorities in `ca_file`.
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    use rustls_pki_types::pem::PemObject;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = match ca_file {
-        None => {
-            use rustls_platform_verifier::ConfigVerifierExt;
-            rustls::ClientConfig::with_platform_verifier().map_err(TlsError::Platform)?
-        }
-        Some(path) => {
-            let bad = |message: String| TlsError::CaFile {
-                path: path.to_owned(),
-                message,
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(e.to_string()))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| bad(e.to_string()))?;
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(bad("no certificate in it".to_owned()));
-            }
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        }
-    };
-    Ok(Arc::new(config))
 }
 
 /// Speaks `text` now (through the speech cache).

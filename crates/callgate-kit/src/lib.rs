@@ -43,6 +43,7 @@ pub mod plaintext;
 pub mod schema;
 pub mod stt;
 pub mod template;
+pub mod tls;
 pub mod tools;
 pub mod tts;
 

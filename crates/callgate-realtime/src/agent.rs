@@ -68,7 +68,7 @@ impl RealtimeFactory {
                 format!("${} is not set", settings.api_key_env),
             )
         })?;
-        let tls = tls_config(settings.ca_file.as_deref())
+        let tls = callgate_kit::tls::client_config(settings.ca_file.as_deref())
             .map_err(|e| SettingsError::new("ca_file", e.to_string()))?;
         let http =
             callgate_kit::http::client().map_err(|e| SettingsError::new("", e.to_string()))?;
@@ -101,40 +101,6 @@ impl RealtimeFactory {
             }),
         })
     }
-}
-
-/// TLS for `wss://`: the platform's trusted roots, or only the authorities in `ca_file`.
-fn tls_config(
-    ca_file: Option<&std::path::Path>,
-) -> Result<Arc<rustls::ClientConfig>, crate::Error> {
-    use rustls_pki_types::pem::PemObject;
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = match ca_file {
-        None => {
-            use rustls_platform_verifier::ConfigVerifierExt;
-            rustls::ClientConfig::with_platform_verifier().map_err(crate::Error::PlatformRoots)?
-        }
-        Some(path) => {
-            let bad = |problem: String| crate::Error::CaFile {
-                path: path.to_owned(),
-                problem,
-            };
-            let mut roots = rustls::RootCertStore::empty();
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| bad(e.to_string()))?;
-            for cert in certs {
-                let cert = cert.map_err(|e| bad(e.to_string()))?;
-                roots.add(cert).map_err(|e| bad(e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(bad("no certificate in it".into()));
-            }
-            rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth()
-        }
-    };
-    Ok(Arc::new(config))
 }
 
 impl AgentFactory for RealtimeFactory {
@@ -339,37 +305,5 @@ impl RealtimeAgent {
             };
             let _ = results.send(done).await;
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_ca_file_that_cannot_be_used_is_a_typed_error_naming_the_file() {
-        let dir = std::env::temp_dir().join(format!("callgate-rt-ca-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let empty = dir.join("empty.pem");
-        std::fs::write(&empty, "not a certificate\n").unwrap();
-        let error = tls_config(Some(&empty)).unwrap_err();
-        assert!(
-            matches!(
-                &error,
-                crate::Error::CaFile { path, problem }
-                    if *path == empty && problem == "no certificate in it"
-            ),
-            "{error:?}"
-        );
-        assert_eq!(
-            error.to_string(),
-            format!("{}: no certificate in it", empty.display())
-        );
-        let missing = dir.join("missing.pem");
-        assert!(matches!(
-            tls_config(Some(&missing)),
-            Err(crate::Error::CaFile { path, .. }) if path == missing
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -135,17 +135,6 @@ pub enum Error {
     /// A message could not be spoken at load.
     #[error(transparent)]
     Render(#[from] callgate_kit::tts::RenderError),
-    /// The platform's trusted certificate authorities cannot be loaded.
-    #[error("{0}")]
-    PlatformRoots(#[source] rustls::Error),
-    /// The `ca_file` cannot be used.
-    #[error("{}: {problem}", path.display())]
-    CaFile {
-        /// The file.
-        path: std::path::PathBuf,
-        /// What is wrong with it, in the PEM reader's or rustls's words.
-        problem: String,
-    },
 }
 
 /// Checks a template's syntax.
