@@ -13,6 +13,8 @@
 //!   (cargo feature `vosk`), audio pushed as it arrives ([`stt::Utterance`]).
 //! - [`http`]: the one HTTP client policy (rustls on ring, no redirects) and the one bound on
 //!   an answer's body ([`http::MAX_ANSWER`]).
+//! - [`tls`]: the TLS of an agent's own `wss://` connections (the platform's roots, or a
+//!   route's `ca_file`).
 //! - [`callbridge`]: CallBridge's OPEN API (`agent-terminate`, `messages/send-direct`).
 //! - [`outbox`]: an agent's queue of commands for the call, stamped with their epoch, and what
 //!   a clear drops.
@@ -26,7 +28,7 @@
 //! Each module that can fail says why with its own type, since what can go wrong differs:
 //! [`template::ParseError`], [`schema::Invalid`], [`http::Error`], [`http::ClientError`],
 //! [`callbridge::SettingsError`], [`files::Error`], [`stt::SttError`], [`tts::TtsError`],
-//! [`tts::RenderError`] (and the older [`callbridge::SmsError`], compared whole in its tests,
+//! [`tts::RenderError`], [`tls::TlsError`] (and the older [`callbridge::SmsError`], compared whole in its tests,
 //! which keeps the client's words when the API cannot be reached). Their messages are what users read in a configuration error
 //! or a call's event log. The agent crates keep them as the sources of their own errors
 //! (`#[from]`), so the chain is never cut to text; some also convert into a `String`, for a
