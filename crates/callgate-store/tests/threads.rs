@@ -324,6 +324,36 @@ impl Store for GatedStore {
     }
 }
 
+/// A writer over a [`GatedStore`]: once `armed`, its next batch stops inside the store (and
+/// says so on `entered_rx`) until `gate` opens.
+struct Gated {
+    handle: StoreHandle,
+    armed: Arc<AtomicBool>,
+    gate: Arc<Gate>,
+    entered_rx: mpsc::Receiver<()>,
+    _backend: Backend,
+}
+
+fn gated(backend: Backend) -> Gated {
+    let (inner, _backend) = open(backend);
+    let armed = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(Gate::default());
+    let (entered, entered_rx) = mpsc::channel(1);
+    let store = GatedStore {
+        inner,
+        armed: armed.clone(),
+        entered,
+        gate: gate.clone(),
+    };
+    Gated {
+        handle: StoreHandle::start(store, TIMEOUT).unwrap(),
+        armed,
+        gate,
+        entered_rx,
+        _backend,
+    }
+}
+
 on_both!(
     sqlite_a_drop_guard_end_lands_even_when_the_queue_is_full,
     postgres_a_drop_guard_end_lands_even_when_the_queue_is_full,
@@ -331,17 +361,13 @@ on_both!(
 );
 
 async fn a_drop_guard_end_lands_even_when_the_queue_is_full(backend: Backend) {
-    let (inner, _backend) = open(backend);
-    let armed = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(Gate::default());
-    let (entered, mut entered_rx) = mpsc::channel(1);
-    let store = GatedStore {
-        inner,
-        armed: armed.clone(),
-        entered,
-        gate: gate.clone(),
-    };
-    let handle = StoreHandle::start(store, TIMEOUT).unwrap();
+    let Gated {
+        handle,
+        armed,
+        gate,
+        mut entered_rx,
+        _backend,
+    } = gated(backend);
     let call = new_call(1);
     let id = call.id.clone();
     handle.insert_call(call).await.unwrap();
@@ -395,17 +421,13 @@ on_both!(
 );
 
 async fn the_commit_counter_moves_after_the_commit_and_wakes_a_waiter(backend: Backend) {
-    let (inner, _backend) = open(backend);
-    let armed = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(Gate::default());
-    let (entered, mut entered_rx) = mpsc::channel(1);
-    let store = GatedStore {
-        inner,
-        armed: armed.clone(),
-        entered,
-        gate: gate.clone(),
-    };
-    let handle = StoreHandle::start(store, TIMEOUT).unwrap();
+    let Gated {
+        handle,
+        armed,
+        gate,
+        mut entered_rx,
+        _backend,
+    } = gated(backend);
     let mut commits = handle.commits();
     let before = commits.mark_seen();
     armed.store(true, Ordering::SeqCst);
