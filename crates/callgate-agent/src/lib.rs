@@ -359,6 +359,19 @@ pub enum AgentCommand {
     Usage(Vec<(String, f64)>),
 }
 
+impl AgentCommand {
+    /// Whether a call that has ended still takes this command: what goes into its record
+    /// (transcript turns, events, usage). An ended call drops everything else. The call core
+    /// keeps exactly these, and an agent with commands queued at the end sends only these
+    /// (`callgate_kit::outbox::Outbox::ended`).
+    pub fn is_kept_after_end(&self) -> bool {
+        matches!(
+            self,
+            Self::Transcript(_) | Self::Event(_) | Self::FlatEvent(_) | Self::Usage(_)
+        )
+    }
+}
+
 /// An agent failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

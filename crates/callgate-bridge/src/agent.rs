@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use callgate_agent::{Agent, AgentEvent, AgentFactory, AgentIo, AgentRun, Error, boxed};
 use callgate_audio::AudioFormat;
-use callgate_kit::outbox::{kept_after_end, send};
+use callgate_kit::outbox::send;
 use tokio::time::Instant;
 
 use crate::Plan;
@@ -120,7 +120,8 @@ impl Agent for BridgeAgent {
                 // What the record still needs is kept by an ended call; the rest is not.
                 while let Some((epoch, command)) = core.front() {
                     core.pop();
-                    if kept_after_end(&command) && sender.send_in(epoch, command).await.is_err() {
+                    if command.is_kept_after_end() && sender.send_in(epoch, command).await.is_err()
+                    {
                         break;
                     }
                 }

@@ -21,18 +21,6 @@ pub fn drops_on_clear(command: &AgentCommand) -> bool {
     )
 }
 
-/// Whether a call that has ended still takes `command`: what goes into its record (transcript
-/// turns, events, usage). An ended call drops everything else.
-pub fn kept_after_end(command: &AgentCommand) -> bool {
-    matches!(
-        command,
-        AgentCommand::Transcript(_)
-            | AgentCommand::Event(_)
-            | AgentCommand::FlatEvent(_)
-            | AgentCommand::Usage(_)
-    )
-}
-
 /// Commands waiting for the call, stamped with their epoch. Unbounded by count on purpose:
 /// what goes in is bounded by the agent (prompt audio it holds anyway, one answer's speech);
 /// the call's playout is the bound on what goes out.
@@ -96,10 +84,10 @@ impl Outbox {
         }
     }
 
-    /// The call has ended: only what it still takes ([`kept_after_end`]) stays, in order,
-    /// for the agent to send before it returns.
+    /// The call has ended: only what it still takes ([`AgentCommand::is_kept_after_end`])
+    /// stays, in order, for the agent to send before it returns.
     pub fn ended(&mut self) {
-        self.queue.retain(|(_, c)| kept_after_end(c));
+        self.queue.retain(|(_, c)| c.is_kept_after_end());
     }
 
     /// The command to send next, if any.

@@ -274,7 +274,11 @@ impl CallCore {
     pub(crate) fn handle_agent_command(&mut self, now: Instant, stamped: Stamped) {
         if matches!(self.phase, Phase::Ended(_)) {
             // The call is over; what the agent still writes to the record is kept (its last
-            // transcript turn and usage usually come after the end).
+            // transcript turn and usage usually come after the end): exactly the commands
+            // `is_kept_after_end` names, which agents rely on.
+            if !stamped.command.is_kept_after_end() {
+                return;
+            }
             match stamped.command {
                 AgentCommand::Transcript(turn) => self.journal.turn(now, *turn),
                 AgentCommand::Usage(amounts) => self.journal.usage(amounts),
