@@ -151,18 +151,14 @@ impl Error {
 /// tasks and cancel token.
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) store: StoreHandle,
-    pub(crate) metrics: Arc<Metrics>,
     pub(crate) admin_auth: auth::AdminAuthHandle,
-    pub(crate) tasks: Tasks,
-    pub(crate) cancel: CancellationToken,
-    pub(crate) live: Arc<live::LiveCalls>,
     /// Where the node is (serving, draining, stopping), as the accept loop last decided.
     pub(crate) phase: PhaseCell,
     /// Requests to the accept loop (drain, undrain, terminate, interrupt). Bounded
     /// ([`CONTROL_QUEUE`]); senders wait: they are operators and signals, rare and few.
     pub(crate) control: mpsc::Sender<Control>,
-    /// What every call uses: the call port's side of the server.
+    /// What every call uses: the call port's side of the server. The store, the metrics, the
+    /// tasks, the shutdown token and the live calls are read through it by the admin side too.
     pub(crate) call: Arc<call::CallContext>,
     /// This node in the roster.
     pub(crate) node: callgate_store::NodeInfo,
@@ -348,16 +344,16 @@ impl Server {
         let live = Arc::new(live::LiveCalls::default());
         let call = Arc::new(call::CallContext {
             settings: call::Settings::of(&config),
-            store: store.clone(),
+            store,
             metrics: metrics.clone(),
             routes: RouteHandle::new(table),
             call_auth: call_auth::CallAuthHandle::new(call_auth),
             refusal_log: call_auth::RefusalLog::default(),
             tls: call_tls.map(tokio_rustls::TlsAcceptor::from),
             ws_config,
-            tasks: tasks.clone(),
-            cancel: cancel.clone(),
-            live: live.clone(),
+            tasks,
+            cancel,
+            live,
             connections: watch::Sender::new(0),
             media,
             budgets: call::admission::Budgets::new(&config, metrics.clone()),
@@ -369,12 +365,7 @@ impl Server {
             events,
             deliveries,
             config,
-            store,
-            metrics,
             admin_auth: auth::AdminAuthHandle::new(admin_auth, admin_bound),
-            tasks,
-            cancel,
-            live,
             phase: PhaseCell::default(),
             control: control_tx,
             call,
@@ -427,13 +418,13 @@ impl Server {
 
     /// The metrics registry.
     pub fn metrics(&self) -> Arc<Metrics> {
-        self.shared.metrics.clone()
+        self.shared.call.metrics.clone()
     }
 
     /// The store writer's commit counter: wait on it for a write to show up in the records
     /// (tests do) instead of polling them.
     pub fn commits(&self) -> callgate_store::writer::Commits {
-        self.shared.store.commits()
+        self.shared.call.store.commits()
     }
 
     /// Drain and stop the running server from outside (the binary's signals).
@@ -496,28 +487,29 @@ impl Server {
                     admin,
                     config,
                     shared.config.handshake_timeout,
-                    shared.metrics.clone(),
+                    shared.call.metrics.clone(),
                 );
                 serve_admin(&admin_tasks, listener, router, &admin_stop)
             }
         };
         if !certificates.is_empty() {
-            shared.tasks.spawn(tls::watch(
+            shared.call.tasks.spawn(tls::watch(
                 certificates,
                 shared.config.tls_watch_interval,
-                shared.cancel.clone(),
+                shared.call.cancel.clone(),
             ));
         }
 
         for endpoint in shared.config.webhooks.clone() {
-            shared.tasks.spawn(shared.deliveries.clone().run(
+            shared.call.tasks.spawn(shared.deliveries.clone().run(
                 endpoint,
-                shared.metrics.clone(),
-                shared.cancel.clone(),
+                shared.call.metrics.clone(),
+                shared.call.cancel.clone(),
             ));
         }
         if let Some(retention) = shared.config.retention {
             shared
+                .call
                 .tasks
                 .spawn(retention::run(shared.clone(), retention));
         }
@@ -531,9 +523,10 @@ impl Server {
         let reason = accept(&shared, calls, shutdown, control).await;
 
         shared.set_phase(Phase::Stopping);
-        let live_calls = shared.live.len();
+        let live_calls = shared.call.live.len();
         // Upgrades answered 503 while draining (a load balancer retried them elsewhere).
         let refused_draining = shared
+            .call
             .metrics
             .connections_refused
             .get_or_create(&[("reason", "draining")])
@@ -555,15 +548,15 @@ impl Server {
                 live_calls, "Stopped accepting calls; ending live calls."
             ),
         }
-        shared.cancel.cancel();
-        shared.tasks.close();
+        shared.call.cancel.cancel();
+        shared.call.tasks.close();
         let grace = shared.config.shutdown_grace;
-        if tokio::time::timeout(grace, shared.tasks.wait())
+        if tokio::time::timeout(grace, shared.call.tasks.wait())
             .await
             .is_err()
         {
             warn!(
-                remaining = shared.tasks.len(),
+                remaining = shared.call.tasks.len(),
                 ?grace,
                 "Shutdown grace period ran out; remaining call records will be closed as interrupted at the next start."
             );
@@ -575,7 +568,7 @@ impl Server {
                 Err(_) => warn!("Recording writer did not finish in time."),
             }
         }
-        shared.store.close().await;
+        shared.call.store.close().await;
         // Its records are written: leave the roster (other nodes stop showing it).
         if let Some(heartbeat) = heartbeat {
             heartbeat.stop().await;
@@ -768,11 +761,13 @@ impl Shared {
         mut data: serde_json::Map<String, serde_json::Value>,
     ) {
         data.insert("node".into(), node.into());
-        self.store.announce(callgate_store::notice::Notice::new(
-            kind,
-            UnixMillis::now(),
-            data,
-        ));
+        self.call
+            .store
+            .announce(callgate_store::notice::Notice::new(
+                kind,
+                UnixMillis::now(),
+                data,
+            ));
     }
 }
 
@@ -863,7 +858,7 @@ async fn accept(
                     draining_for,
                     deadline_in,
                 } => info!(
-                    live_calls = shared.live.len(),
+                    live_calls = shared.call.live.len(),
                     connections,
                     draining_for_s = draining_for.as_secs(),
                     ends_calls_in_s = deadline_in.map(|d| d.as_secs()),
@@ -876,7 +871,7 @@ async fn accept(
 
 /// Logs a change of phase.
 fn log_phase(shared: &Shared, phase: Phase) {
-    let live_calls = shared.live.len();
+    let live_calls = shared.call.live.len();
     match phase {
         Phase::Serving => info!(live_calls, "Back in service: taking calls."),
         Phase::Draining { exiting: false } => info!(

@@ -89,7 +89,7 @@ fn run(shared: &Shared, mut registry: Registry, stopped: &Receiver<()>) {
         let beat = registry.beat(
             me,
             state(shared.phase.load()),
-            shared.live.len() as u64,
+            shared.call.live.len() as u64,
             now,
         );
         match beat {

@@ -46,6 +46,7 @@ pub(crate) async fn run(shared: Arc<Shared>, retention: Duration) {
         let mut deleted = 0u64;
         loop {
             match shared
+                .call
                 .store
                 .delete_ended_before(UnixMillis(cutoff), BATCH)
                 .await
@@ -55,13 +56,13 @@ pub(crate) async fn run(shared: Arc<Shared>, retention: Duration) {
                         delete_files(&shared.config.data_dir, id).await;
                     }
                     deleted += ids.len() as u64;
-                    shared.metrics.calls_expired.inc_by(ids.len() as u64);
-                    if ids.len() < BATCH as usize || shared.cancel.is_cancelled() {
+                    shared.call.metrics.calls_expired.inc_by(ids.len() as u64);
+                    if ids.len() < BATCH as usize || shared.call.cancel.is_cancelled() {
                         break;
                     }
                 }
                 Err(error) => {
-                    shared.metrics.store_errors.inc();
+                    shared.call.metrics.store_errors.inc();
                     tracing::warn!(%error, "Retention: could not delete expired calls.");
                     break;
                 }
@@ -75,7 +76,7 @@ pub(crate) async fn run(shared: Arc<Shared>, retention: Duration) {
             );
         }
         tokio::select! {
-            _ = shared.cancel.cancelled() => return,
+            _ = shared.call.cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
     }

@@ -27,10 +27,11 @@ pub(crate) const DEFAULT_DTMF_MS: u64 = 200;
 
 /// The operator mailbox of live call `id`: 404 for an unknown call, 409 for one that ended.
 async fn live_mailbox(shared: &Shared, id: &CallId) -> Result<Arc<Mailbox>, ApiError> {
-    if let Some(mailbox) = shared.live.get(id) {
+    if let Some(mailbox) = shared.call.live.get(id) {
         return Ok(mailbox);
     }
     let exists = shared
+        .call
         .store
         .call(id.clone())
         .await
@@ -265,6 +266,7 @@ pub(crate) async fn play(
     // Decoding and resampling are CPU work proportional to the body: off the async workers
     // and off the call task.
     let audio = shared
+        .call
         .tasks
         .spawn_blocking(move || operator_audio(&body, format))
         .await

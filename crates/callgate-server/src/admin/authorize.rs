@@ -48,6 +48,7 @@ pub(crate) async fn authorize(
             .check(client, now);
         if let Err(retry_after) = checked {
             shared
+                .call
                 .metrics
                 .admin_refused
                 .get_or_create(&[("reason", "too_many_failures")])
@@ -152,6 +153,7 @@ async fn check_and_run(shared: Arc<Shared>, mut request: Request, next: Next) ->
         ),
     };
     shared
+        .call
         .metrics
         .admin_refused
         .get_or_create(&[("reason", reason)])

@@ -134,6 +134,7 @@ pub(crate) async fn list_calls(
         max_bytes: Some(MAX_LIST_BYTES as u64),
     };
     let calls = shared
+        .call
         .store
         .list_calls(filter)
         .await
@@ -141,6 +142,7 @@ pub(crate) async fn list_calls(
     // Serialised on the blocking pool (records hold up to a few MiB of the phone's text each),
     // straight from the records so CDRs stay byte-exact, and cut at MAX_LIST_BYTES.
     let body = shared
+        .call
         .tasks
         .spawn_blocking(move || list_body(calls, limit))
         .await
@@ -234,6 +236,7 @@ pub(crate) fn no_call(id: &CallId) -> ApiError {
 /// The record of call `id`, or a 404.
 async fn find(shared: &Shared, id: &CallId) -> Result<CallRecord, ApiError> {
     shared
+        .call
         .store
         .call(id.clone())
         .await
@@ -301,7 +304,7 @@ pub(crate) async fn delete_call(
     ValidId(call_id): ValidId,
 ) -> Result<Json<Done>, ApiError> {
     let id = call_id.as_str();
-    if shared.live.get(&call_id).is_some() {
+    if shared.call.live.get(&call_id).is_some() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "call_live",
@@ -311,6 +314,7 @@ pub(crate) async fn delete_call(
         ));
     }
     let deleted = shared
+        .call
         .store
         .delete_call(call_id.clone())
         .await
@@ -334,6 +338,7 @@ async fn json_off_workers<T: Serialize>(
 ) -> Result<Response, ApiError> {
     let internal = |e: String| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e);
     let body = shared
+        .call
         .tasks
         .spawn_blocking(move || serde_json::to_vec(&build()))
         .await
@@ -374,6 +379,7 @@ pub(crate) async fn events(
 ) -> Result<Response, ApiError> {
     let page = page(query)?;
     let events = shared
+        .call
         .store
         .events(id.clone(), page)
         .await
@@ -418,6 +424,7 @@ pub(crate) async fn transcript(
 ) -> Result<Response, ApiError> {
     let page = page(query)?;
     let entries = shared
+        .call
         .store
         .transcript(id.clone(), page)
         .await

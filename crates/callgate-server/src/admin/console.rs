@@ -228,6 +228,7 @@ fn refused(shared: &Shared, denied: Denied) -> Response {
         ),
     };
     shared
+        .call
         .metrics
         .admin_refused
         .get_or_create(&[("reason", reason)])

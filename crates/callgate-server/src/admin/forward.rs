@@ -180,6 +180,7 @@ pub(crate) async fn accept(shared: &Shared, mut request: Request, next: Next) ->
         .is_some_and(|s| s.matches(&presented));
     if !ok {
         shared
+            .call
             .metrics
             .admin_refused
             .get_or_create(&[("reason", "cluster_token")])
@@ -233,11 +234,13 @@ pub(crate) async fn layer(
         return next.run(request).await;
     };
     // Loop guard: a forwarded request is answered here, whatever this node holds.
-    if request.extensions().get::<Forwarded>().is_some() || shared.live.get(&target.id).is_some() {
+    if request.extensions().get::<Forwarded>().is_some()
+        || shared.call.live.get(&target.id).is_some()
+    {
         return next.run(request).await;
     }
     // Unknown call, store trouble: the handler answers (404, 503) as it always does.
-    let Ok(Some(record)) = shared.store.call(target.id.clone()).await else {
+    let Ok(Some(record)) = shared.call.store.call(target.id.clone()).await else {
         return next.run(request).await;
     };
     let owner = match record.node {
@@ -331,6 +334,7 @@ async fn owner_url(shared: &Arc<Shared>, owner: &str) -> Result<String, Response
 async fn forward(shared: &Arc<Shared>, target: &Target, owner: &str, request: Request) -> Response {
     let (result, response) = send(shared, target, owner, request).await;
     shared
+        .call
         .metrics
         .admin_forwarded
         .get_or_create(&[("result", result)])

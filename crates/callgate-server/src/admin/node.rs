@@ -55,7 +55,7 @@ pub(crate) async fn healthz(State(shared): State<Arc<Shared>>) -> Response {
         Phase::Stopping => (StatusCode::SERVICE_UNAVAILABLE, HealthStatus::Stopping),
     };
     let body = Health {
-        live_calls: shared.live.len(),
+        live_calls: shared.call.live.len(),
         status: word,
     };
     (status, Json(body)).into_response()
@@ -89,7 +89,7 @@ impl PhaseBody {
     fn new(shared: &Shared, phase: Phase) -> Self {
         Self {
             exiting: matches!(phase, Phase::Draining { exiting: true } | Phase::Stopping),
-            live_calls: shared.live.len(),
+            live_calls: shared.call.live.len(),
             status: match phase {
                 Phase::Serving => PhaseName::Serving,
                 Phase::Draining { .. } => PhaseName::Draining,
@@ -205,7 +205,7 @@ pub(crate) async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        shared.metrics.render(),
+        shared.call.metrics.render(),
     )
         .into_response()
 }
@@ -245,6 +245,7 @@ pub(super) async fn read_roster(
     let timeout = shared.config.node_timeout;
     let read = shared.clone();
     shared
+        .call
         .tasks
         .spawn_blocking(move || {
             let mut roster = read

@@ -69,6 +69,7 @@ pub(crate) async fn deliveries(
     .await
     .map_err(ApiError::store)?;
     shared
+        .call
         .metrics
         .webhook_pending
         .set(i64::try_from(pending).unwrap_or(i64::MAX));
