@@ -29,7 +29,7 @@
 //!
 //! [`AgentSender`]: crate::AgentSender
 
-use std::collections::VecDeque;
+use callgate_deque::InlineDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -51,7 +51,7 @@ const READY: u8 = 1;
 const ARMED: u8 = 2;
 
 struct State {
-    items: VecDeque<Stamped>,
+    items: InlineDeque<Stamped>,
     senders: usize,
     receiver_alive: bool,
     /// The receiver's task: the last waker it waited with, woken by a push while `ARMED`.
@@ -88,7 +88,7 @@ impl Shared {
 pub(crate) fn channel() -> (Sender, Receiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            items: VecDeque::new(),
+            items: InlineDeque::new(),
             senders: 1,
             receiver_alive: true,
             waiter: None,

@@ -32,6 +32,7 @@ use std::time::Instant;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
+use callgate_deque::InlineDeque;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::call::{CallEvent, Command, Disconnect, PhoneCore, PhoneEvent};
@@ -432,7 +433,7 @@ enum State {
 pub struct Session {
     start: Start,
     state: State,
-    out: VecDeque<Output<CallEvent>>,
+    out: InlineDeque<Output<CallEvent>>,
     /// The number of the last mark placed (`cg-<n>`), 0 before the first.
     last_mark: u64,
     /// Marks placed and not returned yet.
@@ -447,7 +448,7 @@ impl Session {
         Self {
             start,
             state: State::Ringing,
-            out: VecDeque::new(),
+            out: InlineDeque::new(),
             last_mark: 0,
             pending: VecDeque::new(),
             cleared_through: 0,

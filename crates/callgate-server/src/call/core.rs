@@ -39,6 +39,8 @@
 //! goodbye; an explicit clear (the agent's or an operator's) drops it and ends the call at once.
 
 use std::collections::VecDeque;
+
+use callgate_deque::InlineDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -174,7 +176,7 @@ pub(crate) struct CoreConfig {
 /// The decisions of one live call.
 pub(crate) struct CallCore {
     session: Session,
-    media: Box<Media>,
+    media: Media,
     phase: Phase,
     answered: bool,
     /// Whether the agent's event queue is open (closed when the call ends, which ends the
@@ -188,7 +190,7 @@ pub(crate) struct CallCore {
     journal: Journal,
     stats: Stats,
     config: CoreConfig,
-    effects: VecDeque<Effect>,
+    effects: InlineDeque<Effect>,
     media_events: Vec<MediaEvent>,
     /// Agent audio was refused since the last time it was accepted (reported once per run).
     audio_refused: bool,
@@ -208,7 +210,7 @@ impl std::fmt::Debug for CallCore {
 impl CallCore {
     pub(crate) fn new(
         session: Session,
-        media: Box<Media>,
+        media: Media,
         journal: Journal,
         config: CoreConfig,
     ) -> Self {
@@ -226,7 +228,7 @@ impl CallCore {
             journal,
             stats: Stats::default(),
             config,
-            effects: VecDeque::new(),
+            effects: InlineDeque::new(),
             media_events: Vec::new(),
             audio_refused: false,
         }
@@ -1104,7 +1106,7 @@ mod tests {
             let (to_agent, events) = queue::channel(50);
             let core = CallCore::new(
                 session,
-                Box::new(media),
+                media,
                 Journal::new(t0, UnixMillis(0)),
                 CoreConfig { barge_in },
             );

@@ -290,7 +290,7 @@ impl Call {
                 if std::mem::take(&mut self.told_agent)
                     && let Some(a) = agent.as_mut()
                     && let Poll::Ready(outcome) =
-                        poll_fn(|cx| Poll::Ready(a.as_mut().poll(cx))).await
+                        poll_fn(|cx| Poll::Ready(Pin::new(&mut *a).poll(cx))).await
                 {
                     agent = None;
                     exit = Some(exit_of(outcome));
@@ -605,8 +605,9 @@ impl Call {
 /// How a call's agent ended: its own result, or the payload of its panic.
 type AgentOutcome = Result<Result<(), callgate_agent::Error>, Box<dyn Any + Send>>;
 
-/// A call's agent, polled by the call task, with panics caught.
-pub(super) type AgentFuture = Pin<Box<CatchUnwind<AssertUnwindSafe<AgentRun>>>>;
+/// A call's agent, polled by the call task, with panics caught (`AgentRun` is boxed already:
+/// no second box around it).
+pub(super) type AgentFuture = CatchUnwind<AssertUnwindSafe<AgentRun>>;
 
 async fn poll_agent(agent: &mut Option<AgentFuture>) -> AgentOutcome {
     match agent {
