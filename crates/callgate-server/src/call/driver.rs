@@ -1,4 +1,4 @@
-//! The driver of a live call: one `select!` over the socket, the agent (its future and its
+//! The driver of a live call: one wait over the socket, the agent (its future and its
 //! commands), the rare inputs (the agent's clear requests, operator requests, shutdown) and
 //! the earliest deadline (playout, session, liveness ping, progress tick). It feeds each input
 //! to the sans-IO [`CallCore`] with the time and carries out the core's effects (frames, the
@@ -7,19 +7,26 @@
 //! to wait does so under `write_timeout`.
 //!
 //! # Wake-ups
-//! The CPU an echoed frame costs is mostly wake-ups and polls, so the loop keeps them to one
-//! turn per input: pushes to the agent's event queue do not wake this task, which polls the
-//! agent right after a turn that told it something (`EventSender::polled_by`); the command
-//! channel keeps this task's waker but wakes it only while it sleeps (`Commands::busy` when a
-//! turn starts); the rare inputs share a flag-raising waker ([`Rare`]) and are polled only when
-//! it is up; the timer is moved later only by more than [`TIMER_SLACK`].
+//! The CPU an echoed frame costs is mostly wake-ups, polls and the cache lines they touch, so
+//! the loop keeps them to one turn per input and polls only what can have something:
+//! - the socket and the agent's command queue are looked at every turn (they take turns at
+//!   going first, so neither starves the other);
+//! - the rare inputs (shutdown, operator requests, the agent's clear requests), the agent's
+//!   future and the timer are polled with a waker of their own ([`Signals`]) and looked at only
+//!   when it went off (or, for the timer, when it was reset);
+//! - pushes to the agent's event queue do not wake this task, which polls the agent right
+//!   after a turn that told it something (`EventSender::polled_by`);
+//! - the command channel keeps this task's waker but wakes it only while it sleeps
+//!   (`Commands::busy` when a turn starts);
+//! - the timer is moved later only by more than [`TIMER_SLACK`].
 
 use std::any::Any;
-use std::future::{Future, pending, poll_fn};
+use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
@@ -28,7 +35,6 @@ use callgate_agent::{AgentControl, AgentRun, Commands, Stamped};
 use callgate_proto::{Disconnect, EndReason, Frame};
 use callgate_store::UnixMillis;
 use futures_util::future::CatchUnwind;
-use futures_util::task::AtomicWaker;
 use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
@@ -65,58 +71,90 @@ enum Input {
     Timer,
 }
 
-/// The waker of a call's rare inputs (shutdown, operator requests, the agent's clear
-/// requests): it raises a flag, then wakes the call task. The task polls those three only when
-/// the flag is up, instead of in every turn (polling a waiting `Notified` takes a lock).
-#[derive(Debug)]
-struct Rare {
-    /// One of the rare inputs woke the task (up at first, so that all three register).
-    raised: AtomicBool,
-    /// The call task.
-    task: AtomicWaker,
+/// The rare inputs (shutdown, operator requests, the agent's clear requests) woke the task.
+const RARE: u8 = 1;
+/// Something the agent's future waits for woke it (its timers, sockets, spawned tasks).
+const AGENT: u8 = 2;
+/// The call's timer fired.
+const TIMER: u8 = 4;
+/// Every signal: what the task polls on its first turn, so that each source registers.
+const ALL: u8 = RARE | AGENT | TIMER;
+
+/// Which of a call's signalled inputs woke its task. The rare inputs, the agent's future and
+/// the timer are polled with a waker of their own ([`Signal`]) that raises their bit here and
+/// then wakes the task, and the task polls each of them only when its bit is up: an echoed
+/// frame polls the socket and the command queue, not everything (polling a waiting `Notified`
+/// takes a lock, re-polling the agent walks its whole future, a timer's poll re-registers it).
+#[derive(Debug, Default)]
+struct Signals {
+    raised: AtomicU8,
+    /// The call task's waker; replaced only if the task is polled with another one.
+    task: Mutex<Option<Waker>>,
 }
 
-impl Default for Rare {
-    fn default() -> Self {
-        Self {
-            raised: AtomicBool::new(true),
-            task: AtomicWaker::new(),
+impl Signals {
+    /// Keeps `waker` as the task's if it is not the one kept already (`kept`: the task's copy,
+    /// compared without the lock).
+    fn keep_task(&self, waker: &Waker, kept: &mut Option<Waker>) {
+        if kept.as_ref().is_some_and(|k| k.will_wake(waker)) {
+            return;
         }
+        *kept = Some(waker.clone());
+        *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(waker.clone());
+    }
+
+    /// Takes the bits raised since the last look.
+    fn take(&self) -> u8 {
+        // A plain load first: most turns find nothing raised, and then write nothing.
+        if self.raised.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        self.raised.swap(0, Ordering::AcqRel)
     }
 }
 
-impl Wake for Rare {
+/// The waker of one signalled input: raises its bit, then wakes the call task.
+#[derive(Debug)]
+struct Signal {
+    signals: Arc<Signals>,
+    bit: u8,
+}
+
+impl Signal {
+    fn waker(signals: &Arc<Signals>, bit: u8) -> Waker {
+        Waker::from(Arc::new(Self {
+            signals: signals.clone(),
+            bit,
+        }))
+    }
+}
+
+impl Wake for Signal {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.raised.store(true, Ordering::Release);
-        self.task.wake();
+        self.signals.raised.fetch_or(self.bit, Ordering::AcqRel);
+        let task = self.signals.task.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(task) = task.as_ref() {
+            task.wake_by_ref();
+        }
     }
 }
 
-/// Polls the rare inputs (the first of each pair that is ready gives its input) if the flag
-/// says one of them woke the task. They are polled with the flag-raising waker; one that is
-/// ready raises the flag again, so the others are looked at in the next turn too.
+/// Polls the rare inputs with their signal's waker; the first that is ready gives its input.
 fn poll_rare<const N: usize>(
-    cx: &mut Context<'_>,
-    rare: &Rare,
     rare_waker: &Waker,
     inputs: [Option<RareInput<'_>>; N],
-) -> Poll<Input> {
-    rare.task.register(cx.waker());
-    if !rare.raised.swap(false, Ordering::AcqRel) {
-        return Poll::Pending;
-    }
+) -> Option<Input> {
     let mut rcx = Context::from_waker(rare_waker);
     for (future, input) in inputs.into_iter().flatten() {
         if future.poll(&mut rcx).is_ready() {
-            rare.raised.store(true, Ordering::Release);
-            return Poll::Ready(input);
+            return Some(input);
         }
     }
-    Poll::Pending
+    None
 }
 
 /// A rare input for [`poll_rare`]: its future, and the input it gives when it is ready.
@@ -196,9 +234,23 @@ impl Call {
         tokio::pin!(posted);
         let clear_signal = control.notified();
         tokio::pin!(clear_signal);
-        // The three rare inputs are polled only when one of them woke the task (see `Rare`).
-        let rare = Arc::new(Rare::default());
-        let rare_waker = Waker::from(rare.clone());
+        // The rare inputs, the agent's future and the timer are polled only when their signal
+        // is up (see `Signals`); all three are up at first, so that each registers.
+        let signals = Arc::new(Signals::default());
+        let rare_waker = Signal::waker(&signals, RARE);
+        let agent_waker = Signal::waker(&signals, AGENT);
+        let timer_waker = Signal::waker(&signals, TIMER);
+        // Pushes to the agent's queue do not wake it: this task polls it after every turn that
+        // told it something.
+        if let Some(events) = &mut self.events {
+            events.polled_by(agent_waker.clone());
+        }
+        let mut kept_task: Option<Waker> = None;
+        // Signals taken but not yet acted on (an input returned before their source was polled).
+        let mut pending = ALL;
+        // Which of the socket and the agent's commands is looked at first: they take turns, so
+        // neither a phone's burst nor a chatty agent starves the other.
+        let mut socket_first = true;
         let mut closed_by_us = false;
 
         while !self.core.is_closed() {
@@ -218,29 +270,77 @@ impl Call {
             let armed = timer.deadline();
             if deadline < armed || deadline > armed + TIMER_SLACK || timer.is_elapsed() {
                 timer.as_mut().reset(deadline);
+                // A reset timer registers again when it is polled.
+                pending |= TIMER;
             }
             // Audio from the agent is taken only while the playout has room: its backpressure.
             let take_commands = commands_open && self.core.takes_agent_commands();
-            // Not biased: a phone's burst must not starve the agent's output (or the reverse),
-            // so the branches are polled in random order.
-            let input = tokio::select! {
-                input = poll_fn(|cx| {
-                    poll_rare(
-                        cx,
-                        &rare,
+            socket_first = !socket_first;
+            let input = poll_fn(|cx| {
+                signals.keep_task(cx.waker(), &mut kept_task);
+                pending |= signals.take();
+                if pending & RARE != 0 {
+                    let ready = poll_rare(
                         &rare_waker,
                         [
-                            (!shutting_down).then(|| (rare_input(cancelled.as_mut()), Input::Shutdown)),
+                            (!shutting_down)
+                                .then(|| (rare_input(cancelled.as_mut()), Input::Shutdown)),
                             Some((rare_input(posted.as_mut()), Input::Operator)),
                             Some((rare_input(clear_signal.as_mut()), Input::AgentClear)),
                         ],
-                    )
-                }) => input,
-                r = poll_agent(&mut agent) => Input::AgentDone(r),
-                m = ws.next(), if self.socket_open => Input::Socket(m),
-                c = poll_fn(|cx| commands.poll_recv(cx)), if take_commands => Input::Agent(c),
-                _ = &mut timer => Input::Timer,
-            };
+                    );
+                    match ready {
+                        // The others may be ready too: they are looked at in the next turn.
+                        Some(input) => return Poll::Ready(input),
+                        None => pending &= !RARE,
+                    }
+                }
+                if pending & AGENT != 0 {
+                    pending &= !AGENT;
+                    if let Some(a) = agent.as_mut()
+                        && let Poll::Ready(outcome) =
+                            Pin::new(a).poll(&mut Context::from_waker(&agent_waker))
+                    {
+                        return Poll::Ready(Input::AgentDone(outcome));
+                    }
+                }
+                if pending & TIMER != 0 {
+                    pending &= !TIMER;
+                    if timer
+                        .as_mut()
+                        .poll(&mut Context::from_waker(&timer_waker))
+                        .is_ready()
+                    {
+                        return Poll::Ready(Input::Timer);
+                    }
+                }
+                let mut socket = |cx: &mut Context<'_>| {
+                    if self.socket_open {
+                        ws.poll_next_unpin(cx).map(Input::Socket)
+                    } else {
+                        Poll::Pending
+                    }
+                };
+                let mut command = |cx: &mut Context<'_>| {
+                    if take_commands {
+                        commands.poll_recv(cx).map(Input::Agent)
+                    } else {
+                        Poll::Pending
+                    }
+                };
+                if socket_first {
+                    if let ready @ Poll::Ready(_) = socket(cx) {
+                        return ready;
+                    }
+                    command(cx)
+                } else {
+                    if let ready @ Poll::Ready(_) = command(cx) {
+                        return ready;
+                    }
+                    socket(cx)
+                }
+            })
+            .await;
             // This task polls the agent and looks for commands again before it sleeps: what
             // the agent sends until then need not wake it.
             commands.busy();
@@ -290,7 +390,7 @@ impl Call {
                 if std::mem::take(&mut self.told_agent)
                     && let Some(a) = agent.as_mut()
                     && let Poll::Ready(outcome) =
-                        poll_fn(|cx| Poll::Ready(Pin::new(&mut *a).poll(cx))).await
+                        Pin::new(a).poll(&mut Context::from_waker(&agent_waker))
                 {
                     agent = None;
                     exit = Some(exit_of(outcome));
@@ -608,13 +708,6 @@ type AgentOutcome = Result<Result<(), callgate_agent::Error>, Box<dyn Any + Send
 /// A call's agent, polled by the call task, with panics caught (`AgentRun` is boxed already:
 /// no second box around it).
 pub(super) type AgentFuture = CatchUnwind<AssertUnwindSafe<AgentRun>>;
-
-async fn poll_agent(agent: &mut Option<AgentFuture>) -> AgentOutcome {
-    match agent {
-        Some(a) => a.await,
-        None => pending().await,
-    }
-}
 
 fn exit_of(outcome: AgentOutcome) -> AgentExit {
     match outcome {

@@ -2,11 +2,9 @@
 //! the insert awaited, before the call is answered), the agent's view of the call, its audio,
 //! and the hand-over to the driver. A call no route takes is refused here, and recorded.
 
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::task::Poll;
 
 use callgate_agent::queue;
 use callgate_agent::{CallInfo, PhoneInfo, Spawner};
@@ -235,11 +233,8 @@ pub(super) async fn run_call(
         // The agent's tasks end with the call (and shutdown waits for them).
         let agent_tasks = CancellationToken::new();
         let spawner = Spawner::new(ctx.tasks.tracker(), agent_tasks.clone());
-        let (io, mut side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
-        // The agent's future is owned and polled by this task (see `Call::run`), after every
-        // turn that queued events for it: those pushes need not wake this task again.
-        side.events
-            .polled_by(poll_fn(|cx| Poll::Ready(cx.waker().clone())).await);
+        // The agent's future is owned and polled by this task (see `Call::run`).
+        let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
         let agent: AgentFuture = AssertUnwindSafe(route.factory.start(io)).catch_unwind();
         // Unboxed into the call's state: the audio is touched with every frame, and one
         // allocation for the whole call keeps a frame's work in fewer cache lines.
