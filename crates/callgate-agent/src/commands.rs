@@ -39,7 +39,7 @@ use std::task::{Context, Poll, Waker};
 use tokio::sync::Notify;
 use tokio::sync::futures::Notified;
 
-use crate::{Epoch, Error, Stamped};
+use crate::{Epoch, Error, Link, Stamped};
 
 /// Capacity of an agent's command channel.
 pub const COMMAND_QUEUE: usize = 64;
@@ -59,7 +59,8 @@ struct State {
     waiter: Option<Waker>,
 }
 
-struct Shared {
+/// The channel's state, in the call's [`Link`] (beside the event queue and the epochs).
+pub(crate) struct Shared {
     state: Mutex<State>,
     /// `READY` and `ARMED` (see the module docs).
     flags: AtomicU8,
@@ -84,24 +85,44 @@ impl Shared {
     }
 }
 
-/// Creates the channel.
-pub(crate) fn channel() -> (Sender, Receiver) {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            items: InlineDeque::new(),
-            senders: 1,
-            receiver_alive: true,
-            waiter: None,
-        }),
-        flags: AtomicU8::new(0),
-        writable: Notify::new(),
-    });
+impl Shared {
+    /// An empty channel with one sender.
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(State {
+                items: InlineDeque::new(),
+                senders: 1,
+                receiver_alive: true,
+                waiter: None,
+            }),
+            flags: AtomicU8::new(0),
+            writable: Notify::new(),
+        }
+    }
+}
+
+/// The two ends of `link`'s command channel (its one sender counted already).
+pub(crate) fn ends(link: &Arc<Link>) -> (Sender, Receiver) {
     (
         Sender {
-            shared: shared.clone(),
+            shared: Channel(link.clone()),
         },
-        Receiver { shared, kept: None },
+        Receiver {
+            shared: Channel(link.clone()),
+            kept: None,
+        },
     )
+}
+
+/// A handle on the command channel in a [`Link`].
+struct Channel(Arc<Link>);
+
+impl std::ops::Deref for Channel {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0.commands
+    }
 }
 
 /// The receiver is gone: the call has ended.
@@ -117,10 +138,15 @@ enum Push {
 /// A sending end. Cloning adds a sender; the channel closes for the receiver when the last
 /// sender is dropped.
 pub(crate) struct Sender {
-    shared: Arc<Shared>,
+    shared: Channel,
 }
 
 impl Sender {
+    /// The link this channel is part of.
+    pub(crate) fn link(&self) -> &Link {
+        &self.shared.0
+    }
+
     /// Queues `command`, waiting while the channel is full. With `stamp`, the command is
     /// stamped with that epoch when the send is first polled (the epoch current when it
     /// runs, as an `async fn` would read it). Cancel-safe: a dropped send queues nothing.
@@ -159,7 +185,7 @@ impl Clone for Sender {
     fn clone(&self) -> Self {
         self.shared.lock().senders += 1;
         Self {
-            shared: self.shared.clone(),
+            shared: Channel(self.shared.0.clone()),
         }
     }
 }
@@ -241,7 +267,7 @@ impl Future for Sending<'_> {
 
 /// The call's end.
 pub(crate) struct Receiver {
-    shared: Arc<Shared>,
+    shared: Channel,
     /// A copy of the waker in `State::waiter` (the receiver alone puts one there), to tell
     /// without the lock whether the task polling now is the one a push would wake.
     kept: Option<Waker>,
@@ -375,6 +401,11 @@ mod tests {
 
     use super::*;
     use crate::{AgentCommand, Epoch};
+
+    /// A channel in a link of its own.
+    fn channel() -> (Sender, Receiver) {
+        ends(&Link::new(1))
+    }
 
     fn audio(n: u8) -> Stamped {
         Stamped {

@@ -479,8 +479,9 @@ impl AgentIo {
 /// Sends commands to the call, like [`AgentIo::send`] and [`AgentIo::clear`].
 #[derive(Debug, Clone)]
 pub struct AgentSender {
+    /// The command queue's sending end; the epochs and clear requests are beside it, in the
+    /// same [`Link`].
     commands: commands::Sender,
-    control: Arc<Control>,
 }
 
 impl AgentSender {
@@ -493,7 +494,7 @@ impl AgentSender {
             epoch: Epoch::default(),
             command,
         };
-        self.commands.send(command, Some(&self.control.epoch))
+        self.commands.send(command, Some(&self.control().epoch))
     }
 
     /// Sends a command stamped with `epoch`: audio produced for an epoch that a clear or a
@@ -509,12 +510,16 @@ impl AgentSender {
 
     /// See [`AgentIo::clear`].
     pub fn clear(&self) -> Epoch {
-        self.control.request_clear()
+        self.control().request_clear()
     }
 
     /// See [`AgentIo::epoch`].
     pub fn epoch(&self) -> Epoch {
-        Epoch(self.control.epoch.load(Ordering::Acquire))
+        Epoch(self.control().epoch.load(Ordering::Acquire))
+    }
+
+    fn control(&self) -> &Control {
+        &self.commands.link().control
     }
 }
 
@@ -525,6 +530,33 @@ pub struct Stamped {
     pub epoch: Epoch,
     /// The command.
     pub command: AgentCommand,
+}
+
+/// What a call and its agent share, in one allocation: the event queue, the command queue and
+/// the epochs. An echoed frame touches all three (an event pushed and taken, a command pushed
+/// and taken, the epoch read to stamp it and to check for a clear); apart, each was a cache
+/// line or two of its own to miss with every frame.
+pub(crate) struct Link {
+    pub(crate) events: queue::Shared,
+    pub(crate) commands: commands::Shared,
+    control: Control,
+}
+
+impl Link {
+    /// A link whose event queue holds at most `event_capacity` events.
+    pub(crate) fn new(event_capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            events: queue::Shared::new(event_capacity),
+            commands: commands::Shared::new(),
+            control: Control::default(),
+        })
+    }
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").finish_non_exhaustive()
+    }
 }
 
 /// Clears and epochs, shared by the agent and its call outside the (possibly full) command
@@ -550,7 +582,7 @@ impl Control {
 /// The call's handle on epochs and the agent's clear requests (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct AgentControl {
-    control: Arc<Control>,
+    link: Arc<Link>,
 }
 
 impl AgentControl {
@@ -558,28 +590,32 @@ impl AgentControl {
     /// turns (one waiter registration, not one per turn), then checks
     /// [`AgentControl::take_clear_request`].
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.control.notify.notified()
+        self.control().notify.notified()
     }
 
     /// Whether the agent asked for a clear the call has not acted on (and marks it acted on).
     pub fn take_clear_request(&self) -> bool {
-        let requests = self.control.requests.load(Ordering::Acquire);
+        let requests = self.control().requests.load(Ordering::Acquire);
         // Plain loads first: this runs for every agent command, and a clear is rare.
-        if self.control.handled.load(Ordering::Acquire) >= requests {
+        if self.control().handled.load(Ordering::Acquire) >= requests {
             return false;
         }
-        self.control.handled.swap(requests, Ordering::AcqRel) < requests
+        self.control().handled.swap(requests, Ordering::AcqRel) < requests
     }
 
     /// The current epoch.
     pub fn epoch(&self) -> Epoch {
-        Epoch(self.control.epoch.load(Ordering::Acquire))
+        Epoch(self.control().epoch.load(Ordering::Acquire))
     }
 
     /// Starts a new epoch because the call cleared the playout on its own (barge-in, operator
     /// clear): audio the agent sent before it will be dropped.
     pub fn advance_epoch(&self) -> Epoch {
-        Epoch(self.control.epoch.fetch_add(1, Ordering::AcqRel) + 1)
+        Epoch(self.control().epoch.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    fn control(&self) -> &Control {
+        &self.link.control
     }
 }
 
@@ -637,16 +673,15 @@ pub fn wire(
     spawner: Spawner,
     started: tokio::time::Instant,
 ) -> (AgentIo, CallSide) {
-    let (events_tx, events_rx) = queue::channel(event_capacity);
-    let (commands_tx, commands_rx) = commands::channel();
-    let control = Arc::new(Control::default());
+    let link = Link::new(event_capacity);
+    let (events_tx, events_rx) = queue::ends(&link);
+    let (commands_tx, commands_rx) = commands::ends(&link);
     (
         AgentIo {
             call,
             events: events_rx,
             sender: AgentSender {
                 commands: commands_tx,
-                control: control.clone(),
             },
             spawner,
             started,
@@ -654,7 +689,7 @@ pub fn wire(
         CallSide {
             events: events_tx,
             commands: Commands { rx: commands_rx },
-            control: AgentControl { control },
+            control: AgentControl { link },
         },
     )
 }

@@ -33,7 +33,7 @@ use std::task::{Context, Poll, Waker};
 
 use callgate_deque::InlineDeque;
 
-use crate::AgentEvent;
+use crate::{AgentEvent, Link};
 
 /// Default capacity: 50 frames is one second of 20 ms audio.
 pub const DEFAULT_CAPACITY: usize = 50;
@@ -67,45 +67,69 @@ struct State {
     waiter: Option<Waker>,
 }
 
-struct Shared {
+/// The queue's state, in the call's [`Link`] (beside the command queue and the epochs).
+pub(crate) struct Shared {
     state: Mutex<State>,
     /// `READY` and `ARMED` (see the module docs).
     flags: AtomicU8,
 }
 
 impl Shared {
+    /// An empty queue holding at most `capacity` events (at least 1).
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                // Grows on demand: most agents keep up, so most calls never need the capacity.
+                items: InlineDeque::new(),
+                capacity: capacity.max(1),
+                lost: 0,
+                sender_alive: true,
+                receiver_alive: true,
+                waiter: None,
+            }),
+            flags: AtomicU8::new(0),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // No code panics while holding this lock, and the state stays valid if one did.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// Creates a queue holding at most `capacity` events (at least 1).
+/// Creates a queue holding at most `capacity` events (at least 1), in a link of its own.
 pub fn channel(capacity: usize) -> (EventSender, EventReceiver) {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State {
-            // Grows on demand: most agents keep up, so most calls never need the capacity.
-            items: InlineDeque::new(),
-            capacity: capacity.max(1),
-            lost: 0,
-            sender_alive: true,
-            receiver_alive: true,
-            waiter: None,
-        }),
-        flags: AtomicU8::new(0),
-    });
+    ends(&Link::new(capacity))
+}
+
+/// The two ends of `link`'s event queue.
+pub(crate) fn ends(link: &Arc<Link>) -> (EventSender, EventReceiver) {
     (
         EventSender {
-            shared: shared.clone(),
+            shared: Events(link.clone()),
             driver: None,
         },
-        EventReceiver { shared, kept: None },
+        EventReceiver {
+            shared: Events(link.clone()),
+            kept: None,
+        },
     )
+}
+
+/// A handle on the event queue in a [`Link`].
+struct Events(Arc<Link>);
+
+impl std::ops::Deref for Events {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0.events
+    }
 }
 
 /// The call's end of the queue.
 pub struct EventSender {
-    shared: Arc<Shared>,
+    shared: Events,
     /// The task that polls the receiver's future after every push (see
     /// [`EventSender::polled_by`]).
     driver: Option<Waker>,
@@ -228,7 +252,7 @@ impl std::fmt::Debug for EventSender {
 
 /// The agent's end of the queue.
 pub struct EventReceiver {
-    shared: Arc<Shared>,
+    shared: Events,
     /// A copy of the waker in `State::waiter` (the receiver alone puts one there), to tell
     /// without the lock whether the task polling now is the one a push would wake.
     kept: Option<Waker>,
