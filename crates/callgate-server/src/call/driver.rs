@@ -304,16 +304,6 @@ impl Call {
                         return Poll::Ready(Input::AgentDone(outcome));
                     }
                 }
-                if pending & TIMER != 0 {
-                    pending &= !TIMER;
-                    if timer
-                        .as_mut()
-                        .poll(&mut Context::from_waker(&timer_waker))
-                        .is_ready()
-                    {
-                        return Poll::Ready(Input::Timer);
-                    }
-                }
                 let mut socket = |cx: &mut Context<'_>| {
                     if self.socket_open {
                         ws.poll_next_unpin(cx).map(Input::Socket)
@@ -328,17 +318,35 @@ impl Call {
                         Poll::Pending
                     }
                 };
-                if socket_first {
-                    if let ready @ Poll::Ready(_) = socket(cx) {
-                        return ready;
+                let ready = if socket_first {
+                    match socket(cx) {
+                        Poll::Pending => command(cx),
+                        ready => ready,
                     }
-                    command(cx)
                 } else {
-                    if let ready @ Poll::Ready(_) = command(cx) {
-                        return ready;
+                    match command(cx) {
+                        Poll::Pending => socket(cx),
+                        ready => ready,
                     }
-                    socket(cx)
+                };
+                if ready.is_ready() {
+                    return ready;
                 }
+                // Last: a frame that came in with the timer's deadline (the playout's gap
+                // deadline races the next echoed frame) is taken first, and the timer is then
+                // re-armed for the new deadline instead of waking a turn that finds nothing
+                // due. It cannot starve: the socket yields to tokio's cooperative budget.
+                if pending & TIMER != 0 {
+                    pending &= !TIMER;
+                    if timer
+                        .as_mut()
+                        .poll(&mut Context::from_waker(&timer_waker))
+                        .is_ready()
+                    {
+                        return Poll::Ready(Input::Timer);
+                    }
+                }
+                Poll::Pending
             })
             .await;
             // This task polls the agent and looks for commands again before it sleeps: what
