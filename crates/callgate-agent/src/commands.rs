@@ -29,7 +29,7 @@
 //!
 //! [`AgentSender`]: crate::AgentSender
 
-use callgate_deque::InlineDeque;
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
@@ -51,7 +51,7 @@ const READY: u8 = 1;
 const ARMED: u8 = 2;
 
 struct State {
-    items: InlineDeque<Stamped>,
+    items: VecDeque<Stamped>,
     senders: usize,
     receiver_alive: bool,
     /// The receiver's task: the last waker it waited with, woken by a push while `ARMED`.
@@ -90,7 +90,7 @@ impl Shared {
     pub(crate) fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                items: InlineDeque::new(),
+                items: VecDeque::new(),
                 senders: 1,
                 receiver_alive: true,
                 waiter: None,

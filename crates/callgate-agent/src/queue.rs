@@ -26,12 +26,11 @@
 //! so whichever comes second sees the first. The waker stays in its slot after a wake-up (a
 //! copy is woken), so the same task waiting again needs neither the lock nor a clone.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-
-use callgate_deque::InlineDeque;
 
 use crate::{AgentEvent, Link};
 
@@ -56,7 +55,7 @@ pub enum SendError {
 }
 
 struct State {
-    items: InlineDeque<AgentEvent>,
+    items: VecDeque<AgentEvent>,
     capacity: usize,
     /// Caller audio frames dropped since the agent last heard of it.
     lost: u64,
@@ -80,7 +79,7 @@ impl Shared {
         Self {
             state: Mutex::new(State {
                 // Grows on demand: most agents keep up, so most calls never need the capacity.
-                items: InlineDeque::new(),
+                items: VecDeque::new(),
                 capacity: capacity.max(1),
                 lost: 0,
                 sender_alive: true,

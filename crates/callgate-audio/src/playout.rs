@@ -46,8 +46,6 @@
 //!   of its earliest time and its data being queued) a frame actually left.
 
 use std::collections::VecDeque;
-
-use callgate_deque::InlineDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -128,7 +126,7 @@ pub struct Playout {
     /// The most audio queued ahead, in bytes.
     lead_bytes: usize,
     underrun: Underrun,
-    queue: InlineDeque<Bytes>,
+    queue: VecDeque<Bytes>,
     queued: usize,
     /// Marks: the total-pushed byte position each waits for, its id, how it ends, and the
     /// stall drops counted when it was placed.
@@ -168,7 +166,7 @@ impl Playout {
             bytes_per_ms,
             lead_bytes: (lead.as_millis() as usize).max(20) * bytes_per_ms,
             underrun,
-            queue: InlineDeque::new(),
+            queue: VecDeque::new(),
             queued: 0,
             marks: VecDeque::new(),
             pushed_total: 0,

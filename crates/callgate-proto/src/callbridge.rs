@@ -4,10 +4,10 @@
 //! `started`, then raw audio flows both ways as binary messages until either side closes. No
 //! other message is defined: any other text is kept as an unknown event, never fatal.
 
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
-use callgate_deque::InlineDeque;
 use serde::Serialize;
 
 use crate::call::{CallEvent, Command, Disconnect, PhoneCore, PhoneEvent};
@@ -173,7 +173,7 @@ enum State {
 pub struct Session {
     start: Start,
     state: State,
-    out: InlineDeque<Output<CallEvent>>,
+    out: VecDeque<Output<CallEvent>>,
 }
 
 impl Session {
@@ -183,7 +183,7 @@ impl Session {
         Self {
             start,
             state: State::Ringing,
-            out: InlineDeque::new(),
+            out: VecDeque::new(),
         }
     }
 

@@ -4,10 +4,10 @@
 //! messages; either side sends `hangup`; the gateway then sends a `cdr` and closes. We wait for
 //! the CDR a bounded time after the hangup ([`Config::cdr_timeout`]), then close ourselves.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use callgate_deque::InlineDeque;
 
 use crate::call::{CallEvent, CdrReport, Command, Disconnect, PhoneCore, PhoneEvent};
 use crate::json::{self, RawMap};
@@ -214,7 +214,7 @@ pub struct Session {
     call: IncomingCall,
     config: Config,
     state: State,
-    out: InlineDeque<Output<CallEvent>>,
+    out: VecDeque<Output<CallEvent>>,
 }
 
 impl Session {
@@ -224,7 +224,7 @@ impl Session {
             call,
             config,
             state: State::Ringing,
-            out: InlineDeque::new(),
+            out: VecDeque::new(),
         }
     }
 

@@ -32,7 +32,6 @@ use std::time::Instant;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use callgate_deque::InlineDeque;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::call::{CallEvent, Command, Disconnect, PhoneCore, PhoneEvent};
@@ -433,7 +432,7 @@ enum State {
 pub struct Session {
     start: Start,
     state: State,
-    out: InlineDeque<Output<CallEvent>>,
+    out: VecDeque<Output<CallEvent>>,
     /// The number of the last mark placed (`cg-<n>`), 0 before the first.
     last_mark: u64,
     /// Marks placed and not returned yet.
@@ -448,7 +447,7 @@ impl Session {
         Self {
             start,
             state: State::Ringing,
-            out: InlineDeque::new(),
+            out: VecDeque::new(),
             last_mark: 0,
             pending: VecDeque::new(),
             cleared_through: 0,

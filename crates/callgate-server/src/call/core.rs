@@ -39,8 +39,6 @@
 //! goodbye; an explicit clear (the agent's or an operator's) drops it and ends the call at once.
 
 use std::collections::VecDeque;
-
-use callgate_deque::InlineDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -176,7 +174,7 @@ pub(crate) struct CoreConfig {
 /// The decisions of one live call.
 pub(crate) struct CallCore {
     session: Session,
-    media: Media,
+    media: Box<Media>,
     phase: Phase,
     answered: bool,
     /// Whether the agent's event queue is open (closed when the call ends, which ends the
@@ -190,7 +188,7 @@ pub(crate) struct CallCore {
     journal: Journal,
     stats: Stats,
     config: CoreConfig,
-    effects: InlineDeque<Effect>,
+    effects: VecDeque<Effect>,
     media_events: Vec<MediaEvent>,
     /// Agent audio was refused since the last time it was accepted (reported once per run).
     audio_refused: bool,
@@ -210,7 +208,7 @@ impl std::fmt::Debug for CallCore {
 impl CallCore {
     pub(crate) fn new(
         session: Session,
-        media: Media,
+        media: Box<Media>,
         journal: Journal,
         config: CoreConfig,
     ) -> Self {
@@ -228,7 +226,7 @@ impl CallCore {
             journal,
             stats: Stats::default(),
             config,
-            effects: InlineDeque::new(),
+            effects: VecDeque::new(),
             media_events: Vec::new(),
             audio_refused: false,
         }
@@ -1106,7 +1104,7 @@ mod tests {
             let (to_agent, events) = queue::channel(50);
             let core = CallCore::new(
                 session,
-                media,
+                Box::new(media),
                 Journal::new(t0, UnixMillis(0)),
                 CoreConfig { barge_in },
             );

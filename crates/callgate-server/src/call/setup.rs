@@ -236,26 +236,28 @@ pub(super) async fn run_call(
         // The agent's future is owned and polled by this task (see `Call::run`).
         let (io, side) = callgate_agent::wire(info, queue::DEFAULT_CAPACITY, spawner, started);
         let agent: AgentFuture = AssertUnwindSafe(route.factory.start(io)).catch_unwind();
-        // Unboxed into the call's state: the audio is touched with every frame, and one
-        // allocation for the whole call keeps a frame's work in fewer cache lines.
         let core = CallCore::new(
             session,
-            *media,
+            media,
             Journal::new(started.into_std(), started_wall),
             CoreConfig {
                 barge_in: ctx.settings.barge_in,
             },
         );
-        let mut call = Call::new(ctx.clone(), core, record, side.events, side.control.clone());
+        let mut call = Box::new(Call::new(
+            ctx.clone(),
+            core,
+            record,
+            side.events,
+            side.control.clone(),
+        ));
         call.run(&mut ws, side.commands, side.control, agent, operator)
             .await;
         agent_tasks.cancel();
         ctx.live.remove(&id);
     };
-    // Not boxed: `run_call` itself is (see `accept::take`), so the whole call's state, driver
-    // and core included, is one heap allocation, and a frame's work touches fewer cache lines
-    // than it would chasing a box per part.
-    call.instrument(span).await
+    // Boxed: the call's state lives in one heap allocation, not nested in this one.
+    Box::pin(call.instrument(span)).await
 }
 
 /// Refuses a call no route takes: its record says `no_route`, the phone gets close 1008 with
