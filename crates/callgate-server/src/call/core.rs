@@ -500,16 +500,24 @@ impl CallCore {
 
     /// Drains the session and the playout until neither has anything more.
     fn process(&mut self, now: Instant) {
+        // The playout is looked at first, then again only after a session event (caller audio
+        // can barge in and clear it, an end finishes it). What it hands the session comes back
+        // as sends only, and looking again at the same `now` with nothing changed finds
+        // nothing: a poll saved for every frame played.
+        let mut playout_due = true;
         loop {
             while let Some(output) = self.session.poll_output() {
                 match output {
                     Output::Send(frame) => self.effects.push_back(Effect::Send(frame)),
                     Output::Close(close) => self.effects.push_back(Effect::Close(close)),
-                    Output::Event(event) => self.call_event(now, event),
+                    Output::Event(event) => {
+                        playout_due = true;
+                        self.call_event(now, event);
+                    }
                 }
             }
             // Frames the playout hands the session come out as session outputs: drain again.
-            let mut again = self.run_playout(now);
+            let mut again = std::mem::take(&mut playout_due) && self.run_playout(now);
             if let Phase::HangingUp(reason) = self.phase
                 && !self.media.is_playing()
                 && self.goodbye_confirmed(now)
