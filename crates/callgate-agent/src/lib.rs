@@ -373,15 +373,19 @@ impl AgentCommand {
 }
 
 /// An agent failure.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Errors are equal when they are the same variant with the same fields; two
+/// [`Error::Failed`] compare by message, since their causes are of any type.
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The call is gone: its command channel is closed.
     #[error("the call has ended")]
     CallGone,
-    /// The agent gave up, for the stated reason.
+    /// The agent gave up because of its cause (build it with [`Error::failed`]). The message
+    /// is `agent failed: ` and the cause's message; the cause stays the error's source.
     #[error("agent failed: {0}")]
-    Failed(String),
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// No agent has this name.
     #[error("unknown agent {name:?} (available: {available})")]
     UnknownAgent {
@@ -396,8 +400,43 @@ pub enum Error {
         /// The agent's name.
         agent: String,
         /// What is wrong, naming the field.
+        #[source]
         error: SettingsError,
     },
+}
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::CallGone, Self::CallGone) => true,
+            (Self::Failed(a), Self::Failed(b)) => a.to_string() == b.to_string(),
+            (
+                Self::UnknownAgent { name, available },
+                Self::UnknownAgent {
+                    name: other_name,
+                    available: other_available,
+                },
+            ) => name == other_name && available == other_available,
+            (
+                Self::Settings { agent, error },
+                Self::Settings {
+                    agent: other_agent,
+                    error: other_error,
+                },
+            ) => agent == other_agent && error == other_error,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Error {}
+
+impl Error {
+    /// The agent gave up because of `cause`: a typed error (kept as the source) or, where no
+    /// type exists, words (`Error::failed("backend unreachable")`).
+    pub fn failed(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Failed(cause.into())
+    }
 }
 
 /// An agent's side of its call.
@@ -840,6 +879,24 @@ mod tests {
         // every call memory (box rare, large payloads instead).
         assert!(std::mem::size_of::<AgentCommand>() <= 40);
         assert!(std::mem::size_of::<Stamped>() <= 48);
+    }
+
+    #[test]
+    fn a_failure_keeps_its_cause_as_the_source() {
+        let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "backend down");
+        let error = Error::failed(cause);
+        assert_eq!(error.to_string(), "agent failed: backend down");
+        let source = std::error::Error::source(&error).expect("the cause is the source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("the source keeps its type");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        // Words where no type exists read the same, and compare by them.
+        let error = Error::failed("backend unreachable");
+        assert_eq!(error.to_string(), "agent failed: backend unreachable");
+        assert_eq!(error, Error::failed("backend unreachable"));
+        assert_ne!(error, Error::failed("backend down"));
+        assert_ne!(error, Error::CallGone);
     }
 
     #[test]

@@ -91,7 +91,7 @@ pub fn register_with(catalog: &mut Catalog, env: AgentEnv, metrics: Arc<BridgeMe
 
 /// Builds a route's plan: templates compiled, secrets read, the fallback rendered.
 pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsError> {
-    let url = BotUrl::parse(&settings.url).map_err(|e| SettingsError::new("url", e.to_string()))?;
+    let url = BotUrl::parse(&settings.url).map_err(|e| SettingsError::caused("url", e))?;
     let mut headers: Vec<(String, String)> = settings
         .headers
         .iter()
@@ -130,14 +130,14 @@ pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsEr
                 .map(|(name, text)| {
                     Template::parse(text)
                         .map(|t| (name.clone(), t))
-                        .map_err(|e| SettingsError::new(format!("custom_parameters.{name}"), e))
+                        .map_err(|e| SettingsError::caused(format!("custom_parameters.{name}"), e))
                 })
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         None => None,
     };
     let tls = callgate_kit::tls::client_config(settings.ca_file.as_deref())
-        .map_err(|e| SettingsError::new("ca_file", e.to_string()))?;
+        .map_err(|e| SettingsError::caused("ca_file", e))?;
     let fallback = match settings.fallback {
         FallbackKind::Hangup => Vec::new(),
         FallbackKind::Message => {
@@ -145,8 +145,8 @@ pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsEr
                 voice: settings.tts_voice.clone().or_else(|| env.tts.voice.clone()),
                 ..env.tts.clone()
             };
-            render(&tts, env, &settings.fallback_message)
-                .map_err(|e| SettingsError::new("fallback_message", e.to_string()))?
+            callgate_kit::tts::render(&tts, &env.data_dir, &settings.fallback_message)
+                .map_err(|e| SettingsError::caused("fallback_message", e))?
                 .chunks(AudioFormat::Ulaw8000)
         }
         FallbackKind::Wav => {
@@ -158,7 +158,7 @@ pub fn plan(settings: BridgeSettings, env: &AgentEnv) -> Result<Plan, SettingsEr
                 SettingsError::new("fallback_wav", format!("{}: {e}", path.display()))
             })?;
             PromptAudio::new(path.display().to_string(), &audio)
-                .map_err(|e| SettingsError::new("fallback_wav", e.to_string()))?
+                .map_err(|e| SettingsError::caused("fallback_wav", e))?
                 .chunks(AudioFormat::Ulaw8000)
         }
     };
@@ -268,31 +268,4 @@ pub fn new_stream_sid() -> String {
         sid.push_str(&format!("{b:02x}"));
     }
     sid
-}
-
-/// Speaks `text` now (through the speech cache).
-fn render(
-    tts: &callgate_kit::TtsSettings,
-    env: &AgentEnv,
-    text: &str,
-) -> Result<PromptAudio, SpeechError> {
-    let http = callgate_kit::http::client().map_err(SpeechError::Http)?;
-    let provider = tts.provider(&http).map_err(SpeechError::Provider)?;
-    let cache = callgate_kit::tts::Cache::new(&env.data_dir);
-    callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)
-        .map_err(SpeechError::Render)
-}
-
-/// Why the fallback message could not be spoken at load.
-#[derive(Debug, thiserror::Error)]
-enum SpeechError {
-    /// The HTTP client could not be made (its TLS roots).
-    #[error(transparent)]
-    Http(callgate_kit::http::ClientError),
-    /// The text-to-speech provider cannot be used.
-    #[error(transparent)]
-    Provider(callgate_kit::tts::TtsError),
-    /// The speech could not be rendered.
-    #[error(transparent)]
-    Render(callgate_kit::tts::RenderError),
 }

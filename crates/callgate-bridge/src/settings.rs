@@ -101,8 +101,7 @@ impl Settings for BridgeSettings {
                 "the bot's ws:// or wss:// URL is required",
             ));
         }
-        crate::url::BotUrl::parse(&self.url)
-            .map_err(|e| SettingsError::new("url", e.to_string()))?;
+        crate::url::BotUrl::parse(&self.url).map_err(|e| SettingsError::caused("url", e))?;
         if self.connect_timeout.0.is_zero() || self.connect_timeout.0 > Duration::from_secs(60) {
             return Err(SettingsError::new(
                 "connect_timeout",
@@ -127,7 +126,7 @@ impl Settings for BridgeSettings {
         if let Some(params) = &self.custom_parameters {
             for (name, template) in params {
                 callgate_kit::template::Template::parse(template)
-                    .map_err(|e| SettingsError::new(format!("custom_parameters.{name}"), e))?;
+                    .map_err(|e| SettingsError::caused(format!("custom_parameters.{name}"), e))?;
             }
         }
         match self.fallback {

@@ -314,7 +314,7 @@ impl Agent for FlowAgent {
                                                 echo = Some(c);
                                                 out
                                             }
-                                            Err(e) => return Err(Error::Failed(e.to_string())),
+                                            Err(e) => return Err(Error::failed(e)),
                                         },
                                     }
                                 };
@@ -333,7 +333,7 @@ impl Agent for FlowAgent {
                                     };
                                     vad = Some(
                                         Vad::new(input.sample_rate(), config)
-                                            .map_err(|e| Error::Failed(e.to_string()))?,
+                                            .map_err(Error::failed)?,
                                     );
                                 }
                                 if let Some(vad) = &mut vad {

@@ -127,7 +127,7 @@ pub fn register_with_metrics(
             "demo"
         };
         let factory = load_with(&settings.path(), &env, metrics.clone())
-            .map_err(|e| SettingsError::new(field, e.to_string()))?;
+            .map_err(|e| SettingsError::caused(field, e))?;
         for warning in &factory.flow().warnings {
             on_warning(warning);
         }

@@ -67,13 +67,6 @@ pub enum SettingsError {
     },
 }
 
-impl From<SettingsError> for String {
-    /// The message, for callers whose own errors are still text.
-    fn from(e: SettingsError) -> Self {
-        e.to_string()
-    }
-}
-
 impl CallBridgeApi {
     /// Checks the settings for an agent that will call the API (`what` names the feature in
     /// the error): an http(s) base URL and the key's variable set. Warns when the key would

@@ -29,13 +29,6 @@ pub enum Error {
     },
 }
 
-impl From<Error> for String {
-    /// The message, for callers whose own errors are still text.
-    fn from(e: Error) -> Self {
-        e.to_string()
-    }
-}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),

@@ -38,13 +38,6 @@ pub enum Error {
     },
 }
 
-impl From<Error> for String {
-    /// The message, for callers whose own errors are still text.
-    fn from(e: Error) -> Self {
-        e.to_string()
-    }
-}
-
 /// Why the HTTP client could not be built (its TLS set-up).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the HTTP client: {0}")]

@@ -8,7 +8,8 @@
 //!   values are data (percent-encoded; no variable in scheme, host or port).
 //! - [`audio`]: prompt audio, read once and sliced per call rate.
 //! - [`tts`]: the speech [`tts::Provider`] trait, espeak-ng, an OpenAI-compatible API, the
-//!   cache in the data dir, and [`tts::render_at_load`] (speech rendered when routes load).
+//!   cache in the data dir, [`tts::render_at_load`] (speech rendered when routes load) and
+//!   [`tts::render`] (the same from a `[tts]` table: client, provider, cache in one call).
 //! - [`stt`]: speech to text ([`stt::Stt`]): an OpenAI-compatible API, or vosk in process
 //!   (cargo feature `vosk`), audio pushed as it arrives ([`stt::Utterance`]).
 //! - [`http`]: the one HTTP client policy (rustls on ring, no redirects) and the one bound on
@@ -31,9 +32,10 @@
 //! [`tts::RenderError`], [`tls::TlsError`] (and the older [`callbridge::SmsError`], compared whole in its tests,
 //! which keeps the client's words when the API cannot be reached). Their messages are what users read in a configuration error
 //! or a call's event log. The agent crates keep them as the sources of their own errors
-//! (`#[from]`), so the chain is never cut to text; some also convert into a `String`, for a
-//! route's settings error (`callgate_agent::catalog::SettingsError` holds the problem in
-//! words).
+//! (`#[from]`), so the chain is never cut to text; a route's settings error keeps one as its
+//! source too (`callgate_agent::catalog::SettingsError::caused`). Only
+//! [`template::ParseError`] still converts into a `String`, for the flow file's checker,
+//! whose errors are still words.
 
 pub mod audio;
 pub mod callbridge;

@@ -201,7 +201,7 @@ pub fn check(builtin: &[Builtin], tools: &[HttpTool]) -> Result<(), SettingsErro
             ));
         }
         names.push(&tool.name);
-        UrlTemplate::parse(&tool.url).map_err(|e| SettingsError::new(field("url"), e))?;
+        UrlTemplate::parse(&tool.url).map_err(|e| SettingsError::caused(field("url"), e))?;
         let schema = Schema::compile(&tool.parameters)
             .map_err(|(path, e)| SettingsError::new(field(&format!("parameters{path}")), e))?;
         if !schema.is_object() {
@@ -251,7 +251,7 @@ impl Compiled {
             .enumerate()
             .map(|(i, t)| {
                 UrlTemplate::parse(&t.url)
-                    .map_err(|e| SettingsError::new(format!("tools[{i}].url"), e))
+                    .map_err(|e| SettingsError::caused(format!("tools[{i}].url"), e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let headers = tools
@@ -456,6 +456,32 @@ async fn finish(
             output: json!({"error": format!("{name} answered HTTP {}", status.as_u16()),
                            "body": shown})
             .to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::template::ParseError;
+
+    #[test]
+    fn a_bad_url_template_stays_the_settings_errors_source() {
+        let tool: HttpTool = serde_json::from_value(json!({
+            "name": "lookup", "description": "d", "url": "https://{{siteId}}.example.com/x"
+        }))
+        .unwrap();
+        let tools = [tool];
+        for error in [
+            check(&[], &tools).unwrap_err(),
+            Compiled::new(&tools).unwrap_err(),
+        ] {
+            assert_eq!(error.field, "tools[0].url");
+            let cause = std::error::Error::source(&error)
+                .and_then(|s| s.downcast_ref::<ParseError>())
+                .expect("the template's error is the source");
+            assert!(matches!(cause, ParseError::Place { .. }), "{cause:?}");
+            assert_eq!(error.problem, cause.to_string());
         }
     }
 }

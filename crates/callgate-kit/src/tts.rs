@@ -88,13 +88,13 @@ pub enum RenderError {
     /// The audio could not be converted to the call rates.
     #[error(transparent)]
     Audio(#[from] callgate_audio::Error),
-}
-
-impl From<RenderError> for String {
-    /// The message, for callers whose own errors are still text.
-    fn from(e: RenderError) -> Self {
-        e.to_string()
-    }
+    /// The HTTP client for the provider could not be made (its TLS roots): [`render`].
+    #[error(transparent)]
+    Client(#[from] crate::http::ClientError),
+    /// The settings' provider cannot be used (espeak-ng missing, a bad `base_url`...):
+    /// [`render`].
+    #[error(transparent)]
+    Provider(TtsError),
 }
 
 /// A boxed synthesis (the one place a `dyn Provider` needs a boxed future).
@@ -537,6 +537,24 @@ pub fn render_at_load(
     Ok(prompt)
 }
 
+/// Speaks `text` while routes load with the provider and voice of `settings`, through the
+/// speech cache in `data_dir`: the HTTP client, the provider and [`render_at_load`] in one call,
+/// for an agent whose messages are rendered once per route.
+pub fn render(
+    settings: &TtsSettings,
+    data_dir: &Path,
+    text: &str,
+) -> Result<crate::audio::PromptAudio, RenderError> {
+    let http = crate::http::client()?;
+    let provider = settings.provider(&http).map_err(RenderError::Provider)?;
+    render_at_load(
+        &Cache::new(data_dir),
+        provider.as_ref(),
+        &settings.voice(),
+        text,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,5 +610,69 @@ mod tests {
         assert_eq!(merged.voice(), "ko");
         assert_eq!(merged.model.as_deref(), Some("m"));
         assert_eq!(TtsSettings::default().voice(), "en-us");
+    }
+
+    /// OpenAI-compatible settings whose API is a loopback port nobody listens on (it is
+    /// never reached when the cache answers).
+    fn openai(api_key_env: &str, voice: &str) -> TtsSettings {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        TtsSettings {
+            provider: Some(ProviderName::Openai),
+            voice: Some(voice.into()),
+            base_url: Some(format!("http://{closed}/v1")),
+            api_key_env: Some(api_key_env.into()),
+            ..TtsSettings::default()
+        }
+    }
+
+    #[test]
+    fn render_speaks_with_the_settings_voice_through_the_data_dirs_cache() {
+        // The key is in a variable every test run has.
+        let dir = std::env::temp_dir().join(format!("callgate-kit-render-{}", std::process::id()));
+        let settings = openai("PATH", "nova");
+        let http = crate::http::client().unwrap();
+        let provider = settings.provider(&http).unwrap();
+        let audio = MonoAudio {
+            rate: 8000,
+            samples: vec![300; 800],
+        };
+        // Cached under the settings' voice: found, so the closed port is never asked.
+        Cache::new(&dir).put(&Cache::key(provider.as_ref(), "nova", "hello"), &audio);
+        let prompt = render(&settings, &dir, "hello").expect("rendered from the cache");
+        assert_eq!((prompt.label.as_str(), prompt.ms), ("hello", 100));
+        // Another voice (the same provider) is another key: a miss, and the API cannot be
+        // reached.
+        let other = TtsSettings {
+            voice: Some("alloy".into()),
+            ..settings.clone()
+        };
+        let error = render(&other, &dir, "hello").unwrap_err();
+        assert!(
+            matches!(&error, RenderError::Speech(TtsError::Request { .. })),
+            "{error:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn render_says_why_the_provider_cannot_be_used_and_keeps_the_cause() {
+        let dir = std::env::temp_dir();
+        let error = render(
+            &openai("CALLGATE_KIT_TEST_NO_SUCH_VARIABLE", "alloy"),
+            &dir,
+            "hello",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, RenderError::Provider(TtsError::Config(_))),
+            "{error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "the OpenAI-compatible provider needs an API key in \
+             $CALLGATE_KIT_TEST_NO_SUCH_VARIABLE (api_key_env)"
+        );
     }
 }

@@ -59,9 +59,9 @@ fn needs_open_api(tool: Builtin) -> bool {
 impl Plan {
     pub(crate) fn build(settings: PipelineSettings, env: &AgentEnv) -> Result<Self, SettingsError> {
         let instructions = Template::parse(&settings.instructions)
-            .map_err(|e| SettingsError::new("instructions", e))?;
-        let greeting =
-            Template::parse(&settings.greeting).map_err(|e| SettingsError::new("greeting", e))?;
+            .map_err(|e| SettingsError::caused("instructions", e))?;
+        let greeting = Template::parse(&settings.greeting)
+            .map_err(|e| SettingsError::caused("greeting", e))?;
         let tools = Compiled::new(&settings.tools)?;
         let function = |name: &str, description: &str, parameters: Value| {
             json!({"type": "function", "function": {"name": name, "description": description,
@@ -78,25 +78,24 @@ impl Plan {
                 .iter()
                 .map(|t| function(&t.name, &t.description, t.parameters.clone())),
         );
-        let http =
-            callgate_kit::http::client().map_err(|e| SettingsError::new("", e.to_string()))?;
+        let http = callgate_kit::http::client().map_err(|e| SettingsError::caused("", e))?;
         let callbridge = match settings.builtin_tools.iter().find(|b| needs_open_api(**b)) {
             Some(tool) => {
                 let api = env.callbridge.as_ref().ok_or_else(|| {
-                    SettingsError::new(
+                    SettingsError::caused(
                         "builtin_tools",
                         callgate_kit::callbridge::missing(tool.name()),
                     )
                 })?;
                 api.check(tool.name())
-                    .map_err(|e| SettingsError::new("builtin_tools", e))?;
+                    .map_err(|e| SettingsError::caused("builtin_tools", e))?;
                 api.open()
             }
             None => None,
         };
         let s = &settings;
         let stt = callgate_kit::stt::Stt::build(&s.stt, &http)
-            .map_err(|e| SettingsError::new("stt", e.to_string()))?;
+            .map_err(|e| SettingsError::caused("stt", e))?;
         let llm = Api::new(&s.llm.base_url, s.llm.api_key_env.as_ref(), s.llm.timeout.0);
         let (tts, speaker) = match &s.tts {
             Some(t) if t.provider == "openai" => (
@@ -114,7 +113,7 @@ impl Plan {
                 };
                 let p = espeak
                     .provider(&http)
-                    .map_err(|e| SettingsError::new("tts.provider", e.to_string()))?;
+                    .map_err(|e| SettingsError::caused("tts.provider", e))?;
                 (None, Some((p, t.voice.clone())))
             }
             None => {
@@ -130,7 +129,7 @@ impl Plan {
         let provider = env
             .tts
             .provider(&http)
-            .map_err(|e| SettingsError::new("fallback_message", e.to_string()))?;
+            .map_err(|e| SettingsError::caused("fallback_message", e))?;
         let cache = callgate_kit::tts::Cache::new(&env.data_dir);
         let fallback = callgate_kit::tts::render_at_load(
             &cache,
@@ -138,7 +137,7 @@ impl Plan {
             &env.tts.voice(),
             &settings.fallback_message,
         )
-        .map_err(|e| SettingsError::new("fallback_message", e))?;
+        .map_err(|e| SettingsError::caused("fallback_message", e))?;
         Ok(Self {
             instructions,
             greeting,
@@ -214,7 +213,7 @@ impl Agent for PipelineAgent {
                 ..VadConfig::default()
             },
         )
-        .map_err(|e| Error::Failed(e.to_string()))?;
+        .map_err(Error::failed)?;
         let sender = io.sender();
         let spawner = io.spawner();
         let (tx, mut rx) = mpsc::channel::<Msg>(MESSAGES);

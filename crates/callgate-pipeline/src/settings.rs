@@ -151,7 +151,7 @@ impl Default for PipelineSettings {
 }
 
 fn check_url(field: &str, url: &str) -> Result<(), SettingsError> {
-    let parsed = reqwest::Url::parse(url).map_err(|e| SettingsError::new(field, e.to_string()))?;
+    let parsed = reqwest::Url::parse(url).map_err(|e| SettingsError::caused(field, e))?;
     if !matches!(parsed.scheme(), "http" | "https") {
         return Err(SettingsError::new(field, "must be http(s)"));
     }
@@ -170,9 +170,9 @@ fn check_key(field: &str, env: Option<&String>) -> Result<(), SettingsError> {
 impl Settings for PipelineSettings {
     fn validate(&self) -> Result<(), SettingsError> {
         callgate_kit::template::Template::parse(&self.instructions)
-            .map_err(|e| SettingsError::new("instructions", e))?;
+            .map_err(|e| SettingsError::caused("instructions", e))?;
         callgate_kit::template::Template::parse(&self.greeting)
-            .map_err(|e| SettingsError::new("greeting", e))?;
+            .map_err(|e| SettingsError::caused("greeting", e))?;
         callgate_kit::tools::check(&self.builtin_tools, &self.tools)?;
         if self.max_duration.0.is_zero() {
             return Err(SettingsError::new("max_duration", "must be more than zero"));

@@ -69,16 +69,15 @@ impl RealtimeFactory {
             )
         })?;
         let tls = callgate_kit::tls::client_config(settings.ca_file.as_deref())
-            .map_err(|e| SettingsError::new("ca_file", e.to_string()))?;
-        let http =
-            callgate_kit::http::client().map_err(|e| SettingsError::new("", e.to_string()))?;
+            .map_err(|e| SettingsError::caused("ca_file", e))?;
+        let http = callgate_kit::http::client().map_err(|e| SettingsError::caused("", e))?;
         let headers = tools::Compiled::new(&settings.tools)?.headers;
         callgate_kit::plaintext::warn_if_exposed("realtime url", &settings.url);
         let callbridge = env.callbridge.as_ref().and_then(|api| api.open());
         if let Some(tool) = settings.builtin_tools.iter().find(|b| b.needs_open_api())
             && callbridge.is_none()
         {
-            return Err(SettingsError::new(
+            return Err(SettingsError::caused(
                 "builtin_tools",
                 callgate_kit::callbridge::missing(tool.name()),
             ));

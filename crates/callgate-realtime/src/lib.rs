@@ -126,15 +126,6 @@ pub enum Error {
     /// A template does not parse.
     #[error(transparent)]
     Template(#[from] callgate_kit::template::ParseError),
-    /// The HTTP client (for speech rendered at load) could not be built.
-    #[error(transparent)]
-    HttpClient(#[from] callgate_kit::http::ClientError),
-    /// The speech provider cannot be used.
-    #[error(transparent)]
-    Tts(#[from] callgate_kit::tts::TtsError),
-    /// A message could not be spoken at load.
-    #[error(transparent)]
-    Render(#[from] callgate_kit::tts::RenderError),
 }
 
 /// Checks a template's syntax.
@@ -155,23 +146,21 @@ pub fn register(catalog: &mut Catalog, env: AgentEnv, metrics: Arc<RealtimeMetri
 
 /// Builds a route's plan: the templates and schemas compiled, the messages rendered.
 fn plan(settings: RealtimeSettings, env: &AgentEnv) -> Result<Plan, SettingsError> {
-    let instructions = template(&settings.instructions)
-        .map_err(|e| SettingsError::new("instructions", e.to_string()))?;
+    let instructions =
+        template(&settings.instructions).map_err(|e| SettingsError::caused("instructions", e))?;
     let compiled = callgate_kit::tools::Compiled::new(&settings.tools)?;
     let (schemas, tool_urls) = (compiled.schemas, compiled.urls);
     let tts = callgate_kit::TtsSettings {
         voice: settings.tts_voice.clone().or_else(|| env.tts.voice.clone()),
         ..env.tts.clone()
     };
-    let fallback = render(&tts, env, &settings.fallback_message)
-        .map_err(|e| SettingsError::new("fallback_message", e.to_string()))?;
+    let render = |text: &str| callgate_kit::tts::render(&tts, &env.data_dir, text).map(Arc::new);
+    let fallback = render(&settings.fallback_message)
+        .map_err(|e| SettingsError::caused("fallback_message", e))?;
     let hold = if settings.hold_message.trim().is_empty() {
         None
     } else {
-        Some(
-            render(&tts, env, &settings.hold_message)
-                .map_err(|e| SettingsError::new("hold_message", e.to_string()))?,
-        )
+        Some(render(&settings.hold_message).map_err(|e| SettingsError::caused("hold_message", e))?)
     };
     Ok(Plan {
         settings,
@@ -181,19 +170,6 @@ fn plan(settings: RealtimeSettings, env: &AgentEnv) -> Result<Plan, SettingsErro
         fallback,
         hold,
     })
-}
-
-/// Speaks `text` now (through the speech cache), prepared for every call format.
-fn render(
-    tts: &callgate_kit::TtsSettings,
-    env: &AgentEnv,
-    text: &str,
-) -> Result<Arc<PromptAudio>, Error> {
-    let http = callgate_kit::http::client()?;
-    let provider = tts.provider(&http)?;
-    let cache = callgate_kit::tts::Cache::new(&env.data_dir);
-    let audio = callgate_kit::tts::render_at_load(&cache, provider.as_ref(), &tts.voice(), text)?;
-    Ok(Arc::new(audio))
 }
 
 /// A plan without speech synthesis, for the core's tests: the fallback is one second of a

@@ -254,7 +254,7 @@ impl Settings for RealtimeSettings {
             ));
         }
         crate::template(&self.instructions)
-            .map_err(|e| SettingsError::new("instructions", e.to_string()))?;
+            .map_err(|e| SettingsError::caused("instructions", e))?;
         let td = &self.turn_detection;
         if td.threshold.is_some_and(|t| !(0.0..=1.0).contains(&t)) {
             return Err(SettingsError::new(

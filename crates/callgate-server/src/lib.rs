@@ -9,7 +9,8 @@
 //!   record (the journal the core writes and the record's drop guard).
 //! - [`routes`]: which agent answers which call; the table in force is replaceable at run time.
 //! - `live`: the live calls' operator mailboxes, where the admin API reaches a call.
-//! - `admin`: the admin HTTP API (axum) and all that only it uses: its authorization, its
+//! - `admin`: the admin port, whole: the admin HTTP API (axum) and all that only it uses: its
+//!   accept loop (plain or TLS, each connection served by hyper), its authorization, its
 //!   OpenAPI 3.1 document (`GET /api/openapi.json`, generated from the handlers' types), the
 //!   operator's web console at `/` and its sign-in (session cookies), the forwarding of
 //!   operator requests to the node that holds the call ([`forward`]), and the guard each admin
@@ -71,7 +72,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::admin::{failures, http_guard, session};
+use crate::admin::{failures, session};
 
 pub use admin::forward;
 pub use config::{Config, ConfigError};
@@ -479,19 +480,7 @@ impl Server {
         );
         let admin_stop = CancellationToken::new();
         let admin_tasks = Tasks::new();
-        let router = admin::router(shared.clone());
-        let admin_handle = match admin_tls {
-            None => serve_admin(&admin_tasks, admin, router, &admin_stop),
-            Some(config) => {
-                let listener = tls::AdminListener::new(
-                    admin,
-                    config,
-                    shared.config.handshake_timeout,
-                    shared.call.metrics.clone(),
-                );
-                serve_admin(&admin_tasks, listener, router, &admin_stop)
-            }
-        };
+        let admin_handle = admin::serve(&shared, admin, admin_tls, &admin_tasks, &admin_stop);
         if !certificates.is_empty() {
             shared.call.tasks.spawn(tls::watch(
                 certificates,
@@ -598,51 +587,6 @@ impl Server {
         info!("Server stopped.");
         Ok(())
     }
-}
-
-/// Serves the admin API on `listener` (plain or TLS) until `stop`, then lets each connection
-/// finish what it is answering. Each connection passes through [`http_guard::Guarded`] and is
-/// served as HTTP/1.1 with half-closes allowed: when the guard ends a connection's stream
-/// after a bad request, the requests before it are still answered, then the refusal.
-fn serve_admin<L>(
-    tasks: &Tasks,
-    mut listener: L,
-    router: axum::Router,
-    stop: &CancellationToken,
-) -> tokio::task::JoinHandle<()>
-where
-    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
-    L::Io: std::fmt::Debug,
-{
-    let stop = stop.clone();
-    let connections = tasks.clone();
-    tasks.spawn(async move {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.half_close(true)
-            .timer(hyper_util::rt::TokioTimer::new());
-        loop {
-            let (io, peer) = tokio::select! {
-                () = stop.cancelled() => break,
-                accepted = listener.accept() => accepted,
-            };
-            let io = hyper_util::rt::TokioIo::new(http_guard::Guarded::new(io));
-            // The peer's address reaches the handlers (the lockout of clients that fail to
-            // authenticate counts by it).
-            let peer = axum::extract::ConnectInfo(failures::Peer(peer));
-            let service = hyper_util::service::TowerToHyperService::new(
-                router.clone().layer(axum::Extension(peer)),
-            );
-            let connection = graceful.watch(http.serve_connection(io, service));
-            connections.spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "Admin connection ended with an error.");
-                }
-            });
-        }
-        drop(listener);
-        graceful.shutdown().await;
-    })
 }
 
 /// Capacity of the accept loop's control queue (drain, undrain, terminate, interrupt).

@@ -7,7 +7,7 @@ use callgate_testkit::audio::{frames, speechlike_pcm16};
 use callgate_testkit::{
     Received, callbridge_start, cdr, incoming_call, spawn_server, spawn_server_with_agent,
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_mixed_calls_all_echo_exactly() {
@@ -126,7 +126,7 @@ impl AgentFactory for Faulty {
                     if panic {
                         panic!("agent bug");
                     }
-                    return Err(callgate_agent::Error::Failed("backend unreachable".into()));
+                    return Err(callgate_agent::Error::failed("backend unreachable"));
                 }
             }
             Ok(())
@@ -146,6 +146,22 @@ async fn an_agent_that_panics_or_fails_ends_the_call_as_agent_failed() {
         let record = server.ended_call("faulty-cb").await;
         assert_eq!(record["end_reason"], "agent_failed");
         assert_eq!(record["hangup_by"], "server");
+        // The call's log says why, in the words the agent's error reads.
+        let id = record["id"].as_str().unwrap();
+        let (_, log) = server.get(&format!("/api/calls/{id}/events")).await;
+        let failed: Vec<&Value> = log["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == "agent_failed")
+            .collect();
+        let message = if panic {
+            "agent panicked: agent bug"
+        } else {
+            "agent failed: backend unreachable"
+        };
+        assert_eq!(failed.len(), 1, "{log}");
+        assert_eq!(failed[0]["detail"]["message"], message, "{log}");
 
         let mut inbound = server.phone("/").await;
         inbound.text(incoming_call("faulty-in")).await;

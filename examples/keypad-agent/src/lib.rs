@@ -212,7 +212,7 @@ impl Keypad {
             interrupted: false,
         })))
         .await?;
-        let tone = DtmfDuration::from_millis(120).ok_or_else(|| Error::Failed("tone".into()))?;
+        let tone = DtmfDuration::from_millis(120).ok_or_else(|| Error::failed("tone"))?;
         for c in digits.chars() {
             if let Some(digit) = Digit::from_char(c) {
                 io.send(AgentCommand::DtmfTone {

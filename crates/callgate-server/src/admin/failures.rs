@@ -24,7 +24,7 @@ pub(crate) const WINDOW: Duration = Duration::from_secs(60);
 pub(crate) const MAX_CLIENTS: usize = 4096;
 
 /// The admin connection's peer address, for handlers (`ConnectInfo<Peer>`), on both the plain
-/// and the TLS listener (`serve_admin` adds it to each connection's requests).
+/// and the TLS listener (`port::serve` adds it to each connection's requests).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Peer(pub(crate) std::net::SocketAddr);
 

@@ -16,7 +16,8 @@
 //! maps they replaced.
 //!
 //! # Map
-//! This module is the table and the layers; none of the modules below imports it, and their
+//! This module is the table, the layers and the port's wiring; none of the modules below
+//! imports it, and their
 //! imports of each other run one way (no circle).
 //! - The handlers, one module a resource: [`node`] (`/healthz`, `/readyz`, drain, undrain,
 //!   `/metrics`, `/api/nodes`), [`calls`] (the records and their files), [`actions`]
@@ -28,6 +29,8 @@
 //!   node); [`limits`] (body size, request time).
 //! - What they share: [`params`] (call ids, `limit`, pages, query strings), [`error`] (the
 //!   JSON error and every code).
+//! - The port: [`serve`] (called by the server's `run`) picks plain or TLS and hands the
+//!   router to [`port`], the accept loop that serves each connection with hyper.
 //! - Below hyper: [`http_guard`], which every admin connection passes through (request heads
 //!   checked whole, a lingering close).
 
@@ -37,6 +40,9 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Extension};
 use axum::http::StatusCode;
 use axum::middleware;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -47,17 +53,19 @@ mod console;
 pub(crate) mod error;
 pub(crate) mod failures;
 pub mod forward;
-pub(crate) mod http_guard;
+mod http_guard;
 mod limits;
 mod node;
 mod openapi;
 mod params;
+mod port;
 pub(crate) mod session;
 mod webhooks;
 
 use crate::Shared;
 use crate::admin::error::{ApiError, json_errors};
 use crate::admin::limits::{MAX_BODY_BYTES, MAX_PLAY_BYTES};
+use crate::tasks::Tasks;
 
 /// Every endpoint the admin port serves, each with its description: the one table the router
 /// and the OpenAPI document are both built from. A handler joins it only through `routes!`,
@@ -107,9 +115,35 @@ fn served() -> (Router<Arc<Shared>>, utoipa::openapi::OpenApi) {
     (api, document)
 }
 
+/// Serves the admin API on the admin port's `listener` until `stop`: plain `http://`, or
+/// `https://` when `tls` is given (handshakes run by [`crate::tls::AdminListener`], bounded
+/// by the configuration's handshake timeout). Connections are spawned on `tasks`; the
+/// handle ends once every connection has finished what it was answering ([`port::serve`]).
+pub(crate) fn serve(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tasks: &Tasks,
+    stop: &CancellationToken,
+) -> JoinHandle<()> {
+    let router = router(shared.clone());
+    match tls {
+        None => port::serve(tasks, listener, router, stop),
+        Some(config) => {
+            let listener = crate::tls::AdminListener::new(
+                listener,
+                config,
+                shared.config.handshake_timeout,
+                shared.call.metrics.clone(),
+            );
+            port::serve(tasks, listener, router, stop)
+        }
+    }
+}
+
 /// The admin API: [`served`] behind its layers (outermost last): JSON errors, the request
 /// timeout, authorization, forwarding to the node that holds the call, the OpenAPI document.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+fn router(shared: Arc<Shared>) -> Router {
     let (api, document) = served();
     api.layer(Extension(openapi::Document::new(document)))
         .layer(middleware::from_fn_with_state(
