@@ -335,7 +335,12 @@ enum Next {
 
 impl Drop for EventReceiver {
     fn drop(&mut self) {
-        self.shared.lock().receiver_alive = false;
+        let mut state = self.shared.lock();
+        state.receiver_alive = false;
+        // Freed now: the link may live on in an agent's senders after the agent is gone.
+        let unread = std::mem::take(&mut state.items);
+        drop(state);
+        drop(unread);
     }
 }
 

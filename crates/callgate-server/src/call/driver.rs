@@ -143,6 +143,18 @@ impl Wake for Signal {
     }
 }
 
+/// Polls the call's timer with its signal's waker (the signal is then taken care of).
+fn poll_timer(
+    timer: Pin<&mut tokio::time::Sleep>,
+    pending: &mut u8,
+    timer_waker: &Waker,
+) -> Poll<Input> {
+    *pending &= !TIMER;
+    timer
+        .poll(&mut Context::from_waker(timer_waker))
+        .map(|()| Input::Timer)
+}
+
 /// Polls the rare inputs with their signal's waker; the first that is ready gives its input.
 fn poll_rare<const N: usize>(
     rare_waker: &Waker,
@@ -252,6 +264,8 @@ impl Call {
         // neither a phone's burst nor a chatty agent starves the other.
         let mut socket_first = true;
         let mut closed_by_us = false;
+        // When the last turn started.
+        let mut last_turn = Instant::now();
 
         while !self.core.is_closed() {
             let deadline = self
@@ -276,6 +290,10 @@ impl Call {
             // Audio from the agent is taken only while the playout has room: its backpressure.
             let take_commands = commands_open && self.core.takes_agent_commands();
             socket_first = !socket_first;
+            // A timer whose deadline had passed by the last turn is looked at first, so a
+            // socket or an agent that is always ready cannot starve it (its poll needs tokio's
+            // cooperative budget, which a long run of reads would have used up).
+            let timer_first = timer.deadline() <= last_turn;
             let input = poll_fn(|cx| {
                 signals.keep_task(cx.waker(), &mut kept_task);
                 pending |= signals.take();
@@ -294,6 +312,12 @@ impl Call {
                         Some(input) => return Poll::Ready(input),
                         None => pending &= !RARE,
                     }
+                }
+                if timer_first
+                    && let ready @ Poll::Ready(_) =
+                        poll_timer(timer.as_mut(), &mut pending, &timer_waker)
+                {
+                    return ready;
                 }
                 if pending & AGENT != 0 {
                     pending &= !AGENT;
@@ -335,16 +359,9 @@ impl Call {
                 // Last: a frame that came in with the timer's deadline (the playout's gap
                 // deadline races the next echoed frame) is taken first, and the timer is then
                 // re-armed for the new deadline instead of waking a turn that finds nothing
-                // due. It cannot starve: the socket yields to tokio's cooperative budget.
+                // due. (An overdue timer went first, above.)
                 if pending & TIMER != 0 {
-                    pending &= !TIMER;
-                    if timer
-                        .as_mut()
-                        .poll(&mut Context::from_waker(&timer_waker))
-                        .is_ready()
-                    {
-                        return Poll::Ready(Input::Timer);
-                    }
+                    return poll_timer(timer.as_mut(), &mut pending, &timer_waker);
                 }
                 Poll::Pending
             })
@@ -353,6 +370,7 @@ impl Call {
             // the agent sends until then need not wake it.
             commands.busy();
             let now = now();
+            last_turn = Instant::from_std(now);
             match input {
                 Input::Shutdown => {
                     shutting_down = true;
@@ -423,6 +441,12 @@ impl Call {
                 }
                 if self.drain(ws).await {
                     closed_by_us = true;
+                }
+                // What those commands made the core tell the agent (a mark reported at once, a
+                // refusal) was pushed without a wake-up, the agent being this task's: look at
+                // it in the next turn, not only after the next input.
+                if std::mem::take(&mut self.told_agent) {
+                    pending |= AGENT;
                 }
             }
         }
