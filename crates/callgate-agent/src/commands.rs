@@ -18,8 +18,8 @@
 //! (`ARMED`). The flags change only with the lock held, except `ARMED`, which the receiver
 //! sets and clears on its own; both sides change them with read-modify-write operations, so
 //! each sees the other's bit. So the receiver looks without the lock when nothing is there
-//! (the call's last look each turn, its poll in the select), waits again with the same waker
-//! without the lock or a clone, and [`Receiver::busy`] is one atomic operation. A push cannot
+//! (the call's last look each turn, its poll while it waits for input), waits again with the
+//! same waker without the lock or a clone, and [`Receiver::busy`] is one atomic operation. A push cannot
 //! be missed: it sets `READY` and reads `ARMED` in one operation, the receiver sets `ARMED`
 //! and reads `READY` in one, so whichever comes second sees the first.
 //!

@@ -21,9 +21,9 @@
 //! both sides change them with read-modify-write operations, so each sees the other's bit.
 //! A receiver that finds nothing to read, with the waker it is polled with already kept,
 //! returns `Pending` without the lock (the agent's second look after each frame, and the call
-//! task's poll of its agent every turn). It cannot miss a push: the push sets `READY` and
-//! reads `ARMED` in one operation, and the receiver sets `ARMED` and reads `READY` in one,
-//! so whichever comes second sees the first. The waker stays in its slot after a wake-up (a
+//! task's poll of its agent when the agent's own signal went off). It cannot miss a push: the
+//! push sets `READY` and reads `ARMED` in one operation, and the receiver sets `ARMED` and
+//! reads `READY` in one, so whichever comes second sees the first. The waker stays in its slot after a wake-up (a
 //! copy is woken), so the same task waiting again needs neither the lock nor a clone.
 
 use std::collections::VecDeque;

@@ -409,10 +409,10 @@ impl Call {
                 closed_by_us = true;
             }
             // Let the agent react to what this turn queued for it, and carry out its commands,
-            // in this same turn: an echo costs one trip through the select, not two.
+            // in this same turn: an echo costs one turn, not two.
             if !self.core.is_closed() {
                 // Only if this turn told it something: otherwise it has nothing new to react
-                // to (what wakes it on its own wakes this task, whose select polls it).
+                // to (what wakes it on its own raises its signal, and the next turn polls it).
                 if std::mem::take(&mut self.told_agent)
                     && let Some(a) = agent.as_mut()
                     && let Poll::Ready(outcome) =
